@@ -1,0 +1,350 @@
+//! The command line: parses arguments, builds the engine, renders results.
+//!
+//! Exit codes: 0 all done, 1 a host failed, was rolled back or unreachable,
+//! 2 bad input (nothing touched), 3 cancelled.
+
+mod output;
+mod progress;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{DeployRequest, Engine, EngineConfig, EngineError};
+use crate::events::DeploymentStatus;
+use crate::inventory::Selection;
+use crate::ssh::SshOptions;
+use crate::store::Store;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_BAD_INPUT: u8 = 2;
+pub const EXIT_CANCELLED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nix-deploy",
+    version,
+    about = "Deploy a NixOS fleet: only what changed, in order, with rollback"
+)]
+pub struct Cli {
+    /// The flake whose nixosConfigurations make the fleet.
+    #[arg(long, global = true, default_value = ".", env = "NIX_DEPLOY_FLAKE")]
+    pub flake: String,
+    /// An ssh config file used instead of ~/.ssh/config, for our sessions and `nix copy`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "NIX_DEPLOY_SSH_CONFIG"
+    )]
+    pub ssh_config: Option<PathBuf>,
+    /// Where the history database lives [default: $XDG_STATE_HOME/nix-deploy, /var/lib/nix-deploy for root].
+    #[arg(long, global = true, value_name = "DIR", env = "NIX_DEPLOY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print one JSON document instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// SSH connect timeout in seconds.
+    #[arg(long, global = true, default_value_t = 10, value_name = "SECS")]
+    pub connect_timeout: u64,
+    /// Timeout of each remote command in seconds (activation has its own).
+    #[arg(long, global = true, default_value_t = 60, value_name = "SECS")]
+    pub command_timeout: u64,
+    /// More logging on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show what a deployment would do: each host's state and generation. Changes nothing.
+    Plan {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Plan unchanged hosts for re-activation too.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Deploy changed hosts, with live progress and a summary.
+    Deploy(DeployArgs),
+    /// Per host: the last known system, generation and last result (from history).
+    Status,
+    /// Past deployments, newest first.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// One deployment in detail: its hosts and events.
+    Show {
+        /// Deployment id [default: the latest].
+        id: Option<i64>,
+    },
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct SelectArgs {
+    /// Hosts by name, or `@tag`. None means every host.
+    pub hosts: Vec<String>,
+    /// Every host of the fleet.
+    #[arg(long)]
+    pub all: bool,
+    /// Hosts with this tag (`@web` or `web`); repeatable.
+    #[arg(long, value_name = "@TAG")]
+    pub on: Vec<String>,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> Selection {
+        Selection {
+            names: self.hosts.clone(),
+            tags: self.on.clone(),
+            all: self.all,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Deploy unchanged hosts too.
+    #[arg(long)]
+    pub force: bool,
+    /// Hosts deployed at once.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub parallel_limit: usize,
+    /// Timeout of `switch-to-configuration` in seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub activation_timeout: u64,
+    /// Let hosts fetch from their substituters instead of receiving everything from us.
+    #[arg(long)]
+    pub substitute_on_destination: bool,
+}
+
+/// Parse arguments and run; the whole of `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_OK
+            });
+        }
+    };
+    init_tracing(cli.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = match e.downcast_ref::<EngineError>() {
+                Some(engine) if engine.is_bad_input() => EXIT_BAD_INPUT,
+                _ => EXIT_FAILED,
+            };
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info,nix_deploy=debug",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIX_DEPLOY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `$XDG_STATE_HOME/nix-deploy`, or `/var/lib/nix-deploy` for root.
+pub fn default_state_dir() -> PathBuf {
+    if libc_geteuid_is_root() {
+        return PathBuf::from("/var/lib/nix-deploy");
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("nix-deploy");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/state/nix-deploy")
+}
+
+fn libc_geteuid_is_root() -> bool {
+    // The owner of /proc/self is our effective uid; no unsafe needed.
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// A short directory for ssh control sockets (their paths are limited to ~100 bytes).
+fn control_dir() -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("nix-deploy-")
+        .tempdir_in(std::env::temp_dir())
+        .context("creating a directory for ssh control sockets")
+}
+
+async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
+    let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    Ok(Store::open(&dir).await?)
+}
+
+fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
+    let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
+    ssh.connect_timeout = Duration::from_secs(cli.connect_timeout.max(1));
+    ssh.command_timeout = Duration::from_secs(cli.command_timeout.max(1));
+    EngineConfig::new(cli.flake.clone(), ssh)
+}
+
+fn who() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    if host.is_empty() {
+        user
+    } else {
+        format!("{user}@{host}")
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    match &cli.command {
+        Command::Plan { select, force } => {
+            let control = control_dir()?;
+            let store = open_store(&cli).await?;
+            let engine = Engine::new(engine_config(&cli, control.path()), store);
+            let report = engine.plan(&select.selection(), *force).await?;
+            if cli.json {
+                output::print_json(&report)?;
+            } else {
+                output::print_plan(&report);
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Deploy(args) => deploy(&cli, args).await,
+        Command::Status => {
+            let store = open_store(&cli).await?;
+            let hosts = store.host_states().await?;
+            if cli.json {
+                output::print_json(&serde_json::json!({ "hosts": hosts }))?;
+            } else {
+                output::print_status(&hosts);
+            }
+            Ok(EXIT_OK)
+        }
+        Command::History { limit } => {
+            let store = open_store(&cli).await?;
+            let deployments = store.deployments((*limit).max(1)).await?;
+            let mut rows = Vec::new();
+            for d in deployments {
+                let runs = store.host_runs(d.id).await?;
+                rows.push((d, runs));
+            }
+            if cli.json {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|(d, runs)| output::deployment_json(d, runs))
+                    .collect();
+                output::print_json(&serde_json::json!({ "deployments": list }))?;
+            } else {
+                output::print_history(&rows);
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Show { id } => {
+            let store = open_store(&cli).await?;
+            let id = match id {
+                Some(id) => *id,
+                None => match store.deployments(1).await?.first() {
+                    Some(d) => d.id,
+                    None => anyhow::bail!("no deployments recorded yet"),
+                },
+            };
+            let Some(deployment) = store.deployment(id).await? else {
+                eprintln!("error: no deployment with id {id}");
+                return Ok(EXIT_BAD_INPUT);
+            };
+            let runs = store.host_runs(id).await?;
+            let events = store.events(id, 0).await?;
+            if cli.json {
+                let mut doc = output::deployment_json(&deployment, &runs);
+                doc["events"] = serde_json::to_value(&events)?;
+                output::print_json(&doc)?;
+            } else {
+                output::print_deployment(&deployment, &runs, &events);
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
+    let control = control_dir()?;
+    let store = open_store(cli).await?;
+    let mut config = engine_config(cli, control.path());
+    config.parallel_limit = args.parallel_limit;
+    config.activation_timeout = Duration::from_secs(args.activation_timeout.max(1));
+    config.substitute_on_destination = args.substitute_on_destination;
+    let engine = Engine::new(config, store);
+
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let fancy = !cli.json && std::io::stderr().is_terminal();
+    let display = tokio::spawn(progress::render(receiver, fancy));
+
+    // Ctrl-C: stop starting hosts; the ones in the middle of a step finish.
+    let on_interrupt = cancel.clone();
+    let interrupt = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!(
+                "\ninterrupted: no new hosts will start; waiting for running hosts to finish"
+            );
+            on_interrupt.cancel();
+        }
+    });
+
+    let request = DeployRequest {
+        selection: args.select.selection(),
+        force: args.force,
+        trigger: "cli".into(),
+        requested_by: who(),
+    };
+    let result = engine.deploy(request, Some(sender), cancel).await;
+    interrupt.abort();
+    let _ = display.await;
+    let report = result?;
+    if cli.json {
+        output::print_json(&output::report_json(&report))?;
+    } else {
+        output::print_report(&report);
+    }
+    Ok(match report.status {
+        DeploymentStatus::Succeeded => EXIT_OK,
+        DeploymentStatus::Cancelled if !report.any_failure() => EXIT_CANCELLED,
+        _ => EXIT_FAILED,
+    })
+}

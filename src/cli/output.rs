@@ -1,0 +1,415 @@
+//! Tables and JSON documents for the terminal. Tables go to stdout; nothing
+//! here decides anything.
+
+use crate::engine::{DeployReport, PlanReport};
+use crate::events::{Event, EventKind, HostStatus, SystemRef};
+use crate::plan::Action;
+use crate::store::{DeploymentRow, HostRun, HostStateRow};
+
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `/nix/store/<hash>-name` → `name` (hash prefix kept short) for tables.
+pub fn short_path(path: Option<&str>) -> String {
+    match path {
+        None => "-".into(),
+        Some(p) => match p.strip_prefix("/nix/store/") {
+            Some(rest) if rest.len() > 33 => format!("{}…-{}", &rest[..7], &rest[33..]),
+            _ => p.to_string(),
+        },
+    }
+}
+
+pub fn generation(g: Option<u32>) -> String {
+    g.map(|g| g.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub fn duration_ms(ms: i64) -> String {
+    let secs = ms as f64 / 1000.0;
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        let whole = secs as u64;
+        format!("{}m {:02}s", whole / 60, whole % 60)
+    }
+}
+
+pub fn timestamp(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]Z"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Print rows as left-aligned columns.
+fn table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(widths[c] - cell.chars().count() + 2));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+pub fn print_plan(report: &PlanReport) {
+    println!(
+        "Deployment plan: {} host(s) from {}",
+        report.hosts.len(),
+        report.flake
+    );
+    println!();
+    let mut rows = vec![vec![
+        "HOST".into(),
+        "ROLE".into(),
+        "STATE".into(),
+        "GENERATION".into(),
+        "RUNNING".into(),
+        "ACTION".into(),
+    ]];
+    for h in &report.hosts {
+        let action = match h.action {
+            Action::Deploy => format!("deploy → {}", short_path(Some(&h.target_path))),
+            Action::Skip => format!("skip ({})", h.reason.as_deref().unwrap_or("no changes")),
+            Action::Unreachable => "cannot deploy".into(),
+        };
+        rows.push(vec![
+            h.name.clone(),
+            h.role.clone(),
+            h.state.as_str().into(),
+            generation(h.current.generation),
+            short_path(h.current.path.as_deref()),
+            action,
+        ]);
+    }
+    table(&rows);
+    for h in report.hosts.iter().filter(|h| h.error.is_some()) {
+        println!();
+        println!("{}: {}", h.name, h.error.as_deref().unwrap_or_default());
+    }
+    println!();
+    if report.to_deploy.is_empty() {
+        println!("Nothing to deploy: every reachable host runs its evaluated system.");
+    } else {
+        println!("Would deploy: {}", report.to_deploy.join(", "));
+    }
+    if !report.skipped.is_empty() {
+        println!("Would skip (unchanged): {}", report.skipped.join(", "));
+    }
+    if !report.unreachable.is_empty() {
+        println!("Unreachable: {}", report.unreachable.join(", "));
+    }
+}
+
+fn host_json(run: &HostRun) -> serde_json::Value {
+    serde_json::json!({
+        "name": run.host,
+        "status": run.status,
+        "changed": run.changed,
+        "from": system_json(&run.from),
+        "to": system_json(&run.to),
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "duration_ms": run.duration_ms(),
+        "steps": run.steps,
+        "reason": run.reason,
+        "error": run.error,
+        "summary": run.summary,
+    })
+}
+
+fn system_json(s: &SystemRef) -> serde_json::Value {
+    serde_json::json!({ "path": s.path, "generation": s.generation })
+}
+
+pub fn report_json(report: &DeployReport) -> serde_json::Value {
+    serde_json::json!({
+        "id": report.id,
+        "status": report.status,
+        "flake": report.flake,
+        "started_at": report.started_at,
+        "finished_at": report.finished_at,
+        "duration_ms": report.finished_at - report.started_at,
+        "hosts": report.hosts.iter().map(host_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn deployment_json(d: &DeploymentRow, runs: &[HostRun]) -> serde_json::Value {
+    let mut doc = serde_json::to_value(d).unwrap_or_default();
+    doc["hosts"] = runs.iter().map(host_json).collect::<Vec<_>>().into();
+    doc["selected"] = serde_json::to_value(&d.hosts).unwrap_or_default();
+    doc
+}
+
+fn result_word(status: HostStatus) -> String {
+    match status {
+        HostStatus::Deployed => "✅ deployed".into(),
+        HostStatus::Skipped => "⏭  skipped".into(),
+        HostStatus::RolledBack => "↩️  rolled back".into(),
+        HostStatus::Failed => "❌ failed".into(),
+        HostStatus::RollbackFailed => "❌ rollback failed".into(),
+        HostStatus::Unreachable => "❌ unreachable".into(),
+        other => other.as_str().into(),
+    }
+}
+
+fn generations(run: &HostRun) -> String {
+    match run.status {
+        HostStatus::Deployed => format!(
+            "{} → {}",
+            generation(run.from.generation),
+            generation(run.to.generation)
+        ),
+        HostStatus::RolledBack => format!(
+            "{} → {} → {}",
+            generation(run.from.generation),
+            generation(run.to.generation),
+            generation(run.from.generation)
+        ),
+        _ => generation(run.from.generation),
+    }
+}
+
+pub fn print_report(report: &DeployReport) {
+    println!();
+    println!("Deployment #{} {}", report.id, report.status);
+    let mut rows = vec![vec![
+        "HOST".into(),
+        "RESULT".into(),
+        "GENERATION".into(),
+        "DURATION".into(),
+        "NOTE".into(),
+    ]];
+    for run in &report.hosts {
+        let note = match run.status {
+            HostStatus::Skipped | HostStatus::Cancelled => run.reason.clone().unwrap_or_default(),
+            _ => run
+                .error
+                .as_deref()
+                .and_then(|e| e.lines().next())
+                .unwrap_or_default()
+                .to_string(),
+        };
+        rows.push(vec![
+            run.host.clone(),
+            result_word(run.status),
+            generations(run),
+            match run.status {
+                HostStatus::Skipped => "-".into(),
+                _ => run
+                    .duration_ms()
+                    .map(duration_ms)
+                    .unwrap_or_else(|| "-".into()),
+            },
+            note,
+        ]);
+    }
+    table(&rows);
+    let failed: Vec<&HostRun> = report
+        .hosts
+        .iter()
+        .filter(|h| h.status.is_failure())
+        .collect();
+    for run in &failed {
+        println!();
+        println!("── {} ({}) ──", run.host, run.status);
+        println!("{}", run.error.as_deref().unwrap_or("no error recorded"));
+    }
+    let count = |s: HostStatus| report.hosts.iter().filter(|h| h.status == s).count();
+    println!();
+    println!(
+        "Total time: {} | deployed {}/{} | skipped {} | rolled back {} | failed {}",
+        duration_ms(report.finished_at - report.started_at),
+        count(HostStatus::Deployed),
+        report.hosts.len(),
+        count(HostStatus::Skipped),
+        count(HostStatus::RolledBack),
+        failed.len() - count(HostStatus::RolledBack),
+    );
+}
+
+pub fn print_status(hosts: &[HostStateRow]) {
+    if hosts.is_empty() {
+        println!("No hosts known yet: run `nix-deploy plan` or `nix-deploy deploy` first.");
+        return;
+    }
+    let mut rows = vec![vec![
+        "HOST".into(),
+        "SYSTEM".into(),
+        "GENERATION".into(),
+        "LAST RESULT".into(),
+        "DEPLOYMENT".into(),
+        "WHEN".into(),
+        "REACHABLE".into(),
+    ]];
+    for h in hosts {
+        rows.push(vec![
+            h.name.clone(),
+            short_path(h.current_path.as_deref()),
+            generation(h.generation),
+            h.last_status.clone().unwrap_or_else(|| "-".into()),
+            h.last_deployment_id
+                .map(|id| format!("#{id}"))
+                .unwrap_or_else(|| "-".into()),
+            h.last_finished_at
+                .map(timestamp)
+                .unwrap_or_else(|| "-".into()),
+            match (&h.probe_error, h.probed_at) {
+                (Some(_), _) => "no (last probe failed)".into(),
+                (None, Some(_)) => "yes".into(),
+                (None, None) => "-".into(),
+            },
+        ]);
+    }
+    table(&rows);
+}
+
+pub fn print_history(rows: &[(DeploymentRow, Vec<HostRun>)]) {
+    if rows.is_empty() {
+        println!("No deployments recorded yet.");
+        return;
+    }
+    let mut table_rows = vec![vec![
+        "ID".into(),
+        "STARTED".into(),
+        "STATUS".into(),
+        "STRATEGY".into(),
+        "HOSTS".into(),
+        "DURATION".into(),
+        "BY".into(),
+    ]];
+    for (d, runs) in rows {
+        let count = |s: HostStatus| runs.iter().filter(|h| h.status == s).count();
+        table_rows.push(vec![
+            format!("#{}", d.id),
+            timestamp(d.created_at),
+            d.status.to_string(),
+            d.strategy.clone(),
+            format!(
+                "{} deployed, {} skipped, {} failed",
+                count(HostStatus::Deployed),
+                count(HostStatus::Skipped),
+                runs.iter().filter(|h| h.status.is_failure()).count()
+            ),
+            d.finished_at
+                .map(|f| duration_ms(f - d.created_at))
+                .unwrap_or_else(|| "-".into()),
+            format!("{} ({})", d.requested_by, d.trigger),
+        ]);
+    }
+    table(&table_rows);
+}
+
+pub fn print_deployment(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) {
+    println!(
+        "Deployment #{} {} ({} by {}, {})",
+        d.id,
+        d.status,
+        d.trigger,
+        d.requested_by,
+        timestamp(d.created_at)
+    );
+    println!(
+        "Flake: {}{}",
+        d.flake,
+        d.flake_rev
+            .as_deref()
+            .map(|r| format!(" @ {r}"))
+            .unwrap_or_default()
+    );
+    if let Some(error) = &d.error {
+        println!("Error: {error}");
+    }
+    println!();
+    for event in events {
+        let offset = duration_ms(event.at - d.created_at);
+        let host = event.host.as_deref().unwrap_or("-");
+        let text = match &event.kind {
+            EventKind::StepFinished {
+                step,
+                ok,
+                duration_ms: ms,
+                message,
+            } => format!(
+                "{step} {} ({}){}",
+                if *ok { "ok" } else { "FAILED" },
+                duration_ms(*ms as i64),
+                message
+                    .as_deref()
+                    .map(|m| format!(": {}", m.lines().next().unwrap_or_default()))
+                    .unwrap_or_default()
+            ),
+            EventKind::StepStarted { step } => format!("{step} started"),
+            EventKind::HostProbed { state, error, .. } => match error {
+                Some(e) => format!("probe: {} ({e})", state.as_str()),
+                None => format!("probe: {}", state.as_str()),
+            },
+            EventKind::HostPlanned { action, reason } => {
+                format!(
+                    "plan: {action}{}",
+                    reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                )
+            }
+            EventKind::HostFinished { status, .. } => format!("finished: {status}"),
+            EventKind::DeploymentStarted { hosts, strategy } => {
+                format!("started: {} host(s), strategy {strategy}", hosts.len())
+            }
+            EventKind::DeploymentFinished { status } => format!("finished: {status}"),
+            EventKind::Log { message } => message.clone(),
+        };
+        println!("[{offset:>7}] {host:<12} {text}");
+    }
+    println!();
+    let report = DeployReport {
+        id: d.id,
+        status: d.status,
+        flake: d.flake.clone(),
+        started_at: d.created_at,
+        finished_at: d.finished_at.unwrap_or(d.created_at),
+        hosts: runs.to_vec(),
+    };
+    print_report(&report);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortens_store_paths() {
+        assert_eq!(
+            short_path(Some(
+                "/nix/store/q4zfsrsm5n0vhqjrgz2c1lc78slrrsmw-nixos-system-p620"
+            )),
+            "q4zfsrs…-nixos-system-p620"
+        );
+        assert_eq!(short_path(None), "-");
+        assert_eq!(duration_ms(1500), "1.5s");
+        assert_eq!(duration_ms(83_000), "1m 23s");
+    }
+}

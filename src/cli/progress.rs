@@ -1,0 +1,185 @@
+//! Live progress while a deployment runs, drawn from the engine's events (which
+//! are already stored). On a terminal: a line per host with its step, elapsed
+//! time and generation, plus an overall line. Otherwise (pipes, CI, `--json`):
+//! plain timestamped lines on stderr.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::output::{duration_ms, generation};
+use crate::events::{Event, EventKind, HostStatus};
+
+pub async fn render(mut events: UnboundedReceiver<Event>, fancy: bool) {
+    if fancy {
+        render_bars(&mut events).await
+    } else {
+        render_lines(&mut events).await
+    }
+}
+
+fn status_line(status: HostStatus, from: Option<u32>, to: Option<u32>, ms: u64) -> String {
+    let took = duration_ms(ms as i64);
+    match status {
+        HostStatus::Deployed => format!(
+            "✅ DEPLOYED ({took}) generation {} → {}",
+            generation(from),
+            generation(to)
+        ),
+        HostStatus::Skipped => "⏭  SKIPPED (no changes)".into(),
+        HostStatus::RolledBack => format!(
+            "↩️  ROLLED BACK ({took}) to generation {}",
+            generation(from)
+        ),
+        HostStatus::RollbackFailed => format!("❌ ROLLBACK FAILED ({took})"),
+        HostStatus::Failed => format!("❌ FAILED ({took})"),
+        HostStatus::Unreachable => "❌ UNREACHABLE".into(),
+        HostStatus::Cancelled => "⏹  CANCELLED".into(),
+        other => other.as_str().to_uppercase(),
+    }
+}
+
+async fn render_lines(events: &mut UnboundedReceiver<Event>) {
+    let start = Instant::now();
+    while let Some(event) = events.recv().await {
+        let host = event.host.as_deref().unwrap_or("deployment");
+        let line = match &event.kind {
+            EventKind::DeploymentStarted { hosts, .. } => {
+                format!(
+                    "deployment #{} started: {} host(s)",
+                    event.deployment_id,
+                    hosts.len()
+                )
+            }
+            EventKind::HostProbed {
+                state,
+                probe,
+                error,
+            } => match error {
+                Some(e) => format!("{host}: {} — {e}", state.as_str()),
+                None => format!(
+                    "{host}: {} (generation {})",
+                    state.as_str(),
+                    generation(probe.as_ref().and_then(|p| p.generation))
+                ),
+            },
+            EventKind::HostPlanned { .. } => continue,
+            EventKind::StepStarted { step } => format!("{host}: {}", step.progress_word()),
+            EventKind::StepFinished {
+                step,
+                ok,
+                duration_ms: ms,
+                message,
+            } => {
+                if *ok {
+                    format!("{host}: {step} ok ({})", duration_ms(*ms as i64))
+                } else {
+                    format!(
+                        "{host}: {step} FAILED ({}): {}",
+                        duration_ms(*ms as i64),
+                        message.as_deref().unwrap_or_default()
+                    )
+                }
+            }
+            EventKind::HostFinished {
+                status,
+                from,
+                to,
+                duration_ms: ms,
+                ..
+            } => format!(
+                "{host}: {}",
+                status_line(*status, from.generation, to.generation, *ms)
+            ),
+            EventKind::DeploymentFinished { status } => {
+                format!("deployment #{} {status}", event.deployment_id)
+            }
+            EventKind::Log { message } => format!("{host}: {message}"),
+        };
+        eprintln!("[{:>7.1}s] {line}", start.elapsed().as_secs_f64());
+    }
+}
+
+async fn render_bars(events: &mut UnboundedReceiver<Event>) {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{prefix:>14.bold} {spinner} {wide_msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let done_style = ProgressStyle::with_template("{prefix:>14.bold}   {wide_msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let overall = multi.add(ProgressBar::new_spinner());
+    overall.set_style(
+        ProgressStyle::with_template("{wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let mut bars: BTreeMap<String, (ProgressBar, Instant)> = BTreeMap::new();
+    let mut total = 0usize;
+    let mut finished = 0usize;
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    let bar_for = |bars: &mut BTreeMap<String, (ProgressBar, Instant)>, host: &str| {
+        bars.entry(host.to_string())
+            .or_insert_with(|| {
+                let bar = multi.insert_before(&overall, ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar.set_prefix(host.to_string());
+                (bar, Instant::now())
+            })
+            .clone()
+    };
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event { Some(e) => e, None => break },
+            _ = ticker.tick() => {
+                overall.set_message(format!(
+                    "Overall: {finished}/{total} complete | Elapsed: {}",
+                    duration_ms(start.elapsed().as_millis() as i64)
+                ));
+                for (bar, _) in bars.values() { bar.tick(); }
+                continue;
+            }
+        };
+        let Some(host) = event.host.clone() else {
+            if let EventKind::DeploymentStarted { hosts, .. } = &event.kind {
+                total = hosts.len();
+                for h in hosts {
+                    bar_for(&mut bars, h).0.set_message("probing");
+                }
+            }
+            continue;
+        };
+        let (bar, since) = bar_for(&mut bars, &host);
+        match &event.kind {
+            EventKind::HostProbed { state, probe, .. } => bar.set_message(format!(
+                "{} (generation {})",
+                state.as_str(),
+                generation(probe.as_ref().and_then(|p| p.generation))
+            )),
+            EventKind::StepStarted { step } => bar.set_message(format!(
+                "{} ({})",
+                step.progress_word(),
+                duration_ms(since.elapsed().as_millis() as i64)
+            )),
+            EventKind::StepFinished {
+                step, ok: false, ..
+            } => bar.set_message(format!("{step} failed")),
+            EventKind::HostFinished {
+                status,
+                from,
+                to,
+                duration_ms: ms,
+                ..
+            } => {
+                finished += 1;
+                bar.set_style(done_style.clone());
+                bar.finish_with_message(status_line(*status, from.generation, to.generation, *ms));
+            }
+            _ => {}
+        }
+    }
+    overall.finish_with_message(format!(
+        "Overall: {finished}/{total} complete | Elapsed: {}",
+        duration_ms(start.elapsed().as_millis() as i64)
+    ));
+}
