@@ -1,0 +1,79 @@
+//! Running the real binary against a test fleet, with a fresh state directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use nix_deploy::testkit::{Fleet, HostSpec};
+use serde_json::Value;
+
+pub struct Harness {
+    pub fleet: Fleet,
+    pub state: tempfile::TempDir,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nix-deploy"))
+}
+
+impl Harness {
+    pub fn start(specs: Vec<HostSpec>) -> Harness {
+        let fleet = Fleet::start(specs).expect("starting the test fleet");
+        let state = tempfile::tempdir().expect("state dir");
+        Harness { fleet, state }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Run `nix-deploy` with the fleet's flake, ssh config and our state dir.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = std::process::Command::new(binary());
+        cmd.arg("--flake")
+            .arg(self.fleet.flake_ref())
+            .arg("--ssh-config")
+            .arg(self.fleet.ssh_config())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["--connect-timeout", "5", "--command-timeout", "30"])
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        for (k, v) in self.fleet.env() {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("running nix-deploy")
+    }
+
+    /// Run with `--json` and parse stdout.
+    pub fn json(&self, args: &[&str]) -> (i32, Value, String) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{stdout}\nstderr:\n{stderr}"));
+        (out.status.code().unwrap_or(-1), value, stderr)
+    }
+
+    /// Deploy with `--json`; returns exit code, the report, stderr.
+    pub fn deploy(&self, args: &[&str]) -> (i32, Value, String) {
+        let mut all = vec!["deploy"];
+        all.extend_from_slice(args);
+        self.json(&all)
+    }
+}
+
+/// The report entry of one host.
+pub fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["hosts"]
+        .as_array()
+        .expect("hosts array")
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name} in {report:#}"))
+}
+
+pub fn status<'a>(report: &'a Value, name: &str) -> &'a str {
+    host(report, name)["status"].as_str().unwrap_or("?")
+}

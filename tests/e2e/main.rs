@@ -1,0 +1,7 @@
+//! Integration tests: the real `nix-deploy` binary against real test hosts
+//! (sshd in their own mount namespaces with their own /nix and /run, on
+//! loopback addresses; see `nix_deploy::testkit`). Needs root.
+
+mod cli;
+mod deploy;
+mod helpers;
