@@ -68,3 +68,5 @@ CREATE TABLE hosts (
     last_error         TEXT,
     last_finished_at   INTEGER
 );
+
+CREATE INDEX host_runs_by_host ON host_runs (host, finished_at);

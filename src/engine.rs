@@ -1,11 +1,12 @@
 //! The engine: evaluate, probe, plan and deploy, recording everything.
 //!
-//! One deployment is owned by one call of [`Engine::deploy`]. It probes the
-//! selected hosts in parallel (bounded), asks the pure planner what to do, then
-//! runs each host's pipeline (DESIGN §4) in a task of its own, at most
-//! `parallel_limit` at a time. Every state change is written to the [`Store`]
-//! before it is sent to the event sink (the CLI's progress display, later the
-//! API's stream).
+//! One deployment is owned by one call of [`Engine::deploy`]. It validates the
+//! request (evaluation, selection, dependency graph) before recording
+//! anything, probes the selected hosts in parallel (bounded), asks the pure
+//! planner what to do, then executes the plan: a host starts as soon as every
+//! host it `waits_for` finished healthy, at most `parallel_limit` at a time.
+//! Every state change is written to the [`Store`] before it is sent to the
+//! event sink (the CLI's progress display, later the API's stream).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,12 +21,17 @@ use tokio_util::sync::CancellationToken;
 use crate::events::{
     DeploymentStatus, Event, EventKind, HostState, HostStatus, Step, SystemRef, now_ms,
 };
+use crate::exec::{self, Cmd};
 use crate::inventory::{Host, Inventory, InventoryError, Selection};
 use crate::nix::{Nix, NixError};
-use crate::plan::{self, Action, HostFacts, Plan, PlanOptions};
+use crate::plan::{
+    self, Action, DependencyGraph, GraphHost, HostFacts, HostHistory, Plan, PlanError, PlanOptions,
+    PlannedHost, Strategy,
+};
 use crate::remote::{self, Activation, ProbeResult};
 use crate::ssh::{self, Connection, SshOptions};
 use crate::store::{HostRun, NewDeployment, StepTiming, Store, StoreError};
+use crate::summary::{self, ChangeSummary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -34,6 +40,8 @@ pub enum EngineError {
     Inventory(#[from] InventoryError),
     #[error(transparent)]
     Eval(NixError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error("invalid option: {0}")]
     BadOption(String),
     #[error(transparent)]
@@ -47,7 +55,10 @@ impl EngineError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            EngineError::Inventory(_) | EngineError::Eval(_) | EngineError::BadOption(_)
+            EngineError::Inventory(_)
+                | EngineError::Eval(_)
+                | EngineError::Plan(_)
+                | EngineError::BadOption(_)
         )
     }
 }
@@ -58,11 +69,11 @@ pub struct EngineConfig {
     pub flake: String,
     pub nix: Nix,
     pub ssh: SshOptions,
-    /// Hosts deployed at once.
-    pub parallel_limit: usize,
     /// Hosts probed at once.
     pub probe_limit: usize,
     pub activation_timeout: Duration,
+    /// Overall deadline of a host's health validation.
+    pub health_timeout: Duration,
     pub substitute_on_destination: bool,
 }
 
@@ -72,9 +83,9 @@ impl EngineConfig {
             flake,
             nix: Nix::default(),
             ssh,
-            parallel_limit: 4,
             probe_limit: 64,
             activation_timeout: Duration::from_secs(600),
+            health_timeout: Duration::from_secs(120),
             substitute_on_destination: false,
         }
     }
@@ -84,7 +95,7 @@ impl EngineConfig {
 #[derive(Clone, Debug, Default)]
 pub struct DeployRequest {
     pub selection: Selection,
-    pub force: bool,
+    pub options: PlanOptions,
     pub trigger: String,
     pub requested_by: String,
 }
@@ -99,24 +110,13 @@ pub struct Assessment {
     pub error: Option<String>,
 }
 
-impl Assessment {
-    fn facts(&self) -> HostFacts {
-        HostFacts {
-            name: self.host.name.clone(),
-            role: self.host.role.clone(),
-            state: self.state,
-            current: self.current.clone(),
-            target_path: self.host.toplevel.clone(),
-            probe_error: self.error.clone(),
-        }
-    }
-}
-
 /// What `plan` shows.
 #[derive(Clone, Debug, Serialize)]
 pub struct PlanReport {
     pub flake: String,
-    pub hosts: Vec<crate::plan::PlannedHost>,
+    pub fleet_size: usize,
+    #[serde(flatten)]
+    pub plan: Plan,
     pub to_deploy: Vec<String>,
     pub skipped: Vec<String>,
     pub unreachable: Vec<String>,
@@ -128,8 +128,10 @@ pub struct DeployReport {
     pub id: i64,
     pub status: DeploymentStatus,
     pub flake: String,
+    pub strategy: String,
     pub started_at: i64,
     pub finished_at: i64,
+    pub error: Option<String>,
     pub hosts: Vec<HostRun>,
 }
 
@@ -159,6 +161,17 @@ impl Recorder {
         }
         Ok(())
     }
+
+    async fn log(&self, host: Option<&str>, message: String) -> Result<(), StoreError> {
+        self.emit(host, EventKind::Log { message }).await
+    }
+}
+
+/// The request, validated: what every later stage works from.
+struct Prepared {
+    inventory: Inventory,
+    graph: DependencyGraph,
+    hosts: Vec<Host>,
 }
 
 pub struct Engine {
@@ -190,8 +203,8 @@ impl Engine {
         Ok(Inventory::from_eval_json(&json)?)
     }
 
-    fn check_options(&self) -> Result<(), EngineError> {
-        if self.config.parallel_limit == 0 {
+    fn check_options(&self, options: &PlanOptions) -> Result<(), EngineError> {
+        if options.parallel_limit == 0 {
             return Err(EngineError::BadOption(
                 "--parallel-limit must be at least 1".into(),
             ));
@@ -207,8 +220,47 @@ impl Engine {
         Ok(())
     }
 
-    /// Probe hosts in parallel. Returns each assessment, plus the open connection
-    /// when `keep` says the host will be needed again.
+    /// Everything that can be wrong with a request, found before anything is
+    /// recorded or touched: the flake, the selection, the dependency graph and
+    /// the canaries.
+    async fn prepare(
+        &self,
+        selection: &Selection,
+        options: &PlanOptions,
+    ) -> Result<Prepared, EngineError> {
+        self.check_options(options)?;
+        let inventory = self.inventory().await?;
+        let graph = DependencyGraph::build(
+            &inventory
+                .hosts()
+                .map(|h| GraphHost {
+                    name: h.name.clone(),
+                    tags: h.tags.clone(),
+                    dependencies: h.dependencies.clone(),
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        let names = inventory.select(selection)?;
+        for canary in &options.canaries {
+            if !names.contains(canary) {
+                return Err(EngineError::BadOption(format!(
+                    "--canary {canary} is not one of the selected hosts ({})",
+                    names.join(", ")
+                )));
+            }
+        }
+        let hosts = names
+            .iter()
+            .filter_map(|n| inventory.get(n).cloned())
+            .collect();
+        Ok(Prepared {
+            inventory,
+            graph,
+            hosts,
+        })
+    }
+
+    /// Probe hosts in parallel. Returns each assessment and its open connection.
     async fn probe_all(
         &self,
         hosts: Vec<Host>,
@@ -253,57 +305,90 @@ impl Engine {
         Ok(results.into_iter().map(|(_, a, c)| (a, c)).collect())
     }
 
-    fn selected_hosts(
-        inventory: &Inventory,
-        selection: &Selection,
-    ) -> Result<Vec<Host>, EngineError> {
-        let names = inventory.select(selection)?;
-        Ok(names
-            .iter()
-            .filter_map(|n| inventory.get(n).cloned())
-            .collect())
+    async fn facts(
+        &self,
+        assessment: &Assessment,
+        summary: Option<ChangeSummary>,
+    ) -> Result<HostFacts, EngineError> {
+        Ok(HostFacts {
+            name: assessment.host.name.clone(),
+            role: assessment.host.role.clone(),
+            state: assessment.state,
+            current: assessment.current.clone(),
+            target_path: assessment.host.toplevel.clone(),
+            probe_error: assessment.error.clone(),
+            summary,
+            history: self.history(&assessment.host.name).await?,
+        })
     }
 
-    /// What a deployment would do. Changes nothing on any host.
+    async fn history(&self, host: &str) -> Result<HostHistory, EngineError> {
+        let runs = self.store.recent_host_runs(host, 10).await?;
+        Ok(HostHistory {
+            successful_ms: runs
+                .iter()
+                .filter(|r| r.status == HostStatus::Deployed)
+                .filter_map(|r| r.duration_ms())
+                .map(|ms| ms.max(0) as u64)
+                .collect(),
+            recent_failures: runs
+                .iter()
+                .take(5)
+                .filter(|r| r.status.is_failure() && r.status != HostStatus::Unreachable)
+                .count() as u32,
+        })
+    }
+
+    /// What a deployment would do. Changes nothing on any host; with
+    /// `summaries`, builds the changed toplevels locally to compare closures.
     pub async fn plan(
         &self,
         selection: &Selection,
-        force: bool,
+        options: &PlanOptions,
+        summaries: bool,
     ) -> Result<PlanReport, EngineError> {
-        self.check_options()?;
-        let inventory = self.inventory().await?;
-        let hosts = Self::selected_hosts(&inventory, selection)?;
-        let probed = self.probe_all(hosts, None).await?;
+        let prepared = self.prepare(selection, options).await?;
+        let probed = self.probe_all(prepared.hosts, None).await?;
         let mut facts = Vec::new();
         for (assessment, connection) in probed {
+            let summary = match (&connection, summaries, assessment.state) {
+                (Some(connection), true, HostState::Changed) => {
+                    change_summary(&self.config.nix, connection, &assessment.host)
+                        .await
+                        .ok()
+                }
+                _ => None,
+            };
             if let Some(connection) = connection {
                 connection.close().await;
             }
-            facts.push(assessment.facts());
+            facts.push(self.facts(&assessment, summary).await?);
         }
-        let plan = plan::plan(&facts, PlanOptions { force });
-        Ok(plan_report(&self.config.flake, plan))
+        let plan = plan::plan(&facts, &prepared.graph, prepared.inventory.len(), options)?;
+        Ok(plan_report(
+            &self.config.flake,
+            prepared.inventory.len(),
+            plan,
+        ))
     }
 
     /// Run a deployment to the end. `sink` receives every event after it is stored;
-    /// `cancel` stops starting new hosts (running ones finish).
+    /// `cancel` stops starting new hosts (running ones finish or roll back).
     pub async fn deploy(
         &self,
         request: DeployRequest,
         sink: Option<mpsc::UnboundedSender<Event>>,
         cancel: CancellationToken,
     ) -> Result<DeployReport, EngineError> {
-        self.check_options()?;
-        // Everything that can be wrong with the request is found before anything
-        // is recorded or touched.
-        let (inventory, flake_rev) = tokio::join!(
-            self.inventory(),
+        let options = &request.options;
+        let (prepared, flake_rev) = tokio::join!(
+            self.prepare(&request.selection, options),
             self.config.nix.flake_revision(&self.config.flake)
         );
-        let inventory = inventory?;
-        let hosts = Self::selected_hosts(&inventory, &request.selection)?;
+        let prepared = prepared?;
         let started_at = now_ms();
-        let host_names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+        let host_names: Vec<String> = prepared.hosts.iter().map(|h| h.name.clone()).collect();
+        let strategy = options.strategy.as_str().to_string();
         let id = self
             .store
             .create_deployment(&NewDeployment {
@@ -311,11 +396,18 @@ impl Engine {
                 requested_by: request.requested_by.clone(),
                 flake: self.config.flake.clone(),
                 flake_rev,
-                strategy: "parallel".into(),
+                strategy: strategy.clone(),
                 options: serde_json::json!({
-                    "force": request.force,
-                    "parallel_limit": self.config.parallel_limit,
+                    "force": options.force,
+                    "parallel_limit": options.parallel_limit,
+                    "batch_size": options.batch_size.to_string(),
+                    "canaries": options.canaries,
+                    "canary_soak_s": options.canary_soak.as_secs(),
+                    "max_failures": options.max_failures.to_string(),
+                    "continue_on_failure": options.continue_on_failure,
+                    "rollback_all_on_abort": options.rollback_all_on_abort,
                     "activation_timeout_s": self.config.activation_timeout.as_secs(),
+                    "health_timeout_s": self.config.health_timeout.as_secs(),
                 }),
                 hosts: host_names.clone(),
             })
@@ -330,112 +422,75 @@ impl Engine {
                 None,
                 EventKind::DeploymentStarted {
                     hosts: host_names,
-                    strategy: "parallel".into(),
+                    strategy: strategy.clone(),
                 },
             )
             .await?;
 
-        let probed = self.probe_all(hosts, Some(&recorder)).await?;
-        let facts: Vec<HostFacts> = probed.iter().map(|(a, _)| a.facts()).collect();
-        let plan = plan::plan(
-            &facts,
-            PlanOptions {
-                force: request.force,
-            },
-        );
+        let probed = self.probe_all(prepared.hosts, Some(&recorder)).await?;
+        let mut facts = Vec::new();
+        for (assessment, _) in &probed {
+            facts.push(self.facts(assessment, None).await?);
+        }
+        let plan = match plan::plan(&facts, &prepared.graph, prepared.inventory.len(), options) {
+            Ok(plan) => plan,
+            Err(e) => {
+                for (_, connection) in probed {
+                    if let Some(c) = connection {
+                        c.close().await;
+                    }
+                }
+                self.store
+                    .finish_deployment(id, DeploymentStatus::Failed, Some(&e.to_string()))
+                    .await?;
+                return Err(e.into());
+            }
+        };
         self.store
             .set_plan(id, &serde_json::to_value(&plan).unwrap_or_default())
             .await?;
-
-        let mut runs: BTreeMap<String, HostRun> = BTreeMap::new();
-        let mut work = Vec::new();
-        for ((assessment, connection), planned) in probed.into_iter().zip(&plan.hosts) {
-            let mut run = HostRun::new(id, &assessment.host.name);
-            run.changed = Some(assessment.state == HostState::Changed);
-            run.from = assessment.current.clone();
-            run.to.path = Some(assessment.host.toplevel.clone());
-            run.reason = planned.reason.clone();
-            recorder
-                .emit(
-                    Some(&run.host),
-                    EventKind::HostPlanned {
-                        action: planned.action.as_str().into(),
-                        reason: planned.reason.clone(),
-                    },
-                )
-                .await?;
-            match (planned.action, connection) {
-                (Action::Deploy, Some(connection)) => {
-                    self.store.save_host_run(&run).await?;
-                    work.push((assessment, connection, run));
-                }
-                (action, connection) => {
-                    if let Some(connection) = connection {
-                        connection.close().await;
-                    }
-                    run.status = if action == Action::Unreachable {
-                        HostStatus::Unreachable
-                    } else {
-                        HostStatus::Skipped
-                    };
-                    run.error = assessment.error.clone();
-                    run.started_at = Some(now_ms());
-                    run.finished_at = run.started_at;
-                    self.finish_host(&recorder, &run).await?;
-                    runs.insert(run.host.clone(), run);
-                }
-            }
+        recorder
+            .emit(
+                None,
+                EventKind::Planned {
+                    strategy: strategy.clone(),
+                    reason: plan.strategy_reason.clone(),
+                    phases: plan.phases.iter().map(|p| p.hosts.clone()).collect(),
+                    eta_seconds: plan.eta_seconds,
+                    risk: plan.risk.as_str().into(),
+                },
+            )
+            .await?;
+        for warning in &plan.warnings {
+            recorder.log(None, format!("warning: {warning}")).await?;
         }
 
         let context = Arc::new(HostContext {
             nix: self.config.nix.clone(),
             ssh: self.config.ssh.clone(),
             activation_timeout: self.config.activation_timeout,
+            health_timeout: self.config.health_timeout,
             substitute: self.config.substitute_on_destination,
             recorder: recorder.clone(),
         });
-        let semaphore = Arc::new(Semaphore::new(self.config.parallel_limit));
-        let mut tasks = JoinSet::new();
-        for (assessment, connection, run) in work {
-            let context = context.clone();
-            let semaphore = semaphore.clone();
-            let cancel = cancel.clone();
-            tasks.spawn(async move {
-                let permit = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => None,
-                    permit = semaphore.acquire_owned() => permit.ok(),
-                };
-                let mut run = run;
-                if permit.is_none() || cancel.is_cancelled() {
-                    connection.close().await;
-                    run.status = HostStatus::Cancelled;
-                    run.reason = Some("deployment cancelled before this host started".into());
-                    run.started_at = Some(now_ms());
-                    run.finished_at = run.started_at;
-                    return Ok(run);
-                }
-                let result = context.deploy_host(&assessment, &connection, run).await;
-                connection.close().await;
-                result
-            });
+        let mut execution = Execution {
+            context,
+            plan: &plan,
+            options,
+            store: &self.store,
+            recorder: &recorder,
+            runs: BTreeMap::new(),
+            outcome: BTreeMap::new(),
+            connections: BTreeMap::new(),
+            assessments: BTreeMap::new(),
+            aborted: None,
+        };
+        let result = execution.run(probed, &cancel).await;
+        let connections = std::mem::take(&mut execution.connections);
+        for (_, connection) in connections {
+            connection.close().await;
         }
-        let mut first_error = None;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Ok(run)) => {
-                    self.finish_host(&recorder, &run).await?;
-                    runs.insert(run.host.clone(), run);
-                }
-                Ok(Err(e)) => first_error = first_error.or(Some(EngineError::Store(e))),
-                Err(e) => {
-                    first_error = first_error.or(Some(EngineError::Internal(format!(
-                        "host task failed: {e}"
-                    ))))
-                }
-            }
-        }
-        if let Some(error) = first_error {
+        if let Err(error) = result {
             let _ = self
                 .store
                 .finish_deployment(id, DeploymentStatus::Failed, Some(&error.to_string()))
@@ -443,15 +498,18 @@ impl Engine {
             return Err(error);
         }
 
-        let hosts: Vec<HostRun> = runs.into_values().collect();
-        let status = if hosts.iter().any(|h| h.status.is_failure()) {
+        let hosts: Vec<HostRun> = execution.runs.into_values().collect();
+        let error = execution.aborted.clone();
+        let status = if hosts.iter().any(|h| h.status.is_failure()) || error.is_some() {
             DeploymentStatus::Failed
         } else if hosts.iter().any(|h| h.status == HostStatus::Cancelled) || cancel.is_cancelled() {
             DeploymentStatus::Cancelled
         } else {
             DeploymentStatus::Succeeded
         };
-        self.store.finish_deployment(id, status, None).await?;
+        self.store
+            .finish_deployment(id, status, error.as_deref())
+            .await?;
         recorder
             .emit(None, EventKind::DeploymentFinished { status })
             .await?;
@@ -459,31 +517,16 @@ impl Engine {
             id,
             status,
             flake: self.config.flake.clone(),
+            strategy,
             started_at,
             finished_at: now_ms(),
+            error,
             hosts,
         })
     }
-
-    async fn finish_host(&self, recorder: &Recorder, run: &HostRun) -> Result<(), StoreError> {
-        self.store.save_host_run(run).await?;
-        self.store.record_host_result(run).await?;
-        recorder
-            .emit(
-                Some(&run.host),
-                EventKind::HostFinished {
-                    status: run.status,
-                    from: run.from.clone(),
-                    to: run.to.clone(),
-                    duration_ms: run.duration_ms().unwrap_or(0).max(0) as u64,
-                    error: run.error.clone(),
-                },
-            )
-            .await
-    }
 }
 
-fn plan_report(flake: &str, plan: Plan) -> PlanReport {
+fn plan_report(flake: &str, fleet_size: usize, plan: Plan) -> PlanReport {
     let names = |action: Action| {
         plan.hosts
             .iter()
@@ -493,10 +536,11 @@ fn plan_report(flake: &str, plan: Plan) -> PlanReport {
     };
     PlanReport {
         flake: flake.to_string(),
+        fleet_size,
         to_deploy: names(Action::Deploy),
         skipped: names(Action::Skip),
         unreachable: names(Action::Unreachable),
-        hosts: plan.hosts,
+        plan,
     }
 }
 
@@ -549,17 +593,506 @@ async fn probe_host(host: Host, options: &SshOptions) -> (Assessment, Option<Con
     }
 }
 
+/// Build the host's toplevel locally and compare its closure with the one the
+/// host runs (queried on the host; nothing is copied).
+async fn change_summary(
+    nix: &Nix,
+    connection: &Connection,
+    host: &Host,
+) -> Result<ChangeSummary, String> {
+    let built = nix
+        .build(&host.drv_path, |_, _| {})
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut cmd = Cmd::new("nix-store")
+        .args(["--query", "--requisites"])
+        .arg(&built);
+    for (k, v) in &nix.env {
+        cmd = cmd.env(k, v);
+    }
+    let new = exec::run(&cmd, nix.eval_timeout, |_, _| {})
+        .await
+        .map_err(|e| e.to_string())?;
+    let old = match connection
+        .run(
+            "summary",
+            &remote::closure_argv("/run/current-system"),
+            Duration::from_secs(120),
+        )
+        .await
+    {
+        Ok(out) => out.stdout,
+        // A host with no system yet has no closure to compare with.
+        Err(_) => String::new(),
+    };
+    let lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    Ok(summary::summarize(&lines(&old), &lines(&new.stdout)))
+}
+
+/// How one host's part ended, as the scheduler sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Deployed (or, in blue-green, staged) and healthy.
+    Healthy,
+    /// Failed, rolled back, unreachable, skipped or cancelled.
+    NotHealthy,
+}
+
+/// One deployment's execution of its plan.
+struct Execution<'a> {
+    context: Arc<HostContext>,
+    plan: &'a Plan,
+    options: &'a PlanOptions,
+    store: &'a Store,
+    recorder: &'a Recorder,
+    runs: BTreeMap<String, HostRun>,
+    outcome: BTreeMap<String, Outcome>,
+    /// Open connections of hosts we may need again (rollback, commit).
+    connections: BTreeMap<String, Connection>,
+    assessments: BTreeMap<String, Assessment>,
+    /// Why the deployment stopped starting hosts.
+    aborted: Option<String>,
+}
+
+type HostTaskResult = Result<(HostRun, Connection, Outcome), StoreError>;
+
+impl Execution<'_> {
+    async fn finish_host(&mut self, run: HostRun) -> Result<(), StoreError> {
+        self.store.save_host_run(&run).await?;
+        self.store.record_host_result(&run).await?;
+        self.recorder
+            .emit(
+                Some(&run.host),
+                EventKind::HostFinished {
+                    status: run.status,
+                    from: run.from.clone(),
+                    to: run.to.clone(),
+                    duration_ms: run.duration_ms().unwrap_or(0).max(0) as u64,
+                    error: run.error.clone(),
+                },
+            )
+            .await?;
+        self.runs.insert(run.host.clone(), run);
+        Ok(())
+    }
+
+    /// Finish a host that never started.
+    async fn skip(
+        &mut self,
+        mut run: HostRun,
+        status: HostStatus,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        run.status = status;
+        run.reason = Some(reason);
+        run.started_at = Some(now_ms());
+        run.finished_at = run.started_at;
+        if run.to.generation.is_none()
+            && status == HostStatus::Skipped
+            && run.changed == Some(false)
+        {
+            run.to = run.from.clone();
+        }
+        self.outcome.insert(run.host.clone(), Outcome::NotHealthy);
+        self.finish_host(run).await
+    }
+
+    fn failures(&self) -> usize {
+        self.runs
+            .values()
+            .filter(|r| {
+                matches!(
+                    r.status,
+                    HostStatus::Failed | HostStatus::RolledBack | HostStatus::RollbackFailed
+                )
+            })
+            .count()
+    }
+
+    async fn run(
+        &mut self,
+        probed: Vec<(Assessment, Option<Connection>)>,
+        cancel: &CancellationToken,
+    ) -> Result<(), EngineError> {
+        // Hosts the plan does not deploy finish now; the others wait their turn.
+        let mut pending: Vec<(PlannedHost, Assessment, Connection, HostRun)> = Vec::new();
+        for (assessment, connection) in probed {
+            let planned = self
+                .plan
+                .get(&assessment.host.name)
+                .cloned()
+                .ok_or_else(|| {
+                    EngineError::Internal(format!("{} missing from the plan", assessment.host.name))
+                })?;
+            let mut run = HostRun::new(self.recorder.deployment_id, &assessment.host.name);
+            run.changed = Some(assessment.state == HostState::Changed);
+            run.from = assessment.current.clone();
+            run.to.path = Some(assessment.host.toplevel.clone());
+            run.reason = planned.reason.clone();
+            self.recorder
+                .emit(
+                    Some(&run.host),
+                    EventKind::HostPlanned {
+                        action: planned.action.as_str().into(),
+                        reason: planned.reason.clone(),
+                    },
+                )
+                .await?;
+            match (planned.action, connection) {
+                (Action::Deploy, Some(connection)) => {
+                    self.store.save_host_run(&run).await?;
+                    self.assessments
+                        .insert(run.host.clone(), assessment.clone());
+                    pending.push((planned, assessment, connection, run));
+                }
+                (action, connection) => {
+                    if let Some(connection) = connection {
+                        connection.close().await;
+                    }
+                    let status = if action == Action::Unreachable {
+                        HostStatus::Unreachable
+                    } else {
+                        HostStatus::Skipped
+                    };
+                    run.error = assessment.error.clone();
+                    let reason = planned.reason.clone().unwrap_or_default();
+                    self.skip(run, status, reason).await?;
+                }
+            }
+        }
+        // Plan order: phase, then name.
+        pending.sort_by(|a, b| (a.0.phase, &a.0.name).cmp(&(b.0.phase, &b.0.name)));
+
+        let blue_green = self.plan.strategy == Strategy::BlueGreen;
+        let activation = if blue_green {
+            Activation::Test
+        } else {
+            Activation::Switch
+        };
+        let soak = (self.plan.strategy == Strategy::Canary).then_some(self.options.canary_soak);
+        let max_failures = self.plan.max_failures;
+        let mut running: JoinSet<HostTaskResult> = JoinSet::new();
+        loop {
+            // Hosts whose prerequisites did not end healthy are skipped, with the reason.
+            let mut index = 0;
+            while index < pending.len() {
+                let blocker = pending[index]
+                    .0
+                    .waits_for
+                    .iter()
+                    .find(|w| self.outcome.get(*w) == Some(&Outcome::NotHealthy))
+                    .cloned();
+                if let Some(blocker) = blocker {
+                    let (planned, _, connection, run) = pending.remove(index);
+                    connection.close().await;
+                    let status = self
+                        .runs
+                        .get(&blocker)
+                        .map(|r| r.status.to_string())
+                        .unwrap_or_default();
+                    let what = if self.plan.get(&blocker).is_some_and(|p| p.canary)
+                        && !planned.depends_on.contains(&blocker)
+                    {
+                        "canary"
+                    } else if planned.depends_on.contains(&blocker) {
+                        "dependency"
+                    } else {
+                        "previous batch host"
+                    };
+                    self.skip(
+                        run,
+                        HostStatus::Skipped,
+                        format!("{what} {blocker} {status}"),
+                    )
+                    .await?;
+                } else {
+                    index += 1;
+                }
+            }
+            // Start what is ready, up to the limit, unless stopping.
+            if self.aborted.is_none() && !cancel.is_cancelled() {
+                let mut index = 0;
+                while index < pending.len() && running.len() < self.plan.parallel_limit {
+                    let ready = pending[index]
+                        .0
+                        .waits_for
+                        .iter()
+                        .all(|w| self.outcome.get(w) == Some(&Outcome::Healthy));
+                    if !ready {
+                        index += 1;
+                        continue;
+                    }
+                    let (planned, assessment, connection, run) = pending.remove(index);
+                    let context = self.context.clone();
+                    let soak = soak.filter(|_| planned.canary);
+                    running.spawn(async move {
+                        context
+                            .host_task(assessment, connection, run, activation, soak)
+                            .await
+                    });
+                }
+            }
+            if running.is_empty() {
+                break;
+            }
+            let joined = running.join_next().await.expect("running is not empty");
+            let (run, connection, outcome) = match joined {
+                Ok(result) => result?,
+                Err(e) => return Err(EngineError::Internal(format!("host task failed: {e}"))),
+            };
+            let host = run.host.clone();
+            self.outcome.insert(host.clone(), outcome);
+            self.connections.insert(host.clone(), connection);
+            let canary_failed = outcome == Outcome::NotHealthy
+                && self.plan.strategy == Strategy::Canary
+                && self.plan.get(&host).is_some_and(|p| p.canary);
+            if blue_green && outcome == Outcome::Healthy {
+                // Staged, not finished: committed or reverted together below.
+                self.store.save_host_run(&run).await?;
+                self.runs.insert(host.clone(), run);
+            } else {
+                self.finish_host(run).await?;
+            }
+            if self.aborted.is_none() {
+                if canary_failed {
+                    self.aborted = Some(format!("canary {host} failed; the deployment stopped"));
+                } else if let Some(allowed) = max_failures
+                    && self.failures() > allowed
+                {
+                    self.aborted = Some(format!(
+                        "{} host(s) failed, more than --max-failures allows ({allowed})",
+                        self.failures()
+                    ));
+                }
+                if let Some(reason) = &self.aborted {
+                    self.recorder
+                        .log(None, format!("aborting: {reason}"))
+                        .await?;
+                }
+            }
+        }
+
+        // Whatever did not start.
+        let stop_reason = match (&self.aborted, cancel.is_cancelled()) {
+            (Some(reason), _) => Some((HostStatus::Skipped, format!("not started: {reason}"))),
+            (None, true) => Some((
+                HostStatus::Cancelled,
+                "deployment cancelled before this host started".to_string(),
+            )),
+            (None, false) => None,
+        };
+        for (planned, _, connection, run) in pending {
+            connection.close().await;
+            let (status, reason) = stop_reason.clone().unwrap_or((
+                HostStatus::Skipped,
+                format!(
+                    "waits for {} which did not finish",
+                    planned.waits_for.join(", ")
+                ),
+            ));
+            self.skip(run, status, reason).await?;
+        }
+
+        if blue_green {
+            self.settle_blue_green().await?;
+        } else if self.aborted.is_some() && self.options.rollback_all_on_abort {
+            self.roll_back_deployed().await?;
+        }
+        Ok(())
+    }
+
+    /// Blue-green: commit every staged host if all are healthy, else revert all.
+    async fn settle_blue_green(&mut self) -> Result<(), StoreError> {
+        let staged: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| r.status == HostStatus::Running)
+            .map(|r| r.host.clone())
+            .collect();
+        let failed: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| {
+                r.status.is_failure()
+                    || r.status == HostStatus::Skipped
+                        && r.changed == Some(true)
+                        && r.reason
+                            .as_deref()
+                            .is_some_and(|x| x.starts_with("not started"))
+            })
+            .map(|r| r.host.clone())
+            .collect();
+        let commit = failed.is_empty();
+        if !commit {
+            self.recorder
+                .log(
+                    None,
+                    format!(
+                        "blue-green: {} did not pass; every staged host goes back to its old system",
+                        failed.join(", ")
+                    ),
+                )
+                .await?;
+        }
+        for host in staged {
+            let Some(mut run) = self.runs.remove(&host) else {
+                continue;
+            };
+            let Some(connection) = self.connections.get(&host) else {
+                continue;
+            };
+            let assessment = &self.assessments[&host];
+            let context = self.context.clone();
+            if commit {
+                let path = assessment.host.toplevel.clone();
+                let result = context
+                    .step(
+                        &mut run,
+                        Step::Commit,
+                        commit_system(connection, &path, context.activation_timeout),
+                    )
+                    .await?;
+                run.finished_at = Some(now_ms());
+                match result {
+                    Ok(generation) => {
+                        run.to.generation = generation;
+                        run.status = HostStatus::Deployed;
+                    }
+                    Err(e) => {
+                        run.status = HostStatus::Failed;
+                        run.error = Some(e);
+                    }
+                }
+            } else {
+                let reverted = match (
+                    assessment.current.generation,
+                    assessment.current.path.clone(),
+                ) {
+                    (Some(generation), Some(path)) => {
+                        context
+                            .step(
+                                &mut run,
+                                Step::Rollback,
+                                revert_test(connection, generation, &path),
+                            )
+                            .await?
+                    }
+                    _ => Err(format!("{host}: rollback: no previous system to return to")),
+                };
+                run.finished_at = Some(now_ms());
+                match reverted {
+                    Ok(()) => {
+                        run.status = HostStatus::RolledBack;
+                        run.error = Some(format!(
+                            "blue-green: reverted to its old system because {} failed",
+                            failed.join(", ")
+                        ));
+                    }
+                    Err(e) => {
+                        run.status = HostStatus::RollbackFailed;
+                        run.error = Some(e);
+                    }
+                }
+            }
+            run.step = None;
+            self.finish_host(run).await?;
+        }
+        Ok(())
+    }
+
+    /// After an abort: every host this deployment changed goes back.
+    async fn roll_back_deployed(&mut self) -> Result<(), StoreError> {
+        let deployed: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| r.status == HostStatus::Deployed)
+            .map(|r| r.host.clone())
+            .collect();
+        if deployed.is_empty() {
+            return Ok(());
+        }
+        let reason = self.aborted.clone().unwrap_or_default();
+        self.recorder
+            .log(
+                None,
+                format!(
+                    "rolling back {} because the deployment aborted",
+                    deployed.join(", ")
+                ),
+            )
+            .await?;
+        for host in deployed {
+            let Some(mut run) = self.runs.remove(&host) else {
+                continue;
+            };
+            let assessment = &self.assessments[&host];
+            let context = self.context.clone();
+            let rolled = match (
+                self.connections.get(&host),
+                assessment.current.generation,
+                assessment.current.path.clone(),
+            ) {
+                (Some(connection), Some(generation), Some(path)) => {
+                    context
+                        .step(
+                            &mut run,
+                            Step::Rollback,
+                            roll_back(connection, generation, &path),
+                        )
+                        .await?
+                }
+                (_, None, _) | (_, _, None) => Err(format!(
+                    "{host}: rollback: no previous generation (first deployment); left on the new system"
+                )),
+                (None, _, _) => Err(format!("{host}: rollback: no connection")),
+            };
+            run.finished_at = Some(now_ms());
+            match rolled {
+                Ok(()) => {
+                    run.status = HostStatus::RolledBack;
+                    run.error = Some(format!(
+                        "deployed, then rolled back to generation {} because the deployment aborted: {reason}",
+                        assessment.current.generation.unwrap_or_default()
+                    ));
+                }
+                Err(e) => {
+                    run.status = HostStatus::RollbackFailed;
+                    run.error = Some(e);
+                }
+            }
+            run.step = None;
+            self.finish_host(run).await?;
+        }
+        Ok(())
+    }
+}
+
 /// What a host task needs; shared by all host tasks of a deployment.
 struct HostContext {
     nix: Nix,
     ssh: SshOptions,
     activation_timeout: Duration,
+    health_timeout: Duration,
     substitute: bool,
     recorder: Recorder,
 }
 
 /// A step's failure, already phrased for the operator (names host and step).
 type StepError = String;
+
+/// Why a pipeline stopped.
+enum Failure {
+    /// Nothing on the host changed (build, copy or profile step failed).
+    Untouched(StepError),
+    /// The profile or the running system changed: roll back.
+    Activated(StepError),
+}
 
 impl HostContext {
     /// Run one step: record its start, run it, record its end.
@@ -614,71 +1147,119 @@ impl HostContext {
         })
     }
 
-    /// The pipeline of DESIGN §4 for one changed host.
-    async fn deploy_host(
-        &self,
-        assessment: &Assessment,
-        connection: &Connection,
+    /// One host's whole part: pipeline, rollback on failure, canary soak.
+    async fn host_task(
+        self: Arc<Self>,
+        assessment: Assessment,
+        connection: Connection,
         mut run: HostRun,
-    ) -> Result<HostRun, StoreError> {
+        activation: Activation,
+        soak: Option<Duration>,
+    ) -> HostTaskResult {
         let host = &assessment.host;
         run.status = HostStatus::Running;
         run.started_at = Some(now_ms());
         self.recorder.store.save_host_run(&run).await?;
 
-        let outcome = self.pipeline(assessment, connection, &mut run).await?;
+        let mut outcome = self
+            .pipeline(&assessment, &connection, &mut run, activation)
+            .await?;
+        if outcome.is_ok()
+            && let Some(soak) = soak
+        {
+            let soaked = self
+                .step(
+                    &mut run,
+                    Step::Soak,
+                    soak_host(&connection, host, soak, self.health_timeout),
+                )
+                .await?;
+            if let Err(e) = soaked {
+                outcome = Err(Failure::Activated(e));
+            }
+        }
         run.finished_at = Some(now_ms());
-        match outcome {
-            Ok(()) => run.status = HostStatus::Deployed,
+        let healthy = match outcome {
+            Ok(()) => {
+                if activation == Activation::Switch {
+                    run.status = HostStatus::Deployed;
+                }
+                Outcome::Healthy
+            }
             Err(Failure::Untouched(error)) => {
                 run.status = HostStatus::Failed;
                 run.error = Some(error);
+                Outcome::NotHealthy
             }
             Err(Failure::Activated(error)) => {
-                let old = assessment.current.clone();
-                if !host.rollback_on_failure {
-                    run.status = HostStatus::Failed;
-                    run.error = Some(format!(
-                        "{error}\n(rollbackOnFailure is off: left as it is)"
-                    ));
-                } else if let (Some(generation), Some(path)) = (old.generation, old.path.clone()) {
-                    let rollback = self
-                        .step(
-                            &mut run,
-                            Step::Rollback,
-                            roll_back(connection, generation, &path),
-                        )
-                        .await?;
-                    run.finished_at = Some(now_ms());
-                    match rollback {
-                        Ok(()) => {
-                            run.status = HostStatus::RolledBack;
-                            run.error = Some(format!(
-                                "{error}\nrolled back to generation {generation} ({path})"
-                            ));
-                        }
-                        Err(rollback_error) => {
-                            run.status = HostStatus::RollbackFailed;
-                            run.error = Some(format!("{error}\n{rollback_error}"));
-                        }
-                    }
-                } else {
-                    run.status = HostStatus::Failed;
-                    run.error = Some(format!(
-                        "{error}\nno previous generation to roll back to (first deployment)"
-                    ));
-                }
+                self.recover(&assessment, &connection, &mut run, activation, error)
+                    .await?;
+                Outcome::NotHealthy
             }
+        };
+        if run.status != HostStatus::Running {
+            run.step = None;
         }
-        run.step = None;
-        Ok(run)
+        Ok((run, connection, healthy))
     }
 
+    /// After a failure that changed the host: roll back if allowed and possible.
+    async fn recover(
+        &self,
+        assessment: &Assessment,
+        connection: &Connection,
+        run: &mut HostRun,
+        activation: Activation,
+        error: String,
+    ) -> Result<(), StoreError> {
+        let host = &assessment.host;
+        let old = assessment.current.clone();
+        if !host.rollback_on_failure {
+            run.status = HostStatus::Failed;
+            run.error = Some(format!(
+                "{error}\n(rollbackOnFailure is off: left as it is)"
+            ));
+            return Ok(());
+        }
+        let (Some(generation), Some(path)) = (old.generation, old.path.clone()) else {
+            run.status = HostStatus::Failed;
+            run.error = Some(format!(
+                "{error}\nno previous generation to roll back to (first deployment)"
+            ));
+            return Ok(());
+        };
+        let work = async {
+            if activation == Activation::Test {
+                revert_test(connection, generation, &path).await
+            } else {
+                roll_back(connection, generation, &path).await
+            }
+        };
+        let rollback = self.step(run, Step::Rollback, work).await?;
+        run.finished_at = Some(now_ms());
+        match rollback {
+            Ok(()) => {
+                run.status = HostStatus::RolledBack;
+                run.error = Some(format!(
+                    "{error}\nrolled back to generation {generation} ({path})"
+                ));
+            }
+            Err(rollback_error) => {
+                run.status = HostStatus::RollbackFailed;
+                run.error = Some(format!("{error}\n{rollback_error}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// DESIGN §4 for one changed host: build, copy, profile (unless staging),
+    /// activate, validate.
     async fn pipeline(
         &self,
         assessment: &Assessment,
         connection: &Connection,
         run: &mut HostRun,
+        activation: Activation,
     ) -> Result<Result<(), Failure>, StoreError> {
         let host = &assessment.host;
         let nix = &self.nix;
@@ -696,6 +1277,19 @@ impl HostContext {
             }
             Err(e) => return Ok(Err(Failure::Untouched(e))),
         };
+        match change_summary(nix, connection, host).await {
+            Ok(summary) => {
+                run.summary = serde_json::to_value(&summary).ok();
+                self.recorder
+                    .log(Some(&host.name), format!("changes: {}", summary.one_line()))
+                    .await?;
+            }
+            Err(e) => {
+                self.recorder
+                    .log(Some(&host.name), format!("no change summary: {e}"))
+                    .await?
+            }
+        }
 
         let copy = async {
             let opts = ssh::nix_ssh_opts(&host.target, &self.ssh).map_err(|e| e.to_string())?;
@@ -714,54 +1308,136 @@ impl HostContext {
         }
 
         let timeout = self.ssh.command_timeout;
-        let set_profile = async {
-            connection
-                .run_privileged("set-profile", &remote::set_profile_argv(&path), timeout)
-                .await?;
-            let link = connection
-                .run("set-profile", &remote::profile_link_argv(), timeout)
-                .await?;
-            Ok::<_, ssh::SshError>(remote::parse_generation_link(&link.stdout))
-        };
-        match self.step(run, Step::SetProfile, set_profile).await? {
-            Ok(generation) => run.to.generation = generation,
-            Err(e) => return Ok(Err(Failure::Untouched(e))),
+        if activation == Activation::Switch {
+            let set_profile = async {
+                connection
+                    .run_privileged("set-profile", &remote::set_profile_argv(&path), timeout)
+                    .await?;
+                let link = connection
+                    .run("set-profile", &remote::profile_link_argv(), timeout)
+                    .await?;
+                Ok::<_, ssh::SshError>(remote::parse_generation_link(&link.stdout))
+            };
+            match self.step(run, Step::SetProfile, set_profile).await? {
+                Ok(generation) => run.to.generation = generation,
+                Err(e) => return Ok(Err(Failure::Untouched(e))),
+            }
         }
 
-        // From here on the host's profile has changed: failures need a rollback.
-        let switch = remote::switch_argv(&path, Activation::Switch);
+        // From here on the host runs (or may run) the new system: failures roll back.
+        let switch = remote::switch_argv(&path, activation);
         let activate = connection.run_privileged("activate", &switch, self.activation_timeout);
         if let Err(e) = self.step(run, Step::Activate, activate).await? {
             return Ok(Err(Failure::Activated(e)));
         }
 
-        let verify = async {
-            let current = connection
-                .run("verify", &remote::current_system_argv(), timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            let current = current.stdout.trim();
-            if current == path {
-                Ok(())
-            } else {
-                Err(format!(
-                    "/run/current-system is {current} after activation, expected {path}"
-                ))
-            }
-        };
-        if let Err(e) = self.step(run, Step::Verify, verify).await? {
+        let validate = validate_host(connection, host, &path, self.health_timeout);
+        if let Err(e) = self.step(run, Step::Validate, validate).await? {
             return Ok(Err(Failure::Activated(e)));
         }
         Ok(Ok(()))
     }
 }
 
-/// Why a pipeline stopped.
-enum Failure {
-    /// Nothing on the host changed (build, copy or profile step failed).
-    Untouched(StepError),
-    /// The profile or the running system changed: roll back.
-    Activated(StepError),
+/// The host runs `path` and its health checks pass.
+async fn validate_host(
+    connection: &Connection,
+    host: &Host,
+    path: &str,
+    health_timeout: Duration,
+) -> Result<String, String> {
+    let current = connection
+        .run(
+            "validate",
+            &remote::current_system_argv(),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let current = current.stdout.trim();
+    if current != path {
+        return Err(format!(
+            "/run/current-system is {current} after activation, expected {path}"
+        ));
+    }
+    match crate::health::validate(connection, &host.health_checks, health_timeout).await {
+        Ok(results) => Ok(results
+            .iter()
+            .map(|r| format!("{}: ok", r.check))
+            .collect::<Vec<_>>()
+            .join(", ")),
+        Err((message, _)) => Err(message),
+    }
+}
+
+/// Hold a canary and re-validate it until `soak` has passed.
+async fn soak_host(
+    connection: &Connection,
+    host: &Host,
+    soak: Duration,
+    health_timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + soak;
+    let period = Duration::from_secs(5).min(soak.max(Duration::from_millis(500)) / 2);
+    loop {
+        validate_host(
+            connection,
+            host,
+            &host.toplevel,
+            health_timeout.min(soak.max(Duration::from_secs(5))),
+        )
+        .await
+        .map_err(|e| format!("failed during the canary soak: {e}"))?;
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(period.min(deadline - tokio::time::Instant::now())).await;
+    }
+}
+
+/// Blue-green commit: make the staged system the profile's new generation and
+/// the boot default.
+async fn commit_system(
+    connection: &Connection,
+    path: &str,
+    timeout: Duration,
+) -> Result<Option<u32>, String> {
+    connection
+        .run_privileged("commit", &remote::set_profile_argv(path), timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    connection
+        .run_privileged(
+            "commit",
+            &remote::switch_argv(path, Activation::Boot),
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let link = connection
+        .run("commit", &remote::profile_link_argv(), timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(remote::parse_generation_link(&link.stdout))
+}
+
+/// Blue-green revert: the profile never changed, so activating the old
+/// generation with `test` restores the old system and leaves the boot default.
+async fn revert_test(
+    connection: &Connection,
+    generation: u32,
+    old_path: &str,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(600);
+    connection
+        .run_privileged(
+            "rollback",
+            &remote::switch_argv(&remote::generation_link(generation), Activation::Test),
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    verify_current(connection, old_path).await
 }
 
 /// Switch the profile back to `generation`, activate it, and check it runs.
@@ -783,14 +1459,22 @@ async fn roll_back(connection: &Connection, generation: u32, old_path: &str) -> 
         )
         .await
         .map_err(|e| e.to_string())?;
+    verify_current(connection, old_path).await
+}
+
+async fn verify_current(connection: &Connection, expected: &str) -> Result<(), String> {
     let current = connection
-        .run("rollback", &remote::current_system_argv(), timeout)
+        .run(
+            "rollback",
+            &remote::current_system_argv(),
+            Duration::from_secs(60),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let current = current.stdout.trim();
-    if current != old_path {
+    if current != expected {
         return Err(format!(
-            "{}: rollback: /run/current-system is {current}, expected the old system {old_path}",
+            "{}: rollback: /run/current-system is {current}, expected the old system {expected}",
             connection.host()
         ));
     }

@@ -17,7 +17,9 @@ pub enum Step {
     Copy,
     SetProfile,
     Activate,
-    Verify,
+    Validate,
+    Soak,
+    Commit,
     Rollback,
 }
 
@@ -29,7 +31,9 @@ impl Step {
             Step::Copy => "copy",
             Step::SetProfile => "set-profile",
             Step::Activate => "activate",
-            Step::Verify => "verify",
+            Step::Validate => "validate",
+            Step::Soak => "soak",
+            Step::Commit => "commit",
             Step::Rollback => "rollback",
         }
     }
@@ -42,7 +46,9 @@ impl Step {
             Step::Copy => "copying",
             Step::SetProfile => "setting profile",
             Step::Activate => "activating",
-            Step::Verify => "verifying",
+            Step::Validate => "validating",
+            Step::Soak => "soaking (canary)",
+            Step::Commit => "committing",
             Step::Rollback => "rolling back",
         }
     }
@@ -181,6 +187,13 @@ pub enum EventKind {
         probe: Option<ProbeResult>,
         error: Option<String>,
     },
+    Planned {
+        strategy: String,
+        reason: String,
+        phases: Vec<Vec<String>>,
+        eta_seconds: f64,
+        risk: String,
+    },
     HostPlanned {
         action: String,
         reason: Option<String>,
@@ -214,6 +227,7 @@ impl EventKind {
         match self {
             EventKind::DeploymentStarted { .. } => "deployment-started",
             EventKind::HostProbed { .. } => "host-probed",
+            EventKind::Planned { .. } => "planned",
             EventKind::HostPlanned { .. } => "host-planned",
             EventKind::StepStarted { .. } => "step-started",
             EventKind::StepFinished { .. } => "step-finished",

@@ -90,6 +90,16 @@ pub fn profile_link_argv() -> Vec<String> {
     ["readlink", SYSTEM_PROFILE].map(String::from).to_vec()
 }
 
+/// The closure of a system: every store path it needs.
+pub fn closure_argv(path: &str) -> Vec<String> {
+    vec![
+        "nix-store".into(),
+        "--query".into(),
+        "--requisites".into(),
+        path.into(),
+    ]
+}
+
 /// Make `path` the new generation of the system profile.
 pub fn set_profile_argv(path: &str) -> Vec<String> {
     vec![

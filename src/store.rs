@@ -344,6 +344,30 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("reading host runs"))?;
+        Self::host_runs_from_rows(&rows)
+    }
+
+    /// A host's most recent finished runs that did something (newest first):
+    /// the history behind estimates and risk.
+    pub async fn recent_host_runs(
+        &self,
+        host: &str,
+        limit: i64,
+    ) -> Result<Vec<HostRun>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM host_runs WHERE host = ? AND finished_at IS NOT NULL
+               AND status NOT IN ('skipped', 'pending', 'running', 'cancelled')
+             ORDER BY finished_at DESC LIMIT ?",
+        )
+        .bind(host)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading a host's history"))?;
+        Self::host_runs_from_rows(&rows)
+    }
+
+    fn host_runs_from_rows(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<HostRun>, StoreError> {
         rows.iter()
             .map(|row| {
                 let status: String = row.get("status");

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{DeployRequest, Engine, EngineConfig, EngineError};
 use crate::events::DeploymentStatus;
 use crate::inventory::Selection;
+use crate::plan::{Amount, PlanOptions, Strategy, parse_duration};
 use crate::ssh::SshOptions;
 use crate::store::Store;
 
@@ -69,9 +70,11 @@ pub enum Command {
     Plan {
         #[command(flatten)]
         select: SelectArgs,
-        /// Plan unchanged hosts for re-activation too.
+        #[command(flatten)]
+        strategy: StrategyArgs,
+        /// Do not build changed toplevels locally, so no change summaries.
         #[arg(long)]
-        force: bool,
+        no_build: bool,
     },
     /// Deploy changed hosts, with live progress and a summary.
     Deploy(DeployArgs),
@@ -111,16 +114,84 @@ impl SelectArgs {
     }
 }
 
+/// How the deployment is ordered and gated (DESIGN §5).
 #[derive(Args, Debug, Clone)]
-pub struct DeployArgs {
-    #[command(flatten)]
-    pub select: SelectArgs,
-    /// Deploy unchanged hosts too.
+pub struct StrategyArgs {
+    /// smart, parallel, rolling, sequential (rolling, batches of 1), canary or blue-green.
+    #[arg(long, default_value = "smart", env = "NIX_DEPLOY_STRATEGY")]
+    pub strategy: String,
+    /// Shorthand for --strategy parallel.
+    #[arg(long, conflicts_with_all = ["sequential"])]
+    pub parallel: bool,
+    /// Shorthand for --strategy sequential.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Rolling batch size: N hosts or N% of the hosts to deploy.
+    #[arg(long, value_name = "N|N%")]
+    pub batch_size: Option<String>,
+    /// Canary host(s) for --strategy canary [default: the first changed host by name].
+    #[arg(long, value_name = "HOST")]
+    pub canary: Vec<String>,
+    /// How long a canary is held and re-validated before the rest follow (e.g. 30s, 5m).
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub canary_soak: String,
+    /// Abort when more than N hosts (or N% of the hosts to deploy) fail.
+    #[arg(long, default_value = "0", value_name = "N|N%")]
+    pub max_failures: String,
+    /// Never abort on failures; only the dependents of a failed host are skipped.
+    #[arg(long)]
+    pub continue_on_failure: bool,
+    /// On abort, roll back every host this deployment changed.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub rollback_all_on_abort: bool,
+    /// Deploy (re-activate) unchanged hosts too.
     #[arg(long)]
     pub force: bool,
     /// Hosts deployed at once.
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub parallel_limit: usize,
+}
+
+impl StrategyArgs {
+    /// The planner's options; errors here are bad input.
+    pub fn options(&self) -> Result<PlanOptions, EngineError> {
+        let name = if self.parallel {
+            "parallel"
+        } else if self.sequential {
+            "sequential"
+        } else {
+            self.strategy.as_str()
+        };
+        let (strategy, implied_batch) = Strategy::parse(name)?;
+        let batch_size = match (&self.batch_size, implied_batch) {
+            (Some(b), _) => Amount::parse(b)?,
+            (None, Some(b)) => b,
+            (None, None) => Amount::Count(1),
+        };
+        Ok(PlanOptions {
+            strategy,
+            force: self.force,
+            parallel_limit: self.parallel_limit,
+            batch_size,
+            canaries: self.canary.clone(),
+            canary_soak: parse_duration(&self.canary_soak)?,
+            max_failures: Amount::parse(&self.max_failures)?,
+            continue_on_failure: self.continue_on_failure,
+            rollback_all_on_abort: self.rollback_all_on_abort,
+            ..PlanOptions::default()
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
+    /// Overall deadline of a host's health validation, in seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub health_timeout: u64,
     /// Timeout of `switch-to-configuration` in seconds.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub activation_timeout: u64,
@@ -233,11 +304,18 @@ fn who() -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match &cli.command {
-        Command::Plan { select, force } => {
+        Command::Plan {
+            select,
+            strategy,
+            no_build,
+        } => {
+            let options = strategy.options()?;
             let control = control_dir()?;
             let store = open_store(&cli).await?;
             let engine = Engine::new(engine_config(&cli, control.path()), store);
-            let report = engine.plan(&select.selection(), *force).await?;
+            let report = engine
+                .plan(&select.selection(), &options, !*no_build)
+                .await?;
             if cli.json {
                 output::print_json(&report)?;
             } else {
@@ -303,10 +381,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
+    let options = args.strategy.options()?;
     let control = control_dir()?;
     let store = open_store(cli).await?;
     let mut config = engine_config(cli, control.path());
-    config.parallel_limit = args.parallel_limit;
+    config.health_timeout = Duration::from_secs(args.health_timeout.max(1));
     config.activation_timeout = Duration::from_secs(args.activation_timeout.max(1));
     config.substitute_on_destination = args.substitute_on_destination;
     let engine = Engine::new(config, store);
@@ -329,7 +408,7 @@ async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
 
     let request = DeployRequest {
         selection: args.select.selection(),
-        force: args.force,
+        options,
         trigger: "cli".into(),
         requested_by: who(),
     };

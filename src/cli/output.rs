@@ -5,6 +5,7 @@ use crate::engine::{DeployReport, PlanReport};
 use crate::events::{Event, EventKind, HostStatus, SystemRef};
 use crate::plan::Action;
 use crate::store::{DeploymentRow, HostRun, HostStateRow};
+use crate::summary::ChangeSummary;
 
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -74,53 +75,120 @@ fn table(rows: &[Vec<String>]) {
     }
 }
 
+pub fn seconds(secs: f64) -> String {
+    duration_ms((secs * 1000.0) as i64)
+}
+
+fn summary_text(summary: Option<&ChangeSummary>) -> String {
+    summary
+        .map(|s| format!(": {}", s.one_line()))
+        .unwrap_or_default()
+}
+
+/// The plan, shaped like the seed's: phases, states, summaries, ETA, risk.
 pub fn print_plan(report: &PlanReport) {
+    let plan = &report.plan;
     println!(
-        "Deployment plan: {} host(s) from {}",
-        report.hosts.len(),
-        report.flake
+        "Deployment Plan: {} host(s) selected of {} ({} to deploy, {} skipped, {} unreachable)",
+        plan.hosts.len(),
+        report.fleet_size,
+        report.to_deploy.len(),
+        report.skipped.len(),
+        report.unreachable.len()
     );
+    println!("Flake: {}", report.flake);
+    println!("Strategy: {}", plan.strategy_reason);
     println!();
-    let mut rows = vec![vec![
-        "HOST".into(),
-        "ROLE".into(),
-        "STATE".into(),
-        "GENERATION".into(),
-        "RUNNING".into(),
-        "ACTION".into(),
-    ]];
-    for h in &report.hosts {
-        let action = match h.action {
-            Action::Deploy => format!("deploy → {}", short_path(Some(&h.target_path))),
-            Action::Skip => format!("skip ({})", h.reason.as_deref().unwrap_or("no changes")),
-            Action::Unreachable => "cannot deploy".into(),
-        };
-        rows.push(vec![
-            h.name.clone(),
-            h.role.clone(),
-            h.state.as_str().into(),
-            generation(h.current.generation),
-            short_path(h.current.path.as_deref()),
-            action,
-        ]);
+    for phase in &plan.phases {
+        println!("Phase {} ({}):", phase.index + 1, phase.note);
+        for name in &phase.hosts {
+            let Some(h) = plan.get(name) else { continue };
+            let mut line = format!(
+                "  - {} ({}) - {}{}",
+                h.name,
+                h.role,
+                if h.changed {
+                    "CHANGED"
+                } else {
+                    "UNCHANGED (forced)"
+                },
+                summary_text(h.summary.as_ref())
+            );
+            line.push_str(&format!(
+                " | generation {} | est. {}{} | risk {}",
+                generation(h.current.generation),
+                seconds(h.estimate_seconds),
+                if h.estimate_from_history {
+                    ""
+                } else {
+                    " (no history)"
+                },
+                h.risk.as_str()
+            ));
+            if h.canary {
+                line.push_str(" | CANARY");
+            }
+            if let Some(batch) = h.batch {
+                line.push_str(&format!(" | batch {batch}"));
+            }
+            if !h.depends_on.is_empty() {
+                line.push_str(&format!(" | depends on {}", h.depends_on.join(", ")));
+            }
+            println!("{line}");
+        }
     }
-    table(&rows);
-    for h in report.hosts.iter().filter(|h| h.error.is_some()) {
-        println!();
-        println!("{}: {}", h.name, h.error.as_deref().unwrap_or_default());
+    let skipped: Vec<_> = plan
+        .hosts
+        .iter()
+        .filter(|h| h.action == Action::Skip)
+        .collect();
+    if !skipped.is_empty() {
+        println!("Skipped:");
+        for h in skipped {
+            println!(
+                "  - {} ({}) - {} ({}) | generation {}",
+                h.name,
+                h.role,
+                h.state.as_str(),
+                h.reason.as_deref().unwrap_or("skip"),
+                generation(h.current.generation)
+            );
+        }
+    }
+    let unreachable: Vec<_> = plan
+        .hosts
+        .iter()
+        .filter(|h| h.action == Action::Unreachable)
+        .collect();
+    if !unreachable.is_empty() {
+        println!("Unreachable:");
+        for h in unreachable {
+            println!(
+                "  - {}: {}",
+                h.name,
+                h.error.as_deref().unwrap_or("unreachable")
+            );
+        }
+    }
+    for warning in &plan.warnings {
+        println!("Warning: {warning}");
     }
     println!();
     if report.to_deploy.is_empty() {
         println!("Nothing to deploy: every reachable host runs its evaluated system.");
-    } else {
-        println!("Would deploy: {}", report.to_deploy.join(", "));
+        return;
     }
-    if !report.skipped.is_empty() {
-        println!("Would skip (unchanged): {}", report.skipped.join(", "));
+    println!("Recommendation: deploy {}", report.to_deploy.join(", "));
+    println!(
+        "Estimated time: {} (parallel limit {})",
+        seconds(plan.eta_seconds),
+        plan.parallel_limit
+    );
+    println!("Risk level: {}", plan.risk.as_str());
+    for reason in &plan.risk_reasons {
+        println!("  - {reason}");
     }
-    if !report.unreachable.is_empty() {
-        println!("Unreachable: {}", report.unreachable.join(", "));
-    }
+    println!("Rollback strategy: {}", plan.rollback_strategy);
 }
 
 fn host_json(run: &HostRun) -> serde_json::Value {
@@ -149,6 +217,8 @@ pub fn report_json(report: &DeployReport) -> serde_json::Value {
         "id": report.id,
         "status": report.status,
         "flake": report.flake,
+        "strategy": report.strategy,
+        "error": report.error,
         "started_at": report.started_at,
         "finished_at": report.finished_at,
         "duration_ms": report.finished_at - report.started_at,
@@ -194,7 +264,13 @@ fn generations(run: &HostRun) -> String {
 
 pub fn print_report(report: &DeployReport) {
     println!();
-    println!("Deployment #{} {}", report.id, report.status);
+    println!(
+        "Deployment #{} {} (strategy {})",
+        report.id, report.status, report.strategy
+    );
+    if let Some(error) = &report.error {
+        println!("Stopped: {error}");
+    }
     let mut rows = vec![vec![
         "HOST".into(),
         "RESULT".into(),
@@ -366,6 +442,14 @@ pub fn print_deployment(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) {
                 Some(e) => format!("probe: {} ({e})", state.as_str()),
                 None => format!("probe: {}", state.as_str()),
             },
+            EventKind::Planned {
+                reason,
+                eta_seconds,
+                risk,
+                ..
+            } => {
+                format!("plan: {reason}; ETA {}; risk {risk}", seconds(*eta_seconds))
+            }
             EventKind::HostPlanned { action, reason } => {
                 format!(
                     "plan: {action}{}",
@@ -389,6 +473,8 @@ pub fn print_deployment(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) {
         id: d.id,
         status: d.status,
         flake: d.flake.clone(),
+        strategy: d.strategy.clone(),
+        error: d.error.clone(),
         started_at: d.created_at,
         finished_at: d.finished_at.unwrap_or(d.created_at),
         hosts: runs.to_vec(),

@@ -66,6 +66,17 @@ async fn render_lines(events: &mut UnboundedReceiver<Event>) {
                 ),
             },
             EventKind::HostPlanned { .. } => continue,
+            EventKind::Planned {
+                reason,
+                phases,
+                eta_seconds,
+                risk,
+                ..
+            } => format!(
+                "plan: {reason}; {} phase(s); ETA {}; risk {risk}",
+                phases.len(),
+                super::output::seconds(*eta_seconds)
+            ),
             EventKind::StepStarted { step } => format!("{host}: {}", step.progress_word()),
             EventKind::StepFinished {
                 step,
@@ -116,6 +127,7 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
     let mut bars: BTreeMap<String, (ProgressBar, Instant)> = BTreeMap::new();
     let mut total = 0usize;
     let mut finished = 0usize;
+    let mut eta: Option<f64> = None;
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let bar_for = |bars: &mut BTreeMap<String, (ProgressBar, Instant)>, host: &str| {
@@ -132,8 +144,12 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
         let event = tokio::select! {
             event = events.recv() => match event { Some(e) => e, None => break },
             _ = ticker.tick() => {
+                let elapsed = start.elapsed().as_secs_f64();
+                let eta_text = eta
+                    .map(|e| format!(" | ETA: {}", super::output::seconds((e - elapsed).max(0.0))))
+                    .unwrap_or_default();
                 overall.set_message(format!(
-                    "Overall: {finished}/{total} complete | Elapsed: {}",
+                    "Overall: {finished}/{total} complete | Elapsed: {}{eta_text}",
                     duration_ms(start.elapsed().as_millis() as i64)
                 ));
                 for (bar, _) in bars.values() { bar.tick(); }
@@ -141,6 +157,10 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
             }
         };
         let Some(host) = event.host.clone() else {
+            if let EventKind::Planned { eta_seconds, .. } = &event.kind {
+                // The plan's ETA counts from now, after probing.
+                eta = Some(start.elapsed().as_secs_f64() + eta_seconds);
+            }
             if let EventKind::DeploymentStarted { hosts, .. } = &event.kind {
                 total = hosts.len();
                 for h in hosts {
@@ -151,6 +171,9 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
         };
         let (bar, since) = bar_for(&mut bars, &host);
         match &event.kind {
+            EventKind::HostPlanned { action, reason } if action != "deploy" => bar.set_message(
+                format!("{action}: {}", reason.as_deref().unwrap_or_default()),
+            ),
             EventKind::HostProbed { state, probe, .. } => bar.set_message(format!(
                 "{} (generation {})",
                 state.as_str(),

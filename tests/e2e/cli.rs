@@ -73,7 +73,7 @@ fn status_and_history_remember_deployments() {
         .collect();
     assert_eq!(
         steps,
-        ["build", "copy", "set-profile", "activate", "verify"]
+        ["build", "copy", "set-profile", "activate", "validate"]
     );
 
     let id = deployments[0]["id"].as_i64().unwrap().to_string();

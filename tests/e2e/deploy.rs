@@ -95,7 +95,7 @@ fn a_failing_switch_rolls_the_host_back_to_its_old_path_and_generation() {
         })
         .unwrap();
     h.fleet.update("web2", |s| s.bump()).unwrap();
-    let (code, report, stderr) = h.deploy(&[]);
+    let (code, report, stderr) = h.deploy(&["--continue-on-failure"]);
     assert_eq!(code, 1, "{report:#}\n{stderr}");
     assert_eq!(report["status"], "failed");
     assert_eq!(status(&report, "web1"), "rolled-back", "{report:#}");

@@ -1,0 +1,168 @@
+//! Health validation: a host's `deployment.healthChecks`, retried every
+//! `period` until all pass or the overall deadline runs out.
+//!
+//! `service` and `command` checks run on the host over the existing SSH
+//! connection; `http` checks are GETs from the coordinator.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::inventory::{CheckKind, HealthCheck};
+use crate::ssh::Connection;
+
+/// The last attempt of one check.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CheckResult {
+    pub check: String,
+    pub ok: bool,
+    pub attempts: u32,
+    pub output: String,
+}
+
+/// argv for a check that runs on the host.
+pub fn remote_argv(check: &CheckKind) -> Option<Vec<String>> {
+    match check {
+        CheckKind::Service { unit } => Some(vec![
+            "systemctl".into(),
+            "is-active".into(),
+            // Unit names are validated (never start with `-`), so no `--` needed.
+            unit.clone(),
+        ]),
+        CheckKind::Command { command } => Some(vec!["sh".into(), "-c".into(), command.clone()]),
+        CheckKind::Http { .. } => None,
+    }
+}
+
+async fn attempt(connection: &Connection, check: &HealthCheck) -> (bool, String) {
+    match &check.kind {
+        CheckKind::Http {
+            url,
+            status,
+            body_contains,
+        } => http_attempt(url, *status, body_contains.as_deref(), check.timeout).await,
+        kind => {
+            let argv = remote_argv(kind).unwrap_or_default();
+            match connection.run("validate", &argv, check.timeout).await {
+                Ok(out) => (true, out.stdout.trim().to_string()),
+                Err(e) => (false, e.to_string()),
+            }
+        }
+    }
+}
+
+/// A GET with a timeout; passes when the status (and body, if asked) match.
+async fn http_attempt(
+    url: &str,
+    expected: u16,
+    body_contains: Option<&str>,
+    timeout: Duration,
+) -> (bool, String) {
+    match crate::http::get(url, timeout).await {
+        Ok((status, body)) => {
+            if status != expected {
+                return (
+                    false,
+                    format!("GET {url}: status {status}, expected {expected}"),
+                );
+            }
+            if let Some(needle) = body_contains
+                && !body.contains(needle)
+            {
+                return (
+                    false,
+                    format!("GET {url}: body does not contain `{needle}`"),
+                );
+            }
+            (true, format!("GET {url}: {status}"))
+        }
+        Err(e) => (false, format!("GET {url}: {e}")),
+    }
+}
+
+/// Run every check until all pass at once or `overall` runs out. Each check is
+/// retried on its own period; the ones already passing are re-checked on the
+/// next round so the final answer is a consistent "all healthy now".
+pub async fn validate(
+    connection: &Connection,
+    checks: &[HealthCheck],
+    overall: Duration,
+) -> Result<Vec<CheckResult>, (String, Vec<CheckResult>)> {
+    let deadline = Instant::now() + overall;
+    let mut results: Vec<CheckResult> = checks
+        .iter()
+        .map(|c| CheckResult {
+            check: c.describe(),
+            ok: false,
+            attempts: 0,
+            output: String::new(),
+        })
+        .collect();
+    if checks.is_empty() {
+        return Ok(results);
+    }
+    let period = checks
+        .iter()
+        .map(|c| c.period)
+        .min()
+        .unwrap_or(Duration::from_secs(2));
+    loop {
+        for (check, result) in checks.iter().zip(results.iter_mut()) {
+            let (ok, output) = attempt(connection, check).await;
+            result.ok = ok;
+            result.attempts += 1;
+            result.output = output;
+        }
+        if results.iter().all(|r| r.ok) {
+            return Ok(results);
+        }
+        if Instant::now() + period >= deadline {
+            let failing: Vec<String> = results
+                .iter()
+                .filter(|r| !r.ok)
+                .map(|r| format!("{} ({})", r.check, r.output.lines().next().unwrap_or("")))
+                .collect();
+            return Err((
+                format!(
+                    "health checks still failing after {}s: {}",
+                    overall.as_secs(),
+                    failing.join("; ")
+                ),
+                results,
+            ));
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_checks_are_argument_vectors() {
+        assert_eq!(
+            remote_argv(&CheckKind::Service {
+                unit: "nginx.service".into()
+            })
+            .unwrap(),
+            ["systemctl", "is-active", "nginx.service"]
+        );
+        assert_eq!(
+            remote_argv(&CheckKind::Command {
+                command: "test -e /run/ok".into()
+            })
+            .unwrap(),
+            ["sh", "-c", "test -e /run/ok"]
+        );
+        assert!(
+            remote_argv(&CheckKind::Http {
+                url: "http://x".into(),
+                status: 200,
+                body_contains: None
+            })
+            .is_none()
+        );
+    }
+}
