@@ -1,9 +1,24 @@
 //! Real, disposable "NixOS" test hosts on this machine, for integration tests,
 //! the demo and benchmarks.
 //!
-//! A [`Fleet`] starts one OpenSSH server per host. Each server runs in its own
-//! **mount namespace** in which the host's private directories are bind-mounted
-//! over `/nix`, `/run` and `/root`:
+//! ```ignore
+//! use nix_deploy::testkit::{Fleet, HostSpec};
+//!
+//! let mut fleet = Fleet::start(vec![
+//!     HostSpec::new("db").role("database").service("postgresql"),
+//!     HostSpec::new("web").depends_on(&["db"]).service("nginx"),
+//! ])?;
+//! // Point the coordinator at fleet.flake_ref(), with fleet.env() and
+//! // `ssh -F fleet.ssh_config()`; then look at what it did:
+//! assert_eq!(fleet.generation("web"), Some(1));
+//! fleet.update("web", |s| s.bump())?; // a new toplevel for web
+//! ```
+//!
+//! # How a host works
+//!
+//! A [`Fleet`] starts one OpenSSH server per host. Each runs in its own
+//! **mount namespace** in which the host's private directories `H/nix`,
+//! `H/run` and `H/root` are bind-mounted over `/nix`, `/run` and `/root`:
 //!
 //! ```text
 //! setsid unshare --mount --propagation private sh -c \
@@ -12,53 +27,82 @@
 //!    exec /usr/sbin/sshd -D -e -f H/sshd_config'
 //! ```
 //!
-//! So every process reached over ssh sees the host's own, initially empty, Nix
-//! store, its own `/run` and its own root home (so the build machine's
-//! `/root/.bashrc` does not slow down or alter commands run over ssh): `nix copy --to ssh://HOST` really copies closures
-//! into that host's store, `nix-env -p /nix/var/nix/profiles/system --set`
-//! creates real generations (`H/nix/var/nix/profiles/system-N-link`) and
-//! activation writes `H/run/current-system`, exactly as on a NixOS machine. The
-//! coordinator keeps using the machine's real `/nix`, with [`nix_config`]
-//! (flakes enabled, no sandbox, no substituters: there is no network).
-//! `unshare` and `sh` exec, so the pid we spawn *is* the listening sshd, and
-//! `setsid` makes it the leader of its own process group and session.
+//! Every process reached over ssh thus sees the host's own, initially empty,
+//! Nix store: `nix copy --to ssh://HOST` really copies closures into it,
+//! `nix-env -p /nix/var/nix/profiles/system --set` creates real generations
+//! (`H/nix/var/nix/profiles/system-N-link`) and activation sets
+//! `H/run/current-system`, as on a NixOS machine. The private `/root` keeps
+//! the build machine's `/root/.bashrc` from slowing down or changing commands
+//! run over ssh. Sessions get `PATH=/run/current-system/sw/bin:...:/usr/bin:/bin`,
+//! so the activated system's `systemctl` comes first and `nix-store` / `nix-env`
+//! are the machine's, and `NIX_CONFIG="substituters ="`, so that nothing on a
+//! host waits for a binary cache it cannot reach (the experimental `nix`
+//! command is off there, as on a default NixOS). The coordinator itself keeps the machine's real `/nix`,
+//! with [`nix_config`] (flakes on, no sandbox, no substituters: no network).
+//! `unshare` and `sh` exec, so the spawned pid *is* the listening sshd, and
+//! `setsid` makes it the leader of a session and process group of its own.
 //!
-//! Hosts listen on port 22 of their own loopback address `127.A.B.x`, with one
-//! random block `127.A.B.0/24` per fleet (A in 100..=199), so fleets started by
-//! tests running in parallel processes do not collide: an address is only used
-//! if it can be bound first, and a host only counts as up when the SSH banner
-//! it answers with carries its own `VersionAddendum` token. **Only loopback
-//! addresses are ever used.**
+//! # Addresses
 //!
-//! `FLEET/ssh_config` maps each host name to its address, user root and the
-//! fleet's client key; pass it to ssh with `-F` (and to nix with
-//! `NIX_SSHOPTS="-F FLEET/ssh_config"`, which [`Fleet::env`] provides).
+//! Hosts listen on port 22 of their own **loopback** address `127.A.B.x`, one
+//! random block `127.A.B.0/24` (A in 100..=199) per fleet, so that fleets of
+//! tests running in parallel processes do not collide: an address is only
+//! taken if it can be bound first, a host only counts as up once the SSH
+//! banner on its address carries the host's own `VersionAddendum`, and a host
+//! whose sshd finds its address taken moves to another one of the block.
+//! No other addresses are ever used.
 //!
-//! `FLEET/flake/flake.nix` is a flake without inputs (no nixpkgs) with one
-//! `nixosConfigurations.NAME` per host: `config.deployment` carries the
-//! deployment metadata of the [`HostSpec`], and `config.system.build.toplevel`
-//! is a tiny `/bin/sh` derivation that builds in milliseconds and contains a
-//! fake but faithful `bin/switch-to-configuration` (it logs to
-//! `/run/activations.log`, points `/run/current-system` at itself, records unit
-//! states and can be told to fail, to be slow or to kill the host's sshd) and a
-//! `sw/bin/systemctl` answering `is-active` from those unit states. The store
-//! path changes whenever a behaviour field or the version of the spec changes;
-//! the deployment metadata does not affect it.
+//! # Files
 //!
-//! A host is all processes in its mount namespace (the listening sshd, the
-//! per-connection sshd processes, which put themselves in sessions of their
-//! own, and anything run over ssh). They are found by scanning
-//! `/proc/*/mountinfo` for the host's bind mount (and `/proc/*/cmdline` for its
-//! `sshd_config`), which is how [`Fleet::stop_host`], [`Fleet::freeze_host`]
-//! and [`Fleet::stop`] reach all of them. Dropping the fleet stops it, also
-//! when a test panics. In case the test process dies without unwinding
-//! (SIGKILL, abort, `process::exit`), every fleet has a small reaper shell in a
-//! session of its own that waits for the end of a pipe held by the test
-//! process; on end-of-file without a `stop` line it kills the fleet's processes
-//! and removes the fleet directory.
+//! `FLEET` is a fresh `/tmp/ndfleet-XXXXXX` (short, for ssh control socket
+//! paths), removed when the fleet stops:
 //!
-//! Requires root, `nix`, `/usr/sbin/sshd`, `ssh`, `ssh-keygen`, `setsid` and
-//! `unshare`.
+//! - `FLEET/ssh_config`: `Host NAME` entries with the address, user root, the
+//!   client key `FLEET/id`, `FLEET/known_hosts` (pre-filled with the host
+//!   keys), `BatchMode yes` and `ConnectTimeout 5`. Use it with `ssh -F`, and
+//!   with `NIX_SSHOPTS="-F FLEET/ssh_config"` for nix ([`Fleet::env`]).
+//! - `FLEET/flake/flake.nix`: a flake without inputs (no nixpkgs) with one
+//!   `nixosConfigurations.NAME` per host, with `config.deployment` (the
+//!   [`HostSpec`]'s metadata) and `config.system.build.toplevel`, a `/bin/sh`
+//!   derivation that builds in milliseconds. The toplevel changes when the
+//!   spec's version or behaviour fields change, not when its metadata does.
+//!   Its scripts are files beside `flake.nix`, for easy reading.
+//! - `FLEET/hosts/NAME/`: `nix/`, `run/`, `root/`, `sshd_config`, `hostkey`,
+//!   `sshd.log` (the sshd's output, appended across restarts).
+//!
+//! A toplevel contains `nixos-version`, `testkit-packages` (fake package
+//! names), `sw/bin/systemctl` (`is-active`, `is-failed`, `--version`) and
+//! `bin/switch-to-configuration switch|boot|test|dry-activate`, which writes to
+//! the host's `/run`:
+//!
+//! - `activations.log`: `TIME start ACTION PATH` and `TIME end ACTION PATH CODE`
+//!   lines (TIME is Unix time with fractions), see [`Fleet::activations`];
+//! - `current-system` (switch and test), pointing at the toplevel;
+//! - `units/UNIT`: `active` or `failed` per [`HostSpec::units`] (switch, test);
+//! - `boot.log`: `boot PATH` lines (boot).
+//!
+//! It sleeps [`HostSpec::activation_delay_ms`], kills the listening sshd for
+//! [`HostSpec::kill_sshd`] and, for [`HostSpec::fail_switch`], prints
+//! `error: the following units failed: ...` and exits 4 (after having switched
+//! `current-system`, as NixOS does). `/run/testkit-host` holds the host name.
+//!
+//! # Processes and cleaning up
+//!
+//! A host is every process in its mount namespace: the listening sshd, the
+//! per-connection sshd processes (which put themselves in sessions of their
+//! own, rename themselves, and chroot before authentication) and whatever
+//! runs over ssh. They are found by scanning `/proc/*/mountinfo` for the
+//! host's bind mounts and `/proc/*/cmdline` for its `sshd_config`, plus their
+//! descendants; that is how [`Fleet::stop_host`], [`Fleet::freeze_host`] and
+//! [`Fleet::stop`] reach all of them. Dropping a fleet stops it, also when a
+//! test panics. For a test process that dies without unwinding (SIGKILL,
+//! Ctrl-C, abort, `process::exit`), each fleet has a reaper: a shell in a
+//! session of its own that reads a pipe held open by the test process, and on
+//! end of file without a `stop` line kills the fleet's processes and removes
+//! its directory.
+//!
+//! Requires root, `nix`, `/usr/sbin/sshd`, `ssh`, `ssh-keygen`, `setsid`,
+//! `unshare` and `mount`.
 
 use std::collections::BTreeMap;
 use std::collections::hash_map::RandomState;
@@ -573,7 +617,7 @@ impl Fleet {
     /// Runs `ssh -F FLEET/ssh_config NAME -- script` (with a 30 s timeout) and
     /// returns its stdout; fails with its stderr if it exits non-zero.
     pub fn ssh(&self, name: &str, script: &str) -> Result<String> {
-        self.index(name);
+        self.assert_host(name);
         let mut cmd = Command::new("ssh");
         cmd.arg("-F")
             .arg(self.ssh_config())
@@ -647,7 +691,7 @@ impl Fleet {
 
     /// The host's toplevel store path as the flake evaluates it now.
     pub fn toplevel(&self, name: &str) -> Result<String> {
-        self.index(name);
+        self.assert_host(name);
         let attr = format!(
             "{}#nixosConfigurations.{name}.config.system.build.toplevel.outPath",
             self.flake_ref()
@@ -679,7 +723,7 @@ impl Fleet {
     /// Builds the host's toplevel in the coordinator's store and returns its
     /// store path.
     pub fn build(&self, name: &str) -> Result<String> {
-        self.index(name);
+        self.assert_host(name);
         let attr = format!(
             "{}#nixosConfigurations.{name}.config.system.build.toplevel",
             self.flake_ref()
@@ -739,6 +783,11 @@ impl Fleet {
     }
 
     // ---- internals ----
+
+    /// Panics unless the fleet has a host `name`.
+    fn assert_host(&self, name: &str) {
+        self.index(name);
+    }
 
     fn index(&self, name: &str) -> usize {
         self.specs
@@ -818,7 +867,9 @@ impl Fleet {
                     let taken = log.contains("Address already in use")
                         || log.contains("Cannot bind any address");
                     if taken && attempt < BIND_ATTEMPTS {
-                        self.hosts[i].addr = self.free_address()?;
+                        self.hosts[i].addr = self.free_address().with_context(|| {
+                            format!("host {}: its address was taken", self.hosts[i].name)
+                        })?;
                         self.spawn_sshd(i)?;
                         still.push((i, attempt + 1, Instant::now() + START_TIMEOUT));
                         continue;
@@ -868,9 +919,11 @@ impl Fleet {
         let authorized = fs::read(self.dir.join("id.pub")).context("reading FLEET/id.pub")?;
         let host = &mut self.hosts[i];
         let dir = host.dir.clone();
-        fs::write(dir.join("authorized_keys"), authorized)?;
+        fs::write(dir.join("authorized_keys"), authorized)
+            .with_context(|| format!("host {}: writing authorized_keys", host.name))?;
         // Lets tests check over ssh which host they reached.
-        fs::write(dir.join("run/testkit-host"), format!("{}\n", host.name))?;
+        fs::write(dir.join("run/testkit-host"), format!("{}\n", host.name))
+            .with_context(|| format!("host {}: writing run/testkit-host", host.name))?;
         let config = format!(
             "ListenAddress {addr}\n\
              Port {SSH_PORT}\n\
@@ -885,11 +938,13 @@ impl Fleet {
              MaxStartups 100:30:200\n\
              MaxSessions 100\n\
              VersionAddendum {token}\n\
-             SetEnv PATH=/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin\n",
+             SetEnv PATH=/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin \
+             \"NIX_CONFIG=substituters =\"\n",
             addr = host.addr,
             dir = dir.display(),
         );
-        write_atomic(&dir.join("sshd_config"), &config)?;
+        write_atomic(&dir.join("sshd_config"), &config)
+            .with_context(|| format!("host {}: writing sshd_config", host.name))?;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -953,7 +1008,7 @@ impl Fleet {
                 signal = libc::SIGKILL;
             }
             if elapsed > TERM_GRACE + Duration::from_secs(5) {
-                bail!("processes {stray:?} survived SIGKILL");
+                bail!("{alive} sshd listener(s) and processes {stray:?} survived SIGKILL");
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -1201,14 +1256,16 @@ fn write_atomic(path: &Path, contents: &str) -> Result<()> {
 }
 
 /// Pids of live processes (other than this one) that have a mount whose
-/// mountinfo line contains a mount needle or whose command line contains a
-/// cmdline needle.
+/// mountinfo line contains a mount needle, or whose command line contains a
+/// cmdline needle, and all their descendants (sshd's pre-authentication child
+/// chroots to `/run/sshd`, which hides its mounts, and renames itself).
 fn find_processes(needles: &[(String, String)]) -> Vec<u32> {
     let me = std::process::id();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut pids = Vec::new();
+    let mut found = Vec::new();
+    let mut parents: Vec<(u32, u32)> = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -1220,17 +1277,43 @@ fn find_processes(needles: &[(String, String)]) -> Vec<u32> {
         if pid == me {
             continue;
         }
-        let mountinfo = fs::read_to_string(entry.path().join("mountinfo")).unwrap_or_default();
         let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.is_empty() {
+            continue; // a zombie or a kernel thread
+        }
         let cmdline = String::from_utf8_lossy(&cmdline);
+        let mountinfo = fs::read_to_string(entry.path().join("mountinfo")).unwrap_or_default();
         if needles
             .iter()
             .any(|(m, c)| mountinfo.contains(m.as_str()) || cmdline.contains(c.as_str()))
         {
-            pids.push(pid);
+            found.push(pid);
+        } else if let Some(ppid) = parent_pid(pid) {
+            parents.push((pid, ppid));
         }
     }
-    pids
+    // Add descendants until nothing changes.
+    loop {
+        let before = found.len();
+        parents.retain(|&(pid, ppid)| {
+            let descendant = found.contains(&ppid);
+            if descendant {
+                found.push(pid);
+            }
+            !descendant
+        });
+        if found.len() == before {
+            break;
+        }
+    }
+    found
+}
+
+/// The parent pid of `pid`, from `/proc/PID/stat` (`pid (comm) state ppid ...`).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Makes every directory under `dir` writable by its owner, so that the
@@ -1465,7 +1548,7 @@ fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
         let extra = spec
             .deployment_extra
             .as_deref()
-            .map(|e| format!("            {e}\n"))
+            .map(|e| format!("              {e}\n"))
             .unwrap_or_default();
         let checks = if spec.health_checks.is_empty() {
             "[ ]".to_string()
@@ -1474,24 +1557,24 @@ fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
         };
         let _ = write!(
             configs,
-            r#"      {name} = {{
-        config = {{
-          system.build.toplevel = mkToplevel {{
-            name = {name};
-            version = {version};
-            packages = {packages};
-            switchScript = builtins.readFile ./{script};
+            r#"        {name} = {{
+          config = {{
+            system.build.toplevel = mkToplevel {{
+              name = {name};
+              version = {version};
+              packages = {packages};
+              switchScript = read ./{script};
+            }};
+            deployment = {{
+              targetHost = {name};
+              role = {role};
+              tags = {tags};
+              dependencies = {deps};
+              healthChecks = {checks};
+              rollbackOnFailure = {rollback};
+{extra}            }};
           }};
-          deployment = {{
-            targetHost = {name};
-            role = {role};
-            tags = {tags};
-            dependencies = {deps};
-            healthChecks = {checks};
-            rollbackOnFailure = {rollback};
-{extra}          }};
         }};
-      }};
 "#,
             name = nix_string(&spec.name),
             version = nix_string(&spec.version_string()),
@@ -1508,14 +1591,17 @@ fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
 {{
   outputs = {{ self }}:
     let
+      # Scripts carry no store context, so the toplevels depend on their
+      # contents only, not on the whole flake source (i.e. not on metadata).
+      read = path: builtins.unsafeDiscardStringContext (builtins.readFile path);
       # A fake NixOS system: bin/switch-to-configuration, sw/bin/systemctl.
       mkToplevel = {{ name, version, packages, switchScript }}:
         builtins.derivation {{
           name = "nixos-system-${{name}}-${{version}}";
           system = {system};
           builder = "/bin/sh";
-          args = [ "-c" (builtins.readFile ./builder.sh) ];
-          systemctlScript = builtins.readFile ./systemctl.sh;
+          args = [ "-c" (read ./builder.sh) ];
+          systemctlScript = read ./systemctl.sh;
           nixosVersion = version;
           inherit packages switchScript;
         }};
@@ -1550,6 +1636,13 @@ mod tests {
         assert_eq!(acts[0].exit_code, Some(0));
         assert_eq!(acts[1].action, "test");
         assert_eq!(acts[1].end, None);
+    }
+
+    #[test]
+    fn fleet_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Fleet>();
+        assert_send_sync::<HostSpec>();
     }
 
     #[test]

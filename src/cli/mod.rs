@@ -392,7 +392,8 @@ async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
 
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
-    let fancy = !cli.json && std::io::stderr().is_terminal();
+    // Bars only for a person watching; pipes, CI and --json get plain lines.
+    let fancy = !cli.json && std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     let display = tokio::spawn(progress::render(receiver, fancy));
 
     // Ctrl-C: stop starting hosts; the ones in the middle of a step finish.

@@ -113,80 +113,128 @@ async fn render_lines(events: &mut UnboundedReceiver<Event>) {
     }
 }
 
+/// Steps a normal host goes through; the bar's length.
+const PIPELINE_STEPS: u64 = 5;
+
 async fn render_bars(events: &mut UnboundedReceiver<Event>) {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template("{prefix:>14.bold} {spinner} {wide_msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner());
-    let done_style = ProgressStyle::with_template("{prefix:>14.bold}   {wide_msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let style = ProgressStyle::with_template(
+        "{prefix:>12.bold} [{bar:30.cyan/blue}] {percent:>3}% {wide_msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("█▓░");
     let overall = multi.add(ProgressBar::new_spinner());
     overall.set_style(
         ProgressStyle::with_template("{wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
-    let mut bars: BTreeMap<String, (ProgressBar, Instant)> = BTreeMap::new();
+    struct HostBar {
+        bar: ProgressBar,
+        since: Instant,
+        from: Option<u32>,
+        step: Option<String>,
+    }
+    let mut bars: BTreeMap<String, HostBar> = BTreeMap::new();
     let mut total = 0usize;
     let mut finished = 0usize;
     let mut eta: Option<f64> = None;
     let start = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_millis(200));
-    let bar_for = |bars: &mut BTreeMap<String, (ProgressBar, Instant)>, host: &str| {
-        bars.entry(host.to_string())
-            .or_insert_with(|| {
-                let bar = multi.insert_before(&overall, ProgressBar::new_spinner());
-                bar.set_style(style.clone());
-                bar.set_prefix(host.to_string());
-                (bar, Instant::now())
-            })
-            .clone()
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let add_bar = |bars: &mut BTreeMap<String, HostBar>, host: &str| {
+        if !bars.contains_key(host) {
+            let bar = multi.insert_before(&overall, ProgressBar::new(PIPELINE_STEPS));
+            bar.set_style(style.clone());
+            bar.set_prefix(host.to_string());
+            bars.insert(
+                host.to_string(),
+                HostBar {
+                    bar,
+                    since: Instant::now(),
+                    from: None,
+                    step: None,
+                },
+            );
+        }
+    };
+    let overall_line = |finished: usize, total: usize, eta: Option<f64>| {
+        let elapsed = start.elapsed().as_secs_f64();
+        let eta_text = eta
+            .map(|e| format!(" | ETA: {}", super::output::seconds((e - elapsed).max(0.0))))
+            .unwrap_or_default();
+        format!(
+            "Overall: {finished}/{total} complete | Elapsed: {}{eta_text}",
+            super::output::seconds(elapsed)
+        )
     };
     loop {
         let event = tokio::select! {
             event = events.recv() => match event { Some(e) => e, None => break },
             _ = ticker.tick() => {
-                let elapsed = start.elapsed().as_secs_f64();
-                let eta_text = eta
-                    .map(|e| format!(" | ETA: {}", super::output::seconds((e - elapsed).max(0.0))))
-                    .unwrap_or_default();
-                overall.set_message(format!(
-                    "Overall: {finished}/{total} complete | Elapsed: {}{eta_text}",
-                    duration_ms(start.elapsed().as_millis() as i64)
-                ));
-                for (bar, _) in bars.values() { bar.tick(); }
+                overall.set_message(overall_line(finished, total, eta));
+                for host in bars.values() {
+                    if let Some(step) = &host.step {
+                        host.bar.set_message(format!(
+                            "{step} ({}) generation {} → …",
+                            duration_ms(host.since.elapsed().as_millis() as i64),
+                            generation(host.from)
+                        ));
+                    }
+                }
                 continue;
             }
         };
-        let Some(host) = event.host.clone() else {
-            if let EventKind::Planned { eta_seconds, .. } = &event.kind {
-                // The plan's ETA counts from now, after probing.
-                eta = Some(start.elapsed().as_secs_f64() + eta_seconds);
-            }
-            if let EventKind::DeploymentStarted { hosts, .. } = &event.kind {
-                total = hosts.len();
-                for h in hosts {
-                    bar_for(&mut bars, h).0.set_message("probing");
+        let Some(name) = event.host.clone() else {
+            match &event.kind {
+                EventKind::Planned { eta_seconds, .. } => {
+                    // The plan's ETA counts from now, after probing.
+                    eta = Some(start.elapsed().as_secs_f64() + eta_seconds);
                 }
+                EventKind::DeploymentStarted { hosts, .. } => {
+                    total = hosts.len();
+                    for h in hosts {
+                        add_bar(&mut bars, h);
+                        bars[h].bar.set_message("probing");
+                    }
+                }
+                EventKind::Log { message } => multi.suspend(|| eprintln!("{message}")),
+                _ => {}
             }
             continue;
         };
-        let (bar, since) = bar_for(&mut bars, &host);
+        add_bar(&mut bars, &name);
+        let Some(host) = bars.get_mut(&name) else {
+            continue;
+        };
         match &event.kind {
-            EventKind::HostPlanned { action, reason } if action != "deploy" => bar.set_message(
-                format!("{action}: {}", reason.as_deref().unwrap_or_default()),
-            ),
-            EventKind::HostProbed { state, probe, .. } => bar.set_message(format!(
-                "{} (generation {})",
-                state.as_str(),
-                generation(probe.as_ref().and_then(|p| p.generation))
-            )),
-            EventKind::StepStarted { step } => bar.set_message(format!(
-                "{} ({})",
-                step.progress_word(),
-                duration_ms(since.elapsed().as_millis() as i64)
-            )),
-            EventKind::StepFinished {
-                step, ok: false, ..
-            } => bar.set_message(format!("{step} failed")),
+            EventKind::HostProbed { state, probe, .. } => {
+                host.from = probe.as_ref().and_then(|p| p.generation);
+                host.bar.set_message(format!(
+                    "{} (generation {})",
+                    state.as_str(),
+                    generation(host.from)
+                ));
+            }
+            EventKind::HostPlanned { action, reason } => {
+                if action == "deploy" {
+                    host.bar.set_message("waiting");
+                } else {
+                    host.bar.set_message(format!(
+                        "{action}: {}",
+                        reason.as_deref().unwrap_or_default()
+                    ));
+                }
+            }
+            EventKind::StepStarted { step } => {
+                host.step = Some(step.progress_word().to_uppercase());
+            }
+            EventKind::StepFinished { step, ok, .. } => {
+                host.step = None;
+                if *ok {
+                    host.bar.inc(1);
+                } else {
+                    host.bar.set_message(format!("{step} failed"));
+                }
+            }
             EventKind::HostFinished {
                 status,
                 from,
@@ -195,14 +243,23 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                 ..
             } => {
                 finished += 1;
-                bar.set_style(done_style.clone());
-                bar.finish_with_message(status_line(*status, from.generation, to.generation, *ms));
+                host.step = None;
+                if *status == HostStatus::Deployed {
+                    host.bar.set_position(PIPELINE_STEPS);
+                }
+                host.bar.abandon_with_message(status_line(
+                    *status,
+                    from.generation,
+                    to.generation,
+                    *ms,
+                ));
+            }
+            EventKind::Log { message } => {
+                let message = format!("{name}: {message}");
+                multi.suspend(|| eprintln!("{message}"));
             }
             _ => {}
         }
     }
-    overall.finish_with_message(format!(
-        "Overall: {finished}/{total} complete | Elapsed: {}",
-        duration_ms(start.elapsed().as_millis() as i64)
-    ));
+    overall.finish_with_message(overall_line(finished, total, None));
 }
