@@ -32,22 +32,27 @@ fn main() -> anyhow::Result<()> {
             .role("infrastructure")
             .tags(&["monitoring", "workstation"])
             .service("prometheus")
-            .service("grafana"),
+            .service("grafana")
+            .activation_delay_ms(900),
         HostSpec::new("p510")
             .role("media-server")
             .tags(&["server"])
             .depends_on(&["p620"])
-            .service("jellyfin"),
+            .service("jellyfin")
+            .activation_delay_ms(700),
         HostSpec::new("razer")
             .role("mobile")
             .tags(&["laptop"])
             .depends_on(&["p620"])
-            .service("node-exporter"),
+            .service("node-exporter")
+            .package("firefox-120.0")
+            .activation_delay_ms(600),
         HostSpec::new("samsung")
             .role("mobile")
             .tags(&["laptop"])
             .depends_on(&["p620"])
-            .service("node-exporter"),
+            .service("node-exporter")
+            .activation_delay_ms(500),
     ])?;
     let state = tempfile::Builder::new()
         .prefix("nix-deploy-demo-")
@@ -76,7 +81,9 @@ fn main() -> anyhow::Result<()> {
         Ok(status.code().unwrap_or(-1))
     };
 
-    banner("1. What would a deployment do? Every host is new, so every host is CHANGED");
+    banner(
+        "1. The plan: every host is new, so every host is CHANGED; p620 (infrastructure) goes first",
+    );
     run(&fleet, &["plan"])?;
 
     banner("2. Deploy the whole fleet");
@@ -85,8 +92,13 @@ fn main() -> anyhow::Result<()> {
         bail!("the first deployment failed (exit code {code})");
     }
 
-    banner("3. Change one host's configuration (razer gets a new generation)");
-    fleet.update("razer", |spec| spec.bump())?;
+    banner(
+        "3. Change one host's configuration (razer: new node-exporter, firefox upgraded, htop added)",
+    );
+    fleet.update("razer", |spec| {
+        spec.bump();
+        spec.extra_packages = vec!["firefox-121.0".into(), "htop-3.2.2".into()];
+    })?;
     println!("  razer now evaluates to {}", fleet.toplevel("razer")?);
     run(&fleet, &["plan"])?;
 

@@ -142,8 +142,10 @@ fn closure(paths: &[String]) -> Closure {
         }
         let (pname, version) = split_name(name);
         if is_kernel(pname) {
+            // Reported on its own line, not as a package.
             c.kernel
                 .insert(version.to_string(), path.trim().to_string());
+            continue;
         }
         if is_noise(pname) {
             continue;

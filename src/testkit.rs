@@ -185,6 +185,10 @@ pub struct HostSpec {
     /// Raw Nix attributes appended inside `deployment = { ... };`, e.g.
     /// `maxParallel = 2;`.
     pub deployment_extra: Option<String>,
+    /// Kernel version; the toplevel's closure holds a `linux-<kernel>` path.
+    pub kernel: String,
+    /// Extra packages (`name-version`) in the closure, each a derivation of its own.
+    pub extra_packages: Vec<String>,
 }
 
 impl HostSpec {
@@ -204,7 +208,21 @@ impl HostSpec {
             kill_sshd: false,
             rollback_on_failure: true,
             deployment_extra: None,
+            kernel: "6.6.1".to_string(),
+            extra_packages: Vec::new(),
         }
+    }
+
+    /// Sets the kernel version.
+    pub fn kernel(mut self, version: &str) -> Self {
+        self.kernel = version.to_string();
+        self
+    }
+
+    /// Adds a package (`name-version`) to the closure.
+    pub fn package(mut self, name_version: &str) -> Self {
+        self.extra_packages.push(name_version.to_string());
+        self
     }
 
     /// Sets the version.
@@ -1421,6 +1439,7 @@ printf '#!/bin/sh\n%s\n' "$systemctlScript" > "$out/sw/bin/systemctl"
 /bin/chmod 0555 "$out/bin/switch-to-configuration" "$out/sw/bin/systemctl"
 printf '%s\n' "$nixosVersion" > "$out/nixos-version"
 printf '%s\n' $packages > "$out/testkit-packages"
+printf '%s\n' $units > "$out/testkit-units"
 "#;
 
 /// The fake `systemctl`: `is-active`, `is-failed` and `--version`.
@@ -1529,10 +1548,43 @@ fn packages(spec: &HostSpec) -> Vec<String> {
         "systemd-257.5".to_string(),
     ];
     for (unit, _) in &spec.units {
-        let base = unit.split('.').next().unwrap_or(unit);
-        pkgs.push(format!("{base}-1.{}.0", spec.version));
+        pkgs.push(unit_package(spec, unit));
     }
+    pkgs.push(format!("linux-{}", spec.kernel));
+    pkgs.extend(spec.extra_packages.iter().cloned());
     pkgs
+}
+
+/// The package a unit runs: its version follows the host's version, so a bump
+/// upgrades it and changes the unit.
+fn unit_package(spec: &HostSpec, unit: &str) -> String {
+    let base = unit.split('.').next().unwrap_or(unit);
+    format!("{base}-1.{}.0", spec.version)
+}
+
+/// `unit-NAME.service` derivations, each referring to its package.
+fn unit_list(spec: &HostSpec) -> String {
+    let items: Vec<String> = spec
+        .units
+        .iter()
+        .map(|(unit, _)| {
+            let name = if unit.contains('.') {
+                unit.clone()
+            } else {
+                format!("{unit}.service")
+            };
+            format!(
+                "(mkUnit {} {})",
+                nix_string(&name),
+                nix_string(&unit_package(spec, unit))
+            )
+        })
+        .collect();
+    if items.is_empty() {
+        "[ ]".to_string()
+    } else {
+        format!("[ {} ]", items.join(" "))
+    }
 }
 
 /// The files of the fleet's flake, relative to `FLEET/flake`: `flake.nix`
@@ -1563,6 +1615,7 @@ fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
               name = {name};
               version = {version};
               packages = {packages};
+              units = {units};
               switchScript = read ./{script};
             }};
             deployment = {{
@@ -1579,6 +1632,7 @@ fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
             name = nix_string(&spec.name),
             version = nix_string(&spec.version_string()),
             packages = nix_list(&packages(spec)),
+            units = unit_list(spec),
             role = nix_string(&spec.role),
             tags = nix_list(&spec.tags),
             deps = nix_list(&spec.dependencies),
@@ -1595,7 +1649,24 @@ fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
       # contents only, not on the whole flake source (i.e. not on metadata).
       read = path: builtins.unsafeDiscardStringContext (builtins.readFile path);
       # A fake NixOS system: bin/switch-to-configuration, sw/bin/systemctl.
-      mkToplevel = {{ name, version, packages, switchScript }}:
+      # Packages and units are derivations of their own, referred to by the
+      # toplevel, so a system has a real closure (as NixOS's does).
+      mkPackage = name:
+        builtins.derivation {{
+          inherit name;
+          system = {system};
+          builder = "/bin/sh";
+          args = [ "-c" "/bin/mkdir -p $out && echo $name > $out/name" ];
+        }};
+      mkUnit = name: package:
+        builtins.derivation {{
+          name = "unit-${{name}}";
+          system = {system};
+          builder = "/bin/sh";
+          pkg = mkPackage package;
+          args = [ "-c" "/bin/mkdir -p $out && echo ExecStart=$pkg/bin/run > $out/unit" ];
+        }};
+      mkToplevel = {{ name, version, packages, units, switchScript }}:
         builtins.derivation {{
           name = "nixos-system-${{name}}-${{version}}";
           system = {system};
@@ -1603,7 +1674,8 @@ fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
           args = [ "-c" (read ./builder.sh) ];
           systemctlScript = read ./systemctl.sh;
           nixosVersion = version;
-          inherit packages switchScript;
+          packages = map mkPackage packages;
+          inherit units switchScript;
         }};
     in {{
       nixosConfigurations = {{

@@ -481,3 +481,56 @@ fn a_failing_health_check_rolls_the_host_back() {
         "the old system's unit is back"
     );
 }
+
+#[test]
+fn change_summaries_compare_the_running_closure_with_the_new_one() {
+    let mut h = Harness::start(vec![
+        HostSpec::new("p620").service("nginx").package("htop-3.2.2"),
+    ]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    h.fleet
+        .update("p620", |s| {
+            s.bump();
+            s.kernel = "6.7.2".into();
+            s.extra_packages = vec!["prometheus-2.48.0".into()];
+            s.units.push(("grafana".into(), true));
+        })
+        .unwrap();
+    let (code, plan, stderr) = h.json(&["plan"]);
+    assert_eq!(code, 0, "{stderr}");
+    let p620 = &plan["hosts"][0];
+    let summary = &p620["summary"];
+    assert_eq!(summary["compared"], true, "{p620:#}");
+    assert_eq!(
+        summary["added"],
+        serde_json::json!(["grafana-1.2.0", "prometheus-2.48.0"])
+    );
+    assert_eq!(summary["removed"], serde_json::json!(["htop-3.2.2"]));
+    assert_eq!(summary["upgraded"][0]["name"], "nginx", "{summary:#}");
+    assert_eq!(summary["upgraded"][0]["from"], "1.1.0");
+    assert_eq!(summary["upgraded"][0]["to"], "1.2.0");
+    assert_eq!(summary["kernel_changed"], true);
+    assert_eq!(
+        summary["units_added"],
+        serde_json::json!(["grafana.service"])
+    );
+    assert_eq!(
+        summary["units_changed"],
+        serde_json::json!(["nginx.service"])
+    );
+    assert_eq!(p620["risk"], "HIGH");
+    assert!(
+        p620["risk_reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "kernel changes")
+    );
+
+    // The deployment stores the same summary with the host run.
+    let (code, report, stderr) = h.deploy(&[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(host(&report, "p620")["summary"]["kernel_changed"], true);
+    let text = String::from_utf8_lossy(&h.run(&["plan"]).stdout).into_owned();
+    assert!(text.contains("Nothing to deploy"), "{text}");
+}
