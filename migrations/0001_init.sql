@@ -43,6 +43,8 @@ CREATE TABLE host_runs (
     error          TEXT,
     -- JSON: what differs between the running and the new system
     summary        TEXT,
+    -- names the activation's files on the host (/run/nix-deploy/<token>.*)
+    token          TEXT,
     PRIMARY KEY (deployment_id, host)
 );
 

@@ -74,6 +74,12 @@ pub struct EngineConfig {
     pub activation_timeout: Duration,
     /// Overall deadline of a host's health validation.
     pub health_timeout: Duration,
+    /// How long the watchdog on a host waits for confirmation before reverting.
+    pub confirm_timeout: Duration,
+    /// Pre-flight: free space `/nix/store` must have, in KiB.
+    pub min_free_kib: u64,
+    /// Skip pre-flight and health checks (never the current-system check).
+    pub skip_validation: bool,
     pub substitute_on_destination: bool,
 }
 
@@ -86,6 +92,9 @@ impl EngineConfig {
             probe_limit: 64,
             activation_timeout: Duration::from_secs(600),
             health_timeout: Duration::from_secs(120),
+            confirm_timeout: Duration::from_secs(30),
+            min_free_kib: 1024 * 1024,
+            skip_validation: false,
             substitute_on_destination: false,
         }
     }
@@ -470,6 +479,10 @@ impl Engine {
             ssh: self.config.ssh.clone(),
             activation_timeout: self.config.activation_timeout,
             health_timeout: self.config.health_timeout,
+            confirm_timeout: self.config.confirm_timeout,
+            min_free_kib: self.config.min_free_kib,
+            skip_validation: self.config.skip_validation,
+            force: options.force,
             substitute: self.config.substitute_on_destination,
             recorder: recorder.clone(),
         });
@@ -1079,6 +1092,10 @@ struct HostContext {
     ssh: SshOptions,
     activation_timeout: Duration,
     health_timeout: Duration,
+    confirm_timeout: Duration,
+    min_free_kib: u64,
+    skip_validation: bool,
+    force: bool,
     substitute: bool,
     recorder: Recorder,
 }
@@ -1088,10 +1105,14 @@ type StepError = String;
 
 /// Why a pipeline stopped.
 enum Failure {
-    /// Nothing on the host changed (build, copy or profile step failed).
+    /// Nothing on the host changed (pre-flight, build, copy or profile step failed).
     Untouched(StepError),
+    /// The host was unhealthy before we touched it.
+    Unhealthy(StepError),
     /// The profile or the running system changed: roll back.
     Activated(StepError),
+    /// The new system runs but refuses new SSH connections: the watchdog reverts it.
+    Unconfirmed(StepError),
 }
 
 impl HostContext {
@@ -1151,7 +1172,7 @@ impl HostContext {
     async fn host_task(
         self: Arc<Self>,
         assessment: Assessment,
-        connection: Connection,
+        mut connection: Connection,
         mut run: HostRun,
         activation: Activation,
         soak: Option<Duration>,
@@ -1162,16 +1183,17 @@ impl HostContext {
         self.recorder.store.save_host_run(&run).await?;
 
         let mut outcome = self
-            .pipeline(&assessment, &connection, &mut run, activation)
+            .pipeline(&assessment, &mut connection, &mut run, activation)
             .await?;
         if outcome.is_ok()
             && let Some(soak) = soak
         {
+            let checks = self.checks(host);
             let soaked = self
                 .step(
                     &mut run,
                     Step::Soak,
-                    soak_host(&connection, host, soak, self.health_timeout),
+                    soak_host(&connection, host, &checks, soak, self.health_timeout),
                 )
                 .await?;
             if let Err(e) = soaked {
@@ -1191,19 +1213,40 @@ impl HostContext {
                 run.error = Some(error);
                 Outcome::NotHealthy
             }
+            Err(Failure::Unhealthy(error)) => {
+                run.status = HostStatus::Unhealthy;
+                run.error = Some(error);
+                Outcome::NotHealthy
+            }
             Err(Failure::Activated(error)) => {
                 self.recover(&assessment, &connection, &mut run, activation, error)
                     .await?;
                 Outcome::NotHealthy
             }
+            Err(Failure::Unconfirmed(error)) => {
+                self.await_watchdog(&assessment, &connection, &mut run, error)
+                    .await?;
+                Outcome::NotHealthy
+            }
         };
+        run.finished_at = Some(now_ms());
         if run.status != HostStatus::Running {
             run.step = None;
         }
         Ok((run, connection, healthy))
     }
 
-    /// After a failure that changed the host: roll back if allowed and possible.
+    /// The checks this run validates with (none with `--skip-validation`).
+    fn checks(&self, host: &Host) -> Vec<crate::inventory::HealthCheck> {
+        if self.skip_validation {
+            Vec::new()
+        } else {
+            host.health_checks.clone()
+        }
+    }
+
+    /// After a failure that changed the host: roll back if allowed and possible,
+    /// then disarm the watchdog (the coordinator has taken care of the host).
     async fn recover(
         &self,
         assessment: &Assessment,
@@ -1214,7 +1257,20 @@ impl HostContext {
     ) -> Result<(), StoreError> {
         let host = &assessment.host;
         let old = assessment.current.clone();
+        let token = run.token.clone();
+        let disarm = || async {
+            if let Some(token) = &token {
+                let _ = connection
+                    .run_privileged(
+                        "disarm",
+                        &remote::confirm_argv(token),
+                        Duration::from_secs(30),
+                    )
+                    .await;
+            }
+        };
         if !host.rollback_on_failure {
+            disarm().await;
             run.status = HostStatus::Failed;
             run.error = Some(format!(
                 "{error}\n(rollbackOnFailure is off: left as it is)"
@@ -1222,23 +1278,37 @@ impl HostContext {
             return Ok(());
         }
         let (Some(generation), Some(path)) = (old.generation, old.path.clone()) else {
+            disarm().await;
             run.status = HostStatus::Failed;
             run.error = Some(format!(
                 "{error}\nno previous generation to roll back to (first deployment)"
             ));
             return Ok(());
         };
+        let checks = self.checks(host);
+        let health_timeout = self.health_timeout;
         let work = async {
             if activation == Activation::Test {
-                revert_test(connection, generation, &path).await
+                revert_test(connection, generation, &path).await?;
             } else {
-                roll_back(connection, generation, &path).await
+                roll_back(connection, generation, &path).await?;
             }
+            // The old system must be healthy again, too.
+            crate::health::validate(connection, &checks, health_timeout)
+                .await
+                .map(|_| ())
+                .map_err(|(message, _)| {
+                    format!(
+                        "{}: rollback: the old system is not healthy: {message}",
+                        host.name
+                    )
+                })
         };
         let rollback = self.step(run, Step::Rollback, work).await?;
         run.finished_at = Some(now_ms());
         match rollback {
             Ok(()) => {
+                disarm().await;
                 run.status = HostStatus::RolledBack;
                 run.error = Some(format!(
                     "{error}\nrolled back to generation {generation} ({path})"
@@ -1252,17 +1322,97 @@ impl HostContext {
         Ok(())
     }
 
-    /// DESIGN §4 for one changed host: build, copy, profile (unless staging),
-    /// activate, validate.
-    async fn pipeline(
+    /// The new system could not be confirmed over a new connection: the
+    /// watchdog on the host reverts it by itself. Wait for that and report
+    /// what the host runs afterwards.
+    async fn await_watchdog(
         &self,
         assessment: &Assessment,
         connection: &Connection,
+        run: &mut HostRun,
+        error: String,
+    ) -> Result<(), StoreError> {
+        let host = &assessment.host.name;
+        let old = assessment.current.clone();
+        let Some(token) = run.token.clone() else {
+            run.status = HostStatus::Failed;
+            run.error = Some(error);
+            return Ok(());
+        };
+        let confirm_timeout = self.confirm_timeout;
+        let work = async {
+            // The watchdog fires `confirm_timeout` after activation ended; give it
+            // time to switch back, then look through the connection we still have.
+            let deadline = Instant::now() + confirm_timeout + Duration::from_secs(60);
+            tokio::time::sleep(confirm_timeout).await;
+            loop {
+                let result = connection
+                    .run(
+                        "watchdog",
+                        &remote::watchdog_result_argv(&token),
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                match result {
+                    Ok(out) if out.stdout.trim().starts_with("reverted") => break,
+                    Ok(out) if out.stdout.trim() == "confirmed" => {
+                        return Err(format!("{host}: watchdog: unexpectedly confirmed"));
+                    }
+                    Err(e) if e.is_connection() => {
+                        return Err(format!(
+                            "{host}: watchdog: cannot reach the host to verify ({e}); its watchdog reverts it to generation {} by itself",
+                            old.generation.map(|g| g.to_string()).unwrap_or("-".into())
+                        ));
+                    }
+                    _ => {}
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{host}: watchdog: did not revert in time"));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            match &old.path {
+                Some(path) => verify_current(connection, path).await,
+                None => Ok(()),
+            }
+        };
+        let outcome = self.step(run, Step::Rollback, work).await?;
+        match outcome {
+            Ok(()) => {
+                run.status = HostStatus::RolledBack;
+                run.error = Some(format!(
+                    "{error}\nthe host's watchdog reverted it to generation {} by itself",
+                    old.generation.map(|g| g.to_string()).unwrap_or("-".into())
+                ));
+            }
+            Err(e) => {
+                run.status = HostStatus::RollbackFailed;
+                run.error = Some(format!("{error}\n{e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// DESIGN §4 for one changed host: pre-flight, build, copy, profile (unless
+    /// staging), activate (with the watchdog armed), validate, confirm.
+    async fn pipeline(
+        &self,
+        assessment: &Assessment,
+        connection: &mut Connection,
         run: &mut HostRun,
         activation: Activation,
     ) -> Result<Result<(), Failure>, StoreError> {
         let host = &assessment.host;
         let nix = &self.nix;
+
+        if !self.skip_validation {
+            let preflight = self.preflight(assessment, connection);
+            match self.step(run, Step::Preflight, preflight).await? {
+                Ok(()) => {}
+                Err(e) if e.contains("unhealthy before") => return Ok(Err(Failure::Unhealthy(e))),
+                Err(e) => return Ok(Err(Failure::Untouched(e))),
+            }
+        }
 
         let built = self
             .step(run, Step::Build, nix.build(&host.drv_path, |_, _| {}))
@@ -1325,48 +1475,236 @@ impl HostContext {
         }
 
         // From here on the host runs (or may run) the new system: failures roll back.
-        let switch = remote::switch_argv(&path, activation);
-        let activate = connection.run_privileged("activate", &switch, self.activation_timeout);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        run.token = Some(token.clone());
+        let systemd = assessment.probe.as_ref().is_some_and(|p| p.systemd);
+        let activate = self.activate(
+            connection,
+            host,
+            &path,
+            activation,
+            assessment.current.generation,
+            &token,
+            systemd,
+        );
         if let Err(e) = self.step(run, Step::Activate, activate).await? {
             return Ok(Err(Failure::Activated(e)));
         }
 
-        let validate = validate_host(connection, host, &path, self.health_timeout);
+        let checks = self.checks(host);
+        let validate = async {
+            let (results, outcome) =
+                validate_host(connection, host, &path, &checks, self.health_timeout).await;
+            if !results.is_empty() {
+                let _ = self
+                    .recorder
+                    .emit(
+                        Some(&host.name),
+                        EventKind::HealthChecked {
+                            phase: "validate".into(),
+                            results,
+                        },
+                    )
+                    .await;
+            }
+            outcome
+        };
         if let Err(e) = self.step(run, Step::Validate, validate).await? {
             return Ok(Err(Failure::Activated(e)));
         }
+
+        // Only a new connection proves the new system still lets us in.
+        let confirm = async {
+            let fresh = Connection::connect(&host.name, &host.target, &self.ssh)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "{}: confirm: the new system does not accept a new SSH connection: {e}",
+                        host.name
+                    )
+                })?;
+            let result = fresh
+                .run_privileged("confirm", &remote::confirm_argv(&token), timeout)
+                .await
+                .map_err(|e| e.to_string());
+            fresh.close().await;
+            result.map(|_| ())
+        };
+        if let Err(e) = self.step(run, Step::Confirm, confirm).await? {
+            return Ok(Err(Failure::Unconfirmed(e)));
+        }
         Ok(Ok(()))
+    }
+
+    /// Reachable (we have a connection), enough free space, and healthy before
+    /// we touch it.
+    async fn preflight(
+        &self,
+        assessment: &Assessment,
+        connection: &Connection,
+    ) -> Result<(), String> {
+        let host = &assessment.host;
+        if let Some(free) = assessment.probe.as_ref().and_then(|p| p.free_kib)
+            && free < self.min_free_kib
+        {
+            return Err(format!(
+                "only {} MiB free in /nix/store, --min-free-space asks for {} MiB",
+                free / 1024,
+                self.min_free_kib / 1024
+            ));
+        }
+        // A host with no system yet has nothing to be healthy; --force deploys anyway.
+        if assessment.current.path.is_none() || self.force || host.health_checks.is_empty() {
+            return Ok(());
+        }
+        // One round: is it healthy right now?
+        match crate::health::validate(connection, &host.health_checks, Duration::ZERO).await {
+            Ok(_) => Ok(()),
+            Err((message, results)) => {
+                let _ = self
+                    .recorder
+                    .emit(
+                        Some(&host.name),
+                        EventKind::HealthChecked {
+                            phase: "pre-flight".into(),
+                            results,
+                        },
+                    )
+                    .await;
+                Err(format!(
+                    "{}: pre-flight: unhealthy before deployment, not caused by nix-deploy ({message}); not deployed, use --force to deploy anyway",
+                    host.name
+                ))
+            }
+        }
+    }
+
+    /// Start the activator on the host and wait for the activation to end,
+    /// reconnecting if the connection drops (the activator keeps going).
+    #[allow(clippy::too_many_arguments)]
+    async fn activate(
+        &self,
+        connection: &mut Connection,
+        host: &Host,
+        path: &str,
+        activation: Activation,
+        old_generation: Option<u32>,
+        token: &str,
+        systemd: bool,
+    ) -> Result<(), String> {
+        let argv = remote::activator_argv(
+            path,
+            activation,
+            old_generation,
+            self.confirm_timeout.as_secs().max(1),
+            token,
+            systemd,
+        );
+        connection
+            .run_privileged("activate", &argv, self.ssh.command_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + self.activation_timeout;
+        let mut poll = Duration::from_millis(100);
+        let code = loop {
+            match connection
+                .run(
+                    "activate",
+                    &remote::activation_status_argv(token),
+                    self.ssh.command_timeout,
+                )
+                .await
+            {
+                Ok(out) => {
+                    let text = out.stdout.trim();
+                    break text.parse::<i32>().map_err(|_| {
+                        format!("{}: activate: unexpected status `{text}`", host.name)
+                    })?;
+                }
+                Err(ssh::SshError::Exit { .. }) => {} // not finished yet
+                Err(e) if e.is_connection() => {
+                    // The activator survives us; try to get back in.
+                    if let Ok(fresh) =
+                        Connection::connect(&host.name, &host.target, &self.ssh).await
+                    {
+                        let old = std::mem::replace(connection, fresh);
+                        old.close().await;
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: activate: switch-to-configuration {} did not finish within {}s",
+                    host.name,
+                    activation.as_str(),
+                    self.activation_timeout.as_secs()
+                ));
+            }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(500));
+        };
+        if code == 0 {
+            return Ok(());
+        }
+        let log = connection
+            .run(
+                "activate",
+                &remote::activation_log_argv(token),
+                self.ssh.command_timeout,
+            )
+            .await
+            .map(|o| ssh::tail(&o.stdout))
+            .unwrap_or_default();
+        Err(format!(
+            "{}: activate: `{path}/bin/switch-to-configuration {}` failed (exit code {code}){}",
+            host.name,
+            activation.as_str(),
+            crate::exec::format_tail(&log)
+        ))
     }
 }
 
-/// The host runs `path` and its health checks pass.
+/// The host runs `path` and its health checks pass. Returns every check's
+/// last result for the record, and the verdict.
 async fn validate_host(
     connection: &Connection,
     host: &Host,
     path: &str,
+    checks: &[crate::inventory::HealthCheck],
     health_timeout: Duration,
-) -> Result<String, String> {
-    let current = connection
+) -> (Vec<crate::health::CheckResult>, Result<String, String>) {
+    // Never skipped, not even with --skip-validation.
+    let current = match connection
         .run(
             "validate",
             &remote::current_system_argv(),
             Duration::from_secs(60),
         )
         .await
-        .map_err(|e| e.to_string())?;
-    let current = current.stdout.trim();
+    {
+        Ok(out) => out.stdout.trim().to_string(),
+        Err(e) => return (Vec::new(), Err(e.to_string())),
+    };
     if current != path {
-        return Err(format!(
-            "/run/current-system is {current} after activation, expected {path}"
-        ));
+        return (
+            Vec::new(),
+            Err(format!(
+                "{}: validate: /run/current-system is {current} after activation, expected {path}",
+                host.name
+            )),
+        );
     }
-    match crate::health::validate(connection, &host.health_checks, health_timeout).await {
-        Ok(results) => Ok(results
-            .iter()
-            .map(|r| format!("{}: ok", r.check))
-            .collect::<Vec<_>>()
-            .join(", ")),
-        Err((message, _)) => Err(message),
+    match crate::health::validate(connection, checks, health_timeout).await {
+        Ok(results) => {
+            let text = results
+                .iter()
+                .map(|r| format!("{}: ok", r.check))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (results, Ok(text))
+        }
+        Err((message, results)) => (results, Err(format!("{}: validate: {message}", host.name))),
     }
 }
 
@@ -1374,20 +1712,22 @@ async fn validate_host(
 async fn soak_host(
     connection: &Connection,
     host: &Host,
+    checks: &[crate::inventory::HealthCheck],
     soak: Duration,
     health_timeout: Duration,
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + soak;
     let period = Duration::from_secs(5).min(soak.max(Duration::from_millis(500)) / 2);
     loop {
-        validate_host(
+        let (_, verdict) = validate_host(
             connection,
             host,
             &host.toplevel,
+            checks,
             health_timeout.min(soak.max(Duration::from_secs(5))),
         )
-        .await
-        .map_err(|e| format!("failed during the canary soak: {e}"))?;
+        .await;
+        verdict.map_err(|e| format!("failed during the canary soak: {e}"))?;
         if tokio::time::Instant::now() >= deadline {
             return Ok(());
         }

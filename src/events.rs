@@ -13,11 +13,13 @@ use crate::remote::ProbeResult;
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
     Probe,
+    Preflight,
     Build,
     Copy,
     SetProfile,
     Activate,
     Validate,
+    Confirm,
     Soak,
     Commit,
     Rollback,
@@ -27,11 +29,13 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Probe => "probe",
+            Step::Preflight => "pre-flight",
             Step::Build => "build",
             Step::Copy => "copy",
             Step::SetProfile => "set-profile",
             Step::Activate => "activate",
             Step::Validate => "validate",
+            Step::Confirm => "confirm",
             Step::Soak => "soak",
             Step::Commit => "commit",
             Step::Rollback => "rollback",
@@ -42,11 +46,13 @@ impl Step {
     pub fn progress_word(self) -> &'static str {
         match self {
             Step::Probe => "probing",
+            Step::Preflight => "pre-flight checks",
             Step::Build => "building",
             Step::Copy => "copying",
             Step::SetProfile => "setting profile",
             Step::Activate => "activating",
             Step::Validate => "validating",
+            Step::Confirm => "confirming",
             Step::Soak => "soaking (canary)",
             Step::Commit => "committing",
             Step::Rollback => "rolling back",
@@ -91,7 +97,11 @@ pub enum HostStatus {
     RolledBack,
     RollbackFailed,
     Unreachable,
+    /// Unhealthy before we touched it: not deployed, not our doing.
+    Unhealthy,
     Cancelled,
+    /// The coordinator died while this host was in progress.
+    Interrupted,
 }
 
 impl HostStatus {
@@ -105,7 +115,9 @@ impl HostStatus {
             HostStatus::RolledBack => "rolled-back",
             HostStatus::RollbackFailed => "rollback-failed",
             HostStatus::Unreachable => "unreachable",
+            HostStatus::Unhealthy => "unhealthy",
             HostStatus::Cancelled => "cancelled",
+            HostStatus::Interrupted => "interrupted",
         }
     }
 
@@ -121,6 +133,8 @@ impl HostStatus {
                 | HostStatus::RolledBack
                 | HostStatus::RollbackFailed
                 | HostStatus::Unreachable
+                | HostStatus::Unhealthy
+                | HostStatus::Interrupted
         )
     }
 
@@ -217,6 +231,10 @@ pub enum EventKind {
     DeploymentFinished {
         status: DeploymentStatus,
     },
+    HealthChecked {
+        phase: String,
+        results: Vec<crate::health::CheckResult>,
+    },
     Log {
         message: String,
     },
@@ -233,6 +251,7 @@ impl EventKind {
             EventKind::StepFinished { .. } => "step-finished",
             EventKind::HostFinished { .. } => "host-finished",
             EventKind::DeploymentFinished { .. } => "deployment-finished",
+            EventKind::HealthChecked { .. } => "health-checked",
             EventKind::Log { .. } => "log",
         }
     }

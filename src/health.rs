@@ -6,14 +6,14 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::inventory::{CheckKind, HealthCheck};
 use crate::ssh::Connection;
 
 /// The last attempt of one check.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckResult {
     pub check: String,
     pub ok: bool,

@@ -11,7 +11,7 @@ pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 /// flake or the user is pasted into it.
 const PROBE_SCRIPT: &str = r#"if [ -e /run/current-system ]; then readlink -f /run/current-system; else echo; fi
 readlink /nix/var/nix/profiles/system 2>/dev/null || echo
-df -Pk /nix/store 2>/dev/null | tail -n 1 || echo
+{ df -Pk /nix/store 2>/dev/null || df -Pk /nix 2>/dev/null || df -Pk /; } | tail -n 1
 if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd; else echo nosystemd; fi"#;
 
 /// What a probe found.
@@ -153,6 +153,122 @@ pub fn switch_argv(system: &str, action: Activation) -> Vec<String> {
     ]
 }
 
+/// Where the activator keeps its state on a host (a tmpfs on NixOS).
+pub const STATE_DIR: &str = "/run/nix-deploy";
+
+/// The activator: runs `switch-to-configuration` detached from our SSH session,
+/// records its exit code, then waits for a confirmation file. Without one
+/// within the confirm timeout it switches back to the old generation by
+/// itself (magic rollback). Fixed text: the system path, action, old
+/// generation, timeout and token arrive as positional arguments (validated
+/// before they get here), never pasted in.
+///
+/// Files, per token: `.log` (activation output), `.activated` (exit code),
+/// `.confirm` (written by the coordinator), `.result` (what the watchdog did).
+const ACTIVATOR_SCRIPT: &str = r#"system=$1; action=$2; old=$3; timeout=$4; token=$5
+dir=/run/nix-deploy; base="$dir/$token"
+mkdir -p "$dir"
+echo $$ > "$base.pid"
+"$system/bin/switch-to-configuration" "$action" > "$base.log" 2>&1
+echo $? > "$base.activated.tmp" && mv "$base.activated.tmp" "$base.activated"
+i=0
+while [ "$i" -lt "$timeout" ]; do
+  if [ -e "$base.confirm" ]; then echo confirmed > "$base.result"; exit 0; fi
+  sleep 1; i=$((i+1))
+done
+if [ -e "$base.confirm" ]; then echo confirmed > "$base.result"; exit 0; fi
+if [ -z "$old" ]; then echo "unconfirmed, no old generation" > "$base.result"; exit 1; fi
+echo reverting > "$base.result"
+if [ "$action" = test ]; then
+  /nix/var/nix/profiles/system-$old-link/bin/switch-to-configuration test >> "$base.log" 2>&1
+else
+  nix-env -p /nix/var/nix/profiles/system --switch-generation "$old" >> "$base.log" 2>&1 &&
+  /nix/var/nix/profiles/system-$old-link/bin/switch-to-configuration switch >> "$base.log" 2>&1
+fi
+echo "reverted $?" > "$base.result""#;
+
+/// Start the activator so that a dropped connection cannot kill it: as a
+/// transient systemd unit when the host runs systemd, else in a new session.
+pub fn activator_argv(
+    system: &str,
+    action: Activation,
+    old_generation: Option<u32>,
+    confirm_timeout_secs: u64,
+    token: &str,
+    systemd: bool,
+) -> Vec<String> {
+    let args = [
+        system.to_string(),
+        action.as_str().to_string(),
+        old_generation.map(|g| g.to_string()).unwrap_or_default(),
+        confirm_timeout_secs.to_string(),
+        token.to_string(),
+    ];
+    let mut argv: Vec<String> = if systemd {
+        vec![
+            "systemd-run".into(),
+            format!("--unit=nix-deploy-{token}"),
+            "--collect".into(),
+            "--quiet".into(),
+            "sh".into(),
+            "-c".into(),
+            ACTIVATOR_SCRIPT.into(),
+            "nix-deploy-activator".into(),
+        ]
+    } else {
+        // `$0` is the activator script, `$@` its arguments.
+        vec![
+            "sh".into(),
+            "-c".into(),
+            r#"setsid sh -c "$0" nix-deploy-activator "$@" </dev/null >/dev/null 2>&1 &"#.into(),
+            ACTIVATOR_SCRIPT.into(),
+        ]
+    };
+    argv.extend(args);
+    argv
+}
+
+/// One round trip: has the activation finished, and with what exit code?
+pub fn activation_status_argv(token: &str) -> Vec<String> {
+    vec!["cat".into(), format!("{STATE_DIR}/{token}.activated")]
+}
+
+/// The activation's output.
+pub fn activation_log_argv(token: &str) -> Vec<String> {
+    vec!["cat".into(), format!("{STATE_DIR}/{token}.log")]
+}
+
+/// Confirm (disarm) the watchdog.
+pub fn confirm_argv(token: &str) -> Vec<String> {
+    vec!["touch".into(), format!("{STATE_DIR}/{token}.confirm")]
+}
+
+/// What the watchdog did: `confirmed`, `reverting`, `reverted 0`.
+pub fn watchdog_result_argv(token: &str) -> Vec<String> {
+    vec!["cat".into(), format!("{STATE_DIR}/{token}.result")]
+}
+
+/// A token naming one activation: letters and digits only.
+pub fn is_valid_token(token: &str) -> bool {
+    !token.is_empty() && token.len() <= 64 && token.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// List the system profile's generations: `ls` of the profiles directory.
+pub fn list_generations_argv() -> Vec<String> {
+    vec!["ls".into(), "/nix/var/nix/profiles".into()]
+}
+
+/// Generation numbers from a listing of the profiles directory, ascending.
+pub fn parse_generations(listing: &str) -> Vec<u32> {
+    let mut generations: Vec<u32> = listing
+        .split_whitespace()
+        .filter_map(parse_generation_link)
+        .collect();
+    generations.sort_unstable();
+    generations.dedup();
+    generations
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +309,29 @@ mod tests {
         assert_eq!(parse_generation_link("system-x-link"), None);
         assert_eq!(parse_generation_link("foo"), None);
         assert_eq!(generation_link(12), "/nix/var/nix/profiles/system-12-link");
+    }
+
+    #[test]
+    fn activator_takes_everything_as_arguments() {
+        let argv = activator_argv(P, Activation::Switch, Some(4), 30, "abc123", false);
+        assert_eq!(argv[0..2], ["sh", "-c"]);
+        assert_eq!(argv[3], ACTIVATOR_SCRIPT);
+        assert_eq!(argv[4..], [P, "switch", "4", "30", "abc123"]);
+        // The script itself carries no per-deployment text.
+        assert!(!ACTIVATOR_SCRIPT.contains(P));
+        let argv = activator_argv(P, Activation::Test, None, 5, "t", true);
+        assert_eq!(argv[0], "systemd-run");
+        assert_eq!(argv[1], "--unit=nix-deploy-t");
+        assert_eq!(argv[argv.len() - 5..], [P, "test", "", "5", "t"]);
+        assert!(is_valid_token("a1B2"));
+        assert!(!is_valid_token("a;b"));
+        assert!(!is_valid_token(""));
+    }
+
+    #[test]
+    fn lists_generations() {
+        let listing = "per-user\nsystem\nsystem-1-link\nsystem-12-link\nsystem-3-link\n";
+        assert_eq!(parse_generations(listing), [1, 3, 12]);
     }
 
     #[test]

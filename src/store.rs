@@ -109,6 +109,8 @@ pub struct HostRun {
     pub reason: Option<String>,
     pub error: Option<String>,
     pub summary: Option<serde_json::Value>,
+    /// The activation's token on the host (names the watchdog's files).
+    pub token: Option<String>,
 }
 
 impl HostRun {
@@ -127,6 +129,7 @@ impl HostRun {
             reason: None,
             error: None,
             summary: None,
+            token: None,
         }
     }
 
@@ -307,15 +310,15 @@ impl Store {
     pub async fn save_host_run(&self, run: &HostRun) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
-                 new_path, new_generation, started_at, finished_at, steps, reason, error, summary)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (deployment_id, host) DO UPDATE SET
                  status = excluded.status, step = excluded.step, changed = excluded.changed,
                  old_path = excluded.old_path, old_generation = excluded.old_generation,
                  new_path = excluded.new_path, new_generation = excluded.new_generation,
                  started_at = excluded.started_at, finished_at = excluded.finished_at,
                  steps = excluded.steps, reason = excluded.reason, error = excluded.error,
-                 summary = excluded.summary",
+                 summary = excluded.summary, token = excluded.token",
         )
         .bind(run.deployment_id)
         .bind(&run.host)
@@ -332,6 +335,7 @@ impl Store {
         .bind(&run.reason)
         .bind(&run.error)
         .bind(run.summary.as_ref().map(|s| s.to_string()))
+        .bind(&run.token)
         .execute(&self.pool)
         .await
         .map_err(query_error("saving a host run"))?;
@@ -403,6 +407,7 @@ impl Store {
                             context: "host_runs.summary",
                             source,
                         })?,
+                    token: row.get("token"),
                 })
             })
             .collect()

@@ -192,6 +192,17 @@ pub struct DeployArgs {
     /// Overall deadline of a host's health validation, in seconds.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub health_timeout: u64,
+    /// Seconds the watchdog on a host waits for confirmation (over a new SSH
+    /// connection) before switching back to the previous generation by itself.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub confirm_timeout: u64,
+    /// Pre-flight: free space /nix/store must have on the host, in MiB.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub min_free_space: u64,
+    /// Emergency deploy: skip pre-flight and health checks (the host must
+    /// still run the new system afterwards).
+    #[arg(long)]
+    pub skip_validation: bool,
     /// Timeout of `switch-to-configuration` in seconds.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub activation_timeout: u64,
@@ -386,6 +397,9 @@ async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
     let store = open_store(cli).await?;
     let mut config = engine_config(cli, control.path());
     config.health_timeout = Duration::from_secs(args.health_timeout.max(1));
+    config.confirm_timeout = Duration::from_secs(args.confirm_timeout.max(1));
+    config.min_free_kib = args.min_free_space.saturating_mul(1024);
+    config.skip_validation = args.skip_validation;
     config.activation_timeout = Duration::from_secs(args.activation_timeout.max(1));
     config.substitute_on_destination = args.substitute_on_destination;
     let engine = Engine::new(config, store);

@@ -464,6 +464,19 @@ pub fn print_deployment(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) {
                 format!("started: {} host(s), strategy {strategy}", hosts.len())
             }
             EventKind::DeploymentFinished { status } => format!("finished: {status}"),
+            EventKind::HealthChecked { phase, results } => format!(
+                "health checks ({phase}): {}",
+                results
+                    .iter()
+                    .map(|r| format!(
+                        "{} {} after {} attempt(s)",
+                        r.check,
+                        if r.ok { "ok" } else { "FAILED" },
+                        r.attempts
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
             EventKind::Log { message } => message.clone(),
         };
         println!("[{offset:>7}] {host:<12} {text}");

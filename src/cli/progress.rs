@@ -107,6 +107,19 @@ async fn render_lines(events: &mut UnboundedReceiver<Event>) {
             EventKind::DeploymentFinished { status } => {
                 format!("deployment #{} {status}", event.deployment_id)
             }
+            EventKind::HealthChecked { phase, results } => format!(
+                "{host}: health checks ({phase}): {}",
+                results
+                    .iter()
+                    .map(|r| format!(
+                        "{} {} after {} attempt(s)",
+                        r.check,
+                        if r.ok { "ok" } else { "FAILED" },
+                        r.attempts
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
             EventKind::Log { message } => format!("{host}: {message}"),
         };
         eprintln!("[{:>7.1}s] {line}", start.elapsed().as_secs_f64());

@@ -73,7 +73,15 @@ fn status_and_history_remember_deployments() {
         .collect();
     assert_eq!(
         steps,
-        ["build", "copy", "set-profile", "activate", "validate"]
+        [
+            "pre-flight",
+            "build",
+            "copy",
+            "set-profile",
+            "activate",
+            "validate",
+            "confirm"
+        ]
     );
 
     let id = deployments[0]["id"].as_i64().unwrap().to_string();

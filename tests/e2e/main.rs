@@ -5,4 +5,5 @@
 mod cli;
 mod deploy;
 mod helpers;
+mod safety;
 mod strategies;
