@@ -13,6 +13,7 @@ use crate::remote::ProbeResult;
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
     Probe,
+    #[serde(rename = "pre-flight")]
     Preflight,
     Build,
     Copy,
