@@ -72,3 +72,18 @@ CREATE TABLE hosts (
 );
 
 CREATE INDEX host_runs_by_host ON host_runs (host, finished_at);
+
+-- One deployment at a time per host: a lease with an owner and an expiry,
+-- renewed while the owner works. An expired lease, or one whose owner process
+-- is gone, can be taken over.
+CREATE TABLE leases (
+    host          TEXT PRIMARY KEY,
+    owner         TEXT    NOT NULL,
+    deployment_id INTEGER,
+    pid           INTEGER NOT NULL,
+    acquired_at   INTEGER NOT NULL,
+    expires_at    INTEGER NOT NULL
+);
+
+-- Set by `nix-deploy cancel` (or the API); the running engine polls it.
+ALTER TABLE deployments ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;

@@ -46,6 +46,10 @@ pub enum EngineError {
     BadOption(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{host} is busy: {holder} is deploying it (use --wait to queue)")]
+    Busy { host: String, holder: String },
+    #[error("{0}")]
+    Unreachable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -59,6 +63,7 @@ impl EngineError {
                 | EngineError::Eval(_)
                 | EngineError::Plan(_)
                 | EngineError::BadOption(_)
+                | EngineError::Busy { .. }
         )
     }
 }
@@ -104,6 +109,8 @@ impl EngineConfig {
 #[derive(Clone, Debug, Default)]
 pub struct DeployRequest {
     pub selection: Selection,
+    /// Wait for busy hosts instead of refusing.
+    pub wait: bool,
     pub options: PlanOptions,
     pub trigger: String,
     pub requested_by: String,
@@ -381,6 +388,40 @@ impl Engine {
         ))
     }
 
+    /// Take the leases of `hosts` for `owner`, all or none. With `wait`, wait
+    /// for busy hosts to be released.
+    async fn lease_hosts(
+        &self,
+        hosts: &[String],
+        owner: &str,
+        wait: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(), EngineError> {
+        loop {
+            let mut refused = None;
+            for host in hosts {
+                if let Err(holder) = self.store.try_lease(host, owner, None, LEASE_TTL).await? {
+                    refused = Some((host.clone(), holder));
+                    break;
+                }
+            }
+            let Some((host, holder)) = refused else {
+                return Ok(());
+            };
+            self.store.release_leases(owner).await?;
+            if !wait || cancel.is_cancelled() {
+                return Err(EngineError::Busy {
+                    host,
+                    holder: holder.to_string(),
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+    }
+
     /// Run a deployment to the end. `sink` receives every event after it is stored;
     /// `cancel` stops starting new hosts (running ones finish or roll back).
     pub async fn deploy(
@@ -389,16 +430,19 @@ impl Engine {
         sink: Option<mpsc::UnboundedSender<Event>>,
         cancel: CancellationToken,
     ) -> Result<DeployReport, EngineError> {
+        self.store.mark_interrupted().await?;
         let options = &request.options;
         let (prepared, flake_rev) = tokio::join!(
             self.prepare(&request.selection, options),
             self.config.nix.flake_revision(&self.config.flake)
         );
         let prepared = prepared?;
-        let started_at = now_ms();
         let host_names: Vec<String> = prepared.hosts.iter().map(|h| h.name.clone()).collect();
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        self.lease_hosts(&host_names, &owner, request.wait, &cancel)
+            .await?;
         let strategy = options.strategy.as_str().to_string();
-        let id = self
+        let created = self
             .store
             .create_deployment(&NewDeployment {
                 trigger: request.trigger.clone(),
@@ -406,37 +450,332 @@ impl Engine {
                 flake: self.config.flake.clone(),
                 flake_rev,
                 strategy: strategy.clone(),
-                options: serde_json::json!({
-                    "force": options.force,
-                    "parallel_limit": options.parallel_limit,
-                    "batch_size": options.batch_size.to_string(),
-                    "canaries": options.canaries,
-                    "canary_soak_s": options.canary_soak.as_secs(),
-                    "max_failures": options.max_failures.to_string(),
-                    "continue_on_failure": options.continue_on_failure,
-                    "rollback_all_on_abort": options.rollback_all_on_abort,
-                    "activation_timeout_s": self.config.activation_timeout.as_secs(),
-                    "health_timeout_s": self.config.health_timeout.as_secs(),
-                }),
+                options: options_to_json(options, &self.config),
                 hosts: host_names.clone(),
             })
-            .await?;
+            .await;
+        let id = match created {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = self.store.release_leases(&owner).await;
+                return Err(e.into());
+            }
+        };
         let recorder = Recorder {
             store: self.store.clone(),
             deployment_id: id,
             sink,
         };
+        let result = async {
+            recorder
+                .emit(
+                    None,
+                    EventKind::DeploymentStarted {
+                        hosts: host_names,
+                        strategy: strategy.clone(),
+                    },
+                )
+                .await?;
+            self.execute(
+                id,
+                prepared,
+                options,
+                &recorder,
+                &owner,
+                &cancel,
+                BTreeMap::new(),
+            )
+            .await
+        }
+        .await;
+        let _ = self.store.release_leases(&owner).await;
+        result
+    }
+
+    /// Continue a cancelled, failed or interrupted deployment with the hosts
+    /// not yet done, re-probing every one of them first.
+    pub async fn resume(
+        &self,
+        id: Option<i64>,
+        wait: bool,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+        cancel: CancellationToken,
+    ) -> Result<DeployReport, EngineError> {
+        self.store.mark_interrupted().await?;
+        let deployment = match id {
+            Some(id) => self.store.deployment(id).await?,
+            None => self.store.deployments(50).await?.into_iter().find(|d| {
+                d.status != DeploymentStatus::Succeeded && d.status != DeploymentStatus::Running
+            }),
+        }
+        .ok_or_else(|| {
+            EngineError::BadOption(match id {
+                Some(id) => format!("no deployment #{id}"),
+                None => "no cancelled, failed or interrupted deployment to resume".into(),
+            })
+        })?;
+        match deployment.status {
+            DeploymentStatus::Running => {
+                return Err(EngineError::BadOption(format!(
+                    "deployment #{} is still running (pid {})",
+                    deployment.id,
+                    deployment.pid.unwrap_or(0)
+                )));
+            }
+            DeploymentStatus::Succeeded => {
+                return Err(EngineError::BadOption(format!(
+                    "deployment #{} succeeded; there is nothing to resume",
+                    deployment.id
+                )));
+            }
+            _ => {}
+        }
+        if deployment.flake != self.config.flake {
+            return Err(EngineError::BadOption(format!(
+                "deployment #{} was made from --flake {}; resume it with the same flake",
+                deployment.id, deployment.flake
+            )));
+        }
+        let options = options_from_json(&deployment.options)?;
+        let done: BTreeMap<String, HostRun> = self
+            .store
+            .host_runs(deployment.id)
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.status == HostStatus::Deployed
+                    || (r.status == HostStatus::Skipped && r.changed == Some(false))
+            })
+            .map(|r| (r.host.clone(), r))
+            .collect();
+        let remaining: Vec<String> = deployment
+            .hosts
+            .iter()
+            .filter(|h| !done.contains_key(*h))
+            .cloned()
+            .collect();
+        let selection = Selection {
+            names: remaining.clone(),
+            ..Selection::default()
+        };
+        let prepared = if remaining.is_empty() {
+            None
+        } else {
+            Some(self.prepare(&selection, &options).await?)
+        };
+        // Activations the dead coordinator never confirmed are still armed on
+        // their hosts; let their watchdogs settle before we look at the hosts.
+        let unsettled: Vec<(Host, String)> = match &prepared {
+            Some(p) => self
+                .store
+                .host_runs(deployment.id)
+                .await?
+                .into_iter()
+                .filter(|r| r.status == HostStatus::Interrupted)
+                .filter_map(|r| {
+                    let host = p.inventory.get(&r.host)?.clone();
+                    Some((host, r.token?))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let confirm_timeout = deployment
+            .options
+            .get("confirm_timeout_s")
+            .and_then(|v| v.as_u64())
+            .map(Duration::from_secs)
+            .unwrap_or(self.config.confirm_timeout);
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        self.lease_hosts(&remaining, &owner, wait, &cancel).await?;
+        self.store.reopen_deployment(deployment.id).await?;
+        let recorder = Recorder {
+            store: self.store.clone(),
+            deployment_id: deployment.id,
+            sink,
+        };
+        let result = async {
+            recorder
+                .emit(
+                    None,
+                    EventKind::DeploymentStarted {
+                        hosts: remaining.clone(),
+                        strategy: deployment.strategy.clone(),
+                    },
+                )
+                .await?;
+            recorder
+                .log(
+                    None,
+                    format!(
+                        "resuming deployment #{} ({}) with {} host(s) not yet done: {}",
+                        deployment.id,
+                        deployment.status,
+                        remaining.len(),
+                        remaining.join(", ")
+                    ),
+                )
+                .await?;
+            for (host, token) in &unsettled {
+                self.settle_watchdog(&recorder, host, token, confirm_timeout)
+                    .await?;
+            }
+            match prepared {
+                Some(prepared) => {
+                    self.execute(
+                        deployment.id,
+                        prepared,
+                        &options,
+                        &recorder,
+                        &owner,
+                        &cancel,
+                        done,
+                    )
+                    .await
+                }
+                None => {
+                    self.finish(
+                        deployment.id,
+                        &recorder,
+                        done.into_values().collect(),
+                        None,
+                        &cancel,
+                    )
+                    .await
+                }
+            }
+        }
+        .await;
+        let _ = self.store.release_leases(&owner).await;
+        result
+    }
+
+    /// Wait until the activator of an interrupted host run has finished and its
+    /// watchdog has decided (confirmed or reverted), so the probe that follows
+    /// sees what the host will keep running.
+    async fn settle_watchdog(
+        &self,
+        recorder: &Recorder,
+        host: &Host,
+        token: &str,
+        confirm_timeout: Duration,
+    ) -> Result<(), EngineError> {
+        let Ok(connection) = Connection::connect(&host.name, &host.target, &self.config.ssh).await
+        else {
+            return Ok(()); // unreachable: the probe will say so
+        };
         recorder
-            .emit(
-                None,
-                EventKind::DeploymentStarted {
-                    hosts: host_names,
-                    strategy: strategy.clone(),
-                },
+            .log(
+                Some(&host.name),
+                "waiting for the watchdog of the interrupted activation to settle".into(),
             )
             .await?;
+        let deadline = Instant::now()
+            + self.config.activation_timeout
+            + confirm_timeout
+            + Duration::from_secs(30);
+        loop {
+            let result = connection
+                .run(
+                    "resume",
+                    &remote::watchdog_result_argv(token),
+                    self.config.ssh.command_timeout,
+                )
+                .await;
+            match result {
+                Ok(out) if !out.stdout.trim().is_empty() && out.stdout.trim() != "reverting" => {
+                    recorder
+                        .log(Some(&host.name), format!("watchdog: {}", out.stdout.trim()))
+                        .await?;
+                    break;
+                }
+                // No activator ever ran with this token: nothing to wait for.
+                Err(ssh::SshError::Exit { .. })
+                    if connection
+                        .run(
+                            "resume",
+                            &remote::activation_status_argv(token),
+                            self.config.ssh.command_timeout,
+                        )
+                        .await
+                        .is_err()
+                        && connection
+                            .run(
+                                "resume",
+                                &[
+                                    "test".into(),
+                                    "-e".into(),
+                                    format!("{}/{token}.pid", remote::STATE_DIR),
+                                ],
+                                self.config.ssh.command_timeout,
+                            )
+                            .await
+                            .is_err() =>
+                {
+                    break;
+                }
+                Err(e) if e.is_connection() => break,
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        connection.close().await;
+        Ok(())
+    }
 
-        let probed = self.probe_all(prepared.hosts, Some(&recorder)).await?;
+    /// Probe, plan and execute `prepared` under deployment `id`. `done` are
+    /// host runs of an earlier attempt that count towards the result.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute(
+        &self,
+        id: i64,
+        prepared: Prepared,
+        options: &PlanOptions,
+        recorder: &Recorder,
+        owner: &str,
+        cancel: &CancellationToken,
+        done: BTreeMap<String, HostRun>,
+    ) -> Result<DeployReport, EngineError> {
+        // Keep our leases alive and listen for `nix-deploy cancel`.
+        let watcher = {
+            let store = self.store.clone();
+            let owner = owner.to_string();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let _ = store.renew_leases(&owner, Some(id), LEASE_TTL).await;
+                let mut tick = 0u32;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    tick += 1;
+                    if tick % 40 == 0 {
+                        let _ = store.renew_leases(&owner, Some(id), LEASE_TTL).await;
+                    }
+                    if !cancel.is_cancelled() && store.cancel_requested(id).await.unwrap_or(false) {
+                        cancel.cancel();
+                    }
+                }
+            })
+        };
+        let result = self
+            .execute_inner(id, prepared, options, recorder, cancel, done)
+            .await;
+        watcher.abort();
+        result
+    }
+
+    async fn execute_inner(
+        &self,
+        id: i64,
+        prepared: Prepared,
+        options: &PlanOptions,
+        recorder: &Recorder,
+        cancel: &CancellationToken,
+        done: BTreeMap<String, HostRun>,
+    ) -> Result<DeployReport, EngineError> {
+        let strategy = options.strategy.as_str().to_string();
+        let probed = self.probe_all(prepared.hosts, Some(recorder)).await?;
         let mut facts = Vec::new();
         for (assessment, _) in &probed {
             facts.push(self.facts(assessment, None).await?);
@@ -491,14 +830,14 @@ impl Engine {
             plan: &plan,
             options,
             store: &self.store,
-            recorder: &recorder,
+            recorder,
             runs: BTreeMap::new(),
             outcome: BTreeMap::new(),
             connections: BTreeMap::new(),
             assessments: BTreeMap::new(),
             aborted: None,
         };
-        let result = execution.run(probed, &cancel).await;
+        let result = execution.run(probed, cancel).await;
         let connections = std::mem::take(&mut execution.connections);
         for (_, connection) in connections {
             connection.close().await;
@@ -510,9 +849,22 @@ impl Engine {
                 .await;
             return Err(error);
         }
+        let mut hosts: Vec<HostRun> = done.into_values().collect();
+        hosts.extend(execution.runs.into_values());
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        self.finish(id, recorder, hosts, execution.aborted.clone(), cancel)
+            .await
+    }
 
-        let hosts: Vec<HostRun> = execution.runs.into_values().collect();
-        let error = execution.aborted.clone();
+    /// Record how the deployment ended and build its report.
+    async fn finish(
+        &self,
+        id: i64,
+        recorder: &Recorder,
+        hosts: Vec<HostRun>,
+        error: Option<String>,
+        cancel: &CancellationToken,
+    ) -> Result<DeployReport, EngineError> {
         let status = if hosts.iter().any(|h| h.status.is_failure()) || error.is_some() {
             DeploymentStatus::Failed
         } else if hosts.iter().any(|h| h.status == HostStatus::Cancelled) || cancel.is_cancelled() {
@@ -526,17 +878,262 @@ impl Engine {
         recorder
             .emit(None, EventKind::DeploymentFinished { status })
             .await?;
+        let row = self.store.deployment(id).await?;
         Ok(DeployReport {
             id,
             status,
             flake: self.config.flake.clone(),
-            strategy,
-            started_at,
+            strategy: row.as_ref().map(|d| d.strategy.clone()).unwrap_or_default(),
+            started_at: row.as_ref().map(|d| d.created_at).unwrap_or_default(),
             finished_at: now_ms(),
             error,
             hosts,
         })
     }
+
+    /// `nix-deploy rollback HOST [--to-generation N]`: switch a host back to an
+    /// earlier generation on request, verified and recorded like a deployment.
+    pub async fn rollback(
+        &self,
+        host_name: &str,
+        to_generation: Option<u32>,
+        requested_by: &str,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+    ) -> Result<DeployReport, EngineError> {
+        self.store.mark_interrupted().await?;
+        let inventory = self.inventory().await?;
+        let host =
+            inventory
+                .get(host_name)
+                .cloned()
+                .ok_or_else(|| InventoryError::UnknownHost {
+                    name: host_name.to_string(),
+                    known: inventory
+                        .hosts()
+                        .map(|h| h.name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+        let never = CancellationToken::new();
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        self.lease_hosts(std::slice::from_ref(&host.name), &owner, false, &never)
+            .await?;
+        let result = self
+            .rollback_leased(&host, to_generation, requested_by, sink)
+            .await;
+        let _ = self.store.release_leases(&owner).await;
+        result
+    }
+
+    async fn rollback_leased(
+        &self,
+        host: &Host,
+        to_generation: Option<u32>,
+        requested_by: &str,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+    ) -> Result<DeployReport, EngineError> {
+        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh).await;
+        let Some(connection) = connection else {
+            return Err(EngineError::Unreachable(
+                assessment
+                    .error
+                    .unwrap_or_else(|| format!("{}: unreachable", host.name)),
+            ));
+        };
+        let timeout = self.config.ssh.command_timeout;
+        let listing = connection
+            .run("rollback", &remote::list_generations_argv(), timeout)
+            .await;
+        let generations = listing
+            .map(|o| remote::parse_generations(&o.stdout))
+            .unwrap_or_default();
+        let current = assessment.current.generation;
+        let target = match to_generation {
+            Some(n) if generations.contains(&n) => n,
+            Some(n) => {
+                connection.close().await;
+                return Err(EngineError::BadOption(format!(
+                    "{} has no generation {n} (it has {})",
+                    host.name,
+                    generations
+                        .iter()
+                        .map(|g| g.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            None => match generations.iter().rev().find(|g| Some(**g) < current) {
+                Some(g) => *g,
+                None => {
+                    connection.close().await;
+                    return Err(EngineError::BadOption(format!(
+                        "{} has no generation before {} to roll back to",
+                        host.name,
+                        current.map(|g| g.to_string()).unwrap_or("-".into())
+                    )));
+                }
+            },
+        };
+        let id = self
+            .store
+            .create_deployment(&NewDeployment {
+                trigger: "cli".into(),
+                requested_by: requested_by.to_string(),
+                flake: self.config.flake.clone(),
+                flake_rev: None,
+                strategy: "rollback".into(),
+                options: serde_json::json!({ "host": host.name, "to_generation": target }),
+                hosts: vec![host.name.clone()],
+            })
+            .await?;
+        let recorder = Recorder {
+            store: self.store.clone(),
+            deployment_id: id,
+            sink,
+        };
+        recorder
+            .emit(
+                None,
+                EventKind::DeploymentStarted {
+                    hosts: vec![host.name.clone()],
+                    strategy: "rollback".into(),
+                },
+            )
+            .await?;
+        let context = HostContext {
+            nix: self.config.nix.clone(),
+            ssh: self.config.ssh.clone(),
+            activation_timeout: self.config.activation_timeout,
+            health_timeout: self.config.health_timeout,
+            confirm_timeout: self.config.confirm_timeout,
+            min_free_kib: 0,
+            skip_validation: self.config.skip_validation,
+            force: true,
+            substitute: false,
+            recorder: recorder.clone(),
+        };
+        let mut run = HostRun::new(id, &host.name);
+        run.status = HostStatus::Running;
+        run.changed = Some(true);
+        run.from = assessment.current.clone();
+        run.to.generation = Some(target);
+        run.reason = Some(format!("rollback to generation {target} on request"));
+        run.started_at = Some(now_ms());
+        self.store.save_host_run(&run).await?;
+        let checks = context.checks(host);
+        let health_timeout = self.config.health_timeout;
+        let work = async {
+            let link = connection
+                .run(
+                    "rollback",
+                    &[
+                        "readlink".to_string(),
+                        "-f".into(),
+                        remote::generation_link(target),
+                    ],
+                    timeout,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let path = link.stdout.trim().to_string();
+            roll_back(&connection, target, &path).await?;
+            crate::health::validate(&connection, &checks, health_timeout)
+                .await
+                .map_err(|(m, _)| format!("{}: rollback: {m}", host.name))?;
+            Ok::<String, String>(path)
+        };
+        let outcome = context.step(&mut run, Step::Rollback, work).await?;
+        run.finished_at = Some(now_ms());
+        run.step = None;
+        match outcome {
+            Ok(path) => {
+                run.status = HostStatus::Deployed;
+                run.to.path = Some(path);
+            }
+            Err(e) => {
+                run.status = HostStatus::RollbackFailed;
+                run.error = Some(e);
+            }
+        }
+        connection.close().await;
+        self.store.save_host_run(&run).await?;
+        self.store.record_host_result(&run).await?;
+        recorder
+            .emit(
+                Some(&run.host),
+                EventKind::HostFinished {
+                    status: run.status,
+                    from: run.from.clone(),
+                    to: run.to.clone(),
+                    duration_ms: run.duration_ms().unwrap_or(0).max(0) as u64,
+                    error: run.error.clone(),
+                },
+            )
+            .await?;
+        self.finish(id, &recorder, vec![run], None, &CancellationToken::new())
+            .await
+    }
+}
+
+/// How long a lease lasts without renewal (renewed every 10 s while working).
+const LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// The request's options as stored with the deployment (and read back by `resume`).
+fn options_to_json(options: &PlanOptions, config: &EngineConfig) -> serde_json::Value {
+    serde_json::json!({
+        "strategy": options.strategy.as_str(),
+        "force": options.force,
+        "parallel_limit": options.parallel_limit,
+        "batch_size": options.batch_size.to_string(),
+        "canaries": options.canaries,
+        "canary_soak_s": options.canary_soak.as_secs(),
+        "max_failures": options.max_failures.to_string(),
+        "continue_on_failure": options.continue_on_failure,
+        "rollback_all_on_abort": options.rollback_all_on_abort,
+        "activation_timeout_s": config.activation_timeout.as_secs(),
+        "health_timeout_s": config.health_timeout.as_secs(),
+        "confirm_timeout_s": config.confirm_timeout.as_secs(),
+        "skip_validation": config.skip_validation,
+    })
+}
+
+fn options_from_json(json: &serde_json::Value) -> Result<PlanOptions, EngineError> {
+    let text = |key: &str| json.get(key).and_then(|v| v.as_str()).map(str::to_string);
+    let flag =
+        |key: &str, default: bool| json.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
+    let number = |key: &str| json.get(key).and_then(|v| v.as_u64());
+    let defaults = PlanOptions::default();
+    let (strategy, _) = Strategy::parse(&text("strategy").unwrap_or_else(|| "smart".into()))?;
+    Ok(PlanOptions {
+        strategy,
+        force: flag("force", false),
+        parallel_limit: number("parallel_limit")
+            .map(|n| n as usize)
+            .unwrap_or(defaults.parallel_limit),
+        batch_size: match text("batch_size") {
+            Some(b) => plan::Amount::parse(&b)?,
+            None => defaults.batch_size,
+        },
+        canaries: json
+            .get("canaries")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        canary_soak: number("canary_soak_s")
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.canary_soak),
+        max_failures: match text("max_failures") {
+            Some(m) => plan::Amount::parse(&m)?,
+            None => defaults.max_failures,
+        },
+        continue_on_failure: flag("continue_on_failure", false),
+        rollback_all_on_abort: flag("rollback_all_on_abort", true),
+        ..defaults
+    })
 }
 
 fn plan_report(flake: &str, fleet_size: usize, plan: Plan) -> PlanReport {

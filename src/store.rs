@@ -560,6 +560,239 @@ impl Store {
     }
 }
 
+/// Who holds a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub host: String,
+    pub owner: String,
+    pub deployment_id: Option<i64>,
+    pub pid: i64,
+    pub expires_at: i64,
+}
+
+impl std::fmt::Display for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.deployment_id {
+            Some(id) => write!(f, "deployment #{id} (pid {})", self.pid),
+            None => write!(f, "another nix-deploy run (pid {})", self.pid),
+        }
+    }
+}
+
+/// Whether a local process is alive and is a nix-deploy (pids get reused).
+pub fn process_alive(pid: i64) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    if pid == std::process::id() as i64 {
+        return true;
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains("nix-deploy"),
+        Err(_) => false,
+    }
+}
+
+impl Store {
+    fn lease_from_row(row: &sqlx::sqlite::SqliteRow) -> Lease {
+        Lease {
+            host: row.get("host"),
+            owner: row.get("owner"),
+            deployment_id: row.get("deployment_id"),
+            pid: row.get("pid"),
+            expires_at: row.get("expires_at"),
+        }
+    }
+
+    pub async fn lease(&self, host: &str) -> Result<Option<Lease>, StoreError> {
+        let row = sqlx::query("SELECT * FROM leases WHERE host = ?")
+            .bind(host)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading a lease"))?;
+        Ok(row.as_ref().map(Self::lease_from_row))
+    }
+
+    /// Take the lease of `host` for `owner`, or say who holds it. A lease that
+    /// expired, or whose process is gone, is taken over. Compare-and-swap on
+    /// the old row, so two racing owners cannot both win.
+    pub async fn try_lease(
+        &self,
+        host: &str,
+        owner: &str,
+        deployment_id: Option<i64>,
+        ttl: Duration,
+    ) -> Result<Result<(), Lease>, StoreError> {
+        let now = now_ms();
+        let expires = now + ttl.as_millis() as i64;
+        let pid = std::process::id() as i64;
+        let changed = match self.lease(host).await? {
+            None => sqlx::query(
+                "INSERT INTO leases (host, owner, deployment_id, pid, acquired_at, expires_at)
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (host) DO NOTHING",
+            )
+            .bind(host)
+            .bind(owner)
+            .bind(deployment_id)
+            .bind(pid)
+            .bind(now)
+            .bind(expires)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("taking a lease"))?
+            .rows_affected(),
+            Some(held) => {
+                let ours = held.owner == owner;
+                let dead = held.expires_at < now || !process_alive(held.pid);
+                if !ours && !dead {
+                    return Ok(Err(held));
+                }
+                sqlx::query(
+                    "UPDATE leases SET owner = ?, deployment_id = ?, pid = ?, acquired_at = ?, expires_at = ?
+                     WHERE host = ? AND owner = ? AND expires_at = ?",
+                )
+                .bind(owner)
+                .bind(deployment_id)
+                .bind(pid)
+                .bind(now)
+                .bind(expires)
+                .bind(host)
+                .bind(&held.owner)
+                .bind(held.expires_at)
+                .execute(&self.pool)
+                .await
+                .map_err(query_error("taking over a lease"))?
+                .rows_affected()
+            }
+        };
+        if changed == 1 {
+            Ok(Ok(()))
+        } else {
+            // Somebody else won the race; report them.
+            Ok(Err(self.lease(host).await?.unwrap_or(Lease {
+                host: host.to_string(),
+                owner: "unknown".into(),
+                deployment_id: None,
+                pid: 0,
+                expires_at: now,
+            })))
+        }
+    }
+
+    /// Extend every lease of `owner` (and name its deployment once known).
+    pub async fn renew_leases(
+        &self,
+        owner: &str,
+        deployment_id: Option<i64>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE leases SET expires_at = ?, deployment_id = COALESCE(?, deployment_id) WHERE owner = ?",
+        )
+        .bind(now_ms() + ttl.as_millis() as i64)
+        .bind(deployment_id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("renewing leases"))?;
+        Ok(())
+    }
+
+    pub async fn release_leases(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leases WHERE owner = ?")
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("releasing leases"))?;
+        Ok(())
+    }
+
+    /// Ask a running deployment to stop starting hosts.
+    pub async fn request_cancel(&self, id: i64) -> Result<bool, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE deployments SET cancel_requested = 1 WHERE id = ? AND status = 'running'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("requesting a cancel"))?
+        .rows_affected();
+        Ok(changed == 1)
+    }
+
+    pub async fn cancel_requested(&self, id: i64) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT cancel_requested FROM deployments WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading a cancel request"))?;
+        Ok(row.map(|r| r.get::<i64, _>(0) != 0).unwrap_or(false))
+    }
+
+    /// Take over a deployment for a resume: running again, by this process.
+    pub async fn reopen_deployment(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE deployments SET status = 'running', finished_at = NULL, error = NULL,
+                 cancel_requested = 0, pid = ? WHERE id = ?",
+        )
+        .bind(std::process::id() as i64)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("reopening a deployment"))?;
+        Ok(())
+    }
+
+    /// Deployments marked running whose coordinator is gone become
+    /// `interrupted`, with their unfinished host runs; returns their ids.
+    pub async fn mark_interrupted(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query("SELECT id, pid FROM deployments WHERE status = 'running'")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("finding running deployments"))?;
+        let mut interrupted = Vec::new();
+        for row in rows {
+            let id: i64 = row.get("id");
+            let pid: Option<i64> = row.get("pid");
+            if pid.is_some_and(process_alive) {
+                continue;
+            }
+            let message = format!(
+                "the coordinator (pid {}) stopped while this deployment was running",
+                pid.unwrap_or(0)
+            );
+            sqlx::query(
+                "UPDATE deployments SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND status = 'running'",
+            )
+            .bind(now_ms())
+            .bind(&message)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("marking a deployment interrupted"))?;
+            sqlx::query(
+                "UPDATE host_runs SET status = 'interrupted', finished_at = ?,
+                     error = COALESCE(error, ?) WHERE deployment_id = ? AND status IN ('pending', 'running')",
+            )
+            .bind(now_ms())
+            .bind(&message)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("marking host runs interrupted"))?;
+            sqlx::query("DELETE FROM leases WHERE deployment_id = ?")
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(query_error("releasing an interrupted deployment's leases"))?;
+            self.append_event(id, None, EventKind::Log { message })
+                .await?;
+            interrupted.push(id);
+        }
+        Ok(interrupted)
+    }
+}
+
 /// Serialising the few JSON columns without a fallible path at every call site.
 mod erased {
     pub trait Json {
@@ -659,6 +892,69 @@ mod tests {
         assert_eq!(hosts[0].generation, Some(2));
         assert_eq!(hosts[0].last_status.as_deref(), Some("deployed"));
         assert_eq!(store.deployments(10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn leases_refuse_a_live_holder_and_take_over_expired_ones() {
+        let (_dir, store) = store().await;
+        let ttl = Duration::from_secs(60);
+        assert_eq!(
+            store.try_lease("h", "one", Some(1), ttl).await.unwrap(),
+            Ok(())
+        );
+        // Same owner: renewal.
+        assert_eq!(
+            store.try_lease("h", "one", Some(1), ttl).await.unwrap(),
+            Ok(())
+        );
+        // Another owner while this (live) process holds it: refused, naming the holder.
+        let held = store
+            .try_lease("h", "two", Some(2), ttl)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(held.deployment_id, Some(1));
+        assert!(held.to_string().contains("deployment #1"));
+        // An expired lease is taken over.
+        store
+            .renew_leases("one", None, Duration::ZERO)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store.try_lease("h", "two", Some(2), ttl).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(store.lease("h").await.unwrap().unwrap().owner, "two");
+        store.release_leases("two").await.unwrap();
+        assert_eq!(store.lease("h").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_dead_coordinators_deployment_becomes_interrupted() {
+        let (_dir, store) = store().await;
+        let id = store.create_deployment(&new_deployment()).await.unwrap();
+        let mut run = HostRun::new(id, "web1");
+        run.status = HostStatus::Running;
+        store.save_host_run(&run).await.unwrap();
+        // Our own process is alive: nothing happens.
+        assert!(store.mark_interrupted().await.unwrap().is_empty());
+        sqlx::query("UPDATE deployments SET pid = 999999999 WHERE id = ?")
+            .bind(id)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(store.mark_interrupted().await.unwrap(), vec![id]);
+        let d = store.deployment(id).await.unwrap().unwrap();
+        assert_eq!(d.status, DeploymentStatus::Interrupted);
+        assert_eq!(
+            store.host_runs(id).await.unwrap()[0].status,
+            HostStatus::Interrupted
+        );
+        assert!(
+            !store.request_cancel(id).await.unwrap(),
+            "not running any more"
+        );
     }
 
     #[tokio::test]

@@ -90,6 +90,64 @@ pub enum Command {
         /// Deployment id [default: the latest].
         id: Option<i64>,
     },
+    /// Stop a running deployment: no new hosts start; hosts in the middle of
+    /// activation finish or roll back.
+    Cancel {
+        /// Deployment id [default: the running one].
+        id: Option<i64>,
+    },
+    /// Continue a cancelled, failed or interrupted deployment with the hosts
+    /// not yet done (every host is probed again first).
+    Resume {
+        /// Deployment id [default: the latest that did not succeed].
+        id: Option<i64>,
+        /// Wait for busy hosts instead of refusing.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+    /// Switch a host back to an earlier generation (default: the one before
+    /// the current), verify it, and record it in history.
+    Rollback {
+        host: String,
+        #[arg(long, value_name = "N")]
+        to_generation: Option<u32>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+}
+
+/// Timeouts and checks of a run that touches hosts.
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Overall deadline of a host's health validation, in seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub health_timeout: u64,
+    /// Seconds the watchdog on a host waits for confirmation (over a new SSH
+    /// connection) before switching back to the previous generation by itself.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub confirm_timeout: u64,
+    /// Pre-flight: free space /nix/store must have on the host, in MiB.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub min_free_space: u64,
+    /// Emergency deploy: skip pre-flight and health checks (the host must
+    /// still run the new system afterwards).
+    #[arg(long)]
+    pub skip_validation: bool,
+    /// Timeout of `switch-to-configuration` in seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub activation_timeout: u64,
+}
+
+impl RuntimeArgs {
+    fn apply(&self, config: &mut EngineConfig) {
+        config.health_timeout = Duration::from_secs(self.health_timeout.max(1));
+        config.confirm_timeout = Duration::from_secs(self.confirm_timeout.max(1));
+        config.min_free_kib = self.min_free_space.saturating_mul(1024);
+        config.skip_validation = self.skip_validation;
+        config.activation_timeout = Duration::from_secs(self.activation_timeout.max(1));
+    }
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -189,23 +247,11 @@ pub struct DeployArgs {
     pub select: SelectArgs,
     #[command(flatten)]
     pub strategy: StrategyArgs,
-    /// Overall deadline of a host's health validation, in seconds.
-    #[arg(long, default_value_t = 120, value_name = "SECS")]
-    pub health_timeout: u64,
-    /// Seconds the watchdog on a host waits for confirmation (over a new SSH
-    /// connection) before switching back to the previous generation by itself.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    pub confirm_timeout: u64,
-    /// Pre-flight: free space /nix/store must have on the host, in MiB.
-    #[arg(long, default_value_t = 1024, value_name = "MIB")]
-    pub min_free_space: u64,
-    /// Emergency deploy: skip pre-flight and health checks (the host must
-    /// still run the new system afterwards).
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Wait for hosts another deployment holds instead of refusing.
     #[arg(long)]
-    pub skip_validation: bool,
-    /// Timeout of `switch-to-configuration` in seconds.
-    #[arg(long, default_value_t = 600, value_name = "SECS")]
-    pub activation_timeout: u64,
+    pub wait: bool,
     /// Let hosts fetch from their substituters instead of receiving everything from us.
     #[arg(long)]
     pub substitute_on_destination: bool,
@@ -287,9 +333,17 @@ fn control_dir() -> anyhow::Result<tempfile::TempDir> {
         .context("creating a directory for ssh control sockets")
 }
 
+/// Open the history; deployments whose coordinator died are marked
+/// `interrupted` on the way (crash recovery).
 async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
-    Ok(Store::open(&dir).await?)
+    let store = Store::open(&dir).await?;
+    for id in store.mark_interrupted().await? {
+        eprintln!(
+            "note: deployment #{id} was interrupted (its coordinator stopped); `nix-deploy resume {id}` continues it"
+        );
+    }
+    Ok(store)
 }
 
 fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
@@ -335,6 +389,63 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Deploy(args) => deploy(&cli, args).await,
+        Command::Cancel { id } => {
+            let store = open_store(&cli).await?;
+            let id = match id {
+                Some(id) => *id,
+                None => match store
+                    .deployments(50)
+                    .await?
+                    .into_iter()
+                    .find(|d| d.status == DeploymentStatus::Running)
+                {
+                    Some(d) => d.id,
+                    None => {
+                        eprintln!("error: no deployment is running");
+                        return Ok(EXIT_BAD_INPUT);
+                    }
+                },
+            };
+            if !store.request_cancel(id).await? {
+                eprintln!("error: deployment #{id} is not running");
+                return Ok(EXIT_BAD_INPUT);
+            }
+            if cli.json {
+                output::print_json(&serde_json::json!({ "id": id, "cancel_requested": true }))?;
+            } else {
+                println!(
+                    "Cancel requested for deployment #{id}: no new hosts will start; running hosts finish or roll back."
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Resume { id, wait, runtime } => {
+            let control = control_dir()?;
+            let store = open_store(&cli).await?;
+            let mut config = engine_config(&cli, control.path());
+            runtime.apply(&mut config);
+            let engine = Engine::new(config, store);
+            watch(&cli, |sink, cancel| {
+                engine.resume(*id, *wait, Some(sink), cancel)
+            })
+            .await
+        }
+        Command::Rollback {
+            host,
+            to_generation,
+            runtime,
+        } => {
+            let control = control_dir()?;
+            let store = open_store(&cli).await?;
+            let mut config = engine_config(&cli, control.path());
+            runtime.apply(&mut config);
+            let engine = Engine::new(config, store);
+            let who = who();
+            watch(&cli, |sink, _cancel| {
+                engine.rollback(host, *to_generation, &who, Some(sink))
+            })
+            .await
+        }
         Command::Status => {
             let store = open_store(&cli).await?;
             let hosts = store.host_states().await?;
@@ -396,39 +507,36 @@ async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
     let control = control_dir()?;
     let store = open_store(cli).await?;
     let mut config = engine_config(cli, control.path());
-    config.health_timeout = Duration::from_secs(args.health_timeout.max(1));
-    config.confirm_timeout = Duration::from_secs(args.confirm_timeout.max(1));
-    config.min_free_kib = args.min_free_space.saturating_mul(1024);
-    config.skip_validation = args.skip_validation;
-    config.activation_timeout = Duration::from_secs(args.activation_timeout.max(1));
+    args.runtime.apply(&mut config);
     config.substitute_on_destination = args.substitute_on_destination;
     let engine = Engine::new(config, store);
+    let request = DeployRequest {
+        selection: args.select.selection(),
+        wait: args.wait,
+        options,
+        trigger: "cli".into(),
+        requested_by: who(),
+    };
+    watch(cli, |sink, cancel| {
+        engine.deploy(request, Some(sink), cancel)
+    })
+    .await
+}
 
+/// Run a deployment with live progress, Ctrl-C handling and the final report.
+async fn watch<F, Fut>(cli: &Cli, start: F) -> anyhow::Result<u8>
+where
+    F: FnOnce(tokio::sync::mpsc::UnboundedSender<crate::events::Event>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::engine::DeployReport, EngineError>>,
+{
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     // Bars only for a person watching; pipes, CI and --json get plain lines.
     let fancy = !cli.json && std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     let display = tokio::spawn(progress::render(receiver, fancy));
-
-    // Ctrl-C: stop starting hosts; the ones in the middle of a step finish.
-    let on_interrupt = cancel.clone();
-    let interrupt = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!(
-                "\ninterrupted: no new hosts will start; waiting for running hosts to finish"
-            );
-            on_interrupt.cancel();
-        }
-    });
-
-    let request = DeployRequest {
-        selection: args.select.selection(),
-        options,
-        trigger: "cli".into(),
-        requested_by: who(),
-    };
-    let result = engine.deploy(request, Some(sender), cancel).await;
-    interrupt.abort();
+    let signals = tokio::spawn(on_signals(cancel.clone()));
+    let result = start(sender, cancel).await;
+    signals.abort();
     let _ = display.await;
     let report = result?;
     if cli.json {
@@ -441,4 +549,35 @@ async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
         DeploymentStatus::Cancelled if !report.any_failure() => EXIT_CANCELLED,
         _ => EXIT_FAILED,
     })
+}
+
+/// Ctrl-C asks for confirmation (a second Ctrl-C within 10 s) before it
+/// cancels; SIGTERM cancels at once. Either way no new host starts and hosts
+/// in the middle of activation finish or roll back.
+async fn on_signals(cancel: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut asked: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => {
+                if asked.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+                    eprintln!("\ncancelling: no new hosts will start; running hosts finish or roll back");
+                    cancel.cancel();
+                } else {
+                    eprintln!("\npress Ctrl-C again within 10 s to cancel the deployment");
+                    asked = Some(std::time::Instant::now());
+                }
+            }
+            _ = terminate.recv() => {
+                eprintln!("\nterminated: no new hosts will start; running hosts finish or roll back");
+                cancel.cancel();
+            }
+        }
+    }
 }

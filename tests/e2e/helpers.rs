@@ -44,6 +44,58 @@ impl Harness {
         cmd.output().expect("running nix-deploy")
     }
 
+    /// Start `nix-deploy --json ARGS` in the background; its output goes to
+    /// files in the state dir (`NAME.out`, `NAME.err`).
+    pub fn spawn(&self, name: &str, args: &[&str]) -> std::process::Child {
+        let mut cmd = std::process::Command::new(binary());
+        cmd.arg("--json")
+            .arg("--flake")
+            .arg(self.fleet.flake_ref())
+            .arg("--ssh-config")
+            .arg(self.fleet.ssh_config())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["--connect-timeout", "5", "--command-timeout", "30"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(self.state_dir().join(format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(self.state_dir().join(format!("{name}.err"))).unwrap());
+        for (k, v) in self.fleet.env() {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawning nix-deploy")
+    }
+
+    /// Wait for a background run; returns exit code, parsed stdout, stderr.
+    pub fn wait(&self, name: &str, mut child: std::process::Child) -> (i32, Value, String) {
+        let status = child.wait().expect("waiting for nix-deploy");
+        let stdout = std::fs::read_to_string(self.state_dir().join(format!("{name}.out"))).unwrap();
+        let stderr = std::fs::read_to_string(self.state_dir().join(format!("{name}.err"))).unwrap();
+        let value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+        (status.code().unwrap_or(-1), value, stderr)
+    }
+
+    /// Poll until `condition` holds (panics after `secs`).
+    pub fn until(&self, secs: u64, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !condition() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The host's profile generation points at what it runs: it is not
+    /// between generations.
+    pub fn consistent(&self, name: &str) -> bool {
+        match self.fleet.generation(name) {
+            None => self.fleet.current_system(name).is_none(),
+            Some(g) => self.fleet.generation_path(name, g) == self.fleet.current_system(name),
+        }
+    }
+
     /// Run with `--json` and parse stdout.
     pub fn json(&self, args: &[&str]) -> (i32, Value, String) {
         let mut all = vec!["--json"];

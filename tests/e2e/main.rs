@@ -5,5 +5,6 @@
 mod cli;
 mod deploy;
 mod helpers;
+mod recovery;
 mod safety;
 mod strategies;

@@ -1,0 +1,173 @@
+//! Cancel, crash recovery and resume, one deployment per host, and rollback on
+//! request. Each test checks that no host is left between generations.
+
+use nix_deploy::testkit::HostSpec;
+
+use crate::helpers::{Harness, status};
+
+fn slow_fleet(names: &[&str], delay_ms: u64) -> Harness {
+    let mut h = Harness::start(names.iter().map(|n| HostSpec::new(n)).collect());
+    assert_eq!(h.deploy(&["--parallel-limit", "8"]).0, 0);
+    for name in names {
+        h.fleet
+            .update(name, |s| {
+                s.bump();
+                s.activation_delay_ms = delay_ms;
+            })
+            .unwrap();
+    }
+    h
+}
+
+#[test]
+fn a_second_deployment_on_a_busy_host_is_refused_naming_the_holder() {
+    let h = slow_fleet(&["busy", "free"], 2500);
+    let first = h.spawn("first", &["deploy", "busy"]);
+    h.until(20, "the first deployment to activate", || {
+        h.fleet.activations("busy").len() >= 2
+    });
+    let out = h.run(&["deploy", "busy", "free"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("busy is busy") && stderr.contains("deployment #2"),
+        "{stderr}"
+    );
+    // Nothing of the refused deployment happened: `free` was not touched.
+    assert_eq!(h.fleet.generations("free"), vec![1]);
+    let (code, report, stderr) = h.wait("first", first);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(h.fleet.generation("busy"), Some(2));
+    // Released: the next deployment goes through.
+    assert_eq!(h.deploy(&["free"]).0, 0);
+}
+
+#[test]
+fn cancel_mid_deployment_leaves_no_host_between_generations() {
+    let names = ["c1", "c2", "c3", "c4"];
+    let h = slow_fleet(&names, 1200);
+    let child = h.spawn("deploy", &["deploy", "--parallel", "--parallel-limit", "1"]);
+    h.until(20, "the first activation", || {
+        h.fleet.activations("c1").len() >= 2
+    });
+    let out = h.run(&["cancel"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, report, stderr) = h.wait("deploy", child);
+    assert_eq!(code, 3, "cancelled: {report:#}\n{stderr}");
+    assert_eq!(report["status"], "cancelled");
+    assert_eq!(
+        status(&report, "c1"),
+        "deployed",
+        "the host in the middle finished"
+    );
+    let cancelled = names
+        .iter()
+        .filter(|n| status(&report, n) == "cancelled")
+        .count();
+    assert!(cancelled >= 2, "{report:#}");
+    for name in names {
+        assert!(h.consistent(name), "{name} is between generations");
+    }
+    // Resume finishes the rest.
+    let (code, report, stderr) = h.json(&["resume"]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    for name in names {
+        assert_eq!(h.fleet.generation(name), Some(2), "{name}");
+        assert!(h.consistent(name));
+    }
+}
+
+#[test]
+fn a_killed_coordinator_is_reported_interrupted_and_resume_completes() {
+    let names = ["k1", "k2", "k3"];
+    let h = slow_fleet(&names, 1500);
+    let mut child = h.spawn(
+        "deploy",
+        &[
+            "deploy",
+            "--parallel",
+            "--parallel-limit",
+            "1",
+            "--confirm-timeout",
+            "2",
+        ],
+    );
+    h.until(20, "the first activation", || {
+        h.fleet.activations("k1").len() >= 2
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // The next start finds it running with a dead owner.
+    let (code, history, stderr) = h.json(&["history"]);
+    assert_eq!(code, 0);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let latest = &history["deployments"][0];
+    assert_eq!(latest["status"], "interrupted", "{history:#}");
+    assert!(
+        latest["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == "interrupted"),
+        "{latest:#}"
+    );
+    // Nothing written before the kill was lost.
+    let id = latest["id"].as_i64().unwrap().to_string();
+    let (_, shown, _) = h.json(&["show", &id]);
+    let kinds: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"step-started") && kinds.contains(&"host-probed"),
+        "{kinds:?}"
+    );
+
+    let (code, report, stderr) = h.json(&["resume", &id]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(report["id"].as_i64().unwrap().to_string(), id);
+    assert_eq!(report["status"], "succeeded");
+    for name in names {
+        assert_eq!(
+            h.fleet.current_system(name),
+            Some(h.fleet.toplevel(name).unwrap()),
+            "{name}"
+        );
+        assert!(h.consistent(name), "{name} is between generations");
+    }
+}
+
+#[test]
+fn rollback_on_request_switches_to_the_previous_generation_and_is_recorded() {
+    let mut h = Harness::start(vec![HostSpec::new("r1")]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    let first = h.fleet.current_system("r1").unwrap();
+    h.fleet.update("r1", |s| s.bump()).unwrap();
+    assert_eq!(h.deploy(&[]).0, 0);
+    assert_eq!(h.fleet.generation("r1"), Some(2));
+
+    let (code, report, stderr) = h.json(&["rollback", "r1"]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(status(&report, "r1"), "deployed");
+    assert_eq!(h.fleet.current_system("r1"), Some(first));
+    assert_eq!(h.fleet.generation("r1"), Some(1));
+    let (_, history, _) = h.json(&["history"]);
+    assert_eq!(history["deployments"][0]["strategy"], "rollback");
+
+    // And forward again to an explicit generation.
+    let (code, _, _) = h.json(&["rollback", "r1", "--to-generation", "2"]);
+    assert_eq!(code, 0);
+    assert_eq!(h.fleet.generation("r1"), Some(2));
+    let out = h.run(&["rollback", "r1", "--to-generation", "9"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = h.run(&["rollback", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+}
