@@ -51,3 +51,8 @@ deployment-history LIMIT="20":
 # One deployment in detail (default: the latest).
 deployment-show *ID:
     {{bin}} show {{ID}}
+
+# Benchmarks against real local test hosts (see BENCHMARKS.md).
+bench: setup
+    cargo build --release --bin nix-deploy
+    cargo bench --bench fleet

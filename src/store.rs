@@ -201,6 +201,11 @@ impl Store {
         &self.path
     }
 
+    /// For read-only reporting queries (metrics) that live next to their users.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

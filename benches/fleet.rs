@@ -1,0 +1,2 @@
+//! (being written) `just bench`.
+fn main() {}
