@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -127,7 +127,7 @@ pub struct Assessment {
 }
 
 /// What `plan` shows.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PlanReport {
     pub flake: String,
     pub fleet_size: usize,
@@ -1072,6 +1072,60 @@ impl Engine {
             .await?;
         self.finish(id, &recorder, vec![run], None, &CancellationToken::new())
             .await
+    }
+}
+
+/// A host's health right now, for `POST /hosts/{host}/health` and `just health-check`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostHealth {
+    pub host: String,
+    pub reachable: bool,
+    pub current: SystemRef,
+    /// Whether it runs what the flake evaluates to.
+    pub state: HostState,
+    pub healthy: bool,
+    pub results: Vec<crate::health::CheckResult>,
+    pub error: Option<String>,
+}
+
+impl Engine {
+    /// Probe one host and run its health checks once (retrying within `within`).
+    pub async fn check_health(&self, host_name: &str, within: Duration) -> Result<HostHealth, EngineError> {
+        let inventory = self.inventory().await?;
+        let host = inventory
+            .get(host_name)
+            .cloned()
+            .ok_or_else(|| InventoryError::UnknownHost {
+                name: host_name.to_string(),
+                known: inventory.hosts().map(|h| h.name.clone()).collect::<Vec<_>>().join(", "),
+            })?;
+        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh).await;
+        let Some(connection) = connection else {
+            return Ok(HostHealth {
+                host: host.name,
+                reachable: false,
+                current: assessment.current,
+                state: assessment.state,
+                healthy: false,
+                results: Vec::new(),
+                error: assessment.error,
+            });
+        };
+        let outcome = crate::health::validate(&connection, &host.health_checks, within).await;
+        connection.close().await;
+        let (healthy, results, error) = match outcome {
+            Ok(results) => (true, results, None),
+            Err((message, results)) => (false, results, Some(message)),
+        };
+        Ok(HostHealth {
+            host: host.name,
+            reachable: true,
+            current: assessment.current,
+            state: assessment.state,
+            healthy,
+            results,
+            error,
+        })
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::events::{HostState, SystemRef};
 use crate::summary::ChangeSummary;
@@ -30,7 +30,7 @@ pub enum PlanError {
 }
 
 /// How phases are formed and gated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     Smart,
@@ -184,6 +184,69 @@ impl Default for PlanOptions {
     }
 }
 
+/// Options as a request spells them (API body, chat command); unset fields
+/// take the daemon's defaults.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionsInput {
+    pub strategy: Option<String>,
+    #[serde(default)]
+    pub parallel: bool,
+    #[serde(default)]
+    pub sequential: bool,
+    pub batch_size: Option<String>,
+    #[serde(default)]
+    pub canary: Vec<String>,
+    pub canary_soak: Option<String>,
+    pub max_failures: Option<String>,
+    #[serde(default)]
+    pub continue_on_failure: bool,
+    pub rollback_all_on_abort: Option<bool>,
+    #[serde(default)]
+    pub force: bool,
+    pub parallel_limit: Option<usize>,
+}
+
+impl OptionsInput {
+    pub fn resolve(&self, defaults: &PlanOptions) -> Result<PlanOptions, PlanError> {
+        let name = if self.parallel {
+            Some("parallel")
+        } else if self.sequential {
+            Some("sequential")
+        } else {
+            self.strategy.as_deref()
+        };
+        let (strategy, implied_batch) = match name {
+            Some(name) => Strategy::parse(name)?,
+            None => (defaults.strategy, None),
+        };
+        Ok(PlanOptions {
+            strategy,
+            force: self.force,
+            parallel_limit: self.parallel_limit.unwrap_or(defaults.parallel_limit),
+            batch_size: match (&self.batch_size, implied_batch) {
+                (Some(b), _) => Amount::parse(b)?,
+                (None, Some(b)) => b,
+                (None, None) => defaults.batch_size,
+            },
+            canaries: self.canary.clone(),
+            canary_soak: match &self.canary_soak {
+                Some(d) => parse_duration(d)?,
+                None => defaults.canary_soak,
+            },
+            max_failures: match &self.max_failures {
+                Some(m) => Amount::parse(m)?,
+                None => defaults.max_failures,
+            },
+            continue_on_failure: self.continue_on_failure,
+            rollback_all_on_abort: self
+                .rollback_all_on_abort
+                .unwrap_or(defaults.rollback_all_on_abort),
+            default_estimate: defaults.default_estimate,
+        })
+    }
+}
+
 /// A host of the whole fleet, as the dependency graph needs it.
 #[derive(Clone, Debug)]
 pub struct GraphHost {
@@ -334,7 +397,7 @@ fn order_cycle(members: &[String], depends_on: &BTreeMap<String, BTreeSet<String
 }
 
 /// What the plan does with a host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
     Deploy,
@@ -353,7 +416,7 @@ impl Action {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Risk {
     Low,
@@ -372,7 +435,7 @@ impl Risk {
 }
 
 /// A host's past, from the history.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostHistory {
     /// Durations of recent successful runs, in milliseconds.
     pub successful_ms: Vec<u64>,
@@ -394,7 +457,7 @@ pub struct HostFacts {
     pub history: HostHistory,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlannedHost {
     pub name: String,
     pub role: String,
@@ -421,7 +484,7 @@ pub struct PlannedHost {
     pub summary: Option<ChangeSummary>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Phase {
     pub index: usize,
     pub hosts: Vec<String>,
@@ -429,7 +492,7 @@ pub struct Phase {
     pub note: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub strategy: Strategy,
     pub strategy_reason: String,

@@ -65,7 +65,7 @@ pub struct NewDeployment {
     pub hosts: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct DeploymentRow {
     pub id: i64,
     pub created_at: i64,
@@ -93,7 +93,7 @@ pub struct StepTiming {
 }
 
 /// One host's part in a deployment.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct HostRun {
     pub deployment_id: i64,
     pub host: String,
@@ -139,7 +139,7 @@ impl HostRun {
 }
 
 /// What we last knew about a host.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct HostStateRow {
     pub name: String,
     pub current_path: Option<String>,

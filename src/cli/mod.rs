@@ -4,6 +4,16 @@
 //! 2 bad input (nothing touched), 3 cancelled.
 
 mod output;
+#[cfg(any())] // DAEMON-GATE
+mod remote;
+#[cfg(any())] // DAEMON-GATE
+mod serve;
+pub use output::{deployment_json, report_json};
+
+/// Formatting helpers shared with the API's reports.
+pub mod output_helpers {
+    pub use super::output::{duration_ms, generation, seconds, short_path, timestamp};
+}
 mod progress;
 
 use std::io::IsTerminal;
@@ -18,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{DeployRequest, Engine, EngineConfig, EngineError};
 use crate::events::DeploymentStatus;
 use crate::inventory::Selection;
-use crate::plan::{Amount, PlanOptions, Strategy, parse_duration};
+use crate::plan::{OptionsInput, PlanOptions};
 use crate::ssh::SshOptions;
 use crate::store::Store;
 
@@ -34,9 +44,15 @@ pub const EXIT_CANCELLED: u8 = 3;
     about = "Deploy a NixOS fleet: only what changed, in order, with rollback"
 )]
 pub struct Cli {
-    /// The flake whose nixosConfigurations make the fleet.
-    #[arg(long, global = true, default_value = ".", env = "NIX_DEPLOY_FLAKE")]
-    pub flake: String,
+    /// The flake whose nixosConfigurations make the fleet [default: .].
+    #[arg(long, global = true, env = "NIX_DEPLOY_FLAKE")]
+    pub flake: Option<String>,
+    /// Talk to a running daemon instead of working in-process.
+    #[arg(long, global = true, value_name = "URL", env = "NIX_DEPLOY_SERVER")]
+    pub server: Option<String>,
+    /// File holding the bearer token for --server.
+    #[arg(long, global = true, value_name = "FILE", env = "NIX_DEPLOY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// An ssh config file used instead of ~/.ssh/config, for our sessions and `nix copy`.
     #[arg(
         long,
@@ -116,6 +132,9 @@ pub enum Command {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Run the daemon: the HTTP API, chat and GitHub hooks, metrics.
+    #[cfg(any())] // DAEMON-GATE
+    Serve(serve::ServeArgs),
 }
 
 /// Timeouts and checks of a run that touches hosts.
@@ -172,72 +191,91 @@ impl SelectArgs {
     }
 }
 
-/// How the deployment is ordered and gated (DESIGN §5).
+/// How the deployment is ordered and gated (DESIGN §5). Unset options take
+/// the defaults (locally) or the daemon's configured defaults (with --server).
 #[derive(Args, Debug, Clone)]
 pub struct StrategyArgs {
-    /// smart, parallel, rolling, sequential (rolling, batches of 1), canary or blue-green.
-    #[arg(long, default_value = "smart", env = "NIX_DEPLOY_STRATEGY")]
-    pub strategy: String,
+    /// smart (default), parallel, rolling, sequential (rolling, batches of 1), canary or blue-green.
+    #[arg(long, env = "NIX_DEPLOY_STRATEGY")]
+    pub strategy: Option<String>,
     /// Shorthand for --strategy parallel.
     #[arg(long, conflicts_with_all = ["sequential"])]
     pub parallel: bool,
     /// Shorthand for --strategy sequential.
     #[arg(long)]
     pub sequential: bool,
-    /// Rolling batch size: N hosts or N% of the hosts to deploy.
+    /// Rolling batch size: N hosts or N% of the hosts to deploy [default: 1].
     #[arg(long, value_name = "N|N%")]
     pub batch_size: Option<String>,
     /// Canary host(s) for --strategy canary [default: the first changed host by name].
     #[arg(long, value_name = "HOST")]
     pub canary: Vec<String>,
-    /// How long a canary is held and re-validated before the rest follow (e.g. 30s, 5m).
-    #[arg(long, default_value = "5m", value_name = "DURATION")]
-    pub canary_soak: String,
-    /// Abort when more than N hosts (or N% of the hosts to deploy) fail.
-    #[arg(long, default_value = "0", value_name = "N|N%")]
-    pub max_failures: String,
+    /// How long a canary is held and re-validated before the rest follow (e.g. 30s, 5m) [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub canary_soak: Option<String>,
+    /// Abort when more than N hosts (or N% of the hosts to deploy) fail [default: 0].
+    #[arg(long, value_name = "N|N%")]
+    pub max_failures: Option<String>,
     /// Never abort on failures; only the dependents of a failed host are skipped.
     #[arg(long)]
     pub continue_on_failure: bool,
-    /// On abort, roll back every host this deployment changed.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    pub rollback_all_on_abort: bool,
+    /// On abort, roll back every host this deployment changed [default: true].
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub rollback_all_on_abort: Option<bool>,
     /// Deploy (re-activate) unchanged hosts too.
     #[arg(long)]
     pub force: bool,
-    /// Hosts deployed at once.
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub parallel_limit: usize,
+    /// Hosts deployed at once [default: 4].
+    #[arg(long, value_name = "N")]
+    pub parallel_limit: Option<usize>,
 }
 
 impl StrategyArgs {
-    /// The planner's options; errors here are bad input.
-    pub fn options(&self) -> Result<PlanOptions, EngineError> {
-        let name = if self.parallel {
-            "parallel"
-        } else if self.sequential {
-            "sequential"
-        } else {
-            self.strategy.as_str()
-        };
-        let (strategy, implied_batch) = Strategy::parse(name)?;
-        let batch_size = match (&self.batch_size, implied_batch) {
-            (Some(b), _) => Amount::parse(b)?,
-            (None, Some(b)) => b,
-            (None, None) => Amount::Count(1),
-        };
-        Ok(PlanOptions {
-            strategy,
-            force: self.force,
-            parallel_limit: self.parallel_limit,
-            batch_size,
-            canaries: self.canary.clone(),
-            canary_soak: parse_duration(&self.canary_soak)?,
-            max_failures: Amount::parse(&self.max_failures)?,
+    pub fn input(&self) -> OptionsInput {
+        OptionsInput {
+            strategy: self.strategy.clone(),
+            parallel: self.parallel,
+            sequential: self.sequential,
+            batch_size: self.batch_size.clone(),
+            canary: self.canary.clone(),
+            canary_soak: self.canary_soak.clone(),
+            max_failures: self.max_failures.clone(),
             continue_on_failure: self.continue_on_failure,
             rollback_all_on_abort: self.rollback_all_on_abort,
-            ..PlanOptions::default()
-        })
+            force: self.force,
+            parallel_limit: self.parallel_limit,
+        }
+    }
+
+    /// The planner's options with the built-in defaults; errors here are bad input.
+    pub fn options(&self) -> Result<PlanOptions, EngineError> {
+        Ok(self.input().resolve(&PlanOptions::default())?)
+    }
+
+    /// The options as a JSON object for the daemon (only what was set).
+    fn json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut map = serde_json::Map::new();
+        let mut put = |key: &str, value: serde_json::Value| {
+            if !value.is_null() && value != serde_json::Value::Bool(false) {
+                map.insert(key.into(), value);
+            }
+        };
+        put("strategy", serde_json::json!(self.strategy));
+        put("parallel", serde_json::json!(self.parallel));
+        put("sequential", serde_json::json!(self.sequential));
+        put("batch_size", serde_json::json!(self.batch_size));
+        if !self.canary.is_empty() {
+            put("canary", serde_json::json!(self.canary));
+        }
+        put("canary_soak", serde_json::json!(self.canary_soak));
+        put("max_failures", serde_json::json!(self.max_failures));
+        put("continue_on_failure", serde_json::json!(self.continue_on_failure));
+        put("force", serde_json::json!(self.force));
+        put("parallel_limit", serde_json::json!(self.parallel_limit));
+        if let Some(v) = self.rollback_all_on_abort {
+            map.insert("rollback_all_on_abort".into(), serde_json::json!(v));
+        }
+        map
     }
 }
 
@@ -326,7 +364,7 @@ fn libc_geteuid_is_root() -> bool {
 }
 
 /// A short directory for ssh control sockets (their paths are limited to ~100 bytes).
-fn control_dir() -> anyhow::Result<tempfile::TempDir> {
+pub(crate) fn control_dir() -> anyhow::Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix("nix-deploy-")
         .tempdir_in(std::env::temp_dir())
@@ -350,7 +388,7 @@ fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
     let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
     ssh.connect_timeout = Duration::from_secs(cli.connect_timeout.max(1));
     ssh.command_timeout = Duration::from_secs(cli.command_timeout.max(1));
-    EngineConfig::new(cli.flake.clone(), ssh)
+    EngineConfig::new(cli.flake(), ssh)
 }
 
 fn who() -> String {
@@ -367,8 +405,26 @@ fn who() -> String {
     }
 }
 
+impl Cli {
+    pub fn flake(&self) -> String {
+        self.flake.clone().unwrap_or_else(|| ".".into())
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    #[cfg(any())] // DAEMON-GATE
+    if let Some(server) = cli.server.clone() {
+        return match remote::run(&cli, &server).await {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(remote::exit_code(&e))
+            }
+        };
+    }
     match &cli.command {
+        #[cfg(any())] // DAEMON-GATE
+        Command::Serve(args) => serve::serve(&cli, args).await,
         Command::Plan {
             select,
             strategy,

@@ -1,0 +1,308 @@
+//! `/api/v1/deployments`: create (202 with the id), list, show, cancel,
+//! resume, Markdown report, and the live event stream (SSE).
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::auth::authorize;
+use super::{ApiError, AppState, Job};
+use crate::config::Scope;
+use crate::engine::DeployRequest;
+use crate::events::{DeploymentStatus, Event, EventKind};
+use crate::inventory::Selection;
+use crate::plan::OptionsInput;
+
+/// The body of `POST /api/v1/deployments`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    /// Host names or `@tag`s; none means every host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Tags.
+    #[serde(default)]
+    pub on: Vec<String>,
+    #[serde(default)]
+    pub all: bool,
+    /// Queue behind busy hosts instead of answering 409.
+    #[serde(default)]
+    pub wait: bool,
+    #[serde(flatten)]
+    pub options: OptionsInput,
+}
+
+fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let request: CreateDeployment = parse_body(&body)?;
+    let options = request
+        .options
+        .resolve(&state.default_options())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let job = Job::Deploy(DeployRequest {
+        selection: Selection {
+            names: request.hosts,
+            tags: request.on,
+            all: request.all,
+        },
+        wait: request.wait,
+        options,
+        trigger: "api".into(),
+        requested_by: caller.requested_by(),
+    });
+    let id = state.launch(state.engine(), job, |_| {}).await?;
+    Ok(accepted(id))
+}
+
+pub(crate) fn accepted(id: i64) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        [(axum::http::header::LOCATION, format!("/api/v1/deployments/{id}"))],
+        Json(serde_json::json!({
+            "id": id,
+            "status": "running",
+            "events": format!("/api/v1/deployments/{id}/events"),
+        })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    limit: Option<i64>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Read)?;
+    let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let mut list = Vec::new();
+    for d in state.store().deployments(limit).await? {
+        let runs = state.store().host_runs(d.id).await?;
+        list.push(crate::cli::deployment_json(&d, &runs));
+    }
+    Ok(Json(serde_json::json!({ "deployments": list })))
+}
+
+async fn load(state: &AppState, id: i64) -> Result<serde_json::Value, ApiError> {
+    let deployment = state
+        .store()
+        .deployment(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no deployment #{id}")))?;
+    let runs = state.store().host_runs(id).await?;
+    Ok(crate::cli::deployment_json(&deployment, &runs))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Read)?;
+    Ok(Json(load(&state, id).await?))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let deployment = state
+        .store()
+        .deployment(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no deployment #{id}")))?;
+    if deployment.status != DeploymentStatus::Running {
+        return Err(ApiError::Conflict(format!(
+            "deployment #{id} is {}, not running",
+            deployment.status
+        )));
+    }
+    // Ours: cancel directly; another process's (a CLI run): through the store.
+    state.store().request_cancel(id).await?;
+    state.cancel_running(id);
+    state
+        .store()
+        .append_event(
+            id,
+            None,
+            EventKind::Log {
+                message: format!("cancel requested by {}", caller.requested_by()),
+            },
+        )
+        .await?;
+    Ok(Json(serde_json::json!({ "id": id, "cancel_requested": true })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeBody {
+    #[serde(default)]
+    wait: bool,
+}
+
+pub async fn resume(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let body: ResumeBody = parse_body(&body)?;
+    let deployment = state
+        .store()
+        .deployment(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no deployment #{id}")))?;
+    let engine = state.engine_with_flake(&deployment.flake);
+    let id = state
+        .launch(engine, Job::Resume { id: Some(id), wait: body.wait }, |_| {})
+        .await?;
+    Ok(accepted(id))
+}
+
+pub async fn report(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Read)?;
+    let deployment = state
+        .store()
+        .deployment(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no deployment #{id}")))?;
+    let runs = state.store().host_runs(id).await?;
+    let events = state.store().events(id, 0).await?;
+    let markdown = super::report::markdown(&deployment, &runs, &events);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+        markdown,
+    )
+        .into_response())
+}
+
+fn sse_event(event: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(event.id.to_string())
+        .event(event.kind.name())
+        .data(serde_json::to_string(event).unwrap_or_default())
+}
+
+/// Replays what happened so far (after `Last-Event-ID`, if given), then
+/// streams live events until the deployment finishes.
+pub async fn events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Sse<ReceiverStream<Result<SseEvent, Infallible>>>, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Read)?;
+    let deployment = state
+        .store()
+        .deployment(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no deployment #{id}")))?;
+    let after: i64 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // Subscribe before replaying, so nothing falls between the two.
+    let mut live = state.subscribe(id);
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let store = state.store().clone();
+    let running = deployment.status == DeploymentStatus::Running;
+    tokio::spawn(async move {
+        let mut last = after;
+        let mut finished = false;
+        let send = |event: &Event| tx.send(Ok(sse_event(event)));
+        match store.events(id, last).await {
+            Ok(replay) => {
+                for event in &replay {
+                    last = event.id;
+                    finished |= matches!(event.kind, EventKind::DeploymentFinished { .. });
+                    if send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, "replaying events");
+                return;
+            }
+        }
+        if finished && live.is_none() {
+            return;
+        }
+        if let Some(live) = live.as_mut() {
+            loop {
+                match live.recv().await {
+                    Ok(event) => {
+                        if event.id <= last {
+                            continue;
+                        }
+                        last = event.id;
+                        let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
+                        if send(&event).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    // Fell behind: catch up from the store, which has everything.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(missed) = store.events(id, last).await {
+                            for event in &missed {
+                                last = event.id;
+                                if send(event).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        } else if running {
+            // Run by another process (a CLI): follow the store.
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let Ok(new) = store.events(id, last).await else { return };
+                for event in &new {
+                    last = event.id;
+                    let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
+                    if send(event).await.is_err() || done {
+                        return;
+                    }
+                }
+            }
+        }
+        // The broadcast closed: send whatever the store has beyond `last`.
+        if let Ok(rest) = store.events(id, last).await {
+            for event in &rest {
+                let _ = send(event).await;
+            }
+        }
+    });
+    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()))
+}

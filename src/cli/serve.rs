@@ -1,0 +1,121 @@
+//! `nix-deploy serve`: load the config, open the history, mark interrupted
+//! deployments, reconcile hosts in the background, and serve the API until
+//! SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::Cli;
+use crate::api::{self, AppState, Token};
+use crate::config::{Config, Secret};
+use crate::engine::{Engine, EngineConfig};
+use crate::inventory::Selection;
+use crate::ssh::SshOptions;
+use crate::store::Store;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The daemon's TOML config file.
+    #[arg(long, value_name = "FILE", env = "NIX_DEPLOY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen address [default: from the config, else 127.0.0.1:7480].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
+pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = &args.listen {
+        config.listen = listen.clone();
+    }
+    if let Some(flake) = &cli.flake {
+        config.flake = flake.clone();
+    }
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .or_else(|| config.state_dir.clone())
+        .unwrap_or_else(super::default_state_dir);
+    let ssh_config = cli.ssh_config.clone().or_else(|| config.ssh_config.clone());
+
+    let mut tokens = Vec::new();
+    for token in &config.tokens {
+        tokens.push(Token {
+            name: token.name.clone(),
+            secret: Secret::from_file(&token.file)
+                .with_context(|| format!("token `{}`", token.name))?,
+            scope: token.scope,
+        });
+    }
+    if tokens.is_empty() {
+        tracing::warn!("no tokens configured: every /api/v1 request will be refused");
+        eprintln!("warning: no [[tokens]] in the config; every API request will be refused");
+    }
+    let slack_secret = match &config.slack {
+        Some(slack) => Some(Secret::from_file(&slack.signing_secret_file).context("Slack signing secret")?),
+        None => None,
+    };
+    let github_secret = match &config.github {
+        Some(github) => Some(Secret::from_file(&github.secret_file).context("GitHub webhook secret")?),
+        None => None,
+    };
+
+    // ssh control sockets live for the daemon's lifetime.
+    let control = super::control_dir()?;
+    let mut ssh = SshOptions::new(ssh_config, control.path().to_path_buf());
+    ssh.connect_timeout = Duration::from_secs(cli.connect_timeout.max(1));
+    ssh.command_timeout = Duration::from_secs(cli.command_timeout.max(1));
+    let mut engine = EngineConfig::new(config.flake.clone(), ssh);
+    engine.health_timeout = Duration::from_secs(config.health_check_timeout.max(1));
+    engine.confirm_timeout = Duration::from_secs(config.confirm_timeout.max(1));
+    engine.activation_timeout = Duration::from_secs(config.activation_timeout.max(1));
+
+    let store = Store::open(&state_dir).await?;
+    let interrupted = store.mark_interrupted().await?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let state = AppState::new(
+        config,
+        engine.clone(),
+        store.clone(),
+        tokens,
+        slack_secret,
+        github_secret,
+    );
+    // Reconcile: what do the hosts actually run after a crash? (Probing records it.)
+    if !interrupted.is_empty() {
+        tracing::info!(?interrupted, "deployments interrupted by a previous stop; probing the fleet");
+        let reconcile = Engine::new(engine, store);
+        tokio::spawn(async move {
+            let options = crate::plan::PlanOptions::default();
+            if let Err(e) = reconcile.plan(&Selection::default(), &options, false).await {
+                tracing::warn!(cause = %e, "reconciling hosts after an interrupted deployment");
+            }
+        });
+    }
+    println!("nix-deploy: listening on http://{address}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    api::run(listener, state, shutdown_signal()).await?;
+    Ok(super::EXIT_OK)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
