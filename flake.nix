@@ -26,9 +26,13 @@
         default = nix-deploy;
       });
 
-      # The `deployment.*` options for every host of a fleet.
-      nixosModules.default = import ./nix/module.nix;
-      nixosModules.deployment = import ./nix/module.nix;
+      # The `deployment.*` options for every host of a fleet, and
+      # `services.nix-deploy` (the daemon) with this flake's package.
+      nixosModules.default = { pkgs, lib, ... }: {
+        imports = [ ./nix/module.nix ];
+        services.nix-deploy.package =
+          lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      };
 
       devShells = forAllSystems (pkgs: {
         default = pkgs.mkShell {

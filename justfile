@@ -1,9 +1,12 @@
 # nix-deploy: the operator interface. Each recipe is a thin call of the CLI.
 # `./just RECIPE` installs `just` itself on a fresh machine.
+#
+# The CLI works in-process, or through the daemon when NIX_DEPLOY_SERVER (and
+# NIX_DEPLOY_TOKEN_FILE) are set. NIX_DEPLOY_FLAKE picks the flake (default .).
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-bin := "target/release/nix-deploy"
+bin := env_var_or_default("NIX_DEPLOY_BIN", "target/release/nix-deploy")
 
 # List the recipes.
 default:
@@ -32,9 +35,32 @@ lint:
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
 
-# Deploy every changed host (smart strategy).
+# Benchmarks against real local test hosts (see BENCHMARKS.md).
+bench: setup
+    cargo build --release --bin nix-deploy
+    cargo bench --bench fleet
+
+# Intelligent multi-host deployment: every changed host, smart strategy.
 deploy-all *ARGS:
     {{bin}} deploy --all {{ARGS}}
+
+# Every changed host at once (up to the parallel limit).
+deploy-all-parallel *ARGS:
+    {{bin}} deploy --all --strategy parallel {{ARGS}}
+
+# One host, only if it changed.
+quick-deploy HOST *ARGS:
+    {{bin}} deploy {{HOST}} {{ARGS}}
+
+# Plan (with change summaries), then deploy every changed host.
+quick-all *ARGS:
+    {{bin}} plan --all
+    {{bin}} deploy --all {{ARGS}}
+
+# Emergency: deploy one host skipping pre-flight and health checks (it must
+# still run the new system afterwards).
+emergency-deploy HOST *ARGS:
+    {{bin}} deploy {{HOST}} --force --skip-validation {{ARGS}}
 
 # What a deployment would do; changes nothing.
 plan *ARGS:
@@ -48,11 +74,26 @@ deployment-status:
 deployment-history LIMIT="20":
     {{bin}} history --limit {{LIMIT}}
 
+# Stop the running deployment (running hosts finish or roll back).
+deployment-cancel *ID:
+    {{bin}} cancel {{ID}}
+
+# Continue a cancelled, failed or interrupted deployment.
+deployment-resume *ID:
+    {{bin}} resume {{ID}}
+
 # One deployment in detail (default: the latest).
-deployment-show *ID:
+deployment-report *ID:
     {{bin}} show {{ID}}
 
-# Benchmarks against real local test hosts (see BENCHMARKS.md).
-bench: setup
-    cargo build --release --bin nix-deploy
-    cargo bench --bench fleet
+# Probe one host and run its health checks now.
+health-check HOST:
+    {{bin}} health {{HOST}}
+
+# Roll a host back to its previous generation (recorded in history).
+test-rollback HOST *ARGS:
+    {{bin}} rollback {{HOST}} {{ARGS}}
+
+# Run the daemon with a config file.
+serve CONFIG="/etc/nix-deploy/config.toml":
+    {{bin}} serve --config {{CONFIG}}

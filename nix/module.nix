@@ -1,10 +1,14 @@
-# nix-deploy's NixOS module: the per-host `deployment.*` options that
-# `nix-deploy` reads from each nixosConfiguration (one evaluation for the whole
-# fleet). Defaults are the ones nix-deploy assumes when an option is absent.
-{ config, lib, ... }:
+# nix-deploy's NixOS module.
+#
+# - `deployment.*`: per-host options that `nix-deploy` reads from each
+#   nixosConfiguration (one evaluation for the whole fleet). Defaults are the
+#   ones nix-deploy assumes when an option is absent.
+# - `services.nix-deploy`: the coordinator daemon (`nix-deploy serve`) as a
+#   hardened systemd service, for the machine that deploys the fleet.
+{ config, lib, pkgs, ... }:
 
 let
-  inherit (lib) mkOption types;
+  inherit (lib) mkOption mkEnableOption mkIf types;
 
   healthCheck = types.submodule {
     options = {
@@ -51,6 +55,28 @@ let
 
   # Only set fields are passed on, so nix-deploy sees exactly one check kind.
   cleanCheck = check: lib.filterAttrs (_: v: v != null) check;
+
+  cfg = config.services.nix-deploy;
+  toml = pkgs.formats.toml { };
+  configFile = toml.generate "nix-deploy.toml" (lib.filterAttrsRecursive (_: v: v != null) ({
+    listen = cfg.listen;
+    flake = cfg.flake;
+    state-dir = "/var/lib/nix-deploy";
+    ssh-config = cfg.sshConfig;
+    strategy = cfg.strategy;
+    parallel-limit = cfg.parallelLimit;
+    health-check-timeout = cfg.healthCheckTimeout;
+    auto-rollback = cfg.autoRollback;
+    tokens = lib.mapAttrsToList (name: t: { inherit name; file = t.file; scope = t.scope; }) cfg.tokens;
+    notifications = {
+      slack_webhooks = cfg.notifications.slackWebhooks;
+      json_webhooks = cfg.notifications.jsonWebhooks;
+    };
+  } // lib.optionalAttrs (cfg.slack.signingSecretFile != null) {
+    slack = { signing-secret-file = cfg.slack.signingSecretFile; };
+  } // lib.optionalAttrs (cfg.github.secretFile != null) {
+    github = { secret-file = cfg.github.secretFile; branch = cfg.github.branch; };
+  }));
 in
 {
   options.deployment = {
@@ -99,5 +125,141 @@ in
       default = true;
       description = "Switch back to the previous generation when activation or validation fails.";
     };
+  };
+
+  options.services.nix-deploy = {
+    enable = mkEnableOption "the nix-deploy coordinator daemon";
+    package = mkOption {
+      type = types.package;
+      description = "The nix-deploy package (the flake's `packages.<system>.default`).";
+    };
+    listen = mkOption {
+      type = types.str;
+      default = "127.0.0.1:7480";
+      description = "Address of the HTTP API. Put a TLS-terminating proxy in front to expose it.";
+    };
+    flake = mkOption {
+      type = types.str;
+      example = "github:me/fleet";
+      description = "The flake whose nixosConfigurations make the fleet.";
+    };
+    sshKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "Private key the daemon uses for SSH (made available as a credential).";
+    };
+    sshConfig = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "An ssh config file used instead of the service user's.";
+    };
+    strategy = mkOption {
+      type = types.enum [ "smart" "parallel" "rolling" "sequential" "canary" "blue-green" ];
+      default = "smart";
+      description = "Default deployment strategy.";
+    };
+    parallelLimit = mkOption {
+      type = types.ints.positive;
+      default = 4;
+      description = "Maximum hosts deployed at once.";
+    };
+    healthCheckTimeout = mkOption {
+      type = types.ints.positive;
+      default = 120;
+      description = "Seconds to wait for a host's health checks.";
+    };
+    autoRollback = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Roll back every host a deployment changed when it aborts.";
+    };
+    tokens = mkOption {
+      type = types.attrsOf (types.submodule {
+        options = {
+          file = mkOption { type = types.str; description = "File holding the token (never in the store)."; };
+          scope = mkOption { type = types.enum [ "read" "deploy" "admin" ]; default = "read"; };
+        };
+      });
+      default = { };
+      example = { ci = { file = "/run/secrets/nix-deploy-ci"; scope = "deploy"; }; };
+      description = "Bearer tokens by name; the name is recorded with every request.";
+    };
+    slack.signingSecretFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "File with the Slack signing secret; enables `/hooks/slack`.";
+    };
+    github.secretFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "File with the GitHub webhook secret; enables `/hooks/github`.";
+    };
+    github.branch = mkOption {
+      type = types.str;
+      default = "main";
+      description = "Pushes to this branch deploy.";
+    };
+    notifications.slackWebhooks = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Slack incoming webhook URLs for start/finish/failure/rollback notices.";
+    };
+    notifications.jsonWebhooks = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Generic JSON webhook URLs for the same notices.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    systemd.services.nix-deploy = {
+      description = "nix-deploy fleet deployment coordinator";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network-online.target" ];
+      wants = [ "network-online.target" ];
+      path = [ config.nix.package pkgs.openssh ];
+      environment = {
+        NIX_DEPLOY_LOG = "info";
+        HOME = "/var/lib/nix-deploy";
+      };
+      serviceConfig = {
+        ExecStart = "${cfg.package}/bin/nix-deploy serve --config ${configFile}";
+        DynamicUser = false;
+        User = "nix-deploy";
+        Group = "nix-deploy";
+        StateDirectory = "nix-deploy";
+        StateDirectoryMode = "0700";
+        RuntimeDirectory = "nix-deploy";
+        # Running deployments get a graceful cancel: hosts finish or roll back.
+        KillSignal = "SIGTERM";
+        TimeoutStopSec = "15min";
+        Restart = "on-failure";
+        NoNewPrivileges = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        RestrictSUIDSGID = true;
+        RestrictNamespaces = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        CapabilityBoundingSet = "";
+        ReadWritePaths = [ "/var/lib/nix-deploy" ];
+        LoadCredential = lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}";
+      };
+    };
+    users.users.nix-deploy = {
+      isSystemUser = true;
+      group = "nix-deploy";
+      home = "/var/lib/nix-deploy";
+    };
+    users.groups.nix-deploy = { };
+    # The daemon copies closures through the local Nix daemon.
+    nix.settings.trusted-users = [ "nix-deploy" ];
   };
 }

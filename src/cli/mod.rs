@@ -132,6 +132,13 @@ pub enum Command {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Probe one host and run its health checks now.
+    Health {
+        host: String,
+        /// Retry failing checks for up to this many seconds.
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        within: u64,
+    },
     /// Run the daemon: the HTTP API, chat and GitHub hooks, metrics.
     #[cfg(any())] // DAEMON-GATE
     Serve(serve::ServeArgs),
@@ -445,6 +452,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Deploy(args) => deploy(&cli, args).await,
+        Command::Health { host, within } => {
+            let control = control_dir()?;
+            let store = open_store(&cli).await?;
+            let engine = Engine::new(engine_config(&cli, control.path()), store);
+            let health = engine
+                .check_health(host, Duration::from_secs(*within))
+                .await?;
+            print_health(&cli, &serde_json::to_value(&health)?)
+        }
         Command::Cancel { id } => {
             let store = open_store(&cli).await?;
             let id = match id {
@@ -605,6 +621,45 @@ where
         DeploymentStatus::Cancelled if !report.any_failure() => EXIT_CANCELLED,
         _ => EXIT_FAILED,
     })
+}
+
+/// Show a host's health (a `HostHealth` as JSON); exit 1 when unhealthy.
+pub(crate) fn print_health(cli: &Cli, health: &serde_json::Value) -> anyhow::Result<u8> {
+    if cli.json {
+        output::print_json(health)?;
+    } else {
+        let name = health["host"].as_str().unwrap_or("?");
+        let reachable = health["reachable"].as_bool().unwrap_or(false);
+        println!(
+            "{name}: {} ({}), generation {}",
+            if !reachable {
+                "UNREACHABLE"
+            } else if health["healthy"].as_bool().unwrap_or(false) {
+                "HEALTHY"
+            } else {
+                "UNHEALTHY"
+            },
+            health["state"].as_str().unwrap_or("?").to_uppercase(),
+            health["current"]["generation"]
+                .as_u64()
+                .map(|g| g.to_string())
+                .unwrap_or("-".into())
+        );
+        for r in health["results"].as_array().into_iter().flatten() {
+            println!(
+                "  {} {}: {}",
+                if r["ok"].as_bool().unwrap_or(false) { "✅" } else { "❌" },
+                r["check"].as_str().unwrap_or(""),
+                r["output"].as_str().unwrap_or("").lines().next().unwrap_or("")
+            );
+        }
+        if let Some(error) = health["error"].as_str() {
+            println!("  {error}");
+        }
+    }
+    let healthy = health["reachable"].as_bool().unwrap_or(false)
+        && health["healthy"].as_bool().unwrap_or(false);
+    Ok(if healthy { EXIT_OK } else { EXIT_FAILED })
 }
 
 /// Ctrl-C asks for confirmation (a second Ctrl-C within 10 s) before it

@@ -168,6 +168,12 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 .ok_or_else(|| ClientError::Protocol("no deployment id".into()))?;
             follow(cli, &client, id).await
         }
+        Command::Health { host, .. } => {
+            let health = client
+                .post(&format!("/api/v1/hosts/{host}/health"), &serde_json::json!({}))
+                .await?;
+            super::print_health(cli, &health).map_err(|e| ClientError::Protocol(e.to_string()))
+        }
         Command::Serve { .. } => Err(ClientError::Api {
             status: 400,
             code: "bad_request".into(),
