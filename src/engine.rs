@@ -2093,7 +2093,8 @@ impl HostContext {
         }
 
         let copy = async {
-            let opts = ssh::nix_ssh_opts(&host.target, &self.ssh).map_err(|e| e.to_string())?;
+            let opts = ssh::nix_ssh_opts(&host.target, &self.ssh, Some(connection.control_socket()))
+                .map_err(|e| e.to_string())?;
             nix.copy(
                 &host.target.store_uri(),
                 &path,

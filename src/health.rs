@@ -12,13 +12,27 @@ use tokio::time::Instant;
 use crate::inventory::{CheckKind, HealthCheck};
 use crate::ssh::Connection;
 
-/// The last attempt of one check.
+/// One attempt of a check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Unix milliseconds.
+    pub at: i64,
+    pub ok: bool,
+    pub output: String,
+}
+
+/// How many attempts of one check are kept (the latest ones).
+const KEEP_ATTEMPTS: usize = 30;
+
+/// One check: its verdict (the last attempt) and its attempts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckResult {
     pub check: String,
     pub ok: bool,
     pub attempts: u32,
     pub output: String,
+    #[serde(default)]
+    pub history: Vec<Attempt>,
 }
 
 /// argv for a check that runs on the host.
@@ -97,6 +111,7 @@ pub async fn validate(
             ok: false,
             attempts: 0,
             output: String::new(),
+            history: Vec::new(),
         })
         .collect();
     if checks.is_empty() {
@@ -110,6 +125,14 @@ pub async fn validate(
     loop {
         for (check, result) in checks.iter().zip(results.iter_mut()) {
             let (ok, output) = attempt(connection, check).await;
+            if result.history.len() == KEEP_ATTEMPTS {
+                result.history.remove(0);
+            }
+            result.history.push(Attempt {
+                at: crate::events::now_ms(),
+                ok,
+                output: output.clone(),
+            });
             result.ok = ok;
             result.attempts += 1;
             result.output = output;

@@ -121,7 +121,14 @@ fn builder(target: &Target, options: &SshOptions) -> SessionBuilder {
 ///
 /// Nix 2.8 splits `NIX_SSHOPTS` on whitespace, so a config path containing
 /// whitespace is refused rather than silently broken.
-pub fn nix_ssh_opts(target: &Target, options: &SshOptions) -> Result<String, SshError> {
+///
+/// With `control_socket`, `nix copy` reuses our master connection to the host
+/// (no second SSH handshake); if that master is gone, ssh connects normally.
+pub fn nix_ssh_opts(
+    target: &Target,
+    options: &SshOptions,
+    control_socket: Option<&Path>,
+) -> Result<String, SshError> {
     let mut opts = vec![
         "-o".to_string(),
         "BatchMode=yes".to_string(),
@@ -144,6 +151,17 @@ pub fn nix_ssh_opts(target: &Target, options: &SshOptions) -> Result<String, Ssh
     if let Some(port) = target.port {
         opts.push("-p".to_string());
         opts.push(port.to_string());
+    }
+    if let Some(socket) = control_socket {
+        let text = socket.to_string_lossy();
+        if !text.chars().any(char::is_whitespace) {
+            opts.extend([
+                "-o".to_string(),
+                format!("ControlPath={text}"),
+                "-o".to_string(),
+                "ControlMaster=no".to_string(),
+            ]);
+        }
     }
     Ok(opts.join(" "))
 }
@@ -344,18 +362,18 @@ mod tests {
     fn nix_ssh_opts_carry_config_and_port() {
         let options = SshOptions::new(Some("/etc/fleet/ssh_config".into()), "/tmp/c".into());
         assert_eq!(
-            nix_ssh_opts(&target(Some(2222)), &options).unwrap(),
+            nix_ssh_opts(&target(Some(2222)), &options, None).unwrap(),
             "-F /etc/fleet/ssh_config -o BatchMode=yes -o ConnectTimeout=10 \
              -o StrictHostKeyChecking=accept-new -p 2222"
         );
         let options = SshOptions::new(None, "/tmp/c".into());
         assert!(
-            !nix_ssh_opts(&target(None), &options)
+            !nix_ssh_opts(&target(None), &options, None)
                 .unwrap()
                 .contains("-F")
         );
         let options = SshOptions::new(Some("/my configs/ssh".into()), "/tmp/c".into());
-        assert!(nix_ssh_opts(&target(None), &options).is_err());
+        assert!(nix_ssh_opts(&target(None), &options, None).is_err());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! loopback addresses; see `nix_deploy::testkit`). Needs root.
 
 mod cli;
+#[cfg(any())] // DAEMON-GATE
+mod daemon;
 mod deploy;
 mod helpers;
 mod recovery;

@@ -1,0 +1,596 @@
+//! The daemon for real: `nix-deploy serve` on a loopback port, real HTTP,
+//! real test hosts. Auth, deployments and their event streams, busy hosts,
+//! the CLI as a client, Slack and GitHub hooks, notifications, metrics and a
+//! graceful shutdown in the middle of a deployment.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use nix_deploy::testkit::HostSpec;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::helpers::{Harness, binary};
+
+const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
+const READ_TOKEN: &str = "read-token-0123456789";
+const SLACK_SECRET: &str = "slack-signing-secret";
+const GITHUB_SECRET: &str = "github-webhook-secret";
+
+/// A tiny HTTP receiver on loopback that records request bodies.
+struct Receiver {
+    url: String,
+    bodies: Arc<Mutex<Vec<String>>>,
+}
+
+fn receiver() -> Receiver {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    Receiver { url, bodies }
+}
+
+struct Daemon {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn token_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let deploy = write("deploy.token", &format!("{DEPLOY_TOKEN}\n"));
+    let read = write("read.token", READ_TOKEN);
+    let slack = write("slack.secret", SLACK_SECRET);
+    let github = write("github.secret", GITHUB_SECRET);
+    let config = write(
+        "config.toml",
+        &format!(
+            r#"
+listen = "127.0.0.1:0"
+confirm-timeout = 5
+
+[[tokens]]
+name = "ci"
+file = "{}"
+scope = "deploy"
+
+[[tokens]]
+name = "viewer"
+file = "{}"
+scope = "read"
+
+[slack]
+signing-secret-file = "{}"
+response-url-prefixes = ["http://127.0.0.1:"]
+
+[github]
+secret-file = "{}"
+branch = "main"
+{extra_config}
+"#,
+            deploy.display(),
+            read.display(),
+            slack.display(),
+            github.display()
+        ),
+    );
+    let mut cmd = Command::new(binary());
+    cmd.arg("--flake")
+        .arg(h.fleet.flake_ref())
+        .arg("--ssh-config")
+        .arg(h.fleet.ssh_config())
+        .arg("--state-dir")
+        .arg(h.state_dir())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap());
+    for (k, v) in h.fleet.env() {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("nix-deploy: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    Daemon { child, url, dir }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = client().request(method, url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Follow a deployment's event stream to the end; returns the event kinds.
+async fn follow(d: &Daemon, id: i64) -> Vec<String> {
+    let client = nix_deploy::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
+        .await
+        .expect("the stream ends when the deployment does")
+        .unwrap();
+    let mut kinds = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        kinds.push(event.kind.name().to_string());
+    }
+    kinds
+}
+
+async fn wait_finished(d: &Daemon, id: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, deployment) = call(
+            reqwest::Method::GET,
+            &format!("{}/api/v1/deployments/{id}", d.url),
+            Some(READ_TOKEN),
+            None,
+        )
+        .await;
+        if deployment["status"] != "running" {
+            return deployment;
+        }
+        assert!(Instant::now() < deadline, "deployment #{id} did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_errors_and_bad_input_change_nothing() {
+    let h = Harness::start(vec![HostSpec::new("a1")]);
+    let d = start_daemon(&h, "");
+    let url = |p: &str| format!("{}{p}", d.url);
+    let (status, body) = call(reqwest::Method::GET, &url("/api/v1/status"), None, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, _) = call(reqwest::Method::GET, &url("/api/v1/status"), Some("wrong"), None).await;
+    assert_eq!(status, 401);
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &url("/api/v1/deployments"),
+        Some(READ_TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &url("/api/v1/deployments"),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "hosts": ["nope"] })),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"].as_str().unwrap().contains("unknown host"));
+    let (status, _) = call(
+        reqwest::Method::POST,
+        &url("/api/v1/deployments"),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "strategy": "yolo" })),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let raw = client()
+        .post(url("/api/v1/deployments"))
+        .bearer_auth(DEPLOY_TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    let (status, _) = call(reqwest::Method::GET, &url("/api/v1/deployments/999"), Some(READ_TOKEN), None).await;
+    assert_eq!(status, 404);
+    let (status, _) = call(reqwest::Method::GET, &url("/healthz"), None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(h.fleet.generation("a1"), None, "nothing was deployed");
+    let (_, list) = call(reqwest::Method::GET, &url("/api/v1/deployments"), Some(READ_TOKEN), None).await;
+    assert_eq!(list["deployments"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_through_the_api_streams_its_events_and_is_reported() {
+    let notify = receiver();
+    let h = Harness::start(vec![HostSpec::new("w1"), HostSpec::new("w2")]);
+    let d = start_daemon(&h, &format!("\n[notifications]\njson_webhooks = [\"{}\"]\n", notify.url));
+    let (status, created) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "strategy": "rolling" })),
+    )
+    .await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_i64().unwrap();
+    let kinds = follow(&d, id).await;
+    assert_eq!(kinds.first().map(String::as_str), Some("deployment-started"));
+    assert_eq!(kinds.last().map(String::as_str), Some("deployment-finished"));
+    assert!(kinds.iter().any(|k| k == "step-finished"));
+    let deployment = wait_finished(&d, id).await;
+    assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
+    assert_eq!(deployment["requested_by"], "token:ci");
+    assert_eq!(deployment["trigger"], "api");
+    assert_eq!(h.fleet.generation("w1"), Some(1));
+    assert_eq!(h.fleet.generation("w2"), Some(1));
+
+    // Replaying a finished deployment's stream gives the same events.
+    assert_eq!(follow(&d, id).await, kinds);
+    let report = client()
+        .get(format!("{}/api/v1/deployments/{id}/report", d.url))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(report.contains("Deployment Summary") && report.contains("w1"), "{report}");
+    let metrics = client()
+        .get(format!("{}/metrics", d.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("nix_deploy_deployments_total{status=\"succeeded\"} 1"), "{metrics}");
+    // Notifications reached the receiver (without holding the deployment up).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while notify.bodies.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bodies = notify.bodies.lock().unwrap().join("\n");
+    assert!(bodies.contains("deployment.started") && bodies.contains("deployment.finished"), "{bodies}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_host_gets_409_and_cancel_and_resume_work_through_the_api() {
+    let mut h = Harness::start(vec![HostSpec::new("s1"), HostSpec::new("s2"), HostSpec::new("s3")]);
+    let d = start_daemon(&h, "");
+    let (status, created) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "parallel": true, "parallel_limit": 8 })),
+    )
+    .await;
+    assert_eq!(status, 202);
+    wait_finished(&d, created["id"].as_i64().unwrap()).await;
+    for name in ["s1", "s2", "s3"] {
+        h.fleet
+            .update(name, |s| {
+                s.bump();
+                s.activation_delay_ms = 1500;
+            })
+            .unwrap();
+    }
+    let (status, created) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "parallel": true, "parallel_limit": 1 })),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let id = created["id"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.fleet.activations("s1").len() < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, busy) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "hosts": ["s2"] })),
+    )
+    .await;
+    assert_eq!(status, 409, "{busy}");
+    assert!(busy["error"]["message"].as_str().unwrap().contains(&format!("deployment #{id}")));
+    let (status, _) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments/{id}/cancel", d.url),
+        Some(DEPLOY_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let deployment = wait_finished(&d, id).await;
+    assert_eq!(deployment["status"], "cancelled", "{deployment:#}");
+    for name in ["s1", "s2", "s3"] {
+        assert!(h.consistent(name), "{name} is between generations");
+    }
+    let (status, _) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments/{id}/resume", d.url),
+        Some(DEPLOY_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202);
+    let deployment = wait_finished(&d, id).await;
+    assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
+    for name in ["s1", "s2", "s3"] {
+        assert_eq!(h.fleet.generation(name), Some(2));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_works_through_the_daemon() {
+    let mut h = Harness::start(vec![HostSpec::new("c1"), HostSpec::new("c2")]);
+    let d = start_daemon(&h, "");
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(binary());
+        cmd.args(["--json", "--server", &d.url, "--token-file"])
+            .arg(d.token_file("deploy.token"))
+            .args(args);
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, plan, stderr) = tokio::task::block_in_place(|| cli(&["plan", "--no-build"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(plan["to_deploy"], json!(["c1", "c2"]));
+    let (code, report, stderr) = tokio::task::block_in_place(|| cli(&["deploy"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(report["status"], "succeeded");
+    assert!(stderr.contains("c1: activating"), "progress from the stream: {stderr}");
+    h.fleet.update("c1", |s| s.fail_switch = true).unwrap();
+    h.fleet.update("c1", |s| s.bump()).unwrap();
+    let (code, report, _) = tokio::task::block_in_place(|| cli(&["deploy"]));
+    assert_eq!(code, 1);
+    let c1 = report["hosts"].as_array().unwrap().iter().find(|x| x["name"] == "c1").unwrap();
+    assert_eq!(c1["status"], "rolled-back");
+    let (code, _, stderr) = tokio::task::block_in_place(|| cli(&["deploy", "ghost"]));
+    assert_eq!(code, 2, "{stderr}");
+    let (code, status, _) = tokio::task::block_in_place(|| cli(&["status"]));
+    assert_eq!(code, 0);
+    assert_eq!(status["hosts"].as_array().unwrap().len(), 2);
+    let (code, history, _) = tokio::task::block_in_place(|| cli(&["history"]));
+    assert_eq!(code, 0);
+    assert_eq!(history["deployments"].as_array().unwrap().len(), 2);
+    // Without a token: refused, exit 2.
+    let out = Command::new(binary())
+        .args(["--server", &d.url, "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn slack_signature(timestamp: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SLACK_SECRET.as_bytes()).unwrap();
+    mac.update(format!("v0:{timestamp}:{body}").as_bytes());
+    format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slack_command_verifies_signatures_and_deploys() {
+    let responses = receiver();
+    let h = Harness::start(vec![HostSpec::new("p620"), HostSpec::new("razer")]);
+    let d = start_daemon(&h, "");
+    let body = format!(
+        "command=%2Fnix-deploy&text=p620+razer+--strategy%3Dcanary+--canary-soak%3D1s&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
+        form_urlencoded::byte_serialize(responses.url.as_bytes()).collect::<String>()
+    );
+    let post = |timestamp: i64, signature: String, body: String| {
+        client()
+            .post(format!("{}/hooks/slack", d.url))
+            .header("x-slack-request-timestamp", timestamp.to_string())
+            .header("x-slack-signature", signature)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Forged and stale requests are refused and change nothing.
+    let forged = post(now, "v0=deadbeef".into(), body.clone()).await.unwrap();
+    assert_eq!(forged.status().as_u16(), 401);
+    let stale = post(now - 600, slack_signature(now - 600, &body), body.clone()).await.unwrap();
+    assert_eq!(stale.status().as_u16(), 401);
+    assert_eq!(h.fleet.generation("p620"), None);
+
+    let ok = post(now, slack_signature(now, &body), body.clone()).await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let answer: Value = ok.json().await.unwrap();
+    let text = answer["text"].as_str().unwrap_or_default();
+    assert!(text.contains("p620") && text.contains("razer"), "{answer:#}");
+    let id = answer["deployment_id"].as_i64().expect("deployment id");
+    let deployment = wait_finished(&d, id).await;
+    assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
+    assert_eq!(deployment["strategy"], "canary");
+    assert_eq!(deployment["requested_by"], "slack:alice");
+    // Progress and the summary were posted to the response_url.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while responses.bodies.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(responses.bodies.lock().unwrap().len() >= 3, "{:?}", responses.bodies.lock().unwrap());
+
+    // A bad argument gets an answer, not a deployment.
+    let bad = "command=%2Fnix-deploy&text=--strategy%3Dyolo&user_id=U1&user_name=alice".to_string();
+    let answer: Value = post(now, slack_signature(now, &bad), bad).await.unwrap().json().await.unwrap();
+    assert_eq!(answer["response_type"], "ephemeral");
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signed_push_to_main_deploys_that_revision() {
+    let mut h = Harness::start(vec![HostSpec::new("g1")]);
+    // The fleet flake in a git repository; the daemon pins it to pushed commits.
+    let flake_dir = h.fleet.dir().join("flake");
+    git(&flake_dir, &["init", "-q", "-b", "main"]);
+    git(&flake_dir, &["add", "-A"]);
+    git(&flake_dir, &["commit", "-q", "-m", "one"]);
+    let first = git(&flake_dir, &["rev-parse", "HEAD"]);
+    let first_path = h.fleet.toplevel("g1").unwrap();
+    h.fleet.update("g1", |s| s.bump()).unwrap();
+    git(&flake_dir, &["commit", "-q", "-a", "-m", "two"]);
+    let flake = format!("git+file://{}", flake_dir.display());
+    let d = start_daemon(&h, &format!("flake = \"{flake}\""));
+    let push = |git_ref: &str, after: &str| {
+        json!({
+            "ref": git_ref, "before": "0".repeat(40), "after": after, "deleted": false,
+            "repository": { "full_name": "me/fleet" }, "pusher": { "name": "bob" },
+            "head_commit": { "message": "change" }
+        })
+        .to_string()
+    };
+    let send = |body: String, signature: String, event: &str| {
+        client()
+            .post(format!("{}/hooks/github", d.url))
+            .header("x-github-event", event)
+            .header("x-hub-signature-256", signature)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let sign = |body: &str| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let body = push("refs/heads/main", &first);
+    let forged = send(body.clone(), "sha256=00".into(), "push").await.unwrap();
+    assert_eq!(forged.status().as_u16(), 401);
+    let other = push("refs/heads/feature", &first);
+    let ignored = send(other.clone(), sign(&other), "push").await.unwrap();
+    assert_eq!(ignored.status().as_u16(), 202);
+    let ignored: Value = ignored.json().await.unwrap();
+    assert!(ignored["ignored"].is_string());
+
+    // The push of the *first* commit deploys the first commit, not the tip.
+    let accepted = send(body.clone(), sign(&body), "push").await.unwrap();
+    assert_eq!(accepted.status().as_u16(), 202);
+    let id = accepted.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let deployment = wait_finished(&d, id).await;
+    assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
+    assert_eq!(deployment["requested_by"], "github:bob");
+    assert!(deployment["flake"].as_str().unwrap().contains(&first));
+    assert_eq!(h.fleet.current_system("g1"), Some(first_path));
+}
+
+#[test]
+fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
+    let mut h = Harness::start(vec![HostSpec::new("t1"), HostSpec::new("t2"), HostSpec::new("t3")]);
+    assert_eq!(h.deploy(&["--parallel-limit", "8"]).0, 0);
+    for name in ["t1", "t2", "t3"] {
+        h.fleet
+            .update(name, |s| {
+                s.bump();
+                s.activation_delay_ms = 1500;
+            })
+            .unwrap();
+    }
+    let mut d = start_daemon(&h, "");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, created) = runtime.block_on(call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "parallel": true, "parallel_limit": 1 })),
+    ));
+    assert_eq!(status, 202);
+    let id = created["id"].as_i64().unwrap();
+    h.until(30, "the first activation", || h.fleet.activations("t1").len() >= 2);
+    // SIGTERM, as systemd stops the service.
+    let pid = d.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "the daemon exits cleanly: {status:?}");
+    let (_, shown, _) = h.json(&["show", &id.to_string()]);
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    for name in ["t1", "t2", "t3"] {
+        assert!(h.consistent(name), "{name} is between generations");
+    }
+    assert_eq!(h.fleet.generation("t1"), Some(2), "the host in the middle finished");
+}
