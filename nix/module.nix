@@ -69,8 +69,8 @@ let
     auto-rollback = cfg.autoRollback;
     tokens = lib.mapAttrsToList (name: t: { inherit name; file = t.file; scope = t.scope; }) cfg.tokens;
     notifications = {
-      slack_webhooks = cfg.notifications.slackWebhooks;
-      json_webhooks = cfg.notifications.jsonWebhooks;
+      slack-webhooks = cfg.notifications.slackWebhooks;
+      json-webhooks = cfg.notifications.jsonWebhooks;
     };
   } // lib.optionalAttrs (cfg.slack.signingSecretFile != null) {
     slack = { signing-secret-file = cfg.slack.signingSecretFile; };

@@ -47,9 +47,9 @@ pub struct Client {
 impl Client {
     pub fn new(base: &str, token_file: Option<&Path>) -> Result<Self, ClientError> {
         let token = match token_file {
-            Some(path) => Some(
-                Secret::from_file(path).map_err(|e| ClientError::Token(e.to_string()))?,
-            ),
+            Some(path) => {
+                Some(Secret::from_file(path).map_err(|e| ClientError::Token(e.to_string()))?)
+            }
             None => None,
         };
         let http = reqwest::Client::builder()
@@ -203,7 +203,9 @@ impl Client {
             }
             failures += 1;
             if failures > 5 {
-                return Err(ClientError::Protocol("the event stream keeps dropping".into()));
+                return Err(ClientError::Protocol(
+                    "the event stream keeps dropping".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

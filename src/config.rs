@@ -74,7 +74,7 @@ impl Scope {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TokenConfig {
     /// Who this token is, recorded with every request it makes.
     pub name: String,
@@ -83,7 +83,7 @@ pub struct TokenConfig {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SlackConfig {
     pub signing_secret_file: PathBuf,
     /// Where progress may be posted (`response_url` must start with one).
@@ -96,7 +96,7 @@ fn default_response_prefixes() -> Vec<String> {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GithubConfig {
     pub secret_file: PathBuf,
     /// Pushes to this branch deploy.
@@ -207,12 +207,17 @@ impl Config {
         crate::plan::Amount::parse(&self.max_failures)
             .map_err(|e| ConfigError::Invalid(format!("max-failures: {e}")))?;
         if self.parallel_limit == 0 {
-            return Err(ConfigError::Invalid("parallel-limit must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "parallel-limit must be at least 1".into(),
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         for token in &self.tokens {
             if !names.insert(&token.name) {
-                return Err(ConfigError::Invalid(format!("token name `{}` is used twice", token.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "token name `{}` is used twice",
+                    token.name
+                )));
             }
         }
         Ok(())
@@ -256,7 +261,7 @@ mod tests {
             secret-file = "/run/secrets/gh"
 
             [notifications]
-            slack_webhooks = ["https://hooks.slack.com/services/x"]
+            slack-webhooks = ["https://hooks.slack.com/services/x"]
         "#;
         let c = Config::parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(c.parallel_limit, 8);
@@ -272,7 +277,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_configs() {
-        let bad = |t: &str| Config::parse(t, Path::new("t.toml")).unwrap_err().to_string();
+        let bad = |t: &str| {
+            Config::parse(t, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string()
+        };
         assert!(bad("strategy = \"yolo\"").contains("strategy"));
         assert!(bad("parallel-limit = 0").contains("parallel-limit"));
         assert!(bad("listen = 5").contains("t.toml"));

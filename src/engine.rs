@@ -1090,15 +1090,24 @@ pub struct HostHealth {
 
 impl Engine {
     /// Probe one host and run its health checks once (retrying within `within`).
-    pub async fn check_health(&self, host_name: &str, within: Duration) -> Result<HostHealth, EngineError> {
+    pub async fn check_health(
+        &self,
+        host_name: &str,
+        within: Duration,
+    ) -> Result<HostHealth, EngineError> {
         let inventory = self.inventory().await?;
-        let host = inventory
-            .get(host_name)
-            .cloned()
-            .ok_or_else(|| InventoryError::UnknownHost {
-                name: host_name.to_string(),
-                known: inventory.hosts().map(|h| h.name.clone()).collect::<Vec<_>>().join(", "),
-            })?;
+        let host =
+            inventory
+                .get(host_name)
+                .cloned()
+                .ok_or_else(|| InventoryError::UnknownHost {
+                    name: host_name.to_string(),
+                    known: inventory
+                        .hosts()
+                        .map(|h| h.name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
         let (assessment, connection) = probe_host(host.clone(), &self.config.ssh).await;
         let Some(connection) = connection else {
             return Ok(HostHealth {
@@ -2093,8 +2102,9 @@ impl HostContext {
         }
 
         let copy = async {
-            let opts = ssh::nix_ssh_opts(&host.target, &self.ssh, Some(connection.control_socket()))
-                .map_err(|e| e.to_string())?;
+            let opts =
+                ssh::nix_ssh_opts(&host.target, &self.ssh, Some(connection.control_socket()))
+                    .map_err(|e| e.to_string())?;
             nix.copy(
                 &host.target.store_uri(),
                 &path,

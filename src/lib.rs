@@ -18,10 +18,10 @@
 //! - [`cli`]: the command line.
 //! - [`testkit`]: real test hosts (sshd in mount namespaces) for tests, demo and benchmarks.
 
-// pub mod api; (enabled once slack/notify/metrics land)
+pub mod api;
 pub mod cli;
-// pub mod client;
-// pub mod config;
+pub mod client;
+pub mod config;
 pub mod engine;
 pub mod events;
 pub mod exec;

@@ -31,14 +31,18 @@ impl Caller {
 pub fn authorize(headers: &HeaderMap, tokens: &[Token], needed: Scope) -> Result<Caller, ApiError> {
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("missing bearer token (Authorization: Bearer …)".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized("missing bearer token (Authorization: Bearer …)".into())
+        })?;
     let presented = header
         .to_str()
         .ok()
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::Unauthorized("malformed Authorization header; expected `Bearer TOKEN`".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized("malformed Authorization header; expected `Bearer TOKEN`".into())
+        })?;
     let mut found: Option<&Token> = None;
     for token in tokens {
         let equal: bool = token.secret.expose().ct_eq(presented.as_bytes()).into();
@@ -86,8 +90,18 @@ mod tests {
     #[test]
     fn checks_token_and_scope() {
         let t = tokens();
-        assert_eq!(authorize(&headers("Bearer d3pl0y"), &t, Scope::Deploy).unwrap().name, "ci");
-        assert_eq!(authorize(&headers("Bearer d3pl0y"), &t, Scope::Read).unwrap().name, "ci");
+        assert_eq!(
+            authorize(&headers("Bearer d3pl0y"), &t, Scope::Deploy)
+                .unwrap()
+                .name,
+            "ci"
+        );
+        assert_eq!(
+            authorize(&headers("Bearer d3pl0y"), &t, Scope::Read)
+                .unwrap()
+                .name,
+            "ci"
+        );
         assert!(matches!(
             authorize(&headers("Bearer r3ad"), &t, Scope::Deploy),
             Err(ApiError::Forbidden(_))

@@ -34,6 +34,8 @@ pub struct CreateDeployment {
     /// Queue behind busy hosts instead of answering 409.
     #[serde(default)]
     pub wait: bool,
+    /// Deploy the daemon's flake pinned to this commit (40 hex digits).
+    pub revision: Option<String>,
     #[serde(flatten)]
     pub options: OptionsInput,
 }
@@ -42,7 +44,8 @@ fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
 pub async fn create(
@@ -52,6 +55,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
     let request: CreateDeployment = parse_body(&body)?;
+    let revision = request.revision.clone();
     let options = request
         .options
         .resolve(&state.default_options())
@@ -67,14 +71,25 @@ pub async fn create(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
-    let id = state.launch(state.engine(), job, |_| {}).await?;
+    let engine = match &revision {
+        Some(rev) => {
+            let pinned = crate::github::flake_at_revision(&state.config.flake, rev)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            state.engine_with_flake(&pinned)
+        }
+        None => state.engine(),
+    };
+    let id = state.launch(engine, job, |_| {}).await?;
     Ok(accepted(id))
 }
 
 pub(crate) fn accepted(id: i64) -> Response {
     (
         StatusCode::ACCEPTED,
-        [(axum::http::header::LOCATION, format!("/api/v1/deployments/{id}"))],
+        [(
+            axum::http::header::LOCATION,
+            format!("/api/v1/deployments/{id}"),
+        )],
         Json(serde_json::json!({
             "id": id,
             "status": "running",
@@ -153,7 +168,9 @@ pub async fn cancel(
             },
         )
         .await?;
-    Ok(Json(serde_json::json!({ "id": id, "cancel_requested": true })))
+    Ok(Json(
+        serde_json::json!({ "id": id, "cancel_requested": true }),
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,7 +195,14 @@ pub async fn resume(
         .ok_or_else(|| ApiError::NotFound(format!("no deployment #{id}")))?;
     let engine = state.engine_with_flake(&deployment.flake);
     let id = state
-        .launch(engine, Job::Resume { id: Some(id), wait: body.wait }, |_| {})
+        .launch(
+            engine,
+            Job::Resume {
+                id: Some(id),
+                wait: body.wait,
+            },
+            |_| {},
+        )
         .await?;
     Ok(accepted(id))
 }
@@ -198,7 +222,10 @@ pub async fn report(
     let events = state.store().events(id, 0).await?;
     let markdown = super::report::markdown(&deployment, &runs, &events);
     Ok((
-        [(axum::http::header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/markdown; charset=utf-8",
+        )],
         markdown,
     )
         .into_response())
@@ -217,7 +244,7 @@ pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<i64>,
-) -> Result<Sse<ReceiverStream<Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     authorize(&headers, &state.tokens, Scope::Read)?;
     let deployment = state
         .store()
@@ -287,7 +314,9 @@ pub async fn events(
             // Run by another process (a CLI): follow the store.
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let Ok(new) = store.events(id, last).await else { return };
+                let Ok(new) = store.events(id, last).await else {
+                    return;
+                };
                 for event in &new {
                     last = event.id;
                     let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
@@ -304,5 +333,8 @@ pub async fn events(
             }
         }
     });
-    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()))
+    let stream: ReceiverStream<Result<SseEvent, Infallible>> = ReceiverStream::new(rx);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }

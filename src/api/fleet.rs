@@ -95,7 +95,9 @@ pub async fn plan(
         .engine()
         .plan(&selection, &options, body.summaries)
         .await?;
-    Ok(Json(serde_json::to_value(&report).map_err(anyhow::Error::from)?))
+    Ok(Json(
+        serde_json::to_value(&report).map_err(anyhow::Error::from)?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,7 +114,9 @@ pub async fn rollback(
 ) -> Result<Response, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
     if !crate::shell::is_valid_host_name(&host) {
-        return Err(ApiError::BadRequest(format!("`{host}` is not a valid host name")));
+        return Err(ApiError::BadRequest(format!(
+            "`{host}` is not a valid host name"
+        )));
     }
     let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
         RollbackBody::default()
@@ -136,13 +140,17 @@ pub async fn health(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&headers, &state.tokens, Scope::Read)?;
     if !crate::shell::is_valid_host_name(&host) {
-        return Err(ApiError::BadRequest(format!("`{host}` is not a valid host name")));
+        return Err(ApiError::BadRequest(format!(
+            "`{host}` is not a valid host name"
+        )));
     }
     let health = state
         .engine()
         .check_health(&host, Duration::from_secs(10))
         .await?;
-    Ok(Json(serde_json::to_value(&health).map_err(anyhow::Error::from)?))
+    Ok(Json(
+        serde_json::to_value(&health).map_err(anyhow::Error::from)?,
+    ))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {

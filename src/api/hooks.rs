@@ -32,7 +32,9 @@ pub async fn slack(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let (Some(config), Some(secret)) = (&state.config.slack, &state.slack_secret) else {
-        return Err(ApiError::NotFound("the Slack command is not configured".into()));
+        return Err(ApiError::NotFound(
+            "the Slack command is not configured".into(),
+        ));
     };
     let timestamp = header(&headers, "x-slack-request-timestamp").unwrap_or("");
     let signature = header(&headers, "x-slack-signature").unwrap_or("");
@@ -80,7 +82,13 @@ pub async fn slack(
             state.cancel_running(id);
             state
                 .store()
-                .append_event(id, None, EventKind::Log { message: format!("cancel requested by {who}") })
+                .append_event(
+                    id,
+                    None,
+                    EventKind::Log {
+                        message: format!("cancel requested by {who}"),
+                    },
+                )
                 .await?;
             Ok(Json(serde_json::json!({
                 "response_type": "in_channel",
@@ -88,7 +96,16 @@ pub async fn slack(
             }))
             .into_response())
         }
-        ChatRequest::Deploy(chat) => slack_deploy(state.clone(), config.response_url_prefixes.clone(), command, chat, who).await,
+        ChatRequest::Deploy(chat) => {
+            slack_deploy(
+                state.clone(),
+                config.response_url_prefixes.clone(),
+                command,
+                chat,
+                who,
+            )
+            .await
+        }
     }
 }
 
@@ -110,6 +127,7 @@ async fn slack_deploy(
         batch_size: chat.batch_size.clone(),
         canary: chat.canary.clone(),
         max_failures: chat.max_failures.clone(),
+        canary_soak: chat.canary_soak.clone(),
         force: chat.force,
         ..OptionsInput::default()
     };
@@ -168,10 +186,7 @@ async fn slack_deploy(
         tokio::spawn(async move {
             while let Ok(event) = live.recv().await {
                 if let EventKind::HostFinished { status, .. } = &event.kind {
-                    let text = format!(
-                        "#{id} {}: {status}",
-                        event.host.as_deref().unwrap_or("-")
-                    );
+                    let text = format!("#{id} {}: {status}", event.host.as_deref().unwrap_or("-"));
                     let _ = http
                         .post(&url)
                         .json(&serde_json::json!({ "response_type": "in_channel", "text": text }))
@@ -185,7 +200,10 @@ async fn slack_deploy(
         });
     }
     let mut message = crate::slack::plan_message(&plan_json);
-    if let Some(text) = message.get_mut("text").and_then(|t| t.as_str().map(str::to_string)) {
+    if let Some(text) = message
+        .get_mut("text")
+        .and_then(|t| t.as_str().map(str::to_string))
+    {
         message["text"] = serde_json::Value::String(format!("Deployment #{id} started.\n{text}"));
     }
     message["deployment_id"] = serde_json::json!(id);
@@ -198,14 +216,18 @@ pub async fn github(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let (Some(config), Some(secret)) = (&state.config.github, &state.github_secret) else {
-        return Err(ApiError::NotFound("the GitHub hook is not configured".into()));
+        return Err(ApiError::NotFound(
+            "the GitHub hook is not configured".into(),
+        ));
     };
     let signature = header(&headers, "x-hub-signature-256").unwrap_or("");
     crate::github::verify_signature(secret.expose(), &body, signature)
         .map_err(|e| ApiError::Unauthorized(format!("GitHub signature: {e}")))?;
     let event = header(&headers, "x-github-event").unwrap_or("");
     match event {
-        "ping" => return Ok(Json(serde_json::json!({ "ok": true, "event": "ping" })).into_response()),
+        "ping" => {
+            return Ok(Json(serde_json::json!({ "ok": true, "event": "ping" })).into_response());
+        }
         "push" => {}
         other => {
             return Ok((
@@ -227,7 +249,10 @@ pub async fn github(
         )
             .into_response());
     }
-    let flake = config.flake.clone().unwrap_or_else(|| state.config.flake.clone());
+    let flake = config
+        .flake
+        .clone()
+        .unwrap_or_else(|| state.config.flake.clone());
     let pinned = crate::github::flake_at_revision(&flake, &push.after)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let job = Job::Deploy(DeployRequest {

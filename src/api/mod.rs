@@ -72,7 +72,10 @@ impl std::ops::Deref for AppState {
 /// What a background job runs.
 pub(crate) enum Job {
     Deploy(crate::engine::DeployRequest),
-    Resume { id: Option<i64>, wait: bool },
+    Resume {
+        id: Option<i64>,
+        wait: bool,
+    },
     Rollback {
         host: String,
         to_generation: Option<u32>,
@@ -191,7 +194,11 @@ impl AppState {
                                 events: live.clone(),
                             },
                         );
-                    if let Some(tx) = forward_first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    if let Some(tx) = forward_first
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                    {
                         let _ = tx.send(Ok(event.deployment_id));
                     }
                 }
@@ -274,10 +281,7 @@ pub fn app(state: AppState) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             timeout,
         ));
-    let streams = Router::new().route(
-        "/api/v1/deployments/{id}/events",
-        get(deployments::events),
-    );
+    let streams = Router::new().route("/api/v1/deployments/{id}/events", get(deployments::events));
     api.merge(streams)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(1024 * 1024))

@@ -19,14 +19,20 @@ pub fn markdown(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) -> String
         out,
         "- Flake: `{}`{}",
         d.flake,
-        d.flake_rev.as_deref().map(|r| format!(" at `{r}`")).unwrap_or_default()
+        d.flake_rev
+            .as_deref()
+            .map(|r| format!(" at `{r}`"))
+            .unwrap_or_default()
     );
     let _ = writeln!(out, "- Strategy: {}", d.strategy);
     if let Some(e) = &d.error {
         let _ = writeln!(out, "- Stopped: {e}");
     }
     let count = |s: HostStatus| runs.iter().filter(|r| r.status == s).count();
-    let attempted = runs.iter().filter(|r| r.status != HostStatus::Skipped).count();
+    let attempted = runs
+        .iter()
+        .filter(|r| r.status != HostStatus::Skipped)
+        .count();
     let deployed = count(HostStatus::Deployed);
     let _ = writeln!(out, "\n## Deployment Summary\n");
     let _ = writeln!(
@@ -60,7 +66,9 @@ pub fn markdown(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) -> String
             r.status,
             generation(r.from.generation),
             generation(r.to.generation),
-            r.duration_ms().map(duration_ms).unwrap_or_else(|| "-".into()),
+            r.duration_ms()
+                .map(duration_ms)
+                .unwrap_or_else(|| "-".into()),
             note
         );
     }
@@ -68,7 +76,13 @@ pub fn markdown(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) -> String
     if !failures.is_empty() {
         let _ = writeln!(out, "\n## Failures\n");
         for r in failures {
-            let _ = writeln!(out, "### {} ({})\n\n```\n{}\n```\n", r.host, r.status, r.error.as_deref().unwrap_or(""));
+            let _ = writeln!(
+                out,
+                "### {} ({})\n\n```\n{}\n```\n",
+                r.host,
+                r.status,
+                r.error.as_deref().unwrap_or("")
+            );
         }
     }
     let health: Vec<&Event> = events

@@ -4,9 +4,7 @@
 //! 2 bad input (nothing touched), 3 cancelled.
 
 mod output;
-#[cfg(any())] // DAEMON-GATE
 mod remote;
-#[cfg(any())] // DAEMON-GATE
 mod serve;
 pub use output::{deployment_json, report_json};
 
@@ -51,7 +49,12 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "URL", env = "NIX_DEPLOY_SERVER")]
     pub server: Option<String>,
     /// File holding the bearer token for --server.
-    #[arg(long, global = true, value_name = "FILE", env = "NIX_DEPLOY_TOKEN_FILE")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "NIX_DEPLOY_TOKEN_FILE"
+    )]
     pub token_file: Option<PathBuf>,
     /// An ssh config file used instead of ~/.ssh/config, for our sessions and `nix copy`.
     #[arg(
@@ -140,7 +143,6 @@ pub enum Command {
         within: u64,
     },
     /// Run the daemon: the HTTP API, chat and GitHub hooks, metrics.
-    #[cfg(any())] // DAEMON-GATE
     Serve(serve::ServeArgs),
 }
 
@@ -276,7 +278,10 @@ impl StrategyArgs {
         }
         put("canary_soak", serde_json::json!(self.canary_soak));
         put("max_failures", serde_json::json!(self.max_failures));
-        put("continue_on_failure", serde_json::json!(self.continue_on_failure));
+        put(
+            "continue_on_failure",
+            serde_json::json!(self.continue_on_failure),
+        );
         put("force", serde_json::json!(self.force));
         put("parallel_limit", serde_json::json!(self.parallel_limit));
         if let Some(v) = self.rollback_all_on_abort {
@@ -297,6 +302,9 @@ pub struct DeployArgs {
     /// Wait for hosts another deployment holds instead of refusing.
     #[arg(long)]
     pub wait: bool,
+    /// Deploy the flake pinned to this commit (as CI does after a push).
+    #[arg(long, value_name = "SHA")]
+    pub revision: Option<String>,
     /// Let hosts fetch from their substituters instead of receiving everything from us.
     #[arg(long)]
     pub substitute_on_destination: bool,
@@ -419,7 +427,6 @@ impl Cli {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
-    #[cfg(any())] // DAEMON-GATE
     if let Some(server) = cli.server.clone() {
         return match remote::run(&cli, &server).await {
             Ok(code) => Ok(code),
@@ -430,7 +437,6 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         };
     }
     match &cli.command {
-        #[cfg(any())] // DAEMON-GATE
         Command::Serve(args) => serve::serve(&cli, args).await,
         Command::Plan {
             select,
@@ -581,6 +587,10 @@ async fn deploy(cli: &Cli, args: &DeployArgs) -> anyhow::Result<u8> {
     let mut config = engine_config(cli, control.path());
     args.runtime.apply(&mut config);
     config.substitute_on_destination = args.substitute_on_destination;
+    if let Some(revision) = &args.revision {
+        config.flake = crate::github::flake_at_revision(&config.flake, revision)
+            .map_err(|e| EngineError::BadOption(e.to_string()))?;
+    }
     let engine = Engine::new(config, store);
     let request = DeployRequest {
         selection: args.select.selection(),
@@ -648,9 +658,18 @@ pub(crate) fn print_health(cli: &Cli, health: &serde_json::Value) -> anyhow::Res
         for r in health["results"].as_array().into_iter().flatten() {
             println!(
                 "  {} {}: {}",
-                if r["ok"].as_bool().unwrap_or(false) { "✅" } else { "❌" },
+                if r["ok"].as_bool().unwrap_or(false) {
+                    "✅"
+                } else {
+                    "❌"
+                },
                 r["check"].as_str().unwrap_or(""),
-                r["output"].as_str().unwrap_or("").lines().next().unwrap_or("")
+                r["output"]
+                    .as_str()
+                    .unwrap_or("")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
             );
         }
         if let Some(error) = health["error"].as_str() {

@@ -10,7 +10,9 @@ use crate::events::{DeploymentStatus, HostStatus};
 use crate::store::{DeploymentRow, HostRun, HostStateRow};
 
 /// A deployment as the API shows it → the CLI's types.
-pub fn deployment_from_json(value: &serde_json::Value) -> Result<(DeploymentRow, Vec<HostRun>), ClientError> {
+pub fn deployment_from_json(
+    value: &serde_json::Value,
+) -> Result<(DeploymentRow, Vec<HostRun>), ClientError> {
     let bad = |e: serde_json::Error| ClientError::Protocol(format!("deployment: {e}"));
     let mut row = value.clone();
     row["hosts"] = value["selected"].clone();
@@ -71,6 +73,9 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             let mut body = selection_json(&args.select);
             body.extend(args.strategy.json());
             body.insert("wait".into(), serde_json::json!(args.wait));
+            if let Some(revision) = &args.revision {
+                body.insert("revision".into(), serde_json::json!(revision));
+            }
             let created = client.post("/api/v1/deployments", &body.into()).await?;
             let id = created["id"]
                 .as_i64()
@@ -126,12 +131,17 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 None => latest(&client, |d| d["status"] == "running").await?,
             };
             let answer = client
-                .post(&format!("/api/v1/deployments/{id}/cancel"), &serde_json::json!({}))
+                .post(
+                    &format!("/api/v1/deployments/{id}/cancel"),
+                    &serde_json::json!({}),
+                )
                 .await?;
             if cli.json {
                 print(&answer);
             } else {
-                println!("Cancel requested for deployment #{id}: no new hosts will start; running hosts finish or roll back.");
+                println!(
+                    "Cancel requested for deployment #{id}: no new hosts will start; running hosts finish or roll back."
+                );
             }
             Ok(EXIT_OK)
         }
@@ -139,8 +149,10 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             let id = match id {
                 Some(id) => *id,
                 None => {
-                    latest(&client, |d| d["status"] != "succeeded" && d["status"] != "running")
-                        .await?
+                    latest(&client, |d| {
+                        d["status"] != "succeeded" && d["status"] != "running"
+                    })
+                    .await?
                 }
             };
             let created = client
@@ -170,7 +182,10 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
         }
         Command::Health { host, .. } => {
             let health = client
-                .post(&format!("/api/v1/hosts/{host}/health"), &serde_json::json!({}))
+                .post(
+                    &format!("/api/v1/hosts/{host}/health"),
+                    &serde_json::json!({}),
+                )
                 .await?;
             super::print_health(cli, &health).map_err(|e| ClientError::Protocol(e.to_string()))
         }
@@ -183,7 +198,10 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
 }
 
 fn print(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 async fn latest(
@@ -239,7 +257,10 @@ async fn follow(cli: &Cli, client: &Client, id: i64) -> Result<u8, ClientError> 
     Ok(match report.status {
         DeploymentStatus::Succeeded => EXIT_OK,
         DeploymentStatus::Cancelled
-            if !report.hosts.iter().any(|h: &HostRun| h.status.is_failure() && h.status != HostStatus::Cancelled) =>
+            if !report
+                .hosts
+                .iter()
+                .any(|h: &HostRun| h.status.is_failure() && h.status != HostStatus::Cancelled) =>
         {
             EXIT_CANCELLED
         }
@@ -250,5 +271,9 @@ async fn follow(cli: &Cli, client: &Client, id: i64) -> Result<u8, ClientError> 
 
 /// Exit code for a client error.
 pub fn exit_code(e: &ClientError) -> u8 {
-    if e.is_bad_input() { EXIT_BAD_INPUT } else { EXIT_FAILED }
+    if e.is_bad_input() {
+        EXIT_BAD_INPUT
+    } else {
+        EXIT_FAILED
+    }
 }

@@ -57,11 +57,15 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         eprintln!("warning: no [[tokens]] in the config; every API request will be refused");
     }
     let slack_secret = match &config.slack {
-        Some(slack) => Some(Secret::from_file(&slack.signing_secret_file).context("Slack signing secret")?),
+        Some(slack) => {
+            Some(Secret::from_file(&slack.signing_secret_file).context("Slack signing secret")?)
+        }
         None => None,
     };
     let github_secret = match &config.github {
-        Some(github) => Some(Secret::from_file(&github.secret_file).context("GitHub webhook secret")?),
+        Some(github) => {
+            Some(Secret::from_file(&github.secret_file).context("GitHub webhook secret")?)
+        }
         None => None,
     };
 
@@ -91,7 +95,10 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     );
     // Reconcile: what do the hosts actually run after a crash? (Probing records it.)
     if !interrupted.is_empty() {
-        tracing::info!(?interrupted, "deployments interrupted by a previous stop; probing the fleet");
+        tracing::info!(
+            ?interrupted,
+            "deployments interrupted by a previous stop; probing the fleet"
+        );
         let reconcile = Engine::new(engine, store);
         tokio::spawn(async move {
             let options = crate::plan::PlanOptions::default();
@@ -109,7 +116,10 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut interrupt), Ok(mut terminate)) => {
             tokio::select! {
                 _ = interrupt.recv() => {}

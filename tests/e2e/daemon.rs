@@ -53,8 +53,11 @@ fn receiver() -> Receiver {
             }
             let mut body = vec![0u8; length];
             let _ = reader.read_exact(&mut body);
-            seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&body).into_owned());
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
     });
     Receiver { url, bodies }
@@ -145,7 +148,10 @@ branch = "main"
     let url = line
         .trim()
         .strip_prefix("nix-deploy: listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+            panic!("unexpected first line: {line:?}\ndaemon log:\n{log}")
+        })
         .to_string();
     Daemon { child, url, dir }
 }
@@ -173,12 +179,16 @@ async fn call(
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// Follow a deployment's event stream to the end; returns the event kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<String> {
-    let client = nix_deploy::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
+    let client =
+        nix_deploy::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
         .await
@@ -217,7 +227,13 @@ async fn auth_errors_and_bad_input_change_nothing() {
     let (status, body) = call(reqwest::Method::GET, &url("/api/v1/status"), None, None).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "unauthorized");
-    let (status, _) = call(reqwest::Method::GET, &url("/api/v1/status"), Some("wrong"), None).await;
+    let (status, _) = call(
+        reqwest::Method::GET,
+        &url("/api/v1/status"),
+        Some("wrong"),
+        None,
+    )
+    .await;
     assert_eq!(status, 401);
     let (status, body) = call(
         reqwest::Method::POST,
@@ -235,7 +251,12 @@ async fn auth_errors_and_bad_input_change_nothing() {
     )
     .await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().contains("unknown host"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown host")
+    );
     let (status, _) = call(
         reqwest::Method::POST,
         &url("/api/v1/deployments"),
@@ -253,12 +274,24 @@ async fn auth_errors_and_bad_input_change_nothing() {
         .await
         .unwrap();
     assert_eq!(raw.status().as_u16(), 400);
-    let (status, _) = call(reqwest::Method::GET, &url("/api/v1/deployments/999"), Some(READ_TOKEN), None).await;
+    let (status, _) = call(
+        reqwest::Method::GET,
+        &url("/api/v1/deployments/999"),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, 404);
     let (status, _) = call(reqwest::Method::GET, &url("/healthz"), None, None).await;
     assert_eq!(status, 200);
     assert_eq!(h.fleet.generation("a1"), None, "nothing was deployed");
-    let (_, list) = call(reqwest::Method::GET, &url("/api/v1/deployments"), Some(READ_TOKEN), None).await;
+    let (_, list) = call(
+        reqwest::Method::GET,
+        &url("/api/v1/deployments"),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(list["deployments"].as_array().unwrap().len(), 0);
 }
 
@@ -266,7 +299,10 @@ async fn auth_errors_and_bad_input_change_nothing() {
 async fn a_deployment_through_the_api_streams_its_events_and_is_reported() {
     let notify = receiver();
     let h = Harness::start(vec![HostSpec::new("w1"), HostSpec::new("w2")]);
-    let d = start_daemon(&h, &format!("\n[notifications]\njson_webhooks = [\"{}\"]\n", notify.url));
+    let d = start_daemon(
+        &h,
+        &format!("\n[notifications]\njson-webhooks = [\"{}\"]\n", notify.url),
+    );
     let (status, created) = call(
         reqwest::Method::POST,
         &format!("{}/api/v1/deployments", d.url),
@@ -277,8 +313,14 @@ async fn a_deployment_through_the_api_streams_its_events_and_is_reported() {
     assert_eq!(status, 202, "{created}");
     let id = created["id"].as_i64().unwrap();
     let kinds = follow(&d, id).await;
-    assert_eq!(kinds.first().map(String::as_str), Some("deployment-started"));
-    assert_eq!(kinds.last().map(String::as_str), Some("deployment-finished"));
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("deployment-started")
+    );
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("deployment-finished")
+    );
     assert!(kinds.iter().any(|k| k == "step-finished"));
     let deployment = wait_finished(&d, id).await;
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
@@ -298,7 +340,10 @@ async fn a_deployment_through_the_api_streams_its_events_and_is_reported() {
         .text()
         .await
         .unwrap();
-    assert!(report.contains("Deployment Summary") && report.contains("w1"), "{report}");
+    assert!(
+        report.contains("Deployment Summary") && report.contains("w1"),
+        "{report}"
+    );
     let metrics = client()
         .get(format!("{}/metrics", d.url))
         .send()
@@ -307,19 +352,29 @@ async fn a_deployment_through_the_api_streams_its_events_and_is_reported() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("nix_deploy_deployments_total{status=\"succeeded\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("nix_deploy_deployments_total{status=\"succeeded\"} 1"),
+        "{metrics}"
+    );
     // Notifications reached the receiver (without holding the deployment up).
     let deadline = Instant::now() + Duration::from_secs(10);
     while notify.bodies.lock().unwrap().len() < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let bodies = notify.bodies.lock().unwrap().join("\n");
-    assert!(bodies.contains("deployment.started") && bodies.contains("deployment.finished"), "{bodies}");
+    assert!(
+        bodies.contains("deployment.started") && bodies.contains("deployment.finished"),
+        "{bodies}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_host_gets_409_and_cancel_and_resume_work_through_the_api() {
-    let mut h = Harness::start(vec![HostSpec::new("s1"), HostSpec::new("s2"), HostSpec::new("s3")]);
+    let mut h = Harness::start(vec![
+        HostSpec::new("s1"),
+        HostSpec::new("s2"),
+        HostSpec::new("s3"),
+    ]);
     let d = start_daemon(&h, "");
     let (status, created) = call(
         reqwest::Method::POST,
@@ -360,7 +415,12 @@ async fn a_busy_host_gets_409_and_cancel_and_resume_work_through_the_api() {
     )
     .await;
     assert_eq!(status, 409, "{busy}");
-    assert!(busy["error"]["message"].as_str().unwrap().contains(&format!("deployment #{id}")));
+    assert!(
+        busy["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("deployment #{id}"))
+    );
     let (status, _) = call(
         reqwest::Method::POST,
         &format!("{}/api/v1/deployments/{id}/cancel", d.url),
@@ -411,12 +471,20 @@ async fn the_cli_works_through_the_daemon() {
     let (code, report, stderr) = tokio::task::block_in_place(|| cli(&["deploy"]));
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(report["status"], "succeeded");
-    assert!(stderr.contains("c1: activating"), "progress from the stream: {stderr}");
+    assert!(
+        stderr.contains("c1: activating"),
+        "progress from the stream: {stderr}"
+    );
     h.fleet.update("c1", |s| s.fail_switch = true).unwrap();
     h.fleet.update("c1", |s| s.bump()).unwrap();
     let (code, report, _) = tokio::task::block_in_place(|| cli(&["deploy"]));
     assert_eq!(code, 1);
-    let c1 = report["hosts"].as_array().unwrap().iter().find(|x| x["name"] == "c1").unwrap();
+    let c1 = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "c1")
+        .unwrap();
     assert_eq!(c1["status"], "rolled-back");
     let (code, _, stderr) = tokio::task::block_in_place(|| cli(&["deploy", "ghost"]));
     assert_eq!(code, 2, "{stderr}");
@@ -465,15 +533,22 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     // Forged and stale requests are refused and change nothing.
     let forged = post(now, "v0=deadbeef".into(), body.clone()).await.unwrap();
     assert_eq!(forged.status().as_u16(), 401);
-    let stale = post(now - 600, slack_signature(now - 600, &body), body.clone()).await.unwrap();
+    let stale = post(now - 600, slack_signature(now - 600, &body), body.clone())
+        .await
+        .unwrap();
     assert_eq!(stale.status().as_u16(), 401);
     assert_eq!(h.fleet.generation("p620"), None);
 
-    let ok = post(now, slack_signature(now, &body), body.clone()).await.unwrap();
+    let ok = post(now, slack_signature(now, &body), body.clone())
+        .await
+        .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
     let answer: Value = ok.json().await.unwrap();
     let text = answer["text"].as_str().unwrap_or_default();
-    assert!(text.contains("p620") && text.contains("razer"), "{answer:#}");
+    assert!(
+        text.contains("p620") && text.contains("razer"),
+        "{answer:#}"
+    );
     let id = answer["deployment_id"].as_i64().expect("deployment id");
     let deployment = wait_finished(&d, id).await;
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
@@ -484,11 +559,20 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     while responses.bodies.lock().unwrap().len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(responses.bodies.lock().unwrap().len() >= 3, "{:?}", responses.bodies.lock().unwrap());
+    assert!(
+        responses.bodies.lock().unwrap().len() >= 3,
+        "{:?}",
+        responses.bodies.lock().unwrap()
+    );
 
     // A bad argument gets an answer, not a deployment.
     let bad = "command=%2Fnix-deploy&text=--strategy%3Dyolo&user_id=U1&user_name=alice".to_string();
-    let answer: Value = post(now, slack_signature(now, &bad), bad).await.unwrap().json().await.unwrap();
+    let answer: Value = post(now, slack_signature(now, &bad), bad)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(answer["response_type"], "ephemeral");
 }
 
@@ -499,7 +583,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .current_dir(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -540,7 +628,9 @@ async fn a_signed_push_to_main_deploys_that_revision() {
         format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
     };
     let body = push("refs/heads/main", &first);
-    let forged = send(body.clone(), "sha256=00".into(), "push").await.unwrap();
+    let forged = send(body.clone(), "sha256=00".into(), "push")
+        .await
+        .unwrap();
     assert_eq!(forged.status().as_u16(), 401);
     let other = push("refs/heads/feature", &first);
     let ignored = send(other.clone(), sign(&other), "push").await.unwrap();
@@ -551,7 +641,9 @@ async fn a_signed_push_to_main_deploys_that_revision() {
     // The push of the *first* commit deploys the first commit, not the tip.
     let accepted = send(body.clone(), sign(&body), "push").await.unwrap();
     assert_eq!(accepted.status().as_u16(), 202);
-    let id = accepted.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let id = accepted.json::<Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
     let deployment = wait_finished(&d, id).await;
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
     assert_eq!(deployment["requested_by"], "github:bob");
@@ -561,7 +653,11 @@ async fn a_signed_push_to_main_deploys_that_revision() {
 
 #[test]
 fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
-    let mut h = Harness::start(vec![HostSpec::new("t1"), HostSpec::new("t2"), HostSpec::new("t3")]);
+    let mut h = Harness::start(vec![
+        HostSpec::new("t1"),
+        HostSpec::new("t2"),
+        HostSpec::new("t3"),
+    ]);
     assert_eq!(h.deploy(&["--parallel-limit", "8"]).0, 0);
     for name in ["t1", "t2", "t3"] {
         h.fleet
@@ -581,10 +677,18 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     ));
     assert_eq!(status, 202);
     let id = created["id"].as_i64().unwrap();
-    h.until(30, "the first activation", || h.fleet.activations("t1").len() >= 2);
+    h.until(30, "the first activation", || {
+        h.fleet.activations("t1").len() >= 2
+    });
     // SIGTERM, as systemd stops the service.
     let pid = d.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = d.child.wait().unwrap();
     assert!(status.success(), "the daemon exits cleanly: {status:?}");
     let (_, shown, _) = h.json(&["show", &id.to_string()]);
@@ -592,5 +696,9 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     for name in ["t1", "t2", "t3"] {
         assert!(h.consistent(name), "{name} is between generations");
     }
-    assert_eq!(h.fleet.generation("t1"), Some(2), "the host in the middle finished");
+    assert_eq!(
+        h.fleet.generation("t1"),
+        Some(2),
+        "the host in the middle finished"
+    );
 }

@@ -3,7 +3,6 @@
 //! loopback addresses; see `nix_deploy::testkit`). Needs root.
 
 mod cli;
-#[cfg(any())] // DAEMON-GATE
 mod daemon;
 mod deploy;
 mod helpers;

@@ -214,7 +214,12 @@ fn a_failing_http_check_rolls_back_and_a_passing_one_deploys() {
         .find(|e| e["kind"] == "health-checked")
         .expect("health results recorded");
     assert_eq!(health["results"][0]["ok"], true);
-    assert!(!health["results"][0]["history"].as_array().unwrap().is_empty());
+    assert!(
+        !health["results"][0]["history"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
