@@ -475,6 +475,17 @@ async fn the_cli_works_through_the_daemon() {
         stderr.contains("c1: activating"),
         "progress from the stream: {stderr}"
     );
+    // The same document as an in-process run.
+    h.fleet.update("c2", |s| s.bump()).unwrap();
+    let (_, local, _) = tokio::task::block_in_place(|| h.deploy(&["c2"]));
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&report), keys(&local));
+    assert_eq!(keys(&report["hosts"][0]), keys(&local["hosts"][0]));
+    assert_eq!(local["status"], "succeeded", "{local:#}");
     h.fleet.update("c1", |s| s.fail_switch = true).unwrap();
     h.fleet.update("c1", |s| s.bump()).unwrap();
     let (code, report, _) = tokio::task::block_in_place(|| cli(&["deploy"]));
@@ -493,7 +504,11 @@ async fn the_cli_works_through_the_daemon() {
     assert_eq!(status["hosts"].as_array().unwrap().len(), 2);
     let (code, history, _) = tokio::task::block_in_place(|| cli(&["history"]));
     assert_eq!(code, 0);
-    assert_eq!(history["deployments"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        history["deployments"].as_array().unwrap().len(),
+        3,
+        "{history:#}"
+    );
     // Without a token: refused, exit 2.
     let out = Command::new(binary())
         .args(["--server", &d.url, "status"])
