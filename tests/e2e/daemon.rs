@@ -282,6 +282,19 @@ async fn auth_errors_and_bad_input_change_nothing() {
     )
     .await;
     assert_eq!(status, 404);
+    // Oversized bodies are refused before they are read.
+    let huge = client()
+        .post(url("/api/v1/deployments"))
+        .bearer_auth(DEPLOY_TOKEN)
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{\"hosts\": [\"{}\"]}}",
+            "a".repeat(2 * 1024 * 1024)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
     let (status, _) = call(reqwest::Method::GET, &url("/healthz"), None, None).await;
     assert_eq!(status, 200);
     assert_eq!(h.fleet.generation("a1"), None, "nothing was deployed");
@@ -356,6 +369,41 @@ async fn a_deployment_through_the_api_streams_its_events_and_is_reported() {
         metrics.contains("nix_deploy_deployments_total{status=\"succeeded\"} 1"),
         "{metrics}"
     );
+    // Every sample line parses as `name{labels} value`.
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line}"));
+        assert!(name.starts_with("nix_deploy_"), "{line}");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+    assert!(
+        metrics.contains("nix_deploy_host_runs_total{status=\"deployed\"} 2"),
+        "{metrics}"
+    );
+    // Status reflects what the hosts really run.
+    let (_, status) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/v1/status?live=true", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    for host in status["hosts"].as_array().unwrap() {
+        let name = host["name"].as_str().unwrap();
+        assert_eq!(
+            host["current_path"].as_str(),
+            h.fleet.current_system(name).as_deref()
+        );
+        assert_eq!(
+            host["generation"].as_u64(),
+            h.fleet.generation(name).map(u64::from)
+        );
+    }
+    assert_eq!(status["live"]["to_deploy"], json!([]), "{status:#}");
     // Notifications reached the receiver (without holding the deployment up).
     let deadline = Instant::now() + Duration::from_secs(10);
     while notify.bodies.lock().unwrap().len() < 2 && Instant::now() < deadline {
