@@ -182,8 +182,10 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        // Readers (API, CLI) never wait behind the engine's writes in WAL mode,
+        // as long as they have a connection of their own.
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(8)
             .connect_with(options)
             .await
             .map_err(open_error)?;
@@ -713,6 +715,15 @@ impl Store {
     }
 
     /// Ask a running deployment to stop starting hosts.
+    /// Ids of deployments marked running (cheap: no JSON decoding).
+    pub async fn running_deployments(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM deployments WHERE status = 'running' ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("listing running deployments"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     pub async fn request_cancel(&self, id: i64) -> Result<bool, StoreError> {
         let changed = sqlx::query(
             "UPDATE deployments SET cancel_requested = 1 WHERE id = ? AND status = 'running'",

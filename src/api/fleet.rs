@@ -31,14 +31,7 @@ pub async fn status(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&headers, &state.tokens, Scope::Read)?;
     let hosts = state.store().host_states().await?;
-    let running: Vec<i64> = state
-        .store()
-        .deployments(20)
-        .await?
-        .into_iter()
-        .filter(|d| d.status == crate::events::DeploymentStatus::Running)
-        .map(|d| d.id)
-        .collect();
+    let running = state.store().running_deployments().await?;
     let mut doc = serde_json::json!({ "hosts": hosts, "running_deployments": running });
     if query.live {
         let report = state
