@@ -421,6 +421,13 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
         .context("daemon address")?
         .to_string();
     let pid = daemon.id();
+    // Baseline in the same run: the same request while nothing deploys.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        http_get(&address, "/api/v1/status", token)?;
+        idle.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
     let (_, cpu_before) = proc_stat(pid).unwrap_or((0, 0.0));
     let started = Instant::now();
     let mut stream = std::net::TcpStream::connect(&address)?;
@@ -482,6 +489,9 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
             "status_api_p50_ms": percentile(latencies.clone(), 0.5),
             "status_api_p99_ms": percentile(latencies.clone(), 0.99),
             "status_samples": latencies.len(),
+            "status_api_idle_p50_ms": percentile(idle.clone(), 0.5),
+            "status_api_idle_p99_ms": percentile(idle, 0.99),
+            "load_average_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().next().unwrap_or("").to_string(),
             "targets": "rss < 100 MiB, status p99 < 20 ms",
         }),
     );
