@@ -28,7 +28,7 @@ demo: setup
 
 # Run every test: unit tests and integration tests against real local test hosts.
 test: setup
-    cargo test --all-targets -- --test-threads 4
+    cargo test --lib --bins --tests --examples -- --test-threads 4
 
 # Formatting and lints, as CI wants them.
 lint:

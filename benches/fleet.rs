@@ -117,7 +117,10 @@ impl Bench {
     }
 
     fn record(&mut self, scenario: &str, value: Value) {
-        println!("{scenario}: {}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        println!(
+            "{scenario}: {}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
         self.results.insert(scenario.to_string(), value);
     }
 }
@@ -156,7 +159,8 @@ fn makespan(bench: &mut Bench) -> anyhow::Result<()> {
         .into_iter()
         .map(|s| {
             let name = s.name.clone();
-            s.role(&name).activation_delay_ms((activation * 1000.0) as u64)
+            s.role(&name)
+                .activation_delay_ms((activation * 1000.0) as u64)
         })
         .collect();
     let total = specs.len();
@@ -174,7 +178,11 @@ fn makespan(bench: &mut Bench) -> anyhow::Result<()> {
     let mut measured_bounds = Vec::new();
     for _ in 0..bench.repeats {
         bump_all(&mut fleet)?;
-        let run = bench.nix_deploy(&fleet, state.path(), &["deploy", "--parallel-limit", &limit_text])?;
+        let run = bench.nix_deploy(
+            &fleet,
+            state.path(),
+            &["deploy", "--parallel-limit", &limit_text],
+        )?;
         ours.push(run.wall);
         measured_bounds.push(measured_bound(&run.stdout, &phases, limit));
         bump_all(&mut fleet)?;
@@ -188,7 +196,11 @@ fn makespan(bench: &mut Bench) -> anyhow::Result<()> {
         })?);
         if !bench.quick || sequential.is_empty() {
             bump_all(&mut fleet)?;
-            sequential.push(bench.nix_deploy(&fleet, state.path(), &["deploy", "--parallel-limit", "1"])?.wall);
+            sequential.push(
+                bench
+                    .nix_deploy(&fleet, state.path(), &["deploy", "--parallel-limit", "1"])?
+                    .wall,
+            );
         }
     }
     let (ours, barrier, sequential) = (median(ours), median(barrier), median(sequential));
@@ -221,9 +233,13 @@ fn measured_bound(report: &str, phases: &[Vec<String>], limit: usize) -> f64 {
             continue;
         };
         first_start = first_start.min(start);
-        duration.insert(h["name"].as_str().unwrap_or("").to_string(), (end - start) as f64 / 1000.0);
+        duration.insert(
+            h["name"].as_str().unwrap_or("").to_string(),
+            (end - start) as f64 / 1000.0,
+        );
     }
-    let startup = (first_start - report["started_at"].as_i64().unwrap_or(first_start)) as f64 / 1000.0;
+    let startup =
+        (first_start - report["started_at"].as_i64().unwrap_or(first_start)) as f64 / 1000.0;
     // The chains of this fleet: l{i} → m{i % middle} → r{(i % middle) % roots}.
     let (roots, middle) = (phases[0].len(), phases[1].len());
     let d = |name: String| duration.get(&name).copied().unwrap_or(0.0);
@@ -242,7 +258,11 @@ fn provisioned(bench: &Bench, n: usize) -> anyhow::Result<(Fleet, tempfile::Temp
     let specs = (0..n).map(|i| HostSpec::new(&format!("h{i:03}"))).collect();
     let fleet = Fleet::start(specs)?;
     let state = tempfile::tempdir()?;
-    bench.nix_deploy(&fleet, state.path(), &["deploy", "--parallel", "--parallel-limit", "32"])?;
+    bench.nix_deploy(
+        &fleet,
+        state.path(),
+        &["deploy", "--parallel", "--parallel-limit", "32"],
+    )?;
     Ok((fleet, state))
 }
 
@@ -250,10 +270,15 @@ fn change_detection_and_noop(bench: &mut Bench) -> anyhow::Result<()> {
     let n = if bench.quick { 30 } else { 100 };
     let (fleet, state) = provisioned(bench, n)?;
     let names = fleet.host_names();
-    let (mut plan, mut looped, mut noop, mut eval) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut plan, mut looped, mut noop, mut eval) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut noop_runs = Vec::new();
     for _ in 0..bench.repeats {
-        plan.push(bench.nix_deploy(&fleet, state.path(), &["plan", "--no-build"])?.wall);
+        plan.push(
+            bench
+                .nix_deploy(&fleet, state.path(), &["plan", "--no-build"])?
+                .wall,
+        );
         looped.push(timed(|| {
             for name in &names {
                 let out = Command::new("ssh")
@@ -318,7 +343,11 @@ fn per_host_overhead(bench: &mut Bench) -> anyhow::Result<()> {
     let repeats = bench.repeats.max(3) * 2;
     for _ in 0..repeats {
         fleet.update("solo", |s| s.bump())?;
-        ours.push(bench.nix_deploy(&fleet, state.path(), &["deploy", "solo"])?.wall);
+        ours.push(
+            bench
+                .nix_deploy(&fleet, state.path(), &["deploy", "solo"])?
+                .wall,
+        );
         fleet.update("solo", |s| s.bump())?;
         script.push(timed(|| plain_script(&fleet, "solo"))?);
     }
@@ -340,7 +369,10 @@ fn plain_script(fleet: &Fleet, host: &str) -> anyhow::Result<()> {
         let out = fleet
             .command("nix")
             .args(["eval", "--raw"])
-            .arg(format!("{}#nixosConfigurations.{host}.config.system.build.toplevel.drvPath", fleet.flake_ref()))
+            .arg(format!(
+                "{}#nixosConfigurations.{host}.config.system.build.toplevel.drvPath",
+                fleet.flake_ref()
+            ))
             .output()?;
         String::from_utf8(out.stdout)?
     };
@@ -441,7 +473,11 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
     stream.read_to_string(&mut response)?;
     let id: i64 = response
         .rsplit_once("\"id\":")
-        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok()))
+        .and_then(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse().ok())
+        })
         .context("deployment id")?;
     let mut latencies = Vec::new();
     let mut peak = 0;
@@ -458,19 +494,27 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
             cpu = seconds;
         }
         let mut s = std::net::TcpStream::connect(&address)?;
-        write!(s, "GET /api/v1/deployments/{id} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET /api/v1/deployments/{id} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
         if !text.contains("\"status\":\"running\"") {
             if !text.contains("\"status\":\"succeeded\"") {
-                bail!("the 100-host deployment did not succeed: {}", &text[..text.len().min(2000)]);
+                bail!(
+                    "the 100-host deployment did not succeed: {}",
+                    &text[..text.len().min(2000)]
+                );
             }
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let wall = started.elapsed().as_secs_f64();
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let _ = daemon.wait();
     let db = state.path().join(nix_deploy::store::DB_FILE);
     let size: u64 = ["", "-wal"]
@@ -535,7 +579,10 @@ fn evaluation(bench: &mut Bench) -> anyhow::Result<()> {
     for _ in 0..bench.repeats {
         once.push(timed(|| {
             let cmd = nix_deploy::nix::eval_command(&flake);
-            let out = Command::new("nix").args(cmd.get_args()).envs(env).output()?;
+            let out = Command::new("nix")
+                .args(cmd.get_args())
+                .envs(env)
+                .output()?;
             if !out.status.success() {
                 bail!("{}", String::from_utf8_lossy(&out.stderr));
             }
@@ -544,8 +591,15 @@ fn evaluation(bench: &mut Bench) -> anyhow::Result<()> {
         each.push(timed(|| {
             for i in 0..n {
                 let out = Command::new("nix")
-                    .args(["--extra-experimental-features", "nix-command flakes", "eval", "--raw"])
-                    .arg(format!("{flake}#nixosConfigurations.h{i}.config.system.build.toplevel.outPath"))
+                    .args([
+                        "--extra-experimental-features",
+                        "nix-command flakes",
+                        "eval",
+                        "--raw",
+                    ])
+                    .arg(format!(
+                        "{flake}#nixosConfigurations.h{i}.config.system.build.toplevel.outPath"
+                    ))
                     .envs(env)
                     .output()?;
                 if !out.status.success() {
@@ -565,6 +619,14 @@ fn evaluation(bench: &mut Bench) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and
+    // must not start a 10-minute benchmark.
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "fleet: a benchmark program; run it with `just bench` (cargo bench --bench fleet)"
+        );
+        return Ok(());
+    }
     let only = args
         .iter()
         .position(|a| a == "--scenario")
@@ -574,7 +636,10 @@ fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let binary = root.join("target/release/nix-deploy");
     if !binary.is_file() {
-        bail!("{} is missing: cargo build --release --bin nix-deploy", binary.display());
+        bail!(
+            "{} is missing: cargo build --release --bin nix-deploy",
+            binary.display()
+        );
     }
     let mut bench = Bench {
         binary,
@@ -609,7 +674,10 @@ fn main() -> anyhow::Result<()> {
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let document = json!({ "machine": machine, "results": bench.results });
-    std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&document)?)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&document)?,
+    )?;
     println!("\nwritten to {}", out_dir.join("results.json").display());
     Ok(())
 }
