@@ -617,6 +617,109 @@ fn evaluation(bench: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The summary: one line per figure, with its target when it has one.
+fn print_table(results: &BTreeMap<String, Value>) {
+    let f = |scenario: &str, key: &str| results.get(scenario).and_then(|r| r[key].as_f64());
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let mut row = |what: &str, value: Option<String>, target: &str, met: Option<bool>| {
+        if let Some(value) = value {
+            let met = match met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "",
+            };
+            rows.push([what.into(), value, target.into(), met.into()]);
+        }
+    };
+    let makespan = f("makespan", "ours_vs_measured_bound");
+    row(
+        "makespan / measured bound",
+        makespan.map(|v| format!("{v:.2}x")),
+        "<= 1.10x",
+        makespan.map(|v| v <= 1.10),
+    );
+    row(
+        "makespan / activation-only bound",
+        f("makespan", "ours_vs_bound").map(|v| format!("{v:.2}x")),
+        "",
+        None,
+    );
+    row(
+        "phase barrier / ours",
+        f("makespan", "barrier_vs_ours").map(|v| format!("{v:.2}x")),
+        "",
+        None,
+    );
+    row(
+        "sequential / ours",
+        f("makespan", "sequential_vs_ours").map(|v| format!("{v:.2}x")),
+        "",
+        None,
+    );
+    let probe = f("change_detection", "speedup");
+    row(
+        "probe: ssh loop / ours",
+        probe.map(|v| format!("{v:.1}x")),
+        ">= 10x",
+        probe.map(|v| v >= 10.0),
+    );
+    row(
+        "no-op deploy",
+        f("noop_deploy", "total_s").map(|v| format!("{v:.2} s")),
+        "",
+        None,
+    );
+    let overhead = f("per_host_overhead", "overhead");
+    row(
+        "per-host overhead vs script",
+        overhead.map(|v| format!("{:+.0}%", v * 100.0)),
+        "< +15%",
+        overhead.map(|v| v < 0.15),
+    );
+    row(
+        "100 hosts: wall",
+        f("hundred_hosts", "wall_s").map(|v| format!("{v:.1} s")),
+        "",
+        None,
+    );
+    let rss = f("hundred_hosts", "coordinator_peak_rss_mib");
+    row(
+        "100 hosts: coordinator RSS",
+        rss.map(|v| format!("{v:.0} MiB")),
+        "< 100 MB",
+        rss.map(|v| v < 95.0),
+    );
+    row(
+        "100 hosts: SQLite per host run",
+        f("hundred_hosts", "sqlite_bytes_per_host_run").map(|v| format!("{v:.0} B")),
+        "",
+        None,
+    );
+    let p99 = f("hundred_hosts", "status_api_p99_ms");
+    row(
+        "status API p99 (busy)",
+        p99.map(|v| format!("{v:.1} ms")),
+        "< 20 ms",
+        p99.map(|v| v < 20.0),
+    );
+    row(
+        "status API p99 (idle)",
+        f("hundred_hosts", "status_api_idle_p99_ms").map(|v| format!("{v:.1} ms")),
+        "",
+        None,
+    );
+    row(
+        "evaluation: per host / once",
+        f("evaluation", "speedup").map(|v| format!("{v:.1}x")),
+        "",
+        None,
+    );
+    println!("\n{:<36} {:>10}  {:<9} met", "figure", "value", "target");
+    for [what, value, target, met] in rows {
+        println!("{what:<36} {value:>10}  {target:<9} {met}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and
@@ -671,6 +774,7 @@ fn main() -> anyhow::Result<()> {
         "quick": quick,
         "repeats": bench.repeats,
     });
+    print_table(&bench.results);
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let document = json!({ "machine": machine, "results": bench.results });
