@@ -28,7 +28,8 @@ demo: setup
 
 # Run every test: unit tests and integration tests against real local test hosts.
 test: setup
-    cargo test --lib --bins --tests --examples -- --test-threads 4
+    cargo build --examples --benches
+    cargo test --lib --bins --tests -- --test-threads 4
 
 # Formatting and lints, as CI wants them.
 lint:
