@@ -12,7 +12,8 @@ bin := env_var_or_default("NIX_DEPLOY_BIN", "target/release/nix-deploy")
 default:
     @just --list
 
-# Install the system packages the demo and tests need (nix-bin, openssh-server).
+# Make this machine ready for the demo and tests: Debian packages (nix-bin,
+# openssh, sudo), /nix. Idempotent; says what it changed.
 setup:
     sh scripts/setup.sh
 

@@ -1,24 +1,60 @@
 #!/bin/sh
-# Installs what nix-deploy's demo, tests and benchmarks need on Debian:
-# Nix (the coordinator's own, Debian's nix-bin) and OpenSSH (client for us,
-# server for the local test hosts). Idempotent; needs root for apt-get.
+# Makes a fresh Debian 12 ready for nix-deploy's demo, tests and benchmarks,
+# as root. Idempotent: it changes only what is missing, and says what it
+# changed. It never edits a Nix configuration the machine already has.
+#
+# - Debian packages: nix-bin (the coordinator's own Nix), openssh-client and
+#   openssh-server (our SSH, and the local test hosts' sshd), sudo (test hosts
+#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture).
+# - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
+#   their own store over it, so it must exist before the first host starts.
+#
+# Builds: Debian's nix-bin runs single-user as root, with Nix's default
+# `build-users-group = nixbld`, a group nothing creates. Rather than adding a
+# group and build users to the machine, the project's own Nix invocations
+# (test fleet, demo, benchmarks) run with `build-users-group =` in NIX_CONFIG
+# (see the testkit's `nix_config`), together with flakes on, no sandbox and no
+# substituters. Nothing global changes, and a machine whose Nix already has
+# build users or a daemon keeps them.
 set -eu
-missing=""
-command -v nix >/dev/null 2>&1 || missing="$missing nix-bin"
-command -v ssh >/dev/null 2>&1 || missing="$missing openssh-client"
-[ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
-command -v unshare >/dev/null 2>&1 || missing="$missing util-linux"
-command -v ssh-keygen >/dev/null 2>&1 || missing="$missing openssh-client"
-if [ -n "$missing" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "setup: missing packages:$missing; run as root (or install them) first" >&2
-        exit 1
-    fi
-    echo "setup: installing$missing" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+
 if [ "$(id -u)" != 0 ]; then
     echo "setup: the local test hosts need root (mount namespaces, sshd); run as root" >&2
     exit 1
 fi
+
+changed=""
+note() {
+    echo "setup: $*" >&2
+    changed=yes
+}
+
+missing=""
+command -v nix >/dev/null 2>&1 || missing="$missing nix-bin"
+{ command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || missing="$missing openssh-client"
+[ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
+command -v sudo >/dev/null 2>&1 || missing="$missing sudo"
+command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
+{ command -v unshare >/dev/null 2>&1 && command -v setsid >/dev/null 2>&1; } || missing="$missing util-linux"
+command -v mount >/dev/null 2>&1 || missing="$missing mount"
+if [ -n "$missing" ]; then
+    note "installing Debian packages:$missing"
+    apt-get update -qq
+    # Installing openssh-server must not start a system sshd on port 22: the
+    # test hosts run their own, and a fresh machine may not want one.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        policy=yes
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    [ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d
+fi
+
+if [ ! -d /nix ]; then
+    note "creating /nix (the Nix store's root; Debian's nix-bin leaves it to the first build)"
+    mkdir -m 0755 /nix
+fi
+
+[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo and /nix are in place)" >&2

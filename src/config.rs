@@ -6,6 +6,7 @@
 //! is kept in [`Secret`], which never prints its value.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -124,20 +125,24 @@ pub struct Config {
     pub strategy: String,
     #[serde(default = "default_parallel_limit")]
     pub parallel_limit: usize,
-    #[serde(default = "default_health_timeout")]
-    pub health_check_timeout: u64,
-    #[serde(default = "default_confirm_timeout")]
-    pub confirm_timeout: u64,
-    #[serde(default = "default_activation_timeout")]
-    pub activation_timeout: u64,
+    /// Durations: a number of seconds or e.g. `"2m"`, `"1h30m"`.
+    #[serde(default = "default_health_timeout", with = "crate::duration::human")]
+    pub health_check_timeout: Duration,
+    #[serde(default = "default_confirm_timeout", with = "crate::duration::human")]
+    pub confirm_timeout: Duration,
+    #[serde(
+        default = "default_activation_timeout",
+        with = "crate::duration::human"
+    )]
+    pub activation_timeout: Duration,
     /// Roll back every host a deployment changed when it aborts.
     #[serde(default = "default_true")]
     pub auto_rollback: bool,
     #[serde(default = "default_max_failures")]
     pub max_failures: String,
-    /// Seconds a request (other than event streams) may take.
-    #[serde(default = "default_request_timeout")]
-    pub request_timeout: u64,
+    /// How long a request (other than event streams) may take.
+    #[serde(default = "default_request_timeout", with = "crate::duration::human")]
+    pub request_timeout: Duration,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
     pub slack: Option<SlackConfig>,
@@ -158,14 +163,14 @@ fn default_strategy() -> String {
 fn default_parallel_limit() -> usize {
     4
 }
-fn default_health_timeout() -> u64 {
-    120
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(120)
 }
-fn default_confirm_timeout() -> u64 {
-    30
+fn default_confirm_timeout() -> Duration {
+    Duration::from_secs(30)
 }
-fn default_activation_timeout() -> u64 {
-    600
+fn default_activation_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_true() -> bool {
     true
@@ -173,8 +178,8 @@ fn default_true() -> bool {
 fn default_max_failures() -> String {
     "0".into()
 }
-fn default_request_timeout() -> u64 {
-    30
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Default for Config {
@@ -206,6 +211,19 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("strategy: {e}")))?;
         crate::plan::Amount::parse(&self.max_failures)
             .map_err(|e| ConfigError::Invalid(format!("max-failures: {e}")))?;
+        for (key, value) in [
+            ("health-check-timeout", self.health_check_timeout),
+            ("confirm-timeout", self.confirm_timeout),
+            ("activation-timeout", self.activation_timeout),
+            ("request-timeout", self.request_timeout),
+            ("notifications.timeout", self.notifications.timeout),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} must be at least 1s (e.g. 30s, 5m)"
+                )));
+            }
+        }
         if self.parallel_limit == 0 {
             return Err(ConfigError::Invalid(
                 "parallel-limit must be at least 1".into(),
@@ -234,7 +252,7 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:7480");
         assert_eq!(c.strategy, "smart");
         assert_eq!(c.parallel_limit, 4);
-        assert_eq!(c.health_check_timeout, 120);
+        assert_eq!(c.health_check_timeout, Duration::from_secs(120));
         assert!(c.auto_rollback);
         assert!(c.tokens.is_empty());
     }
@@ -247,6 +265,8 @@ mod tests {
             strategy = "canary"
             parallel-limit = 8
             health-check-timeout = 60
+            confirm-timeout = "2m"
+            activation-timeout = "1h30m"
             auto-rollback = false
 
             [[tokens]]
@@ -265,6 +285,9 @@ mod tests {
         "#;
         let c = Config::parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(c.parallel_limit, 8);
+        assert_eq!(c.health_check_timeout, Duration::from_secs(60));
+        assert_eq!(c.confirm_timeout, Duration::from_secs(120));
+        assert_eq!(c.activation_timeout, Duration::from_secs(5400));
         assert_eq!(c.tokens[0].scope, Scope::Deploy);
         assert_eq!(c.github.as_ref().unwrap().branch, "main");
         assert_eq!(
@@ -286,6 +309,10 @@ mod tests {
         assert!(bad("parallel-limit = 0").contains("parallel-limit"));
         assert!(bad("listen = 5").contains("t.toml"));
         assert!(bad("unknown-key = 1").contains("unknown"));
+        let e = bad("confirm-timeout = \"10x\"");
+        assert!(e.contains("confirm-timeout") && e.contains("30s"), "{e}");
+        assert!(bad("health-check-timeout = 0").contains("at least 1s"));
+        assert!(bad("request-timeout = \"9d\"").contains("too long"));
         assert!(format!("{:?}", Secret::new("hunter2")) == "Secret(***)");
     }
 }

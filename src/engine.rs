@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use crate::events::{
     DeploymentStatus, Event, EventKind, HostState, HostStatus, Step, SystemRef, now_ms,
 };
-use crate::exec::{self, Cmd};
 use crate::inventory::{Host, Inventory, InventoryError, Selection};
 use crate::nix::{Nix, NixError};
 use crate::plan::{
@@ -340,6 +339,7 @@ impl Engine {
 
     async fn history(&self, host: &str) -> Result<HostHistory, EngineError> {
         let runs = self.store.recent_host_runs(host, 10).await?;
+        let fleet = self.store.recent_successful_durations(200).await?;
         Ok(HostHistory {
             successful_ms: runs
                 .iter()
@@ -352,6 +352,7 @@ impl Engine {
                 .take(5)
                 .filter(|r| r.status.is_failure() && r.status != HostStatus::Unreachable)
                 .count() as u32,
+            fleet_median_ms: plan::median_ms(&fleet),
         })
     }
 
@@ -369,9 +370,11 @@ impl Engine {
         for (assessment, connection) in probed {
             let summary = match (&connection, summaries, assessment.state) {
                 (Some(connection), true, HostState::Changed) => {
-                    change_summary(&self.config.nix, connection, &assessment.host)
-                        .await
-                        .ok()
+                    let nix = &self.config.nix;
+                    match nix.build(&assessment.host.drv_path, |_, _| {}).await {
+                        Ok(built) => change_summary(nix, connection, &built).await.ok(),
+                        Err(_) => None,
+                    }
                 }
                 _ => None,
             };
@@ -1266,26 +1269,14 @@ async fn probe_host(host: Host, options: &SshOptions) -> (Assessment, Option<Con
     }
 }
 
-/// Build the host's toplevel locally and compare its closure with the one the
-/// host runs (queried on the host; nothing is copied).
+/// Compare the closure of `built` (the host's new toplevel, already built
+/// locally) with the one the host runs (queried on the host; nothing is copied).
 async fn change_summary(
     nix: &Nix,
     connection: &Connection,
-    host: &Host,
+    built: &str,
 ) -> Result<ChangeSummary, String> {
-    let built = nix
-        .build(&host.drv_path, |_, _| {})
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut cmd = Cmd::new("nix-store")
-        .args(["--query", "--requisites"])
-        .arg(&built);
-    for (k, v) in &nix.env {
-        cmd = cmd.env(k, v);
-    }
-    let new = exec::run(&cmd, nix.eval_timeout, |_, _| {})
-        .await
-        .map_err(|e| e.to_string())?;
+    let new = nix.closure(built).await.map_err(|e| e.to_string())?;
     let old = match connection
         .run(
             "summary",
@@ -1294,18 +1285,17 @@ async fn change_summary(
         )
         .await
     {
-        Ok(out) => out.stdout,
-        // A host with no system yet has no closure to compare with.
-        Err(_) => String::new(),
-    };
-    let lines = |text: &str| -> Vec<String> {
-        text.lines()
+        Ok(out) => out
+            .stdout
+            .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .map(str::to_string)
-            .collect()
+            .collect(),
+        // A host with no system yet has no closure to compare with.
+        Err(_) => Vec::new(),
     };
-    Ok(summary::summarize(&lines(&old), &lines(&new.stdout)))
+    Ok(summary::summarize(&old, &new))
 }
 
 /// How one host's part ended, as the scheduler sees it.
@@ -2087,7 +2077,7 @@ impl HostContext {
             }
             Err(e) => return Ok(Err(Failure::Untouched(e))),
         };
-        match change_summary(nix, connection, host).await {
+        match change_summary(nix, connection, &path).await {
             Ok(summary) => {
                 run.summary = serde_json::to_value(&summary).ok();
                 self.recorder

@@ -115,8 +115,10 @@ struct RawHost {
     deployment: RawDeployment,
 }
 
+/// `config.deployment`: an attribute we do not know is an error naming it,
+/// so a typo can never silently disable a health check.
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawDeployment {
     target_host: Option<String>,
     target_user: Option<String>,
@@ -172,9 +174,10 @@ impl Selection {
 fn seconds(value: Option<f64>, default: Duration, what: &str) -> Result<Duration, String> {
     match value {
         None => Ok(default),
-        Some(v) if v.is_finite() && v > 0.0 && v < 86_400.0 => Ok(Duration::from_secs_f64(v)),
+        // At least 0.1 s: a period that rounds to nothing would be a tight loop.
+        Some(v) if v.is_finite() && (0.1..=86_400.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
         Some(v) => Err(format!(
-            "{what} must be a positive number of seconds, not {v}"
+            "{what} must be a number of seconds from 0.1 to 86400, not {v}"
         )),
     }
 }
@@ -479,6 +482,12 @@ mod tests {
                 .contains("timeout")
         );
         assert!(bad(serde_json::json!({ "tags": "web" })).contains("unexpected shape"));
+        assert!(
+            bad(serde_json::json!({ "healthChecks": [ { "service": "a", "period": 1e-300 } ] }))
+                .contains("period")
+        );
+        let typo = bad(serde_json::json!({ "healthCheck": [ { "service": "a" } ] }));
+        assert!(typo.contains("unknown field `healthCheck`"), "{typo}");
         let json = serde_json::json!({ "h": { "toplevel": "/tmp/x", "drvPath": D } });
         assert!(Inventory::from_eval_json(&json.to_string()).is_err());
         assert!(matches!(

@@ -22,6 +22,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod duration;
 pub mod engine;
 pub mod events;
 pub mod exec;

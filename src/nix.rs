@@ -122,6 +122,13 @@ pub fn build_command(drv: &str) -> Cmd {
         .arg(drv)
 }
 
+/// `nix-store --query --requisites PATH`: the closure of a built path.
+pub fn closure_command(path: &str) -> Cmd {
+    Cmd::new("nix-store")
+        .args(["--query", "--requisites"])
+        .arg(path)
+}
+
 /// `nix copy --to ssh://[user@]dest PATH`, with our ssh options in `NIX_SSHOPTS`.
 pub fn copy_command(destination_uri: &str, path: &str, ssh_opts: &str, substitute: bool) -> Cmd {
     let mut cmd = Cmd::new("nix")
@@ -201,6 +208,24 @@ impl Nix {
         })
     }
 
+    /// Every store path `path` needs (it must be built or substituted).
+    pub async fn closure(&self, path: &str) -> Result<Vec<String>, NixError> {
+        let cmd = self.with_env(closure_command(path));
+        let out = exec::run(&cmd, self.eval_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Build {
+                drv: path.to_string(),
+                source,
+            })?;
+        Ok(out
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Copy `path` and its closure to the host behind `destination_uri`.
     pub async fn copy(
         &self,
@@ -269,6 +294,10 @@ mod tests {
             ["copy", "--to", "ssh://root@web1", "/nix/store/abc-x"]
         );
         assert_eq!(copy.get_env("NIX_SSHOPTS"), Some("-F /etc/ssh_cfg"));
+        assert_eq!(
+            argv(&closure_command("/nix/store/abc-x")),
+            ["nix-store", "--query", "--requisites", "/nix/store/abc-x"]
+        );
         let copy = copy_command("ssh://web1", "/nix/store/abc-x", "", true);
         assert!(argv(&copy).contains(&"--substitute-on-destination".to_string()));
     }

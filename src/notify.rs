@@ -19,16 +19,21 @@ pub struct NotifyConfig {
     /// Attempts after the first.
     #[serde(default = "default_retries")]
     pub retries: u32,
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
+    /// Per request: a number of seconds or e.g. `"10s"`.
+    #[serde(
+        default = "default_timeout",
+        alias = "timeout-secs",
+        with = "crate::duration::human"
+    )]
+    pub timeout: Duration,
 }
 
 fn default_retries() -> u32 {
     3
 }
 
-fn default_timeout() -> u64 {
-    10
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl Default for NotifyConfig {
@@ -37,7 +42,7 @@ impl Default for NotifyConfig {
             slack_webhooks: Vec::new(),
             json_webhooks: Vec::new(),
             retries: default_retries(),
-            timeout_secs: default_timeout(),
+            timeout: default_timeout(),
         }
     }
 }
@@ -203,7 +208,7 @@ pub struct Notifier {
 impl Notifier {
     pub fn new(config: NotifyConfig) -> Self {
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(config.timeout_secs.max(1)))
+            .timeout(config.timeout)
             .build()
             .unwrap_or_default();
         Notifier { config, client }
@@ -392,7 +397,7 @@ mod tests {
         let url = format!("http://{}/", listener.local_addr().unwrap());
         let notifier = Notifier::new(NotifyConfig {
             slack_webhooks: vec![url],
-            timeout_secs: 30,
+            timeout: Duration::from_secs(30),
             ..NotifyConfig::default()
         });
         let started = std::time::Instant::now();

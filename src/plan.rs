@@ -117,38 +117,6 @@ impl std::fmt::Display for Amount {
     }
 }
 
-/// Parse `90`, `90s`, `5m`, `1m30s`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, PlanError> {
-    let bad = || PlanError::BadOption(format!("`{s}` is not a duration (e.g. 30s, 5m, 1m30s)"));
-    let s = s.trim();
-    if s.is_empty() {
-        return Err(bad());
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = 0u64;
-    let mut number = String::new();
-    for ch in s.chars() {
-        if ch.is_ascii_digit() {
-            number.push(ch);
-            continue;
-        }
-        let n: u64 = number.parse().map_err(|_| bad())?;
-        number.clear();
-        total += n * match ch {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => return Err(bad()),
-        };
-    }
-    if !number.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
-}
-
 /// What the operator asked for.
 #[derive(Clone, Debug)]
 pub struct PlanOptions {
@@ -197,7 +165,9 @@ pub struct OptionsInput {
     pub batch_size: Option<String>,
     #[serde(default)]
     pub canary: Vec<String>,
-    pub canary_soak: Option<String>,
+    /// A number of seconds or e.g. `"5m"`.
+    #[serde(default, with = "crate::duration::human::option")]
+    pub canary_soak: Option<Duration>,
     pub max_failures: Option<String>,
     #[serde(default)]
     pub continue_on_failure: bool,
@@ -230,10 +200,7 @@ impl OptionsInput {
                 (None, None) => defaults.batch_size,
             },
             canaries: self.canary.clone(),
-            canary_soak: match &self.canary_soak {
-                Some(d) => parse_duration(d)?,
-                None => defaults.canary_soak,
-            },
+            canary_soak: self.canary_soak.unwrap_or(defaults.canary_soak),
             max_failures: match &self.max_failures {
                 Some(m) => Amount::parse(m)?,
                 None => defaults.max_failures,
@@ -441,6 +408,22 @@ pub struct HostHistory {
     pub successful_ms: Vec<u64>,
     /// How many of the recent runs failed or were rolled back.
     pub recent_failures: u32,
+    /// The median of the whole fleet's recent successful runs: the estimate
+    /// of a host that has no history of its own.
+    #[serde(default)]
+    pub fleet_median_ms: Option<u64>,
+}
+
+/// Where a host's duration estimate comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimateSource {
+    /// The median of the host's own recent successful runs.
+    Host,
+    /// The host has none: the median of the fleet's.
+    Fleet,
+    /// Nobody has history: the default estimate.
+    Default,
 }
 
 /// What the planner knows about one selected host.
@@ -479,6 +462,7 @@ pub struct PlannedHost {
     pub batch: Option<usize>,
     pub estimate_seconds: f64,
     pub estimate_from_history: bool,
+    pub estimate_source: EstimateSource,
     pub risk: Risk,
     pub risk_reasons: Vec<String>,
     pub summary: Option<ChangeSummary>,
@@ -529,7 +513,7 @@ pub fn classify(current: Option<&str>, target: &str) -> HostState {
     }
 }
 
-fn median_ms(values: &[u64]) -> Option<u64> {
+pub fn median_ms(values: &[u64]) -> Option<u64> {
     if values.is_empty() {
         return None;
     }
@@ -815,11 +799,18 @@ pub fn plan(
 
     // 4. Estimates.
     let soak = options.canary_soak.as_secs_f64();
-    let mut estimates: BTreeMap<String, (f64, bool)> = BTreeMap::new();
+    let mut estimates: BTreeMap<String, (f64, EstimateSource)> = BTreeMap::new();
     for f in facts {
-        let (base, from_history) = match median_ms(&f.history.successful_ms) {
-            Some(ms) => (ms as f64 / 1000.0, true),
-            None => (options.default_estimate.as_secs_f64(), false),
+        let (base, from_history) = match (
+            median_ms(&f.history.successful_ms),
+            f.history.fleet_median_ms,
+        ) {
+            (Some(ms), _) => (ms as f64 / 1000.0, EstimateSource::Host),
+            (None, Some(ms)) => (ms as f64 / 1000.0, EstimateSource::Fleet),
+            (None, None) => (
+                options.default_estimate.as_secs_f64(),
+                EstimateSource::Default,
+            ),
         };
         let extra = if options.strategy == Strategy::Canary && canaries.contains(&f.name) {
             soak
@@ -902,7 +893,8 @@ pub fn plan(
             } else {
                 0.0
             },
-            estimate_from_history: from_history,
+            estimate_from_history: from_history == EstimateSource::Host,
+            estimate_source: from_history,
             risk,
             risk_reasons: reasons,
             summary: f.summary.clone(),
@@ -1261,8 +1253,23 @@ mod tests {
         assert_eq!(a.estimate_seconds, 20.0);
         assert!(a.estimate_from_history);
         assert_eq!(plan.get("b").unwrap().estimate_seconds, 40.0);
+        assert_eq!(
+            plan.get("b").unwrap().estimate_source,
+            EstimateSource::Default
+        );
         // a (20) and b (40) start; c starts when a ends at 20 and ends at 60.
         assert_eq!(plan.eta_seconds, 60.0);
+
+        // With fleet history, a host without its own takes the fleet's median.
+        for facts in &mut f {
+            facts.history.fleet_median_ms = Some(4_000);
+        }
+        let with_fleet = super::plan(&f, &graph, 3, &options).unwrap();
+        assert_eq!(with_fleet.get("a").unwrap().estimate_seconds, 20.0);
+        let b = with_fleet.get("b").unwrap();
+        assert_eq!(b.estimate_seconds, 4.0);
+        assert_eq!(b.estimate_source, EstimateSource::Fleet);
+        assert!(!b.estimate_from_history);
     }
 
     #[test]
@@ -1299,9 +1306,6 @@ mod tests {
         assert_eq!(Amount::Percent(25).allowance_of(10), 2);
         assert_eq!(Amount::Percent(25).batch_of(10), 3);
         assert_eq!(Amount::Percent(1).batch_of(10), 1);
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        assert!(parse_duration("5x").is_err());
         assert_eq!(
             Strategy::parse("sequential").unwrap(),
             (Strategy::Rolling, Some(Amount::Count(1)))

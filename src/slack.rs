@@ -103,7 +103,7 @@ pub struct ChatDeploy {
     pub parallel: bool,
     pub sequential: bool,
     pub canary: Vec<String>,
-    pub canary_soak: Option<String>,
+    pub canary_soak: Option<std::time::Duration>,
     pub force: bool,
     pub batch_size: Option<String>,
     pub max_failures: Option<String>,
@@ -206,7 +206,13 @@ pub fn parse_text(text: &str) -> Result<ChatRequest, SlackError> {
                 }
                 deploy.canary.push(v);
             }
-            "canary-soak" => deploy.canary_soak = Some(value("a duration")?),
+            "canary-soak" => {
+                let v = value("a duration")?;
+                deploy.canary_soak = Some(
+                    crate::duration::parse(&v)
+                        .map_err(|e| SlackError::BadArgument(format!("--canary-soak: {e}")))?,
+                );
+            }
             "batch-size" => deploy.batch_size = Some(value("N or N%")?),
             "max-failures" => deploy.max_failures = Some(value("N or N%")?),
             other => {
@@ -438,6 +444,19 @@ mod tests {
             })
         );
         assert!(matches!(parse_text("--parallel").unwrap(), ChatRequest::Deploy(d) if d.parallel));
+        for (text, secs) in [
+            ("--canary-soak=90", 90),
+            ("--canary-soak 30s", 30),
+            ("--canary-soak=1h30m", 5400),
+        ] {
+            assert!(
+                matches!(parse_text(text).unwrap(), ChatRequest::Deploy(d)
+                    if d.canary_soak == Some(std::time::Duration::from_secs(secs))),
+                "{text}"
+            );
+        }
+        let e = parse_text("--canary-soak=10x").unwrap_err().to_string();
+        assert!(e.contains("--canary-soak") && e.contains("30s"), "{e}");
         assert!(
             matches!(parse_text("--sequential").unwrap(), ChatRequest::Deploy(d) if d.sequential)
         );

@@ -378,6 +378,23 @@ impl Store {
         Self::host_runs_from_rows(&rows)
     }
 
+    /// Durations (ms) of the fleet's most recent successful host runs.
+    pub async fn recent_successful_durations(&self, limit: i64) -> Result<Vec<u64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT finished_at - started_at FROM host_runs
+             WHERE status = 'deployed' AND finished_at IS NOT NULL AND started_at IS NOT NULL
+             ORDER BY finished_at DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading the fleet's history"))?;
+        Ok(rows
+            .iter()
+            .map(|row| row.get::<i64, _>(0).max(0) as u64)
+            .collect())
+    }
+
     fn host_runs_from_rows(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<HostRun>, StoreError> {
         rows.iter()
             .map(|row| {

@@ -38,7 +38,8 @@
 //! are the machine's, and `NIX_CONFIG="substituters ="`, so that nothing on a
 //! host waits for a binary cache it cannot reach (the experimental `nix`
 //! command is off there, as on a default NixOS). The coordinator itself keeps the machine's real `/nix`,
-//! with [`nix_config`] (flakes on, no sandbox, no substituters: no network).
+//! with [`nix_config`] (flakes on, no sandbox, no substituters: no network;
+//! and no build users, which Debian's single-user `nix-bin` does not have).
 //! `unshare` and `sh` exec, so the spawned pid *is* the listening sshd, and
 //! `setsid` makes it the leader of a session and process group of its own.
 //!
@@ -140,9 +141,12 @@ const BIND_ATTEMPTS: u32 = 8;
 const SYSTEMD_VERSION: &str = "systemd 252 (testkit)";
 
 /// The `NIX_CONFIG` the coordinator's own nix needs to evaluate, build and copy
-/// the test flake on this machine: flakes on, no sandbox, no substituters.
+/// the test flake on this machine: flakes on, no sandbox, no substituters, and
+/// builds as the calling user (`build-users-group =`: Debian's single-user
+/// `nix-bin` defaults to a `nixbld` group that does not exist). Set only for
+/// our own invocations, so the machine's Nix configuration stays as it is.
 pub fn nix_config() -> &'static str {
-    "experimental-features = nix-command flakes\nsandbox = false\nsubstituters ="
+    "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\nbuild-users-group ="
 }
 
 /// The Nix system double of this machine, e.g. `x86_64-linux`.

@@ -127,7 +127,7 @@ async fn slack_deploy(
         batch_size: chat.batch_size.clone(),
         canary: chat.canary.clone(),
         max_failures: chat.max_failures.clone(),
-        canary_soak: chat.canary_soak.clone(),
+        canary_soak: chat.canary_soak,
         force: chat.force,
         ..OptionsInput::default()
     };

@@ -259,7 +259,7 @@ impl AppState {
 /// The router, with body size limits and request timeouts (event streams are
 /// exempt from the timeout: they last as long as the deployment).
 pub fn app(state: AppState) -> Router {
-    let timeout = Duration::from_secs(state.config.request_timeout.max(1));
+    let timeout = state.config.request_timeout;
     let api = Router::new()
         .route("/api/v1/status", get(fleet::status))
         .route("/api/v1/plan", post(fleet::plan))

@@ -70,12 +70,12 @@ pub struct Cli {
     /// Print one JSON document instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
-    /// SSH connect timeout in seconds.
-    #[arg(long, global = true, default_value_t = 10, value_name = "SECS")]
-    pub connect_timeout: u64,
-    /// Timeout of each remote command in seconds (activation has its own).
-    #[arg(long, global = true, default_value_t = 60, value_name = "SECS")]
-    pub command_timeout: u64,
+    /// SSH connect timeout (seconds, or e.g. 10s, 1m).
+    #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = crate::duration::parse_timeout)]
+    pub connect_timeout: Duration,
+    /// Timeout of each remote command (activation has its own).
+    #[arg(long, global = true, default_value = "1m", value_name = "DURATION", value_parser = crate::duration::parse_timeout)]
+    pub command_timeout: Duration,
     /// More logging on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -138,9 +138,9 @@ pub enum Command {
     /// Probe one host and run its health checks now.
     Health {
         host: String,
-        /// Retry failing checks for up to this many seconds.
-        #[arg(long, default_value_t = 10, value_name = "SECS")]
-        within: u64,
+        /// Retry failing checks for up to this long.
+        #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = crate::duration::parse)]
+        within: Duration,
     },
     /// Run the daemon: the HTTP API, chat and GitHub hooks, metrics.
     Serve(serve::ServeArgs),
@@ -149,13 +149,13 @@ pub enum Command {
 /// Timeouts and checks of a run that touches hosts.
 #[derive(Args, Debug, Clone)]
 pub struct RuntimeArgs {
-    /// Overall deadline of a host's health validation, in seconds.
-    #[arg(long, default_value_t = 120, value_name = "SECS")]
-    pub health_timeout: u64,
-    /// Seconds the watchdog on a host waits for confirmation (over a new SSH
+    /// Overall deadline of a host's health validation (seconds, or e.g. 2m).
+    #[arg(long, default_value = "2m", value_name = "DURATION", value_parser = crate::duration::parse_timeout)]
+    pub health_timeout: Duration,
+    /// How long the watchdog on a host waits for confirmation (over a new SSH
     /// connection) before switching back to the previous generation by itself.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    pub confirm_timeout: u64,
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = crate::duration::parse_timeout)]
+    pub confirm_timeout: Duration,
     /// Pre-flight: free space /nix/store must have on the host, in MiB.
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub min_free_space: u64,
@@ -163,18 +163,18 @@ pub struct RuntimeArgs {
     /// still run the new system afterwards).
     #[arg(long)]
     pub skip_validation: bool,
-    /// Timeout of `switch-to-configuration` in seconds.
-    #[arg(long, default_value_t = 600, value_name = "SECS")]
-    pub activation_timeout: u64,
+    /// Timeout of `switch-to-configuration` (seconds, or e.g. 10m).
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = crate::duration::parse_timeout)]
+    pub activation_timeout: Duration,
 }
 
 impl RuntimeArgs {
     fn apply(&self, config: &mut EngineConfig) {
-        config.health_timeout = Duration::from_secs(self.health_timeout.max(1));
-        config.confirm_timeout = Duration::from_secs(self.confirm_timeout.max(1));
+        config.health_timeout = self.health_timeout;
+        config.confirm_timeout = self.confirm_timeout;
         config.min_free_kib = self.min_free_space.saturating_mul(1024);
         config.skip_validation = self.skip_validation;
-        config.activation_timeout = Duration::from_secs(self.activation_timeout.max(1));
+        config.activation_timeout = self.activation_timeout;
     }
 }
 
@@ -220,8 +220,8 @@ pub struct StrategyArgs {
     #[arg(long, value_name = "HOST")]
     pub canary: Vec<String>,
     /// How long a canary is held and re-validated before the rest follow (e.g. 30s, 5m) [default: 5m].
-    #[arg(long, value_name = "DURATION")]
-    pub canary_soak: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub canary_soak: Option<Duration>,
     /// Abort when more than N hosts (or N% of the hosts to deploy) fail [default: 0].
     #[arg(long, value_name = "N|N%")]
     pub max_failures: Option<String>,
@@ -247,7 +247,7 @@ impl StrategyArgs {
             sequential: self.sequential,
             batch_size: self.batch_size.clone(),
             canary: self.canary.clone(),
-            canary_soak: self.canary_soak.clone(),
+            canary_soak: self.canary_soak,
             max_failures: self.max_failures.clone(),
             continue_on_failure: self.continue_on_failure,
             rollback_all_on_abort: self.rollback_all_on_abort,
@@ -276,7 +276,10 @@ impl StrategyArgs {
         if !self.canary.is_empty() {
             put("canary", serde_json::json!(self.canary));
         }
-        put("canary_soak", serde_json::json!(self.canary_soak));
+        put(
+            "canary_soak",
+            serde_json::json!(self.canary_soak.map(crate::duration::format)),
+        );
         put("max_failures", serde_json::json!(self.max_failures));
         put(
             "continue_on_failure",
@@ -371,11 +374,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 fn libc_geteuid_is_root() -> bool {
-    // The owner of /proc/self is our effective uid; no unsafe needed.
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    current_uid() == 0
 }
 
 /// A short directory for ssh control sockets (their paths are limited to ~100 bytes).
@@ -401,15 +400,25 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
 
 fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
     let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
-    ssh.connect_timeout = Duration::from_secs(cli.connect_timeout.max(1));
-    ssh.command_timeout = Duration::from_secs(cli.command_timeout.max(1));
+    ssh.connect_timeout = cli.connect_timeout;
+    ssh.command_timeout = cli.command_timeout;
     EngineConfig::new(cli.flake(), ssh)
 }
 
+/// Who runs this command, for the history: the user behind `sudo`, else the
+/// login user, else the name of our uid, else the uid; `@` the machine.
 fn who() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let user = var("SUDO_USER")
+        .or_else(|| var("USER"))
+        .or_else(|| var("LOGNAME"))
+        .unwrap_or_else(|| {
+            let uid = current_uid();
+            std::fs::read_to_string("/etc/passwd")
+                .ok()
+                .and_then(|passwd| user_of_uid(&passwd, uid))
+                .unwrap_or_else(|| format!("uid {uid}"))
+        });
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -418,6 +427,24 @@ fn who() -> String {
     } else {
         format!("{user}@{host}")
     }
+}
+
+/// Our effective uid: the owner of `/proc/self` (no unsafe needed).
+fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
+}
+
+/// The name of `uid` in an `/etc/passwd` text.
+fn user_of_uid(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id: u32 = fields.nth(1)?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 impl Cli {
@@ -462,9 +489,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let control = control_dir()?;
             let store = open_store(&cli).await?;
             let engine = Engine::new(engine_config(&cli, control.path()), store);
-            let health = engine
-                .check_health(host, Duration::from_secs(*within))
-                .await?;
+            let health = engine.check_health(host, *within).await?;
             print_health(&cli, &serde_json::to_value(&health)?)
         }
         Command::Cancel { id } => {
@@ -709,5 +734,18 @@ async fn on_signals(cancel: CancellationToken) {
                 cancel.cancel();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_user_by_uid() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        assert_eq!(user_of_uid(passwd, 1000).as_deref(), Some("alice"));
+        assert_eq!(user_of_uid(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(user_of_uid(passwd, 7), None);
     }
 }

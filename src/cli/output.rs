@@ -3,7 +3,7 @@
 
 use crate::engine::{DeployReport, PlanReport};
 use crate::events::{Event, EventKind, HostStatus, SystemRef};
-use crate::plan::Action;
+use crate::plan::{Action, EstimateSource};
 use crate::store::{DeploymentRow, HostRun, HostStateRow};
 use crate::summary::ChangeSummary;
 
@@ -118,10 +118,10 @@ pub fn print_plan(report: &PlanReport) {
                 " | generation {} | est. {}{} | risk {}",
                 generation(h.current.generation),
                 seconds(h.estimate_seconds),
-                if h.estimate_from_history {
-                    ""
-                } else {
-                    " (no history)"
+                match h.estimate_source {
+                    EstimateSource::Host => "",
+                    EstimateSource::Fleet => " (fleet median)",
+                    EstimateSource::Default => " (no history)",
                 },
                 h.risk.as_str()
             ));
@@ -377,18 +377,12 @@ pub fn print_history(rows: &[(DeploymentRow, Vec<HostRun>)]) {
         "BY".into(),
     ]];
     for (d, runs) in rows {
-        let count = |s: HostStatus| runs.iter().filter(|h| h.status == s).count();
         table_rows.push(vec![
             format!("#{}", d.id),
             timestamp(d.created_at),
             d.status.to_string(),
             d.strategy.clone(),
-            format!(
-                "{} deployed, {} skipped, {} failed",
-                count(HostStatus::Deployed),
-                count(HostStatus::Skipped),
-                runs.iter().filter(|h| h.status.is_failure()).count()
-            ),
+            hosts_summary(runs),
             d.finished_at
                 .map(|f| duration_ms(f - d.created_at))
                 .unwrap_or_else(|| "-".into()),
@@ -396,6 +390,26 @@ pub fn print_history(rows: &[(DeploymentRow, Vec<HostRun>)]) {
         ]);
     }
     table(&table_rows);
+}
+
+/// `2 deployed, 1 skipped, 1 rolled back, 1 failed`: what happened to the
+/// hosts of one deployment (rolled back is not counted as failed).
+fn hosts_summary(runs: &[HostRun]) -> String {
+    let count = |s: HostStatus| runs.iter().filter(|h| h.status == s).count();
+    let rolled_back = count(HostStatus::RolledBack);
+    let failed = runs
+        .iter()
+        .filter(|h| h.status.is_failure() && h.status != HostStatus::RolledBack)
+        .count();
+    let mut parts = vec![
+        format!("{} deployed", count(HostStatus::Deployed)),
+        format!("{} skipped", count(HostStatus::Skipped)),
+    ];
+    if rolled_back > 0 {
+        parts.push(format!("{rolled_back} rolled back"));
+    }
+    parts.push(format!("{failed} failed"));
+    parts.join(", ")
 }
 
 pub fn print_deployment(d: &DeploymentRow, runs: &[HostRun], events: &[Event]) {

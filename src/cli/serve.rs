@@ -3,7 +3,6 @@
 //! SIGTERM or SIGINT.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 
@@ -72,12 +71,12 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     // ssh control sockets live for the daemon's lifetime.
     let control = super::control_dir()?;
     let mut ssh = SshOptions::new(ssh_config, control.path().to_path_buf());
-    ssh.connect_timeout = Duration::from_secs(cli.connect_timeout.max(1));
-    ssh.command_timeout = Duration::from_secs(cli.command_timeout.max(1));
+    ssh.connect_timeout = cli.connect_timeout;
+    ssh.command_timeout = cli.command_timeout;
     let mut engine = EngineConfig::new(config.flake.clone(), ssh);
-    engine.health_timeout = Duration::from_secs(config.health_check_timeout.max(1));
-    engine.confirm_timeout = Duration::from_secs(config.confirm_timeout.max(1));
-    engine.activation_timeout = Duration::from_secs(config.activation_timeout.max(1));
+    engine.health_timeout = config.health_check_timeout;
+    engine.confirm_timeout = config.confirm_timeout;
+    engine.activation_timeout = config.activation_timeout;
 
     let store = Store::open(&state_dir).await?;
     let interrupted = store.mark_interrupted().await?;

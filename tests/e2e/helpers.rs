@@ -28,6 +28,11 @@ impl Harness {
 
     /// Run `nix-deploy` with the fleet's flake, ssh config and our state dir.
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with_env(args, &[])
+    }
+
+    /// [`Harness::run`] with extra environment variables.
+    pub fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = std::process::Command::new(binary());
         cmd.arg("--flake")
             .arg(self.fleet.flake_ref())
@@ -41,6 +46,7 @@ impl Harness {
         for (k, v) in self.fleet.env() {
             cmd.env(k, v);
         }
+        cmd.envs(env.iter().copied());
         cmd.output().expect("running nix-deploy")
     }
 
