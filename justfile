@@ -29,13 +29,13 @@ demo: setup
 
 # Run every test: unit tests and integration tests against real local test hosts.
 test: setup
-    cargo build --examples --benches
-    cargo test --lib --bins --tests -- --test-threads 4
+    cargo build --workspace --examples --benches
+    cargo test --workspace --lib --bins --tests -- --test-threads 4
 
 # Formatting and lints, as CI wants them.
 lint:
-    cargo fmt --check
-    cargo clippy --all-targets -- -D warnings
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
 
 # Benchmarks against real local test hosts (see BENCHMARKS.md).
 bench: setup

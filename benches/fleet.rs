@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nix_deploy::testkit::{Fleet, HostSpec};
+use nix_deploy_testkit::{Fleet, HostSpec};
 use serde_json::{Value, json};
 
 struct Bench {
@@ -30,7 +30,7 @@ fn median(mut values: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]
@@ -296,7 +296,7 @@ fn change_detection_and_noop(bench: &mut Bench) -> anyhow::Result<()> {
         eval.push(timed(|| {
             let out = fleet
                 .command("nix")
-                .args(nix_deploy::nix::eval_command(&fleet.flake_ref()).get_args())
+                .args(nix_deploy_core::nix::eval_command(&fleet.flake_ref()).get_args())
                 .output()?;
             if !out.status.success() {
                 bail!("nix eval failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -570,15 +570,15 @@ fn evaluation(bench: &mut Bench) -> anyhow::Result<()> {
 {hosts}    }}; }};
 }}
 "#,
-            system = nix_deploy::testkit::nix_system()
+            system = nix_deploy_testkit::nix_system()
         ),
     )?;
     let flake = format!("path:{}", dir.path().display());
-    let env = [("NIX_CONFIG", nix_deploy::testkit::nix_config())];
+    let env = [("NIX_CONFIG", nix_deploy_testkit::nix_config())];
     let (mut once, mut each) = (Vec::new(), Vec::new());
     for _ in 0..bench.repeats {
         once.push(timed(|| {
-            let cmd = nix_deploy::nix::eval_command(&flake);
+            let cmd = nix_deploy_core::nix::eval_command(&flake);
             let out = Command::new("nix")
                 .args(cmd.get_args())
                 .envs(env)

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use nix_deploy::testkit::{Fleet, HostSpec};
+use nix_deploy_testkit::{Fleet, HostSpec};
 
 fn main() -> anyhow::Result<()> {
     let binary = match std::env::args().nth(1) {

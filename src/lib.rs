@@ -4,40 +4,33 @@
 //! `nixosConfigurations` once, asks every host what it runs, and deploys only
 //! what changed, step by step, with rollback and a full history.
 //!
-//! ## Layout
-//! - [`inventory`]: the fleet from the flake (hosts, `config.deployment`), selection.
-//! - [`nix`]: local Nix: the one evaluation, builds, closure copies.
-//! - [`exec`]: the one place that spawns local processes.
-//! - [`ssh`]: master connections to hosts, remote commands with timeouts.
-//! - [`shell`]: the one quoting helper and name validation.
-//! - [`remote`]: what we run on hosts, as pure argv builders and parsers.
-//! - [`plan`]: the pure planner.
-//! - [`engine`]: probing and deploying, with bounded concurrency and cancellation.
-//! - [`events`]: statuses, steps and events.
-//! - [`store`]: SQLite history.
-//! - [`cli`]: the command line.
-//! - [`testkit`]: real test hosts (sshd in mount namespaces) for tests, demo and benchmarks.
+//! This crate does the IO around the pure core ([`nix_deploy_core`]: the
+//! model, options and report documents, the planner, remote command builders).
+//! `ARCHITECTURE.md` has the map; in short:
+//!
+//! - [`process`]: the one place that spawns local processes.
+//! - [`nix`]: the local Nix (the one evaluation, builds, copies), through `process`.
+//! - [`transport`]: SSH master connections to hosts; HTTP for health checks.
+//! - [`store`]: the SQLite history (deployments, host runs, events, leases).
+//! - [`engine`]: probing, planning and deploying; one host's pipeline;
+//!   recovery; blue-green; resume; rollback on request.
+//! - [`daemon`]: `nix-deploy serve`: HTTP API, event streams, hooks,
+//!   notifications, metrics. Never imports the CLI.
+//! - [`cli`]: the command line, in process or through the daemon.
 
-pub mod api;
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod duration;
+pub mod daemon;
 pub mod engine;
-pub mod events;
-pub mod exec;
-pub mod github;
-pub mod health;
-pub mod http;
-pub mod inventory;
-pub mod metrics;
 pub mod nix;
-pub mod notify;
-pub mod plan;
-pub mod remote;
-pub mod shell;
-pub mod slack;
-pub mod ssh;
+pub mod paths;
+pub mod process;
 pub mod store;
-pub mod summary;
-pub mod testkit;
+pub mod transport;
+
+/// Milliseconds since the Unix epoch: the time of every record.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

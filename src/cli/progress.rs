@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::output::{duration_ms, generation};
-use crate::events::{Event, EventKind, HostStatus};
+use nix_deploy_core::events::{Event, EventKind, HostStatus};
+use nix_deploy_core::render::{duration_ms, event_text, generation, host_outcome, seconds};
 
 pub async fn render(mut events: UnboundedReceiver<Event>, fancy: bool) {
     if fancy {
@@ -20,107 +20,17 @@ pub async fn render(mut events: UnboundedReceiver<Event>, fancy: bool) {
     }
 }
 
-fn status_line(status: HostStatus, from: Option<u32>, to: Option<u32>, ms: u64) -> String {
-    let took = duration_ms(ms as i64);
-    match status {
-        HostStatus::Deployed => format!(
-            "✅ DEPLOYED ({took}) generation {} → {}",
-            generation(from),
-            generation(to)
-        ),
-        HostStatus::Skipped => "⏭  SKIPPED (no changes)".into(),
-        HostStatus::RolledBack => format!(
-            "↩️  ROLLED BACK ({took}) to generation {}",
-            generation(from)
-        ),
-        HostStatus::RollbackFailed => format!("❌ ROLLBACK FAILED ({took})"),
-        HostStatus::Failed => format!("❌ FAILED ({took})"),
-        HostStatus::Unreachable => "❌ UNREACHABLE".into(),
-        HostStatus::Cancelled => "⏹  CANCELLED".into(),
-        other => other.as_str().to_uppercase(),
-    }
-}
-
 async fn render_lines(events: &mut UnboundedReceiver<Event>) {
     let start = Instant::now();
     while let Some(event) = events.recv().await {
-        let host = event.host.as_deref().unwrap_or("deployment");
-        let line = match &event.kind {
-            EventKind::DeploymentStarted { hosts, .. } => {
-                format!(
-                    "deployment #{} started: {} host(s)",
-                    event.deployment_id,
-                    hosts.len()
-                )
-            }
-            EventKind::HostProbed {
-                state,
-                probe,
-                error,
-            } => match error {
-                Some(e) => format!("{host}: {} — {e}", state.as_str()),
-                None => format!(
-                    "{host}: {} (generation {})",
-                    state.as_str(),
-                    generation(probe.as_ref().and_then(|p| p.generation))
-                ),
-            },
-            EventKind::HostPlanned { .. } => continue,
-            EventKind::Planned {
-                reason,
-                phases,
-                eta_seconds,
-                risk,
-                ..
-            } => format!(
-                "plan: {reason}; {} phase(s); ETA {}; risk {risk}",
-                phases.len(),
-                super::output::seconds(*eta_seconds)
-            ),
-            EventKind::StepStarted { step } => format!("{host}: {}", step.progress_word()),
-            EventKind::StepFinished {
-                step,
-                ok,
-                duration_ms: ms,
-                message,
-            } => {
-                if *ok {
-                    format!("{host}: {step} ok ({})", duration_ms(*ms as i64))
-                } else {
-                    format!(
-                        "{host}: {step} FAILED ({}): {}",
-                        duration_ms(*ms as i64),
-                        message.as_deref().unwrap_or_default()
-                    )
-                }
-            }
-            EventKind::HostFinished {
-                status,
-                from,
-                to,
-                duration_ms: ms,
-                ..
-            } => format!(
-                "{host}: {}",
-                status_line(*status, from.generation, to.generation, *ms)
-            ),
-            EventKind::DeploymentFinished { status } => {
-                format!("deployment #{} {status}", event.deployment_id)
-            }
-            EventKind::HealthChecked { phase, results } => format!(
-                "{host}: health checks ({phase}): {}",
-                results
-                    .iter()
-                    .map(|r| format!(
-                        "{} {} after {} attempt(s)",
-                        r.check,
-                        if r.ok { "ok" } else { "FAILED" },
-                        r.attempts
-                    ))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-            EventKind::Log { message } => format!("{host}: {message}"),
+        if matches!(event.kind, EventKind::HostPlanned { .. }) {
+            continue;
+        }
+        let text = event_text(&event);
+        let line = match &event.host {
+            Some(host) => format!("{host}: {text}"),
+            None if matches!(event.kind, EventKind::Log { .. }) => format!("deployment: {text}"),
+            None => text,
         };
         eprintln!("[{:>7.1}s] {line}", start.elapsed().as_secs_f64());
     }
@@ -172,11 +82,11 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
     let overall_line = |finished: usize, total: usize, eta: Option<f64>| {
         let elapsed = start.elapsed().as_secs_f64();
         let eta_text = eta
-            .map(|e| format!(" | ETA: {}", super::output::seconds((e - elapsed).max(0.0))))
+            .map(|e| format!(" | ETA: {}", seconds((e - elapsed).max(0.0))))
             .unwrap_or_default();
         format!(
             "Overall: {finished}/{total} complete | Elapsed: {}{eta_text}",
-            super::output::seconds(elapsed)
+            seconds(elapsed)
         )
     };
     loop {
@@ -260,7 +170,7 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                 if *status == HostStatus::Deployed {
                     host.bar.set_position(PIPELINE_STEPS);
                 }
-                host.bar.abandon_with_message(status_line(
+                host.bar.abandon_with_message(host_outcome(
                     *status,
                     from.generation,
                     to.generation,

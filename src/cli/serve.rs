@@ -6,13 +6,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use nix_deploy_core::fleet::Selection;
+
 use super::Cli;
-use crate::api::{self, AppState, Token};
-use crate::config::{Config, Secret};
+use crate::daemon::config::{Config, Secret};
+use crate::daemon::{self, AppState, Token};
 use crate::engine::{Engine, EngineConfig};
-use crate::inventory::Selection;
-use crate::ssh::SshOptions;
+use crate::paths;
 use crate::store::Store;
+use crate::transport::ssh::SshOptions;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -39,7 +41,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         .state_dir
         .clone()
         .or_else(|| config.state_dir.clone())
-        .unwrap_or_else(super::default_state_dir);
+        .unwrap_or_else(paths::default_state_dir);
     let ssh_config = cli.ssh_config.clone().or_else(|| config.ssh_config.clone());
 
     let mut tokens = Vec::new();
@@ -69,14 +71,11 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     };
 
     // ssh control sockets live for the daemon's lifetime.
-    let control = super::control_dir()?;
+    let control = paths::control_dir()?;
     let mut ssh = SshOptions::new(ssh_config, control.path().to_path_buf());
     ssh.connect_timeout = cli.connect_timeout;
     ssh.command_timeout = cli.command_timeout;
-    let mut engine = EngineConfig::new(config.flake.clone(), ssh);
-    engine.health_timeout = config.health_check_timeout;
-    engine.confirm_timeout = config.confirm_timeout;
-    engine.activation_timeout = config.activation_timeout;
+    let engine = EngineConfig::new(config.flake.clone(), ssh);
 
     let store = Store::open(&state_dir).await?;
     let interrupted = store.mark_interrupted().await?;
@@ -100,7 +99,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         );
         let reconcile = Engine::new(engine, store);
         tokio::spawn(async move {
-            let options = crate::plan::PlanOptions::default();
+            let options = nix_deploy_core::options::DeployOptions::default();
             if let Err(e) = reconcile.plan(&Selection::default(), &options, false).await {
                 tracing::warn!(cause = %e, "reconciling hosts after an interrupted deployment");
             }
@@ -109,7 +108,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     println!("nix-deploy: listening on http://{address}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    api::run(listener, state, shutdown_signal()).await?;
+    daemon::run(listener, state, shutdown_signal()).await?;
     Ok(super::EXIT_OK)
 }
 

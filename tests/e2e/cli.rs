@@ -1,7 +1,7 @@
 //! The read-only commands and bad input: plan, status, history, show,
 //! malformed flakes, and the Nix files of the project itself.
 
-use nix_deploy::testkit::HostSpec;
+use nix_deploy_testkit::HostSpec;
 
 use crate::helpers::Harness;
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
-use nix_deploy::testkit::HostSpec;
+use nix_deploy_testkit::HostSpec;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -188,7 +188,7 @@ async fn call(
 /// Follow a deployment's event stream to the end; returns the event kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<String> {
     let client =
-        nix_deploy::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
+        nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
         .await

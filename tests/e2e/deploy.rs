@@ -1,7 +1,7 @@
 //! The deploy path end to end: generations, change detection, rollback,
 //! unreachable hosts, selection and bad input.
 
-use nix_deploy::testkit::HostSpec;
+use nix_deploy_testkit::HostSpec;
 
 use crate::helpers::{Harness, host, status};
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use nix_deploy::testkit::{Fleet, HostSpec};
+use nix_deploy_testkit::{Fleet, HostSpec};
 use serde_json::Value;
 
 pub struct Harness {

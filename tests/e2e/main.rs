@@ -1,6 +1,6 @@
 //! Integration tests: the real `nix-deploy` binary against real test hosts
 //! (sshd in their own mount namespaces with their own /nix and /run, on
-//! loopback addresses; see `nix_deploy::testkit`). Needs root.
+//! loopback addresses; see `nix_deploy_testkit`). Needs root.
 
 mod cli;
 mod daemon;

@@ -1,7 +1,7 @@
 //! Cancel, crash recovery and resume, one deployment per host, and rollback on
 //! request. Each test checks that no host is left between generations.
 
-use nix_deploy::testkit::HostSpec;
+use nix_deploy_testkit::HostSpec;
 
 use crate::helpers::{Harness, status};
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use nix_deploy::testkit::HostSpec;
+use nix_deploy_testkit::HostSpec;
 
 use crate::helpers::{Harness, host, status};
 

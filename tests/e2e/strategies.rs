@@ -1,7 +1,7 @@
 //! Strategies and failure policy, proven by the hosts' own activation records
 //! (`/run/activations.log` written by each host's switch-to-configuration).
 
-use nix_deploy::testkit::{Activation, HostSpec};
+use nix_deploy_testkit::{Activation, HostSpec};
 
 use crate::helpers::{Harness, host, status};
 

@@ -1,0 +1,337 @@
+//! What happens during a deployment, as data: the statuses, the steps of a
+//! host's pipeline and the events the engine records and streams.
+//!
+//! Every event is written to SQLite by the product's store before anyone is
+//! told about it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::remote::ProbeResult;
+
+/// One step of a host's pipeline (DESIGN §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Probe,
+    #[serde(rename = "pre-flight")]
+    Preflight,
+    Build,
+    Copy,
+    SetProfile,
+    Activate,
+    Validate,
+    Confirm,
+    Soak,
+    Commit,
+    Rollback,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Probe => "probe",
+            Step::Preflight => "pre-flight",
+            Step::Build => "build",
+            Step::Copy => "copy",
+            Step::SetProfile => "set-profile",
+            Step::Activate => "activate",
+            Step::Validate => "validate",
+            Step::Confirm => "confirm",
+            Step::Soak => "soak",
+            Step::Commit => "commit",
+            Step::Rollback => "rollback",
+        }
+    }
+
+    /// What the progress display says while the step runs.
+    pub fn progress_word(self) -> &'static str {
+        match self {
+            Step::Probe => "probing",
+            Step::Preflight => "pre-flight checks",
+            Step::Build => "building",
+            Step::Copy => "copying",
+            Step::SetProfile => "setting profile",
+            Step::Activate => "activating",
+            Step::Validate => "validating",
+            Step::Confirm => "confirming",
+            Step::Soak => "soaking (canary)",
+            Step::Commit => "committing",
+            Step::Rollback => "rolling back",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a probe concluded about a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostState {
+    Changed,
+    Unchanged,
+    Unreachable,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Changed => "CHANGED",
+            HostState::Unchanged => "UNCHANGED",
+            HostState::Unreachable => "UNREACHABLE",
+        }
+    }
+}
+
+/// Where a host run stands, or how it ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostStatus {
+    Pending,
+    Running,
+    Skipped,
+    Deployed,
+    Failed,
+    RolledBack,
+    RollbackFailed,
+    Unreachable,
+    /// Unhealthy before we touched it: not deployed, not our doing.
+    Unhealthy,
+    Cancelled,
+    /// The coordinator died while this host was in progress.
+    Interrupted,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Pending => "pending",
+            HostStatus::Running => "running",
+            HostStatus::Skipped => "skipped",
+            HostStatus::Deployed => "deployed",
+            HostStatus::Failed => "failed",
+            HostStatus::RolledBack => "rolled-back",
+            HostStatus::RollbackFailed => "rollback-failed",
+            HostStatus::Unreachable => "unreachable",
+            HostStatus::Unhealthy => "unhealthy",
+            HostStatus::Cancelled => "cancelled",
+            HostStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+
+    /// Whether this outcome makes the deployment unsuccessful (exit code 1).
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            HostStatus::Failed
+                | HostStatus::RolledBack
+                | HostStatus::RollbackFailed
+                | HostStatus::Unreachable
+                | HostStatus::Unhealthy
+                | HostStatus::Interrupted
+        )
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, HostStatus::Pending | HostStatus::Running)
+    }
+}
+
+impl std::fmt::Display for HostStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeploymentStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+}
+
+impl DeploymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentStatus::Running => "running",
+            DeploymentStatus::Succeeded => "succeeded",
+            DeploymentStatus::Failed => "failed",
+            DeploymentStatus::Cancelled => "cancelled",
+            DeploymentStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+impl std::fmt::Display for DeploymentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A system a host runs or will run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemRef {
+    pub path: Option<String>,
+    pub generation: Option<u32>,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum EventKind {
+    DeploymentStarted {
+        hosts: Vec<String>,
+        strategy: String,
+    },
+    HostProbed {
+        state: HostState,
+        probe: Option<ProbeResult>,
+        error: Option<String>,
+    },
+    Planned {
+        strategy: String,
+        reason: String,
+        phases: Vec<Vec<String>>,
+        eta_seconds: f64,
+        risk: String,
+    },
+    HostPlanned {
+        action: String,
+        reason: Option<String>,
+    },
+    StepStarted {
+        step: Step,
+    },
+    StepFinished {
+        step: Step,
+        ok: bool,
+        duration_ms: u64,
+        message: Option<String>,
+    },
+    HostFinished {
+        status: HostStatus,
+        from: SystemRef,
+        to: SystemRef,
+        duration_ms: u64,
+        error: Option<String>,
+    },
+    DeploymentFinished {
+        status: DeploymentStatus,
+    },
+    HealthChecked {
+        phase: String,
+        results: Vec<CheckResult>,
+    },
+    Log {
+        message: String,
+    },
+}
+
+impl EventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::DeploymentStarted { .. } => "deployment-started",
+            EventKind::HostProbed { .. } => "host-probed",
+            EventKind::Planned { .. } => "planned",
+            EventKind::HostPlanned { .. } => "host-planned",
+            EventKind::StepStarted { .. } => "step-started",
+            EventKind::StepFinished { .. } => "step-finished",
+            EventKind::HostFinished { .. } => "host-finished",
+            EventKind::DeploymentFinished { .. } => "deployment-finished",
+            EventKind::HealthChecked { .. } => "health-checked",
+            EventKind::Log { .. } => "log",
+        }
+    }
+}
+
+/// One recorded event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the deployment's history (the events table's id).
+    pub id: i64,
+    pub deployment_id: i64,
+    /// Unix milliseconds.
+    pub at: i64,
+    pub host: Option<String>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// One attempt of a health check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Unix milliseconds.
+    pub at: i64,
+    pub ok: bool,
+    pub output: String,
+}
+
+/// One health check: its verdict (the last attempt) and its attempts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub check: String,
+    pub ok: bool,
+    pub attempts: u32,
+    pub output: String,
+    #[serde(default)]
+    pub history: Vec<Attempt>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_use_the_documented_names() {
+        assert_eq!(
+            serde_json::to_string(&HostStatus::RolledBack).unwrap(),
+            "\"rolled-back\""
+        );
+        assert_eq!(
+            HostStatus::parse("rolled-back"),
+            Some(HostStatus::RolledBack)
+        );
+        assert_eq!(HostStatus::parse("nope"), None);
+        assert!(HostStatus::Unreachable.is_failure());
+        assert!(!HostStatus::Skipped.is_failure());
+        assert_eq!(
+            DeploymentStatus::parse("interrupted"),
+            Some(DeploymentStatus::Interrupted)
+        );
+    }
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let event = Event {
+            id: 3,
+            deployment_id: 1,
+            at: 5,
+            host: Some("web1".into()),
+            kind: EventKind::StepFinished {
+                step: Step::SetProfile,
+                ok: true,
+                duration_ms: 12,
+                message: None,
+            },
+        };
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["kind"], "step-finished");
+        assert_eq!(json["step"], "set-profile");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, event);
+    }
+}

@@ -1,0 +1,36 @@
+//! # nix-deploy-core
+//!
+//! The pure core of nix-deploy: what a fleet, a deployment and a plan *are*,
+//! and every decision that needs no IO. It depends on no async runtime,
+//! database, HTTP or SSH library and spawns nothing; the product crate
+//! (`nix-deploy`: engine, transport, store, daemon, CLI) does the IO around it.
+//!
+//! ## Layout
+//! - [`fleet`]: hosts and their `config.deployment` (parsed from the one
+//!   evaluation), health-check definitions, selection.
+//! - [`options`]: the request callers send and the resolved options of a
+//!   deployment (one document each).
+//! - [`events`]: steps, statuses, events, health-check results.
+//! - [`run`]: host runs and deployments as recorded and reported.
+//! - [`reports`]: the other documents: plan, status, a host's health.
+//! - [`plan`]: the planner (dependency graph, strategies, estimates, risk).
+//! - [`summary`]: change summaries from two closures.
+//! - [`remote`]: what runs on hosts, as argument vectors and parsers.
+//! - [`nix`], [`command`]: local Nix command lines as data.
+//! - [`shell`]: the one quoting helper and name validation.
+//! - [`duration`]: durations as people write them.
+//! - [`render`]: plain-text rendering shared by the CLI, reports and chat.
+
+pub mod command;
+pub mod duration;
+pub mod events;
+pub mod fleet;
+pub mod nix;
+pub mod options;
+pub mod plan;
+pub mod remote;
+pub mod render;
+pub mod reports;
+pub mod run;
+pub mod shell;
+pub mod summary;

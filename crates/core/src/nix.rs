@@ -1,0 +1,172 @@
+//! The local Nix commands, as pure builders and parsers: one evaluation of the
+//! whole fleet, builds, closures, copies. Nix 2.8 (Debian's `nix-bin`) must
+//! work, so the experimental features are passed here and no flag newer than
+//! 2.8 is used (`--json` instead of `--print-out-paths`).
+
+use serde::Deserialize;
+
+use crate::command::Cmd;
+
+/// Flags every `nix` invocation gets: flakes without touching the user's config.
+const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
+
+/// Reads, for every `nixosConfigurations.<name>`, the toplevel's out and drv paths
+/// and `config.deployment`, in one evaluation.
+///
+/// The result must not contain an attribute named `outPath`: Nix would turn such
+/// an attribute set into a plain string when printing JSON.
+pub const FLEET_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: configuration:
+  let toplevel = configuration.config.system.build.toplevel; in {
+    toplevel = toplevel.outPath;
+    drvPath = toplevel.drvPath;
+    deployment = configuration.config.deployment or { };
+  }) configurations"#;
+
+/// Reject flake references we cannot append `#nixosConfigurations` to.
+pub fn check_flake_ref(flake: &str) -> Result<(), &'static str> {
+    let bad = Err;
+    if flake.is_empty() {
+        return bad("it is empty");
+    }
+    if flake.contains('#') {
+        return bad(
+            "give the flake without a `#` attribute; nix-deploy reads `#nixosConfigurations` itself",
+        );
+    }
+    if flake.starts_with('-') {
+        return bad("it starts with `-`");
+    }
+    if flake.chars().any(char::is_control) {
+        return bad("it contains control characters");
+    }
+    Ok(())
+}
+
+pub fn eval_command(flake: &str) -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["eval", "--json"])
+        .arg(format!("{flake}#nixosConfigurations"))
+        .args(["--apply", FLEET_APPLY_EXPR])
+}
+
+pub fn metadata_command(flake: &str) -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["flake", "metadata", "--json"])
+        .arg(flake)
+}
+
+pub fn build_command(drv: &str) -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["build", "--no-link", "--json"])
+        .arg(drv)
+}
+
+/// `nix-store --query --requisites PATH`: the closure of a built path.
+pub fn closure_command(path: &str) -> Cmd {
+    Cmd::new("nix-store")
+        .args(["--query", "--requisites"])
+        .arg(path)
+}
+
+/// `nix copy --to ssh://[user@]dest PATH`, with our ssh options in `NIX_SSHOPTS`.
+pub fn copy_command(destination_uri: &str, path: &str, ssh_opts: &str, substitute: bool) -> Cmd {
+    let mut cmd = Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["copy", "--to", destination_uri]);
+    if substitute {
+        cmd = cmd.arg("--substitute-on-destination");
+    }
+    cmd.arg(path).env("NIX_SSHOPTS", ssh_opts)
+}
+
+#[derive(Deserialize)]
+struct BuildResult {
+    outputs: std::collections::BTreeMap<String, String>,
+}
+
+/// The `out` path from `nix build --json`.
+pub fn parse_build_output(json: &str) -> Result<String, String> {
+    let results: Vec<BuildResult> =
+        serde_json::from_str(json).map_err(|e| format!("not the expected JSON: {e}"))?;
+    results
+        .into_iter()
+        .next()
+        .and_then(|mut r| r.outputs.remove("out"))
+        .ok_or_else(|| "no `out` output in the build result".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(cmd: &Cmd) -> Vec<String> {
+        std::iter::once(cmd.program().to_string())
+            .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn eval_is_one_command_with_features_and_no_new_flags() {
+        let cmd = eval_command("path:/srv/fleet");
+        let args = argv(&cmd);
+        assert_eq!(
+            args[..6],
+            [
+                "nix",
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "eval",
+                "--json",
+                "path:/srv/fleet#nixosConfigurations"
+            ]
+        );
+        assert_eq!(args[6], "--apply");
+        assert!(!args.iter().any(|a| a == "--print-out-paths"));
+        assert!(!FLEET_APPLY_EXPR.contains("outPath ="));
+    }
+
+    #[test]
+    fn build_and_copy_commands() {
+        assert_eq!(
+            argv(&build_command("/nix/store/abc-x.drv"))[3..],
+            ["build", "--no-link", "--json", "/nix/store/abc-x.drv"]
+        );
+        let copy = copy_command(
+            "ssh://root@web1",
+            "/nix/store/abc-x",
+            "-F /etc/ssh_cfg",
+            false,
+        );
+        assert_eq!(
+            argv(&copy)[3..],
+            ["copy", "--to", "ssh://root@web1", "/nix/store/abc-x"]
+        );
+        assert_eq!(copy.get_env("NIX_SSHOPTS"), Some("-F /etc/ssh_cfg"));
+        assert_eq!(
+            argv(&closure_command("/nix/store/abc-x")),
+            ["nix-store", "--query", "--requisites", "/nix/store/abc-x"]
+        );
+        let copy = copy_command("ssh://web1", "/nix/store/abc-x", "", true);
+        assert!(argv(&copy).contains(&"--substitute-on-destination".to_string()));
+    }
+
+    #[test]
+    fn parses_build_json() {
+        let json = r#"[{"drvPath":"/nix/store/c7-h1.drv","outputs":{"out":"/nix/store/q4-h1"}}]"#;
+        assert_eq!(parse_build_output(json).unwrap(), "/nix/store/q4-h1");
+        assert!(parse_build_output("[]").is_err());
+        assert!(parse_build_output("nope").is_err());
+    }
+
+    #[test]
+    fn rejects_bad_flake_refs() {
+        assert!(check_flake_ref(".").is_ok());
+        assert!(check_flake_ref("github:me/fleet").is_ok());
+        assert!(check_flake_ref(".#web1").is_err());
+        assert!(check_flake_ref("--impure").is_err());
+        assert!(check_flake_ref("").is_err());
+    }
+}

@@ -1,0 +1,273 @@
+//! Plain text for people, shared by the CLI (tables, progress, `show`), the
+//! Markdown report and chat messages: one wording for every event, outcome
+//! and value. Pure: callers decide where it goes.
+
+use crate::events::{Event, EventKind, HostStatus};
+use crate::run::HostRun;
+
+/// `/nix/store/<hash>-name` → `<hash:7>…-name`, for tables.
+pub fn short_path(path: Option<&str>) -> String {
+    match path {
+        None => "-".into(),
+        Some(p) => match p.strip_prefix("/nix/store/") {
+            Some(rest) if rest.len() > 33 => format!("{}…-{}", &rest[..7], &rest[33..]),
+            _ => p.to_string(),
+        },
+    }
+}
+
+/// A generation number, or `-`.
+pub fn generation(g: Option<u32>) -> String {
+    g.map(|g| g.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// `1.5s`, `1m 23s`.
+pub fn duration_ms(ms: i64) -> String {
+    let secs = ms as f64 / 1000.0;
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        let whole = secs as u64;
+        format!("{}m {:02}s", whole / 60, whole % 60)
+    }
+}
+
+pub fn seconds(secs: f64) -> String {
+    duration_ms((secs * 1000.0) as i64)
+}
+
+/// Unix milliseconds as `2024-05-01 12:00:00Z`.
+pub fn timestamp(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]Z"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// The icon of an outcome: each is two columns wide on a terminal and in
+/// Unicode's width tables, so tables stay aligned.
+pub fn icon(status: HostStatus) -> &'static str {
+    match status {
+        HostStatus::Deployed => "✅",
+        HostStatus::Skipped => "⏩",
+        HostStatus::RolledBack => "⏪",
+        HostStatus::Failed
+        | HostStatus::RollbackFailed
+        | HostStatus::Unreachable
+        | HostStatus::Unhealthy => "❌",
+        HostStatus::Cancelled => "⛔",
+        HostStatus::Interrupted => "❓",
+        HostStatus::Pending | HostStatus::Running => "⏳",
+    }
+}
+
+/// `✅ deployed`, `⏪ rolled back`: a table's result cell.
+pub fn result_word(status: HostStatus) -> String {
+    format!("{} {}", icon(status), status.as_str().replace('-', " "))
+}
+
+/// `1 → 2`, `1 → 2 → 1` (rolled back), or the generation it stayed on.
+pub fn generations(run: &HostRun) -> String {
+    match run.status {
+        HostStatus::Deployed => format!(
+            "{} → {}",
+            generation(run.from.generation),
+            generation(run.to.generation)
+        ),
+        HostStatus::RolledBack => format!(
+            "{} → {} → {}",
+            generation(run.from.generation),
+            generation(run.to.generation),
+            generation(run.from.generation)
+        ),
+        _ => generation(run.from.generation),
+    }
+}
+
+/// How a host ended, as the live display says it.
+pub fn host_outcome(status: HostStatus, from: Option<u32>, to: Option<u32>, ms: u64) -> String {
+    let took = duration_ms(ms as i64);
+    let icon = icon(status);
+    match status {
+        HostStatus::Deployed => format!(
+            "{icon} DEPLOYED ({took}) generation {} → {}",
+            generation(from),
+            generation(to)
+        ),
+        HostStatus::Skipped => format!("{icon} SKIPPED (no changes)"),
+        HostStatus::RolledBack => format!(
+            "{icon} ROLLED BACK ({took}) to generation {}",
+            generation(from)
+        ),
+        HostStatus::RollbackFailed => format!("{icon} ROLLBACK FAILED ({took})"),
+        HostStatus::Failed => format!("{icon} FAILED ({took})"),
+        other => format!("{icon} {}", other.as_str().to_uppercase()),
+    }
+}
+
+/// `2 deployed, 1 skipped, 1 rolled back, 1 failed`: what happened to the
+/// hosts of one deployment (a rolled-back host is not counted as failed).
+pub fn hosts_summary(runs: &[HostRun]) -> String {
+    let count = |s: HostStatus| runs.iter().filter(|h| h.status == s).count();
+    let rolled_back = count(HostStatus::RolledBack);
+    let failed = runs
+        .iter()
+        .filter(|h| h.status.is_failure() && h.status != HostStatus::RolledBack)
+        .count();
+    let mut parts = vec![
+        format!("{} deployed", count(HostStatus::Deployed)),
+        format!("{} skipped", count(HostStatus::Skipped)),
+    ];
+    if rolled_back > 0 {
+        parts.push(format!("{rolled_back} rolled back"));
+    }
+    parts.push(format!("{failed} failed"));
+    parts.join(", ")
+}
+
+/// The first line of a longer text.
+pub fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
+}
+
+/// What an event says, in one line (without its host or time): the one
+/// wording used by the live display, `show` and the daemon's streams.
+pub fn event_text(event: &Event) -> String {
+    match &event.kind {
+        EventKind::DeploymentStarted { hosts, strategy } => format!(
+            "deployment #{} started: {} host(s), strategy {strategy}",
+            event.deployment_id,
+            hosts.len()
+        ),
+        EventKind::HostProbed {
+            state,
+            probe,
+            error,
+        } => match error {
+            Some(e) => format!("{} — {e}", state.as_str()),
+            None => format!(
+                "{} (generation {})",
+                state.as_str(),
+                generation(probe.as_ref().and_then(|p| p.generation))
+            ),
+        },
+        EventKind::Planned {
+            reason,
+            phases,
+            eta_seconds,
+            risk,
+            ..
+        } => format!(
+            "plan: {reason}; {} phase(s); ETA {}; risk {risk}",
+            phases.len(),
+            seconds(*eta_seconds)
+        ),
+        EventKind::HostPlanned { action, reason } => match reason {
+            Some(r) => format!("plan: {action} ({r})"),
+            None => format!("plan: {action}"),
+        },
+        EventKind::StepStarted { step } => step.progress_word().to_string(),
+        EventKind::StepFinished {
+            step,
+            ok,
+            duration_ms: ms,
+            message,
+        } => {
+            if *ok {
+                format!("{step} ok ({})", duration_ms(*ms as i64))
+            } else {
+                format!(
+                    "{step} FAILED ({}): {}",
+                    duration_ms(*ms as i64),
+                    message.as_deref().unwrap_or_default()
+                )
+            }
+        }
+        EventKind::HostFinished {
+            status,
+            from,
+            to,
+            duration_ms: ms,
+            ..
+        } => host_outcome(*status, from.generation, to.generation, *ms),
+        EventKind::DeploymentFinished { status } => {
+            format!("deployment #{} {status}", event.deployment_id)
+        }
+        EventKind::HealthChecked { phase, results } => format!(
+            "health checks ({phase}): {}",
+            results
+                .iter()
+                .map(|r| format!(
+                    "{} {} after {} attempt(s)",
+                    r.check,
+                    if r.ok { "ok" } else { "FAILED" },
+                    r.attempts
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        EventKind::Log { message } => message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Step, SystemRef};
+
+    #[test]
+    fn shortens_store_paths_and_durations() {
+        assert_eq!(
+            short_path(Some(
+                "/nix/store/q4zfsrsm5n0vhqjrgz2c1lc78slrrsmw-nixos-system-p620"
+            )),
+            "q4zfsrs…-nixos-system-p620"
+        );
+        assert_eq!(short_path(None), "-");
+        assert_eq!(duration_ms(1500), "1.5s");
+        assert_eq!(duration_ms(83_000), "1m 23s");
+        assert_eq!(timestamp(0), "1970-01-01 00:00:00Z");
+    }
+
+    #[test]
+    fn events_read_as_one_line() {
+        let event = |kind| Event {
+            id: 1,
+            deployment_id: 7,
+            at: 0,
+            host: Some("web1".into()),
+            kind,
+        };
+        assert_eq!(
+            event_text(&event(EventKind::StepFinished {
+                step: Step::Copy,
+                ok: true,
+                duration_ms: 1200,
+                message: None
+            })),
+            "copy ok (1.2s)"
+        );
+        assert_eq!(
+            event_text(&event(EventKind::HostFinished {
+                status: HostStatus::Deployed,
+                from: SystemRef {
+                    path: None,
+                    generation: Some(1)
+                },
+                to: SystemRef {
+                    path: None,
+                    generation: Some(2)
+                },
+                duration_ms: 1500,
+                error: None
+            })),
+            "✅ DEPLOYED (1.5s) generation 1 → 2"
+        );
+        assert_eq!(result_word(HostStatus::RolledBack), "⏪ rolled back");
+    }
+}

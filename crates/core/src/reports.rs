@@ -1,0 +1,100 @@
+//! The remaining documents, one type each, shared by the CLI's `--json`, the
+//! API and the daemon's client: a plan, the fleet's status, a host's health,
+//! the answers to "start" and "cancel", and a list of deployments.
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::{CheckResult, HostState, SystemRef};
+use crate::plan::Plan;
+use crate::run::{Deployment, HostRecord};
+
+/// What `plan` shows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub flake: String,
+    pub fleet_size: usize,
+    #[serde(flatten)]
+    pub plan: Plan,
+    pub to_deploy: Vec<String>,
+    pub skipped: Vec<String>,
+    pub unreachable: Vec<String>,
+}
+
+impl PlanReport {
+    pub fn new(flake: &str, fleet_size: usize, plan: Plan) -> Self {
+        use crate::plan::Action;
+        let names = |action: Action| {
+            plan.hosts
+                .iter()
+                .filter(|h| h.action == action)
+                .map(|h| h.name.clone())
+                .collect()
+        };
+        PlanReport {
+            flake: flake.to_string(),
+            fleet_size,
+            to_deploy: names(Action::Deploy),
+            skipped: names(Action::Skip),
+            unreachable: names(Action::Unreachable),
+            plan,
+        }
+    }
+}
+
+/// Every host as the history knows it; `live` (with `?live=true`) compares
+/// them with the flake right now.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub hosts: Vec<HostRecord>,
+    /// Deployments running now.
+    #[serde(default)]
+    pub running_deployments: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<PlanReport>,
+}
+
+/// A host's health right now (`health HOST`, `POST /hosts/{host}/health`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostHealth {
+    pub host: String,
+    pub reachable: bool,
+    pub current: SystemRef,
+    /// Whether it runs what the flake evaluates to.
+    pub state: HostState,
+    pub healthy: bool,
+    pub results: Vec<CheckResult>,
+    pub error: Option<String>,
+}
+
+/// `202 Accepted`: a deployment was started (or queued).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub id: i64,
+    /// `running`, or `queued` while it waits for busy hosts.
+    pub status: String,
+    /// Where its Server-Sent Events are.
+    pub events: String,
+}
+
+impl Accepted {
+    pub fn new(id: i64, status: &str) -> Self {
+        Accepted {
+            id,
+            status: status.to_string(),
+            events: format!("/api/v1/deployments/{id}/events"),
+        }
+    }
+}
+
+/// The answer to a cancel request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CancelAnswer {
+    pub id: i64,
+    pub cancel_requested: bool,
+}
+
+/// Past deployments, newest first (`history`, `GET /deployments`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentList {
+    pub deployments: Vec<Deployment>,
+}

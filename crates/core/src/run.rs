@@ -1,0 +1,204 @@
+//! Deployments and host runs as they are recorded and reported: one type per
+//! document, the same for the store, the engine's result, the CLI's `--json`,
+//! the API and the daemon's client.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::events::{DeploymentStatus, Event, HostStatus, Step, SystemRef};
+use crate::options::DeployOptions;
+use crate::plan::Plan;
+use crate::summary::ChangeSummary;
+
+/// When something started and ended (Unix milliseconds). Documents carry the
+/// duration too (`duration_ms`), derived, never stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl Span {
+    pub fn duration_ms(&self) -> Option<i64> {
+        Some(self.finished_at? - self.started_at?)
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("started_at", &self.started_at)?;
+        map.serialize_entry("finished_at", &self.finished_at)?;
+        map.serialize_entry("duration_ms", &self.duration_ms())?;
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            started_at: Option<i64>,
+            #[serde(default)]
+            finished_at: Option<i64>,
+            // Derived: read and dropped.
+            #[serde(default, rename = "duration_ms")]
+            _duration_ms: Option<i64>,
+        }
+        let raw = Raw::deserialize(d)?;
+        Ok(Span {
+            started_at: raw.started_at,
+            finished_at: raw.finished_at,
+        })
+    }
+}
+
+/// The timing of one step of a host run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepTiming {
+    pub step: Step,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub ok: Option<bool>,
+}
+
+/// One host's part in a deployment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostRun {
+    pub deployment_id: i64,
+    #[serde(rename = "name", alias = "host")]
+    pub host: String,
+    pub status: HostStatus,
+    /// The step in progress, while running.
+    pub step: Option<String>,
+    /// Whether the host ran something else than the evaluated system.
+    pub changed: Option<bool>,
+    pub from: SystemRef,
+    pub to: SystemRef,
+    #[serde(flatten)]
+    pub time: Span,
+    pub steps: Vec<StepTiming>,
+    /// Why the host was skipped or what it waits for.
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub summary: Option<ChangeSummary>,
+    /// The activation's token on the host (names the watchdog's files).
+    pub token: Option<String>,
+}
+
+impl HostRun {
+    pub fn new(deployment_id: i64, host: &str) -> Self {
+        HostRun {
+            deployment_id,
+            host: host.to_string(),
+            status: HostStatus::Pending,
+            step: None,
+            changed: None,
+            from: SystemRef::default(),
+            to: SystemRef::default(),
+            time: Span::default(),
+            steps: Vec::new(),
+            reason: None,
+            error: None,
+            summary: None,
+            token: None,
+        }
+    }
+
+    pub fn duration_ms(&self) -> Option<i64> {
+        self.time.duration_ms()
+    }
+}
+
+/// One deployment: the request, how it went, and its hosts' runs.
+///
+/// `created_at` is when it was requested; `started_at` when it began (later,
+/// for a deployment that waited for busy hosts).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: i64,
+    pub created_at: i64,
+    #[serde(flatten)]
+    pub time: Span,
+    pub status: DeploymentStatus,
+    /// `cli`, `api`, `slack`, `github`.
+    pub trigger: String,
+    /// `user@machine`, `token:NAME`, `slack:USER`, `github:PUSHER`.
+    pub requested_by: String,
+    pub flake: String,
+    pub flake_rev: Option<String>,
+    /// The strategy's name, or `rollback` for a rollback on request.
+    pub strategy: String,
+    pub options: DeployOptions,
+    /// The hosts the request selected.
+    pub selected: Vec<String>,
+    pub plan: Option<Plan>,
+    pub error: Option<String>,
+    /// The coordinator process that ran it.
+    pub pid: Option<i64>,
+    /// Every host run, by host name.
+    #[serde(default)]
+    pub hosts: Vec<HostRun>,
+    /// With `show`: everything that happened, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<Event>>,
+}
+
+impl Deployment {
+    pub fn duration_ms(&self) -> Option<i64> {
+        self.time.duration_ms()
+    }
+
+    /// Whether a host failed, was rolled back or could not be reached.
+    pub fn any_failure(&self) -> bool {
+        self.hosts.iter().any(|h| h.status.is_failure())
+    }
+
+    pub fn count(&self, status: HostStatus) -> usize {
+        self.hosts.iter().filter(|h| h.status == status).count()
+    }
+}
+
+/// What we last knew about a host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    pub current_path: Option<String>,
+    pub generation: Option<u32>,
+    pub probed_at: Option<i64>,
+    pub probe_error: Option<String>,
+    pub last_deployment_id: Option<i64>,
+    pub last_status: Option<String>,
+    pub last_error: Option<String>,
+    pub last_finished_at: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_runs_carry_their_duration_and_keep_the_documented_names() {
+        let mut run = HostRun::new(3, "web1");
+        run.time = Span {
+            started_at: Some(1_000),
+            finished_at: Some(3_500),
+        };
+        let json = serde_json::to_value(&run).unwrap();
+        assert_eq!(json["name"], "web1");
+        assert_eq!(json["duration_ms"], 2_500);
+        assert_eq!(json["started_at"], 1_000);
+        let back: HostRun = serde_json::from_value(json).unwrap();
+        assert_eq!(back, run);
+        let old: HostRun = serde_json::from_value(serde_json::json!({
+            "deployment_id": 1, "host": "a", "status": "deployed", "step": null,
+            "changed": true, "from": {"path": null, "generation": null},
+            "to": {"path": null, "generation": null}, "steps": [],
+            "reason": null, "error": null, "summary": null, "token": null
+        }))
+        .unwrap();
+        assert_eq!(old.host, "a");
+        assert_eq!(old.duration_ms(), None);
+    }
+}

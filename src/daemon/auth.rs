@@ -1,0 +1,122 @@
+//! Bearer tokens with scopes (`read` ⊂ `deploy` ⊂ `admin`), loaded from files
+//! and compared in constant time.
+
+use axum::http::HeaderMap;
+use subtle::ConstantTimeEq;
+
+use super::config::{Scope, Secret};
+use super::error::ApiError;
+
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub name: String,
+    pub secret: Secret,
+    pub scope: Scope,
+}
+
+/// Who made a request, as recorded in history.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub name: String,
+}
+
+impl Caller {
+    pub fn requested_by(&self) -> String {
+        format!("token:{}", self.name)
+    }
+}
+
+/// Check the `Authorization: Bearer` header against every token (all of them,
+/// so timing does not tell which one nearly matched).
+pub fn authorize(headers: &HeaderMap, tokens: &[Token], needed: Scope) -> Result<Caller, ApiError> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| {
+            ApiError::Unauthorized("missing bearer token (Authorization: Bearer …)".into())
+        })?;
+    let presented = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("malformed Authorization header; expected `Bearer TOKEN`".into())
+        })?;
+    let mut found: Option<&Token> = None;
+    for token in tokens {
+        let equal: bool = token.secret.expose().ct_eq(presented.as_bytes()).into();
+        if equal {
+            found = Some(token);
+        }
+    }
+    let token = found.ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+    if !token.scope.allows(needed) {
+        return Err(ApiError::Forbidden(format!(
+            "token `{}` has scope {:?}; this needs {:?}",
+            token.name, token.scope, needed
+        )));
+    }
+    Ok(Caller {
+        name: token.name.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> Vec<Token> {
+        vec![
+            Token {
+                name: "viewer".into(),
+                secret: Secret::new("r3ad"),
+                scope: Scope::Read,
+            },
+            Token {
+                name: "ci".into(),
+                secret: Secret::new("d3pl0y"),
+                scope: Scope::Deploy,
+            },
+        ]
+    }
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn checks_token_and_scope() {
+        let t = tokens();
+        assert_eq!(
+            authorize(&headers("Bearer d3pl0y"), &t, Scope::Deploy)
+                .unwrap()
+                .name,
+            "ci"
+        );
+        assert_eq!(
+            authorize(&headers("Bearer d3pl0y"), &t, Scope::Read)
+                .unwrap()
+                .name,
+            "ci"
+        );
+        assert!(matches!(
+            authorize(&headers("Bearer r3ad"), &t, Scope::Deploy),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(
+            authorize(&headers("Bearer nope"), &t, Scope::Read),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            authorize(&headers("Basic abc"), &t, Scope::Read),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            authorize(&HeaderMap::new(), &t, Scope::Read),
+            Err(ApiError::Unauthorized(_))
+        ));
+    }
+}

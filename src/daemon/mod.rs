@@ -1,0 +1,343 @@
+//! The daemon: `nix-deploy serve`. An axum server over the same engine and
+//! history the CLI uses, with a registry of running deployments whose events
+//! are broadcast to Server-Sent-Event streams and notifications.
+//!
+//! Only this module knows HTTP; the documents it sends and accepts are the
+//! core's types. It never imports the CLI. [`app`] builds the router so tests
+//! can drive it; [`run`] serves it on a listener until the shutdown future
+//! resolves, then cancels running deployments safely and waits for them.
+//!
+//! - `routes/`: one file per group of endpoints (deployments, fleet, hooks);
+//! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
+//! - [`config`]: the TOML file; [`notify`]: outgoing notifications;
+//!   [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks' signatures and
+//!   parsing; `report`: the Markdown report.
+
+mod auth;
+pub mod config;
+mod error;
+pub mod github;
+pub mod metrics;
+pub mod notify;
+mod report;
+mod routes;
+pub mod slack;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::Token;
+pub use error::ApiError;
+
+use nix_deploy_core::events::{Event, EventKind};
+use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
+use nix_deploy_core::run::Deployment;
+
+use crate::engine::{DeployRequest, Engine, EngineConfig, EngineError, RollbackRequest};
+use crate::store::Store;
+use config::{Config, Secret};
+use notify::Notifier;
+
+/// A deployment this daemon is running.
+struct Running {
+    cancel: CancellationToken,
+    events: broadcast::Sender<Event>,
+}
+
+pub struct Inner {
+    pub config: Config,
+    engine: EngineConfig,
+    store: Store,
+    tokens: Vec<Token>,
+    slack_secret: Option<Secret>,
+    github_secret: Option<Secret>,
+    notifier: Notifier,
+    /// Running deployments by id. A std mutex: held only for map updates, never across `.await`.
+    running: Mutex<HashMap<i64, Running>>,
+    /// Owns every deployment task, so shutdown can wait for all of them.
+    tasks: TaskTracker,
+    /// Cancelled on shutdown; every deployment's token is a child of it.
+    shutdown: CancellationToken,
+    http: reqwest::Client,
+}
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// What a background job runs.
+pub(crate) enum Job {
+    Deploy(DeployRequest),
+    Resume { id: Option<i64>, wait: bool },
+    Rollback(RollbackRequest),
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        engine: EngineConfig,
+        store: Store,
+        tokens: Vec<Token>,
+        slack_secret: Option<Secret>,
+        github_secret: Option<Secret>,
+    ) -> Self {
+        let notifier = Notifier::new(config.notifications.clone());
+        AppState(Arc::new(Inner {
+            config,
+            engine,
+            store,
+            tokens,
+            slack_secret,
+            github_secret,
+            notifier,
+            running: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+        }))
+    }
+
+    pub(crate) fn engine(&self) -> Engine {
+        Engine::new(self.engine.clone(), self.store.clone())
+    }
+
+    pub(crate) fn engine_with_flake(&self, flake: &str) -> Engine {
+        let mut config = self.engine.clone();
+        config.flake = flake.to_string();
+        Engine::new(config, self.store.clone())
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The daemon's defaults for options a request leaves out.
+    pub(crate) fn default_options(&self) -> DeployOptions {
+        // Checked when the config was loaded.
+        self.config.default_options().unwrap_or_default()
+    }
+
+    /// A request's options, with the daemon's defaults for what it leaves out.
+    pub(crate) fn resolve(&self, request: &Request) -> Result<DeployOptions, ApiError> {
+        request
+            .resolve(&self.default_options())
+            .map_err(|e: OptionsError| ApiError::BadRequest(e.to_string()))
+    }
+
+    /// A deployment and its host runs, or 404.
+    pub(crate) async fn deployment(&self, id: i64) -> Result<Deployment, ApiError> {
+        self.store
+            .deployment(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no deployment #{id}")))
+    }
+
+    /// Ask deployment `id` to stop starting hosts: through the store (a CLI
+    /// may run it) and directly when this daemon runs it.
+    pub(crate) async fn cancel(&self, id: i64, by: &str) -> Result<bool, ApiError> {
+        if !self.store.request_cancel(id, by).await? {
+            return Ok(false);
+        }
+        self.cancel_running(id);
+        Ok(true)
+    }
+
+    /// Subscribe to a running deployment's live events.
+    pub(crate) fn subscribe(&self, id: i64) -> Option<broadcast::Receiver<Event>> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.get(&id).map(|r| r.events.subscribe())
+    }
+
+    pub(crate) fn cancel_running(&self, id: i64) -> bool {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        match running.get(&id) {
+            Some(r) => {
+                r.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Start a job in the background and return its deployment id as soon as
+    /// it has one, or the error that stopped it before it got one (bad input,
+    /// busy host). `on_done` runs with the final report.
+    pub(crate) async fn launch(
+        &self,
+        engine: Engine,
+        job: Job,
+        on_done: impl FnOnce(Result<Deployment, EngineError>) + Send + 'static,
+    ) -> Result<i64, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::Unavailable("the daemon is shutting down".into()));
+        }
+        let (sink, mut events) = mpsc::unbounded_channel::<Event>();
+        let cancel = self.shutdown.child_token();
+        let (first_tx, first_rx) = oneshot::channel::<Result<i64, ApiError>>();
+        let first = Arc::new(Mutex::new(Some(first_tx)));
+
+        // The forwarder: registers the deployment on its first event, then
+        // fans events out to streams and notifications.
+        let state = self.clone();
+        let forward_first = first.clone();
+        let forward_cancel = cancel.clone();
+        self.tasks.spawn(async move {
+            let (live, _) = broadcast::channel::<Event>(4096);
+            let mut id = None;
+            while let Some(event) = events.recv().await {
+                if id.is_none() {
+                    id = Some(event.deployment_id);
+                    state
+                        .running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            event.deployment_id,
+                            Running {
+                                cancel: forward_cancel.clone(),
+                                events: live.clone(),
+                            },
+                        );
+                    if let Some(tx) = forward_first
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                    {
+                        let _ = tx.send(Ok(event.deployment_id));
+                    }
+                }
+                if let Some(notice) = notify::notice_from_event(&event) {
+                    state.notifier.send(notice);
+                }
+                let finished = matches!(event.kind, EventKind::DeploymentFinished { .. });
+                let _ = live.send(event);
+                if finished {
+                    break;
+                }
+            }
+            if let Some(id) = id {
+                state
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+            // Drain the rest so the engine never blocks on us.
+            while events.recv().await.is_some() {}
+        });
+
+        let job_first = first;
+        self.tasks.spawn(async move {
+            let result = match job {
+                Job::Deploy(request) => engine.deploy(request, Some(sink), cancel).await,
+                Job::Resume { id, wait } => engine.resume(id, wait, Some(sink), cancel).await,
+                Job::Rollback(request) => engine.rollback(request, Some(sink)).await,
+            };
+            if let Err(e) = &result {
+                tracing::warn!(cause = %e, "deployment job ended with an error");
+            }
+            // Failed before it had an id: tell the request.
+            if let Some(tx) = job_first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(Err(match result {
+                    Err(e) => ApiError::from(e),
+                    Ok(_) => ApiError::Internal(anyhow::anyhow!("the job ended without events")),
+                }));
+                return;
+            }
+            on_done(result);
+        });
+        first_rx
+            .await
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the deployment task went away")))?
+    }
+}
+
+/// The router, with body size limits and request timeouts (event streams are
+/// exempt from the timeout: they last as long as the deployment).
+pub fn app(state: AppState) -> Router {
+    let timeout = state.config.request_timeout;
+    let api = Router::new()
+        .route("/api/v1/status", get(routes::fleet::status))
+        .route("/api/v1/plan", post(routes::fleet::plan))
+        .route(
+            "/api/v1/deployments",
+            get(routes::deployments::list).post(routes::deployments::create),
+        )
+        .route("/api/v1/deployments/{id}", get(routes::deployments::show))
+        .route(
+            "/api/v1/deployments/{id}/cancel",
+            post(routes::deployments::cancel),
+        )
+        .route(
+            "/api/v1/deployments/{id}/resume",
+            post(routes::deployments::resume),
+        )
+        .route(
+            "/api/v1/deployments/{id}/report",
+            get(routes::deployments::report),
+        )
+        .route(
+            "/api/v1/hosts/{host}/rollback",
+            post(routes::fleet::rollback),
+        )
+        .route("/api/v1/hosts/{host}/health", post(routes::fleet::health))
+        .route("/hooks/slack", post(routes::hooks::slack))
+        .route("/hooks/github", post(routes::hooks::github))
+        .route("/metrics", get(routes::fleet::metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ));
+    let streams = Router::new().route(
+        "/api/v1/deployments/{id}/events",
+        get(routes::deployments::events),
+    );
+    api.merge(streams)
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serve until `shutdown` resolves; then cancel running deployments (no new
+/// hosts start, running ones finish or roll back) and wait for them.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let stop = state.shutdown.clone();
+    let serve_stop = stop.clone();
+    let server = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(async move { serve_stop.cancelled().await });
+    let trigger = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: cancelling running deployments");
+        stop.cancel();
+    });
+    let served = server.await;
+    trigger.abort();
+    state.tasks.close();
+    state.tasks.wait().await;
+    state.store.close().await;
+    served.map_err(Into::into)
+}

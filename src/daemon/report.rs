@@ -1,0 +1,113 @@
+//! The deployment report as Markdown, shaped like the seed's "Deployment
+//! Summary".
+
+use std::fmt::Write;
+
+use nix_deploy_core::events::{Event, EventKind, HostStatus};
+use nix_deploy_core::render::{duration_ms, first_line, generation, timestamp};
+use nix_deploy_core::run::{Deployment, HostRun};
+
+/// The report of a deployment (with its events, when loaded).
+pub fn markdown(d: &Deployment) -> String {
+    let runs = &d.hosts;
+    let events: &[Event] = d.events.as_deref().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "# Deployment #{}: {}\n", d.id, d.status);
+    let _ = writeln!(out, "- Started: {}", timestamp(d.created_at));
+    if let Some(ms) = d.duration_ms() {
+        let _ = writeln!(out, "- Total time: {}", duration_ms(ms));
+    }
+    let _ = writeln!(out, "- Requested by: {} ({})", d.requested_by, d.trigger);
+    let _ = writeln!(
+        out,
+        "- Flake: `{}`{}",
+        d.flake,
+        d.flake_rev
+            .as_deref()
+            .map(|r| format!(" at `{r}`"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(out, "- Strategy: {}", d.strategy);
+    if let Some(e) = &d.error {
+        let _ = writeln!(out, "- Stopped: {e}");
+    }
+    let count = |s: HostStatus| runs.iter().filter(|r| r.status == s).count();
+    let attempted = runs
+        .iter()
+        .filter(|r| r.status != HostStatus::Skipped)
+        .count();
+    let deployed = count(HostStatus::Deployed);
+    let _ = writeln!(out, "\n## Deployment Summary\n");
+    let _ = writeln!(
+        out,
+        "- Hosts deployed: {deployed}/{} ({} skipped)",
+        runs.len(),
+        count(HostStatus::Skipped)
+    );
+    if attempted > 0 {
+        let _ = writeln!(
+            out,
+            "- Success rate: {:.0}%",
+            deployed as f64 * 100.0 / attempted as f64
+        );
+    }
+    let _ = writeln!(out, "- Rollbacks: {}", count(HostStatus::RolledBack));
+    let _ = writeln!(out, "\n| Host | Result | Generation | Duration | Note |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for r in runs {
+        let note = r
+            .error
+            .as_deref()
+            .or(r.reason.as_deref())
+            .map(first_line)
+            .unwrap_or("")
+            .replace('|', "\\|");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} → {} | {} | {} |",
+            r.host,
+            r.status,
+            generation(r.from.generation),
+            generation(r.to.generation),
+            r.duration_ms()
+                .map(duration_ms)
+                .unwrap_or_else(|| "-".into()),
+            note
+        );
+    }
+    let failures: Vec<&HostRun> = runs.iter().filter(|r| r.status.is_failure()).collect();
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\n## Failures\n");
+        for r in failures {
+            let _ = writeln!(
+                out,
+                "### {} ({})\n\n```\n{}\n```\n",
+                r.host,
+                r.status,
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    let health: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::HealthChecked { .. }))
+        .collect();
+    if !health.is_empty() {
+        let _ = writeln!(out, "\n## Health checks\n");
+        for e in health {
+            if let EventKind::HealthChecked { phase, results } = &e.kind {
+                for r in results {
+                    let _ = writeln!(
+                        out,
+                        "- {} ({phase}): {} {} ({} attempt(s))",
+                        e.host.as_deref().unwrap_or("-"),
+                        r.check,
+                        if r.ok { "✅" } else { "❌" },
+                        r.attempts
+                    );
+                }
+            }
+        }
+    }
+    out
+}

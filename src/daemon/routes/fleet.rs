@@ -1,0 +1,136 @@
+//! Fleet-level endpoints: status, plan, a host's rollback and health check,
+//! and metrics.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use nix_deploy_core::fleet::Selection;
+use nix_deploy_core::options::Request;
+use nix_deploy_core::reports::{HostHealth, PlanReport, StatusReport};
+use nix_deploy_core::shell;
+
+use super::parse_body;
+use crate::daemon::auth::authorize;
+use crate::daemon::config::Scope;
+use crate::daemon::{ApiError, AppState, Job};
+use crate::engine::RollbackRequest;
+
+#[derive(Deserialize)]
+pub struct StatusQuery {
+    /// Probe every host now and compare with the flake (slower).
+    #[serde(default)]
+    live: bool,
+}
+
+/// Every host: what it runs, its generation, its last deployment; with
+/// `?live=true`, also CHANGED/UNCHANGED against the flake right now.
+pub async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<StatusQuery>,
+) -> Result<Json<StatusReport>, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Read)?;
+    let live = if query.live {
+        Some(
+            state
+                .engine()
+                .plan(&Selection::default(), &state.default_options(), false)
+                .await?,
+        )
+    } else {
+        None
+    };
+    Ok(Json(StatusReport {
+        hosts: state.store().host_states().await?,
+        running_deployments: state.store().running_deployments().await?,
+        live,
+    }))
+}
+
+/// The plan for a request (`summaries: false` skips building).
+pub async fn plan(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<PlanReport>, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Read)?;
+    let request: Request = parse_body(&body)?;
+    request
+        .check_for_plan()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let options = state.resolve(&request)?;
+    let report = state
+        .engine()
+        .plan(
+            &request.selection(),
+            &options,
+            request.summaries.unwrap_or(true),
+        )
+        .await?;
+    Ok(Json(report))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    to_generation: Option<u32>,
+}
+
+pub async fn rollback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(host): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    if !shell::is_valid_host_name(&host) {
+        return Err(ApiError::BadRequest(format!(
+            "`{host}` is not a valid host name"
+        )));
+    }
+    let body: RollbackBody = parse_body(&body)?;
+    let job = Job::Rollback(RollbackRequest {
+        host,
+        to_generation: body.to_generation,
+        options: state.default_options(),
+        trigger: "api".into(),
+        requested_by: caller.requested_by(),
+    });
+    let id = state.launch(state.engine(), job, |_| {}).await?;
+    Ok(super::deployments::accepted(id))
+}
+
+pub async fn health(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(host): Path<String>,
+) -> Result<Json<HostHealth>, ApiError> {
+    authorize(&headers, &state.tokens, Scope::Read)?;
+    if !shell::is_valid_host_name(&host) {
+        return Err(ApiError::BadRequest(format!(
+            "`{host}` is not a valid host name"
+        )));
+    }
+    let health = state
+        .engine()
+        .check_health(&host, Duration::from_secs(10))
+        .await?;
+    Ok(Json(health))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let text = crate::daemon::metrics::render(state.store()).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}

@@ -1,0 +1,130 @@
+//! Blue-green: every host was staged with `switch-to-configuration test` (the
+//! old generation stays the boot default). When all are healthy, each is
+//! committed (new profile generation, `switch-to-configuration boot`); if any
+//! failed, every staged host goes back to its old system. All or nothing.
+
+use std::time::Duration;
+
+use nix_deploy_core::events::{HostStatus, Step};
+use nix_deploy_core::remote::{self, Activation};
+
+use super::recovery::{Back, Previous, conclude};
+use super::scheduler::Execution;
+use crate::now_ms;
+use crate::store::StoreError;
+use crate::transport::ssh::Connection;
+
+impl Execution<'_> {
+    /// Commit every staged host if all are healthy, else revert all.
+    pub(super) async fn settle_blue_green(&mut self) -> Result<(), StoreError> {
+        let staged: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| r.status == HostStatus::Running)
+            .map(|r| r.host.clone())
+            .collect();
+        let failed: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| {
+                r.status.is_failure()
+                    || r.status == HostStatus::Skipped
+                        && r.changed == Some(true)
+                        && r.reason
+                            .as_deref()
+                            .is_some_and(|x| x.starts_with("not started"))
+            })
+            .map(|r| r.host.clone())
+            .collect();
+        let commit = failed.is_empty();
+        if !commit {
+            self.recorder
+                .log(
+                    None,
+                    format!(
+                        "blue-green: {} did not pass; every staged host goes back to its old system",
+                        failed.join(", ")
+                    ),
+                )
+                .await?;
+        }
+        for host in staged {
+            let (Some(mut run), Some((assessment, connection))) =
+                (self.runs.remove(&host), self.done.get(&host))
+            else {
+                continue;
+            };
+            if commit {
+                let path = assessment.host.toplevel.clone();
+                let timeout = self.options.activation_timeout;
+                let result = self
+                    .recorder
+                    .step(
+                        &mut run,
+                        Step::Commit,
+                        commit_system(connection, &path, timeout),
+                    )
+                    .await?;
+                match result {
+                    Ok(generation) => {
+                        run.to.generation = generation;
+                        run.status = HostStatus::Deployed;
+                    }
+                    Err(e) => {
+                        run.status = HostStatus::Failed;
+                        run.error = Some(e);
+                    }
+                }
+            } else {
+                let result = match Previous::of(&assessment.current) {
+                    Some(previous) => {
+                        self.context
+                            .roll_back(
+                                &mut run,
+                                connection,
+                                &assessment.host,
+                                &previous,
+                                Back::Test,
+                            )
+                            .await?
+                    }
+                    None => Err(format!("{host}: rollback: no previous system to return to")),
+                };
+                let note = format!(
+                    "blue-green: reverted to its old system because {} failed",
+                    failed.join(", ")
+                );
+                conclude(&mut run, result, HostStatus::RolledBack, Some(note), None);
+            }
+            run.time.finished_at = Some(now_ms());
+            self.recorder.finish_host(&mut run).await?;
+            self.runs.insert(host, run);
+        }
+        Ok(())
+    }
+}
+
+/// Make the staged system the profile's new generation and the boot default.
+async fn commit_system(
+    connection: &Connection,
+    path: &str,
+    timeout: Duration,
+) -> Result<Option<u32>, String> {
+    connection
+        .run_privileged("commit", &remote::set_profile_argv(path), timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    connection
+        .run_privileged(
+            "commit",
+            &remote::switch_argv(path, Activation::Boot),
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let link = connection
+        .run("commit", &remote::profile_link_argv(), timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(remote::parse_generation_link(&link.stdout))
+}

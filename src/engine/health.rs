@@ -1,0 +1,259 @@
+//! Health validation: a host's `deployment.healthChecks`, retried every
+//! `period` until all pass or the overall deadline runs out.
+//!
+//! `service` and `command` checks run on the host over the existing SSH
+//! connection; `http` checks are GETs from the coordinator.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use nix_deploy_core::events::{Attempt, CheckResult};
+use nix_deploy_core::fleet::{CheckKind, HealthCheck, Host};
+use nix_deploy_core::remote;
+use nix_deploy_core::reports::HostHealth;
+
+use super::prepare::find_host;
+use super::probe::probe_host;
+use super::{Engine, EngineError};
+use crate::transport::ssh::Connection;
+
+/// How many attempts of one check are kept (the latest ones).
+const KEEP_ATTEMPTS: usize = 30;
+
+/// argv for a check that runs on the host.
+pub fn remote_argv(check: &CheckKind) -> Option<Vec<String>> {
+    match check {
+        CheckKind::Service { unit } => Some(vec![
+            "systemctl".into(),
+            "is-active".into(),
+            // Unit names are validated (never start with `-`), so no `--` needed.
+            unit.clone(),
+        ]),
+        CheckKind::Command { command } => Some(vec!["sh".into(), "-c".into(), command.clone()]),
+        CheckKind::Http { .. } => None,
+    }
+}
+
+async fn attempt(connection: &Connection, check: &HealthCheck) -> (bool, String) {
+    match &check.kind {
+        CheckKind::Http {
+            url,
+            status,
+            body_contains,
+        } => http_attempt(url, *status, body_contains.as_deref(), check.timeout).await,
+        kind => {
+            let argv = remote_argv(kind).unwrap_or_default();
+            match connection.run("validate", &argv, check.timeout).await {
+                Ok(out) => (true, out.stdout.trim().to_string()),
+                Err(e) => (false, e.to_string()),
+            }
+        }
+    }
+}
+
+/// A GET with a timeout; passes when the status (and body, if asked) match.
+async fn http_attempt(
+    url: &str,
+    expected: u16,
+    body_contains: Option<&str>,
+    timeout: Duration,
+) -> (bool, String) {
+    match crate::transport::http::get(url, timeout).await {
+        Ok((status, body)) => {
+            if status != expected {
+                return (
+                    false,
+                    format!("GET {url}: status {status}, expected {expected}"),
+                );
+            }
+            if let Some(needle) = body_contains
+                && !body.contains(needle)
+            {
+                return (
+                    false,
+                    format!("GET {url}: body does not contain `{needle}`"),
+                );
+            }
+            (true, format!("GET {url}: {status}"))
+        }
+        Err(e) => (false, format!("GET {url}: {e}")),
+    }
+}
+
+/// Run every check until all pass at once or `overall` runs out. Each check is
+/// retried on its own period; the ones already passing are re-checked on the
+/// next round so the final answer is a consistent "all healthy now".
+pub async fn validate(
+    connection: &Connection,
+    checks: &[HealthCheck],
+    overall: Duration,
+) -> Result<Vec<CheckResult>, (String, Vec<CheckResult>)> {
+    let deadline = Instant::now() + overall;
+    let mut results: Vec<CheckResult> = checks
+        .iter()
+        .map(|c| CheckResult {
+            check: c.describe(),
+            ok: false,
+            attempts: 0,
+            output: String::new(),
+            history: Vec::new(),
+        })
+        .collect();
+    if checks.is_empty() {
+        return Ok(results);
+    }
+    let period = checks
+        .iter()
+        .map(|c| c.period)
+        .min()
+        .unwrap_or(Duration::from_secs(2));
+    loop {
+        for (check, result) in checks.iter().zip(results.iter_mut()) {
+            let (ok, output) = attempt(connection, check).await;
+            if result.history.len() == KEEP_ATTEMPTS {
+                result.history.remove(0);
+            }
+            result.history.push(Attempt {
+                at: crate::now_ms(),
+                ok,
+                output: output.clone(),
+            });
+            result.ok = ok;
+            result.attempts += 1;
+            result.output = output;
+        }
+        if results.iter().all(|r| r.ok) {
+            return Ok(results);
+        }
+        if Instant::now() + period >= deadline {
+            let failing: Vec<String> = results
+                .iter()
+                .filter(|r| !r.ok)
+                .map(|r| format!("{} ({})", r.check, r.output.lines().next().unwrap_or("")))
+                .collect();
+            return Err((
+                format!(
+                    "health checks still failing after {}s: {}",
+                    overall.as_secs(),
+                    failing.join("; ")
+                ),
+                results,
+            ));
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// The host runs `path` and its health checks pass. Returns every check's
+/// last result for the record, and the verdict.
+pub(super) async fn validate_host(
+    connection: &Connection,
+    host: &Host,
+    path: &str,
+    checks: &[HealthCheck],
+    health_timeout: Duration,
+) -> (Vec<CheckResult>, Result<String, String>) {
+    // Never skipped, not even with --skip-validation.
+    let current = match connection
+        .run(
+            "validate",
+            &remote::current_system_argv(),
+            Duration::from_secs(60),
+        )
+        .await
+    {
+        Ok(out) => out.stdout.trim().to_string(),
+        Err(e) => return (Vec::new(), Err(e.to_string())),
+    };
+    if current != path {
+        return (
+            Vec::new(),
+            Err(format!(
+                "{}: validate: /run/current-system is {current} after activation, expected {path}",
+                host.name
+            )),
+        );
+    }
+    match validate(connection, checks, health_timeout).await {
+        Ok(results) => {
+            let text = results
+                .iter()
+                .map(|r| format!("{}: ok", r.check))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (results, Ok(text))
+        }
+        Err((message, results)) => (results, Err(format!("{}: validate: {message}", host.name))),
+    }
+}
+
+impl Engine {
+    /// Probe one host and run its health checks once (retrying within `within`).
+    pub async fn check_health(
+        &self,
+        host_name: &str,
+        within: Duration,
+    ) -> Result<HostHealth, EngineError> {
+        let inventory = self.inventory().await?;
+        let host = find_host(&inventory, host_name)?;
+        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh).await;
+        let Some(connection) = connection else {
+            return Ok(HostHealth {
+                host: host.name,
+                reachable: false,
+                current: assessment.current,
+                state: assessment.state,
+                healthy: false,
+                results: Vec::new(),
+                error: assessment.error,
+            });
+        };
+        let outcome = validate(&connection, &host.health_checks, within).await;
+        connection.close().await;
+        let (healthy, results, error) = match outcome {
+            Ok(results) => (true, results, None),
+            Err((message, results)) => (false, results, Some(message)),
+        };
+        Ok(HostHealth {
+            host: host.name,
+            reachable: true,
+            current: assessment.current,
+            state: assessment.state,
+            healthy,
+            results,
+            error,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_checks_are_argument_vectors() {
+        assert_eq!(
+            remote_argv(&CheckKind::Service {
+                unit: "nginx.service".into()
+            })
+            .unwrap(),
+            ["systemctl", "is-active", "nginx.service"]
+        );
+        assert_eq!(
+            remote_argv(&CheckKind::Command {
+                command: "test -e /run/ok".into()
+            })
+            .unwrap(),
+            ["sh", "-c", "test -e /run/ok"]
+        );
+        assert!(
+            remote_argv(&CheckKind::Http {
+                url: "http://x".into(),
+                status: 200,
+                body_contains: None
+            })
+            .is_none()
+        );
+    }
+}

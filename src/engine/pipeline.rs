@@ -1,0 +1,576 @@
+//! One changed host's pipeline (DESIGN §4), top to bottom:
+//!
+//! pre-flight → build → copy → set-profile → activate → validate → confirm
+//!
+//! Each step is a function with its own [`StepFailure`] variant; what a
+//! failure means for the host ([`Recovery`]) is decided in one place, and
+//! carried out by [`super::recovery`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix_deploy_core::events::{EventKind, HostStatus, Step};
+use nix_deploy_core::fleet::{HealthCheck, Host};
+use nix_deploy_core::options::DeployOptions;
+use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::run::HostRun;
+
+use super::health;
+use super::probe::{Assessment, change_summary};
+use super::recorder::Recorder;
+use super::scheduler::Outcome;
+use crate::nix::Nix;
+use crate::now_ms;
+use crate::store::StoreError;
+use crate::transport::ssh::{self, Connection, SshOptions};
+
+/// What every host task of a deployment shares.
+pub(super) struct HostContext {
+    pub nix: Nix,
+    pub ssh: SshOptions,
+    pub options: DeployOptions,
+    pub recorder: Recorder,
+}
+
+/// One host's part, as the scheduler hands it over and gets it back.
+pub(super) struct HostJob {
+    pub assessment: Assessment,
+    pub connection: Connection,
+    pub run: HostRun,
+}
+
+/// Why a host's pipeline stopped, by step. Each message names the host and
+/// the step.
+#[derive(Debug)]
+pub(super) enum StepFailure {
+    Preflight(String),
+    /// Unhealthy before we touched it: reported, not blamed on us.
+    Unhealthy(String),
+    Build(String),
+    Copy(String),
+    SetProfile(String),
+    Activate(String),
+    Validate(String),
+    /// The new system did not let us in over a new connection.
+    Confirm(String),
+    Soak(String),
+    /// The history could not be written.
+    Store(StoreError),
+}
+
+impl From<StoreError> for StepFailure {
+    fn from(e: StoreError) -> Self {
+        StepFailure::Store(e)
+    }
+}
+
+/// What a failure means for the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Recovery {
+    /// Nothing on the host changed: it failed, and that is all.
+    Untouched,
+    /// Unhealthy before we started: not deployed, not our doing.
+    Unhealthy,
+    /// The host runs (or may run) the new system: switch it back.
+    RollBack,
+    /// The new system runs but refuses new connections: its watchdog
+    /// switches it back by itself; wait for that and verify.
+    AwaitWatchdog,
+}
+
+impl StepFailure {
+    /// Decided once for every step.
+    pub fn recovery(&self) -> Recovery {
+        match self {
+            StepFailure::Preflight(_)
+            | StepFailure::Build(_)
+            | StepFailure::Copy(_)
+            | StepFailure::SetProfile(_)
+            | StepFailure::Store(_) => Recovery::Untouched,
+            StepFailure::Unhealthy(_) => Recovery::Unhealthy,
+            StepFailure::Activate(_) | StepFailure::Validate(_) | StepFailure::Soak(_) => {
+                Recovery::RollBack
+            }
+            StepFailure::Confirm(_) => Recovery::AwaitWatchdog,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            StepFailure::Preflight(m)
+            | StepFailure::Unhealthy(m)
+            | StepFailure::Build(m)
+            | StepFailure::Copy(m)
+            | StepFailure::SetProfile(m)
+            | StepFailure::Activate(m)
+            | StepFailure::Validate(m)
+            | StepFailure::Confirm(m)
+            | StepFailure::Soak(m) => m.clone(),
+            StepFailure::Store(e) => e.to_string(),
+        }
+    }
+}
+
+impl HostContext {
+    /// One host's whole part: the pipeline, the canary soak, and recovery
+    /// when a step fails. The host comes back with how it ended.
+    pub async fn host_task(
+        self: Arc<Self>,
+        mut job: HostJob,
+        activation: Activation,
+        soak: Option<Duration>,
+    ) -> Result<(HostJob, Outcome), StoreError> {
+        job.run.status = HostStatus::Running;
+        job.run.time.started_at = Some(now_ms());
+        self.recorder.save(&job.run).await?;
+
+        let mut result = self.pipeline(&mut job, activation).await;
+        if result.is_ok()
+            && let Some(soak) = soak
+        {
+            result = self.soak(&mut job, soak).await;
+        }
+        job.run.time.finished_at = Some(now_ms());
+        let outcome = match result {
+            Ok(()) => {
+                if activation == Activation::Switch {
+                    job.run.status = HostStatus::Deployed;
+                }
+                Outcome::Healthy
+            }
+            Err(StepFailure::Store(e)) => return Err(e),
+            Err(failure) => {
+                self.recover(&mut job, activation, failure).await?;
+                Outcome::NotHealthy
+            }
+        };
+        job.run.time.finished_at = Some(now_ms());
+        if job.run.status != HostStatus::Running {
+            job.run.step = None;
+        }
+        Ok((job, outcome))
+    }
+
+    /// DESIGN §4 for one changed host. `Test` activation (blue-green staging)
+    /// leaves the profile alone.
+    async fn pipeline(&self, job: &mut HostJob, activation: Activation) -> Result<(), StepFailure> {
+        if !self.options.skip_validation {
+            self.preflight(job).await?;
+        }
+        let path = self.build(job).await?;
+        self.summarize(job, &path).await?;
+        self.copy(job, &path).await?;
+        if activation == Activation::Switch {
+            self.set_profile(job, &path).await?;
+        }
+        // From here on the host runs (or may run) the new system.
+        self.activate(job, &path, activation).await?;
+        self.validate(job, &path).await?;
+        self.confirm(job).await
+    }
+
+    /// The checks this run validates with (none with `--skip-validation`).
+    pub fn checks(&self, host: &Host) -> Vec<HealthCheck> {
+        if self.options.skip_validation {
+            Vec::new()
+        } else {
+            host.health_checks.clone()
+        }
+    }
+
+    /// Reachable (we have a connection), enough free space, and healthy before
+    /// we touch it.
+    async fn preflight(&self, job: &mut HostJob) -> Result<(), StepFailure> {
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let host = &assessment.host;
+        let mut unhealthy = false;
+        let work = async {
+            let min_free_kib = self.options.min_free_space_mib.saturating_mul(1024);
+            if let Some(free) = assessment.probe.as_ref().and_then(|p| p.free_kib)
+                && free < min_free_kib
+            {
+                return Err(format!(
+                    "only {} MiB free in /nix/store, --min-free-space asks for {} MiB",
+                    free / 1024,
+                    self.options.min_free_space_mib
+                ));
+            }
+            // A host with no system yet has nothing to be healthy; --force deploys anyway.
+            if assessment.current.path.is_none()
+                || self.options.force
+                || host.health_checks.is_empty()
+            {
+                return Ok(());
+            }
+            // One round: is it healthy right now?
+            let Err((message, results)) =
+                health::validate(connection, &host.health_checks, Duration::ZERO).await
+            else {
+                return Ok(());
+            };
+            unhealthy = true;
+            self.recorder
+                .emit(
+                    Some(&host.name),
+                    EventKind::HealthChecked {
+                        phase: "pre-flight".into(),
+                        results,
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Err(format!(
+                "unhealthy before deployment, not caused by nix-deploy ({message}); not deployed, use --force to deploy anyway"
+            ))
+        };
+        let verdict = self.recorder.step(run, Step::Preflight, work).await?;
+        verdict.map_err(|message| {
+            if unhealthy {
+                StepFailure::Unhealthy(message)
+            } else {
+                StepFailure::Preflight(message)
+            }
+        })
+    }
+
+    /// Build the toplevel locally; it must be the path the flake evaluated to.
+    async fn build(&self, job: &mut HostJob) -> Result<String, StepFailure> {
+        let host = &job.assessment.host;
+        let built = self
+            .recorder
+            .step(
+                &mut job.run,
+                Step::Build,
+                self.nix.build(&host.drv_path, |_, _| {}),
+            )
+            .await?
+            .map_err(StepFailure::Build)?;
+        if built != host.toplevel {
+            return Err(StepFailure::Build(format!(
+                "{}: build: produced {built}, but the flake evaluated to {}",
+                host.name, host.toplevel
+            )));
+        }
+        Ok(built)
+    }
+
+    /// What changes on the host, from the two closures. Informational: a
+    /// summary that cannot be made is logged, never a failure.
+    async fn summarize(&self, job: &mut HostJob, path: &str) -> Result<(), StoreError> {
+        let host = &job.assessment.host.name;
+        match change_summary(&self.nix, &job.connection, path).await {
+            Ok(summary) => {
+                self.recorder
+                    .log(Some(host), format!("changes: {}", summary.one_line()))
+                    .await?;
+                job.run.summary = Some(summary);
+            }
+            Err(e) => {
+                self.recorder
+                    .log(Some(host), format!("no change summary: {e}"))
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy the closure over our master connection.
+    async fn copy(&self, job: &mut HostJob, path: &str) -> Result<(), StepFailure> {
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let host = &assessment.host;
+        let copy = async {
+            let opts =
+                ssh::nix_ssh_opts(&host.target, &self.ssh, Some(connection.control_socket()))
+                    .map_err(|e| e.to_string())?;
+            self.nix
+                .copy(
+                    &host.target.store_uri(),
+                    path,
+                    &opts,
+                    self.options.substitute_on_destination,
+                    |_, _| {},
+                )
+                .await
+                .map_err(|e| e.to_string())
+        };
+        self.recorder
+            .step(run, Step::Copy, copy)
+            .await?
+            .map_err(StepFailure::Copy)
+    }
+
+    /// Make the new system the profile's next generation (the boot default).
+    async fn set_profile(&self, job: &mut HostJob, path: &str) -> Result<(), StepFailure> {
+        let HostJob {
+            connection, run, ..
+        } = job;
+        let timeout = self.ssh.command_timeout;
+        let work = async {
+            connection
+                .run_privileged("set-profile", &remote::set_profile_argv(path), timeout)
+                .await?;
+            let link = connection
+                .run("set-profile", &remote::profile_link_argv(), timeout)
+                .await?;
+            Ok::<_, ssh::SshError>(remote::parse_generation_link(&link.stdout))
+        };
+        let generation = self
+            .recorder
+            .step(run, Step::SetProfile, work)
+            .await?
+            .map_err(StepFailure::SetProfile)?;
+        run.to.generation = generation;
+        Ok(())
+    }
+
+    /// Start the activator on the host (detached, with the watchdog armed)
+    /// and wait for `switch-to-configuration` to end.
+    async fn activate(
+        &self,
+        job: &mut HostJob,
+        path: &str,
+        activation: Activation,
+    ) -> Result<(), StepFailure> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        job.run.token = Some(token.clone());
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let systemd = assessment.probe.as_ref().is_some_and(|p| p.systemd);
+        let work = self.run_activator(
+            connection,
+            &assessment.host,
+            path,
+            activation,
+            assessment.current.generation,
+            &token,
+            systemd,
+        );
+        self.recorder
+            .step(run, Step::Activate, work)
+            .await?
+            .map_err(StepFailure::Activate)
+    }
+
+    /// The host runs the new system and its health checks pass.
+    async fn validate(&self, job: &mut HostJob, path: &str) -> Result<(), StepFailure> {
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let host = &assessment.host;
+        let checks = self.checks(host);
+        let work = async {
+            let (results, verdict) =
+                health::validate_host(connection, host, path, &checks, self.options.health_timeout)
+                    .await;
+            if !results.is_empty() {
+                self.recorder
+                    .emit(
+                        Some(&host.name),
+                        EventKind::HealthChecked {
+                            phase: "validate".into(),
+                            results,
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            verdict
+        };
+        self.recorder
+            .step(run, Step::Validate, work)
+            .await?
+            .map(|_| ())
+            .map_err(StepFailure::Validate)
+    }
+
+    /// Only a new connection proves the new system still lets us in; it
+    /// disarms the watchdog.
+    async fn confirm(&self, job: &mut HostJob) -> Result<(), StepFailure> {
+        let HostJob {
+            assessment, run, ..
+        } = job;
+        let host = &assessment.host;
+        let token = run.token.clone().unwrap_or_default();
+        let work = async {
+            let fresh = Connection::connect(&host.name, &host.target, &self.ssh)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "{}: confirm: the new system does not accept a new SSH connection: {e}",
+                        host.name
+                    )
+                })?;
+            let result = fresh
+                .run_privileged(
+                    "confirm",
+                    &remote::confirm_argv(&token),
+                    self.ssh.command_timeout,
+                )
+                .await
+                .map_err(|e| e.to_string());
+            fresh.close().await;
+            result.map(|_| ())
+        };
+        self.recorder
+            .step(run, Step::Confirm, work)
+            .await?
+            .map_err(StepFailure::Confirm)
+    }
+
+    /// Hold a canary and re-validate it until `soak` has passed.
+    async fn soak(&self, job: &mut HostJob, soak: Duration) -> Result<(), StepFailure> {
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let host = &assessment.host;
+        let checks = self.checks(host);
+        let health_timeout = self.options.health_timeout;
+        let work = async {
+            let deadline = tokio::time::Instant::now() + soak;
+            let period = Duration::from_secs(5).min(soak.max(Duration::from_millis(500)) / 2);
+            loop {
+                let (_, verdict) = health::validate_host(
+                    connection,
+                    host,
+                    &host.toplevel,
+                    &checks,
+                    health_timeout.min(soak.max(Duration::from_secs(5))),
+                )
+                .await;
+                verdict.map_err(|e| format!("failed during the canary soak: {e}"))?;
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok::<(), String>(());
+                }
+                tokio::time::sleep(period.min(deadline - tokio::time::Instant::now())).await;
+            }
+        };
+        self.recorder
+            .step(run, Step::Soak, work)
+            .await?
+            .map_err(StepFailure::Soak)
+    }
+
+    /// Start the activator on the host and wait for the activation to end,
+    /// reconnecting if the connection drops (the activator keeps going).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_activator(
+        &self,
+        connection: &mut Connection,
+        host: &Host,
+        path: &str,
+        activation: Activation,
+        old_generation: Option<u32>,
+        token: &str,
+        systemd: bool,
+    ) -> Result<(), String> {
+        let argv = remote::activator_argv(
+            path,
+            activation,
+            old_generation,
+            self.options.confirm_timeout.as_secs().max(1),
+            token,
+            systemd,
+        );
+        connection
+            .run_privileged("activate", &argv, self.ssh.command_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + self.options.activation_timeout;
+        let mut poll = Duration::from_millis(100);
+        let code = loop {
+            match connection
+                .run(
+                    "activate",
+                    &remote::activation_status_argv(token),
+                    self.ssh.command_timeout,
+                )
+                .await
+            {
+                Ok(out) => {
+                    let text = out.stdout.trim();
+                    break text.parse::<i32>().map_err(|_| {
+                        format!("{}: activate: unexpected status `{text}`", host.name)
+                    })?;
+                }
+                Err(ssh::SshError::Exit { .. }) => {} // not finished yet
+                Err(e) if e.is_connection() => {
+                    // The activator survives us; try to get back in.
+                    if let Ok(fresh) =
+                        Connection::connect(&host.name, &host.target, &self.ssh).await
+                    {
+                        let old = std::mem::replace(connection, fresh);
+                        old.close().await;
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: activate: switch-to-configuration {} did not finish within {}s",
+                    host.name,
+                    activation.as_str(),
+                    self.options.activation_timeout.as_secs()
+                ));
+            }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(500));
+        };
+        if code == 0 {
+            return Ok(());
+        }
+        let log = connection
+            .run(
+                "activate",
+                &remote::activation_log_argv(token),
+                self.ssh.command_timeout,
+            )
+            .await
+            .map(|o| ssh::tail(&o.stdout))
+            .unwrap_or_default();
+        Err(format!(
+            "{}: activate: `{path}/bin/switch-to-configuration {}` failed (exit code {code}){}",
+            host.name,
+            activation.as_str(),
+            crate::process::format_tail(&log)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_is_recovered_as_its_step_requires() {
+        let m = || "h: step: boom".to_string();
+        for (failure, expected) in [
+            (StepFailure::Preflight(m()), Recovery::Untouched),
+            (StepFailure::Unhealthy(m()), Recovery::Unhealthy),
+            (StepFailure::Build(m()), Recovery::Untouched),
+            (StepFailure::Copy(m()), Recovery::Untouched),
+            (StepFailure::SetProfile(m()), Recovery::Untouched),
+            (StepFailure::Activate(m()), Recovery::RollBack),
+            (StepFailure::Validate(m()), Recovery::RollBack),
+            (StepFailure::Soak(m()), Recovery::RollBack),
+            (StepFailure::Confirm(m()), Recovery::AwaitWatchdog),
+        ] {
+            assert_eq!(failure.recovery(), expected, "{failure:?}");
+            assert_eq!(failure.message(), m());
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The one way a deployment tells anyone anything: every event, step and
+//! host result is written to the store first, then sent to whoever watches
+//! (the CLI's progress display, the daemon's streams).
+
+use std::fmt::Display;
+use std::future::Future;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use nix_deploy_core::events::{Event, EventKind, Step};
+use nix_deploy_core::run::{HostRun, StepTiming};
+
+use crate::now_ms;
+use crate::store::{Store, StoreError};
+
+/// Writes events to the store, then hands them to whoever watches.
+#[derive(Clone)]
+pub(super) struct Recorder {
+    store: Store,
+    deployment_id: i64,
+    sink: Option<mpsc::UnboundedSender<Event>>,
+}
+
+impl Recorder {
+    pub fn new(
+        store: Store,
+        deployment_id: i64,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+    ) -> Self {
+        Recorder {
+            store,
+            deployment_id,
+            sink,
+        }
+    }
+
+    pub fn deployment_id(&self) -> i64 {
+        self.deployment_id
+    }
+
+    pub async fn emit(&self, host: Option<&str>, kind: EventKind) -> Result<(), StoreError> {
+        let event = self
+            .store
+            .append_event(self.deployment_id, host, kind)
+            .await?;
+        if let Some(sink) = &self.sink {
+            // A watcher that went away does not stop the deployment.
+            let _ = sink.send(event);
+        }
+        Ok(())
+    }
+
+    pub async fn log(&self, host: Option<&str>, message: String) -> Result<(), StoreError> {
+        self.emit(host, EventKind::Log { message }).await
+    }
+
+    /// Save a host run as it is now.
+    pub async fn save(&self, run: &HostRun) -> Result<(), StoreError> {
+        self.store.save_host_run(run).await
+    }
+
+    /// Run one step of a host: record its start, run it, record its end. The
+    /// error comes back phrased for the operator, naming host and step.
+    pub async fn step<T, E: Display>(
+        &self,
+        run: &mut HostRun,
+        step: Step,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<Result<T, String>, StoreError> {
+        let started = Instant::now();
+        run.step = Some(step.as_str().into());
+        run.steps.push(StepTiming {
+            step,
+            started_at: now_ms(),
+            finished_at: None,
+            ok: None,
+        });
+        self.save(run).await?;
+        self.emit(Some(&run.host), EventKind::StepStarted { step })
+            .await?;
+        let result = work.await;
+        let message = result.as_ref().err().map(|e| {
+            let text = e.to_string();
+            // Errors from ssh already name host and step; others get them here.
+            if text.starts_with(&format!("{}: ", run.host)) {
+                text
+            } else {
+                format!("{}: {step}: {text}", run.host)
+            }
+        });
+        if let Some(timing) = run.steps.last_mut() {
+            timing.finished_at = Some(now_ms());
+            timing.ok = Some(result.is_ok());
+        }
+        self.save(run).await?;
+        self.emit(
+            Some(&run.host),
+            EventKind::StepFinished {
+                step,
+                ok: result.is_ok(),
+                duration_ms: started.elapsed().as_millis() as u64,
+                message: message.clone(),
+            },
+        )
+        .await?;
+        Ok(result.map_err(|_| message.unwrap_or_default()))
+    }
+
+    /// A host's part is over: store the run, remember what the host runs,
+    /// then tell.
+    pub async fn finish_host(&self, run: &mut HostRun) -> Result<(), StoreError> {
+        if run.time.finished_at.is_none() {
+            run.time.finished_at = Some(now_ms());
+        }
+        run.step = None;
+        self.save(run).await?;
+        self.store.record_host_result(run).await?;
+        self.emit(
+            Some(&run.host),
+            EventKind::HostFinished {
+                status: run.status,
+                from: run.from.clone(),
+                to: run.to.clone(),
+                duration_ms: run.duration_ms().unwrap_or(0).max(0) as u64,
+                error: run.error.clone(),
+            },
+        )
+        .await
+    }
+}

@@ -1,0 +1,423 @@
+//! The way back, in one place. Every switch back — after a failed step, after
+//! an abort, a blue-green revert, a rollback on request — goes through
+//! [`HostContext::roll_back`]: switch the host to the earlier system, check
+//! that `/run/current-system` is that system, check that it is healthy, and
+//! record the step. [`conclude`] records how it ended.
+//!
+//! A host that did not confirm over a new connection is not switched by us:
+//! its watchdog reverts it by itself, and we wait for that and verify
+//! ([`HostContext::await_watchdog`]).
+
+use std::time::{Duration, Instant};
+
+use nix_deploy_core::events::{HostStatus, Step, SystemRef};
+use nix_deploy_core::fleet::Host;
+use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::run::HostRun;
+
+use super::health;
+use super::pipeline::{HostContext, HostJob, Recovery, StepFailure};
+use super::scheduler::Execution;
+use crate::store::StoreError;
+use crate::transport::ssh::Connection;
+
+/// Deadline of one switch back (`switch-to-configuration` of the old system).
+const SWITCH_BACK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The system a host goes back to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Previous {
+    pub generation: u32,
+    pub path: String,
+}
+
+impl Previous {
+    /// What a host ran before we touched it, if it ran anything.
+    pub fn of(current: &SystemRef) -> Option<Previous> {
+        Some(Previous {
+            generation: current.generation?,
+            path: current.path.clone()?,
+        })
+    }
+}
+
+/// How a host gets back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Back {
+    /// Point the profile back at the generation and `switch` to it.
+    Switch,
+    /// Blue-green staging never touched the profile: `test`-activate the old
+    /// generation, which stays the boot default.
+    Test,
+}
+
+impl Back {
+    pub fn after(activation: Activation) -> Back {
+        if activation == Activation::Test {
+            Back::Test
+        } else {
+            Back::Switch
+        }
+    }
+}
+
+/// Switch the host back to `to` and check it runs it.
+async fn switch_back(connection: &Connection, to: &Previous, how: Back) -> Result<(), String> {
+    let link = remote::generation_link(to.generation);
+    if how == Back::Switch {
+        connection
+            .run_privileged(
+                "rollback",
+                &remote::switch_generation_argv(to.generation),
+                SWITCH_BACK_TIMEOUT,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let action = match how {
+        Back::Switch => Activation::Switch,
+        Back::Test => Activation::Test,
+    };
+    connection
+        .run_privileged(
+            "rollback",
+            &remote::switch_argv(&link, action),
+            SWITCH_BACK_TIMEOUT,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    verify_current(connection, &to.path).await
+}
+
+/// `/run/current-system` must be `expected`.
+pub(super) async fn verify_current(connection: &Connection, expected: &str) -> Result<(), String> {
+    let current = connection
+        .run(
+            "rollback",
+            &remote::current_system_argv(),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let current = current.stdout.trim();
+    if current != expected {
+        return Err(format!(
+            "{}: rollback: /run/current-system is {current}, expected the old system {expected}",
+            connection.host()
+        ));
+    }
+    Ok(())
+}
+
+/// Record how a switch back ended: on success the host is `ok_status` (with
+/// `ok_note` as its record); on failure it is `rollback-failed`, with
+/// `context` (what led here) before the error.
+pub(super) fn conclude(
+    run: &mut HostRun,
+    result: Result<(), String>,
+    ok_status: HostStatus,
+    ok_note: Option<String>,
+    context: Option<&str>,
+) {
+    match result {
+        Ok(()) => {
+            run.status = ok_status;
+            run.error = ok_note;
+        }
+        Err(e) => {
+            run.status = HostStatus::RollbackFailed;
+            run.error = Some(match context {
+                Some(context) => format!("{context}\n{e}"),
+                None => e,
+            });
+        }
+    }
+}
+
+impl HostContext {
+    /// Switch `host` back to `to` as the run's rollback step; the old system
+    /// must then be healthy too.
+    pub async fn roll_back(
+        &self,
+        run: &mut HostRun,
+        connection: &Connection,
+        host: &Host,
+        to: &Previous,
+        how: Back,
+    ) -> Result<Result<(), String>, StoreError> {
+        let checks = self.checks(host);
+        let health_timeout = self.options.health_timeout;
+        let work = async {
+            switch_back(connection, to, how).await?;
+            health::validate(connection, &checks, health_timeout)
+                .await
+                .map(|_| ())
+                .map_err(|(message, _)| {
+                    format!(
+                        "{}: rollback: the old system is not healthy: {message}",
+                        host.name
+                    )
+                })
+        };
+        self.recorder.step(run, Step::Rollback, work).await
+    }
+
+    /// After a failed step: what the host needs (decided by the failure).
+    pub async fn recover(
+        &self,
+        job: &mut HostJob,
+        activation: Activation,
+        failure: StepFailure,
+    ) -> Result<(), StoreError> {
+        let error = failure.message();
+        match failure.recovery() {
+            Recovery::Untouched => {
+                job.run.status = HostStatus::Failed;
+                job.run.error = Some(error);
+                Ok(())
+            }
+            Recovery::Unhealthy => {
+                job.run.status = HostStatus::Unhealthy;
+                job.run.error = Some(error);
+                Ok(())
+            }
+            Recovery::RollBack => self.roll_back_failed(job, activation, error).await,
+            Recovery::AwaitWatchdog => self.await_watchdog(job, error).await,
+        }
+    }
+
+    /// Activation or validation failed: roll back if allowed and possible,
+    /// then disarm the watchdog (the coordinator has taken care of the host).
+    async fn roll_back_failed(
+        &self,
+        job: &mut HostJob,
+        activation: Activation,
+        error: String,
+    ) -> Result<(), StoreError> {
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let host = &assessment.host;
+        if !host.rollback_on_failure {
+            disarm(connection, run).await;
+            run.status = HostStatus::Failed;
+            run.error = Some(format!(
+                "{error}\n(rollbackOnFailure is off: left as it is)"
+            ));
+            return Ok(());
+        }
+        let Some(previous) = Previous::of(&assessment.current) else {
+            disarm(connection, run).await;
+            run.status = HostStatus::Failed;
+            run.error = Some(format!(
+                "{error}\nno previous generation to roll back to (first deployment)"
+            ));
+            return Ok(());
+        };
+        let result = self
+            .roll_back(run, connection, host, &previous, Back::after(activation))
+            .await?;
+        if result.is_ok() {
+            disarm(connection, run).await;
+        }
+        let note = format!(
+            "{error}\nrolled back to generation {} ({})",
+            previous.generation, previous.path
+        );
+        conclude(
+            run,
+            result,
+            HostStatus::RolledBack,
+            Some(note),
+            Some(&error),
+        );
+        Ok(())
+    }
+
+    /// The new system could not be confirmed over a new connection: the
+    /// watchdog on the host reverts it by itself. Wait for that and report
+    /// what the host runs afterwards.
+    async fn await_watchdog(&self, job: &mut HostJob, error: String) -> Result<(), StoreError> {
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let host = &assessment.host.name;
+        let old = assessment.current.clone();
+        let Some(token) = run.token.clone() else {
+            run.status = HostStatus::Failed;
+            run.error = Some(error);
+            return Ok(());
+        };
+        let old_generation = old.generation.map(|g| g.to_string()).unwrap_or("-".into());
+        let confirm_timeout = self.options.confirm_timeout;
+        let work = async {
+            // The watchdog fires `confirm_timeout` after activation ended; give it
+            // time to switch back, then look through the connection we still have.
+            let deadline = Instant::now() + confirm_timeout + Duration::from_secs(60);
+            tokio::time::sleep(confirm_timeout).await;
+            loop {
+                let result = connection
+                    .run(
+                        "watchdog",
+                        &remote::watchdog_result_argv(&token),
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                match result {
+                    Ok(out) if out.stdout.trim().starts_with("reverted") => break,
+                    Ok(out) if out.stdout.trim() == "confirmed" => {
+                        return Err(format!("{host}: watchdog: unexpectedly confirmed"));
+                    }
+                    Err(e) if e.is_connection() => {
+                        return Err(format!(
+                            "{host}: watchdog: cannot reach the host to verify ({e}); its watchdog reverts it to generation {old_generation} by itself"
+                        ));
+                    }
+                    _ => {}
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{host}: watchdog: did not revert in time"));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            match &old.path {
+                Some(path) => verify_current(connection, path).await,
+                None => Ok(()),
+            }
+        };
+        let result = self.recorder.step(run, Step::Rollback, work).await?;
+        let note = format!(
+            "{error}\nthe host's watchdog reverted it to generation {old_generation} by itself"
+        );
+        conclude(
+            run,
+            result,
+            HostStatus::RolledBack,
+            Some(note),
+            Some(&error),
+        );
+        Ok(())
+    }
+}
+
+impl Execution<'_> {
+    /// After an abort: every host this deployment changed goes back.
+    pub(super) async fn roll_back_deployed(&mut self) -> Result<(), StoreError> {
+        let deployed: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| r.status == HostStatus::Deployed)
+            .map(|r| r.host.clone())
+            .collect();
+        if deployed.is_empty() {
+            return Ok(());
+        }
+        let reason = self.aborted().unwrap_or_default();
+        self.recorder
+            .log(
+                None,
+                format!(
+                    "rolling back {} because the deployment aborted",
+                    deployed.join(", ")
+                ),
+            )
+            .await?;
+        for host in deployed {
+            let (Some(mut run), Some((assessment, connection))) =
+                (self.runs.remove(&host), self.done.get(&host))
+            else {
+                continue;
+            };
+            let result = match Previous::of(&assessment.current) {
+                Some(previous) => {
+                    self.context
+                        .roll_back(
+                            &mut run,
+                            connection,
+                            &assessment.host,
+                            &previous,
+                            Back::Switch,
+                        )
+                        .await?
+                }
+                None => Err(format!(
+                    "{host}: rollback: no previous generation (first deployment); left on the new system"
+                )),
+            };
+            let note = format!(
+                "deployed, then rolled back to generation {} because the deployment aborted: {reason}",
+                assessment.current.generation.unwrap_or_default()
+            );
+            conclude(&mut run, result, HostStatus::RolledBack, Some(note), None);
+            run.time.finished_at = Some(crate::now_ms());
+            self.recorder.finish_host(&mut run).await?;
+            self.runs.insert(host, run);
+        }
+        Ok(())
+    }
+}
+
+/// Confirm (disarm) the run's watchdog: the coordinator has taken care of
+/// the host. Best effort: a watchdog we cannot reach reverts the host, which
+/// is what a failure wants anyway.
+async fn disarm(connection: &Connection, run: &HostRun) {
+    if let Some(token) = &run.token {
+        let _ = connection
+            .run_privileged(
+                "disarm",
+                &remote::confirm_argv(token),
+                Duration::from_secs(30),
+            )
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_a_generation_has_nothing_to_go_back_to() {
+        let current = SystemRef {
+            path: Some("/nix/store/x".into()),
+            generation: Some(3),
+        };
+        assert_eq!(
+            Previous::of(&current),
+            Some(Previous {
+                generation: 3,
+                path: "/nix/store/x".into()
+            })
+        );
+        assert_eq!(Previous::of(&SystemRef::default()), None);
+        assert_eq!(Back::after(Activation::Test), Back::Test);
+        assert_eq!(Back::after(Activation::Switch), Back::Switch);
+    }
+
+    #[test]
+    fn conclusions_say_what_the_host_runs() {
+        let mut run = HostRun::new(1, "h");
+        conclude(
+            &mut run,
+            Ok(()),
+            HostStatus::RolledBack,
+            Some("why".into()),
+            Some("e"),
+        );
+        assert_eq!(run.status, HostStatus::RolledBack);
+        assert_eq!(run.error.as_deref(), Some("why"));
+        conclude(
+            &mut run,
+            Err("boom".into()),
+            HostStatus::RolledBack,
+            None,
+            Some("e"),
+        );
+        assert_eq!(run.status, HostStatus::RollbackFailed);
+        assert_eq!(run.error.as_deref(), Some("e\nboom"));
+    }
+}

@@ -1,0 +1,220 @@
+//! The one place that spawns local processes (`nix eval`, `nix build`, `nix copy`).
+//!
+//! Every child gets a null stdin, a timeout and `kill_on_drop`, and its stdout and
+//! stderr are drained *at the same time* while we wait for it: a noisy child can
+//! never deadlock on a full pipe. Each stderr line is handed to a callback as it
+//! arrives so the engine can turn it into progress events, and the tail is kept
+//! for the error report.
+//!
+//! Remote commands do not come through here: they go over the SSH master
+//! connection in [`crate::transport::ssh`].
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+pub use nix_deploy_core::command::Cmd;
+
+/// How many trailing output lines an error keeps.
+pub const TAIL_LINES: usize = 20;
+
+/// Which pipe a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What a successful run produced.
+#[derive(Clone, Debug, Default)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("could not start `{program}`: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}){}", format_tail(.stderr_tail))]
+    Exit {
+        command: String,
+        status: String,
+        stderr_tail: String,
+    },
+    #[error("`{command}` timed out after {}s{}", .timeout.as_secs(), format_tail(.stderr_tail))]
+    Timeout {
+        command: String,
+        timeout: Duration,
+        stderr_tail: String,
+    },
+    #[error("reading the output of `{command}`: {source}")]
+    Io {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ExecError {
+    /// The last lines of stderr, if the process got that far.
+    pub fn stderr_tail(&self) -> &str {
+        match self {
+            ExecError::Exit { stderr_tail, .. } | ExecError::Timeout { stderr_tail, .. } => {
+                stderr_tail
+            }
+            _ => "",
+        }
+    }
+}
+
+pub(crate) fn format_tail(tail: &str) -> String {
+    let tail = tail.trim_end();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(":\n{tail}")
+    }
+}
+
+/// Run `cmd` to completion, calling `on_line` for every output line as it arrives.
+///
+/// Stdout is collected whole (it is the data we parse); stderr is collected whole
+/// too, and its tail goes into the error on failure.
+pub async fn run(
+    cmd: &Cmd,
+    timeout: Duration,
+    mut on_line: impl FnMut(Stream, &str) + Send,
+) -> Result<Output, ExecError> {
+    let mut command = Command::new(cmd.program());
+    command
+        .args(cmd.get_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command.envs(cmd.envs());
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        program: cmd.program().to_string(),
+        source,
+    })?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+
+    let mut out = Output::default();
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+    let io_error = |source| ExecError::Io {
+        command: cmd.display(),
+        source,
+    };
+
+    let drain_and_wait = async {
+        let mut stdout_lines = BufReader::new(stdout).lines();
+        let mut stderr_lines = BufReader::new(stderr).lines();
+        let (mut stdout_open, mut stderr_open) = (true, true);
+        while stdout_open || stderr_open {
+            tokio::select! {
+                line = stdout_lines.next_line(), if stdout_open => match line.map_err(io_error)? {
+                    Some(line) => {
+                        on_line(Stream::Stdout, &line);
+                        out.stdout.push_str(&line);
+                        out.stdout.push('\n');
+                    }
+                    None => stdout_open = false,
+                },
+                line = stderr_lines.next_line(), if stderr_open => match line.map_err(io_error)? {
+                    Some(line) => {
+                        on_line(Stream::Stderr, &line);
+                        if tail.len() == TAIL_LINES {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line.clone());
+                        out.stderr.push_str(&line);
+                        out.stderr.push('\n');
+                    }
+                    None => stderr_open = false,
+                },
+            }
+        }
+        child.wait().await.map_err(io_error)
+    };
+
+    let status = match tokio::time::timeout(timeout, drain_and_wait).await {
+        Ok(status) => status?,
+        Err(_) => {
+            // `kill_on_drop` reaps it; kill now so the error is not delayed.
+            let _ = child.start_kill();
+            return Err(ExecError::Timeout {
+                command: cmd.display(),
+                timeout,
+                stderr_tail: join_tail(&tail),
+            });
+        }
+    };
+    if !status.success() {
+        return Err(ExecError::Exit {
+            command: cmd.display(),
+            status: status.to_string(),
+            stderr_tail: join_tail(&tail),
+        });
+    }
+    Ok(out)
+}
+
+fn join_tail(tail: &VecDeque<String>) -> String {
+    tail.iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drains_both_streams_and_reports_exit() {
+        // More than a pipe buffer on stderr before stdout closes: must not deadlock.
+        let cmd = Cmd::new("sh").args([
+            "-c",
+            "i=0; while [ $i -lt 5000 ]; do echo err$i >&2; i=$((i+1)); done; echo out; exit 3",
+        ]);
+        let mut lines = 0;
+        let err = run(&cmd, Duration::from_secs(20), |_, _| lines += 1)
+            .await
+            .unwrap_err();
+        assert_eq!(lines, 5001);
+        match err {
+            ExecError::Exit { stderr_tail, .. } => {
+                assert!(stderr_tail.ends_with("err4999"), "{stderr_tail}");
+                assert_eq!(stderr_tail.lines().count(), TAIL_LINES);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn times_out() {
+        let cmd = Cmd::new("sleep").arg("5");
+        let err = run(&cmd, Duration::from_millis(100), |_, _| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn spawn_failure_is_distinct() {
+        let cmd = Cmd::new("/nonexistent/program");
+        let err = run(&cmd, Duration::from_secs(1), |_, _| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Spawn { .. }), "{err}");
+    }
+}

@@ -1,0 +1,248 @@
+//! Deployments: created when a request is valid, finished with their
+//! status, cancelled on request, marked interrupted when their coordinator
+//! died.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use nix_deploy_core::events::{DeploymentStatus, EventKind};
+use nix_deploy_core::options::DeployOptions;
+use nix_deploy_core::plan::Plan;
+use nix_deploy_core::run::{Deployment, Span};
+
+use super::leases::process_alive;
+use super::{Store, StoreError, query_error, to_json};
+use crate::now_ms;
+
+/// A new deployment, as requested.
+#[derive(Clone, Debug, Serialize)]
+pub struct NewDeployment {
+    pub trigger: String,
+    pub requested_by: String,
+    pub flake: String,
+    pub flake_rev: Option<String>,
+    pub strategy: String,
+    pub options: DeployOptions,
+    pub hosts: Vec<String>,
+}
+
+impl Store {
+    pub async fn create_deployment(&self, new: &NewDeployment) -> Result<i64, StoreError> {
+        let id = sqlx::query(
+            "INSERT INTO deployments
+               (created_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid)
+             VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(now_ms())
+        .bind(&new.trigger)
+        .bind(&new.requested_by)
+        .bind(&new.flake)
+        .bind(&new.flake_rev)
+        .bind(&new.strategy)
+        .bind(to_json(&new.options))
+        .bind(to_json(&new.hosts))
+        .bind(std::process::id() as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("creating a deployment"))?
+        .last_insert_rowid();
+        Ok(id)
+    }
+
+    pub async fn set_plan(&self, id: i64, plan: &Plan) -> Result<(), StoreError> {
+        sqlx::query("UPDATE deployments SET plan = ? WHERE id = ?")
+            .bind(to_json(plan))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("storing a plan"))?;
+        Ok(())
+    }
+
+    pub async fn finish_deployment(
+        &self,
+        id: i64,
+        status: DeploymentStatus,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE deployments SET status = ?, finished_at = ?, error = ? WHERE id = ?")
+            .bind(status.as_str())
+            .bind(now_ms())
+            .bind(error)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("finishing a deployment"))?;
+        Ok(())
+    }
+
+    fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Deployment, StoreError> {
+        fn parse<T: serde::de::DeserializeOwned>(
+            text: &str,
+            context: &'static str,
+        ) -> Result<T, StoreError> {
+            serde_json::from_str(text).map_err(|source| StoreError::Json { context, source })
+        }
+        let status: String = row.get("status");
+        let options: String = row.get("options");
+        let hosts: String = row.get("hosts");
+        let plan: Option<String> = row.get("plan");
+        let created_at: i64 = row.get("created_at");
+        Ok(Deployment {
+            id: row.get("id"),
+            created_at,
+            time: Span {
+                started_at: Some(created_at),
+                finished_at: row.get("finished_at"),
+            },
+            status: DeploymentStatus::parse(&status).unwrap_or(DeploymentStatus::Interrupted),
+            trigger: row.get("trigger"),
+            requested_by: row.get("requested_by"),
+            flake: row.get("flake"),
+            flake_rev: row.get("flake_rev"),
+            strategy: row.get("strategy"),
+            options: parse(&options, "deployments.options")?,
+            selected: parse(&hosts, "deployments.hosts")?,
+            plan: plan.map(|p| parse(&p, "deployments.plan")).transpose()?,
+            error: row.get("error"),
+            pid: row.get("pid"),
+            hosts: Vec::new(),
+            events: None,
+        })
+    }
+
+    /// A deployment and its host runs.
+    pub async fn deployment(&self, id: i64) -> Result<Option<Deployment>, StoreError> {
+        let row = sqlx::query("SELECT * FROM deployments WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading a deployment"))?;
+        let Some(mut deployment) = row.as_ref().map(Self::deployment_from_row).transpose()? else {
+            return Ok(None);
+        };
+        deployment.hosts = self.host_runs(id).await?;
+        Ok(Some(deployment))
+    }
+
+    /// The newest deployments first, each with its host runs.
+    pub async fn deployments(&self, limit: i64) -> Result<Vec<Deployment>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM deployments ORDER BY id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("listing deployments"))?;
+        let mut list = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut deployment = Self::deployment_from_row(row)?;
+            deployment.hosts = self.host_runs(deployment.id).await?;
+            list.push(deployment);
+        }
+        Ok(list)
+    }
+
+    /// Ids of deployments marked running (cheap: no JSON decoding).
+    pub async fn running_deployments(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM deployments WHERE status = 'running' ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("listing running deployments"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Ask a running deployment to stop starting hosts; recorded in its
+    /// events with who asked. False when it is not running.
+    pub async fn request_cancel(&self, id: i64, by: &str) -> Result<bool, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE deployments SET cancel_requested = 1 WHERE id = ? AND status = 'running'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("requesting a cancel"))?
+        .rows_affected();
+        if changed == 1 {
+            self.append_event(
+                id,
+                None,
+                EventKind::Log {
+                    message: format!("cancel requested by {by}"),
+                },
+            )
+            .await?;
+        }
+        Ok(changed == 1)
+    }
+
+    pub async fn cancel_requested(&self, id: i64) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT cancel_requested FROM deployments WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading a cancel request"))?;
+        Ok(row.map(|r| r.get::<i64, _>(0) != 0).unwrap_or(false))
+    }
+
+    /// Take over a deployment for a resume: running again, by this process.
+    pub async fn reopen_deployment(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE deployments SET status = 'running', finished_at = NULL, error = NULL,
+                 cancel_requested = 0, pid = ? WHERE id = ?",
+        )
+        .bind(std::process::id() as i64)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("reopening a deployment"))?;
+        Ok(())
+    }
+
+    /// Deployments marked running whose coordinator is gone become
+    /// `interrupted`, with their unfinished host runs; returns their ids.
+    pub async fn mark_interrupted(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query("SELECT id, pid FROM deployments WHERE status = 'running'")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("finding running deployments"))?;
+        let mut interrupted = Vec::new();
+        for row in rows {
+            let id: i64 = row.get("id");
+            let pid: Option<i64> = row.get("pid");
+            if pid.is_some_and(process_alive) {
+                continue;
+            }
+            let message = format!(
+                "the coordinator (pid {}) stopped while this deployment was running",
+                pid.unwrap_or(0)
+            );
+            sqlx::query(
+                "UPDATE deployments SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND status = 'running'",
+            )
+            .bind(now_ms())
+            .bind(&message)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("marking a deployment interrupted"))?;
+            sqlx::query(
+                "UPDATE host_runs SET status = 'interrupted', finished_at = ?,
+                     error = COALESCE(error, ?) WHERE deployment_id = ? AND status IN ('pending', 'running')",
+            )
+            .bind(now_ms())
+            .bind(&message)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("marking host runs interrupted"))?;
+            sqlx::query("DELETE FROM leases WHERE deployment_id = ?")
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(query_error("releasing an interrupted deployment's leases"))?;
+            self.append_event(id, None, EventKind::Log { message })
+                .await?;
+            interrupted.push(id);
+        }
+        Ok(interrupted)
+    }
+}

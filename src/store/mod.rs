@@ -1,0 +1,297 @@
+//! The history: deployments, host runs, events and the last known state of each
+//! host, in one SQLite file (WAL) in the state directory.
+//!
+//! Invariant: whatever the engine reports (to a terminal, a stream or an API
+//! client) has been written here first. Queries are checked at runtime and
+//! covered by tests against a migrated database.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+mod deployments;
+mod leases;
+mod runs;
+
+pub use deployments::NewDeployment;
+pub use leases::{Lease, process_alive};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot migrate the database {path}: {source}")]
+    Migrate {
+        path: PathBuf,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database error while {context}: {source}")]
+    Query {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("stored JSON is corrupt in {context}: {source}")]
+    Json {
+        context: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn query_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { context, source }
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+pub const DB_FILE: &str = "nix-deploy.db";
+
+impl Store {
+    /// Open (creating if needed) the database in `state_dir` and apply migrations.
+    pub async fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::CreateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join(DB_FILE);
+        let open_error = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(open_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // With WAL, NORMAL survives a killed process (only a power loss can
+            // drop the last transactions).
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        // Readers (API, CLI) never wait behind the engine's writes in WAL mode,
+        // as long as they have a connection of their own.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(open_error)?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Store { pool, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// For read-only reporting queries (metrics) that live next to their users.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// A document as the JSON text of its column. Our types always serialise.
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix_deploy_core::events::{DeploymentStatus, EventKind, HostStatus, Step, SystemRef};
+    use nix_deploy_core::options::DeployOptions;
+    use nix_deploy_core::run::{HostRun, StepTiming};
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        (dir, store)
+    }
+
+    fn new_deployment() -> NewDeployment {
+        NewDeployment {
+            trigger: "cli".into(),
+            requested_by: "tester".into(),
+            flake: "path:/fleet".into(),
+            flake_rev: None,
+            strategy: "smart".into(),
+            options: DeployOptions::default(),
+            hosts: vec!["web1".into(), "web2".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn deployments_runs_and_events_round_trip() {
+        let (dir, store) = store().await;
+        let id = store.create_deployment(&new_deployment()).await.unwrap();
+        let mut run = HostRun::new(id, "web1");
+        run.status = HostStatus::Deployed;
+        run.from = SystemRef {
+            path: Some("/nix/store/a".into()),
+            generation: Some(1),
+        };
+        run.to = SystemRef {
+            path: Some("/nix/store/b".into()),
+            generation: Some(2),
+        };
+        run.steps.push(StepTiming {
+            step: Step::Build,
+            started_at: 1,
+            finished_at: Some(2),
+            ok: Some(true),
+        });
+        store.save_host_run(&run).await.unwrap();
+        run.error = Some("none".into());
+        store.save_host_run(&run).await.unwrap();
+        store.record_host_result(&run).await.unwrap();
+        let first = store
+            .append_event(
+                id,
+                None,
+                EventKind::Log {
+                    message: "a".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let second = store
+            .append_event(
+                id,
+                Some("web1"),
+                EventKind::StepStarted { step: Step::Copy },
+            )
+            .await
+            .unwrap();
+        assert!(second.id > first.id);
+        store
+            .finish_deployment(id, DeploymentStatus::Succeeded, None)
+            .await
+            .unwrap();
+        store.close().await;
+
+        // Everything is still there after reopening.
+        let store = Store::open(dir.path()).await.unwrap();
+        let deployment = store.deployment(id).await.unwrap().unwrap();
+        assert_eq!(deployment.status, DeploymentStatus::Succeeded);
+        assert_eq!(deployment.selected, ["web1", "web2"]);
+        assert_eq!(deployment.hosts, vec![run.clone()]);
+        assert!(deployment.time.finished_at.is_some());
+        assert_eq!(store.host_runs(id).await.unwrap(), vec![run]);
+        let events = store.events(id, 0).await.unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].kind, EventKind::StepStarted { step: Step::Copy });
+        assert_eq!(store.events(id, first.id).await.unwrap().len(), 1);
+        let hosts = store.host_states().await.unwrap();
+        assert_eq!(hosts[0].generation, Some(2));
+        assert_eq!(hosts[0].last_status.as_deref(), Some("deployed"));
+        assert_eq!(store.deployments(10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn leases_refuse_a_live_holder_and_take_over_expired_ones() {
+        let (_dir, store) = store().await;
+        let ttl = Duration::from_secs(60);
+        assert_eq!(
+            store.try_lease("h", "one", Some(1), ttl).await.unwrap(),
+            Ok(())
+        );
+        // Same owner: renewal.
+        assert_eq!(
+            store.try_lease("h", "one", Some(1), ttl).await.unwrap(),
+            Ok(())
+        );
+        // Another owner while this (live) process holds it: refused, naming the holder.
+        let held = store
+            .try_lease("h", "two", Some(2), ttl)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(held.deployment_id, Some(1));
+        assert!(held.to_string().contains("deployment #1"));
+        // An expired lease is taken over.
+        store
+            .renew_leases("one", None, Duration::ZERO)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store.try_lease("h", "two", Some(2), ttl).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(store.lease("h").await.unwrap().unwrap().owner, "two");
+        store.release_leases("two").await.unwrap();
+        assert_eq!(store.lease("h").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_dead_coordinators_deployment_becomes_interrupted() {
+        let (_dir, store) = store().await;
+        let id = store.create_deployment(&new_deployment()).await.unwrap();
+        let mut run = HostRun::new(id, "web1");
+        run.status = HostStatus::Running;
+        store.save_host_run(&run).await.unwrap();
+        // Our own process is alive: nothing happens.
+        assert!(store.mark_interrupted().await.unwrap().is_empty());
+        sqlx::query("UPDATE deployments SET pid = 999999999 WHERE id = ?")
+            .bind(id)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(store.mark_interrupted().await.unwrap(), vec![id]);
+        let d = store.deployment(id).await.unwrap().unwrap();
+        assert_eq!(d.status, DeploymentStatus::Interrupted);
+        assert_eq!(
+            store.host_runs(id).await.unwrap()[0].status,
+            HostStatus::Interrupted
+        );
+        assert!(
+            !store.request_cancel(id, "tester").await.unwrap(),
+            "not running any more"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_probe_keeps_last_known_system() {
+        let (_dir, store) = store().await;
+        let sys = SystemRef {
+            path: Some("/nix/store/a".into()),
+            generation: Some(3),
+        };
+        store.record_probe("h", &sys, None).await.unwrap();
+        store
+            .record_probe("h", &SystemRef::default(), Some("connection refused"))
+            .await
+            .unwrap();
+        let state = &store.host_states().await.unwrap()[0];
+        assert_eq!(state.generation, Some(3));
+        assert_eq!(state.probe_error.as_deref(), Some("connection refused"));
+    }
+}

@@ -1,0 +1,284 @@
+//! Host runs, events and the last known state of each host.
+
+use sqlx::Row;
+
+use nix_deploy_core::events::{Event, EventKind, HostStatus, SystemRef};
+use nix_deploy_core::run::{HostRecord, HostRun, Span};
+
+use super::{Store, StoreError, query_error, to_json};
+use crate::now_ms;
+
+impl Store {
+    /// Insert or replace a host run as a whole.
+    pub async fn save_host_run(&self, run: &HostRun) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
+                 new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (deployment_id, host) DO UPDATE SET
+                 status = excluded.status, step = excluded.step, changed = excluded.changed,
+                 old_path = excluded.old_path, old_generation = excluded.old_generation,
+                 new_path = excluded.new_path, new_generation = excluded.new_generation,
+                 started_at = excluded.started_at, finished_at = excluded.finished_at,
+                 steps = excluded.steps, reason = excluded.reason, error = excluded.error,
+                 summary = excluded.summary, token = excluded.token",
+        )
+        .bind(run.deployment_id)
+        .bind(&run.host)
+        .bind(run.status.as_str())
+        .bind(&run.step)
+        .bind(run.changed)
+        .bind(&run.from.path)
+        .bind(run.from.generation.map(i64::from))
+        .bind(&run.to.path)
+        .bind(run.to.generation.map(i64::from))
+        .bind(run.time.started_at)
+        .bind(run.time.finished_at)
+        .bind(serde_json::to_string(&run.steps).unwrap_or_else(|_| "[]".into()))
+        .bind(&run.reason)
+        .bind(&run.error)
+        .bind(run.summary.as_ref().map(to_json))
+        .bind(&run.token)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("saving a host run"))?;
+        Ok(())
+    }
+
+    /// Every host run of a deployment, by host name.
+    pub async fn host_runs(&self, deployment_id: i64) -> Result<Vec<HostRun>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM host_runs WHERE deployment_id = ? ORDER BY host")
+            .bind(deployment_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading host runs"))?;
+        Self::host_runs_from_rows(&rows)
+    }
+
+    /// A host's most recent finished runs that did something (newest first):
+    /// the history behind estimates and risk.
+    pub async fn recent_host_runs(
+        &self,
+        host: &str,
+        limit: i64,
+    ) -> Result<Vec<HostRun>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM host_runs WHERE host = ? AND finished_at IS NOT NULL
+               AND status NOT IN ('skipped', 'pending', 'running', 'cancelled')
+             ORDER BY finished_at DESC LIMIT ?",
+        )
+        .bind(host)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading a host's history"))?;
+        Self::host_runs_from_rows(&rows)
+    }
+
+    /// Durations (ms) of the fleet's most recent successful host runs.
+    pub async fn recent_successful_durations(&self, limit: i64) -> Result<Vec<u64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT finished_at - started_at FROM host_runs
+             WHERE status = 'deployed' AND finished_at IS NOT NULL AND started_at IS NOT NULL
+             ORDER BY finished_at DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading the fleet's history"))?;
+        Ok(rows
+            .iter()
+            .map(|row| row.get::<i64, _>(0).max(0) as u64)
+            .collect())
+    }
+
+    fn host_runs_from_rows(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<HostRun>, StoreError> {
+        rows.iter()
+            .map(|row| {
+                let status: String = row.get("status");
+                let steps: String = row.get("steps");
+                let summary: Option<String> = row.get("summary");
+                let generation = |col: &str| row.get::<Option<i64>, _>(col).map(|g| g as u32);
+                Ok(HostRun {
+                    deployment_id: row.get("deployment_id"),
+                    host: row.get("host"),
+                    status: HostStatus::parse(&status).unwrap_or(HostStatus::Failed),
+                    step: row.get("step"),
+                    changed: row.get("changed"),
+                    from: SystemRef {
+                        path: row.get("old_path"),
+                        generation: generation("old_generation"),
+                    },
+                    to: SystemRef {
+                        path: row.get("new_path"),
+                        generation: generation("new_generation"),
+                    },
+                    time: Span {
+                        started_at: row.get("started_at"),
+                        finished_at: row.get("finished_at"),
+                    },
+                    steps: serde_json::from_str(&steps).map_err(|source| StoreError::Json {
+                        context: "host_runs.steps",
+                        source,
+                    })?,
+                    reason: row.get("reason"),
+                    error: row.get("error"),
+                    summary: summary
+                        .map(|s| serde_json::from_str(&s))
+                        .transpose()
+                        .map_err(|source| StoreError::Json {
+                            context: "host_runs.summary",
+                            source,
+                        })?,
+                    token: row.get("token"),
+                })
+            })
+            .collect()
+    }
+
+    /// Record an event; returns it with its id (its position in the history).
+    pub async fn append_event(
+        &self,
+        deployment_id: i64,
+        host: Option<&str>,
+        kind: EventKind,
+    ) -> Result<Event, StoreError> {
+        let mut event = Event {
+            id: 0,
+            deployment_id,
+            at: now_ms(),
+            host: host.map(str::to_string),
+            kind,
+        };
+        let data = serde_json::to_string(&event.kind).map_err(|source| StoreError::Json {
+            context: "events",
+            source,
+        })?;
+        event.id = sqlx::query(
+            "INSERT INTO events (deployment_id, at, host, kind, data) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(deployment_id)
+        .bind(event.at)
+        .bind(host)
+        .bind(event.kind.name())
+        .bind(data)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("recording an event"))?
+        .last_insert_rowid();
+        Ok(event)
+    }
+
+    /// Events of a deployment after `after_id`, in order.
+    pub async fn events(
+        &self,
+        deployment_id: i64,
+        after_id: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, deployment_id, at, host, data FROM events
+             WHERE deployment_id = ? AND id > ? ORDER BY id",
+        )
+        .bind(deployment_id)
+        .bind(after_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading events"))?;
+        rows.iter()
+            .map(|row| {
+                let data: String = row.get("data");
+                Ok(Event {
+                    id: row.get("id"),
+                    deployment_id: row.get("deployment_id"),
+                    at: row.get("at"),
+                    host: row.get("host"),
+                    kind: serde_json::from_str(&data).map_err(|source| StoreError::Json {
+                        context: "events.data",
+                        source,
+                    })?,
+                })
+            })
+            .collect()
+    }
+
+    /// Remember what a probe found on a host.
+    pub async fn record_probe(
+        &self,
+        host: &str,
+        current: &SystemRef,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        // An unreachable host keeps its last known system.
+        sqlx::query(
+            "INSERT INTO hosts (name, current_path, generation, probed_at, probe_error)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET
+                 current_path = CASE WHEN excluded.probe_error IS NULL THEN excluded.current_path ELSE hosts.current_path END,
+                 generation = CASE WHEN excluded.probe_error IS NULL THEN excluded.generation ELSE hosts.generation END,
+                 probed_at = excluded.probed_at, probe_error = excluded.probe_error",
+        )
+        .bind(host)
+        .bind(&current.path)
+        .bind(current.generation.map(i64::from))
+        .bind(now_ms())
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("recording a probe"))?;
+        Ok(())
+    }
+
+    /// Remember how a host's last deployment ended (and what it runs now, if known).
+    pub async fn record_host_result(&self, run: &HostRun) -> Result<(), StoreError> {
+        let now_running = match run.status {
+            HostStatus::Deployed => Some(&run.to),
+            HostStatus::RolledBack | HostStatus::Failed => Some(&run.from),
+            _ => None,
+        };
+        sqlx::query(
+            "INSERT INTO hosts (name, current_path, generation, last_deployment_id, last_status, last_error, last_finished_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET
+                 current_path = COALESCE(?, hosts.current_path),
+                 generation = COALESCE(?, hosts.generation),
+                 last_deployment_id = excluded.last_deployment_id,
+                 last_status = excluded.last_status,
+                 last_error = excluded.last_error,
+                 last_finished_at = excluded.last_finished_at",
+        )
+        .bind(&run.host)
+        .bind(now_running.and_then(|s| s.path.clone()))
+        .bind(now_running.and_then(|s| s.generation).map(i64::from))
+        .bind(run.deployment_id)
+        .bind(run.status.as_str())
+        .bind(&run.error)
+        .bind(run.time.finished_at.unwrap_or_else(now_ms))
+        .bind(now_running.and_then(|s| s.path.clone()))
+        .bind(now_running.and_then(|s| s.generation).map(i64::from))
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("recording a host result"))?;
+        Ok(())
+    }
+
+    pub async fn host_states(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM hosts ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading host states"))?;
+        Ok(rows
+            .iter()
+            .map(|row| HostRecord {
+                name: row.get("name"),
+                current_path: row.get("current_path"),
+                generation: row.get::<Option<i64>, _>("generation").map(|g| g as u32),
+                probed_at: row.get("probed_at"),
+                probe_error: row.get("probe_error"),
+                last_deployment_id: row.get("last_deployment_id"),
+                last_status: row.get("last_status"),
+                last_error: row.get("last_error"),
+                last_finished_at: row.get("last_finished_at"),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,386 @@
+//! SSH to hosts through the system `ssh` (the `openssh` crate): one multiplexed
+//! master connection per host, reused for every step, so the user's
+//! `~/.ssh/config`, agents and `ProxyJump` just work.
+//!
+//! Remote commands are argument vectors; each argument is quoted by the crate
+//! before the remote shell sees it. Every command has a timeout, and every error
+//! names the host and the step and carries the remote stderr.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openssh::{KnownHosts, Session, SessionBuilder};
+
+use crate::process::format_tail;
+use nix_deploy_core::fleet::Target;
+
+/// Options shared by every connection of a run.
+#[derive(Clone, Debug)]
+pub struct SshOptions {
+    /// `--ssh-config`: replaces the user's ssh config for our sessions and `nix copy`.
+    pub config_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Default timeout of a remote command when the step sets none.
+    pub command_timeout: Duration,
+    /// Where master sockets live; short, because socket paths are limited to ~100 bytes.
+    pub control_dir: PathBuf,
+}
+
+impl SshOptions {
+    pub fn new(config_file: Option<PathBuf>, control_dir: PathBuf) -> Self {
+        SshOptions {
+            config_file,
+            connect_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(60),
+            control_dir,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("{host}: cannot connect over SSH to {destination}: {message}")]
+    Connect {
+        host: String,
+        destination: String,
+        message: String,
+    },
+    #[error("{host}: {step}: could not run `{command}`: {message}")]
+    Spawn {
+        host: String,
+        step: String,
+        command: String,
+        message: String,
+    },
+    #[error("{host}: {step}: `{command}` failed (exit code {code}){}", format_tail(.stderr))]
+    Exit {
+        host: String,
+        step: String,
+        command: String,
+        code: String,
+        stderr: String,
+    },
+    #[error("{host}: {step}: `{command}` timed out after {}s", .timeout.as_secs())]
+    Timeout {
+        host: String,
+        step: String,
+        command: String,
+        timeout: Duration,
+    },
+    #[error("invalid --ssh-config path {0}: NIX_SSHOPTS cannot carry whitespace")]
+    ConfigPath(PathBuf),
+}
+
+impl SshError {
+    /// Whether the failure was the connection rather than the command.
+    pub fn is_connection(&self) -> bool {
+        matches!(self, SshError::Connect { .. })
+    }
+}
+
+/// What a remote command printed.
+#[derive(Clone, Debug, Default)]
+pub struct RemoteOutput {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A live master connection to one host.
+pub struct Connection {
+    host: String,
+    target: Target,
+    session: Session,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+fn builder(target: &Target, options: &SshOptions) -> SessionBuilder {
+    let mut b = SessionBuilder::default();
+    // accept-new: first contact records the key, a changed key is refused.
+    b.known_hosts_check(KnownHosts::Add)
+        .connect_timeout(options.connect_timeout)
+        .server_alive_interval(Duration::from_secs(5))
+        .control_directory(&options.control_dir)
+        .user(target.user.clone());
+    if let Some(port) = target.port {
+        b.port(port);
+    }
+    if let Some(config) = &options.config_file {
+        b.config_file(config);
+    }
+    b
+}
+
+/// `NIX_SSHOPTS` for `nix copy`: the same ssh settings as our own sessions.
+///
+/// Nix 2.8 splits `NIX_SSHOPTS` on whitespace, so a config path containing
+/// whitespace is refused rather than silently broken.
+///
+/// With `control_socket`, `nix copy` reuses our master connection to the host
+/// (no second SSH handshake); if that master is gone, ssh connects normally.
+pub fn nix_ssh_opts(
+    target: &Target,
+    options: &SshOptions,
+    control_socket: Option<&Path>,
+) -> Result<String, SshError> {
+    let mut opts = vec![
+        "-o".to_string(),
+        "BatchMode=yes".to_string(),
+        "-o".to_string(),
+        format!(
+            "ConnectTimeout={}",
+            options.connect_timeout.as_secs().max(1)
+        ),
+        "-o".to_string(),
+        "StrictHostKeyChecking=accept-new".to_string(),
+    ];
+    if let Some(config) = &options.config_file {
+        let text = config.to_string_lossy();
+        if text.chars().any(char::is_whitespace) {
+            return Err(SshError::ConfigPath(config.clone()));
+        }
+        opts.insert(0, text.into_owned());
+        opts.insert(0, "-F".to_string());
+    }
+    if let Some(port) = target.port {
+        opts.push("-p".to_string());
+        opts.push(port.to_string());
+    }
+    if let Some(socket) = control_socket {
+        let text = socket.to_string_lossy();
+        if !text.chars().any(char::is_whitespace) {
+            opts.extend([
+                "-o".to_string(),
+                format!("ControlPath={text}"),
+                "-o".to_string(),
+                "ControlMaster=no".to_string(),
+            ]);
+        }
+    }
+    Ok(opts.join(" "))
+}
+
+impl Connection {
+    /// Open a new master connection to `host`.
+    #[tracing::instrument(skip(target, options), fields(destination = %target.destination))]
+    pub async fn connect(
+        host: &str,
+        target: &Target,
+        options: &SshOptions,
+    ) -> Result<Self, SshError> {
+        let connect_error = |message: String| SshError::Connect {
+            host: host.to_string(),
+            destination: target.destination.clone(),
+            message,
+        };
+        std::fs::create_dir_all(&options.control_dir).map_err(|e| {
+            connect_error(format!(
+                "control directory {}: {e}",
+                options.control_dir.display()
+            ))
+        })?;
+        // ssh's own ConnectTimeout covers the TCP connect; this also covers a
+        // server that accepts and then never answers.
+        let deadline = options.connect_timeout + Duration::from_secs(5);
+        let session = match tokio::time::timeout(
+            deadline,
+            builder(target, options).connect_mux(&target.destination),
+        )
+        .await
+        {
+            Ok(Ok(session)) => session,
+            Ok(Err(e)) => return Err(connect_error(describe_openssh_error(&e))),
+            Err(_) => {
+                return Err(connect_error(format!(
+                    "no answer within {}s",
+                    deadline.as_secs()
+                )));
+            }
+        };
+        Ok(Connection {
+            host: host.to_string(),
+            target: target.clone(),
+            session,
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn control_socket(&self) -> &Path {
+        self.session.control_socket()
+    }
+
+    /// Run `argv` on the host, unprivileged.
+    pub async fn run(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<RemoteOutput, SshError> {
+        self.run_inner(step, argv, timeout, false).await
+    }
+
+    /// Run `argv` as root: directly when we log in as root, else through `sudo -n`.
+    pub async fn run_privileged(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<RemoteOutput, SshError> {
+        self.run_inner(step, argv, timeout, self.target.needs_sudo())
+            .await
+    }
+
+    async fn run_inner(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+        sudo: bool,
+    ) -> Result<RemoteOutput, SshError> {
+        let mut full: Vec<String> = Vec::with_capacity(argv.len() + 3);
+        if sudo {
+            full.extend(["sudo", "-n", "--"].map(String::from));
+        }
+        full.extend(argv.iter().cloned());
+        let command_text = nix_deploy_core::shell::join(&full);
+        let mut command = self.session.command(&full[0]);
+        // `arg` quotes each argument for the remote shell.
+        command.args(&full[1..]);
+        let output = match tokio::time::timeout(timeout, command.output()).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => {
+                let message = describe_openssh_error(&e);
+                // A dead master means the host went away, not that the command failed.
+                if matches!(
+                    e,
+                    openssh::Error::Disconnected | openssh::Error::RemoteProcessTerminated
+                ) || self.session.check().await.is_err()
+                {
+                    return Err(SshError::Connect {
+                        host: self.host.clone(),
+                        destination: self.target.destination.clone(),
+                        message: format!("connection lost during {step}: {message}"),
+                    });
+                }
+                return Err(SshError::Spawn {
+                    host: self.host.clone(),
+                    step: step.to_string(),
+                    command: command_text,
+                    message,
+                });
+            }
+            Err(_) => {
+                return Err(SshError::Timeout {
+                    host: self.host.clone(),
+                    step: step.to_string(),
+                    command: command_text,
+                    timeout,
+                });
+            }
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if !output.status.success() {
+            let code = output
+                .status
+                .code()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "killed".to_string());
+            // ssh exits 255 when the connection itself failed.
+            if code == "255" && self.session.check().await.is_err() {
+                return Err(SshError::Connect {
+                    host: self.host.clone(),
+                    destination: self.target.destination.clone(),
+                    message: format!("connection lost during {step}: {}", stderr.trim()),
+                });
+            }
+            return Err(SshError::Exit {
+                host: self.host.clone(),
+                step: step.to_string(),
+                command: command_text,
+                code,
+                stderr: tail(&stderr),
+            });
+        }
+        Ok(RemoteOutput { stdout, stderr })
+    }
+
+    /// Close the master connection.
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.session.close()).await;
+    }
+}
+
+/// The last lines of some output.
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let start = lines.len().saturating_sub(crate::process::TAIL_LINES);
+    lines[start..].join("\n")
+}
+
+fn describe_openssh_error(e: &openssh::Error) -> String {
+    // The master's log says why ssh failed (auth, refused, unknown host...).
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = inner.source();
+    }
+    message.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(port: Option<u16>) -> Target {
+        Target {
+            destination: "web1".into(),
+            user: "root".into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn nix_ssh_opts_carry_config_and_port() {
+        let options = SshOptions::new(Some("/etc/fleet/ssh_config".into()), "/tmp/c".into());
+        assert_eq!(
+            nix_ssh_opts(&target(Some(2222)), &options, None).unwrap(),
+            "-F /etc/fleet/ssh_config -o BatchMode=yes -o ConnectTimeout=10 \
+             -o StrictHostKeyChecking=accept-new -p 2222"
+        );
+        let options = SshOptions::new(None, "/tmp/c".into());
+        assert!(
+            !nix_ssh_opts(&target(None), &options, None)
+                .unwrap()
+                .contains("-F")
+        );
+        let options = SshOptions::new(Some("/my configs/ssh".into()), "/tmp/c".into());
+        assert!(nix_ssh_opts(&target(None), &options, None).is_err());
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let text: String = (0..50).map(|i| format!("l{i}\n")).collect();
+        let t = tail(&text);
+        assert_eq!(t.lines().count(), crate::process::TAIL_LINES);
+        assert!(t.ends_with("l49"));
+    }
+}
