@@ -7,6 +7,10 @@
 //! `--scenario NAME` runs one scenario. Results: stdout and
 //! `target/bench/results.json`.
 
+// The test fleet and the programs that drive the real binary spawn processes
+// themselves; the product does it only in `nix_deploy::process`.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

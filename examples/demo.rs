@@ -4,6 +4,10 @@
 //!
 //! Usage: demo [PATH-TO-nix-deploy]
 
+// The test fleet and the programs that drive the real binary spawn processes
+// themselves; the product does it only in `nix_deploy::process`.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -27,6 +27,9 @@ pub mod process;
 pub mod store;
 pub mod transport;
 
+#[cfg(test)]
+mod layering;
+
 /// Milliseconds since the Unix epoch: the time of every record.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -1,11 +1,18 @@
-//! `GET /metrics`: the history as Prometheus text exposition — deployments and
-//! host runs by result, rollbacks, deployment and step durations (histograms),
-//! hosts by last result, running deployments, and the mean time to recovery.
-//! Computed from SQLite on each scrape, so it is always what the history says.
+//! `GET /metrics`: the history as Prometheus/OpenMetrics text (encoded by
+//! `prometheus-client`): deployments and host runs by result, rollbacks,
+//! deployment and step durations (histograms), hosts by last result, running
+//! deployments, and the mean time to recovery. Computed from SQLite on each
+//! scrape, so it is always what the history says, whichever process
+//! (daemon or CLI) deployed.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use sqlx::Row;
 
 use nix_deploy_core::run::StepTiming;
@@ -19,67 +26,10 @@ const STEP_BUCKETS: [f64; 9] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600
 /// Step durations come from this many recent host runs at most.
 const STEP_HISTORY: i64 = 10_000;
 
-/// Escape a label value: backslash, double quote and newline.
-pub fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+type Labels = Vec<(String, String)>;
 
 fn query_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { context, source }
-}
-
-/// A cumulative histogram.
-#[derive(Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(buckets: usize) -> Self {
-        Histogram {
-            counts: vec![0; buckets],
-            ..Histogram::default()
-        }
-    }
-
-    fn observe(&mut self, buckets: &[f64], value: f64) {
-        for (i, bound) in buckets.iter().enumerate() {
-            if value <= *bound {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += value;
-        self.count += 1;
-    }
-
-    fn write(&self, out: &mut String, name: &str, labels: &str, buckets: &[f64]) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (bound, count) in buckets.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 async fn counts(store: &Store, sql: &'static str) -> Result<Vec<(String, i64)>, StoreError> {
@@ -96,6 +46,22 @@ async fn counts(store: &Store, sql: &'static str) -> Result<Vec<(String, i64)>, 
             )
         })
         .collect())
+}
+
+/// A family of counters or gauges, one per label value, from `(value, n)` rows.
+fn by_label<M: Default + Clone + prometheus_client::metrics::TypedMetric>(
+    label: &str,
+    rows: &[(String, i64)],
+    set: impl Fn(&M, i64),
+) -> Family<Labels, M> {
+    let family = Family::<Labels, M>::default();
+    for (value, n) in rows {
+        set(
+            &family.get_or_create(&vec![(label.to_string(), value.clone())]),
+            *n,
+        );
+    }
+    family
 }
 
 /// Mean time from a host's failure to its next successful deployment, over
@@ -121,127 +87,93 @@ pub fn mean_time_to_recovery(runs: &[(String, String, i64)]) -> Option<f64> {
 }
 
 pub async fn render(store: &Store) -> Result<String, StoreError> {
-    let mut out = String::new();
+    let mut registry = Registry::with_prefix("nix_deploy");
+    let count = |c: &Counter, n: i64| {
+        c.inc_by(n.max(0) as u64);
+    };
 
-    header(
-        &mut out,
-        "nix_deploy_deployments_total",
-        "counter",
-        "Deployments by status.",
-    );
-    for (status, n) in counts(
+    let deployments = counts(
         store,
         "SELECT status, COUNT(*) FROM deployments GROUP BY status ORDER BY status",
     )
-    .await?
-    {
-        let _ = writeln!(
-            out,
-            "nix_deploy_deployments_total{{status=\"{}\"}} {n}",
-            escape_label(&status)
-        );
-    }
-    header(
-        &mut out,
-        "nix_deploy_host_runs_total",
-        "counter",
-        "Host runs by result.",
+    .await?;
+    registry.register(
+        "deployments",
+        "Deployments by status",
+        by_label::<Counter>("status", &deployments, count),
     );
     let host_runs = counts(
         store,
         "SELECT status, COUNT(*) FROM host_runs GROUP BY status ORDER BY status",
     )
     .await?;
-    for (status, n) in &host_runs {
-        let _ = writeln!(
-            out,
-            "nix_deploy_host_runs_total{{status=\"{}\"}} {n}",
-            escape_label(status)
-        );
-    }
-    header(
-        &mut out,
-        "nix_deploy_rollbacks_total",
-        "counter",
-        "Hosts rolled back (automatically or by the watchdog).",
+    registry.register(
+        "host_runs",
+        "Host runs by result",
+        by_label::<Counter>("status", &host_runs, count),
     );
-    let rollbacks: i64 = host_runs
-        .iter()
-        .filter(|(s, _)| s == "rolled-back")
-        .map(|(_, n)| n)
-        .sum();
-    let _ = writeln!(out, "nix_deploy_rollbacks_total {rollbacks}");
+    let rollbacks = Counter::<u64>::default();
+    rollbacks.inc_by(
+        host_runs
+            .iter()
+            .filter(|(s, _)| s == "rolled-back")
+            .map(|(_, n)| n.max(&0).unsigned_abs())
+            .sum(),
+    );
+    registry.register(
+        "rollbacks",
+        "Hosts rolled back (automatically or by the watchdog)",
+        rollbacks,
+    );
 
-    header(
-        &mut out,
-        "nix_deploy_running_deployments",
-        "gauge",
-        "Deployments running now.",
-    );
     let running: i64 = sqlx::query("SELECT COUNT(*) FROM deployments WHERE status = 'running'")
         .fetch_one(store.pool())
         .await
         .map_err(query_error("reading metrics"))?
         .get(0);
-    let _ = writeln!(out, "nix_deploy_running_deployments {running}");
-
-    header(
-        &mut out,
-        "nix_deploy_hosts",
-        "gauge",
-        "Hosts by the result of their last deployment.",
+    let running_gauge = Gauge::<i64>::default();
+    running_gauge.set(running);
+    registry.register(
+        "running_deployments",
+        "Deployments running now",
+        running_gauge,
     );
-    for (status, n) in counts(
+
+    let hosts = counts(
         store,
         "SELECT COALESCE(last_status, 'unknown'), COUNT(*) FROM hosts GROUP BY 1 ORDER BY 1",
     )
-    .await?
-    {
-        let _ = writeln!(
-            out,
-            "nix_deploy_hosts{{state=\"{}\"}} {n}",
-            escape_label(&status)
-        );
-    }
-
-    header(
-        &mut out,
-        "nix_deploy_deployment_duration_seconds",
-        "histogram",
-        "Duration of finished deployments.",
+    .await?;
+    registry.register(
+        "hosts",
+        "Hosts by the result of their last deployment",
+        by_label::<Gauge>("state", &hosts, |g: &Gauge, n| {
+            g.set(n);
+        }),
     );
-    let rows = sqlx::query(
+
+    let durations = Histogram::new(DURATION_BUCKETS);
+    for row in sqlx::query(
         "SELECT finished_at - created_at FROM deployments WHERE finished_at IS NOT NULL",
     )
     .fetch_all(store.pool())
     .await
-    .map_err(query_error("reading metrics"))?;
-    let mut deployments = Histogram::new(DURATION_BUCKETS.len());
-    for row in rows {
-        deployments.observe(
-            &DURATION_BUCKETS,
-            row.get::<i64, _>(0).max(0) as f64 / 1000.0,
-        );
+    .map_err(query_error("reading metrics"))?
+    {
+        durations.observe(row.get::<i64, _>(0).max(0) as f64 / 1000.0);
     }
-    deployments.write(
-        &mut out,
-        "nix_deploy_deployment_duration_seconds",
-        "",
-        &DURATION_BUCKETS,
+    registry.register(
+        "deployment_duration_seconds",
+        "Duration of finished deployments",
+        durations,
     );
 
-    header(
-        &mut out,
-        "nix_deploy_step_duration_seconds",
-        "histogram",
-        "Duration of each pipeline step.",
-    );
+    let steps = Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(STEP_BUCKETS));
     let rows = sqlx::query("SELECT steps FROM host_runs ORDER BY rowid DESC LIMIT ?")
         .bind(STEP_HISTORY)
         .fetch_all(store.pool())
         .await
         .map_err(query_error("reading metrics"))?;
-    let mut steps: BTreeMap<String, Histogram> = BTreeMap::new();
     for row in rows {
         let text: String = row.get(0);
         let Ok(timings) = serde_json::from_str::<Vec<StepTiming>>(&text) else {
@@ -250,27 +182,17 @@ pub async fn render(store: &Store) -> Result<String, StoreError> {
         for t in timings {
             if let Some(end) = t.finished_at {
                 steps
-                    .entry(t.step.as_str().to_string())
-                    .or_insert_with(|| Histogram::new(STEP_BUCKETS.len()))
-                    .observe(&STEP_BUCKETS, (end - t.started_at).max(0) as f64 / 1000.0);
+                    .get_or_create(&vec![("step".to_string(), t.step.as_str().to_string())])
+                    .observe((end - t.started_at).max(0) as f64 / 1000.0);
             }
         }
     }
-    for (step, histogram) in &steps {
-        histogram.write(
-            &mut out,
-            "nix_deploy_step_duration_seconds",
-            &format!("step=\"{}\"", escape_label(step)),
-            &STEP_BUCKETS,
-        );
-    }
-
-    header(
-        &mut out,
-        "nix_deploy_mttr_seconds",
-        "gauge",
-        "Mean time from a host's failure to its next successful deployment.",
+    registry.register(
+        "step_duration_seconds",
+        "Duration of each pipeline step",
+        steps,
     );
+
     let rows = sqlx::query(
         "SELECT host, status, finished_at FROM host_runs WHERE finished_at IS NOT NULL ORDER BY host, finished_at",
     )
@@ -282,8 +204,18 @@ pub async fn render(store: &Store) -> Result<String, StoreError> {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     if let Some(mttr) = mean_time_to_recovery(&runs) {
-        let _ = writeln!(out, "nix_deploy_mttr_seconds {mttr}");
+        let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        gauge.set(mttr);
+        registry.register(
+            "mttr_seconds",
+            "Mean time from a host's failure to its next successful deployment",
+            gauge,
+        );
     }
+
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &registry);
     Ok(out)
 }
 
@@ -294,11 +226,6 @@ mod tests {
     use nix_deploy_core::events::{DeploymentStatus, HostStatus, Step};
     use nix_deploy_core::options::DeployOptions;
     use nix_deploy_core::run::HostRun;
-
-    #[test]
-    fn escapes_labels() {
-        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
 
     #[test]
     fn mttr_measures_failure_to_next_success() {
@@ -358,16 +285,16 @@ mod tests {
         assert!(text.contains("nix_deploy_rollbacks_total 1"));
         assert!(text.contains("nix_deploy_hosts{state=\"deployed\"} 1"));
         assert!(
-            text.contains("nix_deploy_step_duration_seconds_bucket{step=\"build\",le=\"0.5\"} 2")
+            text.contains("nix_deploy_step_duration_seconds_bucket{le=\"0.5\",step=\"build\"} 2")
         );
         assert!(
-            text.contains("nix_deploy_step_duration_seconds_bucket{step=\"build\",le=\"0.1\"} 0")
+            text.contains("nix_deploy_step_duration_seconds_bucket{le=\"0.1\",step=\"build\"} 0")
         );
         assert!(text.contains("nix_deploy_step_duration_seconds_count{step=\"build\"} 2"));
         assert!(text.contains("nix_deploy_deployment_duration_seconds_count 2"));
         assert!(text.contains("nix_deploy_running_deployments 0"));
         // Both runs finished at the same instant: recovery took 0 s.
-        assert!(text.contains("nix_deploy_mttr_seconds 0"), "{text}");
+        assert!(text.contains("nix_deploy_mttr_seconds 0.0"), "{text}");
         assert!(text.contains("# TYPE nix_deploy_step_duration_seconds histogram"));
     }
 }

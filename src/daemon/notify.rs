@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use serde::Deserialize;
 
 use nix_deploy_core::events::{Event, EventKind, HostStatus};
@@ -245,26 +246,29 @@ impl Notifier {
         futures::future::join_all(sends).await
     }
 
+    /// POST one notice, retried with exponential backoff (`backon`).
     async fn post(&self, url: String, body: serde_json::Value) -> Result<(), NotifyError> {
-        let mut delay = Duration::from_millis(250);
         let attempts = self.config.retries + 1;
-        let mut last = String::new();
-        for attempt in 1..=attempts {
+        let attempt = || async {
             match self.client.post(&url).json(&body).send().await {
-                Ok(r) if r.status().is_success() => return Ok(()),
-                Ok(r) => last = format!("HTTP {}", r.status()),
-                Err(e) => last = e.to_string(),
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("HTTP {}", r.status())),
+                Err(e) => Err(e.to_string()),
             }
-            if attempt < attempts {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-        }
-        Err(NotifyError::Failed {
-            url,
-            message: last,
-            attempts,
-        })
+        };
+        attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(250))
+                    .with_max_delay(Duration::from_secs(30))
+                    .with_max_times(self.config.retries as usize),
+            )
+            .await
+            .map_err(|message| NotifyError::Failed {
+                url: url.clone(),
+                message,
+                attempts,
+            })
     }
 }
 

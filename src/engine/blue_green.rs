@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::remote::{self, Activation};
 
-use super::recovery::{Back, Previous, conclude};
+use super::recovery::Back;
 use super::scheduler::Execution;
 use crate::now_ms;
 use crate::store::StoreError;
@@ -49,57 +49,50 @@ impl Execution<'_> {
                 .await?;
         }
         for host in staged {
-            let (Some(mut run), Some((assessment, connection))) =
-                (self.runs.remove(&host), self.done.get(&host))
-            else {
-                continue;
-            };
             if commit {
-                let path = assessment.host.toplevel.clone();
-                let timeout = self.options.activation_timeout;
-                let result = self
-                    .recorder
-                    .step(
-                        &mut run,
-                        Step::Commit,
-                        commit_system(connection, &path, timeout),
-                    )
-                    .await?;
-                match result {
-                    Ok(generation) => {
-                        run.to.generation = generation;
-                        run.status = HostStatus::Deployed;
-                    }
-                    Err(e) => {
-                        run.status = HostStatus::Failed;
-                        run.error = Some(e);
-                    }
-                }
+                self.commit(&host).await?;
             } else {
-                let result = match Previous::of(&assessment.current) {
-                    Some(previous) => {
-                        self.context
-                            .roll_back(
-                                &mut run,
-                                connection,
-                                &assessment.host,
-                                &previous,
-                                Back::Test,
-                            )
-                            .await?
-                    }
-                    None => Err(format!("{host}: rollback: no previous system to return to")),
-                };
                 let note = format!(
                     "blue-green: reverted to its old system because {} failed",
                     failed.join(", ")
                 );
-                conclude(&mut run, result, HostStatus::RolledBack, Some(note), None);
+                self.take_back(&host, Back::Test, note, "no previous system to return to")
+                    .await?;
             }
-            run.time.finished_at = Some(now_ms());
-            self.recorder.finish_host(&mut run).await?;
-            self.runs.insert(host, run);
         }
+        Ok(())
+    }
+
+    /// Make a staged host's system its profile's new generation and boot default.
+    async fn commit(&mut self, host: &str) -> Result<(), StoreError> {
+        let (Some(mut run), Some((assessment, connection))) =
+            (self.runs.remove(host), self.done.get(host))
+        else {
+            return Ok(());
+        };
+        let path = assessment.host.toplevel.clone();
+        let timeout = self.options.activation_timeout;
+        let result = self
+            .recorder
+            .step(
+                &mut run,
+                Step::Commit,
+                commit_system(connection, &path, timeout),
+            )
+            .await?;
+        match result {
+            Ok(generation) => {
+                run.to.generation = generation;
+                run.status = HostStatus::Deployed;
+            }
+            Err(e) => {
+                run.status = HostStatus::Failed;
+                run.error = Some(e);
+            }
+        }
+        run.time.finished_at = Some(now_ms());
+        self.recorder.finish_host(&mut run).await?;
+        self.runs.insert(host.to_string(), run);
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix_deploy_core::events::{EventKind, HostStatus, Step};
+use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::fleet::{HealthCheck, Host};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::{self, Activation};
@@ -214,13 +214,7 @@ impl HostContext {
             };
             unhealthy = true;
             self.recorder
-                .emit(
-                    Some(&host.name),
-                    EventKind::HealthChecked {
-                        phase: "pre-flight".into(),
-                        results,
-                    },
-                )
+                .health_checked(&host.name, "pre-flight", results)
                 .await
                 .map_err(|e| e.to_string())?;
             Err(format!(
@@ -375,18 +369,10 @@ impl HostContext {
             let (results, verdict) =
                 health::validate_host(connection, host, path, &checks, self.options.health_timeout)
                     .await;
-            if !results.is_empty() {
-                self.recorder
-                    .emit(
-                        Some(&host.name),
-                        EventKind::HealthChecked {
-                            phase: "validate".into(),
-                            results,
-                        },
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
+            self.recorder
+                .health_checked(&host.name, "validate", results)
+                .await
+                .map_err(|e| e.to_string())?;
             verdict
         };
         self.recorder

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use nix_deploy_core::events::{Event, EventKind, Step};
+use nix_deploy_core::events::{CheckResult, Event, EventKind, Step};
 use nix_deploy_core::run::{HostRun, StepTiming};
 
 use crate::now_ms;
@@ -53,6 +53,21 @@ impl Recorder {
 
     pub async fn log(&self, host: Option<&str>, message: String) -> Result<(), StoreError> {
         self.emit(host, EventKind::Log { message }).await
+    }
+
+    /// Every health check's last result, for the record.
+    pub async fn health_checked(
+        &self,
+        host: &str,
+        phase: &str,
+        results: Vec<CheckResult>,
+    ) -> Result<(), StoreError> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let phase = phase.to_string();
+        self.emit(Some(host), EventKind::HealthChecked { phase, results })
+            .await
     }
 
     /// Save a host run as it is now.

@@ -327,36 +327,51 @@ impl Execution<'_> {
             )
             .await?;
         for host in deployed {
-            let (Some(mut run), Some((assessment, connection))) =
-                (self.runs.remove(&host), self.done.get(&host))
-            else {
-                continue;
-            };
-            let result = match Previous::of(&assessment.current) {
-                Some(previous) => {
-                    self.context
-                        .roll_back(
-                            &mut run,
-                            connection,
-                            &assessment.host,
-                            &previous,
-                            Back::Switch,
-                        )
-                        .await?
-                }
-                None => Err(format!(
-                    "{host}: rollback: no previous generation (first deployment); left on the new system"
-                )),
-            };
+            let generation = self
+                .done
+                .get(&host)
+                .and_then(|(a, _)| a.current.generation)
+                .unwrap_or_default();
             let note = format!(
-                "deployed, then rolled back to generation {} because the deployment aborted: {reason}",
-                assessment.current.generation.unwrap_or_default()
+                "deployed, then rolled back to generation {generation} because the deployment aborted: {reason}"
             );
-            conclude(&mut run, result, HostStatus::RolledBack, Some(note), None);
-            run.time.finished_at = Some(crate::now_ms());
-            self.recorder.finish_host(&mut run).await?;
-            self.runs.insert(host, run);
+            self.take_back(
+                &host,
+                Back::Switch,
+                note,
+                "no previous generation (first deployment); left on the new system",
+            )
+            .await?;
         }
+        Ok(())
+    }
+
+    /// Switch one host of this deployment back to what it ran before and
+    /// record how it ended (`note` on success; `missing` when it ran nothing).
+    pub(super) async fn take_back(
+        &mut self,
+        host: &str,
+        how: Back,
+        note: String,
+        missing: &str,
+    ) -> Result<(), StoreError> {
+        let (Some(mut run), Some((assessment, connection))) =
+            (self.runs.remove(host), self.done.get(host))
+        else {
+            return Ok(());
+        };
+        let result = match Previous::of(&assessment.current) {
+            Some(previous) => {
+                self.context
+                    .roll_back(&mut run, connection, &assessment.host, &previous, how)
+                    .await?
+            }
+            None => Err(format!("{host}: rollback: {missing}")),
+        };
+        conclude(&mut run, result, HostStatus::RolledBack, Some(note), None);
+        run.time.finished_at = Some(crate::now_ms());
+        self.recorder.finish_host(&mut run).await?;
+        self.runs.insert(host.to_string(), run);
         Ok(())
     }
 }

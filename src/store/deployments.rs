@@ -10,7 +10,6 @@ use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::Plan;
 use nix_deploy_core::run::{Deployment, Span};
 
-use super::leases::process_alive;
 use super::{Store, StoreError, query_error, to_json};
 use crate::now_ms;
 
@@ -30,8 +29,8 @@ impl Store {
     pub async fn create_deployment(&self, new: &NewDeployment) -> Result<i64, StoreError> {
         let id = sqlx::query(
             "INSERT INTO deployments
-               (created_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid)
-             VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+               (created_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid, holder)
+             VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(now_ms())
         .bind(&new.trigger)
@@ -42,6 +41,7 @@ impl Store {
         .bind(to_json(&new.options))
         .bind(to_json(&new.hosts))
         .bind(std::process::id() as i64)
+        .bind(self.holder())
         .execute(&self.pool)
         .await
         .map_err(query_error("creating a deployment"))?
@@ -187,9 +187,10 @@ impl Store {
     pub async fn reopen_deployment(&self, id: i64) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE deployments SET status = 'running', finished_at = NULL, error = NULL,
-                 cancel_requested = 0, pid = ? WHERE id = ?",
+                 cancel_requested = 0, pid = ?, holder = ? WHERE id = ?",
         )
         .bind(std::process::id() as i64)
+        .bind(self.holder())
         .bind(id)
         .execute(&self.pool)
         .await
@@ -200,7 +201,7 @@ impl Store {
     /// Deployments marked running whose coordinator is gone become
     /// `interrupted`, with their unfinished host runs; returns their ids.
     pub async fn mark_interrupted(&self) -> Result<Vec<i64>, StoreError> {
-        let rows = sqlx::query("SELECT id, pid FROM deployments WHERE status = 'running'")
+        let rows = sqlx::query("SELECT id, pid, holder FROM deployments WHERE status = 'running'")
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("finding running deployments"))?;
@@ -208,7 +209,8 @@ impl Store {
         for row in rows {
             let id: i64 = row.get("id");
             let pid: Option<i64> = row.get("pid");
-            if pid.is_some_and(process_alive) {
+            let holder: Option<String> = row.get("holder");
+            if self.holder_alive(holder.as_deref(), pid) {
                 continue;
             }
             let message = format!(

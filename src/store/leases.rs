@@ -16,6 +16,8 @@ pub struct Lease {
     pub owner: String,
     pub deployment_id: Option<i64>,
     pub pid: i64,
+    /// The holder's liveness lock (see `liveness`).
+    pub holder: Option<String>,
     pub expires_at: i64,
 }
 
@@ -28,20 +30,6 @@ impl std::fmt::Display for Lease {
     }
 }
 
-/// Whether a local process is alive and is a nix-deploy (pids get reused).
-pub fn process_alive(pid: i64) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    if pid == std::process::id() as i64 {
-        return true;
-    }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains("nix-deploy"),
-        Err(_) => false,
-    }
-}
-
 impl Store {
     fn lease_from_row(row: &sqlx::sqlite::SqliteRow) -> Lease {
         Lease {
@@ -49,6 +37,7 @@ impl Store {
             owner: row.get("owner"),
             deployment_id: row.get("deployment_id"),
             pid: row.get("pid"),
+            holder: row.get("holder"),
             expires_at: row.get("expires_at"),
         }
     }
@@ -62,9 +51,11 @@ impl Store {
         Ok(row.as_ref().map(Self::lease_from_row))
     }
 
-    /// Take the lease of `host` for `owner`, or say who holds it. A lease that
-    /// expired, or whose process is gone, is taken over. Compare-and-swap on
-    /// the old row, so two racing owners cannot both win.
+    /// Take the lease of `host` for `owner`, or say who holds it. A lease is
+    /// taken over only when its holder's process is gone: a live holder is
+    /// never overridden, however long it works (its expiry is informational,
+    /// kept fresh by the holder's heartbeat). Compare-and-swap on the old row,
+    /// so two racing owners cannot both win.
     pub async fn try_lease(
         &self,
         host: &str,
@@ -77,13 +68,14 @@ impl Store {
         let pid = std::process::id() as i64;
         let changed = match self.lease(host).await? {
             None => sqlx::query(
-                "INSERT INTO leases (host, owner, deployment_id, pid, acquired_at, expires_at)
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (host) DO NOTHING",
+                "INSERT INTO leases (host, owner, deployment_id, pid, holder, acquired_at, expires_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host) DO NOTHING",
             )
             .bind(host)
             .bind(owner)
             .bind(deployment_id)
             .bind(pid)
+            .bind(self.holder())
             .bind(now)
             .bind(expires)
             .execute(&self.pool)
@@ -92,17 +84,18 @@ impl Store {
             .rows_affected(),
             Some(held) => {
                 let ours = held.owner == owner;
-                let dead = held.expires_at < now || !process_alive(held.pid);
+                let dead = !self.holder_alive(held.holder.as_deref(), Some(held.pid));
                 if !ours && !dead {
                     return Ok(Err(held));
                 }
                 sqlx::query(
-                    "UPDATE leases SET owner = ?, deployment_id = ?, pid = ?, acquired_at = ?, expires_at = ?
+                    "UPDATE leases SET owner = ?, deployment_id = ?, pid = ?, holder = ?, acquired_at = ?, expires_at = ?
                      WHERE host = ? AND owner = ? AND expires_at = ?",
                 )
                 .bind(owner)
                 .bind(deployment_id)
                 .bind(pid)
+                .bind(self.holder())
                 .bind(now)
                 .bind(expires)
                 .bind(host)
@@ -123,6 +116,7 @@ impl Store {
                 owner: "unknown".into(),
                 deployment_id: None,
                 pid: 0,
+                holder: None,
                 expires_at: now,
             })))
         }

@@ -14,10 +14,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 mod deployments;
 mod leases;
+mod liveness;
 mod runs;
 
+use std::sync::Arc;
+
 pub use deployments::NewDeployment;
-pub use leases::{Lease, process_alive};
+pub use leases::Lease;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,6 +65,9 @@ fn query_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError 
 pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
+    state_dir: PathBuf,
+    /// This process's liveness lock: held while any handle is open.
+    lock: Arc<liveness::ProcessLock>,
 }
 
 pub const DB_FILE: &str = "nix-deploy.db";
@@ -101,7 +107,30 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
-        Ok(Store { pool, path })
+        let lock = liveness::ProcessLock::acquire(state_dir)?;
+        liveness::remove_dead(state_dir);
+        Ok(Store {
+            pool,
+            path,
+            state_dir: state_dir.to_path_buf(),
+            lock: Arc::new(lock),
+        })
+    }
+
+    /// This process, as deployments and leases name it.
+    pub fn holder(&self) -> &str {
+        self.lock.holder()
+    }
+
+    /// Whether the process behind `holder` still runs. Rows written before
+    /// holders existed (none) fall back to "is there such a pid at all".
+    pub fn holder_alive(&self, holder: Option<&str>, pid: Option<i64>) -> bool {
+        match holder {
+            Some(holder) => liveness::alive(&self.state_dir, holder),
+            None => pid.is_some_and(|pid| {
+                pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
+            }),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -216,8 +245,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn leases_refuse_a_live_holder_and_take_over_expired_ones() {
-        let (_dir, store) = store().await;
+    async fn leases_refuse_a_live_holder_and_take_over_a_dead_ones() {
+        let (dir, store) = store().await;
         let ttl = Duration::from_secs(60);
         assert_eq!(
             store.try_lease("h", "one", Some(1), ttl).await.unwrap(),
@@ -236,12 +265,33 @@ mod tests {
             .unwrap_err();
         assert_eq!(held.deployment_id, Some(1));
         assert!(held.to_string().contains("deployment #1"));
-        // An expired lease is taken over.
+        // Expired, but its holder lives: still refused.
         store
             .renew_leases("one", None, Duration::ZERO)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            store
+                .try_lease("h", "two", Some(2), ttl)
+                .await
+                .unwrap()
+                .is_err()
+        );
+        // Another process (another store handle, its own lock) sees the same.
+        let other = Store::open(dir.path()).await.unwrap();
+        assert!(
+            other
+                .try_lease("h", "three", None, ttl)
+                .await
+                .unwrap()
+                .is_err()
+        );
+        // The holder is gone (its lock released): taken over.
+        sqlx::query("UPDATE leases SET holder = 'deadbeef'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
         assert_eq!(
             store.try_lease("h", "two", Some(2), ttl).await.unwrap(),
             Ok(())
@@ -260,7 +310,7 @@ mod tests {
         store.save_host_run(&run).await.unwrap();
         // Our own process is alive: nothing happens.
         assert!(store.mark_interrupted().await.unwrap().is_empty());
-        sqlx::query("UPDATE deployments SET pid = 999999999 WHERE id = ?")
+        sqlx::query("UPDATE deployments SET pid = 999999999, holder = 'deadbeef' WHERE id = ?")
             .bind(id)
             .execute(&store.pool)
             .await

@@ -53,7 +53,13 @@ impl Harness {
     /// Start `nix-deploy --json ARGS` in the background; its output goes to
     /// files in the state dir (`NAME.out`, `NAME.err`).
     pub fn spawn(&self, name: &str, args: &[&str]) -> std::process::Child {
-        let mut cmd = std::process::Command::new(binary());
+        self.spawn_program(&binary(), name, args)
+    }
+
+    /// [`Harness::spawn`] through another path to the binary (a symlink, a
+    /// wrapper).
+    pub fn spawn_program(&self, program: &Path, name: &str, args: &[&str]) -> std::process::Child {
+        let mut cmd = std::process::Command::new(program);
         cmd.arg("--json")
             .arg("--flake")
             .arg(self.fleet.flake_ref())

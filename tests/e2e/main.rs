@@ -2,6 +2,10 @@
 //! (sshd in their own mount namespaces with their own /nix and /run, on
 //! loopback addresses; see `nix_deploy_testkit`). Needs root.
 
+// The test fleet and the programs that drive the real binary spawn processes
+// themselves; the product does it only in `nix_deploy::process`.
+#![allow(clippy::disallowed_methods)]
+
 mod cli;
 mod daemon;
 mod deploy;

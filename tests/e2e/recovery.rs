@@ -171,3 +171,30 @@ fn rollback_on_request_switches_to_the_previous_generation_and_is_recorded() {
     let out = h.run(&["rollback", "nope"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_live_coordinator_run_through_a_symlink_is_never_declared_dead() {
+    let h = slow_fleet(&["slow", "other"], 4000);
+    // Operators run us through wrappers and symlinks: nothing in the command
+    // line says "nix-deploy".
+    let link = h.state_dir().join("nd");
+    std::os::unix::fs::symlink(crate::helpers::binary(), &link).unwrap();
+    let first = h.spawn_program(&link, "first", &["deploy", "slow"]);
+    h.until(20, "the first deployment to activate", || {
+        h.fleet.activations("slow").len() >= 2
+    });
+    // Any other invocation, even a read-only one, opens the history.
+    let out = h.run(&["history"]);
+    assert_eq!(out.status.code(), Some(0));
+    // The first still holds its host: a second deployment is refused.
+    let out = h.run(&["deploy", "--force", "slow"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("slow is busy"), "{stderr}");
+    let (code, report, stderr) = h.wait("first", first);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    // One activation of the new system only: the two never overlapped.
+    assert_eq!(h.fleet.activations("slow").len(), 2);
+    assert!(h.consistent("slow"));
+}

@@ -105,6 +105,10 @@
 //! Requires root, `nix`, `/usr/sbin/sshd`, `ssh`, `ssh-keygen`, `setsid`,
 //! `unshare` and `mount`.
 
+// The test fleet and the programs that drive the real binary spawn processes
+// themselves; the product does it only in `nix_deploy::process`.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::Duration;
 
 mod flake;

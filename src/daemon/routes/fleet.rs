@@ -128,7 +128,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         text,
     )
