@@ -9,17 +9,27 @@ use serde_json::Value;
 pub struct Harness {
     pub fleet: Fleet,
     pub state: tempfile::TempDir,
+    /// `--command-timeout` of every run (30 s unless a test wants less).
+    pub command_timeout: &'static str,
 }
 
+/// The binary under test: this build's, or `NIX_DEPLOY_TEST_BIN` (to show
+/// that a new test fails against an older build).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_nix-deploy"))
+    std::env::var_os("NIX_DEPLOY_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_nix-deploy")))
 }
 
 impl Harness {
     pub fn start(specs: Vec<HostSpec>) -> Harness {
         let fleet = Fleet::start(specs).expect("starting the test fleet");
         let state = tempfile::tempdir().expect("state dir");
-        Harness { fleet, state }
+        Harness {
+            fleet,
+            state,
+            command_timeout: "30",
+        }
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -40,7 +50,12 @@ impl Harness {
             .arg(self.fleet.ssh_config())
             .arg("--state-dir")
             .arg(self.state_dir())
-            .args(["--connect-timeout", "5", "--command-timeout", "30"])
+            .args([
+                "--connect-timeout",
+                "5",
+                "--command-timeout",
+                self.command_timeout,
+            ])
             .args(args)
             .stdin(std::process::Stdio::null());
         for (k, v) in self.fleet.env() {
@@ -67,7 +82,12 @@ impl Harness {
             .arg(self.fleet.ssh_config())
             .arg("--state-dir")
             .arg(self.state_dir())
-            .args(["--connect-timeout", "5", "--command-timeout", "30"])
+            .args([
+                "--connect-timeout",
+                "5",
+                "--command-timeout",
+                self.command_timeout,
+            ])
             .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::fs::File::create(self.state_dir().join(format!("{name}.out"))).unwrap())

@@ -1,7 +1,7 @@
 //! Strategies and failure policy, proven by the hosts' own activation records
 //! (`/run/activations.log` written by each host's switch-to-configuration).
 
-use nix_deploy_testkit::{Activation, HostSpec};
+use nix_deploy_testkit::{Activation, HostSpec, UnitState};
 
 use crate::helpers::{Harness, host, status};
 
@@ -462,7 +462,7 @@ fn a_failing_health_check_rolls_the_host_back() {
     h.fleet
         .update("svc", |s| {
             s.bump();
-            s.units = vec![("nginx".into(), false)];
+            s.units = vec![("nginx".into(), UnitState::Failed)];
         })
         .unwrap();
     let (code, report, stderr) = h.deploy(&["--health-timeout", "3"]);
@@ -493,7 +493,7 @@ fn change_summaries_compare_the_running_closure_with_the_new_one() {
             s.bump();
             s.kernel = "6.7.2".into();
             s.extra_packages = vec!["prometheus-2.48.0".into()];
-            s.units.push(("grafana".into(), true));
+            s.units.push(("grafana".into(), UnitState::Active));
         })
         .unwrap();
     let (code, plan, stderr) = h.json(&["plan"]);

@@ -67,7 +67,15 @@ for a in "$@"; do
 done
 state() {{
   case "$1" in *.*) u=$1 ;; *) u=$1.service ;; esac
-  if [ -f "/run/units/$u" ]; then /bin/cat "/run/units/$u"; else echo inactive; fi
+  [ -f "/run/units/$u" ] || {{ echo inactive; return; }}
+  set -- $(/bin/cat "/run/units/$u")
+  case "$1" in
+    after)
+      if [ $(( $(/bin/date +%s%3N) - $2 )) -ge "$3" ]; then echo active; else echo activating; fi ;;
+    flapping)
+      if [ $(( ( $(/bin/date +%s%3N) - $2 ) / $3 % 2 )) = 0 ]; then echo active; else echo failed; fi ;;
+    *) echo "$1" ;;
+  esac
 }}
 case "$verb" in
   is-active)
@@ -86,18 +94,23 @@ esac"#
 /// The body of a host's `switch-to-configuration` (after `OUT=<store path>`).
 pub(crate) fn switch_script(spec: &HostSpec) -> String {
     let mut units = String::new();
-    for (unit, active) in &spec.units {
-        let state = if *active { "active" } else { "failed" };
+    for (unit, state) in &spec.units {
+        let state = match state {
+            UnitState::Active => "active".to_string(),
+            UnitState::Failed => "failed".to_string(),
+            UnitState::ActiveAfter(ms) => format!("after $(/bin/date +%s%3N) {ms}"),
+            UnitState::Flapping(ms) => format!("flapping $(/bin/date +%s%3N) {}", ms.max(&1)),
+        };
         let _ = writeln!(
             units,
-            "    echo {state} > '/run/units/{}'",
+            "    echo \"{state}\" > '/run/units/{}'",
             unit_file_name(unit)
         );
     }
     let failed: Vec<String> = spec
         .units
         .iter()
-        .filter(|(_, active)| !active)
+        .filter(|(_, state)| *state == UnitState::Failed)
         .map(|(u, _)| unit_file_name(u))
         .collect();
     let failed = if failed.is_empty() {
@@ -231,6 +244,7 @@ pub(crate) fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
             }};
             deployment = {{
               targetHost = {name};
+{user}
               role = {role};
               tags = {tags};
               dependencies = {deps};
@@ -248,6 +262,11 @@ pub(crate) fn flake_files(specs: &[HostSpec]) -> Vec<(String, String)> {
             tags = nix_list(&spec.tags),
             deps = nix_list(&spec.dependencies),
             rollback = spec.rollback_on_failure,
+            user = spec
+                .user
+                .as_deref()
+                .map(|u| format!("              targetUser = {};\n", nix_string(u)))
+                .unwrap_or_default(),
         );
         files.push((script, switch_script(spec)));
     }

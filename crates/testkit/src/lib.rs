@@ -119,7 +119,7 @@ mod sys;
 
 pub use flake::nix_string;
 pub use fleet::Fleet;
-pub use spec::{Activation, HostSpec};
+pub use spec::{Activation, HostSpec, UnitState};
 use sys::*;
 
 /// The sshd binary every host runs.

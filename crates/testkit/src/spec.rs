@@ -21,9 +21,9 @@ pub struct HostSpec {
     pub dependencies: Vec<String>,
     /// `deployment.healthChecks`: raw Nix attrsets, e.g. `{ service = "nginx"; }`.
     pub health_checks: Vec<String>,
-    /// Units and whether each is active after activation. A name without a
-    /// dot means `NAME.service`.
-    pub units: Vec<(String, bool)>,
+    /// Units and how each behaves after activation. A name without a dot
+    /// means `NAME.service`.
+    pub units: Vec<(String, UnitState)>,
     /// `switch-to-configuration switch|test` exits 4 with
     /// `error: the following units failed: ...` (after having switched
     /// `/run/current-system`, as NixOS does).
@@ -41,6 +41,10 @@ pub struct HostSpec {
     pub deployment_extra: Option<String>,
     /// Kernel version; the toplevel's closure holds a `linux-<kernel>` path.
     pub kernel: String,
+    /// `deployment.targetUser`: a non-root user that logs in with the fleet's
+    /// key and has passwordless `sudo`, and a `nix-daemon` in the host that
+    /// trusts it, as on NixOS (DESIGN §8). `None`: root logs in.
+    pub user: Option<String>,
     /// Extra packages (`name-version`) in the closure, each a derivation of its own.
     pub extra_packages: Vec<String>,
 }
@@ -64,7 +68,14 @@ impl HostSpec {
             deployment_extra: None,
             kernel: "6.6.1".to_string(),
             extra_packages: Vec::new(),
+            user: None,
         }
+    }
+
+    /// Deploy as the non-root `user` (see [`HostSpec::user`]).
+    pub fn user(mut self, user: &str) -> Self {
+        self.user = Some(user.to_string());
+        self
     }
 
     /// Sets the kernel version.
@@ -112,8 +123,31 @@ impl HostSpec {
 
     /// Adds a unit and whether it is active after activation.
     pub fn unit(mut self, unit: &str, active: bool) -> Self {
-        self.units.push((unit.to_string(), active));
+        let state = if active {
+            UnitState::Active
+        } else {
+            UnitState::Failed
+        };
+        self.units.push((unit.to_string(), state));
         self
+    }
+
+    /// Adds a unit `NAME.service` that comes up `ms` after the switch (it is
+    /// `activating` until then), and the health check for it.
+    pub fn slow_service(mut self, name: &str, ms: u64) -> Self {
+        self.units
+            .push((name.to_string(), UnitState::ActiveAfter(ms)));
+        let check = format!("{{ service = {}; period = 0.5; }}", nix_string(name));
+        self.health_check(&check)
+    }
+
+    /// Adds a unit `NAME.service` that flaps: active for `period_ms`, failed
+    /// for `period_ms`, and so on from the switch; and the health check.
+    pub fn flapping_service(mut self, name: &str, period_ms: u64) -> Self {
+        self.units
+            .push((name.to_string(), UnitState::Flapping(period_ms)));
+        let check = format!("{{ service = {}; period = 0.5; }}", nix_string(name));
+        self.health_check(&check)
     }
 
     /// Adds an active unit `NAME.service` and the health check
@@ -173,6 +207,12 @@ impl HostSpec {
 
     pub(crate) fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
+        if let Some(user) = &self.user {
+            validate_name(user)?;
+            if user == "root" {
+                bail!("host {}: user root is the default; set no user", self.name);
+            }
+        }
         for (unit, _) in &self.units {
             let ok = !unit.is_empty()
                 && unit
@@ -184,6 +224,17 @@ impl HostSpec {
         }
         Ok(())
     }
+}
+
+/// How a unit behaves after the switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnitState {
+    Active,
+    Failed,
+    /// `activating` until this many milliseconds after the switch, then active.
+    ActiveAfter(u64),
+    /// Active and failed in turn, each for this many milliseconds.
+    Flapping(u64),
 }
 
 /// One run of `switch-to-configuration`, parsed from the host's

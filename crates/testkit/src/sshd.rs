@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -181,9 +181,15 @@ impl Fleet {
             .append(true)
             .open(dir.join("sshd.log"))
             .with_context(|| format!("host {}: opening sshd.log", host.name))?;
+        let user_setup = match self.specs[i].user.clone() {
+            Some(user) => prepare_user(&self.dir, &dir, &user)
+                .with_context(|| format!("host {}: preparing user {user}", self.hosts[i].name))?,
+            None => String::new(),
+        };
+        let host = &mut self.hosts[i];
         let script = format!(
             "mount --bind \"$1/nix\" /nix && mount --bind \"$1/run\" /run && \
-             mount --bind \"$1/root\" /root && \
+             mount --bind \"$1/root\" /root && {user_setup}\
              mkdir -p /run/sshd && echo $$ > /run/testkit-sshd.pid && \
              exec {SSHD} -D -e -f \"$1/sshd_config\""
         );
@@ -301,4 +307,76 @@ done
         write_atomic(&self.dir.join("known_hosts"), &known)?;
         write_atomic(&self.ssh_config(), &config)
     }
+}
+
+/// The uid and gid of a host's non-root deploy user.
+const USER_ID: u32 = 64_000;
+
+/// Gives a host a non-root deploy user, as NixOS hosts deployed by a
+/// `deploy` user have: the user exists only inside the host (private
+/// `/etc/passwd`, `/etc/group`, `/etc/shadow` bind-mounted over the
+/// machine's), may run anything as root through `sudo -n` (a private
+/// `/etc/sudoers`), and is trusted by a `nix-daemon` running in the host
+/// (its socket is in the host's own `/nix`), so `nix copy` as that user works
+/// as on NixOS. Nothing of the machine's own configuration changes. Returns
+/// the shell commands that mount these files and start the daemon, run in the
+/// host's namespace before sshd.
+fn prepare_user(fleet_dir: &Path, dir: &Path, user: &str) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let etc = dir.join("etc");
+    fs::create_dir_all(&etc)?;
+    let machine = |file: &str| fs::read_to_string(Path::new("/etc").join(file)).unwrap_or_default();
+    let with_line = |text: String, line: String| {
+        let mut text = text;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&line);
+        text.push('\n');
+        text
+    };
+    let home = format!("/run/home/{user}");
+    write_atomic(
+        &etc.join("passwd"),
+        &with_line(
+            machine("passwd"),
+            format!("{user}:x:{USER_ID}:{USER_ID}:nix-deploy test user:{home}:/bin/sh"),
+        ),
+    )?;
+    write_atomic(
+        &etc.join("group"),
+        &with_line(machine("group"), format!("{user}:x:{USER_ID}:")),
+    )?;
+    // `*`: no password, but not locked (sshd without PAM refuses locked accounts).
+    write_atomic(
+        &etc.join("shadow"),
+        &with_line(machine("shadow"), format!("{user}:*:19000:0:99999:7:::")),
+    )?;
+    write_atomic(
+        &etc.join("sudoers"),
+        &format!(
+            "Defaults secure_path=\"/run/current-system/sw/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\"\n\
+             root ALL=(ALL:ALL) ALL\n\
+             {user} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+        ),
+    )?;
+    fs::set_permissions(etc.join("sudoers"), fs::Permissions::from_mode(0o440))?;
+    fs::set_permissions(etc.join("shadow"), fs::Permissions::from_mode(0o640))?;
+    let home_dir = dir.join("run/home").join(user);
+    fs::create_dir_all(&home_dir)?;
+    std::os::unix::fs::chown(&home_dir, Some(USER_ID), Some(USER_ID))?;
+    // sshd reads the authorized keys as the user: they, and the way to them,
+    // must be readable by it.
+    for traversed in [fleet_dir, &fleet_dir.join("hosts"), dir] {
+        fs::set_permissions(traversed, fs::Permissions::from_mode(0o711))?;
+    }
+    fs::set_permissions(
+        dir.join("authorized_keys"),
+        fs::Permissions::from_mode(0o644),
+    )?;
+    Ok(format!(
+        "for f in passwd group shadow sudoers; do mount --bind \"$1/etc/$f\" /etc/$f || exit 1; done && \
+         {{ NIX_CONFIG=\"$(printf 'trusted-users = root {user}\\nbuild-users-group =\\nsubstituters =')\" \
+         setsid nix-daemon </dev/null >>\"$1/nix-daemon.log\" 2>&1 & }} && "
+    ))
 }
