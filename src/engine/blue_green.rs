@@ -15,8 +15,9 @@ use crate::store::StoreError;
 use crate::transport::ssh::Connection;
 
 impl Execution<'_> {
-    /// Commit every staged host if all are healthy, else revert all.
-    pub(super) async fn settle_blue_green(&mut self) -> Result<(), StoreError> {
+    /// Commit every staged host if all are healthy and the deployment ran to
+    /// its end; else (a failure, a host not started, a cancel) revert all.
+    pub(super) async fn settle_blue_green(&mut self, cancelled: bool) -> Result<(), StoreError> {
         let staged: Vec<String> = self
             .runs
             .values()
@@ -28,6 +29,7 @@ impl Execution<'_> {
             .values()
             .filter(|r| {
                 r.status.is_failure()
+                    || r.status == HostStatus::Cancelled
                     || r.status == HostStatus::Skipped
                         && r.changed == Some(true)
                         && r.reason
@@ -36,8 +38,15 @@ impl Execution<'_> {
             })
             .map(|r| r.host.clone())
             .collect();
-        let commit = failed.is_empty();
-        if !commit {
+        let commit = failed.is_empty() && !cancelled;
+        if cancelled {
+            self.recorder
+                .log(
+                    None,
+                    "blue-green: cancelled; every staged host goes back to its old system".into(),
+                )
+                .await?;
+        } else if !commit {
             self.recorder
                 .log(
                     None,
@@ -52,10 +61,15 @@ impl Execution<'_> {
             if commit {
                 self.commit(&host).await?;
             } else {
-                let note = format!(
-                    "blue-green: reverted to its old system because {} failed",
-                    failed.join(", ")
-                );
+                let note = if cancelled {
+                    "blue-green: reverted to its old system because the deployment was cancelled"
+                        .to_string()
+                } else {
+                    format!(
+                        "blue-green: reverted to its old system because {} failed",
+                        failed.join(", ")
+                    )
+                };
                 self.take_back(&host, Back::Test, note, "no previous system to return to")
                     .await?;
             }

@@ -14,7 +14,7 @@ use nix_deploy_core::remote;
 use nix_deploy_core::reports::HostHealth;
 
 use super::prepare::find_host;
-use super::probe::probe_host;
+use super::probe::{Settle, probe_host};
 use super::{Engine, EngineError};
 use crate::transport::ssh::Connection;
 
@@ -177,6 +177,11 @@ pub(super) async fn validate_host(
     }
     match validate(connection, checks, health_timeout).await {
         Ok(results) => {
+            // Checks that passed on another system prove nothing: the host
+            // must still run `path` now that they passed.
+            if let Err(e) = still_runs(connection, host, path).await {
+                return (results, Err(e));
+            }
             let text = results
                 .iter()
                 .map(|r| format!("{}: ok", r.check))
@@ -188,6 +193,26 @@ pub(super) async fn validate_host(
     }
 }
 
+/// `/run/current-system` is still `path` after the checks.
+async fn still_runs(connection: &Connection, host: &Host, path: &str) -> Result<(), String> {
+    let current = connection
+        .run(
+            "validate",
+            &remote::current_system_argv(),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let current = current.stdout.trim();
+    if current != path {
+        return Err(format!(
+            "{}: validate: /run/current-system became {current} while it was validated, expected {path} (switched back?)",
+            host.name
+        ));
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Probe one host and run its health checks once (retrying within `within`).
     pub async fn check_health(
@@ -197,7 +222,7 @@ impl Engine {
     ) -> Result<HostHealth, EngineError> {
         let inventory = self.inventory().await?;
         let host = find_host(&inventory, host_name)?;
-        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh).await;
+        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh, Settle::No).await;
         let Some(connection) = connection else {
             return Ok(HostHealth {
                 host: host.name,

@@ -222,9 +222,7 @@ impl Engine {
         } else {
             DeploymentStatus::Succeeded
         };
-        self.store
-            .finish_deployment(id, status, error.as_deref())
-            .await?;
+        recorder::durably(|| self.store.finish_deployment(id, status, error.as_deref())).await?;
         recorder
             .emit(None, EventKind::DeploymentFinished { status })
             .await?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::fleet::{HealthCheck, Host};
 use nix_deploy_core::options::DeployOptions;
-use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::remote::{self, Activation, Decision};
 use nix_deploy_core::run::HostRun;
 
 use super::health;
@@ -138,7 +138,12 @@ impl HostContext {
                 }
                 Outcome::Healthy
             }
-            Err(StepFailure::Store(e)) => return Err(e),
+            Err(StepFailure::Store(e)) => {
+                // The history cannot be written: leave no host between
+                // generations, then say so.
+                self.undo_unrecorded(&mut job).await;
+                return Err(e);
+            }
             Err(failure) => {
                 self.recover(&mut job, activation, failure).await?;
                 Outcome::NotHealthy
@@ -356,7 +361,10 @@ impl HostContext {
             .map_err(StepFailure::Activate)
     }
 
-    /// The host runs the new system and its health checks pass.
+    /// The host runs the new system and its health checks pass. Meanwhile
+    /// the watchdog's deadline is pushed on, so it never switches the host
+    /// back under a validation still in progress (and does, one confirm
+    /// window later, if we die).
     async fn validate(&self, job: &mut HostJob, path: &str) -> Result<(), StepFailure> {
         let HostJob {
             assessment,
@@ -365,15 +373,28 @@ impl HostContext {
         } = job;
         let host = &assessment.host;
         let checks = self.checks(host);
+        let token = run.token.clone().unwrap_or_default();
+        let connection = &*connection;
         let work = async {
-            let (results, verdict) =
-                health::validate_host(connection, host, path, &checks, self.options.health_timeout)
-                    .await;
-            self.recorder
-                .health_checked(&host.name, "validate", results)
-                .await
-                .map_err(|e| e.to_string())?;
-            verdict
+            let validation = async {
+                let (results, verdict) = health::validate_host(
+                    connection,
+                    host,
+                    path,
+                    &checks,
+                    self.options.health_timeout,
+                )
+                .await;
+                self.recorder
+                    .health_checked(&host.name, "validate", results)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                verdict
+            };
+            tokio::select! {
+                verdict = validation => verdict,
+                never = self.keep_watchdog_waiting(connection, &token) => match never {},
+            }
         };
         self.recorder
             .step(run, Step::Validate, work)
@@ -382,8 +403,31 @@ impl HostContext {
             .map_err(StepFailure::Validate)
     }
 
-    /// Only a new connection proves the new system still lets us in; it
-    /// disarms the watchdog.
+    /// Push the watchdog's deadline one confirm window on, again and again.
+    async fn keep_watchdog_waiting(
+        &self,
+        connection: &Connection,
+        token: &str,
+    ) -> std::convert::Infallible {
+        let window = self.options.confirm_timeout;
+        let period = (window / 3).clamp(Duration::from_millis(500), Duration::from_secs(10));
+        loop {
+            // Best effort: a host we cannot reach cannot run its watchdog
+            // either, and validation reports the host itself.
+            let _ = connection
+                .run_privileged(
+                    "validate",
+                    &remote::extend_argv(token, window.as_secs().max(1)),
+                    self.ssh.command_timeout,
+                )
+                .await;
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    /// Only a new connection proves the new system still lets us in; over it
+    /// we decide the activation, atomically against the watchdog: if the
+    /// watchdog decided first, the host went back and this fails.
     async fn confirm(&self, job: &mut HostJob) -> Result<(), StepFailure> {
         let HostJob {
             assessment, run, ..
@@ -402,13 +446,24 @@ impl HostContext {
             let result = fresh
                 .run_privileged(
                     "confirm",
-                    &remote::confirm_argv(&token),
+                    &remote::decide_argv(&token, Decision::Confirmed),
                     self.ssh.command_timeout,
                 )
-                .await
-                .map_err(|e| e.to_string());
+                .await;
             fresh.close().await;
-            result.map(|_| ())
+            match result {
+                Ok(_) => Ok(()),
+                Err(ssh::SshError::Exit { code, stderr, .. })
+                    if code == remote::DECIDED_BY_WATCHDOG =>
+                {
+                    Err(format!(
+                        "{}: confirm: too late, the host's watchdog had already decided to switch back ({})",
+                        host.name,
+                        stderr.trim()
+                    ))
+                }
+                Err(e) => Err(e.to_string()),
+            }
         };
         self.recorder
             .step(run, Step::Confirm, work)
@@ -494,8 +549,10 @@ impl HostContext {
                     })?;
                 }
                 Err(ssh::SshError::Exit { .. }) => {} // not finished yet
+                // A host that does not answer for a while (frozen, a dropped
+                // link) is not a failed activation: the activator goes on
+                // without us. Keep asking until the deadline.
                 Err(e) if e.is_connection() => {
-                    // The activator survives us; try to get back in.
                     if let Ok(fresh) =
                         Connection::connect(&host.name, &host.target, &self.ssh).await
                     {
@@ -503,6 +560,7 @@ impl HostContext {
                         old.close().await;
                     }
                 }
+                Err(ssh::SshError::Timeout { .. }) => {}
                 Err(e) => return Err(e.to_string()),
             }
             if Instant::now() > deadline {

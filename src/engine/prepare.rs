@@ -97,10 +97,13 @@ pub(super) fn find_host(inventory: &Inventory, name: &str) -> Result<Host, Engin
     })
 }
 
-/// The leases one run holds on its hosts.
+/// The leases one run holds on its hosts, renewed by one heartbeat for as
+/// long as it holds them (whatever the run is doing: deploying, settling,
+/// rolling back).
 pub(super) struct Leases {
     store: Store,
     owner: String,
+    renewal: Background,
 }
 
 impl Leases {
@@ -122,9 +125,20 @@ impl Leases {
                 }
             }
             let Some((host, holder)) = refused else {
+                let renewal = {
+                    let store = store.clone();
+                    let owner = owner.clone();
+                    Background(tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(LEASE_TTL / 6).await;
+                            let _ = store.renew_leases(&owner, None, LEASE_TTL).await;
+                        }
+                    }))
+                };
                 return Ok(Leases {
                     store: store.clone(),
                     owner,
+                    renewal,
                 });
             };
             store.release_leases(&owner).await?;
@@ -141,21 +155,18 @@ impl Leases {
         }
     }
 
-    /// Keep the leases alive and listen for `nix-deploy cancel` while
-    /// deployment `id` runs: one task, stopped when the returned guard drops.
-    pub fn heartbeat(&self, id: i64, cancel: &CancellationToken) -> Heartbeat {
+    /// Name deployment `id` on the leases, and listen for `nix-deploy
+    /// cancel` while it runs: stopped when the returned guard drops.
+    pub async fn watch_cancel(&self, id: i64, cancel: &CancellationToken) -> Background {
+        let _ = self
+            .store
+            .renew_leases(&self.owner, Some(id), LEASE_TTL)
+            .await;
         let store = self.store.clone();
-        let owner = self.owner.clone();
         let cancel = cancel.clone();
-        Heartbeat(tokio::spawn(async move {
-            let _ = store.renew_leases(&owner, Some(id), LEASE_TTL).await;
-            let mut tick = 0u32;
+        Background(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                tick += 1;
-                if tick.is_multiple_of(40) {
-                    let _ = store.renew_leases(&owner, Some(id), LEASE_TTL).await;
-                }
                 if !cancel.is_cancelled() && store.cancel_requested(id).await.unwrap_or(false) {
                     cancel.cancel();
                 }
@@ -164,14 +175,15 @@ impl Leases {
     }
 
     pub async fn release(self) {
+        self.renewal.0.abort();
         let _ = self.store.release_leases(&self.owner).await;
     }
 }
 
-/// The heartbeat task of a run's leases; stops when dropped.
-pub(super) struct Heartbeat(JoinHandle<()>);
+/// A background task of a run; stops when dropped.
+pub(super) struct Background(JoinHandle<()>);
 
-impl Drop for Heartbeat {
+impl Drop for Background {
     fn drop(&mut self) {
         self.0.abort();
     }

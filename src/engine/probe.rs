@@ -4,6 +4,7 @@
 //! anything.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -29,19 +30,73 @@ pub struct Assessment {
     pub current: SystemRef,
     pub probe: Option<ProbeResult>,
     pub error: Option<String>,
+    /// Undecided activations a dead coordinator left, settled before this
+    /// probe (one line each).
+    pub settled: Vec<String>,
+}
+
+/// Whether probing may change a host to settle what a dead coordinator left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Settle {
+    /// Commands that touch hosts settle undecided activations first, so no
+    /// old watchdog can switch a host back after them.
+    Yes {
+        /// How long an abandoned activation may still take to end.
+        activation_timeout: Duration,
+    },
+    /// Read-only commands report them.
+    No,
 }
 
 /// Connect and probe one host. Never fails: an unreachable host is a result.
+/// With [`Settle::Yes`], activations a dead coordinator left undecided are
+/// settled first (switched back, as their watchdogs would), then the host
+/// is probed again.
 pub(super) async fn probe_host(
     host: Host,
     options: &SshOptions,
+    settle: Settle,
 ) -> (Assessment, Option<Connection>) {
+    let (assessment, connection) = probe_once(host, options).await;
+    let Settle::Yes { activation_timeout } = settle else {
+        return (assessment, connection);
+    };
+    let Some(connection) = connection else {
+        return (assessment, None);
+    };
+    if assessment
+        .probe
+        .as_ref()
+        .is_none_or(|p| p.pending.is_empty())
+    {
+        return (assessment, Some(connection));
+    }
+    let settled = connection
+        .run_privileged(
+            "settle",
+            &remote::settle_argv(activation_timeout.as_secs().max(1)),
+            activation_timeout + Duration::from_secs(120),
+        )
+        .await;
+    let lines: Vec<String> = match settled {
+        Ok(out) => out.stdout.lines().map(str::to_string).collect(),
+        Err(e) => vec![format!("could not settle: {e}")],
+    };
+    connection.close().await;
+    // Probe again: what the host runs now is what counts.
+    let (mut again, connection) = probe_once(assessment.host, options).await;
+    again.settled = lines;
+    (again, connection)
+}
+
+async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Connection>) {
     let unreachable = |host: Host, error: String| Assessment {
         host,
         state: HostState::Unreachable,
         current: SystemRef::default(),
         probe: None,
         error: Some(error),
+        settled: Vec::new(),
     };
     let connection = match Connection::connect(&host.name, &host.target, options).await {
         Ok(c) => c,
@@ -59,7 +114,11 @@ pub(super) async fn probe_host(
     };
     match remote::parse_probe(&output.stdout) {
         Ok(probe) => {
-            let state = plan::classify(probe.current_system.as_deref(), &host.toplevel);
+            let state = plan::classify(
+                probe.current_system.as_deref(),
+                probe.profile_system.as_deref(),
+                &host.toplevel,
+            );
             let current = SystemRef {
                 path: probe.current_system.clone(),
                 generation: probe.generation,
@@ -71,6 +130,7 @@ pub(super) async fn probe_host(
                     current,
                     probe: Some(probe),
                     error: None,
+                    settled: Vec::new(),
                 },
                 Some(connection),
             )
@@ -113,7 +173,7 @@ pub(super) async fn change_summary(
 }
 
 /// Listing a closure on a host: a bounded query, however large the system.
-const CLOSURE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+const CLOSURE_QUERY_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Engine {
     /// Probe hosts in parallel. Returns each assessment and its open connection.
@@ -121,6 +181,7 @@ impl Engine {
         &self,
         hosts: Vec<Host>,
         recorder: Option<&Recorder>,
+        settle: Settle,
     ) -> Result<Vec<(Assessment, Option<Connection>)>, EngineError> {
         let semaphore = Arc::new(Semaphore::new(self.config.probe_limit.max(1)));
         let mut tasks = JoinSet::new();
@@ -129,7 +190,7 @@ impl Engine {
             let options = self.config.ssh.clone();
             tasks.spawn(async move {
                 let _permit = semaphore.acquire_owned().await;
-                (index, probe_host(host, &options).await)
+                (index, probe_host(host, &options, settle).await)
             });
         }
         let mut results = Vec::new();
@@ -144,6 +205,14 @@ impl Engine {
                 )
                 .await?;
             if let Some(recorder) = recorder {
+                for line in &assessment.settled {
+                    recorder
+                        .log(
+                            Some(&assessment.host.name),
+                            format!("settled an activation a stopped coordinator left: {line}"),
+                        )
+                        .await?;
+                }
                 recorder
                     .emit(
                         Some(&assessment.host.name),
@@ -207,7 +276,7 @@ impl Engine {
         summaries: bool,
     ) -> Result<PlanReport, EngineError> {
         let prepared = self.prepare(selection, options).await?;
-        let probed = self.probe_all(prepared.hosts, None).await?;
+        let probed = self.probe_all(prepared.hosts, None, Settle::No).await?;
         let mut facts = Vec::new();
         for (assessment, connection) in probed {
             let summary = match (&connection, summaries, assessment.state) {

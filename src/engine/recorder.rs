@@ -4,9 +4,11 @@
 
 use std::fmt::Display;
 use std::future::Future;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::{Mutex, mpsc};
 
 use nix_deploy_core::events::{CheckResult, Event, EventKind, Step};
 use nix_deploy_core::run::{HostRun, StepTiming};
@@ -14,12 +16,42 @@ use nix_deploy_core::run::{HostRun, StepTiming};
 use crate::now_ms;
 use crate::store::{Store, StoreError};
 
+/// How long a write waits for a database that is locked, full or failing
+/// before the deployment gives up on recording: the hosts are not left
+/// waiting forever, and a short outage loses nothing.
+const STORE_PATIENCE: Duration = Duration::from_secs(120);
+
 /// Writes events to the store, then hands them to whoever watches.
 #[derive(Clone)]
 pub(super) struct Recorder {
     store: Store,
     deployment_id: i64,
     sink: Option<mpsc::UnboundedSender<Event>>,
+    /// Held from an event's insert to its send: watchers get events in the
+    /// order of their ids, whichever host task emits them.
+    order: Arc<Mutex<()>>,
+}
+
+/// Run a store write, again while the database is only temporarily unable
+/// (locked, disk full), for up to [`STORE_PATIENCE`].
+pub(super) async fn durably<T, F, Fut>(write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    write
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(STORE_PATIENCE))
+                .without_max_times(),
+        )
+        .when(StoreError::is_transient)
+        .notify(|e, wait| {
+            tracing::warn!(cause = %e, ?wait, "the history cannot be written yet; retrying");
+        })
+        .await
 }
 
 impl Recorder {
@@ -32,6 +64,7 @@ impl Recorder {
             store,
             deployment_id,
             sink,
+            order: Arc::new(Mutex::new(())),
         }
     }
 
@@ -40,10 +73,12 @@ impl Recorder {
     }
 
     pub async fn emit(&self, host: Option<&str>, kind: EventKind) -> Result<(), StoreError> {
-        let event = self
-            .store
-            .append_event(self.deployment_id, host, kind)
-            .await?;
+        let _order = self.order.lock().await;
+        let event = durably(|| {
+            self.store
+                .append_event(self.deployment_id, host, kind.clone())
+        })
+        .await?;
         if let Some(sink) = &self.sink {
             // A watcher that went away does not stop the deployment.
             let _ = sink.send(event);
@@ -72,7 +107,7 @@ impl Recorder {
 
     /// Save a host run as it is now.
     pub async fn save(&self, run: &HostRun) -> Result<(), StoreError> {
-        self.store.save_host_run(run).await
+        durably(|| self.store.save_host_run(run)).await
     }
 
     /// Run one step of a host: record its start, run it, record its end. The
@@ -130,7 +165,7 @@ impl Recorder {
         }
         run.step = None;
         self.save(run).await?;
-        self.store.record_host_result(run).await?;
+        durably(|| self.store.record_host_result(run)).await?;
         self.emit(
             Some(&run.host),
             EventKind::HostFinished {

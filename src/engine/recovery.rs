@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use nix_deploy_core::events::{HostStatus, Step, SystemRef};
 use nix_deploy_core::fleet::Host;
-use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::remote::{self, Activation, Decision};
 use nix_deploy_core::run::HostRun;
 
 use super::health;
 use super::pipeline::{HostContext, HostJob, Recovery, StepFailure};
 use super::scheduler::Execution;
 use crate::store::StoreError;
-use crate::transport::ssh::Connection;
+use crate::transport::ssh::{Connection, SshError};
 
 /// Deadline of one switch back (`switch-to-configuration` of the old system).
 const SWITCH_BACK_TIMEOUT: Duration = Duration::from_secs(600);
@@ -186,8 +186,11 @@ impl HostContext {
         }
     }
 
-    /// Activation or validation failed: roll back if allowed and possible,
-    /// then disarm the watchdog (the coordinator has taken care of the host).
+    /// Activation or validation failed: roll back if allowed and possible.
+    /// The activation is decided first, atomically against its watchdog, so
+    /// the two never switch the host at the same time: if the watchdog
+    /// decided first (or the host cannot be reached to decide), the watchdog
+    /// is the one switching back, and we wait for it.
     async fn roll_back_failed(
         &self,
         job: &mut HostJob,
@@ -200,28 +203,39 @@ impl HostContext {
             run,
         } = job;
         let host = &assessment.host;
-        if !host.rollback_on_failure {
-            disarm(connection, run).await;
-            run.status = HostStatus::Failed;
-            run.error = Some(format!(
-                "{error}\n(rollbackOnFailure is off: left as it is)"
-            ));
-            return Ok(());
+        let previous = Previous::of(&assessment.current);
+        let (decision, keep_note) = match (&previous, host.rollback_on_failure) {
+            (_, false) => (
+                Decision::Confirmed,
+                "(rollbackOnFailure is off: left as it is)",
+            ),
+            (None, true) => (
+                Decision::Confirmed,
+                "no previous generation to roll back to (first deployment)",
+            ),
+            (Some(_), true) => (Decision::TakenBack, ""),
+        };
+        match decide(connection, run, decision).await {
+            Decided::Ours => {}
+            Decided::Elsewhere(how) => {
+                let error = format!(
+                    "{error}
+{how}"
+                );
+                return self.await_watchdog(job, error).await;
+            }
         }
-        let Some(previous) = Previous::of(&assessment.current) else {
-            disarm(connection, run).await;
+        let Some(previous) = previous.filter(|_| decision == Decision::TakenBack) else {
             run.status = HostStatus::Failed;
             run.error = Some(format!(
-                "{error}\nno previous generation to roll back to (first deployment)"
+                "{error}
+{keep_note}"
             ));
             return Ok(());
         };
         let result = self
             .roll_back(run, connection, host, &previous, Back::after(activation))
             .await?;
-        if result.is_ok() {
-            disarm(connection, run).await;
-        }
         let note = format!(
             "{error}\nrolled back to generation {} ({})",
             previous.generation, previous.path
@@ -236,9 +250,9 @@ impl HostContext {
         Ok(())
     }
 
-    /// The new system could not be confirmed over a new connection: the
-    /// watchdog on the host reverts it by itself. Wait for that and report
-    /// what the host runs afterwards.
+    /// The host's watchdog switches it back by itself (the new system did not
+    /// let us in, or the watchdog decided first): wait for its result and
+    /// report what the host runs afterwards.
     async fn await_watchdog(&self, job: &mut HostJob, error: String) -> Result<(), StoreError> {
         let HostJob {
             assessment,
@@ -253,12 +267,13 @@ impl HostContext {
             return Ok(());
         };
         let old_generation = old.generation.map(|g| g.to_string()).unwrap_or("-".into());
-        let confirm_timeout = self.options.confirm_timeout;
+        // It decides one confirm window after the last extension, then runs
+        // the old system's activation.
+        let patience = self.options.confirm_timeout
+            + self.options.activation_timeout
+            + Duration::from_secs(60);
         let work = async {
-            // The watchdog fires `confirm_timeout` after activation ended; give it
-            // time to switch back, then look through the connection we still have.
-            let deadline = Instant::now() + confirm_timeout + Duration::from_secs(60);
-            tokio::time::sleep(confirm_timeout).await;
+            let deadline = Instant::now() + patience;
             loop {
                 let result = connection
                     .run(
@@ -269,8 +284,17 @@ impl HostContext {
                     .await;
                 match result {
                     Ok(out) if out.stdout.trim().starts_with("reverted") => break,
-                    Ok(out) if out.stdout.trim() == "confirmed" => {
-                        return Err(format!("{host}: watchdog: unexpectedly confirmed"));
+                    Ok(out) if out.stdout.trim().starts_with("unconfirmed") => {
+                        return Err(format!(
+                            "{host}: watchdog: {} (nothing to switch back to)",
+                            out.stdout.trim()
+                        ));
+                    }
+                    Ok(out) if matches!(out.stdout.trim(), "confirmed" | "taken-back") => {
+                        return Err(format!(
+                            "{host}: watchdog: the activation was decided `{}` elsewhere",
+                            out.stdout.trim()
+                        ));
                     }
                     Err(e) if e.is_connection() => {
                         return Err(format!(
@@ -301,6 +325,81 @@ impl HostContext {
             Some(&error),
         );
         Ok(())
+    }
+}
+
+impl HostContext {
+    /// The history stopped accepting writes in the middle of a host: put the
+    /// host back on what it ran, without recording (best effort; a host we
+    /// cannot reach is switched back by its watchdog). Only the host's own
+    /// files tell what happened; the error reported says so.
+    pub async fn undo_unrecorded(&self, job: &mut HostJob) {
+        let HostJob {
+            assessment,
+            connection,
+            run,
+        } = job;
+        let Some(previous) = Previous::of(&assessment.current) else {
+            return;
+        };
+        let profile_set = run
+            .steps
+            .iter()
+            .any(|s| s.step == Step::SetProfile && s.ok == Some(true));
+        if run.token.is_some() {
+            // Staged with `test` (blue-green) when the profile was never set.
+            let how = if profile_set {
+                Back::Switch
+            } else {
+                Back::Test
+            };
+            if let Decided::Ours = decide(connection, run, Decision::TakenBack).await {
+                let _ = switch_back(connection, &previous, how).await;
+            }
+        } else if profile_set {
+            // The new generation is the boot default but never ran.
+            let _ = connection
+                .run_privileged(
+                    "rollback",
+                    &remote::switch_generation_argv(previous.generation),
+                    SWITCH_BACK_TIMEOUT,
+                )
+                .await;
+        }
+    }
+}
+
+/// Who decided an activation.
+enum Decided {
+    /// We did: its watchdog will not switch the host.
+    Ours,
+    /// Its watchdog did first, or the host could not be reached to decide
+    /// (then the watchdog will): why.
+    Elsewhere(String),
+}
+
+/// Decide the run's activation atomically against its watchdog. A run
+/// without an activation has nothing to decide.
+async fn decide(connection: &Connection, run: &HostRun, decision: Decision) -> Decided {
+    let Some(token) = &run.token else {
+        return Decided::Ours;
+    };
+    match connection
+        .run_privileged(
+            "rollback",
+            &remote::decide_argv(token, decision),
+            Duration::from_secs(30),
+        )
+        .await
+    {
+        Ok(_) => Decided::Ours,
+        Err(SshError::Exit { code, stderr, .. }) if code == remote::DECIDED_BY_WATCHDOG => {
+            Decided::Elsewhere(format!(
+                "its watchdog had already decided to switch back ({})",
+                stderr.trim()
+            ))
+        }
+        Err(e) => Decided::Elsewhere(format!("cannot decide the activation: {e}")),
     }
 }
 
@@ -373,21 +472,6 @@ impl Execution<'_> {
         self.recorder.finish_host(&mut run).await?;
         self.runs.insert(host.to_string(), run);
         Ok(())
-    }
-}
-
-/// Confirm (disarm) the run's watchdog: the coordinator has taken care of
-/// the host. Best effort: a watchdog we cannot reach reverts the host, which
-/// is what a failure wants anyway.
-async fn disarm(connection: &Connection, run: &HostRun) {
-    if let Some(token) = &run.token {
-        let _ = connection
-            .run_privileged(
-                "disarm",
-                &remote::confirm_argv(token),
-                Duration::from_secs(30),
-            )
-            .await;
     }
 }
 

@@ -1,23 +1,20 @@
 //! `resume`: continue a cancelled, failed or interrupted deployment with the
-//! hosts not yet done, with exactly the options it was started with. The
-//! watchdogs its dead coordinator left armed are let settle first, then every
-//! remaining host is probed again.
-
-use std::time::{Duration, Instant};
+//! hosts not yet done, with exactly the options it was started with. Every
+//! remaining host is probed again, and activations its dead coordinator left
+//! undecided are settled first (see `probe`). An interrupted rollback on
+//! request is resumed as that rollback, never as a deployment.
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
-use nix_deploy_core::fleet::{Host, Selection};
-use nix_deploy_core::options::DeployOptions;
-use nix_deploy_core::remote;
+use nix_deploy_core::fleet::Selection;
 use nix_deploy_core::run::{Deployment, HostRun};
 
 use super::prepare::Leases;
 use super::recorder::Recorder;
+use super::rollback::ROLLBACK;
 use super::{Engine, EngineError};
-use crate::transport::ssh::{self, Connection};
 
 impl Engine {
     /// Continue a cancelled, failed or interrupted deployment with the hosts
@@ -32,11 +29,15 @@ impl Engine {
         self.store.mark_interrupted().await?;
         let deployment = self.resumable(id).await?;
         let options = deployment.options.clone();
-        let (done, remaining): (Vec<HostRun>, Vec<HostRun>) =
-            deployment.hosts.iter().cloned().partition(|r| {
+        let done: Vec<HostRun> = deployment
+            .hosts
+            .iter()
+            .filter(|r| {
                 r.status == HostStatus::Deployed
                     || (r.status == HostStatus::Skipped && r.changed == Some(false))
-            });
+            })
+            .cloned()
+            .collect();
         let remaining_names: Vec<String> = deployment
             .selected
             .iter()
@@ -47,20 +48,11 @@ impl Engine {
             names: remaining_names.clone(),
             ..Selection::default()
         };
-        let prepared = if remaining_names.is_empty() {
+        let rollback = deployment.strategy == ROLLBACK;
+        let prepared = if remaining_names.is_empty() || rollback {
             None
         } else {
             Some(self.prepare(&selection, &options).await?)
-        };
-        // Activations the dead coordinator never confirmed are still armed on
-        // their hosts; let their watchdogs settle before we look at the hosts.
-        let unsettled: Vec<(Host, String)> = match &prepared {
-            Some(p) => remaining
-                .iter()
-                .filter(|r| r.status == HostStatus::Interrupted)
-                .filter_map(|r| Some((p.inventory.get(&r.host)?.clone(), r.token.clone()?)))
-                .collect(),
-            None => Vec::new(),
         };
         let leases = Leases::acquire(&self.store, &remaining_names, wait, &cancel).await?;
         self.store.reopen_deployment(deployment.id).await?;
@@ -87,11 +79,10 @@ impl Engine {
                     ),
                 )
                 .await?;
-            for (host, token) in &unsettled {
-                self.settle_watchdog(&recorder, host, token, &options)
-                    .await?;
-            }
             match prepared {
+                _ if rollback && !remaining_names.is_empty() => {
+                    self.resume_rollback(&deployment, &recorder).await
+                }
                 Some(prepared) => {
                     self.execute(prepared, &options, &recorder, &leases, &cancel, done)
                         .await
@@ -134,83 +125,5 @@ impl Engine {
             ))),
             _ => Ok(deployment),
         }
-    }
-
-    /// Wait until the activator of an interrupted host run has finished and its
-    /// watchdog has decided (confirmed or reverted), so the probe that follows
-    /// sees what the host will keep running.
-    async fn settle_watchdog(
-        &self,
-        recorder: &Recorder,
-        host: &Host,
-        token: &str,
-        options: &DeployOptions,
-    ) -> Result<(), EngineError> {
-        let Ok(connection) = Connection::connect(&host.name, &host.target, &self.config.ssh).await
-        else {
-            return Ok(()); // unreachable: the probe will say so
-        };
-        recorder
-            .log(
-                Some(&host.name),
-                "waiting for the watchdog of the interrupted activation to settle".into(),
-            )
-            .await?;
-        let command_timeout = self.config.ssh.command_timeout;
-        // The activation itself may still be running, then the watchdog waits.
-        let deadline = Instant::now()
-            + options.activation_timeout
-            + options.confirm_timeout
-            + Duration::from_secs(30);
-        loop {
-            let result = connection
-                .run(
-                    "resume",
-                    &remote::watchdog_result_argv(token),
-                    command_timeout,
-                )
-                .await;
-            match result {
-                Ok(out) if !out.stdout.trim().is_empty() && out.stdout.trim() != "reverting" => {
-                    recorder
-                        .log(Some(&host.name), format!("watchdog: {}", out.stdout.trim()))
-                        .await?;
-                    break;
-                }
-                // No activator ever ran with this token: nothing to wait for.
-                Err(ssh::SshError::Exit { .. })
-                    if connection
-                        .run(
-                            "resume",
-                            &remote::activation_status_argv(token),
-                            command_timeout,
-                        )
-                        .await
-                        .is_err()
-                        && connection
-                            .run(
-                                "resume",
-                                &[
-                                    "test".into(),
-                                    "-e".into(),
-                                    format!("{}/{token}.pid", remote::STATE_DIR),
-                                ],
-                                command_timeout,
-                            )
-                            .await
-                            .is_err() =>
-                {
-                    break;
-                }
-                Err(e) if e.is_connection() => break,
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        connection.close().await;
-        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! `rollback HOST [--to-generation N]`: switch a host back to an earlier
 //! generation on request, verified, health-checked and recorded like a
-//! deployment (strategy `rollback`).
+//! deployment (strategy `rollback`). An interrupted one is resumed as the
+//! same rollback, to the same generation.
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -13,12 +14,16 @@ use nix_deploy_core::run::{Deployment, HostRun};
 
 use super::pipeline::HostContext;
 use super::prepare::{Leases, find_host};
-use super::probe::probe_host;
+use super::probe::{Assessment, Settle, probe_host};
 use super::recorder::Recorder;
 use super::recovery::{Back, Previous, conclude};
 use super::{Engine, EngineError};
 use crate::now_ms;
 use crate::store::NewDeployment;
+use crate::transport::ssh::Connection;
+
+/// The strategy name a rollback on request is recorded with.
+pub const ROLLBACK: &str = "rollback";
 
 /// Who asked for a rollback, and how it is checked.
 pub struct RollbackRequest {
@@ -44,92 +49,117 @@ impl Engine {
         let never = CancellationToken::new();
         let leases =
             Leases::acquire(&self.store, std::slice::from_ref(&host.name), false, &never).await?;
-        let result = self.rollback_leased(&host, &request, sink).await;
+        let result = async {
+            let (assessment, connection) = self.reach(&host, &request.options).await?;
+            let target =
+                match rollback_target(&connection, &assessment, request.to_generation).await {
+                    Ok(target) => target,
+                    Err(e) => {
+                        connection.close().await;
+                        return Err(e);
+                    }
+                };
+            let id = self
+                .store
+                .create_deployment(&NewDeployment {
+                    trigger: request.trigger.clone(),
+                    requested_by: request.requested_by.clone(),
+                    flake: self.config.flake.clone(),
+                    flake_rev: None,
+                    strategy: ROLLBACK.into(),
+                    options: request.options.clone(),
+                    hosts: vec![host.name.clone()],
+                })
+                .await?;
+            let recorder = Recorder::new(self.store.clone(), id, sink);
+            recorder
+                .emit(
+                    None,
+                    EventKind::DeploymentStarted {
+                        hosts: vec![host.name.clone()],
+                        strategy: ROLLBACK.into(),
+                    },
+                )
+                .await?;
+            self.roll_back_host(&recorder, &request.options, assessment, connection, target)
+                .await
+        }
+        .await;
         leases.release().await;
         result
     }
 
-    async fn rollback_leased(
+    /// Continue an interrupted rollback on request: the same host back to the
+    /// same generation (never forward to the system it was leaving).
+    pub(super) async fn resume_rollback(
         &self,
-        host: &Host,
-        request: &RollbackRequest,
-        sink: Option<mpsc::UnboundedSender<Event>>,
+        deployment: &Deployment,
+        recorder: &Recorder,
     ) -> Result<Deployment, EngineError> {
-        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh).await;
-        let Some(connection) = connection else {
-            return Err(EngineError::Unreachable(
-                assessment
-                    .error
-                    .unwrap_or_else(|| format!("{}: unreachable", host.name)),
-            ));
-        };
-        let timeout = self.config.ssh.command_timeout;
-        let target = async {
-            let generations = connection
-                .run("rollback", &remote::list_generations_argv(), timeout)
-                .await
-                .map(|o| remote::parse_generations(&o.stdout))
-                .unwrap_or_default();
-            let target = target_generation(
-                &host.name,
-                &generations,
-                assessment.current.generation,
-                request.to_generation,
-            )?;
-            let link = connection
-                .run(
-                    "rollback",
-                    &[
-                        "readlink".to_string(),
-                        "-f".into(),
-                        remote::generation_link(target),
-                    ],
-                    timeout,
-                )
-                .await
-                .map_err(|e| EngineError::Unreachable(e.to_string()))?;
-            Ok::<_, EngineError>(Previous {
-                generation: target,
-                path: link.stdout.trim().to_string(),
-            })
-        }
-        .await;
-        let target = match target {
+        let run = deployment
+            .hosts
+            .first()
+            .ok_or_else(|| EngineError::Internal("a rollback without its host run".into()))?;
+        let generation = run.to.generation.ok_or_else(|| {
+            EngineError::Internal("a rollback without its target generation".into())
+        })?;
+        let inventory = self.inventory().await?;
+        let host = find_host(&inventory, &run.host)?;
+        let (assessment, connection) = self.reach(&host, &deployment.options).await?;
+        let target = match rollback_target(&connection, &assessment, Some(generation)).await {
             Ok(target) => target,
             Err(e) => {
                 connection.close().await;
                 return Err(e);
             }
         };
-        let id = self
-            .store
-            .create_deployment(&NewDeployment {
-                trigger: request.trigger.clone(),
-                requested_by: request.requested_by.clone(),
-                flake: self.config.flake.clone(),
-                flake_rev: None,
-                strategy: "rollback".into(),
-                options: request.options.clone(),
-                hosts: vec![host.name.clone()],
-            })
-            .await?;
-        let recorder = Recorder::new(self.store.clone(), id, sink);
-        recorder
-            .emit(
-                None,
-                EventKind::DeploymentStarted {
-                    hosts: vec![host.name.clone()],
-                    strategy: "rollback".into(),
-                },
-            )
-            .await?;
+        self.roll_back_host(
+            recorder,
+            &deployment.options,
+            assessment,
+            connection,
+            target,
+        )
+        .await
+    }
+
+    /// Probe the host (settling what a dead coordinator left), or say why not.
+    async fn reach(
+        &self,
+        host: &Host,
+        options: &DeployOptions,
+    ) -> Result<(Assessment, Connection), EngineError> {
+        let settle = Settle::Yes {
+            activation_timeout: options.activation_timeout,
+        };
+        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh, settle).await;
+        match connection {
+            Some(connection) => Ok((assessment, connection)),
+            None => Err(EngineError::Unreachable(
+                assessment
+                    .error
+                    .unwrap_or_else(|| format!("{}: unreachable", host.name)),
+            )),
+        }
+    }
+
+    /// Switch the host to `target` as the deployment's one host run.
+    async fn roll_back_host(
+        &self,
+        recorder: &Recorder,
+        options: &DeployOptions,
+        assessment: Assessment,
+        connection: Connection,
+        target: Previous,
+    ) -> Result<Deployment, EngineError> {
+        let host = &assessment.host;
         let context = HostContext {
             nix: self.config.nix.clone(),
             ssh: self.config.ssh.clone(),
-            options: request.options.clone(),
+            options: options.clone(),
             recorder: recorder.clone(),
         };
-        let mut run = HostRun::new(id, &host.name);
+        let mut run = HostRun::new(recorder.deployment_id(), &host.name);
         run.status = HostStatus::Running;
         run.changed = Some(true);
         run.from = assessment.current.clone();
@@ -141,16 +171,60 @@ impl Engine {
         ));
         run.time.started_at = Some(now_ms());
         recorder.save(&run).await?;
-        let result = context
-            .roll_back(&mut run, &connection, host, &target, Back::Switch)
-            .await?;
+        let there = assessment.current.path.as_deref() == Some(target.path.as_str())
+            && assessment.current.generation == Some(target.generation);
+        let result = if there {
+            recorder
+                .log(
+                    Some(&host.name),
+                    format!("already on generation {}", target.generation),
+                )
+                .await?;
+            Ok(())
+        } else {
+            context
+                .roll_back(&mut run, &connection, host, &target, Back::Switch)
+                .await?
+        };
         conclude(&mut run, result, HostStatus::Deployed, None, None);
         run.time.finished_at = Some(now_ms());
         connection.close().await;
         recorder.finish_host(&mut run).await?;
-        self.finish(&recorder, vec![run], None, &CancellationToken::new())
+        self.finish(recorder, vec![run], None, &CancellationToken::new())
             .await
     }
+}
+
+/// The generation to go back to and the system it is.
+async fn rollback_target(
+    connection: &Connection,
+    assessment: &Assessment,
+    asked: Option<u32>,
+) -> Result<Previous, EngineError> {
+    let host = &assessment.host.name;
+    let timeout = std::time::Duration::from_secs(60);
+    let generations = connection
+        .run("rollback", &remote::list_generations_argv(), timeout)
+        .await
+        .map(|o| remote::parse_generations(&o.stdout))
+        .unwrap_or_default();
+    let generation = target_generation(host, &generations, assessment.current.generation, asked)?;
+    let link = connection
+        .run(
+            "rollback",
+            &[
+                "readlink".to_string(),
+                "-f".into(),
+                remote::generation_link(generation),
+            ],
+            timeout,
+        )
+        .await
+        .map_err(|e| EngineError::Unreachable(e.to_string()))?;
+    Ok(Previous {
+        generation,
+        path: link.stdout.trim().to_string(),
+    })
 }
 
 /// The generation to go back to: the one asked for, if the host has it, else

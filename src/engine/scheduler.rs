@@ -22,7 +22,7 @@ use nix_deploy_core::run::{Deployment, HostRun};
 
 use super::pipeline::{HostContext, HostJob};
 use super::prepare::{Leases, Prepared};
-use super::probe::Assessment;
+use super::probe::{Assessment, Settle};
 use super::recorder::Recorder;
 use super::{Engine, EngineError};
 use crate::now_ms;
@@ -347,7 +347,7 @@ impl<'a> Execution<'a> {
         }
 
         if blue_green {
-            self.settle_blue_green().await?;
+            self.settle_blue_green(cancel.is_cancelled()).await?;
         } else if self.schedule.aborted().is_some() && self.options.rollback_all_on_abort {
             self.roll_back_deployed().await?;
         }
@@ -371,9 +371,14 @@ impl Engine {
         cancel: &CancellationToken,
         done: Vec<HostRun>,
     ) -> Result<Deployment, EngineError> {
-        let _heartbeat = leases.heartbeat(recorder.deployment_id(), cancel);
+        let _cancel_watch = leases.watch_cancel(recorder.deployment_id(), cancel).await;
         let id = recorder.deployment_id();
-        let probed = self.probe_all(prepared.hosts, Some(recorder)).await?;
+        let settle = Settle::Yes {
+            activation_timeout: options.activation_timeout,
+        };
+        let probed = self
+            .probe_all(prepared.hosts, Some(recorder), settle)
+            .await?;
         let mut facts = Vec::new();
         for (assessment, _) in &probed {
             facts.push(self.facts(assessment, None).await?);

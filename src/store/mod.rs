@@ -56,6 +56,27 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the database may well work again soon: locked by another
+    /// writer, the disk full, an I/O error, no free connection. (A corrupt
+    /// row or a failed migration will not get better by waiting.)
+    pub fn is_transient(&self) -> bool {
+        let StoreError::Query { source, .. } = self else {
+            return false;
+        };
+        match source {
+            sqlx::Error::Database(e) => {
+                // SQLite's primary result codes: BUSY 5, LOCKED 6, IOERR 10,
+                // FULL 13, CANTOPEN 14, PROTOCOL 15.
+                let code = e.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0) & 0xff;
+                matches!(code, 5 | 6 | 10 | 13 | 14 | 15)
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+            _ => false,
+        }
+    }
+}
+
 fn query_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { context, source }
 }

@@ -9,6 +9,7 @@
 mod cli;
 mod daemon;
 mod deploy;
+mod faults;
 mod helpers;
 mod recovery;
 mod safety;

@@ -7,12 +7,25 @@ use serde::{Deserialize, Serialize};
 /// The system profile whose generations NixOS boots from.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 
-/// One round trip tells us what a host runs. Fixed text: nothing from the
-/// flake or the user is pasted into it.
+/// One round trip tells us what a host runs: the running system, the
+/// profile's generation and the system it points at (they differ while a
+/// host is staged with `test` or waits for a reboot), free space, whether
+/// systemd runs it, and the activations whose watchdog has not decided yet.
+/// Fixed text: nothing from the flake or the user is pasted into it.
 const PROBE_SCRIPT: &str = r#"if [ -e /run/current-system ]; then readlink -f /run/current-system; else echo; fi
 readlink /nix/var/nix/profiles/system 2>/dev/null || echo
 { df -Pk /nix/store 2>/dev/null || df -Pk /nix 2>/dev/null || df -Pk /; } | tail -n 1
-if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd; else echo nosystemd; fi"#;
+if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd; else echo nosystemd; fi
+if [ -e /nix/var/nix/profiles/system ]; then readlink -f /nix/var/nix/profiles/system; else echo; fi
+pending=
+for f in /run/nix-deploy/*.pid; do
+  [ -e "$f" ] || continue
+  t=${f##*/}; t=${t%.pid}
+  [ -e "/run/nix-deploy/$t.decision" ] && continue
+  [ -d "/proc/$(cat "$f" 2>/dev/null)" ] || continue
+  pending="$pending $t"
+done
+echo "pending$pending""#;
 
 /// What a probe found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,10 +34,17 @@ pub struct ProbeResult {
     pub current_system: Option<String>,
     /// The generation `/nix/var/nix/profiles/system` points at.
     pub generation: Option<u32>,
+    /// The system that generation is: the boot default.
+    #[serde(default)]
+    pub profile_system: Option<String>,
     /// Free space of the file system holding `/nix/store`, in KiB.
     pub free_kib: Option<u64>,
     /// Whether systemd runs the host (so `systemd-run` can detach activation).
     pub systemd: bool,
+    /// Activations whose watchdog is armed and has not decided (a
+    /// coordinator died before confirming them).
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 pub fn probe_argv() -> Vec<String> {
@@ -49,15 +69,30 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
     let generation_line = lines.next().unwrap_or("").trim();
     let df_line = lines.next().unwrap_or("").trim();
     let systemd = lines.next().unwrap_or("").trim() == "systemd";
-    let current_system = if current.is_empty() {
-        None
-    } else if crate::shell::is_valid_store_path(current) {
-        Some(current.to_string())
-    } else {
-        return Err(format!(
-            "/run/current-system points at `{current}`, which is not a store path"
-        ));
+    let profile_line = lines.next().unwrap_or("").trim();
+    let pending = lines
+        .next()
+        .unwrap_or("")
+        .trim()
+        .strip_prefix("pending")
+        .unwrap_or("")
+        .split_whitespace()
+        .filter(|t| is_valid_token(t))
+        .map(str::to_string)
+        .collect();
+    let store_path = |text: &str, what: &str| -> Result<Option<String>, String> {
+        if text.is_empty() {
+            Ok(None)
+        } else if crate::shell::is_valid_store_path(text) {
+            Ok(Some(text.to_string()))
+        } else {
+            Err(format!(
+                "{what} points at `{text}`, which is not a store path"
+            ))
+        }
     };
+    let current_system = store_path(current, "/run/current-system")?;
+    let profile_system = store_path(profile_line, "the system profile")?;
     let generation = if generation_line.is_empty() {
         None
     } else {
@@ -73,8 +108,10 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
     Ok(ProbeResult {
         current_system,
         generation,
+        profile_system,
         free_kib,
         systemd,
+        pending,
     })
 }
 
@@ -156,52 +193,73 @@ pub fn switch_argv(system: &str, action: Activation) -> Vec<String> {
 /// Where the activator keeps its state on a host (a tmpfs on NixOS).
 pub const STATE_DIR: &str = "/run/nix-deploy";
 
+/// Switching back to generation `$old`, shared by the watchdog and the
+/// settling of an abandoned activation. `test` staging never touched the
+/// profile, so only the old system is activated.
+const REVERT_FN: &str = r#"revert() {
+  if [ "$1" = test ]; then
+    "/nix/var/nix/profiles/system-$2-link/bin/switch-to-configuration" test
+  else
+    nix-env -p /nix/var/nix/profiles/system --switch-generation "$2" &&
+    "/nix/var/nix/profiles/system-$2-link/bin/switch-to-configuration" switch
+  fi
+}
+"#;
+
 /// The activator: runs `switch-to-configuration` detached from our SSH session,
-/// records its exit code, then waits for a confirmation file. Without one
-/// within the confirm timeout it switches back to the old generation by
-/// itself (magic rollback). Fixed text: the system path, action, old
-/// generation, timeout and token arrive as positional arguments (validated
-/// before they get here), never pasted in.
+/// records its exit code, then waits for a decision. The coordinator decides
+/// by confirming (over a new connection) or by taking the host back itself;
+/// without a decision before the deadline the watchdog decides to switch back
+/// to the old generation by itself (magic rollback). The deadline is the
+/// window after the activation, pushed on by the coordinator while it
+/// validates ([`extend_argv`]): a slow validation is never cut short, and a
+/// coordinator that dies leaves the host reverting one window later. A
+/// decision is the
+/// directory `TOKEN.decision`, created atomically by exactly one party, so a
+/// confirmation can never race the watchdog: whoever creates it first
+/// decides, and the other reads `TOKEN.result`.
 ///
-/// Files, per token: `.log` (activation output), `.activated` (exit code),
-/// `.confirm` (written by the coordinator), `.result` (what the watchdog did).
-const ACTIVATOR_SCRIPT: &str = r#"system=$1; action=$2; old=$3; timeout=$4; token=$5
+/// Fixed text: the system path, action, old generation, window and token
+/// arrive as positional arguments (validated before they get here).
+///
+/// Files, per token: `.pid`, `.old` (generation to go back to), `.action`,
+/// `.log` (activation output), `.activated` (exit code), `.deadline` (when
+/// the watchdog decides, Unix seconds), `.decision/`, `.result`.
+const ACTIVATOR_BODY: &str = r#"system=$1; action=$2; old=$3; window=$4; token=$5
 dir=/run/nix-deploy; base="$dir/$token"
 mkdir -p "$dir"
-echo $$ > "$base.pid"
+echo $$ > "$base.pid"; echo "$old" > "$base.old"; echo "$action" > "$base.action"
 "$system/bin/switch-to-configuration" "$action" > "$base.log" 2>&1
 echo $? > "$base.activated.tmp" && mv "$base.activated.tmp" "$base.activated"
-i=0
-while [ "$i" -lt "$timeout" ]; do
-  if [ -e "$base.confirm" ]; then echo confirmed > "$base.result"; exit 0; fi
-  sleep 1; i=$((i+1))
+echo $(( $(date +%s) + window )) > "$base.deadline"
+while [ "$(date +%s)" -lt "$(cat "$base.deadline" 2>/dev/null || echo 0)" ]; do
+  [ -e "$base.decision" ] && exit 0
+  sleep 1
 done
-if [ -e "$base.confirm" ]; then echo confirmed > "$base.result"; exit 0; fi
+mkdir "$base.decision" 2>/dev/null || exit 0
 if [ -z "$old" ]; then echo "unconfirmed, no old generation" > "$base.result"; exit 1; fi
 echo reverting > "$base.result"
-if [ "$action" = test ]; then
-  /nix/var/nix/profiles/system-$old-link/bin/switch-to-configuration test >> "$base.log" 2>&1
-else
-  nix-env -p /nix/var/nix/profiles/system --switch-generation "$old" >> "$base.log" 2>&1 &&
-  /nix/var/nix/profiles/system-$old-link/bin/switch-to-configuration switch >> "$base.log" 2>&1
-fi
+revert "$action" "$old" >> "$base.log" 2>&1
 echo "reverted $?" > "$base.result""#;
 
 /// Start the activator so that a dropped connection cannot kill it: as a
 /// transient systemd unit when the host runs systemd, else in a new session.
+/// `window` is how long the watchdog waits for a decision after the
+/// activation, unless extended.
 pub fn activator_argv(
     system: &str,
     action: Activation,
     old_generation: Option<u32>,
-    confirm_timeout_secs: u64,
+    window_secs: u64,
     token: &str,
     systemd: bool,
 ) -> Vec<String> {
+    let script = format!("{REVERT_FN}{ACTIVATOR_BODY}");
     let args = [
         system.to_string(),
         action.as_str().to_string(),
         old_generation.map(|g| g.to_string()).unwrap_or_default(),
-        confirm_timeout_secs.to_string(),
+        window_secs.to_string(),
         token.to_string(),
     ];
     let mut argv: Vec<String> = if systemd {
@@ -212,7 +270,7 @@ pub fn activator_argv(
             "--quiet".into(),
             "sh".into(),
             "-c".into(),
-            ACTIVATOR_SCRIPT.into(),
+            script,
             "nix-deploy-activator".into(),
         ]
     } else {
@@ -221,7 +279,7 @@ pub fn activator_argv(
             "sh".into(),
             "-c".into(),
             r#"setsid sh -c "$0" nix-deploy-activator "$@" </dev/null >/dev/null 2>&1 &"#.into(),
-            ACTIVATOR_SCRIPT.into(),
+            script,
         ]
     };
     argv.extend(args);
@@ -238,14 +296,102 @@ pub fn activation_log_argv(token: &str) -> Vec<String> {
     vec!["cat".into(), format!("{STATE_DIR}/{token}.log")]
 }
 
-/// Confirm (disarm) the watchdog.
-pub fn confirm_argv(token: &str) -> Vec<String> {
-    vec!["touch".into(), format!("{STATE_DIR}/{token}.confirm")]
+/// Take the decision for activation `$1` as `$2` (`confirmed`, or
+/// `taken-back` when the coordinator switches the host back itself). Exit 0:
+/// ours. Exit 3: the watchdog decided first; its result is printed.
+const DECIDE_SCRIPT: &str = r#"base=/run/nix-deploy/$1
+mkdir -p /run/nix-deploy
+if mkdir "$base.decision" 2>/dev/null; then echo "$2" > "$base.result"; exit 0; fi
+cat "$base.result" >&2 2>/dev/null
+exit 3"#;
+
+/// How the coordinator decides an activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The new system passed validation and a new connection got in.
+    Confirmed,
+    /// The coordinator switches the host back itself.
+    TakenBack,
 }
 
-/// What the watchdog did: `confirmed`, `reverting`, `reverted 0`.
+/// Decide activation `token` atomically (see [`DECIDE_SCRIPT`]).
+pub fn decide_argv(token: &str, decision: Decision) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        DECIDE_SCRIPT.into(),
+        "nix-deploy-decide".into(),
+        token.into(),
+        match decision {
+            Decision::Confirmed => "confirmed",
+            Decision::TakenBack => "taken-back",
+        }
+        .into(),
+    ]
+}
+
+/// Push activation `$1`'s deadline to `$2` seconds from now (the host's
+/// clock). Exit 3 when it is already decided.
+const EXTEND_SCRIPT: &str = r#"base=/run/nix-deploy/$1
+[ -e "$base.decision" ] && exit 3
+echo $(( $(date +%s) + $2 )) > "$base.deadline.tmp" && mv "$base.deadline.tmp" "$base.deadline""#;
+
+/// Keep activation `token`'s watchdog waiting `secs` more seconds.
+pub fn extend_argv(token: &str, secs: u64) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        EXTEND_SCRIPT.into(),
+        "nix-deploy-extend".into(),
+        token.into(),
+        secs.to_string(),
+    ]
+}
+
+/// The exit code of [`decide_argv`] when the watchdog had decided first.
+pub const DECIDED_BY_WATCHDOG: &str = "3";
+
+/// What the watchdog did: `confirmed`, `taken-back`, `reverting`, `reverted 0`.
 pub fn watchdog_result_argv(token: &str) -> Vec<String> {
     vec!["cat".into(), format!("{STATE_DIR}/{token}.result")]
+}
+
+/// Settle every activation a dead coordinator left undecided: wait for its
+/// `switch-to-configuration` to end (at most `$1` seconds), then decide it
+/// ourselves and switch back to its old generation — what its watchdog would
+/// do, now — or, when the watchdog decided first, wait for its result.
+/// Prints one line per activation settled.
+const SETTLE_BODY: &str = r#"limit=$1; dir=/run/nix-deploy
+for f in "$dir"/*.pid; do
+  [ -e "$f" ] || continue
+  t=${f##*/}; t=${t%.pid}; base="$dir/$t"
+  [ -e "$base.decision" ] && continue
+  [ -d "/proc/$(cat "$f" 2>/dev/null)" ] || continue
+  i=0
+  while [ ! -e "$base.activated" ] && [ "$i" -lt "$limit" ]; do sleep 1; i=$((i+1)); done
+  if mkdir "$base.decision" 2>/dev/null; then
+    old=$(cat "$base.old"); action=$(cat "$base.action")
+    if [ -z "$old" ]; then echo "unconfirmed, no old generation" > "$base.result"; echo "$t: no old generation"; continue; fi
+    echo reverting > "$base.result"
+    revert "$action" "$old" >> "$base.log" 2>&1
+    echo "reverted $?" > "$base.result"
+    echo "$t: switched back to generation $old ($(cat "$base.result"))"
+  else
+    i=0
+    while ! grep -q -e '^reverted' -e '^confirmed' -e '^taken-back' -e '^unconfirmed' "$base.result" 2>/dev/null && [ "$i" -lt "$limit" ]; do sleep 1; i=$((i+1)); done
+    echo "$t: decided by its watchdog: $(cat "$base.result" 2>/dev/null)"
+  fi
+done"#;
+
+/// Settle the host's undecided activations (see [`SETTLE_BODY`]).
+pub fn settle_argv(limit_secs: u64) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("{REVERT_FN}{SETTLE_BODY}"),
+        "nix-deploy-settle".into(),
+        limit_secs.to_string(),
+    ]
 }
 
 /// A token naming one activation: letters and digits only.
@@ -277,18 +423,22 @@ mod tests {
 
     #[test]
     fn parses_a_running_host() {
-        let out =
-            format!("{P}\nsystem-7-link\n/dev/vda 263112772 11193208 241512136 5% /\nsystemd\n");
+        let out = format!(
+            "{P}\nsystem-7-link\n/dev/vda 263112772 11193208 241512136 5% /\nsystemd\n{P}\npending abc123 x;y\n"
+        );
         let probe = parse_probe(&out).unwrap();
         assert_eq!(probe.current_system.as_deref(), Some(P));
         assert_eq!(probe.generation, Some(7));
+        assert_eq!(probe.profile_system.as_deref(), Some(P));
         assert_eq!(probe.free_kib, Some(241512136));
         assert!(probe.systemd);
+        // Only well-formed tokens: anything else is not ours.
+        assert_eq!(probe.pending, ["abc123"]);
     }
 
     #[test]
     fn parses_a_fresh_host() {
-        let probe = parse_probe("\n\n\nnosystemd\n").unwrap();
+        let probe = parse_probe("\n\n\nnosystemd\n\npending\n").unwrap();
         assert_eq!(probe, ProbeResult::default());
     }
 
@@ -315,10 +465,13 @@ mod tests {
     fn activator_takes_everything_as_arguments() {
         let argv = activator_argv(P, Activation::Switch, Some(4), 30, "abc123", false);
         assert_eq!(argv[0..2], ["sh", "-c"]);
-        assert_eq!(argv[3], ACTIVATOR_SCRIPT);
+        assert!(argv[3].contains(ACTIVATOR_BODY) && argv[3].starts_with(REVERT_FN));
         assert_eq!(argv[4..], [P, "switch", "4", "30", "abc123"]);
-        // The script itself carries no per-deployment text.
-        assert!(!ACTIVATOR_SCRIPT.contains(P));
+        // The scripts carry no per-deployment text.
+        assert!(!argv[3].contains(P));
+        let decide = decide_argv("abc123", Decision::Confirmed);
+        assert_eq!(decide[3..], ["nix-deploy-decide", "abc123", "confirmed"]);
+        assert_eq!(settle_argv(60)[3..], ["nix-deploy-settle", "60"]);
         let argv = activator_argv(P, Activation::Test, None, 5, "t", true);
         assert_eq!(argv[0], "systemd-run");
         assert_eq!(argv[1], "--unit=nix-deploy-t");

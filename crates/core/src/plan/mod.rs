@@ -176,9 +176,11 @@ impl Plan {
     }
 }
 
-/// CHANGED when the running toplevel differs from the evaluated one.
-pub fn classify(current: Option<&str>, target: &str) -> HostState {
-    if current == Some(target) {
+/// CHANGED when the running toplevel or the profile's (the boot default)
+/// differs from the evaluated one: a host staged with `test` and never
+/// committed runs the new system but would boot the old one.
+pub fn classify(current: Option<&str>, profile: Option<&str>, target: &str) -> HostState {
+    if current == Some(target) && profile == Some(target) {
         HostState::Unchanged
     } else {
         HostState::Changed
