@@ -3,16 +3,14 @@
 //! committed (new profile generation, `switch-to-configuration boot`); if any
 //! failed, every staged host goes back to its old system. All or nothing.
 
-use std::time::Duration;
-
 use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::remote::{self, Activation};
 
+use super::activator;
 use super::recovery::Back;
 use super::scheduler::Execution;
 use crate::now_ms;
 use crate::store::StoreError;
-use crate::transport::ssh::Connection;
 
 impl Execution<'_> {
     /// Commit every staged host if all are healthy and the deployment ran to
@@ -77,23 +75,45 @@ impl Execution<'_> {
         Ok(())
     }
 
-    /// Make a staged host's system its profile's new generation and boot default.
+    /// Make a staged host's system its profile's new generation and boot
+    /// default (`switch-to-configuration boot`, detached like every switch).
     async fn commit(&mut self, host: &str) -> Result<(), StoreError> {
         let (Some(mut run), Some((assessment, connection))) =
-            (self.runs.remove(host), self.done.get(host))
+            (self.runs.remove(host), self.done.get_mut(host))
         else {
             return Ok(());
         };
         let path = assessment.host.toplevel.clone();
+        let ssh = &self.context.ssh;
         let timeout = self.options.activation_timeout;
-        let result = self
-            .recorder
-            .step(
-                &mut run,
-                Step::Commit,
-                commit_system(connection, &path, timeout),
-            )
-            .await?;
+        let work = async {
+            connection
+                .run_privileged(
+                    "commit",
+                    &remote::set_profile_argv(&path),
+                    ssh.command_timeout,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let token = activator::token();
+            let switch = activator::Switch {
+                host: &assessment.host,
+                step: "commit",
+                system: &path,
+                action: Activation::Boot,
+                watchdog: None,
+                token: &token,
+                systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
+                timeout,
+            };
+            activator::run(connection, ssh, &switch).await?;
+            let link = connection
+                .run("commit", &remote::profile_link_argv(), ssh.command_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(remote::parse_generation_link(&link.stdout))
+        };
+        let result = self.recorder.step(&mut run, Step::Commit, work).await?;
         match result {
             Ok(generation) => {
                 run.to.generation = generation;
@@ -109,29 +129,4 @@ impl Execution<'_> {
         self.runs.insert(host.to_string(), run);
         Ok(())
     }
-}
-
-/// Make the staged system the profile's new generation and the boot default.
-async fn commit_system(
-    connection: &Connection,
-    path: &str,
-    timeout: Duration,
-) -> Result<Option<u32>, String> {
-    connection
-        .run_privileged("commit", &remote::set_profile_argv(path), timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    connection
-        .run_privileged(
-            "commit",
-            &remote::switch_argv(path, Activation::Boot),
-            timeout,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let link = connection
-        .run("commit", &remote::profile_link_argv(), timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(remote::parse_generation_link(&link.stdout))
 }

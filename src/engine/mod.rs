@@ -17,6 +17,7 @@
 //! checks. Every state change goes through the [`recorder`], which writes it
 //! to the store before anyone is told.
 
+mod activator;
 mod blue_green;
 mod health;
 mod pipeline;

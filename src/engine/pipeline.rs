@@ -7,7 +7,7 @@
 //! carried out by [`super::recovery`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::fleet::{HealthCheck, Host};
@@ -15,10 +15,10 @@ use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::{self, Activation, Decision};
 use nix_deploy_core::run::HostRun;
 
-use super::health;
 use super::probe::{Assessment, change_summary};
 use super::recorder::Recorder;
 use super::scheduler::Outcome;
+use super::{activator, health};
 use crate::nix::Nix;
 use crate::now_ms;
 use crate::store::StoreError;
@@ -338,23 +338,24 @@ impl HostContext {
         path: &str,
         activation: Activation,
     ) -> Result<(), StepFailure> {
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = activator::token();
         job.run.token = Some(token.clone());
         let HostJob {
             assessment,
             connection,
             run,
         } = job;
-        let systemd = assessment.probe.as_ref().is_some_and(|p| p.systemd);
-        let work = self.run_activator(
-            connection,
-            &assessment.host,
-            path,
-            activation,
-            assessment.current.generation,
-            &token,
-            systemd,
-        );
+        let switch = activator::Switch {
+            host: &assessment.host,
+            step: "activate",
+            system: path,
+            action: activation,
+            watchdog: Some((assessment.current.generation, self.options.confirm_timeout)),
+            token: &token,
+            systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
+            timeout: self.options.activation_timeout,
+        };
+        let work = activator::run(connection, &self.ssh, &switch);
         self.recorder
             .step(run, Step::Activate, work)
             .await?
@@ -504,94 +505,6 @@ impl HostContext {
             .step(run, Step::Soak, work)
             .await?
             .map_err(StepFailure::Soak)
-    }
-
-    /// Start the activator on the host and wait for the activation to end,
-    /// reconnecting if the connection drops (the activator keeps going).
-    #[allow(clippy::too_many_arguments)]
-    async fn run_activator(
-        &self,
-        connection: &mut Connection,
-        host: &Host,
-        path: &str,
-        activation: Activation,
-        old_generation: Option<u32>,
-        token: &str,
-        systemd: bool,
-    ) -> Result<(), String> {
-        let argv = remote::activator_argv(
-            path,
-            activation,
-            old_generation,
-            self.options.confirm_timeout.as_secs().max(1),
-            token,
-            systemd,
-        );
-        connection
-            .run_privileged("activate", &argv, self.ssh.command_timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + self.options.activation_timeout;
-        let mut poll = Duration::from_millis(100);
-        let code = loop {
-            match connection
-                .run(
-                    "activate",
-                    &remote::activation_status_argv(token),
-                    self.ssh.command_timeout,
-                )
-                .await
-            {
-                Ok(out) => {
-                    let text = out.stdout.trim();
-                    break text.parse::<i32>().map_err(|_| {
-                        format!("{}: activate: unexpected status `{text}`", host.name)
-                    })?;
-                }
-                Err(ssh::SshError::Exit { .. }) => {} // not finished yet
-                // A host that does not answer for a while (frozen, a dropped
-                // link) is not a failed activation: the activator goes on
-                // without us. Keep asking until the deadline.
-                Err(e) if e.is_connection() => {
-                    if let Ok(fresh) =
-                        Connection::connect(&host.name, &host.target, &self.ssh).await
-                    {
-                        let old = std::mem::replace(connection, fresh);
-                        old.close().await;
-                    }
-                }
-                Err(ssh::SshError::Timeout { .. }) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{}: activate: switch-to-configuration {} did not finish within {}s",
-                    host.name,
-                    activation.as_str(),
-                    self.options.activation_timeout.as_secs()
-                ));
-            }
-            tokio::time::sleep(poll).await;
-            poll = (poll * 2).min(Duration::from_millis(500));
-        };
-        if code == 0 {
-            return Ok(());
-        }
-        let log = connection
-            .run(
-                "activate",
-                &remote::activation_log_argv(token),
-                self.ssh.command_timeout,
-            )
-            .await
-            .map(|o| ssh::tail(&o.stdout))
-            .unwrap_or_default();
-        Err(format!(
-            "{}: activate: `{path}/bin/switch-to-configuration {}` failed (exit code {code}){}",
-            host.name,
-            activation.as_str(),
-            crate::process::format_tail(&log)
-        ))
     }
 }
 

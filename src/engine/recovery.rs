@@ -11,18 +11,15 @@
 use std::time::{Duration, Instant};
 
 use nix_deploy_core::events::{HostStatus, Step, SystemRef};
-use nix_deploy_core::fleet::Host;
 use nix_deploy_core::remote::{self, Activation, Decision};
 use nix_deploy_core::run::HostRun;
 
-use super::health;
 use super::pipeline::{HostContext, HostJob, Recovery, StepFailure};
+use super::probe::Assessment;
 use super::scheduler::Execution;
+use super::{activator, health};
 use crate::store::StoreError;
-use crate::transport::ssh::{Connection, SshError};
-
-/// Deadline of one switch back (`switch-to-configuration` of the old system).
-const SWITCH_BACK_TIMEOUT: Duration = Duration::from_secs(600);
+use crate::transport::ssh::{Connection, SshError, SshOptions};
 
 /// The system a host goes back to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,31 +58,43 @@ impl Back {
     }
 }
 
-/// Switch the host back to `to` and check it runs it.
-async fn switch_back(connection: &Connection, to: &Previous, how: Back) -> Result<(), String> {
-    let link = remote::generation_link(to.generation);
+/// Switch the host back to `to` and check it runs it. The switch runs
+/// detached on the host (like an activation, without a watchdog): a dropped
+/// connection or a killed coordinator cannot cut it short.
+async fn switch_back(
+    connection: &mut Connection,
+    ssh: &SshOptions,
+    assessment: &Assessment,
+    to: &Previous,
+    how: Back,
+    timeout: Duration,
+) -> Result<(), String> {
     if how == Back::Switch {
         connection
             .run_privileged(
                 "rollback",
                 &remote::switch_generation_argv(to.generation),
-                SWITCH_BACK_TIMEOUT,
+                ssh.command_timeout,
             )
             .await
             .map_err(|e| e.to_string())?;
     }
-    let action = match how {
-        Back::Switch => Activation::Switch,
-        Back::Test => Activation::Test,
+    let link = remote::generation_link(to.generation);
+    let token = activator::token();
+    let switch = activator::Switch {
+        host: &assessment.host,
+        step: "rollback",
+        system: &link,
+        action: match how {
+            Back::Switch => Activation::Switch,
+            Back::Test => Activation::Test,
+        },
+        watchdog: None,
+        token: &token,
+        systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
+        timeout,
     };
-    connection
-        .run_privileged(
-            "rollback",
-            &remote::switch_argv(&link, action),
-            SWITCH_BACK_TIMEOUT,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    activator::run(connection, ssh, &switch).await?;
     verify_current(connection, &to.path).await
 }
 
@@ -140,15 +149,17 @@ impl HostContext {
     pub async fn roll_back(
         &self,
         run: &mut HostRun,
-        connection: &Connection,
-        host: &Host,
+        connection: &mut Connection,
+        assessment: &Assessment,
         to: &Previous,
         how: Back,
     ) -> Result<Result<(), String>, StoreError> {
+        let host = &assessment.host;
         let checks = self.checks(host);
         let health_timeout = self.options.health_timeout;
         let work = async {
-            switch_back(connection, to, how).await?;
+            let timeout = self.options.activation_timeout;
+            switch_back(connection, &self.ssh, assessment, to, how, timeout).await?;
             health::validate(connection, &checks, health_timeout)
                 .await
                 .map(|_| ())
@@ -234,7 +245,13 @@ impl HostContext {
             return Ok(());
         };
         let result = self
-            .roll_back(run, connection, host, &previous, Back::after(activation))
+            .roll_back(
+                run,
+                connection,
+                assessment,
+                &previous,
+                Back::after(activation),
+            )
             .await?;
         let note = format!(
             "{error}\nrolled back to generation {} ({})",
@@ -354,7 +371,9 @@ impl HostContext {
                 Back::Test
             };
             if let Decided::Ours = decide(connection, run, Decision::TakenBack).await {
-                let _ = switch_back(connection, &previous, how).await;
+                let timeout = self.options.activation_timeout;
+                let _ =
+                    switch_back(connection, &self.ssh, assessment, &previous, how, timeout).await;
             }
         } else if profile_set {
             // The new generation is the boot default but never ran.
@@ -362,7 +381,7 @@ impl HostContext {
                 .run_privileged(
                     "rollback",
                     &remote::switch_generation_argv(previous.generation),
-                    SWITCH_BACK_TIMEOUT,
+                    self.ssh.command_timeout,
                 )
                 .await;
         }
@@ -455,14 +474,14 @@ impl Execution<'_> {
         missing: &str,
     ) -> Result<(), StoreError> {
         let (Some(mut run), Some((assessment, connection))) =
-            (self.runs.remove(host), self.done.get(host))
+            (self.runs.remove(host), self.done.get_mut(host))
         else {
             return Ok(());
         };
         let result = match Previous::of(&assessment.current) {
             Some(previous) => {
                 self.context
-                    .roll_back(&mut run, connection, &assessment.host, &previous, how)
+                    .roll_back(&mut run, connection, assessment, &previous, how)
                     .await?
             }
             None => Err(format!("{host}: rollback: {missing}")),

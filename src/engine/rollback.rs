@@ -149,7 +149,7 @@ impl Engine {
         recorder: &Recorder,
         options: &DeployOptions,
         assessment: Assessment,
-        connection: Connection,
+        mut connection: Connection,
         target: Previous,
     ) -> Result<Deployment, EngineError> {
         let host = &assessment.host;
@@ -183,7 +183,13 @@ impl Engine {
             Ok(())
         } else {
             context
-                .roll_back(&mut run, &connection, host, &target, Back::Switch)
+                .roll_back(
+                    &mut run,
+                    &mut connection,
+                    &assessment,
+                    &target,
+                    Back::Switch,
+                )
                 .await?
         };
         conclude(&mut run, result, HostStatus::Deployed, None, None);
