@@ -25,10 +25,39 @@ pub fn current_uid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-/// A short directory for ssh control sockets (their paths are limited to ~100 bytes).
-pub fn control_dir() -> anyhow::Result<tempfile::TempDir> {
+/// A short directory for ssh control sockets (their paths are limited to
+/// ~100 bytes), named after the process's `holder` so that what a killed
+/// process leaves can be found: see [`clean_control_dirs`].
+pub fn control_dir(holder: &str) -> anyhow::Result<tempfile::TempDir> {
     tempfile::Builder::new()
-        .prefix("nix-deploy-")
+        .prefix(&format!("nix-deploy-{holder}-"))
         .tempdir_in(std::env::temp_dir())
         .context("creating a directory for ssh control sockets")
+}
+
+/// Stop the ssh control masters that killed coordinators (`dead` holders)
+/// left running, and remove their directories.
+pub async fn clean_control_dirs(dead: &[String]) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("nix-deploy-") else {
+            continue;
+        };
+        if !dead.iter().any(|h| rest.starts_with(&format!("{h}-"))) {
+            continue;
+        }
+        let dir = entry.path();
+        for socket in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            // `-O exit` asks the master behind the socket to stop.
+            let cmd = crate::process::Cmd::new("ssh")
+                .arg("-o")
+                .arg(format!("ControlPath={}", socket.path().display()))
+                .args(["-O", "exit", "nix-deploy-stale-master"]);
+            let _ = crate::process::run(&cmd, std::time::Duration::from_secs(5), |_, _| {}).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -101,6 +101,9 @@ pub async fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A process group of its own: Ctrl-C at the terminal asks *us* to
+        // cancel (with a confirmation); it must not kill a build or a copy.
+        .process_group(0)
         .kill_on_drop(true);
     command.envs(cmd.envs());
     let mut child = command.spawn().map_err(|source| ExecError::Spawn {

@@ -176,7 +176,7 @@ impl Client {
     /// sending each event to `sink`. Reconnects with `Last-Event-ID` (with
     /// backoff) when the stream drops.
     pub async fn follow(&self, id: i64, sink: UnboundedSender<Event>) -> Result<(), ClientError> {
-        let last = std::cell::Cell::new(0i64);
+        let last = std::sync::atomic::AtomicI64::new(0);
         let attempt = || async {
             match self.stream_events(id, &last, &sink).await? {
                 true => Ok(()),
@@ -209,15 +209,16 @@ impl Client {
     async fn stream_events(
         &self,
         id: i64,
-        last: &std::cell::Cell<i64>,
+        last: &std::sync::atomic::AtomicI64,
         sink: &UnboundedSender<Event>,
     ) -> Result<bool, ClientError> {
         let mut request = self.request(
             reqwest::Method::GET,
             &format!("/api/v1/deployments/{id}/events"),
         );
-        if last.get() > 0 {
-            request = request.header("Last-Event-ID", last.get().to_string());
+        let after = last.load(std::sync::atomic::Ordering::Relaxed);
+        if after > 0 {
+            request = request.header("Last-Event-ID", after.to_string());
         }
         let response = request.send().await.map_err(|e| self.connect_error(e))?;
         if !response.status().is_success() {
@@ -231,7 +232,7 @@ impl Client {
             };
             let event: Event = serde_json::from_str(&message.data)
                 .map_err(|e| ClientError::Protocol(format!("bad event: {e}")))?;
-            last.set(event.id);
+            last.store(event.id, std::sync::atomic::Ordering::Relaxed);
             let finished = matches!(event.kind, EventKind::DeploymentFinished { .. });
             let _ = sink.send(event);
             if finished {

@@ -102,6 +102,7 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
         .clone()
         .unwrap_or_else(paths::default_state_dir);
     let store = Store::open(&dir).await?;
+    paths::clean_control_dirs(store.dead_holders()).await;
     for id in store.mark_interrupted().await? {
         eprintln!(
             "note: deployment #{id} was interrupted (its coordinator stopped); `nix-deploy resume {id}` continues it"
@@ -120,8 +121,8 @@ fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
 /// The engine for this command line, and the directory of its ssh control
 /// sockets (removed when dropped).
 async fn engine(cli: &Cli) -> anyhow::Result<(Engine, tempfile::TempDir)> {
-    let control = paths::control_dir()?;
     let store = open_store(cli).await?;
+    let control = paths::control_dir(store.holder())?;
     Ok((
         Engine::new(engine_config(cli, control.path()), store),
         control,
@@ -191,7 +192,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .plan(&request.selection(), &options, !*no_build)
                 .await?;
             output::show(&cli, &report, output::print_plan)?;
-            Ok(EXIT_OK)
+            // A host we cannot reach is not known to be fine.
+            Ok(if report.unreachable.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            })
         }
         Command::Deploy(args) => deploy(&cli, args).await,
         Command::Health { host, within } => {
@@ -291,8 +297,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 async fn deploy(cli: &Cli, args: &args::DeployArgs) -> anyhow::Result<u8> {
     let request = args.request();
     let options = resolve(&request)?;
-    let control = paths::control_dir()?;
     let store = open_store(cli).await?;
+    let control = paths::control_dir(store.holder())?;
     let mut config = engine_config(cli, control.path());
     if let Some(revision) = &request.revision {
         config.flake = crate::daemon::github::flake_at_revision(&config.flake, revision)

@@ -143,7 +143,15 @@ pub fn print_plan(report: &PlanReport) {
     }
     println!();
     if report.to_deploy.is_empty() {
-        println!("Nothing to deploy: every reachable host runs its evaluated system.");
+        if report.unreachable.is_empty() {
+            println!("Nothing to deploy: every host runs its evaluated system.");
+        } else {
+            println!(
+                "Nothing to deploy among the hosts that answered; {} could not be reached: {}.",
+                report.unreachable.len(),
+                report.unreachable.join(", ")
+            );
+        }
         return;
     }
     println!("Recommendation: deploy {}", report.to_deploy.join(", "));

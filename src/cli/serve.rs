@@ -70,15 +70,15 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         None => None,
     };
 
+    let store = Store::open(&state_dir).await?;
+    paths::clean_control_dirs(store.dead_holders()).await;
+    let interrupted = store.mark_interrupted().await?;
     // ssh control sockets live for the daemon's lifetime.
-    let control = paths::control_dir()?;
+    let control = paths::control_dir(store.holder())?;
     let mut ssh = SshOptions::new(ssh_config, control.path().to_path_buf());
     ssh.connect_timeout = cli.connect_timeout;
     ssh.command_timeout = cli.command_timeout;
     let engine = EngineConfig::new(config.flake.clone(), ssh);
-
-    let store = Store::open(&state_dir).await?;
-    let interrupted = store.mark_interrupted().await?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

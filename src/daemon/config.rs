@@ -154,6 +154,16 @@ pub struct Config {
         with = "nix_deploy_core::duration::human"
     )]
     pub request_timeout: Duration,
+    /// How long a client may take to send a request's headers (and a kept-
+    /// alive connection may sit idle) before it is dropped.
+    #[serde(
+        default = "default_header_timeout",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub header_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
     pub slack: Option<SlackConfig>,
@@ -188,6 +198,12 @@ fn default_true() -> bool {
 }
 fn default_max_failures() -> String {
     "0".into()
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    512
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
@@ -241,6 +257,7 @@ impl Config {
             ("confirm-timeout", self.confirm_timeout),
             ("activation-timeout", self.activation_timeout),
             ("request-timeout", self.request_timeout),
+            ("header-timeout", self.header_timeout),
             ("notifications.timeout", self.notifications.timeout),
         ] {
             if value < Duration::from_secs(1) {
@@ -248,6 +265,11 @@ impl Config {
                     "{key} must be at least 1s (e.g. 30s, 5m)"
                 )));
             }
+        }
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err(ConfigError::Invalid(
+                "max-connections must be from 1 to 65536".into(),
+            ));
         }
         if self.parallel_limit == 0 {
             return Err(ConfigError::Invalid(

@@ -48,6 +48,8 @@ pub struct PushEvent {
     pub repository: String,
     pub pusher: String,
     pub head_commit_message: Option<String>,
+    /// When the pushed head commit was made (Unix seconds), if given.
+    pub head_commit_at: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +79,7 @@ struct RawPusher {
 #[derive(Deserialize)]
 struct RawCommit {
     message: Option<String>,
+    timestamp: Option<String>,
 }
 
 pub fn parse_push(body: &[u8]) -> Result<PushEvent, GithubError> {
@@ -93,6 +96,14 @@ pub fn parse_push(body: &[u8]) -> Result<PushEvent, GithubError> {
             .map(|p| p.name)
             .filter(|n| nix_deploy_core::shell::is_valid_user(n))
             .unwrap_or_else(|| "unknown".into()),
+        head_commit_at: raw
+            .head_commit
+            .as_ref()
+            .and_then(|c| c.timestamp.as_deref())
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map(|t| t.unix_timestamp()),
         head_commit_message: raw.head_commit.and_then(|c| c.message),
     })
 }

@@ -255,6 +255,7 @@ mod tests {
             strategy: "smart".into(),
             options: DeployOptions::default(),
             hosts: vec!["a".into()],
+            queued: false,
         };
         for (status, host_status) in [
             (DeploymentStatus::Failed, HostStatus::RolledBack),

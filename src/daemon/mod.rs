@@ -83,7 +83,15 @@ impl std::ops::Deref for AppState {
 /// What a background job runs.
 pub(crate) enum Job {
     Deploy(DeployRequest),
-    Resume { id: Option<i64>, wait: bool },
+    /// Recorded already (see `Engine::enqueue`).
+    Queued {
+        id: i64,
+        request: DeployRequest,
+    },
+    Resume {
+        id: Option<i64>,
+        wait: bool,
+    },
     Rollback(RollbackRequest),
 }
 
@@ -179,7 +187,8 @@ impl AppState {
 
     /// Start a job in the background and return its deployment id as soon as
     /// it has one, or the error that stopped it before it got one (bad input,
-    /// busy host). `on_done` runs with the final report.
+    /// busy host). A queued job has its id at once. `on_done` runs with the
+    /// final report.
     pub(crate) async fn launch(
         &self,
         engine: Engine,
@@ -191,31 +200,28 @@ impl AppState {
         }
         let (sink, mut events) = mpsc::unbounded_channel::<Event>();
         let cancel = self.shutdown.child_token();
+        let (live, _) = broadcast::channel::<Event>(4096);
+        let known = match &job {
+            Job::Queued { id, .. } => {
+                self.register(*id, &cancel, &live);
+                Some(*id)
+            }
+            _ => None,
+        };
         let (first_tx, first_rx) = oneshot::channel::<Result<i64, ApiError>>();
         let first = Arc::new(Mutex::new(Some(first_tx)));
 
-        // The forwarder: registers the deployment on its first event, then
-        // fans events out to streams and notifications.
+        // The forwarder: registers the deployment on its first event (unless
+        // queued), then fans events out to streams and notifications.
         let state = self.clone();
         let forward_first = first.clone();
         let forward_cancel = cancel.clone();
         self.tasks.spawn(async move {
-            let (live, _) = broadcast::channel::<Event>(4096);
-            let mut id = None;
+            let mut id = known;
             while let Some(event) = events.recv().await {
                 if id.is_none() {
                     id = Some(event.deployment_id);
-                    state
-                        .running
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(
-                            event.deployment_id,
-                            Running {
-                                cancel: forward_cancel.clone(),
-                                events: live.clone(),
-                            },
-                        );
+                    state.register(event.deployment_id, &forward_cancel, &live);
                     if let Some(tx) = forward_first
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -248,6 +254,9 @@ impl AppState {
         self.tasks.spawn(async move {
             let result = match job {
                 Job::Deploy(request) => engine.deploy(request, Some(sink), cancel).await,
+                Job::Queued { id, request } => {
+                    engine.deploy_queued(id, request, Some(sink), cancel).await
+                }
                 Job::Resume { id, wait } => engine.resume(id, wait, Some(sink), cancel).await,
                 Job::Rollback(request) => engine.rollback(request, Some(sink)).await,
             };
@@ -255,7 +264,9 @@ impl AppState {
                 tracing::warn!(cause = %e, "deployment job ended with an error");
             }
             // Failed before it had an id: tell the request.
-            if let Some(tx) = job_first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if known.is_none()
+                && let Some(tx) = job_first.lock().unwrap_or_else(|p| p.into_inner()).take()
+            {
                 let _ = tx.send(Err(match result {
                     Err(e) => ApiError::from(e),
                     Ok(_) => ApiError::Internal(anyhow::anyhow!("the job ended without events")),
@@ -264,9 +275,42 @@ impl AppState {
             }
             on_done(result);
         });
+        if let Some(id) = known {
+            return Ok(id);
+        }
         first_rx
             .await
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("the deployment task went away")))?
+    }
+
+    /// Record a request at once and run it in the background: its id comes
+    /// back within the caller's deadline, whatever the hosts do.
+    pub(crate) async fn launch_queued(
+        &self,
+        engine: Engine,
+        request: DeployRequest,
+        on_done: impl FnOnce(Result<Deployment, EngineError>) + Send + 'static,
+    ) -> Result<i64, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::Unavailable("the daemon is shutting down".into()));
+        }
+        let id = engine.enqueue(&request).await?;
+        self.launch(engine, Job::Queued { id, request }, on_done)
+            .await
+    }
+
+    /// Deployment `id` runs here: its cancel token and live events.
+    fn register(&self, id: i64, cancel: &CancellationToken, live: &broadcast::Sender<Event>) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                Running {
+                    cancel: cancel.clone(),
+                    events: live.clone(),
+                },
+            );
     }
 }
 
@@ -313,6 +357,9 @@ pub fn app(state: AppState) -> Router {
     );
     api.merge(streams)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not take that method".into())
+        })
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -320,24 +367,83 @@ pub fn app(state: AppState) -> Router {
 
 /// Serve until `shutdown` resolves; then cancel running deployments (no new
 /// hosts start, running ones finish or roll back) and wait for them.
+///
+/// Connections are HTTP/1 with a deadline for every request's headers (an
+/// idle or slow client is dropped, not held), and at most
+/// `max-connections` at once: a flood of clients cannot exhaust the daemon's
+/// file descriptors.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
     let stop = state.shutdown.clone();
-    let serve_stop = stop.clone();
-    let server = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(async move { serve_stop.cancelled().await });
-    let trigger = tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down: cancelling running deployments");
-        stop.cancel();
-    });
-    let served = server.await;
+    let trigger = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: cancelling running deployments");
+            stop.cancel();
+        })
+    };
+    // Deployments whose coordinator died (a CLI killed with -9) become
+    // interrupted within seconds: status, metrics and their streams end.
+    let reconciler = {
+        let store = state.store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if let Err(e) = store.mark_interrupted().await {
+                    tracing::warn!(cause = %e, "looking for interrupted deployments");
+                }
+            }
+        })
+    };
+    let router = app(state.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot?,
+            _ = stop.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or a reset before accept: keep serving.
+                    tracing::warn!(cause = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(state.config.header_timeout);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
     trigger.abort();
+    reconciler.abort();
+    // Deployments are cancelled; wait for them, then for open responses
+    // (event streams end with their deployments).
     state.tasks.close();
     state.tasks.wait().await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    state.notifier.flush(Duration::from_secs(30)).await;
     state.store.close().await;
-    served.map_err(Into::into)
+    Ok(())
 }

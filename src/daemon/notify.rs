@@ -204,6 +204,8 @@ pub enum NotifyError {
 pub struct Notifier {
     config: NotifyConfig,
     client: reqwest::Client,
+    /// Every notice on its way: shutdown waits for them.
+    sending: tokio_util::task::TaskTracker,
 }
 
 impl Notifier {
@@ -212,7 +214,11 @@ impl Notifier {
             .timeout(config.timeout)
             .build()
             .unwrap_or_default();
-        Notifier { config, client }
+        Notifier {
+            config,
+            client,
+            sending: tokio_util::task::TaskTracker::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -225,13 +231,25 @@ impl Notifier {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.sending.spawn(async move {
             for result in this.send_and_wait(notice).await {
                 if let Err(e) = result {
                     tracing::warn!(cause = %e, "notification not delivered");
                 }
             }
         });
+    }
+
+    /// Wait (at most `within`) for the notices still on their way: at
+    /// shutdown, nothing queued is dropped silently.
+    pub async fn flush(&self, within: Duration) {
+        self.sending.close();
+        if tokio::time::timeout(within, self.sending.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("notifications still undelivered at shutdown");
+        }
     }
 
     /// Send to every target and wait for the outcome (tests, shutdown).

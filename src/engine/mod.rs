@@ -154,34 +154,132 @@ impl Engine {
 
     /// Run a deployment to the end. `sink` receives every event after it is stored;
     /// `cancel` stops starting new hosts (running ones finish or roll back).
+    /// Bad input is refused before anything is recorded.
     pub async fn deploy(
         &self,
         request: DeployRequest,
         sink: Option<mpsc::UnboundedSender<Event>>,
         cancel: CancellationToken,
     ) -> Result<Deployment, EngineError> {
-        self.store.mark_interrupted().await?;
-        let options = &request.options;
-        let (prepared, flake_rev) = tokio::join!(
-            self.prepare(&request.selection, options),
-            self.config.nix.flake_revision(&self.config.flake)
-        );
-        let prepared = prepared?;
-        let host_names = prepared.host_names();
-        let leases = Leases::acquire(&self.store, &host_names, request.wait, &cancel).await?;
-        let created = self
+        self.start(None, request, sink, cancel).await
+    }
+
+    /// Record a request at once (status `queued`), before it is validated or
+    /// waits for busy hosts: callers with a deadline (a hook, a chat
+    /// command, `"wait": true`) get its id right away. Then
+    /// [`Engine::deploy_queued`] runs it; bad input ends it `failed`.
+    pub async fn enqueue(&self, request: &DeployRequest) -> Result<i64, EngineError> {
+        let mut requested = request.selection.names.clone();
+        requested.extend(request.selection.tags.iter().map(|t| {
+            if t.starts_with('@') {
+                t.clone()
+            } else {
+                format!("@{t}")
+            }
+        }));
+        Ok(self
             .store
             .create_deployment(&NewDeployment {
                 trigger: request.trigger.clone(),
                 requested_by: request.requested_by.clone(),
                 flake: self.config.flake.clone(),
-                flake_rev,
-                strategy: options.strategy.as_str().to_string(),
-                options: options.clone(),
-                hosts: host_names.clone(),
+                flake_rev: None,
+                strategy: request.options.strategy.as_str().to_string(),
+                options: request.options.clone(),
+                hosts: requested,
+                queued: true,
             })
-            .await;
-        let id = match created {
+            .await?)
+    }
+
+    /// Run deployment `id`, recorded by [`Engine::enqueue`].
+    pub async fn deploy_queued(
+        &self,
+        id: i64,
+        request: DeployRequest,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+        cancel: CancellationToken,
+    ) -> Result<Deployment, EngineError> {
+        self.start(Some(id), request, sink, cancel).await
+    }
+
+    async fn start(
+        &self,
+        queued: Option<i64>,
+        request: DeployRequest,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+        cancel: CancellationToken,
+    ) -> Result<Deployment, EngineError> {
+        self.store.mark_interrupted().await?;
+        let options = &request.options;
+        let strategy = options.strategy.as_str().to_string();
+        let (prepared, flake_rev) = tokio::join!(
+            self.prepare(&request.selection, options),
+            self.config.nix.flake_revision(&self.config.flake)
+        );
+        let queue_recorder = queued.map(|id| Recorder::new(self.store.clone(), id, sink.clone()));
+        let refused = async |e: EngineError| {
+            if let Some(recorder) = &queue_recorder {
+                // Recorded already: it ends, failed, with the reason.
+                let _ = recorder.log(None, format!("refused: {e}")).await;
+                let _ = self
+                    .store
+                    .finish_deployment(
+                        recorder.deployment_id(),
+                        DeploymentStatus::Failed,
+                        Some(&e.to_string()),
+                    )
+                    .await;
+                let _ = recorder
+                    .emit(
+                        None,
+                        EventKind::DeploymentFinished {
+                            status: DeploymentStatus::Failed,
+                        },
+                    )
+                    .await;
+            }
+            e
+        };
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return Err(refused(e).await),
+        };
+        let host_names = prepared.host_names();
+        let leases = match Leases::acquire(
+            &self.store,
+            &host_names,
+            request.wait,
+            &cancel,
+            queue_recorder.as_ref(),
+        )
+        .await
+        {
+            Ok(leases) => leases,
+            Err(e) => return Err(refused(e).await),
+        };
+        let id = match queued {
+            Some(id) => self
+                .store
+                .start_deployment(id, &host_names, flake_rev.as_deref())
+                .await
+                .map(|()| id),
+            None => {
+                self.store
+                    .create_deployment(&NewDeployment {
+                        trigger: request.trigger.clone(),
+                        requested_by: request.requested_by.clone(),
+                        flake: self.config.flake.clone(),
+                        flake_rev,
+                        strategy: strategy.clone(),
+                        options: options.clone(),
+                        hosts: host_names.clone(),
+                        queued: false,
+                    })
+                    .await
+            }
+        };
+        let id = match id {
             Ok(id) => id,
             Err(e) => {
                 leases.release().await;
@@ -195,7 +293,7 @@ impl Engine {
                     None,
                     EventKind::DeploymentStarted {
                         hosts: host_names,
-                        strategy: options.strategy.as_str().to_string(),
+                        strategy,
                     },
                 )
                 .await?;

@@ -11,6 +11,7 @@ use nix_deploy_core::fleet::{Host, Inventory, InventoryError, Selection};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{DependencyGraph, GraphHost};
 
+use super::recorder::Recorder;
 use super::{Engine, EngineError, LEASE_TTL};
 use crate::store::Store;
 
@@ -108,14 +109,17 @@ pub(super) struct Leases {
 
 impl Leases {
     /// Take the leases of `hosts`, all or none. With `wait`, wait for busy
-    /// hosts to be released (until `cancel`).
+    /// hosts to be released (until `cancel`, or a cancel request for the
+    /// queued deployment `queued` records, which is told what it waits for).
     pub async fn acquire(
         store: &Store,
         hosts: &[String],
         wait: bool,
         cancel: &CancellationToken,
+        queued: Option<&Recorder>,
     ) -> Result<Leases, EngineError> {
         let owner = uuid::Uuid::new_v4().simple().to_string();
+        let mut told = false;
         loop {
             let mut refused = None;
             for host in hosts {
@@ -142,6 +146,17 @@ impl Leases {
                 });
             };
             store.release_leases(&owner).await?;
+            if let Some(recorder) = queued {
+                if store.cancel_requested(recorder.deployment_id()).await? {
+                    cancel.cancel();
+                }
+                if wait && !told {
+                    told = true;
+                    recorder
+                        .log(None, format!("queued: {host} is busy ({holder})"))
+                        .await?;
+                }
+            }
             if !wait || cancel.is_cancelled() {
                 return Err(EngineError::Busy {
                     host,

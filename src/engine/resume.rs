@@ -54,7 +54,7 @@ impl Engine {
         } else {
             Some(self.prepare(&selection, &options).await?)
         };
-        let leases = Leases::acquire(&self.store, &remaining_names, wait, &cancel).await?;
+        let leases = Leases::acquire(&self.store, &remaining_names, wait, &cancel, None).await?;
         self.store.reopen_deployment(deployment.id).await?;
         let recorder = Recorder::new(self.store.clone(), deployment.id, sink);
         let result = async {

@@ -47,8 +47,14 @@ impl Engine {
         let inventory = self.inventory().await?;
         let host = find_host(&inventory, &request.host)?;
         let never = CancellationToken::new();
-        let leases =
-            Leases::acquire(&self.store, std::slice::from_ref(&host.name), false, &never).await?;
+        let leases = Leases::acquire(
+            &self.store,
+            std::slice::from_ref(&host.name),
+            false,
+            &never,
+            None,
+        )
+        .await?;
         let result = async {
             let (assessment, connection) = self.reach(&host, &request.options).await?;
             let target =
@@ -69,6 +75,7 @@ impl Engine {
                     strategy: ROLLBACK.into(),
                     options: request.options.clone(),
                     hosts: vec![host.name.clone()],
+                    queued: false,
                 })
                 .await?;
             let recorder = Recorder::new(self.store.clone(), id, sink);

@@ -23,16 +23,21 @@ pub struct NewDeployment {
     pub strategy: String,
     pub options: DeployOptions,
     pub hosts: Vec<String>,
+    /// Recorded before it can start: validated and leased later, then
+    /// [`Store::start_deployment`].
+    pub queued: bool,
 }
 
 impl Store {
     pub async fn create_deployment(&self, new: &NewDeployment) -> Result<i64, StoreError> {
         let id = sqlx::query(
             "INSERT INTO deployments
-               (created_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid, holder)
-             VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (created_at, started_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid, holder)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(now_ms())
+        .bind((!new.queued).then(now_ms))
+        .bind(if new.queued { "queued" } else { "running" })
         .bind(&new.trigger)
         .bind(&new.requested_by)
         .bind(&new.flake)
@@ -47,6 +52,29 @@ impl Store {
         .map_err(query_error("creating a deployment"))?
         .last_insert_rowid();
         Ok(id)
+    }
+
+    /// A queued deployment starts: running, with the hosts it resolved to.
+    pub async fn start_deployment(
+        &self,
+        id: i64,
+        hosts: &[String],
+        flake_rev: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE deployments SET status = 'running', started_at = ?, hosts = ?,
+                 flake_rev = COALESCE(?, flake_rev), pid = ?, holder = ? WHERE id = ?",
+        )
+        .bind(now_ms())
+        .bind(to_json(hosts))
+        .bind(flake_rev)
+        .bind(std::process::id() as i64)
+        .bind(self.holder())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("starting a deployment"))?;
+        Ok(())
     }
 
     pub async fn set_plan(&self, id: i64, plan: &Plan) -> Result<(), StoreError> {
@@ -88,11 +116,13 @@ impl Store {
         let hosts: String = row.get("hosts");
         let plan: Option<String> = row.get("plan");
         let created_at: i64 = row.get("created_at");
+        let started_at: Option<i64> = row.get("started_at");
         Ok(Deployment {
             id: row.get("id"),
             created_at,
             time: Span {
-                started_at: Some(created_at),
+                // Older rows and deployments that never waited: as created.
+                started_at: Some(started_at.unwrap_or(created_at)),
                 finished_at: row.get("finished_at"),
             },
             status: DeploymentStatus::parse(&status).unwrap_or(DeploymentStatus::Interrupted),
@@ -143,10 +173,12 @@ impl Store {
 
     /// Ids of deployments marked running (cheap: no JSON decoding).
     pub async fn running_deployments(&self) -> Result<Vec<i64>, StoreError> {
-        let rows = sqlx::query("SELECT id FROM deployments WHERE status = 'running' ORDER BY id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_error("listing running deployments"))?;
+        let rows = sqlx::query(
+            "SELECT id FROM deployments WHERE status IN ('running', 'queued') ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("listing running deployments"))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -154,7 +186,7 @@ impl Store {
     /// events with who asked. False when it is not running.
     pub async fn request_cancel(&self, id: i64, by: &str) -> Result<bool, StoreError> {
         let changed = sqlx::query(
-            "UPDATE deployments SET cancel_requested = 1 WHERE id = ? AND status = 'running'",
+            "UPDATE deployments SET cancel_requested = 1 WHERE id = ? AND status IN ('running', 'queued')",
         )
         .bind(id)
         .execute(&self.pool)
@@ -201,10 +233,12 @@ impl Store {
     /// Deployments marked running whose coordinator is gone become
     /// `interrupted`, with their unfinished host runs; returns their ids.
     pub async fn mark_interrupted(&self) -> Result<Vec<i64>, StoreError> {
-        let rows = sqlx::query("SELECT id, pid, holder FROM deployments WHERE status = 'running'")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_error("finding running deployments"))?;
+        let rows = sqlx::query(
+            "SELECT id, pid, holder FROM deployments WHERE status IN ('running', 'queued')",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("finding running deployments"))?;
         let mut interrupted = Vec::new();
         for row in rows {
             let id: i64 = row.get("id");
@@ -217,15 +251,20 @@ impl Store {
                 "the coordinator (pid {}) stopped while this deployment was running",
                 pid.unwrap_or(0)
             );
-            sqlx::query(
-                "UPDATE deployments SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND status = 'running'",
+            let marked = sqlx::query(
+                "UPDATE deployments SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND status IN ('running', 'queued')",
             )
             .bind(now_ms())
             .bind(&message)
             .bind(id)
             .execute(&self.pool)
             .await
-            .map_err(query_error("marking a deployment interrupted"))?;
+            .map_err(query_error("marking a deployment interrupted"))?
+            .rows_affected();
+            // Another process got there first.
+            if marked == 0 {
+                continue;
+            }
             sqlx::query(
                 "UPDATE host_runs SET status = 'interrupted', finished_at = ?,
                      error = COALESCE(error, ?) WHERE deployment_id = ? AND status IN ('pending', 'running')",
@@ -243,6 +282,15 @@ impl Store {
                 .map_err(query_error("releasing an interrupted deployment's leases"))?;
             self.append_event(id, None, EventKind::Log { message })
                 .await?;
+            // Its event streams end here, as any deployment's do.
+            self.append_event(
+                id,
+                None,
+                EventKind::DeploymentFinished {
+                    status: DeploymentStatus::Interrupted,
+                },
+            )
+            .await?;
             interrupted.push(id);
         }
         Ok(interrupted)

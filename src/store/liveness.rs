@@ -80,10 +80,12 @@ pub(super) fn alive(state_dir: &Path, holder: &str) -> bool {
     }
 }
 
-/// Remove the lock files of processes that are gone.
-pub(super) fn remove_dead(state_dir: &Path) {
+/// Remove the lock files of processes that are gone; returns their holders
+/// (what they left elsewhere can be cleaned up too).
+pub(super) fn remove_dead(state_dir: &Path) -> Vec<String> {
+    let mut dead = Vec::new();
     let Ok(entries) = std::fs::read_dir(locks_dir(state_dir)) else {
-        return;
+        return dead;
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -95,9 +97,11 @@ pub(super) fn remove_dead(state_dir: &Path) {
             continue;
         };
         if !alive(state_dir, holder) {
+            dead.push(holder.to_string());
             let _ = std::fs::remove_file(&path);
         }
     }
+    dead
 }
 
 #[cfg(test)]
@@ -122,7 +126,7 @@ mod tests {
         let live = ProcessLock::acquire(dir.path()).unwrap();
         // A lock file left by a process that died: present, not held.
         std::fs::write(lock_path(dir.path(), "deadbeef"), "").unwrap();
-        remove_dead(dir.path());
+        assert_eq!(remove_dead(dir.path()), ["deadbeef"]);
         assert!(!lock_path(dir.path(), "deadbeef").exists());
         assert!(lock_path(dir.path(), live.holder()).exists());
     }

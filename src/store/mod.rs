@@ -13,6 +13,7 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 mod deployments;
+mod hooks;
 mod leases;
 mod liveness;
 mod runs;
@@ -20,6 +21,7 @@ mod runs;
 use std::sync::Arc;
 
 pub use deployments::NewDeployment;
+pub use hooks::BranchHead;
 pub use leases::Lease;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,8 @@ pub struct Store {
     state_dir: PathBuf,
     /// This process's liveness lock: held while any handle is open.
     lock: Arc<liveness::ProcessLock>,
+    /// Processes found dead when this one opened the history.
+    dead_holders: Arc<Vec<String>>,
 }
 
 pub const DB_FILE: &str = "nix-deploy.db";
@@ -109,9 +113,9 @@ impl Store {
             .map_err(open_error)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // With WAL, NORMAL survives a killed process (only a power loss can
-            // drop the last transactions).
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: what was reported survives a power loss too (NORMAL
+            // only survives a killed process).
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         // Readers (API, CLI) never wait behind the engine's writes in WAL mode,
@@ -129,13 +133,20 @@ impl Store {
                 source,
             })?;
         let lock = liveness::ProcessLock::acquire(state_dir)?;
-        liveness::remove_dead(state_dir);
+        let dead = liveness::remove_dead(state_dir);
         Ok(Store {
             pool,
             path,
             state_dir: state_dir.to_path_buf(),
             lock: Arc::new(lock),
+            dead_holders: Arc::new(dead),
         })
+    }
+
+    /// Coordinators of this history found dead when it was opened: what they
+    /// left behind (ssh control masters) can be cleaned up.
+    pub fn dead_holders(&self) -> &[String] {
+        &self.dead_holders
     }
 
     /// This process, as deployments and leases name it.
@@ -195,6 +206,7 @@ mod tests {
             strategy: "smart".into(),
             options: DeployOptions::default(),
             hosts: vec!["web1".into(), "web2".into()],
+            queued: false,
         }
     }
 

@@ -83,6 +83,12 @@ impl Daemon {
 }
 
 fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
+    start_daemon_with(h, "", extra_config)
+}
+
+/// A daemon with `top` keys before the config's tables and `extra_config`
+/// after them (in the `[github]` table unless it opens another).
+fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -99,6 +105,7 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
             r#"
 listen = "127.0.0.1:0"
 confirm-timeout = 5
+{top}
 
 [[tokens]]
 name = "ci"
@@ -211,7 +218,7 @@ async fn wait_finished(d: &Daemon, id: i64) -> Value {
             None,
         )
         .await;
-        if deployment["status"] != "running" {
+        if deployment["status"] != "running" && deployment["status"] != "queued" {
             return deployment;
         }
         assert!(Instant::now() < deadline, "deployment #{id} did not finish");
@@ -295,6 +302,36 @@ async fn auth_errors_and_bad_input_change_nothing() {
         .await
         .unwrap();
     assert_eq!(huge.status().as_u16(), 413);
+    let huge: Value = huge.json().await.expect("a JSON error, not plain text");
+    assert_eq!(huge["error"]["code"], "too_large");
+    // A malformed id is nobody's business without a token; with one, 400 JSON.
+    let (status, _) = call(
+        reqwest::Method::GET,
+        &url("/api/v1/deployments/x"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, body) = call(
+        reqwest::Method::GET,
+        &url("/api/v1/deployments/x"),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "bad_request");
+    // A read token cannot make the daemon evaluate, build, probe or run
+    // anything on hosts.
+    for (method, path) in [
+        (reqwest::Method::POST, "/api/v1/plan"),
+        (reqwest::Method::GET, "/api/v1/status?live=true"),
+        (reqwest::Method::POST, "/api/v1/hosts/a1/health"),
+    ] {
+        let (status, body) = call(method, &url(path), Some(READ_TOKEN), None).await;
+        assert_eq!(status, 403, "{path}: {body}");
+    }
     let (status, _) = call(reqwest::Method::GET, &url("/healthz"), None, None).await;
     assert_eq!(status, 200);
     assert_eq!(h.fleet.generation("a1"), None, "nothing was deployed");
@@ -388,7 +425,7 @@ async fn a_deployment_through_the_api_streams_its_events_and_is_reported() {
     let (_, status) = call(
         reqwest::Method::GET,
         &format!("{}/api/v1/status?live=true", d.url),
-        Some(READ_TOKEN),
+        Some(DEPLOY_TOKEN),
         None,
     )
     .await;
@@ -607,12 +644,12 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
     let answer: Value = ok.json().await.unwrap();
-    let text = answer["text"].as_str().unwrap_or_default();
-    assert!(
-        text.contains("p620") && text.contains("razer"),
-        "{answer:#}"
-    );
     let id = answer["deployment_id"].as_i64().expect("deployment id");
+    // The same signed request again (a replay within the window): refused.
+    let replayed = post(now, slack_signature(now, &body), body.clone())
+        .await
+        .unwrap();
+    assert_eq!(replayed.status().as_u16(), 409);
     let deployment = wait_finished(&d, id).await;
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
     assert_eq!(deployment["strategy"], "canary");
@@ -622,11 +659,23 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     while responses.bodies.lock().unwrap().len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let bodies = responses.bodies.lock().unwrap().clone();
+    assert!(bodies.len() >= 3 && bodies.len() <= 5, "{bodies:?}");
+    // The plan first, naming the hosts; the summary last.
     assert!(
-        responses.bodies.lock().unwrap().len() >= 3,
-        "{:?}",
-        responses.bodies.lock().unwrap()
+        bodies[0].contains("p620") && bodies[0].contains("razer"),
+        "{bodies:?}"
     );
+    assert!(bodies.last().unwrap().contains("succeeded"), "{bodies:?}");
+    // One deployment only, whatever was replayed.
+    let (_, list) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(list["deployments"].as_array().unwrap().len(), 1);
 
     // A bad argument gets an answer, not a deployment.
     let bad = "command=%2Fnix-deploy&text=--strategy%3Dyolo&user_id=U1&user_name=alice".to_string();
@@ -668,50 +717,88 @@ async fn a_signed_push_to_main_deploys_that_revision() {
     git(&flake_dir, &["commit", "-q", "-a", "-m", "two"]);
     let flake = format!("git+file://{}", flake_dir.display());
     let d = start_daemon(&h, &format!("flake = \"{flake}\""));
-    let push = |git_ref: &str, after: &str| {
+    let push = |git_ref: &str, after: &str, at: &str| {
         json!({
             "ref": git_ref, "before": "0".repeat(40), "after": after, "deleted": false,
             "repository": { "full_name": "me/fleet" }, "pusher": { "name": "bob" },
-            "head_commit": { "message": "change" }
+            "head_commit": { "message": "change", "timestamp": at }
         })
         .to_string()
     };
-    let send = |body: String, signature: String, event: &str| {
+    let deliveries = std::sync::atomic::AtomicU32::new(0);
+    let send_as = |body: String, signature: String, event: &str, delivery: String| {
         client()
             .post(format!("{}/hooks/github", d.url))
             .header("x-github-event", event)
+            .header("x-github-delivery", delivery)
             .header("x-hub-signature-256", signature)
             .header("content-type", "application/json")
             .body(body)
             .send()
+    };
+    let send = |body: String, signature: String, event: &str| {
+        let n = deliveries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        send_as(body, signature, event, format!("delivery-{n}"))
     };
     let sign = |body: &str| {
         let mut mac = Hmac::<Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).unwrap();
         mac.update(body.as_bytes());
         format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
     };
-    let body = push("refs/heads/main", &first);
+    let body = push("refs/heads/main", &first, "2026-01-02T10:00:00+01:00");
     let forged = send(body.clone(), "sha256=00".into(), "push")
         .await
         .unwrap();
     assert_eq!(forged.status().as_u16(), 401);
-    let other = push("refs/heads/feature", &first);
+    let other = push("refs/heads/feature", &first, "2026-01-02T10:00:00+01:00");
     let ignored = send(other.clone(), sign(&other), "push").await.unwrap();
     assert_eq!(ignored.status().as_u16(), 202);
     let ignored: Value = ignored.json().await.unwrap();
     assert!(ignored["ignored"].is_string());
 
-    // The push of the *first* commit deploys the first commit, not the tip.
-    let accepted = send(body.clone(), sign(&body), "push").await.unwrap();
-    assert_eq!(accepted.status().as_u16(), 202);
-    let id = accepted.json::<Value>().await.unwrap()["id"]
-        .as_i64()
+    // The push of the *first* commit deploys the first commit, not the tip;
+    // answered at once (GitHub gives a hook ten seconds), whatever the hosts do.
+    let asked = Instant::now();
+    let accepted = send_as(body.clone(), sign(&body), "push", "the-push".into())
+        .await
         .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(accepted.status().as_u16(), 202);
+    let accepted: Value = accepted.json().await.unwrap();
+    assert_eq!(accepted["status"], "queued");
+    let id = accepted["id"].as_i64().unwrap();
     let deployment = wait_finished(&d, id).await;
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
     assert_eq!(deployment["requested_by"], "github:bob");
     assert!(deployment["flake"].as_str().unwrap().contains(&first));
-    assert_eq!(h.fleet.current_system("g1"), Some(first_path));
+    assert_eq!(h.fleet.current_system("g1"), Some(first_path.clone()));
+
+    // The captured delivery, sent again: refused, nothing deployed.
+    let replayed = send_as(body.clone(), sign(&body), "push", "the-push".into())
+        .await
+        .unwrap();
+    assert_eq!(replayed.status().as_u16(), 409);
+    // A newer push deploys; then an older one (a new delivery of an old
+    // push) never downgrades the fleet.
+    let tip = git(&flake_dir, &["rev-parse", "HEAD"]);
+    let newer = push("refs/heads/main", &tip, "2026-01-02T11:00:00+01:00");
+    let accepted: Value = send(newer.clone(), sign(&newer), "push")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let deployment = wait_finished(&d, accepted["id"].as_i64().unwrap()).await;
+    assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
+    let tip_path = h.fleet.current_system("g1").unwrap();
+    assert_ne!(tip_path, first_path);
+    let older = send(body.clone(), sign(&body), "push").await.unwrap();
+    assert_eq!(older.status().as_u16(), 409);
+    assert_eq!(h.fleet.current_system("g1"), Some(tip_path));
 }
 
 #[test]
@@ -764,4 +851,240 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
         Some(2),
         "the host in the middle finished"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_connections_are_dropped_and_the_daemon_keeps_answering() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(vec![HostSpec::new("sc")]);
+    let d = start_daemon_with(&h, "header-timeout = \"2s\"\nmax-connections = 200", "");
+    let address = d.url.trim_start_matches("http://").to_string();
+    // Sixty clients that never finish a request: half send nothing, half
+    // the start of a request head (slowloris).
+    let mut held = Vec::new();
+    for i in 0..60 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        if i % 2 == 0 {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        held.push(stream);
+    }
+    // Meanwhile the daemon answers others.
+    let (status, _) = call(
+        reqwest::Method::GET,
+        &format!("{}/healthz", d.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Each held connection is closed by the daemon after the header timeout.
+    let started = Instant::now();
+    for mut stream in held {
+        let mut buf = [0u8; 512];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert_eq!(closed, Ok(true), "a connection was held");
+    }
+    assert!(started.elapsed() < Duration::from_secs(12));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_busy_host_is_answered_at_once_and_runs_when_it_is_free() {
+    let mut h = Harness::start(vec![HostSpec::new("q1")]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    h.fleet
+        .update("q1", |s| {
+            s.bump();
+            s.activation_delay_ms = 4000;
+        })
+        .unwrap();
+    let d = start_daemon(&h, "");
+    // A CLI deployment holds the host.
+    let first = h.spawn("first", &["deploy"]);
+    h.until(30, "the first deployment to activate", || {
+        h.fleet.activations("q1").len() >= 2
+    });
+    let asked = Instant::now();
+    let (status, created) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "wait": true, "force": true })),
+    )
+    .await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(status, 202, "{created}");
+    assert_eq!(created["status"], "queued");
+    let id = created["id"].as_i64().unwrap();
+    let (_, shown) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/v1/deployments/{id}", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(shown["status"], "queued", "{shown:#}");
+    let (code, _, stderr) = h.wait("first", first);
+    assert_eq!(code, 0, "{stderr}");
+    let deployment = wait_finished(&d, id).await;
+    assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
+    assert!(h.consistent("q1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slack_command_answers_within_its_deadline_whatever_the_hosts_do() {
+    let responses = receiver();
+    let h = Harness::start(vec![HostSpec::new("f1"), HostSpec::new("f2")]);
+    let d = start_daemon(&h, "");
+    h.fleet.freeze_host("f1").unwrap();
+    let body = format!(
+        "command=%2Fnix-deploy&text=f1+f2&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
+        form_urlencoded::byte_serialize(responses.url.as_bytes()).collect::<String>()
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let asked = Instant::now();
+    let answer = client()
+        .post(format!("{}/hooks/slack", d.url))
+        .header("x-slack-request-timestamp", now.to_string())
+        .header("x-slack-signature", slack_signature(now, &body))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    // Slack wants an answer within three seconds.
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(answer.status().as_u16(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    let id = answer["deployment_id"].as_i64().unwrap();
+    let deployment = wait_finished(&d, id).await;
+    h.fleet.thaw_host("f1").unwrap();
+    assert_ne!(deployment["status"], "running");
+    let bodies = responses.bodies.lock().unwrap().clone();
+    assert!(!bodies.is_empty() && bodies.len() <= 5, "{bodies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_stored_event_is_streamed_once_in_order() {
+    let names: Vec<String> = (1..=8).map(|i| format!("e{i}")).collect();
+    let h = Harness::start(names.iter().map(|n| HostSpec::new(n)).collect());
+    let d = start_daemon(&h, "");
+    let (status, created) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "parallel": true, "parallel_limit": 8 })),
+    )
+    .await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_i64().unwrap();
+    let client =
+        nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut streamed = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        streamed.push(event.id);
+    }
+    let stored: Vec<i64> = {
+        let store = nix_deploy::store::Store::open(h.state_dir()).await.unwrap();
+        let events = store.events(id, 0).await.unwrap();
+        store.close().await;
+        events.iter().map(|e| e.id).collect()
+    };
+    assert_eq!(streamed, stored);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_cli_coordinator_ends_its_stream_and_leaves_nothing_running() {
+    let mut h = Harness::start(vec![HostSpec::new("k1")]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    h.fleet
+        .update("k1", |s| {
+            s.bump();
+            s.activation_delay_ms = 30_000;
+        })
+        .unwrap();
+    let d = start_daemon(&h, "");
+    let mut cli = h.spawn("cli", &["deploy"]);
+    h.until(30, "the CLI's activation", || {
+        h.fleet.activations("k1").len() >= 2
+    });
+    let (_, status) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/v1/status", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    let id = status["running_deployments"][0].as_i64().expect("running");
+    let client =
+        nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let follow = tokio::spawn(async move { client.follow(id, tx).await });
+    cli.kill().unwrap(); // SIGKILL
+    cli.wait().unwrap();
+    // The stream ends, and nothing is reported running any more.
+    tokio::time::timeout(Duration::from_secs(20), follow)
+        .await
+        .expect("the stream ended")
+        .unwrap()
+        .unwrap();
+    let (_, status) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/v1/status", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status["running_deployments"], json!([]), "{status:#}");
+    let metrics = client_metrics(&d).await;
+    assert!(
+        metrics.contains("nix_deploy_running_deployments 0"),
+        "{metrics}"
+    );
+    let (_, shown) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/v1/deployments/{id}", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(shown["status"], "interrupted", "{shown:#}");
+}
+
+async fn client_metrics(d: &Daemon) -> String {
+    client()
+        .get(format!("{}/metrics", d.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

@@ -153,6 +153,8 @@ impl std::fmt::Display for HostStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeploymentStatus {
+    /// Recorded, waiting to start (busy hosts, or not yet validated).
+    Queued,
     Running,
     Succeeded,
     Failed,
@@ -163,6 +165,7 @@ pub enum DeploymentStatus {
 impl DeploymentStatus {
     pub fn as_str(self) -> &'static str {
         match self {
+            DeploymentStatus::Queued => "queued",
             DeploymentStatus::Running => "running",
             DeploymentStatus::Succeeded => "succeeded",
             DeploymentStatus::Failed => "failed",

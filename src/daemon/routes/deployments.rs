@@ -25,10 +25,10 @@ use crate::engine::DeployRequest;
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
-    let request: Request = parse_body(&body)?;
+    let request: Request = parse_body(&super::bytes(body)?)?;
     request
         .check_for_deploy()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -41,26 +41,32 @@ pub async fn create(
         }
         None => state.engine(),
     };
-    let job = Job::Deploy(DeployRequest {
+    let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,
         options,
         trigger: "api".into(),
         requested_by: caller.requested_by(),
-    });
-    let id = state.launch(engine, job, |_| {}).await?;
-    Ok(accepted(id))
+    };
+    // Waiting for busy hosts: recorded now and answered at once (`queued`);
+    // otherwise validated first, so bad input and busy hosts answer 400/409.
+    if request.wait {
+        let id = state.launch_queued(engine, deploy, |_| {}).await?;
+        return Ok(accepted(id, "queued"));
+    }
+    let id = state.launch(engine, Job::Deploy(deploy), |_| {}).await?;
+    Ok(accepted(id, "running"))
 }
 
 /// `202 Accepted` with where to find the deployment and its events.
-pub(crate) fn accepted(id: i64) -> Response {
+pub(crate) fn accepted(id: i64, status: &str) -> Response {
     (
         StatusCode::ACCEPTED,
         [(
             axum::http::header::LOCATION,
             format!("/api/v1/deployments/{id}"),
         )],
-        Json(Accepted::new(id, "running")),
+        Json(Accepted::new(id, status)),
     )
         .into_response()
 }
@@ -85,22 +91,26 @@ pub async fn list(
 pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
     authorize(&headers, &state.tokens, Scope::Read)?;
+    let id = super::parse_id(&id)?;
     Ok(Json(state.deployment(id).await?))
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
 ) -> Result<Json<CancelAnswer>, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let id = super::parse_id(&id)?;
     let deployment = state.deployment(id).await?;
-    if deployment.status != DeploymentStatus::Running
-        || !state.cancel(id, &caller.requested_by()).await?
-    {
+    let cancellable = matches!(
+        deployment.status,
+        DeploymentStatus::Running | DeploymentStatus::Queued
+    );
+    if !cancellable || !state.cancel(id, &caller.requested_by()).await? {
         return Err(ApiError::Conflict(format!(
             "deployment #{id} is {}, not running",
             deployment.status
@@ -122,11 +132,12 @@ pub struct ResumeBody {
 pub async fn resume(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
-    body: axum::body::Bytes,
+    Path(id): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&headers, &state.tokens, Scope::Deploy)?;
-    let body: ResumeBody = parse_body(&body)?;
+    let id = super::parse_id(&id)?;
+    let body: ResumeBody = parse_body(&super::bytes(body)?)?;
     let deployment = state.deployment(id).await?;
     let engine = state.engine_with_flake(&deployment.flake);
     let id = state
@@ -139,15 +150,16 @@ pub async fn resume(
             |_| {},
         )
         .await?;
-    Ok(accepted(id))
+    Ok(accepted(id, "running"))
 }
 
 pub async fn report(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&headers, &state.tokens, Scope::Read)?;
+    let id = super::parse_id(&id)?;
     let mut deployment = state.deployment(id).await?;
     deployment.events = Some(state.store().events(id, 0).await?);
     let markdown = crate::daemon::report::markdown(&deployment);
@@ -173,9 +185,10 @@ fn sse_event(event: &Event) -> SseEvent {
 pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&headers, &state.tokens, Scope::Read)?;
+    let id = super::parse_id(&id)?;
     let deployment = state.deployment(id).await?;
     let after: i64 = headers
         .get("last-event-id")
@@ -186,7 +199,10 @@ pub async fn events(
     let mut live = state.subscribe(id);
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let store = state.store().clone();
-    let running = deployment.status == DeploymentStatus::Running;
+    let running = matches!(
+        deployment.status,
+        DeploymentStatus::Running | DeploymentStatus::Queued
+    );
     tokio::spawn(async move {
         let mut last = after;
         let mut finished = false;
@@ -237,7 +253,9 @@ pub async fn events(
                 }
             }
         } else if running {
-            // Run by another process (a CLI): follow the store.
+            // Run by another process (a CLI): follow the store until it ends
+            // (a coordinator that died is marked interrupted by the daemon's
+            // reconciler, which ends its stream too).
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                 let Ok(new) = store.events(id, last).await else {
@@ -249,6 +267,15 @@ pub async fn events(
                     if send(event).await.is_err() || done {
                         return;
                     }
+                }
+                if new.is_empty()
+                    && let Ok(Some(now)) = store.deployment(id).await
+                    && !matches!(
+                        now.status,
+                        DeploymentStatus::Running | DeploymentStatus::Queued
+                    )
+                {
+                    break;
                 }
             }
         }

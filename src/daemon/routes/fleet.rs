@@ -34,7 +34,13 @@ pub async fn status(
     headers: HeaderMap,
     Query(query): Query<StatusQuery>,
 ) -> Result<Json<StatusReport>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    // A live status probes every host: more than reading the history.
+    let scope = if query.live {
+        Scope::Deploy
+    } else {
+        Scope::Read
+    };
+    authorize(&headers, &state.tokens, scope)?;
     let live = if query.live {
         Some(
             state
@@ -56,10 +62,11 @@ pub async fn status(
 pub async fn plan(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<PlanReport>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
-    let request: Request = parse_body(&body)?;
+    // A plan evaluates, builds and probes: not for read-only tokens.
+    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let request: Request = parse_body(&super::bytes(body)?)?;
     request
         .check_for_plan()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -85,7 +92,7 @@ pub async fn rollback(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(host): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
     if !shell::is_valid_host_name(&host) {
@@ -93,7 +100,7 @@ pub async fn rollback(
             "`{host}` is not a valid host name"
         )));
     }
-    let body: RollbackBody = parse_body(&body)?;
+    let body: RollbackBody = parse_body(&super::bytes(body)?)?;
     let job = Job::Rollback(RollbackRequest {
         host,
         to_generation: body.to_generation,
@@ -102,7 +109,7 @@ pub async fn rollback(
         requested_by: caller.requested_by(),
     });
     let id = state.launch(state.engine(), job, |_| {}).await?;
-    Ok(super::deployments::accepted(id))
+    Ok(super::deployments::accepted(id, "running"))
 }
 
 pub async fn health(
@@ -110,7 +117,8 @@ pub async fn health(
     headers: HeaderMap,
     Path(host): Path<String>,
 ) -> Result<Json<HostHealth>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    // Health checks run commands on the host.
+    authorize(&headers, &state.tokens, Scope::Deploy)?;
     if !shell::is_valid_host_name(&host) {
         return Err(ApiError::BadRequest(format!(
             "`{host}` is not a valid host name"

@@ -27,3 +27,23 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned + Default>(
         })
     })
 }
+
+/// A deployment id from the path, parsed after the caller was authorized (a
+/// malformed id is a 400 only for someone allowed to ask).
+pub(crate) fn parse_id(text: &str) -> Result<i64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::BadRequest(format!("`{text}` is not a deployment id")))
+}
+
+/// A request body, or the JSON error for one that is too large or broken.
+pub(crate) fn bytes(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(e.body_text())
+        } else {
+            ApiError::BadRequest(e.body_text())
+        }
+    })
+}
