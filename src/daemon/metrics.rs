@@ -15,16 +15,49 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sqlx::Row;
 
-use nix_deploy_core::run::StepTiming;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 
-use crate::store::{Store, StoreError};
+use crate::store::{STEP_BUCKETS, StepHistogram, Store, StoreError};
+
+/// A histogram kept by the store (counted as steps finish), encoded as is.
+#[derive(Debug, Default)]
+struct StoredHistogram(std::sync::Mutex<Option<StepHistogram>>);
+
+impl StoredHistogram {
+    fn set(&self, histogram: StepHistogram) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(histogram);
+    }
+}
+
+impl TypedMetric for StoredHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for StoredHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let stored = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(h) = stored.as_ref() else {
+            return Ok(());
+        };
+        // Per-bucket counts with their upper bounds; the last is +Inf.
+        let buckets: Vec<(f64, u64)> = STEP_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(h.buckets.iter().copied())
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 const DURATION_BUCKETS: [f64; 10] = [
     1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
-const STEP_BUCKETS: [f64; 9] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0];
-/// Step durations come from this many recent host runs at most.
-const STEP_HISTORY: i64 = 10_000;
 
 type Labels = Vec<(String, String)>;
 
@@ -168,24 +201,11 @@ pub async fn render(store: &Store) -> Result<String, StoreError> {
         durations,
     );
 
-    let steps = Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(STEP_BUCKETS));
-    let rows = sqlx::query("SELECT steps FROM host_runs ORDER BY rowid DESC LIMIT ?")
-        .bind(STEP_HISTORY)
-        .fetch_all(store.pool())
-        .await
-        .map_err(query_error("reading metrics"))?;
-    for row in rows {
-        let text: String = row.get(0);
-        let Ok(timings) = serde_json::from_str::<Vec<StepTiming>>(&text) else {
-            continue;
-        };
-        for t in timings {
-            if let Some(end) = t.finished_at {
-                steps
-                    .get_or_create(&vec![("step".to_string(), t.step.as_str().to_string())])
-                    .observe((end - t.started_at).max(0) as f64 / 1000.0);
-            }
-        }
+    let steps = Family::<Labels, StoredHistogram>::default();
+    for h in store.step_histograms().await? {
+        steps
+            .get_or_create(&vec![("step".to_string(), h.step.clone())])
+            .set(h);
     }
     registry.register(
         "step_duration_seconds",
@@ -225,7 +245,7 @@ mod tests {
     use crate::store::NewDeployment;
     use nix_deploy_core::events::{DeploymentStatus, HostStatus, Step};
     use nix_deploy_core::options::DeployOptions;
-    use nix_deploy_core::run::HostRun;
+    use nix_deploy_core::run::{HostRun, StepTiming};
 
     #[test]
     fn mttr_measures_failure_to_next_success() {
@@ -274,6 +294,8 @@ mod tests {
             });
             store.save_host_run(&run).await.unwrap();
             store.record_host_result(&run).await.unwrap();
+            // Counted as the step finished (the recorder does this).
+            store.record_step_duration("build", 0.4).await.unwrap();
             store.finish_deployment(id, status, None).await.unwrap();
         }
         let text = render(&store).await.unwrap();

@@ -144,6 +144,8 @@ impl Recorder {
             timing.ok = Some(result.is_ok());
         }
         self.save(run).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        durably(|| self.store.record_step_duration(step.as_str(), seconds)).await?;
         self.emit(
             Some(&run.host),
             EventKind::StepFinished {

@@ -17,12 +17,14 @@ mod hooks;
 mod leases;
 mod liveness;
 mod runs;
+mod stats;
 
 use std::sync::Arc;
 
 pub use deployments::NewDeployment;
 pub use hooks::BranchHead;
 pub use leases::Lease;
+pub use stats::{STEP_BUCKETS, StepHistogram};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
