@@ -114,7 +114,10 @@ fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
     let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
     ssh.connect_timeout = cli.connect_timeout;
     ssh.command_timeout = cli.command_timeout;
-    EngineConfig::new(cli.flake(), ssh)
+    let mut config = EngineConfig::new(cli.flake(), ssh);
+    config.eval_workers = cli.eval_workers.map(usize::from);
+    config.eval_cache = !cli.no_eval_cache;
+    config
 }
 
 /// The engine for this command line, and the directory of its ssh control
@@ -191,7 +194,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .plan(&request.selection(), &options, !*no_build)
                 .await?;
             output::show(&cli, &report, output::print_plan)?;
-            Ok(EXIT_OK)
+            // Hosts Nix could not evaluate are reported with the plan of the rest.
+            Ok(if report.evaluation.failed.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            })
         }
         Command::Deploy(args) => deploy(&cli, args).await,
         Command::Health { host, within } => {

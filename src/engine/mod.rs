@@ -4,7 +4,10 @@
 //!
 //! 1. [`prepare`]: the request is validated (evaluation, selection,
 //!    dependency graph, options) and the hosts are leased before anything is
-//!    recorded or touched.
+//!    recorded or touched. [`evaluate`] evaluates the fleet in shards, in
+//!    parallel, from the evaluation cache when it can, and hands each host
+//!    on as soon as it is evaluated, so that probing (which changes nothing)
+//!    overlaps evaluation.
 //! 2. [`probe`]: every selected host is probed in parallel (bounded).
 //! 3. The pure planner decides; [`scheduler`] obeys its `waits_for` edges, at
 //!    most `parallel_limit` hosts at once, and stops when the plan says so.
@@ -18,6 +21,7 @@
 //! to the store before anyone is told.
 
 mod blue_green;
+mod evaluate;
 mod health;
 mod pipeline;
 mod prepare;
@@ -33,8 +37,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use nix_deploy_core::eval::EvalFailure;
 use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
-use nix_deploy_core::fleet::{Inventory, InventoryError, Selection};
+use nix_deploy_core::fleet::{InventoryError, Selection};
 use nix_deploy_core::options::{DeployOptions, OptionsError};
 use nix_deploy_core::plan::PlanError;
 use nix_deploy_core::run::{Deployment, HostRun};
@@ -45,7 +50,7 @@ pub use rollback::RollbackRequest;
 use crate::nix::{Nix, NixError};
 use crate::store::{NewDeployment, Store, StoreError};
 use crate::transport::ssh::SshOptions;
-use prepare::Leases;
+use prepare::{Leases, Purpose};
 use recorder::Recorder;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,9 @@ pub enum EngineError {
     Inventory(#[from] InventoryError),
     #[error(transparent)]
     Eval(NixError),
+    /// Hosts whose configuration Nix could not evaluate (each with Nix's error).
+    #[error("{}", describe_failures(.0))]
+    EvalFailed(Vec<EvalFailure>),
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
@@ -78,12 +86,24 @@ impl EngineError {
             self,
             EngineError::Inventory(_)
                 | EngineError::Eval(_)
+                | EngineError::EvalFailed(_)
                 | EngineError::Plan(_)
                 | EngineError::Options(_)
                 | EngineError::BadOption(_)
                 | EngineError::Busy { .. }
         )
     }
+}
+
+fn describe_failures(failures: &[EvalFailure]) -> String {
+    let mut text = format!(
+        "{} host(s) could not be evaluated; nothing was touched",
+        failures.len()
+    );
+    for failure in failures {
+        text.push_str(&format!("\n{}: {}", failure.host, failure.error));
+    }
+    text
 }
 
 /// What every run of this process shares, decided once at the edge (CLI or
@@ -95,6 +115,12 @@ pub struct EngineConfig {
     pub ssh: SshOptions,
     /// Hosts probed at once.
     pub probe_limit: usize,
+    /// `nix eval` processes at once; `None`: from the cores and the memory
+    /// available (see `nix_deploy_core::eval::default_workers`).
+    pub eval_workers: Option<usize>,
+    /// Read the evaluation cache (`--no-eval-cache` turns it off; fresh
+    /// results are stored either way).
+    pub eval_cache: bool,
 }
 
 impl EngineConfig {
@@ -104,6 +130,8 @@ impl EngineConfig {
             nix: Nix::default(),
             ssh,
             probe_limit: 64,
+            eval_workers: None,
+            eval_cache: true,
         }
     }
 }
@@ -140,17 +168,6 @@ impl Engine {
         &self.config
     }
 
-    /// Evaluate the fleet: one `nix eval` for every host.
-    pub async fn inventory(&self) -> Result<Inventory, EngineError> {
-        let json = self
-            .config
-            .nix
-            .eval_fleet(&self.config.flake)
-            .await
-            .map_err(EngineError::Eval)?;
-        Ok(Inventory::from_eval_json(&json)?)
-    }
-
     /// Run a deployment to the end. `sink` receives every event after it is stored;
     /// `cancel` stops starting new hosts (running ones finish or roll back).
     pub async fn deploy(
@@ -161,13 +178,18 @@ impl Engine {
     ) -> Result<Deployment, EngineError> {
         self.store.mark_interrupted().await?;
         let options = &request.options;
-        let (prepared, flake_rev) = tokio::join!(
-            self.prepare(&request.selection, options),
-            self.config.nix.flake_revision(&self.config.flake)
-        );
-        let prepared = prepared?;
+        let prepared = self
+            .prepare(&request.selection, options, Purpose::DEPLOY)
+            .await?;
+        let flake_rev = prepared.revision.clone();
         let host_names = prepared.host_names();
-        let leases = Leases::acquire(&self.store, &host_names, request.wait, &cancel).await?;
+        let leases = match Leases::acquire(&self.store, &host_names, request.wait, &cancel).await {
+            Ok(leases) => leases,
+            Err(e) => {
+                prepared.discard().await;
+                return Err(e);
+            }
+        };
         let created = self
             .store
             .create_deployment(&NewDeployment {
@@ -184,6 +206,7 @@ impl Engine {
             Ok(id) => id,
             Err(e) => {
                 leases.release().await;
+                prepared.discard().await;
                 return Err(e.into());
             }
         };
@@ -198,6 +221,7 @@ impl Engine {
                     },
                 )
                 .await?;
+            prepared.log_evaluation(&recorder).await?;
             self.execute(prepared, options, &recorder, &leases, &cancel, Vec::new())
                 .await
         }

@@ -14,7 +14,7 @@ use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote;
 use nix_deploy_core::run::{Deployment, HostRun};
 
-use super::prepare::Leases;
+use super::prepare::{Leases, Purpose};
 use super::recorder::Recorder;
 use super::{Engine, EngineError};
 use crate::transport::ssh::{self, Connection};
@@ -50,7 +50,7 @@ impl Engine {
         let prepared = if remaining_names.is_empty() {
             None
         } else {
-            Some(self.prepare(&selection, &options).await?)
+            Some(self.prepare(&selection, &options, Purpose::RESUME).await?)
         };
         // Activations the dead coordinator never confirmed are still armed on
         // their hosts; let their watchdogs settle before we look at the hosts.

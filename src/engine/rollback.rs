@@ -12,7 +12,7 @@ use nix_deploy_core::remote;
 use nix_deploy_core::run::{Deployment, HostRun};
 
 use super::pipeline::HostContext;
-use super::prepare::{Leases, find_host};
+use super::prepare::Leases;
 use super::probe::probe_host;
 use super::recorder::Recorder;
 use super::recovery::{Back, Previous, conclude};
@@ -39,8 +39,7 @@ impl Engine {
     ) -> Result<Deployment, EngineError> {
         self.store.mark_interrupted().await?;
         request.options.check()?;
-        let inventory = self.inventory().await?;
-        let host = find_host(&inventory, &request.host)?;
+        let host = self.evaluated_host(&request.host).await?;
         let never = CancellationToken::new();
         let leases =
             Leases::acquire(&self.store, std::slice::from_ref(&host.name), false, &never).await?;

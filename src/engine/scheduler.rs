@@ -373,12 +373,15 @@ impl Engine {
     ) -> Result<Deployment, EngineError> {
         let _heartbeat = leases.heartbeat(recorder.deployment_id(), cancel);
         let id = recorder.deployment_id();
-        let probed = self.probe_all(prepared.hosts, Some(recorder)).await?;
+        let probed = self
+            .probe_all(prepared.hosts, Some(recorder), prepared.early)
+            .await?;
         let mut facts = Vec::new();
         for (assessment, _) in &probed {
             facts.push(self.facts(assessment, None).await?);
         }
-        let plan = match plan::plan(&facts, &prepared.graph, prepared.inventory.len(), options) {
+        let fleet_size = prepared.inventory.len() + prepared.evaluation.failed.len();
+        let plan = match plan::plan(&facts, &prepared.graph, fleet_size, options) {
             Ok(plan) => plan,
             Err(e) => {
                 for (_, connection) in probed {
@@ -478,6 +481,7 @@ mod tests {
             risk: Risk::Low,
             risk_reasons: Vec::new(),
             summary: None,
+            eval_cached: false,
         }
     }
 
