@@ -9,6 +9,7 @@
 mod cli;
 mod daemon;
 mod deploy;
+mod evaluation;
 mod helpers;
 mod recovery;
 mod safety;
