@@ -133,15 +133,20 @@ impl Nix {
     }
 
     /// Evaluate the given hosts of `FLAKE#nixosConfigurations` in one
-    /// process; its peak memory is measured. The error is the process's, so
-    /// the caller can tell a timeout from a failure and read Nix's message.
+    /// process, with an initial heap of `initial_heap` bytes if given; its
+    /// peak memory is measured. The error is the process's, so the caller
+    /// can tell a timeout from a failure and read Nix's message.
     pub async fn eval_hosts(
         &self,
         flake: &str,
         hosts: &[String],
         catch: bool,
+        initial_heap: Option<u64>,
     ) -> Result<process::Output, ExecError> {
-        let cmd = self.with_env(shard_command(flake, hosts, catch));
+        let mut cmd = self.with_env(shard_command(flake, hosts, catch));
+        if let Some(bytes) = initial_heap {
+            cmd = cmd.env("GC_INITIAL_HEAP_SIZE", bytes.to_string());
+        }
         process::run_measured(&cmd, self.eval_timeout, |_, _| {}).await
     }
 

@@ -15,7 +15,9 @@
 //!    is split in halves and tried again, so one host's error never hides
 //!    another host's result. A shard that times out fails its hosts.
 //! 5. The peak memory of regular shards, per host, sizes the next run's
-//!    shards (`eval_memory`).
+//!    shards (`eval_memory`), and their initial heap
+//!    ([`eval::gc_initial_heap_bytes`]): a shard starts with the heap it was
+//!    measured to need instead of collecting again and again on the way.
 //!
 //! Nothing here touches a host: the consumer of the updates decides what to
 //! do with a host as it arrives (`prepare` starts probing it, read-only).
@@ -243,6 +245,7 @@ impl Engine {
             .unwrap_or_else(|| eval::default_workers(cores, available, host_budget_mib))
             .max(1);
         let per_shard = eval::hosts_per_shard(misses.len(), workers, available, host_budget_mib);
+        let worker_share = eval::worker_share_mib(available, workers);
         let mut queue: VecDeque<Shard> = eval::split_into_shards(&misses, per_shard)
             .into_iter()
             .map(|hosts| Shard::new(hosts, true))
@@ -271,10 +274,18 @@ impl Engine {
                 && let Some(shard) = queue.pop_front()
             {
                 report.shards += 1;
+                let heap = eval::gc_initial_heap_bytes(shard.hosts.len(), measured, worker_share);
+                if let Some(bytes) = heap {
+                    let mib = bytes / 1024 / 1024;
+                    report.gc_initial_heap_mib =
+                        Some(report.gc_initial_heap_mib.unwrap_or(0).max(mib));
+                }
                 let nix = nix.clone();
                 let eval_ref = eval_ref.clone();
                 running.spawn(async move {
-                    let result = nix.eval_hosts(&eval_ref, &shard.hosts, shard.catch).await;
+                    let result = nix
+                        .eval_hosts(&eval_ref, &shard.hosts, shard.catch, heap)
+                        .await;
                     (shard, result)
                 });
             }

@@ -377,8 +377,7 @@ pub fn hosts_per_shard(
     host_budget_mib: u64,
 ) -> usize {
     let workers = workers.max(1);
-    let usable = available_mib * MEMORY_SHARE_PERCENT / 100;
-    let per_worker = usable / workers as u64;
+    let per_worker = worker_share_mib(available_mib, workers);
     let by_memory = usize::try_from(per_worker / host_budget_mib.max(1)).unwrap_or(usize::MAX);
     hosts
         .div_ceil(workers * SHARDS_PER_WORKER)
@@ -412,6 +411,29 @@ pub fn host_budget_from_peak(peak_kib: u64, hosts: usize) -> u64 {
         .max(1)
 }
 
+/// Nix's own initial heap (Nix 2.8 sets a quarter of the RAM, at most 384 MiB).
+pub const NIX_DEFAULT_HEAP_MIB: u64 = 384;
+
+/// The initial heap (`GC_INITIAL_HEAP_SIZE`, bytes) for a shard of `hosts`
+/// when one host was measured at `host_kib`: the heap the shard will need
+/// anyway, so that the collector does not run again and again while the heap
+/// grows to it (it spends a third of a large evaluation's time there), yet no
+/// more than was measured and never more than a worker's share of memory.
+/// None when Nix's default is as large, or nothing was measured.
+pub fn gc_initial_heap_bytes(
+    hosts: usize,
+    host_kib: Option<u64>,
+    worker_share_mib: u64,
+) -> Option<u64> {
+    let want_mib = (host_kib? * hosts as u64 / 1024).min(worker_share_mib);
+    (want_mib > NIX_DEFAULT_HEAP_MIB).then_some(want_mib * 1024 * 1024)
+}
+
+/// A worker's share of the memory evaluation may use, in MiB.
+pub fn worker_share_mib(available_mib: u64, workers: usize) -> u64 {
+    available_mib * MEMORY_SHARE_PERCENT / 100 / workers.max(1) as u64
+}
+
 /// A host whose evaluation failed, with Nix's error.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalFailure {
@@ -439,6 +461,9 @@ pub struct EvaluationReport {
     pub host_budget_source: String,
     /// Largest peak memory of one `nix eval` process, when measured.
     pub peak_shard_mib: Option<f64>,
+    /// The initial heap given to shards (from the measured per-host memory).
+    #[serde(default)]
+    pub gc_initial_heap_mib: Option<u64>,
     /// Whether the cache was read: `used`, `bypassed` (`--no-eval-cache`), or
     /// why it could not be (`unavailable: ...`).
     pub cache: String,
@@ -687,6 +712,24 @@ mod tests {
         assert_eq!(split_into_shards(&hosts, 100).len(), 1);
         assert_eq!(split_into_shards(&hosts, 1).len(), 10);
         assert!(split_into_shards(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn shards_start_with_the_heap_they_were_measured_to_need() {
+        // 12 hosts of 40 MiB: 480 MiB, more than Nix's default.
+        assert_eq!(
+            gc_initial_heap_bytes(12, Some(40 * 1024), 8000),
+            Some(480 * 1024 * 1024)
+        );
+        // Never more than a worker's share; nothing when Nix's default is as large.
+        assert_eq!(
+            gc_initial_heap_bytes(12, Some(40 * 1024), 400),
+            Some(400 * 1024 * 1024)
+        );
+        assert_eq!(gc_initial_heap_bytes(4, Some(40 * 1024), 8000), None);
+        assert_eq!(gc_initial_heap_bytes(12, None, 8000), None);
+        assert_eq!(worker_share_mib(10_000, 2), 4000);
+        assert_eq!(worker_share_mib(10_000, 0), 8000);
     }
 
     #[test]
