@@ -671,8 +671,17 @@ fn tree_rss_kib(root: u32) -> u64 {
         .sum()
 }
 
-/// Run `cmd` to the end; wall time, its peak memory (its own high-water
-/// mark) and the peak of its whole process tree.
+/// CPU time of a process's children that ended (cutime + cstime).
+fn children_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(13)?.parse::<f64>().ok()? + fields.get(14)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Run `cmd` to the end; wall time, CPU time (with its children's), its
+/// peak memory (its own high-water mark) and the peak of its whole process
+/// tree.
 fn measured(mut cmd: Command) -> anyhow::Result<(Run, u64)> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -696,7 +705,7 @@ fn measured(mut cmd: Command) -> anyhow::Result<(Run, u64)> {
     let status = loop {
         if let Some((hwm, seconds)) = proc_stat(pid) {
             peak = peak.max(hwm);
-            cpu = seconds;
+            cpu = seconds + children_cpu_seconds(pid).unwrap_or(0.0);
         }
         tree_peak = tree_peak.max(tree_rss_kib(pid));
         if let Some(status) = child.try_wait()? {
@@ -790,6 +799,10 @@ fn nixos_evaluation(bench: &mut Bench) -> anyhow::Result<()> {
             .unwrap_or(0)
     };
     let mib = |kib: u64| kib as f64 / 1024.0;
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut push = |key: &'static str, value: f64| samples.entry(key).or_default().push(value);
     let mut identical = true;
@@ -798,6 +811,7 @@ fn nixos_evaluation(bench: &mut Bench) -> anyhow::Result<()> {
     for round in 0..bench.repeats {
         let (single_run, fresh) = single()?;
         push("single_s", single_run.wall);
+        push("single_cpu_s", single_run.cpu_seconds);
         push("single_peak_mib", mib(single_run.peak_rss_kib));
 
         // Cold: a new history, nothing cached, nothing measured.
@@ -805,6 +819,7 @@ fn nixos_evaluation(bench: &mut Bench) -> anyhow::Result<()> {
         let (run, tree, report) = plan(state.path(), &[])?;
         identical &= toplevels(&report) == fresh && cached(&report) == 0;
         push("cold_s", run.wall);
+        push("cold_cpu_s", run.cpu_seconds);
         push("cold_peak_mib", mib(tree));
         push(
             "cold_eval_s",
@@ -831,6 +846,7 @@ fn nixos_evaluation(bench: &mut Bench) -> anyhow::Result<()> {
             * evaluation["hosts_per_shard"].as_f64().unwrap_or(0.0)
             * evaluation["host_budget_mib"].as_f64().unwrap_or(0.0);
         push("budgeted_s", run.wall);
+        push("budgeted_cpu_s", run.cpu_seconds);
         push("budgeted_peak_mib", mib(tree));
         push("budgeted_budget_mib", budget);
         push("budgeted_peak_over_budget", mib(tree) / budget);
@@ -855,6 +871,7 @@ fn nixos_evaluation(bench: &mut Bench) -> anyhow::Result<()> {
         );
         identical &= out.status.success() && toplevels(&report) == expected && expected != fresh;
         push("changed_s", run.wall);
+        push("changed_cpu_s", run.cpu_seconds);
         push("changed_peak_mib", mib(tree));
     }
     let m = |key: &str| median(samples.get(key).cloned().unwrap_or_default());
@@ -866,6 +883,12 @@ fn nixos_evaluation(bench: &mut Bench) -> anyhow::Result<()> {
             "shape": "1000 option modules, 5000 packages, 60 services a host",
             "single_nix_eval_s": single_s,
             "single_nix_eval_peak_mib": m("single_peak_mib"),
+            "single_nix_eval_cpu_s": m("single_cpu_s"),
+            "cold_plan_cpu_s": m("cold_cpu_s"),
+            "cold_measured_budget_cpu_s": m("budgeted_cpu_s"),
+            "one_host_changed_cpu_s": m("changed_cpu_s"),
+            "load_average_before": load_before,
+            "load_average_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string(),
             "cold_plan_s": m("cold_s"),
             "cold_plan_vs_single": m("cold_s") / single_s,
             "cold_plan_evaluation_s": m("cold_eval_s"),

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{DeploymentStatus, Event};
 use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
-use nix_deploy_core::reports::{CancelAnswer, DeploymentList, StatusReport};
+use nix_deploy_core::reports::{CancelAnswer, DeploymentList, PlanReport, StatusReport};
 use nix_deploy_core::run::Deployment;
 
 pub use args::{Cli, Command};
@@ -194,12 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .plan(&request.selection(), &options, !*no_build)
                 .await?;
             output::show(&cli, &report, output::print_plan)?;
-            // Hosts Nix could not evaluate are reported with the plan of the rest.
-            Ok(if report.evaluation.failed.is_empty() {
-                EXIT_OK
-            } else {
-                EXIT_FAILED
-            })
+            Ok(plan_exit_code(&report))
         }
         Command::Deploy(args) => deploy(&cli, args).await,
         Command::Health { host, within } => {
@@ -336,6 +331,16 @@ where
     let deployment = result?;
     output::show(cli, &deployment, output::print_report)?;
     Ok(exit_code(&deployment))
+}
+
+/// A plan ends the command with 1 when a host could not be evaluated (the
+/// plan of the others is shown), else 0.
+fn plan_exit_code(report: &PlanReport) -> u8 {
+    if report.evaluation.failed.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
 }
 
 /// Bars only for a person watching; pipes, CI and `--json` get plain lines.
