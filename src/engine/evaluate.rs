@@ -9,7 +9,8 @@
 //! 2. The host names (from the cache, or one cheap `nix eval`).
 //! 3. Every host whose key is in the cache is ready at once.
 //! 4. The rest are split into shards ([`eval::hosts_per_shard`]) evaluated by
-//!    up to `workers` processes at once; each shard's hosts are sent on as
+//!    up to `workers` processes at once (and no more than that across the
+//!    evaluations running at the same time in this process: the daemon's); each shard's hosts are sent on as
 //!    soon as it ends and cached. A host that throws comes back as `null` and
 //!    is evaluated again alone for Nix's error; a shard that fails otherwise
 //!    is split in halves and tried again, so one host's error never hides
@@ -23,9 +24,10 @@
 //! do with a host as it arrives (`prepare` starts probing it, read-only).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use nix_deploy_core::eval::{self, EvalFailure, EvaluationReport, FlakeIdentity};
@@ -246,6 +248,11 @@ impl Engine {
             .max(1);
         let per_shard = eval::hosts_per_shard(misses.len(), workers, available, host_budget_mib);
         let worker_share = eval::worker_share_mib(available, workers);
+        let gate = self
+            .config
+            .eval_gate
+            .get_or_init(|| Arc::new(Semaphore::new(workers)))
+            .clone();
         let mut queue: VecDeque<Shard> = eval::split_into_shards(&misses, per_shard)
             .into_iter()
             .map(|hosts| Shard::new(hosts, true))
@@ -282,7 +289,10 @@ impl Engine {
                 }
                 let nix = nix.clone();
                 let eval_ref = eval_ref.clone();
+                let gate = gate.clone();
                 running.spawn(async move {
+                    // Closed never: the gate lives as long as the config.
+                    let _slot = gate.acquire_owned().await;
                     let result = nix
                         .eval_hosts(&eval_ref, &shard.hosts, shard.catch, heap)
                         .await;

@@ -32,9 +32,10 @@ mod resume;
 mod rollback;
 mod scheduler;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::eval::EvalFailure;
@@ -121,6 +122,10 @@ pub struct EngineConfig {
     /// Read the evaluation cache (`--no-eval-cache` turns it off; fresh
     /// results are stored either way).
     pub eval_cache: bool,
+    /// `nix eval` processes of this process at once, across concurrent
+    /// evaluations (the daemon's plans and deployments): sized by the first
+    /// evaluation's worker count, shared by every clone of this config.
+    pub(crate) eval_gate: Arc<OnceLock<Arc<Semaphore>>>,
 }
 
 impl EngineConfig {
@@ -132,6 +137,7 @@ impl EngineConfig {
             probe_limit: 64,
             eval_workers: None,
             eval_cache: true,
+            eval_gate: Arc::default(),
         }
     }
 }
