@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nix_deploy_testkit::{Fleet, HostSpec};
+use nix_deploy_testkit::{Fleet, HostSpec, NixosFlake, NixosShape};
 use serde_json::{Value, json};
 
 struct Bench {
@@ -277,12 +277,12 @@ fn change_detection_and_noop(bench: &mut Bench) -> anyhow::Result<()> {
     let (mut plan, mut looped, mut noop, mut eval) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut noop_runs = Vec::new();
+    let mut plan_eval = Vec::new();
     for _ in 0..bench.repeats {
-        plan.push(
-            bench
-                .nix_deploy(&fleet, state.path(), &["plan", "--no-build"])?
-                .wall,
-        );
+        let run = bench.nix_deploy(&fleet, state.path(), &["plan", "--no-build"])?;
+        let report: Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        plan_eval.push(report["evaluation"]["seconds"].as_f64().unwrap_or(0.0));
+        plan.push(run.wall);
         looped.push(timed(|| {
             for name in &names {
                 let out = Command::new("ssh")
@@ -312,6 +312,7 @@ fn change_detection_and_noop(bench: &mut Bench) -> anyhow::Result<()> {
         noop_runs.push(run);
     }
     let (plan, looped, eval_s, noop_s) = (median(plan), median(looped), median(eval), median(noop));
+    let plan_eval_s = median(plan_eval);
     bench.record(
         "change_detection",
         json!({
@@ -328,8 +329,9 @@ fn change_detection_and_noop(bench: &mut Bench) -> anyhow::Result<()> {
         "noop_deploy",
         json!({
             "hosts": n, "skipped": skipped, "total_s": noop_s,
-            "evaluation_s": eval_s,
-            "probing_s": (plan - eval_s).max(0.0),
+            "single_nix_eval_s": eval_s,
+            "evaluation_in_plan_s": plan_eval_s,
+            "probing_s": (plan - plan_eval_s).max(0.0),
             "bookkeeping_and_rest_s": (noop_s - plan).max(0.0),
             "coordinator_peak_rss_mib": noop_runs[0].peak_rss_kib as f64 / 1024.0,
             "coordinator_cpu_s": noop_runs[0].cpu_seconds,
@@ -621,6 +623,297 @@ fn evaluation(bench: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Peak memory of a process tree: the sum of its processes' resident memory,
+/// sampled every 20 ms, at its highest. The tree is the process and every
+/// process whose parent chain leads to it.
+fn tree_rss_kib(root: u32) -> u64 {
+    let mut parents: Vec<(u32, u32, u64)> = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        };
+        if let (Some(ppid), rss) = (field("PPid:"), field("VmRSS:").unwrap_or(0)) {
+            parents.push((pid, ppid as u32, rss));
+        }
+    }
+    let mut tree = std::collections::BTreeSet::from([root]);
+    loop {
+        let before = tree.len();
+        for (pid, ppid, _) in &parents {
+            if tree.contains(ppid) {
+                tree.insert(*pid);
+            }
+        }
+        if tree.len() == before {
+            break;
+        }
+    }
+    parents
+        .iter()
+        .filter(|(pid, _, _)| tree.contains(pid))
+        .map(|(_, _, rss)| rss)
+        .sum()
+}
+
+/// CPU time of a process's children that ended (cutime + cstime).
+fn children_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(13)?.parse::<f64>().ok()? + fields.get(14)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Run `cmd` to the end; wall time, CPU time (with its children's), its
+/// peak memory (its own high-water mark) and the peak of its whole process
+/// tree.
+fn measured(mut cmd: Command) -> anyhow::Result<(Run, u64)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("starting")?;
+    let pid = child.id();
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = out.read_to_string(&mut text);
+        text
+    });
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text);
+        text
+    });
+    let (mut peak, mut tree_peak, mut cpu) = (0, 0, 0.0);
+    let status = loop {
+        if let Some((hwm, seconds)) = proc_stat(pid) {
+            peak = peak.max(hwm);
+            cpu = seconds + children_cpu_seconds(pid).unwrap_or(0.0);
+        }
+        tree_peak = tree_peak.max(tree_rss_kib(pid));
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let stdout = reader.join().unwrap_or_default();
+    let stderr = errors.join().unwrap_or_default();
+    if !status.success() {
+        bail!("{cmd:?} failed ({status}): {stderr}");
+    }
+    Ok((
+        Run {
+            wall,
+            peak_rss_kib: peak,
+            cpu_seconds: cpu,
+            stdout,
+        },
+        tree_peak.max(peak),
+    ))
+}
+
+/// Evaluation at fleet scale: 48 NixOS-shaped hosts (nixpkgs' module system
+/// over 1,000 option modules and a package set of their own; see the
+/// testkit's `nixos` module). One `nix eval` of the whole fleet (what
+/// nix-deploy did before) against `nix-deploy plan` cold (nothing cached),
+/// with nothing changed, and after one host's file changed; each with its
+/// peak memory. The hosts refuse connections at once (nothing listens on
+/// their port), so the plans measure evaluation, not SSH.
+fn nixos_evaluation(bench: &mut Bench) -> anyhow::Result<()> {
+    let n = if bench.quick { 16 } else { 48 };
+    let specs = (0..n).map(|i| HostSpec::new(&format!("h{i:02}"))).collect();
+    let mut flake = NixosFlake::create(NixosShape::default(), specs)?;
+    let flake_ref = flake.flake_ref();
+    let ssh_config = flake.dir().join("ssh_config");
+    std::fs::write(
+        &ssh_config,
+        "Host *\n  HostName 127.0.0.1\n  Port 9\n  BatchMode yes\n  ConnectTimeout 2\n",
+    )?;
+    let env = [("NIX_CONFIG", nix_deploy_testkit::nix_config())];
+    let single = || -> anyhow::Result<(Run, BTreeMap<String, String>)> {
+        let mut cmd = Command::new("nix");
+        cmd.args(nix_deploy_core::nix::eval_command(&flake_ref).get_args())
+            .envs(env);
+        let (run, _) = measured(cmd)?;
+        let parsed: BTreeMap<String, Value> = serde_json::from_str(&run.stdout)?;
+        let toplevels = parsed
+            .into_iter()
+            .map(|(k, v)| (k, v["toplevel"].as_str().unwrap_or_default().to_string()))
+            .collect();
+        Ok((run, toplevels))
+    };
+    let plan = |state: &Path, extra: &[&str]| -> anyhow::Result<(Run, u64, Value)> {
+        let mut cmd = Command::new(&bench.binary);
+        cmd.arg("--json")
+            .arg("--flake")
+            .arg(&flake_ref)
+            .arg("--ssh-config")
+            .arg(&ssh_config)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--connect-timeout", "2", "plan", "--no-build"])
+            .args(extra)
+            .envs(env);
+        let (run, tree) = measured(cmd)?;
+        let report: Value = serde_json::from_str(&run.stdout)?;
+        Ok((run, tree, report))
+    };
+    let toplevels = |report: &Value| -> BTreeMap<String, String> {
+        report["hosts"]
+            .as_array()
+            .map(|hosts| {
+                hosts
+                    .iter()
+                    .map(|h| {
+                        (
+                            h["name"].as_str().unwrap_or_default().to_string(),
+                            h["target_path"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let cached = |report: &Value| {
+        report["hosts"]
+            .as_array()
+            .map(|h| h.iter().filter(|x| x["eval_cached"] == true).count())
+            .unwrap_or(0)
+    };
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut push = |key: &'static str, value: f64| samples.entry(key).or_default().push(value);
+    let mut identical = true;
+    let mut last_cold = Value::Null;
+    let mut last_budgeted = Value::Null;
+    for round in 0..bench.repeats {
+        let (single_run, fresh) = single()?;
+        push("single_s", single_run.wall);
+        push("single_cpu_s", single_run.cpu_seconds);
+        push("single_peak_mib", mib(single_run.peak_rss_kib));
+
+        // Cold: a new history, nothing cached, nothing measured.
+        let state = tempfile::tempdir()?;
+        let (run, tree, report) = plan(state.path(), &[])?;
+        identical &= toplevels(&report) == fresh && cached(&report) == 0;
+        push("cold_s", run.wall);
+        push("cold_cpu_s", run.cpu_seconds);
+        push("cold_peak_mib", mib(tree));
+        push(
+            "cold_eval_s",
+            report["evaluation"]["seconds"].as_f64().unwrap_or(0.0),
+        );
+        last_cold = report["evaluation"].clone();
+
+        // Nothing changed.
+        let (run, tree, report) = plan(state.path(), &[])?;
+        identical &= toplevels(&report) == fresh && cached(&report) == n;
+        push("unchanged_s", run.wall);
+        push("unchanged_peak_mib", mib(tree));
+        push(
+            "unchanged_eval_s",
+            report["evaluation"]["seconds"].as_f64().unwrap_or(0.0),
+        );
+
+        // Cold again, now with the per-host memory measured by the first run
+        // (the cache bypassed): shards sized by the fleet's own figure.
+        let (run, tree, report) = plan(state.path(), &["--no-eval-cache"])?;
+        identical &= toplevels(&report) == fresh;
+        let evaluation = &report["evaluation"];
+        let budget = evaluation["workers"].as_f64().unwrap_or(0.0)
+            * evaluation["hosts_per_shard"].as_f64().unwrap_or(0.0)
+            * evaluation["host_budget_mib"].as_f64().unwrap_or(0.0);
+        push("budgeted_s", run.wall);
+        push("budgeted_cpu_s", run.cpu_seconds);
+        push("budgeted_peak_mib", mib(tree));
+        push("budgeted_budget_mib", budget);
+        push("budgeted_peak_over_budget", mib(tree) / budget);
+        last_budgeted = evaluation.clone();
+
+        // One host's file changes: the flake's hash changes, everything is
+        // evaluated again (only that host's system differs).
+        let changed = format!("h{:02}", (round * 7 + 3) % n);
+        flake.update(&changed, |s| s.bump())?;
+        let (run, tree, report) = plan(state.path(), &[])?;
+        let mut expected = fresh.clone();
+        let out = Command::new("nix")
+            .args(["eval", "--raw"])
+            .arg(format!(
+                "{flake_ref}#nixosConfigurations.{changed}.config.system.build.toplevel.outPath"
+            ))
+            .envs(env)
+            .output()?;
+        expected.insert(
+            changed.clone(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        );
+        identical &= out.status.success() && toplevels(&report) == expected && expected != fresh;
+        push("changed_s", run.wall);
+        push("changed_cpu_s", run.cpu_seconds);
+        push("changed_peak_mib", mib(tree));
+    }
+    let m = |key: &str| median(samples.get(key).cloned().unwrap_or_default());
+    let single_s = m("single_s");
+    bench.record(
+        "nixos_evaluation",
+        json!({
+            "hosts": n,
+            "shape": "1000 option modules, 5000 packages, 60 services a host",
+            "single_nix_eval_s": single_s,
+            "single_nix_eval_peak_mib": m("single_peak_mib"),
+            "single_nix_eval_cpu_s": m("single_cpu_s"),
+            "cold_plan_cpu_s": m("cold_cpu_s"),
+            "cold_measured_budget_cpu_s": m("budgeted_cpu_s"),
+            "one_host_changed_cpu_s": m("changed_cpu_s"),
+            "load_average_before": load_before,
+            "load_average_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string(),
+            "cold_plan_s": m("cold_s"),
+            "cold_plan_vs_single": m("cold_s") / single_s,
+            "cold_plan_evaluation_s": m("cold_eval_s"),
+            "cold_plan_peak_mib": m("cold_peak_mib"),
+            "cold_evaluation": last_cold,
+            "unchanged_plan_s": m("unchanged_s"),
+            "unchanged_plan_vs_single": m("unchanged_s") / single_s,
+            "unchanged_plan_evaluation_s": m("unchanged_eval_s"),
+            "unchanged_plan_peak_mib": m("unchanged_peak_mib"),
+            "cold_measured_budget_plan_s": m("budgeted_s"),
+            "cold_measured_budget_vs_single": m("budgeted_s") / single_s,
+            "cold_measured_budget_peak_mib": m("budgeted_peak_mib"),
+            "cold_measured_budget_workers_x_budget_mib": m("budgeted_budget_mib"),
+            "cold_measured_budget_peak_over_budget": m("budgeted_peak_over_budget"),
+            "cold_measured_budget_evaluation": last_budgeted,
+            "one_host_changed_plan_s": m("changed_s"),
+            "one_host_changed_vs_single": m("changed_s") / single_s,
+            "one_host_changed_peak_mib": m("changed_peak_mib"),
+            "results_identical_to_nix_eval": identical,
+            "targets": "cold <= 0.6x single, peak <= workers x per-worker budget, unchanged <= 0.1x single, identical results",
+        }),
+    );
+    Ok(())
+}
+
 /// The summary: one line per figure, with its target when it has one.
 fn print_table(results: &BTreeMap<String, Value>) {
     let f = |scenario: &str, key: &str| results.get(scenario).and_then(|r| r[key].as_f64());
@@ -712,6 +1005,49 @@ fn print_table(results: &BTreeMap<String, Value>) {
         "",
         None,
     );
+    let cold = f("nixos_evaluation", "cold_plan_vs_single");
+    row(
+        "eval 48 NixOS: cold plan / nix eval",
+        cold.map(|v| format!("{v:.2}x")),
+        "<= 0.6x",
+        cold.map(|v| v <= 0.6),
+    );
+    let budgeted = f("nixos_evaluation", "cold_measured_budget_vs_single");
+    row(
+        "eval: cold, measured budget / nix eval",
+        budgeted.map(|v| format!("{v:.2}x")),
+        "<= 0.6x",
+        budgeted.map(|v| v <= 0.6),
+    );
+    let over = f("nixos_evaluation", "cold_measured_budget_peak_over_budget");
+    row(
+        "eval: peak / (workers x budget)",
+        over.map(|v| format!("{v:.2}")),
+        "<= 1",
+        over.map(|v| v <= 1.0),
+    );
+    let unchanged = f("nixos_evaluation", "unchanged_plan_vs_single");
+    row(
+        "eval: unchanged plan / nix eval",
+        unchanged.map(|v| format!("{v:.3}x")),
+        "<= 0.1x",
+        unchanged.map(|v| v <= 0.1),
+    );
+    row(
+        "eval: one host changed / nix eval",
+        f("nixos_evaluation", "one_host_changed_vs_single").map(|v| format!("{v:.2}x")),
+        "",
+        None,
+    );
+    let identical = results
+        .get("nixos_evaluation")
+        .and_then(|r| r["results_identical_to_nix_eval"].as_bool());
+    row(
+        "eval: results = fresh nix eval",
+        identical.map(|v| if v { "same" } else { "DIFFER" }.to_string()),
+        "same",
+        identical,
+    );
     row(
         "evaluation: per host / once",
         f("evaluation", "speedup").map(|v| format!("{v:.1}x")),
@@ -755,7 +1091,8 @@ fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
     };
     type Scenario = fn(&mut Bench) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 5] = [
+    let scenarios: [(&str, Scenario); 6] = [
+        ("nixos_evaluation", nixos_evaluation),
         ("evaluation", evaluation),
         ("per_host_overhead", per_host_overhead),
         ("change_detection", change_detection_and_noop),

@@ -67,6 +67,8 @@ let
     parallel-limit = cfg.parallelLimit;
     health-check-timeout = cfg.healthCheckTimeout;
     auto-rollback = cfg.autoRollback;
+    eval-workers = cfg.evalWorkers;
+    eval-cache = cfg.evalCache;
     tokens = lib.mapAttrsToList (name: t: { inherit name; file = t.file; scope = t.scope; }) cfg.tokens;
     notifications = {
       slack-webhooks = cfg.notifications.slackWebhooks;
@@ -167,6 +169,16 @@ in
       type = types.ints.positive;
       default = 120;
       description = "Seconds to wait for a host's health checks.";
+    };
+    evalWorkers = mkOption {
+      type = types.nullOr (types.ints.between 1 256);
+      default = null;
+      description = "`nix eval` processes evaluating the fleet at once; null: one per core, as memory allows.";
+    };
+    evalCache = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Reuse evaluations of a flake whose locked identity was evaluated before (kept in the history).";
     };
     autoRollback = mkOption {
       type = types.bool;

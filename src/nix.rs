@@ -1,5 +1,6 @@
-//! Talking to the local Nix: one evaluation of the whole fleet, building
-//! toplevels and copying closures to hosts.
+//! Talking to the local Nix: the flake's identity, evaluating the fleet's
+//! hosts (in shards, see [`nix_deploy_core::eval`]), building toplevels and
+//! copying closures to hosts.
 //!
 //! Command lines are built by pure functions in the core
 //! ([`nix_deploy_core::nix`], unit-tested there) and run through
@@ -7,8 +8,11 @@
 
 use std::time::Duration;
 
+use nix_deploy_core::eval::{
+    names_command, parse_names, parse_version, shard_command, version_command,
+};
 use nix_deploy_core::nix::{
-    build_command, check_flake_ref, closure_command, copy_command, eval_command, metadata_command,
+    build_command, check_flake_ref, closure_command, copy_command, metadata_command,
     parse_build_output,
 };
 
@@ -22,6 +26,14 @@ pub enum NixError {
         #[source]
         source: ExecError,
     },
+    #[error("reading the metadata of flake `{flake}` failed: {source}")]
+    Metadata {
+        flake: String,
+        #[source]
+        source: ExecError,
+    },
+    #[error("`nix --version` failed: {0}")]
+    Version(#[source] ExecError),
     #[error("`{flake}` is not a usable flake reference: {reason}")]
     BadFlakeRef { flake: String, reason: &'static str },
     #[error("building {drv} failed: {source}")]
@@ -70,34 +82,72 @@ impl Nix {
         cmd
     }
 
-    /// The one evaluation of the fleet; returns Nix's JSON for [`nix_deploy_core::fleet`].
-    #[tracing::instrument(skip(self))]
-    pub async fn eval_fleet(&self, flake: &str) -> Result<String, NixError> {
+    /// Refuse flake references we cannot append `#nixosConfigurations` to.
+    pub fn check_flake(flake: &str) -> Result<(), NixError> {
         check_flake_ref(flake).map_err(|reason| NixError::BadFlakeRef {
             flake: flake.to_string(),
             reason,
-        })?;
-        let cmd = self.with_env(eval_command(flake));
+        })
+    }
+
+    /// `nix flake metadata --json FLAKE`, as printed.
+    pub async fn flake_metadata(&self, flake: &str) -> Result<String, NixError> {
+        Self::check_flake(flake)?;
+        let cmd = self.with_env(metadata_command(flake));
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
             .await
-            .map_err(|source| NixError::Eval {
+            .map_err(|source| NixError::Metadata {
                 flake: flake.to_string(),
                 source,
             })?;
         Ok(out.stdout)
     }
 
-    /// The flake's locked revision, when Nix knows one (a clean git tree).
-    pub async fn flake_revision(&self, flake: &str) -> Option<String> {
-        let cmd = self.with_env(metadata_command(flake));
+    /// The first line of `nix --version`.
+    pub async fn version(&self) -> Result<String, NixError> {
+        let cmd = self.with_env(version_command());
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
             .await
-            .ok()?;
-        let meta: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-        meta.get("revision")
-            .or_else(|| meta.get("locked").and_then(|l| l.get("rev")))
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
+            .map_err(NixError::Version)?;
+        parse_version(&out.stdout).map_err(|reason| NixError::BadOutput {
+            command: cmd.display(),
+            reason,
+        })
+    }
+
+    /// The host names of `FLAKE#nixosConfigurations` (no host is evaluated).
+    #[tracing::instrument(skip(self))]
+    pub async fn host_names(&self, flake: &str) -> Result<Vec<String>, NixError> {
+        Self::check_flake(flake)?;
+        let cmd = self.with_env(names_command(flake));
+        let out = process::run(&cmd, self.eval_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Eval {
+                flake: flake.to_string(),
+                source,
+            })?;
+        parse_names(&out.stdout).map_err(|reason| NixError::BadOutput {
+            command: cmd.display(),
+            reason,
+        })
+    }
+
+    /// Evaluate the given hosts of `FLAKE#nixosConfigurations` in one
+    /// process, with an initial heap of `initial_heap` bytes if given; its
+    /// peak memory is measured. The error is the process's, so the caller
+    /// can tell a timeout from a failure and read Nix's message.
+    pub async fn eval_hosts(
+        &self,
+        flake: &str,
+        hosts: &[String],
+        catch: bool,
+        initial_heap: Option<u64>,
+    ) -> Result<process::Output, ExecError> {
+        let mut cmd = self.with_env(shard_command(flake, hosts, catch));
+        if let Some(bytes) = initial_heap {
+            cmd = cmd.env("GC_INITIAL_HEAP_SIZE", bytes.to_string());
+        }
+        process::run_measured(&cmd, self.eval_timeout, |_, _| {}).await
     }
 
     /// Build one derivation locally; returns its `out` path.

@@ -33,7 +33,13 @@ pub enum Stream {
 pub struct Output {
     pub stdout: String,
     pub stderr: String,
+    /// The child's peak resident memory (`VmHWM`), sampled while it ran, with
+    /// [`run_measured`].
+    pub peak_rss_kib: Option<u64>,
 }
+
+/// How often [`run_measured`] samples the child's peak memory.
+const MEMORY_SAMPLE_PERIOD: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -91,7 +97,36 @@ pub(crate) fn format_tail(tail: &str) -> String {
 pub async fn run(
     cmd: &Cmd,
     timeout: Duration,
+    on_line: impl FnMut(Stream, &str) + Send,
+) -> Result<Output, ExecError> {
+    run_inner(cmd, timeout, on_line, false).await
+}
+
+/// [`run`], also sampling the child's peak resident memory (its `VmHWM`, a
+/// high-water mark, read every 50 ms and once more when its output ends) into
+/// [`Output::peak_rss_kib`].
+pub async fn run_measured(
+    cmd: &Cmd,
+    timeout: Duration,
+    on_line: impl FnMut(Stream, &str) + Send,
+) -> Result<Output, ExecError> {
+    run_inner(cmd, timeout, on_line, true).await
+}
+
+/// The peak resident memory of a live process, from `/proc/PID/status`.
+fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+async fn run_inner(
+    cmd: &Cmd,
+    timeout: Duration,
     mut on_line: impl FnMut(Stream, &str) + Send,
+    measure: bool,
 ) -> Result<Output, ExecError> {
     // The one place that may: see clippy.toml.
     #[allow(clippy::disallowed_methods)]
@@ -120,12 +155,21 @@ pub async fn run(
         source,
     };
 
+    let pid = child.id();
+    let mut peak: Option<u64> = None;
+    let sample = |peak: &mut Option<u64>| {
+        if let Some(kib) = peak_rss_kib(pid) {
+            *peak = Some(peak.unwrap_or(0).max(kib));
+        }
+    };
+    let mut ticks = tokio::time::interval(MEMORY_SAMPLE_PERIOD);
     let drain_and_wait = async {
         let mut stdout_lines = BufReader::new(stdout).lines();
         let mut stderr_lines = BufReader::new(stderr).lines();
         let (mut stdout_open, mut stderr_open) = (true, true);
         while stdout_open || stderr_open {
             tokio::select! {
+                _ = ticks.tick(), if measure => sample(&mut peak),
                 line = stdout_lines.next_line(), if stdout_open => match line.map_err(io_error)? {
                     Some(line) => {
                         on_line(Stream::Stdout, &line);
@@ -147,6 +191,10 @@ pub async fn run(
                     None => stderr_open = false,
                 },
             }
+        }
+        if measure {
+            // The process is about to exit, or a zombie (then this reads nothing).
+            sample(&mut peak);
         }
         child.wait().await.map_err(io_error)
     };
@@ -170,6 +218,7 @@ pub async fn run(
             stderr_tail: join_tail(&tail),
         });
     }
+    out.peak_rss_kib = peak;
     Ok(out)
 }
 
@@ -203,6 +252,23 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn measures_the_peak_memory_of_a_child() {
+        // A shell holding ~64 MiB in a variable for a moment.
+        let cmd = Cmd::new("sh").args([
+            "-c",
+            "x=$(head -c 67108864 /dev/zero | tr '\\0' a); sleep 0.2; echo ${#x}",
+        ]);
+        let out = run_measured(&cmd, Duration::from_secs(30), |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(out.stdout.trim(), "67108864");
+        let peak = out.peak_rss_kib.expect("measured");
+        assert!(peak > 64 * 1024, "{peak} KiB");
+        let out = run(&cmd, Duration::from_secs(30), |_, _| {}).await.unwrap();
+        assert_eq!(out.peak_rss_kib, None);
     }
 
     #[tokio::test]

@@ -51,6 +51,15 @@ pub struct Cli {
     /// Timeout of each remote command (activation has its own).
     #[arg(long, global = true, default_value = "1m", value_name = "DURATION", value_parser = duration::parse_timeout)]
     pub command_timeout: Duration,
+    /// `nix eval` processes evaluating the fleet at once [default: from the
+    /// cores and the memory available].
+    #[arg(long, global = true, value_name = "N", env = "NIX_DEPLOY_EVAL_WORKERS",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub eval_workers: Option<u16>,
+    /// Evaluate every host again instead of reading the evaluation cache
+    /// (fresh results are still stored).
+    #[arg(long, global = true)]
+    pub no_eval_cache: bool,
     /// More logging on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

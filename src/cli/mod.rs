@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{DeploymentStatus, Event};
 use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
-use nix_deploy_core::reports::{CancelAnswer, DeploymentList, StatusReport};
+use nix_deploy_core::reports::{CancelAnswer, DeploymentList, PlanReport, StatusReport};
 use nix_deploy_core::run::Deployment;
 
 pub use args::{Cli, Command};
@@ -115,7 +115,10 @@ fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
     let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
     ssh.connect_timeout = cli.connect_timeout;
     ssh.command_timeout = cli.command_timeout;
-    EngineConfig::new(cli.flake(), ssh)
+    let mut config = EngineConfig::new(cli.flake(), ssh);
+    config.eval_workers = cli.eval_workers.map(usize::from);
+    config.eval_cache = !cli.no_eval_cache;
+    config
 }
 
 /// The engine for this command line, and the directory of its ssh control
@@ -192,12 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .plan(&request.selection(), &options, !*no_build)
                 .await?;
             output::show(&cli, &report, output::print_plan)?;
-            // A host we cannot reach is not known to be fine.
-            Ok(if report.unreachable.is_empty() {
-                EXIT_OK
-            } else {
-                EXIT_FAILED
-            })
+            Ok(plan_exit_code(&report))
         }
         Command::Deploy(args) => deploy(&cli, args).await,
         Command::Health { host, within } => {
@@ -334,6 +332,18 @@ where
     let deployment = result?;
     output::show(cli, &deployment, output::print_report)?;
     Ok(exit_code(&deployment))
+}
+
+/// A plan ends the command with 1 when a host could not be evaluated (the
+/// plan of the others is shown), else 0.
+/// A plan succeeds when every selected host was evaluated and answered: a
+/// host we could not evaluate or reach is not known to be fine.
+fn plan_exit_code(report: &PlanReport) -> u8 {
+    if report.evaluation.failed.is_empty() && report.unreachable.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
 }
 
 /// Bars only for a person watching; pipes, CI and `--json` get plain lines.

@@ -65,6 +65,7 @@ pub fn print_plan(report: &PlanReport) {
         report.unreachable.len()
     );
     println!("Flake: {}", report.flake);
+    println!("Evaluation: {}", report.evaluation.describe());
     println!("Strategy: {}", plan.strategy_reason);
     println!();
     for phase in &plan.phases {
@@ -136,6 +137,16 @@ pub fn print_plan(report: &PlanReport) {
                 h.name,
                 h.error.as_deref().unwrap_or("unreachable")
             );
+        }
+    }
+    if !report.evaluation.failed.is_empty() {
+        println!("Could not be evaluated (not planned):");
+        for failure in &report.evaluation.failed {
+            let mut lines = failure.error.lines();
+            println!("  - {}: {}", failure.host, lines.next().unwrap_or_default());
+            for line in lines {
+                println!("      {line}");
+            }
         }
     }
     for warning in &plan.warnings {

@@ -23,11 +23,7 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             let request = args::plan_request(select, strategy, *no_build);
             let plan: PlanReport = client.post("/api/v1/plan", &request).await?;
             output::show(cli, &plan, output::print_plan).map_err(print_error)?;
-            Ok(if plan.unreachable.is_empty() {
-                EXIT_OK
-            } else {
-                EXIT_FAILED
-            })
+            Ok(super::plan_exit_code(&plan))
         }
         Command::Deploy(args) => {
             let created: Accepted = client.post("/api/v1/deployments", &args.request()).await?;

@@ -78,7 +78,10 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let mut ssh = SshOptions::new(ssh_config, control.path().to_path_buf());
     ssh.connect_timeout = cli.connect_timeout;
     ssh.command_timeout = cli.command_timeout;
-    let engine = EngineConfig::new(config.flake.clone(), ssh);
+    let mut engine = EngineConfig::new(config.flake.clone(), ssh);
+    // The command line's evaluation flags win over the file's.
+    engine.eval_workers = cli.eval_workers.map(usize::from).or(config.eval_workers);
+    engine.eval_cache = config.eval_cache && !cli.no_eval_cache;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -164,6 +164,13 @@ pub struct Config {
     /// Connections served at once; more wait to be accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// `nix eval` processes evaluating the fleet at once (default: from the
+    /// cores and the memory available).
+    pub eval_workers: Option<usize>,
+    /// Read the evaluation cache in the history (false: evaluate every host
+    /// every time).
+    #[serde(default = "default_true")]
+    pub eval_cache: bool,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
     pub slack: Option<SlackConfig>,
@@ -271,6 +278,11 @@ impl Config {
                 "max-connections must be from 1 to 65536".into(),
             ));
         }
+        if self.eval_workers.is_some_and(|w| !(1..=256).contains(&w)) {
+            return Err(ConfigError::Invalid(
+                "eval-workers must be from 1 to 256".into(),
+            ));
+        }
         if self.parallel_limit == 0 {
             return Err(ConfigError::Invalid(
                 "parallel-limit must be at least 1".into(),
@@ -304,6 +316,8 @@ mod tests {
         assert_eq!(c.health_check_timeout, Duration::from_secs(120));
         assert!(c.auto_rollback);
         assert!(c.tokens.is_empty());
+        assert_eq!(c.eval_workers, None);
+        assert!(c.eval_cache);
     }
 
     #[test]
@@ -317,6 +331,8 @@ mod tests {
             confirm-timeout = "2m"
             activation-timeout = "1h30m"
             auto-rollback = false
+            eval-workers = 3
+            eval-cache = false
 
             [[tokens]]
             name = "ci"
@@ -334,6 +350,8 @@ mod tests {
         "#;
         let c = Config::parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(c.parallel_limit, 8);
+        assert_eq!(c.eval_workers, Some(3));
+        assert!(!c.eval_cache);
         assert_eq!(c.health_check_timeout, Duration::from_secs(60));
         assert_eq!(c.confirm_timeout, Duration::from_secs(120));
         assert_eq!(c.activation_timeout, Duration::from_secs(5400));
@@ -356,6 +374,7 @@ mod tests {
         };
         assert!(bad("strategy = \"yolo\"").contains("strategy"));
         assert!(bad("parallel-limit = 0").contains("parallel-limit"));
+        assert!(bad("eval-workers = 0").contains("eval-workers"));
         assert!(bad("listen = 5").contains("t.toml"));
         assert!(bad("unknown-key = 1").contains("unknown"));
         let e = bad("confirm-timeout = \"10x\"");

@@ -539,10 +539,12 @@ mod tests {
             risk: Risk::Low,
             risk_reasons: Vec::new(),
             summary: None,
+            eval_cached: false,
         };
         let plan = PlanReport {
             flake: ".".into(),
             fleet_size: 2,
+            evaluation: Default::default(),
             plan: Plan {
                 strategy: Default::default(),
                 strategy_reason: "smart".into(),

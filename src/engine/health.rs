@@ -13,7 +13,6 @@ use nix_deploy_core::fleet::{CheckKind, HealthCheck, Host};
 use nix_deploy_core::remote;
 use nix_deploy_core::reports::HostHealth;
 
-use super::prepare::find_host;
 use super::probe::{Settle, probe_host};
 use super::{Engine, EngineError};
 use crate::transport::ssh::Connection;
@@ -220,8 +219,7 @@ impl Engine {
         host_name: &str,
         within: Duration,
     ) -> Result<HostHealth, EngineError> {
-        let inventory = self.inventory().await?;
-        let host = find_host(&inventory, host_name)?;
+        let host = self.evaluated_host(host_name).await?;
         let (assessment, connection) = probe_host(host.clone(), &self.config.ssh, Settle::No).await;
         let Some(connection) = connection else {
             return Ok(HostHealth {

@@ -4,7 +4,10 @@
 //!
 //! 1. [`prepare`]: the request is validated (evaluation, selection,
 //!    dependency graph, options) and the hosts are leased before anything is
-//!    recorded or touched.
+//!    recorded or touched. [`evaluate`] evaluates the fleet in shards, in
+//!    parallel, from the evaluation cache when it can, and hands each host
+//!    on as soon as it is evaluated, so that probing (which changes nothing)
+//!    overlaps evaluation.
 //! 2. [`probe`]: every selected host is probed in parallel (bounded).
 //! 3. The pure planner decides; [`scheduler`] obeys its `waits_for` edges, at
 //!    most `parallel_limit` hosts at once, and stops when the plan says so.
@@ -19,6 +22,7 @@
 
 mod activator;
 mod blue_green;
+mod evaluate;
 mod health;
 mod pipeline;
 mod prepare;
@@ -29,13 +33,15 @@ mod resume;
 mod rollback;
 mod scheduler;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use nix_deploy_core::eval::EvalFailure;
 use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
-use nix_deploy_core::fleet::{Inventory, InventoryError, Selection};
+use nix_deploy_core::fleet::{InventoryError, Selection};
 use nix_deploy_core::options::{DeployOptions, OptionsError};
 use nix_deploy_core::plan::PlanError;
 use nix_deploy_core::run::{Deployment, HostRun};
@@ -46,7 +52,7 @@ pub use rollback::RollbackRequest;
 use crate::nix::{Nix, NixError};
 use crate::store::{NewDeployment, Store, StoreError};
 use crate::transport::ssh::SshOptions;
-use prepare::Leases;
+use prepare::{Leases, Purpose};
 use recorder::Recorder;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +62,9 @@ pub enum EngineError {
     Inventory(#[from] InventoryError),
     #[error(transparent)]
     Eval(NixError),
+    /// Hosts whose configuration Nix could not evaluate (each with Nix's error).
+    #[error("{}", describe_failures(.0))]
+    EvalFailed(Vec<EvalFailure>),
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
@@ -79,12 +88,24 @@ impl EngineError {
             self,
             EngineError::Inventory(_)
                 | EngineError::Eval(_)
+                | EngineError::EvalFailed(_)
                 | EngineError::Plan(_)
                 | EngineError::Options(_)
                 | EngineError::BadOption(_)
                 | EngineError::Busy { .. }
         )
     }
+}
+
+fn describe_failures(failures: &[EvalFailure]) -> String {
+    let mut text = format!(
+        "{} host(s) could not be evaluated; nothing was touched",
+        failures.len()
+    );
+    for failure in failures {
+        text.push_str(&format!("\n{}: {}", failure.host, failure.error));
+    }
+    text
 }
 
 /// What every run of this process shares, decided once at the edge (CLI or
@@ -96,6 +117,16 @@ pub struct EngineConfig {
     pub ssh: SshOptions,
     /// Hosts probed at once.
     pub probe_limit: usize,
+    /// `nix eval` processes at once; `None`: from the cores and the memory
+    /// available (see `nix_deploy_core::eval::default_workers`).
+    pub eval_workers: Option<usize>,
+    /// Read the evaluation cache (`--no-eval-cache` turns it off; fresh
+    /// results are stored either way).
+    pub eval_cache: bool,
+    /// `nix eval` processes of this process at once, across concurrent
+    /// evaluations (the daemon's plans and deployments): sized by the first
+    /// evaluation's worker count, shared by every clone of this config.
+    pub(crate) eval_gate: Arc<OnceLock<Arc<Semaphore>>>,
 }
 
 impl EngineConfig {
@@ -105,6 +136,9 @@ impl EngineConfig {
             nix: Nix::default(),
             ssh,
             probe_limit: 64,
+            eval_workers: None,
+            eval_cache: true,
+            eval_gate: Arc::default(),
         }
     }
 }
@@ -139,17 +173,6 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
-    }
-
-    /// Evaluate the fleet: one `nix eval` for every host.
-    pub async fn inventory(&self) -> Result<Inventory, EngineError> {
-        let json = self
-            .config
-            .nix
-            .eval_fleet(&self.config.flake)
-            .await
-            .map_err(EngineError::Eval)?;
-        Ok(Inventory::from_eval_json(&json)?)
     }
 
     /// Run a deployment to the end. `sink` receives every event after it is stored;
@@ -213,10 +236,9 @@ impl Engine {
         self.store.mark_interrupted().await?;
         let options = &request.options;
         let strategy = options.strategy.as_str().to_string();
-        let (prepared, flake_rev) = tokio::join!(
-            self.prepare(&request.selection, options),
-            self.config.nix.flake_revision(&self.config.flake)
-        );
+        let prepared = self
+            .prepare(&request.selection, options, Purpose::DEPLOY)
+            .await;
         let queue_recorder = queued.map(|id| Recorder::new(self.store.clone(), id, sink.clone()));
         let refused = async |e: EngineError| {
             if let Some(recorder) = &queue_recorder {
@@ -245,6 +267,7 @@ impl Engine {
             Ok(prepared) => prepared,
             Err(e) => return Err(refused(e).await),
         };
+        let flake_rev = prepared.revision.clone();
         let host_names = prepared.host_names();
         let leases = match Leases::acquire(
             &self.store,
@@ -256,7 +279,10 @@ impl Engine {
         .await
         {
             Ok(leases) => leases,
-            Err(e) => return Err(refused(e).await),
+            Err(e) => {
+                prepared.discard().await;
+                return Err(refused(e).await);
+            }
         };
         let id = match queued {
             Some(id) => self
@@ -283,6 +309,7 @@ impl Engine {
             Ok(id) => id,
             Err(e) => {
                 leases.release().await;
+                prepared.discard().await;
                 return Err(e.into());
             }
         };
@@ -297,6 +324,7 @@ impl Engine {
                     },
                 )
                 .await?;
+            prepared.log_evaluation(&recorder).await?;
             self.execute(prepared, options, &recorder, &leases, &cancel, Vec::new())
                 .await
         }

@@ -1,31 +1,155 @@
 //! Before anything is recorded or touched: the request is checked (options,
 //! evaluation, selection, dependency graph, canaries), then the selected
 //! hosts are leased, all or none, and kept leased by one heartbeat.
+//!
+//! The fleet is evaluated in shards ([`super::evaluate`]); a host is handed
+//! on as soon as its shard ends. What may happen to it before the whole fleet
+//! is evaluated and validated is only what changes nothing: it is *probed*
+//! (one read-only SSH round trip), if the selection can already tell it is
+//! wanted from the host's own metadata (its name, its tags). Deploying
+//! waits: the selection (tags), the dependency graph (unknown targets,
+//! cycles) and the plan need every host's `deployment`. Probe results are
+//! recorded only after validation, and a host that another run may have
+//! changed meanwhile is probed again (see `probe::EarlyProbes`).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use nix_deploy_core::eval::EvaluationReport;
 use nix_deploy_core::fleet::{Host, Inventory, InventoryError, Selection};
 use nix_deploy_core::options::DeployOptions;
-use nix_deploy_core::plan::{DependencyGraph, GraphHost};
+use nix_deploy_core::plan::{DependencyGraph, GraphHost, PlanError};
 
+use super::evaluate::EvalUpdate;
+use super::probe::EarlyProbes;
 use super::recorder::Recorder;
 use super::{Engine, EngineError, LEASE_TTL};
 use crate::store::Store;
+
+/// What a caller of [`Engine::prepare`] needs.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Purpose {
+    /// Probe selected hosts as soon as they are evaluated, while the rest
+    /// of the fleet still evaluates.
+    pub probe_early: bool,
+    /// Go on without the hosts Nix could not evaluate (they are reported),
+    /// instead of refusing the request.
+    pub tolerate_eval_failures: bool,
+}
+
+impl Purpose {
+    /// `plan`: changes nothing, so it reports what could not be evaluated
+    /// and plans the rest.
+    pub const PLAN: Purpose = Purpose {
+        probe_early: true,
+        tolerate_eval_failures: true,
+    };
+    /// `deploy`: refuses when a host it would deploy, or one they depend on
+    /// (or any, when selecting by tag or everything), could not be evaluated.
+    pub const DEPLOY: Purpose = Purpose {
+        probe_early: true,
+        tolerate_eval_failures: false,
+    };
+    /// `resume`: the hosts are probed only after their watchdogs settled.
+    pub const RESUME: Purpose = Purpose {
+        probe_early: false,
+        tolerate_eval_failures: false,
+    };
+}
 
 /// The request, validated: what every later stage works from.
 pub(super) struct Prepared {
     pub inventory: Inventory,
     pub graph: DependencyGraph,
     pub hosts: Vec<Host>,
+    /// How the fleet was evaluated, with the hosts that could not be.
+    pub evaluation: EvaluationReport,
+    /// Hosts whose evaluation came from the cache.
+    pub eval_cached: BTreeSet<String>,
+    /// The flake's locked revision, when it has one.
+    pub revision: Option<String>,
+    /// Probes started during the evaluation.
+    pub early: Option<EarlyProbes>,
 }
 
 impl Prepared {
     pub fn host_names(&self) -> Vec<String> {
         self.hosts.iter().map(|h| h.name.clone()).collect()
     }
+
+    /// Give up: close what the early probes opened.
+    pub async fn discard(self) {
+        if let Some(early) = self.early {
+            early.discard().await;
+        }
+    }
+
+    /// Say in the deployment's events how the fleet was evaluated.
+    pub async fn log_evaluation(&self, recorder: &Recorder) -> Result<(), EngineError> {
+        recorder
+            .log(None, format!("evaluated {}", self.evaluation.describe()))
+            .await?;
+        for failure in &self.evaluation.failed {
+            recorder
+                .log(
+                    Some(&failure.host),
+                    format!(
+                        "warning: could not be evaluated (not deployed, and nothing deployed depends on it): {}",
+                        failure.error
+                    ),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `host` is selected, as far as its own metadata tells. Exact for
+/// every host that exists: unknown names and tags are found later.
+fn may_be_selected(selection: &Selection, host: &Host) -> bool {
+    if selection.is_everything() {
+        return true;
+    }
+    let tagged = |tag: &str| host.has_tag(tag.strip_prefix('@').unwrap_or(tag));
+    selection.names.iter().any(|n| match n.strip_prefix('@') {
+        Some(tag) => tagged(tag),
+        None => *n == host.name,
+    }) || selection.tags.iter().any(|t| tagged(t))
+}
+
+/// The selected host names that evaluated, and those that did not.
+fn select(
+    inventory: &Inventory,
+    failed: &BTreeSet<String>,
+    selection: &Selection,
+) -> Result<(Vec<String>, Vec<String>), InventoryError> {
+    if selection.is_everything() {
+        return Ok((
+            inventory.select(selection)?,
+            failed.iter().cloned().collect(),
+        ));
+    }
+    let (failed_names, names): (Vec<String>, Vec<String>) = selection
+        .names
+        .iter()
+        .cloned()
+        .partition(|n| failed.contains(n));
+    let rest = Selection {
+        names,
+        tags: selection.tags.clone(),
+        all: false,
+    };
+    let chosen = if rest.is_everything() {
+        // Only hosts that failed were named: none of the others.
+        Vec::new()
+    } else {
+        inventory.select(&rest)?
+    };
+    Ok((chosen, failed_names))
 }
 
 impl Engine {
@@ -49,20 +173,124 @@ impl Engine {
         &self,
         selection: &Selection,
         options: &DeployOptions,
+        purpose: Purpose,
     ) -> Result<Prepared, EngineError> {
         self.check_options(options)?;
-        let inventory = self.inventory().await?;
-        let graph = DependencyGraph::build(
-            &inventory
-                .hosts()
-                .map(|h| GraphHost {
-                    name: h.name.clone(),
-                    tags: h.tags.clone(),
-                    dependencies: h.dependencies.clone(),
-                })
-                .collect::<Vec<_>>(),
-        )?;
-        let names = inventory.select(selection)?;
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let mut early = purpose
+            .probe_early
+            .then(|| EarlyProbes::new(self.config.probe_limit, self.config.ssh.clone()));
+        let consume = async {
+            let mut hosts = BTreeMap::new();
+            let mut cached = BTreeSet::new();
+            while let Some(update) = receiver.recv().await {
+                match update {
+                    EvalUpdate::Names(names) => {
+                        // A misspelt host is known before anything is evaluated.
+                        for name in &selection.names {
+                            if !name.starts_with('@') && !names.contains(name) {
+                                return Err(EngineError::from(InventoryError::UnknownHost {
+                                    name: name.clone(),
+                                    known: names.join(", "),
+                                }));
+                            }
+                        }
+                    }
+                    EvalUpdate::Hosts(batch) => {
+                        for evaluated in batch {
+                            let host = Inventory::parse_host(&evaluated.name, evaluated.value)?;
+                            if evaluated.cached {
+                                cached.insert(host.name.clone());
+                            }
+                            if let Some(early) = early.as_mut()
+                                && may_be_selected(selection, &host)
+                            {
+                                early.spawn(host.clone());
+                            }
+                            hosts.insert(host.name.clone(), host);
+                        }
+                    }
+                }
+            }
+            Ok((hosts, cached))
+        };
+        let (outcome, consumed) = tokio::join!(self.evaluate(sender), consume);
+        let validated = match (consumed, outcome) {
+            (Err(e), _) | (_, Err(e)) => Err(e),
+            (Ok((hosts, cached)), Ok(outcome)) => self.validate(
+                selection,
+                options,
+                purpose,
+                hosts.into_values().collect(),
+                cached,
+                outcome,
+            ),
+        };
+        match validated {
+            Ok(mut prepared) => {
+                prepared.early = early;
+                Ok(prepared)
+            }
+            Err(e) => {
+                if let Some(early) = early {
+                    early.discard().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The evaluated fleet against the request.
+    fn validate(
+        &self,
+        selection: &Selection,
+        options: &DeployOptions,
+        purpose: Purpose,
+        hosts: Vec<Host>,
+        eval_cached: BTreeSet<String>,
+        outcome: super::evaluate::EvalOutcome,
+    ) -> Result<Prepared, EngineError> {
+        let evaluation = outcome.report;
+        let failed = evaluation.failed_hosts();
+        let refuse = || EngineError::EvalFailed(evaluation.failed.clone());
+        let inventory = Inventory::from_hosts(hosts);
+        // Hosts that failed are in the graph (others may name them), without
+        // edges of their own: nobody knows them.
+        let mut graph_hosts: Vec<GraphHost> = inventory
+            .hosts()
+            .map(|h| GraphHost {
+                name: h.name.clone(),
+                tags: h.tags.clone(),
+                dependencies: h.dependencies.clone(),
+            })
+            .collect();
+        graph_hosts.extend(failed.iter().map(|name| GraphHost {
+            name: name.clone(),
+            tags: Vec::new(),
+            dependencies: Vec::new(),
+        }));
+        let graph = DependencyGraph::build(&graph_hosts).map_err(|e| match e {
+            // The tag may be one of a host that could not be evaluated.
+            PlanError::UnknownTag { .. } if !failed.is_empty() => refuse(),
+            e => e.into(),
+        })?;
+        let (names, failed_selected) =
+            select(&inventory, &failed, selection).map_err(|e| match e {
+                InventoryError::UnknownTag { .. } if !failed.is_empty() => refuse(),
+                e => e.into(),
+            })?;
+        if !failed.is_empty() && !purpose.tolerate_eval_failures {
+            let uses_tags =
+                !selection.tags.is_empty() || selection.names.iter().any(|n| n.starts_with('@'));
+            let needed = dependency_closure(&graph, &names);
+            if selection.is_everything()
+                || uses_tags
+                || !failed_selected.is_empty()
+                || needed.iter().any(|h| failed.contains(h))
+            {
+                return Err(refuse());
+            }
+        }
         for canary in &options.canaries {
             if !names.contains(canary) {
                 return Err(EngineError::BadOption(format!(
@@ -79,8 +307,26 @@ impl Engine {
             inventory,
             graph,
             hosts,
+            evaluation,
+            eval_cached,
+            revision: outcome.revision,
+            early: None,
         })
     }
+}
+
+/// `hosts` and everything they depend on, transitively.
+fn dependency_closure(graph: &DependencyGraph, hosts: &[String]) -> BTreeSet<String> {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut stack: Vec<String> = hosts.to_vec();
+    while let Some(host) = stack.pop() {
+        if seen.insert(host.clone())
+            && let Some(deps) = graph.depends_on.get(&host)
+        {
+            stack.extend(deps.iter().cloned());
+        }
+    }
+    seen
 }
 
 /// One host of the fleet by name, or an error listing the fleet.
@@ -201,5 +447,89 @@ pub(super) struct Background(JoinHandle<()>);
 impl Drop for Background {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, tags: &[&str]) -> Host {
+        let json = serde_json::json!({
+            "toplevel": "/nix/store/q4zfsrsm5n0vhqjrgz2c1lc78slrrsmw-nixos-system",
+            "drvPath": "/nix/store/c7syrkx06plw1dwvs86ny93v9ivpjlw3-nixos-system.drv",
+            "deployment": { "tags": tags },
+        });
+        Inventory::parse_host(name, json).unwrap()
+    }
+
+    fn selection(names: &[&str], tags: &[&str]) -> Selection {
+        Selection {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            tags: tags.iter().map(|s| s.to_string()).collect(),
+            all: false,
+        }
+    }
+
+    #[test]
+    fn a_host_is_probed_early_only_if_its_own_metadata_selects_it() {
+        let web = host("web1", &["web"]);
+        assert!(may_be_selected(&Selection::default(), &web));
+        assert!(may_be_selected(&selection(&["web1"], &[]), &web));
+        assert!(may_be_selected(&selection(&["@web"], &[]), &web));
+        assert!(may_be_selected(&selection(&[], &["web"]), &web));
+        assert!(may_be_selected(&selection(&[], &["@web"]), &web));
+        assert!(!may_be_selected(&selection(&["db1"], &[]), &web));
+        assert!(!may_be_selected(&selection(&["db1"], &["db"]), &web));
+    }
+
+    #[test]
+    fn hosts_that_failed_to_evaluate_are_selected_apart() {
+        let inventory = Inventory::from_hosts([host("web1", &["web"]), host("db1", &[])]);
+        let failed: BTreeSet<String> = ["broken".to_string()].into();
+        let (chosen, failed_selected) =
+            select(&inventory, &failed, &selection(&["broken"], &[])).unwrap();
+        assert!(
+            chosen.is_empty(),
+            "naming only a failed host selects no other"
+        );
+        assert_eq!(failed_selected, ["broken"]);
+        let (chosen, failed_selected) =
+            select(&inventory, &failed, &selection(&["broken", "db1"], &[])).unwrap();
+        assert_eq!(chosen, ["db1"]);
+        assert_eq!(failed_selected, ["broken"]);
+        let (chosen, failed_selected) = select(&inventory, &failed, &Selection::default()).unwrap();
+        assert_eq!(chosen, ["db1", "web1"]);
+        assert_eq!(failed_selected, ["broken"]);
+        assert!(select(&inventory, &failed, &selection(&["nope"], &[])).is_err());
+    }
+
+    #[test]
+    fn the_dependency_closure_follows_edges() {
+        let graph = DependencyGraph::build(&[
+            GraphHost {
+                name: "a".into(),
+                tags: vec![],
+                dependencies: vec!["b".into()],
+            },
+            GraphHost {
+                name: "b".into(),
+                tags: vec![],
+                dependencies: vec!["c".into()],
+            },
+            GraphHost {
+                name: "c".into(),
+                tags: vec![],
+                dependencies: vec![],
+            },
+            GraphHost {
+                name: "d".into(),
+                tags: vec![],
+                dependencies: vec![],
+            },
+        ])
+        .unwrap();
+        let closure = dependency_closure(&graph, &["a".to_string()]);
+        assert_eq!(closure.into_iter().collect::<Vec<_>>(), ["a", "b", "c"]);
     }
 }

@@ -2,12 +2,19 @@
 //! bounded; what the planner needs to know about each (its history too);
 //! change summaries; and `plan`, which probes and plans without touching
 //! anything.
+//!
+//! Probing may start while the fleet still evaluates ([`EarlyProbes`]): a
+//! probe changes nothing. Its result is recorded only once the request is
+//! validated, and it is taken again if another run may have changed the
+//! host since.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{EventKind, HostState, HostStatus, SystemRef};
 use nix_deploy_core::fleet::{Host, Selection};
@@ -17,9 +24,11 @@ use nix_deploy_core::remote::{self, ProbeResult};
 use nix_deploy_core::reports::PlanReport;
 use nix_deploy_core::summary::{self, ChangeSummary};
 
+use super::prepare::Purpose;
 use super::recorder::Recorder;
 use super::{Engine, EngineError};
 use crate::nix::Nix;
+use crate::now_ms;
 use crate::transport::ssh::{Connection, SshOptions};
 
 /// A host as probed.
@@ -172,20 +181,130 @@ pub(super) async fn change_summary(
     Ok(summary::summarize(&old, &new))
 }
 
+/// What a probe found, and its connection.
+type Probed = (Assessment, Option<Connection>);
+
+/// Probes started while the fleet still evaluates, at most `limit` at once.
+pub(super) struct EarlyProbes {
+    /// When the first could have started: a host changed by another run
+    /// after this is probed again.
+    started_at_ms: i64,
+    semaphore: Arc<Semaphore>,
+    ssh: SshOptions,
+    /// Probes not started yet give up when this is cancelled.
+    stop: CancellationToken,
+    tasks: JoinSet<Option<Probed>>,
+}
+
+impl EarlyProbes {
+    pub fn new(limit: usize, ssh: SshOptions) -> Self {
+        EarlyProbes {
+            started_at_ms: now_ms(),
+            semaphore: Arc::new(Semaphore::new(limit.max(1))),
+            ssh,
+            stop: CancellationToken::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Probe `host` (in the background).
+    pub fn spawn(&mut self, host: Host) {
+        let semaphore = self.semaphore.clone();
+        let ssh = self.ssh.clone();
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await;
+            if stop.is_cancelled() {
+                return None;
+            }
+            // Before validation and leases: read only.
+            Some(probe_host(host, &ssh, Settle::No).await)
+        });
+    }
+
+    /// The request was refused: probes not started do not start, the
+    /// others end and their connections are closed.
+    pub async fn discard(mut self) {
+        self.stop.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok(Some((_, Some(connection)))) = joined {
+                connection.close().await;
+            }
+        }
+    }
+
+    /// Every probe's result, by host name.
+    async fn collect(mut self) -> Result<BTreeMap<String, Probed>, EngineError> {
+        let mut probed = BTreeMap::new();
+        while let Some(joined) = self.tasks.join_next().await {
+            let result =
+                joined.map_err(|e| EngineError::Internal(format!("probe task failed: {e}")))?;
+            if let Some((assessment, connection)) = result {
+                probed.insert(assessment.host.name.clone(), (assessment, connection));
+            }
+        }
+        Ok(probed)
+    }
+}
+
 /// Listing a closure on a host: a bounded query, however large the system.
 const CLOSURE_QUERY_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Engine {
-    /// Probe hosts in parallel. Returns each assessment and its open connection.
+    /// Probe hosts in parallel, reusing what `early` probes found (unless
+    /// another run may have changed the host since). Returns each
+    /// assessment and its open connection, in the order of `hosts`, once
+    /// every probe is recorded.
     pub(super) async fn probe_all(
         &self,
         hosts: Vec<Host>,
         recorder: Option<&Recorder>,
         settle: Settle,
+        early: Option<EarlyProbes>,
     ) -> Result<Vec<(Assessment, Option<Connection>)>, EngineError> {
+        let mut ready = match early {
+            Some(early) => {
+                let since = early.started_at_ms;
+                let mut ready = early.collect().await?;
+                let wanted: BTreeSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                let probed: Vec<String> = ready.keys().cloned().collect();
+                let mut stale: BTreeSet<String> = self
+                    .store
+                    .hosts_touched_since(&probed, since)
+                    .await?
+                    .into_iter()
+                    .collect();
+                stale.extend(probed.into_iter().filter(|n| !wanted.contains(n.as_str())));
+                // An early probe only looks: a host with undecided
+                // activations is probed again, settling them, now that it
+                // is leased.
+                if settle != Settle::No {
+                    stale.extend(
+                        ready
+                            .iter()
+                            .filter(|(_, (a, _))| {
+                                a.probe.as_ref().is_some_and(|p| !p.pending.is_empty())
+                            })
+                            .map(|(name, _)| name.clone()),
+                    );
+                }
+                for name in stale {
+                    if let Some((_, Some(connection))) = ready.remove(&name) {
+                        connection.close().await;
+                    }
+                }
+                ready
+            }
+            None => BTreeMap::new(),
+        };
         let semaphore = Arc::new(Semaphore::new(self.config.probe_limit.max(1)));
         let mut tasks = JoinSet::new();
+        let mut results = Vec::new();
         for (index, host) in hosts.into_iter().enumerate() {
+            if let Some(done) = ready.remove(&host.name) {
+                results.push((index, done));
+                continue;
+            }
             let semaphore = semaphore.clone();
             let options = self.config.ssh.clone();
             tasks.spawn(async move {
@@ -193,10 +312,14 @@ impl Engine {
                 (index, probe_host(host, &options, settle).await)
             });
         }
-        let mut results = Vec::new();
         while let Some(joined) = tasks.join_next().await {
-            let (index, (assessment, connection)) =
-                joined.map_err(|e| EngineError::Internal(format!("probe task failed: {e}")))?;
+            results.push(
+                joined.map_err(|e| EngineError::Internal(format!("probe task failed: {e}")))?,
+            );
+        }
+        results.sort_by_key(|(index, _)| *index);
+        let mut probed = Vec::with_capacity(results.len());
+        for (_, (assessment, connection)) in results {
             self.store
                 .record_probe(
                     &assessment.host.name,
@@ -224,10 +347,9 @@ impl Engine {
                     )
                     .await?;
             }
-            results.push((index, assessment, connection));
+            probed.push((assessment, connection));
         }
-        results.sort_by_key(|(index, _, _)| *index);
-        Ok(results.into_iter().map(|(_, a, c)| (a, c)).collect())
+        Ok(probed)
     }
 
     /// What the planner knows about a probed host.
@@ -275,8 +397,11 @@ impl Engine {
         options: &DeployOptions,
         summaries: bool,
     ) -> Result<PlanReport, EngineError> {
-        let prepared = self.prepare(selection, options).await?;
-        let probed = self.probe_all(prepared.hosts, None, Settle::No).await?;
+        let mut prepared = self.prepare(selection, options, Purpose::PLAN).await?;
+        let early = prepared.early.take();
+        let probed = self
+            .probe_all(std::mem::take(&mut prepared.hosts), None, Settle::No, early)
+            .await?;
         let mut facts = Vec::new();
         for (assessment, connection) in probed {
             let summary = match (&connection, summaries, assessment.state) {
@@ -294,11 +419,21 @@ impl Engine {
             }
             facts.push(self.facts(&assessment, summary).await?);
         }
-        let plan = plan::plan(&facts, &prepared.graph, prepared.inventory.len(), options)?;
-        Ok(PlanReport::new(
+        let mut plan = plan::plan(
+            &facts,
+            &prepared.graph,
+            prepared.inventory.len() + prepared.evaluation.failed.len(),
+            options,
+        )?;
+        for host in &mut plan.hosts {
+            host.eval_cached = prepared.eval_cached.contains(&host.name);
+        }
+        let mut report = PlanReport::new(
             &self.config.flake,
-            prepared.inventory.len(),
+            prepared.inventory.len() + prepared.evaluation.failed.len(),
             plan,
-        ))
+        );
+        report.evaluation = prepared.evaluation;
+        Ok(report)
     }
 }

@@ -11,7 +11,7 @@ use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
 use nix_deploy_core::fleet::Selection;
 use nix_deploy_core::run::{Deployment, HostRun};
 
-use super::prepare::Leases;
+use super::prepare::{Leases, Purpose};
 use super::recorder::Recorder;
 use super::rollback::ROLLBACK;
 use super::{Engine, EngineError};
@@ -52,7 +52,7 @@ impl Engine {
         let prepared = if remaining_names.is_empty() || rollback {
             None
         } else {
-            Some(self.prepare(&selection, &options).await?)
+            Some(self.prepare(&selection, &options, Purpose::RESUME).await?)
         };
         let leases = Leases::acquire(&self.store, &remaining_names, wait, &cancel, None).await?;
         self.store.reopen_deployment(deployment.id).await?;

@@ -13,7 +13,7 @@ use nix_deploy_core::remote;
 use nix_deploy_core::run::{Deployment, HostRun};
 
 use super::pipeline::HostContext;
-use super::prepare::{Leases, find_host};
+use super::prepare::Leases;
 use super::probe::{Assessment, Settle, probe_host};
 use super::recorder::Recorder;
 use super::recovery::{Back, Previous, conclude};
@@ -44,8 +44,7 @@ impl Engine {
     ) -> Result<Deployment, EngineError> {
         self.store.mark_interrupted().await?;
         request.options.check()?;
-        let inventory = self.inventory().await?;
-        let host = find_host(&inventory, &request.host)?;
+        let host = self.evaluated_host(&request.host).await?;
         let never = CancellationToken::new();
         let leases = Leases::acquire(
             &self.store,
@@ -110,8 +109,7 @@ impl Engine {
         let generation = run.to.generation.ok_or_else(|| {
             EngineError::Internal("a rollback without its target generation".into())
         })?;
-        let inventory = self.inventory().await?;
-        let host = find_host(&inventory, &run.host)?;
+        let host = self.evaluated_host(&run.host).await?;
         let (assessment, connection) = self.reach(&host, &deployment.options).await?;
         let target = match rollback_target(&connection, &assessment, Some(generation)).await {
             Ok(target) => target,

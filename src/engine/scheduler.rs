@@ -377,13 +377,14 @@ impl Engine {
             activation_timeout: options.activation_timeout,
         };
         let probed = self
-            .probe_all(prepared.hosts, Some(recorder), settle)
+            .probe_all(prepared.hosts, Some(recorder), settle, prepared.early)
             .await?;
         let mut facts = Vec::new();
         for (assessment, _) in &probed {
             facts.push(self.facts(assessment, None).await?);
         }
-        let plan = match plan::plan(&facts, &prepared.graph, prepared.inventory.len(), options) {
+        let fleet_size = prepared.inventory.len() + prepared.evaluation.failed.len();
+        let plan = match plan::plan(&facts, &prepared.graph, fleet_size, options) {
             Ok(plan) => plan,
             Err(e) => {
                 for (_, connection) in probed {
@@ -483,6 +484,7 @@ mod tests {
             risk: Risk::Low,
             risk_reasons: Vec::new(),
             summary: None,
+            eval_cached: false,
         }
     }
 

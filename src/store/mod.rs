@@ -1,5 +1,6 @@
 //! The history: deployments, host runs, events and the last known state of each
-//! host, in one SQLite file (WAL) in the state directory.
+//! host, and the evaluation cache, in one SQLite file (WAL) in the state
+//! directory.
 //!
 //! Invariant: whatever the engine reports (to a terminal, a stream or an API
 //! client) has been written here first. Queries are checked at runtime and
@@ -13,6 +14,7 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 mod deployments;
+mod eval_cache;
 mod hooks;
 mod leases;
 mod liveness;
@@ -22,6 +24,7 @@ mod stats;
 use std::sync::Arc;
 
 pub use deployments::NewDeployment;
+pub use eval_cache::{CachedEvaluation, EVAL_CACHE_ENTRIES};
 pub use hooks::BranchHead;
 pub use leases::Lease;
 pub use stats::{STEP_BUCKETS, StepHistogram};
@@ -378,5 +381,27 @@ mod tests {
         let state = &store.host_states().await.unwrap()[0];
         assert_eq!(state.generation, Some(3));
         assert_eq!(state.probe_error.as_deref(), Some("connection refused"));
+    }
+
+    #[tokio::test]
+    async fn hosts_touched_since_a_moment_are_the_ones_with_runs_after_it() {
+        let (_dir, store) = store().await;
+        let id = store.create_deployment(&new_deployment()).await.unwrap();
+        let mut old = HostRun::new(id, "web1");
+        old.time.started_at = Some(100);
+        old.time.finished_at = Some(200);
+        store.save_host_run(&old).await.unwrap();
+        let mut unfinished = HostRun::new(id, "web2");
+        unfinished.time.started_at = Some(100);
+        store.save_host_run(&unfinished).await.unwrap();
+        let hosts = ["web1".to_string(), "web2".to_string(), "web3".to_string()];
+        assert_eq!(
+            store.hosts_touched_since(&hosts, 300).await.unwrap(),
+            ["web2"]
+        );
+        assert_eq!(
+            store.hosts_touched_since(&hosts, 150).await.unwrap(),
+            ["web1", "web2"]
+        );
     }
 }

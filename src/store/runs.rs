@@ -281,4 +281,28 @@ impl Store {
             })
             .collect())
     }
+
+    /// Which of `hosts` any deployment, rollback or resume may have changed
+    /// since `since_ms`: a run of theirs started after it, ended after it, or
+    /// has not ended. A probe taken at `since_ms` is stale for them.
+    pub async fn hosts_touched_since(
+        &self,
+        hosts: &[String],
+        since_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT host FROM host_runs
+             WHERE host IN (SELECT value FROM json_each(?))
+               AND (started_at >= ? OR finished_at IS NULL OR finished_at >= ?)
+             ORDER BY host",
+        )
+        .bind(serde_json::to_string(hosts).unwrap_or_else(|_| "[]".into()))
+        .bind(since_ms)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading recent host runs"))?;
+        let touched = rows.iter().map(|r| r.get::<String, _>("host")).collect();
+        Ok(touched)
+    }
 }

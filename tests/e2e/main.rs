@@ -9,6 +9,7 @@
 mod cli;
 mod daemon;
 mod deploy;
+mod evaluation;
 mod faults;
 mod helpers;
 mod recovery;

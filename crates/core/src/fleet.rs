@@ -296,18 +296,23 @@ impl Inventory {
         }
         let mut hosts = BTreeMap::new();
         for (name, value) in raw {
-            let raw_host: RawHost =
-                serde_json::from_value(value).map_err(|e| InventoryError::BadHost {
-                    host: name.clone(),
-                    message: format!("unexpected shape: {e}"),
-                })?;
-            let host = parse_host(&name, raw_host).map_err(|message| InventoryError::BadHost {
-                host: name.clone(),
-                message,
-            })?;
+            let host = Self::parse_host(&name, value)?;
             hosts.insert(name, host);
         }
         Ok(Inventory { hosts })
+    }
+
+    /// One host from its entry in the evaluation's JSON, validated.
+    pub fn parse_host(name: &str, value: serde_json::Value) -> Result<Host, InventoryError> {
+        let raw_host: RawHost =
+            serde_json::from_value(value).map_err(|e| InventoryError::BadHost {
+                host: name.to_string(),
+                message: format!("unexpected shape: {e}"),
+            })?;
+        parse_host(name, raw_host).map_err(|message| InventoryError::BadHost {
+            host: name.to_string(),
+            message,
+        })
     }
 
     pub fn from_hosts(hosts: impl IntoIterator<Item = Host>) -> Self {

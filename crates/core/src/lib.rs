@@ -17,12 +17,14 @@
 //! - [`summary`]: change summaries from two closures.
 //! - [`remote`]: what runs on hosts, as argument vectors and parsers.
 //! - [`nix`], [`command`]: local Nix command lines as data.
+//! - [`eval`]: evaluation at fleet scale: shards, workers, the cache key.
 //! - [`shell`]: the one quoting helper and name validation.
 //! - [`duration`]: durations as people write them.
 //! - [`render`]: plain-text rendering shared by the CLI, reports and chat.
 
 pub mod command;
 pub mod duration;
+pub mod eval;
 pub mod events;
 pub mod fleet;
 pub mod nix;

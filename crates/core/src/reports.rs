@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::eval::EvaluationReport;
 use crate::events::{CheckResult, HostState, SystemRef};
 use crate::plan::Plan;
 use crate::run::{Deployment, HostRecord};
@@ -18,6 +19,9 @@ pub struct PlanReport {
     pub to_deploy: Vec<String>,
     pub skipped: Vec<String>,
     pub unreachable: Vec<String>,
+    /// How the fleet was evaluated, and which hosts could not be.
+    #[serde(default)]
+    pub evaluation: EvaluationReport,
 }
 
 impl PlanReport {
@@ -37,6 +41,7 @@ impl PlanReport {
             skipped: names(Action::Skip),
             unreachable: names(Action::Unreachable),
             plan,
+            evaluation: EvaluationReport::default(),
         }
     }
 }

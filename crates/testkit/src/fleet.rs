@@ -38,6 +38,8 @@ pub struct Fleet {
     pub(crate) specs: Vec<HostSpec>,
     pub(crate) hosts: Vec<Host>,
     pub(crate) reaper: Option<(Child, ChildStdin)>,
+    /// Set by [`Fleet::use_nixos`]: the flake is NixOS-shaped.
+    pub(crate) nixos: Option<crate::nixos::NixosShape>,
 }
 
 impl Fleet {
@@ -68,6 +70,7 @@ impl Fleet {
             specs: Vec::new(),
             hosts: Vec::new(),
             reaper: None,
+            nixos: None,
         };
         // From here on, dropping `fleet` on an error cleans up what was started.
         fleet.spawn_reaper()?;
@@ -237,6 +240,9 @@ impl Fleet {
 
     /// Writes `FLEET/flake/flake.nix` from the current specs.
     pub fn write_flake(&self) -> Result<()> {
+        if let Some(written) = self.write_nixos_flake() {
+            return written;
+        }
         let flake = self.dir.join("flake");
         // flake.nix comes last, so it never refers to a script not yet written.
         for (file, contents) in flake_files(&self.specs) {

@@ -68,6 +68,8 @@
 //!   derivation that builds in milliseconds. The toplevel changes when the
 //!   spec's version or behaviour fields change, not when its metadata does.
 //!   Its scripts are files beside `flake.nix`, for easy reading.
+//!   [`Fleet::use_nixos`] replaces it with a NixOS-shaped flake whose hosts
+//!   evaluate nixpkgs' module system ([`nixos`]).
 //! - `FLEET/hosts/NAME/`: `nix/`, `run/`, `root/`, `sshd_config`, `hostkey`,
 //!   `sshd.log` (the sshd's output, appended across restarts).
 //!
@@ -113,12 +115,14 @@ use std::time::Duration;
 
 mod flake;
 mod fleet;
+pub mod nixos;
 mod spec;
 mod sshd;
 mod sys;
 
 pub use flake::nix_string;
 pub use fleet::Fleet;
+pub use nixos::{NixosFlake, NixosShape};
 pub use spec::{Activation, HostSpec, UnitState};
 use sys::*;
 

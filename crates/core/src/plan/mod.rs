@@ -138,6 +138,9 @@ pub struct PlannedHost {
     pub risk: Risk,
     pub risk_reasons: Vec<String>,
     pub summary: Option<ChangeSummary>,
+    /// Whether its toplevel came from the evaluation cache (set by the engine).
+    #[serde(default)]
+    pub eval_cached: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -562,6 +565,7 @@ pub fn plan(
             risk,
             risk_reasons: reasons,
             summary: f.summary.clone(),
+            eval_cached: false,
         });
     }
     if share > 0.5 {
