@@ -491,6 +491,8 @@ mod tests {
         p510.reason = Some("no changes".into());
         let deployment = Deployment {
             id: 4,
+            kind: Default::default(),
+            exec: None,
             created_at: 0,
             time: Span::default(),
             status: DeploymentStatus::Succeeded,
@@ -568,6 +570,8 @@ mod tests {
             to_deploy: vec!["p620".into()],
             skipped: vec!["p510".into()],
             unreachable: Vec::new(),
+            pending_reboot: Vec::new(),
+            reboot_required: Vec::new(),
         };
         let text = plan_message(&plan)["text"].as_str().unwrap().to_string();
         assert!(

@@ -137,6 +137,12 @@ impl Store {
         &self.path
     }
 
+    /// The state directory the database lives in (also home of the
+    /// coordinator's GC roots and liveness locks).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// For read-only reporting queries (metrics) that live next to their users.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool

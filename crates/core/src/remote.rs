@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::goal::BootFiles;
+
 /// The system profile whose generations NixOS boots from.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 
@@ -12,7 +14,11 @@ pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 const PROBE_SCRIPT: &str = r#"if [ -e /run/current-system ]; then readlink -f /run/current-system; else echo; fi
 readlink /nix/var/nix/profiles/system 2>/dev/null || echo
 { df -Pk /nix/store 2>/dev/null || df -Pk /nix 2>/dev/null || df -Pk /; } | tail -n 1
-if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd; else echo nosystemd; fi"#;
+if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd; else echo nosystemd; fi
+readlink -f /nix/var/nix/profiles/system 2>/dev/null || echo
+cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo
+b=/run/booted-system; [ -e "$b" ] || b=/run/current-system
+for f in kernel initrd kernel-modules; do readlink "$b/$f" 2>/dev/null || echo; done"#;
 
 /// What a probe found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +31,16 @@ pub struct ProbeResult {
     pub free_kib: Option<u64>,
     /// Whether systemd runs the host (so `systemd-run` can detach activation).
     pub systemd: bool,
+    /// The system the host boots next: `readlink -f` of the system profile.
+    #[serde(default)]
+    pub boot_default: Option<String>,
+    /// `/proc/sys/kernel/random/boot_id`: changes with every boot.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// Kernel, initrd and modules of the booted system
+    /// (`/run/booted-system`, or what runs when the host has none).
+    #[serde(default)]
+    pub booted: BootFiles,
 }
 
 pub fn probe_argv() -> Vec<String> {
@@ -49,6 +65,18 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
     let generation_line = lines.next().unwrap_or("").trim();
     let df_line = lines.next().unwrap_or("").trim();
     let systemd = lines.next().unwrap_or("").trim() == "systemd";
+    let mut next = || {
+        Some(lines.next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+    };
+    let boot_default = next().filter(|p| crate::shell::is_valid_store_path(p));
+    let boot_id = next().filter(|id| is_valid_boot_id(id));
+    let booted = BootFiles {
+        kernel: next(),
+        initrd: next(),
+        kernel_modules: next(),
+    };
     let current_system = if current.is_empty() {
         None
     } else if crate::shell::is_valid_store_path(current) {
@@ -75,7 +103,62 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
         generation,
         free_kib,
         systemd,
+        boot_default,
+        boot_id,
+        booted,
     })
+}
+
+/// A boot id as the kernel writes it (a UUID): hex digits and dashes.
+pub fn is_valid_boot_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// One round trip after a reboot: the boot id, then what runs.
+const AFTER_BOOT_SCRIPT: &str =
+    "cat /proc/sys/kernel/random/boot_id; readlink -f /run/current-system 2>/dev/null || echo";
+
+/// The boot id and the running system (see [`parse_boot_state`]).
+pub fn boot_state_argv() -> Vec<String> {
+    vec!["sh".into(), "-c".into(), AFTER_BOOT_SCRIPT.into()]
+}
+
+/// `(boot id, running system)` from [`boot_state_argv`]'s output.
+pub fn parse_boot_state(stdout: &str) -> Result<(String, Option<String>), String> {
+    let mut lines = stdout.lines().map(str::trim);
+    let boot_id = lines.next().unwrap_or("");
+    if !is_valid_boot_id(boot_id) {
+        return Err(format!("`{boot_id}` is not a boot id"));
+    }
+    let system = lines
+        .next()
+        .filter(|p| crate::shell::is_valid_store_path(p))
+        .map(str::to_string);
+    Ok((boot_id.to_string(), system))
+}
+
+/// Reboot the host. The running system's own `systemctl`, by absolute path
+/// (every NixOS system has it there), never whatever `PATH` finds.
+pub fn reboot_argv() -> Vec<String> {
+    vec![
+        "/run/current-system/sw/bin/systemctl".into(),
+        "reboot".into(),
+    ]
+}
+
+/// `readlink -f /nix/var/nix/profiles/system`: the system the host boots next.
+pub fn boot_default_argv() -> Vec<String> {
+    ["readlink", "-f", SYSTEM_PROFILE]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `<path>/bin/switch-to-configuration dry-activate`: what would change.
+pub fn dry_activate_argv(system: &str) -> Vec<String> {
+    vec![
+        format!("{system}/bin/switch-to-configuration"),
+        "dry-activate".into(),
+    ]
 }
 
 /// `readlink -f /run/current-system`
@@ -284,6 +367,29 @@ mod tests {
         assert_eq!(probe.generation, Some(7));
         assert_eq!(probe.free_kib, Some(241512136));
         assert!(probe.systemd);
+    }
+
+    #[test]
+    fn parses_boot_state_when_the_host_reports_it() {
+        let boot = "6cf3d0d6-27f9-4991-bd81-372f1da13493";
+        let out = format!(
+            "{P}\nsystem-7-link\n/dev/vda 1 2 3 5% /\nsystemd\n{P}-2\n{boot}\n/nix/store/k-linux/bzImage\n/nix/store/i-initrd/initrd\n\n"
+        );
+        let probe = parse_probe(&out).unwrap();
+        assert_eq!(probe.boot_default, Some(format!("{P}-2")));
+        assert_eq!(probe.boot_id.as_deref(), Some(boot));
+        assert_eq!(
+            probe.booted.kernel.as_deref(),
+            Some("/nix/store/k-linux/bzImage")
+        );
+        assert_eq!(probe.booted.kernel_modules, None);
+        assert_eq!(
+            parse_boot_state(&format!("{boot}\n{P}\n")).unwrap(),
+            (boot.to_string(), Some(P.to_string()))
+        );
+        assert!(parse_boot_state("cat: no such file\n").is_err());
+        assert_eq!(reboot_argv()[0], "/run/current-system/sw/bin/systemctl");
+        assert_eq!(dry_activate_argv(P)[1], "dry-activate");
     }
 
     #[test]

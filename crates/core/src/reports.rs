@@ -18,6 +18,14 @@ pub struct PlanReport {
     pub to_deploy: Vec<String>,
     pub skipped: Vec<String>,
     pub unreachable: Vec<String>,
+    /// Hosts whose next boot runs another system than the running one (a
+    /// `boot` deployment not rebooted yet).
+    #[serde(default)]
+    pub pending_reboot: Vec<String>,
+    /// Hosts whose new system has another kernel or initrd than the one
+    /// they booted: `--reboot=auto` reboots these.
+    #[serde(default)]
+    pub reboot_required: Vec<String>,
 }
 
 impl PlanReport {
@@ -36,6 +44,8 @@ impl PlanReport {
             to_deploy: names(Action::Deploy),
             skipped: names(Action::Skip),
             unreachable: names(Action::Unreachable),
+            pending_reboot: Vec::new(),
+            reboot_required: Vec::new(),
             plan,
         }
     }
