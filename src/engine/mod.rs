@@ -18,10 +18,15 @@
 //! to the store before anyone is told.
 
 mod blue_green;
+mod exec;
+mod gcroots;
+mod goals;
 mod health;
+mod keys;
 mod pipeline;
 mod prepare;
 mod probe;
+mod reboot;
 mod recorder;
 mod recovery;
 mod resume;
@@ -39,6 +44,8 @@ use nix_deploy_core::options::{DeployOptions, OptionsError};
 use nix_deploy_core::plan::PlanError;
 use nix_deploy_core::run::{Deployment, HostRun};
 
+pub use exec::ExecJob;
+pub use keys::UploadKeysRequest;
 pub use probe::Assessment;
 pub use rollback::RollbackRequest;
 

@@ -1,7 +1,8 @@
 //! Asking hosts what they run: one SSH round trip per host, in parallel and
 //! bounded; what the planner needs to know about each (its history too);
 //! change summaries; and `plan`, which probes and plans without touching
-//! anything.
+//! anything (and says which hosts are pending a reboot, and whose kernel or
+//! initrd changes).
 
 use std::sync::Arc;
 
@@ -10,12 +11,14 @@ use tokio::task::JoinSet;
 
 use nix_deploy_core::events::{EventKind, HostState, HostStatus, SystemRef};
 use nix_deploy_core::fleet::{Host, Selection};
+use nix_deploy_core::goal;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{self, HostFacts, HostHistory};
 use nix_deploy_core::remote::{self, ProbeResult};
 use nix_deploy_core::reports::PlanReport;
 use nix_deploy_core::summary::{self, ChangeSummary};
 
+use super::reboot::local_boot_files;
 use super::recorder::Recorder;
 use super::{Engine, EngineError};
 use crate::nix::Nix;
@@ -143,6 +146,15 @@ impl Engine {
                     assessment.error.as_deref(),
                 )
                 .await?;
+            self.store
+                .record_boot_default(
+                    &assessment.host.name,
+                    assessment
+                        .probe
+                        .as_ref()
+                        .and_then(|p| p.boot_default.as_deref()),
+                )
+                .await?;
             if let Some(recorder) = recorder {
                 recorder
                     .emit(
@@ -209,12 +221,33 @@ impl Engine {
         let prepared = self.prepare(selection, options).await?;
         let probed = self.probe_all(prepared.hosts, None).await?;
         let mut facts = Vec::new();
+        let (mut pending_reboot, mut reboot_required) = (Vec::new(), Vec::new());
         for (assessment, connection) in probed {
+            let name = assessment.host.name.clone();
+            if let Some(probe) = &assessment.probe
+                && goal::pending_reboot(
+                    probe.current_system.as_deref(),
+                    probe.boot_default.as_deref(),
+                )
+            {
+                pending_reboot.push(name.clone());
+            }
             let summary = match (&connection, summaries, assessment.state) {
                 (Some(connection), true, HostState::Changed) => {
                     let nix = &self.config.nix;
                     match nix.build(&assessment.host.drv_path, |_, _| {}).await {
-                        Ok(built) => change_summary(nix, connection, &built).await.ok(),
+                        Ok(built) => {
+                            let booted = assessment
+                                .probe
+                                .as_ref()
+                                .map(|p| p.booted.clone())
+                                .unwrap_or_default();
+                            if goal::boot_changed(&booted, &local_boot_files(&built)) == Some(true)
+                            {
+                                reboot_required.push(name.clone());
+                            }
+                            change_summary(nix, connection, &built).await.ok()
+                        }
                         Err(_) => None,
                     }
                 }
@@ -226,10 +259,9 @@ impl Engine {
             facts.push(self.facts(&assessment, summary).await?);
         }
         let plan = plan::plan(&facts, &prepared.graph, prepared.inventory.len(), options)?;
-        Ok(PlanReport::new(
-            &self.config.flake,
-            prepared.inventory.len(),
-            plan,
-        ))
+        let mut report = PlanReport::new(&self.config.flake, prepared.inventory.len(), plan);
+        report.pending_reboot = pending_reboot;
+        report.reboot_required = reboot_required;
+        Ok(report)
     }
 }

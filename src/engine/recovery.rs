@@ -49,14 +49,17 @@ pub(super) enum Back {
     /// Blue-green staging never touched the profile: `test`-activate the old
     /// generation, which stays the boot default.
     Test,
+    /// The `boot` goal never changed the running system: point the profile
+    /// back at the generation and make it the boot default again.
+    Boot,
 }
 
 impl Back {
     pub fn after(activation: Activation) -> Back {
-        if activation == Activation::Test {
-            Back::Test
-        } else {
-            Back::Switch
+        match activation {
+            Activation::Test => Back::Test,
+            Activation::Boot => Back::Boot,
+            Activation::Switch => Back::Switch,
         }
     }
 }
@@ -64,7 +67,7 @@ impl Back {
 /// Switch the host back to `to` and check it runs it.
 async fn switch_back(connection: &Connection, to: &Previous, how: Back) -> Result<(), String> {
     let link = remote::generation_link(to.generation);
-    if how == Back::Switch {
+    if how != Back::Test {
         connection
             .run_privileged(
                 "rollback",
@@ -77,6 +80,7 @@ async fn switch_back(connection: &Connection, to: &Previous, how: Back) -> Resul
     let action = match how {
         Back::Switch => Activation::Switch,
         Back::Test => Activation::Test,
+        Back::Boot => Activation::Boot,
     };
     connection
         .run_privileged(
@@ -183,6 +187,7 @@ impl HostContext {
             }
             Recovery::RollBack => self.roll_back_failed(job, activation, error).await,
             Recovery::AwaitWatchdog => self.await_watchdog(job, error).await,
+            Recovery::RollBackThroughBoot => self.roll_back_through_boot(job, error).await,
         }
     }
 
@@ -217,7 +222,7 @@ impl HostContext {
             return Ok(());
         };
         let result = self
-            .roll_back(run, connection, host, &previous, Back::after(activation))
+            .roll_back(run, connection, host, &previous, self.back(activation))
             .await?;
         if result.is_ok() {
             disarm(connection, run).await;

@@ -128,6 +128,7 @@ impl Engine {
             ssh: self.config.ssh.clone(),
             options: request.options.clone(),
             recorder: recorder.clone(),
+            keys: std::sync::Arc::new(super::keys::KeyTexts::none()),
         };
         let mut run = HostRun::new(id, &host.name);
         run.status = HostStatus::Running;

@@ -20,6 +20,7 @@ use nix_deploy_core::plan::{self, Action, Plan, PlannedHost};
 use nix_deploy_core::remote::Activation;
 use nix_deploy_core::run::{Deployment, HostRun};
 
+use super::keys::KeyTexts;
 use super::pipeline::{HostContext, HostJob};
 use super::prepare::{Leases, Prepared};
 use super::probe::Assessment;
@@ -373,6 +374,11 @@ impl Engine {
     ) -> Result<Deployment, EngineError> {
         let _heartbeat = leases.heartbeat(recorder.deployment_id(), cancel);
         let id = recorder.deployment_id();
+        let keys = Arc::new(KeyTexts::new(
+            &self.config.flake,
+            &self.config.nix,
+            &prepared.hosts,
+        ));
         let probed = self.probe_all(prepared.hosts, Some(recorder)).await?;
         let mut facts = Vec::new();
         for (assessment, _) in &probed {
@@ -418,6 +424,7 @@ impl Engine {
             ssh: self.config.ssh.clone(),
             options: options.clone(),
             recorder: recorder.clone(),
+            keys,
         });
         let mut execution = Execution {
             context,

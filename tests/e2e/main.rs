@@ -9,7 +9,11 @@
 mod cli;
 mod daemon;
 mod deploy;
+mod exec;
+mod goals;
 mod helpers;
+mod keys;
 mod recovery;
 mod safety;
+mod selection;
 mod strategies;

@@ -357,6 +357,48 @@ pub fn upload_argv(key: &Key, require_ownership: bool) -> Vec<String> {
     ]
 }
 
+/// `upload-keys` as callers spell it (`POST /api/v1/upload-keys`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysRequest {
+    /// Selectors, as for deployments ([`crate::select`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel_limit: Option<usize>,
+}
+
+impl KeysRequest {
+    pub fn selection(&self) -> crate::fleet::Selection {
+        crate::fleet::Selection {
+            names: self.hosts.clone(),
+            tags: self.on.clone(),
+            all: self.all,
+            exclude: self.exclude.clone(),
+        }
+    }
+
+    /// The parallel limit, checked, and the selectors' syntax.
+    pub fn resolve(&self) -> Result<usize, crate::options::OptionsError> {
+        let limit = self.parallel_limit.unwrap_or(crate::exec::DEFAULT_PARALLEL);
+        if !(1..=crate::options::MAX_PARALLEL).contains(&limit) {
+            return Err(crate::options::OptionsError(format!(
+                "parallel-limit must be from 1 to {}, not {limit}",
+                crate::options::MAX_PARALLEL
+            )));
+        }
+        crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
+            .map_err(|e| crate::options::OptionsError(e.to_string()))?;
+        Ok(limit)
+    }
+}
+
 /// The keys uploaded at `when`.
 pub fn uploaded_at(keys: &[Key], when: UploadAt) -> Vec<&Key> {
     keys.iter().filter(|k| k.upload_at == when).collect()
@@ -464,7 +506,7 @@ mod tests {
         let a = parse(serde_json::json!({ "hasText": true })).unwrap();
         let mut b = a.clone();
         b.attr = "other".into();
-        assert!(check_unique_paths(&[a.clone()]).is_ok());
+        assert!(check_unique_paths(std::slice::from_ref(&a)).is_ok());
         assert!(
             check_unique_paths(&[a, b])
                 .unwrap_err()
