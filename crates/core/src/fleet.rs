@@ -142,8 +142,9 @@ struct RawDeployment {
     #[serde(default)]
     health_checks: Vec<RawCheck>,
     rollback_on_failure: Option<bool>,
+    /// Read key by key, so that an error names the key.
     #[serde(default)]
-    keys: BTreeMap<String, RawKey>,
+    keys: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -288,8 +289,11 @@ fn parse_host(name: &str, raw: RawHost) -> Result<Host, String> {
     let keys = d
         .keys
         .into_iter()
-        .map(|(attr, raw)| {
-            crate::keys::parse_key(&attr, raw).map_err(|e| format!("deployment.keys.{attr}: {e}"))
+        .map(|(attr, value)| {
+            serde_json::from_value::<RawKey>(value)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| crate::keys::parse_key(&attr, raw))
+                .map_err(|e| format!("deployment.keys.{attr}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     crate::keys::check_unique_paths(&keys)?;
@@ -494,6 +498,14 @@ mod tests {
             bad(serde_json::json!({ "healthChecks": [ { "service": "a", "period": 1e-300 } ] }))
                 .contains("period")
         );
+        let e = bad(serde_json::json!({ "keys": { "db": { "hasText": true, "destdir": "/x" } } }));
+        assert!(
+            e.contains("deployment.keys.db: unknown field `destdir`"),
+            "{e}"
+        );
+        let e =
+            bad(serde_json::json!({ "keys": { "db": { "hasText": true, "permissions": "999" } } }));
+        assert!(e.contains("deployment.keys.db: permissions"), "{e}");
         let typo = bad(serde_json::json!({ "healthCheck": [ { "service": "a" } ] }));
         assert!(typo.contains("unknown field `healthCheck`"), "{typo}");
         let json = serde_json::json!({ "h": { "toplevel": "/tmp/x", "drvPath": D } });
