@@ -95,7 +95,8 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 Some(id) => *id,
                 None => {
                     latest(&client, |d| {
-                        !matches!(d.status.as_str(), "succeeded" | "running")
+                        d.kind == nix_deploy_core::run::RunKind::Deploy
+                            && !matches!(d.status.as_str(), "succeeded" | "running")
                     })
                     .await?
                 }

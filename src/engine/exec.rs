@@ -158,6 +158,19 @@ impl Engine {
         for host in &hosts {
             recorder.save(&HostRun::new(id, &host.name)).await?;
         }
+        // `nix-deploy cancel` (or the API) asks through the store.
+        let watcher = {
+            let store = self.store.clone();
+            let cancel = cancel.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                while !cancel.is_cancelled() {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    if store.cancel_requested(id).await.unwrap_or(false) {
+                        cancel.cancel();
+                    }
+                }
+            }))
+        };
         let semaphore = Arc::new(Semaphore::new(parallel_limit));
         let mut tasks = JoinSet::new();
         for host in hosts {
@@ -201,8 +214,18 @@ impl Engine {
                 joined.map_err(|e| EngineError::Internal(format!("host task failed: {e}")))??;
             runs.push(run);
         }
+        drop(watcher);
         runs.sort_by(|a, b| a.host.cmp(&b.host));
         self.finish(&recorder, runs, None, &cancel).await
+    }
+}
+
+/// A background task that stops with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -12,7 +12,7 @@ use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
 use nix_deploy_core::fleet::{Host, Selection};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote;
-use nix_deploy_core::run::{Deployment, HostRun};
+use nix_deploy_core::run::{Deployment, HostRun, RunKind};
 
 use super::prepare::Leases;
 use super::recorder::Recorder;
@@ -109,7 +109,9 @@ impl Engine {
         let deployment = match id {
             Some(id) => self.store.deployment(id).await?,
             None => self.store.deployments(50).await?.into_iter().find(|d| {
-                d.status != DeploymentStatus::Succeeded && d.status != DeploymentStatus::Running
+                d.kind == RunKind::Deploy
+                    && d.status != DeploymentStatus::Succeeded
+                    && d.status != DeploymentStatus::Running
             }),
         }
         .ok_or_else(|| {
@@ -119,6 +121,12 @@ impl Engine {
             })
         })?;
         match deployment.status {
+            // An exec or upload-keys run is not resumed: run it again.
+            _ if deployment.kind != RunKind::Deploy => Err(EngineError::BadOption(format!(
+                "#{} is an {} run, not a deployment; run it again instead",
+                deployment.id,
+                deployment.kind.as_str()
+            ))),
             DeploymentStatus::Running => Err(EngineError::BadOption(format!(
                 "deployment #{} is still running (pid {})",
                 deployment.id,

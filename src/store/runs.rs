@@ -71,6 +71,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT * FROM host_runs WHERE host = ? AND finished_at IS NOT NULL
                AND status NOT IN ('skipped', 'pending', 'running', 'cancelled')
+               AND deployment_id IN (SELECT id FROM deployments WHERE kind = 'deploy')
              ORDER BY finished_at DESC LIMIT ?",
         )
         .bind(host)
