@@ -12,10 +12,16 @@
 //!    [`recovery`], the one place that switches a host back.
 //! 5. [`blue_green`] commits or reverts staged hosts together.
 //!
+//! The pipeline's goal-dependent steps are in [`goals`] (boot validation,
+//! dry-activate, keys, GC roots via [`gcroots`]) and [`reboot`] (reboots and
+//! the way back through the boot generation); [`keys`] reads and uploads
+//! `deployment.keys`.
+//!
 //! [`resume`] continues an interrupted deployment with its stored options;
 //! [`rollback`] switches a host back on request; [`health`] runs health
-//! checks. Every state change goes through the [`recorder`], which writes it
-//! to the store before anyone is told.
+//! checks; [`exec`] runs a command on many hosts (and its runner does
+//! `upload-keys`). Every state change goes through the [`recorder`], which
+//! writes it to the store before anyone is told.
 
 mod blue_green;
 mod exec;
