@@ -219,9 +219,10 @@ fn print_exec_report(run: &Deployment) {
             let note = match h.status {
                 HostStatus::Succeeded => output.map(|o| o.last_line()).unwrap_or("").to_string(),
                 HostStatus::Skipped | HostStatus::Cancelled => h.reason.clone().unwrap_or_default(),
+                // A failure's last word is usually on stderr.
                 _ => output
-                    .map(|o| o.last_line())
-                    .filter(|l| !l.is_empty())
+                    .and_then(|o| o.stderr.lines().rev().find(|l| !l.trim().is_empty()))
+                    .or(output.map(|o| o.last_line()).filter(|l| !l.is_empty()))
                     .or(h.error.as_deref().map(first_line))
                     .unwrap_or("")
                     .to_string(),

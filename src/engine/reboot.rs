@@ -184,6 +184,17 @@ impl HostContext {
         let mut record = RebootRecord::default();
         let work = reboot_and_wait(self, connection, host, path, &mut record);
         let result = self.recorder.step(run, Step::Reboot, work).await?;
+        if let (Some(before), Some(after)) = (&record.boot_id_before, &record.boot_id_after) {
+            self.recorder
+                .log(
+                    Some(&host.name),
+                    format!(
+                        "rebooted: boot id {before} → {after}, running {}",
+                        record.system.as_deref().unwrap_or("no system")
+                    ),
+                )
+                .await?;
+        }
         run.reboot = Some(record);
         self.recorder.save(run).await?;
         result.map_err(StepFailure::Reboot)?;

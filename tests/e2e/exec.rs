@@ -119,6 +119,10 @@ fn exec_prints_one_summary_table_and_history_names_the_command() {
     assert!(e1.contains(" 0 "), "{e1}");
     let e3 = row("e3");
     assert!(e3.contains("failed") && e3.contains(" 3 "), "{e3}");
+    assert!(
+        e3.contains("e3 is broken"),
+        "a failure shows its stderr: {e3}"
+    );
     // The failure in full: stderr's tail.
     assert!(stdout.contains("── e3 (failed) ──"), "{stdout}");
     assert!(stdout.contains("e3 is broken"), "{stdout}");

@@ -198,6 +198,15 @@ pub fn first_line(text: &str) -> &str {
 /// wording used by the live display, `show` and the daemon's streams.
 pub fn event_text(event: &Event) -> String {
     match &event.kind {
+        EventKind::DeploymentStarted { hosts, strategy }
+            if matches!(strategy.as_str(), "exec" | "upload-keys") =>
+        {
+            format!(
+                "{strategy} #{} started: {} host(s)",
+                event.deployment_id,
+                hosts.len()
+            )
+        }
         EventKind::DeploymentStarted { hosts, strategy } => format!(
             "deployment #{} started: {} host(s), strategy {strategy}",
             event.deployment_id,
