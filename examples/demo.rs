@@ -121,12 +121,17 @@ fn main() -> anyhow::Result<()> {
     let code = run(&fleet, &["deploy", "samsung"])?;
     println!("  (exit code {code}: a host was rolled back)");
 
-    banner(
-        "6. One command on many hosts, one summary (the seeds' multi-host check as one exec)",
-    );
+    banner("6. One command on many hosts, one summary (the seeds' multi-host check as one exec)");
     let code = run(
         &fleet,
-        &["exec", "--all", "--", "systemctl", "is-active", "node-exporter"],
+        &[
+            "exec",
+            "--all",
+            "--",
+            "systemctl",
+            "is-active",
+            "node-exporter",
+        ],
     )?;
     println!("  (exit code {code}: the laptops run node-exporter, the servers do not)");
 

@@ -834,6 +834,21 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     assert_eq!(hosts[0]["status"], "succeeded");
     assert_eq!(hosts[0]["output"]["stdout"], "hi from x1");
     assert_eq!(hosts[1]["status"], "unreachable");
+    let report = client()
+        .get(format!("{}/api/v1/deployments/{id}/report", d.url))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        report.contains(&format!("# exec #{id}: failed")),
+        "{report}"
+    );
+    assert!(report.contains("| x1 | succeeded | 0 |"), "{report}");
+    assert!(report.contains("hi from x1"), "{report}");
 
     // The CLI's exec goes through the same endpoint.
     let out = tokio::task::block_in_place(|| {

@@ -500,6 +500,11 @@ impl Request {
         if self.wait {
             return Err(bad("`wait` is for deployments; a plan takes no hosts"));
         }
+        if self.goal.is_some() || self.reboot.is_some() || self.reboot_timeout.is_some() {
+            return Err(bad(
+                "`goal` and `reboot` are for deployments; a plan lists the hosts pending a reboot and those whose kernel or initrd changes",
+            ));
+        }
         Ok(())
     }
 }
