@@ -652,5 +652,11 @@ mod tests {
             ..Request::default()
         };
         assert!(plan_only.check_for_deploy().is_err());
+        let deploy_only = Request {
+            goal: Some("boot".into()),
+            ..Request::default()
+        };
+        assert!(deploy_only.check_for_plan().is_err());
+        assert!(deploy_only.check_for_deploy().is_ok());
     }
 }
