@@ -64,6 +64,21 @@ quick-all *ARGS:
 emergency-deploy HOST *ARGS:
     {{bin}} deploy {{HOST}} --force --skip-validation {{ARGS}}
 
+# Run one command on many hosts at once, one summary table; exit 1 when a
+# host failed or did not answer. SELECTOR as for --on: a host, a glob
+# ('web-*'; '*' is every host), @tag, @tag-glob, or a comma list of them.
+# The command's words pass through unchanged (no shell unless you ask):
+#   just fleet-exec 'web-*' systemctl is-active nginx
+#   just fleet-exec '@db,mon' sh -c 'df -h / | tail -n 1'
+[positional-arguments]
+fleet-exec SELECTOR +COMMAND:
+    {{bin}} exec --on "$1" -- "${@:2}"
+
+# Upload the selected hosts' deployment.keys again, without deploying.
+[positional-arguments]
+upload-keys *ARGS:
+    {{bin}} upload-keys "$@"
+
 # What a deployment would do; changes nothing.
 plan *ARGS:
     {{bin}} plan {{ARGS}}

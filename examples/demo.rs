@@ -1,6 +1,7 @@
 //! `just demo`: a local fleet shaped like the seed's (p620, p510, razer,
 //! samsung) on real loopback test hosts, deployed with the real `nix-deploy`
-//! binary, then one host changed and the fleet deployed again.
+//! binary, then one host changed and the fleet deployed again, a failing
+//! change rolled back, and one command run on every host.
 //!
 //! Usage: demo [PATH-TO-nix-deploy]
 
@@ -120,7 +121,21 @@ fn main() -> anyhow::Result<()> {
     let code = run(&fleet, &["deploy", "samsung"])?;
     println!("  (exit code {code}: a host was rolled back)");
 
-    banner("6. What the history remembers");
+    banner("6. One command on many hosts, one summary (the seeds' multi-host check as one exec)");
+    let code = run(
+        &fleet,
+        &[
+            "exec",
+            "--all",
+            "--",
+            "systemctl",
+            "is-active",
+            "node-exporter",
+        ],
+    )?;
+    println!("  (exit code {code}: the laptops run node-exporter, the servers do not)");
+
+    banner("7. What the history remembers");
     run(&fleet, &["status"])?;
     run(&fleet, &["history"])?;
 

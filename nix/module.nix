@@ -56,6 +56,82 @@ let
   # Only set fields are passed on, so nix-deploy sees exactly one check kind.
   cleanCheck = check: lib.filterAttrs (_: v: v != null) check;
 
+  # deployment.keys.<name>: colmena's shape and defaults. Contents never go
+  # into the Nix store through nix-deploy: it reads `text` only when it
+  # uploads the key, `keyFile` from the coordinator's file system and runs
+  # `keyCommand` there; all three reach the host on stdin over SSH.
+  key = types.submodule ({ name, config, ... }: {
+    options = {
+      name = mkOption {
+        type = types.str;
+        default = name;
+        description = "File name of the key on the host.";
+      };
+      text = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = ''
+          The key's contents. Being part of the flake, they are in the
+          coordinator's Nix store (flake sources are copied there); use
+          `keyFile` or `keyCommand` for secrets that must never be in any store.
+        '';
+      };
+      keyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/home/me/secrets/db-password";
+        description = ''
+          A file on the coordinator holding the key. A string, not a Nix path
+          (`./secret` would copy the file into the store; nix-deploy refuses
+          store paths).
+        '';
+      };
+      keyCommand = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        example = [ "pass" "show" "db-password" ];
+        description = "A command (argument vector, no shell) run on the coordinator; its stdout is the key.";
+      };
+      destDir = mkOption {
+        type = types.str;
+        default = "/run/keys";
+        description = "Directory on the host (absolute, outside /nix). /run is emptied at boot; nix-deploy uploads keys again after the reboots it makes.";
+      };
+      path = mkOption {
+        type = types.str;
+        readOnly = true;
+        default = "${config.destDir}/${config.name}";
+        defaultText = lib.literalExpression ''"''${destDir}/''${name}"'';
+        description = "Where the key lands on the host.";
+      };
+      user = mkOption {
+        type = types.str;
+        default = "root";
+        description = "Owner of the key file.";
+      };
+      group = mkOption {
+        type = types.str;
+        default = "root";
+        description = "Group of the key file.";
+      };
+      permissions = mkOption {
+        type = types.str;
+        default = "0600";
+        example = "0640";
+        description = "Octal mode of the key file.";
+      };
+      uploadAt = mkOption {
+        type = types.enum [ "pre-activation" "post-activation" ];
+        default = "pre-activation";
+        description = ''
+          When the key is uploaded: before the new system is activated
+          (services find it when they start), or after (its user may be
+          created by the new system).
+        '';
+      };
+    };
+  });
+
   cfg = config.services.nix-deploy;
   toml = pkgs.formats.toml { };
   configFile = toml.generate "nix-deploy.toml" (lib.filterAttrsRecursive (_: v: v != null) ({
@@ -126,6 +202,22 @@ in
       type = types.bool;
       default = true;
       description = "Switch back to the previous generation when activation or validation fails.";
+    };
+    keys = mkOption {
+      type = types.attrsOf key;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          "db-password" = { keyCommand = [ "pass" "show" "db" ]; user = "postgres"; group = "postgres"; permissions = "0640"; };
+          "api.token" = { keyFile = "/home/me/secrets/api.token"; uploadAt = "post-activation"; };
+        }
+      '';
+      description = ''
+        Secrets uploaded outside the Nix store (colmena's `deployment.keys`):
+        over SSH, on stdin, written atomically with their owner and mode,
+        never on a command line, in the history or in logs.
+        `nix-deploy upload-keys` uploads them again without deploying.
+      '';
     };
   };
 

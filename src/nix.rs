@@ -8,12 +8,15 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use nix_deploy_core::eval::{
     names_command, parse_names, parse_version, shard_command, version_command,
 };
+use nix_deploy_core::keys::Secret;
 use nix_deploy_core::nix::{
-    build_command, check_flake_ref, closure_command, copy_command, metadata_command,
-    parse_build_output,
+    add_root_command, build_command, check_flake_ref, closure_command, copy_command,
+    key_texts_command, metadata_command, parse_build_output,
 };
 
 use crate::process::{self, Cmd, ExecError, Stream};
@@ -185,6 +188,55 @@ impl Nix {
             .filter(|l| !l.is_empty())
             .map(str::to_string)
             .collect())
+    }
+
+    /// The `text` of the keys of `hosts` that have one, in one evaluation:
+    /// host → key attribute → contents. The evaluation's output is read as
+    /// bytes and never logged; errors carry Nix's stderr only.
+    pub async fn key_texts(
+        &self,
+        flake: &str,
+        hosts: &[String],
+    ) -> Result<BTreeMap<String, BTreeMap<String, Secret>>, NixError> {
+        let cmd = key_texts_command(flake, hosts).map_err(|reason| NixError::BadOutput {
+            command: "nix eval (key texts)".into(),
+            reason,
+        })?;
+        let cmd = self.with_env(cmd);
+        let out = process::run_bytes(&cmd, self.eval_timeout)
+            .await
+            .map_err(|source| NixError::Eval {
+                flake: flake.to_string(),
+                source,
+            })?;
+        let texts: BTreeMap<String, BTreeMap<String, String>> = serde_json::from_slice(&out)
+            .map_err(|e| NixError::BadOutput {
+                command: "nix eval (key texts)".into(),
+                // serde's message names a position, never the contents.
+                reason: format!("not a JSON object of key texts: {e}"),
+            })?;
+        Ok(texts
+            .into_iter()
+            .map(|(host, keys)| {
+                let keys = keys
+                    .into_iter()
+                    .map(|(attr, text)| (attr, Secret::new(text.into_bytes())))
+                    .collect();
+                (host, keys)
+            })
+            .collect())
+    }
+
+    /// Make `link` a garbage-collector root for the (valid) store path `path`.
+    pub async fn add_root(&self, path: &str, link: &str) -> Result<(), NixError> {
+        let cmd = self.with_env(add_root_command(path, link));
+        process::run(&cmd, Duration::from_secs(120), |_, _| {})
+            .await
+            .map_err(|source| NixError::Build {
+                drv: path.to_string(),
+                source,
+            })?;
+        Ok(())
     }
 
     /// Copy `path` and its closure to the host behind `destination_uri`.

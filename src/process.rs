@@ -222,6 +222,65 @@ async fn run_inner(
     Ok(out)
 }
 
+/// Run `cmd` to completion and return its stdout byte for byte (no line
+/// handling: a key's contents must arrive exactly as printed). Stderr is
+/// drained at the same time; its tail goes into the error on failure. The
+/// output is never logged.
+pub async fn run_bytes(cmd: &Cmd, timeout: Duration) -> Result<Vec<u8>, ExecError> {
+    use tokio::io::AsyncReadExt;
+    // The one place that may: see clippy.toml.
+    #[allow(clippy::disallowed_methods)]
+    let mut command = Command::new(cmd.program());
+    command
+        .args(cmd.get_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command.envs(cmd.envs());
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        program: cmd.program().to_string(),
+        source,
+    })?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let io_error = |source| ExecError::Io {
+        command: cmd.display(),
+        source,
+    };
+    let work = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let (read_out, read_err) =
+            tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        read_out.map_err(io_error)?;
+        read_err.map_err(io_error)?;
+        let status = child.wait().await.map_err(io_error)?;
+        Ok::<_, ExecError>((status, out, err))
+    };
+    let (status, out, err) = match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(ExecError::Timeout {
+                command: cmd.display(),
+                timeout,
+                stderr_tail: String::new(),
+            });
+        }
+    };
+    if !status.success() {
+        let err = String::from_utf8_lossy(&err);
+        let lines: Vec<&str> = err.trim_end().lines().collect();
+        let start = lines.len().saturating_sub(TAIL_LINES);
+        return Err(ExecError::Exit {
+            command: cmd.display(),
+            status: status.to_string(),
+            stderr_tail: lines[start..].join("\n"),
+        });
+    }
+    Ok(out)
+}
+
 fn join_tail(tail: &VecDeque<String>) -> String {
     tail.iter()
         .map(String::as_str)
@@ -269,6 +328,18 @@ mod tests {
         assert!(peak > 64 * 1024, "{peak} KiB");
         let out = run(&cmd, Duration::from_secs(30), |_, _| {}).await.unwrap();
         assert_eq!(out.peak_rss_kib, None);
+    }
+
+    #[tokio::test]
+    async fn bytes_come_back_exactly() {
+        let cmd = Cmd::new("printf").args(["a\\nb\\000c"]);
+        let out = run_bytes(&cmd, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(out, b"a\nb\0c");
+        // Stdout never shows up in an error.
+        let cmd = Cmd::new("sh").args(["-c", "seq 424240 424242; echo oops >&2; exit 2"]);
+        let err = run_bytes(&cmd, Duration::from_secs(10)).await.unwrap_err();
+        assert!(err.to_string().contains("oops"), "{err}");
+        assert!(!err.to_string().contains("424241"), "{err}");
     }
 
     #[tokio::test]

@@ -87,6 +87,20 @@ pub enum Command {
     },
     /// Deploy changed hosts, with live progress and a summary.
     Deploy(DeployArgs),
+    /// Run a command on many hosts at once, with live progress and one
+    /// summary: `nix-deploy exec --on 'web-*' -- systemctl is-active nginx`.
+    /// The command is an argument vector (use `sh -c '...'` for a shell).
+    /// Exit 0 when it succeeded everywhere, 1 when a host failed or was
+    /// unreachable.
+    Exec(ExecArgs),
+    /// Upload the selected hosts' `deployment.keys` again, without deploying.
+    UploadKeys {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Hosts at once [default: 16].
+        #[arg(long, value_name = "N")]
+        parallel_limit: Option<usize>,
+    },
     /// Per host: the last known system, generation and last result (from history).
     Status,
     /// Past deployments, newest first.
@@ -169,16 +183,23 @@ impl RuntimeArgs {
     }
 }
 
+/// Which hosts: names and globs (`web-*`), tags and tag globs (`@edge-*`),
+/// several (the union), comma lists, exclusions. Every selector must match a
+/// host: a typo exits 2.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SelectArgs {
-    /// Hosts by name, or `@tag`. None means every host.
+    /// Hosts by name or glob (`web-*`), or `@tag` / `@tag-glob`. None means every host.
     pub hosts: Vec<String>,
     /// Every host of the fleet.
     #[arg(long)]
     pub all: bool,
-    /// Hosts with this tag (`@web` or `web`); repeatable.
-    #[arg(long, value_name = "@TAG")]
+    /// Hosts by name or glob (`'web-*'`), or `@tag` / `@tag-glob`; repeatable,
+    /// or comma-separated (the union).
+    #[arg(long, value_name = "SEL")]
     pub on: Vec<String>,
+    /// Leave out the hosts this selects (same syntax); repeatable.
+    #[arg(long, value_name = "SEL")]
+    pub exclude: Vec<String>,
 }
 
 impl SelectArgs {
@@ -186,6 +207,48 @@ impl SelectArgs {
         request.hosts = self.hosts.clone();
         request.on = self.on.clone();
         request.all = self.all;
+        request.exclude = self.exclude.clone();
+    }
+
+    /// The selection, checked for syntax.
+    pub fn selection(&self) -> nix_deploy_core::fleet::Selection {
+        nix_deploy_core::fleet::Selection {
+            names: self.hosts.clone(),
+            tags: self.on.clone(),
+            all: self.all,
+            exclude: self.exclude.clone(),
+        }
+    }
+}
+
+/// `exec`: which hosts, how many at once, how long, and the command.
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Hosts running the command at once [default: 16].
+    #[arg(long, value_name = "N")]
+    pub parallel_limit: Option<usize>,
+    /// How long the command may run on each host (e.g. 30s, 5m) [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse_timeout)]
+    pub timeout: Option<Duration>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+impl ExecArgs {
+    /// The same document `POST /api/v1/exec` takes.
+    pub fn request(&self) -> nix_deploy_core::exec::ExecRequest {
+        nix_deploy_core::exec::ExecRequest {
+            hosts: self.select.hosts.clone(),
+            on: self.select.on.clone(),
+            all: self.select.all,
+            exclude: self.select.exclude.clone(),
+            command: self.command.clone(),
+            parallel_limit: self.parallel_limit,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -265,21 +328,41 @@ pub struct DeployArgs {
     /// Let hosts fetch from their substituters instead of receiving everything from us.
     #[arg(long)]
     pub substitute_on_destination: bool,
+    /// switch (default: activate now and at boot), boot (the boot default
+    /// only: activated at the next boot), test (activate now, not at boot),
+    /// dry-activate (say what would start, stop, restart; change nothing).
+    #[arg(long, value_name = "GOAL")]
+    pub goal: Option<String>,
+    /// Reboot after the activation and wait for the host to come back on the
+    /// new system (switch and boot goals). `--reboot=auto`: only the hosts
+    /// whose kernel or initrd changed.
+    #[arg(long, value_name = "WHEN", num_args = 0..=1, require_equals = true, default_missing_value = "always")]
+    pub reboot: Option<String>,
+    /// How long a rebooting host may take to come back [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse_timeout)]
+    pub reboot_timeout: Option<Duration>,
 }
 
 impl DeployArgs {
     /// The request this command line makes.
-    pub fn request(&self) -> Request {
+    pub fn request(&self) -> Result<Request, nix_deploy_core::options::OptionsError> {
         let mut request = Request {
             wait: self.wait,
             revision: self.revision.clone(),
             substitute_on_destination: self.substitute_on_destination,
+            goal: self.goal.clone(),
+            reboot: self
+                .reboot
+                .as_deref()
+                .map(nix_deploy_core::goal::RebootPolicy::parse)
+                .transpose()?,
+            reboot_timeout: self.reboot_timeout,
             ..Request::default()
         };
         self.select.apply(&mut request);
         self.strategy.apply(&mut request);
         self.runtime.apply(&mut request);
-        request
+        Ok(request)
     }
 }
 

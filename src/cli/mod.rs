@@ -26,13 +26,16 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{DeploymentStatus, Event};
+use nix_deploy_core::keys::KeysRequest;
 use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
 use nix_deploy_core::reports::{CancelAnswer, DeploymentList, PlanReport, StatusReport};
 use nix_deploy_core::run::Deployment;
 
 pub use args::{Cli, Command};
 
-use crate::engine::{DeployRequest, Engine, EngineConfig, EngineError, RollbackRequest};
+use crate::engine::{
+    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, RollbackRequest, UploadKeysRequest,
+};
 use crate::paths;
 use crate::store::Store;
 use crate::transport::ssh::SshOptions;
@@ -198,6 +201,35 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(plan_exit_code(&report))
         }
         Command::Deploy(args) => deploy(&cli, args).await,
+        Command::Exec(args) => {
+            let request = args.request();
+            let spec = request.resolve()?;
+            let (engine, _control) = engine(&cli).await?;
+            let job = ExecJob {
+                selection: request.selection(),
+                spec,
+                trigger: "cli".into(),
+                requested_by: who(),
+            };
+            watch(&cli, |sink, cancel| engine.exec(job, Some(sink), cancel)).await
+        }
+        Command::UploadKeys {
+            select,
+            parallel_limit,
+        } => {
+            let body = keys_request(select, *parallel_limit);
+            let request = UploadKeysRequest {
+                parallel_limit: body.resolve()?,
+                selection: body.selection(),
+                trigger: "cli".into(),
+                requested_by: who(),
+            };
+            let (engine, _control) = engine(&cli).await?;
+            watch(&cli, |sink, cancel| {
+                engine.upload_keys(request, Some(sink), cancel)
+            })
+            .await
+        }
         Command::Health { host, within } => {
             let (engine, _control) = engine(&cli).await?;
             let health = engine.check_health(host, *within).await?;
@@ -292,8 +324,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
+/// `upload-keys`' request, as the API takes it.
+fn keys_request(select: &args::SelectArgs, parallel_limit: Option<usize>) -> KeysRequest {
+    KeysRequest {
+        hosts: select.hosts.clone(),
+        on: select.on.clone(),
+        all: select.all,
+        exclude: select.exclude.clone(),
+        parallel_limit,
+    }
+}
+
 async fn deploy(cli: &Cli, args: &args::DeployArgs) -> anyhow::Result<u8> {
-    let request = args.request();
+    let request = args.request()?;
     let options = resolve(&request)?;
     let store = open_store(cli).await?;
     let control = paths::control_dir(store.holder())?;

@@ -7,6 +7,7 @@ use comfy_table::{Table, presets};
 use serde::Serialize;
 
 use nix_deploy_core::events::HostStatus;
+use nix_deploy_core::goal::{Goal, RebootPolicy};
 use nix_deploy_core::plan::{Action, EstimateSource};
 use nix_deploy_core::render::{
     self, duration_ms, event_text, first_line, generation, generations, result_word, seconds,
@@ -15,7 +16,7 @@ use nix_deploy_core::render::{
 use nix_deploy_core::reports::{
     CancelAnswer, DeploymentList, HostHealth, PlanReport, StatusReport,
 };
-use nix_deploy_core::run::{Deployment, HostRun};
+use nix_deploy_core::run::{Deployment, HostRun, RunKind};
 use nix_deploy_core::summary::ChangeSummary;
 
 use super::Cli;
@@ -97,6 +98,12 @@ pub fn print_plan(report: &PlanReport) {
             if h.canary {
                 line.push_str(" | CANARY");
             }
+            if report.reboot_required.contains(&h.name) {
+                line.push_str(" | REBOOT REQUIRED");
+            }
+            if report.pending_reboot.contains(&h.name) {
+                line.push_str(" | PENDING REBOOT");
+            }
             if let Some(batch) = h.batch {
                 line.push_str(&format!(" | batch {batch}"));
             }
@@ -115,12 +122,17 @@ pub fn print_plan(report: &PlanReport) {
         println!("Skipped:");
         for h in skipped {
             println!(
-                "  - {} ({}) - {} ({}) | generation {}",
+                "  - {} ({}) - {} ({}) | generation {}{}",
                 h.name,
                 h.role,
                 h.state.as_str(),
                 h.reason.as_deref().unwrap_or("skip"),
-                generation(h.current.generation)
+                generation(h.current.generation),
+                if report.pending_reboot.contains(&h.name) {
+                    " | PENDING REBOOT"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -148,6 +160,18 @@ pub fn print_plan(report: &PlanReport) {
                 println!("      {line}");
             }
         }
+    }
+    if !report.pending_reboot.is_empty() {
+        println!(
+            "Pending reboot (boot into another system than they run): {}",
+            report.pending_reboot.join(", ")
+        );
+    }
+    if !report.reboot_required.is_empty() {
+        println!(
+            "Reboot required (kernel or initrd changed; `deploy --reboot=auto` reboots these): {}",
+            report.reboot_required.join(", ")
+        );
     }
     for warning in &plan.warnings {
         println!("Warning: {warning}");
@@ -178,12 +202,105 @@ pub fn print_plan(report: &PlanReport) {
     println!("Rollback strategy: {}", plan.rollback_strategy);
 }
 
-/// How a deployment ended: one row per host, then each failure in full.
+/// How a run ended: a deployment's report, or an exec's summary.
 pub fn print_report(deployment: &Deployment) {
+    match deployment.kind {
+        RunKind::Deploy => print_deployment_report(deployment),
+        RunKind::Exec | RunKind::UploadKeys => print_exec_report(deployment),
+    }
+}
+
+/// One command on many hosts: one row per host (result, exit code,
+/// duration, last line of output), then each failure's output tails.
+fn print_exec_report(run: &Deployment) {
+    println!();
+    match (&run.kind, &run.exec) {
+        (RunKind::Exec, Some(spec)) => println!(
+            "exec #{} {}: `{}` on {} host(s)",
+            run.id,
+            run.status,
+            spec.display(),
+            run.hosts.len()
+        ),
+        _ => println!(
+            "{} #{} {} on {} host(s)",
+            run.kind.as_str(),
+            run.id,
+            run.status,
+            run.hosts.len()
+        ),
+    }
+    let rows = run
+        .hosts
+        .iter()
+        .map(|h| {
+            let output = h.output.as_ref();
+            let note = match h.status {
+                HostStatus::Succeeded => output.map(|o| o.last_line()).unwrap_or("").to_string(),
+                HostStatus::Skipped | HostStatus::Cancelled => h.reason.clone().unwrap_or_default(),
+                // A failure's last word is usually on stderr.
+                _ => output
+                    .and_then(|o| o.stderr.lines().rev().find(|l| !l.trim().is_empty()))
+                    .or(output.map(|o| o.last_line()).filter(|l| !l.is_empty()))
+                    .or(h.error.as_deref().map(first_line))
+                    .unwrap_or("")
+                    .to_string(),
+            };
+            vec![
+                h.host.clone(),
+                result_word(h.status),
+                output
+                    .and_then(|o| o.exit_code)
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                h.duration_ms()
+                    .map(duration_ms)
+                    .unwrap_or_else(|| "-".into()),
+                note,
+            ]
+        })
+        .collect();
+    table(&["HOST", "RESULT", "EXIT", "DURATION", "OUTPUT"], rows);
+    for h in run.hosts.iter().filter(|h| h.status.is_failure()) {
+        println!();
+        println!("── {} ({}) ──", h.host, h.status);
+        if let Some(error) = &h.error {
+            println!("{error}");
+        }
+        if let Some(output) = &h.output {
+            for (name, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+                if !text.trim().is_empty() {
+                    println!("{name}:");
+                    for line in text.lines() {
+                        println!("  {line}");
+                    }
+                }
+            }
+        }
+    }
     println!();
     println!(
-        "Deployment #{} {} (strategy {})",
-        deployment.id, deployment.status, deployment.strategy
+        "Total time: {} | {}",
+        run.duration_ms()
+            .map(duration_ms)
+            .unwrap_or_else(|| "-".into()),
+        render::exec_summary(&run.hosts)
+    );
+}
+
+/// How a deployment ended: one row per host, then each failure in full.
+fn print_deployment_report(deployment: &Deployment) {
+    println!();
+    println!(
+        "Deployment #{} {} (strategy {}{})",
+        deployment.id,
+        deployment.status,
+        deployment.strategy,
+        match (deployment.options.goal, deployment.options.reboot) {
+            (Goal::Switch, RebootPolicy::Never) => String::new(),
+            (goal, RebootPolicy::Never) => format!(", goal {goal}"),
+            (goal, reboot) => format!(", goal {goal}, reboot {}", reboot.as_str()),
+        }
     );
     if let Some(error) = &deployment.error {
         println!("Stopped: {error}");
@@ -196,6 +313,7 @@ pub fn print_report(deployment: &Deployment) {
                 HostStatus::Skipped | HostStatus::Cancelled => {
                     run.reason.clone().unwrap_or_default()
                 }
+                HostStatus::Deployed | HostStatus::Succeeded => goal_note(run),
                 _ => run
                     .error
                     .as_deref()
@@ -244,6 +362,33 @@ pub fn print_report(deployment: &Deployment) {
     );
 }
 
+/// What a deployed host's goal left it as.
+fn goal_note(run: &HostRun) -> String {
+    let rebooted = run
+        .reboot
+        .as_ref()
+        .filter(|r| r.boot_id_after.is_some())
+        .map(|_| "rebooted")
+        .unwrap_or_default();
+    match run.goal {
+        Some(Goal::Boot) if run.reboot.is_none() => "boot default set: pending reboot".into(),
+        Some(Goal::Test) => "test: until the next reboot".into(),
+        Some(Goal::DryActivate) => {
+            let would = run.output.as_ref().map(|o| {
+                let text = format!("{}\n{}", o.stdout, o.stderr);
+                text.lines()
+                    .filter(|l| l.trim_start().starts_with("would "))
+                    .count()
+            });
+            match would {
+                Some(n) if n > 0 => format!("dry-activate: {n} change(s), see `show`"),
+                _ => "dry-activate: nothing would change".into(),
+            }
+        }
+        _ => rebooted.to_string(),
+    }
+}
+
 pub fn print_status(status: &StatusReport) {
     if status.hosts.is_empty() {
         println!("No hosts known yet: run `nix-deploy plan` or `nix-deploy deploy` first.");
@@ -269,6 +414,11 @@ pub fn print_status(status: &StatusReport) {
                     (None, Some(_)) => "yes".into(),
                     (None, None) => "-".into(),
                 },
+                if h.pending_reboot {
+                    format!("pending reboot → {}", short_path(h.boot_path.as_deref()))
+                } else {
+                    "-".into()
+                },
             ]
         })
         .collect();
@@ -281,6 +431,7 @@ pub fn print_status(status: &StatusReport) {
             "DEPLOYMENT",
             "WHEN",
             "REACHABLE",
+            "BOOT",
         ],
         rows,
     );
@@ -299,8 +450,8 @@ pub fn print_history(list: &DeploymentList) {
                 format!("#{}", d.id),
                 timestamp(d.created_at),
                 d.status.to_string(),
-                d.strategy.clone(),
-                render::hosts_summary(&d.hosts),
+                render::run_label(d),
+                render::run_summary(d),
                 d.duration_ms()
                     .filter(|_| d.time.finished_at.is_some())
                     .map(duration_ms)
@@ -319,8 +470,16 @@ pub fn print_history(list: &DeploymentList) {
 
 /// One deployment: its events on a time line, then the report.
 pub fn print_deployment(d: &Deployment) {
+    let what = match d.kind {
+        RunKind::Deploy => "Deployment".to_string(),
+        RunKind::Exec => format!(
+            "exec `{}`,",
+            d.exec.as_ref().map(|e| e.display()).unwrap_or_default()
+        ),
+        RunKind::UploadKeys => "upload-keys".to_string(),
+    };
     println!(
-        "Deployment #{} {} ({} by {}, {})",
+        "{what} #{} {} ({} by {}, {})",
         d.id,
         d.status,
         d.trigger,

@@ -58,14 +58,16 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
         step: Option<String>,
     }
     let mut bars: BTreeMap<String, HostBar> = BTreeMap::new();
+    // Steps of a host: the pipeline's, or one for an exec or upload-keys.
+    let mut steps = PIPELINE_STEPS;
     let mut total = 0usize;
     let mut finished = 0usize;
     let mut eta: Option<f64> = None;
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
-    let add_bar = |bars: &mut BTreeMap<String, HostBar>, host: &str| {
+    let add_bar = |bars: &mut BTreeMap<String, HostBar>, host: &str, steps: u64| {
         if !bars.contains_key(host) {
-            let bar = multi.insert_before(&overall, ProgressBar::new(PIPELINE_STEPS));
+            let bar = multi.insert_before(&overall, ProgressBar::new(steps));
             bar.set_style(style.clone());
             bar.set_prefix(host.to_string());
             bars.insert(
@@ -112,11 +114,17 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                     // The plan's ETA counts from now, after probing.
                     eta = Some(start.elapsed().as_secs_f64() + eta_seconds);
                 }
-                EventKind::DeploymentStarted { hosts, .. } => {
+                EventKind::DeploymentStarted { hosts, strategy } => {
                     total = hosts.len();
+                    let run = matches!(strategy.as_str(), "exec" | "upload-keys");
+                    if run {
+                        steps = 1;
+                    }
                     for h in hosts {
-                        add_bar(&mut bars, h);
-                        bars[h].bar.set_message("probing");
+                        add_bar(&mut bars, h, steps);
+                        bars[h]
+                            .bar
+                            .set_message(if run { "waiting" } else { "probing" });
                     }
                 }
                 EventKind::Log { message } => multi.suspend(|| eprintln!("{message}")),
@@ -124,7 +132,7 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
             }
             continue;
         };
-        add_bar(&mut bars, &name);
+        add_bar(&mut bars, &name, steps);
         let Some(host) = bars.get_mut(&name) else {
             continue;
         };
@@ -167,8 +175,8 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
             } => {
                 finished += 1;
                 host.step = None;
-                if *status == HostStatus::Deployed {
-                    host.bar.set_position(PIPELINE_STEPS);
+                if matches!(status, HostStatus::Deployed | HostStatus::Succeeded) {
+                    host.bar.set_position(steps);
                 }
                 host.bar.abandon_with_message(host_outcome(
                     *status,

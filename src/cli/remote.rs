@@ -26,7 +26,23 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             Ok(super::plan_exit_code(&plan))
         }
         Command::Deploy(args) => {
-            let created: Accepted = client.post("/api/v1/deployments", &args.request()).await?;
+            let request = args.request().map_err(bad_request)?;
+            let created: Accepted = client.post("/api/v1/deployments", &request).await?;
+            follow(cli, &client, created.id).await
+        }
+        Command::Exec(args) => {
+            let request = args.request();
+            request.resolve().map_err(bad_request)?;
+            let created: Accepted = client.post("/api/v1/exec", &request).await?;
+            follow(cli, &client, created.id).await
+        }
+        Command::UploadKeys {
+            select,
+            parallel_limit,
+        } => {
+            let body = super::keys_request(select, *parallel_limit);
+            body.resolve().map_err(bad_request)?;
+            let created: Accepted = client.post("/api/v1/upload-keys", &body).await?;
             follow(cli, &client, created.id).await
         }
         Command::Status => {
@@ -79,7 +95,8 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 Some(id) => *id,
                 None => {
                     latest(&client, |d| {
-                        !matches!(d.status.as_str(), "succeeded" | "running")
+                        d.kind == nix_deploy_core::run::RunKind::Deploy
+                            && !matches!(d.status.as_str(), "succeeded" | "running")
                     })
                     .await?
                 }
@@ -124,6 +141,15 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             code: "bad_request".into(),
             message: "`serve` runs the daemon; do not combine it with --server".into(),
         }),
+    }
+}
+
+/// A request refused before it was sent (exit code 2).
+fn bad_request(e: nix_deploy_core::options::OptionsError) -> ClientError {
+    ClientError::Api {
+        status: 400,
+        code: "bad_request".into(),
+        message: e.to_string(),
     }
 }
 

@@ -127,7 +127,7 @@ pub async fn render(store: &Store) -> Result<String, StoreError> {
 
     let deployments = counts(
         store,
-        "SELECT status, COUNT(*) FROM deployments GROUP BY status ORDER BY status",
+        "SELECT status, COUNT(*) FROM deployments WHERE kind = 'deploy' GROUP BY status ORDER BY status",
     )
     .await?;
     registry.register(
@@ -137,7 +137,7 @@ pub async fn render(store: &Store) -> Result<String, StoreError> {
     );
     let host_runs = counts(
         store,
-        "SELECT status, COUNT(*) FROM host_runs GROUP BY status ORDER BY status",
+        "SELECT status, COUNT(*) FROM host_runs WHERE deployment_id IN (SELECT id FROM deployments WHERE kind = 'deploy') GROUP BY status ORDER BY status",
     )
     .await?;
     registry.register(
@@ -187,7 +187,7 @@ pub async fn render(store: &Store) -> Result<String, StoreError> {
 
     let durations = Histogram::new(DURATION_BUCKETS);
     for row in sqlx::query(
-        "SELECT finished_at - created_at FROM deployments WHERE finished_at IS NOT NULL",
+        "SELECT finished_at - created_at FROM deployments WHERE finished_at IS NOT NULL AND kind = 'deploy'",
     )
     .fetch_all(store.pool())
     .await
@@ -214,7 +214,7 @@ pub async fn render(store: &Store) -> Result<String, StoreError> {
     );
 
     let rows = sqlx::query(
-        "SELECT host, status, finished_at FROM host_runs WHERE finished_at IS NOT NULL ORDER BY host, finished_at",
+        "SELECT host, status, finished_at FROM host_runs WHERE finished_at IS NOT NULL AND deployment_id IN (SELECT id FROM deployments WHERE kind = 'deploy') ORDER BY host, finished_at",
     )
     .fetch_all(store.pool())
     .await

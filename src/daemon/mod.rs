@@ -42,7 +42,9 @@ use nix_deploy_core::events::{Event, EventKind};
 use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
 use nix_deploy_core::run::Deployment;
 
-use crate::engine::{DeployRequest, Engine, EngineConfig, EngineError, RollbackRequest};
+use crate::engine::{
+    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, RollbackRequest, UploadKeysRequest,
+};
 use crate::store::Store;
 use config::{Config, Secret};
 use notify::Notifier;
@@ -93,6 +95,8 @@ pub(crate) enum Job {
         wait: bool,
     },
     Rollback(RollbackRequest),
+    Exec(ExecJob),
+    UploadKeys(UploadKeysRequest),
 }
 
 impl AppState {
@@ -259,6 +263,8 @@ impl AppState {
                 }
                 Job::Resume { id, wait } => engine.resume(id, wait, Some(sink), cancel).await,
                 Job::Rollback(request) => engine.rollback(request, Some(sink)).await,
+                Job::Exec(job) => engine.exec(job, Some(sink), cancel).await,
+                Job::UploadKeys(request) => engine.upload_keys(request, Some(sink), cancel).await,
             };
             if let Err(e) = &result {
                 tracing::warn!(cause = %e, "deployment job ended with an error");
@@ -343,6 +349,8 @@ pub fn app(state: AppState) -> Router {
             post(routes::fleet::rollback),
         )
         .route("/api/v1/hosts/{host}/health", post(routes::fleet::health))
+        .route("/api/v1/exec", post(routes::exec::exec))
+        .route("/api/v1/upload-keys", post(routes::exec::upload_keys))
         .route("/hooks/slack", post(routes::hooks::slack))
         .route("/hooks/github", post(routes::hooks::github))
         .route("/metrics", get(routes::fleet::metrics))

@@ -4,11 +4,83 @@
 use std::fmt::Write;
 
 use nix_deploy_core::events::{Event, EventKind, HostStatus};
-use nix_deploy_core::render::{duration_ms, first_line, generation, timestamp};
-use nix_deploy_core::run::{Deployment, HostRun};
+use nix_deploy_core::render::{self, duration_ms, first_line, generation, timestamp};
+use nix_deploy_core::run::{Deployment, HostRun, RunKind};
+
+/// The report of an `exec` or `upload-keys` run: one row per host with its
+/// exit code and last line of output, then each failure's output tails.
+fn run_markdown(d: &Deployment) -> String {
+    let mut out = String::new();
+    let what = match &d.exec {
+        Some(spec) => format!("`{}`", spec.display()),
+        None => d.kind.as_str().to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "# {} #{}: {}
+",
+        d.kind.as_str(),
+        d.id,
+        d.status
+    );
+    let _ = writeln!(out, "- Command: {what}");
+    let _ = writeln!(out, "- Started: {}", timestamp(d.created_at));
+    if let Some(ms) = d.duration_ms() {
+        let _ = writeln!(out, "- Total time: {}", duration_ms(ms));
+    }
+    let _ = writeln!(out, "- Requested by: {} ({})", d.requested_by, d.trigger);
+    let _ = writeln!(out, "- Hosts: {}", render::exec_summary(&d.hosts));
+    let _ = writeln!(
+        out,
+        "
+| Host | Result | Exit | Duration | Output |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for r in &d.hosts {
+        let output = r.output.as_ref();
+        let last = output
+            .map(|o| o.last_line())
+            .filter(|l| !l.is_empty())
+            .or(r.error.as_deref().map(first_line))
+            .or(r.reason.as_deref())
+            .unwrap_or("")
+            .replace('|', "\\|");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            r.host,
+            r.status,
+            output
+                .and_then(|o| o.exit_code)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.duration_ms()
+                .map(duration_ms)
+                .unwrap_or_else(|| "-".into()),
+            last
+        );
+    }
+    for r in d.hosts.iter().filter(|r| r.status.is_failure()) {
+        let _ = writeln!(out, "\n## {} ({})\n", r.host, r.status);
+        if let Some(error) = &r.error {
+            let _ = writeln!(out, "{error}\n");
+        }
+        if let Some(output) = &r.output {
+            for (name, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+                if !text.trim().is_empty() {
+                    let _ = writeln!(out, "{name}:\n```\n{text}\n```");
+                }
+            }
+        }
+    }
+    out
+}
 
 /// The report of a deployment (with its events, when loaded).
 pub fn markdown(d: &Deployment) -> String {
+    if d.kind != RunKind::Deploy {
+        return run_markdown(d);
+    }
     let runs = &d.hosts;
     let events: &[Event] = d.events.as_deref().unwrap_or_default();
     let mut out = String::new();

@@ -113,8 +113,11 @@ pub enum ChatRequest {
     Help,
 }
 
-fn valid_selector(word: &str) -> bool {
-    shell::is_valid_host_name(word.strip_prefix('@').unwrap_or(word))
+/// A host name or glob, a `@tag` or tag glob, or a comma list of them
+/// ([`nix_deploy_core::select`]), as on the command line.
+fn check_selector(word: &str) -> Result<(), SlackError> {
+    nix_deploy_core::select::check(&[word.to_string()])
+        .map_err(|e| SlackError::BadArgument(e.to_string()))
 }
 
 /// Parse the text after `/nix-deploy`, with the CLI's flags (`--flag=value`
@@ -143,11 +146,7 @@ pub fn parse_text(text: &str) -> Result<ChatRequest, SlackError> {
         let word = words[i];
         i += 1;
         let Some(flag) = word.strip_prefix("--") else {
-            if !valid_selector(word) {
-                return Err(SlackError::BadArgument(format!(
-                    "`{word}` is not a host name or @tag"
-                )));
-            }
+            check_selector(word)?;
             request.hosts.push(word.to_string());
             continue;
         };
@@ -184,6 +183,21 @@ pub fn parse_text(text: &str) -> Result<ChatRequest, SlackError> {
                     )));
                 }
                 request.strategy = Some(v);
+            }
+            "on" => {
+                let v = value("a selector (web-*, @tag)")?;
+                check_selector(&v)?;
+                request.on.push(v);
+            }
+            "exclude" => {
+                let v = value("a selector (web-*, @tag)")?;
+                check_selector(&v)?;
+                request.exclude.push(v);
+            }
+            "goal" => {
+                let v = value("a goal")?;
+                nix_deploy_core::goal::Goal::parse(&v).map_err(|e| bad(e.0))?;
+                request.goal = Some(v);
             }
             "parallel" if inline.is_none() => request.parallel = true,
             "sequential" if inline.is_none() => request.sequential = true,
@@ -445,8 +459,22 @@ mod tests {
             ChatRequest::Cancel { id: Some(12) }
         );
         assert_eq!(parse_text("help").unwrap(), ChatRequest::Help);
+        assert_eq!(
+            parse_text("web-* --on @edge-* --exclude=web-3 --goal boot").unwrap(),
+            ChatRequest::Deploy(Box::new(Request {
+                hosts: vec!["web-*".into()],
+                on: vec!["@edge-*".into()],
+                exclude: vec!["web-3".into()],
+                goal: Some("boot".into()),
+                ..Request::default()
+            }))
+        );
         for bad in [
             "--strategy=yolo",
+            "--goal=reboot",
+            "--on=a;b",
+            "--exclude",
+            "web-[",
             "--nope",
             "p620;reboot",
             "--strategy",
@@ -491,6 +519,8 @@ mod tests {
         p510.reason = Some("no changes".into());
         let deployment = Deployment {
             id: 4,
+            kind: Default::default(),
+            exec: None,
             created_at: 0,
             time: Span::default(),
             status: DeploymentStatus::Succeeded,
@@ -570,6 +600,8 @@ mod tests {
             to_deploy: vec!["p620".into()],
             skipped: vec!["p510".into()],
             unreachable: Vec::new(),
+            pending_reboot: Vec::new(),
+            reboot_required: Vec::new(),
         };
         let text = plan_message(&plan)["text"].as_str().unwrap().to_string();
         assert!(

@@ -31,7 +31,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use nix_deploy_core::eval::{self, EvalFailure, EvaluationReport, FlakeIdentity};
-use nix_deploy_core::fleet::{Host, Inventory, InventoryError};
+use nix_deploy_core::fleet::{Host, Inventory, InventoryError, Selection};
+use nix_deploy_core::select;
 use nix_deploy_core::shell;
 
 use super::{Engine, EngineError};
@@ -433,6 +434,39 @@ impl Engine {
             return Err(error.into());
         }
         Ok((Inventory::from_hosts(hosts), outcome.report))
+    }
+
+    /// The hosts a selection picks, evaluated, for runs that act on each of
+    /// them (`exec`, `upload-keys`). A picked host that could not be
+    /// evaluated is an error naming it, and so is any failure when the
+    /// selection uses tags (that host might carry one).
+    pub(super) async fn selected_hosts(
+        &self,
+        selection: &Selection,
+    ) -> Result<Vec<Host>, EngineError> {
+        let (inventory, report) = self.evaluate_fleet().await?;
+        let failed = report.failed_hosts();
+        let refuse = |hosts: &[String]| {
+            EngineError::EvalFailed(
+                report
+                    .failed
+                    .iter()
+                    .filter(|f| hosts.is_empty() || hosts.contains(&f.host))
+                    .cloned()
+                    .collect(),
+            )
+        };
+        if !failed.is_empty() && select::uses_tags(selection) {
+            return Err(refuse(&[]));
+        }
+        let (names, unevaluated) = select::resolve_partial(&inventory, &failed, selection)?;
+        if !unevaluated.is_empty() {
+            return Err(refuse(&unevaluated));
+        }
+        Ok(names
+            .iter()
+            .filter_map(|n| inventory.get(n).cloned())
+            .collect())
     }
 
     /// One host of the fleet, evaluated (the rest of the fleet may fail).

@@ -15,18 +15,29 @@
 //!    [`recovery`], the one place that switches a host back.
 //! 5. [`blue_green`] commits or reverts staged hosts together.
 //!
+//! The pipeline's goal-dependent steps are in [`goals`] (boot validation,
+//! dry-activate, keys, GC roots via [`gcroots`]) and [`reboot`] (reboots and
+//! the way back through the boot generation); [`keys`] reads and uploads
+//! `deployment.keys`.
+//!
 //! [`resume`] continues an interrupted deployment with its stored options;
 //! [`rollback`] switches a host back on request; [`health`] runs health
-//! checks. Every state change goes through the [`recorder`], which writes it
-//! to the store before anyone is told.
+//! checks; [`exec`] runs a command on many hosts (and its runner does
+//! `upload-keys`). Every state change goes through the [`recorder`], which
+//! writes it to the store before anyone is told.
 
 mod activator;
 mod blue_green;
 mod evaluate;
+mod exec;
+mod gcroots;
+mod goals;
 mod health;
+mod keys;
 mod pipeline;
 mod prepare;
 mod probe;
+mod reboot;
 mod recorder;
 mod recovery;
 mod resume;
@@ -46,6 +57,8 @@ use nix_deploy_core::options::{DeployOptions, OptionsError};
 use nix_deploy_core::plan::PlanError;
 use nix_deploy_core::run::{Deployment, HostRun};
 
+pub use exec::ExecJob;
+pub use keys::UploadKeysRequest;
 pub use probe::Assessment;
 pub use rollback::RollbackRequest;
 

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::fleet::{HealthCheck, Host};
+use nix_deploy_core::goal::{Goal, Validation};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::{self, Activation, Decision};
 use nix_deploy_core::run::HostRun;
 
+use super::keys::KeyTexts;
 use super::probe::{Assessment, change_summary};
 use super::recorder::Recorder;
 use super::scheduler::Outcome;
@@ -30,6 +32,8 @@ pub(super) struct HostContext {
     pub ssh: SshOptions,
     pub options: DeployOptions,
     pub recorder: Recorder,
+    /// The contents of the run's `text` keys, read when first needed.
+    pub keys: Arc<KeyTexts>,
 }
 
 /// One host's part, as the scheduler hands it over and gets it back.
@@ -54,6 +58,17 @@ pub(super) enum StepFailure {
     /// The new system did not let us in over a new connection.
     Confirm(String),
     Soak(String),
+    /// Pre-activation keys could not be uploaded (the system is untouched).
+    Keys(String),
+    /// Post-activation keys could not be uploaded: the new system runs
+    /// without them.
+    KeysAfterActivation(String),
+    /// `dry-activate` failed (nothing changed).
+    DryActivate(String),
+    /// The reboot did not bring the host back on the new system.
+    Reboot(String),
+    /// Back from the reboot, the host failed its keys or validation.
+    AfterReboot(String),
     /// The history could not be written.
     Store(StoreError),
 }
@@ -76,6 +91,9 @@ pub(super) enum Recovery {
     /// The new system runs but refuses new connections: its watchdog
     /// switches it back by itself; wait for that and verify.
     AwaitWatchdog,
+    /// The host rebooted (or tried to): make the old generation the boot
+    /// default again and reboot into it ([`super::reboot`]).
+    RollBackThroughBoot,
 }
 
 impl StepFailure {
@@ -86,12 +104,16 @@ impl StepFailure {
             | StepFailure::Build(_)
             | StepFailure::Copy(_)
             | StepFailure::SetProfile(_)
+            | StepFailure::Keys(_)
+            | StepFailure::DryActivate(_)
             | StepFailure::Store(_) => Recovery::Untouched,
             StepFailure::Unhealthy(_) => Recovery::Unhealthy,
-            StepFailure::Activate(_) | StepFailure::Validate(_) | StepFailure::Soak(_) => {
-                Recovery::RollBack
-            }
+            StepFailure::Activate(_)
+            | StepFailure::Validate(_)
+            | StepFailure::Soak(_)
+            | StepFailure::KeysAfterActivation(_) => Recovery::RollBack,
             StepFailure::Confirm(_) => Recovery::AwaitWatchdog,
+            StepFailure::Reboot(_) | StepFailure::AfterReboot(_) => Recovery::RollBackThroughBoot,
         }
     }
 
@@ -105,7 +127,12 @@ impl StepFailure {
             | StepFailure::Activate(m)
             | StepFailure::Validate(m)
             | StepFailure::Confirm(m)
-            | StepFailure::Soak(m) => m.clone(),
+            | StepFailure::Soak(m)
+            | StepFailure::Keys(m)
+            | StepFailure::KeysAfterActivation(m)
+            | StepFailure::DryActivate(m)
+            | StepFailure::Reboot(m)
+            | StepFailure::AfterReboot(m) => m.clone(),
             StepFailure::Store(e) => e.to_string(),
         }
     }
@@ -133,8 +160,8 @@ impl HostContext {
         job.run.time.finished_at = Some(now_ms());
         let outcome = match result {
             Ok(()) => {
-                if activation == Activation::Switch {
-                    job.run.status = HostStatus::Deployed;
+                if let Some(status) = self.success_status(activation) {
+                    job.run.status = status;
                 }
                 Outcome::Healthy
             }
@@ -156,22 +183,42 @@ impl HostContext {
         Ok((job, outcome))
     }
 
-    /// DESIGN §4 for one changed host. `Test` activation (blue-green staging)
-    /// leaves the profile alone.
+    /// DESIGN §4 for one changed host, as its goal wants it
+    /// ([`nix_deploy_core::goal`]; the goal-specific steps are in
+    /// [`super::goals`] and [`super::reboot`]). `Test` activation (blue-green
+    /// staging) leaves the profile alone.
     async fn pipeline(&self, job: &mut HostJob, activation: Activation) -> Result<(), StepFailure> {
+        let goal = self.goal(activation);
+        if activation == Activation::Switch {
+            job.run.goal = Some(goal);
+        }
         if !self.options.skip_validation {
             self.preflight(job).await?;
         }
         let path = self.build(job).await?;
+        self.protect_roots(job, &path).await?;
         self.summarize(job, &path).await?;
         self.copy(job, &path).await?;
-        if activation == Activation::Switch {
+        if goal == Goal::DryActivate {
+            return self.dry_activate(job, &path).await;
+        }
+        self.keys_before(job).await?;
+        if goal.sets_profile() {
             self.set_profile(job, &path).await?;
         }
-        // From here on the host runs (or may run) the new system.
-        self.activate(job, &path, activation).await?;
-        self.validate(job, &path).await?;
-        self.confirm(job).await
+        // From here on the host runs (or may run, or boots) the new system.
+        self.activate(job, &path, goal.activation().unwrap_or(activation))
+            .await?;
+        self.keys_after(job, goal).await?;
+        match goal.validation() {
+            Validation::BootsNewSystem => self.validate_boot_default(job, &path).await?,
+            _ => self.validate(job, &path).await?,
+        }
+        self.confirm(job).await?;
+        if self.wants_reboot(job, &path).await? {
+            self.reboot_into(job, &path).await?;
+        }
+        Ok(())
     }
 
     /// The checks this run validates with (none with `--skip-validation`).
@@ -525,6 +572,11 @@ mod tests {
             (StepFailure::Validate(m()), Recovery::RollBack),
             (StepFailure::Soak(m()), Recovery::RollBack),
             (StepFailure::Confirm(m()), Recovery::AwaitWatchdog),
+            (StepFailure::Keys(m()), Recovery::Untouched),
+            (StepFailure::DryActivate(m()), Recovery::Untouched),
+            (StepFailure::KeysAfterActivation(m()), Recovery::RollBack),
+            (StepFailure::Reboot(m()), Recovery::RollBackThroughBoot),
+            (StepFailure::AfterReboot(m()), Recovery::RollBackThroughBoot),
         ] {
             assert_eq!(failure.recovery(), expected, "{failure:?}");
             assert_eq!(failure.message(), m());

@@ -23,6 +23,7 @@ use nix_deploy_core::eval::EvaluationReport;
 use nix_deploy_core::fleet::{Host, Inventory, InventoryError, Selection};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{DependencyGraph, GraphHost, PlanError};
+use nix_deploy_core::select;
 
 use super::evaluate::EvalUpdate;
 use super::probe::EarlyProbes;
@@ -108,50 +109,6 @@ impl Prepared {
     }
 }
 
-/// Whether `host` is selected, as far as its own metadata tells. Exact for
-/// every host that exists: unknown names and tags are found later.
-fn may_be_selected(selection: &Selection, host: &Host) -> bool {
-    if selection.is_everything() {
-        return true;
-    }
-    let tagged = |tag: &str| host.has_tag(tag.strip_prefix('@').unwrap_or(tag));
-    selection.names.iter().any(|n| match n.strip_prefix('@') {
-        Some(tag) => tagged(tag),
-        None => *n == host.name,
-    }) || selection.tags.iter().any(|t| tagged(t))
-}
-
-/// The selected host names that evaluated, and those that did not.
-fn select(
-    inventory: &Inventory,
-    failed: &BTreeSet<String>,
-    selection: &Selection,
-) -> Result<(Vec<String>, Vec<String>), InventoryError> {
-    if selection.is_everything() {
-        return Ok((
-            inventory.select(selection)?,
-            failed.iter().cloned().collect(),
-        ));
-    }
-    let (failed_names, names): (Vec<String>, Vec<String>) = selection
-        .names
-        .iter()
-        .cloned()
-        .partition(|n| failed.contains(n));
-    let rest = Selection {
-        names,
-        tags: selection.tags.clone(),
-        all: false,
-    };
-    let chosen = if rest.is_everything() {
-        // Only hosts that failed were named: none of the others.
-        Vec::new()
-    } else {
-        inventory.select(&rest)?
-    };
-    Ok((chosen, failed_names))
-}
-
 impl Engine {
     fn check_options(&self, options: &DeployOptions) -> Result<(), EngineError> {
         options.check()?;
@@ -187,14 +144,7 @@ impl Engine {
                 match update {
                     EvalUpdate::Names(names) => {
                         // A misspelt host is known before anything is evaluated.
-                        for name in &selection.names {
-                            if !name.starts_with('@') && !names.contains(name) {
-                                return Err(EngineError::from(InventoryError::UnknownHost {
-                                    name: name.clone(),
-                                    known: names.join(", "),
-                                }));
-                            }
-                        }
+                        select::check_names(selection, &names)?;
                     }
                     EvalUpdate::Hosts(batch) => {
                         for evaluated in batch {
@@ -203,7 +153,7 @@ impl Engine {
                                 cached.insert(host.name.clone());
                             }
                             if let Some(early) = early.as_mut()
-                                && may_be_selected(selection, &host)
+                                && select::may_select(selection, &host)
                             {
                                 early.spawn(host.clone());
                             }
@@ -274,14 +224,18 @@ impl Engine {
             PlanError::UnknownTag { .. } if !failed.is_empty() => refuse(),
             e => e.into(),
         })?;
-        let (names, failed_selected) =
-            select(&inventory, &failed, selection).map_err(|e| match e {
-                InventoryError::UnknownTag { .. } if !failed.is_empty() => refuse(),
+        let uses_tags = select::uses_tags(selection);
+        let (names, failed_selected) = select::resolve_partial(&inventory, &failed, selection)
+            .map_err(|e| match e {
+                // The tag may be one of a host that could not be evaluated.
+                InventoryError::UnknownTag { .. } | InventoryError::NoMatch { .. }
+                    if !failed.is_empty() && uses_tags =>
+                {
+                    refuse()
+                }
                 e => e.into(),
             })?;
         if !failed.is_empty() && !purpose.tolerate_eval_failures {
-            let uses_tags =
-                !selection.tags.is_empty() || selection.names.iter().any(|n| n.starts_with('@'));
             let needed = dependency_closure(&graph, &names);
             if selection.is_everything()
                 || uses_tags
@@ -453,56 +407,6 @@ impl Drop for Background {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn host(name: &str, tags: &[&str]) -> Host {
-        let json = serde_json::json!({
-            "toplevel": "/nix/store/q4zfsrsm5n0vhqjrgz2c1lc78slrrsmw-nixos-system",
-            "drvPath": "/nix/store/c7syrkx06plw1dwvs86ny93v9ivpjlw3-nixos-system.drv",
-            "deployment": { "tags": tags },
-        });
-        Inventory::parse_host(name, json).unwrap()
-    }
-
-    fn selection(names: &[&str], tags: &[&str]) -> Selection {
-        Selection {
-            names: names.iter().map(|s| s.to_string()).collect(),
-            tags: tags.iter().map(|s| s.to_string()).collect(),
-            all: false,
-        }
-    }
-
-    #[test]
-    fn a_host_is_probed_early_only_if_its_own_metadata_selects_it() {
-        let web = host("web1", &["web"]);
-        assert!(may_be_selected(&Selection::default(), &web));
-        assert!(may_be_selected(&selection(&["web1"], &[]), &web));
-        assert!(may_be_selected(&selection(&["@web"], &[]), &web));
-        assert!(may_be_selected(&selection(&[], &["web"]), &web));
-        assert!(may_be_selected(&selection(&[], &["@web"]), &web));
-        assert!(!may_be_selected(&selection(&["db1"], &[]), &web));
-        assert!(!may_be_selected(&selection(&["db1"], &["db"]), &web));
-    }
-
-    #[test]
-    fn hosts_that_failed_to_evaluate_are_selected_apart() {
-        let inventory = Inventory::from_hosts([host("web1", &["web"]), host("db1", &[])]);
-        let failed: BTreeSet<String> = ["broken".to_string()].into();
-        let (chosen, failed_selected) =
-            select(&inventory, &failed, &selection(&["broken"], &[])).unwrap();
-        assert!(
-            chosen.is_empty(),
-            "naming only a failed host selects no other"
-        );
-        assert_eq!(failed_selected, ["broken"]);
-        let (chosen, failed_selected) =
-            select(&inventory, &failed, &selection(&["broken", "db1"], &[])).unwrap();
-        assert_eq!(chosen, ["db1"]);
-        assert_eq!(failed_selected, ["broken"]);
-        let (chosen, failed_selected) = select(&inventory, &failed, &Selection::default()).unwrap();
-        assert_eq!(chosen, ["db1", "web1"]);
-        assert_eq!(failed_selected, ["broken"]);
-        assert!(select(&inventory, &failed, &selection(&["nope"], &[])).is_err());
-    }
 
     #[test]
     fn the_dependency_closure_follows_edges() {

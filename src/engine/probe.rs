@@ -1,7 +1,8 @@
 //! Asking hosts what they run: one SSH round trip per host, in parallel and
 //! bounded; what the planner needs to know about each (its history too);
 //! change summaries; and `plan`, which probes and plans without touching
-//! anything.
+//! anything (and says which hosts are pending a reboot, and whose kernel or
+//! initrd changes).
 //!
 //! Probing may start while the fleet still evaluates ([`EarlyProbes`]): a
 //! probe changes nothing. Its result is recorded only once the request is
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{EventKind, HostState, HostStatus, SystemRef};
 use nix_deploy_core::fleet::{Host, Selection};
+use nix_deploy_core::goal;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{self, HostFacts, HostHistory};
 use nix_deploy_core::remote::{self, ProbeResult};
@@ -25,6 +27,7 @@ use nix_deploy_core::reports::PlanReport;
 use nix_deploy_core::summary::{self, ChangeSummary};
 
 use super::prepare::Purpose;
+use super::reboot::local_boot_files;
 use super::recorder::Recorder;
 use super::{Engine, EngineError};
 use crate::nix::Nix;
@@ -327,6 +330,15 @@ impl Engine {
                     assessment.error.as_deref(),
                 )
                 .await?;
+            self.store
+                .record_boot_default(
+                    &assessment.host.name,
+                    assessment
+                        .probe
+                        .as_ref()
+                        .and_then(|p| p.profile_system.as_deref()),
+                )
+                .await?;
             if let Some(recorder) = recorder {
                 for line in &assessment.settled {
                     recorder
@@ -403,12 +415,33 @@ impl Engine {
             .probe_all(std::mem::take(&mut prepared.hosts), None, Settle::No, early)
             .await?;
         let mut facts = Vec::new();
+        let (mut pending_reboot, mut reboot_required) = (Vec::new(), Vec::new());
         for (assessment, connection) in probed {
+            let name = assessment.host.name.clone();
+            if let Some(probe) = &assessment.probe
+                && goal::pending_reboot(
+                    probe.current_system.as_deref(),
+                    probe.profile_system.as_deref(),
+                )
+            {
+                pending_reboot.push(name.clone());
+            }
             let summary = match (&connection, summaries, assessment.state) {
                 (Some(connection), true, HostState::Changed) => {
                     let nix = &self.config.nix;
                     match nix.build(&assessment.host.drv_path, |_, _| {}).await {
-                        Ok(built) => change_summary(nix, connection, &built).await.ok(),
+                        Ok(built) => {
+                            let booted = assessment
+                                .probe
+                                .as_ref()
+                                .map(|p| p.booted.clone())
+                                .unwrap_or_default();
+                            if goal::boot_changed(&booted, &local_boot_files(&built)) == Some(true)
+                            {
+                                reboot_required.push(name.clone());
+                            }
+                            change_summary(nix, connection, &built).await.ok()
+                        }
                         Err(_) => None,
                     }
                 }
@@ -434,6 +467,8 @@ impl Engine {
             plan,
         );
         report.evaluation = prepared.evaluation;
+        report.pending_reboot = pending_reboot;
+        report.reboot_required = reboot_required;
         Ok(report)
     }
 }

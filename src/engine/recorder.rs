@@ -72,6 +72,11 @@ impl Recorder {
         self.deployment_id
     }
 
+    /// The history this recorder writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub async fn emit(&self, host: Option<&str>, kind: EventKind) -> Result<(), StoreError> {
         let _order = self.order.lock().await;
         let event = durably(|| {

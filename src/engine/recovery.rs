@@ -46,14 +46,17 @@ pub(super) enum Back {
     /// Blue-green staging never touched the profile: `test`-activate the old
     /// generation, which stays the boot default.
     Test,
+    /// The `boot` goal never changed the running system: point the profile
+    /// back at the generation and make it the boot default again.
+    Boot,
 }
 
 impl Back {
     pub fn after(activation: Activation) -> Back {
-        if activation == Activation::Test {
-            Back::Test
-        } else {
-            Back::Switch
+        match activation {
+            Activation::Test => Back::Test,
+            Activation::Boot => Back::Boot,
+            Activation::Switch => Back::Switch,
         }
     }
 }
@@ -69,7 +72,7 @@ async fn switch_back(
     how: Back,
     timeout: Duration,
 ) -> Result<(), String> {
-    if how == Back::Switch {
+    if how != Back::Test {
         connection
             .run_privileged(
                 "rollback",
@@ -88,6 +91,7 @@ async fn switch_back(
         action: match how {
             Back::Switch => Activation::Switch,
             Back::Test => Activation::Test,
+            Back::Boot => Activation::Boot,
         },
         watchdog: None,
         token: &token,
@@ -194,6 +198,7 @@ impl HostContext {
             }
             Recovery::RollBack => self.roll_back_failed(job, activation, error).await,
             Recovery::AwaitWatchdog => self.await_watchdog(job, error).await,
+            Recovery::RollBackThroughBoot => self.roll_back_through_boot(job, error).await,
         }
     }
 
@@ -250,7 +255,7 @@ impl HostContext {
                 connection,
                 assessment,
                 &previous,
-                Back::after(activation),
+                self.back(activation),
             )
             .await?;
         let note = format!(

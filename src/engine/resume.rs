@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
 use nix_deploy_core::fleet::Selection;
-use nix_deploy_core::run::{Deployment, HostRun};
+use nix_deploy_core::run::{Deployment, HostRun, RunKind};
 
 use super::prepare::{Leases, Purpose};
 use super::recorder::Recorder;
@@ -100,7 +100,9 @@ impl Engine {
         let deployment = match id {
             Some(id) => self.store.deployment(id).await?,
             None => self.store.deployments(50).await?.into_iter().find(|d| {
-                d.status != DeploymentStatus::Succeeded && d.status != DeploymentStatus::Running
+                d.kind == RunKind::Deploy
+                    && d.status != DeploymentStatus::Succeeded
+                    && d.status != DeploymentStatus::Running
             }),
         }
         .ok_or_else(|| {
@@ -110,6 +112,12 @@ impl Engine {
             })
         })?;
         match deployment.status {
+            // An exec or upload-keys run is not resumed: run it again.
+            _ if deployment.kind != RunKind::Deploy => Err(EngineError::BadOption(format!(
+                "#{} is an {} run, not a deployment; run it again instead",
+                deployment.id,
+                deployment.kind.as_str()
+            ))),
             DeploymentStatus::Running => Err(EngineError::BadOption(format!(
                 "deployment #{} is still running (pid {})",
                 deployment.id,

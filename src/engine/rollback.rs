@@ -163,6 +163,7 @@ impl Engine {
             ssh: self.config.ssh.clone(),
             options: options.clone(),
             recorder: recorder.clone(),
+            keys: std::sync::Arc::new(super::keys::KeyTexts::none()),
         };
         let mut run = HostRun::new(recorder.deployment_id(), &host.name);
         run.status = HostStatus::Running;

@@ -20,6 +20,7 @@ use nix_deploy_core::plan::{self, Action, Plan, PlannedHost};
 use nix_deploy_core::remote::Activation;
 use nix_deploy_core::run::{Deployment, HostRun};
 
+use super::keys::KeyTexts;
 use super::pipeline::{HostContext, HostJob};
 use super::prepare::{Leases, Prepared};
 use super::probe::{Assessment, Settle};
@@ -373,6 +374,11 @@ impl Engine {
     ) -> Result<Deployment, EngineError> {
         let _cancel_watch = leases.watch_cancel(recorder.deployment_id(), cancel).await;
         let id = recorder.deployment_id();
+        let keys = Arc::new(KeyTexts::new(
+            &self.config.flake,
+            &self.config.nix,
+            &prepared.hosts,
+        ));
         let settle = Settle::Yes {
             activation_timeout: options.activation_timeout,
         };
@@ -424,6 +430,7 @@ impl Engine {
             ssh: self.config.ssh.clone(),
             options: options.clone(),
             recorder: recorder.clone(),
+            keys,
         });
         let mut execution = Execution {
             context,

@@ -6,9 +6,10 @@ use serde::Serialize;
 use sqlx::Row;
 
 use nix_deploy_core::events::{DeploymentStatus, EventKind};
+use nix_deploy_core::exec::ExecSpec;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::Plan;
-use nix_deploy_core::run::{Deployment, Span};
+use nix_deploy_core::run::{Deployment, RunKind, Span};
 
 use super::{Store, StoreError, query_error, to_json};
 use crate::now_ms;
@@ -30,10 +31,21 @@ pub struct NewDeployment {
 
 impl Store {
     pub async fn create_deployment(&self, new: &NewDeployment) -> Result<i64, StoreError> {
+        self.create_run(new, RunKind::Deploy, None).await
+    }
+
+    /// A new run of any kind: a deployment, an `exec` (with its command) or
+    /// an `upload-keys`.
+    pub async fn create_run(
+        &self,
+        new: &NewDeployment,
+        kind: RunKind,
+        exec: Option<&ExecSpec>,
+    ) -> Result<i64, StoreError> {
         let id = sqlx::query(
             "INSERT INTO deployments
-               (created_at, started_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid, holder)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (created_at, started_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid, holder, kind, exec)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(now_ms())
         .bind((!new.queued).then(now_ms))
@@ -47,6 +59,8 @@ impl Store {
         .bind(to_json(&new.hosts))
         .bind(std::process::id() as i64)
         .bind(self.holder())
+        .bind(kind.as_str())
+        .bind(exec.map(to_json))
         .execute(&self.pool)
         .await
         .map_err(query_error("creating a deployment"))?
@@ -117,8 +131,12 @@ impl Store {
         let plan: Option<String> = row.get("plan");
         let created_at: i64 = row.get("created_at");
         let started_at: Option<i64> = row.get("started_at");
+        let kind: String = row.get("kind");
+        let exec: Option<String> = row.get("exec");
         Ok(Deployment {
             id: row.get("id"),
+            kind: RunKind::parse(&kind),
+            exec: exec.map(|e| parse(&e, "deployments.exec")).transpose()?,
             created_at,
             time: Span {
                 // Older rows and deployments that never waited: as created.

@@ -174,6 +174,12 @@ impl Store {
         &self.path
     }
 
+    /// The state directory the database lives in (also home of the
+    /// coordinator's GC roots and liveness locks).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// For read-only reporting queries (metrics) that live next to their users.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
@@ -364,6 +370,81 @@ mod tests {
             !store.request_cancel(id, "tester").await.unwrap(),
             "not running any more"
         );
+    }
+
+    #[tokio::test]
+    async fn exec_runs_goals_outputs_and_reboots_round_trip() {
+        use nix_deploy_core::exec::{CommandOutput, ExecSpec};
+        use nix_deploy_core::goal::Goal;
+        use nix_deploy_core::run::{RebootRecord, RunKind};
+        let (_dir, store) = store().await;
+        let spec = ExecSpec {
+            command: vec!["uptime".into()],
+            parallel_limit: 3,
+            timeout: Duration::from_secs(30),
+        };
+        let id = store
+            .create_run(&new_deployment(), RunKind::Exec, Some(&spec))
+            .await
+            .unwrap();
+        let mut run = HostRun::new(id, "web1");
+        run.status = HostStatus::Succeeded;
+        run.output = Some(CommandOutput {
+            exit_code: Some(0),
+            stdout: "up 3 days".into(),
+            stderr: String::new(),
+        });
+        store.save_host_run(&run).await.unwrap();
+        let exec = store.deployment(id).await.unwrap().unwrap();
+        assert_eq!(exec.kind, RunKind::Exec);
+        assert_eq!(exec.exec, Some(spec));
+        assert_eq!(exec.hosts, vec![run]);
+        // Plain deployments are still deployments, and an exec is no one's
+        // history for estimates.
+        let deploy = store.create_deployment(&new_deployment()).await.unwrap();
+        assert_eq!(
+            store.deployment(deploy).await.unwrap().unwrap().kind,
+            RunKind::Deploy
+        );
+        let mut failed = HostRun::new(id, "web2");
+        failed.status = HostStatus::Failed;
+        failed.time.finished_at = Some(1);
+        store.save_host_run(&failed).await.unwrap();
+        assert!(store.recent_host_runs("web2", 10).await.unwrap().is_empty());
+
+        // A boot deployment: the host keeps running the old system and
+        // boots the new one next: pending a reboot.
+        let mut boot = HostRun::new(deploy, "db1");
+        boot.status = HostStatus::Deployed;
+        boot.goal = Some(Goal::Boot);
+        boot.from = SystemRef {
+            path: Some("/nix/store/old".into()),
+            generation: Some(1),
+        };
+        boot.to = SystemRef {
+            path: Some("/nix/store/new".into()),
+            generation: Some(2),
+        };
+        store.save_host_run(&boot).await.unwrap();
+        store.record_host_result(&boot).await.unwrap();
+        let state = &store.host_states().await.unwrap()[0];
+        assert_eq!(state.current_path.as_deref(), Some("/nix/store/old"));
+        assert_eq!(state.generation, Some(2));
+        assert_eq!(state.boot_path.as_deref(), Some("/nix/store/new"));
+        assert!(state.pending_reboot);
+        // Rebooted into it: nothing pending.
+        boot.reboot = Some(RebootRecord {
+            boot_id_before: Some("a".into()),
+            boot_id_after: Some("b".into()),
+            system: Some("/nix/store/new".into()),
+        });
+        store.save_host_run(&boot).await.unwrap();
+        store.record_host_result(&boot).await.unwrap();
+        let state = &store.host_states().await.unwrap()[0];
+        assert_eq!(state.current_path.as_deref(), Some("/nix/store/new"));
+        assert!(!state.pending_reboot);
+        let back = store.host_runs(deploy).await.unwrap();
+        assert_eq!(back, vec![boot]);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 use sqlx::Row;
 
 use nix_deploy_core::events::{Event, EventKind, HostStatus, SystemRef};
+use nix_deploy_core::goal::{self, Goal};
 use nix_deploy_core::run::{HostRecord, HostRun, Span};
 
 use super::{Store, StoreError, query_error, to_json};
@@ -13,15 +14,17 @@ impl Store {
     pub async fn save_host_run(&self, run: &HostRun) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
-                 new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token,
+                 goal, output, reboot)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (deployment_id, host) DO UPDATE SET
                  status = excluded.status, step = excluded.step, changed = excluded.changed,
                  old_path = excluded.old_path, old_generation = excluded.old_generation,
                  new_path = excluded.new_path, new_generation = excluded.new_generation,
                  started_at = excluded.started_at, finished_at = excluded.finished_at,
                  steps = excluded.steps, reason = excluded.reason, error = excluded.error,
-                 summary = excluded.summary, token = excluded.token",
+                 summary = excluded.summary, token = excluded.token,
+                 goal = excluded.goal, output = excluded.output, reboot = excluded.reboot",
         )
         .bind(run.deployment_id)
         .bind(&run.host)
@@ -39,6 +42,9 @@ impl Store {
         .bind(&run.error)
         .bind(run.summary.as_ref().map(to_json))
         .bind(&run.token)
+        .bind(run.goal.map(|g| g.as_str()))
+        .bind(run.output.as_ref().map(to_json))
+        .bind(run.reboot.as_ref().map(to_json))
         .execute(&self.pool)
         .await
         .map_err(query_error("saving a host run"))?;
@@ -65,6 +71,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT * FROM host_runs WHERE host = ? AND finished_at IS NOT NULL
                AND status NOT IN ('skipped', 'pending', 'running', 'cancelled')
+               AND deployment_id IN (SELECT id FROM deployments WHERE kind = 'deploy')
              ORDER BY finished_at DESC LIMIT ?",
         )
         .bind(host)
@@ -98,7 +105,18 @@ impl Store {
                 let status: String = row.get("status");
                 let steps: String = row.get("steps");
                 let summary: Option<String> = row.get("summary");
+                let goal: Option<String> = row.get("goal");
+                let output: Option<String> = row.get("output");
+                let reboot: Option<String> = row.get("reboot");
                 let generation = |col: &str| row.get::<Option<i64>, _>(col).map(|g| g as u32);
+                fn json<T: serde::de::DeserializeOwned>(
+                    text: Option<String>,
+                    context: &'static str,
+                ) -> Result<Option<T>, StoreError> {
+                    text.map(|t| serde_json::from_str(&t))
+                        .transpose()
+                        .map_err(|source| StoreError::Json { context, source })
+                }
                 Ok(HostRun {
                     deployment_id: row.get("deployment_id"),
                     host: row.get("host"),
@@ -131,6 +149,9 @@ impl Store {
                             source,
                         })?,
                     token: row.get("token"),
+                    goal: goal.and_then(|g| Goal::parse(&g).ok()),
+                    output: json(output, "host_runs.output")?,
+                    reboot: json(reboot, "host_runs.reboot")?,
                 })
             })
             .collect()
@@ -228,33 +249,52 @@ impl Store {
         Ok(())
     }
 
-    /// Remember how a host's last deployment ended (and what it runs now, if known).
+    /// Remember what a probe found to be the host's boot default (its
+    /// profile's system), when it found one.
+    pub async fn record_boot_default(
+        &self,
+        host: &str,
+        boot_path: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if boot_path.is_none() {
+            return Ok(());
+        }
+        sqlx::query("UPDATE hosts SET boot_path = ? WHERE name = ?")
+            .bind(boot_path)
+            .bind(host)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("recording a boot default"))?;
+        Ok(())
+    }
+
+    /// Remember how a host's last deployment ended, and what it runs and
+    /// boots now, as far as its goal and result tell.
     pub async fn record_host_result(&self, run: &HostRun) -> Result<(), StoreError> {
-        let now_running = match run.status {
-            HostStatus::Deployed => Some(&run.to),
-            HostStatus::RolledBack | HostStatus::Failed => Some(&run.from),
-            _ => None,
-        };
+        let (running, generation, boot) = after_run(run);
         sqlx::query(
-            "INSERT INTO hosts (name, current_path, generation, last_deployment_id, last_status, last_error, last_finished_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
+            "INSERT INTO hosts (name, current_path, generation, last_deployment_id, last_status, last_error, last_finished_at, boot_path)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (name) DO UPDATE SET
                  current_path = COALESCE(?, hosts.current_path),
                  generation = COALESCE(?, hosts.generation),
+                 boot_path = COALESCE(?, hosts.boot_path),
                  last_deployment_id = excluded.last_deployment_id,
                  last_status = excluded.last_status,
                  last_error = excluded.last_error,
                  last_finished_at = excluded.last_finished_at",
         )
         .bind(&run.host)
-        .bind(now_running.and_then(|s| s.path.clone()))
-        .bind(now_running.and_then(|s| s.generation).map(i64::from))
+        .bind(running)
+        .bind(generation.map(i64::from))
         .bind(run.deployment_id)
         .bind(run.status.as_str())
         .bind(&run.error)
         .bind(run.time.finished_at.unwrap_or_else(now_ms))
-        .bind(now_running.and_then(|s| s.path.clone()))
-        .bind(now_running.and_then(|s| s.generation).map(i64::from))
+        .bind(boot)
+        .bind(running)
+        .bind(generation.map(i64::from))
+        .bind(boot)
         .execute(&self.pool)
         .await
         .map_err(query_error("recording a host result"))?;
@@ -278,6 +318,11 @@ impl Store {
                 last_status: row.get("last_status"),
                 last_error: row.get("last_error"),
                 last_finished_at: row.get("last_finished_at"),
+                pending_reboot: goal::pending_reboot(
+                    row.get::<Option<String>, _>("current_path").as_deref(),
+                    row.get::<Option<String>, _>("boot_path").as_deref(),
+                ),
+                boot_path: row.get("boot_path"),
             })
             .collect())
     }
@@ -304,5 +349,27 @@ impl Store {
         .map_err(query_error("reading recent host runs"))?;
         let touched = rows.iter().map(|r| r.get::<String, _>("host")).collect();
         Ok(touched)
+    }
+}
+
+/// What a host runs, which generation its profile is on, and what it boots,
+/// after a host run (`None`: unchanged, as far as this run knows).
+fn after_run(run: &HostRun) -> (Option<&str>, Option<u32>, Option<&str>) {
+    let goal = run.goal.unwrap_or_default();
+    let to = run.to.path.as_deref();
+    match run.status {
+        HostStatus::Deployed => match goal {
+            Goal::Switch => (to, run.to.generation, to),
+            // The running system changes only with the reboot.
+            Goal::Boot if run.reboot.is_some() => (to, run.to.generation, to),
+            Goal::Boot => (run.from.path.as_deref(), run.to.generation, to),
+            // The profile (and so the boot default) never changed.
+            Goal::Test => (to, None, None),
+            Goal::DryActivate => (None, None, None),
+        },
+        HostStatus::RolledBack | HostStatus::Failed => {
+            (run.from.path.as_deref(), run.from.generation, None)
+        }
+        _ => (None, None, None),
     }
 }

@@ -9,10 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use openssh::{KnownHosts, Session, SessionBuilder};
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::process::format_tail;
+use nix_deploy_core::exec::Tail;
 use nix_deploy_core::fleet::Target;
+use nix_deploy_core::shell::quote;
 
 /// Options shared by every connection of a run.
 #[derive(Clone, Debug)]
@@ -83,6 +86,17 @@ impl SshError {
 pub struct RemoteOutput {
     pub stdout: String,
     pub stderr: String,
+}
+
+/// How a streamed command ended ([`Connection::run_streaming`]): a
+/// non-zero exit is a result here, not an error.
+#[derive(Clone, Debug, Default)]
+pub struct Streamed {
+    /// `None` when it was killed by a signal or timed out.
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub stdout: Tail,
+    pub stderr: Tail,
 }
 
 /// A live master connection to one host.
@@ -243,6 +257,168 @@ impl Connection {
             .await
     }
 
+    /// Run `argv` as root (through `sudo -n` when we are not root) with
+    /// `input` on its stdin: the way secrets reach a host, never on a
+    /// command line.
+    pub async fn run_with_stdin(
+        &self,
+        step: &str,
+        argv: &[String],
+        input: &[u8],
+        timeout: Duration,
+    ) -> Result<RemoteOutput, SshError> {
+        let full = self.full_argv(argv, self.target.needs_sudo());
+        let command_text = nix_deploy_core::shell::join(&full);
+        let work = async {
+            let mut command = self.remote_command(&full);
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = command.spawn().await?;
+            if let Some(mut stdin) = child.stdin().take() {
+                // A command that exits without reading everything is judged
+                // by its exit code, not by the broken pipe.
+                let _ = stdin.write_all(input).await;
+                let _ = stdin.shutdown().await;
+            }
+            child.wait_with_output().await
+        };
+        let output = tokio::time::timeout(timeout, work).await;
+        self.conclude(step, command_text, timeout, output).await
+    }
+
+    /// Run `argv` (unprivileged), handing every output line to `on_line` as
+    /// it arrives and keeping the last lines of each stream. The command's
+    /// exit code is the result; only the connection failing is an error. On
+    /// `timeout` the command is let go (it may still run on the host).
+    pub async fn run_streaming(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+        mut on_line: impl FnMut(crate::process::Stream, &str) + Send,
+    ) -> Result<Streamed, SshError> {
+        use crate::process::Stream;
+        let full = self.full_argv(argv, false);
+        let command_text = nix_deploy_core::shell::join(&full);
+        let spawn_error = |e: openssh::Error| SshError::Spawn {
+            host: self.host.clone(),
+            step: step.to_string(),
+            command: command_text.clone(),
+            message: describe_openssh_error(&e),
+        };
+        let mut command = self.remote_command(&full);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match tokio::time::timeout(timeout, command.spawn()).await {
+            Ok(Ok(child)) => child,
+            Ok(Err(e)) => {
+                if self.session.check().await.is_err() {
+                    return Err(self.lost(step, &describe_openssh_error(&e)));
+                }
+                return Err(spawn_error(e));
+            }
+            Err(_) => {
+                return Err(SshError::Timeout {
+                    host: self.host.clone(),
+                    step: step.to_string(),
+                    command: command_text,
+                    timeout,
+                });
+            }
+        };
+        let mut result = Streamed::default();
+        let stdout = child.stdout().take();
+        let stderr = child.stderr().take();
+        let drain = async {
+            let mut out = stdout.map(BufReader::new);
+            let mut err = stderr.map(BufReader::new);
+            let (mut out_line, mut err_line) = (Vec::new(), Vec::new());
+            while out.is_some() || err.is_some() {
+                tokio::select! {
+                    read = async { out.as_mut().expect("guarded").read_until(b'\n', &mut out_line).await }, if out.is_some() => {
+                        match read {
+                            Ok(0) | Err(_) => out = None,
+                            Ok(_) => {
+                                let line = String::from_utf8_lossy(&out_line).into_owned();
+                                on_line(Stream::Stdout, line.trim_end_matches(['\n', '\r']));
+                                result.stdout.push(&line);
+                                out_line.clear();
+                            }
+                        }
+                    }
+                    read = async { err.as_mut().expect("guarded").read_until(b'\n', &mut err_line).await }, if err.is_some() => {
+                        match read {
+                            Ok(0) | Err(_) => err = None,
+                            Ok(_) => {
+                                let line = String::from_utf8_lossy(&err_line).into_owned();
+                                on_line(Stream::Stderr, line.trim_end_matches(['\n', '\r']));
+                                result.stderr.push(&line);
+                                err_line.clear();
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, drain).await.is_err() {
+            result.timed_out = true;
+            let _ = child.disconnect().await;
+            return Ok(result);
+        }
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(Ok(status)) => {
+                result.exit_code = status.code();
+                if result.exit_code == Some(255) && self.session.check().await.is_err() {
+                    return Err(self.lost(step, "ssh exited 255"));
+                }
+                Ok(result)
+            }
+            Ok(Err(e)) => {
+                if matches!(
+                    e,
+                    openssh::Error::Disconnected | openssh::Error::RemoteProcessTerminated
+                ) || self.session.check().await.is_err()
+                {
+                    return Err(self.lost(step, &describe_openssh_error(&e)));
+                }
+                Err(spawn_error(e))
+            }
+            Err(_) => {
+                result.timed_out = true;
+                Ok(result)
+            }
+        }
+    }
+
+    fn lost(&self, step: &str, message: &str) -> SshError {
+        SshError::Connect {
+            host: self.host.clone(),
+            destination: self.target.destination.clone(),
+            message: format!("connection lost during {step}: {message}"),
+        }
+    }
+
+    fn full_argv(&self, argv: &[String], sudo: bool) -> Vec<String> {
+        let mut full: Vec<String> = Vec::with_capacity(argv.len() + 3);
+        if sudo {
+            full.extend(["sudo", "-n", "--"].map(String::from));
+        }
+        full.extend(argv.iter().cloned());
+        full
+    }
+
+    /// The remote command line: every word quoted with the core's one
+    /// quoting helper, so the remote shell sees exactly `full` as argv.
+    fn remote_command(&self, full: &[String]) -> openssh::OwningCommand<&Session> {
+        let mut command = self.session.raw_command(quote(&full[0]));
+        command.raw_args(full[1..].iter().map(|word| quote(word)));
+        command
+    }
+
     async fn run_inner(
         &self,
         step: &str,
@@ -250,16 +426,23 @@ impl Connection {
         timeout: Duration,
         sudo: bool,
     ) -> Result<RemoteOutput, SshError> {
-        let mut full: Vec<String> = Vec::with_capacity(argv.len() + 3);
-        if sudo {
-            full.extend(["sudo", "-n", "--"].map(String::from));
-        }
-        full.extend(argv.iter().cloned());
+        let full = self.full_argv(argv, sudo);
         let command_text = nix_deploy_core::shell::join(&full);
-        let mut command = self.session.command(&full[0]);
-        // `arg` quotes each argument for the remote shell.
-        command.args(&full[1..]);
-        let output = match tokio::time::timeout(timeout, command.output()).await {
+        let mut command = self.remote_command(&full);
+        let output = tokio::time::timeout(timeout, command.output()).await;
+        self.conclude(step, command_text, timeout, output).await
+    }
+
+    /// A finished (or timed out) command as our result: its output, or an
+    /// error naming host and step.
+    async fn conclude(
+        &self,
+        step: &str,
+        command_text: String,
+        timeout: Duration,
+        output: Result<Result<std::process::Output, openssh::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<RemoteOutput, SshError> {
+        let output = match output {
             Ok(Ok(output)) => output,
             Ok(Err(e)) => {
                 let message = describe_openssh_error(&e);

@@ -1088,3 +1088,106 @@ async fn client_metrics(d: &Daemon) -> String {
         .await
         .unwrap()
 }
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
+    let mut h = Harness::start(vec![
+        HostSpec::new("x1").tags(&["edge-eu"]),
+        HostSpec::new("x2").tags(&["edge-us"]),
+        HostSpec::new("x3"),
+    ]);
+    h.fleet.stop_host("x2").unwrap();
+    let admin = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(admin.path(), ADMIN_TOKEN).unwrap();
+    let d = start_daemon(
+        &h,
+        &format!(
+            "\n[[tokens]]\nname = \"ops\"\nfile = \"{}\"\nscope = \"admin\"\n",
+            admin.path().display()
+        ),
+    );
+    let url = format!("{}/api/v1/exec", d.url);
+    let body = json!({ "on": ["@edge-*"], "command": ["sh", "-c", "echo hi from $(cat /run/testkit-host)"] });
+    // A deploy token may deploy, not run commands.
+    let (status, answer) = call(
+        reqwest::Method::POST,
+        &url,
+        Some(DEPLOY_TOKEN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    // Bad input: 400 naming it, nothing recorded.
+    for (bad, needle) in [
+        (
+            json!({ "on": ["api-*"], "command": ["true"] }),
+            "`api-*` matches no host",
+        ),
+        (json!({ "command": [] }), "needs a command"),
+        (json!({ "command": ["true"], "cmd": 1 }), "unknown field"),
+    ] {
+        let (status, answer) =
+            call(reqwest::Method::POST, &url, Some(ADMIN_TOKEN), Some(bad)).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(needle),
+            "{answer}"
+        );
+    }
+    let (status, accepted) = call(reqwest::Method::POST, &url, Some(ADMIN_TOKEN), Some(body)).await;
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_i64().unwrap();
+    let kinds = follow(&d, id).await;
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("deployment-finished")
+    );
+    let run = wait_finished(&d, id).await;
+    assert_eq!(run["kind"], "exec");
+    assert_eq!(run["requested_by"], "token:ops");
+    assert_eq!(run["status"], "failed");
+    let hosts = run["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2);
+    assert_eq!(hosts[0]["name"], "x1");
+    assert_eq!(hosts[0]["status"], "succeeded");
+    assert_eq!(hosts[0]["output"]["stdout"], "hi from x1");
+    assert_eq!(hosts[1]["status"], "unreachable");
+    let report = client()
+        .get(format!("{}/api/v1/deployments/{id}/report", d.url))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        report.contains(&format!("# exec #{id}: failed")),
+        "{report}"
+    );
+    assert!(report.contains("| x1 | succeeded | 0 |"), "{report}");
+    assert!(report.contains("hi from x1"), "{report}");
+
+    // The CLI's exec goes through the same endpoint.
+    let out = tokio::task::block_in_place(|| {
+        Command::new(binary())
+            .args(["--json", "--server", &d.url, "--token-file"])
+            .arg(admin.path())
+            .args(["exec", "x3", "--", "echo", "$HOME"])
+            .output()
+            .unwrap()
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["hosts"][0]["output"]["stdout"], "$HOME");
+}

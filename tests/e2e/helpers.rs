@@ -128,6 +128,21 @@ impl Harness {
         }
     }
 
+    /// Run `nix-deploy --json ARGS` while the fleet carries out the reboots
+    /// its hosts ask for (`systemctl reboot`); returns exit code, the parsed
+    /// report, stderr.
+    pub fn json_serving_reboots(&mut self, name: &str, args: &[&str]) -> (i32, Value, String) {
+        let mut child = self.spawn(name, args);
+        loop {
+            if child.try_wait().expect("waiting for nix-deploy").is_some() {
+                break;
+            }
+            self.fleet.serve_reboots().expect("rebooting test hosts");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.wait(name, child)
+    }
+
     /// Run with `--json` and parse stdout.
     pub fn json(&self, args: &[&str]) -> (i32, Value, String) {
         let mut all = vec!["--json"];

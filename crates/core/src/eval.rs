@@ -43,11 +43,22 @@ const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command 
 ///
 /// The result must not contain an attribute named `outPath`: Nix would turn such
 /// an attribute set into a plain string when printing JSON.
+///
+/// The contents of `deployment.keys.*.text` never leave this evaluation
+/// (nor reach the evaluation cache): each key's `text` is replaced by
+/// `hasText`, and the engine reads the texts of the keys it uploads when it
+/// uploads them ([`crate::nix::key_texts_command`]).
 pub const HOST_EXPR: &str = r#"name: configuration:
   let toplevel = configuration.config.system.build.toplevel; in {
     toplevel = toplevel.outPath;
     drvPath = toplevel.drvPath;
-    deployment = configuration.config.deployment or { };
+    deployment = let d = configuration.config.deployment or { }; in
+      if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
+      then d // { keys = builtins.mapAttrs (_: key:
+        if builtins.isAttrs key
+        then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
+        else key) d.keys; }
+      else d;
   }"#;
 
 /// The host names of the fleet; forces no configuration.
@@ -55,7 +66,7 @@ pub const NAMES_EXPR: &str = "builtins.attrNames";
 
 /// Changes whenever what the cache stores or how shards compute it changes,
 /// so results of an older nix-deploy are never read.
-pub const CACHE_FORMAT: u32 = 1;
+pub const CACHE_FORMAT: u32 = 2;
 
 /// At most this many hosts in one `nix eval`, whatever the memory allows:
 /// keeps the expression (it names every host) far below the kernel's limit

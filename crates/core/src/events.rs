@@ -24,6 +24,12 @@ pub enum Step {
     Soak,
     Commit,
     Rollback,
+    /// Upload `deployment.keys` (before or after activation, or after a reboot).
+    Keys,
+    /// Reboot and wait for the host to come back with a new boot id.
+    Reboot,
+    /// Run an `exec` command.
+    Exec,
 }
 
 impl Step {
@@ -40,6 +46,9 @@ impl Step {
             Step::Soak => "soak",
             Step::Commit => "commit",
             Step::Rollback => "rollback",
+            Step::Keys => "keys",
+            Step::Reboot => "reboot",
+            Step::Exec => "exec",
         }
     }
 
@@ -57,6 +66,9 @@ impl Step {
             Step::Soak => "soaking (canary)",
             Step::Commit => "committing",
             Step::Rollback => "rolling back",
+            Step::Keys => "uploading keys",
+            Step::Reboot => "rebooting",
+            Step::Exec => "running",
         }
     }
 }
@@ -103,6 +115,9 @@ pub enum HostStatus {
     Cancelled,
     /// The coordinator died while this host was in progress.
     Interrupted,
+    /// Done without deploying anything: a command that exited 0 (`exec`),
+    /// keys uploaded (`upload-keys`), a dry activation.
+    Succeeded,
 }
 
 impl HostStatus {
@@ -119,6 +134,7 @@ impl HostStatus {
             HostStatus::Unhealthy => "unhealthy",
             HostStatus::Cancelled => "cancelled",
             HostStatus::Interrupted => "interrupted",
+            HostStatus::Succeeded => "succeeded",
         }
     }
 

@@ -1,6 +1,7 @@
 //! The fleet as the flake describes it: every host's toplevel and its
-//! `config.deployment` metadata (schema and defaults in DESIGN §3), and host
-//! selection (`web1 web2`, `--all`, `--on @tag`).
+//! `config.deployment` metadata (schema and defaults in DESIGN §3, keys in
+//! [`crate::keys`]), and host selection (`web1 web2`, `--all`, `--on
+//! 'web-*'`, `--on @tag`, `--exclude`; the syntax is in [`crate::select`]).
 //!
 //! Everything read from the flake is validated here, once: host names, SSH
 //! destinations, users, store paths and unit names that later reach a remote
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::keys::{Key, RawKey};
 use crate::shell;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,12 @@ pub enum InventoryError {
     UnknownHost { name: String, known: String },
     #[error("no host has tag `{tag}`")]
     UnknownTag { tag: String },
+    #[error("`{selector}` matches no host")]
+    NoMatch { selector: String },
+    #[error("invalid selector `{selector}`: {reason}")]
+    BadSelector { selector: String, reason: String },
+    #[error("no host is left to select after --exclude {excluded}")]
+    NothingLeft { excluded: String },
     #[error("the flake defines no nixosConfigurations")]
     Empty,
 }
@@ -97,6 +105,9 @@ pub struct Host {
     pub tags: Vec<String>,
     pub health_checks: Vec<HealthCheck>,
     pub rollback_on_failure: bool,
+    /// `deployment.keys`: secrets uploaded outside the store, by file name.
+    /// Never their contents (see [`crate::keys`]).
+    pub keys: Vec<Key>,
 }
 
 impl Host {
@@ -131,6 +142,9 @@ struct RawDeployment {
     #[serde(default)]
     health_checks: Vec<RawCheck>,
     rollback_on_failure: Option<bool>,
+    /// Read key by key, so that an error names the key.
+    #[serde(default)]
+    keys: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -155,17 +169,20 @@ pub struct Inventory {
     hosts: BTreeMap<String, Host>,
 }
 
-/// Which hosts a command is about.
+/// Which hosts a command is about (the syntax is in [`crate::select`]).
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
-    /// Host names, or `@tag`.
+    /// Positional selectors: host names or globs, `@tag` or `@tag-glob`.
     pub names: Vec<String>,
-    /// Tags from `--on` (with or without the `@`).
+    /// Selectors from `--on` (the same syntax; repeatable, comma lists).
     pub tags: Vec<String>,
     pub all: bool,
+    /// Selectors from `--exclude`: removed from what the others select.
+    pub exclude: Vec<String>,
 }
 
 impl Selection {
+    /// Whether nothing narrows the selection down (exclusions aside).
     pub fn is_everything(&self) -> bool {
         self.all || (self.names.is_empty() && self.tags.is_empty())
     }
@@ -269,6 +286,17 @@ fn parse_host(name: &str, raw: RawHost) -> Result<Host, String> {
         .map(parse_check)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("deployment.healthChecks: {e}"))?;
+    let keys = d
+        .keys
+        .into_iter()
+        .map(|(attr, value)| {
+            serde_json::from_value::<RawKey>(value)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| crate::keys::parse_key(&attr, raw))
+                .map_err(|e| format!("deployment.keys.{attr}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::keys::check_unique_paths(&keys)?;
     Ok(Host {
         name: name.to_string(),
         toplevel: raw.toplevel,
@@ -283,6 +311,7 @@ fn parse_host(name: &str, raw: RawHost) -> Result<Host, String> {
         tags: d.tags,
         health_checks,
         rollback_on_failure: d.rollback_on_failure.unwrap_or(true),
+        keys,
     })
 }
 
@@ -337,8 +366,9 @@ impl Inventory {
         self.hosts.is_empty()
     }
 
-    fn known(&self) -> String {
-        self.hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+    /// Every host name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.hosts.keys().cloned().collect()
     }
 
     /// Hosts with `tag`; an error when none has it.
@@ -352,30 +382,11 @@ impl Inventory {
         Ok(found)
     }
 
-    /// Resolve a selection to host names, sorted and without duplicates. Every name
-    /// and tag must exist: a typo is an error, never an empty deployment.
+    /// Resolve a selection to host names, sorted and without duplicates.
+    /// Every selector and exclusion must match: a typo is an error, never an
+    /// empty or a larger deployment ([`crate::select`]).
     pub fn select(&self, selection: &Selection) -> Result<Vec<String>, InventoryError> {
-        if selection.is_everything() {
-            return Ok(self.hosts.keys().cloned().collect());
-        }
-        let mut chosen = std::collections::BTreeSet::new();
-        for name in &selection.names {
-            if let Some(tag) = name.strip_prefix('@') {
-                chosen.extend(self.with_tag(tag)?.into_iter().map(|h| h.name.clone()));
-            } else if self.hosts.contains_key(name) {
-                chosen.insert(name.clone());
-            } else {
-                return Err(InventoryError::UnknownHost {
-                    name: name.clone(),
-                    known: self.known(),
-                });
-            }
-        }
-        for tag in &selection.tags {
-            let tag = tag.strip_prefix('@').unwrap_or(tag);
-            chosen.extend(self.with_tag(tag)?.into_iter().map(|h| h.name.clone()));
-        }
-        Ok(chosen.into_iter().collect())
+        crate::select::resolve(self, selection)
     }
 }
 
@@ -436,6 +447,7 @@ mod tests {
             names: names.iter().map(|s| s.to_string()).collect(),
             tags: tags.iter().map(|s| s.to_string()).collect(),
             all,
+            exclude: Vec::new(),
         };
         assert_eq!(inv.select(&sel(&[], &[], false)).unwrap().len(), 4);
         assert_eq!(inv.select(&sel(&["p620"], &[], true)).unwrap().len(), 4);
@@ -491,6 +503,14 @@ mod tests {
             bad(serde_json::json!({ "healthChecks": [ { "service": "a", "period": 1e-300 } ] }))
                 .contains("period")
         );
+        let e = bad(serde_json::json!({ "keys": { "db": { "hasText": true, "destdir": "/x" } } }));
+        assert!(
+            e.contains("deployment.keys.db: unknown field `destdir`"),
+            "{e}"
+        );
+        let e =
+            bad(serde_json::json!({ "keys": { "db": { "hasText": true, "permissions": "999" } } }));
+        assert!(e.contains("deployment.keys.db: permissions"), "{e}");
         let typo = bad(serde_json::json!({ "healthCheck": [ { "service": "a" } ] }));
         assert!(typo.contains("unknown field `healthCheck`"), "{typo}");
         let json = serde_json::json!({ "h": { "toplevel": "/tmp/x", "drvPath": D } });

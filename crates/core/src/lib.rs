@@ -21,12 +21,20 @@
 //! - [`shell`]: the one quoting helper and name validation.
 //! - [`duration`]: durations as people write them.
 //! - [`render`]: plain-text rendering shared by the CLI, reports and chat.
+//! - [`select`]: selection as people write it (globs, tags, exclusions).
+//! - [`goal`]: deployment goals (switch, boot, test, dry-activate) and
+//!   reboots: what each does, how it is validated and undone.
+//! - [`keys`]: secrets uploaded outside the store (`deployment.keys`).
+//! - [`exec`]: commands run on many hosts (`nix-deploy exec`).
 
 pub mod command;
 pub mod duration;
 pub mod eval;
 pub mod events;
+pub mod exec;
 pub mod fleet;
+pub mod goal;
+pub mod keys;
 pub mod nix;
 pub mod options;
 pub mod plan;
@@ -34,5 +42,6 @@ pub mod remote;
 pub mod render;
 pub mod reports;
 pub mod run;
+pub mod select;
 pub mod shell;
 pub mod summary;

@@ -15,11 +15,22 @@ const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command 
 ///
 /// The result must not contain an attribute named `outPath`: Nix would turn such
 /// an attribute set into a plain string when printing JSON.
+///
+/// The contents of `deployment.keys.*.text` never leave this evaluation: each
+/// key's `text` is replaced by `hasText` (the engine reads the texts of the
+/// keys it uploads, when it uploads them, with [`key_texts_command`]). So the
+/// fleet's JSON, wherever it goes, holds no secret.
 pub const FLEET_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: configuration:
   let toplevel = configuration.config.system.build.toplevel; in {
     toplevel = toplevel.outPath;
     drvPath = toplevel.drvPath;
-    deployment = configuration.config.deployment or { };
+    deployment = let d = configuration.config.deployment or { }; in
+      if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
+      then d // { keys = builtins.mapAttrs (_: key:
+        if builtins.isAttrs key
+        then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
+        else key) d.keys; }
+      else d;
   }) configurations"#;
 
 /// Reject flake references we cannot append `#nixosConfigurations` to.
@@ -80,6 +91,44 @@ pub fn copy_command(destination_uri: &str, path: &str, ssh_opts: &str, substitut
         cmd = cmd.arg("--substitute-on-destination");
     }
     cmd.arg(path).env("NIX_SSHOPTS", ssh_opts)
+}
+
+/// The `text` of every key that has one, for the named hosts only, in one
+/// evaluation: `{ HOST = { KEY = TEXT; ... }; ... }`. Its output is a
+/// secret: the caller turns it into [`crate::keys::Secret`]s at once.
+///
+/// Host names are validated ([`crate::shell::is_valid_host_name`]: no quote,
+/// backslash or `$`), so they can be Nix string literals.
+pub fn key_texts_command(flake: &str, hosts: &[String]) -> Result<Cmd, String> {
+    if let Some(bad) = hosts.iter().find(|h| !crate::shell::is_valid_host_name(h)) {
+        return Err(format!("`{bad}` is not a host name"));
+    }
+    let names: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    let apply = format!(
+        r#"configurations: let
+  texts = keys: builtins.listToAttrs (builtins.concatMap (attr:
+    let key = keys.${{attr}}; in
+    if builtins.isAttrs key && (key.text or null) != null
+    then [ {{ name = attr; value = key.text; }} ] else [ ]) (builtins.attrNames keys));
+in builtins.listToAttrs (map (name: {{
+  inherit name;
+  value = texts (configurations.${{name}}.config.deployment.keys or {{ }});
+}}) [ {} ])"#,
+        names.join(" ")
+    );
+    Ok(Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["eval", "--json"])
+        .arg(format!("{flake}#nixosConfigurations"))
+        .arg("--apply")
+        .arg(apply))
+}
+
+/// `nix-store --realise PATH --add-root LINK`: make `LINK` (a symlink to an
+/// existing store path) a garbage-collector root, registered indirectly in
+/// `/nix/var/nix/gcroots/auto`. Nothing is built: `PATH` is already valid.
+pub fn add_root_command(path: &str, link: &str) -> Cmd {
+    Cmd::new("nix-store").args(["--realise", path, "--add-root", link])
 }
 
 #[derive(Deserialize)]
@@ -151,6 +200,33 @@ mod tests {
         );
         let copy = copy_command("ssh://web1", "/nix/store/abc-x", "", true);
         assert!(argv(&copy).contains(&"--substitute-on-destination".to_string()));
+    }
+
+    #[test]
+    fn key_texts_are_read_for_the_named_hosts_only() {
+        let cmd = key_texts_command("path:/srv/fleet", &["web1".into(), "db-2".into()]).unwrap();
+        let args = argv(&cmd);
+        assert_eq!(
+            args[3..6],
+            ["eval", "--json", "path:/srv/fleet#nixosConfigurations"]
+        );
+        assert!(args[7].ends_with(r#"[ "web1" "db-2" ])"#), "{}", args[7]);
+        assert!(key_texts_command(".", &["a\"b".into()]).is_err());
+        // The fleet's own evaluation drops the texts.
+        assert!(FLEET_APPLY_EXPR.contains(r#"removeAttrs key [ "text" ]"#));
+        assert_eq!(
+            argv(&add_root_command(
+                "/nix/store/abc-x",
+                "/var/lib/nd/gcroots/web1/abc-x"
+            )),
+            [
+                "nix-store",
+                "--realise",
+                "/nix/store/abc-x",
+                "--add-root",
+                "/var/lib/nd/gcroots/web1/abc-x"
+            ]
+        );
     }
 
     #[test]

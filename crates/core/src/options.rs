@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::fleet::Selection;
+use crate::goal::{Goal, RebootPolicy};
 
 /// A request's option that cannot be used; nothing was touched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -219,6 +220,13 @@ pub struct DeployOptions {
     pub min_free_space_mib: u64,
     /// Let hosts fetch from their own substituters.
     pub substitute_on_destination: bool,
+    /// What the deployment does to each host ([`Goal`]).
+    pub goal: Goal,
+    /// Which hosts reboot after their activation.
+    pub reboot: RebootPolicy,
+    /// How long a rebooting host may take to come back.
+    #[serde(with = "crate::duration::human")]
+    pub reboot_timeout: Duration,
 }
 
 impl Default for DeployOptions {
@@ -239,6 +247,9 @@ impl Default for DeployOptions {
             skip_validation: false,
             min_free_space_mib: 1024,
             substitute_on_destination: false,
+            goal: Goal::Switch,
+            reboot: RebootPolicy::Never,
+            reboot_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -267,6 +278,7 @@ impl DeployOptions {
             ("health-timeout", self.health_timeout),
             ("confirm-timeout", self.confirm_timeout),
             ("activation-timeout", self.activation_timeout),
+            ("reboot-timeout", self.reboot_timeout),
         ] {
             if value < Duration::from_secs(1) || value > crate::duration::MAX {
                 return Err(bad(format!(
@@ -292,6 +304,24 @@ impl DeployOptions {
                 return Err(bad(format!("canary `{canary}` is not a host name")));
             }
         }
+        if self.reboot != RebootPolicy::Never && !self.goal.can_reboot() {
+            return Err(bad(format!(
+                "--reboot goes with the switch and boot goals, not {} (a reboot {})",
+                self.goal,
+                if self.goal == Goal::Test {
+                    "throws a test activation away"
+                } else {
+                    "has nothing new to boot into"
+                }
+            )));
+        }
+        if self.strategy == Strategy::BlueGreen
+            && (self.goal != Goal::Switch || self.reboot != RebootPolicy::Never)
+        {
+            return Err(bad(
+                "blue-green stages with `test` and commits with `boot` itself: it takes neither --goal nor --reboot",
+            ));
+        }
         Ok(())
     }
 }
@@ -301,14 +331,18 @@ impl DeployOptions {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Request {
-    /// Host names or `@tag`s; none (and no `on`) means every host.
+    /// Selectors ([`crate::select`]): host names or globs, `@tag` or
+    /// `@tag-glob`; none (and no `on`) means every host.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
-    /// Tags (with or without the `@`).
+    /// More selectors, as `--on` gives them (the union of all).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<String>,
     #[serde(skip_serializing_if = "is_false")]
     pub all: bool,
+    /// Selectors of hosts to leave out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
     /// Deployments: queue behind busy hosts instead of refusing them.
     #[serde(skip_serializing_if = "is_false")]
     pub wait: bool,
@@ -367,6 +401,17 @@ pub struct Request {
     pub min_free_space_mib: Option<u64>,
     #[serde(skip_serializing_if = "is_false")]
     pub substitute_on_destination: bool,
+    /// `switch` (default), `boot`, `test` or `dry-activate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub goal: Option<String>,
+    /// `always` (or `true`), `auto`, `never` (or `false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootPolicy>,
+    #[serde(
+        with = "crate::duration::human::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reboot_timeout: Option<Duration>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -380,6 +425,7 @@ impl Request {
             names: self.hosts.clone(),
             tags: self.on.clone(),
             all: self.all,
+            exclude: self.exclude.clone(),
         }
     }
 
@@ -425,7 +471,15 @@ impl Request {
                 .unwrap_or(defaults.min_free_space_mib),
             substitute_on_destination: self.substitute_on_destination
                 || defaults.substitute_on_destination,
+            goal: match &self.goal {
+                Some(goal) => Goal::parse(goal)?,
+                None => defaults.goal,
+            },
+            reboot: self.reboot.unwrap_or(defaults.reboot),
+            reboot_timeout: self.reboot_timeout.unwrap_or(defaults.reboot_timeout),
         };
+        crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
+            .map_err(|e| bad(e.to_string()))?;
         options.check()?;
         Ok(options)
     }
@@ -445,6 +499,11 @@ impl Request {
     pub fn check_for_plan(&self) -> Result<(), OptionsError> {
         if self.wait {
             return Err(bad("`wait` is for deployments; a plan takes no hosts"));
+        }
+        if self.goal.is_some() || self.reboot.is_some() || self.reboot_timeout.is_some() {
+            return Err(bad(
+                "`goal` and `reboot` are for deployments; a plan lists the hosts pending a reboot and those whose kernel or initrd changes",
+            ));
         }
         Ok(())
     }
@@ -517,6 +576,37 @@ mod tests {
         assert!(refused(r#"{"parallel": true, "sequential": true}"#).contains("exclude"));
         assert!(refused(r#"{"stratgy": "smart"}"#).contains("unknown field"));
         assert!(refused(r#"{"canary": ["-oProxy"]}"#).contains("canary"));
+        assert!(refused(r#"{"goal": "reboot"}"#).contains("unknown goal"));
+        assert!(
+            refused(r#"{"goal": "test", "reboot": true}"#)
+                .contains("throws a test activation away")
+        );
+        assert!(refused(r#"{"goal": "dry-activate", "reboot": "auto"}"#).contains("nothing new"));
+        assert!(refused(r#"{"strategy": "blue-green", "goal": "boot"}"#).contains("blue-green"));
+        assert!(refused(r#"{"reboot": "maybe"}"#).contains("always, auto or never"));
+        assert!(refused(r#"{"reboot_timeout": "0s"}"#).contains("reboot-timeout"));
+        assert!(refused(r#"{"on": ["web;*"]}"#).contains("invalid selector"));
+        assert!(refused(r#"{"exclude": ["a,,b"]}"#).contains("empty selector"));
+    }
+
+    #[test]
+    fn goals_and_reboots_resolve() {
+        let request: Request = serde_json::from_str(
+            r#"{"on": ["web-*"], "exclude": ["@canary"], "goal": "boot", "reboot": "auto", "reboot_timeout": "5m"}"#,
+        )
+        .unwrap();
+        let options = request.resolve(&DeployOptions::default()).unwrap();
+        assert_eq!(options.goal, Goal::Boot);
+        assert_eq!(options.reboot, RebootPolicy::Auto);
+        assert_eq!(options.reboot_timeout, Duration::from_secs(300));
+        assert_eq!(request.selection().exclude, ["@canary"]);
+        let json = serde_json::to_value(&options).unwrap();
+        assert_eq!(json["goal"], "boot");
+        assert_eq!(json["reboot"], "auto");
+        // Rows written before goals existed are switch deployments.
+        let old: DeployOptions = serde_json::from_str(r#"{"strategy": "smart"}"#).unwrap();
+        assert_eq!(old.goal, Goal::Switch);
+        assert_eq!(old.reboot, RebootPolicy::Never);
     }
 
     #[test]
@@ -562,5 +652,11 @@ mod tests {
             ..Request::default()
         };
         assert!(plan_only.check_for_deploy().is_err());
+        let deploy_only = Request {
+            goal: Some("boot".into()),
+            ..Request::default()
+        };
+        assert!(deploy_only.check_for_plan().is_err());
+        assert!(deploy_only.check_for_deploy().is_ok());
     }
 }

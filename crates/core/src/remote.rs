@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::goal::BootFiles;
+
 /// The system profile whose generations NixOS boots from.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 
@@ -17,6 +19,9 @@ readlink /nix/var/nix/profiles/system 2>/dev/null || echo
 { df -Pk /nix/store 2>/dev/null || df -Pk /nix 2>/dev/null || df -Pk /; } | tail -n 1
 if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd; else echo nosystemd; fi
 if [ -e /nix/var/nix/profiles/system ]; then readlink -f /nix/var/nix/profiles/system; else echo; fi
+cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo
+b=/run/booted-system; [ -e "$b" ] || b=/run/current-system
+for f in kernel initrd kernel-modules; do readlink "$b/$f" 2>/dev/null || echo; done
 pending=
 for f in /run/nix-deploy/*.pid; do
   [ -e "$f" ] || continue
@@ -41,6 +46,13 @@ pub struct ProbeResult {
     pub free_kib: Option<u64>,
     /// Whether systemd runs the host (so `systemd-run` can detach activation).
     pub systemd: bool,
+    /// `/proc/sys/kernel/random/boot_id`: changes with every boot.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// Kernel, initrd and modules of the booted system
+    /// (`/run/booted-system`, or what runs when the host has none).
+    #[serde(default)]
+    pub booted: BootFiles,
     /// Activations whose watchdog is armed and has not decided (a
     /// coordinator died before confirming them).
     #[serde(default)]
@@ -70,10 +82,19 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
     let df_line = lines.next().unwrap_or("").trim();
     let systemd = lines.next().unwrap_or("").trim() == "systemd";
     let profile_line = lines.next().unwrap_or("").trim();
-    let pending = lines
-        .next()
-        .unwrap_or("")
-        .trim()
+    let mut next = || {
+        Some(lines.next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+    };
+    let boot_id = next().filter(|id| is_valid_boot_id(id));
+    let booted = BootFiles {
+        kernel: next(),
+        initrd: next(),
+        kernel_modules: next(),
+    };
+    let pending = next()
+        .unwrap_or_default()
         .strip_prefix("pending")
         .unwrap_or("")
         .split_whitespace()
@@ -111,8 +132,62 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
         profile_system,
         free_kib,
         systemd,
+        boot_id,
+        booted,
         pending,
     })
+}
+
+/// A boot id as the kernel writes it (a UUID): hex digits and dashes.
+pub fn is_valid_boot_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// One round trip after a reboot: the boot id, then what runs.
+const AFTER_BOOT_SCRIPT: &str =
+    "cat /proc/sys/kernel/random/boot_id; readlink -f /run/current-system 2>/dev/null || echo";
+
+/// The boot id and the running system (see [`parse_boot_state`]).
+pub fn boot_state_argv() -> Vec<String> {
+    vec!["sh".into(), "-c".into(), AFTER_BOOT_SCRIPT.into()]
+}
+
+/// `(boot id, running system)` from [`boot_state_argv`]'s output.
+pub fn parse_boot_state(stdout: &str) -> Result<(String, Option<String>), String> {
+    let mut lines = stdout.lines().map(str::trim);
+    let boot_id = lines.next().unwrap_or("");
+    if !is_valid_boot_id(boot_id) {
+        return Err(format!("`{boot_id}` is not a boot id"));
+    }
+    let system = lines
+        .next()
+        .filter(|p| crate::shell::is_valid_store_path(p))
+        .map(str::to_string);
+    Ok((boot_id.to_string(), system))
+}
+
+/// Reboot the host. The running system's own `systemctl`, by absolute path
+/// (every NixOS system has it there), never whatever `PATH` finds.
+pub fn reboot_argv() -> Vec<String> {
+    vec![
+        "/run/current-system/sw/bin/systemctl".into(),
+        "reboot".into(),
+    ]
+}
+
+/// `readlink -f /nix/var/nix/profiles/system`: the system the host boots next.
+pub fn boot_default_argv() -> Vec<String> {
+    ["readlink", "-f", SYSTEM_PROFILE]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `<path>/bin/switch-to-configuration dry-activate`: what would change.
+pub fn dry_activate_argv(system: &str) -> Vec<String> {
+    vec![
+        format!("{system}/bin/switch-to-configuration"),
+        "dry-activate".into(),
+    ]
 }
 
 /// `readlink -f /run/current-system`
@@ -380,7 +455,7 @@ for f in "$dir"/*.pid; do
     echo "$t: switched back to generation $old ($(cat "$base.result"))"
   else
     i=0
-    while ! grep -q -e '^reverted' -e '^confirmed' -e '^taken-back' -e '^unconfirmed' "$base.result" 2>/dev/null && [ "$i" -lt "$limit" ]; do sleep 1; i=$((i+1)); done
+    while ! grep -q -e '^reverted' -e '^confirmed' -e '^taken-back' -e '^unconfirmed' -e '^no watchdog' "$base.result" 2>/dev/null && [ "$i" -lt "$limit" ]; do sleep 1; i=$((i+1)); done
     echo "$t: decided by its watchdog: $(cat "$base.result" 2>/dev/null)"
   fi
 done"#;
@@ -426,7 +501,7 @@ mod tests {
     #[test]
     fn parses_a_running_host() {
         let out = format!(
-            "{P}\nsystem-7-link\n/dev/vda 263112772 11193208 241512136 5% /\nsystemd\n{P}\npending abc123 x;y\n"
+            "{P}\nsystem-7-link\n/dev/vda 263112772 11193208 241512136 5% /\nsystemd\n{P}\n\n\n\n\npending abc123 x;y\n"
         );
         let probe = parse_probe(&out).unwrap();
         assert_eq!(probe.current_system.as_deref(), Some(P));
@@ -439,8 +514,32 @@ mod tests {
     }
 
     #[test]
+    fn parses_boot_state_when_the_host_reports_it() {
+        let boot = "6cf3d0d6-27f9-4991-bd81-372f1da13493";
+        let out = format!(
+            "{P}\nsystem-7-link\n/dev/vda 1 2 3 5% /\nsystemd\n{P}-2\n{boot}\n/nix/store/k-linux/bzImage\n/nix/store/i-initrd/initrd\n\npending\n"
+        );
+        let probe = parse_probe(&out).unwrap();
+        assert_eq!(probe.profile_system, Some(format!("{P}-2")));
+        assert!(probe.pending.is_empty());
+        assert_eq!(probe.boot_id.as_deref(), Some(boot));
+        assert_eq!(
+            probe.booted.kernel.as_deref(),
+            Some("/nix/store/k-linux/bzImage")
+        );
+        assert_eq!(probe.booted.kernel_modules, None);
+        assert_eq!(
+            parse_boot_state(&format!("{boot}\n{P}\n")).unwrap(),
+            (boot.to_string(), Some(P.to_string()))
+        );
+        assert!(parse_boot_state("cat: no such file\n").is_err());
+        assert_eq!(reboot_argv()[0], "/run/current-system/sw/bin/systemctl");
+        assert_eq!(dry_activate_argv(P)[1], "dry-activate");
+    }
+
+    #[test]
     fn parses_a_fresh_host() {
-        let probe = parse_probe("\n\n\nnosystemd\n\npending\n").unwrap();
+        let probe = parse_probe("\n\n\nnosystemd\n\n\n\n\n\npending\n").unwrap();
         assert_eq!(probe, ProbeResult::default());
     }
 

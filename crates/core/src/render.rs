@@ -3,7 +3,8 @@
 //! and value. Pure: callers decide where it goes.
 
 use crate::events::{Event, EventKind, HostStatus};
-use crate::run::HostRun;
+use crate::goal::{Goal, RebootPolicy};
+use crate::run::{Deployment, HostRun, RunKind};
 
 /// `/nix/store/<hash>-name` → `<hash:7>…-name`, for tables.
 pub fn short_path(path: Option<&str>) -> String {
@@ -53,7 +54,7 @@ pub fn timestamp(ms: i64) -> String {
 /// Unicode's width tables, so tables stay aligned.
 pub fn icon(status: HostStatus) -> &'static str {
     match status {
-        HostStatus::Deployed => "✅",
+        HostStatus::Deployed | HostStatus::Succeeded => "✅",
         HostStatus::Skipped => "⏩",
         HostStatus::RolledBack => "⏪",
         HostStatus::Failed
@@ -106,6 +107,7 @@ pub fn host_outcome(status: HostStatus, from: Option<u32>, to: Option<u32>, ms: 
         ),
         HostStatus::RollbackFailed => format!("{icon} ROLLBACK FAILED ({took})"),
         HostStatus::Failed => format!("{icon} FAILED ({took})"),
+        HostStatus::Succeeded => format!("{icon} SUCCEEDED ({took})"),
         other => format!("{icon} {}", other.as_str().to_uppercase()),
     }
 }
@@ -130,6 +132,63 @@ pub fn hosts_summary(runs: &[HostRun]) -> String {
     parts.join(", ")
 }
 
+/// `5 succeeded, 1 failed, 1 unreachable`: how the hosts of an `exec` or
+/// `upload-keys` run ended.
+pub fn exec_summary(runs: &[HostRun]) -> String {
+    let count = |s: HostStatus| runs.iter().filter(|h| h.status == s).count();
+    let mut parts = vec![format!("{} succeeded", count(HostStatus::Succeeded))];
+    let failed = count(HostStatus::Failed);
+    if failed > 0 {
+        parts.push(format!("{failed} failed"));
+    }
+    let unreachable = count(HostStatus::Unreachable);
+    if unreachable > 0 {
+        parts.push(format!("{unreachable} unreachable"));
+    }
+    let other = runs.len() - count(HostStatus::Succeeded) - failed - unreachable;
+    if other > 0 {
+        parts.push(format!("{other} not run"));
+    }
+    parts.join(", ")
+}
+
+/// What a run's hosts did, in the words of its kind.
+pub fn run_summary(deployment: &Deployment) -> String {
+    match deployment.kind {
+        RunKind::Deploy => hosts_summary(&deployment.hosts),
+        RunKind::Exec | RunKind::UploadKeys => exec_summary(&deployment.hosts),
+    }
+}
+
+/// The history's STRATEGY column: the strategy, the goal and reboots when
+/// they are not the defaults, or the command of an `exec`.
+pub fn run_label(deployment: &Deployment) -> String {
+    match deployment.kind {
+        RunKind::Exec => match &deployment.exec {
+            Some(spec) => {
+                let mut text = format!("exec: {}", spec.display());
+                if text.chars().count() > 40 {
+                    text = text.chars().take(39).collect::<String>() + "…";
+                }
+                text
+            }
+            None => "exec".into(),
+        },
+        RunKind::UploadKeys => "upload-keys".into(),
+        RunKind::Deploy => {
+            let options = &deployment.options;
+            let mut text = deployment.strategy.clone();
+            if options.goal != Goal::Switch {
+                text.push_str(&format!(" ({})", options.goal));
+            }
+            if options.reboot != RebootPolicy::Never {
+                text.push_str(&format!(" +reboot={}", options.reboot.as_str()));
+            }
+            text
+        }
+    }
+}
+
 /// The first line of a longer text.
 pub fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default()
@@ -139,6 +198,15 @@ pub fn first_line(text: &str) -> &str {
 /// wording used by the live display, `show` and the daemon's streams.
 pub fn event_text(event: &Event) -> String {
     match &event.kind {
+        EventKind::DeploymentStarted { hosts, strategy }
+            if matches!(strategy.as_str(), "exec" | "upload-keys") =>
+        {
+            format!(
+                "{strategy} #{} started: {} host(s)",
+                event.deployment_id,
+                hosts.len()
+            )
+        }
         EventKind::DeploymentStarted { hosts, strategy } => format!(
             "deployment #{} started: {} host(s), strategy {strategy}",
             event.deployment_id,

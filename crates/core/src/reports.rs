@@ -22,6 +22,14 @@ pub struct PlanReport {
     /// How the fleet was evaluated, and which hosts could not be.
     #[serde(default)]
     pub evaluation: EvaluationReport,
+    /// Hosts whose next boot runs another system than the running one (a
+    /// `boot` deployment not rebooted yet).
+    #[serde(default)]
+    pub pending_reboot: Vec<String>,
+    /// Hosts whose new system has another kernel or initrd than the one
+    /// they booted: `--reboot=auto` reboots these.
+    #[serde(default)]
+    pub reboot_required: Vec<String>,
 }
 
 impl PlanReport {
@@ -40,6 +48,8 @@ impl PlanReport {
             to_deploy: names(Action::Deploy),
             skipped: names(Action::Skip),
             unreachable: names(Action::Unreachable),
+            pending_reboot: Vec::new(),
+            reboot_required: Vec::new(),
             plan,
             evaluation: EvaluationReport::default(),
         }

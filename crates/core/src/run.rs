@@ -5,6 +5,8 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::events::{DeploymentStatus, Event, HostStatus, Step, SystemRef};
+use crate::exec::{CommandOutput, ExecSpec};
+use crate::goal::Goal;
 use crate::options::DeployOptions;
 use crate::plan::Plan;
 use crate::summary::ChangeSummary;
@@ -85,6 +87,27 @@ pub struct HostRun {
     pub summary: Option<ChangeSummary>,
     /// The activation's token on the host (names the watchdog's files).
     pub token: Option<String>,
+    /// What the deployment did to this host (absent: `switch`, or not a
+    /// deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goal: Option<Goal>,
+    /// A command's exit code and output tails (`exec`), or what a dry
+    /// activation would do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<CommandOutput>,
+    /// The host's reboot, when it rebooted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootRecord>,
+}
+
+/// A reboot as it happened: the boot ids before and after, and what the
+/// host ran when it was back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootRecord {
+    pub boot_id_before: Option<String>,
+    pub boot_id_after: Option<String>,
+    /// `/run/current-system` once it was back.
+    pub system: Option<String>,
 }
 
 impl HostRun {
@@ -103,11 +126,45 @@ impl HostRun {
             error: None,
             summary: None,
             token: None,
+            goal: None,
+            output: None,
+            reboot: None,
         }
     }
 
     pub fn duration_ms(&self) -> Option<i64> {
         self.time.duration_ms()
+    }
+}
+
+/// What a recorded run is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunKind {
+    /// A deployment (or a rollback on request).
+    #[default]
+    Deploy,
+    /// `nix-deploy exec`: a command on many hosts.
+    Exec,
+    /// `nix-deploy upload-keys`.
+    UploadKeys,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Deploy => "deploy",
+            RunKind::Exec => "exec",
+            RunKind::UploadKeys => "upload-keys",
+        }
+    }
+
+    pub fn parse(text: &str) -> RunKind {
+        match text {
+            "exec" => RunKind::Exec,
+            "upload-keys" => RunKind::UploadKeys,
+            _ => RunKind::Deploy,
+        }
     }
 }
 
@@ -118,6 +175,9 @@ impl HostRun {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Deployment {
     pub id: i64,
+    /// `deploy`, `exec` or `upload-keys` (rows from before kinds: `deploy`).
+    #[serde(default)]
+    pub kind: RunKind,
     pub created_at: i64,
     #[serde(flatten)]
     pub time: Span,
@@ -137,6 +197,9 @@ pub struct Deployment {
     pub error: Option<String>,
     /// The coordinator process that ran it.
     pub pid: Option<i64>,
+    /// `exec`: the command, its timeout and parallel limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecSpec>,
     /// Every host run, by host name.
     #[serde(default)]
     pub hosts: Vec<HostRun>,
@@ -172,6 +235,12 @@ pub struct HostRecord {
     pub last_status: Option<String>,
     pub last_error: Option<String>,
     pub last_finished_at: Option<i64>,
+    /// The system the host boots next (its profile's generation).
+    #[serde(default)]
+    pub boot_path: Option<String>,
+    /// Whether its next boot runs another system than the running one.
+    #[serde(default)]
+    pub pending_reboot: bool,
 }
 
 #[cfg(test)]

@@ -51,6 +51,11 @@ printf '#!/bin/sh\n%s\n' "$systemctlScript" > "$out/sw/bin/systemctl"
 printf '%s\n' "$nixosVersion" > "$out/nixos-version"
 printf '%s\n' $packages > "$out/testkit-packages"
 printf '%s\n' $units > "$out/testkit-units"
+for p in $packages; do
+  case "$p" in /nix/store/????????????????????????????????-linux-[0-9]*)
+    /bin/ln -s "$p/bzImage" "$out/kernel"; /bin/ln -s "$p/initrd" "$out/initrd" ;;
+  esac
+done
 "#;
 
 /// The fake `systemctl`: `is-active`, `is-failed` and `--version`.
@@ -86,6 +91,10 @@ case "$verb" in
     rc=1
     for u in $units; do s=$(state "$u"); [ $quiet = 1 ] || echo "$s"; [ "$s" = failed ] && rc=0; done
     exit $rc ;;
+  reboot)
+    # The test fleet reboots the host (Fleet::serve_reboots), never this machine.
+    echo reboot > /run/testkit-reboot-request
+    exit 0 ;;
   *) exit 0 ;;
 esac"#
     )

@@ -84,10 +84,26 @@
 //! - `units/UNIT`: `active` or `failed` per [`HostSpec::units`] (switch, test);
 //! - `boot.log`: `boot PATH` lines (boot).
 //!
+//! The toplevel also has `kernel` and `initrd` links into its `linux-<kernel>`
+//! package, as a NixOS toplevel does (a new [`HostSpec::kernel`] changes
+//! them: a reboot is required), and its `systemctl reboot` asks the fleet to
+//! reboot the host (below).
+//!
 //! It sleeps [`HostSpec::activation_delay_ms`], kills the listening sshd for
 //! [`HostSpec::kill_sshd`] and, for [`HostSpec::fail_switch`], prints
 //! `error: the following units failed: ...` and exits 4 (after having switched
 //! `current-system`, as NixOS does). `/run/testkit-host` holds the host name.
+//!
+//! # Reboots
+//!
+//! Each host has its own boot id (`H/boot_id`, bind-mounted over
+//! `/proc/sys/kernel/random/boot_id`). [`Fleet::reboot_host`] reboots a host
+//! for real: all its processes stopped, its `/run` emptied (but for the
+//! testkit's logs), a new boot id, its boot generation activated
+//! (`/run/booted-system`, `/run/current-system`, its units; recorded in
+//! `reboots.log`, see [`Fleet::reboots`]) and its sshd started again. A
+//! host's `systemctl reboot` only asks for it; a test that lets the
+//! coordinator reboot hosts calls [`Fleet::serve_reboots`] while it runs.
 //!
 //! # Processes and cleaning up
 //!
@@ -116,6 +132,7 @@ use std::time::Duration;
 mod flake;
 mod fleet;
 pub mod nixos;
+mod reboot;
 mod spec;
 mod sshd;
 mod sys;

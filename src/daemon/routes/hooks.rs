@@ -119,7 +119,7 @@ pub async fn slack(
 }
 
 fn usage() -> String {
-    "Usage: `/nix-deploy [HOST|@TAG ...] [--strategy=smart|parallel|rolling|sequential|canary|blue-green] [--parallel] [--sequential] [--canary=HOST] [--canary-soak=5m] [--batch-size=N|N%] [--max-failures=N|N%] [--health-timeout=2m] [--confirm-timeout=30s] [--activation-timeout=10m] [--force]`, `/nix-deploy status`, `/nix-deploy cancel [ID]`".into()
+    "Usage: `/nix-deploy [HOST|GLOB|@TAG|@TAG-GLOB ...] [--on=SEL] [--exclude=SEL] [--goal=switch|boot|test|dry-activate] [--strategy=smart|parallel|rolling|sequential|canary|blue-green] [--parallel] [--sequential] [--canary=HOST] [--canary-soak=5m] [--batch-size=N|N%] [--max-failures=N|N%] [--health-timeout=2m] [--confirm-timeout=30s] [--activation-timeout=10m] [--force]`, `/nix-deploy status`, `/nix-deploy cancel [ID]`".into()
 }
 
 /// How many messages one command may post to its `response_url` (Slack

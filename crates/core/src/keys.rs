@@ -1,0 +1,553 @@
+//! Secrets uploaded outside the Nix store: `deployment.keys.<name>`, in the
+//! shape colmena's users already write:
+//!
+//! ```nix
+//! deployment.keys."db-password" = {
+//!   keyCommand = [ "pass" "show" "db" ];   # or: keyFile = "/home/me/secrets/db"; or: text = "...";
+//!   destDir = "/run/keys";                  # default
+//!   user = "postgres"; group = "postgres";  # default root, root
+//!   permissions = "0640";                   # default 0600
+//!   uploadAt = "post-activation";           # default pre-activation
+//! };
+//! ```
+//!
+//! Everything about a key except its contents is validated here, before
+//! anything reaches a host: file name, directory, owner, group and mode end
+//! up as positional arguments of a fixed upload script
+//! ([`upload_argv`]); the contents only ever travel on its stdin.
+//!
+//! Contents are never part of a [`Key`]: the fleet's evaluation drops `text`
+//! (see [`crate::nix::FLEET_APPLY_EXPR`]) and the engine reads it, or runs the
+//! key's command, or reads its file, only when it uploads the key, into a
+//! [`Secret`], which prints and serialises as `<redacted>`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::shell;
+
+/// The contents of a key. Never printed, never serialised, never stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+
+    /// The bytes, for the one place that writes them to a host's stdin.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Where a key's contents come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "source", content = "from")]
+pub enum KeySource {
+    /// `text`: read from the flake when the key is uploaded (never kept).
+    Text,
+    /// `keyFile`: a file on the coordinator, outside the store.
+    File(String),
+    /// `keyCommand`: an argument vector run on the coordinator; its stdout
+    /// is the key.
+    Command(Vec<String>),
+}
+
+/// When a key is uploaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UploadAt {
+    /// Before the new system is activated (services find their key there).
+    PreActivation,
+    /// After activation (the key's user may be created by the new system).
+    PostActivation,
+}
+
+impl UploadAt {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadAt::PreActivation => "pre-activation",
+            UploadAt::PostActivation => "post-activation",
+        }
+    }
+}
+
+/// One key of a host, validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Key {
+    /// The attribute name in `deployment.keys`.
+    pub attr: String,
+    /// The file name (`name`, default: the attribute name).
+    pub name: String,
+    #[serde(flatten)]
+    pub source: KeySource,
+    pub dest_dir: String,
+    pub user: String,
+    pub group: String,
+    /// Octal, e.g. `0600`.
+    pub permissions: String,
+    pub upload_at: UploadAt,
+}
+
+impl Key {
+    /// Where the key lands on the host.
+    pub fn path(&self) -> String {
+        format!("{}/{}", self.dest_dir, self.name)
+    }
+}
+
+/// `config.deployment.keys.<attr>` as evaluated. The module (ours or
+/// colmena's) gives every option, unset ones as `null`; the evaluation
+/// replaces `text` by `hasText`.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct RawKey {
+    name: Option<String>,
+    /// Only a flake evaluated without [`crate::nix::FLEET_APPLY_EXPR`] has
+    /// it; refused, so that contents never get this far.
+    text: Option<serde_json::Value>,
+    #[serde(default)]
+    has_text: bool,
+    key_file: Option<String>,
+    key_command: Option<Vec<String>>,
+    dest_dir: Option<String>,
+    /// Read-only in the modules: `destDir + "/" + name`.
+    path: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    permissions: Option<serde_json::Value>,
+    upload_at: Option<String>,
+}
+
+/// A key's file name: letters, digits, `.`, `_`, `-`, `+`, `@`; not `.`,
+/// `..` or starting with `-`.
+pub fn is_valid_key_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-+@".contains(&b))
+}
+
+/// A key's directory: absolute, made of valid names, outside `/nix`.
+pub fn check_dest_dir(dir: &str) -> Result<String, String> {
+    let trimmed = if dir.len() > 1 {
+        dir.trim_end_matches('/')
+    } else {
+        dir
+    };
+    if !trimmed.starts_with('/') {
+        return Err(format!("destDir `{dir}` must be an absolute path"));
+    }
+    if trimmed == "/" {
+        return Err("destDir must not be `/`".into());
+    }
+    if trimmed.len() > 1024 {
+        return Err("destDir is longer than 1024 characters".into());
+    }
+    for part in trimmed[1..].split('/') {
+        if !is_valid_key_name(part) {
+            return Err(format!(
+                "destDir `{dir}`: `{part}` is not a valid directory name (letters, digits, `.`, `_`, `-`, `+`, `@`; no `.` or `..`)"
+            ));
+        }
+    }
+    if trimmed == "/nix" || trimmed.starts_with("/nix/") {
+        return Err(format!(
+            "destDir `{dir}` is under /nix: keys must never be in the Nix store"
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// `0600`, `640`: three or four octal digits.
+pub fn check_permissions(mode: &str) -> Result<String, String> {
+    let ok = (3..=4).contains(&mode.len()) && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    if !ok {
+        return Err(format!(
+            "permissions `{mode}` is not an octal mode like \"0600\" or \"0640\""
+        ));
+    }
+    Ok(if mode.len() == 3 {
+        format!("0{mode}")
+    } else {
+        mode.to_string()
+    })
+}
+
+pub(crate) fn parse_key(attr: &str, raw: RawKey) -> Result<Key, String> {
+    let name = raw.name.unwrap_or_else(|| attr.to_string());
+    if !is_valid_key_name(&name) {
+        return Err(format!(
+            "name `{name}` is not a valid file name (letters, digits, `.`, `_`, `-`, `+`, `@`)"
+        ));
+    }
+    if raw.text.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(
+            "`text` reached nix-deploy in the fleet's evaluation; it must be read only when the key is uploaded"
+                .into(),
+        );
+    }
+    let source = match (raw.has_text, raw.key_file, raw.key_command) {
+        (true, None, None) => KeySource::Text,
+        (false, Some(file), None) => {
+            if file.starts_with("/nix/store/") {
+                return Err(format!(
+                    "keyFile `{file}` is in the Nix store, readable by everyone: write the path as a string (\"/path/to/secret\"), not as a Nix path (./secret), which copies the file into the store"
+                ));
+            }
+            if !file.starts_with('/') {
+                return Err(format!("keyFile `{file}` must be an absolute path"));
+            }
+            if file.chars().any(char::is_control) {
+                return Err("keyFile contains control characters".into());
+            }
+            KeySource::File(file)
+        }
+        (false, None, Some(command)) => {
+            match command.first() {
+                None => return Err("keyCommand is an empty list".into()),
+                Some(program) if program.is_empty() => {
+                    return Err("keyCommand's program is an empty string".into());
+                }
+                Some(_) => {}
+            }
+            KeySource::Command(command)
+        }
+        (false, None, None) => {
+            return Err("needs one of `text`, `keyFile` or `keyCommand`".into());
+        }
+        _ => {
+            return Err("give only one of `text`, `keyFile` and `keyCommand`".into());
+        }
+    };
+    let dest_dir = check_dest_dir(raw.dest_dir.as_deref().unwrap_or("/run/keys"))?;
+    let user = raw.user.unwrap_or_else(|| "root".into());
+    let group = raw.group.unwrap_or_else(|| "root".into());
+    for (what, value) in [("user", &user), ("group", &group)] {
+        if !shell::is_valid_user(value) {
+            return Err(format!("{what} `{value}` is not a valid {what} name"));
+        }
+    }
+    let permissions = match raw.permissions {
+        None | Some(serde_json::Value::Null) => "0600".to_string(),
+        Some(serde_json::Value::String(mode)) => check_permissions(&mode)?,
+        Some(other) => {
+            return Err(format!(
+                "permissions must be a string like \"0600\", not {other} (a Nix number is decimal)"
+            ));
+        }
+    };
+    let upload_at = match raw.upload_at.as_deref() {
+        None | Some("pre-activation") => UploadAt::PreActivation,
+        Some("post-activation") => UploadAt::PostActivation,
+        Some(other) => {
+            return Err(format!(
+                "uploadAt `{other}` is neither \"pre-activation\" nor \"post-activation\""
+            ));
+        }
+    };
+    let key = Key {
+        attr: attr.to_string(),
+        name,
+        source,
+        dest_dir,
+        user,
+        group,
+        permissions,
+        upload_at,
+    };
+    if let Some(path) = raw.path
+        && normalize(&path) != key.path()
+    {
+        return Err(format!(
+            "path `{path}` is not destDir/name (`{}`); set destDir and name instead",
+            key.path()
+        ));
+    }
+    Ok(key)
+}
+
+/// `/a//b/` → `/a/b`, as the modules compute `path` from `destDir`.
+fn normalize(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    format!("/{}", parts.join("/"))
+}
+
+/// Two keys of one host must not land on the same file.
+pub(crate) fn check_unique_paths(keys: &[Key]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for key in keys {
+        if !seen.insert(key.path()) {
+            return Err(format!(
+                "deployment.keys: two keys are written to {}",
+                key.path()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes stdin to `DIR/NAME` atomically: into a fresh file that only root
+/// can read (`mktemp`, umask 077) in the same directory, then owner and mode,
+/// then `mv` over the old key. A missing directory is created (mode 0755).
+/// When the owner does not exist yet (a pre-activation key whose user the new
+/// system creates), the key stays root's with a warning, unless the
+/// ownership is required (post-activation, re-uploads), which fails.
+///
+/// Fixed text: directory, name, owner, group, mode and the flag arrive as
+/// positional arguments, validated in this module.
+const UPLOAD_SCRIPT: &str = r#"set -eu
+dir=$1; name=$2; user=$3; group=$4; mode=$5; require=$6
+(umask 022 && mkdir -p -- "$dir")
+umask 077
+tmp=$(mktemp "$dir/.$name.XXXXXXXX")
+trap 'rm -f -- "$tmp"' EXIT
+cat > "$tmp"
+if ! chown -- "$user:$group" "$tmp" 2>/dev/null; then
+  if [ "$require" = 1 ]; then
+    echo "cannot make $dir/$name owned by $user:$group (does the user or group exist?)" >&2
+    exit 1
+  fi
+  echo "warning: $user:$group does not exist yet; $dir/$name stays owned by root" >&2
+fi
+chmod -- "$mode" "$tmp"
+mv -f -- "$tmp" "$dir/$name"
+trap - EXIT"#;
+
+/// The argv that uploads `key` (its contents go on stdin).
+pub fn upload_argv(key: &Key, require_ownership: bool) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        UPLOAD_SCRIPT.into(),
+        "nix-deploy-key".into(),
+        key.dest_dir.clone(),
+        key.name.clone(),
+        key.user.clone(),
+        key.group.clone(),
+        key.permissions.clone(),
+        if require_ownership { "1" } else { "0" }.into(),
+    ]
+}
+
+/// `upload-keys` as callers spell it (`POST /api/v1/upload-keys`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysRequest {
+    /// Selectors, as for deployments ([`crate::select`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel_limit: Option<usize>,
+}
+
+impl KeysRequest {
+    pub fn selection(&self) -> crate::fleet::Selection {
+        crate::fleet::Selection {
+            names: self.hosts.clone(),
+            tags: self.on.clone(),
+            all: self.all,
+            exclude: self.exclude.clone(),
+        }
+    }
+
+    /// The parallel limit, checked, and the selectors' syntax.
+    pub fn resolve(&self) -> Result<usize, crate::options::OptionsError> {
+        let limit = self.parallel_limit.unwrap_or(crate::exec::DEFAULT_PARALLEL);
+        if !(1..=crate::options::MAX_PARALLEL).contains(&limit) {
+            return Err(crate::options::OptionsError(format!(
+                "parallel-limit must be from 1 to {}, not {limit}",
+                crate::options::MAX_PARALLEL
+            )));
+        }
+        crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
+            .map_err(|e| crate::options::OptionsError(e.to_string()))?;
+        Ok(limit)
+    }
+}
+
+/// The keys uploaded at `when`.
+pub fn uploaded_at(keys: &[Key], when: UploadAt) -> Vec<&Key> {
+    keys.iter().filter(|k| k.upload_at == when).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<Key, String> {
+        let raw: RawKey = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        parse_key("db-password", raw)
+    }
+
+    #[test]
+    fn keys_take_colmenas_defaults() {
+        let key = parse(serde_json::json!({ "hasText": true })).unwrap();
+        assert_eq!(key.name, "db-password");
+        assert_eq!(key.source, KeySource::Text);
+        assert_eq!(key.dest_dir, "/run/keys");
+        assert_eq!(key.path(), "/run/keys/db-password");
+        assert_eq!((key.user.as_str(), key.group.as_str()), ("root", "root"));
+        assert_eq!(key.permissions, "0600");
+        assert_eq!(key.upload_at, UploadAt::PreActivation);
+
+        // As our module and colmena's give it: every option, unset ones null.
+        let key = parse(serde_json::json!({
+            "name": "db.pw", "hasText": false, "keyFile": null,
+            "keyCommand": ["pass", "show", "db"], "destDir": "/var/lib/app/",
+            "path": "/var/lib/app//db.pw", "user": "postgres", "group": "postgres",
+            "permissions": "640", "uploadAt": "post-activation"
+        }))
+        .unwrap();
+        assert_eq!(key.path(), "/var/lib/app/db.pw");
+        assert_eq!(
+            key.source,
+            KeySource::Command(vec!["pass".into(), "show".into(), "db".into()])
+        );
+        assert_eq!(key.permissions, "0640");
+        assert_eq!(key.upload_at, UploadAt::PostActivation);
+    }
+
+    #[test]
+    fn malformed_keys_are_refused_naming_what_is_wrong() {
+        let bad = |json: serde_json::Value| parse(json).unwrap_err();
+        assert!(bad(serde_json::json!({})).contains("needs one of"));
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "keyFile": "/etc/x" })).contains("only one")
+        );
+        assert!(
+            bad(serde_json::json!({ "keyFile": "/nix/store/abc-secret" })).contains("Nix store")
+        );
+        assert!(bad(serde_json::json!({ "keyFile": "secret" })).contains("absolute"));
+        assert!(bad(serde_json::json!({ "keyCommand": [] })).contains("empty list"));
+        assert!(bad(serde_json::json!({ "keyCommand": "pass show x" })).contains("invalid type"));
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "permissions": "0800" }))
+                .contains("octal mode")
+        );
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "permissions": 384 })).contains("decimal")
+        );
+        assert!(bad(serde_json::json!({ "hasText": true, "permissions": "rw" })).contains("octal"));
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "user": "root;reboot" }))
+                .contains("user `root;reboot`")
+        );
+        assert!(bad(serde_json::json!({ "hasText": true, "group": "-g" })).contains("group"));
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "destDir": "keys" })).contains("absolute")
+        );
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "destDir": "/run/../etc" })).contains("`..`")
+        );
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "destDir": "/nix/store" }))
+                .contains("Nix store")
+        );
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "destDir": "/run/a b" })).contains("`a b`")
+        );
+        assert!(bad(serde_json::json!({ "hasText": true, "name": "../x" })).contains("file name"));
+        assert!(bad(serde_json::json!({ "hasText": true, "name": "-rf" })).contains("file name"));
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "uploadAt": "later" })).contains("uploadAt")
+        );
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "destdir": "/x" }))
+                .contains("unknown field `destdir`")
+        );
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "path": "/etc/shadow" }))
+                .contains("destDir/name")
+        );
+        // Contents in the evaluation are a mistake, said without repeating them.
+        let e = bad(serde_json::json!({ "text": "hunter2" }));
+        assert!(
+            e.contains("`text` reached nix-deploy") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn two_keys_may_not_share_a_file() {
+        let a = parse(serde_json::json!({ "hasText": true })).unwrap();
+        let mut b = a.clone();
+        b.attr = "other".into();
+        assert!(check_unique_paths(std::slice::from_ref(&a)).is_ok());
+        assert!(
+            check_unique_paths(&[a, b])
+                .unwrap_err()
+                .contains("/run/keys/db-password")
+        );
+    }
+
+    #[test]
+    fn the_upload_takes_everything_as_arguments_and_the_contents_on_stdin() {
+        let key = parse(
+            serde_json::json!({ "keyFile": "/etc/secret", "user": "nobody",
+            "group": "nogroup", "permissions": "0640" }),
+        )
+        .unwrap();
+        let argv = upload_argv(&key, true);
+        assert_eq!(argv[..2], ["sh", "-c"]);
+        assert_eq!(
+            argv[3..],
+            [
+                "nix-deploy-key",
+                "/run/keys",
+                "db-password",
+                "nobody",
+                "nogroup",
+                "0640",
+                "1"
+            ]
+        );
+        assert!(!UPLOAD_SCRIPT.contains("/etc/secret"));
+        assert_eq!(upload_argv(&key, false)[9], "0");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = Secret::new(b"hunter2".to_vec());
+        assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+        assert_eq!(serde_json::to_string(&secret).unwrap(), "\"<redacted>\"");
+        assert_eq!(secret.expose(), b"hunter2");
+        // A key never holds its contents at all.
+        let key = parse(serde_json::json!({ "hasText": true })).unwrap();
+        let json = serde_json::to_string(&key).unwrap();
+        assert!(json.contains("\"source\":\"text\""), "{json}");
+    }
+}

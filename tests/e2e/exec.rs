@@ -1,0 +1,231 @@
+//! `nix-deploy exec`: one command on many real test hosts, one summary, the
+//! run in the history; a host that fails, one that does not answer, argv
+//! that never meets a shell, and bad input.
+
+use std::time::{Duration, Instant};
+
+use nix_deploy_testkit::HostSpec;
+use serde_json::Value;
+
+use crate::helpers::{Harness, host, status};
+
+/// Says hello from the host it runs on, and fails on `e3`.
+const SCRIPT: &str = r#"h=$(cat /run/testkit-host); echo "booting $h"; echo "hello from $h"; if [ "$h" = e3 ]; then echo "e3 is broken" >&2; exit 3; fi"#;
+
+fn six() -> Vec<HostSpec> {
+    (1..=6)
+        .map(|i| HostSpec::new(&format!("e{i}")).tags(&["exec"]))
+        .collect()
+}
+
+#[test]
+fn exec_on_six_hosts_reports_each_one_while_a_frozen_host_times_out() {
+    let h = Harness::start(six());
+    // e6 hangs like a dead machine: it accepts TCP, nothing answers.
+    h.fleet.freeze_host("e6").unwrap();
+    let started = Instant::now();
+    let (code, report, stderr) = h.json(&["exec", "--all", "--", "sh", "-c", SCRIPT]);
+    let took = started.elapsed();
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    assert_eq!(report["kind"], "exec");
+    assert_eq!(report["status"], "failed");
+    assert_eq!(
+        report["exec"]["command"],
+        serde_json::json!(["sh", "-c", SCRIPT])
+    );
+    for name in ["e1", "e2", "e4", "e5"] {
+        assert_eq!(status(&report, name), "succeeded", "{report:#}");
+        let run = host(&report, name);
+        assert_eq!(run["output"]["exit_code"], 0);
+        assert_eq!(
+            run["output"]["stdout"],
+            format!("booting {name}\nhello from {name}")
+        );
+        // The others finished long before the frozen host gave up.
+        assert!(run["duration_ms"].as_i64().unwrap() < 5_000, "{run:#}");
+    }
+    let e3 = host(&report, "e3");
+    assert_eq!(status(&report, "e3"), "failed");
+    assert_eq!(e3["output"]["exit_code"], 3);
+    assert_eq!(e3["output"]["stderr"], "e3 is broken");
+    assert!(
+        e3["error"].as_str().unwrap().contains("exited with code 3"),
+        "{e3:#}"
+    );
+    let e6 = host(&report, "e6");
+    assert_eq!(status(&report, "e6"), "unreachable", "{e6:#}");
+    assert!(e6["output"].is_null());
+    assert!(e6["error"].as_str().unwrap().contains("e6"), "{e6:#}");
+    assert!(took < Duration::from_secs(40), "took {took:?}");
+    // Live progress went to stderr, host by host.
+    assert!(stderr.contains("e3:"), "{stderr}");
+    h.fleet.thaw_host("e6").unwrap();
+
+    // Stored before it was reported: the history has the run, its command,
+    // who ran it, every host's result and output tails.
+    let id = report["id"].as_i64().unwrap();
+    let (code, shown, _) = h.json(&["show", &id.to_string()]);
+    assert_eq!(code, 0);
+    assert_eq!(shown["kind"], "exec");
+    assert_eq!(shown["trigger"], "cli");
+    assert!(!shown["requested_by"].as_str().unwrap().is_empty());
+    assert_eq!(shown["hosts"], report["hosts"]);
+    let events: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(events.first(), Some(&"deployment-started"));
+    assert_eq!(events.last(), Some(&"deployment-finished"));
+    assert_eq!(events.iter().filter(|k| **k == "host-finished").count(), 6);
+    let (_, history, _) = h.json(&["history"]);
+    assert_eq!(history["deployments"][0]["id"], id);
+    assert_eq!(history["deployments"][0]["kind"], "exec");
+    // An exec is not a deployment: the hosts' last known state is untouched.
+    let (_, fleet_status, _) = h.json(&["status"]);
+    assert!(
+        fleet_status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["last_status"].is_null()),
+        "{fleet_status:#}"
+    );
+}
+
+#[test]
+fn exec_prints_one_summary_table_and_history_names_the_command() {
+    let mut h = Harness::start(six());
+    h.fleet.stop_host("e6").unwrap();
+    let out = h.run(&["exec", "--on", "@exec", "--", "sh", "-c", SCRIPT]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"))
+            .to_string()
+    };
+    assert!(stdout.contains("HOST"), "{stdout}");
+    assert!(stdout.contains("EXIT"), "{stdout}");
+    assert!(stdout.contains("OUTPUT"), "{stdout}");
+    let e1 = row("e1");
+    assert!(
+        e1.contains("succeeded") && e1.contains("hello from e1"),
+        "{e1}"
+    );
+    assert!(e1.contains(" 0 "), "{e1}");
+    let e3 = row("e3");
+    assert!(e3.contains("failed") && e3.contains(" 3 "), "{e3}");
+    assert!(
+        e3.contains("e3 is broken"),
+        "a failure shows its stderr: {e3}"
+    );
+    // The failure in full: stderr's tail.
+    assert!(stdout.contains("── e3 (failed) ──"), "{stdout}");
+    assert!(stdout.contains("e3 is broken"), "{stdout}");
+    assert!(row("e6").contains("unreachable"), "{stdout}");
+    assert!(
+        stdout.contains("4 succeeded, 1 failed, 1 unreachable"),
+        "{stdout}"
+    );
+
+    let out = h.run(&["history"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("exec: sh -c"), "{text}");
+    assert!(text.contains("4 succeeded"), "{text}");
+
+    // Everything fine everywhere: exit 0.
+    h.fleet.start_host("e6").unwrap();
+    let (code, report, stderr) = h.json(&["exec", "--all", "--parallel-limit", "2", "--", "true"]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(report["status"], "succeeded");
+    assert_eq!(report["exec"]["parallel_limit"], 2);
+}
+
+#[test]
+fn exec_passes_argv_without_a_shell_and_bounds_each_command() {
+    let h = Harness::start(vec![HostSpec::new("x1")]);
+    // Every word arrives as one argument: no expansion, no command chaining.
+    let (code, report, stderr) = h.json(&[
+        "exec",
+        "x1",
+        "--",
+        "echo",
+        "$(touch /run/pwned)",
+        ";",
+        "touch",
+        "/run/pwned2",
+        "'quoted'",
+    ]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(
+        host(&report, "x1")["output"]["stdout"],
+        "$(touch /run/pwned) ; touch /run/pwned2 'quoted'"
+    );
+    assert!(!h.fleet.host_dir("x1").join("run/pwned").exists());
+    assert!(!h.fleet.host_dir("x1").join("run/pwned2").exists());
+
+    // A command that runs past its timeout fails, with what it printed.
+    let (code, report, _) = h.json(&[
+        "exec",
+        "x1",
+        "--timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 30",
+    ]);
+    assert_eq!(code, 1);
+    let x1 = host(&report, "x1");
+    assert_eq!(status(&report, "x1"), "failed");
+    assert!(
+        x1["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish within 1s"),
+        "{x1:#}"
+    );
+    assert_eq!(x1["output"]["stdout"], "started");
+    assert!(x1["output"]["exit_code"].is_null());
+}
+
+#[test]
+fn exec_refuses_bad_input_and_records_nothing() {
+    let h = Harness::start(vec![HostSpec::new("b1"), HostSpec::new("b2")]);
+    for (args, needle) in [
+        (
+            vec!["exec", "--on", "web-*", "--", "true"],
+            "`web-*` matches no host",
+        ),
+        (vec!["exec", "b3", "--", "true"], "unknown host `b3`"),
+        (
+            vec!["exec", "--exclude", "z*", "--", "true"],
+            "`z*` matches no host",
+        ),
+        (
+            vec!["exec", "--all", "--exclude", "b*", "--", "true"],
+            "no host is left",
+        ),
+        (
+            vec!["exec", "--parallel-limit", "0", "--", "true"],
+            "parallel-limit",
+        ),
+        (vec!["exec", "--timeout", "0", "--", "true"], "at least 1s"),
+        (vec!["exec", "b1"], "COMMAND"),
+        (
+            vec!["exec", "--on", "a;b", "--", "true"],
+            "invalid selector",
+        ),
+    ] {
+        let out = h.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let (_, history, _) = h.json(&["history"]);
+    assert_eq!(history["deployments"], Value::Array(Vec::new()));
+}

@@ -1,0 +1,289 @@
+//! `deployment.keys` against real test hosts: each source (`text`,
+//! `keyFile`, `keyCommand`) and upload time, owner and mode checked on the
+//! host, `upload-keys`, malformed specs refused, and every secret searched
+//! for where it must never be: the state directory (database and all), the
+//! coordinator's and the host's Nix stores, the logs and `--json`.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nix_deploy_testkit::HostSpec;
+use serde_json::Value;
+
+use crate::helpers::{Harness, host, status};
+
+/// A secret no other test and no earlier run has.
+fn secret(what: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    format!("{what}-secret-{:016x}", hasher.finish())
+}
+
+/// Files below `dir` (not following symlinks) whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+struct Secrets {
+    text: String,
+    file: String,
+    command: String,
+    dir: tempfile::TempDir,
+}
+
+impl Secrets {
+    fn new() -> Secrets {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Secrets {
+            text: secret("text"),
+            file: secret("file"),
+            command: secret("command"),
+            dir,
+        };
+        // No trailing newline: the key must arrive byte for byte.
+        std::fs::write(secrets.dir.path().join("api.token"), &secrets.file).unwrap();
+        std::fs::write(secrets.dir.path().join("cert.pem"), &secrets.command).unwrap();
+        for f in ["api.token", "cert.pem"] {
+            std::fs::set_permissions(
+                secrets.dir.path().join(f),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        secrets
+    }
+
+    fn keys_nix(&self) -> String {
+        let dir = self.dir.path().display();
+        format!(
+            r#"keys = {{
+                "db-pass" = {{ text = "{text}"; }};
+                "api.token" = {{ keyFile = "{dir}/api.token"; user = "nobody"; group = "nogroup"; permissions = "0640"; }};
+                cert = {{ name = "cert.pem"; keyCommand = [ "cat" "{dir}/cert.pem" ]; destDir = "/run/app/tls";
+                          user = "nobody"; permissions = "0400"; uploadAt = "post-activation"; }};
+              }};"#,
+            text = self.text
+        )
+    }
+}
+
+fn mode_and_owner(path: &Path) -> (u32, u32, u32) {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.mode() & 0o7777, meta.uid(), meta.gid())
+}
+
+#[test]
+fn keys_from_each_source_land_with_their_owner_and_mode_and_nowhere_else() {
+    let secrets = Secrets::new();
+    let h = Harness::start(vec![
+        HostSpec::new("k1").deployment_extra(&secrets.keys_nix()),
+        HostSpec::new("k2"),
+    ]);
+    let (code, report, stderr) = h.deploy(&[]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    // The host's /run is H/run on this machine.
+    let run_dir = h.fleet.host_dir("k1").join("run");
+    let on_host = |path: &str| run_dir.join(path.trim_start_matches("/run/"));
+    assert_eq!(
+        std::fs::read_to_string(on_host("/run/keys/db-pass")).unwrap(),
+        secrets.text
+    );
+    assert_eq!(mode_and_owner(&on_host("/run/keys/db-pass")), (0o600, 0, 0));
+    assert_eq!(
+        std::fs::read_to_string(on_host("/run/keys/api.token")).unwrap(),
+        secrets.file
+    );
+    assert_eq!(
+        mode_and_owner(&on_host("/run/keys/api.token")),
+        (0o640, 65534, 65534)
+    );
+    assert_eq!(
+        std::fs::read_to_string(on_host("/run/app/tls/cert.pem")).unwrap(),
+        secrets.command
+    );
+    assert_eq!(
+        mode_and_owner(&on_host("/run/app/tls/cert.pem")),
+        (0o400, 65534, 0)
+    );
+    // Written atomically: no temporary file is left behind.
+    let left: Vec<_> = std::fs::read_dir(on_host("/run/keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+
+    // Pre-activation keys before the activation, post-activation ones after.
+    let k1 = host(&report, "k1");
+    let steps: Vec<&str> = k1["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "pre-flight",
+            "build",
+            "copy",
+            "keys",
+            "set-profile",
+            "activate",
+            "keys",
+            "validate",
+            "confirm"
+        ]
+    );
+    // A host without keys has no keys step.
+    assert!(
+        !host(&report, "k2")["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["step"] == "keys")
+    );
+
+    // Re-upload without deploying: a changed key file arrives, nothing else moves.
+    let rotated = secret("rotated");
+    std::fs::write(secrets.dir.path().join("api.token"), &rotated).unwrap();
+    let (code, uploaded, stderr) = h.json(&["upload-keys", "k1", "k2"]);
+    assert_eq!(code, 0, "{uploaded:#}\n{stderr}");
+    assert_eq!(uploaded["kind"], "upload-keys");
+    assert_eq!(status(&uploaded, "k1"), "succeeded");
+    assert_eq!(status(&uploaded, "k2"), "skipped");
+    assert!(
+        host(&uploaded, "k1")["output"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("/run/keys/api.token (nobody:nogroup 0640)")
+    );
+    assert_eq!(
+        std::fs::read_to_string(on_host("/run/keys/api.token")).unwrap(),
+        rotated
+    );
+    assert_eq!(h.fleet.generations("k1"), vec![1]);
+    assert_eq!(h.fleet.activations("k1").len(), 1);
+
+    // Nowhere it must not be. Everything nix-deploy printed, too:
+    let (_, shown, _) = h.json(&["show", &report["id"].as_i64().unwrap().to_string()]);
+    let (_, history, _) = h.json(&["history"]);
+    let logs = h.spawn("logs", &["deploy", "--force"]);
+    let (code, _, _) = h.wait("logs", logs);
+    assert_eq!(code, 0);
+    let printed: Vec<String> = [&report, &uploaded, &shown, &history]
+        .iter()
+        .map(|v| v.to_string())
+        .chain([stderr])
+        .collect();
+    for secret in [&secrets.text, &secrets.file, &secrets.command, &rotated] {
+        for text in &printed {
+            assert!(!text.contains(secret.as_str()), "{secret} printed");
+        }
+        assert_eq!(
+            files_containing(h.state_dir(), secret),
+            Vec::<String>::new(),
+            "state directory (database, logs)"
+        );
+        assert_eq!(
+            files_containing(&h.fleet.host_dir("k1").join("nix"), secret),
+            Vec::<String>::new(),
+            "the host's store"
+        );
+        assert!(!h.fleet.sshd_log("k1").contains(secret.as_str()));
+    }
+    // The coordinator's store: `text` is part of the flake's source (which
+    // Nix copies into the store; see README), the other sources never are.
+    for secret in [&secrets.file, &secrets.command, &rotated] {
+        assert_eq!(
+            files_containing(Path::new("/nix/store"), secret),
+            Vec::<String>::new(),
+            "the coordinator's store"
+        );
+    }
+}
+
+#[test]
+fn keys_come_back_after_a_reboot() {
+    let secrets = Secrets::new();
+    let mut h = Harness::start(vec![
+        HostSpec::new("kr").deployment_extra(&secrets.keys_nix()),
+    ]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    h.fleet.update("kr", |s| s.bump()).unwrap();
+    let (code, report, stderr) = h.json_serving_reboots("reboot", &["deploy", "--reboot"]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    let key = h.fleet.host_dir("kr").join("run/keys/db-pass");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), secrets.text);
+    assert_eq!(h.fleet.reboots("kr").len(), 1);
+}
+
+#[test]
+fn malformed_key_specs_exit_2_and_touch_nothing() {
+    let mut h = Harness::start(vec![HostSpec::new("km")]);
+    for (keys, needle) in [
+        (
+            r#"keys.a = { text = "x"; permissions = "0999"; };"#,
+            "permissions `0999`",
+        ),
+        (
+            r#"keys.a = { text = "x"; destdir = "/run/x"; };"#,
+            "unknown field `destdir`",
+        ),
+        (r#"keys.a = { keyFile = "/x"; text = "y"; };"#, "only one"),
+        (
+            r#"keys.a = { text = "x"; user = "root;reboot"; };"#,
+            "user `root;reboot`",
+        ),
+        (
+            r#"keys.a = { text = "x"; destDir = "/nix/store/keys"; };"#,
+            "Nix store",
+        ),
+        (r#"keys.a = { keyFile = ./flake.nix; };"#, "Nix store"),
+        (
+            r#"keys.a = { text = "x"; uploadAt = "whenever"; };"#,
+            "uploadAt",
+        ),
+    ] {
+        h.fleet
+            .update("km", |s| s.deployment_extra = Some(keys.to_string()))
+            .unwrap();
+        let out = h.run(&["deploy"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{keys}: {stderr}");
+        assert!(stderr.contains("deployment.keys.a"), "{keys}: {stderr}");
+        assert!(stderr.contains(needle), "{keys}: {stderr}");
+        let out = h.run(&["upload-keys", "km"]);
+        assert_eq!(out.status.code(), Some(2), "{keys}");
+    }
+    assert_eq!(h.fleet.generation("km"), None);
+    assert!(!h.fleet.host_dir("km").join("run/keys").exists());
+    let (_, history, _) = h.json(&["history"]);
+    assert_eq!(history["deployments"], Value::Array(Vec::new()));
+}
