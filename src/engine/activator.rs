@@ -39,7 +39,7 @@ pub(super) async fn run(
         Some((old, window)) => (old, window.as_secs().max(1)),
         None => (None, 0),
     };
-    let argv = remote::activator_argv(
+    let launch = remote::activator_argv(
         switch.system,
         switch.action,
         old,
@@ -47,39 +47,34 @@ pub(super) async fn run(
         switch.token,
         switch.systemd,
     );
-    connection
-        .run_privileged(switch.step, &argv, ssh.command_timeout)
-        .await
-        .map_err(|e| e.to_string())?;
     let host = switch.host;
     let deadline = Instant::now() + switch.timeout;
-    let mut poll = Duration::from_millis(100);
+    // How long one remote call may wait on the host: well inside the
+    // command timeout, so a wait that ends on time is never taken for a
+    // host that stopped answering.
+    let chunk = |now: Instant| {
+        let left = deadline.saturating_duration_since(now).as_secs().max(1);
+        left.min((ssh.command_timeout.as_secs() / 2).max(1))
+    };
+    let wait_timeout = |secs: u64| ssh.command_timeout + Duration::from_secs(secs);
+    // Start it and wait for it in one round trip; most activations end
+    // within that first wait.
+    let secs = chunk(Instant::now());
+    let argv = remote::activator_start_and_wait_argv(launch, switch.token, secs);
+    let started = connection
+        .run_privileged(switch.step, &argv, wait_timeout(secs))
+        .await;
+    let mut status = match started {
+        Ok(out) => remote::parse_activation_status(&out.stdout)
+            .map_err(|e| format!("{}: {}: {e}", host.name, switch.step))?,
+        // Whether it started is unknown when the connection dropped or the
+        // host stopped answering: the waits below find out.
+        Err(e) if e.is_connection() || matches!(e, ssh::SshError::Timeout { .. }) => None,
+        Err(e) => return Err(e.to_string()),
+    };
     let code = loop {
-        match connection
-            .run(
-                switch.step,
-                &remote::activation_status_argv(switch.token),
-                ssh.command_timeout,
-            )
-            .await
-        {
-            Ok(out) => {
-                let text = out.stdout.trim();
-                break text.parse::<i32>().map_err(|_| {
-                    format!("{}: {}: unexpected status `{text}`", host.name, switch.step)
-                })?;
-            }
-            Err(ssh::SshError::Exit { .. }) => {} // not finished yet
-            // A host that does not answer for a while (frozen, a dropped
-            // link) is not a failed activation: keep asking until the deadline.
-            Err(e) if e.is_connection() => {
-                if let Ok(fresh) = Connection::connect(&host.name, &host.target, ssh).await {
-                    let old = std::mem::replace(connection, fresh);
-                    old.close().await;
-                }
-            }
-            Err(ssh::SshError::Timeout { .. }) => {}
-            Err(e) => return Err(e.to_string()),
+        if let Some(code) = status {
+            break code;
         }
         if Instant::now() > deadline {
             return Err(format!(
@@ -90,8 +85,41 @@ pub(super) async fn run(
                 switch.timeout.as_secs()
             ));
         }
-        tokio::time::sleep(poll).await;
-        poll = (poll * 2).min(Duration::from_millis(500));
+        let secs = chunk(Instant::now());
+        match connection
+            .run(
+                switch.step,
+                &remote::activation_wait_argv(switch.token, secs),
+                wait_timeout(secs),
+            )
+            .await
+        {
+            Ok(out) if out.stdout.trim() == remote::ACTIVATION_ABSENT => {
+                return Err(format!(
+                    "{}: {}: the activator did not start on the host (the connection dropped while starting it)",
+                    host.name, switch.step
+                ));
+            }
+            Ok(out) => {
+                status = remote::parse_activation_status(&out.stdout)
+                    .map_err(|e| format!("{}: {}: {e}", host.name, switch.step))?;
+            }
+            // A host that does not answer for a while (frozen, a dropped
+            // link) is not a failed activation: keep asking until the
+            // deadline, over a new connection when the old one died.
+            Err(e) if e.is_connection() => {
+                match Connection::connect(&host.name, &host.target, ssh).await {
+                    Ok(fresh) => {
+                        let old = std::mem::replace(connection, fresh);
+                        old.close().await;
+                    }
+                    // Not reachable yet: wait a moment before asking again.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+            Err(ssh::SshError::Timeout { .. }) => {}
+            Err(e) => return Err(e.to_string()),
+        }
     };
     if code == 0 {
         return Ok(());

@@ -87,7 +87,7 @@ impl Execution<'_> {
         let ssh = &self.context.ssh;
         let timeout = self.options.activation_timeout;
         let work = async {
-            connection
+            let link = connection
                 .run_privileged(
                     "commit",
                     &remote::set_profile_argv(&path),
@@ -107,10 +107,6 @@ impl Execution<'_> {
                 timeout,
             };
             activator::run(connection, ssh, &switch).await?;
-            let link = connection
-                .run("commit", &remote::profile_link_argv(), ssh.command_timeout)
-                .await
-                .map_err(|e| e.to_string())?;
             Ok::<_, String>(remote::parse_generation_link(&link.stdout))
         };
         let result = self.recorder.step(&mut run, Step::Commit, work).await?;

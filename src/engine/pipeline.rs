@@ -17,7 +17,7 @@ use nix_deploy_core::remote::{self, Activation, Decision};
 use nix_deploy_core::run::HostRun;
 
 use super::keys::KeyTexts;
-use super::probe::{Assessment, change_summary};
+use super::probe::{Assessment, current_closure, new_closure_summary};
 use super::recorder::Recorder;
 use super::scheduler::Outcome;
 use super::{activator, health};
@@ -195,10 +195,27 @@ impl HostContext {
         if !self.options.skip_validation {
             self.preflight(job).await?;
         }
-        let path = self.build(job).await?;
+        // The host's side of the change summary is read while we build (not
+        // while the closure copies: a host without nix-daemon may refuse a
+        // second writer of its store database at that moment).
+        let (path, old_closure) = {
+            let HostJob {
+                assessment,
+                connection,
+                run,
+            } = &mut *job;
+            let has_system = assessment.current.path.is_some();
+            tokio::join!(self.build(&assessment.host, run), async {
+                if has_system {
+                    current_closure(connection).await
+                } else {
+                    Vec::new()
+                }
+            })
+        };
+        let path = path?;
         self.protect_roots(job, &path).await?;
-        self.summarize(job, &path).await?;
-        self.copy(job, &path).await?;
+        self.copy_and_summarize(job, &path, &old_closure).await?;
         if goal == Goal::DryActivate {
             return self.dry_activate(job, &path).await;
         }
@@ -210,11 +227,29 @@ impl HostContext {
         self.activate(job, &path, goal.activation().unwrap_or(activation))
             .await?;
         self.keys_after(job, goal).await?;
-        match goal.validation() {
-            Validation::BootsNewSystem => self.validate_boot_default(job, &path).await?,
-            _ => self.validate(job, &path).await?,
+        // The confirmation's new connection is opened while validation
+        // runs: the activation has ended, so it proves the new system lets
+        // us in, and its handshake costs no time on the critical path.
+        let (name, target) = (
+            job.assessment.host.name.clone(),
+            job.assessment.host.target.clone(),
+        );
+        let (validated, fresh) = tokio::join!(
+            async {
+                match goal.validation() {
+                    Validation::BootsNewSystem => self.validate_boot_default(job, &path).await,
+                    _ => self.validate(job, &path).await,
+                }
+            },
+            Connection::connect_new(&name, &target, &self.ssh),
+        );
+        if let Err(failure) = validated {
+            if let Ok(fresh) = fresh {
+                fresh.close().await;
+            }
+            return Err(failure);
         }
-        self.confirm(job).await?;
+        self.confirm(job, fresh).await?;
         if self.wants_reboot(job, &path).await? {
             self.reboot_into(job, &path).await?;
         }
@@ -284,15 +319,10 @@ impl HostContext {
     }
 
     /// Build the toplevel locally; it must be the path the flake evaluated to.
-    async fn build(&self, job: &mut HostJob) -> Result<String, StepFailure> {
-        let host = &job.assessment.host;
+    async fn build(&self, host: &Host, run: &mut HostRun) -> Result<String, StepFailure> {
         let built = self
             .recorder
-            .step(
-                &mut job.run,
-                Step::Build,
-                self.nix.build(&host.drv_path, |_, _| {}),
-            )
+            .step(run, Step::Build, self.nix.build(&host.drv_path, |_, _| {}))
             .await?
             .map_err(StepFailure::Build)?;
         if built != host.toplevel {
@@ -304,34 +334,50 @@ impl HostContext {
         Ok(built)
     }
 
-    /// What changes on the host, from the two closures. Informational: a
-    /// summary that cannot be made is logged, never a failure.
-    async fn summarize(&self, job: &mut HostJob, path: &str) -> Result<(), StoreError> {
-        let host = &job.assessment.host.name;
-        match change_summary(&self.nix, &job.connection, path).await {
-            Ok(summary) => {
-                self.recorder
-                    .log(Some(host), format!("changes: {}", summary.one_line()))
-                    .await?;
-                job.run.summary = Some(summary);
-            }
-            Err(e) => {
-                self.recorder
-                    .log(Some(host), format!("no change summary: {e}"))
-                    .await?
-            }
-        }
-        Ok(())
-    }
-
-    /// Copy the closure over our master connection.
-    async fn copy(&self, job: &mut HostJob, path: &str) -> Result<(), StepFailure> {
+    /// Copy the closure over our master connection and, meanwhile, say what
+    /// changes on the host, from its current closure (`old`) and the new
+    /// one. The summary is informational: one that cannot be made is
+    /// logged, never a failure.
+    async fn copy_and_summarize(
+        &self,
+        job: &mut HostJob,
+        path: &str,
+        old: &[String],
+    ) -> Result<(), StepFailure> {
         let HostJob {
             assessment,
             connection,
             run,
         } = job;
         let host = &assessment.host;
+        let (summary, copied) = tokio::join!(
+            new_closure_summary(&self.nix, old, path),
+            self.copy(host, connection, run, path)
+        );
+        match summary {
+            Ok(summary) => {
+                self.recorder
+                    .log(Some(&host.name), format!("changes: {}", summary.one_line()))
+                    .await?;
+                run.summary = Some(summary);
+            }
+            Err(e) => {
+                self.recorder
+                    .log(Some(&host.name), format!("no change summary: {e}"))
+                    .await?
+            }
+        }
+        copied
+    }
+
+    /// Copy the closure over our master connection.
+    async fn copy(
+        &self,
+        host: &Host,
+        connection: &Connection,
+        run: &mut HostRun,
+        path: &str,
+    ) -> Result<(), StepFailure> {
         let copy = async {
             let opts =
                 ssh::nix_ssh_opts(&host.target, &self.ssh, Some(connection.control_socket()))
@@ -360,11 +406,8 @@ impl HostContext {
         } = job;
         let timeout = self.ssh.command_timeout;
         let work = async {
-            connection
-                .run_privileged("set-profile", &remote::set_profile_argv(path), timeout)
-                .await?;
             let link = connection
-                .run("set-profile", &remote::profile_link_argv(), timeout)
+                .run_privileged("set-profile", &remote::set_profile_argv(path), timeout)
                 .await?;
             Ok::<_, ssh::SshError>(remote::parse_generation_link(&link.stdout))
         };
@@ -476,21 +519,23 @@ impl HostContext {
     /// Only a new connection proves the new system still lets us in; over it
     /// we decide the activation, atomically against the watchdog: if the
     /// watchdog decided first, the host went back and this fails.
-    async fn confirm(&self, job: &mut HostJob) -> Result<(), StepFailure> {
+    async fn confirm(
+        &self,
+        job: &mut HostJob,
+        fresh: Result<Connection, ssh::SshError>,
+    ) -> Result<(), StepFailure> {
         let HostJob {
             assessment, run, ..
         } = job;
         let host = &assessment.host;
         let token = run.token.clone().unwrap_or_default();
         let work = async {
-            let fresh = Connection::connect(&host.name, &host.target, &self.ssh)
-                .await
-                .map_err(|e| {
-                    format!(
-                        "{}: confirm: the new system does not accept a new SSH connection: {e}",
-                        host.name
-                    )
-                })?;
+            let fresh = fresh.map_err(|e| {
+                format!(
+                    "{}: confirm: the new system does not accept a new SSH connection: {e}",
+                    host.name
+                )
+            })?;
             let result = fresh
                 .run_privileged(
                     "confirm",

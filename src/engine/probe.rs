@@ -162,8 +162,14 @@ pub(super) async fn change_summary(
     connection: &Connection,
     built: &str,
 ) -> Result<ChangeSummary, String> {
-    let new = nix.closure(built).await.map_err(|e| e.to_string())?;
-    let old = match connection
+    let old = current_closure(connection).await;
+    new_closure_summary(nix, &old, built).await
+}
+
+/// The closure of the system the host runs: empty when it has none yet (or
+/// it cannot be read; the summary is informational).
+pub(super) async fn current_closure(connection: &Connection) -> Vec<String> {
+    match connection
         .run(
             "summary",
             &remote::closure_argv("/run/current-system"),
@@ -178,10 +184,18 @@ pub(super) async fn change_summary(
             .filter(|l| !l.is_empty())
             .map(str::to_string)
             .collect(),
-        // A host with no system yet has no closure to compare with.
         Err(_) => Vec::new(),
-    };
-    Ok(summary::summarize(&old, &new))
+    }
+}
+
+/// What changes from the closure `old` to `built`'s.
+pub(super) async fn new_closure_summary(
+    nix: &Nix,
+    old: &[String],
+    built: &str,
+) -> Result<ChangeSummary, String> {
+    let new = nix.closure(built).await.map_err(|e| e.to_string())?;
+    Ok(summary::summarize(old, &new))
 }
 
 /// What a probe found, and its connection.

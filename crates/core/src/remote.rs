@@ -197,11 +197,6 @@ pub fn current_system_argv() -> Vec<String> {
         .to_vec()
 }
 
-/// `readlink /nix/var/nix/profiles/system`
-pub fn profile_link_argv() -> Vec<String> {
-    ["readlink", SYSTEM_PROFILE].map(String::from).to_vec()
-}
-
 /// The closure of a system: every store path it needs.
 pub fn closure_argv(path: &str) -> Vec<String> {
     vec![
@@ -212,13 +207,15 @@ pub fn closure_argv(path: &str) -> Vec<String> {
     ]
 }
 
-/// Make `path` the new generation of the system profile.
+/// Make `path` the new generation of the system profile and print the
+/// profile's new link (`system-N-link`, see [`parse_generation_link`]): one
+/// round trip.
 pub fn set_profile_argv(path: &str) -> Vec<String> {
     vec![
-        "nix-env".into(),
-        "-p".into(),
-        SYSTEM_PROFILE.into(),
-        "--set".into(),
+        "sh".into(),
+        "-c".into(),
+        format!(r#"nix-env -p {SYSTEM_PROFILE} --set "$1" >&2 && readlink {SYSTEM_PROFILE}"#),
+        "nix-deploy-set-profile".into(),
         path.into(),
     ]
 }
@@ -363,9 +360,64 @@ pub fn activator_argv(
     argv
 }
 
-/// One round trip: has the activation finished, and with what exit code?
-pub fn activation_status_argv(token: &str) -> Vec<String> {
-    vec!["cat".into(), format!("{STATE_DIR}/{token}.activated")]
+/// Wait on the host, at most `$2` seconds, for activation `$1` to end;
+/// print its exit code, or nothing while it still runs. The host checks
+/// every tenth of a second (every second where `sleep` takes only whole
+/// seconds), so we learn the result one round trip after it exists instead
+/// of polling over SSH.
+const WAIT_SCRIPT: &str = r#"f=/run/nix-deploy/$1.activated
+if sleep 0.01 2>/dev/null; then d=0.1; n=$(( $2 * 10 )); else d=1; n=$2; fi
+i=0
+while [ ! -e "$f" ] && [ "$i" -lt "$n" ]; do sleep "$d"; i=$((i+1)); done
+if [ -e "$f" ]; then cat "$f"; fi"#;
+
+/// What [`activation_wait_argv`] prints when the activation never started.
+pub const ACTIVATION_ABSENT: &str = "absent";
+
+/// Wait at most `secs` for activation `token` to end (see [`WAIT_SCRIPT`]);
+/// [`parse_activation_status`] reads what it prints. Prints
+/// [`ACTIVATION_ABSENT`] when the activator never started (a connection that
+/// dropped while starting it).
+pub fn activation_wait_argv(token: &str, secs: u64) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            r#"[ -e "/run/nix-deploy/$1.pid" ] || [ -e "/run/nix-deploy/$1.activated" ] || {{ echo {ACTIVATION_ABSENT}; exit 0; }}
+{WAIT_SCRIPT}"#
+        ),
+        "nix-deploy-wait".into(),
+        token.into(),
+        secs.to_string(),
+    ]
+}
+
+/// Start the activator (`launch`, from [`activator_argv`]) and wait for it
+/// as [`activation_wait_argv`] does, in one round trip. A failed start
+/// exits with the starter's code.
+pub fn activator_start_and_wait_argv(launch: Vec<String>, token: &str, secs: u64) -> Vec<String> {
+    let mut argv = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(r#"t=$1; w=$2; shift 2; "$@" || exit $?; set -- "$t" "$w"; {WAIT_SCRIPT}"#),
+        "nix-deploy-start".into(),
+        token.into(),
+        secs.to_string(),
+    ];
+    argv.extend(launch);
+    argv
+}
+
+/// What a wait printed: `Some(exit code)` once the activation ended,
+/// `None` while it runs.
+pub fn parse_activation_status(stdout: &str) -> Result<Option<i32>, String> {
+    let text = stdout.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| format!("unexpected activation status `{text}`"))
 }
 
 /// The activation's output.
@@ -590,9 +642,12 @@ mod tests {
 
     #[test]
     fn step_command_lines() {
+        let set = set_profile_argv(P);
+        assert_eq!(set[..2], ["sh", "-c"]);
+        assert!(set[2].starts_with(&format!(r#"nix-env -p {SYSTEM_PROFILE} --set "$1""#)));
         assert_eq!(
-            set_profile_argv(P),
-            ["nix-env", "-p", SYSTEM_PROFILE, "--set", P]
+            set[4], P,
+            "the path is an argument, never pasted into the script"
         );
         assert_eq!(
             switch_generation_argv(4),
