@@ -51,6 +51,12 @@ pub struct Cli {
     /// Timeout of each remote command (activation has its own).
     #[arg(long, global = true, default_value = "1m", value_name = "DURATION", value_parser = duration::parse_timeout)]
     pub command_timeout: Duration,
+    /// Keep each host's SSH master connection this long after its last use,
+    /// so the next command (or the daemon's next deployment) pays no
+    /// handshake; 0 closes them when the command ends.
+    #[arg(long, global = true, default_value = "10m", value_name = "DURATION",
+          env = "NIX_DEPLOY_SSH_KEEP_ALIVE", value_parser = duration::parse)]
+    pub ssh_keep_alive: Duration,
     /// `nix eval` processes evaluating the fleet at once [default: from the
     /// cores and the memory available].
     #[arg(long, global = true, value_name = "N", env = "NIX_DEPLOY_EVAL_WORKERS",

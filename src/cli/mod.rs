@@ -38,7 +38,7 @@ use crate::engine::{
 };
 use crate::paths;
 use crate::store::Store;
-use crate::transport::ssh::SshOptions;
+use crate::transport::ssh::{KeepAlive, SshOptions};
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -100,10 +100,7 @@ fn init_tracing(verbose: u8) {
 /// Open the history; deployments whose coordinator died are marked
 /// `interrupted` on the way (crash recovery).
 async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
-    let dir = cli
-        .state_dir
-        .clone()
-        .unwrap_or_else(paths::default_state_dir);
+    let dir = state_dir(cli);
     let store = Store::open(&dir).await?;
     paths::clean_control_dirs(store.dead_holders()).await;
     for id in store.mark_interrupted().await? {
@@ -115,13 +112,37 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
 }
 
 fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
-    let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
-    ssh.connect_timeout = cli.connect_timeout;
-    ssh.command_timeout = cli.command_timeout;
+    let ssh = ssh_options(cli, &state_dir(cli), control_dir);
     let mut config = EngineConfig::new(cli.flake(), ssh);
     config.eval_workers = cli.eval_workers.map(usize::from);
     config.eval_cache = !cli.no_eval_cache;
     config
+}
+
+fn state_dir(cli: &Cli) -> std::path::PathBuf {
+    cli.state_dir
+        .clone()
+        .unwrap_or_else(paths::default_state_dir)
+}
+
+/// The SSH settings of this command line (shared with `serve`).
+pub(crate) fn ssh_options(
+    cli: &Cli,
+    state_dir: &std::path::Path,
+    control_dir: &std::path::Path,
+) -> SshOptions {
+    let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
+    ssh.connect_timeout = cli.connect_timeout;
+    ssh.command_timeout = cli.command_timeout;
+    ssh.keep = match KeepAlive::new(state_dir.join("ssh"), cli.ssh_keep_alive) {
+        Ok(keep) => keep,
+        Err(e) => {
+            // Slower, not wrong: every run connects anew.
+            tracing::warn!("not keeping SSH connections between runs: {e}");
+            None
+        }
+    };
+    ssh
 }
 
 /// The engine for this command line, and the directory of its ssh control

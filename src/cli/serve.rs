@@ -14,7 +14,6 @@ use crate::daemon::{self, AppState, Token};
 use crate::engine::{Engine, EngineConfig};
 use crate::paths;
 use crate::store::Store;
-use crate::transport::ssh::SshOptions;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -75,9 +74,10 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let interrupted = store.mark_interrupted().await?;
     // ssh control sockets live for the daemon's lifetime.
     let control = paths::control_dir(store.holder())?;
-    let mut ssh = SshOptions::new(ssh_config, control.path().to_path_buf());
-    ssh.connect_timeout = cli.connect_timeout;
-    ssh.command_timeout = cli.command_timeout;
+    // Kept masters are the daemon's connection pool: every deployment and
+    // status probe resumes the host's master instead of connecting anew.
+    let mut ssh = super::ssh_options(cli, &state_dir, control.path());
+    ssh.config_file = ssh_config;
     let mut engine = EngineConfig::new(config.flake.clone(), ssh);
     // The command line's evaluation flags win over the file's.
     engine.eval_workers = cli.eval_workers.map(usize::from).or(config.eval_workers);

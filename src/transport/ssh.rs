@@ -2,6 +2,13 @@
 //! master connection per host, reused for every step, so the user's
 //! `~/.ssh/config`, agents and `ProxyJump` just work.
 //!
+//! With [`KeepAlive`], masters outlive the run that opened them: each host's
+//! master is recorded in an owner-only directory of the state directory and
+//! resumed by the next run (or the daemon's next deployment), so a repeated
+//! `plan` or `deploy` pays no SSH handshake. A kept master exits by itself
+//! after being idle for the keep-alive time (ssh's `ControlPersist`), and a
+//! record whose master is gone is removed when found.
+//!
 //! Remote commands are argument vectors; each argument is quoted by the crate
 //! before the remote shell sees it. Every command has a timeout, and every error
 //! names the host and the step and carries the remote stderr.
@@ -9,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::process::format_tail;
@@ -27,6 +34,127 @@ pub struct SshOptions {
     pub command_timeout: Duration,
     /// Where master sockets live; short, because socket paths are limited to ~100 bytes.
     pub control_dir: PathBuf,
+    /// Keep masters alive between runs; `None`: every run connects anew.
+    pub keep: Option<KeepAlive>,
+}
+
+/// Masters kept between runs ([`Connection::connect`]).
+#[derive(Clone, Debug)]
+pub struct KeepAlive {
+    /// Owner-only; holds one record per host and the masters' sockets.
+    pub dir: PathBuf,
+    /// A kept master exits after this long without a session.
+    pub idle: Duration,
+}
+
+/// The longest control directory for which ssh's socket path
+/// (`DIR/.ssh-connectionXXXXXX/master`) stays under the kernel's limit of
+/// 108 bytes.
+const MAX_KEEP_DIR: usize = 80;
+
+impl KeepAlive {
+    /// Keep masters in `dir` (created owner-only) for `idle`; `None` when
+    /// `idle` is zero or the directory's path is too long for a socket.
+    pub fn new(dir: PathBuf, idle: Duration) -> std::io::Result<Option<Self>> {
+        if idle.is_zero() || dir.as_os_str().len() > MAX_KEEP_DIR {
+            return Ok(None);
+        }
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        // An existing directory is made owner-only too: whoever can reach a
+        // master's socket can run commands as us on the host.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let keep = KeepAlive { dir, idle };
+        keep.sweep();
+        Ok(Some(keep))
+    }
+
+    /// The record of the master for `target` as `options` reach it.
+    fn record(&self, target: &Target, options: &SshOptions) -> PathBuf {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [
+            target.user.as_str(),
+            target.destination.as_str(),
+            &target.port.map(|p| p.to_string()).unwrap_or_default(),
+            &options
+                .config_file
+                .as_ref()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        let digest = hash.finalize();
+        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{name}.master"))
+    }
+
+    /// A live master recorded at `record`, or `None` (and the stale record
+    /// and its directory removed).
+    async fn resume(&self, record: &Path) -> Option<Session> {
+        let text = std::fs::read_to_string(record).ok()?;
+        let ctl = PathBuf::from(text.lines().next()?.trim());
+        // Only sockets in our own directory: the record could be stale or
+        // tampered with, and we must not talk to anyone else's master.
+        let inside = ctl.parent().and_then(Path::parent) == Some(self.dir.as_path());
+        if inside {
+            let session = Session::resume_mux(ctl.clone().into_boxed_path(), None);
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), session.check()).await
+            {
+                return Some(session);
+            }
+        }
+        let _ = std::fs::remove_file(record);
+        if inside && let Some(dir) = ctl.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        None
+    }
+
+    /// Remember `session`'s master for the next run.
+    fn remember(&self, record: &Path, session: &Session) {
+        let tmp = record.with_extension("tmp");
+        let text = format!("{}\n", session.control_socket().display());
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, record);
+        }
+    }
+
+    /// Remove what masters that exited (idle, or their host went away)
+    /// left behind: a master's directory without its socket, older than a
+    /// connection attempt can take, and records pointing nowhere.
+    fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".ssh-connection") {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(120));
+                if old && !path.join("master").exists() {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            } else if name.ends_with(".master") {
+                let socket = std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|t| PathBuf::from(t.trim()));
+                if !socket.is_some_and(|s| s.exists()) {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
 }
 
 impl SshOptions {
@@ -36,6 +164,7 @@ impl SshOptions {
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(60),
             control_dir,
+            keep: None,
         }
     }
 }
@@ -104,6 +233,8 @@ pub struct Connection {
     host: String,
     target: Target,
     session: Session,
+    /// The master is kept between runs: closing leaves it running.
+    kept: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -114,14 +245,24 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-fn builder(target: &Target, options: &SshOptions) -> SessionBuilder {
+fn builder(target: &Target, options: &SshOptions, keep: Option<&KeepAlive>) -> SessionBuilder {
     let mut b = SessionBuilder::default();
     // accept-new: first contact records the key, a changed key is refused.
     b.known_hosts_check(KnownHosts::Add)
         .connect_timeout(options.connect_timeout)
         .server_alive_interval(Duration::from_secs(5))
-        .control_directory(&options.control_dir)
         .user(target.user.clone());
+    match keep {
+        Some(keep) => {
+            let idle = std::num::NonZeroUsize::new(keep.idle.as_secs().max(1) as usize)
+                .expect("at least one second");
+            b.control_directory(&keep.dir)
+                .control_persist(ControlPersist::IdleFor(idle));
+        }
+        None => {
+            b.control_directory(&options.control_dir);
+        }
+    }
     if let Some(port) = target.port {
         b.port(port);
     }
@@ -181,12 +322,48 @@ pub fn nix_ssh_opts(
 }
 
 impl Connection {
-    /// Open a new master connection to `host`.
+    /// A master connection to `host`: the one kept from an earlier run when
+    /// it is still alive, else a new one (kept for later runs with
+    /// [`SshOptions::keep`]).
     #[tracing::instrument(skip(target, options), fields(destination = %target.destination))]
     pub async fn connect(
         host: &str,
         target: &Target,
         options: &SshOptions,
+    ) -> Result<Self, SshError> {
+        let Some(keep) = &options.keep else {
+            return Self::open(host, target, options, None).await;
+        };
+        let record = keep.record(target, options);
+        if let Some(session) = keep.resume(&record).await {
+            tracing::debug!(host, "reusing a kept ssh master");
+            return Ok(Connection {
+                host: host.to_string(),
+                target: target.clone(),
+                session,
+                kept: true,
+            });
+        }
+        let connection = Self::open(host, target, options, Some(keep)).await?;
+        keep.remember(&record, &connection.session);
+        Ok(connection)
+    }
+
+    /// A new master connection, never a kept one, closed with
+    /// [`Connection::close`]: what proves a host lets us in right now.
+    pub async fn connect_new(
+        host: &str,
+        target: &Target,
+        options: &SshOptions,
+    ) -> Result<Self, SshError> {
+        Self::open(host, target, options, None).await
+    }
+
+    async fn open(
+        host: &str,
+        target: &Target,
+        options: &SshOptions,
+        keep: Option<&KeepAlive>,
     ) -> Result<Self, SshError> {
         let connect_error = |message: String| SshError::Connect {
             host: host.to_string(),
@@ -204,7 +381,7 @@ impl Connection {
         let deadline = options.connect_timeout + Duration::from_secs(5);
         let session = match tokio::time::timeout(
             deadline,
-            builder(target, options).connect_mux(&target.destination),
+            builder(target, options, keep).connect_mux(&target.destination),
         )
         .await
         {
@@ -221,6 +398,7 @@ impl Connection {
             host: host.to_string(),
             target: target.clone(),
             session,
+            kept: keep.is_some(),
         })
     }
 
@@ -501,8 +679,13 @@ impl Connection {
         Ok(RemoteOutput { stdout, stderr })
     }
 
-    /// Close the master connection.
+    /// Close the master connection; a kept master is left running for the
+    /// next run (it exits by itself when idle).
     pub async fn close(self) {
+        if self.kept {
+            let _ = self.session.detach();
+            return;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session.close()).await;
     }
 }

@@ -43,13 +43,18 @@ impl Harness {
 
     /// [`Harness::run`] with extra environment variables.
     pub fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.run_in(self.state_dir(), args, env)
+    }
+
+    /// [`Harness::run_with_env`] with another state directory.
+    pub fn run_in(&self, state: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = std::process::Command::new(binary());
         cmd.arg("--flake")
             .arg(self.fleet.flake_ref())
             .arg("--ssh-config")
             .arg(self.fleet.ssh_config())
             .arg("--state-dir")
-            .arg(self.state_dir())
+            .arg(state)
             .args([
                 "--connect-timeout",
                 "5",

@@ -351,7 +351,9 @@ pub fn check_names(selection: &Selection, names: &[String]) -> Result<(), Invent
             // is no host's name may be meant as a tag.
             return Err(match selector.no_match(&Inventory::default(), names) {
                 InventoryError::UnknownHost { name, known } => InventoryError::UnknownHost {
-                    known: format!("{known}; `@{name}` selects the hosts with that tag, if it is one"),
+                    known: format!(
+                        "{known}; `@{name}` selects the hosts with that tag, if it is one"
+                    ),
                     name,
                 },
                 other => other,
@@ -570,7 +572,10 @@ mod tests {
         assert!(check_names(&selection(&["web-*", "@anything"], &[], &[]), &names).is_ok());
         let e = check_names(&selection(&["wbe-1"], &[], &[]), &names).unwrap_err();
         assert!(e.to_string().contains("unknown host `wbe-1`"), "{e}");
-        assert!(e.to_string().contains("`@wbe-1` selects the hosts with that tag, if it is one"));
+        assert!(
+            e.to_string()
+                .contains("`@wbe-1` selects the hosts with that tag, if it is one")
+        );
         let e = check_names(&selection(&[], &[], &["api-*"]), &names).unwrap_err();
         assert!(e.to_string().contains("`api-*` matches no host"), "{e}");
         assert!(uses_tags(&selection(&["web-1"], &[], &["@db"])));

@@ -291,6 +291,26 @@ impl Fleet {
         self.signal_host(name, libc::SIGCONT)
     }
 
+    /// Stops the host's listening sshd only (SIGSTOP): new connections are
+    /// accepted by the kernel but never answered, while established ones
+    /// (kept ssh masters) go on working.
+    pub fn pause_listener(&self, name: &str) -> Result<()> {
+        let pid = self
+            .pid(name)
+            .with_context(|| format!("host {name} has no listening sshd"))?;
+        send_signal(pid as i32, libc::SIGSTOP);
+        Ok(())
+    }
+
+    /// Undoes [`Fleet::pause_listener`].
+    pub fn resume_listener(&self, name: &str) -> Result<()> {
+        let pid = self
+            .pid(name)
+            .with_context(|| format!("host {name} has no listening sshd"))?;
+        send_signal(pid as i32, libc::SIGCONT);
+        Ok(())
+    }
+
     /// Kills the host's established ssh connections (and what runs over
     /// them, including ssh control masters' sessions) but not its listening
     /// sshd: a network blip.
