@@ -131,8 +131,7 @@ impl Recorder {
             finished_at: None,
             ok: None,
         });
-        self.save(run).await?;
-        self.emit(Some(&run.host), EventKind::StepStarted { step })
+        self.save_with_event(run, EventKind::StepStarted { step }, None)
             .await?;
         let result = work.await;
         let message = result.as_ref().err().map(|e| {
@@ -148,20 +147,39 @@ impl Recorder {
             timing.finished_at = Some(now_ms());
             timing.ok = Some(result.is_ok());
         }
-        self.save(run).await?;
-        let seconds = started.elapsed().as_secs_f64();
-        durably(|| self.store.record_step_duration(step.as_str(), seconds)).await?;
-        self.emit(
-            Some(&run.host),
+        let elapsed = started.elapsed();
+        self.save_with_event(
+            run,
             EventKind::StepFinished {
                 step,
                 ok: result.is_ok(),
-                duration_ms: started.elapsed().as_millis() as u64,
+                duration_ms: elapsed.as_millis() as u64,
                 message: message.clone(),
             },
+            Some((step.as_str(), elapsed.as_secs_f64())),
         )
         .await?;
         Ok(result.map_err(|_| message.unwrap_or_default()))
+    }
+
+    /// Save `run` and record `kind` about it (and count a finished step's
+    /// duration) in one durable write, then tell the watchers.
+    async fn save_with_event(
+        &self,
+        run: &HostRun,
+        kind: EventKind,
+        finished_step: Option<(&str, f64)>,
+    ) -> Result<(), StoreError> {
+        let _order = self.order.lock().await;
+        let event = durably(|| {
+            self.store
+                .save_host_run_with_event(run, kind.clone(), finished_step)
+        })
+        .await?;
+        if let Some(sink) = &self.sink {
+            let _ = sink.send(event);
+        }
+        Ok(())
     }
 
     /// A host's part is over: store the run, remember what the host runs,

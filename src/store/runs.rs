@@ -12,43 +12,40 @@ use crate::now_ms;
 impl Store {
     /// Insert or replace a host run as a whole.
     pub async fn save_host_run(&self, run: &HostRun) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
-                 new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token,
-                 goal, output, reboot)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (deployment_id, host) DO UPDATE SET
-                 status = excluded.status, step = excluded.step, changed = excluded.changed,
-                 old_path = excluded.old_path, old_generation = excluded.old_generation,
-                 new_path = excluded.new_path, new_generation = excluded.new_generation,
-                 started_at = excluded.started_at, finished_at = excluded.finished_at,
-                 steps = excluded.steps, reason = excluded.reason, error = excluded.error,
-                 summary = excluded.summary, token = excluded.token,
-                 goal = excluded.goal, output = excluded.output, reboot = excluded.reboot",
-        )
-        .bind(run.deployment_id)
-        .bind(&run.host)
-        .bind(run.status.as_str())
-        .bind(&run.step)
-        .bind(run.changed)
-        .bind(&run.from.path)
-        .bind(run.from.generation.map(i64::from))
-        .bind(&run.to.path)
-        .bind(run.to.generation.map(i64::from))
-        .bind(run.time.started_at)
-        .bind(run.time.finished_at)
-        .bind(serde_json::to_string(&run.steps).unwrap_or_else(|_| "[]".into()))
-        .bind(&run.reason)
-        .bind(&run.error)
-        .bind(run.summary.as_ref().map(to_json))
-        .bind(&run.token)
-        .bind(run.goal.map(|g| g.as_str()))
-        .bind(run.output.as_ref().map(to_json))
-        .bind(run.reboot.as_ref().map(to_json))
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("saving a host run"))?;
+        upsert_host_run(run)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("saving a host run"))?;
         Ok(())
+    }
+
+    /// Save a host run, record an event about it and, when a step ended,
+    /// count its duration: one transaction, so one durable write where there
+    /// were three (a step's start and end are the most frequent writes of a
+    /// deployment).
+    pub async fn save_host_run_with_event(
+        &self,
+        run: &HostRun,
+        kind: EventKind,
+        finished_step: Option<(&str, f64)>,
+    ) -> Result<Event, StoreError> {
+        let context = "saving a host run and its event";
+        let mut tx = self.pool.begin().await.map_err(query_error(context))?;
+        upsert_host_run(run)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error(context))?;
+        let mut event = new_event(run.deployment_id, Some(&run.host), kind);
+        event.id = insert_event(&event)?
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error(context))?
+            .last_insert_rowid();
+        if let Some((step, seconds)) = finished_step {
+            super::stats::count_step(&mut tx, step, seconds).await?;
+        }
+        tx.commit().await.map_err(query_error(context))?;
+        Ok(event)
     }
 
     /// Every host run of a deployment, by host name.
@@ -164,29 +161,12 @@ impl Store {
         host: Option<&str>,
         kind: EventKind,
     ) -> Result<Event, StoreError> {
-        let mut event = Event {
-            id: 0,
-            deployment_id,
-            at: now_ms(),
-            host: host.map(str::to_string),
-            kind,
-        };
-        let data = serde_json::to_string(&event.kind).map_err(|source| StoreError::Json {
-            context: "events",
-            source,
-        })?;
-        event.id = sqlx::query(
-            "INSERT INTO events (deployment_id, at, host, kind, data) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(deployment_id)
-        .bind(event.at)
-        .bind(host)
-        .bind(event.kind.name())
-        .bind(data)
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("recording an event"))?
-        .last_insert_rowid();
+        let mut event = new_event(deployment_id, host, kind);
+        event.id = insert_event(&event)?
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("recording an event"))?
+            .last_insert_rowid();
         Ok(event)
     }
 
@@ -372,4 +352,70 @@ fn after_run(run: &HostRun) -> (Option<&str>, Option<u32>, Option<&str>) {
         }
         _ => (None, None, None),
     }
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// The statement that inserts or replaces `run`.
+fn upsert_host_run(run: &HostRun) -> Query<'_> {
+    sqlx::query(
+        "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
+             new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token,
+             goal, output, reboot)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (deployment_id, host) DO UPDATE SET
+             status = excluded.status, step = excluded.step, changed = excluded.changed,
+             old_path = excluded.old_path, old_generation = excluded.old_generation,
+             new_path = excluded.new_path, new_generation = excluded.new_generation,
+             started_at = excluded.started_at, finished_at = excluded.finished_at,
+             steps = excluded.steps, reason = excluded.reason, error = excluded.error,
+             summary = excluded.summary, token = excluded.token,
+             goal = excluded.goal, output = excluded.output, reboot = excluded.reboot",
+    )
+    .bind(run.deployment_id)
+    .bind(&run.host)
+    .bind(run.status.as_str())
+    .bind(&run.step)
+    .bind(run.changed)
+    .bind(&run.from.path)
+    .bind(run.from.generation.map(i64::from))
+    .bind(&run.to.path)
+    .bind(run.to.generation.map(i64::from))
+    .bind(run.time.started_at)
+    .bind(run.time.finished_at)
+    .bind(serde_json::to_string(&run.steps).unwrap_or_else(|_| "[]".into()))
+    .bind(&run.reason)
+    .bind(&run.error)
+    .bind(run.summary.as_ref().map(to_json))
+    .bind(&run.token)
+    .bind(run.goal.map(|g| g.as_str()))
+    .bind(run.output.as_ref().map(to_json))
+    .bind(run.reboot.as_ref().map(to_json))
+}
+
+/// An event to record now.
+fn new_event(deployment_id: i64, host: Option<&str>, kind: EventKind) -> Event {
+    Event {
+        id: 0,
+        deployment_id,
+        at: now_ms(),
+        host: host.map(str::to_string),
+        kind,
+    }
+}
+
+/// The statement that inserts `event` (its id comes from the insert).
+fn insert_event(event: &Event) -> Result<Query<'_>, StoreError> {
+    let data = serde_json::to_string(&event.kind).map_err(|source| StoreError::Json {
+        context: "events",
+        source,
+    })?;
+    Ok(sqlx::query(
+        "INSERT INTO events (deployment_id, at, host, kind, data) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(event.deployment_id)
+    .bind(event.at)
+    .bind(event.host.clone())
+    .bind(event.kind.name())
+    .bind(data))
 }

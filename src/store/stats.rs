@@ -35,24 +35,7 @@ impl Store {
             .begin()
             .await
             .map_err(query_error("counting a step"))?;
-        sqlx::query(
-            "INSERT INTO step_stats (step, bucket, count) VALUES (?, ?, 1)
-             ON CONFLICT (step, bucket) DO UPDATE SET count = count + 1",
-        )
-        .bind(step)
-        .bind(bucket_of(seconds) as i64)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_error("counting a step"))?;
-        sqlx::query(
-            "INSERT INTO step_totals (step, count, sum) VALUES (?, 1, ?)
-             ON CONFLICT (step) DO UPDATE SET count = count + 1, sum = sum + excluded.sum",
-        )
-        .bind(step)
-        .bind(seconds)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_error("counting a step"))?;
+        count_step(&mut tx, step, seconds).await?;
         tx.commit().await.map_err(query_error("counting a step"))?;
         Ok(())
     }
@@ -85,6 +68,33 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Count one finished step, inside the caller's transaction.
+pub(super) async fn count_step(
+    tx: &mut sqlx::SqliteConnection,
+    step: &str,
+    seconds: f64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO step_stats (step, bucket, count) VALUES (?, ?, 1)
+         ON CONFLICT (step, bucket) DO UPDATE SET count = count + 1",
+    )
+    .bind(step)
+    .bind(bucket_of(seconds) as i64)
+    .execute(&mut *tx)
+    .await
+    .map_err(query_error("counting a step"))?;
+    sqlx::query(
+        "INSERT INTO step_totals (step, count, sum) VALUES (?, 1, ?)
+         ON CONFLICT (step) DO UPDATE SET count = count + 1, sum = sum + excluded.sum",
+    )
+    .bind(step)
+    .bind(seconds)
+    .execute(&mut *tx)
+    .await
+    .map_err(query_error("counting a step"))?;
+    Ok(())
 }
 
 #[cfg(test)]
