@@ -6,8 +6,9 @@
 //! Layout: `STATE/gcroots/HOST/<store path name>`, a symlink to the store
 //! path, registered by `nix-store --realise PATH --add-root LINK` (Nix keeps
 //! an indirect root in `/nix/var/nix/gcroots/auto` pointing at it). Each
-//! deployment re-creates the links it needs, so their modification times
-//! say when a system was last deployed or rolled back to; beyond the
+//! deployment re-creates the link of what it built (and makes the link of
+//! what the host ran when it is missing), so their modification times say
+//! when a system was last deployed; beyond the
 //! [`KEEP`] newest per host (never the two just rooted), links are removed,
 //! and Nix forgets a root whose link is gone.
 
@@ -60,10 +61,18 @@ pub(super) async fn protect(
             continue;
         }
         let link = dir.join(name);
-        let _ = tokio::fs::remove_file(&link).await;
-        nix.add_root(path, &link.to_string_lossy())
-            .await
-            .map_err(|e| format!("rooting {path}: {e}"))?;
+        // The system the host ran is usually rooted already (by the
+        // deployment that built it): a process start saved.
+        let rooted = path != built
+            && tokio::fs::read_link(&link)
+                .await
+                .is_ok_and(|target| target == Path::new(path));
+        if !rooted {
+            let _ = tokio::fs::remove_file(&link).await;
+            nix.add_root(path, &link.to_string_lossy())
+                .await
+                .map_err(|e| format!("rooting {path}: {e}"))?;
+        }
         keep.push(name.to_string());
         done.rooted.push(path.to_string());
     }

@@ -12,6 +12,7 @@ use nix_deploy_core::remote::{self, Activation};
 use super::gcroots;
 use super::keys;
 use super::pipeline::{HostContext, HostJob, StepFailure};
+use super::probe::Assessment;
 use super::recovery::Back;
 use crate::store::StoreError;
 use crate::transport::ssh::SshError;
@@ -43,10 +44,14 @@ impl HostContext {
 
     /// Make what was built (and what the host ran before) GC roots on the
     /// coordinator. Informational: a root that cannot be made is logged.
-    pub(super) async fn protect_roots(&self, job: &HostJob, path: &str) -> Result<(), StoreError> {
-        let host = &job.assessment.host.name;
+    pub(super) async fn protect_roots(
+        &self,
+        assessment: &Assessment,
+        path: &str,
+    ) -> Result<(), StoreError> {
+        let host = &assessment.host.name;
         let state_dir = self.recorder.store().state_dir().to_path_buf();
-        let previous = job.assessment.current.path.as_deref();
+        let previous = assessment.current.path.as_deref();
         match gcroots::protect(&self.nix, &state_dir, host, path, previous).await {
             Ok(done) if !done.pruned.is_empty() => {
                 self.recorder

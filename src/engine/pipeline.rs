@@ -214,7 +214,6 @@ impl HostContext {
             })
         };
         let path = path?;
-        self.protect_roots(job, &path).await?;
         self.copy_and_summarize(job, &path, &old_closure).await?;
         if goal == Goal::DryActivate {
             return self.dry_activate(job, &path).await;
@@ -334,8 +333,8 @@ impl HostContext {
         Ok(built)
     }
 
-    /// Copy the closure over our master connection and, meanwhile, say what
-    /// changes on the host, from its current closure (`old`) and the new
+    /// Copy the closure over our master connection and, meanwhile, root it
+    /// on the coordinator and say what changes on the host, from its current closure (`old`) and the new
     /// one. The summary is informational: one that cannot be made is
     /// logged, never a failure.
     async fn copy_and_summarize(
@@ -350,10 +349,14 @@ impl HostContext {
             run,
         } = job;
         let host = &assessment.host;
-        let (summary, copied) = tokio::join!(
+        // The coordinator's GC roots for what was built and what the host
+        // ran are made meanwhile too (local, informational).
+        let (summary, copied, rooted) = tokio::join!(
             new_closure_summary(&self.nix, old, path),
-            self.copy(host, connection, run, path)
+            self.copy(host, connection, run, path),
+            self.protect_roots(assessment, path),
         );
+        rooted?;
         match summary {
             Ok(summary) => {
                 self.recorder
