@@ -398,8 +398,6 @@ where
     Ok(exit_code(&deployment))
 }
 
-/// A plan ends the command with 1 when a host could not be evaluated (the
-/// plan of the others is shown), else 0.
 /// A plan succeeds when every selected host was evaluated and answered: a
 /// host we could not evaluate or reach is not known to be fine.
 fn plan_exit_code(report: &PlanReport) -> u8 {

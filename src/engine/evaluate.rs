@@ -85,6 +85,34 @@ impl Shard {
     }
 }
 
+/// Re-cut the planned shards that have not started into shards of the size
+/// `budget` (MiB a host) allows, never smaller than `size` they had. Returns
+/// the new size when it changed.
+fn reshard(
+    queue: &mut VecDeque<Shard>,
+    size: usize,
+    workers: usize,
+    available_mib: u64,
+    budget: u64,
+) -> Option<usize> {
+    let waiting: Vec<String> = queue
+        .iter()
+        .filter(|s| s.regular)
+        .flat_map(|s| s.hosts.iter().cloned())
+        .collect();
+    let bigger = eval::hosts_per_shard(waiting.len(), workers, available_mib, budget);
+    if waiting.is_empty() || bigger <= size {
+        return None;
+    }
+    queue.retain(|s| !s.regular);
+    queue.extend(
+        eval::split_into_shards(&waiting, bigger)
+            .into_iter()
+            .map(|hosts| Shard::new(hosts, true)),
+    );
+    Some(bigger)
+}
+
 /// Memory the kernel says can be had without swapping, in MiB.
 fn available_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -314,7 +342,22 @@ impl Engine {
                             Some(report.peak_shard_mib.map_or(mib, |p| p.max(mib)));
                         if shard.regular {
                             let per_host = kib / shard.hosts.len() as u64;
+                            let first = regular_host_kib.is_none();
                             regular_host_kib = Some(regular_host_kib.unwrap_or(0).max(per_host));
+                            // Nothing was known when the shards were cut (the
+                            // cautious default budget makes them small): cut
+                            // what has not started by what this one needed.
+                            if first && measured.is_none() {
+                                let budget = eval::host_budget_from_peak(per_host, 1);
+                                if let Some(size) =
+                                    reshard(&mut queue, per_shard, workers, available, budget)
+                                {
+                                    report.hosts_per_shard = size;
+                                    report.host_budget_mib = budget;
+                                    report.host_budget_source =
+                                        "measured by the first shard".into();
+                                }
+                            }
                         }
                     }
                     match eval::parse_shard_output(&output.stdout, &shard.hosts) {
@@ -476,5 +519,34 @@ impl Engine {
             return Err(EngineError::EvalFailed(vec![failure.clone()]));
         }
         super::prepare::find_host(&inventory, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_not_started_are_recut_by_the_measured_budget_never_smaller() {
+        let hosts: Vec<String> = (0..40).map(|i| format!("h{i}")).collect();
+        let mut queue: VecDeque<Shard> = eval::split_into_shards(&hosts, 8)
+            .into_iter()
+            .map(|h| Shard::new(h, true))
+            .collect();
+        queue.push_front(Shard::new(vec!["retried".into()], false));
+        // 2 workers, 2 shards each: 10 hosts a shard, memory allowing.
+        assert_eq!(reshard(&mut queue, 8, 2, 20_000, 20), Some(10));
+        assert!(!queue[0].regular, "retries still go first");
+        let regular: Vec<usize> = queue
+            .iter()
+            .filter(|s| s.regular)
+            .map(|s| s.hosts.len())
+            .collect();
+        assert_eq!(regular, [10, 10, 10, 10]);
+        // Already as big as the budget allows: left alone.
+        assert_eq!(reshard(&mut queue, 10, 2, 20_000, 20), None);
+        // A budget that allows fewer hosts never makes shards smaller.
+        assert_eq!(reshard(&mut queue, 10, 2, 20_000, 4_000), None);
+        assert_eq!(queue.iter().filter(|s| s.regular).count(), 4);
     }
 }
