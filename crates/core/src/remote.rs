@@ -362,13 +362,19 @@ pub fn activator_argv(
 
 /// Wait on the host, at most `$2` seconds, for activation `$1` to end;
 /// print its exit code, or nothing while it still runs. The host checks
-/// every tenth of a second (every second where `sleep` takes only whole
-/// seconds), so we learn the result one round trip after it exists instead
-/// of polling over SSH.
+/// every tenth of a second for the first two seconds (most activations end
+/// by then), then every half second (each check forks a `sleep`: a long
+/// activation should not cost the host a core); every second where `sleep`
+/// takes only whole seconds. We learn the result one round trip after it
+/// exists instead of polling over SSH.
 const WAIT_SCRIPT: &str = r#"f=/run/nix-deploy/$1.activated
-if sleep 0.01 2>/dev/null; then d=0.1; n=$(( $2 * 10 )); else d=1; n=$2; fi
-i=0
-while [ ! -e "$f" ] && [ "$i" -lt "$n" ]; do sleep "$d"; i=$((i+1)); done
+if sleep 0.01 2>/dev/null; then fine=1; else fine=0; fi
+t=0; n=$(( $2 * 10 ))
+while [ ! -e "$f" ] && [ "$t" -lt "$n" ]; do
+  if [ "$fine" = 0 ]; then sleep 1; t=$((t+10))
+  elif [ "$t" -lt 20 ]; then sleep 0.1; t=$((t+1))
+  else sleep 0.5; t=$((t+5)); fi
+done
 if [ -e "$f" ]; then cat "$f"; fi"#;
 
 /// What [`activation_wait_argv`] prints when the activation never started.
@@ -612,6 +618,32 @@ mod tests {
         assert_eq!(parse_generation_link("system-x-link"), None);
         assert_eq!(parse_generation_link("foo"), None);
         assert_eq!(generation_link(12), "/nix/var/nix/profiles/system-12-link");
+    }
+
+    #[test]
+    fn starting_and_waiting_is_one_call_whose_words_are_arguments() {
+        let launch = activator_argv(P, Activation::Switch, Some(4), 30, "abc123", true);
+        let argv = activator_start_and_wait_argv(launch.clone(), "abc123", 25);
+        assert_eq!(argv[..2], ["sh", "-c"]);
+        assert!(argv[2].ends_with(WAIT_SCRIPT));
+        assert_eq!(argv[3..6], ["nix-deploy-start", "abc123", "25"]);
+        assert_eq!(
+            argv[6..],
+            launch[..],
+            "the launch is passed on word for word"
+        );
+        assert!(!argv[2].contains(P));
+        let wait = activation_wait_argv("abc123", 10);
+        assert_eq!(wait[3..], ["nix-deploy-wait", "abc123", "10"]);
+        assert!(wait[2].contains(ACTIVATION_ABSENT));
+    }
+
+    #[test]
+    fn an_activation_status_is_an_exit_code_or_nothing_yet() {
+        assert_eq!(parse_activation_status("0\n"), Ok(Some(0)));
+        assert_eq!(parse_activation_status("4"), Ok(Some(4)));
+        assert_eq!(parse_activation_status(" \n"), Ok(None));
+        assert!(parse_activation_status("running").is_err());
     }
 
     #[test]
