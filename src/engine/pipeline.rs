@@ -460,6 +460,18 @@ impl HostContext {
     /// back under a validation still in progress (and does, one confirm
     /// window later, if we die).
     async fn validate(&self, job: &mut HostJob, path: &str) -> Result<(), StepFailure> {
+        self.validate_as(job, path, "validate", true).await
+    }
+
+    /// The validate step, its health checks recorded as `phase`; with
+    /// `watchdog`, the activation's watchdog is kept waiting meanwhile.
+    pub(super) async fn validate_as(
+        &self,
+        job: &mut HostJob,
+        path: &str,
+        phase: &str,
+        watchdog: bool,
+    ) -> Result<(), StepFailure> {
         let HostJob {
             assessment,
             connection,
@@ -480,11 +492,14 @@ impl HostContext {
                 )
                 .await;
                 self.recorder
-                    .health_checked(&host.name, "validate", results)
+                    .health_checked(&host.name, phase, results)
                     .await
                     .map_err(|e| e.to_string())?;
                 verdict
             };
+            if !watchdog {
+                return validation.await;
+            }
             tokio::select! {
                 verdict = validation => verdict,
                 never = self.keep_watchdog_waiting(connection, &token) => match never {},

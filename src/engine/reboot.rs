@@ -202,38 +202,12 @@ impl HostContext {
         self.upload_keys(job, None, true)
             .await?
             .map_err(StepFailure::AfterReboot)?;
-        self.validate_now(job, path)
+        self.validate_as(job, path, "after reboot", false)
             .await
             .map_err(|failure| match failure {
                 StepFailure::Validate(m) => StepFailure::AfterReboot(m),
                 other => other,
             })
-    }
-
-    /// The new system runs and its health checks pass (the validate step).
-    async fn validate_now(&self, job: &mut HostJob, path: &str) -> Result<(), StepFailure> {
-        let HostJob {
-            assessment,
-            connection,
-            run,
-        } = job;
-        let host = &assessment.host;
-        let checks = self.checks(host);
-        let work = async {
-            let (results, verdict) =
-                health::validate_host(connection, host, path, &checks, self.options.health_timeout)
-                    .await;
-            self.recorder
-                .health_checked(&host.name, "after reboot", results)
-                .await
-                .map_err(|e| e.to_string())?;
-            verdict
-        };
-        self.recorder
-            .step(run, Step::Validate, work)
-            .await?
-            .map(|_| ())
-            .map_err(StepFailure::Validate)
     }
 
     /// After a failed reboot or validation after it: the old generation
