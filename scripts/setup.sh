@@ -57,4 +57,15 @@ if [ ! -d /nix ]; then
     mkdir -m 0755 /nix
 fi
 
+# Debian installs / as 755. The test hosts' non-root deploy user (logging
+# in over ssh, running sudo) must be able to walk from /; a root directory
+# closed to other users (as some images and containers have) refuses it.
+case "$(stat -c %A /)" in
+    *x) ;;
+    *)
+        note "letting other users traverse / (chmod o+x /, as a Debian install has it): the test hosts' non-root user logs in through it"
+        chmod o+x /
+        ;;
+esac
+
 [ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo and /nix are in place)" >&2
