@@ -28,7 +28,9 @@ fn bucket_of(seconds: f64) -> usize {
 }
 
 impl Store {
-    /// Count one finished step.
+    /// Count one finished step on its own (the recorder counts inside its
+    /// step's transaction, [`Store::save_host_run_with_event`]).
+    #[cfg(test)]
     pub async fn record_step_duration(&self, step: &str, seconds: f64) -> Result<(), StoreError> {
         let mut tx = self
             .pool

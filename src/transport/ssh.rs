@@ -47,17 +47,24 @@ pub struct KeepAlive {
     pub idle: Duration,
 }
 
-/// The longest control directory for which ssh's socket path
-/// (`DIR/.ssh-connectionXXXXXX/master`) stays under the kernel's limit of
-/// 108 bytes.
-const MAX_KEEP_DIR: usize = 80;
+/// The longest control directory whose sockets fit the kernel's 107
+/// bytes: ssh binds `DIR/.ssh-connectionXXXXXX/master` first under a name
+/// 17 bytes longer (`master.` + 16 random characters), then renames it.
+const MAX_KEEP_DIR: usize = 107 - "/.ssh-connectionXXXXXX/master.XXXXXXXXXXXXXXXX".len();
 
 impl KeepAlive {
     /// Keep masters in `dir` (created owner-only) for `idle`; `None` when
-    /// `idle` is zero or the directory's path is too long for a socket.
+    /// `idle` is zero. A directory whose path is too long for a socket is
+    /// an error (the caller connects anew each run, and says why).
     pub fn new(dir: PathBuf, idle: Duration) -> std::io::Result<Option<Self>> {
-        if idle.is_zero() || dir.as_os_str().len() > MAX_KEEP_DIR {
+        if idle.is_zero() {
             return Ok(None);
+        }
+        if dir.as_os_str().len() > MAX_KEEP_DIR {
+            return Err(std::io::Error::other(format!(
+                "{} is longer than the {MAX_KEEP_DIR} bytes an ssh control socket's directory may have",
+                dir.display()
+            )));
         }
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
@@ -740,6 +747,28 @@ mod tests {
         );
         let options = SshOptions::new(Some("/my configs/ssh".into()), "/tmp/c".into());
         assert!(nix_ssh_opts(&target(None), &options, None).is_err());
+    }
+
+    #[test]
+    fn kept_masters_live_in_an_owner_only_directory_short_enough_for_sockets() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let minute = Duration::from_secs(60);
+        assert!(
+            KeepAlive::new(base.path().join("ssh"), Duration::ZERO)
+                .unwrap()
+                .is_none()
+        );
+        let keep = KeepAlive::new(base.path().join("ssh"), minute)
+            .unwrap()
+            .expect("kept");
+        let mode = std::fs::metadata(&keep.dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let long = base.path().join("x".repeat(MAX_KEEP_DIR));
+        let e = KeepAlive::new(long, minute).unwrap_err();
+        assert!(e.to_string().contains("control socket"), "{e}");
+        // The longest allowed directory still fits ssh's temporary name.
+        assert!(MAX_KEEP_DIR + "/.ssh-connectionXXXXXX/master.XXXXXXXXXXXXXXXX".len() <= 107);
     }
 
     #[test]
