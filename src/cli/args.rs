@@ -258,7 +258,7 @@ impl ExecArgs {
     }
 }
 
-/// How the deployment is ordered and gated (DESIGN §5). Unset options take
+/// How the deployment is ordered and gated. Unset options take
 /// the defaults (locally) or the daemon's configured defaults (with --server).
 #[derive(Args, Debug, Clone)]
 pub struct StrategyArgs {

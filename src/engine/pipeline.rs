@@ -1,4 +1,4 @@
-//! One changed host's pipeline (DESIGN §4), top to bottom:
+//! One changed host's pipeline, top to bottom:
 //!
 //! pre-flight → build → copy → set-profile → activate → validate → confirm
 //!
@@ -183,7 +183,7 @@ impl HostContext {
         Ok((job, outcome))
     }
 
-    /// DESIGN §4 for one changed host, as its goal wants it
+    /// The pipeline for one changed host, as its goal wants it
     /// ([`nix_deploy_core::goal`]; the goal-specific steps are in
     /// [`super::goals`] and [`super::reboot`]). `Test` activation (blue-green
     /// staging) leaves the profile alone.

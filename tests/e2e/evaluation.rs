@@ -1,5 +1,5 @@
 //! Evaluation at fleet scale, against NixOS-shaped flakes (nixpkgs' own
-//! `lib.evalModules`, from `../shared/fixtures/nixpkgs-lib.tar.xz`): the
+//! `lib.evalModules`, from the testkit's vendored `fixtures/nixpkgs-lib.tar.xz`): the
 //! project's module agrees with the inventory; shards; the evaluation cache
 //! never serves a stale result; one host's error names it while the others
 //! are planned; hosts are probed while the rest of the fleet evaluates.

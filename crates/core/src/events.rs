@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::remote::ProbeResult;
 
-/// One step of a host's pipeline (DESIGN §4).
+/// One step of a host's pipeline (see ARCHITECTURE.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Step {

@@ -1,5 +1,5 @@
 //! The fleet as the flake describes it: every host's toplevel and its
-//! `config.deployment` metadata (schema and defaults in DESIGN §3, keys in
+//! `config.deployment` metadata (schema and defaults in `nix/module.nix` and the README, keys in
 //! [`crate::keys`]), and host selection (`web1 web2`, `--all`, `--on
 //! 'web-*'`, `--on @tag`, `--exclude`; the syntax is in [`crate::select`]).
 //!

@@ -19,7 +19,7 @@
 //! Layout, below a root directory `R`:
 //!
 //! - `R/nixpkgs-lib/`: nixpkgs' lib (MIT), unpacked from
-//!   `../shared/fixtures/nixpkgs-lib.tar.xz` (or `$NIX_DEPLOY_NIXPKGS_LIB`);
+//!   `fixtures/nixpkgs-lib.tar.xz` in this crate (or `$NIX_DEPLOY_NIXPKGS_LIB`);
 //!   the flake's only input, `nixpkgs`, locked in `flake.lock`.
 //! - `R/flake/flake.nix`: `nixosConfigurations.NAME = nixosSystem { ... }`.
 //! - `R/flake/shared.nix`: a module every host imports ([`NixosShape::shared_module`]).
@@ -106,13 +106,14 @@ impl NixosShape {
     }
 }
 
-/// Where the nixpkgs lib tarball is: `$NIX_DEPLOY_NIXPKGS_LIB`, else
-/// `../shared/fixtures/nixpkgs-lib.tar.xz` beside the repository.
+/// Where the nixpkgs lib tarball is: `$NIX_DEPLOY_NIXPKGS_LIB`, else the
+/// copy vendored in this crate (`fixtures/nixpkgs-lib.tar.xz`, MIT, with its
+/// licence beside it).
 pub fn nixpkgs_lib_tarball() -> PathBuf {
     match std::env::var_os("NIX_DEPLOY_NIXPKGS_LIB") {
         Some(path) => PathBuf::from(path),
         None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/nixpkgs-lib.tar.xz"),
+            .join("fixtures/nixpkgs-lib.tar.xz"),
     }
 }
 

@@ -43,7 +43,7 @@ pub struct HostSpec {
     pub kernel: String,
     /// `deployment.targetUser`: a non-root user that logs in with the fleet's
     /// key and has passwordless `sudo`, and a `nix-daemon` in the host that
-    /// trusts it, as on NixOS (DESIGN §8). `None`: root logs in.
+    /// trusts it, as on NixOS. `None`: root logs in.
     pub user: Option<String>,
     /// Extra packages (`name-version`) in the closure, each a derivation of its own.
     pub extra_packages: Vec<String>,

@@ -4,7 +4,7 @@
 //! Pure: no IO, no clock. The engine executes exactly the plan's `waits_for`
 //! edges.
 //!
-//! DESIGN §5: dependencies form a DAG (a cycle is an error naming it); phases
+//! Dependencies form a DAG (a cycle is an error naming it); phases
 //! are the levels of the final ordering graph; execution is eager.
 
 use std::collections::{BTreeMap, BTreeSet};
