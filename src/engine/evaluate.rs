@@ -453,6 +453,14 @@ impl Engine {
     pub(super) async fn evaluate_fleet(
         &self,
     ) -> Result<(Inventory, EvaluationReport), EngineError> {
+        let (inventory, outcome) = self.evaluate_fleet_outcome().await?;
+        Ok((inventory, outcome.report))
+    }
+
+    /// [`Engine::evaluate_fleet`], with the flake's revision.
+    pub(super) async fn evaluate_fleet_outcome(
+        &self,
+    ) -> Result<(Inventory, EvalOutcome), EngineError> {
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let collect = async {
             let mut hosts: Vec<Host> = Vec::new();
@@ -476,7 +484,7 @@ impl Engine {
         if let Some(error) = error {
             return Err(error.into());
         }
-        Ok((Inventory::from_hosts(hosts), outcome.report))
+        Ok((Inventory::from_hosts(hosts), outcome))
     }
 
     /// The hosts a selection picks, evaluated, for runs that act on each of

@@ -23,7 +23,8 @@
 //! [`resume`] continues an interrupted deployment with its stored options;
 //! [`rollback`] switches a host back on request; [`health`] runs health
 //! checks; [`exec`] runs a command on many hosts (and its runner does
-//! `upload-keys`). Every state change goes through the [`recorder`], which
+//! `upload-keys`); [`observe`] reads what hosts run and what the flake
+//! wants, for the daemon's watch and `status --live`. Every state change goes through the [`recorder`], which
 //! writes it to the store before anyone is told.
 
 mod activator;
@@ -34,6 +35,7 @@ mod gcroots;
 mod goals;
 mod health;
 mod keys;
+mod observe;
 mod pipeline;
 mod prepare;
 mod probe;
@@ -59,6 +61,7 @@ use nix_deploy_core::run::{Deployment, HostRun};
 
 pub use exec::ExecJob;
 pub use keys::UploadKeysRequest;
+pub use observe::{DesiredFleet, observe};
 pub use probe::Assessment;
 pub use rollback::RollbackRequest;
 

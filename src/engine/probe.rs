@@ -367,7 +367,7 @@ impl Engine {
                         Some(&assessment.host.name),
                         EventKind::HostProbed {
                             state: assessment.state,
-                            probe: assessment.probe.clone(),
+                            probe: assessment.probe.clone().map(Box::new),
                             error: assessment.error.clone(),
                         },
                     )

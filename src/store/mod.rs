@@ -1,5 +1,6 @@
 //! The history: deployments, host runs, events and the last known state of each
-//! host, and the evaluation cache, in one SQLite file (WAL) in the state
+//! host, the evaluation cache, and the watch's state (each host's drift, the
+//! fleet's events, alerts to send), in one SQLite file (WAL) in the state
 //! directory.
 //!
 //! Invariant: whatever the engine reports (to a terminal, a stream or an API
@@ -20,6 +21,7 @@ mod leases;
 mod liveness;
 mod runs;
 mod stats;
+mod watch;
 
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ pub use eval_cache::{CachedEvaluation, EVAL_CACHE_ENTRIES};
 pub use hooks::BranchHead;
 pub use leases::Lease;
 pub use stats::{STEP_BUCKETS, StepHistogram};
+pub use watch::{NewAlert, WatchChange, WatchRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

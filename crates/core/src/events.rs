@@ -218,7 +218,8 @@ pub enum EventKind {
     },
     HostProbed {
         state: HostState,
-        probe: Option<ProbeResult>,
+        /// Boxed: a probe is much larger than the other events.
+        probe: Option<Box<ProbeResult>>,
         error: Option<String>,
     },
     Planned {

@@ -26,8 +26,14 @@
 //!   reboots: what each does, how it is validated and undone.
 //! - [`keys`]: secrets uploaded outside the store (`deployment.keys`).
 //! - [`exec`]: commands run on many hosts (`nix-deploy exec`).
+//! - [`drift`]: how a host stands against the flake and our history
+//!   (in sync, behind, manually switched, unhealthy, ...), and which
+//!   changes are alerted.
+//! - [`watch`]: the fleet as the daemon's watch sees it, its events and
+//!   alerts; [`pull`]: following a branch of the flake's git remote.
 
 pub mod command;
+pub mod drift;
 pub mod duration;
 pub mod eval;
 pub mod events;
@@ -38,6 +44,7 @@ pub mod keys;
 pub mod nix;
 pub mod options;
 pub mod plan;
+pub mod pull;
 pub mod remote;
 pub mod render;
 pub mod reports;
@@ -45,3 +52,4 @@ pub mod run;
 pub mod select;
 pub mod shell;
 pub mod summary;
+pub mod watch;

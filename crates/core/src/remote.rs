@@ -12,8 +12,9 @@ pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 /// One round trip tells us what a host runs: the running system, the
 /// profile's generation and the system it points at (they differ while a
 /// host is staged with `test` or waits for a reboot), free space, whether
-/// systemd runs it, and the activations whose watchdog has not decided yet.
-/// Fixed text: nothing from the flake or the user is pasted into it.
+/// systemd runs it, the activations whose watchdog has not decided yet, and
+/// (for the watch's drift) the booted system and the running system's boot
+/// files. Fixed text: nothing from the flake or the user is pasted into it.
 const PROBE_SCRIPT: &str = r#"if [ -e /run/current-system ]; then readlink -f /run/current-system; else echo; fi
 readlink /nix/var/nix/profiles/system 2>/dev/null || echo
 { df -Pk /nix/store 2>/dev/null || df -Pk /nix 2>/dev/null || df -Pk /; } | tail -n 1
@@ -30,7 +31,9 @@ for f in /run/nix-deploy/*.pid; do
   [ -d "/proc/$(cat "$f" 2>/dev/null)" ] || continue
   pending="$pending $t"
 done
-echo "pending$pending""#;
+echo "pending$pending"
+if [ -e /run/booted-system ]; then readlink -f /run/booted-system; else echo; fi
+for f in kernel initrd kernel-modules; do readlink "/run/current-system/$f" 2>/dev/null || echo; done"#;
 
 /// What a probe found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +60,14 @@ pub struct ProbeResult {
     /// coordinator died before confirming them).
     #[serde(default)]
     pub pending: Vec<String>,
+    /// `readlink -f /run/booted-system`: the system the host booted.
+    #[serde(default)]
+    pub booted_system: Option<String>,
+    /// Kernel, initrd and modules of the running system: when they differ
+    /// from [`ProbeResult::booted`], the host runs a kernel it has not
+    /// booted (pending a reboot).
+    #[serde(default)]
+    pub running_boot: BootFiles,
 }
 
 pub fn probe_argv() -> Vec<String> {
@@ -101,6 +112,12 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
         .filter(|t| is_valid_token(t))
         .map(str::to_string)
         .collect();
+    let booted_line = next().unwrap_or_default();
+    let running_boot = BootFiles {
+        kernel: next(),
+        initrd: next(),
+        kernel_modules: next(),
+    };
     let store_path = |text: &str, what: &str| -> Result<Option<String>, String> {
         if text.is_empty() {
             Ok(None)
@@ -114,6 +131,7 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
     };
     let current_system = store_path(current, "/run/current-system")?;
     let profile_system = store_path(profile_line, "the system profile")?;
+    let booted_system = store_path(&booted_line, "/run/booted-system")?;
     let generation = if generation_line.is_empty() {
         None
     } else {
@@ -135,6 +153,8 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
         boot_id,
         booted,
         pending,
+        booted_system,
+        running_boot,
     })
 }
 
@@ -593,6 +613,31 @@ mod tests {
         assert!(parse_boot_state("cat: no such file\n").is_err());
         assert_eq!(reboot_argv()[0], "/run/current-system/sw/bin/systemctl");
         assert_eq!(dry_activate_argv(P)[1], "dry-activate");
+    }
+
+    #[test]
+    fn parses_the_booted_system_and_the_running_boot_files() {
+        let boot = "6cf3d0d6-27f9-4991-bd81-372f1da13493";
+        let out = format!(
+            "{P}\nsystem-7-link\n/dev/vda 1 2 3 5% /\nsystemd\n{P}\n{boot}\n/nix/store/k1-linux/bzImage\n/nix/store/i1-initrd/initrd\n\npending\n{P}-old\n/nix/store/k2-linux/bzImage\n/nix/store/i1-initrd/initrd\n\n"
+        );
+        let probe = parse_probe(&out).unwrap();
+        assert_eq!(probe.booted_system, Some(format!("{P}-old")));
+        assert_eq!(
+            probe.running_boot.kernel.as_deref(),
+            Some("/nix/store/k2-linux/bzImage")
+        );
+        assert_eq!(
+            crate::goal::boot_changed(&probe.booted, &probe.running_boot),
+            Some(true)
+        );
+        // A booted system that is not a store path is garbage, not a system.
+        let bad = out.replace(&format!("{P}-old"), "/tmp/evil");
+        assert!(
+            parse_probe(&bad)
+                .unwrap_err()
+                .contains("/run/booted-system")
+        );
     }
 
     #[test]
