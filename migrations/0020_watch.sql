@@ -28,8 +28,11 @@ CREATE TABLE watch_events (
 CREATE TABLE watch_alerts (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     created_at BIGINT NOT NULL,
+    -- NULL for the fleet's own alerts (its evaluation)
+    host       TEXT,
     -- JSON: the Alert (without its id)
     data       TEXT   NOT NULL,
     sent_at    BIGINT
 );
 CREATE INDEX watch_alerts_by_sent ON watch_alerts (sent_at, id);
+CREATE INDEX watch_alerts_by_host ON watch_alerts (host, id);

@@ -5,7 +5,10 @@
 #
 # - Debian packages: nix-bin (the coordinator's own Nix), openssh-client and
 #   openssh-server (our SSH, and the local test hosts' sshd), sudo (test hosts
-#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture).
+#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture),
+#   prometheus (only for its `promtool`: the tests check the example alerting
+#   rules with it; its service is not started) and python3-aiosmtpd (the
+#   tests' SMTP server for alert e-mails, started on loopback by each test).
 # - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
 #   their own store over it, so it must exist before the first host starts.
 #
@@ -37,11 +40,14 @@ command -v sudo >/dev/null 2>&1 || missing="$missing sudo"
 command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 { command -v unshare >/dev/null 2>&1 && command -v setsid >/dev/null 2>&1; } || missing="$missing util-linux"
 command -v mount >/dev/null 2>&1 || missing="$missing mount"
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+/usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing="$missing python3-aiosmtpd"
 if [ -n "$missing" ]; then
     note "installing Debian packages:$missing"
     apt-get update -qq
-    # Installing openssh-server must not start a system sshd on port 22: the
-    # test hosts run their own, and a fresh machine may not want one.
+    # Installing openssh-server must not start a system sshd on port 22, nor
+    # prometheus a server on 9090: the tests run their own, and a fresh
+    # machine may not want them.
     policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
@@ -68,4 +74,4 @@ case "$(stat -c %A /)" in
         ;;
 esac
 
-[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo and /nix are in place)" >&2
+[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo, promtool, aiosmtpd and /nix are in place)" >&2

@@ -107,8 +107,15 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         parallel_limit: Option<usize>,
     },
-    /// Per host: the last known system, generation and last result (from history).
-    Status,
+    /// Per host: drift (in sync, behind, manually switched, ...), health,
+    /// what it runs and when it was last seen, as the daemon's watch saw it
+    /// (or last stored it); and the last result of each host's deployments.
+    Status {
+        /// Probe and check every host now (in process; through the daemon,
+        /// also compare each with the flake as `plan` does).
+        #[arg(long)]
+        live: bool,
+    },
     /// Past deployments, newest first.
     History {
         #[arg(long, default_value_t = 20)]

@@ -4,7 +4,8 @@
 //! prints.
 //!
 //! - `args`: what clap parses, and its translation into a `Request`;
-//! - `output`: tables and JSON documents; `progress`: live progress;
+//! - `output`: tables and JSON documents (`fleet`: the watched fleet's);
+//!   `progress`: live progress;
 //! - `client`, `remote`: the daemon's HTTP client and the commands through it;
 //! - `serve`: `nix-deploy serve`.
 //!
@@ -13,6 +14,7 @@
 
 mod args;
 pub mod client;
+mod fleet;
 mod output;
 mod progress;
 mod remote;
@@ -72,7 +74,9 @@ pub fn main() -> ExitCode {
             let bad_input = e
                 .downcast_ref::<EngineError>()
                 .is_some_and(EngineError::is_bad_input)
-                || e.downcast_ref::<OptionsError>().is_some();
+                || e.downcast_ref::<OptionsError>().is_some()
+                || e.downcast_ref::<crate::daemon::config::ConfigError>()
+                    .is_some();
             eprintln!("error: {e:#}");
             ExitCode::from(if bad_input {
                 EXIT_BAD_INPUT
@@ -307,12 +311,33 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             watch(&cli, |sink, _cancel| engine.rollback(request, Some(sink))).await
         }
-        Command::Status => {
-            let store = open_store(&cli).await?;
+        Command::Status { live } => {
+            let (engine, _control) = engine(&cli).await?;
+            let store = engine.store();
+            let stored: Vec<_> = store
+                .watch_hosts()
+                .await?
+                .into_iter()
+                .map(|row| row.state)
+                .collect();
+            let fleet = if *live {
+                Some(engine.observe_fleet(&stored).await?)
+            } else if stored.is_empty() {
+                None
+            } else {
+                // What a daemon's watch last stored, said to be that.
+                Some(nix_deploy_core::watch::FleetReport {
+                    generated_at: crate::now_ms(),
+                    flake: engine.config().flake.clone(),
+                    hosts: stored,
+                    ..Default::default()
+                })
+            };
             let status = StatusReport {
                 hosts: store.host_states().await?,
                 running_deployments: store.running_deployments().await?,
                 live: None,
+                fleet,
             };
             output::show(&cli, &status, output::print_status)?;
             Ok(EXIT_OK)

@@ -32,7 +32,7 @@ pub fn show<T: Serialize>(cli: &Cli, value: &T, print: fn(&T)) -> anyhow::Result
 }
 
 /// Rows as left-aligned columns, two spaces apart, no borders.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut table = Table::new();
     table
         .load_style(presets::NOTHING)
@@ -390,6 +390,12 @@ fn goal_note(run: &HostRun) -> String {
 }
 
 pub fn print_status(status: &StatusReport) {
+    if let Some(fleet) = &status.fleet
+        && !fleet.hosts.is_empty()
+    {
+        super::fleet::print_fleet(status, fleet);
+        return;
+    }
     if status.hosts.is_empty() {
         println!("No hosts known yet: run `nix-deploy plan` or `nix-deploy deploy` first.");
         return;

@@ -45,8 +45,13 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             let created: Accepted = client.post("/api/v1/upload-keys", &body).await?;
             follow(cli, &client, created.id).await
         }
-        Command::Status => {
-            let status: StatusReport = client.get("/api/v1/status").await?;
+        Command::Status { live } => {
+            let path = if *live {
+                "/api/v1/status?live=true"
+            } else {
+                "/api/v1/status"
+            };
+            let status: StatusReport = client.get(path).await?;
             output::show(cli, &status, output::print_status).map_err(print_error)?;
             Ok(EXIT_OK)
         }

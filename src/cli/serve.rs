@@ -10,6 +10,8 @@ use nix_deploy_core::fleet::Selection;
 
 use super::Cli;
 use crate::daemon::config::{Config, Secret};
+use crate::daemon::mail::Mailer;
+use crate::daemon::notify::Notifier;
 use crate::daemon::{self, AppState, Token};
 use crate::engine::{Engine, EngineConfig};
 use crate::paths;
@@ -68,6 +70,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         }
         None => None,
     };
+    let notifier = notifier(&config)?;
 
     let store = Store::open(&state_dir).await?;
     paths::clean_control_dirs(store.dead_holders()).await;
@@ -93,6 +96,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         tokens,
         slack_secret,
         github_secret,
+        notifier,
     );
     // Reconcile: what do the hosts actually run after a crash? (Probing records it.)
     if !interrupted.is_empty() {
@@ -113,6 +117,34 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let _ = std::io::stdout().flush();
     daemon::run(listener, state, shutdown_signal()).await?;
     Ok(super::EXIT_OK)
+}
+
+/// Notifications as configured: JSON webhooks signed with the secret from
+/// its file, e-mail through `[smtp]` (its password from its file).
+fn notifier(config: &Config) -> anyhow::Result<Notifier> {
+    let notifications = &config.notifications;
+    let secret = match &notifications.webhook_secret_file {
+        Some(file) => Some(Secret::from_file(file).context("notifications.webhook-secret-file")?),
+        None => {
+            if !notifications.json_webhooks.is_empty() {
+                eprintln!(
+                    "warning: notifications.json-webhooks are sent unsigned (set notifications.webhook-secret-file)"
+                );
+            }
+            None
+        }
+    };
+    let mailer = match &config.smtp {
+        Some(smtp) => {
+            let password = match &smtp.password_file {
+                Some(file) => Some(Secret::from_file(file).context("smtp.password-file")?),
+                None => None,
+            };
+            Some(Mailer::new(smtp, password, &notifications.email_to)?)
+        }
+        None => None,
+    };
+    Ok(Notifier::new(notifications.clone(), secret, mailer))
 }
 
 async fn shutdown_signal() {

@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use nix_deploy_core::options::{Amount, DeployOptions, OptionsError, Request};
 
+use super::mail::SmtpConfig;
 use super::notify::NotifyConfig;
+use super::watch::WatchConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -177,6 +179,11 @@ pub struct Config {
     pub github: Option<GithubConfig>,
     #[serde(default)]
     pub notifications: NotifyConfig,
+    /// The watch loop (on by default).
+    #[serde(default)]
+    pub watch: WatchConfig,
+    /// E-mail (to `notifications.email-to`).
+    pub smtp: Option<SmtpConfig>,
 }
 
 fn default_listen() -> String {
@@ -290,6 +297,21 @@ impl Config {
         }
         self.default_options()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.watch.validate(&self.flake)?;
+        match &self.smtp {
+            Some(smtp) => smtp.validate(&self.notifications.email_to)?,
+            None if !self.notifications.email_to.is_empty() => {
+                return Err(ConfigError::Invalid(
+                    "notifications.email-to needs an [smtp] server".into(),
+                ));
+            }
+            None => {}
+        }
+        if self.notifications.retries > 10 {
+            return Err(ConfigError::Invalid(
+                "notifications.retries must be from 0 to 10".into(),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for token in &self.tokens {
             if !names.insert(&token.name) {
@@ -382,5 +404,8 @@ mod tests {
         assert!(bad("health-check-timeout = 0").contains("at least 1s"));
         assert!(bad("request-timeout = \"9d\"").contains("too long"));
         assert!(format!("{:?}", Secret::new("hunter2")) == "Secret(***)");
+        assert!(bad("[watch]\ninterval = 0").contains("watch.interval"));
+        assert!(bad("[notifications]\nemail-to = [\"a@b.c\"]").contains("[smtp]"));
+        assert!(bad("[notifications]\nretries = 99").contains("notifications.retries"));
     }
 }

@@ -9,19 +9,23 @@
 //!
 //! - `routes/`: one file per group of endpoints (deployments, fleet, hooks);
 //! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
-//! - [`config`]: the TOML file; [`notify`]: outgoing notifications;
-//!   [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks' signatures and
-//!   parsing; `report`: the Markdown report.
+//! - [`config`]: the TOML file; [`notify`]: outgoing notifications (and
+//!   [`mail`]: e-mail); [`metrics`]: Prometheus; [`slack`], [`github`]: the
+//!   hooks' signatures and parsing; `report`: the Markdown report;
+//! - [`watch`]: the watch loop (drift, health on a schedule, alerts,
+//!   reconciliation, pull mode) and the fleet it keeps.
 
 mod auth;
 pub mod config;
 mod error;
 pub mod github;
+pub mod mail;
 pub mod metrics;
 pub mod notify;
 mod report;
 mod routes;
 pub mod slack;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,7 +35,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -70,6 +74,10 @@ pub struct Inner {
     /// Cancelled on shutdown; every deployment's token is a child of it.
     shutdown: CancellationToken,
     http: reqwest::Client,
+    /// The fleet as the watch last observed it.
+    pub fleet: watch::Fleet,
+    /// Woken when alerts were stored, for the task that sends them.
+    alerts_ready: Notify,
 }
 
 #[derive(Clone)]
@@ -107,8 +115,9 @@ impl AppState {
         tokens: Vec<Token>,
         slack_secret: Option<Secret>,
         github_secret: Option<Secret>,
+        notifier: Notifier,
     ) -> Self {
-        let notifier = Notifier::new(config.notifications.clone());
+        let fleet = watch::Fleet::new(&config.watch, &config.flake);
         AppState(Arc::new(Inner {
             config,
             engine,
@@ -124,6 +133,8 @@ impl AppState {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap_or_default(),
+            fleet,
+            alerts_ready: Notify::new(),
         }))
     }
 
@@ -326,6 +337,7 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     let api = Router::new()
         .route("/api/v1/status", get(routes::fleet::status))
+        .route("/api/v1/fleet", get(routes::watch::fleet))
         .route("/api/v1/plan", post(routes::fleet::plan))
         .route(
             "/api/v1/deployments",
@@ -359,10 +371,12 @@ pub fn app(state: AppState) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             timeout,
         ));
-    let streams = Router::new().route(
-        "/api/v1/deployments/{id}/events",
-        get(routes::deployments::events),
-    );
+    let streams = Router::new()
+        .route(
+            "/api/v1/deployments/{id}/events",
+            get(routes::deployments::events),
+        )
+        .route("/api/v1/fleet/events", get(routes::watch::events));
     api.merge(streams)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
@@ -411,6 +425,10 @@ pub async fn run(
             }
         })
     };
+    // The watch (and the sender of its alerts) is owned like a deployment:
+    // shutdown stops it and waits for it.
+    watch::load(&state).await;
+    state.tasks.spawn(watch::run(state.clone(), stop.clone()));
     let router = app(state.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     let graceful = GracefulShutdown::new();

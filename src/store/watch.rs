@@ -175,13 +175,15 @@ impl Store {
             .collect()
     }
 
-    /// The oldest fleet event still kept (0 without any).
-    pub async fn oldest_watch_event(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COALESCE(MIN(id), 0) FROM watch_events")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(query_error("reading fleet events"))?;
-        Ok(row.get(0))
+    /// The ids of the oldest fleet event still kept and of the newest
+    /// (0 without any).
+    pub async fn watch_event_ids(&self) -> Result<(i64, i64), StoreError> {
+        let row =
+            sqlx::query("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM watch_events")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(query_error("reading fleet events"))?;
+        Ok((row.get(0), row.get(1)))
     }
 
     /// Record an alert on its own (the fleet's, not a host's).
@@ -191,6 +193,30 @@ impl Store {
         let alert = insert_alert(&mut tx, new, now_ms()).await?;
         tx.commit().await.map_err(query_error(context))?;
         Ok(alert)
+    }
+
+    /// The newest of the fleet's own alerts (its evaluation failing or
+    /// recovering): whether the fleet was last said to evaluate, across
+    /// restarts.
+    pub async fn last_fleet_alert(&self) -> Result<Option<Alert>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, data FROM watch_alerts WHERE host IS NULL ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_error("reading the fleet's alerts"))?;
+        row.map(|row| with_id(row.get(0), row.get::<&str, _>(1), "watch_alerts.data"))
+            .transpose()
+    }
+
+    /// Forget a host that left the flake.
+    pub async fn forget_watch_host(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM watch_hosts WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("forgetting a watched host"))?;
+        Ok(())
     }
 
     /// Alerts not sent yet, oldest first.
@@ -378,7 +404,7 @@ mod tests {
             vec![event.clone()]
         );
         assert!(store.watch_events(event.id, 10).await.unwrap().is_empty());
-        assert_eq!(store.oldest_watch_event().await.unwrap(), event.id);
+        assert_eq!(store.watch_event_ids().await.unwrap(), (event.id, event.id));
         // The alert waits until sent, also across the reopen.
         assert_eq!(store.unsent_alerts().await.unwrap(), alerts);
         store.mark_alert_sent(alerts[0].id).await.unwrap();
@@ -393,6 +419,7 @@ mod tests {
             .await
             .unwrap();
         assert!(fleet.id > alerts[0].id);
+        assert_eq!(store.last_fleet_alert().await.unwrap(), Some(fleet.clone()));
         assert_eq!(store.unsent_alerts().await.unwrap(), vec![fleet]);
         // Flushing many hosts at once.
         store
@@ -400,5 +427,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.watch_hosts().await.unwrap().len(), 3);
+        store.forget_watch_host("a").await.unwrap();
+        assert_eq!(store.watch_hosts().await.unwrap().len(), 2);
     }
 }

@@ -17,27 +17,35 @@ use sha2::Sha256;
 
 use crate::helpers::{Harness, binary};
 
-const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
-const READ_TOKEN: &str = "read-token-0123456789";
+pub(crate) const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
+pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
 const SLACK_SECRET: &str = "slack-signing-secret";
 const GITHUB_SECRET: &str = "github-webhook-secret";
 
-/// A tiny HTTP receiver on loopback that records request bodies.
-struct Receiver {
-    url: String,
-    bodies: Arc<Mutex<Vec<String>>>,
+/// A request's headers: lower-cased names, values.
+pub(crate) type Head = Vec<(String, String)>;
+
+/// A tiny HTTP receiver on loopback that records request bodies (and their
+/// headers in `heads`, in the same order).
+pub(crate) struct Receiver {
+    pub url: String,
+    pub bodies: Arc<Mutex<Vec<String>>>,
+    pub heads: Arc<Mutex<Vec<Head>>>,
 }
 
-fn receiver() -> Receiver {
+pub(crate) fn receiver() -> Receiver {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let heads = Arc::new(Mutex::new(Vec::new()));
     let seen = bodies.clone();
+    let seen_heads = heads.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut length = 0usize;
+            let mut head = Vec::new();
             loop {
                 let mut line = String::new();
                 if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -47,12 +55,16 @@ fn receiver() -> Receiver {
                 if let Some(v) = lower.strip_prefix("content-length:") {
                     length = v.trim().parse().unwrap_or(0);
                 }
+                if let Some((name, value)) = line.split_once(':') {
+                    head.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+                }
                 if line == "\r\n" {
                     break;
                 }
             }
             let mut body = vec![0u8; length];
             let _ = reader.read_exact(&mut body);
+            seen_heads.lock().unwrap().push(head);
             seen.lock()
                 .unwrap()
                 .push(String::from_utf8_lossy(&body).into_owned());
@@ -60,13 +72,13 @@ fn receiver() -> Receiver {
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
     });
-    Receiver { url, bodies }
+    Receiver { url, bodies, heads }
 }
 
-struct Daemon {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
+pub(crate) struct Daemon {
+    pub child: Child,
+    pub url: String,
+    pub dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -77,7 +89,7 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    fn token_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn token_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 }
@@ -89,6 +101,17 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 /// A daemon with `top` keys before the config's tables and `extra_config`
 /// after them (in the `[github]` table unless it opens another).
 fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
+    start_daemon_args(h, top, extra_config, &[])
+}
+
+/// [`start_daemon_with`], with more arguments for `nix-deploy` (before
+/// `serve`).
+pub(crate) fn start_daemon_args(
+    h: &Harness,
+    top: &str,
+    extra_config: &str,
+    args: &[&str],
+) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -139,6 +162,7 @@ branch = "main"
         .arg(h.fleet.ssh_config())
         .arg("--state-dir")
         .arg(h.state_dir())
+        .args(args)
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -163,14 +187,28 @@ branch = "main"
     Daemon { child, url, dir }
 }
 
-fn client() -> reqwest::Client {
+/// Stop a daemon as systemd does (SIGTERM); it must exit cleanly.
+pub(crate) fn stop_daemon(mut d: Daemon) {
+    let pid = d.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "the daemon exits cleanly: {status:?}");
+}
+
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
 }
 
-async fn call(
+pub(crate) async fn call(
     method: reqwest::Method,
     url: &str,
     token: Option<&str>,
@@ -208,7 +246,7 @@ async fn follow(d: &Daemon, id: i64) -> Vec<String> {
     kinds
 }
 
-async fn wait_finished(d: &Daemon, id: i64) -> Value {
+pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (_, deployment) = call(
@@ -688,7 +726,7 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     assert_eq!(answer["response_type"], "ephemeral");
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
         .args(args)
@@ -817,7 +855,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
             })
             .unwrap();
     }
-    let mut d = start_daemon(&h, "");
+    let d = start_daemon(&h, "");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (status, created) = runtime.block_on(call(
         reqwest::Method::POST,
@@ -830,17 +868,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     h.until(30, "the first activation", || {
         h.fleet.activations("t1").len() >= 2
     });
-    // SIGTERM, as systemd stops the service.
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = d.child.wait().unwrap();
-    assert!(status.success(), "the daemon exits cleanly: {status:?}");
+    stop_daemon(d);
     let (_, shown, _) = h.json(&["show", &id.to_string()]);
     assert_eq!(shown["status"], "cancelled", "{shown:#}");
     for name in ["t1", "t2", "t3"] {
@@ -1078,7 +1106,7 @@ async fn a_killed_cli_coordinator_ends_its_stream_and_leaves_nothing_running() {
     assert_eq!(shown["status"], "interrupted", "{shown:#}");
 }
 
-async fn client_metrics(d: &Daemon) -> String {
+pub(crate) async fn client_metrics(d: &Daemon) -> String {
     client()
         .get(format!("{}/metrics", d.url))
         .send()

@@ -97,6 +97,15 @@ pub fn parse_ls_remote(stdout: &str, branch: &str) -> Result<String, String> {
     Err(format!("the remote has no branch `{branch}`"))
 }
 
+/// When the commit a flake's metadata describes was made (Unix seconds):
+/// `lastModified` of `nix flake metadata --json`.
+pub fn last_modified(metadata_json: &str) -> Option<i64> {
+    let meta: serde_json::Value = serde_json::from_str(metadata_json).ok()?;
+    meta.get("lastModified")
+        .or_else(|| meta.get("locked").and_then(|l| l.get("lastModified")))
+        .and_then(serde_json::Value::as_i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +188,11 @@ mod tests {
                 .contains("no branch")
         );
         assert!(parse_ls_remote("xyz\trefs/heads/main\n", "main").is_err());
+        assert_eq!(
+            last_modified(r#"{"lastModified": 1700000000}"#),
+            Some(1_700_000_000)
+        );
+        assert_eq!(last_modified(r#"{"locked": {"lastModified": 5}}"#), Some(5));
+        assert_eq!(last_modified("{}"), None);
     }
 }

@@ -37,6 +37,30 @@ pub fn seconds(secs: f64) -> String {
     duration_ms((secs * 1000.0) as i64)
 }
 
+/// How long ago, roughly: `12s`, `5m`, `3h`, `2d` (never negative).
+pub fn age(ms: i64) -> String {
+    let secs = ms.max(0) / 1000;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+/// A host's drift kinds, each with how long it has lasted at `now`:
+/// `manual-switch 3m, unhealthy 40s`.
+pub fn drift(drift: &[crate::drift::Drift], now: i64) -> String {
+    if drift.is_empty() {
+        return "-".into();
+    }
+    drift
+        .iter()
+        .map(|d| format!("{} {}", d.kind, age(now - d.since)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Unix milliseconds as `2024-05-01 12:00:00Z`.
 pub fn timestamp(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -337,5 +361,26 @@ mod tests {
             "✅ DEPLOYED (1.5s) generation 1 → 2"
         );
         assert_eq!(result_word(HostStatus::RolledBack), "⏪ rolled back");
+    }
+
+    #[test]
+    fn ages_and_drift() {
+        use crate::drift::{Drift, DriftKind};
+        assert_eq!(age(-5), "0s");
+        assert_eq!(age(59_999), "59s");
+        assert_eq!(age(3_600_000 * 5), "5h");
+        assert_eq!(age(86_400_000 * 3), "3d");
+        let kinds = [
+            Drift {
+                kind: DriftKind::ManualSwitch,
+                since: 0,
+            },
+            Drift {
+                kind: DriftKind::Unhealthy,
+                since: 140_000,
+            },
+        ];
+        assert_eq!(drift(&kinds, 180_000), "manual-switch 3m, unhealthy 40s");
+        assert_eq!(drift(&[], 0), "-");
     }
 }

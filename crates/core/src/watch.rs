@@ -177,8 +177,8 @@ impl Alert {
         format!("alert-{}-{}", self.created_at, self.id)
     }
 
-    /// One line for chat and e-mail subjects.
-    pub fn text(&self) -> String {
+    /// What happened, in plain words (e-mail subjects).
+    pub fn summary(&self) -> String {
         let host = self.host.as_deref().unwrap_or("the fleet");
         let kinds = self
             .drift
@@ -187,15 +187,29 @@ impl Alert {
             .collect::<Vec<_>>()
             .join(", ");
         match self.kind {
-            AlertKind::Unhealthy => format!("🩺 {host} is unhealthy"),
-            AlertKind::Healthy => format!("💚 {host} is healthy again"),
-            AlertKind::Drifted => format!("🔀 {host} drifted: {kinds}"),
-            AlertKind::DriftCleared => format!("✅ {host} no longer drifted: {kinds}"),
-            AlertKind::Unreachable => format!("📵 {host} is unreachable"),
-            AlertKind::Reachable => format!("📶 {host} is reachable again"),
-            AlertKind::EvaluationFailed => "⚠️ the flake no longer evaluates".to_string(),
-            AlertKind::EvaluationRecovered => "✅ the flake evaluates again".to_string(),
+            AlertKind::Unhealthy => format!("{host} is unhealthy"),
+            AlertKind::Healthy => format!("{host} is healthy again"),
+            AlertKind::Drifted => format!("{host} drifted: {kinds}"),
+            AlertKind::DriftCleared => format!("{host} no longer drifted: {kinds}"),
+            AlertKind::Unreachable => format!("{host} is unreachable"),
+            AlertKind::Reachable => format!("{host} is reachable again"),
+            AlertKind::EvaluationFailed => "the flake no longer evaluates".to_string(),
+            AlertKind::EvaluationRecovered => "the flake evaluates again".to_string(),
         }
+    }
+
+    /// One line for chat: the summary with its icon.
+    pub fn text(&self) -> String {
+        let icon = match self.kind {
+            AlertKind::Unhealthy => "🩺",
+            AlertKind::Healthy => "💚",
+            AlertKind::Drifted => "🔀",
+            AlertKind::DriftCleared | AlertKind::EvaluationRecovered => "✅",
+            AlertKind::Unreachable => "📵",
+            AlertKind::Reachable => "📶",
+            AlertKind::EvaluationFailed => "⚠️",
+        };
+        format!("{icon} {}", self.summary())
     }
 }
 
@@ -260,6 +274,37 @@ pub fn assess(
         next.since = Some(at);
     }
     next
+}
+
+/// What an alert about `host` tells beyond its one line: the failing checks,
+/// the systems involved, the error.
+pub fn alert_detail(kind: AlertKind, host: &HostWatch) -> Option<String> {
+    let path = |p: &Option<String>| p.clone().unwrap_or_else(|| "-".into());
+    match kind {
+        AlertKind::Unhealthy => Some(host.failing_checks.join("\n")),
+        AlertKind::Drifted | AlertKind::DriftCleared => {
+            let mut text = format!(
+                "running {}\nboot default {}\ndesired {}",
+                path(&host.running),
+                path(&host.boot_default),
+                path(&host.desired)
+            );
+            if let Some(error) = &host.desired_error {
+                text.push_str(&format!("\ndesired system unknown: {error}"));
+            }
+            Some(text)
+        }
+        AlertKind::Unreachable => Some(format!(
+            "unreachable since {}{}",
+            crate::render::timestamp(host.since(DriftKind::Unreachable).unwrap_or_default()),
+            host.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        )),
+        _ => None,
+    }
+    .filter(|t| !t.is_empty())
 }
 
 /// A host that cannot be probed: the flake that says how to reach it does

@@ -55,6 +55,7 @@ pub async fn status(
         hosts: state.store().host_states().await?,
         running_deployments: state.store().running_deployments().await?,
         live,
+        fleet: Some(state.fleet.snapshot()),
     }))
 }
 
@@ -132,7 +133,7 @@ pub async fn health(
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = crate::daemon::metrics::render(state.store()).await?;
+    let text = crate::daemon::metrics::render(state.store(), Some(&state.fleet.snapshot())).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

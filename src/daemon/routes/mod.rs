@@ -1,11 +1,13 @@
 //! The endpoints, one file per group: deployments (and their event streams),
 //! the fleet (status, plan, a host's rollback and health, metrics), commands
-//! and keys on many hosts (exec, upload-keys), and the chat and push hooks.
+//! and keys on many hosts (exec, upload-keys), the chat and push hooks, and
+//! the watched fleet (its document and event stream).
 
 pub mod deployments;
 pub mod exec;
 pub mod fleet;
 pub mod hooks;
+pub mod watch;
 
 use super::ApiError;
 
