@@ -149,6 +149,27 @@ let
     notifications = {
       slack-webhooks = cfg.notifications.slackWebhooks;
       json-webhooks = cfg.notifications.jsonWebhooks;
+      webhook-secret-file = cfg.notifications.webhookSecretFile;
+      email-to = cfg.notifications.emailTo;
+    };
+    watch = {
+      enabled = cfg.watch.enable;
+      interval = cfg.watch.interval;
+      health-interval = cfg.watch.healthInterval;
+      unreachable-after = cfg.watch.unreachableAfter;
+      concurrency = cfg.watch.concurrency;
+      flake = cfg.watch.flake;
+      branch = cfg.watch.branch;
+      poll-interval = cfg.watch.pollInterval;
+      on-drift = cfg.watch.onDrift;
+      rules = map (r: { on = r.on; on-drift = r.onDrift; }) cfg.watch.rules;
+      reconcile-backoff = cfg.watch.reconcileBackoff;
+      reconcile-limit = cfg.watch.reconcileLimit;
+    };
+  } // lib.optionalAttrs (cfg.smtp != null) {
+    smtp = {
+      inherit (cfg.smtp) server port security username from;
+      password-file = cfg.smtp.passwordFile;
     };
   } // lib.optionalAttrs (cfg.slack.signingSecretFile != null) {
     slack = { signing-secret-file = cfg.slack.signingSecretFile; };
@@ -313,6 +334,67 @@ in
       default = [ ];
       description = "Generic JSON webhook URLs for the same notices.";
     };
+    notifications.webhookSecretFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "File with the secret JSON webhooks are signed with (`X-Nix-Deploy-Signature-256: sha256=<HMAC-SHA256 of the body>`).";
+    };
+    notifications.emailTo = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "ops@example.org" ];
+      description = "Who gets the notices and the watch's alerts by e-mail (needs `smtp`).";
+    };
+    smtp = mkOption {
+      default = null;
+      description = "The SMTP server e-mail goes through.";
+      type = types.nullOr (types.submodule {
+        options = {
+          server = mkOption { type = types.str; description = "Host name (as its certificate names it)."; };
+          port = mkOption { type = types.nullOr types.port; default = null; description = "Default: 587 (starttls), 465 (tls), 25 (none)."; };
+          security = mkOption { type = types.enum [ "starttls" "tls" "none" ]; default = "starttls"; };
+          username = mkOption { type = types.nullOr types.str; default = null; };
+          passwordFile = mkOption { type = types.nullOr types.str; default = null; description = "File holding the password (never in the store)."; };
+          from = mkOption { type = types.str; example = "nix-deploy <nix-deploy@example.org>"; };
+        };
+      });
+    };
+    watch = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Watch the fleet: probe every host, report drift and health, alert on changes.";
+      };
+      interval = mkOption { type = types.str; default = "1m"; description = "How often each host is probed (jittered)."; };
+      healthInterval = mkOption { type = types.str; default = "5m"; description = "How often each host's health checks run."; };
+      unreachableAfter = mkOption { type = types.str; default = "5m"; description = "How long a host may be unreachable before it is alerted."; };
+      concurrency = mkOption { type = types.ints.between 1 1024; default = 16; description = "Hosts probed at once."; };
+      flake = mkOption { type = types.nullOr types.str; default = null; description = "The flake hosts should run (default: `flake`)."; };
+      branch = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "main";
+        description = "Pull mode: poll the flake's git remote and deploy this branch when it moves (never an older commit).";
+      };
+      pollInterval = mkOption { type = types.str; default = "1m"; description = "How often pull mode polls the branch."; };
+      onDrift = mkOption {
+        type = types.enum [ "report" "redeploy" ];
+        default = "report";
+        description = "What is done about a drifted or behind host: report it, or deploy it the flake's system.";
+      };
+      rules = mkOption {
+        type = types.listOf (types.submodule {
+          options = {
+            on = mkOption { type = types.str; example = "@web"; description = "A host, a glob, `@tag` or `@tag-glob`."; };
+            onDrift = mkOption { type = types.enum [ "report" "redeploy" ]; };
+          };
+        });
+        default = [ ];
+        description = "`onDrift` per host or tag: the first rule that matches a host applies.";
+      };
+      reconcileBackoff = mkOption { type = types.str; default = "1m"; description = "First wait after a failed redeploy; doubled after each failure, up to an hour."; };
+      reconcileLimit = mkOption { type = types.ints.between 1 256; default = 4; description = "Redeploys at once."; };
+    };
   };
 
   config = mkIf cfg.enable {
@@ -321,7 +403,8 @@ in
       wantedBy = [ "multi-user.target" ];
       after = [ "network-online.target" ];
       wants = [ "network-online.target" ];
-      path = [ config.nix.package pkgs.openssh ];
+      # git: pull mode asks the flake's remote where its branch points.
+      path = [ config.nix.package pkgs.openssh pkgs.git ];
       environment = {
         NIX_DEPLOY_LOG = "info";
         HOME = "/var/lib/nix-deploy";

@@ -251,11 +251,20 @@ impl Observer {
         next.tags = host.tags.clone();
         next.on_drift = self.config.on_drift(&host);
         next.deployment = None;
+        // Back from an outage, or on another system: its health as of now,
+        // not as of before.
+        let now = now_ms();
+        if observation.health.is_none()
+            && next.reachable == Some(true)
+            && (previous.state.reachable == Some(false) || previous.state.running != next.running)
+        {
+            self.schedule.soon(name, now, true);
+        }
         let redeploy = next.on_drift == OnDrift::Redeploy
             && next.desired.is_some()
             && next.kinds().iter().any(|k| k.reconcilable());
         self.commit(previous, next, observation.at).await;
-        if redeploy && self.reconciler.may_start(name, now_ms()) {
+        if redeploy && self.reconciler.may_start(name, now) {
             self.reconciler.start(&self.state, name, &self.flake);
         }
     }
