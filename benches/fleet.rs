@@ -22,6 +22,10 @@ use anyhow::{Context, bail};
 use nix_deploy_testkit::{Fleet, HostSpec, NixosFlake, NixosShape};
 use serde_json::{Value, json};
 
+/// The watch scenario (beside this file: a bench is one crate root).
+#[path = "fleet/watch.rs"]
+mod watch;
+
 struct Bench {
     binary: PathBuf,
     repeats: usize,
@@ -615,28 +619,34 @@ fn http_get(address: &str, path: &str, token: &str) -> anyhow::Result<u16> {
         .unwrap_or(0))
 }
 
-/// 100 hosts, smart strategy, through the daemon; status API latency while it runs.
-fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
-    let n = if bench.quick { 30 } else { 100 };
-    let (mut fleet, state) = provisioned(bench, n)?;
-    bump_all(&mut fleet)?;
+/// A daemon serving `fleet` from `state`, with `config` appended to its
+/// config file: the process, its address, its files.
+struct Daemon {
+    child: std::process::Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The bearer token of [`serve`]'s daemons.
+const TOKEN: &str = "bench-token-0123456789";
+
+fn serve(bench: &Bench, fleet: &Fleet, state: &Path, config: &str) -> anyhow::Result<Daemon> {
     let dir = tempfile::tempdir()?;
-    let token = "bench-token-0123456789";
-    std::fs::write(dir.path().join("token"), token)?;
+    std::fs::write(dir.path().join("token"), TOKEN)?;
     std::fs::write(
         dir.path().join("config.toml"),
         format!(
-            "listen = \"127.0.0.1:0\"\nparallel-limit = 16\n[[tokens]]\nname = \"bench\"\nfile = \"{}\"\nscope = \"deploy\"\n",
+            "listen = \"127.0.0.1:0\"\nparallel-limit = 16\n[[tokens]]\nname = \"bench\"\nfile = \"{}\"\nscope = \"deploy\"\n{config}",
             dir.path().join("token").display()
         ),
     )?;
-    let mut daemon = Command::new(&bench.binary)
+    let mut child = Command::new(&bench.binary)
         .arg("--flake")
         .arg(fleet.flake_ref())
         .arg("--ssh-config")
         .arg(fleet.ssh_config())
         .arg("--state-dir")
-        .arg(state.path())
+        .arg(state)
         .args(["serve", "--config"])
         .arg(dir.path().join("config.toml"))
         .envs(fleet.env())
@@ -646,7 +656,7 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
         .spawn()?;
     let mut first = String::new();
     {
-        let stdout = daemon.stdout.as_mut().expect("piped");
+        let stdout = child.stdout.as_mut().expect("piped");
         let mut byte = [0u8; 1];
         while stdout.read(&mut byte)? == 1 && byte[0] != b'\n' {
             first.push(byte[0] as char);
@@ -657,6 +667,25 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
         .strip_prefix("nix-deploy: listening on http://")
         .context("daemon address")?
         .to_string();
+    Ok(Daemon {
+        child,
+        address,
+        _dir: dir,
+    })
+}
+
+/// 100 hosts, smart strategy, through the daemon; status API latency while it runs.
+fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
+    let n = if bench.quick { 30 } else { 100 };
+    let (mut fleet, state) = provisioned(bench, n)?;
+    bump_all(&mut fleet)?;
+    // The deployment alone: no watch probing alongside.
+    let Daemon {
+        child: mut daemon,
+        address,
+        _dir,
+    } = serve(bench, &fleet, state.path(), "[watch]\nenabled = false\n")?;
+    let token = TOKEN;
     let pid = daemon.id();
     // Baseline in the same run: the same request while nothing deploys.
     let mut idle = Vec::new();
@@ -1314,6 +1343,27 @@ const FIGURES: &[(&str, &str, &str, Unit, Target)] = &[
         Unit::Ratio(1),
         None,
     ),
+    (
+        "watch: CPU per probe",
+        "watch",
+        "cpu_per_probe_ms",
+        Unit::Millis,
+        None,
+    ),
+    (
+        "watch: 500 hosts at 1 min, % of a core",
+        "watch",
+        "extrapolated_500_hosts_1m_core_percent",
+        Unit::Plain(2),
+        Some(("< 5", |v| v < 5.0)),
+    ),
+    (
+        "watch: 500 hosts at 1 min, memory",
+        "watch",
+        "extrapolated_500_hosts_1m_rss_mib",
+        Unit::Mib,
+        Some(("< 100 MB", |v| v < 95.0)),
+    ),
 ];
 
 /// The summary: one line per figure, with its target when it has one.
@@ -1404,7 +1454,7 @@ fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
     };
     type Scenario = fn(&mut Bench) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 8] = [
         ("nixos_evaluation", nixos_evaluation),
         ("evaluation", evaluation),
         ("eight_hosts", eight_hosts),
@@ -1412,6 +1462,7 @@ fn main() -> anyhow::Result<()> {
         ("change_detection", change_detection_and_noop),
         ("makespan", makespan),
         ("hundred_hosts", hundred_hosts),
+        ("watch", watch::watch),
     ];
     for (name, run) in scenarios {
         if only.as_deref().is_some_and(|o| o != name) {

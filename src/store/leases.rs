@@ -31,7 +31,7 @@ impl std::fmt::Display for Lease {
 }
 
 impl Store {
-    fn lease_from_row(row: &sqlx::sqlite::SqliteRow) -> Lease {
+    pub(super) fn lease_from_row(row: &sqlx::sqlite::SqliteRow) -> Lease {
         Lease {
             host: row.get("host"),
             owner: row.get("owner"),

@@ -14,7 +14,7 @@ use nix_deploy_core::events::HostStatus;
 use nix_deploy_core::goal::Goal;
 use nix_deploy_core::watch::{Alert, FleetEvent, HostWatch};
 
-use super::{Store, StoreError, query_error, to_json};
+use super::{Lease, Store, StoreError, query_error, to_json};
 use crate::now_ms;
 
 /// How many fleet events are kept for `Last-Event-ID` replays.
@@ -279,13 +279,14 @@ impl Store {
             .collect())
     }
 
-    /// The hosts leased now, with the deployment holding each.
-    pub async fn leased_hosts(&self) -> Result<Vec<(String, Option<i64>)>, StoreError> {
-        let rows = sqlx::query("SELECT host, deployment_id FROM leases ORDER BY host")
+    /// Every lease held now (their holders may have died: see
+    /// [`Store::holder_alive`]).
+    pub async fn leased_hosts(&self) -> Result<Vec<Lease>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM leases ORDER BY host")
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("reading leases"))?;
-        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        Ok(rows.iter().map(Self::lease_from_row).collect())
     }
 
     /// When each host's last successful deployment ended (Unix ms).

@@ -33,6 +33,11 @@ pub struct HostWatch {
     /// Why the desired system is unknown (the evaluation's error).
     #[serde(default)]
     pub desired_error: Option<String>,
+    /// The desired system is unknown because the whole flake does not
+    /// evaluate (not this host's own configuration): one fleet alert says
+    /// so, not one per host.
+    #[serde(default)]
+    pub fleet_unevaluated: bool,
     /// `/run/current-system`.
     pub running: Option<String>,
     /// The profile's generation (the boot default's number).

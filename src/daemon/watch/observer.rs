@@ -161,7 +161,17 @@ impl Observer {
             });
         }
         match self.state.store().leased_hosts().await {
-            Ok(leases) => self.leases(leases.into_iter().collect(), now),
+            Ok(leases) => {
+                // A lease whose holder died is no deployment: that host is
+                // watched (and its lease taken over by the next deployment).
+                let store = self.state.store();
+                let live = leases
+                    .into_iter()
+                    .filter(|l| store.holder_alive(l.holder.as_deref(), Some(l.pid)))
+                    .map(|l| (l.host, l.deployment_id))
+                    .collect();
+                self.leases(live, now);
+            }
             Err(e) => tracing::warn!(cause = %e, "reading leases"),
         }
         self.start_probes(now);
@@ -249,6 +259,7 @@ impl Observer {
             &history,
         );
         next.tags = host.tags.clone();
+        next.fleet_unevaluated = self.evaluation_error.is_some();
         next.on_drift = self.config.on_drift(&host);
         next.deployment = None;
         // Back from an outage, or on another system: its health as of now,
@@ -290,7 +301,8 @@ impl Observer {
             now,
             self.config.unreachable_after.as_millis() as i64,
             previous.unreachable_alerted,
-            self.evaluation_error.is_some(),
+            // Appearing while, or clearing after, the whole flake failed.
+            previous.state.fleet_unevaluated || next.fleet_unevaluated,
         );
         let row = WatchRow {
             state: next,
@@ -379,7 +391,8 @@ impl Observer {
                 }
                 for failure in &fleet.failed {
                     let previous = self.previous(&failure.host);
-                    let next = unobserved(&previous.state, &failure.error, now);
+                    let mut next = unobserved(&previous.state, &failure.error, now);
+                    next.fleet_unevaluated = false;
                     self.commit(previous, next, now).await;
                 }
                 self.state.fleet.header(|h| {
@@ -405,7 +418,8 @@ impl Observer {
                 // hosts: they are reported as last stored, desired unknown.
                 if self.desired.is_none() {
                     for previous in self.state.fleet.rows() {
-                        let next = unobserved(&previous.state, &error, now);
+                        let mut next = unobserved(&previous.state, &error, now);
+                        next.fleet_unevaluated = true;
                         self.commit(previous, next, now).await;
                     }
                 }
