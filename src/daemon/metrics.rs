@@ -232,7 +232,8 @@ async fn register_hosts(
     Ok(())
 }
 
-/// The history as metrics; with `fleet` (the daemon's watch), per host too.
+/// The history as metrics; with `fleet` (the daemon's watch, when it
+/// watches), per host too.
 pub async fn render(store: &Store, fleet: Option<&FleetReport>) -> Result<String, StoreError> {
     let mut registry = Registry::with_prefix("nix_deploy");
     registry.register(
@@ -243,7 +244,9 @@ pub async fn render(store: &Store, fleet: Option<&FleetReport>) -> Result<String
             env!("CARGO_PKG_VERSION").to_string(),
         )]),
     );
-    if let Some(fleet) = fleet {
+    // A daemon not watching exports no per-host state: stored states are
+    // not what the hosts do now.
+    if let Some(fleet) = fleet.filter(|f| f.watching) {
         register_hosts(&mut registry, store, fleet).await?;
     }
     let count = |c: &Counter, n: i64| {

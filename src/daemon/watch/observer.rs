@@ -4,7 +4,7 @@
 //! own (a bounded number of probes at once); their results come back here,
 //! one at a time, so a host's state has one writer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,9 +52,13 @@ pub(super) struct Observer {
     next_eval: i64,
     schedule: Schedule,
     probes: Arc<Semaphore>,
-    in_flight: BTreeSet<String>,
+    /// Probes under way, and when each started.
+    in_flight: BTreeMap<String, i64>,
     /// Hosts leased by a deployment, and which.
     leased: BTreeMap<String, Option<i64>>,
+    /// When each host's lease was last let go: a probe started before it
+    /// saw the host before the deployment ended.
+    released_at: BTreeMap<String, i64>,
     reconciler: Reconciler,
     outcomes: mpsc::UnboundedReceiver<(String, Outcome)>,
     puller: Option<Puller>,
@@ -105,8 +109,9 @@ impl Observer {
             evaluation_error,
             evaluating: false,
             next_eval: 0,
-            in_flight: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
             leased: BTreeMap::new(),
+            released_at: BTreeMap::new(),
             reconciler,
             outcomes,
             puller,
@@ -192,6 +197,7 @@ impl Observer {
             if !now_leased.contains_key(host) {
                 self.state.fleet.set_deployment(host, None);
                 self.schedule.soon(host, now, true);
+                self.released_at.insert(host.clone(), now);
             }
         }
         self.leased = now_leased;
@@ -202,14 +208,14 @@ impl Observer {
             return;
         };
         for host in &desired.hosts {
-            if self.in_flight.contains(&host.name) || self.leased.contains_key(&host.name) {
+            if self.in_flight.contains_key(&host.name) || self.leased.contains_key(&host.name) {
                 continue;
             }
             let Some(health) = self.schedule.due(&host.name, now) else {
                 continue;
             };
             self.schedule.started(&host.name, now, health);
-            self.in_flight.insert(host.name.clone());
+            self.in_flight.insert(host.name.clone(), now);
             let (host, ssh) = (host.clone(), self.state.engine.ssh.clone());
             let permits = self.probes.clone();
             self.tasks.spawn(async move {
@@ -229,9 +235,12 @@ impl Observer {
     }
 
     async fn observed(&mut self, name: &str, observation: &Observation) {
-        self.in_flight.remove(name);
-        // A deployment took the host meanwhile: it reports it now.
-        if self.leased.contains_key(name) {
+        let started = self.in_flight.remove(name).unwrap_or(0);
+        // A deployment took the host meanwhile (it reports it now), or had
+        // it when this probe began (it is probed again since).
+        if self.leased.contains_key(name)
+            || self.released_at.get(name).is_some_and(|at| *at > started)
+        {
             return;
         }
         let Some(desired) = &self.desired else {
