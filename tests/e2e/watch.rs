@@ -462,22 +462,29 @@ from = "nix-deploy <nix-deploy@example.org>"
     assert_eq!(events, ["host.unhealthy", "host.healthy"], "{bodies:#?}");
 }
 
+/// Run `cmd` to its end; it must succeed. Its stdout.
+fn succeeds(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// `git` with the commit's time set, so that each commit is newer than the
 /// one before (Nix's `lastModified` counts seconds).
 fn commit_at(dir: &Path, message: &str, unix: i64) {
     let date = format!("{unix} +0000");
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-        .args(["commit", "-q", "-a", "-m", message])
-        .env("GIT_AUTHOR_DATE", &date)
-        .env("GIT_COMMITTER_DATE", &date)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+            .args(["commit", "-q", "-a", "-m", message])
+            .env("GIT_AUTHOR_DATE", &date)
+            .env("GIT_COMMITTER_DATE", &date)
+            .current_dir(dir),
     );
 }
 
@@ -592,16 +599,10 @@ async fn the_example_alert_rules_pass_promtool_with_metrics_the_daemon_exports()
         vec!["check", "rules", "alerts.yml"],
         vec!["test", "rules", "alerts.test.yml"],
     ] {
-        let out = Command::new("promtool")
-            .args(&args)
-            .current_dir(root.join("nix"))
-            .output()
-            .expect("running promtool (scripts/setup.sh installs Debian's prometheus)");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        succeeds(
+            Command::new("promtool")
+                .args(&args)
+                .current_dir(root.join("nix")),
         );
     }
     drop(d);
@@ -741,14 +742,13 @@ in builtins.readFile (lib.last (lib.splitString " " exec))
 #[test]
 fn the_nixos_modules_watch_settings_make_a_config_the_daemon_accepts() {
     let dir = tempfile::tempdir().unwrap();
-    let unpacked = Command::new("tar")
-        .arg("-xJf")
-        .arg(nix_deploy_testkit::nixos::nixpkgs_lib_tarball())
-        .arg("-C")
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(unpacked.success());
+    succeeds(
+        Command::new("tar")
+            .arg("-xJf")
+            .arg(nix_deploy_testkit::nixos::nixpkgs_lib_tarball())
+            .arg("-C")
+            .arg(dir.path()),
+    );
     let lib = dir.path().join("nixpkgs-lib/lib");
     let module = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nix/module.nix");
     let settings = r#"{
@@ -764,27 +764,22 @@ fn the_nixos_modules_watch_settings_make_a_config_the_daemon_accepts() {
     }"#;
     let expr = dir.path().join("eval.nix");
     std::fs::write(&expr, MODULE_EVAL).unwrap();
-    let out = Command::new("nix-instantiate")
-        .args(["--read-write-mode", "--eval", "--strict", "--json"])
-        .arg(&expr)
-        .arg("--arg")
-        .arg("lib")
-        .arg(format!("import {}", lib.display()))
-        .arg("--arg")
-        .arg("module")
-        .arg(module)
-        .arg("--arg")
-        .arg("settings")
-        .arg(settings)
-        .env("NIX_CONFIG", nix_deploy_testkit::nix_config())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        Command::new("nix-instantiate")
+            .args(["--read-write-mode", "--eval", "--strict", "--json"])
+            .arg(&expr)
+            .arg("--arg")
+            .arg("lib")
+            .arg(format!("import {}", lib.display()))
+            .arg("--arg")
+            .arg("module")
+            .arg(module)
+            .arg("--arg")
+            .arg("settings")
+            .arg(settings)
+            .env("NIX_CONFIG", nix_deploy_testkit::nix_config()),
     );
-    let text: String = serde_json::from_slice(&out.stdout).unwrap();
+    let text: String = serde_json::from_slice(&out).unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
     let toml = toml::to_string(&json).unwrap();
     let config =
