@@ -11,7 +11,7 @@ use nix_deploy_core::remote::{self, Activation};
 use crate::transport::ssh::{self, Connection, SshOptions};
 
 /// One switch to run.
-pub(super) struct Switch<'a> {
+pub(crate) struct Switch<'a> {
     pub host: &'a Host,
     /// The step it belongs to, for messages.
     pub step: &'static str,
@@ -30,7 +30,7 @@ pub(super) struct Switch<'a> {
 /// Start `switch` detached and wait until it ends, reconnecting when the
 /// host stops answering for a while (the activator goes on without us).
 /// `connection` is replaced by a fresh one when the old one died.
-pub(super) async fn run(
+pub(crate) async fn run(
     connection: &mut Connection,
     ssh: &SshOptions,
     switch: &Switch<'_>,
@@ -144,6 +144,6 @@ pub(super) async fn run(
 }
 
 /// A new token naming one run of the activator.
-pub(super) fn token() -> String {
+pub(crate) fn token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }

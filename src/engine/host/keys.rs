@@ -16,18 +16,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tokio::sync::{OnceCell, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::OnceCell;
 
-use nix_deploy_core::events::{Event, HostStatus, Step};
-use nix_deploy_core::exec::CommandOutput;
-use nix_deploy_core::fleet::{Host, Selection};
+use nix_deploy_core::fleet::Host;
 use nix_deploy_core::keys::{self, Key, KeySource, Secret};
-use nix_deploy_core::run::{Deployment, RunKind};
 
-use super::exec::HostWork;
-use super::prepare::Leases;
-use super::{Engine, EngineError};
 use crate::nix::Nix;
 use crate::process::Cmd;
 use crate::transport::ssh::Connection;
@@ -45,7 +38,7 @@ type Texts = BTreeMap<String, BTreeMap<String, Secret>>;
 /// The `text` keys of one run's hosts, evaluated once, the first time a
 /// host needs one (never before: a run whose hosts never upload a key never
 /// evaluates them).
-pub(super) struct KeyTexts {
+pub(crate) struct KeyTexts {
     flake: String,
     nix: Nix,
     /// The hosts of this run with a `text` key.
@@ -124,7 +117,7 @@ async fn read(texts: &KeyTexts, host: &str, key: &Key) -> Result<Secret, String>
 ///
 /// `require_ownership`: fail when the key's user or group does not exist
 /// (false only before the first activation of a system that may create them).
-pub(super) async fn upload(
+pub(crate) async fn upload(
     connection: &Connection,
     texts: &KeyTexts,
     host: &Host,
@@ -160,77 +153,4 @@ pub(super) async fn upload(
         lines.push(line);
     }
     Ok(lines)
-}
-
-/// Who asked for an `upload-keys` run.
-#[derive(Clone, Debug, Default)]
-pub struct UploadKeysRequest {
-    pub selection: Selection,
-    pub parallel_limit: usize,
-    pub trigger: String,
-    pub requested_by: String,
-}
-
-impl Engine {
-    /// `nix-deploy upload-keys`: every key of the selected hosts, again,
-    /// without deploying. Hosts are leased (no deployment touches them
-    /// meanwhile); a host without keys is skipped. Recorded as a run of kind
-    /// `upload-keys`.
-    pub async fn upload_keys(
-        &self,
-        request: UploadKeysRequest,
-        sink: Option<mpsc::UnboundedSender<Event>>,
-        cancel: CancellationToken,
-    ) -> Result<Deployment, EngineError> {
-        self.store.mark_interrupted().await?;
-        let hosts = self.selected_hosts(&request.selection).await?;
-        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-        let leases = Leases::acquire(&self.store, &names, false, &cancel, None).await?;
-        let texts =
-            std::sync::Arc::new(KeyTexts::new(&self.config.flake, &self.config.nix, &hosts));
-        let work: HostWork = std::sync::Arc::new(move |host, connection, mut slot| {
-            let texts = texts.clone();
-            Box::pin(async move {
-                if host.keys.is_empty() {
-                    slot.run.status = HostStatus::Skipped;
-                    slot.run.reason = Some("no deployment.keys".into());
-                    return Ok((slot, connection));
-                }
-                let all: Vec<&Key> = host.keys.iter().collect();
-                let result = slot
-                    .record_step(Step::Keys, upload(&connection, &texts, &host, &all, true))
-                    .await?;
-                match result {
-                    Ok(lines) => {
-                        slot.run.status = HostStatus::Succeeded;
-                        slot.run.output = Some(CommandOutput {
-                            exit_code: Some(0),
-                            stdout: lines.join("\n"),
-                            stderr: String::new(),
-                        });
-                    }
-                    Err(e) => {
-                        slot.run.status = HostStatus::Failed;
-                        slot.run.error = Some(e);
-                    }
-                }
-                Ok((slot, connection))
-            })
-        });
-        let result = self
-            .run_on_hosts(
-                RunKind::UploadKeys,
-                None,
-                hosts,
-                request.parallel_limit,
-                &request.trigger,
-                &request.requested_by,
-                sink,
-                cancel,
-                work,
-            )
-            .await;
-        leases.release().await;
-        result
-    }
 }

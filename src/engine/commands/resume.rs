@@ -11,10 +11,13 @@ use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
 use nix_deploy_core::fleet::Selection;
 use nix_deploy_core::run::{Deployment, HostRun, RunKind};
 
-use super::prepare::{Leases, Purpose};
-use super::recorder::Recorder;
+use super::Engine;
 use super::rollback::ROLLBACK;
-use super::{Engine, EngineError};
+use crate::engine::EngineError;
+use crate::engine::fleet::execution;
+use crate::engine::fleet::leases::Leases;
+use crate::engine::fleet::prepare::{self, Purpose};
+use crate::engine::host::recorder::Recorder;
 
 impl Engine {
     /// Continue a cancelled, failed or interrupted deployment with the hosts
@@ -26,7 +29,7 @@ impl Engine {
         sink: Option<mpsc::UnboundedSender<Event>>,
         cancel: CancellationToken,
     ) -> Result<Deployment, EngineError> {
-        self.store.mark_interrupted().await?;
+        self.preamble().await?;
         let deployment = self.resumable(id).await?;
         let options = deployment.options.clone();
         let done: Vec<HostRun> = deployment
@@ -52,7 +55,7 @@ impl Engine {
         let prepared = if remaining_names.is_empty() || rollback {
             None
         } else {
-            Some(self.prepare(&selection, &options, Purpose::RESUME).await?)
+            Some(prepare::prepare(self.fleet(), &selection, &options, Purpose::RESUME).await?)
         };
         let leases = Leases::acquire(&self.store, &remaining_names, wait, &cancel, None).await?;
         self.store.reopen_deployment(deployment.id).await?;
@@ -84,8 +87,24 @@ impl Engine {
                     self.resume_rollback(&deployment, &recorder).await
                 }
                 Some(prepared) => {
-                    self.execute(prepared, &options, &recorder, &leases, &cancel, done)
-                        .await
+                    let executed = execution::execute(
+                        self.fleet(),
+                        prepared,
+                        &options,
+                        &recorder,
+                        &leases,
+                        &cancel,
+                    )
+                    .await;
+                    match executed {
+                        Ok(executed) => {
+                            let mut hosts = done;
+                            hosts.extend(executed.runs);
+                            self.finish(&recorder, hosts, executed.aborted, &cancel)
+                                .await
+                        }
+                        Err(e) => Err(self.fail(&recorder, "failed", e).await),
+                    }
                 }
                 None => self.finish(&recorder, done, None, &cancel).await,
             }

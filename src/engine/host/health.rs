@@ -11,10 +11,7 @@ use tokio::time::Instant;
 use nix_deploy_core::events::{Attempt, CheckResult};
 use nix_deploy_core::fleet::{CheckKind, HealthCheck, Host};
 use nix_deploy_core::remote;
-use nix_deploy_core::reports::HostHealth;
 
-use super::probe::{Settle, probe_host};
-use super::{Engine, EngineError};
 use crate::transport::ssh::Connection;
 
 /// How many attempts of one check are kept (the latest ones).
@@ -146,7 +143,7 @@ pub async fn validate(
 
 /// The host runs `path` and its health checks pass. Returns every check's
 /// last result for the record, and the verdict.
-pub(super) async fn validate_host(
+pub(crate) async fn validate_host(
     connection: &Connection,
     host: &Host,
     path: &str,
@@ -210,44 +207,6 @@ async fn still_runs(connection: &Connection, host: &Host, path: &str) -> Result<
         ));
     }
     Ok(())
-}
-
-impl Engine {
-    /// Probe one host and run its health checks once (retrying within `within`).
-    pub async fn check_health(
-        &self,
-        host_name: &str,
-        within: Duration,
-    ) -> Result<HostHealth, EngineError> {
-        let host = self.evaluated_host(host_name).await?;
-        let (assessment, connection) = probe_host(host.clone(), &self.config.ssh, Settle::No).await;
-        let Some(connection) = connection else {
-            return Ok(HostHealth {
-                host: host.name,
-                reachable: false,
-                current: assessment.current,
-                state: assessment.state,
-                healthy: false,
-                results: Vec::new(),
-                error: assessment.error,
-            });
-        };
-        let outcome = validate(&connection, &host.health_checks, within).await;
-        connection.close().await;
-        let (healthy, results, error) = match outcome {
-            Ok(results) => (true, results, None),
-            Err((message, results)) => (false, results, Some(message)),
-        };
-        Ok(HostHealth {
-            host: host.name,
-            reachable: true,
-            current: assessment.current,
-            state: assessment.state,
-            healthy,
-            results,
-            error,
-        })
-    }
 }
 
 #[cfg(test)]

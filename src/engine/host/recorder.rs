@@ -23,7 +23,7 @@ const STORE_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Writes events to the store, then hands them to whoever watches.
 #[derive(Clone)]
-pub(super) struct Recorder {
+pub(crate) struct Recorder {
     store: Store,
     deployment_id: i64,
     sink: Option<mpsc::UnboundedSender<Event>>,
@@ -34,7 +34,7 @@ pub(super) struct Recorder {
 
 /// Run a store write, again while the database is only temporarily unable
 /// (locked, disk full), for up to [`STORE_PATIENCE`].
-pub(super) async fn durably<T, F, Fut>(write: F) -> Result<T, StoreError>
+pub(crate) async fn durably<T, F, Fut>(write: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,

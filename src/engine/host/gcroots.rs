@@ -22,7 +22,7 @@ pub const KEEP: usize = 3;
 
 /// What [`protect`] did, for the record.
 #[derive(Debug, Default)]
-pub(super) struct Rooted {
+pub(crate) struct Rooted {
     pub rooted: Vec<String>,
     pub pruned: Vec<String>,
 }
@@ -37,7 +37,7 @@ fn link_name(path: &str) -> Option<&str> {
 }
 
 /// Root `built` and `previous` for `host`, then prune the host's older roots.
-pub(super) async fn protect(
+pub(crate) async fn protect(
     nix: &Nix,
     state_dir: &Path,
     host: &str,

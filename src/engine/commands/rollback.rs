@@ -12,12 +12,15 @@ use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote;
 use nix_deploy_core::run::{Deployment, HostRun};
 
-use super::pipeline::HostContext;
-use super::prepare::Leases;
-use super::probe::{Assessment, Settle, probe_host};
-use super::recorder::Recorder;
-use super::recovery::{Back, Previous, conclude};
-use super::{Engine, EngineError};
+use super::Engine;
+use crate::engine::EngineError;
+use crate::engine::fleet::evaluate;
+use crate::engine::fleet::leases::Leases;
+use crate::engine::host::keys::KeyTexts;
+use crate::engine::host::observe::{Assessment, Settle, probe_host};
+use crate::engine::host::pipeline::HostContext;
+use crate::engine::host::recorder::Recorder;
+use crate::engine::host::way_back::{self, Back, Previous, conclude};
 use crate::now_ms;
 use crate::store::NewDeployment;
 use crate::transport::ssh::Connection;
@@ -42,9 +45,9 @@ impl Engine {
         request: RollbackRequest,
         sink: Option<mpsc::UnboundedSender<Event>>,
     ) -> Result<Deployment, EngineError> {
-        self.store.mark_interrupted().await?;
+        self.preamble().await?;
         request.options.check()?;
-        let host = self.evaluated_host(&request.host).await?;
+        let host = evaluate::evaluated_host(self.fleet(), &request.host).await?;
         let never = CancellationToken::new();
         let leases = Leases::acquire(
             &self.store,
@@ -97,7 +100,7 @@ impl Engine {
 
     /// Continue an interrupted rollback on request: the same host back to the
     /// same generation (never forward to the system it was leaving).
-    pub(super) async fn resume_rollback(
+    pub(crate) async fn resume_rollback(
         &self,
         deployment: &Deployment,
         recorder: &Recorder,
@@ -109,7 +112,7 @@ impl Engine {
         let generation = run.to.generation.ok_or_else(|| {
             EngineError::Internal("a rollback without its target generation".into())
         })?;
-        let host = self.evaluated_host(&run.host).await?;
+        let host = evaluate::evaluated_host(self.fleet(), &run.host).await?;
         let (assessment, connection) = self.reach(&host, &deployment.options).await?;
         let target = match rollback_target(&connection, &assessment, Some(generation)).await {
             Ok(target) => target,
@@ -163,7 +166,7 @@ impl Engine {
             ssh: self.config.ssh.clone(),
             options: options.clone(),
             recorder: recorder.clone(),
-            keys: std::sync::Arc::new(super::keys::KeyTexts::none()),
+            keys: std::sync::Arc::new(KeyTexts::none()),
         };
         let mut run = HostRun::new(recorder.deployment_id(), &host.name);
         run.status = HostStatus::Running;
@@ -188,15 +191,15 @@ impl Engine {
                 .await?;
             Ok(())
         } else {
-            context
-                .roll_back(
-                    &mut run,
-                    &mut connection,
-                    &assessment,
-                    &target,
-                    Back::Switch,
-                )
-                .await?
+            way_back::roll_back(
+                &context,
+                &mut run,
+                &mut connection,
+                &assessment,
+                &target,
+                Back::Switch,
+            )
+            .await?
         };
         conclude(&mut run, result, HostStatus::Deployed, None, None);
         run.time.finished_at = Some(now_ms());

@@ -1,0 +1,186 @@
+//! `deploy`: validate the request, lease its hosts, record the deployment,
+//! then probe, plan and execute it. Also `enqueue`: a request recorded at
+//! once (for callers with a deadline) and run later.
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use nix_deploy_core::events::{Event, EventKind};
+use nix_deploy_core::fleet::Selection;
+use nix_deploy_core::options::DeployOptions;
+use nix_deploy_core::run::Deployment;
+
+use super::Engine;
+use crate::engine::EngineError;
+use crate::engine::fleet::execution;
+use crate::engine::fleet::leases::Leases;
+use crate::engine::fleet::prepare::{self, Purpose};
+use crate::engine::host::recorder::Recorder;
+use crate::store::NewDeployment;
+
+/// One deployment request.
+#[derive(Clone, Debug, Default)]
+pub struct DeployRequest {
+    pub selection: Selection,
+    /// Wait for busy hosts instead of refusing.
+    pub wait: bool,
+    pub options: DeployOptions,
+    pub trigger: String,
+    pub requested_by: String,
+}
+
+impl Engine {
+    /// Run a deployment to the end. `sink` receives every event after it is stored;
+    /// `cancel` stops starting new hosts (running ones finish or roll back).
+    /// Bad input is refused before anything is recorded.
+    pub async fn deploy(
+        &self,
+        request: DeployRequest,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+        cancel: CancellationToken,
+    ) -> Result<Deployment, EngineError> {
+        self.start(None, request, sink, cancel).await
+    }
+
+    /// Record a request at once (status `queued`), before it is validated or
+    /// waits for busy hosts: callers with a deadline (a hook, a chat
+    /// command, `"wait": true`) get its id right away. Then
+    /// [`Engine::deploy_queued`] runs it; bad input ends it `failed`.
+    pub async fn enqueue(&self, request: &DeployRequest) -> Result<i64, EngineError> {
+        let mut requested = request.selection.names.clone();
+        requested.extend(request.selection.tags.iter().map(|t| {
+            if t.starts_with('@') {
+                t.clone()
+            } else {
+                format!("@{t}")
+            }
+        }));
+        Ok(self
+            .store
+            .create_deployment(&NewDeployment {
+                trigger: request.trigger.clone(),
+                requested_by: request.requested_by.clone(),
+                flake: self.config.flake.clone(),
+                flake_rev: None,
+                strategy: request.options.strategy.as_str().to_string(),
+                options: request.options.clone(),
+                hosts: requested,
+                queued: true,
+            })
+            .await?)
+    }
+
+    /// Run deployment `id`, recorded by [`Engine::enqueue`].
+    pub async fn deploy_queued(
+        &self,
+        id: i64,
+        request: DeployRequest,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+        cancel: CancellationToken,
+    ) -> Result<Deployment, EngineError> {
+        self.start(Some(id), request, sink, cancel).await
+    }
+
+    async fn start(
+        &self,
+        queued: Option<i64>,
+        request: DeployRequest,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+        cancel: CancellationToken,
+    ) -> Result<Deployment, EngineError> {
+        let queue_recorder = queued.map(|id| Recorder::new(self.store.clone(), id, sink.clone()));
+        // A queued request is recorded already: refused, it ends `failed`
+        // with the reason.
+        let refused = async |e: EngineError| match &queue_recorder {
+            Some(recorder) => self.fail(recorder, "refused", e).await,
+            None => e,
+        };
+        if let Err(e) = self.preamble().await {
+            return Err(refused(e).await);
+        }
+        let options = &request.options;
+        let strategy = options.strategy.as_str().to_string();
+        let prepared = match prepare::prepare(
+            self.fleet(),
+            &request.selection,
+            options,
+            Purpose::DEPLOY,
+        )
+        .await
+        {
+            Ok(prepared) => prepared,
+            Err(e) => return Err(refused(e).await),
+        };
+        let flake_rev = prepared.revision.clone();
+        let host_names = prepared.host_names();
+        let leases = match Leases::acquire(
+            &self.store,
+            &host_names,
+            request.wait,
+            &cancel,
+            queue_recorder.as_ref(),
+        )
+        .await
+        {
+            Ok(leases) => leases,
+            Err(e) => {
+                prepared.discard().await;
+                return Err(refused(e).await);
+            }
+        };
+        let id = match queued {
+            Some(id) => self
+                .store
+                .start_deployment(id, &host_names, flake_rev.as_deref())
+                .await
+                .map(|()| id),
+            None => {
+                self.store
+                    .create_deployment(&NewDeployment {
+                        trigger: request.trigger.clone(),
+                        requested_by: request.requested_by.clone(),
+                        flake: self.config.flake.clone(),
+                        flake_rev,
+                        strategy: strategy.clone(),
+                        options: options.clone(),
+                        hosts: host_names.clone(),
+                        queued: false,
+                    })
+                    .await
+            }
+        };
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                leases.release().await;
+                prepared.discard().await;
+                return Err(e.into());
+            }
+        };
+        let recorder = Recorder::new(self.store.clone(), id, sink);
+        let executed = async {
+            recorder
+                .emit(
+                    None,
+                    EventKind::DeploymentStarted {
+                        hosts: host_names,
+                        strategy,
+                    },
+                )
+                .await?;
+            prepared.log_evaluation(&recorder).await?;
+            execution::execute(self.fleet(), prepared, options, &recorder, &leases, &cancel).await
+        }
+        .await;
+        // Ended and recorded before its hosts are free for another run.
+        let result = match executed {
+            Ok(executed) => {
+                self.finish(&recorder, executed.runs, executed.aborted, &cancel)
+                    .await
+            }
+            Err(e) => Err(self.fail(&recorder, "failed", e).await),
+        };
+        leases.release().await;
+        result
+    }
+}
