@@ -144,6 +144,10 @@ pub enum Command {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Forget which machine a host is (its `/etc/machine-id`, learned at
+    /// first contact and checked on every connection), after the host was
+    /// reinstalled or really moved: the next connection learns it again.
+    ForgetIdentity { host: String },
     /// Probe one host and run its health checks now.
     Health {
         host: String,

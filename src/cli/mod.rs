@@ -38,7 +38,7 @@ use crate::engine::{
 };
 use crate::paths;
 use crate::store::Store;
-use crate::transport::ssh::{KeepAlive, SshOptions};
+use crate::transport::ssh::{Identities, KeepAlive, SshOptions};
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -139,6 +139,13 @@ pub(crate) fn ssh_options(
         Err(e) => {
             // Slower, not wrong: every run connects anew.
             tracing::warn!("not keeping SSH connections between runs: {e}");
+            None
+        }
+    };
+    ssh.identities = match Identities::new(state_dir.join("identities")) {
+        Ok(identities) => Some(identities),
+        Err(e) => {
+            tracing::warn!("cannot check which machine each host is: {e}");
             None
         }
     };
@@ -250,6 +257,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 engine.upload_keys(request, Some(sink), cancel)
             })
             .await
+        }
+        Command::ForgetIdentity { host } => {
+            if !nix_deploy_core::shell::is_valid_host_name(host) {
+                return Err(EngineError::BadOption(format!("`{host}` is not a host name")).into());
+            }
+            let identities = Identities::new(state_dir(&cli).join("identities"))?;
+            if identities.forget(host)? {
+                println!("{host}: identity forgotten; the next connection learns it again");
+            } else {
+                println!("{host}: no identity was known");
+            }
+            Ok(EXIT_OK)
         }
         Command::Health { host, within } => {
             let (engine, _control) = engine(&cli).await?;

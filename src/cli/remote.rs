@@ -136,6 +136,11 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 EXIT_FAILED
             })
         }
+        Command::ForgetIdentity { .. } => Err(ClientError::Api {
+            status: 400,
+            code: "bad_request".into(),
+            message: "`forget-identity` changes this machine's state directory (the daemon's is the daemon host's own); run it there without --server".into(),
+        }),
         Command::Serve { .. } => Err(ClientError::Api {
             status: 400,
             code: "bad_request".into(),

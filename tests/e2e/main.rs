@@ -15,6 +15,7 @@ mod exec;
 mod faults;
 mod goals;
 mod helpers;
+mod identity;
 mod keys;
 mod recovery;
 mod safety;

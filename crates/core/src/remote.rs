@@ -433,9 +433,11 @@ pub fn activation_log_argv(token: &str) -> Vec<String> {
 
 /// Take the decision for activation `$1` as `$2` (`confirmed`, or
 /// `taken-back` when the coordinator switches the host back itself). Exit 0:
-/// ours. Exit 3: the watchdog decided first; its result is printed.
+/// ours. Exit 3: the watchdog decided first; its result is printed. Exit 4:
+/// this host never had that activation (a connection that reached another
+/// machine), so nothing is decided.
 const DECIDE_SCRIPT: &str = r#"base=/run/nix-deploy/$1
-mkdir -p /run/nix-deploy
+if [ ! -e "$base.pid" ]; then echo "this host has no activation $1" >&2; exit 4; fi
 if mkdir "$base.decision" 2>/dev/null; then echo "$2" > "$base.result"; exit 0; fi
 cat "$base.result" >&2 2>/dev/null
 exit 3"#;

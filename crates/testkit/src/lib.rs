@@ -96,7 +96,8 @@
 //!
 //! # Reboots
 //!
-//! Each host has its own boot id (`H/boot_id`, bind-mounted over
+//! Each host has its own machine id (`H/machine-id`, bind-mounted over
+//! `/etc/machine-id`) and boot id (`H/boot_id`, bind-mounted over
 //! `/proc/sys/kernel/random/boot_id`). [`Fleet::reboot_host`] reboots a host
 //! for real: all its processes stopped, its `/run` emptied (but for the
 //! testkit's logs), a new boot id, its boot generation activated

@@ -48,6 +48,19 @@ fn new_boot_id() -> String {
     )
 }
 
+/// Gives a host directory its machine id (`H/machine-id`, bind-mounted over
+/// `/etc/machine-id`: 32 hex digits, kept for the host's life), if it has
+/// none yet.
+pub(crate) fn ensure_machine_id(dir: &Path) -> Result<()> {
+    let path = dir.join("machine-id");
+    if !path.exists() {
+        let id = format!("{:016x}{:016x}", random_u64(), random_u64());
+        write_atomic(&path, &format!("{id}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Gives a host directory its boot id file, if it has none yet.
 pub(crate) fn ensure_boot_id(dir: &Path) -> Result<()> {
     let path = dir.join("boot_id");
@@ -59,6 +72,13 @@ pub(crate) fn ensure_boot_id(dir: &Path) -> Result<()> {
 }
 
 impl Fleet {
+    /// The host's machine id (what its `/etc/machine-id` says).
+    pub fn machine_id(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.host_dir(name).join("machine-id"))
+            .ok()
+            .map(|id| id.trim().to_string())
+    }
+
     /// The host's current boot id (what its `/proc/sys/kernel/random/boot_id` says).
     pub fn boot_id(&self, name: &str) -> Option<String> {
         fs::read_to_string(self.host_dir(name).join("boot_id"))

@@ -152,8 +152,10 @@ impl Fleet {
         let dir = host.dir.clone();
         fs::write(dir.join("authorized_keys"), authorized)
             .with_context(|| format!("host {}: writing authorized_keys", host.name))?;
-        // The host's own boot id, new with each reboot (crate::reboot).
+        // The host's own boot id, new with each reboot (crate::reboot), and
+        // its own machine id, as every machine has.
         crate::reboot::ensure_boot_id(&dir)?;
+        crate::reboot::ensure_machine_id(&dir)?;
         // Lets tests check over ssh which host they reached.
         fs::write(dir.join("run/testkit-host"), format!("{}\n", host.name))
             .with_context(|| format!("host {}: writing run/testkit-host", host.name))?;
@@ -192,7 +194,8 @@ impl Fleet {
         let script = format!(
             "mount --bind \"$1/nix\" /nix && mount --bind \"$1/run\" /run && \
              mount --bind \"$1/root\" /root && \
-             mount --bind \"$1/boot_id\" /proc/sys/kernel/random/boot_id && {user_setup}\
+             mount --bind \"$1/boot_id\" /proc/sys/kernel/random/boot_id && \
+             mount --bind \"$1/machine-id\" /etc/machine-id && {user_setup}\
              mkdir -p /run/sshd && echo $$ > /run/testkit-sshd.pid && \
              exec {SSHD} -D -e -f \"$1/sshd_config\""
         );

@@ -13,10 +13,16 @@
 //! before the remote shell sees it. Every command has a timeout, and every error
 //! names the host and the step and carries the remote stderr.
 
+mod identity;
+mod keep;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+
+pub use identity::{Destination, Identities};
+pub use keep::KeepAlive;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::process::format_tail;
@@ -36,132 +42,9 @@ pub struct SshOptions {
     pub control_dir: PathBuf,
     /// Keep masters alive between runs; `None`: every run connects anew.
     pub keep: Option<KeepAlive>,
-}
-
-/// Masters kept between runs ([`Connection::connect`]).
-#[derive(Clone, Debug)]
-pub struct KeepAlive {
-    /// Owner-only; holds one record per host and the masters' sockets.
-    pub dir: PathBuf,
-    /// A kept master exits after this long without a session.
-    pub idle: Duration,
-}
-
-/// The longest control directory whose sockets fit the kernel's 107
-/// bytes: ssh binds `DIR/.ssh-connectionXXXXXX/master` first under a name
-/// 17 bytes longer (`master.` + 16 random characters), then renames it.
-const MAX_KEEP_DIR: usize = 107 - "/.ssh-connectionXXXXXX/master.XXXXXXXXXXXXXXXX".len();
-
-impl KeepAlive {
-    /// Keep masters in `dir` (created owner-only) for `idle`; `None` when
-    /// `idle` is zero. A directory whose path is too long for a socket is
-    /// an error (the caller connects anew each run, and says why).
-    pub fn new(dir: PathBuf, idle: Duration) -> std::io::Result<Option<Self>> {
-        if idle.is_zero() {
-            return Ok(None);
-        }
-        if dir.as_os_str().len() > MAX_KEEP_DIR {
-            return Err(std::io::Error::other(format!(
-                "{} is longer than the {MAX_KEEP_DIR} bytes an ssh control socket's directory may have",
-                dir.display()
-            )));
-        }
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-        // An existing directory is made owner-only too: whoever can reach a
-        // master's socket can run commands as us on the host.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        let keep = KeepAlive { dir, idle };
-        keep.sweep();
-        Ok(Some(keep))
-    }
-
-    /// The record of the master for `target` as `options` reach it.
-    fn record(&self, target: &Target, options: &SshOptions) -> PathBuf {
-        use sha2::{Digest, Sha256};
-        let mut hash = Sha256::new();
-        for part in [
-            target.user.as_str(),
-            target.destination.as_str(),
-            &target.port.map(|p| p.to_string()).unwrap_or_default(),
-            &options
-                .config_file
-                .as_ref()
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        ] {
-            hash.update(part.as_bytes());
-            hash.update([0]);
-        }
-        let digest = hash.finalize();
-        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        self.dir.join(format!("{name}.master"))
-    }
-
-    /// A live master recorded at `record`, or `None` (and the stale record
-    /// and its directory removed).
-    async fn resume(&self, record: &Path) -> Option<Session> {
-        let text = std::fs::read_to_string(record).ok()?;
-        let ctl = PathBuf::from(text.lines().next()?.trim());
-        // Only sockets in our own directory: the record could be stale or
-        // tampered with, and we must not talk to anyone else's master.
-        let inside = ctl.parent().and_then(Path::parent) == Some(self.dir.as_path());
-        if inside {
-            let session = Session::resume_mux(ctl.clone().into_boxed_path(), None);
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), session.check()).await
-            {
-                return Some(session);
-            }
-        }
-        let _ = std::fs::remove_file(record);
-        if inside && let Some(dir) = ctl.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        None
-    }
-
-    /// Remember `session`'s master for the next run.
-    fn remember(&self, record: &Path, session: &Session) {
-        let tmp = record.with_extension("tmp");
-        let text = format!("{}\n", session.control_socket().display());
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, record);
-        }
-    }
-
-    /// Remove what masters that exited (idle, or their host went away)
-    /// left behind: a master's directory without its socket, older than a
-    /// connection attempt can take, and records pointing nowhere.
-    fn sweep(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".ssh-connection") {
-                let old = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > Duration::from_secs(120));
-                if old && !path.join("master").exists() {
-                    let _ = std::fs::remove_dir_all(&path);
-                }
-            } else if name.ends_with(".master") {
-                let socket = std::fs::read_to_string(&path)
-                    .ok()
-                    .map(|t| PathBuf::from(t.trim()));
-                if !socket.is_some_and(|s| s.exists()) {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-    }
+    /// Each host's identity as first seen, checked on every new connection;
+    /// `None`: not checked (only tests of this module).
+    pub identities: Option<Identities>,
 }
 
 impl SshOptions {
@@ -172,6 +55,7 @@ impl SshOptions {
             command_timeout: Duration::from_secs(60),
             control_dir,
             keep: None,
+            identities: None,
         }
     }
 }
@@ -205,6 +89,15 @@ pub enum SshError {
         step: String,
         command: String,
         timeout: Duration,
+    },
+    #[error(
+        "{host}: the machine reached at {destination} is not the one first seen as {host} (its /etc/machine-id is {found}, {host}'s is {expected}): check where the ssh config sends {host}; if {host} was reinstalled, run `nix-deploy forget-identity {host}`"
+    )]
+    Identity {
+        host: String,
+        destination: String,
+        expected: String,
+        found: String,
     },
     #[error("invalid --ssh-config path {0}: NIX_SSHOPTS cannot carry whitespace")]
     ConfigPath(PathBuf),
@@ -339,20 +232,42 @@ impl Connection {
         options: &SshOptions,
     ) -> Result<Self, SshError> {
         let Some(keep) = &options.keep else {
-            return Self::open(host, target, options, None).await;
+            return Ok(Self::open(host, target, options, None).await?.0);
         };
-        let record = keep.record(target, options);
-        if let Some(session) = keep.resume(&record).await {
+        // Where the ssh config sends this host now: a master kept for
+        // another destination is never this host's.
+        let destination = match Destination::resolve(target, options).await {
+            Ok(destination) => destination,
+            Err(e) => {
+                tracing::warn!(host, "not reusing kept ssh masters: {e}");
+                return Ok(Self::open(host, target, options, None).await?.0);
+            }
+        };
+        let record = keep.record(&destination);
+        if let Some(kept) = keep.resume(&record).await {
             tracing::debug!(host, "reusing a kept ssh master");
-            return Ok(Connection {
+            let connection = Connection {
                 host: host.to_string(),
                 target: target.clone(),
-                session,
+                session: kept.session,
                 kept: true,
-            });
+            };
+            let identity = match kept.identity {
+                Some(identity) => Some(identity),
+                None => connection.identity(options).await,
+            };
+            if let Err(e) = connection
+                .check_identity(options, identity.as_deref())
+                .await
+            {
+                connection.close().await;
+                return Err(e);
+            }
+            keep.remember(&record, &connection.session, identity.as_deref());
+            return Ok(connection);
         }
-        let connection = Self::open(host, target, options, Some(keep)).await?;
-        keep.remember(&record, &connection.session);
+        let (connection, identity) = Self::open(host, target, options, Some(keep)).await?;
+        keep.remember(&record, &connection.session, identity.as_deref());
         Ok(connection)
     }
 
@@ -363,15 +278,17 @@ impl Connection {
         target: &Target,
         options: &SshOptions,
     ) -> Result<Self, SshError> {
-        Self::open(host, target, options, None).await
+        Ok(Self::open(host, target, options, None).await?.0)
     }
 
+    /// A new master, checked to reach the machine first seen as `host`;
+    /// with the identity it has.
     async fn open(
         host: &str,
         target: &Target,
         options: &SshOptions,
         keep: Option<&KeepAlive>,
-    ) -> Result<Self, SshError> {
+    ) -> Result<(Self, Option<String>), SshError> {
         let connect_error = |message: String| SshError::Connect {
             host: host.to_string(),
             destination: target.destination.clone(),
@@ -401,12 +318,88 @@ impl Connection {
                 )));
             }
         };
-        Ok(Connection {
+        let connection = Connection {
             host: host.to_string(),
             target: target.clone(),
             session,
             kept: keep.is_some(),
-        })
+        };
+        let identity = connection.identity(options).await;
+        if let Err(e) = connection
+            .check_identity(options, identity.as_deref())
+            .await
+        {
+            // A master to a machine that is not this host is no use to it.
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection.session.close()).await;
+            return Err(e);
+        }
+        Ok((connection, identity))
+    }
+
+    /// The identity of the machine behind this connection, when it has one
+    /// (`None` when identities are not checked).
+    async fn identity(&self, options: &SshOptions) -> Option<String> {
+        options.identities.as_ref()?;
+        match self
+            .run(
+                "identity",
+                &identity::identity_argv(),
+                options.command_timeout,
+            )
+            .await
+        {
+            Ok(out) => identity::parse_identity(&out.stdout),
+            Err(e) => {
+                tracing::warn!(host = %self.host, cause = %e, "cannot read the machine's identity");
+                None
+            }
+        }
+    }
+
+    /// This connection reaches the machine first seen as its host (learned
+    /// now at first contact). A machine without an identity cannot be told
+    /// from another: said, not checked.
+    async fn check_identity(
+        &self,
+        options: &SshOptions,
+        identity: Option<&str>,
+    ) -> Result<(), SshError> {
+        let Some(identities) = &options.identities else {
+            return Ok(());
+        };
+        let Some(found) = identity else {
+            tracing::warn!(
+                host = %self.host,
+                "the machine has no /etc/machine-id: it cannot be told from another machine"
+            );
+            return Ok(());
+        };
+        match identities.check(&self.host, &self.target.destination, found) {
+            Err(SshError::Identity {
+                host,
+                expected,
+                found,
+                ..
+            }) => {
+                // Say where the ssh config really sent it.
+                let destination = match Destination::resolve(&self.target, options).await {
+                    Ok(resolved) => resolved
+                        .settings
+                        .lines()
+                        .find_map(|l| l.strip_prefix("hostname "))
+                        .map(|address| format!("{} ({address})", self.target.destination))
+                        .unwrap_or_else(|| self.target.destination.clone()),
+                    Err(_) => self.target.destination.clone(),
+                };
+                Err(SshError::Identity {
+                    host,
+                    destination,
+                    expected,
+                    found,
+                })
+            }
+            other => other,
+        }
     }
 
     pub fn host(&self) -> &str {
@@ -747,28 +740,6 @@ mod tests {
         );
         let options = SshOptions::new(Some("/my configs/ssh".into()), "/tmp/c".into());
         assert!(nix_ssh_opts(&target(None), &options, None).is_err());
-    }
-
-    #[test]
-    fn kept_masters_live_in_an_owner_only_directory_short_enough_for_sockets() {
-        use std::os::unix::fs::PermissionsExt;
-        let base = tempfile::tempdir().unwrap();
-        let minute = Duration::from_secs(60);
-        assert!(
-            KeepAlive::new(base.path().join("ssh"), Duration::ZERO)
-                .unwrap()
-                .is_none()
-        );
-        let keep = KeepAlive::new(base.path().join("ssh"), minute)
-            .unwrap()
-            .expect("kept");
-        let mode = std::fs::metadata(&keep.dir).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
-        let long = base.path().join("x".repeat(MAX_KEEP_DIR));
-        let e = KeepAlive::new(long, minute).unwrap_err();
-        assert!(e.to_string().contains("control socket"), "{e}");
-        // The longest allowed directory still fits ssh's temporary name.
-        assert!(MAX_KEEP_DIR + "/.ssh-connectionXXXXXX/master.XXXXXXXXXXXXXXXX".len() <= 107);
     }
 
     #[test]
