@@ -311,6 +311,11 @@ impl Generator {
             && self.rng.random_bool(0.1);
         let max_failures = self.rng.random_range(0..2);
         let interrupt = match self.rng.random_range(0..10) {
+            // Killed once its first host is done: the rest is left to `resume`.
+            0 if strategy == Strategy::Rolling => Some(Interrupt::Kill(Moment {
+                word: "deployed",
+                nth: 1,
+            })),
             0..=1 => Some(Interrupt::Kill(self.moment())),
             2 => Some(Interrupt::Cancel(self.moment())),
             _ => None,
@@ -354,6 +359,15 @@ impl Generator {
         if self.swapped.is_some() && self.since_swap >= 1 && self.rng.random_bool(0.6) {
             return Op::CorrectSsh;
         }
+        // A host that is down comes back within a few operations.
+        if self.rng.random_bool(0.25) {
+            if let Some(&host) = self.frozen.iter().next() {
+                return Op::Thaw { host };
+            }
+            if let Some(&host) = self.stopped.iter().next() {
+                return Op::StartHost { host };
+            }
+        }
         // An interrupted deployment is resumed, often after a flake edit.
         if self.interrupted && self.rng.random_bool(0.4) {
             return if self.rng.random_bool(0.5) {
@@ -370,7 +384,7 @@ impl Generator {
                     let hosts = self.selection();
                     self.deploy(hosts)
                 }
-                30..=34 => Op::Resume,
+                30..=34 if self.interrupted || self.rng.random_bool(0.2) => Op::Resume,
                 35..=39 => Op::Rollback {
                     host: self.host(),
                     back: if self.rng.random_bool(0.3) {
