@@ -271,3 +271,35 @@ fn after_an_aborted_deployment_status_claims_no_pending_reboot() {
     assert_eq!(record["boot_path"].as_str(), g1.as_deref(), "{record:#}");
     assert_eq!(record["pending_reboot"], false, "{record:#}");
 }
+
+/// Campaign seed 1796390675351769882, step 23 (I1, I3, I4): two hosts'
+/// addresses swapped in the ssh config, no master kept for h1 (its machine
+/// was rebooted, or it expired): a deployment of h1 opens a new connection
+/// to h2's machine, activates h1's system there and writes h1's secret into
+/// h2's `/run/keys`, and reports h1 `deployed`.
+#[test]
+fn a_swapped_ssh_config_never_puts_a_hosts_system_or_secret_on_another_machine() {
+    let keys = r#"keys."k-x1" = { text = "the secret of x1"; };"#;
+    let mut h = Harness::start(vec![
+        HostSpec::new("x1").deployment_extra(keys),
+        HostSpec::new("x2"),
+    ]);
+    let out = h.run(&["--ssh-keep-alive", "0", "deploy"]);
+    assert_eq!(out.status.code(), Some(0));
+    h.fleet.update("x1", |s| s.bump()).unwrap();
+    let new = h.fleet.toplevel("x1").unwrap();
+    h.fleet.swap_ssh_addresses("x1", "x2").unwrap();
+    let (_, report, stderr) = h.deploy(&["x1", "--confirm-timeout", "3"]);
+    watchdogs_decided(&h, "x2");
+    assert!(
+        !activated(&h, "x2").contains(&new),
+        "x1's system was activated on x2's machine: {report:#}\n{stderr}"
+    );
+    assert!(
+        !h.fleet.host_dir("x2").join("run/keys/k-x1").exists(),
+        "x1's secret is on x2's machine: {report:#}"
+    );
+    if status(&report, "x1") == "deployed" {
+        assert_eq!(h.fleet.current_system("x1"), Some(new), "{report:#}");
+    }
+}
