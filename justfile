@@ -37,6 +37,15 @@ lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
 
+# The randomized fault campaign for DURATION (default 30m, e.g. `just chaos 10m`):
+# campaigns of NIX_DEPLOY_CHAOS_STEPS operations (default 40) with new seeds
+# until the time is spent; prints steps, invariants checked, seeds and every
+# violation with the operations that led to it. NIX_DEPLOY_CHAOS_SEED=N
+# replays one campaign.
+chaos DURATION="30m": setup
+    NIX_DEPLOY_CHAOS_DURATION={{DURATION}} NIX_DEPLOY_CHAOS_STEPS="${NIX_DEPLOY_CHAOS_STEPS:-40}" \
+        cargo test --test chaos -- --nocapture --test-threads 1
+
 # Benchmarks against real local test hosts (see BENCHMARKS.md).
 bench: setup
     cargo build --release --bin nix-deploy

@@ -13,6 +13,7 @@ mod deploy;
 mod evaluation;
 mod exec;
 mod faults;
+mod found_by_chaos;
 mod goals;
 mod helpers;
 mod identity;

@@ -84,6 +84,11 @@
 //! - `units/UNIT`: `active` or `failed` per [`HostSpec::units`] (switch, test);
 //! - `boot.log`: `boot PATH` lines (boot).
 //!
+//! and appends to the host's activation history on its disk,
+//! `/nix/var/log/testkit/activations.log` (kept across reboots, with the
+//! activation's pid and who ran it: `deployer`, or `boot` for the
+//! activation of a reboot), see [`Fleet::activation_history`].
+//!
 //! The toplevel also has `kernel` and `initrd` links into its `linux-<kernel>`
 //! package, as a NixOS toplevel does (a new [`HostSpec::kernel`] changes
 //! them: a reboot is required), and its `systemctl reboot` asks the fleet to
@@ -141,7 +146,7 @@ mod sys;
 pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};
-pub use spec::{Activation, HostSpec, UnitState};
+pub use spec::{Activation, HistoryEntry, HostSpec, UnitState};
 use sys::*;
 
 /// The sshd binary every host runs.
@@ -197,6 +202,19 @@ mod tests {
         assert_eq!(acts[0].exit_code, Some(0));
         assert_eq!(acts[1].action, "test");
         assert_eq!(acts[1].end, None);
+    }
+
+    #[test]
+    fn history_parses_by_pid() {
+        let log = "1 start switch /nix/store/a 10 deployer\n\
+                   2 start test /nix/store/a 11 boot\n\
+                   3 end switch /nix/store/a 0 10 deployer\n";
+        let entries = crate::spec::parse_history(log);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].activation.end, Some(3.0));
+        assert_eq!(entries[0].activation.exit_code, Some(0));
+        assert_eq!(entries[1].activation.end, None);
+        assert_eq!((entries[1].pid, entries[1].by.as_str()), (11, "boot"));
     }
 
     #[test]

@@ -190,13 +190,14 @@ fn empty_run(run: &Path) -> Result<()> {
 /// Activates `system` at boot, inside the host's own mounts (never the
 /// machine's `/run`): `/run/booted-system`, then its units and
 /// `/run/current-system` through its `switch-to-configuration test`, whose
-/// entries in `activations.log` are dropped again (no deployer ran it).
+/// entries in `activations.log` are dropped again (no deployer ran it); the
+/// host's activation history keeps it, marked `boot`.
 fn boot_into(dir: &Path, system: &str) -> Result<()> {
     const SCRIPT: &str = r#"mount --bind "$1/nix" /nix && mount --bind "$1/run" /run || exit 1
 log=/run/activations.log
 if [ -e "$log" ]; then cp "$log" /run/.activations.boot; else : > /run/.activations.boot; fi
 ln -sfn "$2" /run/booted-system
-"$2/bin/switch-to-configuration" test >/dev/null 2>&1
+TESTKIT_ACTIVATED_BY=boot "$2/bin/switch-to-configuration" test >/dev/null 2>&1
 mv /run/.activations.boot "$log"
 exit 0"#;
     let mut cmd = Command::new("unshare");
