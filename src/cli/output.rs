@@ -349,16 +349,13 @@ fn print_deployment_report(deployment: &Deployment) {
     }
     println!();
     println!(
-        "Total time: {} | deployed {}/{} | skipped {} | rolled back {} | failed {}",
+        "Total time: {} | {} of {} host(s)",
         deployment
             .duration_ms()
             .map(duration_ms)
             .unwrap_or_else(|| "-".into()),
-        deployment.count(HostStatus::Deployed),
+        nix_deploy_core::render::hosts_summary(&deployment.hosts),
         deployment.hosts.len(),
-        deployment.count(HostStatus::Skipped),
-        deployment.count(HostStatus::RolledBack),
-        failed.len() - deployment.count(HostStatus::RolledBack),
     );
 }
 

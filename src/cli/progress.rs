@@ -171,6 +171,7 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                 from,
                 to,
                 duration_ms: ms,
+                after,
                 ..
             } => {
                 finished += 1;
@@ -182,6 +183,9 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                     *status,
                     from.generation,
                     to.generation,
+                    after
+                        .as_ref()
+                        .map_or(from.generation, |a| a.boot_generation),
                     *ms,
                 ));
             }

@@ -444,6 +444,7 @@ mod tests {
                 to: Default::default(),
                 duration_ms: 1,
                 error: Some("activate failed\nmore".into()),
+                after: None,
             })),
             Some(Notice::HostRolledBack {
                 id: 3,
@@ -458,6 +459,7 @@ mod tests {
                 to: Default::default(),
                 duration_ms: 1,
                 error: None,
+                after: None,
             })),
             None
         );

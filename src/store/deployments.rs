@@ -9,7 +9,7 @@ use nix_deploy_core::events::{DeploymentStatus, EventKind};
 use nix_deploy_core::exec::ExecSpec;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::Plan;
-use nix_deploy_core::run::{Deployment, RunKind, Span};
+use nix_deploy_core::run::{Deployment, Pinned, RunKind, Span};
 
 use super::{Store, StoreError, query_error, to_json};
 use crate::now_ms;
@@ -91,6 +91,18 @@ impl Store {
         Ok(())
     }
 
+    /// Fix what deployment `id` deploys. Written once, when it starts:
+    /// never overwritten by `resume`.
+    pub async fn pin_deployment(&self, id: i64, pinned: &Pinned) -> Result<(), StoreError> {
+        sqlx::query("UPDATE deployments SET pinned = ? WHERE id = ? AND pinned IS NULL")
+            .bind(to_json(pinned))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("pinning what a deployment deploys"))?;
+        Ok(())
+    }
+
     pub async fn set_plan(&self, id: i64, plan: &Plan) -> Result<(), StoreError> {
         sqlx::query("UPDATE deployments SET plan = ? WHERE id = ?")
             .bind(to_json(plan))
@@ -133,6 +145,7 @@ impl Store {
         let started_at: Option<i64> = row.get("started_at");
         let kind: String = row.get("kind");
         let exec: Option<String> = row.get("exec");
+        let pinned: Option<String> = row.get("pinned");
         Ok(Deployment {
             id: row.get("id"),
             kind: RunKind::parse(&kind),
@@ -154,6 +167,9 @@ impl Store {
             plan: plan.map(|p| parse(&p, "deployments.plan")).transpose()?,
             error: row.get("error"),
             pid: row.get("pid"),
+            pinned: pinned
+                .map(|p| parse(&p, "deployments.pinned"))
+                .transpose()?,
             hosts: Vec::new(),
             events: None,
         })

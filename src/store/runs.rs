@@ -105,6 +105,7 @@ impl Store {
                 let goal: Option<String> = row.get("goal");
                 let output: Option<String> = row.get("output");
                 let reboot: Option<String> = row.get("reboot");
+                let after: Option<String> = row.get("after");
                 let generation = |col: &str| row.get::<Option<i64>, _>(col).map(|g| g as u32);
                 fn json<T: serde::de::DeserializeOwned>(
                     text: Option<String>,
@@ -149,6 +150,7 @@ impl Store {
                     goal: goal.and_then(|g| Goal::parse(&g).ok()),
                     output: json(output, "host_runs.output")?,
                     reboot: json(reboot, "host_runs.reboot")?,
+                    after: json(after, "host_runs.after")?,
                 })
             })
             .collect()
@@ -249,8 +251,14 @@ impl Store {
     }
 
     /// Remember how a host's last deployment ended, and what it runs and
-    /// boots now, as far as its goal and result tell.
+    /// boots now: as read from the host when its part ended, else as far as
+    /// its goal and result tell. A host the deployment never started
+    /// (nothing to do, blocked, cancelled) keeps its last result: what it
+    /// runs was recorded by its probe.
     pub async fn record_host_result(&self, run: &HostRun) -> Result<(), StoreError> {
+        if matches!(run.status, HostStatus::Skipped | HostStatus::Cancelled) {
+            return Ok(());
+        }
         let (running, generation, boot) = after_run(run);
         sqlx::query(
             "INSERT INTO hosts (name, current_path, generation, last_deployment_id, last_status, last_error, last_finished_at, boot_path)
@@ -335,6 +343,14 @@ impl Store {
 /// What a host runs, which generation its profile is on, and what it boots,
 /// after a host run (`None`: unchanged, as far as this run knows).
 fn after_run(run: &HostRun) -> (Option<&str>, Option<u32>, Option<&str>) {
+    // Read from the host when its part ended: that is what it runs.
+    if let Some(after) = &run.after {
+        return (
+            after.running.as_deref(),
+            after.boot_generation,
+            after.boot.as_deref(),
+        );
+    }
     let goal = run.goal.unwrap_or_default();
     let to = run.to.path.as_deref();
     match run.status {
@@ -361,8 +377,8 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
     sqlx::query(
         "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
              new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token,
-             goal, output, reboot)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             goal, output, reboot, after)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (deployment_id, host) DO UPDATE SET
              status = excluded.status, step = excluded.step, changed = excluded.changed,
              old_path = excluded.old_path, old_generation = excluded.old_generation,
@@ -370,7 +386,8 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
              started_at = excluded.started_at, finished_at = excluded.finished_at,
              steps = excluded.steps, reason = excluded.reason, error = excluded.error,
              summary = excluded.summary, token = excluded.token,
-             goal = excluded.goal, output = excluded.output, reboot = excluded.reboot",
+             goal = excluded.goal, output = excluded.output, reboot = excluded.reboot,
+             after = excluded.after",
     )
     .bind(run.deployment_id)
     .bind(&run.host)
@@ -391,6 +408,7 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
     .bind(run.goal.map(|g| g.as_str()))
     .bind(run.output.as_ref().map(to_json))
     .bind(run.reboot.as_ref().map(to_json))
+    .bind(run.after.as_ref().map(to_json))
 }
 
 /// An event to record now.

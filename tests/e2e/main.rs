@@ -19,6 +19,7 @@ mod helpers;
 mod identity;
 mod keys;
 mod recovery;
+mod reporting;
 mod safety;
 mod selection;
 mod strategies;

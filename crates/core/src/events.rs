@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::remote::ProbeResult;
+use crate::remote::{HostSystems, ProbeResult};
 
 /// One step of a host's pipeline (see ARCHITECTURE.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -247,6 +247,9 @@ pub enum EventKind {
         to: SystemRef,
         duration_ms: u64,
         error: Option<String>,
+        /// What the host ran and booted when its part ended, as it said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<HostSystems>,
     },
     DeploymentFinished {
         status: DeploymentStatus,

@@ -15,7 +15,7 @@ use crate::engine::EngineError;
 use crate::engine::fleet::execution;
 use crate::engine::fleet::leases::Leases;
 use crate::engine::fleet::prepare::{self, Purpose};
-use crate::engine::host::recorder::Recorder;
+use crate::engine::host::recorder::{self, Recorder};
 use crate::store::NewDeployment;
 
 /// One deployment request.
@@ -159,6 +159,9 @@ impl Engine {
         };
         let recorder = Recorder::new(self.store.clone(), id, sink);
         let executed = async {
+            // What it deploys is fixed before anything is touched.
+            let pinned = prepared.pinned();
+            recorder::durably(|| self.store.pin_deployment(id, &pinned)).await?;
             recorder
                 .emit(
                     None,

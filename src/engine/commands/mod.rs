@@ -83,7 +83,6 @@ impl Engine {
         error: Option<String>,
         cancel: &CancellationToken,
     ) -> Result<Deployment, EngineError> {
-        let id = recorder.deployment_id();
         let status = if hosts.iter().any(|h| h.status.is_failure()) || error.is_some() {
             DeploymentStatus::Failed
         } else if hosts.iter().any(|h| h.status == HostStatus::Cancelled) || cancel.is_cancelled() {
@@ -91,6 +90,18 @@ impl Engine {
         } else {
             DeploymentStatus::Succeeded
         };
+        self.end(recorder, status, error).await
+    }
+
+    /// Store how a run ended, send its `deployment-finished` event, and
+    /// return it as stored.
+    async fn end(
+        &self,
+        recorder: &Recorder,
+        status: DeploymentStatus,
+        error: Option<String>,
+    ) -> Result<Deployment, EngineError> {
+        let id = recorder.deployment_id();
         recorder::durably(|| self.store.finish_deployment(id, status, error.as_deref())).await?;
         recorder
             .emit(None, EventKind::DeploymentFinished { status })

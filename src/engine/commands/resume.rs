@@ -4,20 +4,25 @@
 //! undecided are settled first (see `probe`). An interrupted rollback on
 //! request is resumed as that rollback, never as a deployment.
 
+use std::collections::BTreeMap;
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
+use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus, Step};
 use nix_deploy_core::fleet::Selection;
-use nix_deploy_core::run::{Deployment, HostRun, RunKind};
+use nix_deploy_core::remote::Before;
+use nix_deploy_core::run::{Deployment, HostRun, Pinned, RunKind};
 
 use super::Engine;
 use super::rollback::ROLLBACK;
-use crate::engine::EngineError;
+use crate::engine::fleet::FleetContext;
 use crate::engine::fleet::execution;
 use crate::engine::fleet::leases::Leases;
+use crate::engine::fleet::prepare::Prepared;
 use crate::engine::fleet::prepare::{self, Purpose};
 use crate::engine::host::recorder::Recorder;
+use crate::engine::{EngineConfig, EngineError};
 
 impl Engine {
     /// Continue a cancelled, failed or interrupted deployment with the hosts
@@ -52,10 +57,35 @@ impl Engine {
             ..Selection::default()
         };
         let rollback = deployment.strategy == ROLLBACK;
+        // Exactly what the deployment planned: its pinned flake, whatever
+        // the flake says now.
+        let pinned = deployment.pinned.clone().unwrap_or_default();
+        let config = EngineConfig {
+            flake: pinned
+                .flake
+                .clone()
+                .unwrap_or_else(|| self.config.flake.clone()),
+            ..self.config.clone()
+        };
+        let fleet = FleetContext {
+            config: &config,
+            store: &self.store,
+        };
         let prepared = if remaining_names.is_empty() || rollback {
             None
         } else {
-            Some(prepare::prepare(self.fleet(), &selection, &options, Purpose::RESUME).await?)
+            let mut prepared = prepare::prepare(fleet, &selection, &options, Purpose::RESUME)
+                .await
+                .map_err(|e| match &pinned.flake {
+                    Some(flake) => EngineError::BadOption(format!(
+                        "deployment #{} cannot deploy what it planned: its flake as it was ({flake}) cannot be evaluated any more: {e}; start a new deployment instead",
+                        deployment.id
+                    )),
+                    None => e,
+                })?;
+            check_planned(&deployment, &pinned, &prepared)?;
+            prepared.before = touched_before(&deployment, &remaining_names);
+            Some(prepared)
         };
         let leases = Leases::acquire(&self.store, &remaining_names, wait, &cancel, None).await?;
         self.store.reopen_deployment(deployment.id).await?;
@@ -87,15 +117,9 @@ impl Engine {
                     self.resume_rollback(&deployment, &recorder).await
                 }
                 Some(prepared) => {
-                    let executed = execution::execute(
-                        self.fleet(),
-                        prepared,
-                        &options,
-                        &recorder,
-                        &leases,
-                        &cancel,
-                    )
-                    .await;
+                    let executed =
+                        execution::execute(fleet, prepared, &options, &recorder, &leases, &cancel)
+                            .await;
                     match executed {
                         Ok(executed) => {
                             let mut hosts = done;
@@ -153,4 +177,59 @@ impl Engine {
             _ => Ok(deployment),
         }
     }
+}
+
+/// Every host still to deploy gets exactly what the deployment planned for
+/// it (pinned when it started, or recorded as its run's target by an older
+/// version), or the resume is refused before anything is touched.
+fn check_planned(
+    deployment: &Deployment,
+    pinned: &Pinned,
+    prepared: &Prepared,
+) -> Result<(), EngineError> {
+    for host in &prepared.hosts {
+        let planned = pinned.hosts.get(&host.name).cloned().or_else(|| {
+            deployment
+                .hosts
+                .iter()
+                .find(|r| r.host == host.name)
+                .and_then(|r| r.to.path.clone())
+        });
+        match planned {
+            Some(planned) if planned != host.toplevel => {
+                return Err(EngineError::BadOption(format!(
+                    "deployment #{} planned {planned} for {}, but its flake now evaluates to {}: resume deploys exactly what was planned; start a new deployment for the new system",
+                    deployment.id, host.name, host.toplevel
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What hosts an earlier attempt already touched (set their profile or
+/// activated them) ran and booted before it did: where their way back
+/// leads, rather than the half-way state a kill left them in.
+fn touched_before(deployment: &Deployment, remaining: &[String]) -> BTreeMap<String, Before> {
+    deployment
+        .hosts
+        .iter()
+        .filter(|r| remaining.contains(&r.host))
+        .filter(|r| {
+            r.token.is_some()
+                || r.steps
+                    .iter()
+                    .any(|s| s.step == Step::SetProfile && s.ok != Some(false))
+        })
+        .map(|r| {
+            (
+                r.host.clone(),
+                Before {
+                    running: r.from.path.clone(),
+                    boot_generation: r.from.generation,
+                },
+            )
+        })
+        .collect()
 }

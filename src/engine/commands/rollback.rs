@@ -6,10 +6,10 @@
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use nix_deploy_core::events::{Event, EventKind, HostStatus};
+use nix_deploy_core::events::{DeploymentStatus, Event, EventKind, HostStatus};
 use nix_deploy_core::fleet::Host;
 use nix_deploy_core::options::DeployOptions;
-use nix_deploy_core::remote;
+use nix_deploy_core::remote::{self, Activation, Before};
 use nix_deploy_core::run::{Deployment, HostRun};
 
 use super::Engine;
@@ -17,13 +17,13 @@ use crate::engine::EngineError;
 use crate::engine::fleet::evaluate;
 use crate::engine::fleet::leases::Leases;
 use crate::engine::host::keys::KeyTexts;
-use crate::engine::host::observe::{Assessment, Settle, probe_host};
+use crate::engine::host::observe::{self, Assessment, Settle, probe_host};
 use crate::engine::host::pipeline::HostContext;
 use crate::engine::host::recorder::Recorder;
-use crate::engine::host::way_back::{self, Back, Previous, conclude};
+use crate::engine::host::way_back::{self, conclude};
 use crate::now_ms;
 use crate::store::NewDeployment;
-use crate::transport::ssh::Connection;
+use crate::transport::ssh::{Connection, SshOptions};
 
 /// The strategy name a rollback on request is recorded with.
 pub const ROLLBACK: &str = "rollback";
@@ -59,14 +59,20 @@ impl Engine {
         .await?;
         let result = async {
             let (assessment, connection) = self.reach(&host, &request.options).await?;
-            let target =
-                match rollback_target(&connection, &assessment, request.to_generation).await {
-                    Ok(target) => target,
-                    Err(e) => {
-                        connection.close().await;
-                        return Err(e);
-                    }
-                };
+            let target = match rollback_target(
+                &self.config.ssh,
+                &connection,
+                &assessment,
+                request.to_generation,
+            )
+            .await
+            {
+                Ok(target) => target,
+                Err(e) => {
+                    connection.close().await;
+                    return Err(e);
+                }
+            };
             let id = self
                 .store
                 .create_deployment(&NewDeployment {
@@ -114,13 +120,16 @@ impl Engine {
         })?;
         let host = evaluate::evaluated_host(self.fleet(), &run.host).await?;
         let (assessment, connection) = self.reach(&host, &deployment.options).await?;
-        let target = match rollback_target(&connection, &assessment, Some(generation)).await {
-            Ok(target) => target,
-            Err(e) => {
-                connection.close().await;
-                return Err(e);
-            }
-        };
+        let target =
+            match rollback_target(&self.config.ssh, &connection, &assessment, Some(generation))
+                .await
+            {
+                Ok(target) => target,
+                Err(e) => {
+                    connection.close().await;
+                    return Err(e);
+                }
+            };
         self.roll_back_host(
             recorder,
             &deployment.options,
@@ -158,7 +167,7 @@ impl Engine {
         options: &DeployOptions,
         assessment: Assessment,
         mut connection: Connection,
-        target: Previous,
+        target: Before,
     ) -> Result<Deployment, EngineError> {
         let host = &assessment.host;
         let context = HostContext {
@@ -172,74 +181,74 @@ impl Engine {
         run.status = HostStatus::Running;
         run.changed = Some(true);
         run.from = assessment.current.clone();
-        run.to.generation = Some(target.generation);
-        run.to.path = Some(target.path.clone());
-        run.reason = Some(format!(
-            "rollback to generation {} on request",
-            target.generation
-        ));
+        run.to.generation = target.boot_generation;
+        run.to.path = target.running.clone();
+        let generation = target.boot_generation.unwrap_or_default();
+        run.reason = Some(format!("rollback to generation {generation} on request"));
         run.time.started_at = Some(now_ms());
         recorder.save(&run).await?;
-        let there = assessment.current.path.as_deref() == Some(target.path.as_str())
-            && assessment.current.generation == Some(target.generation);
+        let there = assessment
+            .probe
+            .as_ref()
+            .is_some_and(|p| way_back::already_there(&p.systems(), &target));
         let result = if there {
             recorder
                 .log(
                     Some(&host.name),
-                    format!("already on generation {}", target.generation),
+                    format!("already on generation {generation}"),
                 )
                 .await?;
+            run.after = observe::systems(&connection, "rollback", self.config.ssh.command_timeout)
+                .await
+                .ok();
             Ok(())
         } else {
+            // Switched to as a `switch` would: it runs and boots generation N.
             way_back::roll_back(
                 &context,
                 &mut run,
                 &mut connection,
                 &assessment,
                 &target,
-                Back::Switch,
+                Activation::Switch,
             )
             .await?
         };
-        conclude(&mut run, result, HostStatus::Deployed, None, None);
+        conclude(&mut run, result, HostStatus::RolledBack, None, None);
         run.time.finished_at = Some(now_ms());
         connection.close().await;
         recorder.finish_host(&mut run).await?;
-        self.finish(recorder, vec![run], None, &CancellationToken::new())
-            .await
+        // Rolled back as asked is this run's success.
+        let status = if run.status == HostStatus::RolledBack {
+            DeploymentStatus::Succeeded
+        } else {
+            DeploymentStatus::Failed
+        };
+        self.end(recorder, status, None).await
     }
 }
 
-/// The generation to go back to and the system it is.
+/// The generation to go back to, as what the host will run and boot.
 async fn rollback_target(
+    ssh: &SshOptions,
     connection: &Connection,
     assessment: &Assessment,
     asked: Option<u32>,
-) -> Result<Previous, EngineError> {
+) -> Result<Before, EngineError> {
     let host = &assessment.host.name;
-    let timeout = std::time::Duration::from_secs(60);
     let generations = connection
-        .run("rollback", &remote::list_generations_argv(), timeout)
+        .run(
+            "rollback",
+            &remote::list_generations_argv(),
+            ssh.command_timeout,
+        )
         .await
         .map(|o| remote::parse_generations(&o.stdout))
         .unwrap_or_default();
     let generation = target_generation(host, &generations, assessment.current.generation, asked)?;
-    let link = connection
-        .run(
-            "rollback",
-            &[
-                "readlink".to_string(),
-                "-f".into(),
-                remote::generation_link(generation),
-            ],
-            timeout,
-        )
+    way_back::generation_target(connection, ssh, generation)
         .await
-        .map_err(|e| EngineError::Unreachable(e.to_string()))?;
-    Ok(Previous {
-        generation,
-        path: link.stdout.trim().to_string(),
-    })
+        .map_err(EngineError::Unreachable)
 }
 
 /// The generation to go back to: the one asked for, if the host has it, else

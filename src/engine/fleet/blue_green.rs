@@ -12,7 +12,7 @@ use nix_deploy_core::run::HostRun;
 use crate::engine::host::activator;
 use crate::engine::host::observe::Assessment;
 use crate::engine::host::pipeline::HostContext;
-use crate::engine::host::way_back::{self, Back};
+use crate::engine::host::way_back;
 use crate::now_ms;
 use crate::store::StoreError;
 use crate::transport::ssh::Connection;
@@ -87,7 +87,7 @@ pub(crate) async fn settle(
                 run,
                 assessment,
                 connection,
-                Back::Test,
+                Activation::Test,
                 note,
                 "no previous system to return to",
             )
@@ -122,9 +122,11 @@ async fn commit(
         let switch = activator::Switch {
             host: &assessment.host,
             step: "commit",
-            system: &path,
-            action: Activation::Boot,
-            watchdog: None,
+            what: activator::What::Activate {
+                system: &path,
+                action: Activation::Boot,
+                watchdog: None,
+            },
             token: &token,
             systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
             timeout,
@@ -143,6 +145,7 @@ async fn commit(
             run.error = Some(e);
         }
     }
+    way_back::record_after(context, connection, &mut run).await;
     run.time.finished_at = Some(now_ms());
     context.recorder.finish_host(&mut run).await?;
     Ok(run)

@@ -64,6 +64,9 @@ pub(crate) struct EvalOutcome {
     pub report: EvaluationReport,
     /// The flake's locked revision, when it has one (for the history).
     pub revision: Option<String>,
+    /// A reference to exactly the content that was evaluated (see
+    /// `FlakeIdentity::pinned_ref`), when the flake's identity is known.
+    pub pinned: Option<String>,
 }
 
 /// A batch of hosts for one `nix eval`.
@@ -226,6 +229,7 @@ pub(crate) async fn evaluate(
         return Ok(EvalOutcome {
             report: EvaluationReport::default(),
             revision,
+            pinned: None,
         });
     }
 
@@ -258,6 +262,7 @@ pub(crate) async fn evaluate(
             return Ok(EvalOutcome {
                 report: EvaluationReport::default(),
                 revision,
+                pinned: None,
             });
         }
     }
@@ -441,7 +446,11 @@ pub(crate) async fn evaluate(
     }
     report.failed.sort_by(|a, b| a.host.cmp(&b.host));
     report.seconds = started.elapsed().as_secs_f64();
-    Ok(EvalOutcome { report, revision })
+    Ok(EvalOutcome {
+        report,
+        revision,
+        pinned: identity.map(|i| i.pinned_ref),
+    })
 }
 
 /// Evaluate the whole fleet without streaming: the hosts that evaluated,

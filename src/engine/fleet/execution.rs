@@ -26,7 +26,7 @@ use crate::engine::host::keys::KeyTexts;
 use crate::engine::host::observe::{Assessment, Settle};
 use crate::engine::host::pipeline::{self as host_pipeline, HostContext, HostJob, Outcome};
 use crate::engine::host::recorder::Recorder;
-use crate::engine::host::way_back::{self, Back};
+use crate::engine::host::way_back;
 use crate::now_ms;
 use crate::store::StoreError;
 use crate::transport::ssh::Connection;
@@ -238,16 +238,14 @@ impl<'a> Execution<'a> {
             else {
                 continue;
             };
-            let generation = assessment.current.generation.unwrap_or_default();
-            let note = format!(
-                "deployed, then rolled back to generation {generation} because the deployment aborted: {reason}"
-            );
+            let note =
+                format!("deployed, then rolled back because the deployment aborted: {reason}");
             let run = way_back::take_back(
                 &self.context,
                 run,
                 assessment,
                 connection,
-                Back::Switch,
+                Activation::Switch,
                 note,
                 "no previous generation (first deployment); left on the new system",
             )

@@ -20,6 +20,8 @@ use nix_deploy_core::eval::EvaluationReport;
 use nix_deploy_core::fleet::{Host, Inventory, InventoryError, Selection};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{DependencyGraph, GraphHost, PlanError};
+use nix_deploy_core::remote::Before;
+use nix_deploy_core::run::Pinned;
 use nix_deploy_core::select;
 
 use super::FleetContext;
@@ -70,13 +72,33 @@ pub(crate) struct Prepared {
     pub eval_cached: BTreeSet<String>,
     /// The flake's locked revision, when it has one.
     pub revision: Option<String>,
+    /// A reference to exactly the content evaluated, when known: what
+    /// `resume` and every takeover evaluate again.
+    pub pinned_flake: Option<String>,
     /// Probes started during the evaluation.
     pub early: Option<EarlyProbes>,
+    /// Hosts whose way back is not what they run now (a resumed deployment
+    /// had touched them): what they ran and booted before.
+    pub before: BTreeMap<String, Before>,
 }
 
 impl Prepared {
     pub fn host_names(&self) -> Vec<String> {
         self.hosts.iter().map(|h| h.name.clone()).collect()
+    }
+
+    /// What this deployment deploys, pinned: stored with it before
+    /// anything is touched, so `resume` deploys exactly that.
+    pub fn pinned(&self) -> Pinned {
+        Pinned {
+            flake: self.pinned_flake.clone(),
+            revision: self.revision.clone(),
+            hosts: self
+                .hosts
+                .iter()
+                .map(|h| (h.name.clone(), h.toplevel.clone()))
+                .collect(),
+        }
     }
 
     /// Give up: close what the early probes opened.
@@ -246,7 +268,9 @@ fn validate(
         evaluation,
         eval_cached,
         revision: outcome.revision,
+        pinned_flake: outcome.pinned,
         early: None,
+        before: BTreeMap::new(),
     })
 }
 

@@ -195,6 +195,7 @@ async fn finish(recorder: &Recorder, run: &mut HostRun) -> Result<(), StoreError
                 to: run.to.clone(),
                 duration_ms: run.duration_ms().unwrap_or(0).max(0) as u64,
                 error: run.error.clone(),
+                after: None,
             },
         )
         .await

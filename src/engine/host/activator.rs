@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nix_deploy_core::fleet::Host;
-use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::remote::{self, Activation, Before};
 
 use crate::transport::ssh::{self, Connection, SshOptions};
 
@@ -15,16 +15,46 @@ pub(crate) struct Switch<'a> {
     pub host: &'a Host,
     /// The step it belongs to, for messages.
     pub step: &'static str,
-    /// A toplevel, or a profile generation's link.
-    pub system: &'a str,
-    pub action: Activation,
-    /// The watchdog: the generation to go back to and how long to wait for
-    /// a decision. `None`: no watchdog.
-    pub watchdog: Option<(Option<u32>, Duration)>,
+    pub what: What<'a>,
     pub token: &'a str,
     pub systemd: bool,
-    /// How long `switch-to-configuration` may take.
+    /// How long the switch may take.
     pub timeout: Duration,
+}
+
+/// What a switch does.
+pub(crate) enum What<'a> {
+    /// `switch-to-configuration ACTION` of `system` (a toplevel, or a
+    /// profile generation's link). With `watchdog`, the host goes back to
+    /// what it ran before unless the activation is decided within the
+    /// window.
+    Activate {
+        system: &'a str,
+        action: Activation,
+        watchdog: Option<(&'a Before, Duration)>,
+    },
+    /// The way back: restore what the host ran and booted before an
+    /// activation of kind `undone` ([`remote::restorer_argv`]).
+    Restore {
+        undone: Activation,
+        before: &'a Before,
+    },
+}
+
+impl What<'_> {
+    /// What it is, in the words of an error.
+    fn describe(&self) -> String {
+        match self {
+            What::Activate { system, action, .. } => {
+                format!("`{system}/bin/switch-to-configuration {}`", action.as_str())
+            }
+            What::Restore { undone, before } => format!(
+                "the switch back to {} (undoing `{}`)",
+                before.running.as_deref().unwrap_or("the boot generation"),
+                undone.as_str()
+            ),
+        }
+    }
 }
 
 /// Start `switch` detached and wait until it ends, reconnecting when the
@@ -35,18 +65,30 @@ pub(crate) async fn run(
     ssh: &SshOptions,
     switch: &Switch<'_>,
 ) -> Result<(), String> {
-    let (old, window) = match switch.watchdog {
-        Some((old, window)) => (old, window.as_secs().max(1)),
-        None => (None, 0),
+    let launch = match &switch.what {
+        What::Activate {
+            system,
+            action,
+            watchdog,
+        } => {
+            let nothing = Before::default();
+            let (before, window) = match watchdog {
+                Some((before, window)) => (*before, window.as_secs().max(1)),
+                None => (&nothing, 0),
+            };
+            remote::activator_argv(
+                system,
+                *action,
+                before,
+                window,
+                switch.token,
+                switch.systemd,
+            )
+        }
+        What::Restore { undone, before } => {
+            remote::restorer_argv(*undone, before, switch.token, switch.systemd)
+        }
     };
-    let launch = remote::activator_argv(
-        switch.system,
-        switch.action,
-        old,
-        window,
-        switch.token,
-        switch.systemd,
-    );
     let host = switch.host;
     let deadline = Instant::now() + switch.timeout;
     // How long one remote call may wait on the host: well inside the
@@ -78,10 +120,10 @@ pub(crate) async fn run(
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "{}: {}: switch-to-configuration {} did not finish within {}s",
+                "{}: {}: {} did not finish within {}s",
                 host.name,
                 switch.step,
-                switch.action.as_str(),
+                switch.what.describe(),
                 switch.timeout.as_secs()
             ));
         }
@@ -134,11 +176,10 @@ pub(crate) async fn run(
         .map(|o| ssh::tail(&o.stdout))
         .unwrap_or_default();
     Err(format!(
-        "{}: {}: `{}/bin/switch-to-configuration {}` failed (exit code {code}){}",
+        "{}: {}: {} failed (exit code {code}){}",
         host.name,
         switch.step,
-        switch.system,
-        switch.action.as_str(),
+        switch.what.describe(),
         crate::process::format_tail(&log)
     ))
 }

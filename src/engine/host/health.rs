@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use nix_deploy_core::events::{Attempt, CheckResult};
 use nix_deploy_core::fleet::{CheckKind, HealthCheck, Host};
-use nix_deploy_core::remote;
 
+use super::observe;
 use crate::transport::ssh::Connection;
 
 /// How many attempts of one check are kept (the latest ones).
@@ -149,33 +149,25 @@ pub(crate) async fn validate_host(
     path: &str,
     checks: &[HealthCheck],
     health_timeout: Duration,
+    command_timeout: Duration,
 ) -> (Vec<CheckResult>, Result<String, String>) {
     // Never skipped, not even with --skip-validation.
-    let current = match connection
-        .run(
-            "validate",
-            &remote::current_system_argv(),
-            Duration::from_secs(60),
-        )
-        .await
-    {
-        Ok(out) => out.stdout.trim().to_string(),
-        Err(e) => return (Vec::new(), Err(e.to_string())),
-    };
-    if current != path {
-        return (
-            Vec::new(),
-            Err(format!(
-                "{}: validate: /run/current-system is {current} after activation, expected {path}",
-                host.name
-            )),
-        );
+    if let Err(e) = runs(connection, host, path, command_timeout, "after activation").await {
+        return (Vec::new(), Err(e));
     }
     match validate(connection, checks, health_timeout).await {
         Ok(results) => {
             // Checks that passed on another system prove nothing: the host
             // must still run `path` now that they passed.
-            if let Err(e) = still_runs(connection, host, path).await {
+            if let Err(e) = runs(
+                connection,
+                host,
+                path,
+                command_timeout,
+                "while it was validated (switched back?)",
+            )
+            .await
+            {
                 return (results, Err(e));
             }
             let text = results
@@ -189,24 +181,23 @@ pub(crate) async fn validate_host(
     }
 }
 
-/// `/run/current-system` is still `path` after the checks.
-async fn still_runs(connection: &Connection, host: &Host, path: &str) -> Result<(), String> {
-    let current = connection
-        .run(
-            "validate",
-            &remote::current_system_argv(),
-            Duration::from_secs(60),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let current = current.stdout.trim();
-    if current != path {
-        return Err(format!(
-            "{}: validate: /run/current-system became {current} while it was validated, expected {path} (switched back?)",
-            host.name
-        ));
+/// `/run/current-system` is `path` (`when` says when, in the error).
+async fn runs(
+    connection: &Connection,
+    host: &Host,
+    path: &str,
+    timeout: Duration,
+    when: &str,
+) -> Result<(), String> {
+    let now = observe::systems(connection, "validate", timeout).await?;
+    match now.running.as_deref() {
+        Some(running) if running == path => Ok(()),
+        running => Err(format!(
+            "{}: validate: /run/current-system is {} {when}, expected {path}",
+            host.name,
+            running.unwrap_or("nothing")
+        )),
     }
-    Ok(())
 }
 
 #[cfg(test)]

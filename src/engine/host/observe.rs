@@ -1,15 +1,16 @@
-//! What a host runs, read over SSH: the probe (one round trip: the running
-//! system, the profile's generation and the system it points at, free
-//! space, systemd, the boot id and booted kernel, and activations a stopped
-//! coordinator left undecided), and the settling of those leftovers before a
-//! command that changes the host goes on.
+//! What a host runs, read over SSH: [`systems`], the one reading of what a
+//! host runs and boots that every step comparing it uses; the probe (the
+//! same, and free space, systemd, the boot id and booted kernel, and
+//! activations a stopped coordinator left undecided, in one round trip);
+//! and the settling of those leftovers before a command that changes the
+//! host goes on.
 
 use std::time::Duration;
 
 use nix_deploy_core::events::{HostState, SystemRef};
 use nix_deploy_core::fleet::Host;
 use nix_deploy_core::plan;
-use nix_deploy_core::remote::{self, ProbeResult};
+use nix_deploy_core::remote::{self, Before, HostSystems, ProbeResult};
 
 use crate::transport::ssh::{Connection, SshOptions};
 
@@ -19,6 +20,10 @@ pub struct Assessment {
     pub host: Host,
     pub state: HostState,
     pub current: SystemRef,
+    /// What the way back restores: what the host ran and booted when it
+    /// was probed, or, when a resumed deployment had touched it already,
+    /// before that deployment first did.
+    pub before: Before,
     pub probe: Option<ProbeResult>,
     pub error: Option<String>,
     /// Undecided activations a dead coordinator left, settled before this
@@ -85,6 +90,7 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
         host,
         state: HostState::Unreachable,
         current: SystemRef::default(),
+        before: Before::default(),
         probe: None,
         error: Some(error),
         settled: Vec::new(),
@@ -119,6 +125,7 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
                     host,
                     state,
                     current,
+                    before: Before::of(&probe.systems()),
                     probe: Some(probe),
                     error: None,
                     settled: Vec::new(),
@@ -132,4 +139,24 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
             (unreachable(host, error), None)
         }
     }
+}
+
+/// What the host behind `connection` runs and boots now: the one reading
+/// every step that compares it uses, bounded by `timeout`; its error names
+/// the host and `step`.
+pub(crate) async fn systems(
+    connection: &Connection,
+    step: &str,
+    timeout: Duration,
+) -> Result<HostSystems, String> {
+    let out = connection
+        .run(step, &remote::systems_argv(), timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    remote::parse_systems(&out.stdout).map_err(|e| {
+        format!(
+            "{}: {step}: cannot tell what it runs: {e}",
+            connection.host()
+        )
+    })
 }

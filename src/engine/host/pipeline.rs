@@ -51,6 +51,10 @@ pub(crate) async fn run(
         Ok(()) => {
             if let Some(status) = context.success_status(activation) {
                 job.run.status = status;
+                // What it runs and boots now, as the host says.
+                if context.goal(activation).changes_host() {
+                    way_back::record_after(&context, &job.connection, &mut job.run).await;
+                }
             }
             Outcome::Healthy
         }

@@ -10,7 +10,7 @@ use nix_deploy_core::remote::{self, Decision};
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Stop};
-use super::health;
+use super::{health, observe};
 use crate::transport::ssh::{self, Connection};
 
 /// Validate as the goal wants it while the confirmation's new connection
@@ -68,6 +68,7 @@ pub(crate) async fn validate(
                 path,
                 &checks,
                 context.options.health_timeout,
+                context.ssh.command_timeout,
             )
             .await;
             context
@@ -126,17 +127,14 @@ async fn validate_boot_default(
     let host = &assessment.host.name;
     let timeout = context.ssh.command_timeout;
     let work = async {
-        let boot = connection
-            .run("validate", &remote::boot_default_argv(), timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let boot = boot.stdout.trim();
-        if boot != path {
-            return Err(format!(
-                "{host}: validate: the system profile (the boot default) is {boot}, expected {path}"
-            ));
+        let now = observe::systems(connection, "validate", timeout).await?;
+        match now.boot.as_deref() {
+            Some(boot) if boot == path => Ok(format!("{host} boots {path} next (pending reboot)")),
+            boot => Err(format!(
+                "{host}: validate: the system profile (the boot default) is {}, expected {path}",
+                boot.unwrap_or("nothing")
+            )),
         }
-        Ok(format!("{host} boots {path} next (pending reboot)"))
     };
     context
         .recorder
@@ -214,6 +212,7 @@ pub(crate) async fn soak(
                 &host.toplevel,
                 &checks,
                 health_timeout.min(soak.max(Duration::from_secs(5))),
+                context.ssh.command_timeout,
             )
             .await;
             verdict.map_err(|e| format!("failed during the canary soak: {e}"))?;

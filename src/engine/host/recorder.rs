@@ -199,6 +199,7 @@ impl Recorder {
                 to: run.to.clone(),
                 duration_ms: run.duration_ms().unwrap_or(0).max(0) as u64,
                 error: run.error.clone(),
+                after: run.after.clone(),
             },
         )
         .await

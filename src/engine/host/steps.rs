@@ -311,12 +311,11 @@ pub(crate) async fn activate(
     let switch = activator::Switch {
         host: &assessment.host,
         step: "activate",
-        system: path,
-        action: activation,
-        watchdog: Some((
-            assessment.current.generation,
-            context.options.confirm_timeout,
-        )),
+        what: activator::What::Activate {
+            system: path,
+            action: activation,
+            watchdog: Some((&assessment.before, context.options.confirm_timeout)),
+        },
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
         timeout: context.options.activation_timeout,

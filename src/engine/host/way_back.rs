@@ -2,10 +2,19 @@
 //! failed step ([`recover`]), after an abort or a blue-green revert
 //! ([`take_back`]), a rollback on request ([`roll_back`]), through the boot
 //! generation after a failed reboot ([`roll_back_through_boot`]), and when
-//! the history cannot be written ([`undo_unrecorded`]). Each switches the
-//! host to the earlier system, checks that `/run/current-system` is that
-//! system, checks that it is healthy, and records the step; [`conclude`]
-//! records how it ended.
+//! the history cannot be written ([`undo_unrecorded`]).
+//!
+//! Going back restores both things a host had before an activation
+//! ([`Before`]): the system it ran and the boot default it had. Those two
+//! differ after `--goal boot` or `--goal test`, and a host that ran g1 and
+//! was staged to boot g2 goes back to running g1 and booting g2, never to
+//! running g2. The coordinator's switch back runs on the host detached, with
+//! the same script the host's watchdog and the settling of an abandoned
+//! activation use ([`nix_deploy_core::remote::restorer_argv`]); then what the
+//! host runs and boots is read ([`super::observe::systems`]) and must be what
+//! it had, and the old system must be healthy. [`conclude`] records how it
+//! ended, and what the host runs afterwards is recorded whatever the outcome
+//! ([`record_after`]).
 //!
 //! A host that did not confirm over a new connection is not switched by us:
 //! its watchdog reverts it by itself, and we wait for that and verify
@@ -13,119 +22,79 @@
 
 use std::time::{Duration, Instant};
 
-use nix_deploy_core::events::{HostStatus, Step, SystemRef};
-use nix_deploy_core::remote::{self, Activation, Decision};
+use nix_deploy_core::events::{HostStatus, Step};
+use nix_deploy_core::remote::{self, Activation, Before, Decision, HostSystems};
 use nix_deploy_core::run::{HostRun, RebootRecord};
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Recovery};
-use super::observe::Assessment;
+use super::observe::{self, Assessment};
 use super::{activator, health, keys, reboot};
 use crate::store::StoreError;
 use crate::transport::ssh::{Connection, SshError, SshOptions};
 
-/// Deadline of one switch of the boot default.
-const BOOT_SWITCH_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The system a host goes back to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Previous {
-    pub generation: u32,
-    pub path: String,
+/// Whether a host had anything to go back to: a generation of the system
+/// profile (a host deployed for the first time has none).
+fn has_way_back(before: &Before) -> bool {
+    before.boot_generation.is_some()
 }
 
-impl Previous {
-    /// What a host ran before we touched it, if it ran anything.
-    pub fn of(current: &SystemRef) -> Option<Previous> {
-        Some(Previous {
-            generation: current.generation?,
-            path: current.path.clone()?,
-        })
+/// `generation 3 (/nix/store/…)`, or `generation 3, booting it, running /nix/store/…`
+/// when the two differed: what a host went back to, in words.
+fn describe(before: &Before) -> String {
+    let generation = before
+        .boot_generation
+        .map(|g| g.to_string())
+        .unwrap_or_else(|| "-".into());
+    match &before.running {
+        Some(running) => format!("generation {generation} (running {running})"),
+        None => format!("generation {generation}"),
     }
 }
 
-/// How a host gets back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Back {
-    /// Point the profile back at the generation and `switch` to it.
-    Switch,
-    /// Blue-green staging never touched the profile: `test`-activate the old
-    /// generation, which stays the boot default.
-    Test,
-    /// The `boot` goal never changed the running system: point the profile
-    /// back at the generation and make it the boot default again.
-    Boot,
-}
-
-impl Back {
-    pub fn after(activation: Activation) -> Back {
-        match activation {
-            Activation::Test => Back::Test,
-            Activation::Boot => Back::Boot,
-            Activation::Switch => Back::Switch,
-        }
-    }
-}
-
-/// Switch the host back to `to` and check it runs it. The switch runs
-/// detached on the host (like an activation, without a watchdog): a dropped
-/// connection or a killed coordinator cannot cut it short.
+/// Restore what the host ran and booted before an activation of kind
+/// `undone`, detached on the host (a dropped connection or a killed
+/// coordinator cannot cut it short), then check it runs and boots that.
 async fn switch_back(
     connection: &mut Connection,
     ssh: &SshOptions,
     assessment: &Assessment,
-    to: &Previous,
-    how: Back,
+    before: &Before,
+    undone: Activation,
     timeout: Duration,
 ) -> Result<(), String> {
-    if how != Back::Test {
-        connection
-            .run_privileged(
-                "rollback",
-                &remote::switch_generation_argv(to.generation),
-                ssh.command_timeout,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let link = remote::generation_link(to.generation);
     let token = activator::token();
     let switch = activator::Switch {
         host: &assessment.host,
         step: "rollback",
-        system: &link,
-        action: match how {
-            Back::Switch => Activation::Switch,
-            Back::Test => Activation::Test,
-            Back::Boot => Activation::Boot,
-        },
-        watchdog: None,
+        what: activator::What::Restore { undone, before },
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
         timeout,
     };
     activator::run(connection, ssh, &switch).await?;
-    verify_current(connection, &to.path).await
+    verify_restored(connection, ssh, before).await
 }
 
-/// `/run/current-system` must be `expected`.
-pub(crate) async fn verify_current(connection: &Connection, expected: &str) -> Result<(), String> {
-    let current = connection
-        .run(
-            "rollback",
-            &remote::current_system_argv(),
-            Duration::from_secs(60),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let current = current.stdout.trim();
-    if current != expected {
-        return Err(format!(
-            "{}: rollback: /run/current-system is {current}, expected the old system {expected}",
-            connection.host()
-        ));
+/// The host runs and boots what it did before.
+async fn verify_restored(
+    connection: &Connection,
+    ssh: &SshOptions,
+    before: &Before,
+) -> Result<(), String> {
+    let now = observe::systems(connection, "rollback", ssh.command_timeout).await?;
+    if before.restored_in(&now) {
+        return Ok(());
     }
-    Ok(())
+    Err(format!(
+        "{}: rollback: the host runs {} and boots generation {}, expected {}",
+        connection.host(),
+        now.running.as_deref().unwrap_or("no system"),
+        now.boot_generation
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "-".into()),
+        describe(before)
+    ))
 }
 
 /// Record how a switch back ended: on success the host is `ok_status` (with
@@ -153,22 +122,44 @@ pub(crate) fn conclude(
     }
 }
 
-/// Switch `host` back to `to` as the run's rollback step; the old system
-/// must then be healthy too.
+/// Read what the host runs and boots now into the run, whatever happened
+/// before: what is reported of it is then what it runs. A host that cannot
+/// be read keeps `after` empty (and is reported as not known).
+pub(crate) async fn record_after(
+    context: &HostContext,
+    connection: &Connection,
+    run: &mut HostRun,
+) {
+    run.after = observe::systems(connection, "after", context.ssh.command_timeout)
+        .await
+        .ok();
+}
+
+/// Restore what the host ran and booted before an activation of kind
+/// `undone`, as the run's rollback step; the old system must then be
+/// healthy too.
 pub(crate) async fn roll_back(
     context: &HostContext,
     run: &mut HostRun,
     connection: &mut Connection,
     assessment: &Assessment,
-    to: &Previous,
-    how: Back,
+    before: &Before,
+    undone: Activation,
 ) -> Result<Result<(), String>, StoreError> {
     let host = &assessment.host;
     let checks = context.checks(host);
     let health_timeout = context.options.health_timeout;
     let work = async {
         let timeout = context.options.activation_timeout;
-        switch_back(connection, &context.ssh, assessment, to, how, timeout).await?;
+        switch_back(
+            connection,
+            &context.ssh,
+            assessment,
+            before,
+            undone,
+            timeout,
+        )
+        .await?;
         health::validate(connection, &checks, health_timeout)
             .await
             .map(|_| ())
@@ -179,7 +170,9 @@ pub(crate) async fn roll_back(
                 )
             })
     };
-    context.recorder.step(run, Step::Rollback, work).await
+    let result = context.recorder.step(run, Step::Rollback, work).await?;
+    record_after(context, connection, run).await;
+    Ok(result)
 }
 
 /// After a failed step: what the host needs (decided by the step, see
@@ -221,37 +214,35 @@ async fn roll_back_failed(
 ) -> Result<(), StoreError> {
     let (assessment, connection, run) = job.parts();
     let host = &assessment.host;
-    let previous = Previous::of(&assessment.current);
-    let (decision, keep_note) = match (&previous, host.rollback_on_failure) {
+    let before = assessment.before.clone();
+    let (decision, keep_note) = match (has_way_back(&before), host.rollback_on_failure) {
         (_, false) => (
             Decision::Confirmed,
             "(rollbackOnFailure is off: left as it is)",
         ),
-        (None, true) => (
+        (false, true) => (
             Decision::Confirmed,
             "no previous generation to roll back to (first deployment)",
         ),
-        (Some(_), true) => (Decision::TakenBack, ""),
+        (true, true) => (Decision::TakenBack, ""),
     };
-    match decide(connection, run, decision).await {
+    match decide(connection, &context.ssh, run, decision).await {
         Decided::Ours => {}
         Decided::Elsewhere(how) => {
             let error = format!("{error}\n{how}");
             return await_watchdog(context, job, error).await;
         }
     }
-    let Some(previous) = previous.filter(|_| decision == Decision::TakenBack) else {
+    if decision != Decision::TakenBack {
         run.status = HostStatus::Failed;
         run.error = Some(format!("{error}\n{keep_note}"));
+        record_after(context, connection, run).await;
         return Ok(());
-    };
-    // How the goal's activation is undone.
-    let how = Back::after(context.goal(activation).activation().unwrap_or(activation));
-    let result = roll_back(context, run, connection, assessment, &previous, how).await?;
-    let note = format!(
-        "{error}\nrolled back to generation {} ({})",
-        previous.generation, previous.path
-    );
+    }
+    // The goal's activation is what is undone.
+    let undone = context.goal(activation).activation().unwrap_or(activation);
+    let result = roll_back(context, run, connection, assessment, &before, undone).await?;
+    let note = format!("{error}\nrolled back to {}", describe(&before));
     conclude(
         run,
         result,
@@ -272,18 +263,18 @@ async fn await_watchdog(
 ) -> Result<(), StoreError> {
     let (assessment, connection, run) = job.parts();
     let host = &assessment.host.name;
-    let old = assessment.current.clone();
+    let before = assessment.before.clone();
     let Some(token) = run.token.clone() else {
         run.status = HostStatus::Failed;
         run.error = Some(error);
         return Ok(());
     };
-    let old_generation = old.generation.map(|g| g.to_string()).unwrap_or("-".into());
     // It decides one confirm window after the last extension, then runs
     // the old system's activation.
     let patience = context.options.confirm_timeout
         + context.options.activation_timeout
         + Duration::from_secs(60);
+    let ssh = &context.ssh;
     let work = async {
         let deadline = Instant::now() + patience;
         loop {
@@ -291,7 +282,7 @@ async fn await_watchdog(
                 .run(
                     "watchdog",
                     &remote::watchdog_result_argv(&token),
-                    Duration::from_secs(10),
+                    ssh.command_timeout,
                 )
                 .await;
             match result {
@@ -310,7 +301,8 @@ async fn await_watchdog(
                 }
                 Err(e) if e.is_connection() => {
                     return Err(format!(
-                        "{host}: watchdog: cannot reach the host to verify ({e}); its watchdog reverts it to generation {old_generation} by itself"
+                        "{host}: watchdog: cannot reach the host to verify ({e}); its watchdog restores {} by itself",
+                        describe(&before)
                     ));
                 }
                 _ => {}
@@ -320,14 +312,13 @@ async fn await_watchdog(
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        match &old.path {
-            Some(path) => verify_current(connection, path).await,
-            None => Ok(()),
-        }
+        verify_restored(connection, ssh, &before).await
     };
     let result = context.recorder.step(run, Step::Rollback, work).await?;
+    record_after(context, connection, run).await;
     let note = format!(
-        "{error}\nthe host's watchdog reverted it to generation {old_generation} by itself"
+        "{error}\nthe host's watchdog reverted it to {} by itself",
+        describe(&before)
     );
     conclude(
         run,
@@ -341,7 +332,8 @@ async fn await_watchdog(
 
 /// After a failed reboot or validation after it: the old generation
 /// becomes the boot default again and the host reboots into it; it must
-/// then run the old system and be healthy.
+/// then run the old system (`test`-activated again when it was not the boot
+/// default) and be healthy.
 async fn roll_back_through_boot(
     context: &HostContext,
     job: &mut HostJob,
@@ -349,77 +341,77 @@ async fn roll_back_through_boot(
 ) -> Result<(), StoreError> {
     let (assessment, connection, run) = job.parts();
     let host = assessment.host.clone();
-    if !host.rollback_on_failure {
+    let before = assessment.before.clone();
+    if !host.rollback_on_failure || !has_way_back(&before) {
         run.status = HostStatus::Failed;
         run.error = Some(format!(
-            "{error}\n(rollbackOnFailure is off: left as it is)"
+            "{error}\n{}",
+            if host.rollback_on_failure {
+                "no previous generation to roll back to (first deployment)"
+            } else {
+                "(rollbackOnFailure is off: left as it is)"
+            }
         ));
+        record_after(context, connection, run).await;
         return Ok(());
     }
-    let Some(previous) = Previous::of(&assessment.current) else {
-        run.status = HostStatus::Failed;
-        run.error = Some(format!(
-            "{error}\nno previous generation to roll back to (first deployment)"
-        ));
-        return Ok(());
-    };
     let checks = context.checks(&host);
     let health_timeout = context.options.health_timeout;
+    let ssh = &context.ssh;
+    let timeout = context.options.activation_timeout;
     let mut record = RebootRecord::default();
     let mut rebooted = false;
     let work = async {
         // The connection we had may be to a host that has rebooted since.
-        if connection
-            .run(
-                "rollback",
-                &remote::current_system_argv(),
-                Duration::from_secs(30),
-            )
+        if observe::systems(connection, "rollback", ssh.command_timeout)
             .await
             .is_err()
         {
-            let fresh = Connection::connect(&host.name, &host.target, &context.ssh)
+            let fresh = Connection::connect(&host.name, &host.target, ssh)
                 .await
                 .map_err(|e| format!("{}: rollback: cannot reach the host: {e}", host.name))?;
             let old = std::mem::replace(connection, fresh);
             old.close().await;
         }
-        connection
-            .run_privileged(
-                "rollback",
-                &remote::switch_generation_argv(previous.generation),
-                BOOT_SWITCH_TIMEOUT,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        connection
-            .run_privileged(
-                "rollback",
-                &remote::switch_argv(
-                    &remote::generation_link(previous.generation),
-                    Activation::Boot,
-                ),
-                BOOT_SWITCH_TIMEOUT,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let current = connection
-            .run(
-                "rollback",
-                &remote::current_system_argv(),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if current.stdout.trim() != previous.path {
+        // The boot default first, without touching what runs.
+        let boot_only = Before {
+            running: None,
+            boot_generation: before.boot_generation,
+        };
+        let token = activator::token();
+        let switch = activator::Switch {
+            host: &host,
+            step: "rollback",
+            what: activator::What::Restore {
+                undone: Activation::Boot,
+                before: &boot_only,
+            },
+            token: &token,
+            systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
+            timeout,
+        };
+        activator::run(connection, ssh, &switch).await?;
+        let now = observe::systems(connection, "rollback", ssh.command_timeout).await?;
+        if now.running != now.boot {
             rebooted = true;
-            reboot::reboot_and_wait(context, connection, &host, &previous.path, &mut record)
-                .await?;
+            let boot = now.boot.clone().unwrap_or_default();
+            reboot::reboot_and_wait(context, connection, &host, &boot, &mut record).await?;
             // Best effort: the old system's services find their keys (as
             // the flake describes them now) in the emptied /run.
             let all: Vec<_> = host.keys.iter().collect();
             let _ = keys::upload(connection, &context.keys, &host, &all, false).await;
         }
+        // What ran before, when it was not the boot default (a host staged
+        // to boot another generation).
+        switch_back(
+            connection,
+            ssh,
+            assessment,
+            &before,
+            Activation::Test,
+            timeout,
+        )
+        .await?;
         health::validate(connection, &checks, health_timeout)
             .await
             .map(|_| ())
@@ -431,13 +423,13 @@ async fn roll_back_through_boot(
             })
     };
     let result = context.recorder.step(run, Step::Rollback, work).await?;
+    record_after(context, connection, run).await;
     if rebooted {
         run.reboot = Some(record);
     }
     let note = format!(
-        "{error}\nrolled back through the boot generation to generation {} ({}){}",
-        previous.generation,
-        previous.path,
+        "{error}\nrolled back through the boot generation to {}{}",
+        describe(&before),
         if rebooted { ", rebooted into it" } else { "" }
     );
     conclude(
@@ -450,24 +442,25 @@ async fn roll_back_through_boot(
     Ok(())
 }
 
-/// Switch one host of a deployment back to what it ran before (after an
-/// abort, or reverting blue-green staging) and record how it ended (`note`
-/// on success; `missing` when it ran nothing before).
+/// Restore one host of a deployment (after an abort, or reverting
+/// blue-green staging of kind `undone`) and record how it ended (`note` on
+/// success; `missing` when it had nothing to go back to).
 pub(crate) async fn take_back(
     context: &HostContext,
     mut run: HostRun,
     assessment: &Assessment,
     connection: &mut Connection,
-    how: Back,
+    undone: Activation,
     note: String,
     missing: &str,
 ) -> Result<HostRun, StoreError> {
     let host = &assessment.host.name;
-    let result = match Previous::of(&assessment.current) {
-        Some(previous) => {
-            roll_back(context, &mut run, connection, assessment, &previous, how).await?
-        }
-        None => Err(format!("{host}: rollback: {missing}")),
+    let before = assessment.before.clone();
+    let result = if has_way_back(&before) {
+        roll_back(context, &mut run, connection, assessment, &before, undone).await?
+    } else {
+        record_after(context, connection, &mut run).await;
+        Err(format!("{host}: rollback: {missing}"))
     };
     conclude(&mut run, result, HostStatus::RolledBack, Some(note), None);
     run.time.finished_at = Some(crate::now_ms());
@@ -476,47 +469,77 @@ pub(crate) async fn take_back(
 }
 
 /// The history stopped accepting writes in the middle of a host: put the
-/// host back on what it ran, without recording (best effort; a host we
-/// cannot reach is switched back by its watchdog). Only the host's own
-/// files tell what happened; the error reported says so.
+/// host back on what it ran and booted, without recording (best effort; a
+/// host we cannot reach is switched back by its watchdog). Only the host's
+/// own files tell what happened; the error reported says so.
 pub(crate) async fn undo_unrecorded(context: &HostContext, job: &mut HostJob) {
     let (assessment, connection, run) = job.parts();
-    let Some(previous) = Previous::of(&assessment.current) else {
+    let before = assessment.before.clone();
+    if !has_way_back(&before) {
         return;
-    };
+    }
     let profile_set = run
         .steps
         .iter()
         .any(|s| s.step == Step::SetProfile && s.ok == Some(true));
-    if run.token.is_some() {
-        // Staged with `test` (blue-green) when the profile was never set.
-        let how = if profile_set {
-            Back::Switch
-        } else {
-            Back::Test
-        };
-        if let Decided::Ours = decide(connection, run, Decision::TakenBack).await {
-            let timeout = context.options.activation_timeout;
-            let _ = switch_back(
-                connection,
-                &context.ssh,
-                assessment,
-                &previous,
-                how,
-                timeout,
-            )
-            .await;
-        }
-    } else if profile_set {
-        // The new generation is the boot default but never ran.
-        let _ = connection
-            .run_privileged(
-                "rollback",
-                &remote::switch_generation_argv(previous.generation),
-                context.ssh.command_timeout,
-            )
-            .await;
+    if run.token.is_none() && !profile_set {
+        return;
     }
+    if let Decided::Ours = decide(connection, &context.ssh, run, Decision::TakenBack).await {
+        // Staged with `test` (blue-green) when the profile was never set.
+        let undone = if profile_set {
+            Activation::Switch
+        } else {
+            Activation::Test
+        };
+        let timeout = context.options.activation_timeout;
+        let _ = switch_back(
+            connection,
+            &context.ssh,
+            assessment,
+            &before,
+            undone,
+            timeout,
+        )
+        .await;
+    }
+}
+
+/// What `generation` of the host's system profile is, as the way back to
+/// it: the system it runs and the generation it boots.
+pub(crate) async fn generation_target(
+    connection: &Connection,
+    ssh: &SshOptions,
+    generation: u32,
+) -> Result<Before, String> {
+    let link = connection
+        .run(
+            "rollback",
+            &[
+                "readlink".to_string(),
+                "-f".into(),
+                remote::generation_link(generation),
+            ],
+            ssh.command_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let path = link.stdout.trim();
+    if !nix_deploy_core::shell::is_valid_store_path(path) {
+        return Err(format!(
+            "{}: rollback: generation {generation} points at `{path}`, not a system",
+            connection.host()
+        ));
+    }
+    Ok(Before {
+        running: Some(path.to_string()),
+        boot_generation: Some(generation),
+    })
+}
+
+/// Whether `systems` is exactly `target` already.
+pub(crate) fn already_there(systems: &HostSystems, target: &Before) -> bool {
+    target.restored_in(systems) && systems.boot == target.running
 }
 
 /// Who decided an activation.
@@ -530,7 +553,12 @@ enum Decided {
 
 /// Decide the run's activation atomically against its watchdog. A run
 /// without an activation has nothing to decide.
-async fn decide(connection: &Connection, run: &HostRun, decision: Decision) -> Decided {
+async fn decide(
+    connection: &Connection,
+    ssh: &SshOptions,
+    run: &HostRun,
+    decision: Decision,
+) -> Decided {
     let Some(token) = &run.token else {
         return Decided::Ours;
     };
@@ -538,7 +566,7 @@ async fn decide(connection: &Connection, run: &HostRun, decision: Decision) -> D
         .run_privileged(
             "rollback",
             &remote::decide_argv(token, decision),
-            Duration::from_secs(30),
+            ssh.command_timeout,
         )
         .await
     {
@@ -559,20 +587,24 @@ mod tests {
 
     #[test]
     fn a_host_without_a_generation_has_nothing_to_go_back_to() {
-        let current = SystemRef {
-            path: Some("/nix/store/x".into()),
-            generation: Some(3),
+        let before = Before {
+            running: Some("/nix/store/x".into()),
+            boot_generation: Some(3),
         };
-        assert_eq!(
-            Previous::of(&current),
-            Some(Previous {
-                generation: 3,
-                path: "/nix/store/x".into()
-            })
-        );
-        assert_eq!(Previous::of(&SystemRef::default()), None);
-        assert_eq!(Back::after(Activation::Test), Back::Test);
-        assert_eq!(Back::after(Activation::Switch), Back::Switch);
+        assert!(has_way_back(&before));
+        assert_eq!(describe(&before), "generation 3 (running /nix/store/x)");
+        assert!(!has_way_back(&Before::default()));
+        let there = HostSystems {
+            running: Some("/nix/store/x".into()),
+            boot_generation: Some(3),
+            boot: Some("/nix/store/x".into()),
+        };
+        assert!(already_there(&there, &before));
+        let staged = HostSystems {
+            boot: Some("/nix/store/y".into()),
+            ..there
+        };
+        assert!(before.restored_in(&staged) && !already_there(&staged, &before));
     }
 
     #[test]
@@ -591,7 +623,7 @@ mod tests {
             &mut run,
             Err("boom".into()),
             HostStatus::RolledBack,
-            None,
+            Some("why".into()),
             Some("e"),
         );
         assert_eq!(run.status, HostStatus::RollbackFailed);
