@@ -534,6 +534,7 @@ mod tests {
             plan: None,
             error: None,
             pid: None,
+            pinned: None,
             hosts: vec![p620, p510],
             events: None,
         };
