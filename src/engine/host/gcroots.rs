@@ -1,7 +1,9 @@
 //! GC roots on the coordinator: every toplevel a deployment builds for a
-//! host, and the system the host ran before (when this store has it), is a
-//! garbage-collector root, so `nix-collect-garbage` on the coordinator
-//! cannot delete what a rollback or a re-copy needs.
+//! host, the system the host ran before and the system it boots (when this
+//! store has them) are garbage-collector roots, so `nix-collect-garbage` on
+//! the coordinator cannot delete what a rollback or a re-copy needs. The
+//! host's running system and boot default are never pruned, however many
+//! `--goal test` deployments came after them.
 //!
 //! Layout: `STATE/gcroots/HOST/<store path name>`, a symlink to the store
 //! path, registered by `nix-store --realise PATH --add-root LINK` (Nix keeps
@@ -36,13 +38,14 @@ fn link_name(path: &str) -> Option<&str> {
         .filter(|n| !n.contains('/'))
 }
 
-/// Root `built` and `previous` for `host`, then prune the host's older roots.
+/// Root `built`, and what the host runs and boots (`kept`), for `host`,
+/// then prune the host's older roots (never those).
 pub(crate) async fn protect(
     nix: &Nix,
     state_dir: &Path,
     host: &str,
     built: &str,
-    previous: Option<&str>,
+    kept: &[&str],
 ) -> Result<Rooted, String> {
     let dir = host_dir(state_dir, host);
     tokio::fs::create_dir_all(&dir)
@@ -50,8 +53,11 @@ pub(crate) async fn protect(
         .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let mut done = Rooted::default();
     let mut keep = Vec::new();
-    // The previous system first, so the new one is the newest link.
-    for path in previous.into_iter().chain(std::iter::once(built)) {
+    // What the host has first, so the new one is the newest link.
+    let mut paths: Vec<&str> = kept.iter().copied().filter(|p| *p != built).collect();
+    paths.dedup();
+    paths.push(built);
+    for path in paths {
         let Some(name) = link_name(path) else {
             continue;
         };

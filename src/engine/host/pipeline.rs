@@ -89,6 +89,7 @@ async fn pipeline(
         job.run.goal = Some(goal);
     }
     steps::preflight(context, job).await?;
+    reboot::refuse_self(context, job)?;
     let path = steps::build_copy_and_summarize(context, job).await?;
     if goal == Goal::DryActivate {
         return steps::dry_activate(context, job, &path).await;

@@ -48,6 +48,27 @@ fn own_boot_id() -> Option<String> {
         .map(|id| id.trim().to_string())
 }
 
+/// With a reboot asked for, a host that is this very machine (the probe
+/// read our own boot id) is refused before anything on it is touched: it
+/// would otherwise be left activated, or staged, and never rebooted.
+pub(crate) fn refuse_self(context: &HostContext, job: &HostJob) -> Result<(), Stop> {
+    if context.options.reboot == goal::RebootPolicy::Never {
+        return Ok(());
+    }
+    let theirs = job
+        .assessment
+        .probe
+        .as_ref()
+        .and_then(|p| p.boot_id.clone());
+    if theirs.is_some() && theirs == own_boot_id() {
+        return Err(Stop::at(At::Preflight)(format!(
+            "{}: pre-flight: the host has the coordinator's own boot id: it is this machine, which nix-deploy never reboots; nothing was changed (deploy it without --reboot, then reboot it yourself)",
+            job.assessment.host.name
+        )));
+    }
+    Ok(())
+}
+
 /// `kernel`, `initrd` and `kernel-modules` of a system in this machine's store.
 pub(crate) fn local_boot_files(system: &str) -> BootFiles {
     let link = |name: &str| {

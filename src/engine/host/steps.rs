@@ -199,8 +199,17 @@ async fn protect_roots(
 ) -> Result<(), StoreError> {
     let host = &assessment.host.name;
     let state_dir = context.recorder.store().state_dir().to_path_buf();
-    let previous = assessment.current.path.as_deref();
-    match gcroots::protect(&context.nix, &state_dir, host, path, previous).await {
+    // What it runs and what it boots: a `--goal test` deployment leaves the
+    // two apart, and both stay wanted.
+    let probe = assessment.probe.as_ref();
+    let kept: Vec<&str> = [
+        assessment.current.path.as_deref(),
+        probe.and_then(|p| p.profile_system.as_deref()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match gcroots::protect(&context.nix, &state_dir, host, path, &kept).await {
         Ok(done) if !done.pruned.is_empty() => {
             context
                 .recorder
