@@ -392,6 +392,7 @@ async fn deploy(cli: &Cli, args: &args::DeployArgs) -> anyhow::Result<u8> {
         options,
         trigger: "cli".into(),
         requested_by: who(),
+        source: None,
     };
     watch(cli, |sink, cancel| {
         engine.deploy(deploy, Some(sink), cancel)
@@ -437,6 +438,8 @@ fn exit_code(deployment: &Deployment) -> u8 {
     match deployment.status {
         DeploymentStatus::Succeeded => EXIT_OK,
         DeploymentStatus::Cancelled if !deployment.any_failure() => EXIT_CANCELLED,
+        // Never started: a newer push of its branch came first.
+        DeploymentStatus::Superseded => EXIT_CANCELLED,
         _ => EXIT_FAILED,
     }
 }

@@ -276,6 +276,7 @@ mod tests {
             options: DeployOptions::default(),
             hosts: vec!["a".into()],
             queued: false,
+            source: None,
         };
         for (status, host_status) in [
             (DeploymentStatus::Failed, HostStatus::RolledBack),

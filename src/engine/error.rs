@@ -31,6 +31,10 @@ pub enum EngineError {
     Busy { host: String, holder: String },
     #[error("{0}")]
     Unreachable(String),
+    /// A queued deployment that will never start: a newer one of the same
+    /// source came first.
+    #[error("{0}")]
+    Superseded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

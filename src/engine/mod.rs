@@ -22,6 +22,8 @@ mod error;
 mod fleet;
 mod host;
 
-pub use commands::{DeployRequest, Engine, ExecJob, RollbackRequest, UploadKeysRequest};
+pub use commands::{
+    DeployRequest, Engine, ExecJob, PushSource, RollbackRequest, UploadKeysRequest,
+};
 pub use config::EngineConfig;
 pub use error::EngineError;

@@ -27,6 +27,9 @@ pub struct NewDeployment {
     /// Recorded before it can start: validated and leased later, then
     /// [`Store::start_deployment`].
     pub queued: bool,
+    /// Where a pushed deployment comes from (`github:main`); the commit is
+    /// `flake_rev`.
+    pub source: Option<String>,
 }
 
 impl Store {
@@ -44,8 +47,8 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let id = sqlx::query(
             "INSERT INTO deployments
-               (created_at, started_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid, holder, kind, exec)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (created_at, started_at, status, trigger, requested_by, flake, flake_rev, strategy, options, hosts, pid, holder, kind, exec, source)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(now_ms())
         .bind((!new.queued).then(now_ms))
@@ -61,6 +64,7 @@ impl Store {
         .bind(self.holder())
         .bind(kind.as_str())
         .bind(exec.map(to_json))
+        .bind(&new.source)
         .execute(&self.pool)
         .await
         .map_err(query_error("creating a deployment"))?
@@ -89,6 +93,77 @@ impl Store {
         .await
         .map_err(query_error("starting a deployment"))?;
         Ok(())
+    }
+
+    /// A queued deployment knows the hosts it waits for.
+    pub async fn set_waiting_for(&self, id: i64, hosts: &[String]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE deployments SET waiting_for = ? WHERE id = ? AND status = 'queued'")
+            .bind(to_json(hosts))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("recording what a queued deployment waits for"))?;
+        Ok(())
+    }
+
+    /// The oldest deployment queued before `id` that waits for one of
+    /// `hosts`, or whose hosts are not known yet: `id` starts after it
+    /// (first come, first served per host).
+    pub async fn queued_ahead(&self, id: i64, hosts: &[String]) -> Result<Option<i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, waiting_for FROM deployments
+             WHERE status = 'queued' AND id < ? AND superseded_by IS NULL AND cancel_requested = 0
+             ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading the queue"))?;
+        for row in rows {
+            let waiting: Option<String> = row.get(1);
+            let theirs: Option<Vec<String>> = waiting.and_then(|w| serde_json::from_str(&w).ok());
+            let overlaps = match theirs {
+                None => true,
+                Some(theirs) => theirs.iter().any(|h| hosts.contains(h)),
+            };
+            if overlaps {
+                return Ok(Some(row.get(0)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Queued deployments from `source` older than `newer` will never
+    /// start: a newer push came. Returns them.
+    pub async fn supersede_queued(
+        &self,
+        source: &str,
+        newer: i64,
+        why: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE deployments SET superseded_by = ?
+             WHERE source = ? AND id < ? AND status = 'queued' AND superseded_by IS NULL
+             RETURNING id",
+        )
+        .bind(why)
+        .bind(source)
+        .bind(newer)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("superseding queued deployments"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Why queued deployment `id` will never start, if a newer one
+    /// superseded it.
+    pub async fn superseded_by(&self, id: i64) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT superseded_by FROM deployments WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading whether a deployment was superseded"))?;
+        Ok(row.and_then(|r| r.get(0)))
     }
 
     /// Fix what deployment `id` deploys. Written once, when it starts:

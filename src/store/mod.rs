@@ -218,6 +218,7 @@ mod tests {
             options: DeployOptions::default(),
             hosts: vec!["web1".into(), "web2".into()],
             queued: false,
+            source: None,
         }
     }
 

@@ -1191,3 +1191,91 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["hosts"][0]["output"]["stdout"], "$HOME");
 }
+
+/// Issue 18's fault 3: pushes queued behind a running deployment start in
+/// the order they came, and a newer push of the branch supersedes the older
+/// ones still queued: the fleet ends on the newest commit, and no older one
+/// is ever deployed after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_pushes_deploy_the_newest_and_never_an_older_one_after_it() {
+    let mut h = Harness::start(vec![HostSpec::new("q1")]);
+    let flake_dir = h.fleet.dir().join("flake");
+    git(&flake_dir, &["init", "-q", "-b", "main"]);
+    // Commits 1 to 4, each a new system for q1 that takes a while to activate.
+    let mut commits = Vec::new();
+    for n in 0..4 {
+        h.fleet
+            .update("q1", |s| {
+                s.bump();
+                s.activation_delay_ms = 1500;
+            })
+            .unwrap();
+        git(&flake_dir, &["add", "-A"]);
+        git(&flake_dir, &["commit", "-q", "-m", &format!("commit {n}")]);
+        commits.push((
+            git(&flake_dir, &["rev-parse", "HEAD"]),
+            h.fleet.toplevel("q1").unwrap(),
+        ));
+    }
+    let flake = format!("git+file://{}", flake_dir.display());
+    let d = start_daemon(&h, &format!("flake = \"{flake}\""));
+    let sign = |body: &str| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let push = async |n: usize| -> i64 {
+        let body = json!({
+            "ref": "refs/heads/main", "before": "0".repeat(40), "after": commits[n].0,
+            "deleted": false, "repository": { "full_name": "me/fleet" },
+            "pusher": { "name": "bob" },
+            "head_commit": { "message": "change", "timestamp": format!("2026-01-02T10:0{n}:00+01:00") }
+        })
+        .to_string();
+        let answer = client()
+            .post(format!("{}/hooks/github", d.url))
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("delivery-{n}"))
+            .header("x-hub-signature-256", sign(&body))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 202);
+        let answer: Value = answer.json().await.unwrap();
+        answer["id"].as_i64().unwrap()
+    };
+    let first = push(0).await;
+    // The first push's deployment holds the host while the others arrive.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h.fleet.activations("q1").is_empty() {
+        assert!(Instant::now() < deadline, "the first push never activated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut later = Vec::new();
+    for n in 1..4 {
+        later.push(push(n).await);
+    }
+    let first = wait_finished(&d, first).await;
+    assert_eq!(first["status"], "succeeded", "{first:#}");
+    let mut finished = Vec::new();
+    for id in &later {
+        finished.push(wait_finished(&d, *id).await);
+    }
+    // The two in between never start; the newest deploys.
+    assert_eq!(finished[0]["status"], "superseded", "{:#}", finished[0]);
+    assert_eq!(finished[1]["status"], "superseded", "{:#}", finished[1]);
+    assert_eq!(finished[2]["status"], "succeeded", "{:#}", finished[2]);
+    assert_eq!(h.fleet.current_system("q1"), Some(commits[3].1.clone()));
+    let activated: Vec<String> = h
+        .fleet
+        .activations("q1")
+        .into_iter()
+        .map(|a| a.path)
+        .collect();
+    assert!(
+        !activated.contains(&commits[1].1) && !activated.contains(&commits[2].1),
+        "an older push was deployed: {activated:?}"
+    );
+}

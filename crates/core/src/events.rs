@@ -176,6 +176,8 @@ pub enum DeploymentStatus {
     Failed,
     Cancelled,
     Interrupted,
+    /// Never started: a newer push of the same branch came first.
+    Superseded,
 }
 
 impl DeploymentStatus {
@@ -187,6 +189,7 @@ impl DeploymentStatus {
             DeploymentStatus::Failed => "failed",
             DeploymentStatus::Cancelled => "cancelled",
             DeploymentStatus::Interrupted => "interrupted",
+            DeploymentStatus::Superseded => "superseded",
         }
     }
 

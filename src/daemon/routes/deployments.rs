@@ -47,6 +47,7 @@ pub async fn create(
         options,
         trigger: "api".into(),
         requested_by: caller.requested_by(),
+        source: None,
     };
     // Waiting for busy hosts: recorded now and answered at once (`queued`);
     // otherwise validated first, so bad input and busy hosts answer 400/409.

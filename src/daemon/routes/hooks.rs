@@ -14,7 +14,7 @@ use nix_deploy_core::reports::PlanReport;
 
 use crate::daemon::slack::{self, ChatRequest, SlashCommand};
 use crate::daemon::{ApiError, AppState, github};
-use crate::engine::DeployRequest;
+use crate::engine::{DeployRequest, PushSource};
 use crate::store::BranchHead;
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -150,6 +150,7 @@ async fn slack_deploy(
         options,
         trigger: "slack".into(),
         requested_by: who,
+        source: None,
     };
     let http = state.http.clone();
     let done_url = response_url.clone();
@@ -333,6 +334,11 @@ pub async fn github(
         options: state.default_options(),
         trigger: "github".into(),
         requested_by: format!("github:{}", push.pusher),
+        source: Some(PushSource {
+            kind: "github".into(),
+            branch: config.branch.clone(),
+            commit: push.after.clone(),
+        }),
     };
     // Answered within GitHub's ten seconds, whatever the hosts do.
     let id = state

@@ -5,7 +5,7 @@
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use nix_deploy_core::events::{Event, EventKind};
+use nix_deploy_core::events::{DeploymentStatus, Event, EventKind};
 use nix_deploy_core::fleet::Selection;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::run::Deployment;
@@ -27,6 +27,28 @@ pub struct DeployRequest {
     pub options: DeployOptions,
     pub trigger: String,
     pub requested_by: String,
+    /// A deployment of a pushed commit: the newest push of its branch wins.
+    pub source: Option<PushSource>,
+}
+
+/// Where a deployment of a pushed commit comes from. A newer push of the
+/// same branch supersedes the older ones still queued, and a deployment
+/// starts only while its commit is still the newest its branch has seen
+/// (`Store::branch_head`): the fleet never ends on an older commit because
+/// queued deployments started out of order.
+#[derive(Clone, Debug)]
+pub struct PushSource {
+    /// `github`, `pull`.
+    pub kind: String,
+    pub branch: String,
+    pub commit: String,
+}
+
+impl PushSource {
+    /// How deployments of this source are recorded (`github:main`).
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.kind, self.branch)
+    }
 }
 
 impl Engine {
@@ -55,7 +77,7 @@ impl Engine {
                 format!("@{t}")
             }
         }));
-        Ok(self
+        let id = self
             .store
             .create_deployment(&NewDeployment {
                 trigger: request.trigger.clone(),
@@ -66,8 +88,16 @@ impl Engine {
                 options: request.options.clone(),
                 hosts: requested,
                 queued: true,
+                source: request.source.as_ref().map(PushSource::name),
             })
-            .await?)
+            .await?;
+        if let Some(source) = &request.source {
+            let why = format!("superseded by #{id}, a newer push of {}", source.branch);
+            self.store
+                .supersede_queued(&source.name(), id, &why)
+                .await?;
+        }
+        Ok(id)
     }
 
     /// Run deployment `id`, recorded by [`Engine::enqueue`].
@@ -90,10 +120,17 @@ impl Engine {
     ) -> Result<Deployment, EngineError> {
         let queue_recorder = queued.map(|id| Recorder::new(self.store.clone(), id, sink.clone()));
         // A queued request is recorded already: refused, it ends `failed`
-        // with the reason.
-        let refused = async |e: EngineError| match &queue_recorder {
-            Some(recorder) => self.fail(recorder, "refused", e).await,
-            None => e,
+        // with the reason (or `superseded`, when a newer push came first).
+        let refused = async |e: EngineError| match (&queue_recorder, &e) {
+            (Some(recorder), EngineError::Superseded(why)) => {
+                let _ = recorder.log(None, why.clone()).await;
+                let _ = self
+                    .end(recorder, DeploymentStatus::Superseded, Some(why.clone()))
+                    .await;
+                e
+            }
+            (Some(recorder), _) => self.fail(recorder, "refused", e).await,
+            (None, _) => e,
         };
         if let Err(e) = self.preamble().await {
             return Err(refused(e).await);
@@ -113,6 +150,12 @@ impl Engine {
         };
         let flake_rev = prepared.revision.clone();
         let host_names = prepared.host_names();
+        if let Some(id) = queued
+            && let Err(e) = self.store.set_waiting_for(id, &host_names).await
+        {
+            prepared.discard().await;
+            return Err(refused(e.into()).await);
+        }
         let leases = match Leases::acquire(
             &self.store,
             &host_names,
@@ -128,6 +171,13 @@ impl Engine {
                 return Err(refused(e).await);
             }
         };
+        // Its hosts are ours now; a push that is not the newest any more
+        // does not start.
+        if let Err(e) = self.still_newest(queued, request.source.as_ref()).await {
+            leases.release().await;
+            prepared.discard().await;
+            return Err(refused(e).await);
+        }
         let id = match queued {
             Some(id) => self
                 .store
@@ -145,6 +195,7 @@ impl Engine {
                         options: options.clone(),
                         hosts: host_names.clone(),
                         queued: false,
+                        source: request.source.as_ref().map(PushSource::name),
                     })
                     .await
             }
@@ -185,5 +236,29 @@ impl Engine {
         };
         leases.release().await;
         result
+    }
+
+    /// A pushed deployment starts only while its commit is the newest of
+    /// its branch, and while no newer push superseded it.
+    async fn still_newest(
+        &self,
+        queued: Option<i64>,
+        source: Option<&PushSource>,
+    ) -> Result<(), EngineError> {
+        if let Some(id) = queued
+            && let Some(why) = self.store.superseded_by(id).await?
+        {
+            return Err(EngineError::Superseded(why));
+        }
+        let Some(source) = source else {
+            return Ok(());
+        };
+        match self.store.branch_head(&source.branch).await? {
+            Some(head) if head.commit != source.commit => Err(EngineError::Superseded(format!(
+                "superseded: {} is at {} now, newer than {}",
+                source.branch, head.commit, source.commit
+            ))),
+            _ => Ok(()),
+        }
     }
 }

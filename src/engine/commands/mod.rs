@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use nix_deploy_core::events::{DeploymentStatus, EventKind, HostStatus};
 use nix_deploy_core::run::{Deployment, HostRun};
 
-pub use deploy::DeployRequest;
+pub use deploy::{DeployRequest, PushSource};
 pub use exec::{ExecJob, UploadKeysRequest};
 pub use rollback::RollbackRequest;
 

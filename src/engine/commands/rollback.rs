@@ -84,6 +84,7 @@ impl Engine {
                     options: request.options.clone(),
                     hosts: vec![host.name.clone()],
                     queued: false,
+                    source: None,
                 })
                 .await?;
             let recorder = Recorder::new(self.store.clone(), id, sink);

@@ -38,11 +38,32 @@ impl Leases {
         let owner = uuid::Uuid::new_v4().simple().to_string();
         let mut told = false;
         loop {
-            let mut refused = None;
-            for host in hosts {
-                if let Err(holder) = store.try_lease(host, &owner, None, LEASE_TTL).await? {
-                    refused = Some((host.clone(), holder));
-                    break;
+            // A recorded, queued deployment waits its turn: first come,
+            // first served per host; one a newer push superseded never
+            // starts.
+            let ahead = match queued {
+                Some(recorder) => {
+                    let id = recorder.deployment_id();
+                    if let Some(why) = store.superseded_by(id).await? {
+                        return Err(EngineError::Superseded(why));
+                    }
+                    store.queued_ahead(id, hosts).await?
+                }
+                None => None,
+            };
+            let mut refused = match ahead {
+                Some(ahead) => Some((
+                    hosts.first().cloned().unwrap_or_default(),
+                    format!("deployment #{ahead}, queued before it"),
+                )),
+                None => None,
+            };
+            if refused.is_none() {
+                for host in hosts {
+                    if let Err(holder) = store.try_lease(host, &owner, None, LEASE_TTL).await? {
+                        refused = Some((host.clone(), holder.to_string()));
+                        break;
+                    }
                 }
             }
             let Some((host, holder)) = refused else {
@@ -75,10 +96,7 @@ impl Leases {
                 }
             }
             if !wait || cancel.is_cancelled() {
-                return Err(EngineError::Busy {
-                    host,
-                    holder: holder.to_string(),
-                });
+                return Err(EngineError::Busy { host, holder });
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}

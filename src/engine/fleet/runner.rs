@@ -88,6 +88,7 @@ pub(crate) async fn run_on_hosts(
                 },
                 hosts: names.clone(),
                 queued: false,
+                source: None,
             },
             kind,
             exec,
