@@ -51,13 +51,12 @@ impl Leases {
                 }
                 None => None,
             };
-            let mut refused = match ahead {
-                Some(ahead) => Some((
+            let mut refused = ahead.map(|ahead| {
+                (
                     hosts.first().cloned().unwrap_or_default(),
                     format!("deployment #{ahead}, queued before it"),
-                )),
-                None => None,
-            };
+                )
+            });
             if refused.is_none() {
                 for host in hosts {
                     if let Err(holder) = store.try_lease(host, &owner, None, LEASE_TTL).await? {
