@@ -357,7 +357,7 @@ fn keys_request(select: &args::SelectArgs, parallel_limit: Option<usize>) -> Key
 }
 
 async fn deploy(cli: &Cli, args: &args::DeployArgs) -> anyhow::Result<u8> {
-    let request = args.request()?;
+    let request = args::deploy_request(args)?;
     let options = resolve(&request)?;
     let store = open_store(cli).await?;
     let control = paths::control_dir(store.holder())?;

@@ -26,7 +26,7 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             Ok(super::plan_exit_code(&plan))
         }
         Command::Deploy(args) => {
-            let request = args.request().map_err(bad_request)?;
+            let request = args::deploy_request(args).map_err(bad_request)?;
             let created: Accepted = client.post("/api/v1/deployments", &request).await?;
             follow(cli, &client, created.id).await
         }
