@@ -79,7 +79,7 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
         Command::Cancel { id } => {
             let id = match id {
                 Some(id) => *id,
-                None => latest(&client, |d| d.status.as_str() == "running").await?,
+                None => latest(&client, |d| d.status.is_active()).await?,
             };
             let answer: CancelAnswer = client
                 .post(
@@ -96,7 +96,8 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 None => {
                     latest(&client, |d| {
                         d.kind == nix_deploy_core::run::RunKind::Deploy
-                            && !matches!(d.status.as_str(), "succeeded" | "running")
+                            && d.status.as_str() != "succeeded"
+                            && !d.status.is_active()
                     })
                     .await?
                 }

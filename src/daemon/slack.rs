@@ -536,6 +536,7 @@ mod tests {
             pid: None,
             hosts: vec![p620, p510],
             events: None,
+            gates: Vec::new(),
         };
         let text = summary_message(&deployment)["text"]
             .as_str()

@@ -102,7 +102,7 @@ impl Engine {
             None => self.store.deployments(50).await?.into_iter().find(|d| {
                 d.kind == RunKind::Deploy
                     && d.status != DeploymentStatus::Succeeded
-                    && d.status != DeploymentStatus::Running
+                    && !d.status.is_active()
             }),
         }
         .ok_or_else(|| {
@@ -118,7 +118,7 @@ impl Engine {
                 deployment.id,
                 deployment.kind.as_str()
             ))),
-            DeploymentStatus::Running => Err(EngineError::BadOption(format!(
+            status if status.is_active() => Err(EngineError::BadOption(format!(
                 "deployment #{} is still running (pid {})",
                 deployment.id,
                 deployment.pid.unwrap_or(0)

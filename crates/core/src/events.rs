@@ -172,17 +172,39 @@ pub enum DeploymentStatus {
     /// Recorded, waiting to start (busy hosts, or not yet validated).
     Queued,
     Running,
+    /// Started, and waiting for a maintenance window to open.
+    WaitingForWindow,
+    /// Started, stopped before hosts that wait for approval (or a pause
+    /// that waits for a promotion).
+    AwaitingApproval,
     Succeeded,
     Failed,
     Cancelled,
     Interrupted,
 }
 
+/// The statuses of a deployment that has not ended, as SQL (`status IN …`).
+pub const ACTIVE_STATUSES_SQL: &str =
+    "('queued', 'running', 'waiting-for-window', 'awaiting-approval')";
+
 impl DeploymentStatus {
+    /// Whether it has not ended yet (queued, running, or waiting).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            DeploymentStatus::Queued
+                | DeploymentStatus::Running
+                | DeploymentStatus::WaitingForWindow
+                | DeploymentStatus::AwaitingApproval
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeploymentStatus::Queued => "queued",
             DeploymentStatus::Running => "running",
+            DeploymentStatus::WaitingForWindow => "waiting-for-window",
+            DeploymentStatus::AwaitingApproval => "awaiting-approval",
             DeploymentStatus::Succeeded => "succeeded",
             DeploymentStatus::Failed => "failed",
             DeploymentStatus::Cancelled => "cancelled",
@@ -331,6 +353,17 @@ mod tests {
             DeploymentStatus::parse("interrupted"),
             Some(DeploymentStatus::Interrupted)
         );
+        for status in [
+            DeploymentStatus::Queued,
+            DeploymentStatus::Running,
+            DeploymentStatus::WaitingForWindow,
+            DeploymentStatus::AwaitingApproval,
+        ] {
+            assert!(status.is_active());
+            assert!(ACTIVE_STATUSES_SQL.contains(&format!("'{}'", status.as_str())));
+            assert_eq!(DeploymentStatus::parse(status.as_str()), Some(status));
+        }
+        assert!(!DeploymentStatus::Cancelled.is_active());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;
 
-use nix_deploy_core::events::{DeploymentStatus, Event, EventKind};
+use nix_deploy_core::events::{Event, EventKind};
 use nix_deploy_core::options::Request;
 use nix_deploy_core::reports::{Accepted, CancelAnswer, DeploymentList};
 use nix_deploy_core::run::Deployment;
@@ -106,10 +106,7 @@ pub async fn cancel(
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
     let id = super::parse_id(&id)?;
     let deployment = state.deployment(id).await?;
-    let cancellable = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
+    let cancellable = deployment.status.is_active();
     if !cancellable || !state.cancel(id, &caller.requested_by()).await? {
         return Err(ApiError::Conflict(format!(
             "deployment #{id} is {}, not running",
@@ -199,10 +196,7 @@ pub async fn events(
     let mut live = state.subscribe(id);
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let store = state.store().clone();
-    let running = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
+    let running = deployment.status.is_active();
     tokio::spawn(async move {
         let mut last = after;
         let mut finished = false;
@@ -270,10 +264,7 @@ pub async fn events(
                 }
                 if new.is_empty()
                     && let Ok(Some(now)) = store.deployment(id).await
-                    && !matches!(
-                        now.status,
-                        DeploymentStatus::Running | DeploymentStatus::Queued
-                    )
+                    && !now.status.is_active()
                 {
                     break;
                 }

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use nix_deploy_core::events::{DeploymentStatus, EventKind};
+use nix_deploy_core::events::EventKind;
 use nix_deploy_core::fleet::Selection;
 use nix_deploy_core::options::Request;
 use nix_deploy_core::reports::PlanReport;
@@ -85,12 +85,7 @@ pub async fn slack(
                     .deployments(20)
                     .await?
                     .into_iter()
-                    .find(|d| {
-                        matches!(
-                            d.status,
-                            DeploymentStatus::Running | DeploymentStatus::Queued
-                        )
-                    })
+                    .find(|d| d.status.is_active())
                     .map(|d| d.id),
             };
             let Some(id) = id else {
