@@ -191,7 +191,7 @@ async fn open_gate(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     id: i64,
 ) -> Result<Option<Gate>, StoreError> {
-    Ok(read_gates(&mut **tx, id)
+    Ok(read_gates(tx, id)
         .await?
         .into_iter()
         .find(|g| g.state == GateState::Open))
