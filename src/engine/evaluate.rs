@@ -506,10 +506,12 @@ impl Engine {
         if !unevaluated.is_empty() {
             return Err(refuse(&unevaluated));
         }
-        Ok(names
+        let hosts: Vec<Host> = names
             .iter()
             .filter_map(|n| inventory.get(n).cloned())
-            .collect())
+            .collect();
+        self.check_limit(&hosts)?;
+        Ok(hosts)
     }
 
     /// One host of the fleet, evaluated (the rest of the fleet may fail).
@@ -518,7 +520,9 @@ impl Engine {
         if let Some(failure) = report.failed.iter().find(|f| f.host == name) {
             return Err(EngineError::EvalFailed(vec![failure.clone()]));
         }
-        super::prepare::find_host(&inventory, name)
+        let host = super::prepare::find_host(&inventory, name)?;
+        self.check_limit([&host])?;
+        Ok(host)
     }
 }
 

@@ -30,6 +30,7 @@ mod activator;
 mod blue_green;
 mod evaluate;
 mod exec;
+mod gates;
 mod gcroots;
 mod goals;
 mod health;
@@ -58,6 +59,7 @@ use nix_deploy_core::plan::PlanError;
 use nix_deploy_core::run::{Deployment, HostRun};
 
 pub use exec::ExecJob;
+pub use gates::{Limit, Policy};
 pub use keys::UploadKeysRequest;
 pub use probe::Assessment;
 pub use rollback::RollbackRequest;
@@ -90,6 +92,12 @@ pub enum EngineError {
     Busy { host: String, holder: String },
     #[error("{0}")]
     Unreachable(String),
+    /// Hosts outside the caller's reach (a token limited to some hosts).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// `--no-wait` outside a maintenance window; nothing was recorded.
+    #[error("outside the maintenance window (--no-wait): {0}")]
+    OutsideWindow(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -106,6 +114,8 @@ impl EngineError {
                 | EngineError::Options(_)
                 | EngineError::BadOption(_)
                 | EngineError::Busy { .. }
+                | EngineError::Forbidden(_)
+                | EngineError::OutsideWindow(_)
         )
     }
 }
@@ -140,6 +150,10 @@ pub struct EngineConfig {
     /// evaluations (the daemon's plans and deployments): sized by the first
     /// evaluation's worker count, shared by every clone of this config.
     pub(crate) eval_gate: Arc<OnceLock<Arc<Semaphore>>>,
+    /// Maintenance windows and approval rules every deployment obeys.
+    pub policy: Arc<Policy>,
+    /// The hosts this engine may touch (a limited token or chat user).
+    pub limit: Option<Limit>,
 }
 
 impl EngineConfig {
@@ -152,6 +166,8 @@ impl EngineConfig {
             eval_workers: None,
             eval_cache: true,
             eval_gate: Arc::default(),
+            policy: Arc::default(),
+            limit: None,
         }
     }
 }
@@ -280,6 +296,11 @@ impl Engine {
             Ok(prepared) => prepared,
             Err(e) => return Err(refused(e).await),
         };
+        if let Err(e) = gates::refuse_outside_windows(&self.config.policy, &prepared.hosts, options)
+        {
+            prepared.discard().await;
+            return Err(refused(e).await);
+        }
         let flake_rev = prepared.revision.clone();
         let host_names = prepared.host_names();
         let leases = match Leases::acquire(
@@ -354,7 +375,6 @@ impl Engine {
         error: Option<String>,
         cancel: &CancellationToken,
     ) -> Result<Deployment, EngineError> {
-        let id = recorder.deployment_id();
         let status = if hosts.iter().any(|h| h.status.is_failure()) || error.is_some() {
             DeploymentStatus::Failed
         } else if hosts.iter().any(|h| h.status == HostStatus::Cancelled) || cancel.is_cancelled() {
@@ -362,6 +382,18 @@ impl Engine {
         } else {
             DeploymentStatus::Succeeded
         };
+        self.finish_as(recorder, status, error).await
+    }
+
+    /// Record that the deployment ended as `status` (with `error`, why) and
+    /// return it as stored.
+    async fn finish_as(
+        &self,
+        recorder: &Recorder,
+        status: DeploymentStatus,
+        error: Option<String>,
+    ) -> Result<Deployment, EngineError> {
+        let id = recorder.deployment_id();
         recorder::durably(|| self.store.finish_deployment(id, status, error.as_deref())).await?;
         recorder
             .emit(None, EventKind::DeploymentFinished { status })

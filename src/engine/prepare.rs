@@ -253,10 +253,11 @@ impl Engine {
                 )));
             }
         }
-        let hosts = names
+        let hosts: Vec<Host> = names
             .iter()
             .filter_map(|n| inventory.get(n).cloned())
             .collect();
+        self.check_limit(&hosts)?;
         Ok(Prepared {
             inventory,
             graph,

@@ -20,6 +20,7 @@ use nix_deploy_core::plan::{self, Action, Plan, PlannedHost};
 use nix_deploy_core::remote::Activation;
 use nix_deploy_core::run::{Deployment, HostRun};
 
+use super::gates::Gates;
 use super::keys::KeyTexts;
 use super::pipeline::{HostContext, HostJob};
 use super::prepare::{Leases, Prepared};
@@ -140,24 +141,58 @@ impl Schedule {
 
     /// Up to `free` waiting hosts whose prerequisites all ended healthy, in
     /// plan order; none once the deployment stopped.
+    #[cfg(test)]
     pub fn take_ready(&mut self, free: usize) -> Vec<PlannedHost> {
+        self.take_ready_where(free, |_| true)
+    }
+
+    /// [`Schedule::take_ready`], of the hosts `admit` lets start now (the
+    /// others stay waiting: see `gates`).
+    pub fn take_ready_where(
+        &mut self,
+        free: usize,
+        admit: impl Fn(&PlannedHost) -> bool,
+    ) -> Vec<PlannedHost> {
         let mut ready = Vec::new();
         if self.aborted.is_some() {
             return ready;
         }
         let mut index = 0;
         while index < self.waiting.len() && ready.len() < free {
-            let all_healthy = self.waiting[index]
-                .waits_for
-                .iter()
-                .all(|w| matches!(self.ended.get(w), Some((Outcome::Healthy, _))));
-            if all_healthy {
+            if self.prerequisites_healthy(&self.waiting[index]) && admit(&self.waiting[index]) {
                 ready.push(self.waiting.remove(index));
             } else {
                 index += 1;
             }
         }
         ready
+    }
+
+    fn prerequisites_healthy(&self, host: &PlannedHost) -> bool {
+        host.waits_for
+            .iter()
+            .all(|w| matches!(self.ended.get(w), Some((Outcome::Healthy, _))))
+    }
+
+    /// Waiting hosts that could start but for `admit` (a window, a gate).
+    pub fn held(&self, admit: impl Fn(&PlannedHost) -> bool) -> Vec<PlannedHost> {
+        if self.aborted.is_some() {
+            return Vec::new();
+        }
+        self.waiting
+            .iter()
+            .filter(|h| self.prerequisites_healthy(h) && !admit(h))
+            .cloned()
+            .collect()
+    }
+
+    /// Take these waiting hosts out: they will not start.
+    pub fn take_named(&mut self, names: &[String]) -> Vec<PlannedHost> {
+        let (taken, kept) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|h| names.contains(&h.name));
+        self.waiting = kept;
+        taken
     }
 
     /// When nothing runs any more: the hosts that never started, with how
@@ -199,6 +234,8 @@ pub(super) struct Execution<'a> {
     /// later rollback or commit.
     pub done: BTreeMap<String, (Assessment, Connection)>,
     schedule: Schedule,
+    /// Windows, approvals and pauses: asked before each host starts.
+    pub gates: Gates,
 }
 
 type HostTaskResult = Result<(HostJob, Outcome), StoreError>;
@@ -302,13 +339,31 @@ impl<'a> Execution<'a> {
             }
             if !cancel.is_cancelled() {
                 let free = self.plan.parallel_limit.saturating_sub(running.len());
-                for planned in self.schedule.take_ready(free) {
+                let gates = &self.gates;
+                for planned in self.schedule.take_ready_where(free, |h| gates.admit(h)) {
                     let Some(job) = jobs.remove(&planned.name) else {
                         continue;
                     };
                     let context = self.context.clone();
                     let soak = soak.filter(|_| planned.canary);
                     running.spawn(async move { context.host_task(job, activation, soak).await });
+                }
+            }
+            if running.is_empty() && !cancel.is_cancelled() {
+                let gates = &self.gates;
+                let held = self.schedule.held(|h| gates.admit(h));
+                if !held.is_empty() {
+                    if let Some(reason) = self.gates.wait(&held, cancel).await? {
+                        let names: Vec<String> = held.iter().map(|h| h.name.clone()).collect();
+                        for planned in self.schedule.take_named(&names) {
+                            if let Some(job) = jobs.remove(&planned.name) {
+                                job.connection.close().await;
+                                self.skip(job.run, HostStatus::Cancelled, reason.clone())
+                                    .await?;
+                            }
+                        }
+                    }
+                    continue;
                 }
             }
             let Some(joined) = running.join_next().await else {
@@ -382,6 +437,33 @@ impl Engine {
         let settle = Settle::Yes {
             activation_timeout: options.activation_timeout,
         };
+        let mut gates = Gates::new(
+            self.config.policy.clone(),
+            recorder.clone(),
+            options,
+            &prepared.hosts,
+        )
+        .await?;
+        if let Some(reason) = &options.override_window {
+            recorder
+                .log(None, format!("maintenance windows overridden: {reason}"))
+                .await?;
+        }
+        // Nothing may start yet: wait before probing (connections are not
+        // held open through a long wait).
+        if let Some(reason) = gates
+            .wait_for_window(prepared.hosts.iter().map(|h| h.name.as_str()), cancel)
+            .await?
+        {
+            prepared.discard().await;
+            return self
+                .finish_as(
+                    recorder,
+                    nix_deploy_core::events::DeploymentStatus::Cancelled,
+                    Some(reason),
+                )
+                .await;
+        }
         let probed = self
             .probe_all(prepared.hosts, Some(recorder), settle, prepared.early)
             .await?;
@@ -409,6 +491,7 @@ impl Engine {
             }
         };
         self.store.set_plan(id, &plan).await?;
+        gates.set_plan(&plan);
         recorder
             .emit(
                 None,
@@ -440,6 +523,7 @@ impl Engine {
             runs: BTreeMap::new(),
             done: BTreeMap::new(),
             schedule: Schedule::new(&plan, Vec::new()),
+            gates,
         };
         let result = execution.run(probed, cancel).await;
         for (_, (_, connection)) in std::mem::take(&mut execution.done) {
@@ -457,8 +541,23 @@ impl Engine {
             return Err(error);
         }
         let aborted = execution.aborted();
+        let stopped = execution.gates.stopped().map(str::to_string);
         let mut hosts = done;
         hosts.extend(execution.runs.into_values());
+        // Rejected, timed out, or outside its window for good: cancelled,
+        // saying why (unless something failed).
+        if aborted.is_none()
+            && let Some(reason) = stopped
+            && !hosts.iter().any(|h| h.status.is_failure())
+        {
+            return self
+                .finish_as(
+                    recorder,
+                    nix_deploy_core::events::DeploymentStatus::Cancelled,
+                    Some(reason),
+                )
+                .await;
+        }
         self.finish(recorder, hosts, aborted, cancel).await
     }
 }

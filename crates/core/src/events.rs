@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::approval::{GateKind, GateState};
 use crate::remote::ProbeResult;
 
 /// One step of a host's pipeline (see ARCHITECTURE.md).
@@ -280,6 +281,30 @@ pub enum EventKind {
     Log {
         message: String,
     },
+    /// Hosts wait for their maintenance window (or are refused).
+    WaitingForWindow {
+        hosts: Vec<String>,
+        reason: String,
+        /// When the first of them may start (Unix ms).
+        until: Option<i64>,
+    },
+    /// The deployment stopped at a gate (approval rules, a pause).
+    GateOpened {
+        gate: u32,
+        gate_kind: GateKind,
+        title: String,
+        hosts: Vec<String>,
+        /// Who still has to say yes.
+        missing: String,
+        deadline: Option<i64>,
+    },
+    /// A gate was approved, rejected, timed out or closed.
+    GateDecided {
+        gate: u32,
+        state: GateState,
+        by: Option<String>,
+        reason: Option<String>,
+    },
 }
 
 impl EventKind {
@@ -295,6 +320,9 @@ impl EventKind {
             EventKind::DeploymentFinished { .. } => "deployment-finished",
             EventKind::HealthChecked { .. } => "health-checked",
             EventKind::Log { .. } => "log",
+            EventKind::WaitingForWindow { .. } => "waiting-for-window",
+            EventKind::GateOpened { .. } => "gate-opened",
+            EventKind::GateDecided { .. } => "gate-decided",
         }
     }
 }
