@@ -37,6 +37,8 @@ CREATE TABLE gates (
     title         TEXT   NOT NULL,
     -- JSON: the held hosts
     hosts         TEXT   NOT NULL,
+    -- JSON: each held host's tags (who may decide is checked against them)
+    host_tags     TEXT   NOT NULL,
     -- JSON: what each matching rule needs
     requirements  TEXT   NOT NULL,
     -- open | approved | rejected | expired | closed

@@ -179,6 +179,13 @@ pub enum Command {
     },
     /// Run the daemon: the HTTP API, chat and GitHub hooks, metrics.
     Serve(super::serve::ServeArgs),
+    /// Approve a deployment waiting for approval, or promote a paused one.
+    Approve(super::ops::ApproveArgs),
+    /// Reject a deployment waiting for approval: it is cancelled, saying why.
+    Reject(super::ops::RejectArgs),
+    /// The audit trail: who did what, when, from where (`--json`: JSON
+    /// lines); `--verify` checks that no entry was changed or removed.
+    Audit(super::ops::AuditArgs),
 }
 
 /// `exec`: which hosts, how many at once, how long, and the command.

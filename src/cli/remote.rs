@@ -137,6 +137,27 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 EXIT_FAILED
             })
         }
+        Command::Approve(args) => {
+            let gate: nix_deploy_core::approval::Gate = client
+                .post(
+                    &format!("/api/v1/deployments/{}/approve", args.id),
+                    &serde_json::json!({ "comment": args.comment }),
+                )
+                .await?;
+            output::show(cli, &gate, super::ops::print_gate).map_err(print_error)?;
+            Ok(EXIT_OK)
+        }
+        Command::Reject(args) => {
+            let gate: nix_deploy_core::approval::Gate = client
+                .post(
+                    &format!("/api/v1/deployments/{}/reject", args.id),
+                    &serde_json::json!({ "reason": args.reason }),
+                )
+                .await?;
+            output::show(cli, &gate, super::ops::print_gate).map_err(print_error)?;
+            Ok(EXIT_OK)
+        }
+        Command::Audit(args) => super::ops::audit_remote(cli, &client, args).await,
         Command::Serve { .. } => Err(ClientError::Api {
             status: 400,
             code: "bad_request".into(),

@@ -46,7 +46,22 @@ pub struct Policy {
 pub struct Limit {
     /// For messages: `token \`staging\``.
     pub who: String,
-    pub hosts: HostFilter,
+    /// Every filter must select a host (a chat user's and a channel's).
+    pub hosts: Vec<HostFilter>,
+}
+
+impl Limit {
+    pub fn allows(&self, name: &str, tags: &[String]) -> bool {
+        self.hosts.iter().all(|f| f.matches(name, tags))
+    }
+
+    pub fn describe(&self) -> String {
+        self.hosts
+            .iter()
+            .map(HostFilter::describe)
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
 }
 
 /// How often a waiting deployment looks for a decision.
@@ -309,6 +324,10 @@ impl Gates {
             number: self.gates_opened,
             kind,
             title: title.clone(),
+            host_tags: hosts
+                .iter()
+                .map(|h| (h.clone(), self.tags(h).to_vec()))
+                .collect(),
             hosts: hosts.clone(),
             requirements,
             state: GateState::Open,
@@ -469,7 +488,7 @@ impl Engine {
         };
         let outside: BTreeSet<&str> = hosts
             .into_iter()
-            .filter(|h| !limit.hosts.matches(&h.name, &h.tags))
+            .filter(|h| !limit.allows(&h.name, &h.tags))
             .map(|h| h.name.as_str())
             .collect();
         if outside.is_empty() {
@@ -478,7 +497,7 @@ impl Engine {
         Err(EngineError::Forbidden(format!(
             "{} may only touch {}; not {}",
             limit.who,
-            limit.hosts.describe(),
+            limit.describe(),
             outside.into_iter().collect::<Vec<_>>().join(", ")
         )))
     }

@@ -31,9 +31,9 @@ impl Store {
     /// Record a gate the deployment stopped at (state `open`).
     pub async fn open_gate(&self, deployment_id: i64, gate: &Gate) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO gates (deployment_id, number, kind, title, hosts, requirements, state,
-                 opened_at, deadline, summary)
-             VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8, $9)",
+            "INSERT INTO gates (deployment_id, number, kind, title, hosts, host_tags, requirements,
+                 state, opened_at, deadline, summary)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8, $9, $10)",
         )
         .bind(deployment_id)
         .bind(gate.number as i64)
@@ -43,6 +43,7 @@ impl Store {
         })
         .bind(&gate.title)
         .bind(to_json(&gate.hosts))
+        .bind(to_json(&gate.host_tags))
         .bind(to_json(&gate.requirements))
         .bind(gate.opened_at)
         .bind(gate.deadline)
@@ -249,6 +250,7 @@ async fn read_gates(
         let state: String = row.get("state");
         let hosts: String = row.get("hosts");
         let requirements: String = row.get("requirements");
+        let host_tags: String = row.get("host_tags");
         gates.push(Gate {
             number: number as u32,
             kind: if kind == "pause" {
@@ -258,6 +260,7 @@ async fn read_gates(
             },
             title: row.get("title"),
             hosts: parse(&hosts, "gates.hosts")?,
+            host_tags: parse(&host_tags, "gates.host_tags")?,
             requirements: parse(&requirements, "gates.requirements")?,
             state: GateState::parse(&state).unwrap_or(GateState::Closed),
             opened_at: row.get("opened_at"),

@@ -256,6 +256,9 @@ pub struct Gate {
     pub title: String,
     /// The hosts that wait for it.
     pub hosts: Vec<String>,
+    /// Their tags (a caller's reach is checked against them).
+    #[serde(default)]
+    pub host_tags: BTreeMap<String, Vec<String>>,
     /// Approval gates: what each matching rule needs. Pauses: none.
     #[serde(default)]
     pub requirements: Vec<Requirement>,
@@ -460,6 +463,7 @@ mod tests {
             kind: GateKind::Approval,
             title: "approval".into(),
             hosts: vec!["p1".into()],
+            host_tags: BTreeMap::new(),
             requirements: rules.iter().map(ApprovalRule::requirement).collect(),
             state: GateState::Open,
             opened_at: 0,
