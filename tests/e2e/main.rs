@@ -16,6 +16,7 @@ mod faults;
 mod goals;
 mod helpers;
 mod keys;
+mod ops;
 mod recovery;
 mod safety;
 mod selection;
