@@ -145,7 +145,17 @@ let
     auto-rollback = cfg.autoRollback;
     eval-workers = cfg.evalWorkers;
     eval-cache = cfg.evalCache;
-    tokens = lib.mapAttrsToList (name: t: { inherit name; file = t.file; scope = t.scope; }) cfg.tokens;
+    tokens = lib.mapAttrsToList (name: t: { inherit name; file = t.file; scope = t.scope; hosts = t.hosts; }) cfg.tokens;
+    # Operating with other people (issue 21): checked by the daemon at start.
+    window = cfg.windows;
+    approval = cfg.approvals;
+    groups = cfg.groups;
+    schedule = cfg.schedules;
+    chat = {
+      confirm-above = cfg.chat.confirmAbove;
+      users = cfg.chat.users;
+      channels = cfg.chat.channels;
+    };
     notifications = {
       slack-webhooks = cfg.notifications.slackWebhooks;
       json-webhooks = cfg.notifications.jsonWebhooks;
@@ -282,11 +292,60 @@ in
         options = {
           file = mkOption { type = types.str; description = "File holding the token (never in the store)."; };
           scope = mkOption { type = types.enum [ "read" "deploy" "admin" ]; default = "read"; };
+          hosts = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "@staging" ];
+            description = "Selectors of the hosts this token may touch; none: every host.";
+          };
         };
       });
       default = { };
       example = { ci = { file = "/run/secrets/nix-deploy-ci"; scope = "deploy"; }; };
       description = "Bearer tokens by name; the name is recorded with every request.";
+    };
+    # --- Operating with other people: windows, approvals, schedules, chat ---
+    windows = mkOption {
+      type = types.listOf types.attrs;
+      default = [ ];
+      example = [{ kind = "deny"; schedule = "0 17 * * 5"; duration = "64h"; timezone = "Europe/Berlin"; hosts = [ "@prod" ]; }];
+      description = "Maintenance windows (`[[window]]`): kind allow|deny, a cron schedule, a duration, a time zone, host selectors.";
+    };
+    approvals = mkOption {
+      type = types.listOf types.attrs;
+      default = [ ];
+      example = [{ hosts = [ "@prod" ]; approvers = [ "group:sre" ]; count = 1; timeout = "1h"; self-approval = false; }];
+      description = "Approval rules (`[[approval]]`): deployments touching these hosts wait for approvers.";
+    };
+    groups = mkOption {
+      type = types.attrsOf (types.listOf types.str);
+      default = { };
+      example = { sre = [ "token:alice" "slack:U024BE7LH" ]; };
+      description = "Named sets of identities (token:NAME, slack:USERID, user:NAME) for approvers.";
+    };
+    schedules = mkOption {
+      type = types.listOf types.attrs;
+      default = [ ];
+      example = [{ name = "nightly"; cron = "0 3 * * *"; request = { on = [ "@staging" ]; strategy = "rolling"; }; }];
+      description = "Scheduled deployments (`[[schedule]]`).";
+    };
+    chat = {
+      confirmAbove = mkOption {
+        type = types.ints.unsigned;
+        default = 1;
+        description = "A chat deployment touching more hosts than this asks for confirmation first.";
+      };
+      users = mkOption {
+        type = types.listOf types.attrs;
+        default = [ ];
+        example = [{ id = "U024BE7LH"; scope = "deploy"; hosts = [ "@staging" ]; }];
+        description = "Slack users allowed to use /nix-deploy (by user id), each with a scope and host selectors; nobody else may.";
+      };
+      channels = mkOption {
+        type = types.listOf types.attrs;
+        default = [ ];
+        description = "Slack channels it may be used in (by id), each with a scope and host selectors; none listed: any.";
+      };
     };
     slack.signingSecretFile = mkOption {
       type = types.nullOr types.str;

@@ -13,6 +13,7 @@
 
 mod args;
 pub mod client;
+mod ops;
 mod output;
 mod progress;
 mod remote;
@@ -72,7 +73,9 @@ pub fn main() -> ExitCode {
             let bad_input = e
                 .downcast_ref::<EngineError>()
                 .is_some_and(EngineError::is_bad_input)
-                || e.downcast_ref::<OptionsError>().is_some();
+                || e.downcast_ref::<OptionsError>().is_some()
+                || e.downcast_ref::<crate::daemon::config::ConfigError>()
+                    .is_some();
             eprintln!("error: {e:#}");
             ExitCode::from(if bad_input {
                 EXIT_BAD_INPUT
@@ -111,12 +114,13 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
+fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> anyhow::Result<EngineConfig> {
     let ssh = ssh_options(cli, &state_dir(cli), control_dir);
     let mut config = EngineConfig::new(cli.flake(), ssh);
+    config.policy = std::sync::Arc::new(ops::policy()?);
     config.eval_workers = cli.eval_workers.map(usize::from);
     config.eval_cache = !cli.no_eval_cache;
-    config
+    Ok(config)
 }
 
 fn state_dir(cli: &Cli) -> std::path::PathBuf {
@@ -158,7 +162,7 @@ async fn engine(cli: &Cli) -> anyhow::Result<(Engine, tempfile::TempDir)> {
     let store = open_store(cli).await?;
     let control = paths::control_dir(store.holder())?;
     Ok((
-        Engine::new(engine_config(cli, control.path()), store),
+        Engine::new(engine_config(cli, control.path())?, store),
         control,
     ))
 }
@@ -229,6 +233,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(plan_exit_code(&report))
         }
         Command::Deploy(args) => deploy(&cli, args).await,
+        Command::Approve(args) => ops::approve(&cli, args).await,
+        Command::Reject(args) => ops::reject(&cli, args).await,
+        Command::Audit(args) => ops::audit(&cli, args).await,
         Command::Exec(args) => {
             let request = args.request();
             let spec = request.resolve()?;
@@ -376,15 +383,28 @@ fn keys_request(select: &args::SelectArgs, parallel_limit: Option<usize>) -> Key
 }
 
 async fn deploy(cli: &Cli, args: &args::DeployArgs) -> anyhow::Result<u8> {
-    let request = args.request()?;
+    let request = args::deploy_request(args)?;
     let options = resolve(&request)?;
     let store = open_store(cli).await?;
     let control = paths::control_dir(store.holder())?;
-    let mut config = engine_config(cli, control.path());
+    let mut config = engine_config(cli, control.path())?;
     if let Some(revision) = &request.revision {
         config.flake = crate::daemon::github::flake_at_revision(&config.flake, revision)
             .map_err(|e| EngineError::BadOption(e.to_string()))?;
     }
+    store
+        .audit(&nix_deploy_core::audit::AuditRecord {
+            actor: nix_deploy_core::approval::requester_identity(&who()),
+            origin: "cli".into(),
+            action: if request.override_window.is_some() {
+                "deploy-override-window".into()
+            } else {
+                "deploy".into()
+            },
+            target: "hosts".into(),
+            detail: serde_json::json!({ "request": &request }),
+        })
+        .await?;
     let engine = Engine::new(config, store);
     let deploy = DeployRequest {
         selection: request.selection(),

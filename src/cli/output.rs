@@ -494,6 +494,15 @@ pub fn print_deployment(d: &Deployment) {
     if let Some(error) = &d.error {
         println!("Error: {error}");
     }
+    for gate in &d.gates {
+        super::ops::print_gate(gate);
+        for approval in &gate.approvals {
+            println!("  {} saw:", approval.by);
+            for line in approval.seen.lines() {
+                println!("    {line}");
+            }
+        }
+    }
     println!();
     for event in d.events.iter().flatten() {
         let offset = duration_ms(event.at - d.created_at);

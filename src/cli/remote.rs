@@ -26,7 +26,7 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             Ok(super::plan_exit_code(&plan))
         }
         Command::Deploy(args) => {
-            let request = args.request().map_err(bad_request)?;
+            let request = args::deploy_request(args).map_err(bad_request)?;
             let created: Accepted = client.post("/api/v1/deployments", &request).await?;
             follow(cli, &client, created.id).await
         }
@@ -79,7 +79,7 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
         Command::Cancel { id } => {
             let id = match id {
                 Some(id) => *id,
-                None => latest(&client, |d| d.status.as_str() == "running").await?,
+                None => latest(&client, |d| d.status.is_active()).await?,
             };
             let answer: CancelAnswer = client
                 .post(
@@ -96,7 +96,8 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 None => {
                     latest(&client, |d| {
                         d.kind == nix_deploy_core::run::RunKind::Deploy
-                            && !matches!(d.status.as_str(), "succeeded" | "running")
+                            && d.status.as_str() != "succeeded"
+                            && !d.status.is_active()
                     })
                     .await?
                 }
@@ -141,6 +142,27 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             code: "bad_request".into(),
             message: "`forget-identity` changes this machine's state directory (the daemon's is the daemon host's own); run it there without --server".into(),
         }),
+        Command::Approve(args) => {
+            let gate: nix_deploy_core::approval::Gate = client
+                .post(
+                    &format!("/api/v1/deployments/{}/approve", args.id),
+                    &serde_json::json!({ "comment": args.comment }),
+                )
+                .await?;
+            output::show(cli, &gate, super::ops::print_gate).map_err(print_error)?;
+            Ok(EXIT_OK)
+        }
+        Command::Reject(args) => {
+            let gate: nix_deploy_core::approval::Gate = client
+                .post(
+                    &format!("/api/v1/deployments/{}/reject", args.id),
+                    &serde_json::json!({ "reason": args.reason }),
+                )
+                .await?;
+            output::show(cli, &gate, super::ops::print_gate).map_err(print_error)?;
+            Ok(EXIT_OK)
+        }
+        Command::Audit(args) => super::ops::audit_remote(cli, &client, args).await,
         Command::Serve { .. } => Err(ClientError::Api {
             status: 400,
             code: "bad_request".into(),

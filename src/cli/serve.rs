@@ -50,6 +50,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
             secret: Secret::from_file(&token.file)
                 .with_context(|| format!("token `{}`", token.name))?,
             scope: token.scope,
+            hosts: crate::daemon::config::hosts("tokens.hosts", &token.hosts)?,
         });
     }
     if tokens.is_empty() {
@@ -79,6 +80,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let mut ssh = super::ssh_options(cli, &state_dir, control.path());
     ssh.config_file = ssh_config;
     let mut engine = EngineConfig::new(config.flake.clone(), ssh);
+    engine.policy = std::sync::Arc::new(config.policy()?);
     // The command line's evaluation flags win over the file's.
     engine.eval_workers = cli.eval_workers.map(usize::from).or(config.eval_workers);
     engine.eval_cache = config.eval_cache && !cli.no_eval_cache;

@@ -10,9 +10,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use nix_deploy_core::approval::{ApprovalRule, ApprovalSpec, Groups, check_groups};
 use nix_deploy_core::options::{Amount, DeployOptions, OptionsError, Request};
+use nix_deploy_core::select::HostFilter;
+use nix_deploy_core::window::{self, Schedule, WindowSpec, Windows};
 
 use super::notify::NotifyConfig;
+use crate::engine::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -83,6 +87,72 @@ pub struct TokenConfig {
     pub name: String,
     pub file: PathBuf,
     pub scope: Scope,
+    /// The hosts it may touch (selectors: names, globs, `@tags`); none:
+    /// every host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// `[chat]`: who may do what from Slack.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChatConfig {
+    /// A chat deployment touching more hosts than this posts its plan
+    /// with Confirm and Cancel buttons first.
+    #[serde(default = "default_confirm_above")]
+    pub confirm_above: usize,
+    /// Slack users allowed to use the command (by user id); nobody else may
+    /// do anything but ask for help.
+    #[serde(default)]
+    pub users: Vec<ChatGrant>,
+    /// Channels it may be used in (by channel id); none listed: any.
+    #[serde(default)]
+    pub channels: Vec<ChatGrant>,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            confirm_above: default_confirm_above(),
+            users: Vec::new(),
+            channels: Vec::new(),
+        }
+    }
+}
+
+fn default_confirm_above() -> usize {
+    1
+}
+
+/// A Slack user or channel, with what it allows.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChatGrant {
+    /// Slack's id (`U024BE7LH`, `C024BE91L`), never a display name.
+    pub id: String,
+    pub scope: Scope,
+    /// Selectors of the hosts it may touch; none: every host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// `[[schedule]]`: a deployment started by the clock.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ScheduleConfig {
+    pub name: String,
+    /// A cron pattern, as windows take it.
+    pub cron: String,
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// The request, as the API takes it (`hosts`, `on`, `strategy`,
+    /// `batch_size`, …).
+    #[serde(default)]
+    pub request: Request,
+}
+
+fn utc() -> String {
+    "UTC".into()
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -177,6 +247,20 @@ pub struct Config {
     pub github: Option<GithubConfig>,
     #[serde(default)]
     pub notifications: NotifyConfig,
+    /// Maintenance windows (`[[window]]`).
+    #[serde(default, rename = "window")]
+    pub windows: Vec<WindowSpec>,
+    /// Approval rules (`[[approval]]`).
+    #[serde(default, rename = "approval")]
+    pub approvals: Vec<ApprovalSpec>,
+    /// Named sets of identities for approvers (`[groups]`).
+    #[serde(default)]
+    pub groups: Groups,
+    /// Scheduled deployments (`[[schedule]]`).
+    #[serde(default, rename = "schedule")]
+    pub schedules: Vec<ScheduleConfig>,
+    #[serde(default)]
+    pub chat: ChatConfig,
 }
 
 fn default_listen() -> String {
@@ -291,16 +375,81 @@ impl Config {
         self.default_options()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut names = std::collections::BTreeSet::new();
-        for token in &self.tokens {
+        for (index, token) in self.tokens.iter().enumerate() {
             if !names.insert(&token.name) {
                 return Err(ConfigError::Invalid(format!(
                     "token name `{}` is used twice",
                     token.name
                 )));
             }
+            hosts(&format!("tokens[{index}].hosts"), &token.hosts)?;
+        }
+        self.policy()?;
+        for (list, grants) in [
+            ("users", &self.chat.users),
+            ("channels", &self.chat.channels),
+        ] {
+            for (index, grant) in grants.iter().enumerate() {
+                if grant.id.is_empty()
+                    || grant.id.len() > 32
+                    || !grant.id.chars().all(|c| c.is_ascii_alphanumeric())
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "chat.{list}[{index}].id = `{}`: a Slack id (letters and digits, e.g. U024BE7LH)",
+                        grant.id
+                    )));
+                }
+                hosts(&format!("chat.{list}[{index}].hosts"), &grant.hosts)?;
+            }
+        }
+        let defaults = self.default_options().unwrap_or_default();
+        let mut schedules = std::collections::BTreeSet::new();
+        for (index, schedule) in self.schedules.iter().enumerate() {
+            let key = format!("schedule[{index}]");
+            if !schedules.insert(&schedule.name)
+                || !nix_deploy_core::shell::is_valid_host_name(&schedule.name)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}.name = `{}`: a unique name of letters, digits, `-` and `_`",
+                    schedule.name
+                )));
+            }
+            Schedule::parse(&schedule.cron)
+                .map_err(|e| invalid(&format!("{key}.cron"), &schedule.cron, &e))?;
+            window::parse_zone(&schedule.timezone)
+                .map_err(|e| invalid(&format!("{key}.timezone"), &schedule.timezone, &e))?;
+            schedule
+                .request
+                .check_for_deploy()
+                .and_then(|()| schedule.request.resolve(&defaults))
+                .map_err(|e| ConfigError::Invalid(format!("{key}.request: {}", e.0)))?;
         }
         Ok(())
     }
+
+    /// The windows and approval rules every deployment obeys, checked.
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        check_groups(&self.groups).map_err(ConfigError::Invalid)?;
+        let windows =
+            Windows::new(&self.windows).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let approvals = self
+            .approvals
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| ApprovalRule::new(spec, index, &self.groups))
+            .collect::<Result<_, _>>()
+            .map_err(ConfigError::Invalid)?;
+        Ok(Policy { windows, approvals })
+    }
+}
+
+fn invalid(key: &str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid(format!("{key} = `{value}`: {reason}"))
+}
+
+/// A list of host selectors under `key`, checked.
+pub fn hosts(key: &str, selectors: &[String]) -> Result<HostFilter, ConfigError> {
+    HostFilter::parse(selectors).map_err(|e| invalid(key, &selectors.join(", "), &e.to_string()))
 }
 
 #[cfg(test)]
@@ -382,5 +531,84 @@ mod tests {
         assert!(bad("health-check-timeout = 0").contains("at least 1s"));
         assert!(bad("request-timeout = \"9d\"").contains("too long"));
         assert!(format!("{:?}", Secret::new("hunter2")) == "Secret(***)");
+    }
+
+    #[test]
+    fn windows_approvals_schedules_chat_and_token_reach_are_checked_at_load() {
+        let good = r#"
+            [[tokens]]
+            name = "staging"
+            file = "/run/secrets/s"
+            scope = "deploy"
+            hosts = ["@staging"]
+
+            [[window]]
+            kind = "deny"
+            schedule = "0 17 * * 5"
+            duration = "64h"
+            timezone = "Europe/Berlin"
+            hosts = ["@prod"]
+
+            [groups]
+            sre = ["token:alice", "slack:U2"]
+
+            [[approval]]
+            hosts = ["@prod"]
+            approvers = ["group:sre"]
+            timeout = "30m"
+
+            [[schedule]]
+            name = "nightly"
+            cron = "0 3 * * *"
+            request = { on = ["@staging"], strategy = "rolling", batch_size = "25%" }
+
+            [chat]
+            confirm-above = 2
+            users = [{ id = "U1", scope = "deploy", hosts = ["@staging"] }]
+        "#;
+        let c = Config::parse(good, Path::new("t.toml")).unwrap();
+        let policy = c.policy().unwrap();
+        assert_eq!(policy.windows.windows.len(), 1);
+        assert_eq!(policy.approvals[0].approvers, ["slack:U2", "token:alice"]);
+        assert_eq!(c.chat.confirm_above, 2);
+        assert_eq!(c.tokens[0].hosts, ["@staging"]);
+        let bad = |t: &str| {
+            Config::parse(t, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let window = |field: &str| {
+            format!(
+                "[[window]]\nkind = \"allow\"\nschedule = \"0 1 * * *\"\nduration = \"1h\"\n{field}\n"
+            )
+        };
+        assert!(
+            bad(&window("timezone = \"Mars/Base\"")).contains("window[0].timezone = `Mars/Base`")
+        );
+        assert!(
+            bad("[[window]]\nkind = \"allow\"\nschedule = \"99 1 * * *\"\nduration = \"1h\"")
+                .contains("window[0].schedule = `99 1 * * *`")
+        );
+        assert!(bad(&window("hosts = [\"a;b\"]")).contains("window[0].hosts = `a;b`"));
+        assert!(
+            bad("[[approval]]\nhosts = [\"@prod\"]\napprovers = [\"token:a\"]\ntimeout = \"soon\"")
+                .contains("approval[0].timeout = `soon`")
+        );
+        assert!(
+            bad("[[schedule]]\nname = \"n\"\ncron = \"every day\"")
+                .contains("schedule[0].cron = `every day`")
+        );
+        assert!(
+            bad("[[schedule]]\nname = \"n\"\ncron = \"@daily\"\nrequest = { on = [\"a,,b\"] }")
+                .contains("schedule[0].request")
+        );
+        assert!(
+            bad("[[tokens]]\nname = \"t\"\nfile = \"/x\"\nscope = \"read\"\nhosts = [\"[\"]")
+                .contains("tokens[0].hosts = `[`")
+        );
+        assert!(
+            bad("[chat]\nusers = [{ id = \"U 1\", scope = \"read\" }]")
+                .contains("chat.users[0].id")
+        );
     }
 }

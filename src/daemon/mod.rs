@@ -35,7 +35,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use auth::Token;
+pub use auth::{Caller, Token};
 pub use error::ApiError;
 
 use nix_deploy_core::events::{Event, EventKind};
@@ -129,6 +129,69 @@ impl AppState {
 
     pub(crate) fn engine(&self) -> Engine {
         Engine::new(self.engine.clone(), self.store.clone())
+    }
+
+    /// The engine for `caller`: it touches only the hosts they may reach.
+    pub(crate) fn engine_for(&self, caller: &Caller) -> Engine {
+        let mut config = self.engine.clone();
+        config.limit = caller.limit.clone();
+        Engine::new(config, self.store.clone())
+    }
+
+    /// [`AppState::engine_for`], on another flake (a pinned revision).
+    pub(crate) fn engine_with_flake_for(&self, flake: &str, caller: &Caller) -> Engine {
+        let mut config = self.engine.clone();
+        config.flake = flake.to_string();
+        config.limit = caller.limit.clone();
+        Engine::new(config, self.store.clone())
+    }
+
+    /// Check a request's token; a failure is recorded in the audit trail.
+    pub(crate) async fn authorize(
+        &self,
+        headers: &axum::http::HeaderMap,
+        needed: config::Scope,
+    ) -> Result<Caller, ApiError> {
+        match auth::authorize(headers, &self.tokens, needed) {
+            Ok(caller) => Ok(caller),
+            Err(e) => {
+                self.audit(
+                    "unknown",
+                    "api",
+                    "auth-failed",
+                    "api",
+                    serde_json::json!({ "error": e.to_string() }),
+                )
+                .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Append to the audit trail (who, from where, what, about what).
+    pub(crate) async fn audit(
+        &self,
+        actor: &str,
+        origin: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        self.store
+            .audit(&nix_deploy_core::audit::AuditRecord {
+                actor: actor.to_string(),
+                origin: origin.to_string(),
+                action: action.to_string(),
+                target: target.to_string(),
+                detail,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The windows and approval rules in force.
+    pub(crate) fn policy(&self) -> &crate::engine::Policy {
+        &self.engine.policy
     }
 
     pub(crate) fn engine_with_flake(&self, flake: &str) -> Engine {
@@ -349,6 +412,16 @@ pub fn app(state: AppState) -> Router {
             post(routes::fleet::rollback),
         )
         .route("/api/v1/hosts/{host}/health", post(routes::fleet::health))
+        .route(
+            "/api/v1/deployments/{id}/approve",
+            post(routes::approvals::approve),
+        )
+        .route(
+            "/api/v1/deployments/{id}/reject",
+            post(routes::approvals::reject),
+        )
+        .route("/api/v1/windows", get(routes::approvals::windows))
+        .route("/api/v1/audit", get(routes::approvals::audit))
         .route("/api/v1/exec", post(routes::exec::exec))
         .route("/api/v1/upload-keys", post(routes::exec::upload_keys))
         .route("/hooks/slack", post(routes::hooks::slack))

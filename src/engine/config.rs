@@ -1,10 +1,19 @@
 //! What every run of this process shares, decided once at the edge (the CLI
-//! or the daemon).
+//! or the daemon): the flake, Nix and SSH settings, the [`Policy`] of
+//! maintenance windows and approval rules every deployment obeys, and the
+//! [`Limit`] of a caller that may touch only some hosts.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Semaphore;
 
+use nix_deploy_core::approval::ApprovalRule;
+use nix_deploy_core::fleet::Host;
+use nix_deploy_core::select::HostFilter;
+use nix_deploy_core::window::Windows;
+
+use super::EngineError;
 use crate::nix::Nix;
 use crate::transport::ssh::SshOptions;
 
@@ -27,6 +36,10 @@ pub struct EngineConfig {
     /// evaluations (the daemon's plans and deployments): sized by the first
     /// evaluation's worker count, shared by every clone of this config.
     pub(crate) eval_gate: Arc<OnceLock<Arc<Semaphore>>>,
+    /// Maintenance windows and approval rules every deployment obeys.
+    pub policy: Arc<Policy>,
+    /// The hosts this engine may touch (a limited token or chat user).
+    pub limit: Option<Limit>,
 }
 
 impl EngineConfig {
@@ -39,6 +52,65 @@ impl EngineConfig {
             eval_workers: None,
             eval_cache: true,
             eval_gate: Arc::default(),
+            policy: Arc::default(),
+            limit: None,
         }
+    }
+
+    /// Refuse hosts outside this engine's reach (a token or chat user
+    /// limited to some hosts), before anything is recorded or touched.
+    pub(crate) fn check_limit<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = &'a Host>,
+    ) -> Result<(), EngineError> {
+        let Some(limit) = &self.limit else {
+            return Ok(());
+        };
+        let outside: BTreeSet<&str> = hosts
+            .into_iter()
+            .filter(|h| !limit.allows(&h.name, &h.tags))
+            .map(|h| h.name.as_str())
+            .collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        Err(EngineError::Forbidden(format!(
+            "{} may only touch {}; not {}",
+            limit.who,
+            limit.describe(),
+            outside.into_iter().collect::<Vec<_>>().join(", ")
+        )))
+    }
+}
+
+/// The rules every deployment of this process obeys: windows and approval
+/// rules, from the daemon's configuration (which the CLI reads too).
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    pub windows: Windows,
+    pub approvals: Vec<ApprovalRule>,
+}
+
+/// Whom an engine works for, when that is not everyone: a token or chat
+/// user limited to some hosts.
+#[derive(Clone, Debug)]
+pub struct Limit {
+    /// For messages: `token \`staging\``.
+    pub who: String,
+    /// Every filter must select a host (a chat user's and a channel's).
+    pub hosts: Vec<HostFilter>,
+}
+
+impl Limit {
+    pub fn allows(&self, name: &str, tags: &[String]) -> bool {
+        self.hosts.iter().all(|f| f.matches(name, tags))
+    }
+
+    pub fn describe(&self) -> String {
+        self.hosts
+            .iter()
+            .map(HostFilter::describe)
+            .collect::<Vec<_>>()
+            .join(" and ")
     }
 }

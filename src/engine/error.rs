@@ -31,6 +31,12 @@ pub enum EngineError {
     Busy { host: String, holder: String },
     #[error("{0}")]
     Unreachable(String),
+    /// Hosts outside the caller's reach (a token limited to some hosts).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// `--no-wait` outside a maintenance window; nothing was recorded.
+    #[error("outside the maintenance window (--no-wait): {0}")]
+    OutsideWindow(String),
     /// A queued deployment that will never start: a newer one of the same
     /// source came first.
     #[error("{0}")]
@@ -51,6 +57,8 @@ impl EngineError {
                 | EngineError::Options(_)
                 | EngineError::BadOption(_)
                 | EngineError::Busy { .. }
+                | EngineError::Forbidden(_)
+                | EngineError::OutsideWindow(_)
         )
     }
 }

@@ -25,5 +25,5 @@ mod host;
 pub use commands::{
     DeployRequest, Engine, ExecJob, PushSource, RollbackRequest, UploadKeysRequest,
 };
-pub use config::EngineConfig;
+pub use config::{EngineConfig, Limit, Policy};
 pub use error::EngineError;

@@ -247,6 +247,7 @@ impl Store {
                 .transpose()?,
             hosts: Vec::new(),
             events: None,
+            gates: Vec::new(),
         })
     }
 
@@ -261,6 +262,7 @@ impl Store {
             return Ok(None);
         };
         deployment.hosts = self.host_runs(id).await?;
+        deployment.gates = self.gates(id).await?;
         Ok(Some(deployment))
     }
 
@@ -275,6 +277,7 @@ impl Store {
         for row in &rows {
             let mut deployment = Self::deployment_from_row(row)?;
             deployment.hosts = self.host_runs(deployment.id).await?;
+            deployment.gates = self.gates(deployment.id).await?;
             list.push(deployment);
         }
         Ok(list)
@@ -283,7 +286,7 @@ impl Store {
     /// Ids of deployments marked running (cheap: no JSON decoding).
     pub async fn running_deployments(&self) -> Result<Vec<i64>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id FROM deployments WHERE status IN ('running', 'queued') ORDER BY id",
+            "SELECT id FROM deployments WHERE status IN ('queued', 'running', 'waiting-for-window', 'awaiting-approval') ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -295,7 +298,7 @@ impl Store {
     /// events with who asked. False when it is not running.
     pub async fn request_cancel(&self, id: i64, by: &str) -> Result<bool, StoreError> {
         let changed = sqlx::query(
-            "UPDATE deployments SET cancel_requested = 1 WHERE id = ? AND status IN ('running', 'queued')",
+            "UPDATE deployments SET cancel_requested = 1 WHERE id = ? AND status IN ('queued', 'running', 'waiting-for-window', 'awaiting-approval')",
         )
         .bind(id)
         .execute(&self.pool)
@@ -343,7 +346,7 @@ impl Store {
     /// `interrupted`, with their unfinished host runs; returns their ids.
     pub async fn mark_interrupted(&self) -> Result<Vec<i64>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, pid, holder FROM deployments WHERE status IN ('running', 'queued')",
+            "SELECT id, pid, holder FROM deployments WHERE status IN ('queued', 'running', 'waiting-for-window', 'awaiting-approval')",
         )
         .fetch_all(&self.pool)
         .await
@@ -361,7 +364,7 @@ impl Store {
                 pid.unwrap_or(0)
             );
             let marked = sqlx::query(
-                "UPDATE deployments SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND status IN ('running', 'queued')",
+                "UPDATE deployments SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND status IN ('queued', 'running', 'waiting-for-window', 'awaiting-approval')",
             )
             .bind(now_ms())
             .bind(&message)

@@ -13,8 +13,10 @@ use std::time::Duration;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+mod audit;
 mod deployments;
 mod eval_cache;
+mod gates;
 mod hooks;
 mod leases;
 mod liveness;
@@ -25,6 +27,7 @@ use std::sync::Arc;
 
 pub use deployments::NewDeployment;
 pub use eval_cache::{CachedEvaluation, EVAL_CACHE_ENTRIES};
+pub use gates::Decision;
 pub use hooks::BranchHead;
 pub use leases::Lease;
 pub use stats::{STEP_BUCKETS, StepHistogram};

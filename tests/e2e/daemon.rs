@@ -17,9 +17,9 @@ use sha2::Sha256;
 
 use crate::helpers::{Harness, binary};
 
-const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
-const READ_TOKEN: &str = "read-token-0123456789";
-const SLACK_SECRET: &str = "slack-signing-secret";
+pub(crate) const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
+pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
+pub(crate) const SLACK_SECRET: &str = "slack-signing-secret";
 const GITHUB_SECRET: &str = "github-webhook-secret";
 
 /// A tiny HTTP receiver on loopback that records request bodies.
@@ -63,9 +63,9 @@ fn receiver() -> Receiver {
     Receiver { url, bodies }
 }
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     dir: tempfile::TempDir,
 }
 
@@ -77,7 +77,7 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    fn token_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn token_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 }
@@ -88,7 +88,7 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 
 /// A daemon with `top` keys before the config's tables and `extra_config`
 /// after them (in the `[github]` table unless it opens another).
-fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
+pub(crate) fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -120,6 +120,10 @@ scope = "read"
 [slack]
 signing-secret-file = "{}"
 response-url-prefixes = ["http://127.0.0.1:"]
+
+[[chat.users]]
+id = "U1"
+scope = "deploy"
 
 [github]
 secret-file = "{}"
@@ -163,14 +167,14 @@ branch = "main"
     Daemon { child, url, dir }
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
 }
 
-async fn call(
+pub(crate) async fn call(
     method: reqwest::Method,
     url: &str,
     token: Option<&str>,
@@ -208,7 +212,7 @@ async fn follow(d: &Daemon, id: i64) -> Vec<String> {
     kinds
 }
 
-async fn wait_finished(d: &Daemon, id: i64) -> Value {
+pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (_, deployment) = call(
@@ -218,7 +222,13 @@ async fn wait_finished(d: &Daemon, id: i64) -> Value {
             None,
         )
         .await;
-        if deployment["status"] != "running" && deployment["status"] != "queued" {
+        let active = [
+            "queued",
+            "running",
+            "waiting-for-window",
+            "awaiting-approval",
+        ];
+        if !active.contains(&deployment["status"].as_str().unwrap_or("")) {
             return deployment;
         }
         assert!(Instant::now() < deadline, "deployment #{id} did not finish");
@@ -602,7 +612,7 @@ async fn the_cli_works_through_the_daemon() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-fn slack_signature(timestamp: i64, body: &str) -> String {
+pub(crate) fn slack_signature(timestamp: i64, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(SLACK_SECRET.as_bytes()).unwrap();
     mac.update(format!("v0:{timestamp}:{body}").as_bytes());
     format!("v0={}", hex::encode(mac.finalize().into_bytes()))
@@ -614,7 +624,7 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     let h = Harness::start(vec![HostSpec::new("p620"), HostSpec::new("razer")]);
     let d = start_daemon(&h, "");
     let body = format!(
-        "command=%2Fnix-deploy&text=p620+razer+--strategy%3Dcanary+--canary-soak%3D1s&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
+        "command=%2Fnix-deploy&text=deploy+p620+razer+--strategy%3Dcanary+--canary-soak%3D1s&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
         form_urlencoded::byte_serialize(responses.url.as_bytes()).collect::<String>()
     );
     let post = |timestamp: i64, signature: String, body: String| {
@@ -653,7 +663,7 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     let deployment = wait_finished(&d, id).await;
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
     assert_eq!(deployment["strategy"], "canary");
-    assert_eq!(deployment["requested_by"], "slack:alice");
+    assert_eq!(deployment["requested_by"], "slack:U1");
     // Progress and the summary were posted to the response_url.
     let deadline = Instant::now() + Duration::from_secs(10);
     while responses.bodies.lock().unwrap().len() < 3 && Instant::now() < deadline {
@@ -953,7 +963,7 @@ async fn the_slack_command_answers_within_its_deadline_whatever_the_hosts_do() {
     let d = start_daemon(&h, "");
     h.fleet.freeze_host("f1").unwrap();
     let body = format!(
-        "command=%2Fnix-deploy&text=f1+f2&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
+        "command=%2Fnix-deploy&text=deploy+f1+f2&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
         form_urlencoded::byte_serialize(responses.url.as_bytes()).collect::<String>()
     );
     let now = std::time::SystemTime::now()
@@ -1089,7 +1099,7 @@ async fn client_metrics(d: &Daemon) -> String {
         .unwrap()
 }
 
-const ADMIN_TOKEN: &str = "admin-token-0123456789";
+pub(crate) const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {

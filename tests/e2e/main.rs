@@ -18,6 +18,7 @@ mod goals;
 mod helpers;
 mod identity;
 mod keys;
+mod ops;
 mod recovery;
 mod reporting;
 mod safety;

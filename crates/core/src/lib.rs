@@ -26,7 +26,14 @@
 //!   reboots: what each does, how it is validated and undone.
 //! - [`keys`]: secrets uploaded outside the store (`deployment.keys`).
 //! - [`exec`]: commands run on many hosts (`nix-deploy exec`).
+//! - [`window`]: maintenance windows (cron, time zones, allow and deny).
+//! - [`approval`]: approval rules, gates and pauses: who may say yes.
+//! - [`audit`]: the audit trail's entries and its hash chain.
+//! - [`grammar`]: the deploy flags (one clap parser for the CLI and chat)
+//!   and the chat command's verbs.
 
+pub mod approval;
+pub mod audit;
 pub mod command;
 pub mod duration;
 pub mod eval;
@@ -34,6 +41,7 @@ pub mod events;
 pub mod exec;
 pub mod fleet;
 pub mod goal;
+pub mod grammar;
 pub mod keys;
 pub mod nix;
 pub mod options;
@@ -45,3 +53,4 @@ pub mod run;
 pub mod select;
 pub mod shell;
 pub mod summary;
+pub mod window;

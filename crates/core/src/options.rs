@@ -227,6 +227,15 @@ pub struct DeployOptions {
     /// How long a rebooting host may take to come back.
     #[serde(with = "crate::duration::human")]
     pub reboot_timeout: Duration,
+    /// Stop after the canaries until someone promotes the deployment.
+    pub pause_after_canary: bool,
+    /// Stop after each rolling batch until someone promotes the deployment.
+    pub pause_after_batch: bool,
+    /// Outside a maintenance window: refuse instead of waiting.
+    pub no_wait: bool,
+    /// Deploy outside the maintenance windows, and why (recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_window: Option<String>,
 }
 
 impl Default for DeployOptions {
@@ -250,6 +259,10 @@ impl Default for DeployOptions {
             goal: Goal::Switch,
             reboot: RebootPolicy::Never,
             reboot_timeout: Duration::from_secs(600),
+            pause_after_canary: false,
+            pause_after_batch: false,
+            no_wait: false,
+            override_window: None,
         }
     }
 }
@@ -314,6 +327,24 @@ impl DeployOptions {
                     "has nothing new to boot into"
                 }
             )));
+        }
+        if self.pause_after_batch && self.strategy != Strategy::Rolling {
+            return Err(bad(format!(
+                "--pause-after-batch goes with rolling deployments, not {}",
+                self.strategy.as_str()
+            )));
+        }
+        if self.pause_after_canary && self.strategy == Strategy::BlueGreen {
+            return Err(bad(
+                "--pause-after-canary goes with canary, smart, rolling or parallel deployments, not blue-green",
+            ));
+        }
+        if let Some(reason) = &self.override_window
+            && (reason.trim().is_empty() || reason.len() > 1000)
+        {
+            return Err(bad(
+                "--override-window needs --reason \"why\" (1 to 1000 characters)",
+            ));
         }
         if self.strategy == Strategy::BlueGreen
             && (self.goal != Goal::Switch || self.reboot != RebootPolicy::Never)
@@ -412,6 +443,19 @@ pub struct Request {
         skip_serializing_if = "Option::is_none"
     )]
     pub reboot_timeout: Option<Duration>,
+    /// Stop after the canaries until someone promotes the deployment.
+    #[serde(skip_serializing_if = "is_false")]
+    pub pause_after_canary: bool,
+    /// Rolling: stop after each batch until someone promotes it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub pause_after_batch: bool,
+    /// Outside a maintenance window: refuse instead of waiting.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_wait: bool,
+    /// Deploy outside the maintenance windows; the value is the reason
+    /// (admin only, recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_window: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -477,6 +521,10 @@ impl Request {
             },
             reboot: self.reboot.unwrap_or(defaults.reboot),
             reboot_timeout: self.reboot_timeout.unwrap_or(defaults.reboot_timeout),
+            pause_after_canary: self.pause_after_canary,
+            pause_after_batch: self.pause_after_batch,
+            no_wait: self.no_wait,
+            override_window: self.override_window.clone(),
         };
         crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
             .map_err(|e| bad(e.to_string()))?;

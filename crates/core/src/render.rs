@@ -315,6 +315,54 @@ pub fn event_text(event: &Event) -> String {
                 .join("; ")
         ),
         EventKind::Log { message } => message.clone(),
+        EventKind::WaitingForWindow {
+            hosts,
+            reason,
+            until,
+        } => format!(
+            "waiting for a maintenance window: {} ({reason}); {}",
+            hosts.join(", "),
+            match until {
+                Some(t) => format!("may start at {}", timestamp(*t)),
+                None => "no window opens within 400 days".into(),
+            }
+        ),
+        EventKind::GateOpened {
+            gate,
+            gate_kind,
+            title,
+            hosts,
+            missing,
+            deadline,
+        } => format!(
+            "{} (gate {gate}, {title}): {} wait{}; needs {missing}; `nix-deploy approve {}`{}",
+            match gate_kind {
+                crate::approval::GateKind::Approval => "awaiting approval",
+                crate::approval::GateKind::Pause => "paused",
+            },
+            hosts.join(", "),
+            if hosts.len() == 1 { "s" } else { "" },
+            event.deployment_id,
+            deadline
+                .map(|d| format!(" before {}", timestamp(d)))
+                .unwrap_or_default()
+        ),
+        EventKind::GateDecided {
+            gate,
+            state,
+            by,
+            reason,
+        } => format!(
+            "gate {gate} {}{}{}",
+            state.as_str(),
+            by.as_deref()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default(),
+            reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
     }
 }
 

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::approval::Gate;
 use crate::events::{DeploymentStatus, Event, HostStatus, Step, SystemRef};
 use crate::exec::{CommandOutput, ExecSpec};
 use crate::goal::Goal;
@@ -240,6 +241,9 @@ pub struct Deployment {
     /// With `show`: everything that happened, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<Event>>,
+    /// Approval gates and pauses it met: who approved, when, what they saw.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<Gate>,
 }
 
 impl Deployment {

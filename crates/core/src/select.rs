@@ -224,9 +224,14 @@ impl Selector {
     /// Whether this selector picks `host`, as far as the host's own
     /// metadata tells.
     pub fn matches(&self, host: &Host) -> bool {
+        self.matches_name_and_tags(&host.name, &host.tags)
+    }
+
+    /// [`Selector::matches`] on a host's name and tags.
+    pub fn matches_name_and_tags(&self, name: &str, tags: &[String]) -> bool {
         match self {
-            Selector::Name(glob) => glob.matches(&host.name),
-            Selector::Tag(glob) => host.tags.iter().any(|tag| glob.matches(tag)),
+            Selector::Name(glob) => glob.matches(name),
+            Selector::Tag(glob) => tags.iter().any(|tag| glob.matches(tag)),
         }
     }
 
@@ -255,6 +260,52 @@ impl Selector {
                 selector: self.text(),
             },
         }
+    }
+}
+
+/// Hosts a policy is about (a window, an approval rule, a token's or a chat
+/// user's reach): the union of selectors, none meaning every host. Unlike a
+/// selection, a filter need not match anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFilter {
+    selectors: Vec<Selector>,
+}
+
+impl HostFilter {
+    /// Every host.
+    pub fn everything() -> Self {
+        HostFilter::default()
+    }
+
+    /// The selectors as written (comma lists allowed); an error names the bad one.
+    pub fn parse(words: &[String]) -> Result<HostFilter, InventoryError> {
+        Ok(HostFilter {
+            selectors: Selector::parse_all(words)?,
+        })
+    }
+
+    pub fn is_everything(&self) -> bool {
+        self.selectors.is_empty()
+    }
+
+    pub fn matches(&self, name: &str, tags: &[String]) -> bool {
+        self.is_everything()
+            || self
+                .selectors
+                .iter()
+                .any(|s| s.matches_name_and_tags(name, tags))
+    }
+
+    /// The selectors as written, for messages.
+    pub fn describe(&self) -> String {
+        if self.is_everything() {
+            return "every host".into();
+        }
+        self.selectors
+            .iter()
+            .map(Selector::text)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

@@ -11,13 +11,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;
 
-use nix_deploy_core::events::{DeploymentStatus, Event, EventKind};
+use nix_deploy_core::events::{Event, EventKind};
 use nix_deploy_core::options::Request;
 use nix_deploy_core::reports::{Accepted, CancelAnswer, DeploymentList};
 use nix_deploy_core::run::Deployment;
 
 use super::parse_body;
-use crate::daemon::auth::authorize;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::DeployRequest;
@@ -27,19 +26,36 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: Request = parse_body(&super::bytes(body)?)?;
     request
         .check_for_deploy()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let options = state.resolve(&request)?;
+    if let Some(reason) = &request.override_window {
+        if !caller.scope.allows(Scope::Admin) {
+            return Err(ApiError::Forbidden(format!(
+                "{} may not override maintenance windows: that needs the admin scope",
+                caller.identity
+            )));
+        }
+        state
+            .audit(
+                &caller.identity,
+                "api",
+                "override-window",
+                "deployment request",
+                serde_json::json!({ "reason": reason, "request": &request }),
+            )
+            .await?;
+    }
     let engine = match &request.revision {
         Some(rev) => {
             let pinned = crate::daemon::github::flake_at_revision(&state.config.flake, rev)
                 .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            state.engine_with_flake(&pinned)
+            state.engine_with_flake_for(&pinned, &caller)
         }
-        None => state.engine(),
+        None => state.engine_for(&caller),
     };
     let deploy = DeployRequest {
         selection: request.selection(),
@@ -51,12 +67,33 @@ pub async fn create(
     };
     // Waiting for busy hosts: recorded now and answered at once (`queued`);
     // otherwise validated first, so bad input and busy hosts answer 400/409.
-    if request.wait {
-        let id = state.launch_queued(engine, deploy, |_| {}).await?;
-        return Ok(accepted(id, "queued"));
-    }
-    let id = state.launch(engine, Job::Deploy(deploy), |_| {}).await?;
-    Ok(accepted(id, "running"))
+    let (id, status) = if request.wait {
+        (state.launch_queued(engine, deploy, |_| {}).await?, "queued")
+    } else {
+        let launched = state.launch(engine, Job::Deploy(deploy), |_| {}).await;
+        if let Err(e) = &launched {
+            state
+                .audit(
+                    &caller.identity,
+                    "api",
+                    "deploy-refused",
+                    "deployment request",
+                    serde_json::json!({ "request": &request, "error": e.to_string() }),
+                )
+                .await?;
+        }
+        (launched?, "running")
+    };
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "deploy",
+            &format!("deployment #{id}"),
+            serde_json::json!({ "request": &request }),
+        )
+        .await?;
+    Ok(accepted(id, status))
 }
 
 /// `202 Accepted` with where to find the deployment and its events.
@@ -82,7 +119,7 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<DeploymentList>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    state.authorize(&headers, Scope::Read).await?;
     let limit = query.limit.unwrap_or(20).clamp(1, 1000);
     Ok(Json(DeploymentList {
         deployments: state.store().deployments(limit).await?,
@@ -94,7 +131,7 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
     Ok(Json(state.deployment(id).await?))
 }
@@ -104,13 +141,19 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<CancelAnswer>, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
     let deployment = state.deployment(id).await?;
-    let cancellable = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
+    let cancellable = deployment.status.is_active();
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "cancel",
+            &format!("deployment #{id}"),
+            serde_json::Value::Null,
+        )
+        .await?;
     if !cancellable || !state.cancel(id, &caller.requested_by()).await? {
         return Err(ApiError::Conflict(format!(
             "deployment #{id} is {}, not running",
@@ -136,11 +179,20 @@ pub async fn resume(
     Path(id): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
     let body: ResumeBody = parse_body(&super::bytes(body)?)?;
     let deployment = state.deployment(id).await?;
-    let engine = state.engine_with_flake(&deployment.flake);
+    let engine = state.engine_with_flake_for(&deployment.flake, &caller);
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "resume",
+            &format!("deployment #{id}"),
+            serde_json::Value::Null,
+        )
+        .await?;
     let id = state
         .launch(
             engine,
@@ -159,7 +211,7 @@ pub async fn report(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
     let mut deployment = state.deployment(id).await?;
     deployment.events = Some(state.store().events(id, 0).await?);
@@ -188,7 +240,7 @@ pub async fn events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
     let deployment = state.deployment(id).await?;
     let after: i64 = headers
@@ -200,10 +252,7 @@ pub async fn events(
     let mut live = state.subscribe(id);
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let store = state.store().clone();
-    let running = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
+    let running = deployment.status.is_active();
     tokio::spawn(async move {
         let mut last = after;
         let mut finished = false;
@@ -271,10 +320,7 @@ pub async fn events(
                 }
                 if new.is_empty()
                     && let Ok(Some(now)) = store.deployment(id).await
-                    && !matches!(
-                        now.status,
-                        DeploymentStatus::Running | DeploymentStatus::Queued
-                    )
+                    && !now.status.is_active()
                 {
                     break;
                 }

@@ -11,7 +11,6 @@ use nix_deploy_core::exec::ExecRequest;
 use nix_deploy_core::keys::KeysRequest;
 
 use super::parse_body;
-use crate::daemon::auth::authorize;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::{ExecJob, UploadKeysRequest};
@@ -21,7 +20,7 @@ pub async fn exec(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Admin)?;
+    let caller = state.authorize(&headers, Scope::Admin).await?;
     let request: ExecRequest = parse_body(&body)?;
     let spec = request
         .resolve()
@@ -32,7 +31,16 @@ pub async fn exec(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
-    let id = state.launch(state.engine(), job, |_| {}).await?;
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "exec",
+            "hosts",
+            serde_json::to_value(&request).unwrap_or_default(),
+        )
+        .await?;
+    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
     Ok(super::deployments::accepted(id, "running"))
 }
 
@@ -41,7 +49,7 @@ pub async fn upload_keys(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: KeysRequest = parse_body(&body)?;
     let parallel_limit = request
         .resolve()
@@ -52,6 +60,15 @@ pub async fn upload_keys(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
-    let id = state.launch(state.engine(), job, |_| {}).await?;
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "upload-keys",
+            "hosts",
+            serde_json::to_value(&request).unwrap_or_default(),
+        )
+        .await?;
+    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
     Ok(super::deployments::accepted(id, "running"))
 }

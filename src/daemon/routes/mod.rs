@@ -2,6 +2,7 @@
 //! the fleet (status, plan, a host's rollback and health, metrics), commands
 //! and keys on many hosts (exec, upload-keys), and the chat and push hooks.
 
+pub mod approvals;
 pub mod deployments;
 pub mod exec;
 pub mod fleet;

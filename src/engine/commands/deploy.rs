@@ -12,9 +12,9 @@ use nix_deploy_core::run::Deployment;
 
 use super::Engine;
 use crate::engine::EngineError;
-use crate::engine::fleet::execution;
 use crate::engine::fleet::leases::Leases;
 use crate::engine::fleet::prepare::{self, Purpose};
+use crate::engine::fleet::{execution, gates};
 use crate::engine::host::recorder::{self, Recorder};
 use crate::store::NewDeployment;
 
@@ -148,6 +148,11 @@ impl Engine {
             Ok(prepared) => prepared,
             Err(e) => return Err(refused(e).await),
         };
+        if let Err(e) = gates::refuse_outside_windows(&self.config.policy, &prepared.hosts, options)
+        {
+            prepared.discard().await;
+            return Err(refused(e).await);
+        }
         let flake_rev = prepared.revision.clone();
         let host_names = prepared.host_names();
         if let Some(id) = queued
@@ -229,7 +234,7 @@ impl Engine {
         // Ended and recorded before its hosts are free for another run.
         let result = match executed {
             Ok(executed) => {
-                self.finish(&recorder, executed.runs, executed.aborted, &cancel)
+                self.finish_executed(&recorder, Vec::new(), executed, &cancel)
                     .await
             }
             Err(e) => Err(self.fail(&recorder, "failed", e).await),

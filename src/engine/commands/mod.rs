@@ -21,6 +21,7 @@ pub use exec::{ExecJob, UploadKeysRequest};
 pub use rollback::RollbackRequest;
 
 use super::fleet::FleetContext;
+use super::fleet::execution::Executed;
 use super::host::recorder::{self, Recorder};
 use super::{EngineConfig, EngineError};
 use crate::store::Store;
@@ -91,6 +92,30 @@ impl Engine {
             DeploymentStatus::Succeeded
         };
         self.end(recorder, status, error).await
+    }
+
+    /// The end of a deployment's execution: `done` (host runs of an earlier
+    /// attempt) and this attempt's. Held hosts that never started because a
+    /// gate or window said so (rejected, timed out, `--no-wait`) end it
+    /// `cancelled`, saying why, unless something failed.
+    async fn finish_executed(
+        &self,
+        recorder: &Recorder,
+        done: Vec<HostRun>,
+        executed: Executed,
+        cancel: &CancellationToken,
+    ) -> Result<Deployment, EngineError> {
+        let mut hosts = done;
+        hosts.extend(executed.runs);
+        if executed.aborted.is_none()
+            && let Some(reason) = executed.stopped
+            && !hosts.iter().any(|h| h.status.is_failure())
+        {
+            return self
+                .end(recorder, DeploymentStatus::Cancelled, Some(reason))
+                .await;
+        }
+        self.finish(recorder, hosts, executed.aborted, cancel).await
     }
 
     /// Store how a run ended, send its `deployment-finished` event, and

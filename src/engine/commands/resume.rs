@@ -122,9 +122,7 @@ impl Engine {
                             .await;
                     match executed {
                         Ok(executed) => {
-                            let mut hosts = done;
-                            hosts.extend(executed.runs);
-                            self.finish(&recorder, hosts, executed.aborted, &cancel)
+                            self.finish_executed(&recorder, done, executed, &cancel)
                                 .await
                         }
                         Err(e) => Err(self.fail(&recorder, "failed", e).await),
@@ -145,7 +143,7 @@ impl Engine {
             None => self.store.deployments(50).await?.into_iter().find(|d| {
                 d.kind == RunKind::Deploy
                     && d.status != DeploymentStatus::Succeeded
-                    && d.status != DeploymentStatus::Running
+                    && !d.status.is_active()
             }),
         }
         .ok_or_else(|| {
@@ -161,7 +159,7 @@ impl Engine {
                 deployment.id,
                 deployment.kind.as_str()
             ))),
-            DeploymentStatus::Running => Err(EngineError::BadOption(format!(
+            status if status.is_active() => Err(EngineError::BadOption(format!(
                 "deployment #{} is still running (pid {})",
                 deployment.id,
                 deployment.pid.unwrap_or(0)

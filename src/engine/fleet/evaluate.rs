@@ -511,10 +511,12 @@ pub(crate) async fn selected_hosts(
     if !unevaluated.is_empty() {
         return Err(refuse(&unevaluated));
     }
-    Ok(names
+    let hosts: Vec<Host> = names
         .iter()
         .filter_map(|n| inventory.get(n).cloned())
-        .collect())
+        .collect();
+    cx.config.check_limit(&hosts)?;
+    Ok(hosts)
 }
 
 /// One host of the fleet, evaluated (the rest of the fleet may fail).
@@ -523,7 +525,9 @@ pub(crate) async fn evaluated_host(cx: FleetContext<'_>, name: &str) -> Result<H
     if let Some(failure) = report.failed.iter().find(|f| f.host == name) {
         return Err(EngineError::EvalFailed(vec![failure.clone()]));
     }
-    find_host(&inventory, name)
+    let host = find_host(&inventory, name)?;
+    cx.config.check_limit([&host])?;
+    Ok(host)
 }
 
 /// One host of the fleet by name, or an error listing the fleet.

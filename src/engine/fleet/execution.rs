@@ -17,6 +17,7 @@ use nix_deploy_core::plan::{self, Action, Plan};
 use nix_deploy_core::remote::Activation;
 use nix_deploy_core::run::HostRun;
 
+use super::gates::Gates;
 use super::leases::Leases;
 use super::prepare::Prepared;
 use super::schedule::Schedule;
@@ -43,6 +44,8 @@ pub(crate) struct Execution<'a> {
     /// later rollback or commit.
     pub done: BTreeMap<String, (Assessment, Connection)>,
     schedule: Schedule,
+    /// Windows, approvals and pauses: asked before each host starts.
+    pub gates: Gates,
 }
 
 type HostTaskResult = Result<(HostJob, Outcome), StoreError>;
@@ -146,7 +149,8 @@ impl<'a> Execution<'a> {
             }
             if !cancel.is_cancelled() {
                 let free = self.plan.parallel_limit.saturating_sub(running.len());
-                for planned in self.schedule.take_ready(free) {
+                let gates = &self.gates;
+                for planned in self.schedule.take_ready_where(free, |h| gates.admit(h)) {
                     let Some(job) = jobs.remove(&planned.name) else {
                         continue;
                     };
@@ -155,6 +159,25 @@ impl<'a> Execution<'a> {
                     running.spawn(async move {
                         host_pipeline::run(context, job, activation, soak).await
                     });
+                }
+            }
+            // Nothing runs, and what is left is held by a window or a gate:
+            // wait for it, or end those hosts saying why they never start.
+            if running.is_empty() && !cancel.is_cancelled() {
+                let gates = &self.gates;
+                let held = self.schedule.held(|h| gates.admit(h));
+                if !held.is_empty() {
+                    if let Some(reason) = self.gates.wait(&held, cancel).await? {
+                        let names: Vec<String> = held.iter().map(|h| h.name.clone()).collect();
+                        for planned in self.schedule.take_named(&names) {
+                            if let Some(job) = jobs.remove(&planned.name) {
+                                job.connection.close().await;
+                                self.skip(job.run, HostStatus::Cancelled, reason.clone())
+                                    .await?;
+                            }
+                        }
+                    }
+                    continue;
                 }
             }
             let Some(joined) = running.join_next().await else {
@@ -256,11 +279,14 @@ impl<'a> Execution<'a> {
     }
 }
 
-/// How an execution ended: every host run of this attempt, and why it
-/// stopped starting hosts, if it did.
+/// How an execution ended: every host run of this attempt, why it stopped
+/// starting hosts when its failure policy said so (`aborted`), and why the
+/// hosts it held never started when a gate or window said so (`stopped`:
+/// rejected, timed out, outside its window for good).
 pub(crate) struct Executed {
     pub runs: Vec<HostRun>,
     pub aborted: Option<String>,
+    pub stopped: Option<String>,
 }
 
 /// Probe, plan and execute `prepared` under the recorder's deployment. The
@@ -284,8 +310,40 @@ pub(crate) async fn execute(
     let settle = Settle::Yes {
         activation_timeout: options.activation_timeout,
     };
-    let probed =
+    let mut gates = Gates::new(
+        cx.config.policy.clone(),
+        recorder.clone(),
+        options,
+        &prepared.hosts,
+    )
+    .await?;
+    if let Some(reason) = &options.override_window {
+        recorder
+            .log(None, format!("maintenance windows overridden: {reason}"))
+            .await?;
+    }
+    // Nothing may start yet: wait before probing (connections are not held
+    // open through a long wait).
+    if let Some(reason) = gates
+        .wait_for_window(prepared.hosts.iter().map(|h| h.name.as_str()), cancel)
+        .await?
+    {
+        prepared.discard().await;
+        return Ok(Executed {
+            runs: Vec::new(),
+            aborted: None,
+            stopped: Some(reason),
+        });
+    }
+    let mut probed =
         probe::probe_all(cx, prepared.hosts, Some(recorder), settle, prepared.early).await?;
+    // Hosts a resumed deployment had touched go back to what they had
+    // before it did.
+    for (assessment, _) in &mut probed {
+        if let Some(before) = prepared.before.get(&assessment.host.name) {
+            assessment.before = before.clone();
+        }
+    }
     let mut facts = Vec::new();
     for (assessment, _) in &probed {
         facts.push(probe::facts(cx, assessment, None).await?);
@@ -303,6 +361,7 @@ pub(crate) async fn execute(
         }
     };
     cx.store.set_plan(id, &plan).await?;
+    gates.set_plan(&plan);
     recorder
         .emit(
             None,
@@ -334,6 +393,7 @@ pub(crate) async fn execute(
         runs: BTreeMap::new(),
         done: BTreeMap::new(),
         schedule: Schedule::new(&plan, Vec::new()),
+        gates,
     };
     let result = execution.run(probed, cancel).await;
     for (_, (_, connection)) in std::mem::take(&mut execution.done) {
@@ -342,6 +402,7 @@ pub(crate) async fn execute(
     result?;
     Ok(Executed {
         aborted: execution.aborted(),
+        stopped: execution.gates.stopped().map(str::to_string),
         runs: execution.runs.into_values().collect(),
     })
 }

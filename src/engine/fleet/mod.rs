@@ -9,8 +9,9 @@
 //! - [`probe`]: every selected host probed in parallel (bounded), what the
 //!   planner needs to know of each;
 //! - [`schedule`]: when each host may start (pure); [`execution`] drives it
-//!   with real hosts, and [`blue_green`] commits or reverts staged hosts
-//!   together;
+//!   with real hosts, asking [`gates`] (maintenance windows, approval gates,
+//!   pauses) before each start, and [`blue_green`] commits or reverts staged
+//!   hosts together;
 //! - [`runner`]: `exec`-like runs, one command on every selected host.
 //!
 //! Nothing here switches a host itself: that is [`super::host`]'s.
@@ -18,6 +19,7 @@
 pub(super) mod blue_green;
 pub(super) mod evaluate;
 pub(super) mod execution;
+pub(super) mod gates;
 pub(super) mod leases;
 pub(super) mod prepare;
 pub(super) mod probe;

@@ -181,6 +181,11 @@ pub(crate) async fn prepare(
             outcome,
         ),
     };
+    // A caller limited to some hosts (a token's reach) is refused others.
+    let validated = validated.and_then(|prepared| {
+        cx.config.check_limit(&prepared.hosts)?;
+        Ok(prepared)
+    });
     match validated {
         Ok(mut prepared) => {
             prepared.early = early;

@@ -113,24 +113,58 @@ impl Schedule {
 
     /// Up to `free` waiting hosts whose prerequisites all ended healthy, in
     /// plan order; none once the deployment stopped.
+    #[cfg(test)]
     pub fn take_ready(&mut self, free: usize) -> Vec<PlannedHost> {
+        self.take_ready_where(free, |_| true)
+    }
+
+    /// [`Schedule::take_ready`], of the hosts `admit` lets start now (the
+    /// others stay waiting: see `gates`).
+    pub fn take_ready_where(
+        &mut self,
+        free: usize,
+        admit: impl Fn(&PlannedHost) -> bool,
+    ) -> Vec<PlannedHost> {
         let mut ready = Vec::new();
         if self.aborted.is_some() {
             return ready;
         }
         let mut index = 0;
         while index < self.waiting.len() && ready.len() < free {
-            let all_healthy = self.waiting[index]
-                .waits_for
-                .iter()
-                .all(|w| matches!(self.ended.get(w), Some((Outcome::Healthy, _))));
-            if all_healthy {
+            if self.prerequisites_healthy(&self.waiting[index]) && admit(&self.waiting[index]) {
                 ready.push(self.waiting.remove(index));
             } else {
                 index += 1;
             }
         }
         ready
+    }
+
+    fn prerequisites_healthy(&self, host: &PlannedHost) -> bool {
+        host.waits_for
+            .iter()
+            .all(|w| matches!(self.ended.get(w), Some((Outcome::Healthy, _))))
+    }
+
+    /// Waiting hosts that could start but for `admit` (a window, a gate).
+    pub fn held(&self, admit: impl Fn(&PlannedHost) -> bool) -> Vec<PlannedHost> {
+        if self.aborted.is_some() {
+            return Vec::new();
+        }
+        self.waiting
+            .iter()
+            .filter(|h| self.prerequisites_healthy(h) && !admit(h))
+            .cloned()
+            .collect()
+    }
+
+    /// Take these waiting hosts out: they will not start.
+    pub fn take_named(&mut self, names: &[String]) -> Vec<PlannedHost> {
+        let (taken, kept) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|h| names.contains(&h.name));
+        self.waiting = kept;
+        taken
     }
 
     /// When nothing runs any more: the hosts that never started, with how
