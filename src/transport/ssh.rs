@@ -13,6 +13,7 @@
 //! before the remote shell sees it. Every command has a timeout, and every error
 //! names the host and the step and carries the remote stderr.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::process::format_tail;
 use nix_deploy_core::exec::Tail;
 use nix_deploy_core::fleet::Target;
-use nix_deploy_core::shell::quote;
+use nix_deploy_core::shell::{NulByte, quote};
 
 /// Options shared by every connection of a run.
 #[derive(Clone, Debug)]
@@ -454,8 +455,8 @@ impl Connection {
     ) -> Result<RemoteOutput, SshError> {
         let full = self.full_argv(argv, self.target.needs_sudo());
         let command_text = nix_deploy_core::shell::join(&full);
+        let mut command = self.remote_command(step, &full)?;
         let work = async {
-            let mut command = self.remote_command(&full);
             command
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -493,7 +494,7 @@ impl Connection {
             command: command_text.clone(),
             message: describe_openssh_error(&e),
         };
-        let mut command = self.remote_command(&full);
+        let mut command = self.remote_command(step, &full)?;
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -597,11 +598,27 @@ impl Connection {
     }
 
     /// The remote command line: every word quoted with the core's one
-    /// quoting helper, so the remote shell sees exactly `full` as argv.
-    fn remote_command(&self, full: &[String]) -> openssh::OwningCommand<&Session> {
-        let mut command = self.session.raw_command(quote(&full[0]));
-        command.raw_args(full[1..].iter().map(|word| quote(word)));
-        command
+    /// quoting helper, so the remote shell sees exactly `full` as argv. A
+    /// word no command line can carry (a NUL byte) is an error naming the
+    /// host and the step.
+    fn remote_command(
+        &self,
+        step: &str,
+        full: &[String],
+    ) -> Result<openssh::OwningCommand<&Session>, SshError> {
+        let quoted: Vec<String> = full
+            .iter()
+            .map(|word| quote(word).map(Cow::into_owned))
+            .collect::<Result<_, NulByte>>()
+            .map_err(|e| SshError::Spawn {
+                host: self.host.clone(),
+                step: step.to_string(),
+                command: nix_deploy_core::shell::join(full),
+                message: e.to_string(),
+            })?;
+        let mut command = self.session.raw_command(&quoted[0]);
+        command.raw_args(&quoted[1..]);
+        Ok(command)
     }
 
     async fn run_inner(
@@ -613,7 +630,7 @@ impl Connection {
     ) -> Result<RemoteOutput, SshError> {
         let full = self.full_argv(argv, sudo);
         let command_text = nix_deploy_core::shell::join(&full);
-        let mut command = self.remote_command(&full);
+        let mut command = self.remote_command(step, &full)?;
         let output = tokio::time::timeout(timeout, command.output()).await;
         self.conclude(step, command_text, timeout, output).await
     }

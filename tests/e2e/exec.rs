@@ -168,6 +168,31 @@ fn exec_passes_argv_without_a_shell_and_bounds_each_command() {
     assert!(!h.fleet.host_dir("x1").join("run/pwned").exists());
     assert!(!h.fleet.host_dir("x1").join("run/pwned2").exists());
 
+    // `FOO=bar` is a program name like any other, never a shell assignment:
+    // there is no such command.
+    let (code, report, stderr) = h.json(&["exec", "x1", "--", "FOO=bar", "true"]);
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    let x1 = host(&report, "x1");
+    assert_eq!(status(&report, "x1"), "failed");
+    let error = x1["error"].as_str().unwrap();
+    assert!(
+        error.contains("not found") && error.contains("FOO=bar"),
+        "{x1:#}"
+    );
+    // Braces, commas, `%`, `~`, `#` and non-ASCII arrive as written.
+    let words = [
+        "FOO=bar", "{a,b}", "%1", "~root", "#x", "héllo", "a\u{a0}b", "*",
+    ];
+    let mut args = vec!["exec", "x1", "--", "printf", "%s|"];
+    args.extend(words);
+    let (code, report, stderr) = h.json(&args);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(
+        host(&report, "x1")["output"]["stdout"],
+        format!("{}|", words.join("|")),
+        "{report:#}"
+    );
+
     // A command that runs past its timeout fails, with what it printed.
     let (code, report, _) = h.json(&[
         "exec",
