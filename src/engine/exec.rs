@@ -277,7 +277,7 @@ async fn run_command(
     let verdict = slot
         .record_step(Step::Exec, async {
             match connection
-                .run_streaming("exec", &spec.command, spec.timeout, |_, _| {})
+                .run_streaming("exec", &spec.command, spec.timeout)
                 .await
             {
                 Ok(result) => {

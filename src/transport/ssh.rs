@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::process::format_tail;
 use nix_deploy_core::exec::Tail;
@@ -474,18 +474,17 @@ impl Connection {
         self.conclude(step, command_text, timeout, output).await
     }
 
-    /// Run `argv` (unprivileged), handing every output line to `on_line` as
-    /// it arrives and keeping the last lines of each stream. The command's
-    /// exit code is the result; only the connection failing is an error. On
-    /// `timeout` the command is let go (it may still run on the host).
+    /// Run `argv` (unprivileged), keeping the last lines of each stream
+    /// ([`Tail`]: bounded however much the command prints, with or without
+    /// newlines). The command's exit code is the result; only the
+    /// connection failing is an error. On `timeout` the command is let go
+    /// (it may still run on the host).
     pub async fn run_streaming(
         &self,
         step: &str,
         argv: &[String],
         timeout: Duration,
-        mut on_line: impl FnMut(crate::process::Stream, &str) + Send,
     ) -> Result<Streamed, SshError> {
-        use crate::process::Stream;
         let full = self.full_argv(argv, false);
         let command_text = nix_deploy_core::shell::join(&full);
         let spawn_error = |e: openssh::Error| SshError::Spawn {
@@ -520,31 +519,23 @@ impl Connection {
         let stdout = child.stdout().take();
         let stderr = child.stderr().take();
         let drain = async {
-            let mut out = stdout.map(BufReader::new);
-            let mut err = stderr.map(BufReader::new);
-            let (mut out_line, mut err_line) = (Vec::new(), Vec::new());
+            // Chunks, not lines: a line may be endless. `read` loses nothing
+            // when the other branch wins the select.
+            let mut out = stdout;
+            let mut err = stderr;
+            let (mut out_buf, mut err_buf) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
             while out.is_some() || err.is_some() {
                 tokio::select! {
-                    read = async { out.as_mut().expect("guarded").read_until(b'\n', &mut out_line).await }, if out.is_some() => {
+                    read = async { out.as_mut().expect("guarded").read(&mut out_buf).await }, if out.is_some() => {
                         match read {
                             Ok(0) | Err(_) => out = None,
-                            Ok(_) => {
-                                let line = String::from_utf8_lossy(&out_line).into_owned();
-                                on_line(Stream::Stdout, line.trim_end_matches(['\n', '\r']));
-                                result.stdout.push(&line);
-                                out_line.clear();
-                            }
+                            Ok(n) => result.stdout.feed(&out_buf[..n]),
                         }
                     }
-                    read = async { err.as_mut().expect("guarded").read_until(b'\n', &mut err_line).await }, if err.is_some() => {
+                    read = async { err.as_mut().expect("guarded").read(&mut err_buf).await }, if err.is_some() => {
                         match read {
                             Ok(0) | Err(_) => err = None,
-                            Ok(_) => {
-                                let line = String::from_utf8_lossy(&err_line).into_owned();
-                                on_line(Stream::Stderr, line.trim_end_matches(['\n', '\r']));
-                                result.stderr.push(&line);
-                                err_line.clear();
-                            }
+                            Ok(n) => result.stderr.feed(&err_buf[..n]),
                         }
                     }
                 }

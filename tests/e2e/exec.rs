@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix_deploy_testkit::HostSpec;
+use nix_deploy_testkit::{HostSpec, wait_with_peak_rss};
 use serde_json::Value;
 
 use crate::helpers::{Harness, host, status};
@@ -253,4 +253,29 @@ fn exec_refuses_bad_input_and_records_nothing() {
     }
     let (_, history, _) = h.json(&["history"]);
     assert_eq!(history["deployments"], Value::Array(Vec::new()));
+}
+
+#[test]
+fn exec_output_without_newlines_keeps_the_coordinators_memory_bounded() {
+    let h = Harness::start(vec![HostSpec::new("m1")]);
+    // 256 MiB without a single newline, then the end of the line.
+    let script = "head -c 268435456 /dev/zero | tr '\\0' a; printf END";
+    let child = h.spawn("big", &["exec", "m1", "--", "sh", "-c", script]);
+    let (code, peak_kib) = wait_with_peak_rss(child).unwrap();
+    eprintln!("peak RSS of the coordinator: {peak_kib} KiB");
+    // The coordinator held a few KiB of it, never the line: its peak is
+    // what any exec costs, far below the output's size.
+    assert!(peak_kib < 128 * 1024, "peak RSS {peak_kib} KiB");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(h.state_dir().join("big.out")).unwrap())
+            .unwrap();
+    assert_eq!(code, Some(0), "{report:#}");
+    let stdout = host(&report, "m1")["output"]["stdout"].as_str().unwrap();
+    // The line's beginning and its end are reported, and how long it was.
+    assert!(stdout.starts_with("aaaa"), "{stdout}");
+    assert!(stdout.ends_with("aaaaEND"), "{stdout}");
+    assert!(
+        stdout.contains("a line of 268435459 bytes, cut"),
+        "{stdout}"
+    );
 }

@@ -151,30 +151,116 @@ impl CommandOutput {
     }
 }
 
-/// The last lines of a stream, kept as they arrive (bounded memory,
-/// however much a command prints).
+/// The last lines of a stream, kept as they arrive: bounded memory however
+/// much a command prints, with or without newlines.
+///
+/// At most [`TAIL_LINES`] lines are kept. A line longer than [`LINE_CHARS`]
+/// characters keeps its beginning and its end with a note of its length in
+/// between; while it arrives, only those two ends are held (a few KiB), so
+/// hundreds of MB without a newline cost no more than a short line.
 #[derive(Clone, Debug, Default)]
 pub struct Tail {
     lines: VecDeque<String>,
+    /// The line still arriving (no newline yet).
+    partial: PartialLine,
     /// Whether lines were dropped.
     pub dropped: bool,
 }
 
+/// The bytes kept of each end of a long line: enough for half of
+/// [`LINE_CHARS`] characters of up to 4 bytes each.
+const EDGE_BYTES: usize = 4 * (LINE_CHARS / 2);
+
+/// A line as it arrives in pieces: its first and last [`EDGE_BYTES`] and its
+/// length.
+#[derive(Clone, Debug, Default)]
+struct PartialLine {
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    /// Bytes of the line so far, all of them.
+    len: u64,
+}
+
+impl PartialLine {
+    fn append(&mut self, bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        let room = EDGE_BYTES.saturating_sub(self.head.len()).min(bytes.len());
+        let (head, rest) = bytes.split_at(room);
+        self.head.extend_from_slice(head);
+        // Only the last EDGE_BYTES of what does not fit the head matter.
+        let rest = &rest[rest.len().saturating_sub(EDGE_BYTES)..];
+        self.tail.extend(rest);
+        let excess = self.tail.len().saturating_sub(EDGE_BYTES);
+        self.tail.drain(..excess);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The line as text: whole when short, else its two ends around a note.
+    fn render(&self) -> String {
+        let mut whole = self.head.clone();
+        let contiguous = self.len == (self.head.len() + self.tail.len()) as u64;
+        if contiguous {
+            whole.extend(self.tail.iter());
+            let text = String::from_utf8_lossy(&whole);
+            let text = text.trim_end_matches('\r');
+            if text.chars().count() <= LINE_CHARS {
+                return text.to_string();
+            }
+        }
+        let half = LINE_CHARS / 2;
+        let head: String = String::from_utf8_lossy(&self.head)
+            .chars()
+            .take(half)
+            .collect();
+        let (front, back) = self.tail.as_slices();
+        let tail_bytes = [front, back].concat();
+        let tail_text = String::from_utf8_lossy(&tail_bytes);
+        let tail_text = tail_text.trim_end_matches('\r');
+        let skip = tail_text.chars().count().saturating_sub(half);
+        let tail: String = tail_text.chars().skip(skip).collect();
+        format!("{head} …[a line of {} bytes, cut]… {tail}", self.len)
+    }
+}
+
 impl Tail {
+    /// Output as it arrives, in chunks of any size; a line ends at `\n`.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some(end) = bytes.iter().position(|b| *b == b'\n') {
+            self.partial.append(&bytes[..end]);
+            self.end_line();
+            bytes = &bytes[end + 1..];
+        }
+        self.partial.append(bytes);
+    }
+
+    /// One whole line (a trailing newline is not part of it).
     pub fn push(&mut self, line: &str) {
+        self.feed(line.trim_end_matches('\n').as_bytes());
+        self.end_line();
+    }
+
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.partial).render();
         if self.lines.len() == TAIL_LINES {
             self.lines.pop_front();
             self.dropped = true;
         }
-        let mut line = line.trim_end_matches(['\n', '\r']).to_string();
-        if line.chars().count() > LINE_CHARS {
-            line = line.chars().take(LINE_CHARS).collect::<String>() + "…";
-        }
         self.lines.push_back(line);
     }
 
+    /// The kept lines, the one still arriving last.
     pub fn text(&self) -> String {
-        self.lines.iter().cloned().collect::<Vec<_>>().join("\n")
+        let mut lines: Vec<String> = self.lines.iter().cloned().collect();
+        if !self.partial.is_empty() {
+            if lines.len() == TAIL_LINES {
+                lines.remove(0);
+            }
+            lines.push(self.partial.render());
+        }
+        lines.join("\n")
     }
 }
 
@@ -225,9 +311,57 @@ mod tests {
         assert_eq!(text.lines().count(), TAIL_LINES);
         assert!(text.ends_with("line 99"));
         assert!(tail.dropped);
+        // A long line keeps both ends and says how long it was.
         let mut tail = Tail::default();
-        tail.push(&"x".repeat(10_000));
-        assert_eq!(tail.text().chars().count(), LINE_CHARS + 1);
+        tail.push(&format!("start{}end", "x".repeat(10_000)));
+        let text = tail.text();
+        assert!(text.starts_with("startxx"), "{text}");
+        assert!(text.ends_with("xxend"), "{text}");
+        assert!(text.contains(" …[a line of 10008 bytes, cut]… "), "{text}");
+        assert!(text.chars().count() < LINE_CHARS + 40, "{text}");
+        // A short line is kept whole; a CR before the newline is not part of it.
+        let mut tail = Tail::default();
+        tail.push(&"y".repeat(LINE_CHARS));
+        tail.feed(b"dos\r\n");
+        assert_eq!(tail.text(), format!("{}\ndos", "y".repeat(LINE_CHARS)));
+    }
+
+    #[test]
+    fn output_without_newlines_costs_a_few_kib_and_keeps_its_end() {
+        let mut tail = Tail::default();
+        // 64 MiB in odd chunk sizes, never a newline, then the end.
+        let chunk = vec![b'a'; 65_521];
+        for _ in 0..1024 {
+            tail.feed(&chunk);
+        }
+        tail.feed("héllo wörld".as_bytes());
+        assert!(tail.partial.head.len() + tail.partial.tail.len() <= 2 * EDGE_BYTES);
+        let text = tail.text();
+        assert!(text.ends_with("aaahéllo wörld"), "{text}");
+        assert!(
+            text.contains(&format!("{} bytes", 65_521 * 1024 + 13)),
+            "{text}"
+        );
+        // Lines that arrive split anywhere, even inside a character, come out whole.
+        let mut tail = Tail::default();
+        for piece in "one\ntwö\nthr".as_bytes().chunks(1) {
+            tail.feed(piece);
+        }
+        assert_eq!(tail.text(), "one\ntwö\nthr");
+        tail.feed(b"ee\n");
+        assert_eq!(tail.text(), "one\ntwö\nthree");
+        // The line still arriving counts among the last lines.
+        let mut tail = Tail::default();
+        for i in 0..TAIL_LINES {
+            tail.push(&format!("l{i}"));
+        }
+        tail.feed(b"partial");
+        let text = tail.text();
+        assert_eq!(text.lines().count(), TAIL_LINES);
+        assert!(
+            text.starts_with("l1\n") && text.ends_with("partial"),
+            "{text}"
+        );
         let output = CommandOutput {
             exit_code: Some(0),
             stdout: "a\nlast one\n\n".into(),
