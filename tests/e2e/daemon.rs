@@ -1191,3 +1191,50 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["hosts"][0]["output"]["stdout"], "$HOME");
 }
+
+#[test]
+fn sigterm_stops_a_running_exec_on_its_hosts_and_records_it() {
+    let h = Harness::start(vec![HostSpec::new("s1")]);
+    let admin = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(admin.path(), ADMIN_TOKEN).unwrap();
+    let mut d = start_daemon(
+        &h,
+        &format!(
+            "\n[[tokens]]\nname = \"ops\"\nfile = \"{}\"\nscope = \"admin\"\n",
+            admin.path().display()
+        ),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, accepted) = runtime.block_on(call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/exec", d.url),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "hosts": ["s1"], "command": ["sleep", "27182"] })),
+    ));
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_i64().unwrap();
+    let sleep = ["sleep", "27182"];
+    h.until(30, "the command running on s1", || {
+        h.running("s1", &sleep) == 1
+    });
+    // SIGTERM, as systemd stops the service: the daemon stops the command
+    // on its host, records it, and exits.
+    let pid = d.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    h.until(60, "the daemon to exit", || {
+        d.child.try_wait().unwrap().is_some()
+    });
+    assert!(d.child.wait().unwrap().success());
+    h.until(30, "the command to be gone from s1", || {
+        h.running("s1", &sleep) == 0
+    });
+    let (_, shown, _) = h.json(&["show", &id.to_string()]);
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    assert_eq!(shown["hosts"][0]["status"], "cancelled", "{shown:#}");
+}

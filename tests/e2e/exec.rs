@@ -216,6 +216,10 @@ fn exec_passes_argv_without_a_shell_and_bounds_each_command() {
     );
     assert_eq!(x1["output"]["stdout"], "started");
     assert!(x1["output"]["exit_code"].is_null());
+    // Stopped on the host, not let go.
+    h.until(30, "the timed-out command to be gone", || {
+        h.running("x1", &["sleep", "30"]) == 0
+    });
 }
 
 #[test]
@@ -278,4 +282,57 @@ fn exec_output_without_newlines_keeps_the_coordinators_memory_bounded() {
         stdout.contains("a line of 268435459 bytes, cut"),
         "{stdout}"
     );
+}
+
+#[test]
+fn cancel_stops_a_running_exec_on_its_hosts_and_records_them_cancelled() {
+    let h = Harness::start(vec![HostSpec::new("c1"), HostSpec::new("c2")]);
+    let sleep = ["sleep", "31415"];
+    let child = h.spawn(
+        "long",
+        &[
+            "exec",
+            "c1",
+            "c2",
+            "--",
+            "sh",
+            "-c",
+            "sleep 31415; echo never",
+        ],
+    );
+    h.until(30, "the command running on both hosts", || {
+        h.running("c1", &sleep) == 1 && h.running("c2", &sleep) == 1
+    });
+    let out = h.run(&["cancel"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = child;
+    h.until(60, "the exec to end after cancel", || {
+        child.try_wait().unwrap().is_some()
+    });
+    let (code, report, stderr) = h.wait("long", child);
+    assert_eq!(code, 3, "{report:#}\n{stderr}");
+    assert_eq!(report["status"], "cancelled", "{report:#}");
+    for name in ["c1", "c2"] {
+        let run = host(&report, name);
+        assert_eq!(status(&report, name), "cancelled", "{run:#}");
+        assert!(
+            run["reason"]
+                .as_str()
+                .unwrap()
+                .contains("stopped on the host"),
+            "{run:#}"
+        );
+        // Gone from the host: the command and everything it started.
+        h.until(30, "the command to be gone", || {
+            h.running(name, &sleep) == 0
+        });
+        assert_eq!(h.running(name, &["sh", "-c", "sleep 31415; echo never"]), 0);
+    }
+    let (_, shown, _) = h.json(&["show", &report["id"].to_string()]);
+    assert_eq!(shown["hosts"], report["hosts"]);
 }

@@ -124,6 +124,19 @@ impl Harness {
         }
     }
 
+    /// How many processes on `host` run exactly `argv`.
+    pub fn running(&self, host: &str, argv: &[&str]) -> usize {
+        let wanted: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        self.fleet
+            .host_processes(host)
+            .iter()
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+            .count()
+    }
+
     /// The host's profile generation points at what it runs: it is not
     /// between generations.
     pub fn consistent(&self, name: &str) -> bool {

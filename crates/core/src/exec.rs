@@ -26,6 +26,44 @@ pub const LINE_CHARS: usize = 500;
 /// The longest command line accepted, in bytes.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
+/// Seconds a stopped command gets between `TERM` and `KILL`.
+pub const STOP_GRACE_SECS: u64 = 5;
+
+/// Runs `"$@"` so that the coordinator can stop it: a watcher in the
+/// background reads the session's stdin, which the coordinator holds open
+/// while the command runs and closes to stop it (cancel, timeout, daemon
+/// shutdown; the kernel closes it too when the coordinator dies). At end of
+/// input, if the command still runs, the watcher sends `TERM` to the
+/// session's process group (sshd makes one per session: the command and
+/// everything it started), then `KILL` after [`STOP_GRACE_SECS`].
+///
+/// The command replaces the shell (`exec`), so its exit code or signal is
+/// exactly its own; it reads `/dev/null`, as before. Fixed text: the
+/// command arrives as positional arguments.
+const STOPPABLE_SCRIPT: &str = r#"exec 3<&0
+main=$$
+(
+  while read -r _; do :; done
+  if kill -0 "$main" 2>/dev/null; then
+    trap '' TERM
+    kill -TERM 0
+    i=0
+    while [ "$i" -lt 5 ] && kill -0 "$main" 2>/dev/null; do sleep 1; i=$((i + 1)); done
+    kill -KILL 0
+  fi
+) <&3 >/dev/null 2>&1 &
+exec "$@" </dev/null 3<&-"#;
+
+/// The argv that runs `command` on a host so that closing its stdin stops
+/// it ([`STOPPABLE_SCRIPT`]).
+pub fn stoppable_argv(command: &[String]) -> Vec<String> {
+    let mut argv: Vec<String> = ["sh", "-c", STOPPABLE_SCRIPT, "nix-deploy-exec"]
+        .map(String::from)
+        .to_vec();
+    argv.extend(command.iter().cloned());
+    argv
+}
+
 /// A request to run a command, as callers spell it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -299,6 +337,18 @@ mod tests {
         assert_eq!(spec.display(), "sh -c 'echo $HOME; uptime'");
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["timeout"], "1s");
+    }
+
+    #[test]
+    fn a_stoppable_command_keeps_its_argv_as_arguments() {
+        let argv = stoppable_argv(&["sh".into(), "-c".into(), "echo $HOME; sleep 9".into()]);
+        assert_eq!(argv[..2], ["sh", "-c"]);
+        assert_eq!(
+            argv[3..],
+            ["nix-deploy-exec", "sh", "-c", "echo $HOME; sleep 9"]
+        );
+        assert!(!STOPPABLE_SCRIPT.contains("sleep 9"));
+        assert!(STOPPABLE_SCRIPT.contains(&format!("-lt {STOP_GRACE_SECS} ")));
     }
 
     #[test]
