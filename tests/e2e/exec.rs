@@ -270,9 +270,7 @@ fn exec_output_without_newlines_keeps_the_coordinators_memory_bounded() {
     // The coordinator held a few KiB of it, never the line: its peak is
     // what any exec costs, far below the output's size.
     assert!(peak_kib < 128 * 1024, "peak RSS {peak_kib} KiB");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(h.state_dir().join("big.out")).unwrap())
-            .unwrap();
+    let (report, _) = h.outputs("big");
     assert_eq!(code, Some(0), "{report:#}");
     let stdout = host(&report, "m1")["output"]["stdout"].as_str().unwrap();
     // The line's beginning and its end are reported, and how long it was.

@@ -106,10 +106,15 @@ impl Harness {
     /// Wait for a background run; returns exit code, parsed stdout, stderr.
     pub fn wait(&self, name: &str, mut child: std::process::Child) -> (i32, Value, String) {
         let status = child.wait().expect("waiting for nix-deploy");
+        let (value, stderr) = self.outputs(name);
+        (status.code().unwrap_or(-1), value, stderr)
+    }
+
+    /// What a background run (ended) printed: parsed stdout, stderr.
+    pub fn outputs(&self, name: &str) -> (Value, String) {
         let stdout = std::fs::read_to_string(self.state_dir().join(format!("{name}.out"))).unwrap();
         let stderr = std::fs::read_to_string(self.state_dir().join(format!("{name}.err"))).unwrap();
-        let value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-        (status.code().unwrap_or(-1), value, stderr)
+        (serde_json::from_str(&stdout).unwrap_or(Value::Null), stderr)
     }
 
     /// Poll until `condition` holds (panics after `secs`).

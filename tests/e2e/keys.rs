@@ -287,3 +287,132 @@ fn malformed_key_specs_exit_2_and_touch_nothing() {
     let (_, history, _) = h.json(&["history"]);
     assert_eq!(history["deployments"], Value::Array(Vec::new()));
 }
+
+/// Waits up to `secs` for `child`, stopping it (by its pid) if its peak
+/// memory passes `max_kib` or time runs out; its exit code and peak memory,
+/// or why it was stopped.
+fn wait_bounded(
+    mut child: std::process::Child,
+    secs: u64,
+    max_kib: u64,
+) -> Result<(i32, u64), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut peak = 0;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Ok((status.code().unwrap_or(-1), peak));
+        }
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        if let Some(kib) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        let why = if peak > max_kib {
+            format!("its memory grew past {peak} KiB")
+        } else if std::time::Instant::now() > deadline {
+            format!("it did not end within {secs}s")
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(why);
+    }
+}
+
+/// Pids of processes running exactly `argv` on this machine.
+fn processes(argv: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+#[test]
+fn key_sources_are_bounded_and_a_bad_one_is_refused_naming_the_key() {
+    let secrets = tempfile::tempdir().unwrap();
+    let fifo = secrets.path().join("pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut h = Harness::start(vec![HostSpec::new("kb")]);
+    let background = ["sleep", "27183"];
+    for (key, needle) in [
+        // A FIFO would wait for a writer forever, holding the lease.
+        (
+            format!(r#"keyFile = "{}";"#, fifo.display()),
+            "is a FIFO (named pipe), not a regular file",
+        ),
+        // A device never ends.
+        (
+            r#"keyFile = "/dev/zero";"#.to_string(),
+            "is a character device",
+        ),
+        // 512 MiB: read no further than the limit.
+        (
+            r#"keyCommand = [ "head" "-c" "536870912" "/dev/zero" ];"#.to_string(),
+            "keyCommand printed larger than 1048576 bytes",
+        ),
+        // What a key command starts is stopped with it.
+        (
+            r#"keyCommand = [ "sh" "-c" "sleep 27183 & head -c 2000000 /dev/zero" ];"#.to_string(),
+            "keyCommand printed larger than 1048576 bytes",
+        ),
+    ] {
+        h.fleet
+            .update("kb", |s| {
+                s.deployment_extra = Some(format!("keys.bad = {{ {key} }};"))
+            })
+            .unwrap();
+        let child = h.spawn("bad", &["upload-keys", "kb"]);
+        let (code, peak_kib) = wait_bounded(child, 90, 256 * 1024)
+            .unwrap_or_else(|why| panic!("{key}: the upload was stopped: {why}"));
+        let (report, stderr) = h.outputs("bad");
+        assert_eq!(code, 1, "{key}: {report:#}\n{stderr}");
+        assert_eq!(status(&report, "kb"), "failed", "{key}: {report:#}");
+        let error = host(&report, "kb")["error"].as_str().unwrap();
+        assert!(error.contains("kb: keys: bad:"), "{key}: {error}");
+        assert!(error.contains(needle), "{key}: {error}");
+        assert!(peak_kib < 128 * 1024, "{key}: peak RSS {peak_kib} KiB");
+        let mut survivors = processes(&background);
+        for _ in 0..100 {
+            if survivors.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            survivors = processes(&background);
+        }
+        for pid in &survivors {
+            // Ours (started by this key command): stop them before failing.
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+        assert!(
+            survivors.is_empty(),
+            "{key}: the key command's child survived"
+        );
+    }
+    // Nothing was written; the lease was released.
+    assert!(!h.fleet.host_dir("kb").join("run/keys/bad").exists());
+    let (_, status, _) = h.json(&["status"]);
+    assert!(
+        status["running_deployments"].as_array().unwrap().is_empty(),
+        "{status:#}"
+    );
+}
