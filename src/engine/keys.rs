@@ -30,7 +30,7 @@ use super::prepare::Leases;
 use super::{Engine, EngineError};
 use crate::nix::Nix;
 use crate::process::Cmd;
-use crate::transport::ssh::Connection;
+use crate::transport::ssh::{Connection, SshError};
 
 /// How long reading one key (a file, a command) may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -198,16 +198,20 @@ pub(super) async fn upload(
         let secret = read(texts, &host.name, key)
             .await
             .map_err(|e| format!("{}: keys: {}: {e}", host.name, key.attr))?;
+        // Length and hash go with it: a cut-off upload is refused on the
+        // host and the old key stays.
+        let input = keys::upload_input(&secret);
+        drop(secret);
         let output = connection
             .run_with_stdin(
                 "keys",
                 &keys::upload_argv(key, require_ownership),
-                secret.expose(),
+                input.expose(),
                 UPLOAD_TIMEOUT,
             )
             .await
-            .map_err(|e| format!("{} (key {})", e, key.attr))?;
-        drop(secret);
+            .map_err(|e| upload_error(&host.name, key, e))?;
+        drop(input);
         let mut line = format!(
             "{} ({}:{} {})",
             key.path(),
@@ -222,6 +226,26 @@ pub(super) async fn upload(
         lines.push(line);
     }
     Ok(lines)
+}
+
+/// Why writing `key` on `host` failed, naming both (the upload script's
+/// own words for a refusal, never its text).
+fn upload_error(host: &str, key: &Key, error: SshError) -> String {
+    match error {
+        SshError::Exit { code, stderr, .. } => format!(
+            "{host}: keys: {}: writing {} failed (exit code {code}){}",
+            key.attr,
+            key.path(),
+            crate::process::format_tail(&stderr)
+        ),
+        SshError::Timeout { timeout, .. } => format!(
+            "{host}: keys: {}: writing {} did not finish within {}s",
+            key.attr,
+            key.path(),
+            timeout.as_secs()
+        ),
+        e => format!("{e} (key {})", key.attr),
+    }
 }
 
 /// Who asked for an `upload-keys` run.
