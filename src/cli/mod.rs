@@ -102,6 +102,7 @@ fn init_tracing(verbose: u8) {
 async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     let dir = state_dir(cli);
     let store = Store::open(&dir).await?;
+    say_tightened(&store);
     paths::clean_control_dirs(store.dead_holders()).await;
     for id in store.mark_interrupted().await? {
         eprintln!(
@@ -109,6 +110,13 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
         );
     }
     Ok(store)
+}
+
+/// Say what opening the history had to make owner-only.
+pub(crate) fn say_tightened(store: &Store) {
+    for line in store.tightened() {
+        eprintln!("note: {line} (the state directory is for its owner only)");
+    }
 }
 
 fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {

@@ -210,6 +210,10 @@ pub fn print_report(deployment: &Deployment) {
     }
 }
 
+/// Why a run's output is not shown (the daemon left it out).
+const WITHHELD: &str =
+    "what commands print is shown only to tokens that may run them (scope admin)";
+
 /// One command on many hosts: one row per host (result, exit code,
 /// duration, last line of output), then each failure's output tails.
 fn print_exec_report(run: &Deployment) {
@@ -236,6 +240,7 @@ fn print_exec_report(run: &Deployment) {
         .map(|h| {
             let output = h.output.as_ref();
             let note = match h.status {
+                _ if output.is_some_and(|o| o.withheld) => "(output withheld)".to_string(),
                 HostStatus::Succeeded => output.map(|o| o.last_line()).unwrap_or("").to_string(),
                 HostStatus::Skipped | HostStatus::Cancelled => h.reason.clone().unwrap_or_default(),
                 // A failure's last word is usually on stderr.
@@ -261,13 +266,20 @@ fn print_exec_report(run: &Deployment) {
         })
         .collect();
     table(&["HOST", "RESULT", "EXIT", "DURATION", "OUTPUT"], rows);
+    if run
+        .hosts
+        .iter()
+        .any(|h| h.output.as_ref().is_some_and(|o| o.withheld))
+    {
+        println!("Output withheld: {WITHHELD}.");
+    }
     for h in run.hosts.iter().filter(|h| h.status.is_failure()) {
         println!();
         println!("── {} ({}) ──", h.host, h.status);
         if let Some(error) = &h.error {
             println!("{error}");
         }
-        if let Some(output) = &h.output {
+        if let Some(output) = h.output.as_ref().filter(|o| !o.withheld) {
             for (name, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
                 if !text.trim().is_empty() {
                     println!("{name}:");

@@ -4,6 +4,8 @@
 use axum::http::HeaderMap;
 use subtle::ConstantTimeEq;
 
+use nix_deploy_core::run::{Deployment, RunKind};
+
 use super::config::{Scope, Secret};
 use super::error::ApiError;
 
@@ -14,15 +16,33 @@ pub struct Token {
     pub scope: Scope,
 }
 
-/// Who made a request, as recorded in history.
+/// Who made a request, as recorded in history, and what their token may do.
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub name: String,
+    pub scope: Scope,
 }
 
 impl Caller {
     pub fn requested_by(&self) -> String {
         format!("token:{}", self.name)
+    }
+
+    /// `deployment` as this caller may see it: what `exec` commands
+    /// printed only for callers who may run them (scope `admin`), since a
+    /// command prints whatever it can read on a host. Everyone else gets
+    /// each host's exit code with its output marked withheld.
+    pub fn visible(&self, mut deployment: Deployment) -> Deployment {
+        if deployment.kind == RunKind::Exec && !self.scope.allows(Scope::Admin) {
+            for output in deployment
+                .hosts
+                .iter_mut()
+                .filter_map(|h| h.output.as_mut())
+            {
+                output.withhold();
+            }
+        }
+        deployment
     }
 }
 
@@ -59,6 +79,7 @@ pub fn authorize(headers: &HeaderMap, tokens: &[Token], needed: Scope) -> Result
     }
     Ok(Caller {
         name: token.name.clone(),
+        scope: token.scope,
     })
 }
 

@@ -312,6 +312,7 @@ async fn run_command(
             exit_code: result.exit_code,
             stdout: result.stdout.text(),
             stderr: result.stderr.text(),
+            withheld: false,
         });
     }
     match verdict {

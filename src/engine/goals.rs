@@ -179,6 +179,7 @@ impl HostContext {
                     exit_code: code,
                     stdout: out.text(),
                     stderr: err.text(),
+                    withheld: false,
                 }
             };
             match connection

@@ -293,6 +293,7 @@ impl Engine {
                             exit_code: Some(0),
                             stdout: lines.join("\n"),
                             stderr: String::new(),
+                            withheld: false,
                         });
                     }
                     Err(e) => {

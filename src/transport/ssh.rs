@@ -148,10 +148,24 @@ impl KeepAlive {
     }
 
     /// Remember `session`'s master for the next run.
+    /// Owner-only, like everything in the state directory: the record,
+    /// and the master's directory (the openssh crate makes it 0755).
     fn remember(&self, record: &Path, session: &Session) {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Some(dir) = session.control_socket().parent() {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
         let tmp = record.with_extension("tmp");
         let text = format!("{}\n", session.control_socket().display());
-        if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::remove_file(&tmp);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(text.as_bytes()));
+        if written.is_ok() {
             let _ = std::fs::rename(&tmp, record);
         }
     }

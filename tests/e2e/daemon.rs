@@ -1155,22 +1155,58 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     assert_eq!(hosts.len(), 2);
     assert_eq!(hosts[0]["name"], "x1");
     assert_eq!(hosts[0]["status"], "succeeded");
-    assert_eq!(hosts[0]["output"]["stdout"], "hi from x1");
     assert_eq!(hosts[1]["status"], "unreachable");
-    let report = client()
-        .get(format!("{}/api/v1/deployments/{id}/report", d.url))
-        .bearer_auth(READ_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // What a command printed is for those who may run commands: a read or
+    // deploy token sees each host's result and exit code, never the output,
+    // in no document and no stream.
+    let get = |path: String, token: &'static str| {
+        let url = format!("{}{path}", d.url);
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    for token in [READ_TOKEN, DEPLOY_TOKEN] {
+        let shown: Value =
+            serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), token).await).unwrap();
+        assert_eq!(shown["hosts"][0]["output"]["exit_code"], 0, "{shown:#}");
+        assert_eq!(shown["hosts"][0]["output"]["withheld"], true, "{shown:#}");
+        for path in [
+            format!("/api/v1/deployments/{id}"),
+            "/api/v1/deployments".to_string(),
+            format!("/api/v1/deployments/{id}/report"),
+            format!("/api/v1/deployments/{id}/events"),
+        ] {
+            let text = get(path.clone(), token).await;
+            assert!(!text.is_empty(), "{path}");
+            assert!(
+                !text.contains("hi from x1"),
+                "{path} shows exec output: {text}"
+            );
+        }
+    }
+    let report = get(format!("/api/v1/deployments/{id}/report"), READ_TOKEN).await;
     assert!(
         report.contains(&format!("# exec #{id}: failed")),
         "{report}"
     );
     assert!(report.contains("| x1 | succeeded | 0 |"), "{report}");
+    // The admin who may run it sees it all.
+    let shown: Value =
+        serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), ADMIN_TOKEN).await).unwrap();
+    assert_eq!(
+        shown["hosts"][0]["output"]["stdout"], "hi from x1",
+        "{shown:#}"
+    );
+    assert!(shown["hosts"][0]["output"].get("withheld").is_none());
+    let report = get(format!("/api/v1/deployments/{id}/report"), ADMIN_TOKEN).await;
     assert!(report.contains("hi from x1"), "{report}");
 
     // The CLI's exec goes through the same endpoint.

@@ -334,3 +334,69 @@ fn cancel_stops_a_running_exec_on_its_hosts_and_records_them_cancelled() {
     let (_, shown, _) = h.json(&["show", &report["id"].to_string()]);
     assert_eq!(shown["hosts"], report["hosts"]);
 }
+
+#[test]
+fn the_history_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::start(vec![HostSpec::new("p1")]);
+    // A state directory nix-deploy creates itself.
+    let state = h.state_dir().join("fresh");
+    let out = h.run_in(
+        &state,
+        &["exec", "p1", "--", "echo", "exec-output-marker"],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |path: &std::path::Path| {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    // Every directory and file below it (the database, its WAL and shared
+    // memory, locks, kept masters), not the GC roots' links.
+    let loose = |dir: &std::path::Path| {
+        let mut loose = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(path) = stack.pop() {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            }
+            if !meta.file_type().is_symlink() && mode(&path) & 0o077 != 0 {
+                loose.push(format!("{} {:04o}", path.display(), mode(&path)));
+            }
+        }
+        loose
+    };
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(loose(&state), Vec::<String>::new());
+    assert_eq!(mode(&state.join("nix-deploy.db")), 0o600);
+
+    // A state directory an older version left open to everyone is
+    // tightened when it is opened, and the command says so.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        state.join("nix-deploy.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = h.run_in(&state, &["history"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nix-deploy.db was readable by others (0644); it is now 0600"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fresh was readable by others (0755); it is now 0700"),
+        "{stderr}"
+    );
+    assert_eq!(loose(&state), Vec::<String>::new());
+}

@@ -172,9 +172,21 @@ pub struct CommandOutput {
     pub stdout: String,
     /// The last [`TAIL_LINES`] lines of stderr.
     pub stderr: String,
+    /// Stdout and stderr were left out of this copy: the caller may not
+    /// run commands on hosts, so may not read what they printed either (a
+    /// command prints whatever it can read there).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
 }
 
 impl CommandOutput {
+    /// This result without what the command printed (exit code kept).
+    pub fn withhold(&mut self) {
+        self.stdout.clear();
+        self.stderr.clear();
+        self.withheld = true;
+    }
+
     /// The last non-empty line, from stdout, else stderr.
     pub fn last_line(&self) -> &str {
         fn last(text: &str) -> Option<&str> {
@@ -416,12 +428,14 @@ mod tests {
             exit_code: Some(0),
             stdout: "a\nlast one\n\n".into(),
             stderr: "warning".into(),
+            withheld: false,
         };
         assert_eq!(output.last_line(), "last one");
         let output = CommandOutput {
             exit_code: Some(1),
             stdout: String::new(),
             stderr: "boom\n".into(),
+            withheld: false,
         };
         assert_eq!(output.last_line(), "boom");
     }

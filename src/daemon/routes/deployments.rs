@@ -81,10 +81,11 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<DeploymentList>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = authorize(&headers, &state.tokens, Scope::Read)?;
     let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let deployments = state.store().deployments(limit).await?;
     Ok(Json(DeploymentList {
-        deployments: state.store().deployments(limit).await?,
+        deployments: deployments.into_iter().map(|d| caller.visible(d)).collect(),
     }))
 }
 
@@ -93,9 +94,9 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = authorize(&headers, &state.tokens, Scope::Read)?;
     let id = super::parse_id(&id)?;
-    Ok(Json(state.deployment(id).await?))
+    Ok(Json(caller.visible(state.deployment(id).await?)))
 }
 
 pub async fn cancel(
@@ -158,9 +159,9 @@ pub async fn report(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = authorize(&headers, &state.tokens, Scope::Read)?;
     let id = super::parse_id(&id)?;
-    let mut deployment = state.deployment(id).await?;
+    let mut deployment = caller.visible(state.deployment(id).await?);
     deployment.events = Some(state.store().events(id, 0).await?);
     let markdown = crate::daemon::report::markdown(&deployment);
     Ok((
