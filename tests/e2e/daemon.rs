@@ -1209,6 +1209,31 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     let report = get(format!("/api/v1/deployments/{id}/report"), ADMIN_TOKEN).await;
     assert!(report.contains("hi from x1"), "{report}");
 
+    // An oversized body is nobody's business without a token (401), and
+    // with one it is refused in the API's JSON shape (413), like every
+    // other endpoint's.
+    let huge = format!("{{\"command\": [\"{}\"]}}", "a".repeat(2 * 1024 * 1024));
+    for endpoint in ["/api/v1/exec", "/api/v1/upload-keys"] {
+        for (token, status, code) in [
+            (None, 401, "unauthorized"),
+            (Some(ADMIN_TOKEN), 413, "too_large"),
+        ] {
+            let mut request = client()
+                .post(format!("{}{endpoint}", d.url))
+                .header("content-type", "application/json")
+                .body(huge.clone());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{endpoint}");
+            let text = response.text().await.unwrap();
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{endpoint}: not a JSON error: {text}"));
+            assert_eq!(body["error"]["code"], code, "{endpoint}: {body}");
+        }
+    }
+
     // The CLI's exec goes through the same endpoint.
     let out = tokio::task::block_in_place(|| {
         Command::new(binary())
