@@ -73,7 +73,7 @@ pub fn main() -> ExitCode {
                 .downcast_ref::<EngineError>()
                 .is_some_and(EngineError::is_bad_input)
                 || e.downcast_ref::<OptionsError>().is_some();
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::escape(&format!("{e:#}")));
             ExitCode::from(if bad_input {
                 EXIT_BAD_INPUT
             } else {
@@ -115,7 +115,10 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
 /// Say what opening the history had to make owner-only.
 pub(crate) fn say_tightened(store: &Store) {
     for line in store.tightened() {
-        eprintln!("note: {line} (the state directory is for its owner only)");
+        eprintln!(
+            "note: {} (the state directory is for its owner only)",
+            output::escape(line)
+        );
     }
 }
 
@@ -208,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         return match remote::run(&cli, &server).await {
             Ok(code) => Ok(code),
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", output::escape(&e.to_string()));
                 Ok(remote::exit_code(&e))
             }
         };

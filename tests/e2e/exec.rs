@@ -400,3 +400,42 @@ fn the_history_is_readable_by_its_owner_only() {
     );
     assert_eq!(loose(&state), Vec::<String>::new());
 }
+
+#[test]
+fn a_hosts_escape_sequences_are_shown_not_obeyed_except_in_json() {
+    let h = Harness::start(vec![HostSpec::new("t1")]);
+    // Retitle the terminal, clear it, overwrite a line, colour stderr; and
+    // an argument that is itself an escape sequence.
+    let script =
+        r"printf '\033]0;pwned\007\033[2Jtitle\rover\n'; printf '\033[31merr\033[0m\n' >&2; exit 1";
+    let args = ["exec", "t1", "--", "sh", "-c", script, "\u{1b}[5mblink"];
+    let out = h.run(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        for byte in ['\u{1b}', '\u{7}', '\r'] {
+            assert!(!text.contains(byte), "{name} carries {byte:?}:\n{text}");
+        }
+    }
+    // The table, the failure's output and the command are shown escaped.
+    assert!(
+        stdout.contains(r"\u{1b}]0;pwned\u{7}\u{1b}[2Jtitle\rover"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r"\u{1b}[31merr\u{1b}[0m"), "{stdout}");
+    assert!(stdout.contains(r"\u{1b}[5mblink"), "{stdout}");
+    assert!(stderr.contains(r"\u{1b}[5mblink"), "{stderr}");
+    // `--json` keeps every byte as the host printed it.
+    let (code, report, _) = h.json(&args);
+    assert_eq!(code, 1);
+    let t1 = host(&report, "t1");
+    assert_eq!(
+        t1["output"]["stdout"],
+        "\u{1b}]0;pwned\u{7}\u{1b}[2Jtitle\rover"
+    );
+    assert_eq!(t1["output"]["stderr"], "\u{1b}[31merr\u{1b}[0m");
+    assert_eq!(report["exec"]["command"][3], "\u{1b}[5mblink");
+}
