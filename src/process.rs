@@ -446,12 +446,14 @@ mod tests {
         (Cmd::new("sh").args(["-c", &script]), pidfile)
     }
 
-    fn pid_in(file: &std::path::Path) -> u32 {
-        std::fs::read_to_string(file)
+    /// The process whose pid `file` holds is gone.
+    async fn assert_gone(file: &std::path::Path) {
+        let pid = std::fs::read_to_string(file)
             .unwrap()
             .trim()
             .parse()
-            .unwrap()
+            .unwrap();
+        assert!(gone(pid).await, "the background child {pid} survived");
     }
 
     #[tokio::test]
@@ -462,20 +464,14 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
-        assert!(
-            gone(pid_in(&pidfile)).await,
-            "the background child survived"
-        );
+        assert_gone(&pidfile).await;
 
         let (cmd, pidfile) = with_background_child(dir.path(), "echo out; wait");
         let err = run_bytes(&cmd, Duration::from_secs(1), 1024)
             .await
             .unwrap_err();
         assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
-        assert!(
-            gone(pid_in(&pidfile)).await,
-            "the background child survived"
-        );
+        assert_gone(&pidfile).await;
     }
 
     #[tokio::test]
@@ -494,10 +490,7 @@ mod tests {
             () = started => {}
         }
         // `waiting` was dropped: the caller gave up (cancel, Ctrl-C).
-        assert!(
-            gone(pid_in(&pidfile)).await,
-            "the background child survived"
-        );
+        assert_gone(&pidfile).await;
     }
 
     #[tokio::test]
@@ -512,10 +505,7 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("more than 1048576 bytes"), "{err}");
-        assert!(
-            gone(pid_in(&pidfile)).await,
-            "the background child survived"
-        );
+        assert_gone(&pidfile).await;
         // Exactly the limit is fine; one byte more is not.
         let exactly = Cmd::new("head").args(["-c", "1024", "/dev/zero"]);
         assert_eq!(

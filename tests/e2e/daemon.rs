@@ -80,6 +80,18 @@ impl Daemon {
     fn token_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// SIGTERM, as systemd stops the service.
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
 }
 
 fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
@@ -830,15 +842,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     h.until(30, "the first activation", || {
         h.fleet.activations("t1").len() >= 2
     });
-    // SIGTERM, as systemd stops the service.
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    d.terminate();
     let status = d.child.wait().unwrap();
     assert!(status.success(), "the daemon exits cleanly: {status:?}");
     let (_, shown, _) = h.json(&["show", &id.to_string()]);
@@ -1079,14 +1083,16 @@ async fn a_killed_cli_coordinator_ends_its_stream_and_leaves_nothing_running() {
 }
 
 async fn client_metrics(d: &Daemon) -> String {
-    client()
-        .get(format!("{}/metrics", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    get_text(&format!("{}/metrics", d.url), None).await
+}
+
+/// The body of `GET url`, with `token` if given.
+async fn get_text(url: &str, token: Option<&str>) -> String {
+    let mut request = client().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().text().await.unwrap()
 }
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
@@ -1161,17 +1167,7 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     // in no document and no stream.
     let get = |path: String, token: &'static str| {
         let url = format!("{}{path}", d.url);
-        async move {
-            client()
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        }
+        async move { get_text(&url, Some(token)).await }
     };
     for token in [READ_TOKEN, DEPLOY_TOKEN] {
         let shown: Value =
@@ -1278,16 +1274,8 @@ fn sigterm_stops_a_running_exec_on_its_hosts_and_records_it() {
     h.until(30, "the command running on s1", || {
         h.running("s1", &sleep) == 1
     });
-    // SIGTERM, as systemd stops the service: the daemon stops the command
-    // on its host, records it, and exits.
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    // The daemon stops the command on its host, records it, and exits.
+    d.terminate();
     h.until(60, "the daemon to exit", || {
         d.child.try_wait().unwrap().is_some()
     });
