@@ -21,6 +21,10 @@ use nix_deploy_core::nix::{
 
 use crate::process::{self, Cmd, ExecError, Stream};
 
+/// The most key texts one evaluation may print, as JSON: every key is at
+/// most 1 MiB, and a run's texts are read once for all its hosts.
+pub const MAX_KEY_TEXTS_BYTES: usize = 256 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
     #[error("evaluating `{flake}#nixosConfigurations` failed: {source}")]
@@ -190,7 +194,8 @@ impl Nix {
             .collect())
     }
 
-    /// The `text` of the keys of `hosts` that have one, in one evaluation:
+    /// The `text` of the keys of `hosts` that have one, in one evaluation
+    /// (at most [`MAX_KEY_TEXTS_BYTES`] of JSON):
     /// host → key attribute → contents. The evaluation's output is read as
     /// bytes and never logged; errors carry Nix's stderr only.
     pub async fn key_texts(
@@ -203,7 +208,7 @@ impl Nix {
             reason,
         })?;
         let cmd = self.with_env(cmd);
-        let out = process::run_bytes(&cmd, self.eval_timeout)
+        let out = process::run_bytes(&cmd, self.eval_timeout, MAX_KEY_TEXTS_BYTES)
             .await
             .map_err(|source| NixError::Eval {
                 flake: flake.to_string(),

@@ -76,7 +76,7 @@ pub fn main() -> ExitCode {
                 || e.downcast_ref::<OptionsError>().is_some()
                 || e.downcast_ref::<crate::daemon::config::ConfigError>()
                     .is_some();
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::escape(&format!("{e:#}")));
             ExitCode::from(if bad_input {
                 EXIT_BAD_INPUT
             } else {
@@ -105,6 +105,7 @@ fn init_tracing(verbose: u8) {
 async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     let dir = state_dir(cli);
     let store = Store::open(&dir).await?;
+    say_tightened(&store);
     paths::clean_control_dirs(store.dead_holders()).await;
     for id in store.mark_interrupted().await? {
         eprintln!(
@@ -112,6 +113,16 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
         );
     }
     Ok(store)
+}
+
+/// Say what opening the history had to make owner-only.
+pub(crate) fn say_tightened(store: &Store) {
+    for line in store.tightened() {
+        eprintln!(
+            "note: {} (the state directory is for its owner only)",
+            output::escape(line)
+        );
+    }
 }
 
 fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> anyhow::Result<EngineConfig> {
@@ -211,7 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         return match remote::run(&cli, &server).await {
             Ok(code) => Ok(code),
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", output::escape(&e.to_string()));
                 Ok(remote::exit_code(&e))
             }
         };

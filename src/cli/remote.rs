@@ -67,12 +67,10 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                     client.get(&format!("/api/v1/deployments/{id}")).await?;
                 output::show(cli, &deployment, output::print_deployment).map_err(print_error)?;
             } else {
-                println!(
-                    "{}",
-                    client
-                        .get_text(&format!("/api/v1/deployments/{id}/report"))
-                        .await?
-                );
+                let report = client
+                    .get_text(&format!("/api/v1/deployments/{id}/report"))
+                    .await?;
+                println!("{}", output::escape(&report));
             }
             Ok(EXIT_OK)
         }

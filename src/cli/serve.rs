@@ -71,6 +71,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     };
 
     let store = Store::open(&state_dir).await?;
+    super::say_tightened(&store);
     paths::clean_control_dirs(store.dead_holders()).await;
     let interrupted = store.mark_interrupted().await?;
     // ssh control sockets live for the daemon's lifetime.

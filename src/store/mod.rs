@@ -101,18 +101,35 @@ pub struct Store {
     lock: Arc<liveness::ProcessLock>,
     /// Processes found dead when this one opened the history.
     dead_holders: Arc<Vec<String>>,
+    /// What opening had to make owner-only (see [`Store::tightened`]).
+    tightened: Arc<Vec<String>>,
 }
 
 pub const DB_FILE: &str = "nix-deploy.db";
 
 impl Store {
     /// Open (creating if needed) the database in `state_dir` and apply migrations.
+    ///
+    /// The state directory is made owner-only first, and everything in it
+    /// tightened ([`crate::paths::secure_state_dir`]; see
+    /// [`Store::tightened`]); the database is created 0600, so its WAL and
+    /// shared memory, which SQLite creates with the database's mode, are too.
     pub async fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::CreateDir {
+        let create_error = |source| StoreError::CreateDir {
             path: state_dir.to_path_buf(),
             source,
-        })?;
+        };
+        let tightened = crate::paths::secure_state_dir(state_dir).map_err(create_error)?;
         let path = state_dir.join(DB_FILE);
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(create_error)?;
+        }
         let open_error = |source| StoreError::Open {
             path: path.clone(),
             source,
@@ -148,6 +165,7 @@ impl Store {
             state_dir: state_dir.to_path_buf(),
             lock: Arc::new(lock),
             dead_holders: Arc::new(dead),
+            tightened: Arc::new(tightened),
         })
     }
 
@@ -155,6 +173,13 @@ impl Store {
     /// left behind (ssh control masters) can be cleaned up.
     pub fn dead_holders(&self) -> &[String] {
         &self.dead_holders
+    }
+
+    /// Paths in the state directory that were readable by others when this
+    /// history was opened and are owner-only now, one line each, for the
+    /// caller to say.
+    pub fn tightened(&self) -> &[String] {
+        &self.tightened
     }
 
     /// This process, as deployments and leases name it.
@@ -397,6 +422,7 @@ mod tests {
             exit_code: Some(0),
             stdout: "up 3 days".into(),
             stderr: String::new(),
+            withheld: false,
         });
         store.save_host_run(&run).await.unwrap();
         let exec = store.deployment(id).await.unwrap().unwrap();

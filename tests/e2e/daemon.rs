@@ -80,6 +80,18 @@ impl Daemon {
     pub(crate) fn token_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// SIGTERM, as systemd stops the service.
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
 }
 
 fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
@@ -840,15 +852,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     h.until(30, "the first activation", || {
         h.fleet.activations("t1").len() >= 2
     });
-    // SIGTERM, as systemd stops the service.
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    d.terminate();
     let status = d.child.wait().unwrap();
     assert!(status.success(), "the daemon exits cleanly: {status:?}");
     let (_, shown, _) = h.json(&["show", &id.to_string()]);
@@ -1089,14 +1093,16 @@ async fn a_killed_cli_coordinator_ends_its_stream_and_leaves_nothing_running() {
 }
 
 async fn client_metrics(d: &Daemon) -> String {
-    client()
-        .get(format!("{}/metrics", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    get_text(&format!("{}/metrics", d.url), None).await
+}
+
+/// The body of `GET url`, with `token` if given.
+async fn get_text(url: &str, token: Option<&str>) -> String {
+    let mut request = client().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().text().await.unwrap()
 }
 
 pub(crate) const ADMIN_TOKEN: &str = "admin-token-0123456789";
@@ -1165,23 +1171,74 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     assert_eq!(hosts.len(), 2);
     assert_eq!(hosts[0]["name"], "x1");
     assert_eq!(hosts[0]["status"], "succeeded");
-    assert_eq!(hosts[0]["output"]["stdout"], "hi from x1");
     assert_eq!(hosts[1]["status"], "unreachable");
-    let report = client()
-        .get(format!("{}/api/v1/deployments/{id}/report", d.url))
-        .bearer_auth(READ_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // What a command printed is for those who may run commands: a read or
+    // deploy token sees each host's result and exit code, never the output,
+    // in no document and no stream.
+    let get = |path: String, token: &'static str| {
+        let url = format!("{}{path}", d.url);
+        async move { get_text(&url, Some(token)).await }
+    };
+    for token in [READ_TOKEN, DEPLOY_TOKEN] {
+        let shown: Value =
+            serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), token).await).unwrap();
+        assert_eq!(shown["hosts"][0]["output"]["exit_code"], 0, "{shown:#}");
+        assert_eq!(shown["hosts"][0]["output"]["withheld"], true, "{shown:#}");
+        for path in [
+            format!("/api/v1/deployments/{id}"),
+            "/api/v1/deployments".to_string(),
+            format!("/api/v1/deployments/{id}/report"),
+            format!("/api/v1/deployments/{id}/events"),
+        ] {
+            let text = get(path.clone(), token).await;
+            assert!(!text.is_empty(), "{path}");
+            assert!(
+                !text.contains("hi from x1"),
+                "{path} shows exec output: {text}"
+            );
+        }
+    }
+    let report = get(format!("/api/v1/deployments/{id}/report"), READ_TOKEN).await;
     assert!(
         report.contains(&format!("# exec #{id}: failed")),
         "{report}"
     );
     assert!(report.contains("| x1 | succeeded | 0 |"), "{report}");
+    // The admin who may run it sees it all.
+    let shown: Value =
+        serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), ADMIN_TOKEN).await).unwrap();
+    assert_eq!(
+        shown["hosts"][0]["output"]["stdout"], "hi from x1",
+        "{shown:#}"
+    );
+    assert!(shown["hosts"][0]["output"].get("withheld").is_none());
+    let report = get(format!("/api/v1/deployments/{id}/report"), ADMIN_TOKEN).await;
     assert!(report.contains("hi from x1"), "{report}");
+
+    // An oversized body is nobody's business without a token (401), and
+    // with one it is refused in the API's JSON shape (413), like every
+    // other endpoint's.
+    let huge = format!("{{\"command\": [\"{}\"]}}", "a".repeat(2 * 1024 * 1024));
+    for endpoint in ["/api/v1/exec", "/api/v1/upload-keys"] {
+        for (token, status, code) in [
+            (None, 401, "unauthorized"),
+            (Some(ADMIN_TOKEN), 413, "too_large"),
+        ] {
+            let mut request = client()
+                .post(format!("{}{endpoint}", d.url))
+                .header("content-type", "application/json")
+                .body(huge.clone());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{endpoint}");
+            let text = response.text().await.unwrap();
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{endpoint}: not a JSON error: {text}"));
+            assert_eq!(body["error"]["code"], code, "{endpoint}: {body}");
+        }
+    }
 
     // The CLI's exec goes through the same endpoint.
     let out = tokio::task::block_in_place(|| {
@@ -1288,4 +1345,43 @@ async fn queued_pushes_deploy_the_newest_and_never_an_older_one_after_it() {
         !activated.contains(&commits[1].1) && !activated.contains(&commits[2].1),
         "an older push was deployed: {activated:?}"
     );
+}
+
+#[test]
+fn sigterm_stops_a_running_exec_on_its_hosts_and_records_it() {
+    let h = Harness::start(vec![HostSpec::new("s1")]);
+    let admin = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(admin.path(), ADMIN_TOKEN).unwrap();
+    let mut d = start_daemon(
+        &h,
+        &format!(
+            "\n[[tokens]]\nname = \"ops\"\nfile = \"{}\"\nscope = \"admin\"\n",
+            admin.path().display()
+        ),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, accepted) = runtime.block_on(call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/exec", d.url),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "hosts": ["s1"], "command": ["sleep", "27182"] })),
+    ));
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_i64().unwrap();
+    let sleep = ["sleep", "27182"];
+    h.until(30, "the command running on s1", || {
+        h.running("s1", &sleep) == 1
+    });
+    // The daemon stops the command on its host, records it, and exits.
+    d.terminate();
+    h.until(60, "the daemon to exit", || {
+        d.child.try_wait().unwrap().is_some()
+    });
+    assert!(d.child.wait().unwrap().success());
+    h.until(30, "the command to be gone from s1", || {
+        h.running("s1", &sleep) == 0
+    });
+    let (_, shown, _) = h.json(&["show", &id.to_string()]);
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    assert_eq!(shown["hosts"][0]["status"], "cancelled", "{shown:#}");
 }

@@ -147,6 +147,7 @@ pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};
 pub use spec::{Activation, HistoryEntry, HostSpec, UnitState};
+pub use sys::wait_with_peak_rss;
 use sys::*;
 
 /// The sshd binary every host runs.

@@ -35,6 +35,34 @@ pub(crate) fn send_signal(pid: i32, signal: i32) -> bool {
     unsafe { libc::kill(pid, signal) == 0 }
 }
 
+/// Waits for `child` and returns its exit code (`None`: killed by a
+/// signal) and the peak resident memory, in KiB, of it and the children it
+/// waited for (`wait4`'s `ru_maxrss`): what a process cost at its worst,
+/// however briefly.
+#[allow(unsafe_code)]
+pub fn wait_with_peak_rss(child: std::process::Child) -> std::io::Result<(Option<i32>, u64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 writes only into `status` and `usage`, which live
+        // for the call; `pid` is our own unwaited child.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // `Child` was reaped here: dropping it neither waits nor kills.
+    drop(child);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Ok((code, usage.ru_maxrss as u64))
+}
+
 pub(crate) fn validate_name(name: &str) -> Result<()> {
     let ok = name.len() <= 32
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())

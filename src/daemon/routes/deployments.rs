@@ -119,10 +119,11 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<DeploymentList>, ApiError> {
-    state.authorize(&headers, Scope::Read).await?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let deployments = state.store().deployments(limit).await?;
     Ok(Json(DeploymentList {
-        deployments: state.store().deployments(limit).await?,
+        deployments: deployments.into_iter().map(|d| caller.visible(d)).collect(),
     }))
 }
 
@@ -131,9 +132,9 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
-    state.authorize(&headers, Scope::Read).await?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    Ok(Json(state.deployment(id).await?))
+    Ok(Json(caller.visible(state.deployment(id).await?)))
 }
 
 pub async fn cancel(
@@ -211,9 +212,9 @@ pub async fn report(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers, Scope::Read).await?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    let mut deployment = state.deployment(id).await?;
+    let mut deployment = caller.visible(state.deployment(id).await?);
     deployment.events = Some(state.store().events(id, 0).await?);
     let markdown = crate::daemon::report::markdown(&deployment);
     Ok((

@@ -357,6 +357,7 @@ pub(crate) async fn dry_activate(
                 exit_code: code,
                 stdout: out.text(),
                 stderr: err.text(),
+                withheld: false,
             }
         };
         match connection

@@ -16,6 +16,7 @@
 mod identity;
 mod keep;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,12 +24,13 @@ use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 
 pub use identity::{Destination, Identities};
 pub use keep::KeepAlive;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::process::format_tail;
 use nix_deploy_core::exec::Tail;
 use nix_deploy_core::fleet::Target;
-use nix_deploy_core::shell::quote;
+use nix_deploy_core::shell::{NulByte, quote};
 
 /// Options shared by every connection of a run.
 #[derive(Clone, Debug)]
@@ -123,9 +125,43 @@ pub struct RemoteOutput {
 pub struct Streamed {
     /// `None` when it was killed by a signal or timed out.
     pub exit_code: Option<i32>,
+    /// It ran past its timeout and was stopped.
     pub timed_out: bool,
+    /// It was stopped because the run was cancelled.
+    pub cancelled: bool,
     pub stdout: Tail,
     pub stderr: Tail,
+}
+
+/// A remote command's stdout and stderr while we read them.
+struct Streams {
+    out: Option<openssh::ChildStdout>,
+    err: Option<openssh::ChildStderr>,
+}
+
+impl Streams {
+    /// Read both streams into `result`'s tails until both end. Chunks, not
+    /// lines (a line may be endless); `read` loses nothing when the other
+    /// branch wins the select, so this may be cancelled and called again.
+    async fn drain(&mut self, result: &mut Streamed) {
+        let (mut out_buf, mut err_buf) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+        while self.out.is_some() || self.err.is_some() {
+            tokio::select! {
+                read = async { self.out.as_mut().expect("guarded").read(&mut out_buf).await }, if self.out.is_some() => {
+                    match read {
+                        Ok(0) | Err(_) => self.out = None,
+                        Ok(n) => result.stdout.feed(&out_buf[..n]),
+                    }
+                }
+                read = async { self.err.as_mut().expect("guarded").read(&mut err_buf).await }, if self.err.is_some() => {
+                    match read {
+                        Ok(0) | Err(_) => self.err = None,
+                        Ok(n) => result.stderr.feed(&err_buf[..n]),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A live master connection to one host.
@@ -447,8 +483,8 @@ impl Connection {
     ) -> Result<RemoteOutput, SshError> {
         let full = self.full_argv(argv, self.target.needs_sudo());
         let command_text = nix_deploy_core::shell::join(&full);
+        let mut command = self.remote_command(step, &full)?;
         let work = async {
-            let mut command = self.remote_command(&full);
             command
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -466,29 +502,34 @@ impl Connection {
         self.conclude(step, command_text, timeout, output).await
     }
 
-    /// Run `argv` (unprivileged), handing every output line to `on_line` as
-    /// it arrives and keeping the last lines of each stream. The command's
-    /// exit code is the result; only the connection failing is an error. On
-    /// `timeout` the command is let go (it may still run on the host).
+    /// Run `argv` (unprivileged), keeping the last lines of each stream
+    /// ([`Tail`]: bounded however much the command prints, with or without
+    /// newlines). The command's exit code is the result; only the
+    /// connection failing is an error.
+    ///
+    /// The command runs under the core's stoppable wrapper
+    /// ([`nix_deploy_core::exec::stoppable_argv`]): we hold its stdin open
+    /// while it runs, and on `timeout` or `cancel` we close it, which stops
+    /// the command's whole process group on the host (`TERM`, then `KILL`);
+    /// what it printed until then is kept.
     pub async fn run_streaming(
         &self,
         step: &str,
         argv: &[String],
         timeout: Duration,
-        mut on_line: impl FnMut(crate::process::Stream, &str) + Send,
+        cancel: &CancellationToken,
     ) -> Result<Streamed, SshError> {
-        use crate::process::Stream;
-        let full = self.full_argv(argv, false);
-        let command_text = nix_deploy_core::shell::join(&full);
+        let full = nix_deploy_core::exec::stoppable_argv(argv);
+        let command_text = nix_deploy_core::shell::join(argv);
         let spawn_error = |e: openssh::Error| SshError::Spawn {
             host: self.host.clone(),
             step: step.to_string(),
             command: command_text.clone(),
             message: describe_openssh_error(&e),
         };
-        let mut command = self.remote_command(&full);
+        let mut command = self.remote_command(step, &full)?;
         command
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = match tokio::time::timeout(timeout, command.spawn()).await {
@@ -509,43 +550,35 @@ impl Connection {
             }
         };
         let mut result = Streamed::default();
-        let stdout = child.stdout().take();
-        let stderr = child.stderr().take();
-        let drain = async {
-            let mut out = stdout.map(BufReader::new);
-            let mut err = stderr.map(BufReader::new);
-            let (mut out_line, mut err_line) = (Vec::new(), Vec::new());
-            while out.is_some() || err.is_some() {
-                tokio::select! {
-                    read = async { out.as_mut().expect("guarded").read_until(b'\n', &mut out_line).await }, if out.is_some() => {
-                        match read {
-                            Ok(0) | Err(_) => out = None,
-                            Ok(_) => {
-                                let line = String::from_utf8_lossy(&out_line).into_owned();
-                                on_line(Stream::Stdout, line.trim_end_matches(['\n', '\r']));
-                                result.stdout.push(&line);
-                                out_line.clear();
-                            }
-                        }
-                    }
-                    read = async { err.as_mut().expect("guarded").read_until(b'\n', &mut err_line).await }, if err.is_some() => {
-                        match read {
-                            Ok(0) | Err(_) => err = None,
-                            Ok(_) => {
-                                let line = String::from_utf8_lossy(&err_line).into_owned();
-                                on_line(Stream::Stderr, line.trim_end_matches(['\n', '\r']));
-                                result.stderr.push(&line);
-                                err_line.clear();
-                            }
-                        }
-                    }
-                }
+        // Held open while the command may run: closing it stops the command.
+        let stdin = child.stdin().take();
+        let mut streams = Streams {
+            out: child.stdout().take(),
+            err: child.stderr().take(),
+        };
+        let stop = tokio::select! {
+            () = streams.drain(&mut result) => false,
+            () = tokio::time::sleep(timeout) => {
+                result.timed_out = true;
+                true
+            }
+            () = cancel.cancelled() => {
+                result.cancelled = true;
+                true
             }
         };
-        if tokio::time::timeout(timeout, drain).await.is_err() {
-            result.timed_out = true;
-            let _ = child.disconnect().await;
-            return Ok(result);
+        drop(stdin);
+        if stop {
+            // The wrapper stops the command within its grace; what it prints
+            // meanwhile is kept. Past that, we let the session go.
+            let grace = Duration::from_secs(nix_deploy_core::exec::STOP_GRACE_SECS + 5);
+            if tokio::time::timeout(grace, streams.drain(&mut result))
+                .await
+                .is_err()
+            {
+                let _ = child.disconnect().await;
+                return Ok(result);
+            }
         }
         match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
             Ok(Ok(status)) => {
@@ -556,6 +589,10 @@ impl Connection {
                 Ok(result)
             }
             Ok(Err(e)) => {
+                if stop {
+                    // Stopped by a signal: openssh reports it as an error.
+                    return Ok(result);
+                }
                 if matches!(
                     e,
                     openssh::Error::Disconnected | openssh::Error::RemoteProcessTerminated
@@ -566,7 +603,7 @@ impl Connection {
                 Err(spawn_error(e))
             }
             Err(_) => {
-                result.timed_out = true;
+                result.timed_out |= !result.cancelled;
                 Ok(result)
             }
         }
@@ -590,11 +627,27 @@ impl Connection {
     }
 
     /// The remote command line: every word quoted with the core's one
-    /// quoting helper, so the remote shell sees exactly `full` as argv.
-    fn remote_command(&self, full: &[String]) -> openssh::OwningCommand<&Session> {
-        let mut command = self.session.raw_command(quote(&full[0]));
-        command.raw_args(full[1..].iter().map(|word| quote(word)));
-        command
+    /// quoting helper, so the remote shell sees exactly `full` as argv. A
+    /// word no command line can carry (a NUL byte) is an error naming the
+    /// host and the step.
+    fn remote_command(
+        &self,
+        step: &str,
+        full: &[String],
+    ) -> Result<openssh::OwningCommand<&Session>, SshError> {
+        let quoted: Vec<String> = full
+            .iter()
+            .map(|word| quote(word).map(Cow::into_owned))
+            .collect::<Result<_, NulByte>>()
+            .map_err(|e| SshError::Spawn {
+                host: self.host.clone(),
+                step: step.to_string(),
+                command: nix_deploy_core::shell::join(full),
+                message: e.to_string(),
+            })?;
+        let mut command = self.session.raw_command(&quoted[0]);
+        command.raw_args(&quoted[1..]);
+        Ok(command)
     }
 
     async fn run_inner(
@@ -606,7 +659,7 @@ impl Connection {
     ) -> Result<RemoteOutput, SshError> {
         let full = self.full_argv(argv, sudo);
         let command_text = nix_deploy_core::shell::join(&full);
-        let mut command = self.remote_command(&full);
+        let mut command = self.remote_command(step, &full)?;
         let output = tokio::time::timeout(timeout, command.output()).await;
         self.conclude(step, command_text, timeout, output).await
     }
