@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use nix_deploy_core::duration;
+use nix_deploy_core::nix::NixFlags;
 use nix_deploy_core::options::{Amount, Request};
 
 #[derive(Parser, Debug)]
@@ -39,6 +40,14 @@ pub struct Cli {
         env = "NIX_DEPLOY_SSH_CONFIG"
     )]
     pub ssh_config: Option<PathBuf>,
+    /// A private key for SSH (ssh's `-i`), for our sessions and `nix copy`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "NIX_DEPLOY_SSH_IDENTITY"
+    )]
+    pub ssh_identity: Option<PathBuf>,
     /// Where the history database lives [default: $XDG_STATE_HOME/nix-deploy, /var/lib/nix-deploy for root].
     #[arg(long, global = true, value_name = "DIR", env = "NIX_DEPLOY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -69,6 +78,21 @@ pub struct Cli {
     /// More logging on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Nix's `--show-trace` on every local Nix command: evaluation errors
+    /// with their whole trace.
+    #[arg(long, global = true)]
+    pub show_trace: bool,
+    /// Nix's `--impure` on evaluations and builds (they may read the
+    /// environment and files outside the flake); the evaluation cache is not
+    /// read.
+    #[arg(long, global = true)]
+    pub impure: bool,
+    /// A Nix setting for every local Nix command (`--option NAME VALUE`),
+    /// e.g. `--nix-option eval-cache false`; repeatable. Unknown settings are
+    /// refused.
+    #[arg(long, global = true, num_args = 2, value_names = ["NAME", "VALUE"],
+          action = clap::ArgAction::Append)]
+    pub nix_option: Vec<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -76,6 +100,19 @@ pub struct Cli {
 impl Cli {
     pub fn flake(&self) -> String {
         self.flake.clone().unwrap_or_else(|| ".".into())
+    }
+
+    /// `--show-trace`, `--impure`, `--nix-option`, for every Nix command.
+    pub fn nix_flags(&self) -> NixFlags {
+        NixFlags {
+            show_trace: self.show_trace,
+            impure: self.impure,
+            options: self
+                .nix_option
+                .chunks(2)
+                .map(|pair| (pair[0].clone(), pair.get(1).cloned().unwrap_or_default()))
+                .collect(),
+        }
     }
 }
 
@@ -90,6 +127,10 @@ pub enum Command {
         /// Do not build changed toplevels locally, so no change summaries.
         #[arg(long)]
         no_build: bool,
+        /// Plan the flake pinned to this commit (as CI does before deploying
+        /// the same commit with `deploy --revision`).
+        #[arg(long, value_name = "SHA")]
+        revision: Option<String>,
     },
     /// Deploy changed hosts, with live progress and a summary.
     Deploy(DeployArgs),
@@ -153,6 +194,24 @@ pub enum Command {
     },
     /// Run the daemon: the HTTP API, chat and GitHub hooks, metrics.
     Serve(super::serve::ServeArgs),
+    /// colmena's `apply [GOAL]`: deploy with a goal (switch, boot, test,
+    /// dry-activate, push), or build, or upload keys; `--on` selects,
+    /// `-p N` is the parallel limit.
+    Apply(super::apply::ApplyArgs),
+    /// Build the selected hosts' systems on this machine, touching no host.
+    Build(super::apply::BuildArgs),
+    /// Evaluate a Nix expression against the fleet and print it as JSON:
+    /// `nix-deploy eval -E '{ nodes, pkgs, lib, ... }: builtins.attrNames nodes'`.
+    Eval(super::eval::EvalArgs),
+    /// Check this machine (Nix, SSH keys), the flake and every selected
+    /// host (reachable, privileges, copies), each problem with its fix.
+    /// Exit 1 when a check fails.
+    Doctor(super::doctor::DoctorArgs),
+    /// Print shell completions: `nix-deploy completions bash > /etc/bash_completion.d/nix-deploy`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Timeouts and checks of a run that touches hosts. Unset ones take the
@@ -180,7 +239,16 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
-    fn apply(&self, request: &mut Request) {
+    /// Whether any of these flags was given.
+    pub fn is_set(&self) -> bool {
+        self.health_timeout.is_some()
+            || self.confirm_timeout.is_some()
+            || self.min_free_space.is_some()
+            || self.skip_validation
+            || self.activation_timeout.is_some()
+    }
+
+    pub fn apply(&self, request: &mut Request) {
         request.health_timeout = self.health_timeout;
         request.confirm_timeout = self.confirm_timeout;
         request.min_free_space_mib = self.min_free_space;
@@ -209,7 +277,7 @@ pub struct SelectArgs {
 }
 
 impl SelectArgs {
-    fn apply(&self, request: &mut Request) {
+    pub fn apply(&self, request: &mut Request) {
         request.hosts = self.hosts.clone();
         request.on = self.on.clone();
         request.all = self.all;
@@ -293,7 +361,7 @@ pub struct StrategyArgs {
     #[arg(long)]
     pub force: bool,
     /// Hosts deployed at once [default: 4].
-    #[arg(long, value_name = "N")]
+    #[arg(long, short = 'p', value_name = "N")]
     pub parallel_limit: Option<usize>,
 }
 
@@ -302,7 +370,7 @@ fn amount(text: &str) -> Result<Amount, String> {
 }
 
 impl StrategyArgs {
-    fn apply(&self, request: &mut Request) {
+    pub fn apply(&self, request: &mut Request) {
         request.strategy = self.strategy.clone();
         request.parallel = self.parallel;
         request.sequential = self.sequential;
@@ -347,6 +415,28 @@ pub struct DeployArgs {
     /// How long a rebooting host may take to come back [default: 10m].
     #[arg(long, value_name = "DURATION", value_parser = duration::parse_timeout)]
     pub reboot_timeout: Option<Duration>,
+    #[command(flatten)]
+    pub results: ResultArgs,
+}
+
+/// What happens to keys and built systems, as colmena's flags say it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ResultArgs {
+    /// Do not upload `deployment.keys` (`upload-keys` does it alone).
+    #[arg(long)]
+    pub no_keys: bool,
+    /// Keep each built system as a GC root, `STATE/results/HOST`, until the
+    /// next kept result of that host (deployments also root what they deploy
+    /// under `STATE/gcroots`, three per host).
+    #[arg(long)]
+    pub keep_result: bool,
+}
+
+impl ResultArgs {
+    pub fn apply(&self, request: &mut Request) {
+        request.no_keys = self.no_keys;
+        request.keep_result = self.keep_result;
+    }
 }
 
 impl DeployArgs {
@@ -368,14 +458,21 @@ impl DeployArgs {
         self.select.apply(&mut request);
         self.strategy.apply(&mut request);
         self.runtime.apply(&mut request);
+        self.results.apply(&mut request);
         Ok(request)
     }
 }
 
 /// The request of `plan`.
-pub fn plan_request(select: &SelectArgs, strategy: &StrategyArgs, no_build: bool) -> Request {
+pub fn plan_request(
+    select: &SelectArgs,
+    strategy: &StrategyArgs,
+    no_build: bool,
+    revision: Option<&str>,
+) -> Request {
     let mut request = Request {
         summaries: no_build.then_some(false),
+        revision: revision.map(str::to_string),
         ..Request::default()
     };
     select.apply(&mut request);

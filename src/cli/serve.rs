@@ -79,9 +79,10 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let mut ssh = super::ssh_options(cli, &state_dir, control.path());
     ssh.config_file = ssh_config;
     let mut engine = EngineConfig::new(config.flake.clone(), ssh);
+    engine.nix = super::nix_calls(cli).await?;
     // The command line's evaluation flags win over the file's.
     engine.eval_workers = cli.eval_workers.map(usize::from).or(config.eval_workers);
-    engine.eval_cache = config.eval_cache && !cli.no_eval_cache;
+    engine.eval_cache = config.eval_cache && !cli.no_eval_cache && !cli.impure;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -137,6 +137,19 @@ impl AppState {
         Engine::new(config, self.store.clone())
     }
 
+    /// The engine for a request: the configured flake, or pinned to the
+    /// request's `revision` (deployments and plans).
+    pub(crate) fn engine_at(&self, revision: Option<&str>) -> Result<Engine, ApiError> {
+        match revision {
+            Some(rev) => {
+                let pinned = github::flake_at_revision(&self.config.flake, rev)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                Ok(self.engine_with_flake(&pinned))
+            }
+            None => Ok(self.engine()),
+        }
+    }
+
     pub(crate) fn store(&self) -> &Store {
         &self.store
     }

@@ -155,7 +155,9 @@ impl Engine {
         let nix = &self.config.nix;
         Nix::check_flake(flake).map_err(EngineError::Eval)?;
         let (metadata, version) = tokio::join!(nix.flake_metadata(flake), nix.version());
-        let version = version.map_err(EngineError::Eval)?;
+        // Cache keys hold the Nix version and the user's flags that can
+        // change a result (`--impure`, `--nix-option`).
+        let version = nix.evaluation_tag(&version.map_err(EngineError::Eval)?);
         let revision = metadata
             .as_ref()
             .ok()

@@ -37,7 +37,7 @@ impl HostContext {
     pub fn success_status(&self, activation: Activation) -> Option<HostStatus> {
         match (activation, self.goal(activation)) {
             (Activation::Test, _) => None,
-            (_, Goal::DryActivate) => Some(HostStatus::Succeeded),
+            (_, Goal::DryActivate | Goal::Push) => Some(HostStatus::Succeeded),
             _ => Some(HostStatus::Deployed),
         }
     }
@@ -52,6 +52,13 @@ impl HostContext {
         let host = &assessment.host.name;
         let state_dir = self.recorder.store().state_dir().to_path_buf();
         let previous = assessment.current.path.as_deref();
+        if self.options.keep_result
+            && let Err(e) = gcroots::keep_result(&self.nix, &state_dir, host, path).await
+        {
+            self.recorder
+                .log(Some(host), format!("--keep-result: {e}"))
+                .await?;
+        }
         match gcroots::protect(&self.nix, &state_dir, host, path, previous).await {
             Ok(done) if !done.pruned.is_empty() => {
                 self.recorder
@@ -83,6 +90,9 @@ impl HostContext {
             run,
         } = job;
         let host = &assessment.host;
+        if self.options.no_keys {
+            return Ok(Ok(()));
+        }
         let selected: Vec<&Key> = match when {
             Some(when) => uploaded_at(&host.keys, when),
             None => host.keys.iter().collect(),

@@ -20,6 +20,8 @@
 //! the way back through the boot generation); [`keys`] reads and uploads
 //! `deployment.keys`.
 //!
+//! [`build`] builds the selected hosts' systems without touching any host;
+//! [`doctor`] checks that each selected host can be deployed.
 //! [`resume`] continues an interrupted deployment with its stored options;
 //! [`rollback`] switches a host back on request; [`health`] runs health
 //! checks; [`exec`] runs a command on many hosts (and its runner does
@@ -28,6 +30,8 @@
 
 mod activator;
 mod blue_green;
+mod build;
+mod doctor;
 mod evaluate;
 mod exec;
 mod gcroots;
@@ -57,6 +61,7 @@ use nix_deploy_core::options::{DeployOptions, OptionsError};
 use nix_deploy_core::plan::PlanError;
 use nix_deploy_core::run::{Deployment, HostRun};
 
+pub use build::BuildRequest;
 pub use exec::ExecJob;
 pub use keys::UploadKeysRequest;
 pub use probe::Assessment;
@@ -186,6 +191,13 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The same engine for another reference to the flake (`--revision`
+    /// pins it to a commit).
+    pub fn with_flake(mut self, flake: String) -> Self {
+        self.config.flake = flake;
+        self
     }
 
     /// Run a deployment to the end. `sink` receives every event after it is stored;

@@ -215,6 +215,9 @@ impl HostContext {
         };
         let path = path?;
         self.copy_and_summarize(job, &path, &old_closure).await?;
+        if goal.stops_after_copy() {
+            return Ok(());
+        }
         if goal == Goal::DryActivate {
             return self.dry_activate(job, &path).await;
         }

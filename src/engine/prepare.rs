@@ -55,6 +55,19 @@ impl Purpose {
         probe_early: true,
         tolerate_eval_failures: false,
     };
+    /// `build`: no host is probed; as for `deploy`, a host to build (or any,
+    /// when selecting by tag or everything) that cannot be evaluated refuses
+    /// the request.
+    pub const BUILD: Purpose = Purpose {
+        probe_early: false,
+        tolerate_eval_failures: false,
+    };
+    /// `doctor`: reports the hosts that cannot be evaluated and checks the
+    /// rest itself.
+    pub const DOCTOR: Purpose = Purpose {
+        probe_early: false,
+        tolerate_eval_failures: true,
+    };
     /// `resume`: the hosts are probed only after their watchdogs settled.
     pub const RESUME: Purpose = Purpose {
         probe_early: false,
@@ -285,17 +298,10 @@ fn dependency_closure(graph: &DependencyGraph, hosts: &[String]) -> BTreeSet<Str
 
 /// One host of the fleet by name, or an error listing the fleet.
 pub(super) fn find_host(inventory: &Inventory, name: &str) -> Result<Host, EngineError> {
-    inventory.get(name).cloned().ok_or_else(|| {
-        InventoryError::UnknownHost {
-            name: name.to_string(),
-            known: inventory
-                .hosts()
-                .map(|h| h.name.clone())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-        .into()
-    })
+    inventory
+        .get(name)
+        .cloned()
+        .ok_or_else(|| select::unknown_host(inventory, name).into())
 }
 
 /// The leases one run holds on its hosts, renewed by one heartbeat for as

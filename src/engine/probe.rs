@@ -23,6 +23,7 @@ use nix_deploy_core::goal;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{self, HostFacts, HostHistory};
 use nix_deploy_core::remote::{self, ProbeResult};
+use nix_deploy_core::render;
 use nix_deploy_core::reports::PlanReport;
 use nix_deploy_core::summary::{self, ChangeSummary};
 
@@ -149,7 +150,7 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
         }
         Err(e) => {
             connection.close().await;
-            let error = format!("{}: probe: {e}", host.name);
+            let error = render::host_error(&host.name, "probe", &e.to_string());
             (unreachable(host, error), None)
         }
     }

@@ -27,6 +27,7 @@ use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::fleet::Host;
 use nix_deploy_core::goal::{self, BootFiles};
 use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::render;
 use nix_deploy_core::run::RebootRecord;
 
 use super::health;
@@ -255,7 +256,7 @@ impl HostContext {
             {
                 let fresh = Connection::connect(&host.name, &host.target, &self.ssh)
                     .await
-                    .map_err(|e| format!("{}: rollback: cannot reach the host: {e}", host.name))?;
+                    .map_err(|e| render::host_error(&host.name, "rollback", &e.to_string()))?;
                 let old = std::mem::replace(connection, fresh);
                 old.close().await;
             }

@@ -29,6 +29,9 @@ use nix_deploy_core::shell::quote;
 pub struct SshOptions {
     /// `--ssh-config`: replaces the user's ssh config for our sessions and `nix copy`.
     pub config_file: Option<PathBuf>,
+    /// `--ssh-identity` (the daemon's `ssh-identity-file`): a private key
+    /// offered by our sessions and `nix copy` (ssh's `-i`).
+    pub identity_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// Default timeout of a remote command when the step sets none.
     pub command_timeout: Duration,
@@ -89,6 +92,11 @@ impl KeepAlive {
             &target.port.map(|p| p.to_string()).unwrap_or_default(),
             &options
                 .config_file
+                .as_ref()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            &options
+                .identity_file
                 .as_ref()
                 .map(|c| c.to_string_lossy().into_owned())
                 .unwrap_or_default(),
@@ -168,6 +176,7 @@ impl SshOptions {
     pub fn new(config_file: Option<PathBuf>, control_dir: PathBuf) -> Self {
         SshOptions {
             config_file,
+            identity_file: None,
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(60),
             control_dir,
@@ -206,7 +215,7 @@ pub enum SshError {
         command: String,
         timeout: Duration,
     },
-    #[error("invalid --ssh-config path {0}: NIX_SSHOPTS cannot carry whitespace")]
+    #[error("invalid --ssh-config or --ssh-identity path {0}: NIX_SSHOPTS cannot carry whitespace")]
     ConfigPath(PathBuf),
 }
 
@@ -276,6 +285,9 @@ fn builder(target: &Target, options: &SshOptions, keep: Option<&KeepAlive>) -> S
     if let Some(config) = &options.config_file {
         b.config_file(config);
     }
+    if let Some(identity) = &options.identity_file {
+        b.keyfile(identity);
+    }
     b
 }
 
@@ -313,6 +325,13 @@ pub fn nix_ssh_opts(
     if let Some(port) = target.port {
         opts.push("-p".to_string());
         opts.push(port.to_string());
+    }
+    if let Some(identity) = &options.identity_file {
+        let text = identity.to_string_lossy();
+        if text.chars().any(char::is_whitespace) {
+            return Err(SshError::ConfigPath(identity.clone()));
+        }
+        opts.extend(["-i".to_string(), text.into_owned()]);
     }
     if let Some(socket) = control_socket {
         let text = socket.to_string_lossy();

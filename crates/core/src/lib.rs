@@ -17,7 +17,9 @@
 //! - [`summary`]: change summaries from two closures.
 //! - [`remote`]: what runs on hosts, as argument vectors and parsers.
 //! - [`nix`], [`command`]: local Nix command lines as data.
+//! - [`doctor`]: `nix-deploy doctor`'s verdicts and fixes.
 //! - [`eval`]: evaluation at fleet scale: shards, workers, the cache key.
+//! - [`introspect`]: `nix-deploy eval`, an expression against the fleet.
 //! - [`shell`]: the one quoting helper and name validation.
 //! - [`duration`]: durations as people write them.
 //! - [`render`]: plain-text rendering shared by the CLI, reports and chat.
@@ -26,14 +28,17 @@
 //!   reboots: what each does, how it is validated and undone.
 //! - [`keys`]: secrets uploaded outside the store (`deployment.keys`).
 //! - [`exec`]: commands run on many hosts (`nix-deploy exec`).
+//! - [`suggest`]: "did you mean" for mistyped names.
 
 pub mod command;
+pub mod doctor;
 pub mod duration;
 pub mod eval;
 pub mod events;
 pub mod exec;
 pub mod fleet;
 pub mod goal;
+pub mod introspect;
 pub mod keys;
 pub mod nix;
 pub mod options;
@@ -44,4 +49,5 @@ pub mod reports;
 pub mod run;
 pub mod select;
 pub mod shell;
+pub mod suggest;
 pub mod summary;

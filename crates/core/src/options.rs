@@ -227,6 +227,11 @@ pub struct DeployOptions {
     /// How long a rebooting host may take to come back.
     #[serde(with = "crate::duration::human")]
     pub reboot_timeout: Duration,
+    /// `--no-keys`: leave `deployment.keys` alone (colmena's `--no-keys`).
+    pub no_keys: bool,
+    /// `--keep-result`: each built system also stays a GC root under
+    /// `STATE/results/HOST` until the next kept result of that host.
+    pub keep_result: bool,
 }
 
 impl Default for DeployOptions {
@@ -250,6 +255,8 @@ impl Default for DeployOptions {
             goal: Goal::Switch,
             reboot: RebootPolicy::Never,
             reboot_timeout: Duration::from_secs(600),
+            no_keys: false,
+            keep_result: false,
         }
     }
 }
@@ -346,7 +353,7 @@ pub struct Request {
     /// Deployments: queue behind busy hosts instead of refusing them.
     #[serde(skip_serializing_if = "is_false")]
     pub wait: bool,
-    /// Deployments: the daemon's flake pinned to this commit.
+    /// Deployments and plans: the flake pinned to this commit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Plans: build changed toplevels to compare closures (default true).
@@ -412,6 +419,12 @@ pub struct Request {
         skip_serializing_if = "Option::is_none"
     )]
     pub reboot_timeout: Option<Duration>,
+    /// Do not upload `deployment.keys`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_keys: bool,
+    /// Keep each built system as a GC root under `STATE/results/HOST`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub keep_result: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -477,6 +490,8 @@ impl Request {
             },
             reboot: self.reboot.unwrap_or(defaults.reboot),
             reboot_timeout: self.reboot_timeout.unwrap_or(defaults.reboot_timeout),
+            no_keys: self.no_keys || defaults.no_keys,
+            keep_result: self.keep_result || defaults.keep_result,
         };
         crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
             .map_err(|e| bad(e.to_string()))?;

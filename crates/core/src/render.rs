@@ -17,6 +17,16 @@ pub fn short_path(path: Option<&str>) -> String {
     }
 }
 
+/// `HOST: STEP: CAUSE`, said once: a cause that already starts with the
+/// host (and the step) is not prefixed again, so errors that pass through
+/// several layers read `web1: probe: cannot connect …`, never
+/// `web1: probe: web1: cannot connect …`.
+pub fn host_error(host: &str, step: &str, cause: &str) -> String {
+    let rest = cause.strip_prefix(&format!("{host}: ")).unwrap_or(cause);
+    let rest = rest.strip_prefix(&format!("{step}: ")).unwrap_or(rest);
+    format!("{host}: {step}: {rest}")
+}
+
 /// A generation number, or `-`.
 pub fn generation(g: Option<u32>) -> String {
     g.map(|g| g.to_string()).unwrap_or_else(|| "-".into())
@@ -286,6 +296,31 @@ pub fn event_text(event: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_step_are_said_once() {
+        assert_eq!(
+            host_error(
+                "web1",
+                "probe",
+                "web1: cannot connect over SSH to 10.0.0.1: refused"
+            ),
+            "web1: probe: cannot connect over SSH to 10.0.0.1: refused"
+        );
+        assert_eq!(
+            host_error("web1", "probe", "web1: probe: `sh` timed out after 5s"),
+            "web1: probe: `sh` timed out after 5s"
+        );
+        assert_eq!(
+            host_error("web1", "rollback", "connection refused"),
+            "web1: rollback: connection refused"
+        );
+        // Another host's name in the cause is kept.
+        assert_eq!(
+            host_error("web1", "probe", "web10: refused"),
+            "web1: probe: web10: refused"
+        );
+    }
     use crate::events::{Step, SystemRef};
 
     #[test]

@@ -234,27 +234,75 @@ impl Selector {
     fn no_match(&self, inventory: &Inventory, known: &[String]) -> InventoryError {
         match self {
             Selector::Name(glob) if glob.is_literal() => {
-                let tag_hint = inventory.hosts().any(|h| h.has_tag(glob.as_str()));
-                InventoryError::UnknownHost {
-                    name: glob.as_str().to_string(),
-                    known: if tag_hint {
-                        format!(
-                            "{}; `@{}` selects the hosts with that tag",
-                            known.join(", "),
-                            glob.as_str()
-                        )
-                    } else {
-                        known.join(", ")
-                    },
-                }
+                let tags = inventory.tags();
+                unknown_host_among(glob.as_str(), known, &tags, TagsKnown::Yes)
             }
-            Selector::Tag(glob) if glob.is_literal() => InventoryError::UnknownTag {
-                tag: glob.as_str().to_string(),
-            },
+            Selector::Tag(glob) if glob.is_literal() => unknown_tag(inventory, glob.as_str()),
             _ => InventoryError::NoMatch {
                 selector: self.text(),
             },
         }
+    }
+}
+
+/// Whether the hosts' tags are known (after evaluation) or not (before).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TagsKnown {
+    Yes,
+    No,
+}
+
+/// A fleet this small is listed in full when a name is not found.
+const LISTED_FLEET: usize = 12;
+
+/// "unknown host `NAME`", with what it may have meant: a close host name, a
+/// tag of that name (`@NAME`), and the fleet (listed when small).
+fn unknown_host_among(
+    name: &str,
+    known: &[String],
+    tags: &BTreeSet<String>,
+    tags_known: TagsKnown,
+) -> InventoryError {
+    let mut hint = crate::suggest::did_you_mean(name, known, "");
+    if crate::goal::GOAL_NAMES.contains(&name) {
+        hint.push_str(&format!(
+            "; `{name}` is a goal, not a host: use `--goal {name}` (or `nix-deploy apply {name}`)"
+        ));
+    } else if crate::goal::APPLY_GOALS.contains(&name) {
+        hint.push_str(&format!(
+            "; `{name}` is a goal of `nix-deploy apply {name}`, not a host"
+        ));
+    } else if tags.contains(name) {
+        hint.push_str(&format!("; `@{name}` selects the hosts with that tag"));
+    } else if tags_known == TagsKnown::No {
+        hint.push_str(&format!(
+            "; `@{name}` would select the hosts with that tag, if it is one"
+        ));
+    }
+    if known.len() <= LISTED_FLEET {
+        hint.push_str(&format!(" (the fleet has: {})", known.join(", ")));
+    } else {
+        hint.push_str(&format!(
+            " (the fleet has {} hosts; `nix-deploy plan` lists them)",
+            known.len()
+        ));
+    }
+    InventoryError::UnknownHost {
+        name: name.to_string(),
+        hint,
+    }
+}
+
+/// "unknown host `NAME`" for a fleet whose hosts are evaluated.
+pub fn unknown_host(inventory: &Inventory, name: &str) -> InventoryError {
+    unknown_host_among(name, &inventory.names(), &inventory.tags(), TagsKnown::Yes)
+}
+
+/// "no host has tag `TAG`", with the closest tags of the fleet.
+pub fn unknown_tag(inventory: &Inventory, tag: &str) -> InventoryError {
+    InventoryError::UnknownTag {
+        tag: tag.to_string(),
+        hint: crate::suggest::did_you_mean(tag, &inventory.tags(), "@"),
     }
 }
 
@@ -349,14 +397,12 @@ pub fn check_names(selection: &Selection, names: &[String]) -> Result<(), Invent
         {
             // The hosts' tags are not known before evaluation: a word that
             // is no host's name may be meant as a tag.
-            return Err(match selector.no_match(&Inventory::default(), names) {
-                InventoryError::UnknownHost { name, known } => InventoryError::UnknownHost {
-                    known: format!(
-                        "{known}; `@{name}` selects the hosts with that tag, if it is one"
-                    ),
-                    name,
-                },
-                other => other,
+            return Err(if glob.is_literal() {
+                unknown_host_among(glob.as_str(), names, &BTreeSet::new(), TagsKnown::No)
+            } else {
+                InventoryError::NoMatch {
+                    selector: selector.text(),
+                }
             });
         }
     }
@@ -509,6 +555,22 @@ mod tests {
         // Excluding everything selected leaves nothing to do.
         let e = select(&[], &["@db"], &["db-*"], false).unwrap_err();
         assert!(e.contains("no host is left"), "{e}");
+        // A goal where a host was expected.
+        let e = select(&["boot"], &[], &[], false).unwrap_err();
+        assert!(
+            e.contains(
+                "`boot` is a goal, not a host: use `--goal boot` (or `nix-deploy apply boot`)"
+            ),
+            "{e}"
+        );
+        // Did you mean: close host names and tags.
+        let e = select(&["wbe-2"], &[], &[], false).unwrap_err();
+        assert!(e.contains("did you mean `web-2`"), "{e}");
+        let e = select(&[], &["@monitorng"], &[], false).unwrap_err();
+        assert_eq!(
+            e,
+            "no host has tag `monitorng`; did you mean `@monitoring`?"
+        );
         let e = select(&["a b"], &[], &[], false).unwrap_err();
         assert!(e.contains("`a b`"), "{e}");
     }
@@ -567,14 +629,23 @@ mod tests {
     }
 
     #[test]
+    fn a_large_fleet_is_counted_not_listed() {
+        let names: Vec<String> = (0..500).map(|i| format!("node-{i:03}")).collect();
+        let e = check_names(&selection(&["node-5000"], &[], &[]), &names).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("the fleet has 500 hosts"), "{text}");
+        assert!(text.len() < 300, "{text}");
+    }
+
+    #[test]
     fn names_are_checked_before_anything_is_evaluated() {
         let names: Vec<String> = ["web-1".into(), "db-1".into()].into();
         assert!(check_names(&selection(&["web-*", "@anything"], &[], &[]), &names).is_ok());
         let e = check_names(&selection(&["wbe-1"], &[], &[]), &names).unwrap_err();
-        assert!(e.to_string().contains("unknown host `wbe-1`"), "{e}");
-        assert!(
-            e.to_string()
-                .contains("`@wbe-1` selects the hosts with that tag, if it is one")
+        assert_eq!(
+            e.to_string(),
+            "unknown host `wbe-1`; did you mean `web-1`?; `@wbe-1` would select the hosts with \
+             that tag, if it is one (the fleet has: web-1, db-1)"
         );
         let e = check_names(&selection(&[], &[], &["api-*"]), &names).unwrap_err();
         assert!(e.to_string().contains("`api-*` matches no host"), "{e}");

@@ -33,14 +33,7 @@ pub async fn create(
         .check_for_deploy()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let options = state.resolve(&request)?;
-    let engine = match &request.revision {
-        Some(rev) => {
-            let pinned = crate::daemon::github::flake_at_revision(&state.config.flake, rev)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            state.engine_with_flake(&pinned)
-        }
-        None => state.engine(),
-    };
+    let engine = state.engine_at(request.revision.as_deref())?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,
