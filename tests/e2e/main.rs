@@ -17,6 +17,7 @@ mod faults;
 mod goals;
 mod helpers;
 mod keys;
+mod module;
 mod recovery;
 mod safety;
 mod selection;
