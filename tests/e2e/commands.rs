@@ -95,6 +95,13 @@ fn apply_goals_as_colmena_names_them_and_build_touches_no_host() {
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "apply-keys-secret");
     let generation = h.fleet.generation("a");
 
+    // Logs on stderr (here: not a terminal, as in the journal) carry no
+    // ANSI colour codes.
+    let out = h.run(&["-v", "plan", "a"]);
+    let stderr = stderr_of(&out);
+    assert!(stderr.contains("reusing a kept ssh master"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
+
     // apply keys: the keys again, nothing deployed.
     std::fs::remove_file(&key).unwrap();
     let (code, keys, stderr) = h.json(&["apply", "keys", "--on", "@web"]);
