@@ -330,3 +330,62 @@ fn doctor_reports_broken_hosts_with_their_fix() {
     let (code, report, _) = h.json(&["doctor", "d1"]);
     assert_eq!(code, 0, "{report:#}");
 }
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", stderr_of(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn plan_revision_plans_the_commit_deploy_revision_deploys() {
+    let mut h = Harness::start(vec![HostSpec::new("r1")]);
+    let dir = h.fleet.dir().join("flake");
+    git(&dir, &["init", "-q", "-b", "main"]);
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-q", "-m", "one"]);
+    let first = git(&dir, &["rev-parse", "HEAD"]);
+    let first_path = h.fleet.toplevel("r1").unwrap();
+    h.fleet.update("r1", |s| s.bump()).unwrap();
+    git(&dir, &["commit", "-q", "-a", "-m", "two"]);
+    // The fleet's flake as a git repository, at its tip unless pinned.
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::helpers::binary());
+        cmd.arg("--flake")
+            .arg(format!("git+file://{}", dir.display()))
+            .arg("--ssh-config")
+            .arg(h.fleet.ssh_config())
+            .arg("--state-dir")
+            .arg(h.state_dir())
+            .arg("--json")
+            .args(args)
+            .envs(h.fleet.env());
+        let out = cmd.output().unwrap();
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code(), json, stderr_of(&out))
+    };
+    let (code, plan, stderr) = run(&["plan", "--no-build", "--revision", &first]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(plan["hosts"][0]["target_path"], first_path.as_str());
+    let (code, _, stderr) = run(&["plan", "--no-build"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, _, stderr) = run(&["deploy", "--revision", &first]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(h.fleet.current_system("r1"), Some(first_path));
+    let (_, plan, _) = run(&["plan", "--no-build", "--revision", &first]);
+    assert_eq!(plan["skipped"], serde_json::json!(["r1"]));
+    let (_, plan, _) = run(&["plan", "--no-build"]);
+    assert_eq!(
+        plan["to_deploy"],
+        serde_json::json!(["r1"]),
+        "the tip changed"
+    );
+    let (code, _, stderr) = run(&["plan", "--revision", "main"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--revision"), "{stderr}");
+}

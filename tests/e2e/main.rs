@@ -18,6 +18,7 @@ mod goals;
 mod helpers;
 mod keys;
 mod module;
+mod recipes;
 mod recovery;
 mod safety;
 mod selection;
