@@ -68,7 +68,7 @@ pub fn main() -> ExitCode {
         }
     };
     if let Command::Completions { shell } = cli.command {
-        completions(shell);
+        completions(shell, &mut std::io::stdout());
         return ExitCode::from(EXIT_OK);
     }
     init_tracing(cli.verbose);
@@ -118,11 +118,11 @@ fn colours() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// `nix-deploy completions SHELL`: the script, on stdout.
-fn completions(shell: clap_complete::Shell) {
+/// `nix-deploy completions SHELL`: the script.
+fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
     use clap::CommandFactory;
     let mut command = Cli::command();
-    clap_complete::generate(shell, &mut command, "nix-deploy", &mut std::io::stdout());
+    clap_complete::generate(shell, &mut command, "nix-deploy", out);
 }
 
 /// Open the history; deployments whose coordinator died are marked
@@ -535,6 +535,29 @@ async fn on_signals(cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completions_know_every_command_and_flag() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            completions(shell, &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for word in [
+                "apply",
+                "doctor",
+                "eval",
+                "nix-option",
+                "keep-result",
+                "dry-activate",
+            ] {
+                assert!(script.contains(word), "{shell}: {word}");
+            }
+        }
+    }
 
     #[test]
     fn finds_a_user_by_uid() {
