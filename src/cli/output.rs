@@ -147,7 +147,11 @@ pub fn print_plan(report: &PlanReport) {
             println!(
                 "  - {}: {}",
                 h.name,
-                h.error.as_deref().unwrap_or("unreachable")
+                render::after_prefix(
+                    h.error.as_deref().unwrap_or("unreachable"),
+                    Some(&h.name),
+                    Some("probe")
+                )
             );
         }
     }
@@ -317,7 +321,7 @@ fn print_deployment_report(deployment: &Deployment) {
                 _ => run
                     .error
                     .as_deref()
-                    .map(first_line)
+                    .map(|e| first_line(render::after_prefix(e, Some(&run.host), None)))
                     .unwrap_or_default()
                     .to_string(),
             };
@@ -345,7 +349,13 @@ fn print_deployment_report(deployment: &Deployment) {
     for run in &failed {
         println!();
         println!("── {} ({}) ──", run.host, run.status);
-        println!("{}", run.error.as_deref().unwrap_or("no error recorded"));
+        println!(
+            "{}",
+            run.error
+                .as_deref()
+                .map(|e| render::after_prefix(e, Some(&run.host), None))
+                .unwrap_or("no error recorded")
+        );
     }
     println!();
     println!(

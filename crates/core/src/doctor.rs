@@ -198,11 +198,19 @@ pub fn identity_files(ssh_config: &str) -> Vec<String> {
 /// The SSH keys this machine can offer: the agent's, key files in
 /// `~/.ssh`, `IdentityFile`s of the ssh config, or `--ssh-identity`.
 pub fn ssh_keys(agent: Agent, key_files: &[String]) -> Finding {
+    let mut unique: Vec<&String> = Vec::new();
+    for file in key_files {
+        if !unique.contains(&file) {
+            unique.push(file);
+        }
+    }
+    let key_files = &unique;
     let files = || {
         if key_files.is_empty() {
             String::new()
         } else {
-            format!("; key files: {}", key_files.join(", "))
+            let names: Vec<&str> = key_files.iter().map(|f| f.as_str()).collect();
+            format!("; key files: {}", names.join(", "))
         }
     };
     match agent {
