@@ -349,13 +349,7 @@ fn print_deployment_report(deployment: &Deployment) {
     for run in &failed {
         println!();
         println!("── {} ({}) ──", run.host, run.status);
-        println!(
-            "{}",
-            run.error
-                .as_deref()
-                .map(|e| render::after_prefix(e, Some(&run.host), None))
-                .unwrap_or("no error recorded")
-        );
+        println!("{}", run.error.as_deref().unwrap_or("no error recorded"));
     }
     println!();
     println!(

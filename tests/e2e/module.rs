@@ -7,6 +7,7 @@
 //! parser then reads what the module generates.
 
 use std::path::Path;
+use std::process::Command;
 
 use nix_deploy_testkit::nix_string;
 use serde_json::Value;
@@ -321,4 +322,139 @@ fn the_module_refuses_secrets_it_would_put_in_the_store() {
     let warnings = result["warnings"].to_string();
     assert!(warnings.contains("settings.listen"), "{warnings}");
     assert!(warnings.contains("loopback"), "{warnings}");
+}
+
+/// The fleet's ssh config without its `IdentityFile`s: ssh then has no key
+/// unless one is given (`IdentitiesOnly yes` keeps the agent out).
+fn config_without_keys(h: &crate::helpers::Harness, dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(h.fleet.ssh_config()).unwrap();
+    let stripped: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("IdentityFile"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.join("ssh_config");
+    std::fs::write(&path, stripped).unwrap();
+    path
+}
+
+#[test]
+fn the_daemon_logs_in_with_the_ssh_key_and_token_it_gets_as_credentials() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+
+    let h = crate::helpers::Harness::start(vec![nix_deploy_testkit::HostSpec::new("c1")]);
+    let dir = tempfile::tempdir().unwrap();
+    let ssh_config = config_without_keys(&h, dir.path());
+    let cli = |args: &[&str]| {
+        let out = Command::new(crate::helpers::binary())
+            .arg("--flake")
+            .arg(h.fleet.flake_ref())
+            .arg("--ssh-config")
+            .arg(&ssh_config)
+            .arg("--state-dir")
+            .arg(h.state_dir())
+            .args(["--connect-timeout", "5", "--json"])
+            .args(args)
+            .envs(h.fleet.env())
+            .output()
+            .unwrap();
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.code(),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Without a key the host does not let us in; with --ssh-identity it does.
+    let (code, report, _) = cli(&["plan", "--no-build"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(report["unreachable"], serde_json::json!(["c1"]));
+    let identity = h.fleet.identity().display().to_string();
+    let (code, report, stderr) = cli(&["--ssh-identity", &identity, "plan", "--no-build"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(report["to_deploy"], serde_json::json!(["c1"]));
+
+    // The daemon: its key and its token are systemd credentials (relative
+    // paths in its config, read from $CREDENTIALS_DIRECTORY).
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::copy(h.fleet.identity(), credentials.join("ssh-key")).unwrap();
+    std::fs::set_permissions(
+        credentials.join("ssh-key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(
+        credentials.join("token-ci"),
+        "credential-token-0123456789\n",
+    )
+    .unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nconfirm-timeout = 5\nssh-identity-file = \"ssh-key\"\n\n\
+         [[tokens]]\nname = \"ci\"\nfile = \"token-ci\"\nscope = \"deploy\"\n",
+    )
+    .unwrap();
+    let serve = |credentials_dir: Option<&Path>| {
+        let mut cmd = Command::new(crate::helpers::binary());
+        cmd.arg("--flake")
+            .arg(h.fleet.flake_ref())
+            .arg("--ssh-config")
+            .arg(&ssh_config)
+            .arg("--state-dir")
+            .arg(h.state_dir())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .envs(h.fleet.env())
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(dir) = credentials_dir {
+            cmd.env("CREDENTIALS_DIRECTORY", dir);
+        }
+        cmd.spawn().unwrap()
+    };
+    // Relative paths without credentials: refused at start, saying why.
+    let refused = serve(None).wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("CREDENTIALS_DIRECTORY"), "{stderr}");
+
+    let mut daemon = serve(Some(&credentials));
+    let mut line = String::new();
+    std::io::BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("nix-deploy: listening on ")
+        .map(str::to_string);
+    let token_file = dir.path().join("client.token");
+    std::fs::write(&token_file, "credential-token-0123456789").unwrap();
+    let deployed = url.as_deref().map(|url| {
+        Command::new(crate::helpers::binary())
+            .args(["--json", "--server", url, "--token-file"])
+            .arg(&token_file)
+            .arg("deploy")
+            .output()
+            .unwrap()
+    });
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let deployed = deployed.unwrap_or_else(|| panic!("the daemon did not start: {line:?}"));
+    let report: Value = serde_json::from_slice(&deployed.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        deployed.status.code(),
+        Some(0),
+        "{report:#}\n{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    assert_eq!(
+        h.fleet.current_system("c1"),
+        Some(h.fleet.toplevel("c1").unwrap()),
+        "copied and activated with the credential's key"
+    );
 }

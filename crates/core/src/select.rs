@@ -276,7 +276,7 @@ fn unknown_host_among(
         hint.push_str(&format!("; `@{name}` selects the hosts with that tag"));
     } else if tags_known == TagsKnown::No {
         hint.push_str(&format!(
-            "; `@{name}` would select the hosts with that tag, if it is one"
+            "; `@{name}` selects the hosts with that tag, if it is one"
         ));
     }
     if known.len() <= LISTED_FLEET {
@@ -644,8 +644,8 @@ mod tests {
         let e = check_names(&selection(&["wbe-1"], &[], &[]), &names).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown host `wbe-1`; did you mean `web-1`?; `@wbe-1` would select the hosts with \
-             that tag, if it is one (the fleet has: web-1, db-1)"
+            "unknown host `wbe-1`; did you mean `web-1`?; `@wbe-1` selects the hosts with that \
+             tag, if it is one (the fleet has: web-1, db-1)"
         );
         let e = check_names(&selection(&[], &[], &["api-*"]), &names).unwrap_err();
         assert!(e.to_string().contains("`api-*` matches no host"), "{e}");
