@@ -80,8 +80,11 @@ fn apply_goals_as_colmena_names_them_and_build_touches_no_host() {
         "--no-keys"
     );
 
-    // apply -p N: switch (the default goal) everywhere, a limit not a strategy.
-    let (code, switched, stderr) = h.json(&["apply", "-p", "2"]);
+    // apply -p N: switch (the default goal) everywhere, a limit not a
+    // strategy; --keep-result roots what it built, as build does.
+    let results = h.state_dir().join("results");
+    std::fs::remove_dir_all(&results).unwrap();
+    let (code, switched, stderr) = h.json(&["apply", "-p", "2", "--keep-result"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(switched["options"]["parallel_limit"], 2);
     assert_eq!(switched["options"]["strategy"], "smart");
@@ -89,6 +92,10 @@ fn apply_goals_as_colmena_names_them_and_build_touches_no_host() {
         assert_eq!(
             h.fleet.current_system(name).as_deref(),
             Some(toplevel.as_str())
+        );
+        assert_eq!(
+            std::fs::read_link(results.join(name)).unwrap(),
+            Path::new(toplevel)
         );
     }
     let key = h.fleet.host_dir("a").join("run/keys/k");
