@@ -434,14 +434,20 @@ fn the_daemon_logs_in_with_the_ssh_key_and_token_it_gets_as_credentials() {
         .map(str::to_string);
     let token_file = dir.path().join("client.token");
     std::fs::write(&token_file, "credential-token-0123456789").unwrap();
-    let deployed = url.as_deref().map(|url| {
+    let client = |url: &str, args: &[&str]| {
         Command::new(crate::helpers::binary())
             .args(["--json", "--server", url, "--token-file"])
             .arg(&token_file)
-            .arg("deploy")
+            .args(args)
             .output()
             .unwrap()
-    });
+    };
+    let deployed = url.as_deref().map(|url| client(url, &["deploy"]));
+    // A plan through the daemon honours --revision (it was ignored): this
+    // flake is a path, which cannot be pinned to a commit.
+    let pinned = url
+        .as_deref()
+        .map(|url| client(url, &["plan", "--no-build", "--revision", &"a".repeat(40)]));
     let _ = daemon.kill();
     let _ = daemon.wait();
     let deployed = deployed.unwrap_or_else(|| panic!("the daemon did not start: {line:?}"));
@@ -457,4 +463,8 @@ fn the_daemon_logs_in_with_the_ssh_key_and_token_it_gets_as_credentials() {
         Some(h.fleet.toplevel("c1").unwrap()),
         "copied and activated with the credential's key"
     );
+    let pinned = pinned.unwrap();
+    let stderr = String::from_utf8_lossy(&pinned.stderr);
+    assert_eq!(pinned.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot pin"), "{stderr}");
 }
