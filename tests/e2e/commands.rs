@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use nix_deploy_testkit::{HostSpec, NixosShape};
 
-use crate::helpers::{Harness, host, status};
+use crate::helpers::{Harness, git, host, status};
 
 /// Where a store path of `name` would be in the host's own store.
 fn on_host(h: &Harness, name: &str, path: &str) -> PathBuf {
@@ -336,17 +336,6 @@ fn doctor_reports_broken_hosts_with_their_fix() {
     );
     let (code, report, _) = h.json(&["doctor", "d1"]);
     assert_eq!(code, 0, "{report:#}");
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", stderr_of(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]
