@@ -5,7 +5,8 @@
 #
 # - Debian packages: nix-bin (the coordinator's own Nix), openssh-client and
 #   openssh-server (our SSH, and the local test hosts' sshd), sudo (test hosts
-#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture).
+#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture), git
+#   (tests of flakes pinned to a commit).
 # - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
 #   their own store over it, so it must exist before the first host starts.
 #
@@ -37,6 +38,7 @@ command -v sudo >/dev/null 2>&1 || missing="$missing sudo"
 command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 { command -v unshare >/dev/null 2>&1 && command -v setsid >/dev/null 2>&1; } || missing="$missing util-linux"
 command -v mount >/dev/null 2>&1 || missing="$missing mount"
+command -v git >/dev/null 2>&1 || missing="$missing git"
 if [ -n "$missing" ]; then
     note "installing Debian packages:$missing"
     apt-get update -qq

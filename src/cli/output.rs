@@ -16,7 +16,7 @@ use nix_deploy_core::render::{
     short_path, timestamp,
 };
 use nix_deploy_core::reports::{
-    CancelAnswer, DeploymentList, HostHealth, PlanReport, StatusReport,
+    BuildReport, CancelAnswer, DeploymentList, HostBuild, HostHealth, PlanReport, StatusReport,
 };
 use nix_deploy_core::run::{Deployment, HostRun, RunKind};
 use nix_deploy_core::summary::ChangeSummary;
@@ -70,7 +70,7 @@ pub fn show<T: Serialize>(cli: &Cli, value: &T, print: fn(&T)) -> anyhow::Result
 }
 
 /// Rows as left-aligned columns, two spaces apart, no borders.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut table = Table::new();
     table
         .load_style(presets::NOTHING)
@@ -185,7 +185,11 @@ pub fn print_plan(report: &PlanReport) {
             say!(
                 "  - {}: {}",
                 h.name,
-                h.error.as_deref().unwrap_or("unreachable")
+                render::after_prefix(
+                    h.error.as_deref().unwrap_or("unreachable"),
+                    Some(&h.name),
+                    Some("probe")
+                )
             );
         }
     }
@@ -367,7 +371,7 @@ fn print_deployment_report(deployment: &Deployment) {
                 _ => run
                     .error
                     .as_deref()
-                    .map(first_line)
+                    .map(|e| first_line(render::after_prefix(e, Some(&run.host), None)))
                     .unwrap_or_default()
                     .to_string(),
             };
@@ -420,6 +424,7 @@ fn goal_note(run: &HostRun) -> String {
     match run.goal {
         Some(Goal::Boot) if run.reboot.is_none() => "boot default set: pending reboot".into(),
         Some(Goal::Test) => "test: until the next reboot".into(),
+        Some(Goal::Push) => "pushed: the closure is on the host, not activated".into(),
         Some(Goal::DryActivate) => {
             let would = run.output.as_ref().map(|o| {
                 let text = format!("{}\n{}", o.stdout, o.stderr);
@@ -597,6 +602,43 @@ pub fn print_cancel(answer: &CancelAnswer) {
     say!(
         "Cancel requested for deployment #{}: no new hosts will start; running hosts finish or roll back.",
         answer.id
+    );
+}
+
+/// One host's build as it ends (stderr: progress, not the report).
+pub fn print_host_build(host: &HostBuild) {
+    match &host.error {
+        None => eprintln!("built {} in {}", host.name, duration_ms(host.duration_ms)),
+        Some(error) => eprintln!("{}: build: {}", host.name, first_line(error)),
+    }
+}
+
+/// `build`: each host's system, built or why not; no host was touched.
+pub fn print_build(report: &BuildReport) {
+    let rows = report
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                if h.error.is_none() { "built" } else { "FAILED" }.to_string(),
+                duration_ms(h.duration_ms),
+                h.result.clone().unwrap_or_else(|| h.toplevel.clone()),
+            ]
+        })
+        .collect();
+    table(&["HOST", "RESULT", "DURATION", "SYSTEM"], rows);
+    for h in report.hosts.iter().filter(|h| h.error.is_some()) {
+        println!();
+        println!("── {} (build failed) ──", h.name);
+        println!("{}", h.error.as_deref().unwrap_or_default());
+    }
+    let built = report.hosts.iter().filter(|h| h.error.is_none()).count();
+    println!();
+    println!(
+        "built {built}/{} | evaluated {} | no host was touched",
+        report.hosts.len(),
+        report.evaluation.describe()
     );
 }
 

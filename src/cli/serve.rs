@@ -9,7 +9,7 @@ use anyhow::Context;
 use nix_deploy_core::fleet::Selection;
 
 use super::Cli;
-use crate::daemon::config::{Config, Secret};
+use crate::daemon::config::{Config, Secret, secret_path_here};
 use crate::daemon::{self, AppState, Token};
 use crate::engine::{Engine, EngineConfig};
 use crate::paths;
@@ -43,12 +43,18 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         .unwrap_or_else(paths::default_state_dir);
     let ssh_config = cli.ssh_config.clone().or_else(|| config.ssh_config.clone());
 
+    // Secret files: absolute, or systemd credentials (relative paths).
+    let read = |key: &str, path: &std::path::Path| -> anyhow::Result<Secret> {
+        Secret::from_file(&secret_path_here(key, path)?).with_context(|| key.to_string())
+    };
+    config.notifications.read_url_files(|key, path| {
+        read(key, path).map(|url| String::from_utf8_lossy(url.expose()).into_owned())
+    })?;
     let mut tokens = Vec::new();
     for token in &config.tokens {
         tokens.push(Token {
             name: token.name.clone(),
-            secret: Secret::from_file(&token.file)
-                .with_context(|| format!("token `{}`", token.name))?,
+            secret: read(&format!("token `{}`", token.name), &token.file)?,
             scope: token.scope,
             hosts: crate::daemon::config::hosts("tokens.hosts", &token.hosts)?,
         });
@@ -58,16 +64,20 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         eprintln!("warning: no [[tokens]] in the config; every API request will be refused");
     }
     let slack_secret = match &config.slack {
-        Some(slack) => {
-            Some(Secret::from_file(&slack.signing_secret_file).context("Slack signing secret")?)
-        }
+        Some(slack) => Some(read(
+            "slack.signing-secret-file",
+            &slack.signing_secret_file,
+        )?),
         None => None,
     };
     let github_secret = match &config.github {
-        Some(github) => {
-            Some(Secret::from_file(&github.secret_file).context("GitHub webhook secret")?)
-        }
+        Some(github) => Some(read("github.secret-file", &github.secret_file)?),
         None => None,
+    };
+    let ssh_identity = match (&cli.ssh_identity, &config.ssh_identity_file) {
+        (Some(flag), _) => Some(flag.clone()),
+        (None, Some(file)) => Some(secret_path_here("ssh-identity-file", file)?),
+        (None, None) => None,
     };
 
     let store = Store::open(&state_dir).await?;
@@ -80,11 +90,13 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     // status probe resumes the host's master instead of connecting anew.
     let mut ssh = super::ssh_options(cli, &state_dir, control.path());
     ssh.config_file = ssh_config;
+    ssh.identity_file = ssh_identity;
     let mut engine = EngineConfig::new(config.flake.clone(), ssh);
     engine.policy = std::sync::Arc::new(config.policy()?);
+    engine.nix = super::nix_calls(cli).await?;
     // The command line's evaluation flags win over the file's.
     engine.eval_workers = cli.eval_workers.map(usize::from).or(config.eval_workers);
-    engine.eval_cache = config.eval_cache && !cli.no_eval_cache;
+    engine.eval_cache = config.eval_cache && !cli.no_eval_cache && !cli.impure;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

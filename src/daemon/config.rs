@@ -3,7 +3,10 @@
 //! notifications; plus where to listen, tokens and hook secrets.
 //!
 //! Secrets are never in this file: it names files that hold them. A secret
-//! is kept in [`Secret`], which never prints its value.
+//! is kept in [`Secret`], which never prints its value. A relative secret
+//! path names a systemd credential (`LoadCredential=NAME:...`): it is read
+//! from `$CREDENTIALS_DIRECTORY` ([`secret_path`]), as the NixOS module
+//! configures it, so no secret ever needs to be in the Nix store.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -63,6 +66,39 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(***)")
     }
+}
+
+/// Where the secret file `path` of the config is: itself when absolute; a
+/// relative path names a systemd credential, in `credentials` (the
+/// service's `$CREDENTIALS_DIRECTORY`). `key` names the config key for the
+/// error.
+pub fn secret_path(
+    key: &str,
+    path: &Path,
+    credentials: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    let bad = |why: &str| ConfigError::Invalid(format!("{key} `{}`: {why}", path.display()));
+    if path
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(bad("a credential is a plain name (no `..`)"));
+    }
+    match credentials {
+        Some(dir) => Ok(dir.join(path)),
+        None => Err(bad(
+            "a relative path names a systemd credential, but $CREDENTIALS_DIRECTORY is not set (give an absolute path, or LoadCredential= it)",
+        )),
+    }
+}
+
+/// [`secret_path`] with this process's `$CREDENTIALS_DIRECTORY`.
+pub fn secret_path_here(key: &str, path: &Path) -> Result<PathBuf, ConfigError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    secret_path(key, path, credentials.as_deref())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -193,6 +229,8 @@ pub struct Config {
     pub flake: String,
     pub state_dir: Option<PathBuf>,
     pub ssh_config: Option<PathBuf>,
+    /// A private key for SSH (ssh's `-i`); relative: a systemd credential.
+    pub ssh_identity_file: Option<PathBuf>,
     #[serde(default = "default_strategy")]
     pub strategy: String,
     #[serde(default = "default_parallel_limit")]
@@ -512,6 +550,33 @@ mod tests {
         );
         assert!(Scope::Admin.allows(Scope::Read));
         assert!(!Scope::Read.allows(Scope::Deploy));
+    }
+
+    #[test]
+    fn relative_secret_paths_are_systemd_credentials() {
+        let creds = Path::new("/run/credentials/nix-deploy.service");
+        assert_eq!(
+            secret_path("tokens.file", Path::new("token-ci"), Some(creds)).unwrap(),
+            creds.join("token-ci")
+        );
+        assert_eq!(
+            secret_path("x", Path::new("/etc/secret"), None).unwrap(),
+            Path::new("/etc/secret")
+        );
+        let e = secret_path("ssh-identity-file", Path::new("ssh-key"), None).unwrap_err();
+        assert!(e.to_string().contains("CREDENTIALS_DIRECTORY"), "{e}");
+        assert!(
+            e.to_string().starts_with("ssh-identity-file `ssh-key`"),
+            "{e}"
+        );
+        assert!(secret_path("x", Path::new("../etc/shadow"), Some(creds)).is_err());
+        let c = Config::parse(
+            "ssh-identity-file = \"ssh-key\"\n[notifications]\nslack-webhook-files = [\"slack-0\"]",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ssh_identity_file.as_deref(), Some(Path::new("ssh-key")));
+        assert_eq!(c.notifications.slack_webhook_files, [Path::new("slack-0")]);
     }
 
     #[test]

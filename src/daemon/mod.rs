@@ -138,14 +138,6 @@ impl AppState {
         Engine::new(config, self.store.clone())
     }
 
-    /// [`AppState::engine_for`], on another flake (a pinned revision).
-    pub(crate) fn engine_with_flake_for(&self, flake: &str, caller: &Caller) -> Engine {
-        let mut config = self.engine.clone();
-        config.flake = flake.to_string();
-        config.limit = caller.limit.clone();
-        Engine::new(config, self.store.clone())
-    }
-
     /// Check a request's token; a failure is recorded in the audit trail.
     pub(crate) async fn authorize(
         &self,
@@ -197,6 +189,33 @@ impl AppState {
     pub(crate) fn engine_with_flake(&self, flake: &str) -> Engine {
         let mut config = self.engine.clone();
         config.flake = flake.to_string();
+        Engine::new(config, self.store.clone())
+    }
+
+    /// The engine for `caller`'s request: the configured flake, or pinned
+    /// to the request's `revision` (deployments and plans); it touches only
+    /// the hosts they may reach.
+    pub(crate) fn engine_at(
+        &self,
+        revision: Option<&str>,
+        caller: &Caller,
+    ) -> Result<Engine, ApiError> {
+        match revision {
+            Some(rev) => {
+                let pinned = github::flake_at_revision(&self.config.flake, rev)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                Ok(self.engine_with_flake_for(&pinned, caller))
+            }
+            None => Ok(self.engine_for(caller)),
+        }
+    }
+
+    /// [`AppState::engine_for`], on another flake (a pinned revision, a
+    /// deployment's own).
+    pub(crate) fn engine_with_flake_for(&self, flake: &str, caller: &Caller) -> Engine {
+        let mut config = self.engine.clone();
+        config.flake = flake.to_string();
+        config.limit = caller.limit.clone();
         Engine::new(config, self.store.clone())
     }
 

@@ -361,7 +361,7 @@ fn after_run(run: &HostRun) -> (Option<&str>, Option<u32>, Option<&str>) {
             Goal::Boot => (run.from.path.as_deref(), run.to.generation, to),
             // The profile (and so the boot default) never changed.
             Goal::Test => (to, None, None),
-            Goal::DryActivate => (None, None, None),
+            Goal::DryActivate | Goal::Push => (None, None, None),
         },
         HostStatus::RolledBack | HostStatus::Failed => {
             (run.from.path.as_deref(), run.from.generation, None)

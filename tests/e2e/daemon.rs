@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use nix_deploy_testkit::HostSpec;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::{Harness, binary};
+use crate::helpers::{Harness, binary, git};
 
 pub(crate) const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
 pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
@@ -708,21 +708,6 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
         .await
         .unwrap();
     assert_eq!(answer["response_type"], "ephemeral");
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]

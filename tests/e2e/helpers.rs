@@ -204,3 +204,19 @@ pub fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
 pub fn status<'a>(report: &'a Value, name: &str) -> &'a str {
     host(report, name)["status"].as_str().unwrap_or("?")
 }
+
+/// `git ARGS` in `dir` (with a committer), its stdout; panics on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

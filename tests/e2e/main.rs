@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod cli;
+mod commands;
 mod connections;
 mod daemon;
 mod deploy;
@@ -18,7 +19,9 @@ mod goals;
 mod helpers;
 mod identity;
 mod keys;
+mod module;
 mod ops;
+mod recipes;
 mod recovery;
 mod reporting;
 mod safety;

@@ -38,6 +38,15 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
+    /// Whether any of these flags was given.
+    pub fn is_set(&self) -> bool {
+        self.health_timeout.is_some()
+            || self.confirm_timeout.is_some()
+            || self.min_free_space.is_some()
+            || self.skip_validation
+            || self.activation_timeout.is_some()
+    }
+
     pub fn apply(&self, request: &mut Request) {
         request.health_timeout = self.health_timeout;
         request.confirm_timeout = self.confirm_timeout;
@@ -121,7 +130,7 @@ pub struct StrategyArgs {
     #[arg(long)]
     pub force: bool,
     /// Hosts deployed at once [default: 4].
-    #[arg(long, value_name = "N")]
+    #[arg(long, short = 'p', value_name = "N")]
     pub parallel_limit: Option<usize>,
 }
 
@@ -191,6 +200,28 @@ pub struct DeployArgs {
     /// Why the windows are overridden (recorded in the audit trail).
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+    #[command(flatten)]
+    pub results: ResultArgs,
+}
+
+/// What happens to keys and built systems, as colmena's flags say it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ResultArgs {
+    /// Do not upload `deployment.keys` (`upload-keys` does it alone).
+    #[arg(long)]
+    pub no_keys: bool,
+    /// Keep each built system as a GC root, `STATE/results/HOST`, until the
+    /// next kept result of that host (deployments also root what they deploy
+    /// under `STATE/gcroots`, three per host).
+    #[arg(long)]
+    pub keep_result: bool,
+}
+
+impl ResultArgs {
+    pub fn apply(&self, request: &mut Request) {
+        request.no_keys = self.no_keys;
+        request.keep_result = self.keep_result;
+    }
 }
 
 impl DeployArgs {
@@ -223,14 +254,21 @@ impl DeployArgs {
         self.select.apply(&mut request);
         self.strategy.apply(&mut request);
         self.runtime.apply(&mut request);
+        self.results.apply(&mut request);
         Ok(request)
     }
 }
 
 /// The request of `plan`.
-pub fn plan_request(select: &SelectArgs, strategy: &StrategyArgs, no_build: bool) -> Request {
+pub fn plan_request(
+    select: &SelectArgs,
+    strategy: &StrategyArgs,
+    no_build: bool,
+    revision: Option<&str>,
+) -> Request {
     let mut request = Request {
         summaries: no_build.then_some(false),
+        revision: revision.map(str::to_string),
         ..Request::default()
     };
     select.apply(&mut request);

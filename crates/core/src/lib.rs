@@ -17,7 +17,9 @@
 //! - [`summary`]: change summaries from two closures.
 //! - [`remote`]: what runs on hosts, as argument vectors and parsers.
 //! - [`nix`], [`command`]: local Nix command lines as data.
+//! - [`doctor`]: `nix-deploy doctor`'s verdicts and fixes.
 //! - [`eval`]: evaluation at fleet scale: shards, workers, the cache key.
+//! - [`introspect`]: `nix-deploy eval`, an expression against the fleet.
 //! - [`shell`]: the one quoting helper and name validation.
 //! - [`duration`]: durations as people write them.
 //! - [`render`]: plain-text rendering shared by the CLI, reports and chat.
@@ -31,10 +33,12 @@
 //! - [`audit`]: the audit trail's entries and its hash chain.
 //! - [`grammar`]: the deploy flags (one clap parser for the CLI and chat)
 //!   and the chat command's verbs.
+//! - [`suggest`]: "did you mean" for mistyped names.
 
 pub mod approval;
 pub mod audit;
 pub mod command;
+pub mod doctor;
 pub mod duration;
 pub mod eval;
 pub mod events;
@@ -42,6 +46,7 @@ pub mod exec;
 pub mod fleet;
 pub mod goal;
 pub mod grammar;
+pub mod introspect;
 pub mod keys;
 pub mod nix;
 pub mod options;
@@ -52,5 +57,6 @@ pub mod reports;
 pub mod run;
 pub mod select;
 pub mod shell;
+pub mod suggest;
 pub mod summary;
 pub mod window;

@@ -236,6 +236,11 @@ pub struct DeployOptions {
     /// Deploy outside the maintenance windows, and why (recorded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub override_window: Option<String>,
+    /// `--no-keys`: leave `deployment.keys` alone (colmena's `--no-keys`).
+    pub no_keys: bool,
+    /// `--keep-result`: each built system also stays a GC root under
+    /// `STATE/results/HOST` until the next kept result of that host.
+    pub keep_result: bool,
 }
 
 impl Default for DeployOptions {
@@ -263,6 +268,8 @@ impl Default for DeployOptions {
             pause_after_batch: false,
             no_wait: false,
             override_window: None,
+            no_keys: false,
+            keep_result: false,
         }
     }
 }
@@ -377,7 +384,7 @@ pub struct Request {
     /// Deployments: queue behind busy hosts instead of refusing them.
     #[serde(skip_serializing_if = "is_false")]
     pub wait: bool,
-    /// Deployments: the daemon's flake pinned to this commit.
+    /// Deployments and plans: the flake pinned to this commit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Plans: build changed toplevels to compare closures (default true).
@@ -456,6 +463,12 @@ pub struct Request {
     /// (admin only, recorded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub override_window: Option<String>,
+    /// Do not upload `deployment.keys`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_keys: bool,
+    /// Keep each built system as a GC root under `STATE/results/HOST`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub keep_result: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -525,6 +538,8 @@ impl Request {
             pause_after_batch: self.pause_after_batch,
             no_wait: self.no_wait,
             override_window: self.override_window.clone(),
+            no_keys: self.no_keys || defaults.no_keys,
+            keep_result: self.keep_result || defaults.keep_result,
         };
         crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
             .map_err(|e| bad(e.to_string()))?;

@@ -271,6 +271,10 @@ in {{
     nix.package = mkOption {{ type = types.package; default = pkgs.nix; }};
     nix.settings = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
     system.build = mkOption {{ type = types.attrsOf types.unspecified; default = {{ }}; }};
+    # Declared by NixOS; the project's module defines them (renamed and
+    # removed options, its own checks).
+    assertions = mkOption {{ type = types.listOf types.unspecified; default = [ ]; internal = true; }};
+    warnings = mkOption {{ type = types.listOf types.str; default = [ ]; internal = true; }};
     testkit.version = mkOption {{ type = types.str; description = "Bumping it makes a new toplevel."; }};
     testkit.switchScript = mkOption {{ type = types.lines; }};
   }};
@@ -457,10 +461,7 @@ pub(crate) fn write(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Resu
             shape.option_modules
         );
     }
-    let lib_dir = root.join("nixpkgs-lib");
-    if !lib_dir.join("lib/default.nix").is_file() {
-        unpack_nixpkgs_lib(root)?;
-    }
+    nixpkgs_lib(root)?;
     let flake = root.join("flake");
     for (file, contents) in flake_files(root, shape, specs) {
         let path = flake.join(&file);
@@ -477,6 +478,16 @@ pub(crate) fn write(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Resu
         lock(root, &[])?;
     }
     Ok(())
+}
+
+/// nixpkgs' lib unpacked below `root` (`root/nixpkgs-lib`, whose `lib` is
+/// `import`able), for tests that evaluate modules with the real `lib`.
+pub fn nixpkgs_lib(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("nixpkgs-lib");
+    if !dir.join("lib/default.nix").is_file() {
+        unpack_nixpkgs_lib(root)?;
+    }
+    Ok(dir)
 }
 
 fn unpack_nixpkgs_lib(root: &Path) -> Result<()> {

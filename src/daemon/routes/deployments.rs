@@ -49,14 +49,7 @@ pub async fn create(
             )
             .await?;
     }
-    let engine = match &request.revision {
-        Some(rev) => {
-            let pinned = crate::daemon::github::flake_at_revision(&state.config.flake, rev)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            state.engine_with_flake_for(&pinned, &caller)
-        }
-        None => state.engine_for(&caller),
-    };
+    let engine = state.engine_at(request.revision.as_deref(), &caller)?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,

@@ -158,7 +158,9 @@ pub(crate) async fn evaluate(
     let nix = &cx.config.nix;
     Nix::check_flake(flake).map_err(EngineError::Eval)?;
     let (metadata, version) = tokio::join!(nix.flake_metadata(flake), nix.version());
-    let version = version.map_err(EngineError::Eval)?;
+    // Cache keys hold the Nix version and the user's flags that can
+    // change a result (`--impure`, `--nix-option`).
+    let version = nix.evaluation_tag(&version.map_err(EngineError::Eval)?);
     let revision = metadata
         .as_ref()
         .ok()
@@ -532,17 +534,10 @@ pub(crate) async fn evaluated_host(cx: FleetContext<'_>, name: &str) -> Result<H
 
 /// One host of the fleet by name, or an error listing the fleet.
 pub(crate) fn find_host(inventory: &Inventory, name: &str) -> Result<Host, EngineError> {
-    inventory.get(name).cloned().ok_or_else(|| {
-        InventoryError::UnknownHost {
-            name: name.to_string(),
-            known: inventory
-                .hosts()
-                .map(|h| h.name.clone())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-        .into()
-    })
+    inventory
+        .get(name)
+        .cloned()
+        .ok_or_else(|| select::unknown_host(inventory, name).into())
 }
 
 #[cfg(test)]

@@ -54,6 +54,19 @@ impl Purpose {
         probe_early: true,
         tolerate_eval_failures: false,
     };
+    /// `build`: no host is probed; as for `deploy`, a host to build (or any,
+    /// when selecting by tag or everything) that cannot be evaluated refuses
+    /// the request.
+    pub const BUILD: Purpose = Purpose {
+        probe_early: false,
+        tolerate_eval_failures: false,
+    };
+    /// `doctor`: reports the hosts that cannot be evaluated and checks the
+    /// rest itself.
+    pub const DOCTOR: Purpose = Purpose {
+        probe_early: false,
+        tolerate_eval_failures: true,
+    };
     /// `resume`: the hosts are probed only after their watchdogs settled.
     pub const RESUME: Purpose = Purpose {
         probe_early: false,

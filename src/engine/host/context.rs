@@ -42,7 +42,7 @@ impl HostContext {
     pub fn success_status(&self, activation: Activation) -> Option<HostStatus> {
         match (activation, self.goal(activation)) {
             (Activation::Test, _) => None,
-            (_, Goal::DryActivate) => Some(HostStatus::Succeeded),
+            (_, Goal::DryActivate | Goal::Push) => Some(HostStatus::Succeeded),
             _ => Some(HostStatus::Deployed),
         }
     }

@@ -91,6 +91,9 @@ async fn pipeline(
     steps::preflight(context, job).await?;
     reboot::refuse_self(context, job)?;
     let path = steps::build_copy_and_summarize(context, job).await?;
+    if goal.stops_after_copy() {
+        return Ok(());
+    }
     if goal == Goal::DryActivate {
         return steps::dry_activate(context, job, &path).await;
     }

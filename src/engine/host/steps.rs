@@ -199,6 +199,14 @@ async fn protect_roots(
 ) -> Result<(), StoreError> {
     let host = &assessment.host.name;
     let state_dir = context.recorder.store().state_dir().to_path_buf();
+    if context.options.keep_result
+        && let Err(e) = gcroots::keep_result(&context.nix, &state_dir, host, path).await
+    {
+        context
+            .recorder
+            .log(Some(host), format!("--keep-result: {e}"))
+            .await?;
+    }
     // What it runs and what it boots: a `--goal test` deployment leaves the
     // two apart, and both stay wanted.
     let probe = assessment.probe.as_ref();
@@ -255,6 +263,9 @@ pub(crate) async fn upload_keys(
     when: Option<UploadAt>,
     require_ownership: bool,
 ) -> Result<Result<(), String>, StoreError> {
+    if context.options.no_keys {
+        return Ok(Ok(()));
+    }
     let (assessment, connection, run) = job.parts();
     let host = &assessment.host;
     let selected: Vec<&Key> = match when {

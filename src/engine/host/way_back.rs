@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::remote::{self, Activation, Before, Decision, HostSystems};
+use nix_deploy_core::render;
 use nix_deploy_core::run::{HostRun, RebootRecord};
 
 use super::context::{HostContext, HostJob};
@@ -369,7 +370,7 @@ async fn roll_back_through_boot(
         {
             let fresh = Connection::connect(&host.name, &host.target, ssh)
                 .await
-                .map_err(|e| format!("{}: rollback: cannot reach the host: {e}", host.name))?;
+                .map_err(|e| render::host_error(&host.name, "rollback", &e.to_string()))?;
             let old = std::mem::replace(connection, fresh);
             old.close().await;
         }

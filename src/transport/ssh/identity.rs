@@ -53,6 +53,9 @@ impl Destination {
         if let Some(config) = &options.config_file {
             cmd = cmd.arg("-F").arg(config.to_string_lossy().into_owned());
         }
+        if let Some(identity) = &options.identity_file {
+            cmd = cmd.arg("-i").arg(identity.to_string_lossy().into_owned());
+        }
         if let Some(port) = target.port {
             cmd = cmd.arg("-p").arg(port.to_string());
         }

@@ -37,6 +37,9 @@ use nix_deploy_core::shell::{NulByte, quote};
 pub struct SshOptions {
     /// `--ssh-config`: replaces the user's ssh config for our sessions and `nix copy`.
     pub config_file: Option<PathBuf>,
+    /// `--ssh-identity` (the daemon's `ssh-identity-file`): a private key
+    /// offered by our sessions and `nix copy` (ssh's `-i`).
+    pub identity_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// Default timeout of a remote command when the step sets none.
     pub command_timeout: Duration,
@@ -53,6 +56,7 @@ impl SshOptions {
     pub fn new(config_file: Option<PathBuf>, control_dir: PathBuf) -> Self {
         SshOptions {
             config_file,
+            identity_file: None,
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(60),
             control_dir,
@@ -101,7 +105,7 @@ pub enum SshError {
         expected: String,
         found: String,
     },
-    #[error("invalid --ssh-config path {0}: NIX_SSHOPTS cannot carry whitespace")]
+    #[error("invalid --ssh-config or --ssh-identity path {0}: NIX_SSHOPTS cannot carry whitespace")]
     ConfigPath(PathBuf),
 }
 
@@ -205,6 +209,9 @@ fn builder(target: &Target, options: &SshOptions, keep: Option<&KeepAlive>) -> S
     if let Some(config) = &options.config_file {
         b.config_file(config);
     }
+    if let Some(identity) = &options.identity_file {
+        b.keyfile(identity);
+    }
     b
 }
 
@@ -242,6 +249,13 @@ pub fn nix_ssh_opts(
     if let Some(port) = target.port {
         opts.push("-p".to_string());
         opts.push(port.to_string());
+    }
+    if let Some(identity) = &options.identity_file {
+        let text = identity.to_string_lossy();
+        if text.chars().any(char::is_whitespace) {
+            return Err(SshError::ConfigPath(identity.clone()));
+        }
+        opts.extend(["-i".to_string(), text.into_owned()]);
     }
     if let Some(socket) = control_socket {
         let text = socket.to_string_lossy();
