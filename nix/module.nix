@@ -417,7 +417,8 @@ in
 
     services.nix-deploy.settings = {
       ssh-identity-file = mkIf (cfg.sshKeyFile != null) "ssh-key";
-      tokens = lib.mapAttrsToList (name: token: { inherit name; inherit (token) scope hosts; file = "token-${name}"; }) cfg.tokens;
+      tokens = lib.mapAttrsToList (name: token: { inherit name; inherit (token) scope; file = "token-${name}"; }
+        // lib.optionalAttrs (token.hosts != [ ]) { inherit (token) hosts; }) cfg.tokens;
       # Operating with other people: checked by the daemon at start.
       window = mkIf (cfg.windows != [ ]) cfg.windows;
       approval = mkIf (cfg.approvals != [ ]) cfg.approvals;

@@ -162,10 +162,19 @@ impl Identities {
         }
     }
 
+    /// Owner-only, like everything in the state directory.
     fn learn(&self, host: &str, identity: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.file(host);
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{identity}\n"))?;
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(format!("{identity}\n").as_bytes())?;
         std::fs::rename(&tmp, &path)
     }
 
