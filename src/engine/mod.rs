@@ -45,7 +45,6 @@ mod rollback;
 mod scheduler;
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -166,9 +165,6 @@ pub struct DeployRequest {
     pub trigger: String,
     pub requested_by: String,
 }
-
-/// How long a lease lasts without renewal (renewed every 10 s while working).
-const LEASE_TTL: Duration = Duration::from_secs(60);
 
 pub struct Engine {
     config: EngineConfig,

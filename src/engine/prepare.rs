@@ -28,7 +28,7 @@ use nix_deploy_core::select;
 use super::evaluate::EvalUpdate;
 use super::probe::EarlyProbes;
 use super::recorder::Recorder;
-use super::{Engine, EngineError, LEASE_TTL};
+use super::{Engine, EngineError};
 use crate::store::Store;
 
 /// What a caller of [`Engine::prepare`] needs.
@@ -323,7 +323,7 @@ impl Leases {
         loop {
             let mut refused = None;
             for host in hosts {
-                if let Err(holder) = store.try_lease(host, &owner, None, LEASE_TTL).await? {
+                if let Err(holder) = store.try_lease(host, &owner, None).await? {
                     refused = Some((host.clone(), holder));
                     break;
                 }
@@ -334,8 +334,8 @@ impl Leases {
                     let owner = owner.clone();
                     Background(tokio::spawn(async move {
                         loop {
-                            tokio::time::sleep(LEASE_TTL / 6).await;
-                            let _ = store.renew_leases(&owner, None, LEASE_TTL).await;
+                            tokio::time::sleep(store.lease_timing().heartbeat).await;
+                            let _ = store.renew_leases(&owner, None).await;
                         }
                     }))
                 };
@@ -373,10 +373,7 @@ impl Leases {
     /// Name deployment `id` on the leases, and listen for `nix-deploy
     /// cancel` while it runs: stopped when the returned guard drops.
     pub async fn watch_cancel(&self, id: i64, cancel: &CancellationToken) -> Background {
-        let _ = self
-            .store
-            .renew_leases(&self.owner, Some(id), LEASE_TTL)
-            .await;
+        let _ = self.store.renew_leases(&self.owner, Some(id)).await;
         let store = self.store.clone();
         let cancel = cancel.clone();
         Background(tokio::spawn(async move {

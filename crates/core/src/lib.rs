@@ -26,7 +26,9 @@
 //!   reboots: what each does, how it is validated and undone.
 //! - [`keys`]: secrets uploaded outside the store (`deployment.keys`).
 //! - [`exec`]: commands run on many hosts (`nix-deploy exec`).
+//! - [`cluster`]: the coordinators sharing one history, their leases and leader.
 
+pub mod cluster;
 pub mod command;
 pub mod duration;
 pub mod eval;

@@ -132,6 +132,7 @@ use std::time::Duration;
 mod flake;
 mod fleet;
 pub mod nixos;
+pub mod postgres;
 mod reboot;
 mod spec;
 mod sshd;
@@ -140,6 +141,7 @@ mod sys;
 pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};
+pub use postgres::{PgDatabase, Postgres};
 pub use spec::{Activation, HostSpec, UnitState};
 use sys::*;
 

@@ -112,8 +112,7 @@ impl NixosShape {
 pub fn nixpkgs_lib_tarball() -> PathBuf {
     match std::env::var_os("NIX_DEPLOY_NIXPKGS_LIB") {
         Some(path) => PathBuf::from(path),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures/nixpkgs-lib.tar.xz"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nixpkgs-lib.tar.xz"),
     }
 }
 
