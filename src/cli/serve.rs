@@ -95,6 +95,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         tokens,
         slack_secret,
         github_secret,
+        heartbeat.leader(),
     );
     // Reconcile: what do the hosts actually run after a crash? (Probing records it.)
     if !interrupted.is_empty() {

@@ -165,6 +165,11 @@ impl HostContext {
                 }
                 Outcome::Healthy
             }
+            Err(StepFailure::Store(e)) if e.is_superseded() => {
+                // Another coordinator holds the deployment now (a higher
+                // epoch): it settles this host; this one touches it no more.
+                return Err(e);
+            }
             Err(StepFailure::Store(e)) => {
                 // The history cannot be written: leave no host between
                 // generations, then say so.

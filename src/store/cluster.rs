@@ -24,11 +24,6 @@ use tokio::task::JoinHandle;
 use nix_deploy_core::cluster::{ClusterReport, Coordinator, DeploymentLease};
 use nix_deploy_core::events::EventKind;
 
-pub use nix_deploy_core::cluster::{
-    ClusterReport as ClusterView, Coordinator as CoordinatorRecord,
-    DeploymentLease as DeploymentOwner,
-};
-
 use sqlx::AssertSqlSafe;
 
 use super::{IN_LIST, Lost, Store, StoreError, parameters, query_error};
@@ -75,15 +70,41 @@ struct Leadership {
     since: std::sync::Mutex<Option<Instant>>,
 }
 
-impl Heartbeat {
+/// Whether this process leads: cheap to clone and ask.
+#[derive(Clone, Debug)]
+pub struct Leader {
+    leadership: Arc<Leadership>,
+    valid_for: std::time::Duration,
+}
+
+impl Leader {
     /// Whether this process is the elected leader now (its term renewed
     /// recently enough that nobody else can have been elected).
     pub fn is_leader(&self) -> bool {
-        if !self.leader.elected.load(Ordering::SeqCst) {
+        if !self.leadership.elected.load(Ordering::SeqCst) {
             return false;
         }
-        let since = *self.leader.since.lock().unwrap_or_else(|p| p.into_inner());
-        since.is_some_and(|s| s.elapsed() <= self.store.leases.valid_for())
+        let since = *self
+            .leadership
+            .since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        since.is_some_and(|s| s.elapsed() <= self.valid_for)
+    }
+}
+
+impl Heartbeat {
+    /// Whether this process is the elected leader now.
+    pub fn is_leader(&self) -> bool {
+        self.leader().is_leader()
+    }
+
+    /// A handle on this process's leadership.
+    pub fn leader(&self) -> Leader {
+        Leader {
+            leadership: self.leader.clone(),
+            valid_for: self.store.leases.valid_for(),
+        }
     }
 
     /// Stop: resign the leadership and leave the coordinators table (the

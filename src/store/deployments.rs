@@ -187,6 +187,16 @@ impl Store {
         Ok(Some(deployment))
     }
 
+    /// A deployment's status alone (cheap: no JSON, no host runs).
+    pub async fn deployment_status(&self, id: i64) -> Result<Option<DeploymentStatus>, StoreError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT status FROM deployments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading a deployment's status"))?;
+        Ok(row.and_then(|(status,)| DeploymentStatus::parse(&status)))
+    }
+
     /// The newest deployments first, each with its host runs.
     pub async fn deployments(&self, limit: i64) -> Result<Vec<Deployment>, StoreError> {
         let rows = sqlx::query("SELECT * FROM deployments ORDER BY id DESC LIMIT $1")

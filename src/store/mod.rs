@@ -31,7 +31,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use cluster::{ClusterView, CoordinatorRecord, DeploymentOwner, Heartbeat, Role};
+pub use cluster::{Heartbeat, Leader, Role};
 pub use database::{
     Backend, DB_FILE, Database, DatabaseUrl, LeaseTiming, StoreOptions, schema_version,
 };
