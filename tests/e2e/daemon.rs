@@ -17,8 +17,8 @@ use sha2::Sha256;
 
 use crate::helpers::{Harness, binary};
 
-const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
-const READ_TOKEN: &str = "read-token-0123456789";
+pub(crate) const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
+pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
 const SLACK_SECRET: &str = "slack-signing-secret";
 const GITHUB_SECRET: &str = "github-webhook-secret";
 
@@ -63,10 +63,10 @@ fn receiver() -> Receiver {
     Receiver { url, bodies }
 }
 
-struct Daemon {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
+pub(crate) struct Daemon {
+    pub child: Child,
+    pub url: String,
+    pub dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -77,8 +77,13 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    fn token_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn token_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// What the daemon logged so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 }
 
@@ -89,6 +94,11 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 /// A daemon with `top` keys before the config's tables and `extra_config`
 /// after them (in the `[github]` table unless it opens another).
 fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
+    start_daemon_in(h, h.state_dir(), top, extra_config)
+}
+
+/// [`start_daemon_with`] on another state directory (another machine's).
+pub(crate) fn start_daemon_in(h: &Harness, state: &Path, top: &str, extra_config: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -138,7 +148,7 @@ branch = "main"
         .arg("--ssh-config")
         .arg(h.fleet.ssh_config())
         .arg("--state-dir")
-        .arg(h.state_dir())
+        .arg(state)
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -170,7 +180,7 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-async fn call(
+pub(crate) async fn call(
     method: reqwest::Method,
     url: &str,
     token: Option<&str>,
