@@ -133,6 +133,12 @@ let
   });
 
   cfg = config.services.nix-deploy;
+  # The history: a local PostgreSQL over its socket (peer authentication as
+  # the service's user, no password), a shared one by URL (its password from
+  # a credential), or SQLite in the state directory.
+  databaseUrl =
+    if cfg.database.createLocally then "postgresql://localhost/nix-deploy?host=/run/postgresql"
+    else cfg.database.url;
   toml = pkgs.formats.toml { };
   configFile = toml.generate "nix-deploy.toml" (lib.filterAttrsRecursive (_: v: v != null) ({
     listen = cfg.listen;
@@ -145,6 +151,15 @@ let
     auto-rollback = cfg.autoRollback;
     eval-workers = cfg.evalWorkers;
     eval-cache = cfg.evalCache;
+    database = databaseUrl;
+    database-password-file =
+      if cfg.database.passwordFile != null then "/run/credentials/nix-deploy.service/db-password" else null;
+    migrate = cfg.database.migrate;
+    cluster = {
+      heartbeat = cfg.cluster.heartbeat;
+      lease-ttl = cfg.cluster.leaseTtl;
+      takeover = cfg.cluster.takeover;
+    };
     tokens = lib.mapAttrsToList (name: t: { inherit name; file = t.file; scope = t.scope; }) cfg.tokens;
     notifications = {
       slack-webhooks = cfg.notifications.slackWebhooks;
@@ -303,6 +318,57 @@ in
       default = "main";
       description = "Pushes to this branch deploy.";
     };
+    database = {
+      createLocally = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Keep the history in a local `services.postgresql`: a database and a
+          role `nix-deploy`, reached over `/run/postgresql` with peer
+          authentication (no password anywhere).
+        '';
+      };
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "postgresql://nix-deploy@db.internal/nix-deploy";
+        description = ''
+          A PostgreSQL shared by several coordinators (without its password:
+          see `passwordFile`). Unset (and `createLocally` off): SQLite in the
+          state directory.
+        '';
+      };
+      passwordFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = ''
+          File holding the database's password, handed to the service as a
+          systemd credential: never in the Nix store or the configuration.
+        '';
+      };
+      migrate = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Apply the history's pending migrations at start (false: an older schema is refused).";
+      };
+    };
+    cluster = {
+      heartbeat = mkOption {
+        type = types.str;
+        default = "5s";
+        description = "How often the daemon renews its leases (PostgreSQL).";
+      };
+      leaseTtl = mkOption {
+        type = types.str;
+        default = "15s";
+        description = "How long a lease lasts unrenewed: a dead coordinator's deployments are taken over after this.";
+      };
+      takeover = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Resume deployments whose coordinator's lease expired.";
+      };
+    };
     notifications.slackWebhooks = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -316,10 +382,26 @@ in
   };
 
   config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !(cfg.database.createLocally && cfg.database.url != null);
+        message = "services.nix-deploy.database: set either createLocally or url, not both";
+      }
+      {
+        assertion = cfg.database.passwordFile == null || cfg.database.url != null;
+        message = "services.nix-deploy.database.passwordFile needs database.url (a local database uses peer authentication)";
+      }
+    ];
+    services.postgresql = mkIf cfg.database.createLocally {
+      enable = true;
+      ensureDatabases = [ "nix-deploy" ];
+      ensureUsers = [ { name = "nix-deploy"; ensureDBOwnership = true; } ];
+    };
     systemd.services.nix-deploy = {
       description = "nix-deploy fleet deployment coordinator";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network-online.target" ];
+      after = [ "network-online.target" ] ++ lib.optional cfg.database.createLocally "postgresql.service";
+      requires = lib.optional cfg.database.createLocally "postgresql.service";
       wants = [ "network-online.target" ];
       path = [ config.nix.package pkgs.openssh ];
       environment = {
@@ -354,7 +436,8 @@ in
         SystemCallArchitectures = "native";
         CapabilityBoundingSet = "";
         ReadWritePaths = [ "/var/lib/nix-deploy" ];
-        LoadCredential = lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}";
+        LoadCredential = lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}"
+          ++ lib.optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}";
       };
     };
     users.users.nix-deploy = {
