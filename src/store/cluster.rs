@@ -27,7 +27,6 @@ use nix_deploy_core::events::EventKind;
 use sqlx::AssertSqlSafe;
 
 use super::{IN_LIST, Lost, Store, StoreError, parameters, query_error};
-use crate::now_ms;
 
 /// The election's one row.
 const ELECTION: &str = "fleet";
@@ -393,16 +392,7 @@ impl Store {
         self.ownership.took(id, epoch);
         let context = "recording a takeover";
         let mut tx = self.fenced(id, context).await?;
-        sqlx::query(
-            "UPDATE host_runs SET status = 'interrupted', finished_at = $1,
-                 error = COALESCE(error, $2) WHERE deployment_id = $3 AND status IN ('pending', 'running')",
-        )
-        .bind(now_ms())
-        .bind(&message)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_error(context))?;
+        super::deployments::interrupt_host_runs(&mut tx, id, &message).await?;
         let event = super::runs::new_event(id, None, EventKind::Log { message });
         super::runs::insert_event(&mut tx, &event).await?;
         tx.commit().await.map_err(query_error(context))?;
@@ -415,31 +405,7 @@ impl Store {
     pub async fn abandon_taken_over(&self, id: i64, reason: &str) -> Result<(), StoreError> {
         let context = "ending a deployment taken over";
         let mut tx = self.fenced(id, context).await?;
-        sqlx::query(
-            "UPDATE deployments SET status = 'interrupted', finished_at = $1, error = $2,
-                 lease_expires_at = NULL WHERE id = $3",
-        )
-        .bind(now_ms())
-        .bind(reason)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_error(context))?;
-        sqlx::query("DELETE FROM leases WHERE deployment_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error(context))?;
-        for kind in [
-            EventKind::Log {
-                message: reason.to_string(),
-            },
-            EventKind::DeploymentFinished {
-                status: nix_deploy_core::events::DeploymentStatus::Interrupted,
-            },
-        ] {
-            super::runs::insert_event(&mut tx, &super::runs::new_event(id, None, kind)).await?;
-        }
+        super::deployments::end_interrupted(&mut tx, id, reason).await?;
         tx.commit().await.map_err(query_error(context))?;
         self.ownership.released(id);
         Ok(())

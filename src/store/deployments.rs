@@ -353,38 +353,71 @@ impl Store {
             return Ok(false);
         };
         self.ownership.took(id, epoch);
-        let context = "marking host runs interrupted";
+        let context = "marking a deployment interrupted";
         let result = async {
             let mut tx = self.fenced(id, context).await?;
-            sqlx::query(
-                "UPDATE host_runs SET status = 'interrupted', finished_at = $1,
-                     error = COALESCE(error, $2) WHERE deployment_id = $3 AND status IN ('pending', 'running')",
-            )
-            .bind(now_ms())
-            .bind(message)
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error(context))?;
-            sqlx::query("DELETE FROM leases WHERE deployment_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_error("releasing an interrupted deployment's leases"))?;
-            let log = EventKind::Log {
-                message: message.to_string(),
-            };
-            super::runs::insert_event(&mut tx, &super::runs::new_event(id, None, log)).await?;
-            // Its event streams end here, as any deployment's do.
-            let finished = EventKind::DeploymentFinished {
-                status: DeploymentStatus::Interrupted,
-            };
-            super::runs::insert_event(&mut tx, &super::runs::new_event(id, None, finished))
-                .await?;
+            end_interrupted(&mut tx, id, message).await?;
             tx.commit().await.map_err(query_error(context))
         }
         .await;
         self.ownership.released(id);
         result.map(|()| true)
     }
+}
+
+/// In the caller's fenced transaction: deployment `id`'s unfinished host
+/// runs are interrupted, with `message` as their error unless they have one.
+pub(super) async fn interrupt_host_runs(
+    tx: &mut sqlx::AnyConnection,
+    id: i64,
+    message: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE host_runs SET status = 'interrupted', finished_at = $1,
+             error = COALESCE(error, $2) WHERE deployment_id = $3 AND status IN ('pending', 'running')",
+    )
+    .bind(now_ms())
+    .bind(message)
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .map_err(query_error("marking host runs interrupted"))?;
+    Ok(())
+}
+
+/// In the caller's fenced transaction: deployment `id` ends `interrupted`
+/// for `message`: its unfinished host runs too, its leases released, the
+/// message and its final event recorded (its event streams end there).
+pub(super) async fn end_interrupted(
+    tx: &mut sqlx::AnyConnection,
+    id: i64,
+    message: &str,
+) -> Result<(), StoreError> {
+    let context = "ending a deployment interrupted";
+    sqlx::query(
+        "UPDATE deployments SET status = 'interrupted', finished_at = $1, error = $2,
+             lease_expires_at = NULL WHERE id = $3",
+    )
+    .bind(now_ms())
+    .bind(message)
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .map_err(query_error(context))?;
+    interrupt_host_runs(tx, id, message).await?;
+    sqlx::query("DELETE FROM leases WHERE deployment_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_error(context))?;
+    let log = EventKind::Log {
+        message: message.to_string(),
+    };
+    let finished = EventKind::DeploymentFinished {
+        status: DeploymentStatus::Interrupted,
+    };
+    for kind in [log, finished] {
+        super::runs::insert_event(tx, &super::runs::new_event(id, None, kind)).await?;
+    }
+    Ok(())
 }

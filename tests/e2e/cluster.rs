@@ -6,11 +6,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use nix_deploy_testkit::{HostSpec, PgDatabase, Postgres};
+use nix_deploy_testkit::{PgDatabase, Postgres};
 use serde_json::{Value, json};
 
-use crate::daemon::{DEPLOY_TOKEN, Daemon, READ_TOKEN, call, start_daemon_in};
+use crate::daemon::{
+    DEPLOY_TOKEN, Daemon, READ_TOKEN, call, follow_events, start_daemon_in, wait_finished,
+};
 use crate::helpers::{Harness, binary};
+use crate::recovery::slow_fleet;
 
 /// A daemon of its own machine (its own state directory) on `url`,
 /// renewing every second, its leases lasting `ttl` seconds.
@@ -20,21 +23,20 @@ fn daemon(h: &Harness, state: &Path, url: &str, ttl: u64) -> Daemon {
     start_daemon_in(h, state, &top, &cluster)
 }
 
-/// A fleet at generation 1 whose hosts then change (generation 2 is what
-/// the tests deploy), each activation taking `delay_ms`.
-fn changed_fleet(names: &[&str], delay_ms: u64) -> Harness {
-    let mut h = Harness::start(names.iter().map(|n| HostSpec::new(n)).collect());
-    let (code, report, stderr) = h.deploy(&[]);
-    assert_eq!(code, 0, "{report:#}\n{stderr}");
-    for name in names {
-        h.fleet
-            .update(name, |s| {
-                s.bump();
-                s.activation_delay_ms = delay_ms;
-            })
-            .unwrap();
+/// Two daemons, each of its own machine (state directory), on `url`.
+struct Pair {
+    a: Daemon,
+    b: Daemon,
+    _states: [tempfile::TempDir; 2],
+}
+
+fn pair(h: &Harness, url: &str, ttl: u64) -> Pair {
+    let states = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    Pair {
+        a: daemon(h, states[0].path(), url, ttl),
+        b: daemon(h, states[1].path(), url, ttl),
+        _states: states,
     }
-    h
 }
 
 async fn start_deployment(d: &Daemon, body: Value) -> i64 {
@@ -47,29 +49,6 @@ async fn start_deployment(d: &Daemon, body: Value) -> i64 {
     .await;
     assert_eq!(status, 202, "{created}");
     created["id"].as_i64().unwrap()
-}
-
-/// Wait until deployment `id` ended for good (not only `interrupted` on
-/// its way to a takeover); returns it as `d` reports it.
-async fn wait_finished(d: &Daemon, id: i64) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let (_, deployment) = call(
-            reqwest::Method::GET,
-            &format!("{}/api/v1/deployments/{id}", d.url),
-            Some(READ_TOKEN),
-            None,
-        )
-        .await;
-        if !deployment["finished_at"].is_null() {
-            return deployment;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "deployment #{id} did not finish: {deployment:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn cluster(d: &Daemon) -> Value {
@@ -86,18 +65,11 @@ async fn cluster(d: &Daemon) -> Value {
 
 /// Follow deployment `id` on `d` to its end; the events' ids and kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<(i64, String)> {
-    let client =
-        nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::time::timeout(Duration::from_secs(180), client.follow(id, tx))
+    follow_events(d, id)
         .await
-        .expect("the stream ends when the deployment does")
-        .unwrap();
-    let mut events = Vec::new();
-    while let Ok(event) = rx.try_recv() {
-        events.push((event.id, event.kind.name().to_string()));
-    }
-    events
+        .iter()
+        .map(|e| (e.id, e.kind.name().to_string()))
+        .collect()
 }
 
 /// Every stored event of deployment `id`, as `GET /api/v1/deployments/ID/report` would read them.
@@ -170,13 +142,12 @@ fn signal(d: &Daemon, signal: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_follower_streams_every_event_of_a_deployment_another_daemon_runs_in_order() {
     let names = ["f1", "f2", "f3"];
-    let h = changed_fleet(&names, 500);
+    let h = slow_fleet(&names, 500);
     let db = Postgres::database().unwrap();
-    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = daemon(&h, state_a.path(), &db.url, 15);
-    let b = daemon(&h, state_b.path(), &db.url, 15);
-    let id = start_deployment(&a, json!({ "parallel_limit": 1 })).await;
-    let streamed = follow(&b, id).await;
+    let p = pair(&h, &db.url, 15);
+    let (a, b) = (&p.a, &p.b);
+    let id = start_deployment(a, json!({ "parallel_limit": 1 })).await;
+    let streamed = follow(b, id).await;
     let stored = stored_events(&db, id).await;
     assert_eq!(
         streamed.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
@@ -184,11 +155,11 @@ async fn a_follower_streams_every_event_of_a_deployment_another_daemon_runs_in_o
         "the follower got every stored event, once, in order"
     );
     assert_eq!(streamed.last().unwrap().1, "deployment-finished");
-    let deployment = wait_finished(&b, id).await;
+    let deployment = wait_finished(b, id).await;
     report_is_what_the_hosts_run(&h, &deployment, &names);
     // Both daemons see the cluster: two coordinators alive, one leader; the
     // deployment was held by A.
-    let seen = cluster(&b).await;
+    let seen = cluster(b).await;
     let coordinators = seen["coordinators"].as_array().unwrap();
     assert_eq!(coordinators.len(), 2, "{seen:#}");
     assert!(
@@ -216,24 +187,23 @@ async fn a_follower_streams_every_event_of_a_deployment_another_daemon_runs_in_o
 #[tokio::test(flavor = "multi_thread")]
 async fn the_owner_killed_while_a_host_activates_is_taken_over_and_every_host_ends_deployed() {
     let names = ["k1", "k2"];
-    let h = changed_fleet(&names, 3000);
+    let h = slow_fleet(&names, 3000);
     let before = systems(&h, &names);
     let db = Postgres::database().unwrap();
-    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = daemon(&h, state_a.path(), &db.url, 4);
-    let b = daemon(&h, state_b.path(), &db.url, 4);
-    let id = start_deployment(&a, json!({ "parallel_limit": 1 })).await;
+    let mut p = pair(&h, &db.url, 4);
+    let id = start_deployment(&p.a, json!({ "parallel_limit": 1 })).await;
     let first = until_activating(&h, &names, &before);
-    a.child.kill().unwrap(); // SIGKILL
-    a.child.wait().unwrap();
-    let deployment = wait_finished(&b, id).await;
+    p.a.child.kill().unwrap(); // SIGKILL
+    p.a.child.wait().unwrap();
+    let b = &p.b;
+    let deployment = wait_finished(b, id).await;
     report_is_what_the_hosts_run(&h, &deployment, &names);
     let events = stored_events(&db, id).await;
     let taken = events.iter().any(|e| {
         matches!(&e.kind, nix_deploy_core::events::EventKind::Log { message } if message.contains("taken over"))
     });
     assert!(taken, "the takeover is in the history");
-    let seen = cluster(&b).await;
+    let seen = cluster(b).await;
     let lease = seen["deployments"]
         .as_array()
         .unwrap()
@@ -259,20 +229,19 @@ async fn the_owner_killed_while_a_host_activates_is_taken_over_and_every_host_en
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_owner_that_wakes_after_a_takeover_is_refused_and_touches_no_host() {
     let names = ["s1", "s2"];
-    let h = changed_fleet(&names, 3000);
+    let h = slow_fleet(&names, 3000);
     let before = systems(&h, &names);
     let db = Postgres::database().unwrap();
-    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = daemon(&h, state_a.path(), &db.url, 4);
-    let b = daemon(&h, state_b.path(), &db.url, 4);
-    let id = start_deployment(&a, json!({ "parallel_limit": 1 })).await;
+    let p = pair(&h, &db.url, 4);
+    let (a, b) = (&p.a, &p.b);
+    let id = start_deployment(a, json!({ "parallel_limit": 1 })).await;
     until_activating(&h, &names, &before);
-    signal(&a, "STOP");
-    let deployment = wait_finished(&b, id).await;
+    signal(a, "STOP");
+    let deployment = wait_finished(b, id).await;
     report_is_what_the_hosts_run(&h, &deployment, &names);
     let activations: Vec<usize> = names.iter().map(|n| h.fleet.activations(n).len()).collect();
     let events_before = stored_events(&db, id).await;
-    signal(&a, "CONT");
+    signal(a, "CONT");
     h.until(
         60,
         "the woken daemon to stop working on the deployment",
@@ -289,7 +258,7 @@ async fn a_frozen_owner_that_wakes_after_a_takeover_is_refused_and_touches_no_ho
         events_before.len(),
         "the woken daemon's writes were refused"
     );
-    let again = wait_finished(&b, id).await;
+    let again = wait_finished(b, id).await;
     assert_eq!(again["status"], "succeeded");
     for name in names {
         assert!(h.consistent(name));
@@ -299,16 +268,15 @@ async fn a_frozen_owner_that_wakes_after_a_takeover_is_refused_and_touches_no_ho
 #[tokio::test(flavor = "multi_thread")]
 async fn postgresql_restarting_mid_deployment_loses_no_event_and_activates_no_host_twice() {
     let names = ["r1", "r2"];
-    let h = changed_fleet(&names, 2000);
+    let h = slow_fleet(&names, 2000);
     let before = systems(&h, &names);
     let server = Postgres::start().unwrap();
     let name = server.create_database().unwrap();
     let url = server.url(&name);
-    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Leases long enough to outlast the restart.
-    let a = daemon(&h, state_a.path(), &url, 15);
-    let b = daemon(&h, state_b.path(), &url, 15);
-    let id = start_deployment(&a, json!({ "parallel_limit": 1 })).await;
+    let p = pair(&h, &url, 15);
+    let (a, b) = (&p.a, &p.b);
+    let id = start_deployment(a, json!({ "parallel_limit": 1 })).await;
     let follower = {
         let client =
             nix_deploy::cli::client::Client::new(&b.url, Some(&b.token_file("read.token")))
@@ -318,7 +286,7 @@ async fn postgresql_restarting_mid_deployment_loses_no_event_and_activates_no_ho
     };
     until_activating(&h, &names, &before);
     server.restart().unwrap();
-    let deployment = wait_finished(&a, id).await;
+    let deployment = wait_finished(a, id).await;
     report_is_what_the_hosts_run(&h, &deployment, &names);
     for (name, old) in names.iter().zip(&before) {
         let count = h

@@ -204,22 +204,33 @@ pub(crate) async fn call(
 
 /// Follow a deployment's event stream to the end; returns the event kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<String> {
+    follow_events(d, id)
+        .await
+        .iter()
+        .map(|e| e.kind.name().to_string())
+        .collect()
+}
+
+/// Follow a deployment's event stream to the end; returns the events.
+pub(crate) async fn follow_events(d: &Daemon, id: i64) -> Vec<nix_deploy_core::events::Event> {
     let client =
         nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
+    tokio::time::timeout(Duration::from_secs(180), client.follow(id, tx))
         .await
         .expect("the stream ends when the deployment does")
         .unwrap();
-    let mut kinds = Vec::new();
+    let mut events = Vec::new();
     while let Ok(event) = rx.try_recv() {
-        kinds.push(event.kind.name().to_string());
+        events.push(event);
     }
-    kinds
+    events
 }
 
-async fn wait_finished(d: &Daemon, id: i64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
+/// Wait until deployment `id` ended for good (not only `interrupted` on
+/// its way to another daemon's takeover); returns it as `d` reports it.
+pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (_, deployment) = call(
             reqwest::Method::GET,
@@ -228,10 +239,13 @@ async fn wait_finished(d: &Daemon, id: i64) -> Value {
             None,
         )
         .await;
-        if deployment["status"] != "running" && deployment["status"] != "queued" {
+        if !deployment["finished_at"].is_null() {
             return deployment;
         }
-        assert!(Instant::now() < deadline, "deployment #{id} did not finish");
+        assert!(
+            Instant::now() < deadline,
+            "deployment #{id} did not finish: {deployment:#}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
