@@ -329,6 +329,60 @@ async fn postgresql_restarting_mid_deployment_loses_no_event_and_activates_no_ho
     assert_eq!(starts.len(), all, "no step was recorded twice");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cli_on_the_database_leases_hosts_like_a_daemon_and_its_deployment_is_taken_over_when_it_dies()
+ {
+    let names = ["c1"];
+    let h = slow_fleet(&names, 3000);
+    let before = systems(&h, &names);
+    let db = Postgres::database().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let d = daemon(&h, state.path(), &db.url, 4);
+    let database = ["--database", db.url.as_str()];
+    let mut cli = h.spawn("cli", &[&database[..], &["deploy"]].concat());
+    until_activating(&h, &names, &before);
+    // The CLI holds the host: the daemon may not deploy it meanwhile.
+    let (status, refused) = call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/deployments", d.url),
+        Some(DEPLOY_TOKEN),
+        Some(json!({ "hosts": ["c1"] })),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    let seen = cluster(&d).await;
+    let kinds: Vec<&str> = seen["coordinators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"cli") && kinds.contains(&"daemon"),
+        "{seen:#}"
+    );
+    let id = seen["deployments"][0]["deployment_id"].as_i64().unwrap();
+    cli.kill().unwrap(); // SIGKILL
+    cli.wait().unwrap();
+    let deployment = wait_finished(&d, id).await;
+    report_is_what_the_hosts_run(&h, &deployment, &names);
+    // A CLI that ends as it should leaves the coordinators.
+    let out = h.run(&[&database[..], &["status"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = cluster(&d).await;
+    let alive_clis = seen["coordinators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "cli" && c["alive"] == true)
+        .count();
+    assert_eq!(alive_clis, 0, "{seen:#}");
+}
+
 #[test]
 fn an_unreachable_database_at_start_is_named_without_its_password() {
     let dir = tempfile::tempdir().unwrap();
