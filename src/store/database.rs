@@ -378,6 +378,31 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_migrations_keep_the_checksums_older_histories_applied() {
+        // As stored in `_sqlx_migrations` by nix-deploy before PostgreSQL
+        // (a changed byte would make every existing history refuse to open).
+        let applied = [
+            "e6d2c9cadd191bd9cf7138a27c51ac368cbdabde4a82e01c8af27dfd539c7137a2a0b1536b79038ffe2fa2c5e7f2c5d6",
+            "c2dfdd8b4919b977a21b0e8a5b735366ae21594d518db418665cdf1f92bd86e2f842ecf025196159f9d9b658d306340c",
+            "15913fe085b670655369505aeb3c4f0f4efb8944d872dcf35611bf5bc56c43100c281d7fc2c36d0f58faf79ee0bcecfc",
+            "ea6e9f9e9e35e1b4a29a3fcf14d60dbb9abba31bbcdcaa1d4d30f119d90a4bdc78abce080c0d1dfd2ae6e5d9e32e894e",
+            "bd9b0fa1b83436cb269fa2d7e1ba86a7e3be9021de4818f3d18dcaad7cb1f19667e815777837f2a19ba4b1afb6562cd9",
+            "22a2b10a7f1bf72c820427e69abdc6f483f81f23ec44b1f2d4b8dc776e9d26e6797977dd17f904ba3eee35baa8d74a28",
+        ];
+        for (version, checksum) in (1..).zip(applied) {
+            let migration = migrator(Backend::Sqlite)
+                .iter()
+                .find(|m| m.version == version)
+                .unwrap();
+            assert_eq!(
+                hex::encode(&*migration.checksum),
+                checksum,
+                "migration {version}"
+            );
+        }
+    }
+
+    #[test]
     fn both_backends_have_the_same_migrations() {
         let versions = |backend| {
             migrator(backend)
