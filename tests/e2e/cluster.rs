@@ -330,6 +330,42 @@ async fn postgresql_restarting_mid_deployment_loses_no_event_and_activates_no_ho
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_that_loses_the_database_past_its_lease_stops_acting_and_resumes_when_it_is_back()
+{
+    let names = ["o1", "o2"];
+    let h = slow_fleet(&names, 3000);
+    let before = systems(&h, &names);
+    let server = Postgres::start().unwrap();
+    let name = server.create_database().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let d = daemon(&h, state.path(), &server.url(&name), 3);
+    let id = start_deployment(&d, json!({ "parallel_limit": 1 })).await;
+    until_activating(&h, &names, &before);
+    server.stop().unwrap();
+    h.until(60, "the daemon to stop acting on its deployment", || {
+        d.log().contains("lost the deployment")
+    });
+    server.run().unwrap();
+    // Back: the lease it gave up expires, and it takes the deployment over
+    // itself (a new epoch), settles the hosts and finishes.
+    let deployment = wait_finished(&d, id).await;
+    report_is_what_the_hosts_run(&h, &deployment, &names);
+    let db = PgDatabase {
+        url: server.url(&name),
+        name,
+        server: std::sync::Arc::new(server),
+    };
+    let events = stored_events(&db, id).await;
+    assert!(
+        events.iter().any(|e| matches!(
+            &e.kind,
+            nix_deploy_core::events::EventKind::Log { message } if message.contains("taken over")
+        )),
+        "resumed by a takeover"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_cli_on_the_database_leases_hosts_like_a_daemon_and_its_deployment_is_taken_over_when_it_dies()
  {
     let names = ["c1"];
