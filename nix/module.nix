@@ -155,6 +155,7 @@ let
     ++ lib.mapAttrsToList (name: token: { name = "token-${name}"; inherit (token) file; }) cfg.tokens
     ++ lib.optional (cfg.slack.signingSecretFile != null) { name = "slack-signing-secret"; file = cfg.slack.signingSecretFile; }
     ++ lib.optional (cfg.github.secretFile != null) { name = "github-secret"; file = cfg.github.secretFile; }
+    ++ lib.optional (cfg.database.passwordFile != null) { name = "db-password"; file = cfg.database.passwordFile; }
     ++ lib.imap0 (i: file: { name = "slack-webhook-${toString i}"; inherit file; }) cfg.notifications.slackWebhookFiles
     ++ lib.imap0 (i: file: { name = "json-webhook-${toString i}"; inherit file; }) cfg.notifications.jsonWebhookFiles;
   credentialNames = prefix: map (c: c.name) (lib.filter (c: lib.hasPrefix prefix c.name) credentials);
@@ -163,6 +164,13 @@ let
   listenPort = lib.toInt (lib.last (lib.splitString ":" cfg.settings.listen));
   listensOnLoopback = lib.hasPrefix "127." cfg.settings.listen || lib.hasPrefix "[::1]" cfg.settings.listen
     || lib.hasPrefix "localhost:" cfg.settings.listen;
+
+  # The history: a local PostgreSQL over its socket (peer authentication as
+  # the service's user, no password), a shared one by URL (its password from
+  # a credential), or SQLite in the state directory.
+  databaseUrl =
+    if cfg.database.createLocally then "postgresql://localhost/nix-deploy?host=/run/postgresql"
+    else cfg.database.url;
 
   configFile = settingsFormat.generate "nix-deploy.toml"
     (lib.filterAttrsRecursive (_: v: v != null) cfg.settings);
@@ -393,6 +401,35 @@ in
       default = null;
       description = "File with the GitHub webhook secret (a systemd credential); enables `/hooks/github` (settings.github.branch: the branch that deploys, default main).";
     };
+    database = {
+      createLocally = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Keep the history in a local `services.postgresql`: a database and a
+          role `nix-deploy`, reached over `/run/postgresql` with peer
+          authentication (no password anywhere).
+        '';
+      };
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "postgresql://nix-deploy@db.internal/nix-deploy";
+        description = ''
+          A PostgreSQL shared by several coordinators (without its password:
+          see `passwordFile`). Unset (and `createLocally` off): SQLite in the
+          state directory.
+        '';
+      };
+      passwordFile = mkOption {
+        type = types.nullOr secretFile;
+        default = null;
+        description = ''
+          File holding the database's password, handed to the service as a
+          systemd credential: never in the Nix store or the configuration.
+        '';
+      };
+    };
     notifications.slackWebhookFiles = mkOption {
       type = types.listOf secretFile;
       default = [ ];
@@ -411,12 +448,22 @@ in
         assertion = (cfg.settings.notifications.slack-webhooks or [ ]) == [ ] && (cfg.settings.notifications.json-webhooks or [ ]) == [ ];
         message = "services.nix-deploy.settings.notifications: webhook URLs are secrets and would be in the Nix store; put each in a file and use services.nix-deploy.notifications.slackWebhookFiles / jsonWebhookFiles.";
       }
+      {
+        assertion = !(cfg.database.createLocally && cfg.database.url != null);
+        message = "services.nix-deploy.database: set either createLocally or url, not both";
+      }
+      {
+        assertion = cfg.database.passwordFile == null || cfg.database.url != null;
+        message = "services.nix-deploy.database.passwordFile needs database.url (a local database uses peer authentication)";
+      }
     ];
     warnings = lib.optional (cfg.openFirewall && listensOnLoopback)
       "services.nix-deploy.openFirewall: settings.listen (${cfg.settings.listen}) is a loopback address; the open port reaches nothing.";
 
     services.nix-deploy.settings = {
       ssh-identity-file = mkIf (cfg.sshKeyFile != null) "ssh-key";
+      database = mkIf (databaseUrl != null) databaseUrl;
+      database-password-file = mkIf (cfg.database.passwordFile != null) "db-password";
       tokens = lib.mapAttrsToList (name: token: { inherit name; inherit (token) scope; file = "token-${name}"; }
         // lib.optionalAttrs (token.hosts != [ ]) { inherit (token) hosts; }) cfg.tokens;
       # Operating with other people: checked by the daemon at start.
@@ -439,10 +486,16 @@ in
 
     networking.firewall.allowedTCPPorts = lib.optional cfg.openFirewall listenPort;
 
+    services.postgresql = mkIf cfg.database.createLocally {
+      enable = true;
+      ensureDatabases = [ "nix-deploy" ];
+      ensureUsers = [ { name = "nix-deploy"; ensureDBOwnership = true; } ];
+    };
     systemd.services.nix-deploy = {
       description = "nix-deploy fleet deployment coordinator";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network-online.target" ];
+      after = [ "network-online.target" ] ++ lib.optional cfg.database.createLocally "postgresql.service";
+      requires = lib.optional cfg.database.createLocally "postgresql.service";
       wants = [ "network-online.target" ];
       # Nix evaluates, builds and copies; ssh reaches the hosts; git fetches
       # git+ flakes.

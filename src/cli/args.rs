@@ -42,6 +42,8 @@ pub fn plan_request(
     ))
 }
 
+use crate::store::DatabaseUrl;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "nix-deploy",
@@ -82,6 +84,11 @@ pub struct Cli {
     /// Where the history database lives [default: $XDG_STATE_HOME/nix-deploy, /var/lib/nix-deploy for root].
     #[arg(long, global = true, value_name = "DIR", env = "NIX_DEPLOY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The history in PostgreSQL, shared with other coordinators
+    /// (postgresql://USER@HOST/DB) [default: SQLite in the state directory].
+    #[arg(long, global = true, value_name = "URL", env = "NIX_DEPLOY_DATABASE",
+          value_parser = DatabaseUrl::parse)]
+    pub database: Option<DatabaseUrl>,
     /// Print one JSON document instead of tables.
     #[arg(long, global = true)]
     pub json: bool,

@@ -47,7 +47,7 @@ use crate::engine::{
 };
 use crate::nix::Nix;
 use crate::paths;
-use crate::store::Store;
+use crate::store::{Backend, Database, Heartbeat, Role, Store, StoreOptions};
 use crate::transport::ssh::{Identities, KeepAlive, SshOptions};
 
 pub const EXIT_OK: u8 = 0;
@@ -129,10 +129,22 @@ fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
 }
 
 /// Open the history; deployments whose coordinator died are marked
-/// `interrupted` on the way (crash recovery).
+/// `interrupted` on the way (crash recovery). On PostgreSQL this process
+/// keeps its leases alive with a heartbeat while the command runs.
 async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     let dir = state_dir(cli);
-    let store = Store::open(&dir).await?;
+    let mut options = StoreOptions::sqlite(&dir);
+    if let Some(url) = &cli.database {
+        options.database = Database::Postgres(url.clone());
+    }
+    let store = Store::connect(&options).await?;
+    if store.backend() == Backend::Postgres {
+        let heartbeat = store.start_heartbeat(Role::Cli).await?;
+        let mut slot = HEARTBEAT.lock().await;
+        if let Some(old) = slot.replace(heartbeat) {
+            old.stop().await;
+        }
+    }
     say_tightened(&store);
     paths::clean_control_dirs(store.dead_holders()).await;
     for id in store.mark_interrupted().await? {
@@ -142,6 +154,11 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     }
     Ok(store)
 }
+
+/// This command's heartbeat (PostgreSQL), stopped when the command ends:
+/// the one process-wide value of the CLI, so that `run` can end it whatever
+/// command opened the history.
+static HEARTBEAT: tokio::sync::Mutex<Option<Heartbeat>> = tokio::sync::Mutex::const_new(None);
 
 /// Say what opening the history had to make owner-only.
 pub(crate) fn say_tightened(store: &Store) {
@@ -277,6 +294,14 @@ fn user_of_uid(passwd: &str, uid: u32) -> Option<String> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let result = run_command(cli).await;
+    if let Some(heartbeat) = HEARTBEAT.lock().await.take() {
+        heartbeat.stop().await;
+    }
+    result
+}
+
+async fn run_command(cli: Cli) -> anyhow::Result<u8> {
     if let Some(server) = cli.server.clone() {
         return match remote::run(&cli, &server).await {
             Ok(code) => Ok(code),

@@ -13,7 +13,7 @@ use crate::daemon::config::{Config, Secret, secret_path_here};
 use crate::daemon::{self, AppState, Token};
 use crate::engine::{Engine, EngineConfig};
 use crate::paths;
-use crate::store::Store;
+use crate::store::{Backend, Database, Role, Store, StoreOptions};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -80,7 +80,9 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         (None, None) => None,
     };
 
-    let store = Store::open(&state_dir).await?;
+    let store = Store::connect(&store_options(cli, &config, &state_dir)?).await?;
+    let takeover = config.cluster.takeover && store.backend() == Backend::Postgres;
+    let heartbeat = store.start_heartbeat(Role::Daemon { takeover }).await?;
     super::say_tightened(&store);
     paths::clean_control_dirs(store.dead_holders()).await;
     let interrupted = store.mark_interrupted().await?;
@@ -108,6 +110,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         tokens,
         slack_secret,
         github_secret,
+        heartbeat.leader(),
     );
     // Reconcile: what do the hosts actually run after a crash? (Probing records it.)
     if !interrupted.is_empty() {
@@ -126,8 +129,39 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     println!("nix-deploy: listening on http://{address}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    daemon::run(listener, state, shutdown_signal()).await?;
+    let served = daemon::run(listener, state, shutdown_signal()).await;
+    heartbeat.stop().await;
+    served?;
     Ok(super::EXIT_OK)
+}
+
+/// Where the daemon's history is: `--database` (or `NIX_DEPLOY_DATABASE`)
+/// over the config's `database`, with the password from
+/// `database-password-file`; else SQLite in the state directory.
+fn store_options(
+    cli: &Cli,
+    config: &Config,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<StoreOptions> {
+    let mut options = StoreOptions::sqlite(state_dir);
+    options.migrate = config.migrate;
+    options.leases = config.lease_timing();
+    let url = match (&cli.database, config.database_url()?) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(url)) => Some(match &config.database_password_file {
+            Some(file) => {
+                let secret = Secret::from_file(&secret_path_here("database-password-file", file)?)
+                    .context("the database password")?;
+                url.with_password(&String::from_utf8_lossy(secret.expose()))
+            }
+            None => url,
+        }),
+        (None, None) => None,
+    };
+    if let Some(url) = url {
+        options.database = Database::Postgres(url);
+    }
+    Ok(options)
 }
 
 async fn shutdown_signal() {

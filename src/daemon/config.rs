@@ -20,6 +20,7 @@ use nix_deploy_core::window::{self, Schedule, WindowSpec, Windows};
 
 use super::notify::NotifyConfig;
 use crate::engine::Policy;
+use crate::store::{DatabaseUrl, LeaseTiming};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -228,6 +229,19 @@ pub struct Config {
     #[serde(default = "default_flake")]
     pub flake: String,
     pub state_dir: Option<PathBuf>,
+    /// The history: `postgresql://USER@HOST/DB` (or `postgresql:///DB?host=/run/postgresql`
+    /// over a local socket) to share it with other coordinators; unset:
+    /// SQLite in the state directory. Never with a password: see
+    /// `database-password-file`.
+    pub database: Option<String>,
+    /// A file holding the database's password (e.g. a systemd credential).
+    pub database_password_file: Option<PathBuf>,
+    /// Apply the history's pending migrations at start (false: a database
+    /// at an older schema version is refused).
+    #[serde(default = "default_true")]
+    pub migrate: bool,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     pub ssh_config: Option<PathBuf>,
     /// A private key for SSH (ssh's `-i`); relative: a systemd credential.
     pub ssh_identity_file: Option<PathBuf>,
@@ -299,6 +313,46 @@ pub struct Config {
     pub schedules: Vec<ScheduleConfig>,
     #[serde(default)]
     pub chat: ChatConfig,
+}
+
+/// Several coordinators on one PostgreSQL history.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterConfig {
+    /// How often this daemon renews its leases and its heartbeat.
+    #[serde(
+        default = "default_heartbeat",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub heartbeat: Duration,
+    /// How long a lease (or the leadership) lasts unrenewed, by the
+    /// database's clock: a dead coordinator's deployments are taken over
+    /// after this.
+    #[serde(
+        default = "default_lease_ttl",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub lease_ttl: Duration,
+    /// Resume deployments whose holder's lease expired (PostgreSQL only).
+    #[serde(default = "default_true")]
+    pub takeover: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat: default_heartbeat(),
+            lease_ttl: default_lease_ttl(),
+            takeover: true,
+        }
+    }
+}
+
+fn default_heartbeat() -> Duration {
+    LeaseTiming::default().heartbeat
+}
+fn default_lease_ttl() -> Duration {
+    LeaseTiming::default().ttl
 }
 
 fn default_listen() -> String {
@@ -380,7 +434,40 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// The history's PostgreSQL URL, if one is configured (without its
+    /// password, which comes from `database-password-file`).
+    pub fn database_url(&self) -> Result<Option<DatabaseUrl>, ConfigError> {
+        let Some(text) = &self.database else {
+            if self.database_password_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "database-password-file is set but database is not".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let url =
+            DatabaseUrl::parse(text).map_err(|e| ConfigError::Invalid(format!("database: {e}")))?;
+        if url.has_password() {
+            return Err(ConfigError::Invalid(format!(
+                "database: {url} holds a password; put it in a file named by database-password-file instead (this file may be world-readable)"
+            )));
+        }
+        Ok(Some(url))
+    }
+
+    /// How this daemon holds its leases.
+    pub fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            heartbeat: self.cluster.heartbeat,
+            ttl: self.cluster.lease_ttl,
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        self.database_url()?;
+        self.lease_timing()
+            .check()
+            .map_err(|e| ConfigError::Invalid(format!("cluster: {e}")))?;
         for (key, value) in [
             ("health-check-timeout", self.health_check_timeout),
             ("confirm-timeout", self.confirm_timeout),
@@ -505,6 +592,47 @@ mod tests {
         assert!(c.tokens.is_empty());
         assert_eq!(c.eval_workers, None);
         assert!(c.eval_cache);
+        assert_eq!(c.database, None);
+        assert!(c.migrate);
+        assert_eq!(c.lease_timing(), LeaseTiming::default());
+        assert!(c.cluster.takeover);
+    }
+
+    #[test]
+    fn the_database_is_a_postgresql_url_without_a_password() {
+        let c = Config::parse(
+            r#"
+            database = "postgresql://deploy@db.internal/fleet"
+            database-password-file = "/run/credentials/nix-deploy.service/db"
+            migrate = false
+            [cluster]
+            heartbeat = "2s"
+            lease-ttl = "10s"
+            takeover = false
+        "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url().unwrap().unwrap().to_string(),
+            "postgresql://deploy@db.internal/fleet"
+        );
+        assert!(!c.migrate);
+        assert_eq!(c.lease_timing().ttl, Duration::from_secs(10));
+        let bad = |t: &str| {
+            Config::parse(t, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad(r#"database = "postgresql://deploy:hunter2@db/fleet""#);
+        assert!(
+            e.contains("database-password-file") && !e.contains("hunter2"),
+            "{e}"
+        );
+        assert!(bad(r#"database = "mysql://db/fleet""#).contains("mysql"));
+        assert!(bad(r#"database-password-file = "/x""#).contains("database is not"));
+        let e = bad("[cluster]\nheartbeat = \"5s\"\nlease-ttl = \"6s\"");
+        assert!(e.contains("three heartbeats"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,9 +64,9 @@ fn receiver() -> Receiver {
 }
 
 pub(crate) struct Daemon {
-    child: Child,
-    pub(crate) url: String,
-    dir: tempfile::TempDir,
+    pub child: Child,
+    pub url: String,
+    pub dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -92,6 +92,11 @@ impl Daemon {
                 .success()
         );
     }
+
+    /// What the daemon logged so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
 }
 
 fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
@@ -101,6 +106,11 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 /// A daemon with `top` keys before the config's tables and `extra_config`
 /// after them (in the `[github]` table unless it opens another).
 pub(crate) fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
+    start_daemon_in(h, h.state_dir(), top, extra_config)
+}
+
+/// [`start_daemon_with`] on another state directory (another machine's).
+pub(crate) fn start_daemon_in(h: &Harness, state: &Path, top: &str, extra_config: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -154,7 +164,7 @@ branch = "main"
         .arg("--ssh-config")
         .arg(h.fleet.ssh_config())
         .arg("--state-dir")
-        .arg(h.state_dir())
+        .arg(state)
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -210,22 +220,33 @@ pub(crate) async fn call(
 
 /// Follow a deployment's event stream to the end; returns the event kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<String> {
+    follow_events(d, id)
+        .await
+        .iter()
+        .map(|e| e.kind.name().to_string())
+        .collect()
+}
+
+/// Follow a deployment's event stream to the end; returns the events.
+pub(crate) async fn follow_events(d: &Daemon, id: i64) -> Vec<nix_deploy_core::events::Event> {
     let client =
         nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
+    tokio::time::timeout(Duration::from_secs(180), client.follow(id, tx))
         .await
         .expect("the stream ends when the deployment does")
         .unwrap();
-    let mut kinds = Vec::new();
+    let mut events = Vec::new();
     while let Ok(event) = rx.try_recv() {
-        kinds.push(event.kind.name().to_string());
+        events.push(event);
     }
-    kinds
+    events
 }
 
+/// Wait until deployment `id` ended for good (not only `interrupted` on
+/// its way to another daemon's takeover); returns it as `d` reports it.
 pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (_, deployment) = call(
             reqwest::Method::GET,
@@ -234,16 +255,13 @@ pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
             None,
         )
         .await;
-        let active = [
-            "queued",
-            "running",
-            "waiting-for-window",
-            "awaiting-approval",
-        ];
-        if !active.contains(&deployment["status"].as_str().unwrap_or("")) {
+        if !deployment["finished_at"].is_null() {
             return deployment;
         }
-        assert!(Instant::now() < deadline, "deployment #{id} did not finish");
+        assert!(
+            Instant::now() < deadline,
+            "deployment #{id} did not finish: {deployment:#}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

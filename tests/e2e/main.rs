@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod cli;
+mod cluster;
 mod commands;
 mod connections;
 mod daemon;

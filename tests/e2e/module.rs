@@ -28,6 +28,7 @@ let
       users.users = loose;
       users.groups = loose;
       nix.settings = loose;
+      services.postgresql = loose;
       nix.package = mkOption { type = types.package; default = fakePackage "nix"; };
       assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
       warnings = mkOption { type = types.listOf types.str; default = [ ]; };

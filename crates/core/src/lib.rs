@@ -34,9 +34,11 @@
 //! - [`grammar`]: the deploy flags (one clap parser for the CLI and chat)
 //!   and the chat command's verbs.
 //! - [`suggest`]: "did you mean" for mistyped names.
+//! - [`cluster`]: the coordinators sharing one history, their leases and leader.
 
 pub mod approval;
 pub mod audit;
+pub mod cluster;
 pub mod command;
 pub mod doctor;
 pub mod duration;

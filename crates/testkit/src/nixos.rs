@@ -246,6 +246,7 @@ in {{
           wantedBy = mkOption {{ type = types.listOf types.str; default = [ ]; }};
           after = mkOption {{ type = types.listOf types.str; default = [ ]; }};
           wants = mkOption {{ type = types.listOf types.str; default = [ ]; }};
+          requires = mkOption {{ type = types.listOf types.str; default = [ ]; }};
           path = mkOption {{ type = types.listOf types.package; default = [ ]; }};
           environment = mkOption {{ type = types.attrsOf types.str; default = {{ }}; }};
           serviceConfig = mkOption {{
@@ -267,6 +268,7 @@ in {{
       default = {{ }};
     }};
     users.users = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
+    services.postgresql = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
     users.groups = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
     nix.package = mkOption {{ type = types.package; default = pkgs.nix; }};
     nix.settings = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};

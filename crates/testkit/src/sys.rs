@@ -36,11 +36,39 @@ pub(crate) fn send_signal(pid: i32, signal: i32) -> bool {
 }
 
 /// Waits for `child` and returns its exit code (`None`: killed by a
-/// signal) and the peak resident memory, in KiB, of it and the children it
-/// waited for (`wait4`'s `ru_maxrss`): what a process cost at its worst,
-/// however briefly.
-#[allow(unsafe_code)]
+/// signal) and its own peak resident memory, in KiB: the kernel's high-water
+/// mark (`VmHWM`, which only grows), read until the process ends. Its
+/// children (`nix eval`, `ssh`) are not counted, as `wait4`'s `ru_maxrss`
+/// would: their size says nothing about the coordinator's.
 pub fn wait_with_peak_rss(child: std::process::Child) -> std::io::Result<(Option<i32>, u64)> {
+    let status = format!("/proc/{}/status", child.id());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let hwm = std::fs::read_to_string(&status).ok().and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                });
+                peak = peak.max(hwm.unwrap_or(0));
+                // A sampling period, not a synchronisation: the mark only
+                // grows, so each read sees every peak before it.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let (code, _) = wait_reaped(child)?;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok((code, watcher.join().expect("the sampling thread")))
+}
+
+/// Waits for `child`: its exit code and `wait4`'s `ru_maxrss`.
+#[allow(unsafe_code)]
+fn wait_reaped(child: std::process::Child) -> std::io::Result<(Option<i32>, u64)> {
     let pid = child.id() as libc::pid_t;
     let mut status: libc::c_int = 0;
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.

@@ -228,7 +228,9 @@ fn sse_event(event: &Event) -> SseEvent {
 }
 
 /// Replays what happened so far (after `Last-Event-ID`, if given), then
-/// streams live events until the deployment finishes.
+/// streams new events until the deployment finishes, from the history:
+/// every daemon streams every deployment, whichever coordinator runs it
+/// (see `daemon::feed`).
 pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -236,94 +238,52 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    let deployment = state.deployment(id).await?;
+    state.deployment(id).await?;
     let after: i64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    // Subscribe before replaying, so nothing falls between the two.
-    let mut live = state.subscribe(id);
+    // Subscribe before the first read, so nothing falls between the two.
+    let mut wakes = state.feed().subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let store = state.store().clone();
-    let running = deployment.status.is_active();
     tokio::spawn(async move {
         let mut last = after;
-        let mut finished = false;
-        let send = |event: &Event| tx.send(Ok(sse_event(event)));
-        match store.events(id, last).await {
-            Ok(replay) => {
-                for event in &replay {
-                    last = event.id;
-                    finished |= matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() {
-                        return;
-                    }
+        loop {
+            let new = match store.events(id, last).await {
+                Ok(new) => new,
+                // The database is away for a moment (a restart): the stream
+                // waits for it, and loses nothing.
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(cause = %e, "reading events; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
                 }
-            }
-            Err(e) => {
-                tracing::error!(cause = %e, "replaying events");
-                return;
-            }
-        }
-        if finished && live.is_none() {
-            return;
-        }
-        if let Some(live) = live.as_mut() {
-            loop {
-                match live.recv().await {
-                    Ok(event) => {
-                        if event.id <= last {
-                            continue;
-                        }
-                        last = event.id;
-                        let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                        if send(&event).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    // Fell behind: catch up from the store, which has everything.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(missed) = store.events(id, last).await {
-                            for event in &missed {
-                                last = event.id;
-                                if send(event).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        } else if running {
-            // Run by another process (a CLI): follow the store until it ends
-            // (a coordinator that died is marked interrupted by the daemon's
-            // reconciler, which ends its stream too).
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let Ok(new) = store.events(id, last).await else {
+                Err(e) => {
+                    tracing::error!(cause = %e, "reading events");
                     return;
-                };
-                for event in &new {
-                    last = event.id;
-                    let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() || done {
-                        return;
-                    }
                 }
-                if new.is_empty()
-                    && let Ok(Some(now)) = store.deployment(id).await
-                    && !now.status.is_active()
-                {
-                    break;
+            };
+            for event in &new {
+                last = event.id;
+                let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
+                if tx.send(Ok(sse_event(event))).await.is_err() || done {
+                    return;
                 }
             }
-        }
-        // The broadcast closed: send whatever the store has beyond `last`.
-        if let Ok(rest) = store.events(id, last).await {
-            for event in &rest {
-                let _ = send(event).await;
+            if !wakes.wait(id).await && new.is_empty() {
+                // Quiet: ended without its final event (an error path)?
+                if let Ok(Some(status)) = store.deployment_status(id).await
+                    && !status.is_active()
+                {
+                    if let Ok(rest) = store.events(id, last).await {
+                        for event in &rest {
+                            let _ = tx.send(Ok(sse_event(event))).await;
+                        }
+                    }
+                    return;
+                }
             }
         }
     });

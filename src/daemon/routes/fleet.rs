@@ -144,7 +144,7 @@ pub async fn health(
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = crate::daemon::metrics::render(state.store()).await?;
+    let text = crate::daemon::metrics::render(state.store(), state.node()).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

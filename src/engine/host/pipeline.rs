@@ -58,6 +58,11 @@ pub(crate) async fn run(
             }
             Outcome::Healthy
         }
+        Err(Stop::Store(e)) if e.is_superseded() => {
+            // Another coordinator holds the deployment now (a higher
+            // epoch): it settles this host; this one touches it no more.
+            return Err(e);
+        }
         Err(Stop::Store(e)) => {
             // The history cannot be written: leave no host between
             // generations, then say so.
