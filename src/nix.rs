@@ -15,11 +15,16 @@ use nix_deploy_core::eval::{
 };
 use nix_deploy_core::keys::Secret;
 use nix_deploy_core::nix::{
-    add_root_command, build_command, check_flake_ref, closure_command, copy_command,
-    key_texts_command, metadata_command, parse_build_output,
+    NixFlags, add_root_command, build_command, check_flake_ref, closure_command, copy_command,
+    flakes_probe_command, key_texts_command, metadata_command, parse_build_output,
+    probe_path_command, show_config_command,
 };
 
 use crate::process::{self, Cmd, ExecError, Stream};
+
+/// The most key texts one evaluation may print, as JSON: every key is at
+/// most 1 MiB, and a run's texts are read once for all its hosts.
+pub const MAX_KEY_TEXTS_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
@@ -35,6 +40,10 @@ pub enum NixError {
         #[source]
         source: ExecError,
     },
+    /// The user's expression did not evaluate; Nix's error says why (the
+    /// command line, with our wrapper, would only hide it).
+    #[error("the expression did not evaluate: {}", nix_said(.source))]
+    Expression { source: ExecError },
     #[error("`nix --version` failed: {0}")]
     Version(#[source] ExecError),
     #[error("`{flake}` is not a usable flake reference: {reason}")]
@@ -54,13 +63,32 @@ pub enum NixError {
     },
     #[error("unexpected output from `{command}`: {reason}")]
     BadOutput { command: String, reason: String },
+    /// A `--nix-option`, `--impure` or `--show-trace` we cannot pass on.
+    #[error("{0}")]
+    BadFlag(String),
+    #[error("`nix show-config` failed: {0}")]
+    Config(#[source] ExecError),
 }
 
-/// How we call Nix: extra environment (for tests and the demo, e.g. `NIX_CONFIG`)
-/// and timeouts.
+/// What Nix said when a command failed: its stderr, else the failure itself
+/// (it did not start, or timed out).
+fn nix_said(error: &ExecError) -> String {
+    match error {
+        ExecError::Exit { stderr_tail, .. } if !stderr_tail.trim().is_empty() => {
+            stderr_tail.trim().to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// How we call Nix: extra environment (for tests and the demo, e.g. `NIX_CONFIG`),
+/// the user's flags for every invocation and timeouts.
 #[derive(Clone, Debug)]
 pub struct Nix {
     pub env: Vec<(String, String)>,
+    /// `--show-trace`, `--impure`, `--nix-option`: added to every local Nix
+    /// command (`--impure` to evaluations and builds only).
+    pub flags: NixFlags,
     pub eval_timeout: Duration,
     pub build_timeout: Duration,
     pub copy_timeout: Duration,
@@ -70,6 +98,7 @@ impl Default for Nix {
     fn default() -> Self {
         Nix {
             env: Vec::new(),
+            flags: NixFlags::default(),
             eval_timeout: Duration::from_secs(600),
             build_timeout: Duration::from_secs(3600),
             copy_timeout: Duration::from_secs(1800),
@@ -77,12 +106,54 @@ impl Default for Nix {
     }
 }
 
+/// What a command does, for the flags it takes.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Evaluates or builds: every flag.
+    Eval,
+    /// Reads or copies store paths: no `--impure`.
+    Store,
+    /// `nix --version`: no flags.
+    Plain,
+}
+
 impl Nix {
-    fn with_env(&self, mut cmd: Cmd) -> Cmd {
+    /// The command with our environment and the user's flags.
+    fn prepare(&self, cmd: Cmd, kind: Kind) -> Cmd {
+        let flags = match kind {
+            Kind::Eval => self.flags.eval_args(),
+            Kind::Store => self.flags.store_args(),
+            Kind::Plain => Vec::new(),
+        };
+        let mut cmd = cmd.args(flags);
         for (k, v) in &self.env {
             cmd = cmd.env(k, v);
         }
         cmd
+    }
+
+    /// What of the user's flags changes evaluation results, with the Nix
+    /// version: the part of cache keys that is about how Nix is called.
+    pub fn evaluation_tag(&self, version: &str) -> String {
+        match self.flags.evaluation_tag() {
+            tag if tag.is_empty() => version.to_string(),
+            tag => format!("{version} {tag}"),
+        }
+    }
+
+    /// Refuse `--nix-option` settings this Nix does not know.
+    pub async fn check_options(&self) -> Result<(), NixError> {
+        self.flags.check().map_err(NixError::BadFlag)?;
+        if self.flags.options.is_empty() {
+            return Ok(());
+        }
+        let cmd = self.prepare(show_config_command(), Kind::Store);
+        let out = process::run(&cmd, self.eval_timeout, |_, _| {})
+            .await
+            .map_err(NixError::Config)?;
+        self.flags
+            .check_known(&out.stdout)
+            .map_err(NixError::BadFlag)
     }
 
     /// Refuse flake references we cannot append `#nixosConfigurations` to.
@@ -96,7 +167,7 @@ impl Nix {
     /// `nix flake metadata --json FLAKE`, as printed.
     pub async fn flake_metadata(&self, flake: &str) -> Result<String, NixError> {
         Self::check_flake(flake)?;
-        let cmd = self.with_env(metadata_command(flake));
+        let cmd = self.prepare(metadata_command(flake), Kind::Store);
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
             .await
             .map_err(|source| NixError::Metadata {
@@ -108,7 +179,7 @@ impl Nix {
 
     /// The first line of `nix --version`.
     pub async fn version(&self) -> Result<String, NixError> {
-        let cmd = self.with_env(version_command());
+        let cmd = self.prepare(version_command(), Kind::Plain);
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
             .await
             .map_err(NixError::Version)?;
@@ -122,7 +193,7 @@ impl Nix {
     #[tracing::instrument(skip(self))]
     pub async fn host_names(&self, flake: &str) -> Result<Vec<String>, NixError> {
         Self::check_flake(flake)?;
-        let cmd = self.with_env(names_command(flake));
+        let cmd = self.prepare(names_command(flake), Kind::Eval);
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
             .await
             .map_err(|source| NixError::Eval {
@@ -146,11 +217,26 @@ impl Nix {
         catch: bool,
         initial_heap: Option<u64>,
     ) -> Result<process::Output, ExecError> {
-        let mut cmd = self.with_env(shard_command(flake, hosts, catch));
+        let mut cmd = self.prepare(shard_command(flake, hosts, catch), Kind::Eval);
         if let Some(bytes) = initial_heap {
             cmd = cmd.env("GC_INITIAL_HEAP_SIZE", bytes.to_string());
         }
         process::run_measured(&cmd, self.eval_timeout, |_, _| {}).await
+    }
+
+    /// `nix-deploy eval`: the user's expression against the fleet
+    /// ([`nix_deploy_core::introspect`]); Nix's JSON, as printed.
+    pub async fn eval_expression(&self, flake: &str, expression: &str) -> Result<String, NixError> {
+        Self::check_flake(flake)?;
+        nix_deploy_core::introspect::check_expression(expression).map_err(NixError::BadFlag)?;
+        let cmd = self.prepare(
+            nix_deploy_core::introspect::eval_command(flake, expression),
+            Kind::Eval,
+        );
+        let out = process::run(&cmd, self.eval_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Expression { source })?;
+        Ok(out.stdout.trim_end().to_string())
     }
 
     /// Build one derivation locally; returns its `out` path.
@@ -159,7 +245,7 @@ impl Nix {
         drv: &str,
         on_line: impl FnMut(Stream, &str) + Send,
     ) -> Result<String, NixError> {
-        let cmd = self.with_env(build_command(drv));
+        let cmd = self.prepare(build_command(drv), Kind::Eval);
         let out = process::run(&cmd, self.build_timeout, on_line)
             .await
             .map_err(|source| NixError::Build {
@@ -174,7 +260,7 @@ impl Nix {
 
     /// Every store path `path` needs (it must be built or substituted).
     pub async fn closure(&self, path: &str) -> Result<Vec<String>, NixError> {
-        let cmd = self.with_env(closure_command(path));
+        let cmd = self.prepare(closure_command(path), Kind::Store);
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
             .await
             .map_err(|source| NixError::Build {
@@ -190,7 +276,8 @@ impl Nix {
             .collect())
     }
 
-    /// The `text` of the keys of `hosts` that have one, in one evaluation:
+    /// The `text` of the keys of `hosts` that have one, in one evaluation
+    /// (at most [`MAX_KEY_TEXTS_BYTES`] of JSON):
     /// host → key attribute → contents. The evaluation's output is read as
     /// bytes and never logged; errors carry Nix's stderr only.
     pub async fn key_texts(
@@ -202,8 +289,8 @@ impl Nix {
             command: "nix eval (key texts)".into(),
             reason,
         })?;
-        let cmd = self.with_env(cmd);
-        let out = process::run_bytes(&cmd, self.eval_timeout)
+        let cmd = self.prepare(cmd, Kind::Eval);
+        let out = process::run_bytes(&cmd, self.eval_timeout, MAX_KEY_TEXTS_BYTES)
             .await
             .map_err(|source| NixError::Eval {
                 flake: flake.to_string(),
@@ -227,9 +314,34 @@ impl Nix {
             .collect())
     }
 
+    /// `doctor`: a tiny input-addressed store path, new for `nonce`.
+    pub async fn build_probe_path(&self, nonce: u64) -> Result<String, NixError> {
+        let cmd = self.prepare(probe_path_command(nonce), Kind::Store);
+        let out = process::run(&cmd, self.build_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Build {
+                drv: "doctor's probe path".into(),
+                source,
+            })?;
+        parse_build_output(&out.stdout).map_err(|reason| NixError::BadOutput {
+            command: cmd.display(),
+            reason,
+        })
+    }
+
+    /// `doctor`: whether the user's own Nix has flakes (see
+    /// [`nix_deploy_core::nix::flakes_probe_command`]): Nix's output, or its error.
+    pub async fn flakes_probe(&self) -> Result<String, String> {
+        let cmd = self.prepare(flakes_probe_command(), Kind::Plain);
+        process::run(&cmd, self.eval_timeout, |_, _| {})
+            .await
+            .map(|out| out.stdout)
+            .map_err(|e| nix_said(&e))
+    }
+
     /// Make `link` a garbage-collector root for the (valid) store path `path`.
     pub async fn add_root(&self, path: &str, link: &str) -> Result<(), NixError> {
-        let cmd = self.with_env(add_root_command(path, link));
+        let cmd = self.prepare(add_root_command(path, link), Kind::Store);
         process::run(&cmd, Duration::from_secs(120), |_, _| {})
             .await
             .map_err(|source| NixError::Build {
@@ -248,7 +360,10 @@ impl Nix {
         substitute: bool,
         on_line: impl FnMut(Stream, &str) + Send,
     ) -> Result<(), NixError> {
-        let cmd = self.with_env(copy_command(destination_uri, path, ssh_opts, substitute));
+        let cmd = self.prepare(
+            copy_command(destination_uri, path, ssh_opts, substitute),
+            Kind::Store,
+        );
         process::run(&cmd, self.copy_timeout, on_line)
             .await
             .map_err(|source| NixError::Copy {

@@ -1,10 +1,16 @@
-//! The one place that spawns local processes (`nix eval`, `nix build`, `nix copy`).
+//! The one place that spawns local processes (`nix eval`, `nix build`, `nix copy`,
+//! a key's `keyCommand`), through one helper ([`spawn`]).
 //!
-//! Every child gets a null stdin, a timeout and `kill_on_drop`, and its stdout and
-//! stderr are drained *at the same time* while we wait for it: a noisy child can
-//! never deadlock on a full pipe. Each stderr line is handed to a callback as it
-//! arrives so the engine can turn it into progress events, and the tail is kept
-//! for the error report.
+//! Every child gets a null stdin, a timeout and a process group of its own, and
+//! its stdout and stderr are drained *at the same time* while we wait for it: a
+//! noisy child can never deadlock on a full pipe. Each stderr line is handed to a
+//! callback as it arrives so the engine can turn it into progress events, and the
+//! tail is kept for the error report.
+//!
+//! The process group is what we stop: on a timeout, when the caller gives up
+//! (the future is dropped: cancel, Ctrl-C) or when a child prints more than we
+//! read, the whole group is killed, so nothing a child started outlives it
+//! (`sh -c 'helper & ...'`). Ctrl-C at the terminal reaches us, not the group.
 //!
 //! Remote commands do not come through here: they go over the SSH master
 //! connection in [`crate::transport::ssh`].
@@ -61,6 +67,8 @@ pub enum ExecError {
         timeout: Duration,
         stderr_tail: String,
     },
+    #[error("`{command}` printed more than {limit} bytes (stopped)")]
+    TooLarge { command: String, limit: usize },
     #[error("reading the output of `{command}`: {source}")]
     Io {
         command: String,
@@ -128,23 +136,8 @@ async fn run_inner(
     mut on_line: impl FnMut(Stream, &str) + Send,
     measure: bool,
 ) -> Result<Output, ExecError> {
-    // The one place that may: see clippy.toml.
-    #[allow(clippy::disallowed_methods)]
-    let mut command = Command::new(cmd.program());
-    command
-        .args(cmd.get_args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // A process group of its own: Ctrl-C at the terminal asks *us* to
-        // cancel (with a confirmation); it must not kill a build or a copy.
-        .process_group(0)
-        .kill_on_drop(true);
-    command.envs(cmd.envs());
-    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
-        program: cmd.program().to_string(),
-        source,
-    })?;
+    let mut spawned = spawn(cmd)?;
+    let child = &mut spawned.child;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
 
@@ -202,8 +195,7 @@ async fn run_inner(
     let status = match tokio::time::timeout(timeout, drain_and_wait).await {
         Ok(status) => status?,
         Err(_) => {
-            // `kill_on_drop` reaps it; kill now so the error is not delayed.
-            let _ = child.start_kill();
+            // Dropping `spawned` kills the group and reaps the child.
             return Err(ExecError::Timeout {
                 command: cmd.display(),
                 timeout,
@@ -211,6 +203,7 @@ async fn run_inner(
             });
         }
     };
+    spawned.group.reaped();
     if !status.success() {
         return Err(ExecError::Exit {
             command: cmd.display(),
@@ -223,62 +216,147 @@ async fn run_inner(
 }
 
 /// Run `cmd` to completion and return its stdout byte for byte (no line
-/// handling: a key's contents must arrive exactly as printed). Stderr is
-/// drained at the same time; its tail goes into the error on failure. The
-/// output is never logged.
-pub async fn run_bytes(cmd: &Cmd, timeout: Duration) -> Result<Vec<u8>, ExecError> {
+/// handling: a key's contents must arrive exactly as printed), at most
+/// `limit` bytes: one byte more and the child's process group is killed and
+/// the run is [`ExecError::TooLarge`], having read no more than `limit + 1`
+/// bytes. Stderr is drained at the same time; its tail goes into the error
+/// on failure. The output is never logged.
+pub async fn run_bytes(cmd: &Cmd, timeout: Duration, limit: usize) -> Result<Vec<u8>, ExecError> {
     use tokio::io::AsyncReadExt;
+    let mut spawned = spawn(cmd)?;
+    let child = &mut spawned.child;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let io_error = |source| ExecError::Io {
+        command: cmd.display(),
+        source,
+    };
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+    let work = async {
+        let mut out = Vec::new();
+        let read_err = async {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Some(line) = lines.next_line().await.map_err(io_error)? {
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+            Ok::<_, ExecError>(())
+        };
+        tokio::pin!(read_err);
+        let mut err_done = None;
+        {
+            let mut limited = stdout.take(limit as u64 + 1);
+            let read_out = limited.read_to_end(&mut out);
+            tokio::pin!(read_out);
+            // Stderr may stay open after stdout ends (a child still
+            // running): the limit is judged as soon as stdout is read.
+            loop {
+                tokio::select! {
+                    read = &mut read_out => {
+                        read.map_err(io_error)?;
+                        break;
+                    }
+                    read = &mut read_err, if err_done.is_none() => err_done = Some(read),
+                }
+            }
+        }
+        if out.len() > limit {
+            return Ok(None);
+        }
+        match err_done {
+            Some(read) => read?,
+            None => read_err.await?,
+        }
+        let status = child.wait().await.map_err(io_error)?;
+        Ok::<_, ExecError>(Some((status, out)))
+    };
+    let (status, out) = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(Some(done))) => done,
+        // Dropping `spawned` kills the group and reaps the child.
+        Ok(Ok(None)) => {
+            return Err(ExecError::TooLarge {
+                command: cmd.display(),
+                limit,
+            });
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(ExecError::Timeout {
+                command: cmd.display(),
+                timeout,
+                stderr_tail: join_tail(&tail),
+            });
+        }
+    };
+    spawned.group.reaped();
+    if !status.success() {
+        return Err(ExecError::Exit {
+            command: cmd.display(),
+            status: status.to_string(),
+            stderr_tail: join_tail(&tail),
+        });
+    }
+    Ok(out)
+}
+
+/// A running child: its process group is killed when this is dropped,
+/// unless the child was reaped after ending by itself.
+struct Spawned {
+    // Declared first, dropped first: the group is killed while its leader
+    // is still unreaped, so its id cannot have been reused.
+    group: ProcessGroup,
+    child: tokio::process::Child,
+}
+
+/// The process group of a child we spawned (its id is the child's pid).
+struct ProcessGroup(Option<rustix::process::Pid>);
+
+impl ProcessGroup {
+    /// The leader ended and was reaped: nothing to kill (what it left
+    /// running in the background is its business, and the group's id may
+    /// be reused once they are gone).
+    fn reaped(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// The one way a local process starts: null stdin, stdout and stderr piped,
+/// the caller's environment on top of ours, a process group of its own
+/// (Ctrl-C at the terminal asks *us* to cancel, with a confirmation; it must
+/// not kill a build or a copy), killed with its group when dropped.
+fn spawn(cmd: &Cmd) -> Result<Spawned, ExecError> {
     // The one place that may: see clippy.toml.
     #[allow(clippy::disallowed_methods)]
     let mut command = Command::new(cmd.program());
     command
         .args(cmd.get_args())
+        .envs(cmd.envs())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
-    command.envs(cmd.envs());
-    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+    let child = command.spawn().map_err(|source| ExecError::Spawn {
         program: cmd.program().to_string(),
         source,
     })?;
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let io_error = |source| ExecError::Io {
-        command: cmd.display(),
-        source,
-    };
-    let work = async {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let (read_out, read_err) =
-            tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
-        read_out.map_err(io_error)?;
-        read_err.map_err(io_error)?;
-        let status = child.wait().await.map_err(io_error)?;
-        Ok::<_, ExecError>((status, out, err))
-    };
-    let (status, out, err) = match tokio::time::timeout(timeout, work).await {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(ExecError::Timeout {
-                command: cmd.display(),
-                timeout,
-                stderr_tail: String::new(),
-            });
-        }
-    };
-    if !status.success() {
-        let err = String::from_utf8_lossy(&err);
-        let lines: Vec<&str> = err.trim_end().lines().collect();
-        let start = lines.len().saturating_sub(TAIL_LINES);
-        return Err(ExecError::Exit {
-            command: cmd.display(),
-            status: status.to_string(),
-            stderr_tail: lines[start..].join("\n"),
-        });
-    }
-    Ok(out)
+    let group = child
+        .id()
+        .and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
+    Ok(Spawned {
+        group: ProcessGroup(group),
+        child,
+    })
 }
 
 fn join_tail(tail: &VecDeque<String>) -> String {
@@ -333,13 +411,114 @@ mod tests {
     #[tokio::test]
     async fn bytes_come_back_exactly() {
         let cmd = Cmd::new("printf").args(["a\\nb\\000c"]);
-        let out = run_bytes(&cmd, Duration::from_secs(10)).await.unwrap();
+        let out = run_bytes(&cmd, Duration::from_secs(10), 1024)
+            .await
+            .unwrap();
         assert_eq!(out, b"a\nb\0c");
         // Stdout never shows up in an error.
         let cmd = Cmd::new("sh").args(["-c", "seq 424240 424242; echo oops >&2; exit 2"]);
-        let err = run_bytes(&cmd, Duration::from_secs(10)).await.unwrap_err();
+        let err = run_bytes(&cmd, Duration::from_secs(10), 1024)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("oops"), "{err}");
         assert!(!err.to_string().contains("424241"), "{err}");
+    }
+
+    /// Whether `pid` is gone (or a zombie: dead, not yet reaped by its new
+    /// parent), waiting up to 10 s for the kill to land.
+    async fn gone(pid: u32) -> bool {
+        for _ in 0..200 {
+            match std::fs::read(format!("/proc/{pid}/cmdline")) {
+                Ok(cmdline) if !cmdline.is_empty() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                _ => return true,
+            }
+        }
+        false
+    }
+
+    /// `sh` that starts `sleep 1000` in the background, writes its pid to a
+    /// file, then runs `then`.
+    fn with_background_child(dir: &std::path::Path, then: &str) -> (Cmd, std::path::PathBuf) {
+        let pidfile = dir.join("pid");
+        let script = format!("sleep 1000 & echo $! > {}; {then}", pidfile.display());
+        (Cmd::new("sh").args(["-c", &script]), pidfile)
+    }
+
+    /// The process whose pid `file` holds is gone.
+    async fn assert_gone(file: &std::path::Path) {
+        let pid = std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(gone(pid).await, "the background child {pid} survived");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_everything_the_child_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cmd, pidfile) = with_background_child(dir.path(), "wait");
+        let err = run(&cmd, Duration::from_secs(1), |_, _| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
+        assert_gone(&pidfile).await;
+
+        let (cmd, pidfile) = with_background_child(dir.path(), "echo out; wait");
+        let err = run_bytes(&cmd, Duration::from_secs(1), 1024)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
+        assert_gone(&pidfile).await;
+    }
+
+    #[tokio::test]
+    async fn giving_up_on_a_child_kills_everything_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cmd, pidfile) = with_background_child(dir.path(), "wait");
+        let waiting = run(&cmd, Duration::from_secs(600), |_, _| {});
+        let started = async {
+            while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            _ = waiting => panic!("the child ended by itself"),
+            () = started => {}
+        }
+        // `waiting` was dropped: the caller gave up (cancel, Ctrl-C).
+        assert_gone(&pidfile).await;
+    }
+
+    #[tokio::test]
+    async fn bytes_beyond_the_limit_stop_the_child_and_everything_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cmd, pidfile) = with_background_child(dir.path(), "head -c 2000000 /dev/zero; wait");
+        let err = run_bytes(&cmd, Duration::from_secs(60), 1024 * 1024)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ExecError::TooLarge { limit: 1048576, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("more than 1048576 bytes"), "{err}");
+        assert_gone(&pidfile).await;
+        // Exactly the limit is fine; one byte more is not.
+        let exactly = Cmd::new("head").args(["-c", "1024", "/dev/zero"]);
+        assert_eq!(
+            run_bytes(&exactly, Duration::from_secs(10), 1024)
+                .await
+                .unwrap()
+                .len(),
+            1024
+        );
+        let err = run_bytes(&exactly, Duration::from_secs(10), 1023)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::TooLarge { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -6,24 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::cluster::Daemon;
 use super::*;
-
-/// A GET's JSON body.
-fn get_json(address: &str, path: &str) -> anyhow::Result<Value> {
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .context("an HTTP response")?;
-    Ok(serde_json::from_str(body)?)
-}
 
 /// `VmRSS` of a process, KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -88,12 +72,12 @@ pub(super) fn watch(bench: &mut Bench) -> anyhow::Result<()> {
     let masters = state.path().join("ssh").display().to_string();
 
     // The same daemon, not watching: its memory is the baseline.
-    let idle = serve(bench, &fleet, state.path(), "[watch]\nenabled = false\n")?;
+    let idle = Daemon::start(bench, &fleet, state.path(), "[watch]\nenabled = false\n")?;
     std::thread::sleep(Duration::from_secs(3));
     let idle_rss = rss_kib(idle.child.id());
     stop(idle);
 
-    let daemon = serve(
+    let daemon = Daemon::start(
         bench,
         &fleet,
         state.path(),
@@ -103,7 +87,7 @@ pub(super) fn watch(bench: &mut Bench) -> anyhow::Result<()> {
     // Warm: every host seen once (its master kept).
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let fleet_now = get_json(&daemon.address, "/api/v1/fleet")?;
+        let fleet_now = daemon.get("/api/v1/fleet")?;
         let seen = fleet_now["hosts"]
             .as_array()
             .map(|hosts| hosts.iter().filter(|h| h["last_seen"].is_i64()).count())
@@ -129,7 +113,7 @@ pub(super) fn watch(bench: &mut Bench) -> anyhow::Result<()> {
     let mut rss = Vec::new();
     let mut drift: BTreeMap<String, usize> = BTreeMap::new();
     while started.elapsed() < window {
-        let fleet_now = get_json(&daemon.address, "/api/v1/fleet")?;
+        let fleet_now = daemon.get("/api/v1/fleet")?;
         for host in fleet_now["hosts"].as_array().into_iter().flatten() {
             if let (Some(name), Some(at)) = (host["name"].as_str(), host["probed_at"].as_i64())
                 && at > started_ms
@@ -148,7 +132,7 @@ pub(super) fn watch(bench: &mut Bench) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let (own_after, children_after) = cpu();
     let (master_count, ssh_after, masters_pss) = processes_naming(&masters);
-    let fleet_now = get_json(&daemon.address, "/api/v1/fleet")?;
+    let fleet_now = daemon.get("/api/v1/fleet")?;
     for host in fleet_now["hosts"].as_array().into_iter().flatten() {
         for d in host["drift"].as_array().into_iter().flatten() {
             *drift

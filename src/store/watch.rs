@@ -1,18 +1,32 @@
-//! The watch's state: each host's last observed state, the changes of it
-//! (the fleet's event stream) and the alerts they raised (an outbox: sent
-//! after a restart if they were not before). A host's change, its event and
-//! its alerts are one transaction: nothing is told that is not stored.
+//! The watch's state: each host's last observed state, the fleet-wide part
+//! of the view (the flake it compares with, its last evaluation, pull
+//! mode's branch), the changes of hosts' states (the fleet's event stream)
+//! and the alerts they raised (an outbox: sent after a restart or a leader
+//! change if they were not before). A host's change, its event and its
+//! alerts are one transaction: nothing is told that is not stored.
+//!
+//! Only the elected leader watches. Every write here is a transaction whose
+//! first statement checks that this coordinator still holds an unexpired
+//! term ([`super::cluster`]'s `lead`), so a deposed leader (frozen, cut off
+//! from the database) writes nothing: [`StoreError::NotLeader`]. Reads are
+//! for every coordinator: followers answer the API from them.
+//!
+//! Alerts are sent exactly once across coordinators: a sender claims each
+//! by compare-and-swap ([`Store::claim_alert`]) before sending it, and marks
+//! it sent after; a claim is taken over only when its claimant's heartbeat
+//! is older than the lease TTL (it died, maybe mid-send: the alert then goes
+//! out again with the same delivery id).
 //!
 //! Also the reads the watch needs from the rest of the history: what our
-//! runs did to a host, who holds which host, and each host's last
-//! successful deployment.
+//! runs did to a host, which hosts a live deployment holds, and each host's
+//! last successful deployment.
 
 use sqlx::Row;
 
 use nix_deploy_core::drift::{AlertKind, DriftKind, PastRun};
 use nix_deploy_core::events::HostStatus;
 use nix_deploy_core::goal::Goal;
-use nix_deploy_core::watch::{Alert, FleetEvent, HostWatch};
+use nix_deploy_core::watch::{Alert, FleetEvent, FleetReport, HostWatch};
 
 use super::{Lease, Store, StoreError, query_error, to_json};
 use crate::now_ms;
@@ -26,7 +40,7 @@ const KEEP_SENT_ALERTS_MS: i64 = 30 * 24 * 3600 * 1000;
 #[derive(Clone, Debug, PartialEq)]
 pub struct WatchRow {
     pub state: HostWatch,
-    /// An `unreachable` alert stands for its current outage.
+    /// An `unreachable` alert stands for the host's current outage.
     pub unreachable_alerted: bool,
 }
 
@@ -75,7 +89,21 @@ fn with_id<T: serde::de::DeserializeOwned>(
     serde_json::from_value(value).map_err(|source| StoreError::Json { context, source })
 }
 
+type Transaction = sqlx::Transaction<'static, sqlx::Any>;
+
 impl Store {
+    /// A transaction for the watch's writes: refused unless this
+    /// coordinator leads (its term unexpired by the database's clock), and
+    /// holding the term's row until it ends, so no other coordinator can be
+    /// elected before it commits.
+    async fn led(&self, context: &'static str) -> Result<Transaction, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(query_error(context))?;
+        if !self.lead(&mut tx).await.map_err(query_error(context))? {
+            return Err(StoreError::NotLeader);
+        }
+        Ok(tx)
+    }
+
     /// Every host's stored state, by name.
     pub async fn watch_hosts(&self) -> Result<Vec<WatchRow>, StoreError> {
         let rows = sqlx::query("SELECT state, unreachable_alerted FROM watch_hosts ORDER BY name")
@@ -85,11 +113,69 @@ impl Store {
         rows.iter()
             .map(|row| {
                 Ok(WatchRow {
-                    state: json(row.get::<&str, _>(0), "watch_hosts.state")?,
+                    state: json(&row.get::<String, _>(0), "watch_hosts.state")?,
                     unreachable_alerted: row.get::<i64, _>(1) != 0,
                 })
             })
             .collect()
+    }
+
+    /// The fleet as the watch last stored it: the leader's view as every
+    /// coordinator can read it. `watching` is true while the coordinator
+    /// that stored it still leads.
+    pub async fn stored_fleet(&self) -> Result<FleetReport, StoreError> {
+        let context = "reading the watched fleet";
+        let row = sqlx::query(
+            "SELECT w.data, w.watched_by, CASE WHEN EXISTS (
+                 SELECT 1 FROM leader l WHERE l.leader_id = w.watched_by
+                   AND l.expires_at >= (SELECT now_ms FROM db_clock)) THEN 1 ELSE 0 END
+               FROM watch_fleet w WHERE w.one = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_error(context))?;
+        let mut report = match row {
+            Some(row) => {
+                let mut report: FleetReport = json(&row.get::<String, _>(0), "watch_fleet.data")?;
+                report.watched_by = Some(row.get(1));
+                report.watching = report.watching && row.get::<i64, _>(2) == 1;
+                report
+            }
+            None => FleetReport::default(),
+        };
+        report.hosts = self
+            .watch_hosts()
+            .await?
+            .into_iter()
+            .map(|row| row.state)
+            .collect();
+        report.generated_at = now_ms();
+        Ok(report)
+    }
+
+    /// Store the fleet-wide part of the leader's view (`report` without its
+    /// hosts), naming this coordinator as the one watching.
+    pub async fn save_watch_fleet(&self, report: &FleetReport) -> Result<(), StoreError> {
+        let context = "saving the watched fleet";
+        let header = FleetReport {
+            hosts: Vec::new(),
+            watched_by: None,
+            ..report.clone()
+        };
+        let mut tx = self.led(context).await?;
+        sqlx::query(
+            "INSERT INTO watch_fleet (one, data, watched_by, updated_at) VALUES (1, $1, $2, $3)
+             ON CONFLICT (one) DO UPDATE SET data = excluded.data,
+                 watched_by = excluded.watched_by, updated_at = excluded.updated_at",
+        )
+        .bind(to_json(&header))
+        .bind(self.holder())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(query_error(context))?;
+        tx.commit().await.map_err(query_error(context))?;
+        Ok(())
     }
 
     /// Store a host's new state with the event and the alerts it raised,
@@ -100,11 +186,8 @@ impl Store {
     ) -> Result<(Option<FleetEvent>, Vec<Alert>), StoreError> {
         let context = "recording a host's watched state";
         let now = now_ms();
-        let mut tx = self.pool.begin().await.map_err(query_error(context))?;
-        upsert_host(change.row, now)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error(context))?;
+        let mut tx = self.led(context).await?;
+        upsert_host(&mut tx, change.row, now).await?;
         let mut event = None;
         if let Some((appeared, cleared)) = &change.drift {
             let mut fleet_event = FleetEvent {
@@ -142,16 +225,13 @@ impl Store {
     }
 
     /// Store hosts' states as they are (their last sight), in one
-    /// transaction: the watch flushes them every few minutes.
+    /// transaction: the watch flushes them every minute.
     pub async fn save_watch_hosts(&self, rows: &[WatchRow]) -> Result<(), StoreError> {
         let context = "saving the watched hosts";
         let now = now_ms();
-        let mut tx = self.pool.begin().await.map_err(query_error(context))?;
+        let mut tx = self.led(context).await?;
         for row in rows {
-            upsert_host(row, now)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_error(context))?;
+            upsert_host(&mut tx, row, now).await?;
         }
         tx.commit().await.map_err(query_error(context))?;
         Ok(())
@@ -171,7 +251,7 @@ impl Store {
                 .await
                 .map_err(query_error("reading fleet events"))?;
         rows.iter()
-            .map(|row| with_id(row.get(0), row.get::<&str, _>(1), "watch_events.data"))
+            .map(|row| with_id(row.get(0), &row.get::<String, _>(1), "watch_events.data"))
             .collect()
     }
 
@@ -189,7 +269,7 @@ impl Store {
     /// Record an alert on its own (the fleet's, not a host's).
     pub async fn record_alert(&self, new: &NewAlert) -> Result<Alert, StoreError> {
         let context = "recording an alert";
-        let mut tx = self.pool.begin().await.map_err(query_error(context))?;
+        let mut tx = self.led(context).await?;
         let alert = insert_alert(&mut tx, new, now_ms()).await?;
         tx.commit().await.map_err(query_error(context))?;
         Ok(alert)
@@ -197,7 +277,7 @@ impl Store {
 
     /// The newest of the fleet's own alerts (its evaluation failing or
     /// recovering): whether the fleet was last said to evaluate, across
-    /// restarts.
+    /// restarts and leader changes.
     pub async fn last_fleet_alert(&self) -> Result<Option<Alert>, StoreError> {
         let row = sqlx::query(
             "SELECT id, data FROM watch_alerts WHERE host IS NULL ORDER BY id DESC LIMIT 1",
@@ -205,21 +285,25 @@ impl Store {
         .fetch_optional(&self.pool)
         .await
         .map_err(query_error("reading the fleet's alerts"))?;
-        row.map(|row| with_id(row.get(0), row.get::<&str, _>(1), "watch_alerts.data"))
+        row.map(|row| with_id(row.get(0), &row.get::<String, _>(1), "watch_alerts.data"))
             .transpose()
     }
 
     /// Forget a host that left the flake.
     pub async fn forget_watch_host(&self, name: &str) -> Result<(), StoreError> {
+        let context = "forgetting a watched host";
+        let mut tx = self.led(context).await?;
         sqlx::query("DELETE FROM watch_hosts WHERE name = $1")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(query_error("forgetting a watched host"))?;
+            .map_err(query_error(context))?;
+        tx.commit().await.map_err(query_error(context))?;
         Ok(())
     }
 
-    /// Alerts not sent yet, oldest first.
+    /// Alerts not sent yet, oldest first (claimed by a live sender or not:
+    /// see [`Store::claim_alert`]).
     pub async fn unsent_alerts(&self) -> Result<Vec<Alert>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, data FROM watch_alerts WHERE sent_at IS NULL ORDER BY id LIMIT 1000",
@@ -228,20 +312,43 @@ impl Store {
         .await
         .map_err(query_error("reading unsent alerts"))?;
         rows.iter()
-            .map(|row| with_id(row.get(0), row.get::<&str, _>(1), "watch_alerts.data"))
+            .map(|row| with_id(row.get(0), &row.get::<String, _>(1), "watch_alerts.data"))
             .collect()
     }
 
-    /// An alert went out (or was given up on): never again. Old sent alerts
-    /// are forgotten.
+    /// Claim alert `id` for this coordinator to send: by compare-and-swap,
+    /// so of several coordinators exactly one gets it. True when it is
+    /// ours: unsent, and unclaimed, claimed by us, or claimed by a
+    /// coordinator whose heartbeat is older than the lease TTL.
+    pub async fn claim_alert(&self, id: i64) -> Result<bool, StoreError> {
+        let claimed = sqlx::query(
+            "UPDATE watch_alerts SET claimed_by = $1, claimed_at = (SELECT now_ms FROM db_clock)
+             WHERE id = $2 AND sent_at IS NULL AND (claimed_by IS NULL OR claimed_by = $1
+                 OR NOT EXISTS (SELECT 1 FROM coordinators c WHERE c.id = watch_alerts.claimed_by
+                     AND c.heartbeat_at >= (SELECT now_ms FROM db_clock) - $3))",
+        )
+        .bind(self.holder())
+        .bind(id)
+        .bind(self.ttl_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("claiming an alert"))?
+        .rows_affected();
+        Ok(claimed == 1)
+    }
+
+    /// An alert this coordinator claimed went out (or was given up on):
+    /// never again. Old sent alerts are forgotten.
     pub async fn mark_alert_sent(&self, id: i64) -> Result<(), StoreError> {
+        let context = "marking an alert sent";
         let now = now_ms();
-        sqlx::query("UPDATE watch_alerts SET sent_at = $1 WHERE id = $2")
+        sqlx::query("UPDATE watch_alerts SET sent_at = $1 WHERE id = $2 AND claimed_by = $3")
             .bind(now)
             .bind(id)
+            .bind(self.holder())
             .execute(&self.pool)
             .await
-            .map_err(query_error("marking an alert sent"))?;
+            .map_err(query_error(context))?;
         sqlx::query("DELETE FROM watch_alerts WHERE sent_at IS NOT NULL AND sent_at < $1")
             .bind(now - KEEP_SENT_ALERTS_MS)
             .execute(&self.pool)
@@ -267,26 +374,34 @@ impl Store {
         Ok(rows
             .iter()
             .map(|row| PastRun {
-                status: HostStatus::parse(row.get::<&str, _>(0)).unwrap_or(HostStatus::Failed),
+                status: HostStatus::parse(&row.get::<String, _>(0)).unwrap_or(HostStatus::Failed),
                 goal: row
-                    .get::<Option<&str>, _>(1)
-                    .and_then(|g| Goal::parse(g).ok())
+                    .get::<Option<String>, _>(1)
+                    .and_then(|g| Goal::parse(&g).ok())
                     .unwrap_or_default(),
                 from: row.get(2),
                 to: row.get(3),
-                rebooted: row.get::<Option<&str>, _>(4).is_some(),
+                rebooted: row.get::<Option<String>, _>(4).is_some(),
             })
             .collect())
     }
 
-    /// Every lease held now (their holders may have died: see
-    /// [`Store::holder_alive`]).
-    pub async fn leased_hosts(&self) -> Result<Vec<Lease>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM leases ORDER BY host")
-            .fetch_all(&self.pool)
+    /// The host leases whose holder is alive (on SQLite its flock is held,
+    /// on PostgreSQL its lease unexpired by the database's clock): hosts a
+    /// deployment holds now. A dead holder's lease is no deployment.
+    pub async fn live_leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let leases = self.leases().await?;
+        if !self.liveness_by_lease() {
+            return Ok(leases
+                .into_iter()
+                .filter(|l| self.holder_alive(l.holder.as_deref(), Some(l.pid)))
+                .collect());
+        }
+        let (now,): (i64,) = sqlx::query_as("SELECT now_ms FROM db_clock")
+            .fetch_one(&self.pool)
             .await
-            .map_err(query_error("reading leases"))?;
-        Ok(rows.iter().map(Self::lease_from_row).collect())
+            .map_err(query_error("reading the database's clock"))?;
+        Ok(leases.into_iter().filter(|l| l.expires_at >= now).collect())
     }
 
     /// When each host's last successful deployment ended (Unix ms).
@@ -304,9 +419,7 @@ impl Store {
     }
 }
 
-type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
-
-fn upsert_host(row: &WatchRow, now: i64) -> Query<'_> {
+async fn upsert_host(tx: &mut Transaction, row: &WatchRow, now: i64) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO watch_hosts (name, state, unreachable_alerted, updated_at)
          VALUES ($1, $2, $3, $4)
@@ -318,13 +431,13 @@ fn upsert_host(row: &WatchRow, now: i64) -> Query<'_> {
     .bind(to_json(&row.state))
     .bind(i64::from(row.unreachable_alerted))
     .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("storing a watched host"))?;
+    Ok(())
 }
 
-async fn insert_alert(
-    tx: &mut sqlx::SqliteConnection,
-    new: &NewAlert,
-    now: i64,
-) -> Result<Alert, StoreError> {
+async fn insert_alert(tx: &mut Transaction, new: &NewAlert, now: i64) -> Result<Alert, StoreError> {
     let mut alert = Alert {
         id: 0,
         created_at: now,
@@ -334,101 +447,15 @@ async fn insert_alert(
         detail: new.detail.clone(),
     };
     let data = without_id(serde_json::to_value(&alert).unwrap_or_default());
-    alert.id =
-        sqlx::query("INSERT INTO watch_alerts (created_at, data) VALUES ($1, $2) RETURNING id")
-            .bind(now)
-            .bind(data)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(query_error("recording an alert"))?
-            .get(0);
+    alert.id = sqlx::query(
+        "INSERT INTO watch_alerts (created_at, host, data) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(now)
+    .bind(&alert.host)
+    .bind(data)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(query_error("recording an alert"))?
+    .get(0);
     Ok(alert)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use nix_deploy_core::drift::Drift;
-
-    fn row(name: &str, kind: DriftKind) -> WatchRow {
-        WatchRow {
-            state: HostWatch {
-                name: name.into(),
-                drift: vec![Drift { kind, since: 5 }],
-                last_seen: Some(7),
-                ..HostWatch::default()
-            },
-            unreachable_alerted: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_change_its_event_and_its_alerts_are_stored_together_and_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        let sick = row("web1", DriftKind::Unhealthy);
-        let (event, alerts) = store
-            .record_watch(&WatchChange {
-                row: &sick,
-                drift: Some((vec![DriftKind::Unhealthy], vec![DriftKind::InSync])),
-                alerts: vec![NewAlert {
-                    kind: AlertKind::Unhealthy,
-                    host: Some("web1".into()),
-                    drift: Vec::new(),
-                    detail: Some("service nginx (failed)".into()),
-                }],
-            })
-            .await
-            .unwrap();
-        let event = event.unwrap();
-        assert!(event.id > 0);
-        assert_eq!(event.state, sick.state);
-        assert_eq!(alerts.len(), 1);
-        // A second change: only the state, no event, no alert.
-        let mut seen = sick.clone();
-        seen.state.last_seen = Some(9);
-        seen.unreachable_alerted = true;
-        store
-            .record_watch(&WatchChange {
-                row: &seen,
-                drift: None,
-                alerts: Vec::new(),
-            })
-            .await
-            .unwrap();
-        store.close().await;
-
-        let store = Store::open(dir.path()).await.unwrap();
-        assert_eq!(store.watch_hosts().await.unwrap(), vec![seen]);
-        assert_eq!(
-            store.watch_events(0, 10).await.unwrap(),
-            vec![event.clone()]
-        );
-        assert!(store.watch_events(event.id, 10).await.unwrap().is_empty());
-        assert_eq!(store.watch_event_ids().await.unwrap(), (event.id, event.id));
-        // The alert waits until sent, also across the reopen.
-        assert_eq!(store.unsent_alerts().await.unwrap(), alerts);
-        store.mark_alert_sent(alerts[0].id).await.unwrap();
-        assert!(store.unsent_alerts().await.unwrap().is_empty());
-        let fleet = store
-            .record_alert(&NewAlert {
-                kind: AlertKind::EvaluationFailed,
-                host: None,
-                drift: Vec::new(),
-                detail: Some("error: syntax error".into()),
-            })
-            .await
-            .unwrap();
-        assert!(fleet.id > alerts[0].id);
-        assert_eq!(store.last_fleet_alert().await.unwrap(), Some(fleet.clone()));
-        assert_eq!(store.unsent_alerts().await.unwrap(), vec![fleet]);
-        // Flushing many hosts at once.
-        store
-            .save_watch_hosts(&[row("a", DriftKind::InSync), row("b", DriftKind::Behind)])
-            .await
-            .unwrap();
-        assert_eq!(store.watch_hosts().await.unwrap().len(), 3);
-        store.forget_watch_host("a").await.unwrap();
-        assert_eq!(store.watch_hosts().await.unwrap().len(), 2);
-    }
 }

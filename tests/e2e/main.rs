@@ -7,16 +7,24 @@
 #![allow(clippy::disallowed_methods)]
 
 mod cli;
+mod cluster;
+mod commands;
 mod connections;
 mod daemon;
 mod deploy;
 mod evaluation;
 mod exec;
 mod faults;
+mod found_by_chaos;
 mod goals;
 mod helpers;
+mod identity;
 mod keys;
+mod module;
+mod ops;
+mod recipes;
 mod recovery;
+mod reporting;
 mod safety;
 mod selection;
 mod strategies;

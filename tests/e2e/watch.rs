@@ -23,9 +23,9 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::daemon::{
-    Daemon, READ_TOKEN, call, client, client_metrics, git, receiver, start_daemon_args, stop_daemon,
+    Daemon, READ_TOKEN, call, client, client_metrics, receiver, start_daemon_args, stop_daemon,
 };
-use crate::helpers::{Harness, binary};
+use crate::helpers::{Harness, binary, git};
 
 /// Every host probed and checked every second.
 const WATCH: &str = "\n[watch]\ninterval = \"1s\"\nhealth-interval = \"1s\"\n";

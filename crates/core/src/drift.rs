@@ -128,6 +128,8 @@ impl PastRun {
                 Goal::Switch | Goal::Test => self.to.as_deref(),
                 Goal::Boot if self.rebooted => self.to.as_deref(),
                 Goal::Boot => self.from.as_deref(),
+                // A closure copied, nothing activated: it runs what it ran.
+                Goal::Push => self.from.as_deref(),
                 Goal::DryActivate => None,
             },
             HostStatus::RolledBack | HostStatus::Failed => self.from.as_deref(),
@@ -155,7 +157,7 @@ impl History {
             if history.last.is_none() {
                 history.last = run.left_running().map(str::to_string);
             }
-            let deployed = run.status == HostStatus::Deployed && run.goal != Goal::DryActivate;
+            let deployed = run.status == HostStatus::Deployed && run.goal.changes_host();
             history.known.extend(run.from.iter().cloned());
             if deployed {
                 history.known.extend(run.to.iter().cloned());

@@ -21,10 +21,11 @@ pub enum InventoryError {
     Malformed(String),
     #[error("host `{host}`: {message}")]
     BadHost { host: String, message: String },
-    #[error("unknown host `{name}` (the fleet has: {known})")]
-    UnknownHost { name: String, known: String },
-    #[error("no host has tag `{tag}`")]
-    UnknownTag { tag: String },
+    /// `hint`: what the word may have meant ([`crate::select::unknown_host`]).
+    #[error("unknown host `{name}`{hint}")]
+    UnknownHost { name: String, hint: String },
+    #[error("no host has tag `{tag}`{hint}")]
+    UnknownTag { tag: String, hint: String },
     #[error("`{selector}` matches no host")]
     NoMatch { selector: String },
     #[error("invalid selector `{selector}`: {reason}")]
@@ -371,13 +372,19 @@ impl Inventory {
         self.hosts.keys().cloned().collect()
     }
 
+    /// Every tag some host has, sorted.
+    pub fn tags(&self) -> std::collections::BTreeSet<String> {
+        self.hosts
+            .values()
+            .flat_map(|h| h.tags.iter().cloned())
+            .collect()
+    }
+
     /// Hosts with `tag`; an error when none has it.
     pub fn with_tag(&self, tag: &str) -> Result<Vec<&Host>, InventoryError> {
         let found: Vec<&Host> = self.hosts.values().filter(|h| h.has_tag(tag)).collect();
         if found.is_empty() {
-            return Err(InventoryError::UnknownTag {
-                tag: tag.to_string(),
-            });
+            return Err(crate::select::unknown_tag(self, tag));
         }
         Ok(found)
     }

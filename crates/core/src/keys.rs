@@ -314,34 +314,76 @@ pub(crate) fn check_unique_paths(keys: &[Key]) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes stdin to `DIR/NAME` atomically: into a fresh file that only root
-/// can read (`mktemp`, umask 077) in the same directory, then owner and mode,
-/// then `mv` over the old key. A missing directory is created (mode 0755).
-/// When the owner does not exist yet (a pre-activation key whose user the new
-/// system creates), the key stays root's with a warning, unless the
+/// Writes a key to `DIR/NAME` on a host, all or nothing.
+///
+/// Its stdin is [`upload_input`]: a header line with the key's length and
+/// SHA-256, then the key. The key is written into a fresh root-only
+/// directory (`mktemp -d`, umask 077) next to its destination and checked
+/// there: an upload cut off mid-transfer (the connection dropped, the
+/// coordinator killed) ends the input early, and a short or different key is
+/// refused, leaving the old key as it was. Only a whole key gets its owner
+/// and mode and is renamed over the old one (`mv -T`: a directory at the
+/// key's path is an error, never a place to drop the key into).
+///
+/// The destination is reached one directory at a time from `/`, refusing
+/// symlinks (a `destDir` owned by a service user must not lead root into
+/// another directory) and creating what is missing (mode 0755); each step is
+/// checked against the physical working directory, so a directory swapped
+/// for a link meanwhile is caught, and everything after works relative to
+/// it. When the owner does not exist yet (a pre-activation key whose user
+/// the new system creates), the key stays root's with a warning, unless the
 /// ownership is required (post-activation, re-uploads), which fails.
 ///
 /// Fixed text: directory, name, owner, group, mode and the flag arrive as
-/// positional arguments, validated in this module.
+/// positional arguments, validated in this module; the length and hash on
+/// stdin, never on a command line (a hash of a short password is as good as
+/// the password to whoever can read `ps` or sudo's log).
 const UPLOAD_SCRIPT: &str = r#"set -eu
 dir=$1; name=$2; user=$3; group=$4; mode=$5; require=$6
-(umask 022 && mkdir -p -- "$dir")
+fail() { echo "$dir/$name: $*" >&2; exit 1; }
+# A closed stderr must not kill us before the cleanup below.
+trap '' PIPE
+trap 'exit 1' HUP INT TERM
+IFS=' ' read -r magic size sha || fail "the upload ended before its header"
+[ "$magic" = nix-deploy-key ] || fail "the upload's header is malformed"
+case $size in '' | *[!0-9]*) fail "the upload's header is malformed" ;; esac
+case $sha in *[!0-9a-f]*) fail "the upload's header is malformed" ;; esac
+[ "${#sha}" -eq 64 ] || fail "the upload's header is malformed"
+cd /
+at=
+rest=${dir#/}
+while [ -n "$rest" ]; do
+  part=${rest%%/*}
+  case $rest in */*) rest=${rest#*/} ;; *) rest= ;; esac
+  at=$at/$part
+  [ -L "$part" ] && fail "$at is a symlink: keys are written only into real directories, never through a link"
+  [ -e "$part" ] || mkdir -m 0755 -- "$part"
+  [ -d "$part" ] || fail "$at is not a directory"
+  cd -P -- "$part"
+  [ "$(pwd -P)" = "$at" ] || fail "$at was replaced while the key was written"
+done
+[ -d "$name" ] && [ ! -L "$name" ] && fail "is a directory: the key was not written"
 umask 077
-tmp=$(mktemp "$dir/.$name.XXXXXXXX")
-trap 'rm -f -- "$tmp"' EXIT
-cat > "$tmp"
-if ! chown -- "$user:$group" "$tmp" 2>/dev/null; then
+staging=$(mktemp -d ".$name.XXXXXXXX")
+cd -P -- "$staging"
+trap 'rm -f key; cd .. && rmdir -- "$staging"' EXIT
+cat > key
+got=$(wc -c < key)
+got=$((got + 0))
+[ "$got" = "$size" ] || fail "received $got of $size bytes (the upload was cut short): the key on the host is left as it was"
+sum=$(sha256sum < key)
+[ "${sum%% *}" = "$sha" ] || fail "the received bytes do not match their SHA-256: the key on the host is left as it was"
+if ! chown -- "$user:$group" key 2>/dev/null; then
   if [ "$require" = 1 ]; then
-    echo "cannot make $dir/$name owned by $user:$group (does the user or group exist?)" >&2
-    exit 1
+    fail "cannot make it owned by $user:$group (does the user or group exist?)"
   fi
   echo "warning: $user:$group does not exist yet; $dir/$name stays owned by root" >&2
 fi
-chmod -- "$mode" "$tmp"
-mv -f -- "$tmp" "$dir/$name"
-trap - EXIT"#;
+chmod -- "$mode" key
+mv -T -f -- key "../$name""#;
 
-/// The argv that uploads `key` (its contents go on stdin).
+/// The argv that uploads `key` (its contents go on stdin, as
+/// [`upload_input`]).
 pub fn upload_argv(key: &Key, require_ownership: bool) -> Vec<String> {
     vec![
         "sh".into(),
@@ -355,6 +397,17 @@ pub fn upload_argv(key: &Key, require_ownership: bool) -> Vec<String> {
         key.permissions.clone(),
         if require_ownership { "1" } else { "0" }.into(),
     ]
+}
+
+/// What the upload script reads: `nix-deploy-key LENGTH SHA256\n`, then
+/// the key's bytes.
+pub fn upload_input(secret: &Secret) -> Secret {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(secret.expose());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let mut input = format!("nix-deploy-key {} {hex}\n", secret.len()).into_bytes();
+    input.extend_from_slice(secret.expose());
+    Secret::new(input)
 }
 
 /// `upload-keys` as callers spell it (`POST /api/v1/upload-keys`).
@@ -537,6 +590,16 @@ mod tests {
         );
         assert!(!UPLOAD_SCRIPT.contains("/etc/secret"));
         assert_eq!(upload_argv(&key, false)[9], "0");
+        // Length and hash travel with the contents, on stdin.
+        let input = upload_input(&Secret::new(b"hunter2".to_vec()));
+        assert_eq!(
+            input.expose(),
+            b"nix-deploy-key 7 f52fbd32b2b3b86ff88ef6c490628285f482af15ddcb29541f94bcf526a3f6c7\nhunter2"
+        );
+        assert_eq!(format!("{input:?}"), "Secret(<redacted>)");
+        // The rename never drops a key into a directory; links are refused.
+        assert!(UPLOAD_SCRIPT.contains(r#"mv -T -f -- key "../$name""#));
+        assert!(UPLOAD_SCRIPT.contains(r#"[ -L "$part" ] && fail"#));
     }
 
     #[test]

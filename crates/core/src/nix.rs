@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::command::Cmd;
 
 /// Flags every `nix` invocation gets: flakes without touching the user's config.
-const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
+pub const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
 
 /// Reads, for every `nixosConfigurations.<name>`, the toplevel's out and drv paths
 /// and `config.deployment`, in one evaluation.
@@ -32,6 +32,125 @@ pub const FLEET_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: c
         else key) d.keys; }
       else d;
   }) configurations"#;
+
+/// What the user adds to every local Nix invocation: `--show-trace`,
+/// `--impure` (evaluations and builds only) and `--option NAME VALUE`
+/// (`--nix-option` on our command line).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NixFlags {
+    pub show_trace: bool,
+    pub impure: bool,
+    /// Settings, in the order given.
+    pub options: Vec<(String, String)>,
+}
+
+/// Settings nix-deploy decides itself: set through `--nix-option`, they
+/// would silently change what nix-deploy relies on.
+const RESERVED_SETTINGS: [&str; 2] = ["experimental-features", "extra-experimental-features"];
+
+impl NixFlags {
+    /// Names and values as Nix settings are written: a name of letters,
+    /// digits and `-` (as `nix show-config` lists them), a value of one line.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, value) in &self.options {
+            let well_formed = !name.is_empty()
+                && name.len() <= 100
+                && !name.starts_with('-')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            if !well_formed {
+                return Err(format!(
+                    "--nix-option `{name}`: not a Nix setting name (letters, digits and `-`, e.g. `eval-cache`)"
+                ));
+            }
+            if RESERVED_SETTINGS.contains(&name.as_str()) {
+                return Err(format!(
+                    "--nix-option {name}: nix-deploy enables the features it needs itself; set it in nix.conf instead"
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(format!(
+                    "--nix-option {name}: the value must be one line without control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse a setting this Nix does not know (it would only warn, and the
+    /// option would do nothing), given `nix show-config --json`.
+    pub fn check_known(&self, show_config_json: &str) -> Result<(), String> {
+        if self.options.is_empty() {
+            return Ok(());
+        }
+        let settings: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(show_config_json)
+                .map_err(|e| format!("unexpected `nix show-config --json` output: {e}"))?;
+        let mut known: Vec<String> = Vec::new();
+        for (name, setting) in &settings {
+            known.push(name.clone());
+            known.push(format!("extra-{name}"));
+            if let Some(aliases) = setting.get("aliases").and_then(|a| a.as_array()) {
+                known.extend(
+                    aliases
+                        .iter()
+                        .filter_map(|a| a.as_str())
+                        .map(str::to_string),
+                );
+            }
+        }
+        for (name, _) in &self.options {
+            if !known.contains(name) {
+                return Err(format!(
+                    "--nix-option {name}: this Nix has no such setting{} (`nix show-config` lists them)",
+                    crate::suggest::did_you_mean(name, &known, "")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// For commands that only read or copy store paths (`nix-store`, `nix copy`,
+    /// `nix flake metadata`).
+    pub fn store_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.show_trace {
+            args.push("--show-trace".to_string());
+        }
+        for (name, value) in &self.options {
+            args.extend(["--option".to_string(), name.clone(), value.clone()]);
+        }
+        args
+    }
+
+    /// For evaluations and builds: [`NixFlags::store_args`] and `--impure`.
+    pub fn eval_args(&self) -> Vec<String> {
+        let mut args = self.store_args();
+        if self.impure {
+            args.push("--impure".to_string());
+        }
+        args
+    }
+
+    /// What of these flags can change an evaluation's result (everything but
+    /// `--show-trace`), for cache keys: empty without such flags.
+    pub fn evaluation_tag(&self) -> String {
+        let flags = NixFlags {
+            show_trace: false,
+            ..self.clone()
+        };
+        crate::shell::join(&flags.eval_args())
+    }
+}
+
+/// `nix show-config --json`: every setting this Nix knows (Nix 2.8 has no
+/// `nix config show`).
+pub fn show_config_command() -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["show-config", "--json"])
+}
 
 /// Reject flake references we cannot append `#nixosConfigurations` to.
 pub fn check_flake_ref(flake: &str) -> Result<(), &'static str> {
@@ -122,6 +241,26 @@ in builtins.listToAttrs (map (name: {{
         .arg(format!("{flake}#nixosConfigurations"))
         .arg("--apply")
         .arg(apply))
+}
+
+/// `doctor`'s copy check: build a tiny input-addressed path (a copy of one
+/// needs the destination's trust, as a system's closure does; a
+/// content-addressed path would not), unique per `nonce` so that copying it
+/// is never a no-op. `--impure` for `builtins.currentSystem`.
+pub fn probe_path_command(nonce: u64) -> Cmd {
+    let expr = format!(
+        r#"derivation {{ name = "nix-deploy-doctor"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ok > $out" ]; nonce = "{nonce}"; }}"#
+    );
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["build", "--no-link", "--json", "--impure", "--expr"])
+        .arg(expr)
+}
+
+/// `nix eval --expr 'builtins ? getFlake'` *without* our feature flags:
+/// whether the user's own Nix has `nix-command` and flakes on.
+pub fn flakes_probe_command() -> Cmd {
+    Cmd::new("nix").args(["eval", "--expr", "builtins ? getFlake"])
 }
 
 /// `nix-store --realise PATH --add-root LINK`: make `LINK` (a symlink to an
@@ -235,6 +374,56 @@ mod tests {
         assert_eq!(parse_build_output(json).unwrap(), "/nix/store/q4-h1");
         assert!(parse_build_output("[]").is_err());
         assert!(parse_build_output("nope").is_err());
+    }
+
+    #[test]
+    fn nix_flags_are_checked_and_placed() {
+        let flags = NixFlags {
+            show_trace: true,
+            impure: true,
+            options: vec![("eval-cache".into(), "false".into())],
+        };
+        assert!(flags.check().is_ok());
+        assert_eq!(
+            flags.store_args(),
+            ["--show-trace", "--option", "eval-cache", "false"]
+        );
+        assert_eq!(flags.eval_args().last().unwrap(), "--impure");
+        assert_eq!(flags.evaluation_tag(), "--option eval-cache false --impure");
+        assert_eq!(NixFlags::default().evaluation_tag(), "");
+        let traced = NixFlags {
+            show_trace: true,
+            ..NixFlags::default()
+        };
+        assert_eq!(traced.evaluation_tag(), "", "a trace changes no result");
+
+        let bad = |name: &str, value: &str| {
+            NixFlags {
+                options: vec![(name.into(), value.into())],
+                ..NixFlags::default()
+            }
+            .check()
+            .unwrap_err()
+        };
+        assert!(bad("--impure", "x").contains("not a Nix setting name"));
+        assert!(bad("a b", "x").contains("not a Nix setting name"));
+        assert!(bad("cores", "1\n2").contains("one line"));
+        assert!(bad("experimental-features", "flakes").contains("nix.conf"));
+
+        let config =
+            r#"{"eval-cache": {"aliases": []}, "substituters": {"aliases": ["binary-caches"]}}"#;
+        let known = |name: &str| {
+            NixFlags {
+                options: vec![(name.into(), "x".into())],
+                ..NixFlags::default()
+            }
+            .check_known(config)
+        };
+        assert!(known("eval-cache").is_ok());
+        assert!(known("binary-caches").is_ok());
+        assert!(known("extra-substituters").is_ok());
+        let e = known("eval-cahce").unwrap_err();
+        assert!(e.contains("did you mean `eval-cache`"), "{e}");
     }
 
     #[test]

@@ -100,6 +100,10 @@ pub struct FleetReport {
     /// Whether a watch loop keeps it fresh (`false`: the last state a daemon
     /// stored, or one `status --live` observation).
     pub watching: bool,
+    /// The coordinator whose watch this is: the elected leader of the
+    /// daemons sharing the history (the others answer from what it stored).
+    #[serde(default)]
+    pub watched_by: Option<String>,
     /// How often each host is probed, in seconds.
     #[serde(default)]
     pub interval_seconds: Option<u64>,

@@ -84,6 +84,11 @@
 //! - `units/UNIT`: `active` or `failed` per [`HostSpec::units`] (switch, test);
 //! - `boot.log`: `boot PATH` lines (boot).
 //!
+//! and appends to the host's activation history on its disk,
+//! `/nix/var/log/testkit/activations.log` (kept across reboots, with the
+//! activation's pid and who ran it: `deployer`, or `boot` for the
+//! activation of a reboot), see [`Fleet::activation_history`].
+//!
 //! The toplevel also has `kernel` and `initrd` links into its `linux-<kernel>`
 //! package, as a NixOS toplevel does (a new [`HostSpec::kernel`] changes
 //! them: a reboot is required), and its `systemctl reboot` asks the fleet to
@@ -96,7 +101,8 @@
 //!
 //! # Reboots
 //!
-//! Each host has its own boot id (`H/boot_id`, bind-mounted over
+//! Each host has its own machine id (`H/machine-id`, bind-mounted over
+//! `/etc/machine-id`) and boot id (`H/boot_id`, bind-mounted over
 //! `/proc/sys/kernel/random/boot_id`). [`Fleet::reboot_host`] reboots a host
 //! for real: all its processes stopped, its `/run` emptied (but for the
 //! testkit's logs), a new boot id, its boot generation activated
@@ -132,6 +138,7 @@ use std::time::Duration;
 mod flake;
 mod fleet;
 pub mod nixos;
+pub mod postgres;
 mod reboot;
 mod spec;
 mod sshd;
@@ -140,7 +147,9 @@ mod sys;
 pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};
-pub use spec::{Activation, HostSpec, UnitState};
+pub use postgres::{PgDatabase, Postgres};
+pub use spec::{Activation, HistoryEntry, HostSpec, UnitState};
+pub use sys::wait_with_peak_rss;
 use sys::*;
 
 /// The sshd binary every host runs.
@@ -196,6 +205,19 @@ mod tests {
         assert_eq!(acts[0].exit_code, Some(0));
         assert_eq!(acts[1].action, "test");
         assert_eq!(acts[1].end, None);
+    }
+
+    #[test]
+    fn history_parses_by_pid() {
+        let log = "1 start switch /nix/store/a 10 deployer\n\
+                   2 start test /nix/store/a 11 boot\n\
+                   3 end switch /nix/store/a 0 10 deployer\n";
+        let entries = crate::spec::parse_history(log);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].activation.end, Some(3.0));
+        assert_eq!(entries[0].activation.exit_code, Some(0));
+        assert_eq!(entries[1].activation.end, None);
+        assert_eq!((entries[1].pid, entries[1].by.as_str()), (11, "boot"));
     }
 
     #[test]

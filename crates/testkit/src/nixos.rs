@@ -112,8 +112,7 @@ impl NixosShape {
 pub fn nixpkgs_lib_tarball() -> PathBuf {
     match std::env::var_os("NIX_DEPLOY_NIXPKGS_LIB") {
         Some(path) => PathBuf::from(path),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures/nixpkgs-lib.tar.xz"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nixpkgs-lib.tar.xz"),
     }
 }
 
@@ -247,6 +246,7 @@ in {{
           wantedBy = mkOption {{ type = types.listOf types.str; default = [ ]; }};
           after = mkOption {{ type = types.listOf types.str; default = [ ]; }};
           wants = mkOption {{ type = types.listOf types.str; default = [ ]; }};
+          requires = mkOption {{ type = types.listOf types.str; default = [ ]; }};
           path = mkOption {{ type = types.listOf types.package; default = [ ]; }};
           environment = mkOption {{ type = types.attrsOf types.str; default = {{ }}; }};
           serviceConfig = mkOption {{
@@ -268,10 +268,15 @@ in {{
       default = {{ }};
     }};
     users.users = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
+    services.postgresql = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
     users.groups = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
     nix.package = mkOption {{ type = types.package; default = pkgs.nix; }};
     nix.settings = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
     system.build = mkOption {{ type = types.attrsOf types.unspecified; default = {{ }}; }};
+    # Declared by NixOS; the project's module defines them (renamed and
+    # removed options, its own checks).
+    assertions = mkOption {{ type = types.listOf types.unspecified; default = [ ]; internal = true; }};
+    warnings = mkOption {{ type = types.listOf types.str; default = [ ]; internal = true; }};
     testkit.version = mkOption {{ type = types.str; description = "Bumping it makes a new toplevel."; }};
     testkit.switchScript = mkOption {{ type = types.lines; }};
   }};
@@ -458,10 +463,7 @@ pub(crate) fn write(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Resu
             shape.option_modules
         );
     }
-    let lib_dir = root.join("nixpkgs-lib");
-    if !lib_dir.join("lib/default.nix").is_file() {
-        unpack_nixpkgs_lib(root)?;
-    }
+    nixpkgs_lib(root)?;
     let flake = root.join("flake");
     for (file, contents) in flake_files(root, shape, specs) {
         let path = flake.join(&file);
@@ -478,6 +480,16 @@ pub(crate) fn write(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Resu
         lock(root, &[])?;
     }
     Ok(())
+}
+
+/// nixpkgs' lib unpacked below `root` (`root/nixpkgs-lib`, whose `lib` is
+/// `import`able), for tests that evaluate modules with the real `lib`.
+pub fn nixpkgs_lib(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("nixpkgs-lib");
+    if !dir.join("lib/default.nix").is_file() {
+        unpack_nixpkgs_lib(root)?;
+    }
+    Ok(dir)
 }
 
 fn unpack_nixpkgs_lib(root: &Path) -> Result<()> {

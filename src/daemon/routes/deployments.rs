@@ -11,13 +11,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;
 
-use nix_deploy_core::events::{DeploymentStatus, Event, EventKind};
+use nix_deploy_core::events::{Event, EventKind};
 use nix_deploy_core::options::Request;
 use nix_deploy_core::reports::{Accepted, CancelAnswer, DeploymentList};
 use nix_deploy_core::run::Deployment;
 
 use super::parse_body;
-use crate::daemon::auth::authorize;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::DeployRequest;
@@ -27,35 +26,67 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: Request = parse_body(&super::bytes(body)?)?;
     request
         .check_for_deploy()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let options = state.resolve(&request)?;
-    let engine = match &request.revision {
-        Some(rev) => {
-            let pinned = crate::daemon::github::flake_at_revision(&state.config.flake, rev)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            state.engine_with_flake(&pinned)
+    if let Some(reason) = &request.override_window {
+        if !caller.scope.allows(Scope::Admin) {
+            return Err(ApiError::Forbidden(format!(
+                "{} may not override maintenance windows: that needs the admin scope",
+                caller.identity
+            )));
         }
-        None => state.engine(),
-    };
+        state
+            .audit(
+                &caller.identity,
+                "api",
+                "override-window",
+                "deployment request",
+                serde_json::json!({ "reason": reason, "request": &request }),
+            )
+            .await?;
+    }
+    let engine = state.engine_at(request.revision.as_deref(), &caller)?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,
         options,
         trigger: "api".into(),
         requested_by: caller.requested_by(),
+        source: None,
     };
     // Waiting for busy hosts: recorded now and answered at once (`queued`);
     // otherwise validated first, so bad input and busy hosts answer 400/409.
-    if request.wait {
-        let id = state.launch_queued(engine, deploy, |_| {}).await?;
-        return Ok(accepted(id, "queued"));
-    }
-    let id = state.launch(engine, Job::Deploy(deploy), |_| {}).await?;
-    Ok(accepted(id, "running"))
+    let (id, status) = if request.wait {
+        (state.launch_queued(engine, deploy, |_| {}).await?, "queued")
+    } else {
+        let launched = state.launch(engine, Job::Deploy(deploy), |_| {}).await;
+        if let Err(e) = &launched {
+            state
+                .audit(
+                    &caller.identity,
+                    "api",
+                    "deploy-refused",
+                    "deployment request",
+                    serde_json::json!({ "request": &request, "error": e.to_string() }),
+                )
+                .await?;
+        }
+        (launched?, "running")
+    };
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "deploy",
+            &format!("deployment #{id}"),
+            serde_json::json!({ "request": &request }),
+        )
+        .await?;
+    Ok(accepted(id, status))
 }
 
 /// `202 Accepted` with where to find the deployment and its events.
@@ -81,10 +112,11 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<DeploymentList>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let deployments = state.store().deployments(limit).await?;
     Ok(Json(DeploymentList {
-        deployments: state.store().deployments(limit).await?,
+        deployments: deployments.into_iter().map(|d| caller.visible(d)).collect(),
     }))
 }
 
@@ -93,9 +125,9 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    Ok(Json(state.deployment(id).await?))
+    Ok(Json(caller.visible(state.deployment(id).await?)))
 }
 
 pub async fn cancel(
@@ -103,13 +135,19 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<CancelAnswer>, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
     let deployment = state.deployment(id).await?;
-    let cancellable = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
+    let cancellable = deployment.status.is_active();
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "cancel",
+            &format!("deployment #{id}"),
+            serde_json::Value::Null,
+        )
+        .await?;
     if !cancellable || !state.cancel(id, &caller.requested_by()).await? {
         return Err(ApiError::Conflict(format!(
             "deployment #{id} is {}, not running",
@@ -135,11 +173,20 @@ pub async fn resume(
     Path(id): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
     let body: ResumeBody = parse_body(&super::bytes(body)?)?;
     let deployment = state.deployment(id).await?;
-    let engine = state.engine_with_flake(&deployment.flake);
+    let engine = state.engine_with_flake_for(&deployment.flake, &caller);
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "resume",
+            &format!("deployment #{id}"),
+            serde_json::Value::Null,
+        )
+        .await?;
     let id = state
         .launch(
             engine,
@@ -158,9 +205,9 @@ pub async fn report(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    let mut deployment = state.deployment(id).await?;
+    let mut deployment = caller.visible(state.deployment(id).await?);
     deployment.events = Some(state.store().events(id, 0).await?);
     let markdown = crate::daemon::report::markdown(&deployment);
     Ok((
@@ -181,108 +228,62 @@ fn sse_event(event: &Event) -> SseEvent {
 }
 
 /// Replays what happened so far (after `Last-Event-ID`, if given), then
-/// streams live events until the deployment finishes.
+/// streams new events until the deployment finishes, from the history:
+/// every daemon streams every deployment, whichever coordinator runs it
+/// (see `daemon::feed`).
 pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    let deployment = state.deployment(id).await?;
+    state.deployment(id).await?;
     let after: i64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    // Subscribe before replaying, so nothing falls between the two.
-    let mut live = state.subscribe(id);
+    // Subscribe before the first read, so nothing falls between the two.
+    let mut wakes = state.feed().subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let store = state.store().clone();
-    let running = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
     tokio::spawn(async move {
         let mut last = after;
-        let mut finished = false;
-        let send = |event: &Event| tx.send(Ok(sse_event(event)));
-        match store.events(id, last).await {
-            Ok(replay) => {
-                for event in &replay {
-                    last = event.id;
-                    finished |= matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() {
-                        return;
-                    }
+        loop {
+            let new = match store.events(id, last).await {
+                Ok(new) => new,
+                // The database is away for a moment (a restart): the stream
+                // waits for it, and loses nothing.
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(cause = %e, "reading events; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
                 }
-            }
-            Err(e) => {
-                tracing::error!(cause = %e, "replaying events");
-                return;
-            }
-        }
-        if finished && live.is_none() {
-            return;
-        }
-        if let Some(live) = live.as_mut() {
-            loop {
-                match live.recv().await {
-                    Ok(event) => {
-                        if event.id <= last {
-                            continue;
-                        }
-                        last = event.id;
-                        let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                        if send(&event).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    // Fell behind: catch up from the store, which has everything.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(missed) = store.events(id, last).await {
-                            for event in &missed {
-                                last = event.id;
-                                if send(event).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        } else if running {
-            // Run by another process (a CLI): follow the store until it ends
-            // (a coordinator that died is marked interrupted by the daemon's
-            // reconciler, which ends its stream too).
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let Ok(new) = store.events(id, last).await else {
+                Err(e) => {
+                    tracing::error!(cause = %e, "reading events");
                     return;
-                };
-                for event in &new {
-                    last = event.id;
-                    let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() || done {
-                        return;
-                    }
                 }
-                if new.is_empty()
-                    && let Ok(Some(now)) = store.deployment(id).await
-                    && !matches!(
-                        now.status,
-                        DeploymentStatus::Running | DeploymentStatus::Queued
-                    )
-                {
-                    break;
+            };
+            for event in &new {
+                last = event.id;
+                let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
+                if tx.send(Ok(sse_event(event))).await.is_err() || done {
+                    return;
                 }
             }
-        }
-        // The broadcast closed: send whatever the store has beyond `last`.
-        if let Ok(rest) = store.events(id, last).await {
-            for event in &rest {
-                let _ = send(event).await;
+            if !wakes.wait(id).await && new.is_empty() {
+                // Quiet: ended without its final event (an error path)?
+                if let Ok(Some(status)) = store.deployment_status(id).await
+                    && !status.is_active()
+                {
+                    if let Ok(rest) = store.events(id, last).await {
+                        for event in &rest {
+                            let _ = tx.send(Ok(sse_event(event))).await;
+                        }
+                    }
+                    return;
+                }
             }
         }
     });

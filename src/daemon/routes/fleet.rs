@@ -15,7 +15,6 @@ use nix_deploy_core::reports::{HostHealth, PlanReport, StatusReport};
 use nix_deploy_core::shell;
 
 use super::parse_body;
-use crate::daemon::auth::authorize;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::RollbackRequest;
@@ -40,7 +39,7 @@ pub async fn status(
     } else {
         Scope::Read
     };
-    authorize(&headers, &state.tokens, scope)?;
+    state.authorize(&headers, scope).await?;
     let live = if query.live {
         Some(
             state
@@ -66,14 +65,16 @@ pub async fn plan(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<PlanReport>, ApiError> {
     // A plan evaluates, builds and probes: not for read-only tokens.
-    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: Request = parse_body(&super::bytes(body)?)?;
     request
         .check_for_plan()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let options = state.resolve(&request)?;
-    let report = state
-        .engine()
+    // `revision`: the flake pinned to that commit (a plan with it shows what
+    // a deployment with it deploys).
+    let engine = state.engine_at(request.revision.as_deref(), &caller)?;
+    let report = engine
         .plan(
             &request.selection(),
             &options,
@@ -95,13 +96,15 @@ pub async fn rollback(
     Path(host): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     if !shell::is_valid_host_name(&host) {
         return Err(ApiError::BadRequest(format!(
             "`{host}` is not a valid host name"
         )));
     }
     let body: RollbackBody = parse_body(&super::bytes(body)?)?;
+    let host_name = host.clone();
+    let body_generation = body.to_generation;
     let job = Job::Rollback(RollbackRequest {
         host,
         to_generation: body.to_generation,
@@ -109,7 +112,16 @@ pub async fn rollback(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
-    let id = state.launch(state.engine(), job, |_| {}).await?;
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "rollback",
+            &host_name,
+            serde_json::json!({ "to_generation": body_generation }),
+        )
+        .await?;
+    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
     Ok(super::deployments::accepted(id, "running"))
 }
 
@@ -119,21 +131,23 @@ pub async fn health(
     Path(host): Path<String>,
 ) -> Result<Json<HostHealth>, ApiError> {
     // Health checks run commands on the host.
-    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     if !shell::is_valid_host_name(&host) {
         return Err(ApiError::BadRequest(format!(
             "`{host}` is not a valid host name"
         )));
     }
     let health = state
-        .engine()
+        .engine_for(&caller)
         .check_health(&host, Duration::from_secs(10))
         .await?;
     Ok(Json(health))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = crate::daemon::metrics::render(state.store(), Some(&state.fleet.snapshot())).await?;
+    let text =
+        crate::daemon::metrics::render(state.store(), state.node(), Some(&state.fleet.snapshot()))
+            .await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

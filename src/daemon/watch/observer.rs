@@ -20,7 +20,7 @@ use super::pull::{self, Decision, Polled, Puller};
 use super::reconcile::{Outcome, Reconciler};
 use super::schedule::Schedule;
 use crate::daemon::AppState;
-use crate::engine::{DesiredFleet, observe};
+use crate::engine::DesiredFleet;
 use crate::now_ms;
 use crate::store::{NewAlert, WatchChange, WatchRow};
 
@@ -165,14 +165,12 @@ impl Observer {
                 Done::Evaluated { flake, result }
             });
         }
-        match self.state.store().leased_hosts().await {
+        // A lease whose holder died is no deployment: that host is watched
+        // (and its lease taken over by the next deployment).
+        match self.state.store().live_leases().await {
             Ok(leases) => {
-                // A lease whose holder died is no deployment: that host is
-                // watched (and its lease taken over by the next deployment).
-                let store = self.state.store();
                 let live = leases
                     .into_iter()
-                    .filter(|l| store.holder_alive(l.holder.as_deref(), Some(l.pid)))
                     .map(|l| (l.host, l.deployment_id))
                     .collect();
                 self.leases(live, now);
@@ -216,11 +214,11 @@ impl Observer {
             };
             self.schedule.started(&host.name, now, health);
             self.in_flight.insert(host.name.clone(), now);
-            let (host, ssh) = (host.clone(), self.state.engine.ssh.clone());
+            let (host, engine) = (host.clone(), self.state.engine());
             let permits = self.probes.clone();
             self.tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let observation = observe(&host, &ssh, health).await;
+                let observation = engine.observe_host(&host, health).await;
                 Done::Observed(host.name, Box::new(observation))
             });
         }
@@ -464,11 +462,15 @@ impl Observer {
                 tracing::warn!(branch = %puller.branch, cause = %why, "pull mode");
                 Some(why)
             }
-            Decision::Track { flake, deploy } => {
+            Decision::Track {
+                commit,
+                flake,
+                deploy,
+            } => {
                 self.flake = flake.clone();
                 self.next_eval = now;
                 if deploy {
-                    match pull::deploy(&self.state, &puller.branch, &flake).await {
+                    match pull::deploy(&self.state, &puller.branch, &commit, &flake).await {
                         Ok(id) => {
                             tracing::info!(branch = %puller.branch, deployment = id, "the branch moved: deploying");
                             None

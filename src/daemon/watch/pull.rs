@@ -12,7 +12,7 @@ use nix_deploy_core::fleet::Selection;
 use nix_deploy_core::pull;
 
 use crate::daemon::{AppState, github};
-use crate::engine::DeployRequest;
+use crate::engine::{DeployRequest, PushSource};
 use crate::store::BranchHead;
 
 /// How long one `git ls-remote` (or reading the commit's time) may take.
@@ -92,8 +92,12 @@ impl Puller {
 pub(super) enum Decision {
     /// Nothing new.
     Unchanged,
-    /// Track this pinned flake; deploy it when `deploy`.
-    Track { flake: String, deploy: bool },
+    /// Track this pinned flake (of `commit`); deploy it when `deploy`.
+    Track {
+        commit: String,
+        flake: String,
+        deploy: bool,
+    },
     /// The poll failed, or the move is refused: said in the branch's state.
     Refused(String),
 }
@@ -128,11 +132,13 @@ pub(super) async fn decide(state: &AppState, puller: &mut Puller, polled: Polled
     };
     let decision = match recorded {
         Some(r) if r.commit == commit => Decision::Track {
+            commit: commit.clone(),
             flake,
             deploy: false,
         },
         recorded => match store.advance_branch_head(&puller.branch, &head).await {
             Ok(true) => Decision::Track {
+                commit: commit.clone(),
                 flake,
                 deploy: true,
             },
@@ -152,15 +158,26 @@ pub(super) async fn decide(state: &AppState, puller: &mut Puller, polled: Polled
     decision
 }
 
-/// Deploy the whole fleet from `flake` (the branch's new head), recorded at
-/// once with trigger `pull`.
-pub(super) async fn deploy(state: &AppState, branch: &str, flake: &str) -> Result<i64, String> {
+/// Deploy the whole fleet from `flake` (the branch's new head, `commit`),
+/// recorded at once with trigger `pull`: as a push of the branch, it
+/// supersedes older queued ones and starts only while still the newest.
+pub(super) async fn deploy(
+    state: &AppState,
+    branch: &str,
+    commit: &str,
+    flake: &str,
+) -> Result<i64, String> {
     let request = DeployRequest {
         selection: Selection::default(),
         wait: true,
         options: state.default_options(),
         trigger: "pull".into(),
         requested_by: format!("watch:{branch}"),
+        source: Some(PushSource {
+            kind: "pull".into(),
+            branch: branch.to_string(),
+            commit: commit.to_string(),
+        }),
     };
     state
         .launch_queued(state.engine_with_flake(flake), request, |_| {})

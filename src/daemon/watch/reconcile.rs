@@ -42,6 +42,7 @@ pub(super) fn request(host: &str, defaults: DeployOptions) -> DeployRequest {
         options: defaults,
         trigger: "reconcile".into(),
         requested_by: "watch".into(),
+        source: None,
     }
 }
 

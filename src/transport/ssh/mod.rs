@@ -1,0 +1,819 @@
+//! SSH to hosts through the system `ssh` (the `openssh` crate): one multiplexed
+//! master connection per host, reused for every step, so the user's
+//! `~/.ssh/config`, agents and `ProxyJump` just work.
+//!
+//! With [`KeepAlive`], masters outlive the run that opened them: each host's
+//! master is recorded in an owner-only directory of the state directory and
+//! resumed by the next run (or the daemon's next deployment), so a repeated
+//! `plan` or `deploy` pays no SSH handshake. A kept master exits by itself
+//! after being idle for the keep-alive time (ssh's `ControlPersist`), and a
+//! record whose master is gone is removed when found.
+//!
+//! Remote commands are argument vectors; each argument is quoted by the crate
+//! before the remote shell sees it. Every command has a timeout, and every error
+//! names the host and the step and carries the remote stderr.
+
+mod identity;
+mod keep;
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+
+pub use identity::{Destination, Identities};
+pub use keep::KeepAlive;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::process::format_tail;
+use nix_deploy_core::exec::Tail;
+use nix_deploy_core::fleet::Target;
+use nix_deploy_core::shell::{NulByte, quote};
+
+/// Options shared by every connection of a run.
+#[derive(Clone, Debug)]
+pub struct SshOptions {
+    /// `--ssh-config`: replaces the user's ssh config for our sessions and `nix copy`.
+    pub config_file: Option<PathBuf>,
+    /// `--ssh-identity` (the daemon's `ssh-identity-file`): a private key
+    /// offered by our sessions and `nix copy` (ssh's `-i`).
+    pub identity_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Default timeout of a remote command when the step sets none.
+    pub command_timeout: Duration,
+    /// Where master sockets live; short, because socket paths are limited to ~100 bytes.
+    pub control_dir: PathBuf,
+    /// Keep masters alive between runs; `None`: every run connects anew.
+    pub keep: Option<KeepAlive>,
+    /// Each host's identity as first seen, checked on every new connection;
+    /// `None`: not checked (only tests of this module).
+    pub identities: Option<Identities>,
+}
+
+impl SshOptions {
+    pub fn new(config_file: Option<PathBuf>, control_dir: PathBuf) -> Self {
+        SshOptions {
+            config_file,
+            identity_file: None,
+            connect_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(60),
+            control_dir,
+            keep: None,
+            identities: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("{host}: cannot connect over SSH to {destination}: {message}")]
+    Connect {
+        host: String,
+        destination: String,
+        message: String,
+    },
+    #[error("{host}: {step}: could not run `{command}`: {message}")]
+    Spawn {
+        host: String,
+        step: String,
+        command: String,
+        message: String,
+    },
+    #[error("{host}: {step}: `{command}` failed (exit code {code}){}", format_tail(.stderr))]
+    Exit {
+        host: String,
+        step: String,
+        command: String,
+        code: String,
+        stderr: String,
+    },
+    #[error("{host}: {step}: `{command}` timed out after {}s", .timeout.as_secs())]
+    Timeout {
+        host: String,
+        step: String,
+        command: String,
+        timeout: Duration,
+    },
+    #[error(
+        "{host}: the machine reached at {destination} is not the one first seen as {host} (its /etc/machine-id is {found}, {host}'s is {expected}): check where the ssh config sends {host}; if {host} was reinstalled, run `nix-deploy forget-identity {host}`"
+    )]
+    Identity {
+        host: String,
+        destination: String,
+        expected: String,
+        found: String,
+    },
+    #[error("invalid --ssh-config or --ssh-identity path {0}: NIX_SSHOPTS cannot carry whitespace")]
+    ConfigPath(PathBuf),
+}
+
+impl SshError {
+    /// Whether the failure was the connection rather than the command.
+    pub fn is_connection(&self) -> bool {
+        matches!(self, SshError::Connect { .. })
+    }
+}
+
+/// What a remote command printed.
+#[derive(Clone, Debug, Default)]
+pub struct RemoteOutput {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// How a streamed command ended ([`Connection::run_streaming`]): a
+/// non-zero exit is a result here, not an error.
+#[derive(Clone, Debug, Default)]
+pub struct Streamed {
+    /// `None` when it was killed by a signal or timed out.
+    pub exit_code: Option<i32>,
+    /// It ran past its timeout and was stopped.
+    pub timed_out: bool,
+    /// It was stopped because the run was cancelled.
+    pub cancelled: bool,
+    pub stdout: Tail,
+    pub stderr: Tail,
+}
+
+/// A remote command's stdout and stderr while we read them.
+struct Streams {
+    out: Option<openssh::ChildStdout>,
+    err: Option<openssh::ChildStderr>,
+}
+
+impl Streams {
+    /// Read both streams into `result`'s tails until both end. Chunks, not
+    /// lines (a line may be endless); `read` loses nothing when the other
+    /// branch wins the select, so this may be cancelled and called again.
+    async fn drain(&mut self, result: &mut Streamed) {
+        let (mut out_buf, mut err_buf) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+        while self.out.is_some() || self.err.is_some() {
+            tokio::select! {
+                read = async { self.out.as_mut().expect("guarded").read(&mut out_buf).await }, if self.out.is_some() => {
+                    match read {
+                        Ok(0) | Err(_) => self.out = None,
+                        Ok(n) => result.stdout.feed(&out_buf[..n]),
+                    }
+                }
+                read = async { self.err.as_mut().expect("guarded").read(&mut err_buf).await }, if self.err.is_some() => {
+                    match read {
+                        Ok(0) | Err(_) => self.err = None,
+                        Ok(n) => result.stderr.feed(&err_buf[..n]),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A live master connection to one host.
+pub struct Connection {
+    host: String,
+    target: Target,
+    session: Session,
+    /// The master is kept between runs: closing leaves it running.
+    kept: bool,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+fn builder(target: &Target, options: &SshOptions, keep: Option<&KeepAlive>) -> SessionBuilder {
+    let mut b = SessionBuilder::default();
+    // accept-new: first contact records the key, a changed key is refused.
+    b.known_hosts_check(KnownHosts::Add)
+        .connect_timeout(options.connect_timeout)
+        .server_alive_interval(Duration::from_secs(5))
+        .user(target.user.clone());
+    match keep {
+        Some(keep) => {
+            let idle = std::num::NonZeroUsize::new(keep.idle.as_secs().max(1) as usize)
+                .expect("at least one second");
+            b.control_directory(&keep.dir)
+                .control_persist(ControlPersist::IdleFor(idle));
+        }
+        None => {
+            b.control_directory(&options.control_dir);
+        }
+    }
+    if let Some(port) = target.port {
+        b.port(port);
+    }
+    if let Some(config) = &options.config_file {
+        b.config_file(config);
+    }
+    if let Some(identity) = &options.identity_file {
+        b.keyfile(identity);
+    }
+    b
+}
+
+/// `NIX_SSHOPTS` for `nix copy`: the same ssh settings as our own sessions.
+///
+/// Nix 2.8 splits `NIX_SSHOPTS` on whitespace, so a config path containing
+/// whitespace is refused rather than silently broken.
+///
+/// With `control_socket`, `nix copy` reuses our master connection to the host
+/// (no second SSH handshake); if that master is gone, ssh connects normally.
+pub fn nix_ssh_opts(
+    target: &Target,
+    options: &SshOptions,
+    control_socket: Option<&Path>,
+) -> Result<String, SshError> {
+    let mut opts = vec![
+        "-o".to_string(),
+        "BatchMode=yes".to_string(),
+        "-o".to_string(),
+        format!(
+            "ConnectTimeout={}",
+            options.connect_timeout.as_secs().max(1)
+        ),
+        "-o".to_string(),
+        "StrictHostKeyChecking=accept-new".to_string(),
+    ];
+    if let Some(config) = &options.config_file {
+        let text = config.to_string_lossy();
+        if text.chars().any(char::is_whitespace) {
+            return Err(SshError::ConfigPath(config.clone()));
+        }
+        opts.insert(0, text.into_owned());
+        opts.insert(0, "-F".to_string());
+    }
+    if let Some(port) = target.port {
+        opts.push("-p".to_string());
+        opts.push(port.to_string());
+    }
+    if let Some(identity) = &options.identity_file {
+        let text = identity.to_string_lossy();
+        if text.chars().any(char::is_whitespace) {
+            return Err(SshError::ConfigPath(identity.clone()));
+        }
+        opts.extend(["-i".to_string(), text.into_owned()]);
+    }
+    if let Some(socket) = control_socket {
+        let text = socket.to_string_lossy();
+        if !text.chars().any(char::is_whitespace) {
+            opts.extend([
+                "-o".to_string(),
+                format!("ControlPath={text}"),
+                "-o".to_string(),
+                "ControlMaster=no".to_string(),
+            ]);
+        }
+    }
+    Ok(opts.join(" "))
+}
+
+impl Connection {
+    /// A master connection to `host`: the one kept from an earlier run when
+    /// it is still alive, else a new one (kept for later runs with
+    /// [`SshOptions::keep`]).
+    #[tracing::instrument(skip(target, options), fields(destination = %target.destination))]
+    pub async fn connect(
+        host: &str,
+        target: &Target,
+        options: &SshOptions,
+    ) -> Result<Self, SshError> {
+        let Some(keep) = &options.keep else {
+            return Ok(Self::open(host, target, options, None).await?.0);
+        };
+        // Where the ssh config sends this host now: a master kept for
+        // another destination is never this host's.
+        let destination = match Destination::resolve(target, options).await {
+            Ok(destination) => destination,
+            Err(e) => {
+                tracing::warn!(host, "not reusing kept ssh masters: {e}");
+                return Ok(Self::open(host, target, options, None).await?.0);
+            }
+        };
+        let record = keep.record(&destination);
+        if let Some(kept) = keep.resume(&record).await {
+            tracing::debug!(host, "reusing a kept ssh master");
+            let connection = Connection {
+                host: host.to_string(),
+                target: target.clone(),
+                session: kept.session,
+                kept: true,
+            };
+            let identity = match kept.identity {
+                Some(identity) => Some(identity),
+                None => connection.identity(options).await,
+            };
+            if let Err(e) = connection
+                .check_identity(options, identity.as_deref())
+                .await
+            {
+                connection.close().await;
+                return Err(e);
+            }
+            keep.remember(&record, &connection.session, identity.as_deref());
+            return Ok(connection);
+        }
+        let (connection, identity) = Self::open(host, target, options, Some(keep)).await?;
+        keep.remember(&record, &connection.session, identity.as_deref());
+        Ok(connection)
+    }
+
+    /// A new master connection, never a kept one, closed with
+    /// [`Connection::close`]: what proves a host lets us in right now.
+    pub async fn connect_new(
+        host: &str,
+        target: &Target,
+        options: &SshOptions,
+    ) -> Result<Self, SshError> {
+        Ok(Self::open(host, target, options, None).await?.0)
+    }
+
+    /// A new master, checked to reach the machine first seen as `host`;
+    /// with the identity it has.
+    async fn open(
+        host: &str,
+        target: &Target,
+        options: &SshOptions,
+        keep: Option<&KeepAlive>,
+    ) -> Result<(Self, Option<String>), SshError> {
+        let connect_error = |message: String| SshError::Connect {
+            host: host.to_string(),
+            destination: target.destination.clone(),
+            message,
+        };
+        std::fs::create_dir_all(&options.control_dir).map_err(|e| {
+            connect_error(format!(
+                "control directory {}: {e}",
+                options.control_dir.display()
+            ))
+        })?;
+        // ssh's own ConnectTimeout covers the TCP connect; this also covers a
+        // server that accepts and then never answers.
+        let deadline = options.connect_timeout + Duration::from_secs(5);
+        let session = match tokio::time::timeout(
+            deadline,
+            builder(target, options, keep).connect_mux(&target.destination),
+        )
+        .await
+        {
+            Ok(Ok(session)) => session,
+            Ok(Err(e)) => return Err(connect_error(describe_openssh_error(&e))),
+            Err(_) => {
+                return Err(connect_error(format!(
+                    "no answer within {}s",
+                    deadline.as_secs()
+                )));
+            }
+        };
+        let connection = Connection {
+            host: host.to_string(),
+            target: target.clone(),
+            session,
+            kept: keep.is_some(),
+        };
+        let identity = connection.identity(options).await;
+        if let Err(e) = connection
+            .check_identity(options, identity.as_deref())
+            .await
+        {
+            // A master to a machine that is not this host is no use to it.
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection.session.close()).await;
+            return Err(e);
+        }
+        Ok((connection, identity))
+    }
+
+    /// The identity of the machine behind this connection, when it has one
+    /// (`None` when identities are not checked).
+    async fn identity(&self, options: &SshOptions) -> Option<String> {
+        options.identities.as_ref()?;
+        match self
+            .run(
+                "identity",
+                &identity::identity_argv(),
+                options.command_timeout,
+            )
+            .await
+        {
+            Ok(out) => identity::parse_identity(&out.stdout),
+            Err(e) => {
+                tracing::warn!(host = %self.host, cause = %e, "cannot read the machine's identity");
+                None
+            }
+        }
+    }
+
+    /// This connection reaches the machine first seen as its host (learned
+    /// now at first contact). A machine without an identity cannot be told
+    /// from another: said, not checked.
+    async fn check_identity(
+        &self,
+        options: &SshOptions,
+        identity: Option<&str>,
+    ) -> Result<(), SshError> {
+        let Some(identities) = &options.identities else {
+            return Ok(());
+        };
+        let Some(found) = identity else {
+            tracing::warn!(
+                host = %self.host,
+                "the machine has no /etc/machine-id: it cannot be told from another machine"
+            );
+            return Ok(());
+        };
+        match identities.check(&self.host, &self.target.destination, found) {
+            Err(SshError::Identity {
+                host,
+                expected,
+                found,
+                ..
+            }) => {
+                // Say where the ssh config really sent it.
+                let destination = match Destination::resolve(&self.target, options).await {
+                    Ok(resolved) => resolved
+                        .settings
+                        .lines()
+                        .find_map(|l| l.strip_prefix("hostname "))
+                        .map(|address| format!("{} ({address})", self.target.destination))
+                        .unwrap_or_else(|| self.target.destination.clone()),
+                    Err(_) => self.target.destination.clone(),
+                };
+                Err(SshError::Identity {
+                    host,
+                    destination,
+                    expected,
+                    found,
+                })
+            }
+            other => other,
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn control_socket(&self) -> &Path {
+        self.session.control_socket()
+    }
+
+    /// Run `argv` on the host, unprivileged.
+    pub async fn run(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<RemoteOutput, SshError> {
+        self.run_inner(step, argv, timeout, false).await
+    }
+
+    /// Run `argv` as root: directly when we log in as root, else through `sudo -n`.
+    pub async fn run_privileged(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<RemoteOutput, SshError> {
+        self.run_inner(step, argv, timeout, self.target.needs_sudo())
+            .await
+    }
+
+    /// Run `argv` as root (through `sudo -n` when we are not root) with
+    /// `input` on its stdin: the way secrets reach a host, never on a
+    /// command line.
+    pub async fn run_with_stdin(
+        &self,
+        step: &str,
+        argv: &[String],
+        input: &[u8],
+        timeout: Duration,
+    ) -> Result<RemoteOutput, SshError> {
+        let full = self.full_argv(argv, self.target.needs_sudo());
+        let command_text = nix_deploy_core::shell::join(&full);
+        let mut command = self.remote_command(step, &full)?;
+        let work = async {
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = command.spawn().await?;
+            if let Some(mut stdin) = child.stdin().take() {
+                // A command that exits without reading everything is judged
+                // by its exit code, not by the broken pipe.
+                let _ = stdin.write_all(input).await;
+                let _ = stdin.shutdown().await;
+            }
+            child.wait_with_output().await
+        };
+        let output = tokio::time::timeout(timeout, work).await;
+        self.conclude(step, command_text, timeout, output).await
+    }
+
+    /// Run `argv` (unprivileged), keeping the last lines of each stream
+    /// ([`Tail`]: bounded however much the command prints, with or without
+    /// newlines). The command's exit code is the result; only the
+    /// connection failing is an error.
+    ///
+    /// The command runs under the core's stoppable wrapper
+    /// ([`nix_deploy_core::exec::stoppable_argv`]): we hold its stdin open
+    /// while it runs, and on `timeout` or `cancel` we close it, which stops
+    /// the command's whole process group on the host (`TERM`, then `KILL`);
+    /// what it printed until then is kept.
+    pub async fn run_streaming(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Streamed, SshError> {
+        let full = nix_deploy_core::exec::stoppable_argv(argv);
+        let command_text = nix_deploy_core::shell::join(argv);
+        let spawn_error = |e: openssh::Error| SshError::Spawn {
+            host: self.host.clone(),
+            step: step.to_string(),
+            command: command_text.clone(),
+            message: describe_openssh_error(&e),
+        };
+        let mut command = self.remote_command(step, &full)?;
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match tokio::time::timeout(timeout, command.spawn()).await {
+            Ok(Ok(child)) => child,
+            Ok(Err(e)) => {
+                if self.session.check().await.is_err() {
+                    return Err(self.lost(step, &describe_openssh_error(&e)));
+                }
+                return Err(spawn_error(e));
+            }
+            Err(_) => {
+                return Err(SshError::Timeout {
+                    host: self.host.clone(),
+                    step: step.to_string(),
+                    command: command_text,
+                    timeout,
+                });
+            }
+        };
+        let mut result = Streamed::default();
+        // Held open while the command may run: closing it stops the command.
+        let stdin = child.stdin().take();
+        let mut streams = Streams {
+            out: child.stdout().take(),
+            err: child.stderr().take(),
+        };
+        let stop = tokio::select! {
+            () = streams.drain(&mut result) => false,
+            () = tokio::time::sleep(timeout) => {
+                result.timed_out = true;
+                true
+            }
+            () = cancel.cancelled() => {
+                result.cancelled = true;
+                true
+            }
+        };
+        drop(stdin);
+        if stop {
+            // The wrapper stops the command within its grace; what it prints
+            // meanwhile is kept. Past that, we let the session go.
+            let grace = Duration::from_secs(nix_deploy_core::exec::STOP_GRACE_SECS + 5);
+            if tokio::time::timeout(grace, streams.drain(&mut result))
+                .await
+                .is_err()
+            {
+                let _ = child.disconnect().await;
+                return Ok(result);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(Ok(status)) => {
+                result.exit_code = status.code();
+                if result.exit_code == Some(255) && self.session.check().await.is_err() {
+                    return Err(self.lost(step, "ssh exited 255"));
+                }
+                Ok(result)
+            }
+            Ok(Err(e)) => {
+                if stop {
+                    // Stopped by a signal: openssh reports it as an error.
+                    return Ok(result);
+                }
+                if matches!(
+                    e,
+                    openssh::Error::Disconnected | openssh::Error::RemoteProcessTerminated
+                ) || self.session.check().await.is_err()
+                {
+                    return Err(self.lost(step, &describe_openssh_error(&e)));
+                }
+                Err(spawn_error(e))
+            }
+            Err(_) => {
+                result.timed_out |= !result.cancelled;
+                Ok(result)
+            }
+        }
+    }
+
+    fn lost(&self, step: &str, message: &str) -> SshError {
+        SshError::Connect {
+            host: self.host.clone(),
+            destination: self.target.destination.clone(),
+            message: format!("connection lost during {step}: {message}"),
+        }
+    }
+
+    fn full_argv(&self, argv: &[String], sudo: bool) -> Vec<String> {
+        let mut full: Vec<String> = Vec::with_capacity(argv.len() + 3);
+        if sudo {
+            full.extend(["sudo", "-n", "--"].map(String::from));
+        }
+        full.extend(argv.iter().cloned());
+        full
+    }
+
+    /// The remote command line: every word quoted with the core's one
+    /// quoting helper, so the remote shell sees exactly `full` as argv. A
+    /// word no command line can carry (a NUL byte) is an error naming the
+    /// host and the step.
+    fn remote_command(
+        &self,
+        step: &str,
+        full: &[String],
+    ) -> Result<openssh::OwningCommand<&Session>, SshError> {
+        let quoted: Vec<String> = full
+            .iter()
+            .map(|word| quote(word).map(Cow::into_owned))
+            .collect::<Result<_, NulByte>>()
+            .map_err(|e| SshError::Spawn {
+                host: self.host.clone(),
+                step: step.to_string(),
+                command: nix_deploy_core::shell::join(full),
+                message: e.to_string(),
+            })?;
+        let mut command = self.session.raw_command(&quoted[0]);
+        command.raw_args(&quoted[1..]);
+        Ok(command)
+    }
+
+    async fn run_inner(
+        &self,
+        step: &str,
+        argv: &[String],
+        timeout: Duration,
+        sudo: bool,
+    ) -> Result<RemoteOutput, SshError> {
+        let full = self.full_argv(argv, sudo);
+        let command_text = nix_deploy_core::shell::join(&full);
+        let mut command = self.remote_command(step, &full)?;
+        let output = tokio::time::timeout(timeout, command.output()).await;
+        self.conclude(step, command_text, timeout, output).await
+    }
+
+    /// A finished (or timed out) command as our result: its output, or an
+    /// error naming host and step.
+    async fn conclude(
+        &self,
+        step: &str,
+        command_text: String,
+        timeout: Duration,
+        output: Result<Result<std::process::Output, openssh::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<RemoteOutput, SshError> {
+        let output = match output {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => {
+                let message = describe_openssh_error(&e);
+                // A dead master means the host went away, not that the command failed.
+                if matches!(
+                    e,
+                    openssh::Error::Disconnected | openssh::Error::RemoteProcessTerminated
+                ) || self.session.check().await.is_err()
+                {
+                    return Err(SshError::Connect {
+                        host: self.host.clone(),
+                        destination: self.target.destination.clone(),
+                        message: format!("connection lost during {step}: {message}"),
+                    });
+                }
+                return Err(SshError::Spawn {
+                    host: self.host.clone(),
+                    step: step.to_string(),
+                    command: command_text,
+                    message,
+                });
+            }
+            Err(_) => {
+                return Err(SshError::Timeout {
+                    host: self.host.clone(),
+                    step: step.to_string(),
+                    command: command_text,
+                    timeout,
+                });
+            }
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if !output.status.success() {
+            let code = output
+                .status
+                .code()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "killed".to_string());
+            // ssh exits 255 when the connection itself failed.
+            if code == "255" && self.session.check().await.is_err() {
+                return Err(SshError::Connect {
+                    host: self.host.clone(),
+                    destination: self.target.destination.clone(),
+                    message: format!("connection lost during {step}: {}", stderr.trim()),
+                });
+            }
+            return Err(SshError::Exit {
+                host: self.host.clone(),
+                step: step.to_string(),
+                command: command_text,
+                code,
+                stderr: tail(&stderr),
+            });
+        }
+        Ok(RemoteOutput { stdout, stderr })
+    }
+
+    /// Close the master connection; a kept master is left running for the
+    /// next run (it exits by itself when idle).
+    pub async fn close(self) {
+        if self.kept {
+            let _ = self.session.detach();
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.session.close()).await;
+    }
+}
+
+/// The last lines of some output.
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let start = lines.len().saturating_sub(crate::process::TAIL_LINES);
+    lines[start..].join("\n")
+}
+
+fn describe_openssh_error(e: &openssh::Error) -> String {
+    // The master's log says why ssh failed (auth, refused, unknown host...).
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = inner.source();
+    }
+    message.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(port: Option<u16>) -> Target {
+        Target {
+            destination: "web1".into(),
+            user: "root".into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn nix_ssh_opts_carry_config_and_port() {
+        let options = SshOptions::new(Some("/etc/fleet/ssh_config".into()), "/tmp/c".into());
+        assert_eq!(
+            nix_ssh_opts(&target(Some(2222)), &options, None).unwrap(),
+            "-F /etc/fleet/ssh_config -o BatchMode=yes -o ConnectTimeout=10 \
+             -o StrictHostKeyChecking=accept-new -p 2222"
+        );
+        let options = SshOptions::new(None, "/tmp/c".into());
+        assert!(
+            !nix_ssh_opts(&target(None), &options, None)
+                .unwrap()
+                .contains("-F")
+        );
+        let options = SshOptions::new(Some("/my configs/ssh".into()), "/tmp/c".into());
+        assert!(nix_ssh_opts(&target(None), &options, None).is_err());
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let text: String = (0..50).map(|i| format!("l{i}\n")).collect();
+        let t = tail(&text);
+        assert_eq!(t.lines().count(), crate::process::TAIL_LINES);
+        assert!(t.ends_with("l49"));
+    }
+}
