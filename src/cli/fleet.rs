@@ -16,12 +16,13 @@ fn provenance(fleet: &FleetReport) -> String {
         .oldest_probe()
         .map(|at| format!("the oldest observation is {} old", render::age(now - at)))
         .unwrap_or_else(|| "no host observed yet".into());
-    match (fleet.watching, fleet.interval_seconds, fleet.evaluated_at) {
+    // A stored view names the daemon that watched; `status --live`'s none.
+    match (fleet.watching, fleet.interval_seconds, &fleet.watched_by) {
         (true, Some(every), _) => format!(
             "Watched by the daemon, each host probed every {}: {oldest}.",
             render::age(every as i64 * 1000)
         ),
-        (false, _, Some(_)) => format!("Probed now: {oldest}."),
+        (false, _, None) if fleet.evaluated_at.is_some() => format!("Probed now: {oldest}."),
         _ => format!(
             "Not watched now: as a daemon's watch last stored it ({oldest}); `status --live` probes now."
         ),

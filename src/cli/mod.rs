@@ -441,24 +441,14 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
         Command::Status { live } => {
             let (engine, _control) = engine(&cli).await?;
             let store = engine.store();
-            let stored: Vec<_> = store
-                .watch_hosts()
-                .await?
-                .into_iter()
-                .map(|row| row.state)
-                .collect();
+            let stored = store.stored_fleet().await?;
             let fleet = if *live {
-                Some(engine.observe_fleet(&stored).await?)
-            } else if stored.is_empty() {
+                Some(engine.observe_fleet(&stored.hosts).await?)
+            } else if stored.hosts.is_empty() {
                 None
             } else {
                 // What a daemon's watch last stored, said to be that.
-                Some(nix_deploy_core::watch::FleetReport {
-                    generated_at: crate::now_ms(),
-                    flake: engine.config().flake.clone(),
-                    hosts: stored,
-                    ..Default::default()
-                })
+                Some(stored)
             };
             let status = StatusReport {
                 hosts: store.host_states().await?,

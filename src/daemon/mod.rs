@@ -601,9 +601,8 @@ pub async fn run(
             }
         })
     };
-    // The watch (and the sender of its alerts) is owned like a deployment:
-    // shutdown stops it and waits for it.
-    watch::load(&state).await;
+    // The watch (on the leader, with the sender of its alerts) is owned
+    // like a deployment: shutdown stops it and waits for it.
     state.tasks.spawn(watch::run(state.clone(), stop.clone()));
     let takeover = (state.config.cluster.takeover && state.store.backend() == Backend::Postgres)
         .then(|| takeover::spawn(state.clone()));

@@ -510,10 +510,12 @@ async fn a_newer_commit_makes_hosts_behind_and_pull_mode_deploys_it_never_an_old
     assert_eq!(host(&behind, "p1")["desired"], v2.as_str());
     assert_eq!(host(&behind, "p1")["running"], v1.as_str());
     assert!(deployments(&d).await.iter().all(|d| d["trigger"] == "cli"));
-    // In process: what the daemon stored, and (--live) a probe now.
+    // In process: what the daemon stored (it watches: it leads), and
+    // (--live) a probe now.
     let (code, stored, _) = h.json(&["status"]);
     assert_eq!(code, 0);
-    assert_eq!(stored["fleet"]["watching"], false);
+    assert_eq!(stored["fleet"]["watching"], true);
+    assert!(stored["fleet"]["watched_by"].is_string(), "{stored:#}");
     assert_eq!(kinds(&stored["fleet"], "p1"), ["behind"]);
     let (code, live, _) = h.json(&["status", "--live"]);
     assert_eq!(code, 0);
@@ -707,86 +709,4 @@ async fn a_hung_host_garbage_and_a_broken_flake_are_reported_and_the_rest_is_wat
         ["r1", "r2", "r3"].iter().all(|n| in_sync(f, n))
     })
     .await;
-}
-
-/// The NixOS module's service, evaluated with nixpkgs' lib (the systemd,
-/// users and nix options it sets declared loosely, `formats.toml` writing
-/// JSON): the config file it generates.
-const MODULE_EVAL: &str = r#"{ lib, module, settings }:
-let
-  inherit (lib) mkOption types;
-  loose = mkOption { type = types.attrsOf types.anything; };
-  pkgs = {
-    formats.toml = _: { generate = name: value: builtins.toFile name (builtins.toJSON value); };
-    openssh = "openssh";
-    git = "git";
-  };
-  eval = lib.evalModules {
-    specialArgs = { inherit pkgs; };
-    modules = [
-      {
-        options.systemd.services = loose;
-        options.users.users = loose;
-        options.users.groups = loose;
-        options.nix.settings = loose;
-        options.nix.package = mkOption { type = types.anything; default = "nix"; };
-      }
-      module
-      { services.nix-deploy = settings; }
-    ];
-  };
-  exec = eval.config.systemd.services.nix-deploy.serviceConfig.ExecStart;
-in builtins.readFile (lib.last (lib.splitString " " exec))
-"#;
-
-#[test]
-fn the_nixos_modules_watch_settings_make_a_config_the_daemon_accepts() {
-    let dir = tempfile::tempdir().unwrap();
-    succeeds(
-        Command::new("tar")
-            .arg("-xJf")
-            .arg(nix_deploy_testkit::nixos::nixpkgs_lib_tarball())
-            .arg("-C")
-            .arg(dir.path()),
-    );
-    let lib = dir.path().join("nixpkgs-lib/lib");
-    let module = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nix/module.nix");
-    let settings = r#"{
-      enable = true;
-      package = { type = "derivation"; outPath = "/nix/store/x-nix-deploy"; name = "nix-deploy"; };
-      flake = "github:me/fleet";
-      notifications.emailTo = [ "ops@example.org" ];
-      notifications.webhookSecretFile = "/run/secrets/hook";
-      smtp = { server = "smtp.example.org"; from = "nix-deploy <nd@example.org>";
-               username = "nd"; passwordFile = "/run/secrets/smtp"; };
-      watch = { interval = "30s"; branch = "main"; onDrift = "report";
-                rules = [ { on = "@web"; onDrift = "redeploy"; } ]; };
-    }"#;
-    let expr = dir.path().join("eval.nix");
-    std::fs::write(&expr, MODULE_EVAL).unwrap();
-    let out = succeeds(
-        Command::new("nix-instantiate")
-            .args(["--read-write-mode", "--eval", "--strict", "--json"])
-            .arg(&expr)
-            .arg("--arg")
-            .arg("lib")
-            .arg(format!("import {}", lib.display()))
-            .arg("--arg")
-            .arg("module")
-            .arg(module)
-            .arg("--arg")
-            .arg("settings")
-            .arg(settings)
-            .env("NIX_CONFIG", nix_deploy_testkit::nix_config()),
-    );
-    let text: String = serde_json::from_slice(&out).unwrap();
-    let json: Value = serde_json::from_str(&text).unwrap();
-    let toml = toml::to_string(&json).unwrap();
-    let config =
-        nix_deploy::daemon::config::Config::parse(&toml, Path::new("nix-deploy.toml")).unwrap();
-    assert_eq!(config.watch.interval, Duration::from_secs(30));
-    assert_eq!(config.watch.branch.as_deref(), Some("main"));
-    assert_eq!(config.watch.rules[0].on, "@web");
-    assert_eq!(config.notifications.email_to, ["ops@example.org"]);
-    assert_eq!(config.smtp.unwrap().server, "smtp.example.org");
 }

@@ -54,7 +54,7 @@ pub async fn status(
         hosts: state.store().host_states().await?,
         running_deployments: state.store().running_deployments().await?,
         live,
-        fleet: Some(state.fleet.snapshot()),
+        fleet: Some(state.fleet_view().await?),
     }))
 }
 
@@ -145,9 +145,8 @@ pub async fn health(
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text =
-        crate::daemon::metrics::render(state.store(), state.node(), Some(&state.fleet.snapshot()))
-            .await?;
+    let fleet = state.fleet_view().await?;
+    let text = crate::daemon::metrics::render(state.store(), state.node(), Some(&fleet)).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

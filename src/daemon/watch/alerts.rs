@@ -1,8 +1,10 @@
-//! Sending the watch's alerts: each stored alert goes to every channel
-//! (e-mail, Slack, JSON webhooks; retried with backoff) in order, then is
-//! marked sent, so it is sent once — also across a restart, which sends what
-//! was stored but not sent yet (with the same delivery id, for receivers to
-//! recognise a repeat if the daemon stopped between sending and marking).
+//! Sending the watch's alerts, on the leader: each stored alert is claimed
+//! (compare-and-swap: of several coordinators exactly one gets it), goes to
+//! every channel (e-mail, Slack, JSON webhooks; retried with backoff) in
+//! order, then is marked sent, so it is sent once — also across a restart
+//! or a leader change, after which the new sender sends what was stored but
+//! not sent yet (with the same delivery id, for receivers to recognise a
+//! repeat if a sender died between sending and marking).
 //! A channel that still fails after its retries is logged and not retried
 //! again: alerts are never held back behind a dead receiver.
 
@@ -41,6 +43,18 @@ async fn send_pending(state: &AppState, stop: &CancellationToken) {
             return;
         }
         let id = alert.id;
+        // Only the leader sends, and each alert only once it is ours.
+        if !state.is_leader() {
+            return;
+        }
+        match state.store().claim_alert(id).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(cause = %e, alert = id, "claiming an alert");
+                return;
+            }
+        }
         for result in state.notifier.send_and_wait(Notice::Alert(alert)).await {
             if let Err(e) = result {
                 tracing::warn!(cause = %e, alert = id, "alert not delivered");

@@ -6,13 +6,22 @@
 //! transaction), so the history grows with events, not with probes; states
 //! and their times survive a restart.
 //!
-//! - [`Fleet`]: the fleet as last observed, shared with the routes
-//!   (`GET /api/v1/fleet`, its event stream, status, metrics);
-//! - `observer`: the loop that owns the schedule, the evaluations and every
-//!   write; `schedule`: when each host is probed and checked;
-//! - `alerts`: sends stored alerts (e-mail, Slack, webhooks) and marks them
-//!   sent; `reconcile`: `on-drift = "redeploy"` (where a reconciling
-//!   deployment's request is built); `pull`: pull mode's branch polling;
+//! Once per fleet: of the daemons sharing a history, only the elected
+//! leader watches ([`run`]). It probes, evaluates, writes (every write
+//! checks its term), sends alerts, reconciles and polls the branch; when it
+//! dies or loses the database, the next leader takes the watch over from
+//! the stored states, their times and the alert outbox, as after a restart.
+//! The others answer `GET /api/v1/fleet`, its event stream, status and
+//! metrics from what the leader stored ([`AppState::fleet_view`]).
+//!
+//! - [`Fleet`]: the fleet as the leader last observed it, shared with the
+//!   routes while this daemon leads;
+//! - `observer`: the leader's loop that owns the schedule, the evaluations
+//!   and every write; `schedule`: when each host is probed and checked;
+//! - `alerts`: sends stored alerts (e-mail, Slack, webhooks), each claimed
+//!   first and marked sent after; `reconcile`: `on-drift = "redeploy"`
+//!   (where a reconciling deployment's request is built); `pull`: pull
+//!   mode's branch polling;
 //! - [`config`]: the `watch` table of the TOML.
 //!
 //! A host leased by a deployment is not probed: it is reported from that
@@ -27,24 +36,34 @@ mod schedule;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use nix_deploy_core::watch::{BranchWatch, FleetEvent, FleetReport};
+use nix_deploy_core::watch::{BranchWatch, FleetReport};
 
 pub use config::WatchConfig;
 
 use super::AppState;
 use crate::now_ms;
-use crate::store::WatchRow;
+use crate::store::{StoreError, WatchRow};
 
-/// The fleet as the watch last observed it. Only the watch loop writes it.
+/// How often a daemon looks whether it (still) leads.
+const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
+
+/// The fleet as the leader's watch last observed it. Only the observer
+/// writes it, and only while this daemon leads.
 pub struct Fleet {
     /// A std mutex: held for copies and map updates, never across `.await`.
     view: Mutex<View>,
-    /// Changes as they are stored, for event streams.
-    events: broadcast::Sender<FleetEvent>,
+    /// Whether this daemon's observer keeps the view (it leads and
+    /// watches): otherwise the store has the fleet.
+    live: AtomicBool,
+    /// Wakes event streams when a change was stored here.
+    changed: broadcast::Sender<()>,
 }
 
 #[derive(Default)]
@@ -67,7 +86,8 @@ impl Fleet {
                 header,
                 rows: BTreeMap::new(),
             }),
-            events: broadcast::channel(1024).0,
+            live: AtomicBool::new(false),
+            changed: broadcast::channel(16).0,
         }
     }
 
@@ -75,8 +95,13 @@ impl Fleet {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The fleet now, every host by name.
-    pub fn snapshot(&self) -> FleetReport {
+    /// Whether this daemon's observer keeps the view now.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// The fleet now as this daemon's observer sees it, every host by name.
+    fn snapshot(&self) -> FleetReport {
         let view = self.view();
         let mut report = view.header.clone();
         report.generated_at = now_ms();
@@ -84,9 +109,9 @@ impl Fleet {
         report
     }
 
-    /// Changes from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
-        self.events.subscribe()
+    /// Wake-ups: a change was stored (by this daemon).
+    pub fn subscribe(&self) -> broadcast::Receiver<()> {
+        self.changed.subscribe()
     }
 
     fn row(&self, name: &str) -> Option<WatchRow> {
@@ -105,8 +130,21 @@ impl Fleet {
         self.view().rows.remove(name);
     }
 
+    /// Start over from the stored states (a new term as leader).
+    fn reload(&self, rows: Vec<WatchRow>) {
+        let mut view = self.view();
+        view.rows = rows
+            .into_iter()
+            .map(|row| (row.state.name.clone(), row))
+            .collect();
+    }
+
     fn header(&self, update: impl FnOnce(&mut FleetReport)) {
         update(&mut self.view().header);
+    }
+
+    fn header_now(&self) -> FleetReport {
+        self.view().header.clone()
     }
 
     fn branch(&self, update: impl FnOnce(&mut BranchWatch)) {
@@ -121,30 +159,92 @@ impl Fleet {
         }
     }
 
-    fn publish(&self, event: FleetEvent) {
+    fn changed(&self) {
         // Nobody listening is fine.
-        let _ = self.events.send(event);
+        let _ = self.changed.send(());
     }
 }
 
-/// The hosts' stored states, before the daemon answers anyone: after a
-/// restart the fleet is what it was, with its times.
-pub(crate) async fn load(state: &AppState) {
-    match state.store().watch_hosts().await {
-        Ok(rows) => {
-            for row in rows {
-                state.fleet.put(row);
-            }
+impl AppState {
+    /// The fleet as the watch sees it: this daemon's observer's view while
+    /// it leads and watches, else what the leader stored (with the hosts
+    /// live deployments hold now).
+    pub(crate) async fn fleet_view(&self) -> Result<FleetReport, StoreError> {
+        if self.fleet.is_live() {
+            return Ok(self.fleet.snapshot());
         }
+        let mut report = self.store().stored_fleet().await?;
+        let leases = self.store().live_leases().await?;
+        for host in &mut report.hosts {
+            host.deployment = leases
+                .iter()
+                .find(|l| l.host == host.name)
+                .and_then(|l| l.deployment_id);
+        }
+        Ok(report)
+    }
+}
+
+/// The watch of this daemon until `stop`: while it leads, the leader's work
+/// (the observer when enabled, and the alerts' sender), taken over from the
+/// stored states each time it becomes leader and stopped at once when it
+/// no longer is. Spawned by `daemon::run`.
+pub(crate) async fn run(state: AppState, stop: CancellationToken) {
+    let mut term: Option<(CancellationToken, TaskTracker)> = None;
+    let mut check = tokio::time::interval(LEADERSHIP_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = check.tick() => {}
+        }
+        let leads = state.is_leader();
+        if leads && term.is_none() {
+            tracing::info!("elected leader: this daemon watches the fleet");
+            term = Some(lead(&state, &stop).await);
+        } else if !leads && let Some((ended, tasks)) = term.take() {
+            tracing::warn!("no longer the leader: this daemon stops watching the fleet");
+            end(&state, ended, tasks).await;
+        }
+    }
+    if let Some((ended, tasks)) = term.take() {
+        end(&state, ended, tasks).await;
+    }
+}
+
+/// Begin a term: the stored states are where the watch starts (what the
+/// last leader, or this daemon before a restart, left), then the observer
+/// and the alerts' sender run until the term's token is cancelled.
+async fn lead(state: &AppState, stop: &CancellationToken) -> (CancellationToken, TaskTracker) {
+    let ended = stop.child_token();
+    let tasks = TaskTracker::new();
+    match state.store().watch_hosts().await {
+        Ok(rows) => state.fleet.reload(rows),
         Err(e) => tracing::warn!(cause = %e, "reading the watched hosts' stored states"),
     }
+    state
+        .fleet
+        .header(|h| h.watched_by = Some(state.store().holder().to_string()));
+    tasks.spawn(alerts::run(state.clone(), ended.clone()));
+    if state.config.watch.enabled {
+        state.fleet.live.store(true, Ordering::SeqCst);
+        let observer = observer::Observer::new(state.clone()).await;
+        tasks.spawn(observer.run(ended.clone()));
+    } else if let Err(e) = state
+        .store()
+        .save_watch_fleet(&state.fleet.header_now())
+        .await
+    {
+        // Said once, so that no daemon reports a watch that stopped.
+        tracing::warn!(cause = %e, "saying the fleet is not watched");
+    }
+    tasks.close();
+    (ended, tasks)
 }
 
-/// Run the watch until `stop`: send alerts left unsent, and (when enabled)
-/// observe the fleet. Spawned by `daemon::run`, after [`load`].
-pub(crate) async fn run(state: AppState, stop: CancellationToken) {
-    state.tasks.spawn(alerts::run(state.clone(), stop.clone()));
-    if state.config.watch.enabled {
-        observer::Observer::new(state).await.run(stop).await;
-    }
+/// End a term: stop the leader's work and wait for it.
+async fn end(state: &AppState, ended: CancellationToken, tasks: TaskTracker) {
+    ended.cancel();
+    tasks.wait().await;
+    state.fleet.live.store(false, Ordering::SeqCst);
 }

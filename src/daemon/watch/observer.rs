@@ -1,8 +1,10 @@
-//! The watch loop: one task that owns the schedule, the tracked flake's
-//! evaluation, the leases it steers around, pull mode and reconciliation,
-//! and makes every write. Probes, evaluations and polls run as tasks of its
-//! own (a bounded number of probes at once); their results come back here,
-//! one at a time, so a host's state has one writer.
+//! The watch loop, run by the leader only: one task that owns the
+//! schedule, the tracked flake's evaluation, the leases it steers around,
+//! pull mode and reconciliation, and makes every write. Probes, evaluations
+//! and polls run as tasks of its own (a bounded number of probes at once);
+//! their results come back here, one at a time, so a host's state has one
+//! writer. Every write is refused by the store once this daemon no longer
+//! leads, and the loop is stopped within a second of it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,8 +28,9 @@ use crate::store::{NewAlert, WatchChange, WatchRow};
 
 /// How often the loop looks at its schedule and the leases.
 const TICK: Duration = Duration::from_secs(1);
-/// How often hosts' last sight is written to the store (it is not a change).
-const FLUSH_MS: i64 = 5 * 60 * 1000;
+/// How often hosts' last sight is written to the store (it is not a change,
+/// but followers and the next leader read it).
+const FLUSH_MS: i64 = 60 * 1000;
 
 /// What a task of the loop brings back.
 enum Done {
@@ -123,6 +126,8 @@ impl Observer {
     }
 
     pub async fn run(mut self, stop: CancellationToken) {
+        // Whoever reads the store sees who watches from now on.
+        self.save_header().await;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -140,7 +145,9 @@ impl Observer {
         }
         // Probes in flight are dropped (their connections with them).
         self.tasks.abort_all();
-        self.flush().await;
+        if self.state.is_leader() {
+            self.flush().await;
+        }
     }
 
     async fn tick(&mut self) {
@@ -341,8 +348,8 @@ impl Observer {
         match self.state.store().record_watch(&change).await {
             Ok((event, alerts)) => {
                 self.state.fleet.put(row);
-                if let Some(event) = event {
-                    self.state.fleet.publish(event);
+                if event.is_some() {
+                    self.state.fleet.changed();
                 }
                 if !alerts.is_empty() {
                     self.state.alerts_ready.notify_one();
@@ -409,6 +416,7 @@ impl Observer {
                     h.evaluation_error = None;
                 });
                 self.desired = Some(fleet);
+                self.save_header().await;
             }
             Err(error) => {
                 tracing::warn!(flake, cause = %error, "the tracked flake does not evaluate");
@@ -421,6 +429,7 @@ impl Observer {
                     h.evaluated_at = Some(now);
                     h.evaluation_error = Some(error.clone());
                 });
+                self.save_header().await;
                 // Without an earlier evaluation nobody knows how to reach the
                 // hosts: they are reported as last stored, desired unknown.
                 if self.desired.is_none() {
@@ -490,6 +499,20 @@ impl Observer {
             b.error = error;
         });
         self.puller = Some(puller);
+        self.save_header().await;
+    }
+
+    /// Store the fleet-wide part of the view, for followers and the next
+    /// leader.
+    async fn save_header(&self) {
+        if let Err(e) = self
+            .state
+            .store()
+            .save_watch_fleet(&self.state.fleet.header_now())
+            .await
+        {
+            tracing::warn!(cause = %e, "saving the watched fleet");
+        }
     }
 
     /// Write every host's state as it is (its last sight included).
