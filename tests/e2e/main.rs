@@ -27,5 +27,8 @@ mod recovery;
 mod reporting;
 mod safety;
 mod selection;
+mod smtp;
 mod strategies;
 mod watch;
+mod watch_cluster;
+mod watch_edges;
