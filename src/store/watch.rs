@@ -386,6 +386,29 @@ impl Store {
             .collect())
     }
 
+    /// How `host`'s reconciling deployments (trigger `reconcile`) went
+    /// lately: the failures since its last success, newest first, and when
+    /// the newest of them ended. What a new leader (or a restarted daemon)
+    /// keeps backing off from.
+    pub async fn reconcile_failures(&self, host: &str) -> Result<(u32, Option<i64>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT r.status, r.finished_at
+               FROM host_runs r JOIN deployments d ON d.id = r.deployment_id
+              WHERE r.host = $1 AND d.trigger = 'reconcile' AND r.finished_at IS NOT NULL
+              ORDER BY r.finished_at DESC LIMIT 20",
+        )
+        .bind(host)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("reading a host's reconciling deployments"))?;
+        let failed: Vec<i64> = rows
+            .iter()
+            .take_while(|row| row.get::<String, _>(0) != HostStatus::Deployed.as_str())
+            .map(|row| row.get(1))
+            .collect();
+        Ok((failed.len() as u32, failed.first().copied()))
+    }
+
     /// The host leases whose holder is alive (on SQLite its flock is held,
     /// on PostgreSQL its lease unexpired by the database's clock): hosts a
     /// deployment holds now. A dead holder's lease is no deployment.

@@ -289,6 +289,15 @@ impl Observer {
             && next.desired.is_some()
             && next.kinds().iter().any(|k| k.reconcilable());
         self.commit(previous, next, observation.at).await;
+        if redeploy && !self.reconciler.knows(name) {
+            match self.state.store().reconcile_failures(name).await {
+                Ok((failures, last)) => self.reconciler.seed(name, failures, last),
+                Err(e) => {
+                    tracing::warn!(host = name, cause = %e, "reading earlier reconciles");
+                    return;
+                }
+            }
+        }
         if redeploy && self.reconciler.may_start(name, now) {
             self.reconciler.start(&self.state, name, &self.flake);
         }

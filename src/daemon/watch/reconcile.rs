@@ -3,7 +3,8 @@
 //! with trigger `reconcile`; one reconcile at a time per host, at most
 //! `reconcile-limit` at once, and after a failure not again before a backoff
 //! that doubles with each failure (up to an hour, or the configured backoff
-//! if longer).
+//! if longer). Failures before this process (a restart, another leader) are
+//! read from the history once per host, so the backoff survives them.
 //!
 //! [`request`] is where a reconciling deployment's request is built: checks
 //! that must hold before one may start (maintenance windows, approvals) go
@@ -55,6 +56,8 @@ pub(super) struct Reconciler {
     running: BTreeSet<String>,
     /// Failures in a row, and the earliest next attempt (Unix ms).
     failures: BTreeMap<String, (u32, i64)>,
+    /// Hosts whose earlier failures were read from the history.
+    seeded: BTreeSet<String>,
     outcomes: mpsc::UnboundedSender<(String, Outcome)>,
 }
 
@@ -70,10 +73,28 @@ impl Reconciler {
                 backoff,
                 running: BTreeSet::new(),
                 failures: BTreeMap::new(),
+                seeded: BTreeSet::new(),
                 outcomes,
             },
             receiver,
         )
+    }
+
+    /// Whether what happened to `host` before this process (its failures
+    /// in a row and when the last ended, from the history) is known yet.
+    pub fn knows(&self, host: &str) -> bool {
+        self.failures.contains_key(host) || self.seeded.contains(host)
+    }
+
+    /// Back off from `failures` earlier failures of `host`, the last ended
+    /// at `last` (Unix ms): a new leader or a restart does not retry at once.
+    pub fn seed(&mut self, host: &str, failures: u32, last: Option<i64>) {
+        self.seeded.insert(host.to_string());
+        if let (true, Some(last)) = (failures > 0, last) {
+            let wait = self.wait(failures);
+            self.failures
+                .insert(host.to_string(), (failures, last + wait.as_millis() as i64));
+        }
     }
 
     /// Whether `host` may be reconciled at `now`.
@@ -175,6 +196,14 @@ mod tests {
         assert_eq!(r.wait(30), MAX_BACKOFF);
         r.finished("a", &Outcome::Succeeded, 200_000);
         assert!(r.may_start("a", 200_000));
+        // Failures before this process: backed off from the last one.
+        assert!(!r.knows("z"));
+        r.seed("z", 2, Some(1_000));
+        assert!(r.knows("z"));
+        assert!(!r.may_start("z", 1_000 + 119_999));
+        assert!(r.may_start("z", 1_000 + 120_000));
+        r.seed("y", 0, None);
+        assert!(r.knows("y") && r.may_start("y", 0));
         let request = request("web1", DeployOptions::default());
         assert_eq!(request.trigger, "reconcile");
         assert_eq!(request.selection.names, ["web1"]);

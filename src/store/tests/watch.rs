@@ -219,3 +219,35 @@ on_both_backends! {
         beat_b.stop().await;
     }
 }
+
+on_both_backends! {
+    async fn a_hosts_reconcile_failures_since_its_last_success_are_counted(db) {
+        use nix_deploy_core::events::HostStatus;
+        use nix_deploy_core::run::HostRun;
+        let store = db.open().await;
+        assert_eq!(store.reconcile_failures("web1").await.unwrap(), (0, None));
+        let mut reconcile = new_deployment();
+        reconcile.trigger = "reconcile".into();
+        // Oldest first: failed, deployed, failed, rolled back; and a
+        // deployment of another trigger, which does not count.
+        let outcomes = [
+            ("reconcile", HostStatus::Failed, 10),
+            ("reconcile", HostStatus::Deployed, 20),
+            ("reconcile", HostStatus::Failed, 30),
+            ("reconcile", HostStatus::RolledBack, 40),
+            ("cli", HostStatus::Failed, 50),
+        ];
+        for (trigger, status, at) in outcomes {
+            let mut new = reconcile.clone();
+            new.trigger = trigger.into();
+            let id = store.create_deployment(&new).await.unwrap();
+            let mut run = HostRun::new(id, "web1");
+            run.status = status;
+            run.time.started_at = Some(at - 1);
+            run.time.finished_at = Some(at);
+            store.save_host_run(&run).await.unwrap();
+        }
+        assert_eq!(store.reconcile_failures("web1").await.unwrap(), (2, Some(40)));
+        assert_eq!(store.reconcile_failures("web2").await.unwrap(), (0, None));
+    }
+}
