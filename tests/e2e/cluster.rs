@@ -51,7 +51,7 @@ async fn start_deployment(d: &Daemon, body: Value) -> i64 {
     created["id"].as_i64().unwrap()
 }
 
-async fn cluster(d: &Daemon) -> Value {
+pub(crate) async fn cluster(d: &Daemon) -> Value {
     let (status, cluster) = call(
         reqwest::Method::GET,
         &format!("{}/api/v1/cluster", d.url),

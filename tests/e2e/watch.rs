@@ -131,6 +131,24 @@ fn follow_fleet(d: &Daemon, last_id: Option<i64>) -> Received {
     received
 }
 
+/// A clone of the fleet's flake as it is now, for the watch to track: what
+/// the hosts should run stays put while the fleet's own flake makes the
+/// systems someone switches to by hand. The clone, and its `git+file` flake
+/// reference.
+pub(crate) fn tracked_clone(h: &Harness) -> (tempfile::TempDir, String) {
+    let flake_dir = h.fleet.dir().join("flake");
+    git(&flake_dir, &["init", "-q", "-b", "main"]);
+    git(&flake_dir, &["add", "-A"]);
+    git(&flake_dir, &["commit", "-q", "-m", "v1"]);
+    let tracked = tempfile::tempdir().unwrap();
+    git(
+        tracked.path(),
+        &["clone", "-q", &flake_dir.display().to_string(), "fleet"],
+    );
+    let flake = format!("git+file://{}", tracked.path().join("fleet").display());
+    (tracked, flake)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manual_switch_is_reported_and_redeploy_puts_it_back() {
     let mut h = Harness::start(vec![
@@ -139,22 +157,9 @@ async fn a_manual_switch_is_reported_and_redeploy_puts_it_back() {
     ]);
     assert_eq!(h.deploy(&[]).0, 0);
     let deployed = h.fleet.current_system("m1").unwrap();
-    // The watch tracks a clone of the fleet's flake: what the hosts should
-    // run stays put while the fleet's own flake makes the systems someone
-    // switches to by hand.
-    let flake_dir = h.fleet.dir().join("flake");
-    git(&flake_dir, &["init", "-q", "-b", "main"]);
-    git(&flake_dir, &["add", "-A"]);
-    git(&flake_dir, &["commit", "-q", "-m", "v1"]);
-    let tracked = tempfile::tempdir().unwrap();
-    let clone = tracked.path().join("fleet");
-    git(
-        tracked.path(),
-        &["clone", "-q", &flake_dir.display().to_string(), "fleet"],
-    );
+    let (_tracked, flake) = tracked_clone(&h);
     let config = format!(
-        "{WATCH}flake = \"git+file://{}\"\n[[watch.rules]]\non = \"@auto\"\non-drift = \"redeploy\"\n",
-        clone.display()
+        "{WATCH}flake = \"{flake}\"\n[[watch.rules]]\non = \"@auto\"\non-drift = \"redeploy\"\n"
     );
     let d = start_daemon_args(&h, "", &config, &[]);
     until_fleet(&d, "both hosts in sync", |f| {
@@ -383,22 +388,11 @@ from = "nix-deploy <nix-deploy@example.org>"
 async fn a_reconcile_outside_its_maintenance_window_waits_for_it() {
     let mut h = Harness::start(vec![HostSpec::new("w1")]);
     assert_eq!(h.deploy(&[]).0, 0);
-    // What the host should run stays put (a clone of the flake is
-    // tracked) while the fleet's own flake makes a system to switch to.
-    let flake_dir = h.fleet.dir().join("flake");
-    git(&flake_dir, &["init", "-q", "-b", "main"]);
-    git(&flake_dir, &["add", "-A"]);
-    git(&flake_dir, &["commit", "-q", "-m", "v1"]);
-    let tracked = tempfile::tempdir().unwrap();
-    git(
-        tracked.path(),
-        &["clone", "-q", &flake_dir.display().to_string(), "fleet"],
-    );
+    let (_tracked, flake) = tracked_clone(&h);
     // The only window w1 may be deployed in opens in half an hour (UTC).
     let opens = nix_deploy::now_ms() / 1000 + 30 * 60;
     let config = format!(
-        "{WATCH}flake = \"git+file://{}\"\non-drift = \"redeploy\"\n\n[[window]]\nkind = \"allow\"\nschedule = \"{} {} * * *\"\nduration = \"1m\"\n",
-        tracked.path().join("fleet").display(),
+        "{WATCH}flake = \"{flake}\"\non-drift = \"redeploy\"\n\n[[window]]\nkind = \"allow\"\nschedule = \"{} {} * * *\"\nduration = \"1m\"\n",
         opens / 60 % 60,
         opens / 3600 % 24
     );

@@ -9,9 +9,10 @@ use std::path::Path;
 use nix_deploy_testkit::{HostSpec, Postgres};
 use serde_json::Value;
 
-use crate::daemon::{Daemon, READ_TOKEN, call, receiver, start_daemon_in};
-use crate::helpers::{Harness, git};
-use crate::watch::{WATCH, fleet, host, in_sync, kinds, until, until_fleet};
+use crate::cluster::cluster;
+use crate::daemon::{Daemon, receiver, start_daemon_in};
+use crate::helpers::Harness;
+use crate::watch::{WATCH, fleet, host, in_sync, kinds, tracked_clone, until, until_fleet};
 
 /// Host identities a daemon learned: it connected to those hosts.
 fn identities(state: &Path) -> usize {
@@ -22,14 +23,7 @@ fn identities(state: &Path) -> usize {
 
 /// The elected leader's coordinator id and pid, as `d` sees the cluster.
 async fn leader(d: &Daemon) -> Option<(String, i64)> {
-    let (status, cluster) = call(
-        reqwest::Method::GET,
-        &format!("{}/api/v1/cluster", d.url),
-        Some(READ_TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{cluster}");
+    let cluster = cluster(d).await;
     let id = cluster["leader"].as_str()?.to_string();
     let pid = cluster["coordinators"]
         .as_array()?
@@ -98,24 +92,12 @@ async fn only_the_leader_watches_and_alerts_and_another_daemon_takes_the_watch_o
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The watch tracks a clone of the fleet's flake: what the hosts should
-    // run stays put while the fleet's own flake makes a system to switch
-    // to by hand.
-    let flake_dir = h.fleet.dir().join("flake");
-    git(&flake_dir, &["init", "-q", "-b", "main"]);
-    git(&flake_dir, &["add", "-A"]);
-    git(&flake_dir, &["commit", "-q", "-m", "v1"]);
-    let tracked = tempfile::tempdir().unwrap();
-    git(
-        tracked.path(),
-        &["clone", "-q", &flake_dir.display().to_string(), "fleet"],
-    );
+    let (_tracked, flake) = tracked_clone(&h);
     let hook = receiver();
     let top = format!("database = \"{}\"", db.url);
     let extra = format!(
-        "[cluster]\nheartbeat = \"1s\"\nlease-ttl = \"3s\"\n\n[notifications]\njson-webhooks = [\"{}\"]\nretries = 1\n{WATCH}flake = \"git+file://{}\"\n",
-        hook.url,
-        tracked.path().join("fleet").display()
+        "[cluster]\nheartbeat = \"1s\"\nlease-ttl = \"3s\"\n\n[notifications]\njson-webhooks = [\"{}\"]\nretries = 1\n{WATCH}flake = \"{flake}\"\n",
+        hook.url
     );
     let states = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let mut daemons: Vec<Option<Daemon>> = states
