@@ -163,6 +163,7 @@ fn engine_config(
     config.nix = nix;
     config.policy = std::sync::Arc::new(ops::policy()?);
     config.eval_workers = cli.eval_workers.map(usize::from);
+    config.source = cli.source;
     // An impure evaluation may read anything: its results are never cached.
     config.eval_cache = !cli.no_eval_cache && !cli.impure;
     Ok(config)
@@ -185,6 +186,7 @@ async fn nix(cli: &Cli) -> anyhow::Result<Nix> {
 pub(crate) async fn nix_calls(cli: &Cli) -> anyhow::Result<Nix> {
     let nix = Nix {
         flags: cli.nix_flags(),
+        builders: cli.builders.clone(),
         ..Nix::default()
     };
     nix.check_options().await.map_err(EngineError::Eval)?;
@@ -228,13 +230,18 @@ pub(crate) fn ssh_options(
 /// The engine for this command line, and the directory of its ssh control
 /// sockets (removed when dropped).
 async fn engine(cli: &Cli) -> anyhow::Result<(Engine, tempfile::TempDir)> {
+    engine_here(cli, None).await
+}
+
+/// [`engine`], where `here` is the host that is this machine
+/// (`apply-local`): its commands run here, not over SSH.
+async fn engine_here(cli: &Cli, here: Option<&str>) -> anyhow::Result<(Engine, tempfile::TempDir)> {
     let nix = nix(cli).await?;
     let store = open_store(cli).await?;
     let control = paths::control_dir(store.holder())?;
-    Ok((
-        Engine::new(engine_config(cli, nix, control.path())?, store),
-        control,
-    ))
+    let mut config = engine_config(cli, nix, control.path())?;
+    config.ssh.local = here.map(str::to_string);
+    Ok((Engine::new(config, store), control))
 }
 
 /// A request's options over the built-in defaults.
@@ -323,6 +330,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             apply::Applied::Build(request) => apply::build(&cli, request).await,
             apply::Applied::Keys(body) => upload_keys(&cli, body).await,
         },
+        Command::ApplyLocal(args) => {
+            let here = args.node()?;
+            deploy_here(&cli, args.request(&here), Some(&here)).await
+        }
         Command::Build(args) => apply::build(&cli, args.request()?).await,
         Command::Eval(args) => eval::run(&cli, args).await,
         Command::Doctor(args) => doctor::run(&cli, args).await,
@@ -483,9 +494,14 @@ fn pin(flake: &str, revision: &str) -> Result<String, EngineError> {
 
 /// `deploy` (and `apply` with a deployment goal).
 async fn deploy(cli: &Cli, request: Request) -> anyhow::Result<u8> {
+    deploy_here(cli, request, None).await
+}
+
+/// [`deploy`]; `here`: the host that is this machine (`apply-local`).
+async fn deploy_here(cli: &Cli, request: Request, here: Option<&str>) -> anyhow::Result<u8> {
     request.check_for_deploy()?;
     let options = resolve(&request)?;
-    let (mut engine, _control) = engine(cli).await?;
+    let (mut engine, _control) = engine_here(cli, here).await?;
     if let Some(revision) = &request.revision {
         engine = engine.with_flake(pin(&cli.flake(), revision)?);
     }
@@ -507,7 +523,7 @@ async fn deploy(cli: &Cli, request: Request) -> anyhow::Result<u8> {
         selection: request.selection(),
         wait: request.wait,
         options,
-        trigger: "cli".into(),
+        trigger: if here.is_some() { "apply-local" } else { "cli" }.into(),
         requested_by: who(),
         source: None,
     };

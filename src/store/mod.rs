@@ -20,6 +20,7 @@ mod gates;
 mod hooks;
 mod leases;
 mod liveness;
+mod profiles;
 mod runs;
 mod stats;
 

@@ -36,6 +36,7 @@
 //! - [`suggest`]: "did you mean" for mistyped names.
 
 pub mod approval;
+pub mod attrs;
 pub mod audit;
 pub mod command;
 pub mod doctor;
@@ -57,6 +58,8 @@ pub mod reports;
 pub mod run;
 pub mod select;
 pub mod shell;
+pub mod source;
+pub mod sshopts;
 pub mod suggest;
 pub mod summary;
 pub mod window;

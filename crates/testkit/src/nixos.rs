@@ -44,6 +44,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::flake::{BUILDER, nix_list, nix_string, switch_script, systemctl_script};
 use crate::fleet::Fleet;
+use crate::sources::{self, Layout};
 use crate::spec::HostSpec;
 use crate::sys::{checked_stdout, run_with_timeout, write_atomic};
 use crate::{NIX_TIMEOUT, nix_config, nix_system};
@@ -65,6 +66,12 @@ pub struct NixosShape {
     /// Extra module expressions by host name, imported by that host only
     /// (e.g. to make its evaluation fail, or slow).
     pub host_modules: BTreeMap<String, String>,
+    /// How the fleet is written: `nixosConfigurations`, a colmena hive or
+    /// deploy-rs nodes ([`crate::sources`]).
+    pub layout: Layout,
+    /// The fleet-wide settings of a colmena hive (`meta`) or of deploy-rs
+    /// (the top level of `deploy`): a Nix attribute set.
+    pub fleet_settings: String,
 }
 
 impl Default for NixosShape {
@@ -77,6 +84,8 @@ impl Default for NixosShape {
             services_per_host: 60,
             shared_module: DEFAULT_SHARED_MODULE.to_string(),
             host_modules: BTreeMap::new(),
+            layout: Layout::Nixos,
+            fleet_settings: "{ }".to_string(),
         }
     }
 }
@@ -96,6 +105,24 @@ impl NixosShape {
             services_per_host: 4,
             ..NixosShape::default()
         }
+    }
+
+    /// Written as a colmena hive ([`crate::sources`]).
+    pub fn colmena(mut self) -> Self {
+        self.layout = Layout::Colmena;
+        self
+    }
+
+    /// Written as deploy-rs nodes ([`crate::sources`]).
+    pub fn deploy_rs(mut self) -> Self {
+        self.layout = Layout::DeployRs;
+        self
+    }
+
+    /// Sets [`NixosShape::fleet_settings`].
+    pub fn fleet_settings(mut self, nix_attrs: &str) -> Self {
+        self.fleet_settings = nix_attrs.to_string();
+        self
     }
 
     /// Sets an extra module for one host.
@@ -152,9 +179,9 @@ fn flake_nix(lib_dir: &Path, specs: &[HostSpec]) -> String {
 const EVAL_CONFIG: &str = r#"# Like nixpkgs' nixos/lib/eval-config.nix: the module list, and a package
 # set instantiated for this host.
 { lib }:
-{ modules }:
+{ modules, specialArgs ? { } }:
 lib.evalModules {
-  specialArgs = { modulesPath = ./modules; };
+  specialArgs = { modulesPath = ./modules; } // specialArgs;
   modules = import ./modules/module-list.nix ++ modules ++ [
     ({ config, ... }: {
       _module.args.pkgs = import ./pkgs.nix {
@@ -381,9 +408,21 @@ fn machine_nix(shape: &NixosShape, spec: &HostSpec) -> String {
     if !spec.rollback_on_failure {
         deployment.push_str("    rollbackOnFailure = false;\n");
     }
+    if let Some(user) = &spec.user {
+        let _ = writeln!(deployment, "    targetUser = {};", nix_string(user));
+    }
     if let Some(extra) = &spec.deployment_extra {
         let _ = writeln!(deployment, "    {extra}");
     }
+    let deployment = match shape.layout {
+        Layout::Nixos => format!("  deployment = {{\n{deployment}  }};\n"),
+        Layout::Colmena => format!(
+            "  deployment = {{\n{}  }};\n",
+            sources::colmena_deployment(spec)
+        ),
+        // deploy-rs reads its own `deploy.nodes`.
+        Layout::DeployRs => String::new(),
+    };
     let imports = shape
         .host_modules
         .get(&spec.name)
@@ -398,9 +437,7 @@ fn machine_nix(shape: &NixosShape, spec: &HostSpec) -> String {
   testkit.switchScript = builtins.unsafeDiscardStringContext
     (builtins.readFile ../hosts/{name}/switch-to-configuration.sh);
   environment.systemPackages = [ pkgs.p{package} ];
-{services}  deployment = {{
-{deployment}  }};
-}}
+{services}{deployment}}}
 "#,
         name = spec.name,
         quoted = nix_string(&spec.name),
@@ -422,7 +459,22 @@ fn flake_files(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Vec<(Stri
             NIX_DEPLOY_MODULE.to_string(),
         ),
     ];
-    let mut list = String::from("[\n  ../core.nix\n  ../nix-deploy.nix\n");
+    files.extend(sources::files(shape.layout));
+    match shape.layout {
+        Layout::Colmena => files.push(("colmena/meta.nix".into(), shape.fleet_settings.clone())),
+        Layout::DeployRs => files.push((
+            "deploy-rs/settings.nix".into(),
+            shape.fleet_settings.clone(),
+        )),
+        Layout::Nixos => {}
+    }
+    // colmena's and deploy-rs's users do not import nix-deploy's module.
+    let ours = if shape.layout == Layout::Nixos {
+        "  ../nix-deploy.nix\n"
+    } else {
+        ""
+    };
+    let mut list = format!("[\n  ../core.nix\n{ours}");
     for i in 0..shape.option_modules {
         let _ = writeln!(list, "  ./m{i:04}.nix");
         files.push((
@@ -443,10 +495,11 @@ fn flake_files(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Vec<(Stri
             machine_nix(shape, spec),
         ));
     }
-    files.push((
-        "flake.nix".to_string(),
-        flake_nix(&root.join("nixpkgs-lib"), specs),
-    ));
+    let flake = match shape.layout {
+        Layout::Nixos => flake_nix(&root.join("nixpkgs-lib"), specs),
+        layout => sources::flake_nix(layout, &root.join("nixpkgs-lib"), specs),
+    };
+    files.push(("flake.nix".to_string(), flake));
     files
 }
 

@@ -18,7 +18,9 @@
 //!
 //! A host that did not confirm over a new connection is not switched by us:
 //! its watchdog reverts it by itself, and we wait for that and verify
-//! ([`await_watchdog`]).
+//! ([`await_watchdog`]). A host without magic rollback (deploy-rs's
+//! `magicRollback = false`) has no watchdog: its activation is decided
+//! ("no watchdog") as soon as it ends, and the way back is ours alone.
 
 use std::time::{Duration, Instant};
 
@@ -292,6 +294,11 @@ async fn await_watchdog(
                     return Err(format!(
                         "{host}: watchdog: {} (nothing to switch back to)",
                         out.stdout.trim()
+                    ));
+                }
+                Ok(out) if out.stdout.trim() == remote::NO_WATCHDOG => {
+                    return Err(format!(
+                        "{host}: watchdog: the host has no watchdog (magic rollback is off), so nothing switches it back by itself"
                     ));
                 }
                 Ok(out) if matches!(out.stdout.trim(), "confirmed" | "taken-back") => {
@@ -572,6 +579,13 @@ async fn decide(
         .await
     {
         Ok(_) => Decided::Ours,
+        // Activated without a watchdog (magic rollback off): decided when
+        // it ended, and nobody switches it back but us.
+        Err(SshError::Exit { code, stderr, .. })
+            if code == remote::DECIDED_BY_WATCHDOG && stderr.trim() == remote::NO_WATCHDOG =>
+        {
+            Decided::Ours
+        }
         Err(SshError::Exit { code, stderr, .. }) if code == remote::DECIDED_BY_WATCHDOG => {
             Decided::Elsewhere(format!(
                 "its watchdog had already decided to switch back ({})",

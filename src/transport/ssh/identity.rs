@@ -20,6 +20,7 @@ use nix_deploy_core::fleet::Target;
 
 use super::{SshError, SshOptions};
 use crate::process::Cmd;
+use crate::transport::host_config::host_config;
 
 /// How long `ssh -G` may take: it reads the configuration and resolves
 /// nothing over the network.
@@ -47,10 +48,17 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// What `ssh -G` makes of `target` with our options.
+    /// What `ssh -G` makes of `target` with our options and the host's own
+    /// (`deployment.sshOptions`, through its [`host_config`]). The host's
+    /// options are part of the result even where `ssh -G` shows none of
+    /// them: a master opened with other options is never this host's.
     pub async fn resolve(target: &Target, options: &SshOptions) -> Result<Self, String> {
+        let Some(destination) = target.destination.as_deref() else {
+            return Err("deployment.targetHost is null: the host has no ssh destination".into());
+        };
+        let config = host_config(target, options).map_err(|e| e.to_string())?;
         let mut cmd = Cmd::new("ssh").arg("-G");
-        if let Some(config) = &options.config_file {
+        if let Some(config) = &config {
             cmd = cmd.arg("-F").arg(config.to_string_lossy().into_owned());
         }
         if let Some(identity) = &options.identity_file {
@@ -59,15 +67,21 @@ impl Destination {
         if let Some(port) = target.port {
             cmd = cmd.arg("-p").arg(port.to_string());
         }
-        cmd = cmd
-            .arg("-l")
-            .arg(target.user.clone())
-            .arg("--")
-            .arg(target.destination.clone());
+        if let Some(user) = &target.user {
+            cmd = cmd.arg("-l").arg(user.clone());
+        }
+        cmd = cmd.arg("--").arg(destination.to_string());
         let out = crate::process::run(&cmd, RESOLVE_TIMEOUT, |_, _| {})
             .await
-            .map_err(|e| format!("resolving {} with `ssh -G`: {e}", target.destination))?;
-        Ok(Self::from_ssh_g(&out.stdout))
+            .map_err(|e| format!("resolving {destination} with `ssh -G`: {e}"))?;
+        let mut resolved = Self::from_ssh_g(&out.stdout);
+        if !target.ssh_options.is_empty() {
+            resolved.settings.push_str("\nsshoptions ");
+            resolved
+                .settings
+                .push_str(&nix_deploy_core::shell::join(&target.ssh_options));
+        }
+        Ok(resolved)
     }
 
     /// The decisive settings of `ssh -G`'s output.
