@@ -10,7 +10,8 @@
 //!   a number where a host was expected);
 //! - `output`: tables and JSON documents; `progress`: live progress;
 //! - `client`, `remote`: the daemon's HTTP client and the commands through it;
-//! - `serve`: `nix-deploy serve`.
+//! - `serve`: `nix-deploy serve`; `who`: who runs a command, for the
+//!   history.
 //!
 //! Exit codes: 0 all done, 1 a host failed, was rolled back or unreachable,
 //! 2 bad input (nothing touched), 3 cancelled.
@@ -26,6 +27,7 @@ mod output;
 mod progress;
 mod remote;
 mod serve;
+mod who;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -49,6 +51,7 @@ use crate::nix::Nix;
 use crate::paths;
 use crate::store::Store;
 use crate::transport::ssh::{Identities, KeepAlive, SshOptions};
+use who::who;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -247,40 +250,6 @@ async fn engine_here(cli: &Cli, here: Option<&str>) -> anyhow::Result<(Engine, t
 /// A request's options over the built-in defaults.
 fn resolve(request: &Request) -> Result<DeployOptions, OptionsError> {
     request.resolve(&DeployOptions::default())
-}
-
-/// Who runs this command, for the history: the user behind `sudo`, else the
-/// login user, else the name of our uid, else the uid; `@` the machine.
-fn who() -> String {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let user = var("SUDO_USER")
-        .or_else(|| var("USER"))
-        .or_else(|| var("LOGNAME"))
-        .unwrap_or_else(|| {
-            let uid = paths::current_uid();
-            std::fs::read_to_string("/etc/passwd")
-                .ok()
-                .and_then(|passwd| user_of_uid(&passwd, uid))
-                .unwrap_or_else(|| format!("uid {uid}"))
-        });
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    if host.is_empty() {
-        user
-    } else {
-        format!("{user}@{host}")
-    }
-}
-
-/// The name of `uid` in an `/etc/passwd` text.
-fn user_of_uid(passwd: &str, uid: u32) -> Option<String> {
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let id: u32 = fields.nth(1)?.parse().ok()?;
-        (id == uid && !name.is_empty()).then(|| name.to_string())
-    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -629,17 +598,13 @@ mod tests {
                 "nix-option",
                 "keep-result",
                 "dry-activate",
+                "apply-local",
+                "build-on-target",
+                "no-substitute",
+                "deploy-rs",
             ] {
                 assert!(script.contains(word), "{shell}: {word}");
             }
         }
-    }
-
-    #[test]
-    fn finds_a_user_by_uid() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n";
-        assert_eq!(user_of_uid(passwd, 1000).as_deref(), Some("alice"));
-        assert_eq!(user_of_uid(passwd, 0).as_deref(), Some("root"));
-        assert_eq!(user_of_uid(passwd, 7), None);
     }
 }

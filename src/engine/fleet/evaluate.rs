@@ -183,7 +183,7 @@ impl Collected {
     }
 }
 
-/// A fleet evaluated without streaming ([`Engine::evaluate_fleet`]).
+/// A fleet evaluated without streaming ([`evaluate_fleet`]).
 pub(crate) struct Evaluation {
     pub inventory: Inventory,
     pub systems: BTreeMap<String, fleet::System>,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nix_deploy_core::fleet::Target;
 
-use super::{SshError, SshOptions};
+use super::{Connection, SshError, SshOptions};
 use crate::process::Cmd;
 use crate::transport::host_config::host_config;
 
@@ -102,6 +102,71 @@ impl Destination {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(self.settings.as_bytes());
         digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl Connection {
+    /// The identity of the machine behind this connection, when it has one
+    /// (`None` when identities are not checked).
+    pub(super) async fn identity(&self, options: &SshOptions) -> Option<String> {
+        options.identities.as_ref()?;
+        match self
+            .run("identity", &identity_argv(), options.command_timeout)
+            .await
+        {
+            Ok(out) => parse_identity(&out.stdout),
+            Err(e) => {
+                tracing::warn!(host = %self.host, cause = %e, "cannot read the machine's identity");
+                None
+            }
+        }
+    }
+
+    /// This connection reaches the machine first seen as its host (learned
+    /// now at first contact). A machine without an identity cannot be told
+    /// from another: said, not checked.
+    pub(super) async fn check_identity(
+        &self,
+        options: &SshOptions,
+        identity: Option<&str>,
+    ) -> Result<(), SshError> {
+        let Some(identities) = &options.identities else {
+            return Ok(());
+        };
+        let Some(found) = identity else {
+            tracing::warn!(
+                host = %self.host,
+                "the machine has no /etc/machine-id: it cannot be told from another machine"
+            );
+            return Ok(());
+        };
+        let named = self.target.describe();
+        match identities.check(&self.host, named, found) {
+            Err(SshError::Identity {
+                host,
+                expected,
+                found,
+                ..
+            }) => {
+                // Say where the ssh config really sent it.
+                let destination = match Destination::resolve(&self.target, options).await {
+                    Ok(resolved) => resolved
+                        .settings
+                        .lines()
+                        .find_map(|l| l.strip_prefix("hostname "))
+                        .map(|address| format!("{named} ({address})"))
+                        .unwrap_or_else(|| named.to_string()),
+                    Err(_) => named.to_string(),
+                };
+                Err(SshError::Identity {
+                    host,
+                    destination,
+                    expected,
+                    found,
+                })
+            }
+            other => other,
+        }
     }
 }
 
