@@ -470,6 +470,33 @@ mod tests {
         assert!(!err.to_string().contains("424241"), "{err}");
     }
 
+    #[tokio::test]
+    async fn output_comes_back_whatever_the_status_with_the_input_on_stdin() {
+        let cmd = Cmd::new("sh").args(["-c", "cat; echo err >&2; exit 3"]);
+        let out = run_output(&cmd, b"hello", Duration::from_secs(10), 1024)
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, b"hello");
+        assert_eq!(out.stderr, b"err\n");
+        assert_eq!(out.status.code(), Some(3));
+        // A command that does not read its input is judged by its exit code.
+        let cmd = Cmd::new("true");
+        let big = vec![b'x'; 1024 * 1024];
+        let out = run_output(&cmd, &big, Duration::from_secs(10), 1024)
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        // Either stream past the limit stops the child.
+        let cmd = Cmd::new("sh").args(["-c", "head -c 2000 /dev/zero >&2; sleep 100"]);
+        let err = run_output(&cmd, &[], Duration::from_secs(30), 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ExecError::TooLarge { limit: 1000, .. }),
+            "{err}"
+        );
+    }
+
     /// Whether `pid` is gone (or a zombie: dead, not yet reaped by its new
     /// parent), waiting up to 10 s for the kill to land.
     async fn gone(pid: u32) -> bool {

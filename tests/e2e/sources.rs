@@ -112,6 +112,45 @@ fn a_colmena_hive_is_planned_and_deployed_as_colmena_means_it() {
         "{events}"
     );
 
+    // `eval`'s nodes are the hive's; `doctor` says where the fleet is, checks
+    // c1 and says c3 is not reached over SSH.
+    let (code, value, stderr) = h.json(&[
+        "eval",
+        "-E",
+        "{ nodes, ... }: { names = builtins.attrNames nodes; \
+         tags = nodes.c1.config.deployment.tags; }",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        value,
+        serde_json::json!({ "names": ["c1", "c2", "c3"], "tags": ["web"] })
+    );
+    let (_, report, stderr) = h.json(&["doctor", "c1", "c3"]);
+    let finding = |host: Option<&str>, check: &str| {
+        report["findings"]
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|f| f["host"].as_str() == host && f["check"] == check)
+            })
+            .unwrap_or_else(|| panic!("no {check} finding: {report:#}\n{stderr}"))
+            .clone()
+    };
+    let flake = finding(None, "flake");
+    assert!(
+        flake["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("3 host(s) in colmenaHive (colmena)")),
+        "{flake:#}"
+    );
+    assert_eq!(finding(Some("c1"), "reachable")["verdict"], "ok");
+    assert_eq!(finding(Some("c1"), "copy")["verdict"], "ok");
+    let c3 = finding(Some("c3"), "reachable");
+    assert!(
+        c3["detail"].to_string().contains("targetHost is null"),
+        "{c3:#}"
+    );
+
     // One host of a changed fleet: its system alone is evaluated.
     h.fleet.update("c1", |s| s.bump()).unwrap();
     h.fleet.update("c2", |s| s.bump()).unwrap();
@@ -202,5 +241,34 @@ fn deploy_rs_nodes_are_deployed_with_deploy_rs_settings() {
             .iter()
             .all(|host| host["status"] == "skipped"),
         "{report:#}"
+    );
+
+    // `eval`'s nodes are deploy-rs's nodes (or, asked, the configurations).
+    let names = "{ nodes, ... }: builtins.attrNames nodes";
+    let (code, value, stderr) = h.json(&["eval", "-E", "{ nodes, ... }: nodes.d3.remoteBuild"]);
+    assert_eq!((code, value), (0, serde_json::json!(true)), "{stderr}");
+    let (code, value, stderr) = h.json(&["--source", "nixos", "eval", "-E", names]);
+    assert_eq!(
+        (code, value),
+        (0, serde_json::json!(["d1", "d2", "d3"])),
+        "{stderr}"
+    );
+
+    // d2's next switch fails: no watchdog takes it back (magic rollback is
+    // off), the coordinator does, at once, to what it ran.
+    h.fleet
+        .update("d2", |s| {
+            s.bump();
+            s.fail_switch = true;
+        })
+        .unwrap();
+    let (code, report, stderr) = h.deploy(&["d2"]);
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    assert_eq!(status(&report, "d2"), "rolled-back", "{report:#}");
+    assert_eq!(h.fleet.current_system("d2").as_ref(), toplevels.get("d2"));
+    assert_eq!(h.fleet.generation("d2"), Some(1));
+    assert_eq!(
+        activation_results(&h, "d2"),
+        ["no watchdog", "no watchdog", "restored 0"]
     );
 }

@@ -43,6 +43,22 @@ pub(crate) struct Purpose {
     /// It changes hosts: colmena's `meta.allowApplyAll = false` wants their
     /// names.
     pub changes_hosts: bool,
+    /// What becomes of selected hosts not reached over SSH
+    /// (`deployment.targetHost = null`).
+    pub local_only: LocalOnly,
+}
+
+/// What a run does with selected hosts whose `targetHost` is null (only
+/// `apply-local` on themselves deploys them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LocalOnly {
+    /// Kept: the run reaches no host (`build`).
+    Kept,
+    /// Left out, said in the run's events; a selection of nothing else is
+    /// refused.
+    LeftOut,
+    /// Left out, for the caller to report (`doctor`).
+    Reported,
 }
 
 impl Purpose {
@@ -52,6 +68,7 @@ impl Purpose {
         probe_early: true,
         tolerate_eval_failures: true,
         changes_hosts: false,
+        local_only: LocalOnly::LeftOut,
     };
     /// `deploy`: refuses when a host it would deploy, or one they depend on
     /// (or any, when selecting by tag or everything), could not be evaluated.
@@ -59,6 +76,7 @@ impl Purpose {
         probe_early: true,
         tolerate_eval_failures: false,
         changes_hosts: true,
+        local_only: LocalOnly::LeftOut,
     };
     /// `build`: no host is probed; as for `deploy`, a host to build (or any,
     /// when selecting by tag or everything) that cannot be evaluated refuses
@@ -67,6 +85,7 @@ impl Purpose {
         probe_early: false,
         tolerate_eval_failures: false,
         changes_hosts: false,
+        local_only: LocalOnly::Kept,
     };
     /// `doctor`: reports the hosts that cannot be evaluated and checks the
     /// rest itself.
@@ -74,6 +93,7 @@ impl Purpose {
         probe_early: false,
         tolerate_eval_failures: true,
         changes_hosts: false,
+        local_only: LocalOnly::Reported,
     };
     /// `resume`: the hosts are probed only after their watchdogs settled
     /// (the deployment it resumes was allowed when it started).
@@ -81,6 +101,7 @@ impl Purpose {
         probe_early: false,
         tolerate_eval_failures: false,
         changes_hosts: false,
+        local_only: LocalOnly::LeftOut,
     };
 }
 
@@ -316,7 +337,7 @@ fn validate(
             return Err(refuse());
         }
     }
-    let (local_only, names) = leave_out_local_only(&inventory, names, here)?;
+    let (local_only, names) = leave_out_local_only(&inventory, names, here, purpose.local_only)?;
     for canary in &options.canaries {
         if !names.contains(canary) {
             return Err(EngineError::BadOption(format!(
@@ -360,6 +381,7 @@ fn leave_out_local_only(
     inventory: &Inventory,
     names: Vec<String>,
     here: Option<&str>,
+    treatment: LocalOnly,
 ) -> Result<(Vec<String>, Vec<String>), EngineError> {
     if let Some(here) = here
         && let Some(host) = inventory.get(here)
@@ -369,13 +391,16 @@ fn leave_out_local_only(
             "{here}: deployment.allowLocalDeployment is not set, so apply-local does not deploy it"
         )));
     }
+    if treatment == LocalOnly::Kept {
+        return Ok((Vec::new(), names));
+    }
     let (local_only, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
         Some(n.as_str()) != here
             && inventory
                 .get(n)
                 .is_some_and(|h| h.target.destination.is_none())
     });
-    if names.is_empty() && !local_only.is_empty() {
+    if treatment == LocalOnly::LeftOut && names.is_empty() && !local_only.is_empty() {
         return Err(EngineError::BadOption(format!(
             "{} cannot be deployed over SSH: deployment.targetHost is null (only `apply-local` on that machine deploys it)",
             local_only.join(", ")
@@ -401,6 +426,41 @@ fn dependency_closure(graph: &DependencyGraph, hosts: &[String]) -> BTreeSet<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_not_reached_over_ssh_are_left_out_of_remote_runs_only() {
+        let inventory = Inventory::from_eval_json(
+            FleetSource::Nixos,
+            r#"{ "a": { "deployment": {} },
+                 "b": { "deployment": { "targetHost": null, "allowLocalDeployment": true } } }"#,
+        )
+        .unwrap();
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let split = |selected: &[&str], here, treatment| {
+            leave_out_local_only(&inventory, names(selected), here, treatment)
+        };
+        assert_eq!(
+            split(&["a", "b"], None, LocalOnly::LeftOut).unwrap(),
+            (names(&["b"]), names(&["a"]))
+        );
+        let e = split(&["b"], None, LocalOnly::LeftOut).unwrap_err();
+        assert!(e.to_string().contains("targetHost is null"), "{e}");
+        assert_eq!(
+            split(&["b"], None, LocalOnly::Reported).unwrap(),
+            (names(&["b"]), names(&[]))
+        );
+        assert_eq!(
+            split(&["a", "b"], None, LocalOnly::Kept).unwrap(),
+            (names(&[]), names(&["a", "b"]))
+        );
+        // `apply-local` on b deploys it; on a, which does not allow it, nothing.
+        assert_eq!(
+            split(&["b"], Some("b"), LocalOnly::LeftOut).unwrap(),
+            (names(&[]), names(&["b"]))
+        );
+        let e = split(&["a"], Some("a"), LocalOnly::LeftOut).unwrap_err();
+        assert!(e.to_string().contains("allowLocalDeployment"), "{e}");
+    }
 
     #[test]
     fn the_dependency_closure_follows_edges() {

@@ -277,6 +277,34 @@ mod tests {
         assert_eq!(a.key().len(), 24);
     }
 
+    #[tokio::test]
+    async fn a_hosts_own_ssh_options_are_part_of_where_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ssh_config");
+        std::fs::write(&config, "Host web1\n  HostName 127.0.0.9\n").unwrap();
+        let options = SshOptions::new(Some(config), dir.path().join("control"));
+        let mut target = Target {
+            destination: Some("web1".into()),
+            user: Some("root".into()),
+            port: None,
+            ssh_options: Vec::new(),
+            escalation: nix_deploy_core::fleet::default_escalation(),
+        };
+        let plain = Destination::resolve(&target, &options).await.unwrap();
+        assert!(plain.settings.contains("hostname 127.0.0.9"), "{plain:?}");
+        // Options ssh -G shows nothing decisive of still make another master.
+        target.ssh_options = ["-o", "ServerAliveInterval=7"].map(String::from).to_vec();
+        let other = Destination::resolve(&target, &options).await.unwrap();
+        assert_ne!(plain.key(), other.key());
+        // Options that send the host elsewhere are resolved by ssh itself.
+        target.ssh_options = ["-o", "HostName=127.0.0.10"].map(String::from).to_vec();
+        let moved = Destination::resolve(&target, &options).await.unwrap();
+        assert!(moved.settings.contains("hostname 127.0.0.10"), "{moved:?}");
+        // No destination, nothing to resolve.
+        target.destination = None;
+        assert!(Destination::resolve(&target, &options).await.is_err());
+    }
+
     #[test]
     fn identities_are_learned_once_and_checked_after() {
         let dir = tempfile::tempdir().unwrap();

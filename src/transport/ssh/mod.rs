@@ -143,6 +143,8 @@ impl Connection {
         target: &Target,
         options: &SshOptions,
     ) -> Result<Self, SshError> {
+        // The host that is this machine: no ssh connection, so no ssh
+        // identity to check (nothing could lead it to another machine).
         if options.local.as_deref() == Some(host) {
             return Ok(Self::here(host, target));
         }
