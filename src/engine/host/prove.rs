@@ -34,9 +34,10 @@ pub(crate) async fn validate_while_connecting(
             }
         },
         async {
-            match magic {
-                true => Some(Connection::connect_new(&name, &target, &context.ssh).await),
-                false => None,
+            if magic {
+                Some(Connection::connect_new(&name, &target, &context.ssh).await)
+            } else {
+                None
             }
         },
     );
