@@ -183,6 +183,15 @@ async fn copy_and_summarize(
     let host = &assessment.host;
     if builds_on_target(context, connection) {
         // The host built it: nothing to copy, nothing to root here.
+        if context.options.keep_result {
+            context
+                .recorder
+                .log(
+                    Some(&host.name),
+                    "--keep-result: the host built its own system; this machine's store does not hold it, so nothing is kept here".to_string(),
+                )
+                .await?;
+        }
         let summary = host_closure_summary(connection, old, path).await;
         return log_summary(context, run, &host.name, summary)
             .await
