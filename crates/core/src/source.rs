@@ -99,6 +99,19 @@ impl FleetSource {
         }
     }
 
+    /// Nix for `name: host: <its deployment options>` (a NixOS
+    /// configuration's; deploy-rs nodes have none: their keys are none).
+    fn deployment_of(self) -> &'static str {
+        match self {
+            FleetSource::Nixos | FleetSource::DeployRs => {
+                "name: host: (host.config or { }).deployment or { }"
+            }
+            FleetSource::Colmena => {
+                "name: host: if output ? deploymentConfig then output.deploymentConfig.${name} else host.config.deployment or { }"
+            }
+        }
+    }
+
     /// Nix that turns the output into an attribute set of hosts, each a
     /// NixOS configuration (`config`) or a deploy-rs node.
     pub(crate) fn hosts_of(self) -> &'static str {
@@ -152,18 +165,39 @@ in {
 /// that contents never leave the evaluation (nor reach the evaluation
 /// cache); the engine reads the texts of the keys it uploads when it
 /// uploads them ([`key_texts_expr`]).
-const CONFIGURATION_HOST: &str = r#"name: configuration: want: let
-  config = configuration.config;
-  d = config.deployment or { };
-  toplevel = config.system.build.toplevel;
-in {
+macro_rules! configuration_host {
+    ($deployment:literal, $toplevel:literal) => {
+        concat!(
+            "name: configuration: want: let\n  d = ",
+            $deployment,
+            ";\n  toplevel = ",
+            $toplevel,
+            ";\n",
+            r#"in {
   deployment = if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
     then d // { keys = builtins.mapAttrs (_: key:
       if builtins.isAttrs key
       then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
       else key) d.keys; }
     else d;
-} // (if want then { toplevel = toplevel.outPath; drvPath = toplevel.drvPath; } else { })"#;
+} // (if want then { toplevel = toplevel.outPath; drvPath = toplevel.drvPath; } else { })"#
+        )
+    };
+}
+
+const CONFIGURATION_HOST: &str = configuration_host!(
+    "configuration.config.deployment or { }",
+    "configuration.config.system.build.toplevel"
+);
+
+/// A colmena hive's node, through the interface the colmena CLI itself
+/// reads (`deploymentConfig.NAME`, `toplevel.NAME`: every `makeHive`
+/// output has them, and they need not evaluate the node's whole
+/// configuration); the node's own `config` when a hive lacks them.
+const COLMENA_HOST: &str = configuration_host!(
+    "if output ? deploymentConfig then output.deploymentConfig.${name} else configuration.config.deployment or { }",
+    "if output ? toplevel then output.toplevel.${name} else configuration.config.system.build.toplevel"
+);
 
 /// One deploy-rs node: its settings with the top level's (each profile's
 /// without its `path`), and, when asked, its `system` profile's path. A path
@@ -201,7 +235,8 @@ in {
 /// where `output` (the flake output) is in scope. Part of every cache key.
 pub fn host_expr(source: FleetSource) -> &'static str {
     match source {
-        FleetSource::Nixos | FleetSource::Colmena => CONFIGURATION_HOST,
+        FleetSource::Nixos => CONFIGURATION_HOST,
+        FleetSource::Colmena => COLMENA_HOST,
         FleetSource::DeployRs => DEPLOY_RS_HOST,
     }
 }
@@ -268,9 +303,10 @@ pub fn key_texts_expr(source: FleetSource, hosts: &[String]) -> String {
     then [ {{ name = attr; value = key.text; }} ] else [ ]) (builtins.attrNames keys));
 in builtins.listToAttrs (map (name: {{
   inherit name;
-  value = texts (hosts.${{name}}.config.deployment.keys or {{ }});
+  value = texts ((({deployment}) name hosts.${{name}}).keys or {{ }});
 }}) [ {names} ])"#,
         hosts = source.hosts_of(),
+        deployment = source.deployment_of(),
         names = names.join(" ")
     )
 }
@@ -457,14 +493,14 @@ mod tests {
         );
         assert!(expr.contains("hosts = output.nodes;"), "{expr}");
         assert!(expr.contains("builtins.mapAttrs attempt"), "{expr}");
-        assert!(expr.contains(CONFIGURATION_HOST));
+        assert!(expr.contains(COLMENA_HOST));
         let plain = shard_expr(FleetSource::Nixos, &[("a".into(), false)], false);
         assert!(plain.contains("builtins.mapAttrs read") && plain.contains("hosts = output;"));
         assert!(shard_expr(FleetSource::DeployRs, &[], true).contains(DEPLOY_RS_HOST));
         // Key contents never leave the evaluation.
         assert!(CONFIGURATION_HOST.contains(r#"removeAttrs key [ "text" ]"#));
         // An attribute named outPath would turn the result into a string.
-        for expr in [CONFIGURATION_HOST, DEPLOY_RS_HOST] {
+        for expr in [CONFIGURATION_HOST, COLMENA_HOST, DEPLOY_RS_HOST] {
             assert!(!expr.contains("outPath ="), "{expr}");
         }
         let texts = key_texts_expr(FleetSource::Colmena, &["web1".into(), "db-2".into()]);
