@@ -6,6 +6,7 @@
 // themselves; the product does it only in `nix_deploy::process`.
 #![allow(clippy::disallowed_methods)]
 
+mod builds;
 mod cli;
 mod cluster;
 mod commands;
@@ -18,8 +19,11 @@ mod faults;
 mod found_by_chaos;
 mod goals;
 mod helpers;
+mod hosts;
 mod identity;
 mod keys;
+mod local;
+mod metadata;
 mod module;
 mod ops;
 mod recipes;
@@ -28,6 +32,7 @@ mod reporting;
 mod safety;
 mod selection;
 mod smtp;
+mod sources;
 mod strategies;
 mod watch;
 mod watch_cluster;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use nix_deploy_core::fleet::Host;
 use nix_deploy_core::select::Selector;
 use nix_deploy_core::watch::OnDrift;
 use nix_deploy_core::{duration, nix, pull};
@@ -160,12 +159,14 @@ impl WatchConfig {
         self.flake.as_deref().unwrap_or(daemon_flake)
     }
 
-    /// What is done about `host`'s drift: the first matching rule's, else
-    /// the default.
-    pub fn on_drift(&self, host: &Host) -> OnDrift {
+    /// What is done about the drift of the host `name` with `tags`: the
+    /// first matching rule's, else the default.
+    pub fn on_drift(&self, name: &str, tags: &[String]) -> OnDrift {
         self.rules
             .iter()
-            .find(|rule| Selector::parse(&rule.on).is_ok_and(|s| s.matches(host)))
+            .find(|rule| {
+                Selector::parse(&rule.on).is_ok_and(|s| s.matches_name_and_tags(name, tags))
+            })
             .map_or(self.on_drift, |rule| rule.on_drift)
     }
 }
@@ -204,25 +205,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.flake("."), "git+file:///srv/fleet");
         assert_eq!(c.unreachable_after, Duration::ZERO);
-        let mut host = Host {
-            name: "web1".into(),
-            toplevel: String::new(),
-            drv_path: String::new(),
-            target: nix_deploy_core::fleet::Target {
-                user: "root".into(),
-                destination: "web1".into(),
-                port: None,
-            },
-            role: "client".into(),
-            dependencies: Vec::new(),
-            tags: vec!["web".into()],
-            health_checks: Vec::new(),
-            rollback_on_failure: true,
-            keys: Vec::new(),
-        };
-        assert_eq!(c.on_drift(&host), OnDrift::Redeploy);
-        host.tags.clear();
-        assert_eq!(c.on_drift(&host), OnDrift::Report);
+        assert_eq!(c.on_drift("web1", &["web".into()]), OnDrift::Redeploy);
+        assert_eq!(c.on_drift("web1", &[]), OnDrift::Report);
     }
 
     #[test]

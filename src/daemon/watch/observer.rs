@@ -226,7 +226,7 @@ impl Observer {
             self.tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 let observation = engine.observe_host(&host, health).await;
-                Done::Observed(host.name, Box::new(observation))
+                Done::Observed(host.meta.name, Box::new(observation))
             });
         }
     }
@@ -274,7 +274,7 @@ impl Observer {
         );
         next.tags = host.tags.clone();
         next.fleet_unevaluated = self.evaluation_error.is_some();
-        next.on_drift = self.config.on_drift(&host);
+        next.on_drift = self.config.on_drift(&host.name, &host.tags);
         next.deployment = None;
         // Back from an outage, or on another system: its health as of now,
         // not as of before.
@@ -393,7 +393,7 @@ impl Observer {
                         .state
                         .fleet
                         .row(&host.name)
-                        .is_some_and(|r| r.state.desired.as_deref() != Some(&host.toplevel));
+                        .is_some_and(|r| r.state.desired.as_deref() != Some(host.toplevel()));
                     if moved {
                         self.schedule.soon(&host.name, now, false);
                     }

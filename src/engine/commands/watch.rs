@@ -16,12 +16,12 @@ use tokio::task::JoinSet;
 
 use nix_deploy_core::drift::History;
 use nix_deploy_core::eval::EvalFailure;
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::{Host, Selection};
 use nix_deploy_core::watch::{FleetReport, HostWatch, Observation, assess, unobserved};
 
 use super::Engine;
 use crate::engine::EngineError;
-use crate::engine::fleet::evaluate;
+use crate::engine::fleet::evaluate::{self, Systems};
 use crate::engine::host::observe;
 use crate::now_ms;
 
@@ -42,7 +42,7 @@ impl DesiredFleet {
     /// A host's desired toplevel, or why it is unknown.
     pub fn toplevel(&self, name: &str) -> Result<&str, String> {
         if let Some(host) = self.hosts.iter().find(|h| h.name == name) {
-            return Ok(&host.toplevel);
+            return Ok(host.toplevel());
         }
         Err(self
             .failed
@@ -54,13 +54,38 @@ impl DesiredFleet {
 }
 
 impl Engine {
-    /// Evaluate the tracked flake: every host's toplevel or its error.
+    /// Evaluate the tracked flake: every host's toplevel or its error (a
+    /// host's metadata error is its own). Hosts with `targetHost = null`
+    /// are not watched: nothing reaches them over SSH (`apply-local`
+    /// deploys them on themselves).
     pub async fn desired_fleet(&self) -> Result<DesiredFleet, EngineError> {
-        let (inventory, outcome) = evaluate::evaluate_fleet_outcome(self.fleet()).await?;
+        let everyone = Selection {
+            all: true,
+            ..Selection::default()
+        };
+        let evaluation = evaluate::evaluate_fleet(self.fleet(), Systems::Of(&everyone)).await?;
+        let mut failed = evaluation.report.failed;
+        let mut hosts = Vec::new();
+        for meta in evaluation.inventory.hosts() {
+            if meta.target.destination.is_none() {
+                continue;
+            }
+            match evaluation.systems.get(&meta.name) {
+                Some(system) => hosts.push(Host {
+                    meta: meta.clone(),
+                    system: system.clone(),
+                }),
+                None if !failed.iter().any(|f| f.host == meta.name) => failed.push(EvalFailure {
+                    host: meta.name.clone(),
+                    error: format!("the system of `{}` was not evaluated", meta.name),
+                }),
+                None => {}
+            }
+        }
         Ok(DesiredFleet {
-            hosts: inventory.hosts().cloned().collect(),
-            failed: outcome.report.failed,
-            revision: outcome.revision,
+            hosts,
+            failed,
+            revision: evaluation.revision,
         })
     }
 
@@ -115,7 +140,7 @@ impl Engine {
             let history = self.history_of(&host.name).await?;
             let mut state = assess(
                 &last_known(&host.name),
-                Ok(&host.toplevel),
+                Ok(host.toplevel()),
                 &observation,
                 &history,
             );
