@@ -10,7 +10,7 @@ use nix_deploy_testkit::{PgDatabase, Postgres};
 use serde_json::{Value, json};
 
 use crate::daemon::{
-    DEPLOY_TOKEN, Daemon, READ_TOKEN, call, follow_events, start_daemon_in, wait_finished,
+    DEPLOY_TOKEN, Daemon, call, follow_events, read, start_daemon_in, wait_finished,
 };
 use crate::helpers::{Harness, binary};
 use crate::recovery::slow_fleet;
@@ -52,15 +52,7 @@ async fn start_deployment(d: &Daemon, body: Value) -> i64 {
 }
 
 pub(crate) async fn cluster(d: &Daemon) -> Value {
-    let (status, cluster) = call(
-        reqwest::Method::GET,
-        &format!("{}/api/v1/cluster", d.url),
-        Some(READ_TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{cluster}");
-    cluster
+    read(d, "/api/v1/cluster").await
 }
 
 /// Follow deployment `id` on `d` to its end; the events' ids and kinds.

@@ -260,6 +260,20 @@ pub(crate) async fn call(
     )
 }
 
+/// `GET` an API path of `d` with the read token; the document (the answer
+/// must be 200).
+pub(crate) async fn read(d: &Daemon, path: &str) -> Value {
+    let (status, document) = call(
+        reqwest::Method::GET,
+        &format!("{}{path}", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "GET {path}: {document}");
+    document
+}
+
 /// Follow a deployment's event stream to the end; returns the event kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<String> {
     follow_events(d, id)

@@ -18,7 +18,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::daemon::{
-    Daemon, READ_TOKEN, call, client, client_metrics, receiver, start_daemon_args, stop_daemon,
+    Daemon, READ_TOKEN, client, client_metrics, read, receiver, start_daemon_args, stop_daemon,
 };
 use crate::helpers::{Harness, git};
 use crate::smtp::Smtp;
@@ -27,15 +27,7 @@ use crate::smtp::Smtp;
 pub(crate) const WATCH: &str = "\n[watch]\ninterval = \"1s\"\nhealth-interval = \"1s\"\n";
 
 pub(crate) async fn fleet(d: &Daemon) -> Value {
-    let (status, fleet) = call(
-        reqwest::Method::GET,
-        &format!("{}/api/v1/fleet", d.url),
-        Some(READ_TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{fleet}");
-    fleet
+    read(d, "/api/v1/fleet").await
 }
 
 pub(crate) fn host<'a>(fleet: &'a Value, name: &str) -> &'a Value {
@@ -93,14 +85,17 @@ pub(crate) async fn until(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// Deployments recorded, newest first.
 pub(crate) async fn deployments(d: &Daemon) -> Vec<Value> {
-    let (_, list) = call(
-        reqwest::Method::GET,
-        &format!("{}/api/v1/deployments?limit=50", d.url),
-        Some(READ_TOKEN),
-        None,
-    )
-    .await;
+    let list = read(d, "/api/v1/deployments?limit=50").await;
     list["deployments"].as_array().cloned().unwrap_or_default()
+}
+
+/// How many of `d`'s deployments `trigger` started.
+pub(crate) async fn triggered(d: &Daemon, trigger: &str) -> usize {
+    deployments(d)
+        .await
+        .iter()
+        .filter(|d| d["trigger"] == trigger)
+        .count()
 }
 
 /// One event of a stream: its name, id and data.
@@ -428,12 +423,7 @@ async fn a_reconcile_outside_its_maintenance_window_waits_for_it() {
     .await;
     assert_eq!(h.fleet.current_system("w1"), Some(manual.clone()));
     // One reconcile at a time: no other was started meanwhile.
-    let reconciles = deployments(&d)
-        .await
-        .into_iter()
-        .filter(|d| d["trigger"] == "reconcile")
-        .count();
-    assert_eq!(reconciles, 1);
+    assert_eq!(triggered(&d, "reconcile").await, 1);
     stop_daemon(d);
     assert_eq!(h.fleet.current_system("w1"), Some(manual));
 }

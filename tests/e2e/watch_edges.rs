@@ -11,7 +11,7 @@ use nix_deploy_testkit::HostSpec;
 
 use crate::daemon::{client_metrics, start_daemon_args, stop_daemon};
 use crate::helpers::{Harness, binary, git};
-use crate::watch::{WATCH, deployments, host, in_sync, kinds, until, until_fleet};
+use crate::watch::{WATCH, deployments, host, in_sync, kinds, triggered, until, until_fleet};
 
 /// Run `cmd` to its end; it must succeed. Its stdout.
 fn succeeds(cmd: &mut Command) -> Vec<u8> {
@@ -111,12 +111,7 @@ async fn a_newer_commit_makes_hosts_behind_and_pull_mode_deploys_it_never_an_old
     .await;
     assert_eq!(refused["branch"]["branch"], "main");
     assert_eq!(h.fleet.current_system("p1"), Some(v3.clone()));
-    let pulls = deployments(&d)
-        .await
-        .into_iter()
-        .filter(|d| d["trigger"] == "pull")
-        .count();
-    assert_eq!(pulls, 2);
+    assert_eq!(triggered(&d, "pull").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
