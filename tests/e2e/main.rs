@@ -20,6 +20,7 @@ mod goals;
 mod helpers;
 mod identity;
 mod keys;
+mod keys_undo;
 mod module;
 mod ops;
 mod recipes;
