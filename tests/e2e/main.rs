@@ -6,6 +6,7 @@
 // themselves; the product does it only in `nix_deploy::process`.
 #![allow(clippy::disallowed_methods)]
 
+mod builds;
 mod cli;
 mod cluster;
 mod commands;
@@ -18,9 +19,12 @@ mod faults;
 mod found_by_chaos;
 mod goals;
 mod helpers;
+mod hosts;
 mod identity;
 mod keys;
 mod keys_undo;
+mod local;
+mod metadata;
 mod module;
 mod ops;
 mod recipes;
@@ -28,4 +32,5 @@ mod recovery;
 mod reporting;
 mod safety;
 mod selection;
+mod sources;
 mod strategies;

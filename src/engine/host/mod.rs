@@ -12,6 +12,7 @@
 //! - [`health`]: health checks; [`keys`]: `deployment.keys`, and
 //!   [`keys_back`]: keys follow the system on every way back; [`summary`]:
 //!   change summaries; [`gcroots`]: the coordinator's GC roots;
+//!   [`on_target`]: a system built on its host (`buildOnTarget`);
 //! - [`recorder`]: how every layer reports, stored before anyone is told;
 //! - [`context`]: what a host's steps work with.
 //!
@@ -25,6 +26,7 @@ pub(crate) mod health;
 pub(crate) mod keys;
 pub(crate) mod keys_back;
 pub(crate) mod observe;
+pub(crate) mod on_target;
 pub(crate) mod pipeline;
 pub(crate) mod prove;
 pub(crate) mod reboot;

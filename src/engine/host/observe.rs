@@ -126,7 +126,7 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
             let state = plan::classify(
                 probe.current_system.as_deref(),
                 probe.profile_system.as_deref(),
-                &host.toplevel,
+                host.toplevel(),
             );
             let current = SystemRef {
                 path: probe.current_system.clone(),
