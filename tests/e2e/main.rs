@@ -22,6 +22,7 @@ mod helpers;
 mod hosts;
 mod identity;
 mod keys;
+mod keys_undo;
 mod local;
 mod metadata;
 mod module;

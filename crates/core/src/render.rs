@@ -4,6 +4,7 @@
 
 use crate::events::{Event, EventKind, HostStatus};
 use crate::goal::{Goal, RebootPolicy};
+use crate::keys::KeyChanges;
 use crate::run::{Deployment, HostRun, RunKind};
 
 /// `/nix/store/<hash>-name` → `<hash:7>…-name`, for tables.
@@ -146,6 +147,40 @@ pub fn generations(run: &HostRun) -> String {
         ),
         _ => generation(back),
     }
+}
+
+/// What a way back did to a host's keys, in one line:
+/// `keys: restored 2 (/run/keys/a, /run/keys/b); removed 1 created by this deployment (/run/keys/c)`;
+/// `None` when it did nothing to them and said nothing.
+pub fn key_changes(changes: &KeyChanges) -> Option<String> {
+    let list = |paths: &[String]| format!("{} ({})", paths.len(), paths.join(", "));
+    let mut parts = Vec::new();
+    if !changes.restored.is_empty() {
+        parts.push(format!("restored {}", list(&changes.restored)));
+    }
+    if !changes.removed.is_empty() {
+        parts.push(format!(
+            "removed {} created by this deployment ({})",
+            changes.removed.len(),
+            changes.removed.join(", ")
+        ));
+    }
+    if !changes.uploaded_again.is_empty() {
+        parts.push(format!(
+            "uploaded again after the reboot with this deployment's contents {} (what they held before was lost with /run)",
+            list(&changes.uploaded_again)
+        ));
+    }
+    if !changes.failed.is_empty() {
+        parts.push(format!(
+            "NOT known to be as before the deployment: {}",
+            changes.failed.join("; ")
+        ));
+    }
+    if let Some(left) = &changes.left {
+        parts.push(left.clone());
+    }
+    (!parts.is_empty()).then(|| format!("keys: {}", parts.join("; ")))
 }
 
 /// How a host ended, as the live display says it. `back`: the generation
@@ -426,6 +461,26 @@ pub fn event_text(event: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_happened_to_the_keys_is_said_in_one_line() {
+        assert_eq!(key_changes(&KeyChanges::default()), None);
+        let changes = KeyChanges {
+            restored: vec!["/run/keys/a".into(), "/run/keys/b".into()],
+            removed: vec!["/run/keys/c".into()],
+            failed: vec!["/srv/d: mv: denied".into()],
+            ..KeyChanges::default()
+        };
+        assert_eq!(
+            key_changes(&changes).unwrap(),
+            "keys: restored 2 (/run/keys/a, /run/keys/b); removed 1 created by this deployment (/run/keys/c); NOT known to be as before the deployment: /srv/d: mv: denied"
+        );
+        let left = KeyChanges {
+            left: Some("left as they are".into()),
+            ..KeyChanges::default()
+        };
+        assert_eq!(key_changes(&left).unwrap(), "keys: left as they are");
+    }
 
     #[test]
     fn host_and_step_are_said_once() {

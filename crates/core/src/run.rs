@@ -8,6 +8,7 @@ use crate::approval::Gate;
 use crate::events::{DeploymentStatus, Event, HostStatus, Step, SystemRef};
 use crate::exec::{CommandOutput, ExecSpec};
 use crate::goal::Goal;
+use crate::keys::KeyChanges;
 use crate::options::DeployOptions;
 use crate::plan::Plan;
 use crate::remote::HostSystems;
@@ -105,6 +106,10 @@ pub struct HostRun {
     /// not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<HostSystems>,
+    /// What the way back did to the host's keys (put back, removed, not
+    /// put back), or why it left them: keys follow the system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<KeyChanges>,
 }
 
 /// A reboot as it happened: the boot ids before and after, and what the
@@ -137,6 +142,7 @@ impl HostRun {
             output: None,
             reboot: None,
             after: None,
+            keys: None,
         }
     }
 

@@ -1,7 +1,9 @@
 //! `rollback HOST [--to-generation N]`: switch a host back to an earlier
 //! generation on request, verified, health-checked and recorded like a
 //! deployment (strategy `rollback`). An interrupted one is resumed as the
-//! same rollback, to the same generation.
+//! same rollback, to the same generation. Its keys go back to those the
+//! last deployment replaced when that deployment came from generation N's
+//! system; else they are left, and the result says so.
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +19,7 @@ use crate::engine::EngineError;
 use crate::engine::fleet::evaluate;
 use crate::engine::fleet::leases::Leases;
 use crate::engine::host::keys::KeyTexts;
+use crate::engine::host::keys_back;
 use crate::engine::host::observe::{self, Assessment, Settle, probe_host};
 use crate::engine::host::pipeline::HostContext;
 use crate::engine::host::recorder::Recorder;
@@ -204,6 +207,16 @@ impl Engine {
                 .ok();
             Ok(())
         } else {
+            // Keys follow the system: those kept for generation N's system
+            // (by the deployment that left it) go back first.
+            let keys = keys_back::return_to(
+                &connection,
+                host,
+                target.running.as_deref(),
+                self.config.ssh.command_timeout,
+            )
+            .await;
+            keys_back::record(&context, &mut run, keys).await?;
             // Switched to as a `switch` would: it runs and boots generation N.
             way_back::roll_back(
                 &context,

@@ -53,7 +53,8 @@ pub(crate) enum Settle {
 /// Connect and probe one host. Never fails: an unreachable host is a result.
 /// With [`Settle::Yes`], activations a dead coordinator left undecided are
 /// settled first (switched back, as their watchdogs would), then the host
-/// is probed again.
+/// is probed again and the keys kept for what it runs go back
+/// ([`super::keys_back::return_to`]).
 pub(crate) async fn probe_host(
     host: Host,
     options: &SshOptions,
@@ -80,13 +81,23 @@ pub(crate) async fn probe_host(
             activation_timeout + Duration::from_secs(120),
         )
         .await;
-    let lines: Vec<String> = match settled {
+    let mut lines: Vec<String> = match settled {
         Ok(out) => out.stdout.lines().map(str::to_string).collect(),
         Err(e) => vec![format!("could not settle: {e}")],
     };
     connection.close().await;
     // Probe again: what the host runs now is what counts.
     let (mut again, connection) = probe_once(assessment.host, options).await;
+    // Keys follow the system: those kept for what it runs again go back.
+    if let Some(connection) = &connection {
+        let running = again.current.path.as_deref();
+        let keys =
+            super::keys_back::return_to(connection, &again.host, running, options.command_timeout)
+                .await;
+        if keys.left.is_none() {
+            lines.extend(render::key_changes(&keys));
+        }
+    }
     again.settled = lines;
     (again, connection)
 }

@@ -218,8 +218,9 @@ pub(crate) async fn reboot_into(
     run.reboot = Some(record);
     context.recorder.save(run).await?;
     result.map_err(Stop::at(At::Reboot))?;
-    // `/run` (and so `/run/keys`) is empty after a boot.
-    steps::upload_keys(context, job, None, true)
+    // `/run` (and so `/run/keys`) is empty after a boot; what was kept of
+    // it for the way back is gone too, and is not replaced by the emptiness.
+    steps::upload_keys(context, job, None, true, false)
         .await?
         .map_err(Stop::at(At::AfterReboot))?;
     prove::validate(context, job, path, "after reboot", false)

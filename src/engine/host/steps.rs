@@ -12,7 +12,7 @@ use nix_deploy_core::events::Step;
 use nix_deploy_core::exec::{CommandOutput, Tail};
 use nix_deploy_core::fleet::Host;
 use nix_deploy_core::goal::Goal;
-use nix_deploy_core::keys::{Key, UploadAt, uploaded_at};
+use nix_deploy_core::keys::{Keep, Key, UploadAt, uploaded_at};
 use nix_deploy_core::remote::{self, Activation};
 use nix_deploy_core::run::HostRun;
 
@@ -20,7 +20,7 @@ use super::context::{HostContext, HostJob};
 use super::failure::{At, Stop};
 use super::observe::Assessment;
 use super::summary::{current_closure, host_closure_summary, new_closure_summary};
-use super::{activator, gcroots, health, keys, on_target};
+use super::{activator, gcroots, health, keys, keys_back, on_target};
 use crate::store::StoreError;
 use crate::transport::ssh::{self, Connection, SshError};
 
@@ -322,7 +322,8 @@ async fn protect_roots(
 
 /// The host's keys uploaded `when` (a step of its own, when it has any).
 /// Before the activation their users may not exist yet; after it the new
-/// system made them, unless it only becomes the boot default.
+/// system made them, unless it only becomes the boot default. What they
+/// replace is kept for the way back.
 pub(crate) async fn keys(
     context: &HostContext,
     job: &mut HostJob,
@@ -333,18 +334,22 @@ pub(crate) async fn keys(
         UploadAt::PreActivation => (false, At::Keys),
         UploadAt::PostActivation => (goal.runs_new_system(), At::KeysAfterActivation),
     };
-    upload_keys(context, job, Some(when), require_ownership)
+    upload_keys(context, job, Some(when), require_ownership, true)
         .await?
         .map_err(Stop::at(at))
 }
 
 /// Upload the host's keys of `when` (all of them with `None`), if it has
-/// any (a step of its own).
+/// any (a step of its own). With `keep_old`, what they replace is kept in
+/// the deployment's undo set; not after a reboot, which emptied `/run`: what
+/// is missing then was there before the reboot, not before the deployment.
+/// What was uploaded is logged, also when a later key fails.
 pub(crate) async fn upload_keys(
     context: &HostContext,
     job: &mut HostJob,
     when: Option<UploadAt>,
     require_ownership: bool,
+    keep_old: bool,
 ) -> Result<Result<(), String>, StoreError> {
     if context.options.no_keys {
         return Ok(Ok(()));
@@ -358,23 +363,29 @@ pub(crate) async fn upload_keys(
     if selected.is_empty() {
         return Ok(Ok(()));
     }
+    let keep = if keep_old {
+        keys_back::keep(context, &assessment.before)
+    } else {
+        Keep::Nothing
+    };
+    let mut done = Vec::new();
     let work = keys::upload(
         connection,
         &context.keys,
         host,
         &selected,
         require_ownership,
+        keep,
+        &mut done,
     );
-    match context.recorder.step(run, Step::Keys, work).await? {
-        Ok(lines) => {
-            context
-                .recorder
-                .log(Some(&host.name), format!("keys: {}", lines.join("; ")))
-                .await?;
-            Ok(Ok(()))
-        }
-        Err(e) => Ok(Err(e)),
+    let result = context.recorder.step(run, Step::Keys, work).await?;
+    if !done.is_empty() {
+        context
+            .recorder
+            .log(Some(&host.name), format!("keys: {}", done.join("; ")))
+            .await?;
     }
+    Ok(result)
 }
 
 /// Make the new system the profile's next generation (the boot default).

@@ -10,6 +10,7 @@ use nix_deploy_core::run::HostRun;
 
 use super::{conclude, describe, record_after, verify_restored};
 use crate::engine::host::context::{HostContext, HostJob};
+use crate::engine::host::keys_back;
 use crate::store::StoreError;
 use crate::transport::ssh::{Connection, SshError, SshOptions};
 
@@ -81,6 +82,16 @@ pub(super) async fn await_watchdog(
     };
     let result = context.recorder.step(run, Step::Rollback, work).await?;
     record_after(context, connection, run).await;
+    if result.is_ok() {
+        keys_back::go_back(context, connection, &assessment.host, run, false).await?;
+    } else {
+        keys_back::left(
+            context,
+            run,
+            "the host was not seen back on its old system (what they replaced stays kept on the host)",
+        )
+        .await?;
+    }
     let note = format!(
         "{error}\nthe host's watchdog reverted it to {} by itself",
         describe(&before)
