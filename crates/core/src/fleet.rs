@@ -95,8 +95,11 @@ impl HealthCheck {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Host {
     pub name: String,
-    /// The evaluated `config.system.build.toplevel`.
+    /// The evaluated `config.system.build.toplevel` (for a promotion's
+    /// target: its source host's running system).
     pub toplevel: String,
+    /// Its derivation (empty when the system was not evaluated here: a
+    /// promotion fetches it from the source host instead of building it).
     pub drv_path: String,
     pub target: Target,
     pub role: String,
@@ -108,6 +111,9 @@ pub struct Host {
     /// `deployment.keys`: secrets uploaded outside the store, by file name.
     /// Never their contents (see [`crate::keys`]).
     pub keys: Vec<Key>,
+    /// `deployment.promotionKey`: pairs this host with its counterpart in
+    /// another environment (`nix-deploy promote`, see [`crate::promote`]).
+    pub promotion_key: Option<String>,
 }
 
 impl Host {
@@ -122,6 +128,15 @@ impl Host {
 struct RawHost {
     toplevel: String,
     drv_path: String,
+    #[serde(default)]
+    deployment: RawDeployment,
+}
+
+/// A host's deployment metadata alone (see
+/// [`crate::nix::DEPLOYMENT_APPLY_EXPR`]): no system evaluated.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
     #[serde(default)]
     deployment: RawDeployment,
 }
@@ -145,6 +160,7 @@ struct RawDeployment {
     /// Read key by key, so that an error names the key.
     #[serde(default)]
     keys: BTreeMap<String, serde_json::Value>,
+    promotion_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -251,7 +267,20 @@ fn parse_host(name: &str, raw: RawHost) -> Result<Host, String> {
             raw.drv_path
         ));
     }
-    let d = raw.deployment;
+    host_from_deployment(name, raw.toplevel, raw.drv_path, raw.deployment)
+}
+
+/// A host from its validated `deployment` and the system it gets
+/// (`toplevel` and `drv_path`, or empty when no system was evaluated).
+fn host_from_deployment(
+    name: &str,
+    toplevel: String,
+    drv_path: String,
+    d: RawDeployment,
+) -> Result<Host, String> {
+    if !shell::is_valid_host_name(name) {
+        return Err("not a valid host name (letters, digits, `-`, `_`, `.`)".into());
+    }
     let destination = d.target_host.unwrap_or_else(|| name.to_string());
     if !shell::is_valid_ssh_destination(&destination) {
         return Err(format!(
@@ -297,10 +326,17 @@ fn parse_host(name: &str, raw: RawHost) -> Result<Host, String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     crate::keys::check_unique_paths(&keys)?;
+    if let Some(key) = &d.promotion_key
+        && !shell::is_valid_host_name(key)
+    {
+        return Err(format!(
+            "deployment.promotionKey `{key}` is not valid (letters, digits, `-`, `_`, `.`)"
+        ));
+    }
     Ok(Host {
         name: name.to_string(),
-        toplevel: raw.toplevel,
-        drv_path: raw.drv_path,
+        toplevel,
+        drv_path,
         target: Target {
             destination,
             user,
@@ -312,6 +348,7 @@ fn parse_host(name: &str, raw: RawHost) -> Result<Host, String> {
         health_checks,
         rollback_on_failure: d.rollback_on_failure.unwrap_or(true),
         keys,
+        promotion_key: d.promotion_key,
     })
 }
 
@@ -342,6 +379,19 @@ impl Inventory {
             host: name.to_string(),
             message,
         })
+    }
+
+    /// One host from its deployment metadata alone (no system was
+    /// evaluated: its `toplevel` and `drv_path` are empty until a promotion
+    /// gives it the system of its source host).
+    pub fn parse_metadata(name: &str, value: serde_json::Value) -> Result<Host, InventoryError> {
+        let bad = |message: String| InventoryError::BadHost {
+            host: name.to_string(),
+            message,
+        };
+        let raw: RawMetadata =
+            serde_json::from_value(value).map_err(|e| bad(format!("unexpected shape: {e}")))?;
+        host_from_deployment(name, String::new(), String::new(), raw.deployment).map_err(bad)
     }
 
     pub fn from_hosts(hosts: impl IntoIterator<Item = Host>) -> Self {

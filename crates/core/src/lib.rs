@@ -31,6 +31,9 @@
 //! - [`audit`]: the audit trail's entries and its hash chain.
 //! - [`grammar`]: the deploy flags (one clap parser for the CLI and chat)
 //!   and the chat command's verbs.
+//! - [`scheduled`]: scheduled deployments: when each `[[schedule]]` is due.
+//! - [`promote`]: promotion between environments: pairing by key, the
+//!   verdict on a source host, what is recorded.
 
 pub mod approval;
 pub mod audit;
@@ -46,10 +49,12 @@ pub mod keys;
 pub mod nix;
 pub mod options;
 pub mod plan;
+pub mod promote;
 pub mod remote;
 pub mod render;
 pub mod reports;
 pub mod run;
+pub mod scheduled;
 pub mod select;
 pub mod shell;
 pub mod summary;

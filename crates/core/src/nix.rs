@@ -33,6 +33,46 @@ pub const FLEET_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: c
       else d;
   }) configurations"#;
 
+/// Reads every host's `config.deployment` alone, without its system
+/// (`nix-deploy promote` deploys systems it never evaluates): keys'
+/// `text` dropped as in [`FLEET_APPLY_EXPR`], and each host wrapped in
+/// `tryEval`, so a host whose metadata throws is `null` instead of failing
+/// the fleet.
+pub const DEPLOYMENT_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: configuration:
+  let
+    value = {
+      deployment = let d = configuration.config.deployment or { }; in
+        if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
+        then d // { keys = builtins.mapAttrs (_: key:
+          if builtins.isAttrs key
+          then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
+          else key) d.keys; }
+        else d;
+    };
+    result = builtins.tryEval (builtins.deepSeq value value);
+  in if result.success then result.value else null) configurations"#;
+
+/// `nix eval --json FLAKE#nixosConfigurations --apply <DEPLOYMENT_APPLY_EXPR>`.
+pub fn deployment_command(flake: &str) -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["eval", "--json"])
+        .arg(format!("{flake}#nixosConfigurations"))
+        .args(["--apply", DEPLOYMENT_APPLY_EXPR])
+}
+
+/// `nix copy --from ssh://[user@]source --no-check-sigs PATH`: a closure
+/// from a host's store into the coordinator's (a promotion's source host:
+/// trusted as the coordinator trusts the hosts it deploys, whose stores it
+/// writes unsigned paths into).
+pub fn copy_from_command(source_uri: &str, path: &str, ssh_opts: &str) -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["copy", "--from", source_uri, "--no-check-sigs"])
+        .arg(path)
+        .env("NIX_SSHOPTS", ssh_opts)
+}
+
 /// Reject flake references we cannot append `#nixosConfigurations` to.
 pub fn check_flake_ref(flake: &str) -> Result<(), &'static str> {
     let bad = Err;
@@ -200,6 +240,30 @@ mod tests {
         );
         let copy = copy_command("ssh://web1", "/nix/store/abc-x", "", true);
         assert!(argv(&copy).contains(&"--substitute-on-destination".to_string()));
+        let fetch = copy_from_command(
+            "ssh://root@staging1",
+            "/nix/store/abc-x",
+            "-o BatchMode=yes",
+        );
+        assert_eq!(
+            argv(&fetch)[3..],
+            [
+                "copy",
+                "--from",
+                "ssh://root@staging1",
+                "--no-check-sigs",
+                "/nix/store/abc-x"
+            ]
+        );
+        assert_eq!(
+            argv(&deployment_command("path:/srv/fleet"))[3..7],
+            [
+                "eval",
+                "--json",
+                "path:/srv/fleet#nixosConfigurations",
+                "--apply"
+            ]
+        );
     }
 
     #[test]
@@ -214,6 +278,12 @@ mod tests {
         assert!(key_texts_command(".", &["a\"b".into()]).is_err());
         // The fleet's own evaluation drops the texts.
         assert!(FLEET_APPLY_EXPR.contains(r#"removeAttrs key [ "text" ]"#));
+        // The metadata alone drops the texts the same way, and evaluates no system.
+        assert!(DEPLOYMENT_APPLY_EXPR.contains(
+            r#"removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }"#
+        ));
+        assert!(!DEPLOYMENT_APPLY_EXPR.contains("toplevel"));
+        assert!(!DEPLOYMENT_APPLY_EXPR.contains("system.build"));
         assert_eq!(
             argv(&add_root_command(
                 "/nix/store/abc-x",
