@@ -14,22 +14,27 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 mod audit;
+mod chat_requests;
 mod deployments;
 mod eval_cache;
 mod gates;
 mod hooks;
 mod leases;
 mod liveness;
+mod provenance;
 mod runs;
+mod schedules;
 mod stats;
 
 use std::sync::Arc;
 
+pub use chat_requests::{ChatDecision, ChatRequest, NewChatRequest};
 pub use deployments::NewDeployment;
 pub use eval_cache::{CachedEvaluation, EVAL_CACHE_ENTRIES};
 pub use gates::Decision;
 pub use hooks::BranchHead;
 pub use leases::Lease;
+pub use schedules::ScheduleRun;
 pub use stats::{STEP_BUCKETS, StepHistogram};
 
 #[derive(Debug, thiserror::Error)]
