@@ -16,7 +16,7 @@ use nix_deploy_core::eval::{
 use nix_deploy_core::keys::Secret;
 use nix_deploy_core::nix::{
     add_root_command, build_command, check_flake_ref, closure_command, copy_command,
-    key_texts_command, metadata_command, parse_build_output,
+    copy_from_command, deployment_command, key_texts_command, metadata_command, parse_build_output,
 };
 
 use crate::process::{self, Cmd, ExecError, Stream};
@@ -49,6 +49,13 @@ pub enum NixError {
     Copy {
         path: String,
         destination: String,
+        #[source]
+        source: ExecError,
+    },
+    /// `what`: the path and where it was fetched from.
+    #[error("fetching {what} failed: {source}")]
+    Fetch {
+        what: String,
         #[source]
         source: ExecError,
     },
@@ -151,6 +158,38 @@ impl Nix {
             cmd = cmd.env("GC_INITIAL_HEAP_SIZE", bytes.to_string());
         }
         process::run_measured(&cmd, self.eval_timeout, |_, _| {}).await
+    }
+
+    /// Every host's `config.deployment` alone (no system is evaluated), as
+    /// printed: `{ HOST = { deployment = …; } | null; … }`.
+    pub async fn eval_deployments(&self, flake: &str) -> Result<String, NixError> {
+        Self::check_flake(flake)?;
+        let cmd = self.with_env(deployment_command(flake));
+        let out = process::run(&cmd, self.eval_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Eval {
+                flake: flake.to_string(),
+                source,
+            })?;
+        Ok(out.stdout)
+    }
+
+    /// Copy `path` and its closure from the host behind `source_uri` into
+    /// the local store.
+    pub async fn copy_from(
+        &self,
+        source_uri: &str,
+        path: &str,
+        ssh_opts: &str,
+    ) -> Result<(), NixError> {
+        let cmd = self.with_env(copy_from_command(source_uri, path, ssh_opts));
+        process::run(&cmd, self.copy_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Fetch {
+                what: format!("{path} from {source_uri}"),
+                source,
+            })?;
+        Ok(())
     }
 
     /// Build one derivation locally; returns its `out` path.

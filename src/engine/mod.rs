@@ -4,7 +4,7 @@
 //! `layering::the_engine_layers_import_downwards`):
 //!
 //! - [`commands`]: what a caller asks for (`deploy`, `plan`, `resume`,
-//!   `rollback`, `exec`, `upload-keys`, `health`). The only `impl Engine`
+//!   `rollback`, `exec`, `upload-keys`, `health`, `promote`). The only `impl Engine`
 //!   blocks; every command that records a run starts with the same preamble
 //!   and ends in the same finish.
 //! - [`fleet`]: many hosts at once: the evaluation, validation of a request,
@@ -23,7 +23,8 @@ mod fleet;
 mod host;
 
 pub use commands::{
-    DeployRequest, Engine, ExecJob, PushSource, RollbackRequest, UploadKeysRequest,
+    DeployRequest, Engine, ExecJob, PROMOTE, PromoteJob, PushSource, RollbackRequest,
+    UploadKeysRequest,
 };
 pub use config::{EngineConfig, Limit, Policy};
 pub use error::EngineError;

@@ -8,6 +8,7 @@ mod deploy;
 mod exec;
 mod health;
 mod plan;
+mod promote;
 mod resume;
 mod rollback;
 
@@ -18,6 +19,7 @@ use nix_deploy_core::run::{Deployment, HostRun};
 
 pub use deploy::{DeployRequest, PushSource};
 pub use exec::{ExecJob, UploadKeysRequest};
+pub use promote::{PROMOTE, PromoteJob};
 pub use rollback::RollbackRequest;
 
 use super::fleet::FleetContext;

@@ -163,18 +163,7 @@ pub(crate) async fn evaluate(
         .as_ref()
         .ok()
         .and_then(|m| eval::metadata_revision(m));
-    let identity = match &metadata {
-        Ok(json) => {
-            let lock_file =
-                eval::lock_file_path(json).and_then(|path| std::fs::read_to_string(path).ok());
-            FlakeIdentity::from_metadata(json, lock_file.as_deref())
-        }
-        Err(e) => Err(format!("{e}")
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string()),
-    };
+    let identity = flake_identity(&metadata);
     let read_cache = cx.config.eval_cache && identity.is_ok();
     let cache_note = match (&identity, cx.config.eval_cache) {
         (Err(why), _) => format!("unavailable: {why}"),
@@ -453,6 +442,25 @@ pub(crate) async fn evaluate(
     })
 }
 
+/// The flake's locked identity from `nix flake metadata`'s output, or
+/// why it is not known.
+pub(crate) fn flake_identity(
+    metadata: &Result<String, crate::nix::NixError>,
+) -> Result<FlakeIdentity, String> {
+    match metadata {
+        Ok(json) => {
+            let lock_file =
+                eval::lock_file_path(json).and_then(|path| std::fs::read_to_string(path).ok());
+            FlakeIdentity::from_metadata(json, lock_file.as_deref())
+        }
+        Err(e) => Err(format!("{e}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()),
+    }
+}
+
 /// Evaluate the whole fleet without streaming: the hosts that evaluated,
 /// and the report (with the ones that did not).
 pub(crate) async fn evaluate_fleet(
@@ -493,30 +501,41 @@ pub(crate) async fn selected_hosts(
     selection: &Selection,
 ) -> Result<Vec<Host>, EngineError> {
     let (inventory, report) = evaluate_fleet(cx).await?;
-    let failed = report.failed_hosts();
+    let hosts = pick_hosts(&inventory, &report.failed, selection)?;
+    cx.config.check_limit(&hosts)?;
+    Ok(hosts)
+}
+
+/// The hosts `selection` picks from `inventory`, when `failed` (hosts that
+/// could not be evaluated) cannot be among them: a picked host that failed
+/// is an error naming it, and so is any failure when the selection uses
+/// tags (that host might carry one).
+pub(crate) fn pick_hosts(
+    inventory: &Inventory,
+    failed: &[EvalFailure],
+    selection: &Selection,
+) -> Result<Vec<Host>, EngineError> {
+    let names: std::collections::BTreeSet<String> = failed.iter().map(|f| f.host.clone()).collect();
     let refuse = |hosts: &[String]| {
         EngineError::EvalFailed(
-            report
-                .failed
+            failed
                 .iter()
                 .filter(|f| hosts.is_empty() || hosts.contains(&f.host))
                 .cloned()
                 .collect(),
         )
     };
-    if !failed.is_empty() && select::uses_tags(selection) {
+    if !names.is_empty() && select::uses_tags(selection) {
         return Err(refuse(&[]));
     }
-    let (names, unevaluated) = select::resolve_partial(&inventory, &failed, selection)?;
+    let (picked, unevaluated) = select::resolve_partial(inventory, &names, selection)?;
     if !unevaluated.is_empty() {
         return Err(refuse(&unevaluated));
     }
-    let hosts: Vec<Host> = names
+    Ok(picked
         .iter()
         .filter_map(|n| inventory.get(n).cloned())
-        .collect();
-    cx.config.check_limit(&hosts)?;
-    Ok(hosts)
+        .collect())
 }
 
 /// One host of the fleet, evaluated (the rest of the fleet may fail).

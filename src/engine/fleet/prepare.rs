@@ -80,6 +80,9 @@ pub(crate) struct Prepared {
     /// Hosts whose way back is not what they run now (a resumed deployment
     /// had touched them): what they ran and booted before.
     pub before: BTreeMap<String, Before>,
+    /// A promotion: where each host's system comes from (it is fetched
+    /// from there, never built).
+    pub promotion: Option<super::promotion::Sources>,
 }
 
 impl Prepared {
@@ -98,6 +101,12 @@ impl Prepared {
                 .iter()
                 .map(|h| (h.name.clone(), h.toplevel.clone()))
                 .collect(),
+            tags: self
+                .hosts
+                .iter()
+                .map(|h| (h.name.clone(), h.tags.clone()))
+                .collect(),
+            promotion: self.promotion.as_ref().map(|p| p.record.clone()),
         }
     }
 
@@ -110,6 +119,36 @@ impl Prepared {
 
     /// Say in the deployment's events how the fleet was evaluated.
     pub async fn log_evaluation(&self, recorder: &Recorder) -> Result<(), EngineError> {
+        if let Some(promotion) = &self.promotion {
+            let record = &promotion.record;
+            recorder
+                .log(
+                    None,
+                    format!(
+                        "promoting what {} runs to {}: {} (no system evaluated or built; each is fetched from its source host)",
+                        record.from.join(", "),
+                        record.to.join(", "),
+                        record.describe()
+                    ),
+                )
+                .await?;
+            for pair in &record.pairs {
+                recorder
+                    .log(
+                        Some(&pair.target),
+                        format!(
+                            "gets {} from {} (promotionKey `{}`; put there by deployment #{})",
+                            pair.system,
+                            pair.source,
+                            pair.key,
+                            pair.source_deployment
+                                .map_or_else(|| "?".to_string(), |d| d.to_string())
+                        ),
+                    )
+                    .await?;
+            }
+            return Ok(());
+        }
         recorder
             .log(None, format!("evaluated {}", self.evaluation.describe()))
             .await?;
@@ -276,6 +315,7 @@ fn validate(
         pinned_flake: outcome.pinned,
         early: None,
         before: BTreeMap::new(),
+        promotion: None,
     })
 }
 

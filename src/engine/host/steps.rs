@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix_deploy_core::events::Step;
 use nix_deploy_core::exec::{CommandOutput, Tail};
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::{Host, Target};
 use nix_deploy_core::goal::Goal;
 use nix_deploy_core::keys::{Key, UploadAt, uploaded_at};
 use nix_deploy_core::remote::{self, Activation};
@@ -99,7 +99,11 @@ pub(crate) async fn build_copy_and_summarize(
 }
 
 /// Build the toplevel locally; it must be the path the flake evaluated to.
+/// A promotion's target fetches its source host's system instead.
 async fn build(context: &HostContext, host: &Host, run: &mut HostRun) -> Result<String, Stop> {
+    if let Some(source) = context.fetch_from.get(&host.name) {
+        return fetch(context, host, source, run).await;
+    }
     let built = context
         .recorder
         .step(
@@ -116,6 +120,31 @@ async fn build(context: &HostContext, host: &Host, run: &mut HostRun) -> Result<
         )));
     }
     Ok(built)
+}
+
+/// A promotion: the system the source host runs, copied from it into the
+/// coordinator's store (the coordinator may never have had it), from where
+/// the copy step takes it to the target. Nothing is evaluated or built.
+async fn fetch(
+    context: &HostContext,
+    host: &Host,
+    source: &Target,
+    run: &mut HostRun,
+) -> Result<String, Stop> {
+    let fetch = async {
+        let opts = ssh::nix_ssh_opts(source, &context.ssh, None).map_err(|e| e.to_string())?;
+        context
+            .nix
+            .copy_from(&source.store_uri(), &host.toplevel, &opts)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    context
+        .recorder
+        .step(run, Step::Fetch, fetch)
+        .await?
+        .map_err(Stop::at(At::Build))?;
+    Ok(host.toplevel.clone())
 }
 
 /// Copy the closure over our master connection and, meanwhile, root it on
