@@ -10,10 +10,13 @@
 //! - `routes/`: one file per group of endpoints (deployments, fleet, hooks);
 //! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
 //! - [`config`]: the TOML file; [`notify`]: outgoing notifications;
+//!   `scheduler`: the loop that starts `[[schedule]]` deployments;
 //!   [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks' signatures and
-//!   parsing; `report`: the Markdown report.
+//!   parsing; `buttons`: Slack's interactive messages; `report`: the
+//!   Markdown report.
 
 mod auth;
+mod buttons;
 pub mod config;
 mod error;
 pub mod github;
@@ -21,6 +24,7 @@ pub mod metrics;
 pub mod notify;
 mod report;
 mod routes;
+mod scheduler;
 pub mod slack;
 
 use std::collections::HashMap;
@@ -43,7 +47,8 @@ use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
 use nix_deploy_core::run::Deployment;
 
 use crate::engine::{
-    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, RollbackRequest, UploadKeysRequest,
+    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, PromoteJob, RollbackRequest,
+    UploadKeysRequest,
 };
 use crate::store::Store;
 use config::{Config, Secret};
@@ -97,6 +102,7 @@ pub(crate) enum Job {
     Rollback(RollbackRequest),
     Exec(ExecJob),
     UploadKeys(UploadKeysRequest),
+    Promote(Box<PromoteJob>),
 }
 
 impl AppState {
@@ -285,6 +291,7 @@ impl AppState {
         let forward_cancel = cancel.clone();
         self.tasks.spawn(async move {
             let mut id = known;
+            let mut waits = notify::Waits::default();
             while let Some(event) = events.recv().await {
                 if id.is_none() {
                     id = Some(event.deployment_id);
@@ -297,8 +304,10 @@ impl AppState {
                         let _ = tx.send(Ok(event.deployment_id));
                     }
                 }
-                if let Some(notice) = notify::notice_from_event(&event) {
-                    state.notifier.send(notice);
+                if let Some(notice) = notify::notice_from_event(&event)
+                    && waits.is_news(&notice)
+                {
+                    state.notifier.send(state.with_gate_summary(notice).await);
                 }
                 let finished = matches!(event.kind, EventKind::DeploymentFinished { .. });
                 let _ = live.send(event);
@@ -328,6 +337,7 @@ impl AppState {
                 Job::Rollback(request) => engine.rollback(request, Some(sink)).await,
                 Job::Exec(job) => engine.exec(job, Some(sink), cancel).await,
                 Job::UploadKeys(request) => engine.upload_keys(request, Some(sink), cancel).await,
+                Job::Promote(job) => engine.promote(*job, Some(sink), cancel).await,
             };
             if let Err(e) = &result {
                 tracing::warn!(cause = %e, "deployment job ended with an error");
@@ -366,6 +376,23 @@ impl AppState {
         let id = engine.enqueue(&request).await?;
         self.launch(engine, Job::Queued { id, request }, on_done)
             .await
+    }
+
+    /// A gate's notice with what an approver is shown (the held hosts and
+    /// what each would run), read from the store; other notices as they are.
+    pub(crate) async fn with_gate_summary(&self, notice: notify::Notice) -> notify::Notice {
+        let notify::Notice::AwaitingApproval(mut gate) = notice else {
+            return notice;
+        };
+        match self.store.gates(gate.id).await {
+            Ok(gates) => {
+                if let Some(stored) = gates.into_iter().find(|g| g.number == gate.gate) {
+                    gate.summary = stored.summary;
+                }
+            }
+            Err(e) => tracing::warn!(cause = %e, "reading a gate for its notice"),
+        }
+        notify::Notice::AwaitingApproval(gate)
     }
 
     /// Deployment `id` runs here: its cancel token and live events.
@@ -421,10 +448,16 @@ pub fn app(state: AppState) -> Router {
             post(routes::approvals::reject),
         )
         .route("/api/v1/windows", get(routes::approvals::windows))
+        .route("/api/v1/schedules", get(routes::approvals::schedules))
         .route("/api/v1/audit", get(routes::approvals::audit))
+        .route("/api/v1/promote", post(routes::promote::promote))
         .route("/api/v1/exec", post(routes::exec::exec))
         .route("/api/v1/upload-keys", post(routes::exec::upload_keys))
         .route("/hooks/slack", post(routes::hooks::slack))
+        .route(
+            "/hooks/slack/interactive",
+            post(routes::interactive::interactive),
+        )
         .route("/hooks/github", post(routes::hooks::github))
         .route("/metrics", get(routes::fleet::metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -471,6 +504,8 @@ pub async fn run(
             stop.cancel();
         })
     };
+    // `[[schedule]]` deployments, until shutdown.
+    scheduler::spawn(&state);
     // Deployments whose coordinator died (a CLI killed with -9) become
     // interrupted within seconds: status, metrics and their streams end.
     let reconciler = {

@@ -23,12 +23,12 @@ pub(crate) const SLACK_SECRET: &str = "slack-signing-secret";
 const GITHUB_SECRET: &str = "github-webhook-secret";
 
 /// A tiny HTTP receiver on loopback that records request bodies.
-struct Receiver {
-    url: String,
-    bodies: Arc<Mutex<Vec<String>>>,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
+    pub(crate) bodies: Arc<Mutex<Vec<String>>>,
 }
 
-fn receiver() -> Receiver {
+pub(crate) fn receiver() -> Receiver {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
@@ -87,8 +87,21 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 }
 
 /// A daemon with `top` keys before the config's tables and `extra_config`
-/// after them (in the `[github]` table unless it opens another).
+/// after them (in the `[github]` table unless it opens another). Chat
+/// deployments of up to 10 hosts need no confirmation (see
+/// [`start_daemon_confirming`]).
 pub(crate) fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
+    start_daemon_confirming(h, top, extra_config, 10)
+}
+
+/// [`start_daemon_with`], where a chat deployment touching more than
+/// `confirm_above` hosts is confirmed first.
+pub(crate) fn start_daemon_confirming(
+    h: &Harness,
+    top: &str,
+    extra_config: &str,
+    confirm_above: usize,
+) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -120,6 +133,9 @@ scope = "read"
 [slack]
 signing-secret-file = "{}"
 response-url-prefixes = ["http://127.0.0.1:"]
+
+[chat]
+confirm-above = {confirm_above}
 
 [[chat.users]]
 id = "U1"

@@ -19,6 +19,7 @@ mod helpers;
 mod identity;
 mod keys;
 mod ops;
+mod ops2;
 mod recovery;
 mod reporting;
 mod safety;

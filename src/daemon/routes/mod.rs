@@ -1,12 +1,16 @@
 //! The endpoints, one file per group: deployments (and their event streams),
 //! the fleet (status, plan, a host's rollback and health, metrics), commands
-//! and keys on many hosts (exec, upload-keys), and the chat and push hooks.
+//! and keys on many hosts (exec, upload-keys), promotion between
+//! environments, and the chat and push hooks.
 
 pub mod approvals;
+pub mod chat;
 pub mod deployments;
 pub mod exec;
 pub mod fleet;
 pub mod hooks;
+pub mod interactive;
+pub mod promote;
 
 use super::ApiError;
 

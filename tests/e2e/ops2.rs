@@ -1,0 +1,637 @@
+//! Operating the fleet with other people, continued, for real: promotion
+//! from staging to production (what staging runs, fetched from staging,
+//! never the flake's; refused when a staging host is unhealthy), and a
+//! daemon whose schedule starts a deployment that waits for its window and
+//! then for approval (notified once each, approved with a signed Slack
+//! button), with chat deployments confirmed or cancelled by button.
+
+use std::time::{Duration, Instant};
+
+use nix_deploy_testkit::HostSpec;
+use serde_json::{Value, json};
+
+use crate::daemon::{
+    DEPLOY_TOKEN, Daemon, READ_TOKEN, Receiver, call, client, receiver, slack_signature,
+    start_daemon_confirming, start_daemon_with, wait_finished,
+};
+use crate::helpers::{Harness, host};
+
+const STAGING_TOKEN: &str = "staging-token-9876543210";
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A host tagged `tag` paired with its counterparts by `key`.
+fn keyed(name: &str, tag: &str, key: &str) -> HostSpec {
+    let mut spec = HostSpec::new(name).tags(&[tag]);
+    spec.deployment_extra = Some(format!("promotionKey = \"{key}\";"));
+    spec
+}
+
+/// Make the flake's systems of `hosts` throw when evaluated (their
+/// deployment metadata still evaluates).
+fn break_systems(h: &Harness, hosts: &[&str]) {
+    let path = h.fleet.dir().join("flake").join("flake.nix");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    for name in hosts {
+        let from =
+            format!("system.build.toplevel = mkToplevel {{\n              name = \"{name}\";");
+        let to = format!(
+            "system.build.toplevel = throw \"{name}'s system must not be evaluated\" {{\n              name = \"{name}\";"
+        );
+        assert!(text.contains(&from), "{name} not found in the flake");
+        text = text.replace(&from, &to);
+    }
+    std::fs::write(&path, text).unwrap();
+}
+
+/// Whether the coordinator's store has `path`.
+fn valid_here(h: &Harness, path: &str) -> bool {
+    h.fleet
+        .command("nix-store")
+        .args(["--check-validity", path])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Take `paths` out of the coordinator's store (and the GC roots nix-deploy
+/// kept for `hosts`): only the hosts have them now.
+fn forget_here(h: &Harness, hosts: &[&str], paths: &[&str]) {
+    for name in hosts {
+        let roots = h.state_dir().join("gcroots").join(name);
+        if roots.exists() {
+            std::fs::remove_dir_all(roots).unwrap();
+        }
+    }
+    for path in paths {
+        let out = h
+            .fleet
+            .command("nix-store")
+            .args(["--delete", path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!valid_here(h, path), "{path} is still here");
+    }
+}
+
+fn deployments(h: &Harness) -> usize {
+    let (_, history, _) = h.json(&["history"]);
+    history["deployments"].as_array().unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promote_deploys_what_staging_runs_never_the_flake_and_refuses_an_unhealthy_source() {
+    let mut h = Harness::start(vec![
+        keyed("stg-web", "staging", "web").service("app"),
+        keyed("stg-db", "staging", "db"),
+        keyed("prd-web", "prod", "web"),
+        keyed("prd-db", "prod", "db"),
+    ]);
+    let (code, _, stderr) = h.deploy(&["--on", "@staging"]);
+    assert_eq!(code, 0, "{stderr}");
+    let web = h.fleet.current_system("stg-web").unwrap();
+    let db = h.fleet.current_system("stg-db").unwrap();
+    // The in-process CLI records what it does in the audit trail.
+    let out = h.run(&["exec", "--on", "@staging", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = h.run(&["cancel", "1"]);
+    assert_eq!(out.status.code(), Some(2), "nothing runs");
+
+    // The flake moves on (staging a generation ahead, production's systems
+    // cannot even be evaluated), and the coordinator no longer has what
+    // staging runs: promotion takes it from the staging hosts.
+    for name in ["stg-web", "stg-db"] {
+        h.fleet.update(name, |s| s.version = 2).unwrap();
+    }
+    break_systems(&h, &["prd-web", "prd-db"]);
+    forget_here(&h, &["stg-web", "stg-db"], &[&web, &db]);
+
+    // prd-db is down: the rest is promoted, and `resume` later gives it
+    // exactly what was pinned, whatever the flake says by then.
+    h.fleet.stop_host("prd-db").unwrap();
+    let (code, report, stderr) = h.json(&[
+        "promote",
+        "--from",
+        "@staging",
+        "--to",
+        "@prod",
+        "--max-failures",
+        "1",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(host(&report, "prd-db")["status"], "unreachable");
+    assert_eq!(h.fleet.current_system("prd-web"), Some(web.clone()));
+    assert_eq!(
+        h.fleet.generation("stg-web"),
+        Some(1),
+        "the sources are only read"
+    );
+    assert!(valid_here(&h, &web), "fetched from stg-web");
+    h.fleet.start_host("prd-db").unwrap();
+    let id = report["id"].as_i64().unwrap().to_string();
+    let (code, report, stderr) = h.json(&["resume", &id]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(h.fleet.current_system("prd-db"), Some(db.clone()));
+    assert_eq!(report["strategy"], "promote", "{report:#}");
+    let pairs = &report["pinned"]["promotion"]["pairs"];
+    assert_eq!(
+        pairs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (
+                p["target"].as_str().unwrap(),
+                p["source"].as_str().unwrap(),
+                p["system"].as_str().unwrap()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("prd-db", "stg-db", db.as_str()),
+            ("prd-web", "stg-web", web.as_str())
+        ]
+    );
+    assert_eq!(report["pinned"]["hosts"]["prd-web"], json!(web));
+    for target in ["prd-web", "prd-db"] {
+        let steps: Vec<&str> = host(&report, target)["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["step"].as_str().unwrap())
+            .collect();
+        assert!(
+            steps.contains(&"fetch") && !steps.contains(&"build"),
+            "{target}: {steps:?}"
+        );
+    }
+
+    // A staging host that is unhealthy now: refused, nothing changes.
+    h.fleet
+        .ssh("stg-web", "echo failed > /run/units/app.service")
+        .unwrap();
+    let before = deployments(&h);
+    let staging = h.state_dir().join("staging.token");
+    std::fs::write(&staging, STAGING_TOKEN).unwrap();
+    let d = start_daemon_with(
+        &h,
+        "",
+        &format!(
+            "[[tokens]]\nname = \"staging\"\nfile = \"{}\"\nscope = \"deploy\"\nhosts = [\"@staging\"]\n",
+            staging.display()
+        ),
+    );
+    let body = json!({ "from": ["@staging"], "to": ["@prod"] });
+    let promote = format!("{}/api/v1/promote", d.url);
+    let (code, answer) = call(
+        reqwest::Method::POST,
+        &promote,
+        Some(STAGING_TOKEN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(code, 403, "production is out of its reach: {answer}");
+    let (code, answer) = call(
+        reqwest::Method::POST,
+        &promote,
+        Some(DEPLOY_TOKEN),
+        Some(body),
+    )
+    .await;
+    assert_eq!(code, 409, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("source stg-web is unhealthy"), "{message}");
+    let token = d.token_file("deploy.token");
+    let out = tokio::task::block_in_place(|| {
+        h.run(&[
+            "--server",
+            &d.url,
+            "--token-file",
+            token.to_str().unwrap(),
+            "promote",
+            "--from",
+            "@staging",
+            "--to",
+            "@prod",
+        ])
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+    assert_eq!(deployments(&h), before, "nothing recorded");
+    assert_eq!(h.fleet.generation("prd-web"), Some(1));
+    drop(d);
+
+    let out = h.run(&["--json", "audit"]);
+    let trail = String::from_utf8_lossy(&out.stdout);
+    let entries: Vec<Value> = trail
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let did = |actor: &str, action: &str| {
+        entries
+            .iter()
+            .any(|e| e["actor"] == actor && e["action"] == action)
+    };
+    for (actor, action) in [
+        ("user:root", "deploy"),
+        ("user:root", "exec"),
+        ("user:root", "cancel"),
+        ("user:root", "promote"),
+        ("user:root", "resume"),
+        ("token:ci", "promote-refused"),
+        ("token:staging", "promote-refused"),
+    ] {
+        assert!(did(actor, action), "{actor} {action} missing from {trail}");
+    }
+}
+
+/// A cron pattern (seconds first, UTC) that fires at each of `times` (Unix
+/// seconds); times across a minute or hour boundary make it fire a few more
+/// times, a minute or an hour later.
+fn cron_at_each(times: &[u64]) -> String {
+    let field = |part: fn(u64) -> u64| {
+        let mut values: Vec<u64> = times.iter().map(|t| part(*t)).collect();
+        values.sort();
+        values.dedup();
+        values
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!(
+        "{} {} {} * * *",
+        field(|t| t % 60),
+        field(|t| (t / 60) % 60),
+        field(|t| (t / 3600) % 24)
+    )
+}
+
+/// A click on one of our buttons, as Slack posts it.
+fn click(user: &str, action: &str, value: &str, response_url: &str) -> String {
+    let payload = json!({
+        "type": "block_actions",
+        "user": { "id": user, "username": "someone" },
+        "channel": { "id": "C1" },
+        "response_url": response_url,
+        "actions": [{ "action_id": action, "value": value, "type": "button" }],
+    });
+    format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
+    )
+}
+
+/// POST `body` to the daemon's `path` signed as Slack does at `at` (or
+/// with `signature`); the status and the JSON answer.
+async fn slack_post(
+    d: &Daemon,
+    path: &str,
+    body: &str,
+    at: i64,
+    signature: Option<&str>,
+) -> (u16, Value) {
+    let response = client()
+        .post(format!("{}{path}", d.url))
+        .header("x-slack-request-timestamp", at.to_string())
+        .header(
+            "x-slack-signature",
+            signature.map_or_else(|| slack_signature(at, body), str::to_string),
+        )
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `user` clicks the button `action` (with `value`) at `at`; the answer
+/// goes to `responses` too.
+async fn press(
+    d: &Daemon,
+    user: &str,
+    action: &str,
+    value: &str,
+    responses: &Receiver,
+    at: i64,
+) -> (u16, Value) {
+    let body = click(user, action, value, &responses.url);
+    slack_post(d, "/hooks/slack/interactive", &body, at, None).await
+}
+
+/// The first body `r` received that `wanted` accepts (waits up to 90 s).
+async fn received(r: &Receiver, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let bodies = r.bodies.lock().unwrap().clone();
+        if let Some(found) = bodies
+            .iter()
+            .filter_map(|b| serde_json::from_str::<Value>(b).ok())
+            .find(|v| wanted(v))
+        {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never received {what}: {bodies:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the button `action` in a message with blocks.
+fn button(message: &Value, action: &str) -> String {
+    message["blocks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|b| b["elements"].as_array().into_iter().flatten())
+        .find(|e| e["action_id"] == action)
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("no {action} button in {message:#}"))
+        .to_string()
+}
+
+async fn get(d: &Daemon, path: &str) -> Value {
+    let (code, body) = call(
+        reqwest::Method::GET,
+        &format!("{}{path}", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+fn slack_deployments(list: &Value) -> usize {
+    list["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["trigger"] == "slack")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_waits_for_its_window_and_a_slack_button_approves_it_and_chat_confirms() {
+    let slack_hook = receiver();
+    let json_hook = receiver();
+    let responses = receiver();
+    let h = Harness::start(vec![
+        HostSpec::new("sch1").tags(&["prod"]),
+        HostSpec::new("cf1"),
+        HostSpec::new("cf2"),
+    ]);
+    let staging = h.state_dir().join("staging.token");
+    std::fs::write(&staging, STAGING_TOKEN).unwrap();
+    // A deny window on sch1 that opened a second ago and closes 19 s from
+    // now; the schedule fires 6, 9 and 12 s from now.
+    let t0 = now_secs();
+    let closes = t0 + 19;
+    let d = start_daemon_confirming(
+        &h,
+        "",
+        &format!(
+            r#"
+[[tokens]]
+name = "staging"
+file = "{staging}"
+scope = "deploy"
+hosts = ["@staging"]
+
+[[chat.users]]
+id = "U2"
+scope = "deploy"
+
+[[window]]
+name = "freeze"
+kind = "deny"
+schedule = "{window}"
+duration = "20s"
+hosts = ["sch1"]
+
+[[approval]]
+name = "production"
+hosts = ["@prod"]
+approvers = ["slack:U2"]
+timeout = "10m"
+
+[[schedule]]
+name = "soon"
+cron = "{cron}"
+request = {{ hosts = ["sch1"] }}
+
+[notifications]
+slack-webhooks = ["{slack}"]
+json-webhooks = ["{json}"]
+"#,
+            staging = staging.display(),
+            window = cron_at_each(&[t0 - 1]),
+            cron = cron_at_each(&[t0 + 6, t0 + 9, t0 + 12]),
+            slack = slack_hook.url,
+            json = json_hook.url,
+        ),
+        1,
+    );
+
+    // The schedule's deployment: recorded with its trigger, waiting for the
+    // window, which shows when it opens.
+    let mut id = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let waiting = loop {
+        let list = get(&d, "/api/v1/deployments").await;
+        if let Some(found) = list["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["trigger"] == "schedule")
+        {
+            id = found["id"].as_i64().unwrap();
+            if found["status"] == "waiting-for-window" {
+                break found.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scheduled deployment waiting for its window (#{id})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(waiting["requested_by"], "schedule:soon");
+    assert_eq!(waiting["waiting"]["hosts"], json!(["sch1"]));
+    assert_eq!(waiting["waiting"]["opens_at"], json!(closes * 1000));
+    let windows = get(&d, "/api/v1/windows").await;
+    assert_eq!(windows["windows"][0]["open"], true, "{windows:#}");
+    assert_eq!(windows["windows"][0]["closes_at"], json!(closes * 1000));
+    assert_eq!(
+        windows["windows"][0]["next_opening"],
+        json!((t0 - 1 + 86_400) * 1000)
+    );
+    let told = received(&json_hook, "the window notice", |v| {
+        v["event"] == "deployment.waiting_for_window" && v["deployment_id"] == id
+    })
+    .await;
+    assert_eq!(told["opens_at"], json!(closes * 1000));
+    // A token limited to staging may neither cancel nor resume it.
+    for verb in ["cancel", "resume"] {
+        let (code, body) = call(
+            reqwest::Method::POST,
+            &format!("{}/api/v1/deployments/{id}/{verb}", d.url),
+            Some(STAGING_TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(code, 403, "{verb}: {body}");
+    }
+
+    // Then it waits for approval, and Slack gets the gate with its buttons.
+    let gate = received(&slack_hook, "the gate with buttons", |v| {
+        v["text"]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("#{id} awaits approval")))
+    })
+    .await;
+    let value = button(&gate, "approve");
+    assert_eq!(value, format!("{id}:1"));
+    assert_eq!(button(&gate, "reject"), value);
+    assert!(
+        gate["blocks"][0]["text"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("sch1"),
+        "what an approver sees: {gate:#}"
+    );
+    received(&json_hook, "the approval notice", |v| {
+        v["event"] == "deployment.awaiting_approval" && v["deployment_id"] == id
+    })
+    .await;
+    let activated = h.fleet.activations("sch1");
+    assert!(activated.is_empty(), "nothing ran before approval");
+    assert!(now_secs() >= closes, "it waited for the window to close");
+
+    let interactive = "/hooks/slack/interactive";
+    let at = now_secs() as i64;
+    // A forged click: 401, nothing changes.
+    let approve_u2 = click("U2", "approve", &value, &responses.url);
+    let (code, _) = slack_post(&d, interactive, &approve_u2, at, Some("v0=00ff")).await;
+    assert_eq!(code, 401);
+    // U1 may deploy but is no approver: refused.
+    let (code, answer) = press(&d, "U1", "approve", &value, &responses, at).await;
+    assert_eq!(code, 200);
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert!(
+        answer["text"].as_str().unwrap().contains("not an approver"),
+        "{answer}"
+    );
+    let shown = get(&d, &format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(shown["status"], "awaiting-approval");
+    assert_eq!(shown["gates"][0]["approvals"], json!([]));
+    // U2 approves with the button: the deployment goes on.
+    let (code, answer) = slack_post(&d, interactive, &approve_u2, at, None).await;
+    assert_eq!(code, 200);
+    assert_eq!(answer["ok"], true, "{answer}");
+    // The same signed click again: a replay, 409.
+    let (code, _) = slack_post(&d, interactive, &approve_u2, at, None).await;
+    assert_eq!(code, 409);
+    let done = wait_finished(&d, id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["gates"][0]["approvals"][0]["by"], "slack:U2");
+    assert_eq!(done["gates"][0]["approvals"][0]["via"], "slack");
+    assert_eq!(h.fleet.generation("sch1"), Some(1));
+    // Once each, and one scheduled deployment: the occurrences while it ran
+    // were passed over.
+    let bodies = json_hook.bodies.lock().unwrap().clone();
+    let told = |event: &str| {
+        bodies
+            .iter()
+            .filter(|b| b.contains(event) && b.contains(&format!("\"deployment_id\":{id}")))
+            .count()
+    };
+    assert_eq!(told("deployment.waiting_for_window"), 1, "{bodies:#?}");
+    assert_eq!(told("deployment.awaiting_approval"), 1, "{bodies:#?}");
+    let list = get(&d, "/api/v1/deployments").await;
+    let scheduled: Vec<&Value> = list["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["trigger"] == "schedule")
+        .collect();
+    assert_eq!(scheduled.len(), 1, "{list:#}");
+    let schedules = get(&d, "/api/v1/schedules").await;
+    assert_eq!(schedules["schedules"][0]["last_deployment_id"], id);
+
+    // A chat deployment of two hosts (more than confirm-above = 1): its plan
+    // comes with Confirm and Cancel; Cancel deploys nothing.
+    let slash = "command=%2Fnix-deploy&text=deploy+cf1+cf2&user_id=U1&user_name=alice&channel_id=C1&response_url="
+        .to_string()
+        + &form_urlencoded::byte_serialize(responses.url.as_bytes()).collect::<String>();
+    let ask = |n: usize| {
+        let responses = &responses;
+        async move {
+            let mut found = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while found.len() < n {
+                found = responses
+                    .bodies
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|b| serde_json::from_str::<Value>(b).ok())
+                    .filter(|v| v["blocks"][1]["block_id"] == "confirm")
+                    .collect();
+                assert!(Instant::now() < deadline, "no plan to confirm");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            found.pop().unwrap()
+        }
+    };
+    let (code, answer) = slack_post(&d, "/hooks/slack", &slash, at, None).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.get("deployment_id").is_none(), "{answer}");
+    let plan = ask(1).await;
+    assert!(plan["text"].as_str().unwrap().contains("cf1"), "{plan:#}");
+    let request = button(&plan, "cancel");
+    let (_, answer) = press(&d, "U1", "cancel", &request, &responses, at).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let (_, answer) = press(&d, "U1", "confirm", &request, &responses, at).await;
+    assert_eq!(answer["ok"], false, "cancelled already: {answer}");
+    assert_eq!(slack_deployments(&get(&d, "/api/v1/deployments").await), 0);
+    assert_eq!(h.fleet.generation("cf1"), None);
+
+    // Asked again and confirmed: deployed.
+    let at = at + 1;
+    let (code, _) = slack_post(&d, "/hooks/slack", &slash, at, None).await;
+    assert_eq!(code, 200);
+    let plan = ask(2).await;
+    let request = button(&plan, "confirm");
+    let (_, answer) = press(&d, "U1", "confirm", &request, &responses, at).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let list = get(&d, "/api/v1/deployments").await;
+    assert_eq!(slack_deployments(&list), 1, "{list:#}");
+    let confirmed = list["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["trigger"] == "slack")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let done = wait_finished(&d, confirmed).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["requested_by"], "slack:U1");
+    assert_eq!(h.fleet.generation("cf1"), Some(1));
+    assert_eq!(h.fleet.generation("cf2"), Some(1));
+}
