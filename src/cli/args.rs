@@ -15,7 +15,7 @@ use nix_deploy_core::options::{OptionsError, Request};
 
 /// The strategy from `NIX_DEPLOY_STRATEGY` when the command line names
 /// none (the shared grammar reads no environment: the chat must not).
-fn strategy_from_env(mut request: Request) -> Request {
+pub(crate) fn strategy_from_env(mut request: Request) -> Request {
     if request.strategy.is_none() && !request.parallel && !request.sequential {
         request.strategy = std::env::var("NIX_DEPLOY_STRATEGY")
             .ok()

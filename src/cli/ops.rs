@@ -98,7 +98,8 @@ pub async fn record(
 
 /// `promote`, in process: recorded in the audit trail (and its refusal).
 pub async fn promote(cli: &Cli, args: &PromoteArgs) -> anyhow::Result<u8> {
-    let request = args.request()?;
+    let mut request = args.request()?;
+    request.options = super::args::strategy_from_env(request.options);
     let options = request.options.resolve(&DeployOptions::default())?;
     let (engine, _control) = super::engine(cli).await?;
     let action = if request.options.override_window.is_some() {

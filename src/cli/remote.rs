@@ -164,7 +164,8 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
         }
         Command::Audit(args) => super::ops::audit_remote(cli, &client, args).await,
         Command::Promote(args) => {
-            let request = args.request().map_err(bad_request)?;
+            let mut request = args.request().map_err(bad_request)?;
+            request.options = args::strategy_from_env(request.options);
             let created: Accepted = client.post("/api/v1/promote", &request).await?;
             follow(cli, &client, created.id).await
         }
