@@ -394,7 +394,21 @@ async fn a_schedule_waits_for_its_window_and_a_slack_button_approves_it_and_chat
         HostSpec::new("sch1").tags(&["prod"]),
         HostSpec::new("cf1"),
         HostSpec::new("cf2"),
+        HostSpec::new("mis1"),
     ]);
+    // An hourly schedule whose last run was three hours ago: the daemon was
+    // down for three of its occurrences. It runs once at start, not three
+    // times.
+    let now = now_secs();
+    let minute = (now / 60 + 30) % 60;
+    {
+        let store = nix_deploy::store::Store::open(h.state_dir()).await.unwrap();
+        store
+            .schedule_baseline("hourly", ((now - 3 * 3600 - 1) * 1000) as i64)
+            .await
+            .unwrap();
+        store.close().await;
+    }
     let staging = h.state_dir().join("staging.token");
     std::fs::write(&staging, STAGING_TOKEN).unwrap();
     // A deny window on sch1 that opened a second ago and closes 19 s from
@@ -434,6 +448,11 @@ name = "soon"
 cron = "{cron}"
 request = {{ hosts = ["sch1"] }}
 
+[[schedule]]
+name = "hourly"
+cron = "0 {minute} * * * *"
+request = {{ hosts = ["mis1"] }}
+
 [notifications]
 slack-webhooks = ["{slack}"]
 json-webhooks = ["{json}"]
@@ -457,7 +476,7 @@ json-webhooks = ["{json}"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|d| d["trigger"] == "schedule")
+            .find(|d| d["requested_by"] == "schedule:soon")
         {
             id = found["id"].as_i64().unwrap();
             if found["status"] == "waiting-for-window" {
@@ -470,7 +489,7 @@ json-webhooks = ["{json}"]
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(waiting["requested_by"], "schedule:soon");
+    assert_eq!(waiting["trigger"], "schedule");
     assert_eq!(waiting["waiting"]["hosts"], json!(["sch1"]));
     assert_eq!(waiting["waiting"]["opens_at"], json!(closes * 1000));
     let windows = get(&d, "/api/v1/windows").await;
@@ -567,11 +586,39 @@ json-webhooks = ["{json}"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|d| d["trigger"] == "schedule")
+        .filter(|d| d["requested_by"] == "schedule:soon")
         .collect();
     assert_eq!(scheduled.len(), 1, "{list:#}");
     let schedules = get(&d, "/api/v1/schedules").await;
     assert_eq!(schedules["schedules"][0]["last_deployment_id"], id);
+    let caught_up: Vec<&Value> = list["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["requested_by"] == "schedule:hourly")
+        .collect();
+    assert_eq!(caught_up.len(), 1, "one run for three missed: {list:#}");
+    let caught_up = caught_up[0]["id"].as_i64().unwrap();
+    let done = wait_finished(&d, caught_up).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(h.fleet.generation("mis1"), Some(1));
+    assert_eq!(schedules["schedules"][1]["name"], "hourly");
+    assert!(
+        schedules["schedules"][1]["next_run"].as_i64().unwrap() > (now_secs() * 1000) as i64,
+        "{schedules:#}"
+    );
+    let (_, shown, _) = tokio::task::block_in_place(|| h.json(&["show", &caught_up.to_string()]));
+    assert!(
+        shown["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("started by schedule `hourly`")
+                    && m.contains("2 earlier occurrence(s) missed"))),
+        "{shown:#}"
+    );
 
     // A chat deployment of two hosts (more than confirm-above = 1): its plan
     // comes with Confirm and Cancel; Cancel deploys nothing.
