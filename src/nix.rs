@@ -128,18 +128,24 @@ impl Nix {
     /// The host names of `FLAKE#nixosConfigurations` (no host is evaluated).
     #[tracing::instrument(skip(self))]
     pub async fn host_names(&self, flake: &str) -> Result<Vec<String>, NixError> {
+        let cmd = names_command(flake);
+        let stdout = self.evaluate(flake, cmd.clone()).await?;
+        parse_names(&stdout).map_err(|reason| NixError::BadOutput {
+            command: cmd.display(),
+            reason,
+        })
+    }
+
+    /// Run an evaluation of `flake` (checked first); its stdout.
+    async fn evaluate(&self, flake: &str, cmd: Cmd) -> Result<String, NixError> {
         Self::check_flake(flake)?;
-        let cmd = self.with_env(names_command(flake));
-        let out = process::run(&cmd, self.eval_timeout, |_, _| {})
+        let out = process::run(&self.with_env(cmd), self.eval_timeout, |_, _| {})
             .await
             .map_err(|source| NixError::Eval {
                 flake: flake.to_string(),
                 source,
             })?;
-        parse_names(&out.stdout).map_err(|reason| NixError::BadOutput {
-            command: cmd.display(),
-            reason,
-        })
+        Ok(out.stdout)
     }
 
     /// Evaluate the given hosts of `FLAKE#nixosConfigurations` in one
@@ -163,15 +169,7 @@ impl Nix {
     /// Every host's `config.deployment` alone (no system is evaluated), as
     /// printed: `{ HOST = { deployment = …; } | null; … }`.
     pub async fn eval_deployments(&self, flake: &str) -> Result<String, NixError> {
-        Self::check_flake(flake)?;
-        let cmd = self.with_env(deployment_command(flake));
-        let out = process::run(&cmd, self.eval_timeout, |_, _| {})
-            .await
-            .map_err(|source| NixError::Eval {
-                flake: flake.to_string(),
-                source,
-            })?;
-        Ok(out.stdout)
+        self.evaluate(flake, deployment_command(flake)).await
     }
 
     /// Copy `path` and its closure from the host behind `source_uri` into
