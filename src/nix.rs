@@ -166,10 +166,18 @@ impl Nix {
         process::run_measured(&cmd, self.eval_timeout, |_, _| {}).await
     }
 
-    /// Every host's `config.deployment` alone (no system is evaluated), as
-    /// printed: `{ HOST = { deployment = …; } | null; … }`.
-    pub async fn eval_deployments(&self, flake: &str) -> Result<String, NixError> {
-        self.evaluate(flake, deployment_command(flake)).await
+    /// The `config.deployment` of `hosts` alone (no system is evaluated),
+    /// as printed: `{ HOST = { deployment = …; } | null; … }`.
+    pub async fn eval_deployments(
+        &self,
+        flake: &str,
+        hosts: &[String],
+    ) -> Result<String, NixError> {
+        let cmd = deployment_command(flake, hosts).map_err(|reason| NixError::BadOutput {
+            command: "nix eval (deployment metadata)".into(),
+            reason,
+        })?;
+        self.evaluate(flake, cmd).await
     }
 
     /// Copy `path` and its closure from the host behind `source_uri` into

@@ -133,7 +133,7 @@ struct RawHost {
 }
 
 /// A host's deployment metadata alone (see
-/// [`crate::nix::DEPLOYMENT_APPLY_EXPR`]): no system evaluated.
+/// [`crate::nix::deployment_command`]): no system evaluated.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetadata {

@@ -33,32 +33,45 @@ pub const FLEET_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: c
       else d;
   }) configurations"#;
 
-/// Reads every host's `config.deployment` alone, without its system
-/// (`nix-deploy promote` deploys systems it never evaluates): keys'
-/// `text` dropped as in [`FLEET_APPLY_EXPR`], and each host wrapped in
-/// `tryEval`, so a host whose metadata throws is `null` instead of failing
-/// the fleet.
-pub const DEPLOYMENT_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: configuration:
-  let
-    value = {
-      deployment = let d = configuration.config.deployment or { }; in
-        if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
-        then d // { keys = builtins.mapAttrs (_: key:
-          if builtins.isAttrs key
-          then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
-          else key) d.keys; }
-        else d;
-    };
-    result = builtins.tryEval (builtins.deepSeq value value);
-  in if result.success then result.value else null) configurations"#;
+/// What is read of one host when its system is not wanted (`nix-deploy
+/// promote` deploys systems it never evaluates): its `config.deployment`,
+/// keys' `text` dropped as in [`FLEET_APPLY_EXPR`].
+pub const DEPLOYMENT_EXPR: &str = r#"name: configuration: {
+    deployment = let d = configuration.config.deployment or { }; in
+      if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
+      then d // { keys = builtins.mapAttrs (_: key:
+        if builtins.isAttrs key
+        then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
+        else key) d.keys; }
+      else d;
+  }"#;
 
-/// `nix eval --json FLAKE#nixosConfigurations --apply <DEPLOYMENT_APPLY_EXPR>`.
-pub fn deployment_command(flake: &str) -> Cmd {
-    Cmd::new("nix")
+/// `nix eval --json FLAKE#nixosConfigurations --apply …`: [`DEPLOYMENT_EXPR`]
+/// for `hosts` (validated names: no quote, backslash or `$`), each in
+/// `tryEval`, so a host whose metadata throws is `null` instead of failing
+/// the others.
+pub fn deployment_command(flake: &str, hosts: &[String]) -> Result<Cmd, String> {
+    if let Some(bad) = hosts.iter().find(|h| !crate::shell::is_valid_host_name(h)) {
+        return Err(format!("`{bad}` is not a host name"));
+    }
+    let wanted: String = hosts.iter().map(|h| format!(" \"{h}\" = null;")).collect();
+    let apply = format!(
+        r#"configurations:
+let
+  metadata = {DEPLOYMENT_EXPR};
+  attempt = name: configuration:
+    let
+      value = metadata name configuration;
+      result = builtins.tryEval (builtins.deepSeq value value);
+    in if result.success then result.value else null;
+  wanted = {{{wanted} }};
+in builtins.mapAttrs attempt (builtins.intersectAttrs wanted configurations)"#
+    );
+    Ok(Cmd::new("nix")
         .args(FEATURE_FLAGS)
         .args(["eval", "--json"])
         .arg(format!("{flake}#nixosConfigurations"))
-        .args(["--apply", DEPLOYMENT_APPLY_EXPR])
+        .args(["--apply", &apply]))
 }
 
 /// `nix copy --from ssh://[user@]source --no-check-sigs PATH`: a closure
@@ -255,8 +268,9 @@ mod tests {
                 "/nix/store/abc-x"
             ]
         );
+        let metadata = argv(&deployment_command("path:/srv/fleet", &["web1".into()]).unwrap());
         assert_eq!(
-            argv(&deployment_command("path:/srv/fleet"))[3..7],
+            metadata[3..7],
             [
                 "eval",
                 "--json",
@@ -264,6 +278,12 @@ mod tests {
                 "--apply"
             ]
         );
+        assert!(
+            metadata[7].contains(r#"wanted = { "web1" = null; };"#),
+            "{}",
+            metadata[7]
+        );
+        assert!(deployment_command(".", &["a\"b".into()]).is_err());
     }
 
     #[test]
@@ -279,11 +299,11 @@ mod tests {
         // The fleet's own evaluation drops the texts.
         assert!(FLEET_APPLY_EXPR.contains(r#"removeAttrs key [ "text" ]"#));
         // The metadata alone drops the texts the same way, and evaluates no system.
-        assert!(DEPLOYMENT_APPLY_EXPR.contains(
+        assert!(DEPLOYMENT_EXPR.contains(
             r#"removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }"#
         ));
-        assert!(!DEPLOYMENT_APPLY_EXPR.contains("toplevel"));
-        assert!(!DEPLOYMENT_APPLY_EXPR.contains("system.build"));
+        assert!(!DEPLOYMENT_EXPR.contains("toplevel"));
+        assert!(!DEPLOYMENT_EXPR.contains("system.build"));
         assert_eq!(
             argv(&add_root_command(
                 "/nix/store/abc-x",

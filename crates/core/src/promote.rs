@@ -244,7 +244,7 @@ impl Promotion {
     }
 }
 
-/// What `nix eval` printed for [`crate::nix::DEPLOYMENT_APPLY_EXPR`]: each
+/// What `nix eval` printed for [`crate::nix::deployment_command`]: each
 /// host's entry by name, and the hosts whose metadata threw.
 pub fn parse_metadata_output(
     json: &str,

@@ -118,7 +118,7 @@ fn reshard(
 }
 
 /// Memory the kernel says can be had without swapping, in MiB.
-fn available_memory_mib() -> u64 {
+pub(crate) fn available_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use nix_deploy_core::eval::{EvalFailure, EvaluationReport};
+use nix_deploy_core::eval::{self, EvalFailure, EvaluationReport};
 use nix_deploy_core::fleet::{Host, Inventory, Target};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{DependencyGraph, GraphHost};
@@ -25,7 +25,7 @@ use nix_deploy_core::promote::{self, PromoteRequest, PromotedPair, Promotion, So
 use nix_deploy_core::run::Pinned;
 
 use super::FleetContext;
-use super::evaluate::{flake_identity, pick_hosts};
+use super::evaluate::{available_memory_mib, flake_identity, pick_hosts};
 use super::prepare::Prepared;
 use crate::engine::EngineError;
 use crate::engine::host::health;
@@ -58,8 +58,10 @@ struct Metadata {
     revision: Option<String>,
 }
 
-/// Every host's `config.deployment`, in one `nix eval` of the flake pinned
-/// to its locked identity; no system is evaluated.
+/// Every host's `config.deployment`, evaluated from the flake pinned to its
+/// locked identity; no system is evaluated. The hosts are split into shards
+/// as the fleet's evaluation splits them (a host's metadata costs at most
+/// what its system does), run by this process's evaluation workers.
 async fn read_metadata(cx: FleetContext<'_>) -> Result<Metadata, EngineError> {
     let flake = &cx.config.flake;
     let nix = &cx.config.nix;
@@ -68,28 +70,61 @@ async fn read_metadata(cx: FleetContext<'_>) -> Result<Metadata, EngineError> {
     let revision = metadata
         .as_ref()
         .ok()
-        .and_then(|m| nix_deploy_core::eval::metadata_revision(m));
+        .and_then(|m| eval::metadata_revision(m));
     let pinned = flake_identity(&metadata).ok().map(|i| i.pinned_ref);
     let eval_ref = pinned.clone().unwrap_or_else(|| flake.clone());
-    let json = nix
-        .eval_deployments(&eval_ref)
-        .await
-        .map_err(EngineError::Eval)?;
-    let (values, threw) = promote::parse_metadata_output(&json).map_err(|reason| {
-        EngineError::Eval(crate::nix::NixError::BadOutput {
-            command: "nix eval (deployment metadata)".into(),
-            reason,
-        })
-    })?;
-    let mut hosts = Vec::new();
-    for (name, value) in values {
-        hosts.push(Inventory::parse_metadata(&name, value)?);
+    let names = nix.host_names(&eval_ref).await.map_err(EngineError::Eval)?;
+    let budget = match cx.store.eval_host_memory(flake).await? {
+        Some(kib) => eval::host_budget_from_peak(kib, 1),
+        None => eval::DEFAULT_HOST_MEMORY_MIB,
+    };
+    let available = available_memory_mib();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = cx
+        .config
+        .eval_workers
+        .unwrap_or_else(|| eval::default_workers(cores, available, budget))
+        .max(1);
+    let gate = cx
+        .config
+        .eval_gate
+        .get_or_init(|| Arc::new(Semaphore::new(workers)))
+        .clone();
+    let per_shard = eval::hosts_per_shard(names.len(), workers, available, budget);
+    let mut shards = JoinSet::new();
+    for hosts in eval::split_into_shards(&names, per_shard) {
+        let (nix, eval_ref, gate) = (nix.clone(), eval_ref.clone(), gate.clone());
+        shards.spawn(async move {
+            // Closed never: the gate lives as long as the config.
+            let _slot = gate.acquire_owned().await;
+            nix.eval_deployments(&eval_ref, &hosts).await
+        });
     }
+    let mut hosts = Vec::new();
+    let mut threw = Vec::new();
+    while let Some(joined) = shards.join_next().await {
+        let json = joined
+            .map_err(|e| EngineError::Internal(format!("evaluation task failed: {e}")))?
+            .map_err(EngineError::Eval)?;
+        let (values, failed) = promote::parse_metadata_output(&json).map_err(|reason| {
+            EngineError::Eval(crate::nix::NixError::BadOutput {
+                command: "nix eval (deployment metadata)".into(),
+                reason,
+            })
+        })?;
+        for (name, value) in values {
+            hosts.push(Inventory::parse_metadata(&name, value)?);
+        }
+        threw.extend(failed);
+    }
+    threw.sort();
     let failed = threw
         .into_iter()
         .map(|host| EvalFailure {
+            error: format!(
+                "its deployment metadata could not be evaluated (nix eval FLAKE#nixosConfigurations.{host}.config.deployment says why)"
+            ),
             host,
-            error: "its deployment metadata could not be evaluated (evaluate it alone: nix eval FLAKE#nixosConfigurations.HOST.config.deployment)".into(),
         })
         .collect();
     Ok(Metadata {
