@@ -326,3 +326,54 @@ pub async fn audit(
             .await?,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::config::Scope;
+    use crate::engine::Limit;
+    use nix_deploy_core::select::HostFilter;
+
+    fn deployment(requested_by: &str, tags: serde_json::Value) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "id": 7, "created_at": 0, "status": "running", "trigger": "api",
+            "requested_by": requested_by, "flake": ".", "flake_rev": null,
+            "strategy": "smart", "options": {}, "selected": ["s1", "p1"],
+            "plan": null, "error": null, "pid": null,
+            "pinned": { "flake": null, "revision": null, "hosts": {}, "tags": tags },
+        }))
+        .unwrap()
+    }
+
+    fn staging_token() -> Caller {
+        Caller {
+            identity: "token:staging".into(),
+            scope: Scope::Deploy,
+            limit: Some(Limit {
+                who: "token `staging`".into(),
+                hosts: vec![HostFilter::parse(&["@staging".to_string()]).unwrap()],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_limited_caller_acts_only_on_deployments_within_reach_or_its_own() {
+        let tags = serde_json::json!({ "s1": ["staging"], "p1": ["prod"] });
+        let staging_only = serde_json::json!({ "s1": ["staging"], "p1": ["staging"] });
+        let caller = staging_token();
+        let e = check_reach(&caller, &deployment("token:ci", tags.clone())).unwrap_err();
+        assert!(e.to_string().contains("touches p1"), "{e}");
+        assert!(check_reach(&caller, &deployment("token:ci", staging_only)).is_ok());
+        assert!(check_reach(&caller, &deployment("token:staging", tags.clone())).is_ok());
+        // Hosts whose tags were not recorded (queued, or older): refused.
+        let e = check_reach(&caller, &deployment("token:ci", serde_json::json!({}))).unwrap_err();
+        assert!(e.to_string().contains("not known"), "{e}");
+        // Unlimited callers act on anything.
+        let admin = Caller {
+            identity: "token:ops".into(),
+            scope: Scope::Admin,
+            limit: None,
+        };
+        assert!(check_reach(&admin, &deployment("token:ci", tags)).is_ok());
+    }
+}
