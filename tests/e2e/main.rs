@@ -20,6 +20,7 @@ mod identity;
 mod keys;
 mod ops;
 mod ops2;
+mod promotion;
 mod recovery;
 mod reporting;
 mod safety;
