@@ -110,6 +110,26 @@ pub struct Store {
 
 pub const DB_FILE: &str = "nix-deploy.db";
 
+/// An exclusive `flock` on `STATE/migrate.lock`, held while this process
+/// migrates the history (waited for on a blocking thread).
+async fn migration_lock(state_dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = state_dir.join("migrate.lock");
+    let error = |source| StoreError::Open {
+        path: path.clone(),
+        source: sqlx::Error::Io(source),
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(error)?;
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| error(std::io::Error::other(e)))?
+        .map_err(error)
+}
+
 impl Store {
     /// Open (creating if needed) the database in `state_dir` and apply migrations.
     pub async fn open(state_dir: &Path) -> Result<Self, StoreError> {
@@ -138,6 +158,10 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(open_error)?;
+        // SQLite's migrations take no lock of their own: two processes
+        // opening a new history at once would both apply a migration (and
+        // one fail). One migrates while the others wait for it.
+        let migrating = migration_lock(state_dir).await?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
@@ -145,6 +169,7 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
+        drop(migrating);
         let lock = liveness::ProcessLock::acquire(state_dir)?;
         let dead = liveness::remove_dead(state_dir);
         Ok(Store {
@@ -227,6 +252,22 @@ mod tests {
             hosts: vec!["web1".into(), "web2".into()],
             queued: false,
             source: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn processes_opening_a_new_history_at_once_all_get_it_migrated() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let opens: Vec<_> = (0..4)
+                .map(|_| {
+                    let path = dir.path().to_path_buf();
+                    tokio::spawn(async move { Store::open(&path).await.map(|s| s.path) })
+                })
+                .collect();
+            for open in opens {
+                open.await.unwrap().unwrap();
+            }
         }
     }
 
