@@ -9,8 +9,10 @@ use clap::{Args, Parser, Subcommand};
 
 use nix_deploy_core::duration;
 pub use nix_deploy_core::grammar::{
-    DeployArgs, PromoteArgs, RuntimeArgs, SelectArgs, StrategyArgs, runtime_request,
+    ClosureArgs, DeployArgs, PromoteArgs, ResultArgs, RuntimeArgs, SelectArgs, StrategyArgs,
+    runtime_request,
 };
+use nix_deploy_core::nix::NixFlags;
 use nix_deploy_core::options::{OptionsError, Request};
 
 /// The strategy from `NIX_DEPLOY_STRATEGY` when the command line names
@@ -30,11 +32,18 @@ pub fn deploy_request(args: &DeployArgs) -> Result<Request, OptionsError> {
 }
 
 /// The request of `plan`.
-pub fn plan_request(select: &SelectArgs, strategy: &StrategyArgs, no_build: bool) -> Request {
+pub fn plan_request(
+    select: &SelectArgs,
+    strategy: &StrategyArgs,
+    no_build: bool,
+    revision: Option<&str>,
+) -> Request {
     strategy_from_env(nix_deploy_core::grammar::plan_request(
-        select, strategy, no_build,
+        select, strategy, no_build, revision,
     ))
 }
+
+use crate::store::DatabaseUrl;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,9 +74,22 @@ pub struct Cli {
         env = "NIX_DEPLOY_SSH_CONFIG"
     )]
     pub ssh_config: Option<PathBuf>,
+    /// A private key for SSH (ssh's `-i`), for our sessions and `nix copy`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "NIX_DEPLOY_SSH_IDENTITY"
+    )]
+    pub ssh_identity: Option<PathBuf>,
     /// Where the history database lives [default: $XDG_STATE_HOME/nix-deploy, /var/lib/nix-deploy for root].
     #[arg(long, global = true, value_name = "DIR", env = "NIX_DEPLOY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The history in PostgreSQL, shared with other coordinators
+    /// (postgresql://USER@HOST/DB) [default: SQLite in the state directory].
+    #[arg(long, global = true, value_name = "URL", env = "NIX_DEPLOY_DATABASE",
+          value_parser = DatabaseUrl::parse)]
+    pub database: Option<DatabaseUrl>,
     /// Print one JSON document instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -92,9 +114,40 @@ pub struct Cli {
     /// (fresh results are still stored).
     #[arg(long, global = true)]
     pub no_eval_cache: bool,
+    /// Where the flake keeps its fleet: nixos (`nixosConfigurations`),
+    /// colmena (`colmenaHive`) or deploy-rs (`deploy.nodes`) [default:
+    /// detected from the flake's outputs].
+    #[arg(
+        long,
+        global = true,
+        value_name = "SOURCE",
+        env = "NIX_DEPLOY_SOURCE",
+        value_enum
+    )]
+    pub source: Option<nix_deploy_core::source::FleetSource>,
+    /// Remote builders for our builds, as Nix's `builders` setting (a
+    /// machines specification, or `@FILE`) [default: Nix's own, or the
+    /// hive's meta.machinesFile].
+    #[arg(long, global = true, value_name = "SPEC", env = "NIX_DEPLOY_BUILDERS")]
+    pub builders: Option<String>,
     /// More logging on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Nix's `--show-trace` on every local Nix command: evaluation errors
+    /// with their whole trace.
+    #[arg(long, global = true)]
+    pub show_trace: bool,
+    /// Nix's `--impure` on evaluations and builds (they may read the
+    /// environment and files outside the flake); the evaluation cache is not
+    /// read.
+    #[arg(long, global = true)]
+    pub impure: bool,
+    /// A Nix setting for every local Nix command (`--option NAME VALUE`),
+    /// e.g. `--nix-option eval-cache false`; repeatable. Unknown settings are
+    /// refused.
+    #[arg(long, global = true, num_args = 2, value_names = ["NAME", "VALUE"],
+          action = clap::ArgAction::Append)]
+    pub nix_option: Vec<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -102,6 +155,19 @@ pub struct Cli {
 impl Cli {
     pub fn flake(&self) -> String {
         self.flake.clone().unwrap_or_else(|| ".".into())
+    }
+
+    /// `--show-trace`, `--impure`, `--nix-option`, for every Nix command.
+    pub fn nix_flags(&self) -> NixFlags {
+        NixFlags {
+            show_trace: self.show_trace,
+            impure: self.impure,
+            options: self
+                .nix_option
+                .chunks(2)
+                .map(|pair| (pair[0].clone(), pair.get(1).cloned().unwrap_or_default()))
+                .collect(),
+        }
     }
 }
 
@@ -116,9 +182,17 @@ pub enum Command {
         /// Do not build changed toplevels locally, so no change summaries.
         #[arg(long)]
         no_build: bool,
+        /// Plan the flake pinned to this commit (as CI does before deploying
+        /// the same commit with `deploy --revision`).
+        #[arg(long, value_name = "SHA")]
+        revision: Option<String>,
     },
     /// Deploy changed hosts, with live progress and a summary.
     Deploy(DeployArgs),
+    /// Deploy this machine (the one nix-deploy runs on) through the same
+    /// steps as `deploy`, without SSH; its host must set
+    /// `deployment.allowLocalDeployment`.
+    ApplyLocal(super::apply::ApplyLocalArgs),
     /// Run a command on many hosts at once, with live progress and one
     /// summary: `nix-deploy exec --on 'web-*' -- systemctl is-active nginx`.
     /// The command is an argument vector (use `sh -c '...'` for a shell).
@@ -197,6 +271,24 @@ pub enum Command {
     /// The audit trail: who did what, when, from where (`--json`: JSON
     /// lines); `--verify` checks that no entry was changed or removed.
     Audit(super::ops::AuditArgs),
+    /// colmena's `apply [GOAL]`: deploy with a goal (switch, boot, test,
+    /// dry-activate, push), or build, or upload keys; `--on` selects,
+    /// `-p N` is the parallel limit.
+    Apply(super::apply::ApplyArgs),
+    /// Build the selected hosts' systems on this machine, touching no host.
+    Build(super::apply::BuildArgs),
+    /// Evaluate a Nix expression against the fleet and print it as JSON:
+    /// `nix-deploy eval -E '{ nodes, pkgs, lib, ... }: builtins.attrNames nodes'`.
+    Eval(super::eval::EvalArgs),
+    /// Check this machine (Nix, SSH keys), the flake and every selected
+    /// host (reachable, privileges, copies), each problem with its fix.
+    /// Exit 1 when a check fails.
+    Doctor(super::doctor::DoctorArgs),
+    /// Print shell completions: `nix-deploy completions bash > /etc/bash_completion.d/nix-deploy`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `exec`: which hosts, how many at once, how long, and the command.

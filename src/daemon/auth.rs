@@ -4,6 +4,7 @@
 use axum::http::HeaderMap;
 use subtle::ConstantTimeEq;
 
+use nix_deploy_core::run::{Deployment, RunKind};
 use nix_deploy_core::select::HostFilter;
 
 use super::config::{Scope, Secret};
@@ -37,6 +38,23 @@ impl Caller {
     /// Whether they may touch the host `name` with `tags`.
     pub fn reaches(&self, name: &str, tags: &[String]) -> bool {
         self.limit.as_ref().is_none_or(|l| l.allows(name, tags))
+    }
+
+    /// `deployment` as this caller may see it: what `exec` commands
+    /// printed only for callers who may run them (scope `admin`), since a
+    /// command prints whatever it can read on a host. Everyone else gets
+    /// each host's exit code with its output marked withheld.
+    pub fn visible(&self, mut deployment: Deployment) -> Deployment {
+        if deployment.kind == RunKind::Exec && !self.scope.allows(Scope::Admin) {
+            for output in deployment
+                .hosts
+                .iter_mut()
+                .filter_map(|h| h.output.as_mut())
+            {
+                output.withhold();
+            }
+        }
+        deployment
     }
 }
 

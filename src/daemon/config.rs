@@ -3,7 +3,10 @@
 //! notifications; plus where to listen, tokens and hook secrets.
 //!
 //! Secrets are never in this file: it names files that hold them. A secret
-//! is kept in [`Secret`], which never prints its value.
+//! is kept in [`Secret`], which never prints its value. A relative secret
+//! path names a systemd credential (`LoadCredential=NAME:...`): it is read
+//! from `$CREDENTIALS_DIRECTORY` ([`secret_path`]), as the NixOS module
+//! configures it, so no secret ever needs to be in the Nix store.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +20,7 @@ use nix_deploy_core::window::{self, Schedule, WindowSpec, Windows};
 
 use super::notify::NotifyConfig;
 use crate::engine::Policy;
+use crate::store::{DatabaseUrl, LeaseTiming};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -63,6 +67,39 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(***)")
     }
+}
+
+/// Where the secret file `path` of the config is: itself when absolute; a
+/// relative path names a systemd credential, in `credentials` (the
+/// service's `$CREDENTIALS_DIRECTORY`). `key` names the config key for the
+/// error.
+pub fn secret_path(
+    key: &str,
+    path: &Path,
+    credentials: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    let bad = |why: &str| ConfigError::Invalid(format!("{key} `{}`: {why}", path.display()));
+    if path
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(bad("a credential is a plain name (no `..`)"));
+    }
+    match credentials {
+        Some(dir) => Ok(dir.join(path)),
+        None => Err(bad(
+            "a relative path names a systemd credential, but $CREDENTIALS_DIRECTORY is not set (give an absolute path, or LoadCredential= it)",
+        )),
+    }
+}
+
+/// [`secret_path`] with this process's `$CREDENTIALS_DIRECTORY`.
+pub fn secret_path_here(key: &str, path: &Path) -> Result<PathBuf, ConfigError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    secret_path(key, path, credentials.as_deref())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -192,7 +229,22 @@ pub struct Config {
     #[serde(default = "default_flake")]
     pub flake: String,
     pub state_dir: Option<PathBuf>,
+    /// The history: `postgresql://USER@HOST/DB` (or `postgresql:///DB?host=/run/postgresql`
+    /// over a local socket) to share it with other coordinators; unset:
+    /// SQLite in the state directory. Never with a password: see
+    /// `database-password-file`.
+    pub database: Option<String>,
+    /// A file holding the database's password (e.g. a systemd credential).
+    pub database_password_file: Option<PathBuf>,
+    /// Apply the history's pending migrations at start (false: a database
+    /// at an older schema version is refused).
+    #[serde(default = "default_true")]
+    pub migrate: bool,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     pub ssh_config: Option<PathBuf>,
+    /// A private key for SSH (ssh's `-i`); relative: a systemd credential.
+    pub ssh_identity_file: Option<PathBuf>,
     #[serde(default = "default_strategy")]
     pub strategy: String,
     #[serde(default = "default_parallel_limit")]
@@ -261,6 +313,46 @@ pub struct Config {
     pub schedules: Vec<ScheduleConfig>,
     #[serde(default)]
     pub chat: ChatConfig,
+}
+
+/// Several coordinators on one PostgreSQL history.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterConfig {
+    /// How often this daemon renews its leases and its heartbeat.
+    #[serde(
+        default = "default_heartbeat",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub heartbeat: Duration,
+    /// How long a lease (or the leadership) lasts unrenewed, by the
+    /// database's clock: a dead coordinator's deployments are taken over
+    /// after this.
+    #[serde(
+        default = "default_lease_ttl",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub lease_ttl: Duration,
+    /// Resume deployments whose holder's lease expired (PostgreSQL only).
+    #[serde(default = "default_true")]
+    pub takeover: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat: default_heartbeat(),
+            lease_ttl: default_lease_ttl(),
+            takeover: true,
+        }
+    }
+}
+
+fn default_heartbeat() -> Duration {
+    LeaseTiming::default().heartbeat
+}
+fn default_lease_ttl() -> Duration {
+    LeaseTiming::default().ttl
 }
 
 fn default_listen() -> String {
@@ -342,7 +434,40 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// The history's PostgreSQL URL, if one is configured (without its
+    /// password, which comes from `database-password-file`).
+    pub fn database_url(&self) -> Result<Option<DatabaseUrl>, ConfigError> {
+        let Some(text) = &self.database else {
+            if self.database_password_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "database-password-file is set but database is not".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let url =
+            DatabaseUrl::parse(text).map_err(|e| ConfigError::Invalid(format!("database: {e}")))?;
+        if url.has_password() {
+            return Err(ConfigError::Invalid(format!(
+                "database: {url} holds a password; put it in a file named by database-password-file instead (this file may be world-readable)"
+            )));
+        }
+        Ok(Some(url))
+    }
+
+    /// How this daemon holds its leases.
+    pub fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            heartbeat: self.cluster.heartbeat,
+            ttl: self.cluster.lease_ttl,
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        self.database_url()?;
+        self.lease_timing()
+            .check()
+            .map_err(|e| ConfigError::Invalid(format!("cluster: {e}")))?;
         for (key, value) in [
             ("health-check-timeout", self.health_check_timeout),
             ("confirm-timeout", self.confirm_timeout),
@@ -467,6 +592,47 @@ mod tests {
         assert!(c.tokens.is_empty());
         assert_eq!(c.eval_workers, None);
         assert!(c.eval_cache);
+        assert_eq!(c.database, None);
+        assert!(c.migrate);
+        assert_eq!(c.lease_timing(), LeaseTiming::default());
+        assert!(c.cluster.takeover);
+    }
+
+    #[test]
+    fn the_database_is_a_postgresql_url_without_a_password() {
+        let c = Config::parse(
+            r#"
+            database = "postgresql://deploy@db.internal/fleet"
+            database-password-file = "/run/credentials/nix-deploy.service/db"
+            migrate = false
+            [cluster]
+            heartbeat = "2s"
+            lease-ttl = "10s"
+            takeover = false
+        "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url().unwrap().unwrap().to_string(),
+            "postgresql://deploy@db.internal/fleet"
+        );
+        assert!(!c.migrate);
+        assert_eq!(c.lease_timing().ttl, Duration::from_secs(10));
+        let bad = |t: &str| {
+            Config::parse(t, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad(r#"database = "postgresql://deploy:hunter2@db/fleet""#);
+        assert!(
+            e.contains("database-password-file") && !e.contains("hunter2"),
+            "{e}"
+        );
+        assert!(bad(r#"database = "mysql://db/fleet""#).contains("mysql"));
+        assert!(bad(r#"database-password-file = "/x""#).contains("database is not"));
+        let e = bad("[cluster]\nheartbeat = \"5s\"\nlease-ttl = \"6s\"");
+        assert!(e.contains("three heartbeats"), "{e}");
     }
 
     #[test]
@@ -512,6 +678,33 @@ mod tests {
         );
         assert!(Scope::Admin.allows(Scope::Read));
         assert!(!Scope::Read.allows(Scope::Deploy));
+    }
+
+    #[test]
+    fn relative_secret_paths_are_systemd_credentials() {
+        let creds = Path::new("/run/credentials/nix-deploy.service");
+        assert_eq!(
+            secret_path("tokens.file", Path::new("token-ci"), Some(creds)).unwrap(),
+            creds.join("token-ci")
+        );
+        assert_eq!(
+            secret_path("x", Path::new("/etc/secret"), None).unwrap(),
+            Path::new("/etc/secret")
+        );
+        let e = secret_path("ssh-identity-file", Path::new("ssh-key"), None).unwrap_err();
+        assert!(e.to_string().contains("CREDENTIALS_DIRECTORY"), "{e}");
+        assert!(
+            e.to_string().starts_with("ssh-identity-file `ssh-key`"),
+            "{e}"
+        );
+        assert!(secret_path("x", Path::new("../etc/shadow"), Some(creds)).is_err());
+        let c = Config::parse(
+            "ssh-identity-file = \"ssh-key\"\n[notifications]\nslack-webhook-files = [\"slack-0\"]",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ssh_identity_file.as_deref(), Some(Path::new("ssh-key")));
+        assert_eq!(c.notifications.slack_webhook_files, [Path::new("slack-0")]);
     }
 
     #[test]

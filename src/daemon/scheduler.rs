@@ -7,8 +7,14 @@
 //! with trigger `schedule` and requester `schedule:NAME`, queued behind busy
 //! hosts, obeying windows and approval rules.
 //!
-//! Missed occurrences (the daemon was down) run once when it starts again,
-//! not in a burst. An occurrence that comes while the schedule's previous
+//! The loop runs once per fleet: only the elected leader of the daemons
+//! sharing the history ticks (`AppState::is_leader`); the compare-and-swap
+//! on each occurrence stays as a second guard, for a leader whose term
+//! ends while it starts one. A follower looks again every heartbeat, so a
+//! new leader takes over the schedules within one.
+//!
+//! Missed occurrences (the daemon was down, or no daemon led) run once
+//! when a leader looks again, not in a burst. An occurrence that comes while the schedule's previous
 //! deployment has not ended is passed over (recorded in the audit trail):
 //! a slow deployment never piles up a queue of its own successors.
 
@@ -50,7 +56,14 @@ async fn run(state: AppState) {
         .iter()
         .filter_map(|s| timer(s).map(|t| (s, t)))
         .collect();
+    let follower_sleep = state.store().lease_timing().heartbeat.min(MAX_SLEEP);
     loop {
+        if !state.is_leader() {
+            tokio::select! {
+                _ = tokio::time::sleep(follower_sleep) => continue,
+                _ = state.shutdown.cancelled() => break,
+            }
+        }
         let now = now_ms();
         let mut wake = now + MAX_SLEEP.as_millis() as i64;
         for (schedule, timer) in &schedules {

@@ -3,7 +3,7 @@
 //! Three layers, each importing only the ones below it (checked by
 //! `layering::the_engine_layers_import_downwards`):
 //!
-//! - [`commands`]: what a caller asks for (`deploy`, `plan`, `resume`,
+//! - [`commands`]: what a caller asks for (`deploy`, `plan`, `build`, `doctor`, `resume`,
 //!   `rollback`, `exec`, `upload-keys`, `health`, `promote`). The only `impl Engine`
 //!   blocks; every command that records a run starts with the same preamble
 //!   and ends in the same finish.
@@ -23,7 +23,7 @@ mod fleet;
 mod host;
 
 pub use commands::{
-    DeployRequest, Engine, ExecJob, PROMOTE, PromoteJob, PushSource, RollbackRequest,
+    BuildRequest, DeployRequest, Engine, ExecJob, PROMOTE, PromoteJob, PushSource, RollbackRequest,
     UploadKeysRequest,
 };
 pub use config::{EngineConfig, Limit, Policy};

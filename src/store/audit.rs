@@ -93,7 +93,7 @@ impl Store {
     }
 }
 
-fn entry_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AuditEntry, StoreError> {
+fn entry_from_row(row: &sqlx::any::AnyRow) -> Result<AuditEntry, StoreError> {
     let detail: String = row.get("detail");
     Ok(AuditEntry {
         id: row.get("id"),

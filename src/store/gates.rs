@@ -179,7 +179,7 @@ fn not_awaiting(id: i64) -> Refusal {
 }
 
 /// Take the write lock at the start of the transaction (see `audit`).
-async fn lock(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, id: i64) -> Result<(), StoreError> {
+async fn lock(tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: i64) -> Result<(), StoreError> {
     sqlx::query("UPDATE gates SET state = state WHERE deployment_id = $1")
         .bind(id)
         .execute(&mut **tx)
@@ -189,7 +189,7 @@ async fn lock(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, id: i64) -> Result<(
 }
 
 async fn open_gate(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     id: i64,
 ) -> Result<Option<Gate>, StoreError> {
     Ok(read_gates(tx, id)
@@ -199,7 +199,7 @@ async fn open_gate(
 }
 
 async fn set_state(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     id: i64,
     gate: &mut Gate,
     state: GateState,
@@ -228,7 +228,7 @@ async fn set_state(
 }
 
 async fn read_gates(
-    connection: &mut sqlx::SqliteConnection,
+    connection: &mut sqlx::AnyConnection,
     id: i64,
 ) -> Result<Vec<Gate>, StoreError> {
     let rows = sqlx::query("SELECT * FROM gates WHERE deployment_id = $1 ORDER BY number")

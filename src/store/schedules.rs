@@ -86,37 +86,3 @@ impl Store {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn an_occurrence_is_claimed_once_and_a_baseline_never_moves_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        store.schedule_baseline("nightly", 1_000).await.unwrap();
-        // Seen again later (a restart): the baseline stays.
-        store.schedule_baseline("nightly", 9_000).await.unwrap();
-        assert_eq!(
-            store.schedule_runs().await.unwrap()[0].accounted_until,
-            1_000
-        );
-        assert!(store.claim_schedule("nightly", 5_000).await.unwrap());
-        // A second daemon, or the same occurrence again: refused.
-        assert!(!store.claim_schedule("nightly", 5_000).await.unwrap());
-        assert!(!store.claim_schedule("nightly", 4_000).await.unwrap());
-        store.schedule_started("nightly", 5_000, 7).await.unwrap();
-        let runs = store.schedule_runs().await.unwrap();
-        assert_eq!(
-            runs,
-            [ScheduleRun {
-                name: "nightly".into(),
-                accounted_until: 5_000,
-                deployment_id: Some(7)
-            }]
-        );
-        assert!(!store.claim_schedule("unknown", 5_000).await.unwrap());
-        store.close().await;
-    }
-}

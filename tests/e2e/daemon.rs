@@ -15,7 +15,7 @@ use nix_deploy_testkit::HostSpec;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::{Harness, binary};
+use crate::helpers::{Harness, binary, git};
 
 pub(crate) const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
 pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
@@ -64,9 +64,9 @@ pub(crate) fn receiver() -> Receiver {
 }
 
 pub(crate) struct Daemon {
-    child: Child,
-    pub(crate) url: String,
-    dir: tempfile::TempDir,
+    pub child: Child,
+    pub url: String,
+    pub dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -80,6 +80,23 @@ impl Daemon {
     pub(crate) fn token_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// SIGTERM, as systemd stops the service.
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// What the daemon logged so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
 }
 
 fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
@@ -91,13 +108,19 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 /// deployments of up to 10 hosts need no confirmation (see
 /// [`start_daemon_confirming`]).
 pub(crate) fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
-    start_daemon_confirming(h, top, extra_config, 10)
+    start_daemon_in(h, h.state_dir(), top, extra_config)
 }
 
-/// [`start_daemon_with`], where a chat deployment touching more than
+/// [`start_daemon_with`] on another state directory (another machine's).
+pub(crate) fn start_daemon_in(h: &Harness, state: &Path, top: &str, extra_config: &str) -> Daemon {
+    start_daemon_confirming(h, state, top, extra_config, 10)
+}
+
+/// [`start_daemon_in`], where a chat deployment touching more than
 /// `confirm_above` hosts is confirmed first.
 pub(crate) fn start_daemon_confirming(
     h: &Harness,
+    state: &Path,
     top: &str,
     extra_config: &str,
     confirm_above: usize,
@@ -158,7 +181,7 @@ branch = "main"
         .arg("--ssh-config")
         .arg(h.fleet.ssh_config())
         .arg("--state-dir")
-        .arg(h.state_dir())
+        .arg(state)
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -214,22 +237,33 @@ pub(crate) async fn call(
 
 /// Follow a deployment's event stream to the end; returns the event kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<String> {
+    follow_events(d, id)
+        .await
+        .iter()
+        .map(|e| e.kind.name().to_string())
+        .collect()
+}
+
+/// Follow a deployment's event stream to the end; returns the events.
+pub(crate) async fn follow_events(d: &Daemon, id: i64) -> Vec<nix_deploy_core::events::Event> {
     let client =
         nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
+    tokio::time::timeout(Duration::from_secs(180), client.follow(id, tx))
         .await
         .expect("the stream ends when the deployment does")
         .unwrap();
-    let mut kinds = Vec::new();
+    let mut events = Vec::new();
     while let Ok(event) = rx.try_recv() {
-        kinds.push(event.kind.name().to_string());
+        events.push(event);
     }
-    kinds
+    events
 }
 
+/// Wait until deployment `id` ended for good (not only `interrupted` on
+/// its way to another daemon's takeover); returns it as `d` reports it.
 pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (_, deployment) = call(
             reqwest::Method::GET,
@@ -238,16 +272,13 @@ pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
             None,
         )
         .await;
-        let active = [
-            "queued",
-            "running",
-            "waiting-for-window",
-            "awaiting-approval",
-        ];
-        if !active.contains(&deployment["status"].as_str().unwrap_or("")) {
+        if !deployment["finished_at"].is_null() {
             return deployment;
         }
-        assert!(Instant::now() < deadline, "deployment #{id} did not finish");
+        assert!(
+            Instant::now() < deadline,
+            "deployment #{id} did not finish: {deployment:#}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -714,21 +745,6 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     assert_eq!(answer["response_type"], "ephemeral");
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_signed_push_to_main_deploys_that_revision() {
     let mut h = Harness::start(vec![HostSpec::new("g1")]);
@@ -856,15 +872,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     h.until(30, "the first activation", || {
         h.fleet.activations("t1").len() >= 2
     });
-    // SIGTERM, as systemd stops the service.
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    d.terminate();
     let status = d.child.wait().unwrap();
     assert!(status.success(), "the daemon exits cleanly: {status:?}");
     let (_, shown, _) = h.json(&["show", &id.to_string()]);
@@ -1105,14 +1113,16 @@ async fn a_killed_cli_coordinator_ends_its_stream_and_leaves_nothing_running() {
 }
 
 async fn client_metrics(d: &Daemon) -> String {
-    client()
-        .get(format!("{}/metrics", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    get_text(&format!("{}/metrics", d.url), None).await
+}
+
+/// The body of `GET url`, with `token` if given.
+async fn get_text(url: &str, token: Option<&str>) -> String {
+    let mut request = client().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().text().await.unwrap()
 }
 
 pub(crate) const ADMIN_TOKEN: &str = "admin-token-0123456789";
@@ -1181,23 +1191,74 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     assert_eq!(hosts.len(), 2);
     assert_eq!(hosts[0]["name"], "x1");
     assert_eq!(hosts[0]["status"], "succeeded");
-    assert_eq!(hosts[0]["output"]["stdout"], "hi from x1");
     assert_eq!(hosts[1]["status"], "unreachable");
-    let report = client()
-        .get(format!("{}/api/v1/deployments/{id}/report", d.url))
-        .bearer_auth(READ_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // What a command printed is for those who may run commands: a read or
+    // deploy token sees each host's result and exit code, never the output,
+    // in no document and no stream.
+    let get = |path: String, token: &'static str| {
+        let url = format!("{}{path}", d.url);
+        async move { get_text(&url, Some(token)).await }
+    };
+    for token in [READ_TOKEN, DEPLOY_TOKEN] {
+        let shown: Value =
+            serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), token).await).unwrap();
+        assert_eq!(shown["hosts"][0]["output"]["exit_code"], 0, "{shown:#}");
+        assert_eq!(shown["hosts"][0]["output"]["withheld"], true, "{shown:#}");
+        for path in [
+            format!("/api/v1/deployments/{id}"),
+            "/api/v1/deployments".to_string(),
+            format!("/api/v1/deployments/{id}/report"),
+            format!("/api/v1/deployments/{id}/events"),
+        ] {
+            let text = get(path.clone(), token).await;
+            assert!(!text.is_empty(), "{path}");
+            assert!(
+                !text.contains("hi from x1"),
+                "{path} shows exec output: {text}"
+            );
+        }
+    }
+    let report = get(format!("/api/v1/deployments/{id}/report"), READ_TOKEN).await;
     assert!(
         report.contains(&format!("# exec #{id}: failed")),
         "{report}"
     );
     assert!(report.contains("| x1 | succeeded | 0 |"), "{report}");
+    // The admin who may run it sees it all.
+    let shown: Value =
+        serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), ADMIN_TOKEN).await).unwrap();
+    assert_eq!(
+        shown["hosts"][0]["output"]["stdout"], "hi from x1",
+        "{shown:#}"
+    );
+    assert!(shown["hosts"][0]["output"].get("withheld").is_none());
+    let report = get(format!("/api/v1/deployments/{id}/report"), ADMIN_TOKEN).await;
     assert!(report.contains("hi from x1"), "{report}");
+
+    // An oversized body is nobody's business without a token (401), and
+    // with one it is refused in the API's JSON shape (413), like every
+    // other endpoint's.
+    let huge = format!("{{\"command\": [\"{}\"]}}", "a".repeat(2 * 1024 * 1024));
+    for endpoint in ["/api/v1/exec", "/api/v1/upload-keys"] {
+        for (token, status, code) in [
+            (None, 401, "unauthorized"),
+            (Some(ADMIN_TOKEN), 413, "too_large"),
+        ] {
+            let mut request = client()
+                .post(format!("{}{endpoint}", d.url))
+                .header("content-type", "application/json")
+                .body(huge.clone());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{endpoint}");
+            let text = response.text().await.unwrap();
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{endpoint}: not a JSON error: {text}"));
+            assert_eq!(body["error"]["code"], code, "{endpoint}: {body}");
+        }
+    }
 
     // The CLI's exec goes through the same endpoint.
     let out = tokio::task::block_in_place(|| {
@@ -1304,4 +1365,43 @@ async fn queued_pushes_deploy_the_newest_and_never_an_older_one_after_it() {
         !activated.contains(&commits[1].1) && !activated.contains(&commits[2].1),
         "an older push was deployed: {activated:?}"
     );
+}
+
+#[test]
+fn sigterm_stops_a_running_exec_on_its_hosts_and_records_it() {
+    let h = Harness::start(vec![HostSpec::new("s1")]);
+    let admin = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(admin.path(), ADMIN_TOKEN).unwrap();
+    let mut d = start_daemon(
+        &h,
+        &format!(
+            "\n[[tokens]]\nname = \"ops\"\nfile = \"{}\"\nscope = \"admin\"\n",
+            admin.path().display()
+        ),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, accepted) = runtime.block_on(call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/exec", d.url),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "hosts": ["s1"], "command": ["sleep", "27182"] })),
+    ));
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_i64().unwrap();
+    let sleep = ["sleep", "27182"];
+    h.until(30, "the command running on s1", || {
+        h.running("s1", &sleep) == 1
+    });
+    // The daemon stops the command on its host, records it, and exits.
+    d.terminate();
+    h.until(60, "the daemon to exit", || {
+        d.child.try_wait().unwrap().is_some()
+    });
+    assert!(d.child.wait().unwrap().success());
+    h.until(30, "the command to be gone from s1", || {
+        h.running("s1", &sleep) == 0
+    });
+    let (_, shown, _) = h.json(&["show", &id.to_string()]);
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    assert_eq!(shown["hosts"][0]["status"], "cancelled", "{shown:#}");
 }

@@ -6,7 +6,10 @@
 // themselves; the product does it only in `nix_deploy::process`.
 #![allow(clippy::disallowed_methods)]
 
+mod builds;
 mod cli;
+mod cluster;
+mod commands;
 mod connections;
 mod daemon;
 mod deploy;
@@ -16,13 +19,19 @@ mod faults;
 mod found_by_chaos;
 mod goals;
 mod helpers;
+mod hosts;
 mod identity;
 mod keys;
+mod local;
+mod metadata;
+mod module;
 mod ops;
 mod ops2;
 mod promotion;
+mod recipes;
 mod recovery;
 mod reporting;
 mod safety;
 mod selection;
+mod sources;
 mod strategies;

@@ -187,6 +187,7 @@ async fn a_schedule_waits_for_its_window_and_a_slack_button_approves_it_and_chat
     let closes = t0 + 19;
     let d = start_daemon_confirming(
         &h,
+        h.state_dir(),
         "",
         &format!(
             r#"

@@ -5,7 +5,9 @@ use nix_deploy_testkit::HostSpec;
 
 use crate::helpers::{Harness, status};
 
-fn slow_fleet(names: &[&str], delay_ms: u64) -> Harness {
+/// A fleet at generation 1 whose hosts then change, each activation of the
+/// change taking `delay_ms`.
+pub(crate) fn slow_fleet(names: &[&str], delay_ms: u64) -> Harness {
     let mut h = Harness::start(names.iter().map(|n| HostSpec::new(n)).collect());
     assert_eq!(h.deploy(&["--parallel-limit", "8"]).0, 0);
     for name in names {

@@ -38,6 +38,15 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
+    /// Whether any of these flags was given.
+    pub fn is_set(&self) -> bool {
+        self.health_timeout.is_some()
+            || self.confirm_timeout.is_some()
+            || self.min_free_space.is_some()
+            || self.skip_validation
+            || self.activation_timeout.is_some()
+    }
+
     pub fn apply(&self, request: &mut Request) {
         request.health_timeout = self.health_timeout;
         request.confirm_timeout = self.confirm_timeout;
@@ -121,7 +130,7 @@ pub struct StrategyArgs {
     #[arg(long)]
     pub force: bool,
     /// Hosts deployed at once [default: 4].
-    #[arg(long, value_name = "N")]
+    #[arg(long, short = 'p', value_name = "N")]
     pub parallel_limit: Option<usize>,
 }
 
@@ -159,9 +168,12 @@ pub struct DeployArgs {
     /// Deploy the flake pinned to this commit (as CI does after a push).
     #[arg(long, value_name = "SHA")]
     pub revision: Option<String>,
-    /// Let hosts fetch from their substituters instead of receiving everything from us.
-    #[arg(long)]
+    /// Hosts fetch what their substituters have (the default; kept for
+    /// older scripts).
+    #[arg(long, hide = true, conflicts_with = "no_substitute")]
     pub substitute_on_destination: bool,
+    #[command(flatten)]
+    pub closure: ClosureArgs,
     /// switch (default: activate now and at boot), boot (the boot default
     /// only: activated at the next boot), test (activate now, not at boot),
     /// dry-activate (say what would start, stop, restart; change nothing).
@@ -177,6 +189,8 @@ pub struct DeployArgs {
     pub reboot_timeout: Option<Duration>,
     #[command(flatten)]
     pub gates: GateArgs,
+    #[command(flatten)]
+    pub results: ResultArgs,
 }
 
 /// Pauses and maintenance windows: what may hold a deployment, and the way
@@ -199,6 +213,53 @@ pub struct GateArgs {
     /// Why the windows are overridden (recorded in the audit trail).
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+}
+
+/// How a host gets its system's closure: built where, and whether it
+/// substitutes what its binary caches have.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClosureArgs {
+    /// Send every path from the coordinator: hosts do not substitute (by
+    /// default they fetch what their binary caches have).
+    #[arg(long)]
+    pub no_substitute: bool,
+    /// Every host builds its own system from the derivation (with its own
+    /// substituters); the coordinator builds nothing.
+    #[arg(long)]
+    pub build_on_target: bool,
+}
+
+impl ClosureArgs {
+    /// `substitute_on_destination`: the hidden `--substitute-on-destination`
+    /// of older scripts says what is now the default.
+    pub fn apply(&self, request: &mut Request, substitute_on_destination: bool) {
+        request.substitute_on_destination = if self.no_substitute {
+            Some(false)
+        } else {
+            substitute_on_destination.then_some(true)
+        };
+        request.build_on_target = self.build_on_target;
+    }
+}
+
+/// What happens to keys and built systems, as colmena's flags say it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ResultArgs {
+    /// Do not upload `deployment.keys` (`upload-keys` does it alone).
+    #[arg(long)]
+    pub no_keys: bool,
+    /// Keep each built system as a GC root, `STATE/results/HOST`, until the
+    /// next kept result of that host (deployments also root what they deploy
+    /// under `STATE/gcroots`, three per host).
+    #[arg(long)]
+    pub keep_result: bool,
+}
+
+impl ResultArgs {
+    pub fn apply(&self, request: &mut Request) {
+        request.no_keys = self.no_keys;
+        request.keep_result = self.keep_result;
+    }
 }
 
 impl GateArgs {
@@ -264,7 +325,6 @@ impl DeployArgs {
         let mut request = Request {
             wait: self.wait,
             revision: self.revision.clone(),
-            substitute_on_destination: self.substitute_on_destination,
             goal: self.goal.clone(),
             reboot: self
                 .reboot
@@ -278,14 +338,23 @@ impl DeployArgs {
         self.select.apply(&mut request);
         self.strategy.apply(&mut request);
         self.runtime.apply(&mut request);
+        self.results.apply(&mut request);
+        self.closure
+            .apply(&mut request, self.substitute_on_destination);
         Ok(request)
     }
 }
 
 /// The request of `plan`.
-pub fn plan_request(select: &SelectArgs, strategy: &StrategyArgs, no_build: bool) -> Request {
+pub fn plan_request(
+    select: &SelectArgs,
+    strategy: &StrategyArgs,
+    no_build: bool,
+    revision: Option<&str>,
+) -> Request {
     let mut request = Request {
         summaries: no_build.then_some(false),
+        revision: revision.map(str::to_string),
         ..Request::default()
     };
     select.apply(&mut request);

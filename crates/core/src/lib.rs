@@ -17,7 +17,9 @@
 //! - [`summary`]: change summaries from two closures.
 //! - [`remote`]: what runs on hosts, as argument vectors and parsers.
 //! - [`nix`], [`command`]: local Nix command lines as data.
+//! - [`doctor`]: `nix-deploy doctor`'s verdicts and fixes.
 //! - [`eval`]: evaluation at fleet scale: shards, workers, the cache key.
+//! - [`introspect`]: `nix-deploy eval`, an expression against the fleet.
 //! - [`shell`]: the one quoting helper and name validation.
 //! - [`duration`]: durations as people write them.
 //! - [`render`]: plain-text rendering shared by the CLI, reports and chat.
@@ -34,10 +36,15 @@
 //! - [`scheduled`]: scheduled deployments: when each `[[schedule]]` is due.
 //! - [`promote`]: promotion between environments: pairing by key, the
 //!   verdict on a source host, what is recorded.
+//! - [`suggest`]: "did you mean" for mistyped names.
+//! - [`cluster`]: the coordinators sharing one history, their leases and leader.
 
 pub mod approval;
+pub mod attrs;
 pub mod audit;
+pub mod cluster;
 pub mod command;
+pub mod doctor;
 pub mod duration;
 pub mod eval;
 pub mod events;
@@ -45,6 +52,7 @@ pub mod exec;
 pub mod fleet;
 pub mod goal;
 pub mod grammar;
+pub mod introspect;
 pub mod keys;
 pub mod nix;
 pub mod options;
@@ -57,5 +65,8 @@ pub mod run;
 pub mod scheduled;
 pub mod select;
 pub mod shell;
+pub mod source;
+pub mod sshopts;
+pub mod suggest;
 pub mod summary;
 pub mod window;

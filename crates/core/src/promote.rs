@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::{Host, Selection};
+use crate::fleet::{HostMeta, Selection};
 use crate::options::{OptionsError, Request};
 
 /// `POST /api/v1/promote`, and the CLI's `promote` (in process or through
@@ -112,7 +112,7 @@ pub struct PairingError {
 
 /// Pair every target with the one source of its key. Sources nobody needs
 /// are left alone (staging may have hosts production does not).
-pub fn pair(sources: &[Host], targets: &[Host]) -> Result<Vec<Pair>, PairingError> {
+pub fn pair(sources: &[HostMeta], targets: &[HostMeta]) -> Result<Vec<Pair>, PairingError> {
     let mut problems = Vec::new();
     for target in targets {
         if sources.iter().any(|s| s.name == target.name) {
@@ -244,36 +244,23 @@ impl Promotion {
     }
 }
 
-/// What `nix eval` printed for [`crate::nix::deployment_command`]: each
-/// host's entry by name, and the hosts whose metadata threw.
-pub fn parse_metadata_output(
-    json: &str,
-) -> Result<(BTreeMap<String, serde_json::Value>, Vec<String>), String> {
-    let raw: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(json).map_err(|e| format!("not a JSON object of hosts: {e}"))?;
-    let mut hosts = BTreeMap::new();
-    let mut failed = Vec::new();
-    for (name, value) in raw {
-        if value.is_null() {
-            failed.push(name);
-        } else {
-            hosts.insert(name, value);
-        }
-    }
-    Ok((hosts, failed))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::Inventory;
+    use crate::source::FleetSource;
 
-    fn host(name: &str, key: Option<&str>) -> Host {
+    fn host(name: &str, key: Option<&str>) -> HostMeta {
         let mut deployment = serde_json::json!({ "tags": [] });
         if let Some(key) = key {
             deployment["promotionKey"] = serde_json::json!(key);
         }
-        Inventory::parse_metadata(name, serde_json::json!({ "deployment": deployment })).unwrap()
+        crate::fleet::parse_host(
+            FleetSource::Nixos,
+            name,
+            serde_json::json!({ "deployment": deployment }),
+        )
+        .unwrap()
+        .meta
     }
 
     #[test]
@@ -407,14 +394,5 @@ mod tests {
             .check()
             .unwrap_err();
         assert!(!e.0.is_empty());
-    }
-
-    #[test]
-    fn metadata_output_separates_hosts_that_threw() {
-        let (hosts, failed) =
-            parse_metadata_output(r#"{"a": {"deployment": {"tags": ["x"]}}, "b": null}"#).unwrap();
-        assert_eq!(hosts.keys().collect::<Vec<_>>(), ["a"]);
-        assert_eq!(failed, ["b"]);
-        assert!(parse_metadata_output("[]").is_err());
     }
 }

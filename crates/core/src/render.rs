@@ -17,6 +17,31 @@ pub fn short_path(path: Option<&str>) -> String {
     }
 }
 
+/// `HOST: STEP: CAUSE`, said once: a cause that already starts with the
+/// host (and the step) is not prefixed again, so errors that pass through
+/// several layers read `web1: probe: cannot connect …`, never
+/// `web1: probe: web1: cannot connect …`.
+pub fn host_error(host: &str, step: &str, cause: &str) -> String {
+    format!(
+        "{host}: {step}: {}",
+        after_prefix(cause, Some(host), Some(step))
+    )
+}
+
+/// `text` without a leading `HOST: ` and then `STEP: `: what is left to say
+/// where the host (and the step) are named already (a table's row, a
+/// progress line, a report's section).
+pub fn after_prefix<'a>(text: &'a str, host: Option<&str>, step: Option<&str>) -> &'a str {
+    let strip = |text: &'a str, prefix: Option<&str>| match prefix {
+        Some(prefix) => text
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix(": "))
+            .unwrap_or(text),
+        None => text,
+    };
+    strip(strip(text, host), step)
+}
+
 /// A generation number, or `-`.
 pub fn generation(g: Option<u32>) -> String {
     g.map(|g| g.to_string()).unwrap_or_else(|| "-".into())
@@ -254,7 +279,11 @@ pub fn event_text(event: &Event) -> String {
             probe,
             error,
         } => match error {
-            Some(e) => format!("{} — {e}", state.as_str()),
+            Some(e) => format!(
+                "{} — {}",
+                state.as_str(),
+                after_prefix(e, event.host.as_deref(), Some("probe"))
+            ),
             None => format!(
                 "{} (generation {})",
                 state.as_str(),
@@ -289,7 +318,11 @@ pub fn event_text(event: &Event) -> String {
                 format!(
                     "{step} FAILED ({}): {}",
                     duration_ms(*ms as i64),
-                    message.as_deref().unwrap_or_default()
+                    after_prefix(
+                        message.as_deref().unwrap_or_default(),
+                        event.host.as_deref(),
+                        Some(step.as_str())
+                    )
                 )
             }
         }
@@ -380,6 +413,41 @@ pub fn event_text(event: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_step_are_said_once() {
+        assert_eq!(
+            host_error(
+                "web1",
+                "probe",
+                "web1: cannot connect over SSH to 10.0.0.1: refused"
+            ),
+            "web1: probe: cannot connect over SSH to 10.0.0.1: refused"
+        );
+        assert_eq!(
+            host_error("web1", "probe", "web1: probe: `sh` timed out after 5s"),
+            "web1: probe: `sh` timed out after 5s"
+        );
+        assert_eq!(
+            host_error("web1", "rollback", "connection refused"),
+            "web1: rollback: connection refused"
+        );
+        // Another host's name in the cause is kept.
+        assert_eq!(
+            host_error("web1", "probe", "web10: refused"),
+            "web1: probe: web10: refused"
+        );
+        assert_eq!(
+            after_prefix("web1: activate: exit 4", Some("web1"), Some("activate")),
+            "exit 4"
+        );
+        assert_eq!(
+            after_prefix("web1: exit 4", Some("web1"), Some("activate")),
+            "exit 4"
+        );
+        assert_eq!(after_prefix("exit 4", Some("web1"), None), "exit 4");
+        assert_eq!(after_prefix("web10: x", Some("web1"), None), "web10: x");
+    }
     use crate::events::{Step, SystemRef};
 
     #[test]

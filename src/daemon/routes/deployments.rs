@@ -49,14 +49,7 @@ pub async fn create(
             )
             .await?;
     }
-    let engine = match &request.revision {
-        Some(rev) => {
-            let pinned = crate::daemon::github::flake_at_revision(&state.config.flake, rev)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            state.engine_with_flake_for(&pinned, &caller)
-        }
-        None => state.engine_for(&caller),
-    };
+    let engine = state.engine_at(request.revision.as_deref(), &caller)?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,
@@ -119,10 +112,11 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<DeploymentList>, ApiError> {
-    state.authorize(&headers, Scope::Read).await?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let deployments = state.store().deployments(limit).await?;
     Ok(Json(DeploymentList {
-        deployments: state.store().deployments(limit).await?,
+        deployments: deployments.into_iter().map(|d| caller.visible(d)).collect(),
     }))
 }
 
@@ -131,9 +125,9 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
-    state.authorize(&headers, Scope::Read).await?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    Ok(Json(state.deployment(id).await?))
+    Ok(Json(caller.visible(state.deployment(id).await?)))
 }
 
 pub async fn cancel(
@@ -223,9 +217,9 @@ pub async fn report(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers, Scope::Read).await?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    let mut deployment = state.deployment(id).await?;
+    let mut deployment = caller.visible(state.deployment(id).await?);
     deployment.events = Some(state.store().events(id, 0).await?);
     let markdown = crate::daemon::report::markdown(&deployment);
     Ok((
@@ -246,7 +240,9 @@ fn sse_event(event: &Event) -> SseEvent {
 }
 
 /// Replays what happened so far (after `Last-Event-ID`, if given), then
-/// streams live events until the deployment finishes.
+/// streams new events until the deployment finishes, from the history:
+/// every daemon streams every deployment, whichever coordinator runs it
+/// (see `daemon::feed`).
 pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -254,94 +250,52 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    let deployment = state.deployment(id).await?;
+    state.deployment(id).await?;
     let after: i64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    // Subscribe before replaying, so nothing falls between the two.
-    let mut live = state.subscribe(id);
+    // Subscribe before the first read, so nothing falls between the two.
+    let mut wakes = state.feed().subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let store = state.store().clone();
-    let running = deployment.status.is_active();
     tokio::spawn(async move {
         let mut last = after;
-        let mut finished = false;
-        let send = |event: &Event| tx.send(Ok(sse_event(event)));
-        match store.events(id, last).await {
-            Ok(replay) => {
-                for event in &replay {
-                    last = event.id;
-                    finished |= matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() {
-                        return;
-                    }
+        loop {
+            let new = match store.events(id, last).await {
+                Ok(new) => new,
+                // The database is away for a moment (a restart): the stream
+                // waits for it, and loses nothing.
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(cause = %e, "reading events; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
                 }
-            }
-            Err(e) => {
-                tracing::error!(cause = %e, "replaying events");
-                return;
-            }
-        }
-        if finished && live.is_none() {
-            return;
-        }
-        if let Some(live) = live.as_mut() {
-            loop {
-                match live.recv().await {
-                    Ok(event) => {
-                        if event.id <= last {
-                            continue;
-                        }
-                        last = event.id;
-                        let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                        if send(&event).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    // Fell behind: catch up from the store, which has everything.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(missed) = store.events(id, last).await {
-                            for event in &missed {
-                                last = event.id;
-                                if send(event).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        } else if running {
-            // Run by another process (a CLI): follow the store until it ends
-            // (a coordinator that died is marked interrupted by the daemon's
-            // reconciler, which ends its stream too).
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let Ok(new) = store.events(id, last).await else {
+                Err(e) => {
+                    tracing::error!(cause = %e, "reading events");
                     return;
-                };
-                for event in &new {
-                    last = event.id;
-                    let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() || done {
-                        return;
-                    }
                 }
-                if new.is_empty()
-                    && let Ok(Some(now)) = store.deployment(id).await
-                    && !now.status.is_active()
-                {
-                    break;
+            };
+            for event in &new {
+                last = event.id;
+                let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
+                if tx.send(Ok(sse_event(event))).await.is_err() || done {
+                    return;
                 }
             }
-        }
-        // The broadcast closed: send whatever the store has beyond `last`.
-        if let Ok(rest) = store.events(id, last).await {
-            for event in &rest {
-                let _ = send(event).await;
+            if !wakes.wait(id).await && new.is_empty() {
+                // Quiet: ended without its final event (an error path)?
+                if let Ok(Some(status)) = store.deployment_status(id).await
+                    && !status.is_active()
+                {
+                    if let Ok(rest) = store.events(id, last).await {
+                        for event in &rest {
+                            let _ = tx.send(Ok(sse_event(event))).await;
+                        }
+                    }
+                    return;
+                }
             }
         }
     });

@@ -18,10 +18,11 @@ use crate::engine::{ExecJob, UploadKeysRequest};
 pub async fn exec(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // Who asks comes first: a body too large is the caller's business only.
     let caller = state.authorize(&headers, Scope::Admin).await?;
-    let request: ExecRequest = parse_body(&body)?;
+    let request: ExecRequest = parse_body(&super::bytes(body)?)?;
     let spec = request
         .resolve()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -47,10 +48,10 @@ pub async fn exec(
 pub async fn upload_keys(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caller = state.authorize(&headers, Scope::Deploy).await?;
-    let request: KeysRequest = parse_body(&body)?;
+    let request: KeysRequest = parse_body(&super::bytes(body)?)?;
     let parallel_limit = request
         .resolve()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;

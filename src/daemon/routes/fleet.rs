@@ -70,8 +70,10 @@ pub async fn plan(
         .check_for_plan()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let options = state.resolve(&request)?;
-    let report = state
-        .engine_for(&caller)
+    // `revision`: the flake pinned to that commit (a plan with it shows what
+    // a deployment with it deploys).
+    let engine = state.engine_at(request.revision.as_deref(), &caller)?;
+    let report = engine
         .plan(
             &request.selection(),
             &options,
@@ -142,7 +144,7 @@ pub async fn health(
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = crate::daemon::metrics::render(state.store()).await?;
+    let text = crate::daemon::metrics::render(state.store(), state.node()).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -1,10 +1,11 @@
-//! The endpoints, one file per group: deployments (and their event streams),
+//! The endpoints, one file per group: the cluster, deployments (and their event streams),
 //! the fleet (status, plan, a host's rollback and health, metrics), commands
 //! and keys on many hosts (exec, upload-keys), promotion between
 //! environments, and the chat and push hooks.
 
 pub mod approvals;
 pub mod chat;
+pub mod cluster;
 pub mod deployments;
 pub mod exec;
 pub mod fleet;

@@ -56,11 +56,15 @@ impl Engine {
         cancel: CancellationToken,
     ) -> Result<Deployment, EngineError> {
         self.preamble().await?;
-        let hosts = evaluate::selected_hosts(self.fleet(), &job.selection).await?;
+        let (hosts, _) = evaluate::selected_hosts(self.fleet(), &job.selection).await?;
         let spec = job.spec.clone();
+        // A command still running when the run is cancelled (or the daemon
+        // stops) is stopped on its host.
+        let stop = cancel.clone();
         let work: HostWork = Arc::new(move |_host, connection, slot| {
             let spec = spec.clone();
-            Box::pin(run_command(spec, connection, slot))
+            let stop = stop.clone();
+            Box::pin(async move { run_command(spec, connection, slot, &stop).await })
         });
         let (recorder, runs) = runner::run_on_hosts(
             self.fleet(),
@@ -89,11 +93,15 @@ impl Engine {
         cancel: CancellationToken,
     ) -> Result<Deployment, EngineError> {
         self.preamble().await?;
-        let hosts = evaluate::selected_hosts(self.fleet(), &request.selection).await?;
+        let (hosts, source) = evaluate::selected_hosts(self.fleet(), &request.selection).await?;
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
         let leases = Leases::acquire(&self.store, &names, false, &cancel, None).await?;
-        let texts =
-            std::sync::Arc::new(KeyTexts::new(&self.config.flake, &self.config.nix, &hosts));
+        let texts = std::sync::Arc::new(KeyTexts::new(
+            &self.config.flake,
+            source,
+            &self.config.nix,
+            &hosts.iter().collect::<Vec<_>>(),
+        ));
         let work: HostWork = std::sync::Arc::new(move |host, connection, mut slot| {
             let texts = texts.clone();
             Box::pin(async move {
@@ -116,6 +124,7 @@ impl Engine {
                             exit_code: Some(0),
                             stdout: lines.join("\n"),
                             stderr: String::new(),
+                            withheld: false,
                         });
                     }
                     Err(e) => {
@@ -150,9 +159,15 @@ impl Engine {
 
 /// Why a command did not succeed, in words.
 fn verdict(spec: &ExecSpec, streamed: &Streamed) -> Result<(), String> {
+    if streamed.cancelled {
+        return Err(format!(
+            "`{}` was stopped on the host: the run was cancelled",
+            spec.display()
+        ));
+    }
     if streamed.timed_out {
         return Err(format!(
-            "`{}` did not finish within {} (it may still run on the host)",
+            "`{}` did not finish within {}: it was stopped on the host",
             spec.display(),
             nix_deploy_core::duration::format(spec.timeout)
         ));
@@ -164,18 +179,20 @@ fn verdict(spec: &ExecSpec, streamed: &Streamed) -> Result<(), String> {
     }
 }
 
-/// Run the command on one host and record how it ended.
+/// Run the command on one host and record how it ended; `stop` stops it
+/// there (the host is then `cancelled`, with what it printed).
 async fn run_command(
     spec: ExecSpec,
     connection: Connection,
     mut slot: HostSlot,
+    stop: &CancellationToken,
 ) -> Result<(HostSlot, Connection), StoreError> {
     let mut streamed: Option<Streamed> = None;
     let mut lost: Option<SshError> = None;
     let verdict = slot
         .record_step(Step::Exec, async {
             match connection
-                .run_streaming("exec", &spec.command, spec.timeout, |_, _| {})
+                .run_streaming("exec", &spec.command, spec.timeout, stop)
                 .await
             {
                 Ok(result) => {
@@ -192,15 +209,21 @@ async fn run_command(
         })
         .await?;
     let run = &mut slot.run;
+    let cancelled = streamed.as_ref().is_some_and(|s| s.cancelled);
     if let Some(result) = streamed {
         run.output = Some(CommandOutput {
             exit_code: result.exit_code,
             stdout: result.stdout.text(),
             stderr: result.stderr.text(),
+            withheld: false,
         });
     }
     match verdict {
         Ok(()) => run.status = HostStatus::Succeeded,
+        Err(message) if cancelled => {
+            run.status = HostStatus::Cancelled;
+            run.reason = Some(message);
+        }
         Err(message) => {
             run.status = match lost {
                 Some(e) if e.is_connection() => HostStatus::Unreachable,

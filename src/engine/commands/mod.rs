@@ -4,7 +4,9 @@
 //! [`Engine::fail`]) at the end, so a run is never left without its status
 //! and its `deployment-finished` event.
 
+mod build;
 mod deploy;
+mod doctor;
 mod exec;
 mod health;
 mod plan;
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use nix_deploy_core::events::{DeploymentStatus, EventKind, HostStatus};
 use nix_deploy_core::run::{Deployment, HostRun};
 
+pub use build::BuildRequest;
 pub use deploy::{DeployRequest, PushSource};
 pub use exec::{ExecJob, UploadKeysRequest};
 pub use promote::{PROMOTE, PromoteJob};
@@ -44,6 +47,13 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The same engine for another reference to the flake (`--revision`
+    /// pins it to a commit).
+    pub fn with_flake(mut self, flake: String) -> Self {
+        self.config.flake = flake;
+        self
     }
 
     /// What the fleet layer works with.

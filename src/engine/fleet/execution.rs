@@ -91,7 +91,7 @@ impl<'a> Execution<'a> {
             let mut run = HostRun::new(self.recorder.deployment_id(), &name);
             run.changed = Some(assessment.state == HostState::Changed);
             run.from = assessment.current.clone();
-            run.to.path = Some(assessment.host.toplevel.clone());
+            run.to.path = Some(assessment.host.toplevel().to_string());
             run.reason = planned.reason.clone();
             self.recorder
                 .emit(
@@ -154,7 +154,7 @@ impl<'a> Execution<'a> {
                     let Some(job) = jobs.remove(&planned.name) else {
                         continue;
                     };
-                    let context = self.context.clone();
+                    let context = self.context.for_host(&job.assessment.host);
                     let soak = soak.filter(|_| planned.canary);
                     running.spawn(async move {
                         host_pipeline::run(context, job, activation, soak).await
@@ -264,7 +264,7 @@ impl<'a> Execution<'a> {
             let note =
                 format!("deployed, then rolled back because the deployment aborted: {reason}");
             let run = way_back::take_back(
-                &self.context,
+                &self.context.for_host(&assessment.host),
                 run,
                 assessment,
                 connection,
@@ -309,9 +309,13 @@ pub(crate) async fn execute(
         .unwrap_or_default();
     let keys = Arc::new(KeyTexts::new(
         &cx.config.flake,
+        prepared.index.source,
         &cx.config.nix,
-        &prepared.hosts,
+        &prepared.hosts.iter().map(|h| &h.meta).collect::<Vec<_>>(),
     ));
+    // The fleet's remote builders (colmena's `meta.machinesFile`) unless
+    // `--builders` chose others.
+    let nix = cx.config.nix.for_fleet(&prepared.index.meta);
     let settle = Settle::Yes {
         activation_timeout: options.activation_timeout,
     };
@@ -384,7 +388,7 @@ pub(crate) async fn execute(
     }
 
     let context = Arc::new(HostContext {
-        nix: cx.config.nix.clone(),
+        nix,
         ssh: cx.config.ssh.clone(),
         options: options.clone(),
         recorder: recorder.clone(),

@@ -12,9 +12,6 @@ use crate::engine::EngineError;
 use crate::engine::host::recorder::Recorder;
 use crate::store::Store;
 
-/// How long a lease lasts without renewal (renewed every 10 s while working).
-pub(crate) const LEASE_TTL: Duration = Duration::from_secs(60);
-
 /// The leases one run holds on its hosts, renewed by one heartbeat for as
 /// long as it holds them (whatever the run is doing: deploying, settling,
 /// rolling back).
@@ -59,7 +56,7 @@ impl Leases {
             });
             if refused.is_none() {
                 for host in hosts {
-                    if let Err(holder) = store.try_lease(host, &owner, None, LEASE_TTL).await? {
+                    if let Err(holder) = store.try_lease(host, &owner, None).await? {
                         refused = Some((host.clone(), holder.to_string()));
                         break;
                     }
@@ -71,8 +68,8 @@ impl Leases {
                     let owner = owner.clone();
                     Background(tokio::spawn(async move {
                         loop {
-                            tokio::time::sleep(LEASE_TTL / 6).await;
-                            let _ = store.renew_leases(&owner, None, LEASE_TTL).await;
+                            tokio::time::sleep(store.lease_timing().heartbeat).await;
+                            let _ = store.renew_leases(&owner, None).await;
                         }
                     }))
                 };
@@ -107,10 +104,7 @@ impl Leases {
     /// Name deployment `id` on the leases, and listen for `nix-deploy
     /// cancel` while it runs: stopped when the returned guard drops.
     pub async fn watch_cancel(&self, id: i64, cancel: &CancellationToken) -> Background {
-        let _ = self
-            .store
-            .renew_leases(&self.owner, Some(id), LEASE_TTL)
-            .await;
+        let _ = self.store.renew_leases(&self.owner, Some(id)).await;
         let store = self.store.clone();
         let cancel = cancel.clone();
         Background(tokio::spawn(async move {

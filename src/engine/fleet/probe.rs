@@ -212,7 +212,7 @@ pub(crate) async fn facts(
         role: assessment.host.role.clone(),
         state: assessment.state,
         current: assessment.current.clone(),
-        target_path: assessment.host.toplevel.clone(),
+        target_path: assessment.host.toplevel().to_string(),
         probe_error: assessment.error.clone(),
         summary,
         history: history(cx, &assessment.host.name).await?,

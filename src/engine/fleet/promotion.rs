@@ -17,15 +17,14 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use nix_deploy_core::eval::{self, EvalFailure, EvaluationReport};
-use nix_deploy_core::fleet::{Host, Inventory, Target};
+use nix_deploy_core::fleet::{Host, HostMeta, System, Target};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{DependencyGraph, GraphHost};
 use nix_deploy_core::promote::{self, PromoteRequest, PromotedPair, Promotion, SourceFindings};
 use nix_deploy_core::run::Pinned;
 
 use super::FleetContext;
-use super::evaluate::{available_memory_mib, flake_identity, pick_hosts};
+use super::evaluate::{self, Evaluation, Systems, pick_hosts};
 use super::prepare::Prepared;
 use crate::engine::EngineError;
 use crate::engine::host::health;
@@ -36,7 +35,7 @@ pub(crate) struct Sources {
     /// What is recorded with the deployment (in its pin).
     pub record: Promotion,
     /// Each target's source host, by the target's name.
-    pub hosts: BTreeMap<String, Host>,
+    pub hosts: BTreeMap<String, HostMeta>,
 }
 
 impl Sources {
@@ -49,90 +48,23 @@ impl Sources {
     }
 }
 
-/// The fleet's deployment metadata, without any system.
-struct Metadata {
-    inventory: Inventory,
-    failed: Vec<EvalFailure>,
-    /// A reference to exactly the content that was read, when known.
-    pinned: Option<String>,
-    revision: Option<String>,
+/// Every host's metadata, read as the fleet's evaluation reads it (in
+/// shards, cached, any fleet source) with no system evaluated.
+async fn read_metadata(cx: FleetContext<'_>) -> Result<Evaluation, EngineError> {
+    evaluate::evaluate_fleet(cx, Systems::None).await
 }
 
-/// Every host's `config.deployment`, evaluated from the flake pinned to its
-/// locked identity; no system is evaluated. The hosts are split into shards
-/// as the fleet's evaluation splits them (a host's metadata costs at most
-/// what its system does), run by this process's evaluation workers.
-async fn read_metadata(cx: FleetContext<'_>) -> Result<Metadata, EngineError> {
-    let flake = &cx.config.flake;
-    let nix = &cx.config.nix;
-    crate::nix::Nix::check_flake(flake).map_err(EngineError::Eval)?;
-    let metadata = nix.flake_metadata(flake).await;
-    let revision = metadata
-        .as_ref()
-        .ok()
-        .and_then(|m| eval::metadata_revision(m));
-    let pinned = flake_identity(&metadata).ok().map(|i| i.pinned_ref);
-    let eval_ref = pinned.clone().unwrap_or_else(|| flake.clone());
-    let names = nix.host_names(&eval_ref).await.map_err(EngineError::Eval)?;
-    let budget = match cx.store.eval_host_memory(flake).await? {
-        Some(kib) => eval::host_budget_from_peak(kib, 1),
-        None => eval::DEFAULT_HOST_MEMORY_MIB,
-    };
-    let available = available_memory_mib();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = cx
-        .config
-        .eval_workers
-        .unwrap_or_else(|| eval::default_workers(cores, available, budget))
-        .max(1);
-    let gate = cx
-        .config
-        .eval_gate
-        .get_or_init(|| Arc::new(Semaphore::new(workers)))
-        .clone();
-    let per_shard = eval::hosts_per_shard(names.len(), workers, available, budget);
-    let mut shards = JoinSet::new();
-    for hosts in eval::split_into_shards(&names, per_shard) {
-        let (nix, eval_ref, gate) = (nix.clone(), eval_ref.clone(), gate.clone());
-        shards.spawn(async move {
-            // Closed never: the gate lives as long as the config.
-            let _slot = gate.acquire_owned().await;
-            nix.eval_deployments(&eval_ref, &hosts).await
-        });
+/// A host as a promotion knows it: its metadata and `toplevel`, a system
+/// evaluated nowhere (there is no derivation: it is fetched, never built).
+fn with_system(meta: HostMeta, toplevel: &str) -> Host {
+    Host {
+        meta,
+        system: System {
+            toplevel: toplevel.to_string(),
+            drv_path: String::new(),
+            built_path: None,
+        },
     }
-    let mut hosts = Vec::new();
-    let mut threw = Vec::new();
-    while let Some(joined) = shards.join_next().await {
-        let json = joined
-            .map_err(|e| EngineError::Internal(format!("evaluation task failed: {e}")))?
-            .map_err(EngineError::Eval)?;
-        let (values, failed) = promote::parse_metadata_output(&json).map_err(|reason| {
-            EngineError::Eval(crate::nix::NixError::BadOutput {
-                command: "nix eval (deployment metadata)".into(),
-                reason,
-            })
-        })?;
-        for (name, value) in values {
-            hosts.push(Inventory::parse_metadata(&name, value)?);
-        }
-        threw.extend(failed);
-    }
-    threw.sort();
-    let failed = threw
-        .into_iter()
-        .map(|host| EvalFailure {
-            error: format!(
-                "its deployment metadata could not be evaluated (nix eval FLAKE#nixosConfigurations.{host}.config.deployment says why)"
-            ),
-            host,
-        })
-        .collect();
-    Ok(Metadata {
-        inventory: Inventory::from_hosts(hosts),
-        failed,
-        pinned,
-        revision,
-    })
 }
 
 /// The request, validated and its sources vouched for: the target hosts,
@@ -145,21 +77,13 @@ pub(crate) async fn prepare(
 ) -> Result<Prepared, EngineError> {
     options.check()?;
     let metadata = read_metadata(cx).await?;
-    let sources = pick_hosts(
-        &metadata.inventory,
-        &metadata.failed,
-        &request.from_selection(),
-    )?;
-    let mut targets = pick_hosts(
-        &metadata.inventory,
-        &metadata.failed,
-        &request.to_selection(),
-    )?;
+    let sources = pick_hosts(&metadata, &request.from_selection())?;
+    let targets = pick_hosts(&metadata, &request.to_selection())?;
     // Only the targets are changed; the sources are read.
     cx.config.check_limit(&targets)?;
     let pairs = promote::pair(&sources, &targets)
         .map_err(|e| EngineError::PromotionRefused(e.problems.join("; ")))?;
-    let mut used: Vec<Host> = sources
+    let mut used: Vec<HostMeta> = sources
         .iter()
         .filter(|s| pairs.iter().any(|p| p.source == s.name))
         .cloned()
@@ -201,11 +125,13 @@ pub(crate) async fn prepare(
             source_deployment,
         });
     }
-    for target in &mut targets {
-        if let Some(pair) = record.source_of(&target.name) {
-            target.toplevel = pair.system.clone();
-        }
-    }
+    let targets = targets
+        .into_iter()
+        .filter_map(|meta| {
+            let system = record.source_of(&meta.name)?.system.clone();
+            Some(with_system(meta, &system))
+        })
+        .collect();
     prepared(
         metadata,
         targets,
@@ -244,12 +170,11 @@ pub(crate) async fn prepare_resume(
                 ))
             })
         };
-        let mut target = find(name)?;
-        target.toplevel = pair.system.clone();
+        let target = find(name)?;
+        cx.config.check_limit([&target])?;
+        targets.push(with_system(target, &pair.system));
         by_target.insert(name.clone(), find(&pair.source)?);
-        targets.push(target);
     }
-    cx.config.check_limit(&targets)?;
     prepared(
         metadata,
         targets,
@@ -263,7 +188,7 @@ pub(crate) async fn prepare_resume(
 
 /// The targets as every later stage takes them.
 fn prepared(
-    metadata: Metadata,
+    metadata: Evaluation,
     targets: Vec<Host>,
     options: &DeployOptions,
     sources: Sources,
@@ -285,7 +210,7 @@ fn prepared(
             tags: h.tags.clone(),
             dependencies: h.dependencies.clone(),
         })
-        .chain(metadata.failed.iter().map(|f| GraphHost {
+        .chain(metadata.report.failed.iter().map(|f| GraphHost {
             name: f.host.clone(),
             tags: Vec::new(),
             dependencies: Vec::new(),
@@ -293,12 +218,7 @@ fn prepared(
         .collect();
     let graph = DependencyGraph::build(&graph_hosts)?;
     Ok(Prepared {
-        evaluation: EvaluationReport {
-            hosts: metadata.inventory.len() + metadata.failed.len(),
-            failed: metadata.failed,
-            cache: "not used: a promotion evaluates no system".into(),
-            ..EvaluationReport::default()
-        },
+        evaluation: metadata.report,
         inventory: metadata.inventory,
         graph,
         hosts: targets,
@@ -308,6 +228,8 @@ fn prepared(
         early: None,
         before: BTreeMap::new(),
         promotion: Some(sources),
+        index: metadata.index,
+        local_only: Vec::new(),
     })
 }
 
@@ -316,7 +238,7 @@ fn prepared(
 /// there, or why not.
 async fn vouch_for(
     cx: FleetContext<'_>,
-    sources: Vec<Host>,
+    sources: Vec<HostMeta>,
 ) -> Result<BTreeMap<String, Result<(String, Option<i64>), String>>, EngineError> {
     let semaphore = Arc::new(Semaphore::new(cx.config.probe_limit.max(1)));
     let mut tasks = JoinSet::new();
@@ -326,7 +248,8 @@ async fn vouch_for(
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await;
             let checks = host.health_checks.clone();
-            let (assessment, connection) = probe_host(host, &ssh, Settle::No).await;
+            let (assessment, connection) =
+                probe_host(with_system(host, ""), &ssh, Settle::No).await;
             let mut found = SourceFindings {
                 unreachable: assessment.error.clone(),
                 running: assessment.current.path.clone(),
@@ -341,7 +264,7 @@ async fn vouch_for(
                 }
                 connection.close().await;
             }
-            (assessment.host.name, found)
+            (assessment.host.meta.name, found)
         });
     }
     let mut found = Vec::new();

@@ -13,6 +13,9 @@
 //! when a system was last deployed; beyond the
 //! [`KEEP`] newest per host (never the two just rooted), links are removed,
 //! and Nix forgets a root whose link is gone.
+//!
+//! `--keep-result` adds `STATE/results/HOST`: the last system built for the
+//! host with that flag (by `build`, `apply` or `deploy`), never pruned.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -84,6 +87,27 @@ pub(crate) async fn protect(
     }
     done.pruned = prune(&dir, &keep).await;
     Ok(done)
+}
+
+/// `--keep-result`: `STATE/results/HOST`, a GC root of the system last
+/// built for `host` with that flag, replaced by the next one (never pruned by
+/// deployments; delete it to let Nix collect the system). Returns the link.
+pub(crate) async fn keep_result(
+    nix: &Nix,
+    state_dir: &Path,
+    host: &str,
+    built: &str,
+) -> Result<PathBuf, String> {
+    let dir = state_dir.join("results");
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let link = dir.join(host);
+    let _ = tokio::fs::remove_file(&link).await;
+    nix.add_root(built, &link.to_string_lossy())
+        .await
+        .map_err(|e| format!("rooting {built}: {e}"))?;
+    Ok(link)
 }
 
 /// Remove all but the [`KEEP`] newest links of `dir` (and those in `keep`).

@@ -11,6 +11,7 @@ use nix_deploy_core::events::{HostState, SystemRef};
 use nix_deploy_core::fleet::Host;
 use nix_deploy_core::plan;
 use nix_deploy_core::remote::{self, Before, HostSystems, ProbeResult};
+use nix_deploy_core::render;
 
 use crate::transport::ssh::{Connection, SshOptions};
 
@@ -114,7 +115,7 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
             let state = plan::classify(
                 probe.current_system.as_deref(),
                 probe.profile_system.as_deref(),
-                &host.toplevel,
+                host.toplevel(),
             );
             let current = SystemRef {
                 path: probe.current_system.clone(),
@@ -135,7 +136,7 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
         }
         Err(e) => {
             connection.close().await;
-            let error = format!("{}: probe: {e}", host.name);
+            let error = render::host_error(&host.name, "probe", &e.to_string());
             (unreachable(host, error), None)
         }
     }

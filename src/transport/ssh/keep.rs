@@ -91,10 +91,13 @@ impl KeepAlive {
             .map(str::trim)
             .filter(|i| !i.is_empty())
             .map(str::to_string);
-        // Only sockets in our own directory: the record could be stale or
-        // tampered with, and we must not talk to anyone else's master.
-        let inside = self.owns(&ctl);
-        if inside {
+        // Only sockets in a master's directory of our own: the record could
+        // be stale or tampered with, and we must neither talk to anyone
+        // else's master nor remove anything outside our directory.
+        let ours = self.master_dir(&ctl);
+        if ours.is_some() {
+            // The path as recorded: the canonical one may be too long for a
+            // socket.
             let session = Session::resume_mux(ctl.clone().into_boxed_path(), None);
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), session.check()).await
             {
@@ -102,35 +105,53 @@ impl KeepAlive {
             }
         }
         let _ = std::fs::remove_file(record);
-        if inside && let Some(dir) = ctl.parent() {
+        if let Some(dir) = ours {
             let _ = std::fs::remove_dir_all(dir);
         }
         None
     }
 
-    /// Whether `socket` is a master's socket in a directory of our own
-    /// (`DIR/.ssh-connectionXXXXXX/master`), spelled however the record
-    /// spells it: `..` and symlinks are resolved first.
-    fn owns(&self, socket: &Path) -> bool {
-        let Some(parent) = socket.parent().and_then(|p| p.canonicalize().ok()) else {
-            return false;
-        };
-        parent.parent() == Some(self.dir.as_path())
-            && parent
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(".ssh-connection"))
+    /// The directory of the master whose socket is `ctl`, when it is one
+    /// of ours: `ctl` is `<dir>/master` and `<dir>` is a real directory
+    /// named `.ssh-connection*` directly in [`KeepAlive::dir`], compared
+    /// after resolving `..` and symlinks (canonical paths).
+    fn master_dir(&self, ctl: &Path) -> Option<PathBuf> {
+        if ctl.file_name()? != "master" {
+            return None;
+        }
+        let parent = ctl.parent()?;
+        let named_ours = parent
+            .file_name()?
+            .to_str()
+            .is_some_and(|n| n.starts_with(".ssh-connection"));
+        let is_dir = std::fs::symlink_metadata(parent).ok()?.is_dir();
+        let dir = std::fs::canonicalize(parent).ok()?;
+        (named_ours && is_dir && dir.parent() == Some(self.dir.as_path())).then_some(dir)
     }
 
     /// Remember `session`'s master (to the machine `identity`) for the next
-    /// run.
+    /// run. Owner-only, like everything in the state directory: the record,
+    /// and the master's directory (the openssh crate makes it 0755).
     pub(super) fn remember(&self, record: &Path, session: &Session, identity: Option<&str>) {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Some(dir) = session.control_socket().parent() {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
         let tmp = record.with_extension("tmp");
         let text = format!(
             "{}\n{}\n",
             session.control_socket().display(),
             identity.unwrap_or_default()
         );
-        if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::remove_file(&tmp);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(text.as_bytes()));
+        if written.is_ok() {
             let _ = std::fs::rename(&tmp, record);
         }
     }
@@ -191,6 +212,47 @@ mod tests {
         assert!(e.to_string().contains("control socket"), "{e}");
         // The longest allowed directory still fits ssh's temporary name.
         assert!(MAX_KEEP_DIR + "/.ssh-connectionXXXXXX/master.XXXXXXXXXXXXXXXX".len() <= 107);
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_never_leads_outside_our_directory() {
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(state.path().join("nix-deploy.db"), "history").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("x")).unwrap();
+        let keep = KeepAlive::new(state.path().join("ssh"), Duration::from_secs(60))
+            .unwrap()
+            .expect("kept");
+        let record = keep.dir.join("0123.master");
+        // `ssh/../x`: lexically "inside", really the state directory itself.
+        // A symlink named like a master's directory, pointing elsewhere.
+        std::os::unix::fs::symlink(
+            outside.path().join("x"),
+            keep.dir.join(".ssh-connectionLINK"),
+        )
+        .unwrap();
+        for pointing_at in [
+            keep.dir.join("..").join("x"),
+            keep.dir.join("..").join("ssh").join(".."),
+            keep.dir.join(".ssh-connectionLINK").join("master"),
+        ] {
+            std::fs::write(&record, format!("{}\n", pointing_at.display())).unwrap();
+            assert!(keep.resume(&record).await.is_none());
+            assert!(!record.exists(), "the stale record is removed");
+            assert!(
+                state.path().join("nix-deploy.db").exists(),
+                "{}: the state directory survives",
+                pointing_at.display()
+            );
+            assert!(outside.path().join("x").exists());
+        }
+        // A stale master of ours: its directory goes with the record.
+        let ours = keep.dir.join(".ssh-connectionABCDEF");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::write(&record, format!("{}\n", ours.join("master").display())).unwrap();
+        assert!(keep.resume(&record).await.is_none());
+        assert!(!ours.exists() && !record.exists());
+        assert!(keep.dir.exists());
     }
 
     #[tokio::test]
