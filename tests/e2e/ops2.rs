@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::daemon::{
     Daemon, READ_TOKEN, Receiver, call, client, receiver, slack_signature, start_daemon_confirming,
-    wait_finished,
+    start_daemon_in, wait_finished,
 };
 use crate::helpers::Harness;
 
@@ -452,4 +452,72 @@ json-webhooks = ["{json}"]
     assert_eq!(done["requested_by"], "slack:U1");
     assert_eq!(h.fleet.generation("cf1"), Some(1));
     assert_eq!(h.fleet.generation("cf2"), Some(1));
+}
+
+/// Two daemons on one PostgreSQL share a `[[schedule]]`: only the elected
+/// leader starts its deployments (the follower never even claims an
+/// occurrence), one for each occurrence.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_leader_of_two_daemons_starts_scheduled_deployments() {
+    let h = Harness::start(vec![HostSpec::new("lead1")]);
+    let db = nix_deploy_testkit::Postgres::database().unwrap();
+    let states = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let t0 = now_secs();
+    let occurrences = [t0 + 6, t0 + 16];
+    let top = format!("database = \"{}\"", db.url);
+    let extra = format!(
+        r#"
+[cluster]
+heartbeat = "1s"
+lease-ttl = "15s"
+
+[[schedule]]
+name = "twice"
+cron = "{}"
+request = {{ hosts = ["lead1"] }}
+"#,
+        cron_at_each(&occurrences)
+    );
+    let a = start_daemon_in(&h, states[0].path(), &top, &extra);
+    let b = start_daemon_in(&h, states[1].path(), &top, &extra);
+    let cluster = get(&b, "/api/v1/cluster").await;
+    let leader = cluster["coordinators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["leader"] == true)
+        .unwrap_or_else(|| panic!("no leader: {cluster:#}"))["pid"]
+        .as_i64()
+        .unwrap();
+    let pids = [a.child.id() as i64, b.child.id() as i64];
+    assert!(pids.contains(&leader), "{leader} is neither of {pids:?}");
+    // Both occurrences start a deployment, each held by the leader.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let scheduled = loop {
+        let list = get(&a, "/api/v1/deployments").await;
+        let scheduled: Vec<Value> = list["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["requested_by"] == "schedule:twice")
+            .cloned()
+            .collect();
+        if scheduled.len() >= occurrences.len() {
+            break scheduled;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every occurrence started a deployment: {scheduled:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for deployment in &scheduled {
+        assert_eq!(deployment["trigger"], "schedule");
+        assert_eq!(
+            deployment["pid"], leader,
+            "a scheduled deployment was started by the follower: {deployment:#}"
+        );
+        let id = deployment["id"].as_i64().unwrap();
+        assert_eq!(wait_finished(&a, id).await["status"], "succeeded");
+    }
 }
