@@ -281,6 +281,19 @@ in
       default = true;
       description = "Switch back to the previous generation when activation or validation fails.";
     };
+    promotionKey = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "web";
+      description = ''
+        Pairs this host with its counterparts in other environments for
+        `nix-deploy promote --from @staging --to @prod`: each target host
+        gets exactly the system that the one source host with the same key
+        runs (read from that host, never evaluated). A target without a key,
+        or a key two source hosts share, refuses the promotion. null: the
+        host takes no part in promotions.
+      '';
+    };
     keys = mkOption {
       type = types.attrsOf key;
       default = { };
@@ -416,13 +429,18 @@ in
       type = types.listOf types.attrs;
       default = [ ];
       example = [{ name = "nightly"; cron = "0 3 * * *"; request = { on = [ "@staging" ]; strategy = "rolling"; }; }];
-      description = "Scheduled deployments (`[[schedule]]`).";
+      description = ''
+        Scheduled deployments (`[[schedule]]`): name, cron (seconds first,
+        optionally), timezone, and the request as the API takes it. They obey
+        windows and approvals; occurrences missed while the daemon was down
+        run once when it starts again, not in a burst.
+      '';
     };
     chat = {
       confirmAbove = mkOption {
         type = types.ints.unsigned;
         default = 1;
-        description = "A chat deployment touching more hosts than this asks for confirmation first.";
+        description = "A chat deployment touching more hosts than this is planned first and posted with Confirm and Cancel buttons (point the Slack app's Interactivity URL at /hooks/slack/interactive).";
       };
       users = mkOption {
         type = types.listOf types.attrs;
@@ -439,7 +457,7 @@ in
     slack.signingSecretFile = mkOption {
       type = types.nullOr secretFile;
       default = null;
-      description = "File with the Slack signing secret (a systemd credential); enables `/hooks/slack`.";
+      description = "File with the Slack signing secret (a systemd credential); enables `/hooks/slack` (the command) and `/hooks/slack/interactive` (its buttons).";
     };
     github.secretFile = mkOption {
       type = types.nullOr secretFile;
@@ -478,7 +496,7 @@ in
     notifications.slackWebhookFiles = mkOption {
       type = types.listOf secretFile;
       default = [ ];
-      description = "Files each holding a Slack incoming webhook URL (a secret: whoever has it may post), for start/finish/failure/rollback notices.";
+      description = "Files each holding a Slack incoming webhook URL (a secret: whoever has it may post), for start/finish/failure/rollback notices, and for deployments that wait (a gate with Approve and Reject buttons, or a window).";
     };
     notifications.jsonWebhookFiles = mkOption {
       type = types.listOf secretFile;

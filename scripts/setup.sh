@@ -15,6 +15,8 @@
 #   for alert e-mails, started on loopback by each test).
 # - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
 #   their own store over it, so it must exist before the first host starts.
+# - /etc/machine-id: each test host bind-mounts its own machine id over it;
+#   a minimal Debian (debootstrap, containers) has none.
 #
 # Builds: Debian's nix-bin runs single-user as root, with Nix's default
 # `build-users-group = nixbld`, a group nothing creates. Rather than adding a
@@ -76,6 +78,14 @@ fi
 if [ ! -d /nix ]; then
     note "creating /nix (the Nix store's root; Debian's nix-bin leaves it to the first build)"
     mkdir -m 0755 /nix
+fi
+
+# A bind mount needs a file to mount over. A fresh id, as
+# systemd-machine-id-setup would write it, for a machine that had none.
+if [ ! -e /etc/machine-id ]; then
+    note "creating /etc/machine-id (the test hosts mount their own machine ids over it)"
+    tr -d '-' < /proc/sys/kernel/random/uuid > /etc/machine-id
+    chmod 444 /etc/machine-id
 fi
 
 # Debian installs / as 755. The test hosts' non-root deploy user (logging

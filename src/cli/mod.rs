@@ -319,6 +319,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
             )
         }
         Command::Approve(args) => ops::approve(&cli, args).await,
+        Command::Promote(args) => ops::promote(&cli, args).await,
         Command::Reject(args) => ops::reject(&cli, args).await,
         Command::Audit(args) => ops::audit(&cli, args).await,
         Command::Apply(args) => match args.applied()? {
@@ -338,6 +339,13 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
             let request = args.request();
             let spec = request.resolve()?;
             let (engine, _control) = engine(&cli).await?;
+            ops::record(
+                engine.store(),
+                "exec",
+                "hosts",
+                serde_json::json!({ "request": &request }),
+            )
+            .await?;
             let job = ExecJob {
                 selection: request.selection(),
                 spec,
@@ -384,6 +392,13 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
                     }
                 },
             };
+            ops::record(
+                &store,
+                "cancel",
+                &format!("deployment #{id}"),
+                serde_json::Value::Null,
+            )
+            .await?;
             if !store.request_cancel(id, &who()).await? {
                 eprintln!("error: deployment #{id} is not running");
                 return Ok(EXIT_BAD_INPUT);
@@ -397,6 +412,16 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Resume { id, wait } => {
             let (engine, _control) = engine(&cli).await?;
+            ops::record(
+                engine.store(),
+                "resume",
+                &id.map_or_else(
+                    || "the latest unfinished deployment".to_string(),
+                    |id| format!("deployment #{id}"),
+                ),
+                serde_json::json!({ "wait": wait }),
+            )
+            .await?;
             watch(&cli, |sink, cancel| {
                 engine.resume(*id, *wait, Some(sink), cancel)
             })
@@ -409,6 +434,13 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let options = resolve(&args::runtime_request(runtime))?;
             let (engine, _control) = engine(&cli).await?;
+            ops::record(
+                engine.store(),
+                "rollback",
+                &format!("host {host}"),
+                serde_json::json!({ "to_generation": to_generation }),
+            )
+            .await?;
             let request = RollbackRequest {
                 host: host.clone(),
                 to_generation: *to_generation,
@@ -487,6 +519,13 @@ async fn upload_keys(cli: &Cli, body: KeysRequest) -> anyhow::Result<u8> {
         requested_by: who(),
     };
     let (engine, _control) = engine(cli).await?;
+    ops::record(
+        engine.store(),
+        "upload-keys",
+        "hosts",
+        serde_json::json!({ "request": &body }),
+    )
+    .await?;
     watch(cli, |sink, cancel| {
         engine.upload_keys(request, Some(sink), cancel)
     })
@@ -512,20 +551,17 @@ async fn deploy_here(cli: &Cli, request: Request, here: Option<&str>) -> anyhow:
     if let Some(revision) = &request.revision {
         engine = engine.with_flake(pin(&cli.flake(), revision)?);
     }
-    engine
-        .store()
-        .audit(&nix_deploy_core::audit::AuditRecord {
-            actor: nix_deploy_core::approval::requester_identity(&who()),
-            origin: "cli".into(),
-            action: if request.override_window.is_some() {
-                "deploy-override-window".into()
-            } else {
-                "deploy".into()
-            },
-            target: "hosts".into(),
-            detail: serde_json::json!({ "request": &request }),
-        })
-        .await?;
+    ops::record(
+        engine.store(),
+        if request.override_window.is_some() {
+            "deploy-override-window"
+        } else {
+            "deploy"
+        },
+        "hosts",
+        serde_json::json!({ "request": &request }),
+    )
+    .await?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,

@@ -555,6 +555,17 @@ pub fn print_deployment(d: &Deployment) {
     if let Some(error) = &d.error {
         say!("Error: {error}");
     }
+    if let Some(promotion) = d.pinned.as_ref().and_then(|p| p.promotion.as_ref()) {
+        println!(
+            "Promoted from {} to {}: {}",
+            promotion.from.join(", "),
+            promotion.to.join(", "),
+            promotion.describe()
+        );
+    }
+    if let Some(waiting) = &d.waiting {
+        println!("Now {}", nix_deploy_core::render::window_wait(waiting));
+    }
     for gate in &d.gates {
         super::ops::print_gate(gate);
         for approval in &gate.approvals {

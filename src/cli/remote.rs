@@ -201,6 +201,12 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             Ok(EXIT_OK)
         }
         Command::Audit(args) => super::ops::audit_remote(cli, &client, args).await,
+        Command::Promote(args) => {
+            let mut request = args.request().map_err(bad_request)?;
+            request.options = args::strategy_from_env(request.options);
+            let created: Accepted = client.post("/api/v1/promote", &request).await?;
+            follow(cli, &client, created.id).await
+        }
         Command::Serve { .. } => Err(ClientError::Api {
             status: 400,
             code: "bad_request".into(),

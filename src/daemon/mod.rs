@@ -13,12 +13,15 @@
 //!   lease expired;
 //! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
 //! - [`config`]: the TOML file; [`notify`]: outgoing notifications (and
-//!   [`mail`]: e-mail); [`metrics`]: Prometheus; [`slack`], [`github`]: the
-//!   hooks' signatures and parsing; `report`: the Markdown report;
+//!   [`mail`]: e-mail); `scheduler`: the loop that starts `[[schedule]]`
+//!   deployments; [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks'
+//!   signatures and parsing; `buttons`: Slack's interactive messages;
+//!   `report`: the Markdown report;
 //! - [`watch`]: the watch loop (drift, health on a schedule, alerts,
 //!   reconciliation, pull mode) and the fleet it keeps.
 
 mod auth;
+mod buttons;
 pub mod config;
 mod error;
 pub mod feed;
@@ -28,6 +31,7 @@ pub mod metrics;
 pub mod notify;
 mod report;
 mod routes;
+mod scheduler;
 pub mod slack;
 mod takeover;
 pub mod watch;
@@ -53,7 +57,8 @@ use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
 use nix_deploy_core::run::Deployment;
 
 use crate::engine::{
-    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, RollbackRequest, UploadKeysRequest,
+    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, PromoteJob, RollbackRequest,
+    UploadKeysRequest,
 };
 use crate::store::{Backend, Leader, Store};
 use config::{Config, Secret};
@@ -118,6 +123,7 @@ pub(crate) enum Job {
     Rollback(RollbackRequest),
     Exec(ExecJob),
     UploadKeys(UploadKeysRequest),
+    Promote(Box<PromoteJob>),
 }
 
 /// What the daemon was given to authenticate requests and hooks, read from
@@ -365,6 +371,7 @@ impl AppState {
         let forward_cancel = cancel.clone();
         self.tasks.spawn(async move {
             let mut id = known;
+            let mut waits = notify::Waits::default();
             while let Some(event) = events.recv().await {
                 state.feed.announce(event.deployment_id);
                 if id.is_none() {
@@ -379,8 +386,10 @@ impl AppState {
                         let _ = tx.send(Ok(event.deployment_id));
                     }
                 }
-                if let Some(notice) = notify::notice_from_event(&event) {
-                    state.notifier.send(notice);
+                if let Some(notice) = notify::notice_from_event(&event)
+                    && waits.is_news(&notice)
+                {
+                    state.notifier.send(state.with_gate_summary(notice).await);
                 }
                 let finished = matches!(event.kind, EventKind::DeploymentFinished { .. });
                 let _ = live.send(event);
@@ -414,6 +423,7 @@ impl AppState {
                     Job::UploadKeys(request) => {
                         engine.upload_keys(request, Some(sink), cancel).await
                     }
+                    Job::Promote(job) => engine.promote(*job, Some(sink), cancel).await,
                 }
             };
             // Lost (superseded, or not renewed in time): dropped where it
@@ -481,6 +491,23 @@ impl AppState {
             .await
     }
 
+    /// A gate's notice with what an approver is shown (the held hosts and
+    /// what each would run), read from the store; other notices as they are.
+    pub(crate) async fn with_gate_summary(&self, notice: notify::Notice) -> notify::Notice {
+        let notify::Notice::AwaitingApproval(mut gate) = notice else {
+            return notice;
+        };
+        match self.store.gates(gate.id).await {
+            Ok(gates) => {
+                if let Some(stored) = gates.into_iter().find(|g| g.number == gate.gate) {
+                    gate.summary = stored.summary;
+                }
+            }
+            Err(e) => tracing::warn!(cause = %e, "reading a gate for its notice"),
+        }
+        notify::Notice::AwaitingApproval(gate)
+    }
+
     /// Deployment `id` runs here: its cancel token and live events.
     fn register(&self, id: i64, cancel: &CancellationToken, live: &broadcast::Sender<Event>) {
         self.running
@@ -536,10 +563,16 @@ pub fn app(state: AppState) -> Router {
             post(routes::approvals::reject),
         )
         .route("/api/v1/windows", get(routes::approvals::windows))
+        .route("/api/v1/schedules", get(routes::approvals::schedules))
         .route("/api/v1/audit", get(routes::approvals::audit))
+        .route("/api/v1/promote", post(routes::promote::promote))
         .route("/api/v1/exec", post(routes::exec::exec))
         .route("/api/v1/upload-keys", post(routes::exec::upload_keys))
         .route("/hooks/slack", post(routes::hooks::slack))
+        .route(
+            "/hooks/slack/interactive",
+            post(routes::interactive::interactive),
+        )
         .route("/hooks/github", post(routes::hooks::github))
         .route("/metrics", get(routes::fleet::metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -588,6 +621,8 @@ pub async fn run(
             stop.cancel();
         })
     };
+    // `[[schedule]]` deployments, until shutdown.
+    scheduler::spawn(&state);
     // Deployments whose coordinator died (a CLI killed with -9) become
     // interrupted within seconds: status, metrics and their streams end.
     let reconciler = {

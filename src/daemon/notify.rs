@@ -1,6 +1,8 @@
 //! Outgoing notifications on deployment start, finish, failure and
-//! rollback, and the watch's alerts: Slack-compatible incoming webhooks
-//! (`{"text": …}`), generic JSON webhooks (signed, as GitHub signs its own:
+//! rollback, when a deployment waits (for approval, with Approve and Reject
+//! buttons in Slack; for a maintenance window, with its next opening), and
+//! the watch's alerts: Slack-compatible incoming webhooks (`{"text": …}`),
+//! generic JSON webhooks (signed, as GitHub signs its own:
 //! `X-Nix-Deploy-Signature-256: sha256=<HMAC-SHA256 of the body>`, with the
 //! event's name and a stable delivery id in headers) and e-mail. Sending
 //! never blocks a deployment: each notice goes out on its own task, retried
@@ -14,7 +16,9 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
+use nix_deploy_core::approval::GateKind;
 use nix_deploy_core::events::{Event, EventKind, HostStatus};
+use nix_deploy_core::render;
 use nix_deploy_core::watch::Alert;
 
 use super::config::Secret;
@@ -147,6 +151,30 @@ pub enum Notice {
     },
     /// The watch saw a host (or the fleet) change.
     Alert(Alert),
+    /// Stopped at a gate: approvers (or a promotion) are needed.
+    AwaitingApproval(Box<GateNotice>),
+    /// Waits for a maintenance window to open.
+    WaitingForWindow {
+        id: i64,
+        hosts: Vec<String>,
+        reason: String,
+        opens_at: Option<i64>,
+    },
+}
+
+/// A gate a deployment stopped at, as people are told about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GateNotice {
+    pub id: i64,
+    pub gate: u32,
+    pub kind: GateKind,
+    pub title: String,
+    pub hosts: Vec<String>,
+    /// Who still has to say yes.
+    pub missing: String,
+    pub deadline: Option<i64>,
+    /// What each held host would run (what an approver sees).
+    pub summary: String,
 }
 
 /// The events worth telling people about.
@@ -161,6 +189,33 @@ pub fn notice_from_event(event: &Event) -> Option<Notice> {
         EventKind::DeploymentFinished { status } => Some(Notice::Finished {
             id,
             status: status.to_string(),
+        }),
+        EventKind::GateOpened {
+            gate,
+            gate_kind,
+            title,
+            hosts,
+            missing,
+            deadline,
+        } => Some(Notice::AwaitingApproval(Box::new(GateNotice {
+            id,
+            gate: *gate,
+            kind: *gate_kind,
+            title: title.clone(),
+            hosts: hosts.clone(),
+            missing: missing.clone(),
+            deadline: *deadline,
+            summary: String::new(),
+        }))),
+        EventKind::WaitingForWindow {
+            hosts,
+            reason,
+            until,
+        } => Some(Notice::WaitingForWindow {
+            id,
+            hosts: hosts.clone(),
+            reason: reason.clone(),
+            opens_at: *until,
         }),
         EventKind::HostFinished { status, error, .. } => {
             let host = event.host.clone().unwrap_or_default();
@@ -200,6 +255,8 @@ impl Notice {
             Notice::HostRolledBack { .. } => "host.rolled_back",
             Notice::HostFailed { .. } => "host.failed",
             Notice::Alert(alert) => alert.kind.event_name(),
+            Notice::AwaitingApproval(_) => "deployment.awaiting_approval",
+            Notice::WaitingForWindow { .. } => "deployment.waiting_for_window",
         }
     }
 
@@ -214,6 +271,17 @@ impl Notice {
                 format!("deployment-{id}-{}-{host}", self.event_name())
             }
             Notice::Alert(alert) => alert.delivery_id(),
+            Notice::AwaitingApproval(gate) => {
+                format!(
+                    "deployment-{}-{}-gate-{}",
+                    gate.id,
+                    self.event_name(),
+                    gate.gate
+                )
+            }
+            Notice::WaitingForWindow { id, .. } => {
+                format!("deployment-{id}-{}", self.event_name())
+            }
         }
     }
 
@@ -283,11 +351,42 @@ impl Notice {
                 Some(detail) => format!("{}: {}", alert.text(), first_line(&Some(detail.clone()))),
                 None => alert.text(),
             },
+            Notice::AwaitingApproval(gate) => match gate.kind {
+                GateKind::Pause => format!(
+                    "⏸️ Deployment #{} is paused ({}): {} wait for a promotion (approve it to go on)",
+                    gate.id,
+                    gate.title,
+                    gate.hosts.join(", ")
+                ),
+                GateKind::Approval => format!(
+                    "✋ Deployment #{} awaits approval ({}): {}; still needed: {}{}",
+                    gate.id,
+                    gate.title,
+                    gate.hosts.join(", "),
+                    gate.missing,
+                    gate.deadline
+                        .map(|d| format!("; cancelled if not approved by {}", render::timestamp(d)))
+                        .unwrap_or_default()
+                ),
+            },
+            Notice::WaitingForWindow {
+                id,
+                hosts,
+                reason,
+                opens_at,
+            } => format!(
+                "⏳ Deployment #{id} waits for a maintenance window: {} ({reason}); next opening {}",
+                hosts.join(", "),
+                opens_at.map_or("none within 400 days".into(), render::timestamp)
+            ),
         }
     }
 
     pub fn slack_payload(&self) -> serde_json::Value {
-        serde_json::json!({ "text": self.text() })
+        match self {
+            Notice::AwaitingApproval(gate) => super::buttons::gate_message(gate, &self.text()),
+            _ => serde_json::json!({ "text": self.text() }),
+        }
     }
 
     pub fn json_payload(&self) -> serde_json::Value {
@@ -310,11 +409,49 @@ impl Notice {
             } => serde_json::json!({
                 "deployment_id": id, "host": host, "status": status, "error": error }),
             Notice::Alert(alert) => serde_json::json!({ "alert": alert, "host": alert.host }),
+            Notice::AwaitingApproval(gate) => serde_json::json!({
+                "deployment_id": gate.id, "gate": gate.gate, "gate_kind": gate.kind,
+                "title": gate.title, "hosts": gate.hosts, "missing": gate.missing,
+                "deadline": gate.deadline, "summary": gate.summary }),
+            Notice::WaitingForWindow {
+                id,
+                hosts,
+                reason,
+                opens_at,
+            } => serde_json::json!({
+                "deployment_id": id, "hosts": hosts, "reason": reason, "opens_at": opens_at }),
         };
         body["event"] = serde_json::json!(self.event_name());
         body["delivery"] = serde_json::json!(self.delivery_id());
         body["text"] = serde_json::json!(self.text());
         body
+    }
+}
+
+/// What one deployment's watchers were told while it waited: each wait is
+/// notified once (a window wait again only when it waits for something
+/// else: other hosts, another opening).
+#[derive(Debug, Default)]
+pub struct Waits {
+    window: Option<(Vec<String>, Option<i64>)>,
+}
+
+impl Waits {
+    /// Whether `notice` is news.
+    pub fn is_news(&mut self, notice: &Notice) -> bool {
+        match notice {
+            Notice::WaitingForWindow {
+                hosts, opens_at, ..
+            } => {
+                let wait = Some((hosts.clone(), *opens_at));
+                if self.window == wait {
+                    return false;
+                }
+                self.window = wait;
+                true
+            }
+            _ => true,
+        }
     }
 }
 
@@ -697,6 +834,39 @@ mod tests {
         notifier.send(notice());
         assert!(started.elapsed() < std::time::Duration::from_millis(50));
         drop(listener);
+    }
+
+    #[test]
+    fn a_wait_is_told_once_with_what_it_waits_for() {
+        let window = |opens_at| Notice::WaitingForWindow {
+            id: 4,
+            hosts: vec!["p1".into()],
+            reason: "deny window `freeze` is open".into(),
+            opens_at,
+        };
+        let mut waits = Waits::default();
+        assert!(waits.is_news(&window(Some(1_000))));
+        assert!(!waits.is_news(&window(Some(1_000))), "the same wait again");
+        assert!(
+            waits.is_news(&window(Some(9_000))),
+            "a later opening is news"
+        );
+        let json = window(Some(1_000)).json_payload();
+        assert_eq!(json["event"], "deployment.waiting_for_window");
+        assert_eq!(json["opens_at"], 1_000);
+        let gate = Notice::AwaitingApproval(Box::new(GateNotice {
+            id: 4,
+            gate: 1,
+            kind: GateKind::Approval,
+            title: "approval rule production".into(),
+            hosts: vec!["p1".into()],
+            missing: "1 more from slack:U2 (production)".into(),
+            deadline: None,
+            summary: "p1: a → b".into(),
+        }));
+        let slack = gate.slack_payload();
+        assert_eq!(slack["blocks"][1]["elements"][0]["value"], "4:1");
+        assert!(slack["text"].as_str().unwrap().contains("awaits approval"));
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub enum EngineError {
     /// `--no-wait` outside a maintenance window; nothing was recorded.
     #[error("outside the maintenance window (--no-wait): {0}")]
     OutsideWindow(String),
+    /// A promotion that cannot be made as asked (mapping, source hosts
+    /// unhealthy, unreachable or not in sync); nothing was recorded.
+    #[error("promotion refused: {0}")]
+    PromotionRefused(String),
     /// A queued deployment that will never start: a newer one of the same
     /// source came first.
     #[error("{0}")]
@@ -59,6 +63,7 @@ impl EngineError {
                 | EngineError::Busy { .. }
                 | EngineError::Forbidden(_)
                 | EngineError::OutsideWindow(_)
+                | EngineError::PromotionRefused(_)
         )
     }
 }

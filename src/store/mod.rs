@@ -19,6 +19,7 @@ use std::sync::Arc;
 use sqlx::AnyPool;
 
 mod audit;
+mod chat_requests;
 mod cluster;
 mod database;
 mod deployments;
@@ -30,12 +31,15 @@ mod leases;
 mod listen;
 mod liveness;
 mod profiles;
+mod provenance;
 mod runs;
+mod schedules;
 mod stats;
 #[cfg(test)]
 mod tests;
 mod watch;
 
+pub use chat_requests::{ChatDecision, ChatRequest, NewChatRequest};
 pub use cluster::{Heartbeat, Leader, Role};
 pub use database::{
     Backend, DB_FILE, Database, DatabaseUrl, LeaseTiming, StoreOptions, schema_version,
@@ -47,6 +51,7 @@ pub use gates::Decision;
 pub use hooks::BranchHead;
 pub use leases::Lease;
 pub use listen::{EventListener, Notice};
+pub use schedules::ScheduleRun;
 pub use stats::{STEP_BUCKETS, StepHistogram};
 pub use watch::{NewAlert, WatchChange, WatchRow};
 

@@ -116,14 +116,16 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 }
 
 /// A daemon with `top` keys before the config's tables and `extra_config`
-/// after them (in the `[github]` table unless it opens another).
+/// after them (in the `[github]` table unless it opens another). Chat
+/// deployments of up to 10 hosts need no confirmation (see
+/// [`start_daemon_confirming`]).
 pub(crate) fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
     start_daemon_in(h, h.state_dir(), top, extra_config)
 }
 
 /// [`start_daemon_with`] on another state directory (another machine's).
 pub(crate) fn start_daemon_in(h: &Harness, state: &Path, top: &str, extra_config: &str) -> Daemon {
-    spawn_daemon(h, state, top, extra_config, &[])
+    spawn_daemon(h, state, top, extra_config, &[], 10)
 }
 
 /// [`start_daemon_with`], with more arguments for `nix-deploy` (before
@@ -134,16 +136,31 @@ pub(crate) fn start_daemon_args(
     extra_config: &str,
     args: &[&str],
 ) -> Daemon {
-    spawn_daemon(h, h.state_dir(), top, extra_config, args)
+    spawn_daemon(h, h.state_dir(), top, extra_config, args, 10)
 }
 
-/// A daemon on state directory `state`, with `args` before `serve`.
+/// [`start_daemon_in`], where a chat deployment touching more than
+/// `confirm_above` hosts is confirmed first.
+pub(crate) fn start_daemon_confirming(
+    h: &Harness,
+    state: &Path,
+    top: &str,
+    extra_config: &str,
+    confirm_above: usize,
+) -> Daemon {
+    spawn_daemon(h, state, top, extra_config, &[], confirm_above)
+}
+
+/// A daemon on state directory `state`, with `args` before `serve`, where a
+/// chat deployment touching more than `confirm_above` hosts is confirmed
+/// first.
 pub(crate) fn spawn_daemon(
     h: &Harness,
     state: &Path,
     top: &str,
     extra_config: &str,
     args: &[&str],
+    confirm_above: usize,
 ) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
@@ -176,6 +193,9 @@ scope = "read"
 [slack]
 signing-secret-file = "{}"
 response-url-prefixes = ["http://127.0.0.1:"]
+
+[chat]
+confirm-above = {confirm_above}
 
 [[chat.users]]
 id = "U1"

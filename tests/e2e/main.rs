@@ -27,6 +27,8 @@ mod local;
 mod metadata;
 mod module;
 mod ops;
+mod ops2;
+mod promotion;
 mod recipes;
 mod recovery;
 mod reporting;

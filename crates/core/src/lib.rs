@@ -38,6 +38,9 @@
 //! - [`audit`]: the audit trail's entries and its hash chain.
 //! - [`grammar`]: the deploy flags (one clap parser for the CLI and chat)
 //!   and the chat command's verbs.
+//! - [`scheduled`]: scheduled deployments: when each `[[schedule]]` is due.
+//! - [`promote`]: promotion between environments: pairing by key, the
+//!   verdict on a source host, what is recorded.
 //! - [`suggest`]: "did you mean" for mistyped names.
 //! - [`cluster`]: the coordinators sharing one history, their leases and leader.
 
@@ -60,11 +63,13 @@ pub mod keys;
 pub mod nix;
 pub mod options;
 pub mod plan;
+pub mod promote;
 pub mod pull;
 pub mod remote;
 pub mod render;
 pub mod reports;
 pub mod run;
+pub mod scheduled;
 pub mod select;
 pub mod shell;
 pub mod source;

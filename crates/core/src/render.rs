@@ -100,6 +100,17 @@ pub fn timestamp(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// What a waiting deployment waits for, in one line.
+pub fn window_wait(wait: &crate::run::WindowWait) -> String {
+    format!(
+        "waiting for a maintenance window: {} ({}); next opening {}",
+        wait.hosts.join(", "),
+        wait.reason,
+        wait.opens_at
+            .map_or("none within 400 days".into(), timestamp)
+    )
+}
+
 /// The icon of an outcome: each is two columns wide on a terminal and in
 /// Unicode's width tables, so tables stay aligned.
 pub fn icon(status: HostStatus) -> &'static str {

@@ -10,6 +10,7 @@ mod doctor;
 mod exec;
 mod health;
 mod plan;
+mod promote;
 mod resume;
 mod rollback;
 mod watch;
@@ -22,6 +23,7 @@ use nix_deploy_core::run::{Deployment, HostRun};
 pub use build::BuildRequest;
 pub use deploy::{DeployRequest, PushSource};
 pub use exec::{ExecJob, UploadKeysRequest};
+pub use promote::{PROMOTE, PromoteJob};
 pub use rollback::RollbackRequest;
 pub use watch::DesiredFleet;
 

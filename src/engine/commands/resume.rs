@@ -21,6 +21,7 @@ use crate::engine::fleet::execution;
 use crate::engine::fleet::leases::Leases;
 use crate::engine::fleet::prepare::Prepared;
 use crate::engine::fleet::prepare::{self, Purpose};
+use crate::engine::fleet::promotion;
 use crate::engine::host::recorder::Recorder;
 use crate::engine::{EngineConfig, EngineError};
 
@@ -73,6 +74,13 @@ impl Engine {
         };
         let prepared = if remaining_names.is_empty() || rollback {
             None
+        } else if pinned.promotion.is_some() {
+            // A promotion: the same systems from the same source hosts,
+            // never the flake's.
+            let mut prepared =
+                promotion::prepare_resume(fleet, &pinned, &remaining_names, &options).await?;
+            prepared.before = touched_before(&deployment, &remaining_names);
+            Some(prepared)
         } else {
             let mut prepared = prepare::prepare(fleet, &selection, &options, Purpose::RESUME)
                 .await

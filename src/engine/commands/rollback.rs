@@ -180,6 +180,7 @@ impl Engine {
             options: options.clone(),
             recorder: recorder.clone(),
             keys: std::sync::Arc::new(KeyTexts::none()),
+            fetch_from: Default::default(),
         };
         let mut run = HostRun::new(recorder.deployment_id(), &host.name);
         run.status = HostStatus::Running;

@@ -302,6 +302,11 @@ pub(crate) async fn execute(
 ) -> Result<Executed, EngineError> {
     let _cancel_watch = leases.watch_cancel(recorder.deployment_id(), cancel).await;
     let id = recorder.deployment_id();
+    let fetch_from = prepared
+        .promotion
+        .as_ref()
+        .map(|p| p.fetch_from())
+        .unwrap_or_default();
     let keys = Arc::new(KeyTexts::new(
         &cx.config.flake,
         prepared.index.source,
@@ -388,6 +393,7 @@ pub(crate) async fn execute(
         options: options.clone(),
         recorder: recorder.clone(),
         keys,
+        fetch_from,
     });
     let mut execution = Execution {
         context,

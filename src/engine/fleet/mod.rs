@@ -13,6 +13,9 @@
 //!   with real hosts, asking [`gates`] (maintenance windows, approval gates,
 //!   pauses) before each start, and [`blue_green`] commits or reverts staged
 //!   hosts together;
+//! - [`promotion`]: promotion between environments: the fleet's metadata
+//!   without its systems, source hosts vouched for, targets prepared to
+//!   receive what their sources run;
 //! - [`runner`]: `exec`-like runs, one command on every selected host.
 //!
 //! Nothing here switches a host itself: that is [`super::host`]'s.
@@ -24,6 +27,7 @@ pub(super) mod gates;
 pub(super) mod leases;
 pub(super) mod prepare;
 pub(super) mod probe;
+pub(super) mod promotion;
 pub(super) mod runner;
 pub(super) mod schedule;
 pub(super) mod shards;

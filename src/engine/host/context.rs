@@ -2,10 +2,11 @@
 //! task of a run, and [`HostJob`], one host's part as the scheduler hands it
 //! over and gets it back.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use nix_deploy_core::events::HostStatus;
-use nix_deploy_core::fleet::{HealthCheck, Host, HostMeta};
+use nix_deploy_core::fleet::{HealthCheck, Host, HostMeta, Target};
 use nix_deploy_core::goal::Goal;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::Activation;
@@ -27,6 +28,9 @@ pub(crate) struct HostContext {
     pub recorder: Recorder,
     /// The contents of the run's `text` keys, read when first needed.
     pub keys: Arc<KeyTexts>,
+    /// A promotion: each target host's source host, whose system is
+    /// fetched from it instead of built (empty for other runs).
+    pub fetch_from: BTreeMap<String, Target>,
 }
 
 impl HostContext {

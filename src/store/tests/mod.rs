@@ -11,6 +11,7 @@ use super::*;
 
 mod cluster;
 mod history;
+mod ops;
 mod watch;
 
 /// One history for a test, on one backend.
