@@ -164,6 +164,34 @@ impl Ownership {
     }
 }
 
+impl super::Store {
+    /// The fence hosts check for deployment `id` (see
+    /// `nix_deploy_core::remote::fence`): its id, its creation time and the
+    /// epoch this process holds it at. Refused when this process does not
+    /// hold it (any more).
+    pub async fn host_fence(&self, id: i64) -> Result<nix_deploy_core::remote::Fence, StoreError> {
+        let epoch = self.ownership.epoch(id)?;
+        let (created_at,): (i64,) =
+            sqlx::query_as("SELECT created_at FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(super::query_error("reading a deployment's fence"))?;
+        // Rows always have a positive id and creation time; epochs are
+        // never negative.
+        nix_deploy_core::remote::Fence::new(id, created_at, epoch)
+            .map_err(|_| StoreError::NotHeld { deployment_id: id })
+    }
+
+    /// A host refused deployment `id` at `epoch`: it has seen a newer one,
+    /// so another coordinator took the deployment over. Lost here for good,
+    /// as when the database refuses a write: later writes are refused and
+    /// its workers are told ([`super::Store::lost_signal`]).
+    pub fn fenced_out(&self, id: i64, epoch: i64) {
+        self.ownership.lose(id, epoch, Lost::Superseded);
+    }
+}
+
 /// The first statement of a fenced write: locks deployment `id`'s row and
 /// checks it is still at `epoch`; `false` when it is not.
 pub(super) async fn guard(

@@ -76,8 +76,14 @@ fn a_frozen_host_fails_within_the_timeouts_and_the_others_deploy() {
     assert_eq!(status(&report, "ok1"), "deployed");
     assert_eq!(status(&report, "ok2"), "deployed");
     // It failed because it did not answer in time (not, say, refused).
-    let error = host(&report, "ice")["error"].as_str().unwrap().to_lowercase();
-    assert!(error.contains("timed out") || error.contains("timeout"), "{error}");
+    let error = host(&report, "ice")["error"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        error.contains("timed out") || error.contains("timeout"),
+        "{error}"
+    );
     assert_eq!(h.fleet.generation("ice"), None);
 }
 
@@ -123,15 +129,24 @@ fn a_host_frozen_during_activation_fails_within_the_timeouts() {
     );
     assert_eq!(status(&report, "fine"), "deployed");
     // Stopped by a timeout, not by the host coming back.
-    let error = host(&report, "slow")["error"].as_str().unwrap().to_lowercase();
-    assert!(error.contains("timed out") || error.contains("timeout"), "{error}");
+    let error = host(&report, "slow")["error"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        error.contains("timed out") || error.contains("timeout"),
+        "{error}"
+    );
 }
 
 /// The results of `host`'s watchdogs, once every one of them wrote its own.
 fn wait_for_results(h: &Harness, host: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let armed = h.fleet.ssh(host, "ls /run/nix-deploy/ | grep -c '\\.pid$' || true").unwrap();
+        let armed = h
+            .fleet
+            .ssh(host, "ls /run/nix-deploy/ | grep -c '\\.pid$' || true")
+            .unwrap();
         let results = h
             .fleet
             .ssh(host, "cat /run/nix-deploy/*.result 2>/dev/null || true")
@@ -140,7 +155,10 @@ fn wait_for_results(h: &Harness, host: &str) -> String {
         if armed > 0 && results.lines().count() >= armed {
             return results;
         }
-        assert!(Instant::now() < deadline, "watchdogs of {host} never decided: {results}");
+        assert!(
+            Instant::now() < deadline,
+            "watchdogs of {host} never decided: {results}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

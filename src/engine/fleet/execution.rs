@@ -23,6 +23,7 @@ use super::prepare::Prepared;
 use super::schedule::Schedule;
 use super::{FleetContext, blue_green, probe};
 use crate::engine::EngineError;
+use crate::engine::host::fence::HostFence;
 use crate::engine::host::keys::KeyTexts;
 use crate::engine::host::observe::{Assessment, Settle};
 use crate::engine::host::pipeline::{self as host_pipeline, HostContext, HostJob, Outcome};
@@ -307,8 +308,12 @@ pub(crate) async fn execute(
         &cx.config.nix,
         &prepared.hosts,
     ));
+    // Every host this run touches records its epoch first (see
+    // `engine::host::fence`).
+    let fence = HostFence::of(cx.store, id).await?;
     let settle = Settle::Yes {
         activation_timeout: options.activation_timeout,
+        fence: Some(fence.clone()),
     };
     let mut gates = Gates::new(
         cx.config.policy.clone(),
@@ -384,6 +389,7 @@ pub(crate) async fn execute(
         options: options.clone(),
         recorder: recorder.clone(),
         keys,
+        fence,
     });
     let mut execution = Execution {
         context,

@@ -11,6 +11,7 @@ use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::Activation;
 use nix_deploy_core::run::HostRun;
 
+use super::fence::HostFence;
 use super::keys::KeyTexts;
 use super::observe::Assessment;
 use super::recorder::Recorder;
@@ -25,6 +26,9 @@ pub(crate) struct HostContext {
     pub recorder: Recorder,
     /// The contents of the run's `text` keys, read when first needed.
     pub keys: Arc<KeyTexts>,
+    /// The deployment's epoch as hosts check it: carried by every script
+    /// that changes or settles a host.
+    pub fence: HostFence,
 }
 
 impl HostContext {

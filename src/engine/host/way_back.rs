@@ -29,6 +29,7 @@ use nix_deploy_core::run::{HostRun, RebootRecord};
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Recovery};
+use super::fence::HostFence;
 use super::observe::{self, Assessment};
 use super::{activator, health, keys, reboot};
 use crate::store::StoreError;
@@ -55,10 +56,12 @@ fn describe(before: &Before) -> String {
 
 /// Restore what the host ran and booted before an activation of kind
 /// `undone`, detached on the host (a dropped connection or a killed
-/// coordinator cannot cut it short), then check it runs and boots that.
+/// coordinator cannot cut it short), then check it runs and boots that. A
+/// host that has seen a newer holder of the deployment refuses (`fence`).
 async fn switch_back(
     connection: &mut Connection,
     ssh: &SshOptions,
+    fence: &HostFence,
     assessment: &Assessment,
     before: &Before,
     undone: Activation,
@@ -72,6 +75,7 @@ async fn switch_back(
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
         timeout,
+        fence,
     };
     activator::run(connection, ssh, &switch).await?;
     verify_restored(connection, ssh, before).await
@@ -155,6 +159,7 @@ pub(crate) async fn roll_back(
         switch_back(
             connection,
             &context.ssh,
+            &context.fence,
             assessment,
             before,
             undone,
@@ -227,7 +232,7 @@ async fn roll_back_failed(
         ),
         (true, true) => (Decision::TakenBack, ""),
     };
-    match decide(connection, &context.ssh, run, decision).await {
+    match decide(connection, context, run, decision).await {
         Decided::Ours => {}
         Decided::Elsewhere(how) => {
             let error = format!("{error}\n{how}");
@@ -390,6 +395,7 @@ async fn roll_back_through_boot(
             token: &token,
             systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
             timeout,
+            fence: &context.fence,
         };
         activator::run(connection, ssh, &switch).await?;
         let now = observe::systems(connection, "rollback", ssh.command_timeout).await?;
@@ -407,6 +413,7 @@ async fn roll_back_through_boot(
         switch_back(
             connection,
             ssh,
+            &context.fence,
             assessment,
             &before,
             Activation::Test,
@@ -486,7 +493,7 @@ pub(crate) async fn undo_unrecorded(context: &HostContext, job: &mut HostJob) {
     if run.token.is_none() && !profile_set {
         return;
     }
-    if let Decided::Ours = decide(connection, &context.ssh, run, Decision::TakenBack).await {
+    if let Decided::Ours = decide(connection, context, run, Decision::TakenBack).await {
         // Staged with `test` (blue-green) when the profile was never set.
         let undone = if profile_set {
             Activation::Switch
@@ -497,6 +504,7 @@ pub(crate) async fn undo_unrecorded(context: &HostContext, job: &mut HostJob) {
         let _ = switch_back(
             connection,
             &context.ssh,
+            &context.fence,
             assessment,
             &before,
             undone,
@@ -553,10 +561,13 @@ enum Decided {
 }
 
 /// Decide the run's activation atomically against its watchdog. A run
-/// without an activation has nothing to decide.
+/// without an activation has nothing to decide. A host refusing our epoch
+/// leaves it to the deployment's new holder: then the deployment is lost
+/// here, and the caller's next write (before it touches the host again) is
+/// refused.
 async fn decide(
     connection: &Connection,
-    ssh: &SshOptions,
+    context: &HostContext,
     run: &HostRun,
     decision: Decision,
 ) -> Decided {
@@ -566,12 +577,15 @@ async fn decide(
     match connection
         .run_privileged(
             "rollback",
-            &remote::decide_argv(token, decision),
-            ssh.command_timeout,
+            &remote::decide_argv(token, decision, context.fence.fence()),
+            context.ssh.command_timeout,
         )
         .await
     {
         Ok(_) => Decided::Ours,
+        Err(e) if context.fence.refused(connection.host(), &e) => {
+            Decided::Elsewhere(format!("another coordinator holds the deployment: {e}"))
+        }
         Err(SshError::Exit { code, stderr, .. }) if code == remote::DECIDED_BY_WATCHDOG => {
             Decided::Elsewhere(format!(
                 "its watchdog had already decided to switch back ({})",
