@@ -37,6 +37,9 @@ struct Held {
     /// When the last taking or renewal that succeeded began (this process's
     /// monotonic clock): the lease lasts at least a TTL from then.
     renewed: Instant,
+    /// Asked to be handed over to another coordinator at its next safe
+    /// point (this daemon is stopping).
+    hand_over: bool,
 }
 
 /// Why a deployment is no longer ours.
@@ -77,8 +80,40 @@ impl Ownership {
                 lost: None,
                 signal: CancellationToken::new(),
                 renewed,
+                hand_over: false,
             },
         );
+    }
+
+    /// Ask that `id` be handed over at its next safe point (`wanted`), or
+    /// no longer; false when we do not hold it (or lost it).
+    pub fn set_hand_over(&self, id: i64, wanted: bool) -> bool {
+        match self.map().get_mut(&id) {
+            Some(held) if held.lost.is_none() => {
+                held.hand_over = wanted;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `id` is to be handed over (held, not lost, asked).
+    pub fn hand_over_wanted(&self, id: i64) -> bool {
+        self.map()
+            .get(&id)
+            .is_some_and(|h| h.lost.is_none() && h.hand_over)
+    }
+
+    /// The deployments asked to be handed over, by id.
+    pub fn handing_over(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .map()
+            .iter()
+            .filter(|(_, h)| h.lost.is_none() && h.hand_over)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// We let deployment `id` go (finished, or handed back).
@@ -249,6 +284,14 @@ mod tests {
         ownership.took(7, 5);
         assert_eq!(ownership.epoch(7).unwrap(), 5);
         assert_eq!(ownership.current(), [(7, 5)]);
+        // Asked to be handed over, and no longer; never one we lost.
+        assert!(ownership.set_hand_over(7, true));
+        assert!(ownership.hand_over_wanted(7));
+        assert_eq!(ownership.handing_over(), [7]);
+        assert!(ownership.set_hand_over(7, false));
+        assert!(!ownership.hand_over_wanted(7) && ownership.handing_over().is_empty());
+        assert!(!ownership.set_hand_over(8, true), "lost");
+        assert!(!ownership.set_hand_over(9, true), "never held");
         ownership.released(7);
         assert!(ownership.signal(7).is_none());
     }

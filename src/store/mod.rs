@@ -24,6 +24,7 @@ mod deployments;
 mod eval_cache;
 mod fence;
 mod gates;
+mod handoff;
 mod hooks;
 mod leases;
 mod listen;
@@ -33,7 +34,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use cluster::{Heartbeat, Leader, Role};
+pub use cluster::{Heartbeat, Leader, Released, Role};
 pub use database::{
     Backend, DB_FILE, Database, DatabaseUrl, LeaseTiming, StoreOptions, schema_version,
 };

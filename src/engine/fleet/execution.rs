@@ -21,7 +21,7 @@ use super::gates::Gates;
 use super::leases::Leases;
 use super::prepare::Prepared;
 use super::schedule::Schedule;
-use super::{FleetContext, blue_green, probe};
+use super::{FleetContext, blue_green, handoff, probe};
 use crate::engine::EngineError;
 use crate::engine::host::fence::HostFence;
 use crate::engine::host::keys::KeyTexts;
@@ -35,6 +35,7 @@ use crate::transport::ssh::Connection;
 
 /// One deployment's execution of its plan, with real hosts.
 pub(crate) struct Execution<'a> {
+    pub fleet: FleetContext<'a>,
     pub context: Arc<HostContext>,
     pub plan: &'a Plan,
     pub options: &'a DeployOptions,
@@ -169,6 +170,11 @@ impl<'a> Execution<'a> {
                 let held = self.schedule.held(|h| gates.admit(h));
                 if !held.is_empty() {
                     if let Some(reason) = self.gates.wait(&held, cancel).await? {
+                        // Held hosts stay for whoever resumes a deployment
+                        // handed over.
+                        if handoff::wanted(self.fleet, self.recorder, cancel) {
+                            continue;
+                        }
                         let names: Vec<String> = held.iter().map(|h| h.name.clone()).collect();
                         for planned in self.schedule.take_named(&names) {
                             if let Some(job) = jobs.remove(&planned.name) {
@@ -210,6 +216,14 @@ impl<'a> Execution<'a> {
             }
         }
 
+        // Stopped at a safe point to be handed over: what did not start is
+        // left for the coordinator that resumes it.
+        if self.schedule.aborted().is_none() && handoff::wanted(self.fleet, self.recorder, cancel) {
+            for (_, job) in std::mem::take(&mut jobs) {
+                job.connection.close().await;
+            }
+            return Err(handoff::hand_over(self.fleet, self.recorder).await);
+        }
         for (planned, status, reason) in self.schedule.take_rest(cancel.is_cancelled()) {
             if let Some(job) = jobs.remove(&planned.name) {
                 job.connection.close().await;
@@ -334,6 +348,9 @@ pub(crate) async fn execute(
         .await?
     {
         prepared.discard().await;
+        if handoff::wanted(cx, recorder, cancel) {
+            return Err(handoff::hand_over(cx, recorder).await);
+        }
         return Ok(Executed {
             runs: Vec::new(),
             aborted: None,
@@ -392,6 +409,7 @@ pub(crate) async fn execute(
         fence,
     });
     let mut execution = Execution {
+        fleet: cx,
         context,
         plan: &plan,
         options,

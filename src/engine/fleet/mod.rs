@@ -12,6 +12,8 @@
 //!   with real hosts, asking [`gates`] (maintenance windows, approval gates,
 //!   pauses) before each start, and [`blue_green`] commits or reverts staged
 //!   hosts together;
+//! - [`handoff`]: a deployment stopped at a safe point and let go for
+//!   another coordinator to resume (this one is stopping);
 //! - [`runner`]: `exec`-like runs, one command on every selected host.
 //!
 //! Nothing here switches a host itself: that is [`super::host`]'s.
@@ -20,6 +22,7 @@ pub(super) mod blue_green;
 pub(super) mod evaluate;
 pub(super) mod execution;
 pub(super) mod gates;
+pub(super) mod handoff;
 pub(super) mod leases;
 pub(super) mod prepare;
 pub(super) mod probe;
