@@ -8,6 +8,8 @@
 
 mod cli;
 mod cluster;
+mod cluster_fencing;
+mod cluster_handoff;
 mod commands;
 mod connections;
 mod daemon;
