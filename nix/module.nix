@@ -81,13 +81,14 @@ let
         '';
       };
       keyFile = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr (types.either types.str types.path);
         default = null;
+        apply = value: if value == null then null else toString value;
         example = "/home/me/secrets/db-password";
         description = ''
-          A file on the coordinator holding the key. A string, not a Nix path
-          (`./secret` would copy the file into the store; nix-deploy refuses
-          store paths).
+          A file on the coordinator holding the key. Best a string: a Nix path
+          (`./secret`, as colmena accepts) is read from the flake's source in
+          the Nix store, readable by every local user (nix-deploy warns).
         '';
       };
       keyCommand = mkOption {
@@ -196,20 +197,58 @@ in
   ];
   options.deployment = {
     targetHost = mkOption {
-      type = types.str;
+      type = types.nullOr types.str;
       default = config.networking.hostName;
       defaultText = lib.literalExpression "config.networking.hostName";
-      description = "SSH destination: a host name, address or alias from the ssh config.";
+      description = ''
+        SSH destination: a host name, address or alias from the ssh config.
+        `null`: the host is not deployed over SSH, only by `nix-deploy
+        apply-local` on itself (with `allowLocalDeployment`).
+      '';
     };
     targetUser = mkOption {
-      type = types.str;
+      type = types.nullOr types.str;
       default = "root";
-      description = "SSH user; a non-root user runs the privileged steps through sudo.";
+      description = ''
+        SSH user; a non-root user runs the privileged steps through
+        `privilegeEscalationCommand`. `null`: the ssh config decides.
+      '';
     };
     targetPort = mkOption {
       type = types.nullOr types.port;
       default = null;
       description = "SSH port; null lets the ssh config decide.";
+    };
+    sshOptions = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "-o" "ProxyJump=bastion" "-i" "/keys/deploy" ];
+      description = "Extra ssh options for this host, as ssh's arguments (each must have an ssh configuration keyword).";
+    };
+    privilegeEscalationCommand = mkOption {
+      type = types.listOf types.str;
+      default = [ "sudo" "-n" "--" ];
+      description = "Runs the privileged steps when `targetUser` is not root (an argument vector; must not ask for a password).";
+    };
+    allowLocalDeployment = mkOption {
+      type = types.bool;
+      default = false;
+      description = "`nix-deploy apply-local` may deploy this host on itself (the machine the coordinator runs on).";
+    };
+    buildOnTarget = mkOption {
+      type = types.bool;
+      default = false;
+      description = "The host builds its own system from the derivation, with its own substituters; the coordinator builds nothing.";
+    };
+    substituteOnDestination = mkOption {
+      type = types.nullOr types.bool;
+      default = null;
+      description = "Whether the host fetches what its substituters have (the coordinator sends the rest); null: the deployment's setting (on unless `--no-substitute`).";
+    };
+    replaceUnknownProfiles = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Deploy over a system nix-deploy never deployed to this host (false: such a host is refused).";
     };
     role = mkOption {
       type = types.str;

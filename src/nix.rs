@@ -11,14 +11,15 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use nix_deploy_core::eval::{
-    names_command, parse_names, parse_version, shard_command, version_command,
+    self, FlakeIdentity, fleet_command, parse_version, shard_command, version_command,
 };
 use nix_deploy_core::keys::Secret;
 use nix_deploy_core::nix::{
     NixFlags, add_root_command, build_command, check_flake_ref, closure_command, copy_command,
-    flakes_probe_command, key_texts_command, metadata_command, parse_build_output,
-    probe_path_command, show_config_command,
+    copy_derivation_command, flakes_probe_command, key_texts_command, metadata_command,
+    parse_build_output, probe_path_command, show_config_command,
 };
+use nix_deploy_core::source::FleetSource;
 
 use crate::process::{self, Cmd, ExecError, Stream};
 
@@ -28,7 +29,7 @@ pub const MAX_KEY_TEXTS_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
-    #[error("evaluating `{flake}#nixosConfigurations` failed: {source}")]
+    #[error("evaluating the fleet of `{flake}` failed: {source}")]
     Eval {
         flake: String,
         #[source]
@@ -68,6 +69,9 @@ pub enum NixError {
     BadFlag(String),
     #[error("`nix show-config` failed: {0}")]
     Config(#[source] ExecError),
+    /// The fleet's outputs do not read ([`nix_deploy_core::source`]).
+    #[error("{0}")]
+    Fleet(String),
 }
 
 /// What Nix said when a command failed: its stderr, else the failure itself
@@ -82,13 +86,17 @@ fn nix_said(error: &ExecError) -> String {
 }
 
 /// How we call Nix: extra environment (for tests and the demo, e.g. `NIX_CONFIG`),
-/// the user's flags for every invocation and timeouts.
+/// the user's flags for every invocation, timeouts and remote builders.
 #[derive(Clone, Debug)]
 pub struct Nix {
     pub env: Vec<(String, String)>,
     /// `--show-trace`, `--impure`, `--nix-option`: added to every local Nix
     /// command (`--impure` to evaluations and builds only).
     pub flags: NixFlags,
+    /// `--builders`: Nix's `builders` for our local builds (a machines
+    /// specification, or `@FILE`); `None`: Nix's own setting, or the fleet's
+    /// `meta.machinesFile`.
+    pub builders: Option<String>,
     pub eval_timeout: Duration,
     pub build_timeout: Duration,
     pub copy_timeout: Duration,
@@ -99,6 +107,7 @@ impl Default for Nix {
         Nix {
             env: Vec::new(),
             flags: NixFlags::default(),
+            builders: None,
             eval_timeout: Duration::from_secs(600),
             build_timeout: Duration::from_secs(3600),
             copy_timeout: Duration::from_secs(1800),
@@ -118,6 +127,16 @@ enum Kind {
 }
 
 impl Nix {
+    /// This Nix, building on the fleet's remote builders (colmena's
+    /// `meta.machinesFile`) unless `--builders` chose others.
+    pub fn for_fleet(&self, meta: &nix_deploy_core::source::FleetMeta) -> Nix {
+        let mut nix = self.clone();
+        if nix.builders.is_none() {
+            nix.builders = meta.machines_file.as_ref().map(|file| format!("@{file}"));
+        }
+        nix
+    }
+
     /// The command with our environment and the user's flags.
     fn prepare(&self, cmd: Cmd, kind: Kind) -> Cmd {
         let flags = match kind {
@@ -177,6 +196,40 @@ impl Nix {
         Ok(out.stdout)
     }
 
+    /// What identifies `flake`'s content, from its metadata (`metadata`, as
+    /// [`Nix::flake_metadata`] gave it), or in one line why nothing does.
+    pub fn identity(metadata: &Result<String, NixError>) -> Result<FlakeIdentity, String> {
+        match metadata {
+            Ok(json) => {
+                let lock_file =
+                    eval::lock_file_path(json).and_then(|path| std::fs::read_to_string(path).ok());
+                FlakeIdentity::from_metadata(json, lock_file.as_deref())
+            }
+            Err(e) => Err(format!("{e}")
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string()),
+        }
+    }
+
+    /// Where `flake` keeps its fleet: `forced` (`--source`), checked to be
+    /// there, or detected ([`nix_deploy_core::source::parse_fleet`]).
+    pub async fn fleet_source(
+        &self,
+        flake: &str,
+        forced: Option<FleetSource>,
+    ) -> Result<FleetSource, NixError> {
+        let identity = Self::identity(&self.flake_metadata(flake).await);
+        let text = match &identity {
+            Ok(identity) => self.fleet(&identity.pinned_ref, true).await?,
+            Err(_) => self.fleet(flake, false).await?,
+        };
+        nix_deploy_core::source::parse_fleet(&text, forced)
+            .map(|index| index.source)
+            .map_err(NixError::Fleet)
+    }
+
     /// The first line of `nix --version`.
     pub async fn version(&self) -> Result<String, NixError> {
         let cmd = self.prepare(version_command(), Kind::Plain);
@@ -189,48 +242,53 @@ impl Nix {
         })
     }
 
-    /// The host names of `FLAKE#nixosConfigurations` (no host is evaluated).
+    /// Which fleet sources the flake has, their host names and colmena's
+    /// meta, as printed (no host is evaluated; read it with
+    /// [`nix_deploy_core::source::parse_fleet`]). `pinned`: `flake` is locked.
     #[tracing::instrument(skip(self))]
-    pub async fn host_names(&self, flake: &str) -> Result<Vec<String>, NixError> {
+    pub async fn fleet(&self, flake: &str, pinned: bool) -> Result<String, NixError> {
         Self::check_flake(flake)?;
-        let cmd = self.prepare(names_command(flake), Kind::Eval);
+        let cmd = self.prepare(fleet_command(flake, pinned), Kind::Eval);
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
             .await
             .map_err(|source| NixError::Eval {
                 flake: flake.to_string(),
                 source,
             })?;
-        parse_names(&out.stdout).map_err(|reason| NixError::BadOutput {
-            command: cmd.display(),
-            reason,
-        })
+        Ok(out.stdout)
     }
 
-    /// Evaluate the given hosts of `FLAKE#nixosConfigurations` in one
-    /// process, with an initial heap of `initial_heap` bytes if given; its
-    /// peak memory is measured. The error is the process's, so the caller
-    /// can tell a timeout from a failure and read Nix's message.
+    /// Evaluate the given hosts of the fleet in one process (each with its
+    /// system when wanted), with an initial heap of `initial_heap` bytes if
+    /// given; its peak memory is measured. The error is the process's, so the
+    /// caller can tell a timeout from a failure and read Nix's message.
     pub async fn eval_hosts(
         &self,
         flake: &str,
-        hosts: &[String],
+        source: FleetSource,
+        hosts: &[(String, bool)],
         catch: bool,
         initial_heap: Option<u64>,
     ) -> Result<process::Output, ExecError> {
-        let mut cmd = self.prepare(shard_command(flake, hosts, catch), Kind::Eval);
+        let mut cmd = self.prepare(shard_command(flake, source, hosts, catch), Kind::Eval);
         if let Some(bytes) = initial_heap {
             cmd = cmd.env("GC_INITIAL_HEAP_SIZE", bytes.to_string());
         }
         process::run_measured(&cmd, self.eval_timeout, |_, _| {}).await
     }
 
-    /// `nix-deploy eval`: the user's expression against the fleet
-    /// ([`nix_deploy_core::introspect`]); Nix's JSON, as printed.
-    pub async fn eval_expression(&self, flake: &str, expression: &str) -> Result<String, NixError> {
+    /// `nix-deploy eval`: the user's expression against the fleet of
+    /// `source` ([`nix_deploy_core::introspect`]); Nix's JSON, as printed.
+    pub async fn eval_expression(
+        &self,
+        flake: &str,
+        source: FleetSource,
+        expression: &str,
+    ) -> Result<String, NixError> {
         Self::check_flake(flake)?;
         nix_deploy_core::introspect::check_expression(expression).map_err(NixError::BadFlag)?;
         let cmd = self.prepare(
-            nix_deploy_core::introspect::eval_command(flake, expression),
+            nix_deploy_core::introspect::eval_command(flake, source, expression),
             Kind::Eval,
         );
         let out = process::run(&cmd, self.eval_timeout, |_, _| {})
@@ -239,13 +297,14 @@ impl Nix {
         Ok(out.stdout.trim_end().to_string())
     }
 
-    /// Build one derivation locally; returns its `out` path.
+    /// Build one derivation locally (on [`Nix::builders`] when set); returns
+    /// its `out` path.
     pub async fn build(
         &self,
         drv: &str,
         on_line: impl FnMut(Stream, &str) + Send,
     ) -> Result<String, NixError> {
-        let cmd = self.prepare(build_command(drv), Kind::Eval);
+        let cmd = self.prepare(build_command(drv, self.builders.as_deref()), Kind::Eval);
         let out = process::run(&cmd, self.build_timeout, on_line)
             .await
             .map_err(|source| NixError::Build {
@@ -267,13 +326,7 @@ impl Nix {
                 drv: path.to_string(),
                 source,
             })?;
-        Ok(out
-            .stdout
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect())
+        Ok(nix_deploy_core::summary::closure_paths(&out.stdout))
     }
 
     /// The `text` of the keys of `hosts` that have one, in one evaluation
@@ -283,12 +336,14 @@ impl Nix {
     pub async fn key_texts(
         &self,
         flake: &str,
+        source: FleetSource,
         hosts: &[String],
     ) -> Result<BTreeMap<String, BTreeMap<String, Secret>>, NixError> {
-        let cmd = key_texts_command(flake, hosts).map_err(|reason| NixError::BadOutput {
-            command: "nix eval (key texts)".into(),
-            reason,
-        })?;
+        let cmd =
+            key_texts_command(flake, source, hosts).map_err(|reason| NixError::BadOutput {
+                command: "nix eval (key texts)".into(),
+                reason,
+            })?;
         let cmd = self.prepare(cmd, Kind::Eval);
         let out = process::run_bytes(&cmd, self.eval_timeout, MAX_KEY_TEXTS_BYTES)
             .await
@@ -351,6 +406,28 @@ impl Nix {
         Ok(())
     }
 
+    /// Copy the derivation `drv` and its closure (not its outputs) to the
+    /// host behind `destination_uri`, to be built there.
+    pub async fn copy_derivation(
+        &self,
+        destination_uri: &str,
+        drv: &str,
+        ssh_opts: &str,
+    ) -> Result<(), NixError> {
+        let cmd = self.prepare(
+            copy_derivation_command(destination_uri, drv, ssh_opts),
+            Kind::Store,
+        );
+        process::run(&cmd, self.copy_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Copy {
+                path: drv.to_string(),
+                destination: destination_uri.to_string(),
+                source,
+            })?;
+        Ok(())
+    }
+
     /// Copy `path` and its closure to the host behind `destination_uri`.
     pub async fn copy(
         &self,
@@ -372,5 +449,35 @@ impl Nix {
                 source,
             })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix_deploy_core::source::FleetMeta;
+
+    #[test]
+    fn builds_use_the_fleets_machines_file_unless_builders_are_given() {
+        let meta = FleetMeta {
+            allow_apply_all: true,
+            machines_file: Some("/etc/nix/machines".into()),
+        };
+        assert_eq!(
+            Nix::default().for_fleet(&meta).builders.as_deref(),
+            Some("@/etc/nix/machines")
+        );
+        let given = Nix {
+            builders: Some("ssh://b x86_64-linux".into()),
+            ..Nix::default()
+        };
+        assert_eq!(
+            given.for_fleet(&meta).builders.as_deref(),
+            Some("ssh://b x86_64-linux")
+        );
+        assert_eq!(
+            Nix::default().for_fleet(&FleetMeta::default()).builders,
+            None
+        );
     }
 }

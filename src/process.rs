@@ -136,7 +136,7 @@ async fn run_inner(
     mut on_line: impl FnMut(Stream, &str) + Send,
     measure: bool,
 ) -> Result<Output, ExecError> {
-    let mut spawned = spawn(cmd)?;
+    let mut spawned = spawn(cmd, false)?;
     let child = &mut spawned.child;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -222,58 +222,86 @@ async fn run_inner(
 /// bytes. Stderr is drained at the same time; its tail goes into the error
 /// on failure. The output is never logged.
 pub async fn run_bytes(cmd: &Cmd, timeout: Duration, limit: usize) -> Result<Vec<u8>, ExecError> {
-    use tokio::io::AsyncReadExt;
-    let mut spawned = spawn(cmd)?;
+    let output = run_output(cmd, &[], timeout, limit).await?;
+    if !output.status.success() {
+        return Err(ExecError::Exit {
+            command: cmd.display(),
+            status: output.status.to_string(),
+            stderr_tail: bytes_tail(&output.stderr),
+        });
+    }
+    Ok(output.stdout)
+}
+
+/// Run `cmd` with `input` on its stdin (a key's contents, for the host that
+/// is this machine: never on a command line) and return how it ended,
+/// whatever its exit status: the caller judges it (by a remote command's
+/// rules, for the host that is this machine). Stdin is fed while stdout and
+/// stderr are drained, each to at most `limit` bytes: one byte more on
+/// either and the child's process group is killed ([`ExecError::TooLarge`]).
+pub async fn run_output(
+    cmd: &Cmd,
+    input: &[u8],
+    timeout: Duration,
+    limit: usize,
+) -> Result<std::process::Output, ExecError> {
+    use tokio::io::AsyncWriteExt;
+    let mut spawned = spawn(cmd, !input.is_empty())?;
     let child = &mut spawned.child;
+    let stdin = child.stdin.take();
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let io_error = |source| ExecError::Io {
         command: cmd.display(),
         source,
     };
-    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
     let work = async {
-        let mut out = Vec::new();
-        let read_err = async {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Some(line) = lines.next_line().await.map_err(io_error)? {
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
+        let feed = async {
+            if let Some(mut stdin) = stdin {
+                // A command that exits without reading everything is judged
+                // by its exit code, not by the broken pipe.
+                let _ = stdin.write_all(input).await;
+                let _ = stdin.shutdown().await;
             }
-            Ok::<_, ExecError>(())
         };
-        tokio::pin!(read_err);
-        let mut err_done = None;
-        {
-            let mut limited = stdout.take(limit as u64 + 1);
-            let read_out = limited.read_to_end(&mut out);
-            tokio::pin!(read_out);
-            // Stderr may stay open after stdout ends (a child still
-            // running): the limit is judged as soon as stdout is read.
-            loop {
-                tokio::select! {
-                    read = &mut read_out => {
-                        read.map_err(io_error)?;
-                        break;
-                    }
-                    read = &mut read_err, if err_done.is_none() => err_done = Some(read),
-                }
+        // Each stream is read to its end or to one byte past the limit;
+        // one too long is judged at once (the other may stay open while a
+        // child still runs).
+        let read_out = read_bounded(stdout, &mut out, limit);
+        let read_err = read_bounded(stderr, &mut err, limit);
+        tokio::pin!(feed, read_out, read_err);
+        let (mut fed, mut out_done, mut err_done) = (false, false, false);
+        let too_large = loop {
+            if out_done && err_done {
+                break Ok(false);
             }
-        }
-        if out.len() > limit {
+            let too_large = tokio::select! {
+                () = &mut feed, if !fed => {
+                    fed = true;
+                    false
+                }
+                read = &mut read_out, if !out_done => {
+                    out_done = true;
+                    read.map_err(io_error)?
+                }
+                read = &mut read_err, if !err_done => {
+                    err_done = true;
+                    read.map_err(io_error)?
+                }
+            };
+            if too_large {
+                break Ok::<_, ExecError>(true);
+            }
+        };
+        if too_large? {
             return Ok(None);
         }
-        match err_done {
-            Some(read) => read?,
-            None => read_err.await?,
-        }
         let status = child.wait().await.map_err(io_error)?;
-        Ok::<_, ExecError>(Some((status, out)))
+        Ok::<_, ExecError>(Some(status))
     };
-    let (status, out) = match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(Some(done))) => done,
+    let status = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(Some(status))) => status,
         // Dropping `spawned` kills the group and reaps the child.
         Ok(Ok(None)) => {
             return Err(ExecError::TooLarge {
@@ -286,19 +314,36 @@ pub async fn run_bytes(cmd: &Cmd, timeout: Duration, limit: usize) -> Result<Vec
             return Err(ExecError::Timeout {
                 command: cmd.display(),
                 timeout,
-                stderr_tail: join_tail(&tail),
+                stderr_tail: bytes_tail(&err),
             });
         }
     };
     spawned.group.reaped();
-    if !status.success() {
-        return Err(ExecError::Exit {
-            command: cmd.display(),
-            status: status.to_string(),
-            stderr_tail: join_tail(&tail),
-        });
-    }
-    Ok(out)
+    Ok(std::process::Output {
+        status,
+        stdout: out,
+        stderr: err,
+    })
+}
+
+/// Read `stream` into `buf` to its end, or to one byte past `limit`:
+/// whether it was too long.
+async fn read_bounded(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let read = stream.take(limit as u64 + 1).read_to_end(buf).await?;
+    Ok(read > limit)
+}
+
+/// The last lines of a child's stderr, for an error.
+fn bytes_tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let start = lines.len().saturating_sub(TAIL_LINES);
+    lines[start..].join("\n")
 }
 
 /// A running child: its process group is killed when this is dropped,
@@ -330,18 +375,19 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// The one way a local process starts: null stdin, stdout and stderr piped,
+/// The one way a local process starts: null stdin (piped with `stdin`),
+/// stdout and stderr piped,
 /// the caller's environment on top of ours, a process group of its own
 /// (Ctrl-C at the terminal asks *us* to cancel, with a confirmation; it must
 /// not kill a build or a copy), killed with its group when dropped.
-fn spawn(cmd: &Cmd) -> Result<Spawned, ExecError> {
+fn spawn(cmd: &Cmd, stdin: bool) -> Result<Spawned, ExecError> {
     // The one place that may: see clippy.toml.
     #[allow(clippy::disallowed_methods)]
     let mut command = Command::new(cmd.program());
     command
         .args(cmd.get_args())
         .envs(cmd.envs())
-        .stdin(Stdio::null())
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -422,6 +468,33 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("oops"), "{err}");
         assert!(!err.to_string().contains("424241"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn output_comes_back_whatever_the_status_with_the_input_on_stdin() {
+        let cmd = Cmd::new("sh").args(["-c", "cat; echo err >&2; exit 3"]);
+        let out = run_output(&cmd, b"hello", Duration::from_secs(10), 1024)
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, b"hello");
+        assert_eq!(out.stderr, b"err\n");
+        assert_eq!(out.status.code(), Some(3));
+        // A command that does not read its input is judged by its exit code.
+        let cmd = Cmd::new("true");
+        let big = vec![b'x'; 1024 * 1024];
+        let out = run_output(&cmd, &big, Duration::from_secs(10), 1024)
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        // Either stream past the limit stops the child.
+        let cmd = Cmd::new("sh").args(["-c", "head -c 2000 /dev/zero >&2; sleep 100"]);
+        let err = run_output(&cmd, &[], Duration::from_secs(30), 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ExecError::TooLarge { limit: 1000, .. }),
+            "{err}"
+        );
     }
 
     /// Whether `pid` is gone (or a zombie: dead, not yet reaped by its new

@@ -1,4 +1,5 @@
-//! The commands a colmena user types: `apply [GOAL]` and `build`.
+//! The commands a colmena user types: `apply [GOAL]`, `apply-local [GOAL]`
+//! and `build`.
 //!
 //! `apply` is `deploy` spelt as colmena spells it: the goal is a positional
 //! word (`switch`, `boot`, `test`, `dry-activate`, `push`, and `build` and
@@ -6,6 +7,10 @@
 //! `--parallel N`) is how many hosts run at once (`0`: no limit). What each
 //! host goes through is a deployment's: only changed hosts, in dependency
 //! order, validated and confirmed, rolled back on failure, recorded.
+//!
+//! `apply-local` deploys the machine nix-deploy runs on (its host must set
+//! `deployment.allowLocalDeployment`) through the same steps, its commands
+//! run here instead of over SSH.
 
 use clap::Args;
 use clap::builder::PossibleValuesParser;
@@ -15,7 +20,7 @@ use nix_deploy_core::keys::KeysRequest;
 use nix_deploy_core::options::{MAX_PARALLEL, OptionsError, Request};
 use nix_deploy_core::reports::BuildReport;
 
-use super::args::{ResultArgs, RuntimeArgs, SelectArgs};
+use super::args::{ClosureArgs, ResultArgs, RuntimeArgs, SelectArgs};
 use super::{Cli, EXIT_FAILED, EXIT_OK, output};
 use crate::engine::BuildRequest;
 
@@ -52,6 +57,8 @@ pub struct ApplyArgs {
     pub runtime: RuntimeArgs,
     #[command(flatten)]
     pub results: ResultArgs,
+    #[command(flatten)]
+    pub closure: ClosureArgs,
 }
 
 /// What `apply GOAL` runs.
@@ -84,6 +91,8 @@ impl ApplyArgs {
                 "--keep-result",
             ),
             (self.runtime.is_set(), "the health and timeout flags"),
+            (self.closure.no_substitute, "--no-substitute"),
+            (self.closure.build_on_target, "--build-on-target"),
         ]
         .into_iter()
         .filter_map(|(set, flag)| set.then_some(flag))
@@ -136,9 +145,56 @@ impl ApplyArgs {
                 self.select.apply(&mut request);
                 self.runtime.apply(&mut request);
                 self.results.apply(&mut request);
+                self.closure.apply(&mut request, false);
                 Ok(Applied::Deploy(Box::new(request)))
             }
         }
+    }
+}
+
+/// `apply-local`'s arguments: which host this machine is, and how to
+/// deploy it.
+#[derive(Args, Debug, Clone)]
+pub struct ApplyLocalArgs {
+    /// switch (activate now and at boot), boot (at the next boot), test
+    /// (now, not at boot), dry-activate (say what would change).
+    #[arg(value_name = "GOAL", default_value = "switch",
+          value_parser = PossibleValuesParser::new(LOCAL_GOALS))]
+    pub goal: String,
+    /// The host this machine is [default: this machine's host name].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub results: ResultArgs,
+}
+
+/// What `apply-local` may do to this machine (a push or a reboot is no goal
+/// of a machine deploying itself).
+const LOCAL_GOALS: [&str; 4] = ["switch", "boot", "test", "dry-activate"];
+
+impl ApplyLocalArgs {
+    /// The host this machine is: `--node`, else its host name.
+    pub fn node(&self) -> Result<String, OptionsError> {
+        match &self.node {
+            Some(name) => Ok(name.clone()),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .map_err(|e| OptionsError(format!("this machine's host name: {e} (use --node)"))),
+        }
+    }
+
+    /// The request: the one host `name`.
+    pub fn request(&self, name: &str) -> Request {
+        let mut request = Request {
+            hosts: vec![name.to_string()],
+            goal: Some(self.goal.clone()),
+            ..Request::default()
+        };
+        self.runtime.apply(&mut request);
+        self.results.apply(&mut request);
+        request
     }
 }
 
@@ -251,6 +307,25 @@ mod tests {
             matches!(applied(&["build", "-p", "2"]), Ok(Applied::Build(b)) if b.parallel_limit == 2)
         );
         assert!(matches!(applied(&["keys"]), Ok(Applied::Keys(_))));
+        let Ok(Applied::Deploy(request)) = applied(&["--no-substitute", "--build-on-target"])
+        else {
+            panic!("a deployment")
+        };
+        assert_eq!(request.substitute_on_destination, Some(false));
+        assert!(request.build_on_target);
+    }
+
+    #[test]
+    fn apply_local_deploys_one_named_host() {
+        let cli =
+            Cli::try_parse_from(["nix-deploy", "apply-local", "boot", "--node", "here"]).unwrap();
+        let Command::ApplyLocal(args) = cli.command else {
+            unreachable!()
+        };
+        let request = args.request(&args.node().unwrap());
+        assert_eq!(request.hosts, ["here"]);
+        assert_eq!(request.goal.as_deref(), Some("boot"));
+        assert!(Cli::try_parse_from(["nix-deploy", "apply-local", "push"]).is_err());
     }
 
     #[test]
@@ -263,5 +338,7 @@ mod tests {
         assert!(e.contains("--no-keys would do nothing"), "{e}");
         let e = applied(&["build", "--reboot"]).err().unwrap();
         assert!(e.contains("--reboot"), "{e}");
+        let e = applied(&["build", "--build-on-target"]).err().unwrap();
+        assert!(e.contains("--build-on-target"), "{e}");
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use nix_deploy_core::duration;
 pub use nix_deploy_core::grammar::{
-    DeployArgs, ResultArgs, RuntimeArgs, SelectArgs, StrategyArgs, runtime_request,
+    ClosureArgs, DeployArgs, ResultArgs, RuntimeArgs, SelectArgs, StrategyArgs, runtime_request,
 };
 use nix_deploy_core::nix::NixFlags;
 use nix_deploy_core::options::{OptionsError, Request};
@@ -113,6 +113,22 @@ pub struct Cli {
     /// (fresh results are still stored).
     #[arg(long, global = true)]
     pub no_eval_cache: bool,
+    /// Where the flake keeps its fleet: nixos (`nixosConfigurations`),
+    /// colmena (`colmenaHive`) or deploy-rs (`deploy.nodes`) [default:
+    /// detected from the flake's outputs].
+    #[arg(
+        long,
+        global = true,
+        value_name = "SOURCE",
+        env = "NIX_DEPLOY_SOURCE",
+        value_enum
+    )]
+    pub source: Option<nix_deploy_core::source::FleetSource>,
+    /// Remote builders for our builds, as Nix's `builders` setting (a
+    /// machines specification, or `@FILE`) [default: Nix's own, or the
+    /// hive's meta.machinesFile].
+    #[arg(long, global = true, value_name = "SPEC", env = "NIX_DEPLOY_BUILDERS")]
+    pub builders: Option<String>,
     /// More logging on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -172,6 +188,10 @@ pub enum Command {
     },
     /// Deploy changed hosts, with live progress and a summary.
     Deploy(DeployArgs),
+    /// Deploy this machine (the one nix-deploy runs on) through the same
+    /// steps as `deploy`, without SSH; its host must set
+    /// `deployment.allowLocalDeployment`.
+    ApplyLocal(super::apply::ApplyLocalArgs),
     /// Run a command on many hosts at once, with live progress and one
     /// summary: `nix-deploy exec --on 'web-*' -- systemctl is-active nginx`.
     /// The command is an argument vector (use `sh -c '...'` for a shell).

@@ -1,6 +1,7 @@
 //! `nix-deploy eval`: colmena's `eval`. A Nix expression, given with `-E` or
 //! in a file, called with `{ nodes, pkgs, lib }` (see
-//! [`nix_deploy_core::introspect`]), printed as JSON. Touches no host and
+//! [`nix_deploy_core::introspect`]; `nodes` are the hosts of the fleet's
+//! source, `--source` or detected), printed as JSON. Touches no host and
 //! records nothing.
 
 use std::path::PathBuf;
@@ -47,8 +48,14 @@ impl EvalArgs {
 pub async fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<u8> {
     let expression = args.expression()?;
     let nix = super::nix(cli).await?;
+    let flake = cli.flake();
+    // `nodes` are the hosts of the fleet's source: detected, or --source.
+    let source = nix
+        .fleet_source(&flake, cli.source)
+        .await
+        .map_err(EngineError::Eval)?;
     let json = nix
-        .eval_expression(&cli.flake(), &expression)
+        .eval_expression(&flake, source, &expression)
         .await
         .map_err(EngineError::Eval)?;
     println!("{json}");

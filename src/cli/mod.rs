@@ -10,7 +10,8 @@
 //!   a number where a host was expected);
 //! - `output`: tables and JSON documents; `progress`: live progress;
 //! - `client`, `remote`: the daemon's HTTP client and the commands through it;
-//! - `serve`: `nix-deploy serve`.
+//! - `serve`: `nix-deploy serve`; `who`: who runs a command, for the
+//!   history.
 //!
 //! Exit codes: 0 all done, 1 a host failed, was rolled back or unreachable,
 //! 2 bad input (nothing touched), 3 cancelled.
@@ -26,6 +27,7 @@ mod output;
 mod progress;
 mod remote;
 mod serve;
+mod who;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -49,6 +51,7 @@ use crate::nix::Nix;
 use crate::paths;
 use crate::store::{Backend, Database, Heartbeat, Role, Store, StoreOptions};
 use crate::transport::ssh::{Identities, KeepAlive, SshOptions};
+use who::who;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -180,6 +183,7 @@ fn engine_config(
     config.nix = nix;
     config.policy = std::sync::Arc::new(ops::policy()?);
     config.eval_workers = cli.eval_workers.map(usize::from);
+    config.source = cli.source;
     // An impure evaluation may read anything: its results are never cached.
     config.eval_cache = !cli.no_eval_cache && !cli.impure;
     Ok(config)
@@ -202,6 +206,7 @@ async fn nix(cli: &Cli) -> anyhow::Result<Nix> {
 pub(crate) async fn nix_calls(cli: &Cli) -> anyhow::Result<Nix> {
     let nix = Nix {
         flags: cli.nix_flags(),
+        builders: cli.builders.clone(),
         ..Nix::default()
     };
     nix.check_options().await.map_err(EngineError::Eval)?;
@@ -245,52 +250,23 @@ pub(crate) fn ssh_options(
 /// The engine for this command line, and the directory of its ssh control
 /// sockets (removed when dropped).
 async fn engine(cli: &Cli) -> anyhow::Result<(Engine, tempfile::TempDir)> {
+    engine_here(cli, None).await
+}
+
+/// [`engine`], where `here` is the host that is this machine
+/// (`apply-local`): its commands run here, not over SSH.
+async fn engine_here(cli: &Cli, here: Option<&str>) -> anyhow::Result<(Engine, tempfile::TempDir)> {
     let nix = nix(cli).await?;
     let store = open_store(cli).await?;
     let control = paths::control_dir(store.holder())?;
-    Ok((
-        Engine::new(engine_config(cli, nix, control.path())?, store),
-        control,
-    ))
+    let mut config = engine_config(cli, nix, control.path())?;
+    config.ssh.local = here.map(str::to_string);
+    Ok((Engine::new(config, store), control))
 }
 
 /// A request's options over the built-in defaults.
 fn resolve(request: &Request) -> Result<DeployOptions, OptionsError> {
     request.resolve(&DeployOptions::default())
-}
-
-/// Who runs this command, for the history: the user behind `sudo`, else the
-/// login user, else the name of our uid, else the uid; `@` the machine.
-fn who() -> String {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let user = var("SUDO_USER")
-        .or_else(|| var("USER"))
-        .or_else(|| var("LOGNAME"))
-        .unwrap_or_else(|| {
-            let uid = paths::current_uid();
-            std::fs::read_to_string("/etc/passwd")
-                .ok()
-                .and_then(|passwd| user_of_uid(&passwd, uid))
-                .unwrap_or_else(|| format!("uid {uid}"))
-        });
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    if host.is_empty() {
-        user
-    } else {
-        format!("{user}@{host}")
-    }
-}
-
-/// The name of `uid` in an `/etc/passwd` text.
-fn user_of_uid(passwd: &str, uid: u32) -> Option<String> {
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let id: u32 = fields.nth(1)?.parse().ok()?;
-        (id == uid && !name.is_empty()).then(|| name.to_string())
-    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -348,6 +324,10 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
             apply::Applied::Build(request) => apply::build(&cli, request).await,
             apply::Applied::Keys(body) => upload_keys(&cli, body).await,
         },
+        Command::ApplyLocal(args) => {
+            let here = args.node()?;
+            deploy_here(&cli, args.request(&here), Some(&here)).await
+        }
         Command::Build(args) => apply::build(&cli, args.request()?).await,
         Command::Eval(args) => eval::run(&cli, args).await,
         Command::Doctor(args) => doctor::run(&cli, args).await,
@@ -508,9 +488,14 @@ fn pin(flake: &str, revision: &str) -> Result<String, EngineError> {
 
 /// `deploy` (and `apply` with a deployment goal).
 async fn deploy(cli: &Cli, request: Request) -> anyhow::Result<u8> {
+    deploy_here(cli, request, None).await
+}
+
+/// [`deploy`]; `here`: the host that is this machine (`apply-local`).
+async fn deploy_here(cli: &Cli, request: Request, here: Option<&str>) -> anyhow::Result<u8> {
     request.check_for_deploy()?;
     let options = resolve(&request)?;
-    let (mut engine, _control) = engine(cli).await?;
+    let (mut engine, _control) = engine_here(cli, here).await?;
     if let Some(revision) = &request.revision {
         engine = engine.with_flake(pin(&cli.flake(), revision)?);
     }
@@ -532,7 +517,7 @@ async fn deploy(cli: &Cli, request: Request) -> anyhow::Result<u8> {
         selection: request.selection(),
         wait: request.wait,
         options,
-        trigger: "cli".into(),
+        trigger: if here.is_some() { "apply-local" } else { "cli" }.into(),
         requested_by: who(),
         source: None,
     };
@@ -638,17 +623,13 @@ mod tests {
                 "nix-option",
                 "keep-result",
                 "dry-activate",
+                "apply-local",
+                "build-on-target",
+                "no-substitute",
+                "deploy-rs",
             ] {
                 assert!(script.contains(word), "{shell}: {word}");
             }
         }
-    }
-
-    #[test]
-    fn finds_a_user_by_uid() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n";
-        assert_eq!(user_of_uid(passwd, 1000).as_deref(), Some("alice"));
-        assert_eq!(user_of_uid(passwd, 0).as_deref(), Some("root"));
-        assert_eq!(user_of_uid(passwd, 7), None);
     }
 }

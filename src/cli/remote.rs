@@ -14,6 +14,22 @@ use super::{Cli, Command, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, args, output, pr
 
 pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
     let client = Client::new(server, cli.token_file.as_deref())?;
+    // The daemon reads its fleet and builds with its own settings: these
+    // flags would do nothing.
+    for (given, flag) in [
+        (cli.source.is_some(), "--source"),
+        (cli.builders.is_some(), "--builders"),
+    ] {
+        if given {
+            return Err(ClientError::Api {
+                status: 400,
+                code: "bad_request".into(),
+                message: format!(
+                    "{flag} is the daemon's setting (`nix-deploy serve {flag} ...`); drop it with --server"
+                ),
+            });
+        }
+    }
     let print_error = |e: anyhow::Error| ClientError::Protocol(e.to_string());
     match &cli.command {
         Command::Plan {
@@ -47,6 +63,7 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
         Command::Build(_) => Err(local_only("build")),
         Command::Eval(_) => Err(local_only("eval")),
         Command::Doctor(_) => Err(local_only("doctor")),
+        Command::ApplyLocal(_) => Err(local_only("apply-local")),
         Command::Completions { .. } => Ok(EXIT_OK),
         Command::Exec(args) => {
             let request = args.request();

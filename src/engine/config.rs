@@ -9,8 +9,9 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::Semaphore;
 
 use nix_deploy_core::approval::ApprovalRule;
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::HostMeta;
 use nix_deploy_core::select::HostFilter;
+use nix_deploy_core::source::FleetSource;
 use nix_deploy_core::window::Windows;
 
 use super::EngineError;
@@ -22,6 +23,9 @@ use crate::transport::ssh::SshOptions;
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub flake: String,
+    /// `--source`: where the fleet is read from; `None`: detected from the
+    /// flake's outputs ([`nix_deploy_core::source`]).
+    pub source: Option<FleetSource>,
     pub nix: Nix,
     pub ssh: SshOptions,
     /// Hosts probed at once.
@@ -46,6 +50,7 @@ impl EngineConfig {
     pub fn new(flake: String, ssh: SshOptions) -> Self {
         EngineConfig {
             flake,
+            source: None,
             nix: Nix::default(),
             ssh,
             probe_limit: 64,
@@ -61,7 +66,7 @@ impl EngineConfig {
     /// limited to some hosts), before anything is recorded or touched.
     pub(crate) fn check_limit<'a>(
         &self,
-        hosts: impl IntoIterator<Item = &'a Host>,
+        hosts: impl IntoIterator<Item = &'a HostMeta>,
     ) -> Result<(), EngineError> {
         let Some(limit) = &self.limit else {
             return Ok(());

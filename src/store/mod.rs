@@ -29,6 +29,7 @@ mod hooks;
 mod leases;
 mod listen;
 mod liveness;
+mod profiles;
 mod runs;
 mod stats;
 #[cfg(test)]

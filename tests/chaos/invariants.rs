@@ -534,10 +534,17 @@ fn i2_run(
                 }
             }
             "rolled-back" => {
-                tally.check("I2", host, seen.running == from, || {
+                // A rollback on request goes to its target (`to`); a
+                // deployment's way back to what the host ran (`from`).
+                let back_to = if shown["strategy"] == "rollback" {
+                    &to
+                } else {
+                    &from
+                };
+                tally.check("I2", host, seen.running == *back_to, || {
                     format!(
                         "#{id} says {host} rolled back to {}, it runs {}{swap}",
-                        short(&from),
+                        short(back_to),
                         short(&seen.running)
                     )
                 });

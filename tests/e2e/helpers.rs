@@ -191,6 +191,63 @@ impl Harness {
     }
 }
 
+/// A version no earlier run had, for a host whose system must be new to
+/// this machine's store (a test that checks where it was built).
+pub fn unique_version() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    1_000 + (nanos % 1_000_000_000) as u32
+}
+
+/// Files below `dir` (not following symlinks) whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// `nix eval --json FLAKE#ATTR --apply APPLY` on the coordinator.
+pub fn nix_eval(flake: &str, attr: &str, apply: &str) -> Value {
+    let out = std::process::Command::new("nix")
+        .env("NIX_CONFIG", nix_deploy_testkit::nix_config())
+        .args([
+            "eval",
+            "--json",
+            &format!("{flake}#{attr}"),
+            "--apply",
+            apply,
+        ])
+        .output()
+        .expect("running nix eval");
+    assert!(
+        out.status.success(),
+        "nix eval: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("nix eval printed JSON")
+}
+
 /// The report entry of one host.
 pub fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["hosts"]

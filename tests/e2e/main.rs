@@ -6,6 +6,7 @@
 // themselves; the product does it only in `nix_deploy::process`.
 #![allow(clippy::disallowed_methods)]
 
+mod builds;
 mod cli;
 mod cluster;
 mod cluster_fencing;
@@ -20,8 +21,11 @@ mod faults;
 mod found_by_chaos;
 mod goals;
 mod helpers;
+mod hosts;
 mod identity;
 mod keys;
+mod local;
+mod metadata;
 mod module;
 mod ops;
 mod recipes;
@@ -29,4 +33,5 @@ mod recovery;
 mod reporting;
 mod safety;
 mod selection;
+mod sources;
 mod strategies;

@@ -12,6 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::source::FleetSource;
+
 /// The oldest Nix nix-deploy works with (Debian 12's `nix-bin`).
 pub const MIN_NIX: (u32, u32) = (2, 8);
 
@@ -239,19 +241,24 @@ pub fn ssh_keys(agent: Agent, key_files: &[String]) -> Finding {
     }
 }
 
-/// The flake: where it is and which hosts it has, or why not.
-pub fn flake(flake: &str, hosts: Result<usize, &str>, no_flake_here: bool) -> Finding {
+/// The flake: where it is and which hosts it has (in which of the fleet
+/// sources), or why not.
+pub fn flake(
+    flake: &str,
+    hosts: Result<(usize, FleetSource), &str>,
+    no_flake_here: bool,
+) -> Finding {
     match hosts {
-        Ok(0) => Finding::new(
+        Ok((0, source)) => Finding::new(
             "flake",
             Verdict::Fail,
-            format!("`{flake}` has no nixosConfigurations"),
+            format!("`{flake}` has no hosts in {}", source.output()),
         )
-        .fix("define your hosts as `nixosConfigurations.NAME = nixpkgs.lib.nixosSystem { ... }`"),
-        Ok(n) => Finding::new(
+        .fix("define your hosts as `nixosConfigurations.NAME = nixpkgs.lib.nixosSystem { ... }`, a colmena hive (`colmenaHive`) or deploy-rs nodes (`deploy.nodes`)"),
+        Ok((n, source)) => Finding::new(
             "flake",
             Verdict::Ok,
-            format!("`{flake}`: {n} host(s) in nixosConfigurations"),
+            format!("`{flake}`: {n} host(s) in {} ({source})", source.output()),
         ),
         Err(e) if no_flake_here => Finding::new("flake", Verdict::Fail, e.to_string())
             .fix("run nix-deploy in your fleet's flake, or pass --flake PATH|URL (or set NIX_DEPLOY_FLAKE)"),
@@ -264,16 +271,21 @@ pub fn flake(flake: &str, hosts: Result<usize, &str>, no_flake_here: bool) -> Fi
     }
 }
 
-/// A host that could not be evaluated.
-pub fn evaluation(host: &str, error: &str) -> Finding {
+/// A host of `source` that could not be evaluated.
+pub fn evaluation(host: &str, error: &str, source: FleetSource) -> Finding {
     Finding::new(
         "evaluate",
         Verdict::Fail,
-        format!("its configuration does not evaluate: {}", first_lines(error)),
+        format!(
+            "its configuration does not evaluate: {}",
+            first_lines(error)
+        ),
     )
     .host(host)
     .fix(format!(
-        "fix `nixosConfigurations.{host}` (`nix-deploy eval -E '{{ nodes, ... }}: nodes.{host}.config.system.build.toplevel.drvPath' --show-trace`)"
+        "fix `{}` (`nix-deploy eval -E '{{ nodes, ... }}: nodes.{host}.{}.drvPath' --show-trace`)",
+        source.host_path(host),
+        source.system_attr()
     ))
 }
 
@@ -421,8 +433,12 @@ mod tests {
             copy("web1", "deploy", Err("lacks a valid signature")),
             copy("web1", "root", Err("No space left on device")),
             flake(".", Err("no flake.nix"), true),
-            flake(".", Ok(0), false),
-            evaluation("web1", "error: undefined variable 'x'"),
+            flake(".", Ok((0, FleetSource::Nixos)), false),
+            evaluation(
+                "web1",
+                "error: undefined variable 'x'",
+                FleetSource::DeployRs,
+            ),
         ];
         for finding in failures {
             assert_eq!(finding.verdict, Verdict::Fail, "{finding:?}");
@@ -430,6 +446,18 @@ mod tests {
         }
         let sudo = privileges("web1", "deploy", Err("sudo: a password is required"));
         assert!(sudo.fix.unwrap().contains("NOPASSWD"));
+        // The fix names the host where its source keeps it.
+        let node = evaluation("web1", "boom", FleetSource::DeployRs)
+            .fix
+            .unwrap();
+        assert!(
+            node.contains("`deploy.nodes.web1`")
+                && node.contains("nodes.web1.profiles.system.path"),
+            "{node}"
+        );
+        let hive = flake(".", Ok((3, FleetSource::Colmena)), false);
+        assert_eq!(hive.verdict, Verdict::Ok);
+        assert!(hive.detail.contains("3 host(s) in colmenaHive"), "{hive:?}");
         let trust = copy("web1", "deploy", Err("lacks a valid signature"));
         assert!(trust.fix.unwrap().contains("trusted-users"));
         assert_eq!(

@@ -168,9 +168,12 @@ pub struct DeployArgs {
     /// Deploy the flake pinned to this commit (as CI does after a push).
     #[arg(long, value_name = "SHA")]
     pub revision: Option<String>,
-    /// Let hosts fetch from their substituters instead of receiving everything from us.
-    #[arg(long)]
+    /// Hosts fetch what their substituters have (the default; kept for
+    /// older scripts).
+    #[arg(long, hide = true, conflicts_with = "no_substitute")]
     pub substitute_on_destination: bool,
+    #[command(flatten)]
+    pub closure: ClosureArgs,
     /// switch (default: activate now and at boot), boot (the boot default
     /// only: activated at the next boot), test (activate now, not at boot),
     /// dry-activate (say what would start, stop, restart; change nothing).
@@ -204,6 +207,33 @@ pub struct DeployArgs {
     pub results: ResultArgs,
 }
 
+/// How a host gets its system's closure: built where, and whether it
+/// substitutes what its binary caches have.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClosureArgs {
+    /// Send every path from the coordinator: hosts do not substitute (by
+    /// default they fetch what their binary caches have).
+    #[arg(long)]
+    pub no_substitute: bool,
+    /// Every host builds its own system from the derivation (with its own
+    /// substituters); the coordinator builds nothing.
+    #[arg(long)]
+    pub build_on_target: bool,
+}
+
+impl ClosureArgs {
+    /// `substitute_on_destination`: the hidden `--substitute-on-destination`
+    /// of older scripts says what is now the default.
+    pub fn apply(&self, request: &mut Request, substitute_on_destination: bool) {
+        request.substitute_on_destination = if self.no_substitute {
+            Some(false)
+        } else {
+            substitute_on_destination.then_some(true)
+        };
+        request.build_on_target = self.build_on_target;
+    }
+}
+
 /// What happens to keys and built systems, as colmena's flags say it.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ResultArgs {
@@ -235,7 +265,6 @@ impl DeployArgs {
         let mut request = Request {
             wait: self.wait,
             revision: self.revision.clone(),
-            substitute_on_destination: self.substitute_on_destination,
             goal: self.goal.clone(),
             reboot: self
                 .reboot
@@ -255,6 +284,8 @@ impl DeployArgs {
         self.strategy.apply(&mut request);
         self.runtime.apply(&mut request);
         self.results.apply(&mut request);
+        self.closure
+            .apply(&mut request, self.substitute_on_destination);
         Ok(request)
     }
 }

@@ -2,11 +2,15 @@
 //! colmena's `eval` does it. The expression is a function called with
 //! `{ nodes, pkgs, lib }` (write `{ nodes, ... }:` to take what you need):
 //!
-//! - `nodes`: the flake's `nixosConfigurations` (each with `config`,
-//!   `options`, `pkgs`, ...), evaluated lazily: only what the expression
+//! - `nodes`: the fleet's hosts as its source has them
+//!   ([`crate::source`]): the NixOS configurations of `nixosConfigurations`
+//!   or of a colmena hive (`colmenaHive.nodes`; each with `config`,
+//!   `options`, `pkgs`, ...), or deploy-rs's nodes (`deploy.nodes`, each
+//!   with its `profiles`), evaluated lazily: only what the expression
 //!   touches is evaluated;
 //! - `pkgs`: the package set of the first host (by name), as nixosSystem
-//!   exposes it (`pkgs`, else `_module.args.pkgs`), or `null`;
+//!   exposes it (`pkgs`, else `_module.args.pkgs`), or `null` (deploy-rs
+//!   nodes have none);
 //! - `lib`: `pkgs.lib`, or `null`.
 //!
 //! An expression that is not a function is its own value. The result is
@@ -19,12 +23,15 @@
 
 use crate::command::Cmd;
 use crate::nix::FEATURE_FLAGS;
+use crate::source::FleetSource;
 
-/// The `--apply` function around the user's expression.
-pub fn apply_expression(user: &str) -> String {
+/// The `--apply` function over the fleet's output around the user's
+/// expression.
+pub fn apply_expression(source: FleetSource, user: &str) -> String {
     format!(
-        r#"nodes:
+        r#"output:
 let
+  nodes = {hosts};
   names = builtins.attrNames nodes;
   first = if names == [ ] then {{ }} else nodes.${{builtins.head names}};
   pkgs = first.pkgs or (first._module.args.pkgs or null);
@@ -34,7 +41,8 @@ let
   );
 in
 if builtins.isFunction f then f {{ inherit nodes pkgs lib; }} else f
-"#
+"#,
+        hosts = source.hosts_of()
     )
 }
 
@@ -52,14 +60,15 @@ pub fn check_expression(user: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `nix eval --json FLAKE#nixosConfigurations --apply EXPR`.
-pub fn eval_command(flake: &str, user: &str) -> Cmd {
+/// `nix eval --json FLAKE#OUTPUT --apply EXPR`, `OUTPUT` the source's
+/// (`nixosConfigurations`, `colmenaHive`, `deploy`).
+pub fn eval_command(flake: &str, source: FleetSource, user: &str) -> Cmd {
     Cmd::new("nix")
         .args(FEATURE_FLAGS)
         .args(["eval", "--json"])
-        .arg(format!("{flake}#nixosConfigurations"))
+        .arg(format!("{flake}#{}", source.output()))
         .arg("--apply")
-        .arg(apply_expression(user))
+        .arg(apply_expression(source, user))
 }
 
 #[cfg(test)]
@@ -68,11 +77,19 @@ mod tests {
 
     #[test]
     fn the_expression_is_called_with_nodes_pkgs_and_lib() {
-        let expr = apply_expression("{ nodes, ... }: builtins.attrNames nodes # names");
-        assert!(expr.starts_with("nodes:"));
+        let expr = apply_expression(
+            FleetSource::Nixos,
+            "{ nodes, ... }: builtins.attrNames nodes # names",
+        );
+        assert!(
+            expr.starts_with("output:\nlet\n  nodes = output;"),
+            "{expr}"
+        );
         assert!(expr.contains("\n{ nodes, ... }: builtins.attrNames nodes # names\n  );"));
         assert!(expr.contains("f { inherit nodes pkgs lib; }"));
-        let cmd = eval_command("path:/srv/fleet", "1");
+        let hive = apply_expression(FleetSource::Colmena, "1");
+        assert!(hive.contains("  nodes = output.nodes;"), "{hive}");
+        let cmd = eval_command("path:/srv/fleet", FleetSource::Nixos, "1");
         let args: Vec<String> = cmd
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())

@@ -37,6 +37,7 @@
 //! - [`cluster`]: the coordinators sharing one history, their leases and leader.
 
 pub mod approval;
+pub mod attrs;
 pub mod audit;
 pub mod cluster;
 pub mod command;
@@ -59,6 +60,8 @@ pub mod reports;
 pub mod run;
 pub mod select;
 pub mod shell;
+pub mod source;
+pub mod sshopts;
 pub mod suggest;
 pub mod summary;
 pub mod window;

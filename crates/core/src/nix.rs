@@ -1,37 +1,15 @@
 //! The local Nix commands, as pure builders and parsers: one evaluation of the
-//! whole fleet, builds, closures, copies. Nix 2.8 (Debian's `nix-bin`) must
+//! whole fleet (for comparison; the engine evaluates in shards, [`crate::eval`]), builds, closures, copies. Nix 2.8 (Debian's `nix-bin`) must
 //! work, so the experimental features are passed here and no flag newer than
 //! 2.8 is used (`--json` instead of `--print-out-paths`).
 
 use serde::Deserialize;
 
 use crate::command::Cmd;
+use crate::source::FleetSource;
 
 /// Flags every `nix` invocation gets: flakes without touching the user's config.
 pub const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
-
-/// Reads, for every `nixosConfigurations.<name>`, the toplevel's out and drv paths
-/// and `config.deployment`, in one evaluation.
-///
-/// The result must not contain an attribute named `outPath`: Nix would turn such
-/// an attribute set into a plain string when printing JSON.
-///
-/// The contents of `deployment.keys.*.text` never leave this evaluation: each
-/// key's `text` is replaced by `hasText` (the engine reads the texts of the
-/// keys it uploads, when it uploads them, with [`key_texts_command`]). So the
-/// fleet's JSON, wherever it goes, holds no secret.
-pub const FLEET_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: configuration:
-  let toplevel = configuration.config.system.build.toplevel; in {
-    toplevel = toplevel.outPath;
-    drvPath = toplevel.drvPath;
-    deployment = let d = configuration.config.deployment or { }; in
-      if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
-      then d // { keys = builtins.mapAttrs (_: key:
-        if builtins.isAttrs key
-        then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
-        else key) d.keys; }
-      else d;
-  }) configurations"#;
 
 /// What the user adds to every local Nix invocation: `--show-trace`,
 /// `--impure` (evaluations and builds only) and `--option NAME VALUE`
@@ -172,12 +150,19 @@ pub fn check_flake_ref(flake: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The whole fleet of `nixosConfigurations` in one evaluation, every host
+/// with its system (as [`crate::source::host_expr`] reads one): the
+/// baseline the benchmarks compare sharded evaluation with.
 pub fn eval_command(flake: &str) -> Cmd {
+    let apply = format!(
+        "output: let host = {}; in builtins.mapAttrs (name: configuration: host name configuration true) output",
+        crate::source::host_expr(FleetSource::Nixos)
+    );
     Cmd::new("nix")
         .args(FEATURE_FLAGS)
         .args(["eval", "--json"])
         .arg(format!("{flake}#nixosConfigurations"))
-        .args(["--apply", FLEET_APPLY_EXPR])
+        .args(["--apply", &apply])
 }
 
 pub fn metadata_command(flake: &str) -> Cmd {
@@ -187,11 +172,26 @@ pub fn metadata_command(flake: &str) -> Cmd {
         .arg(flake)
 }
 
-pub fn build_command(drv: &str) -> Cmd {
+/// `nix build --no-link --json DRV`, with `--builders SPEC` (remote
+/// builders: a machines specification or `@FILE`) when given.
+pub fn build_command(drv: &str, builders: Option<&str>) -> Cmd {
+    let mut cmd = Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["build", "--no-link", "--json"]);
+    if let Some(builders) = builders {
+        cmd = cmd.args(["--builders", builders]);
+    }
+    cmd.arg(drv)
+}
+
+/// `nix copy --derivation --to ssh://[user@]dest DRV`: the derivation and
+/// the derivations and sources it needs, for the host to build.
+pub fn copy_derivation_command(destination_uri: &str, drv: &str, ssh_opts: &str) -> Cmd {
     Cmd::new("nix")
         .args(FEATURE_FLAGS)
-        .args(["build", "--no-link", "--json"])
+        .args(["copy", "--derivation", "--to", destination_uri])
         .arg(drv)
+        .env("NIX_SSHOPTS", ssh_opts)
 }
 
 /// `nix-store --query --requisites PATH`: the closure of a built path.
@@ -213,34 +213,26 @@ pub fn copy_command(destination_uri: &str, path: &str, ssh_opts: &str, substitut
 }
 
 /// The `text` of every key that has one, for the named hosts only, in one
-/// evaluation: `{ HOST = { KEY = TEXT; ... }; ... }`. Its output is a
-/// secret: the caller turns it into [`crate::keys::Secret`]s at once.
+/// evaluation: `{ HOST = { KEY = TEXT; ... }; ... }`
+/// ([`crate::source::key_texts_expr`]). Its output is a secret: the caller
+/// turns it into [`crate::keys::Secret`]s at once.
 ///
 /// Host names are validated ([`crate::shell::is_valid_host_name`]: no quote,
 /// backslash or `$`), so they can be Nix string literals.
-pub fn key_texts_command(flake: &str, hosts: &[String]) -> Result<Cmd, String> {
+pub fn key_texts_command(
+    flake: &str,
+    source: FleetSource,
+    hosts: &[String],
+) -> Result<Cmd, String> {
     if let Some(bad) = hosts.iter().find(|h| !crate::shell::is_valid_host_name(h)) {
         return Err(format!("`{bad}` is not a host name"));
     }
-    let names: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
-    let apply = format!(
-        r#"configurations: let
-  texts = keys: builtins.listToAttrs (builtins.concatMap (attr:
-    let key = keys.${{attr}}; in
-    if builtins.isAttrs key && (key.text or null) != null
-    then [ {{ name = attr; value = key.text; }} ] else [ ]) (builtins.attrNames keys));
-in builtins.listToAttrs (map (name: {{
-  inherit name;
-  value = texts (configurations.${{name}}.config.deployment.keys or {{ }});
-}}) [ {} ])"#,
-        names.join(" ")
-    );
     Ok(Cmd::new("nix")
         .args(FEATURE_FLAGS)
         .args(["eval", "--json"])
-        .arg(format!("{flake}#nixosConfigurations"))
+        .arg(format!("{flake}#{}", source.output()))
         .arg("--apply")
-        .arg(apply))
+        .arg(crate::source::key_texts_expr(source, hosts)))
 }
 
 /// `doctor`'s copy check: build a tiny input-addressed path (a copy of one
@@ -313,14 +305,39 @@ mod tests {
         );
         assert_eq!(args[6], "--apply");
         assert!(!args.iter().any(|a| a == "--print-out-paths"));
-        assert!(!FLEET_APPLY_EXPR.contains("outPath ="));
+        assert!(args[7].contains(crate::source::host_expr(FleetSource::Nixos)));
     }
 
     #[test]
     fn build_and_copy_commands() {
         assert_eq!(
-            argv(&build_command("/nix/store/abc-x.drv"))[3..],
+            argv(&build_command("/nix/store/abc-x.drv", None))[3..],
             ["build", "--no-link", "--json", "/nix/store/abc-x.drv"]
+        );
+        assert_eq!(
+            argv(&build_command(
+                "/nix/store/abc-x.drv",
+                Some("@/etc/nix/machines")
+            ))[3..],
+            [
+                "build",
+                "--no-link",
+                "--json",
+                "--builders",
+                "@/etc/nix/machines",
+                "/nix/store/abc-x.drv"
+            ]
+        );
+        let drv = copy_derivation_command("ssh://web1", "/nix/store/abc-x.drv", "-p 22");
+        assert_eq!(
+            argv(&drv)[3..],
+            [
+                "copy",
+                "--derivation",
+                "--to",
+                "ssh://web1",
+                "/nix/store/abc-x.drv"
+            ]
         );
         let copy = copy_command(
             "ssh://root@web1",
@@ -343,16 +360,19 @@ mod tests {
 
     #[test]
     fn key_texts_are_read_for_the_named_hosts_only() {
-        let cmd = key_texts_command("path:/srv/fleet", &["web1".into(), "db-2".into()]).unwrap();
+        let cmd = key_texts_command(
+            "path:/srv/fleet",
+            FleetSource::Nixos,
+            &["web1".into(), "db-2".into()],
+        )
+        .unwrap();
         let args = argv(&cmd);
         assert_eq!(
             args[3..6],
             ["eval", "--json", "path:/srv/fleet#nixosConfigurations"]
         );
         assert!(args[7].ends_with(r#"[ "web1" "db-2" ])"#), "{}", args[7]);
-        assert!(key_texts_command(".", &["a\"b".into()]).is_err());
-        // The fleet's own evaluation drops the texts.
-        assert!(FLEET_APPLY_EXPR.contains(r#"removeAttrs key [ "text" ]"#));
+        assert!(key_texts_command(".", FleetSource::Nixos, &["a\"b".into()]).is_err());
         assert_eq!(
             argv(&add_root_command(
                 "/nix/store/abc-x",

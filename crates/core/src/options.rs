@@ -218,8 +218,13 @@ pub struct DeployOptions {
     pub skip_validation: bool,
     /// Pre-flight: free space `/nix/store` must have, in MiB.
     pub min_free_space_mib: u64,
-    /// Let hosts fetch from their own substituters.
+    /// Let hosts fetch from their own substituters what they can; the
+    /// coordinator sends the rest (on by default; `--no-substitute`; a host's
+    /// `deployment.substituteOnDestination = false` turns it off for it).
     pub substitute_on_destination: bool,
+    /// Every host builds its own system (`--build-on-target`; else per host,
+    /// `deployment.buildOnTarget`).
+    pub build_on_target: bool,
     /// What the deployment does to each host ([`Goal`]).
     pub goal: Goal,
     /// Which hosts reboot after their activation.
@@ -260,7 +265,8 @@ impl Default for DeployOptions {
             activation_timeout: Duration::from_secs(600),
             skip_validation: false,
             min_free_space_mib: 1024,
-            substitute_on_destination: false,
+            substitute_on_destination: true,
+            build_on_target: false,
             goal: Goal::Switch,
             reboot: RebootPolicy::Never,
             reboot_timeout: Duration::from_secs(600),
@@ -437,8 +443,12 @@ pub struct Request {
     pub skip_validation: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_free_space_mib: Option<u64>,
+    /// Hosts substitute what they can (default: true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substitute_on_destination: Option<bool>,
+    /// Every host builds its own system.
     #[serde(skip_serializing_if = "is_false")]
-    pub substitute_on_destination: bool,
+    pub build_on_target: bool,
     /// `switch` (default), `boot`, `test` or `dry-activate`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub goal: Option<String>,
@@ -526,8 +536,10 @@ impl Request {
             min_free_space_mib: self
                 .min_free_space_mib
                 .unwrap_or(defaults.min_free_space_mib),
-            substitute_on_destination: self.substitute_on_destination
-                || defaults.substitute_on_destination,
+            substitute_on_destination: self
+                .substitute_on_destination
+                .unwrap_or(defaults.substitute_on_destination),
+            build_on_target: self.build_on_target || defaults.build_on_target,
             goal: match &self.goal {
                 Some(goal) => Goal::parse(goal)?,
                 None => defaults.goal,

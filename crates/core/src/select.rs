@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::fleet::{Host, Inventory, InventoryError, Selection};
+use crate::fleet::{HostMeta, Inventory, InventoryError, Selection};
 
 mod unknown;
 use unknown::{TagsKnown, unknown_host_among};
@@ -227,7 +227,7 @@ impl Selector {
 
     /// Whether this selector picks `host`, as far as the host's own
     /// metadata tells.
-    pub fn matches(&self, host: &Host) -> bool {
+    pub fn matches(&self, host: &HostMeta) -> bool {
         self.matches_name_and_tags(&host.name, &host.tags)
     }
 
@@ -373,7 +373,7 @@ pub fn resolve_partial(
 /// Whether `host` is selected, as far as its own metadata tells: exact for
 /// every host that exists (selectors that match nothing are found later,
 /// and a selection that does not parse selects nothing here).
-pub fn may_select(selection: &Selection, host: &Host) -> bool {
+pub fn may_select(selection: &Selection, host: &HostMeta) -> bool {
     let Ok((include, exclude)) = parse(selection) else {
         return false;
     };
@@ -481,7 +481,7 @@ mod tests {
             "db-1": host(&["db"]),
             "mon": host(&["monitoring"]),
         });
-        Inventory::from_eval_json(&json.to_string()).unwrap()
+        Inventory::from_eval_json(crate::source::FleetSource::Nixos, &json.to_string()).unwrap()
     }
 
     fn select(

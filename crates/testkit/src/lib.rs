@@ -35,9 +35,11 @@
 //! the build machine's `/root/.bashrc` from slowing down or changing commands
 //! run over ssh. Sessions get `PATH=/run/current-system/sw/bin:...:/usr/bin:/bin`,
 //! so the activated system's `systemctl` comes first and `nix-store` / `nix-env`
-//! are the machine's, and `NIX_CONFIG="substituters ="`, so that nothing on a
-//! host waits for a binary cache it cannot reach (the experimental `nix`
-//! command is off there, as on a default NixOS). The coordinator itself keeps the machine's real `/nix`,
+//! are the machine's, and `NIX_USER_CONF_FILES=H/nix.conf`: no substituters
+//! (so that nothing on a host waits for a binary cache it cannot reach)
+//! unless [`HostSpec::substituters`] names some, no build users and no
+//! sandbox, so a host can build its own system (`buildOnTarget`) (the
+//! experimental `nix` command is off there, as on a default NixOS). The coordinator itself keeps the machine's real `/nix`,
 //! with [`nix_config`] (flakes on, no sandbox, no substituters: no network;
 //! and no build users, which Debian's single-user `nix-bin` does not have).
 //! `unshare` and `sh` exec, so the spawned pid *is* the listening sshd, and
@@ -140,6 +142,7 @@ mod fleet;
 pub mod nixos;
 pub mod postgres;
 mod reboot;
+mod sources;
 mod spec;
 mod sshd;
 mod sys;
@@ -148,6 +151,7 @@ pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};
 pub use postgres::{PgDatabase, Postgres};
+pub use sources::Layout;
 pub use spec::{Activation, HistoryEntry, HostSpec, UnitState};
 pub use sys::wait_with_peak_rss;
 use sys::*;

@@ -47,6 +47,9 @@ pub struct HostSpec {
     pub user: Option<String>,
     /// Extra packages (`name-version`) in the closure, each a derivation of its own.
     pub extra_packages: Vec<String>,
+    /// The host's Nix `substituters` (e.g. a binary cache on loopback,
+    /// `http://127.0.0.1:PORT?trusted=1`); none by default.
+    pub substituters: Option<String>,
 }
 
 impl HostSpec {
@@ -69,7 +72,14 @@ impl HostSpec {
             kernel: "6.6.1".to_string(),
             extra_packages: Vec::new(),
             user: None,
+            substituters: None,
         }
+    }
+
+    /// Sets [`HostSpec::substituters`] (read when the host starts).
+    pub fn substituters(mut self, substituters: &str) -> Self {
+        self.substituters = Some(substituters.to_string());
+        self
     }
 
     /// Deploy as the non-root `user` (see [`HostSpec::user`]).

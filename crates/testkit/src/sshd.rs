@@ -159,6 +159,15 @@ impl Fleet {
         // Lets tests check over ssh which host they reached.
         fs::write(dir.join("run/testkit-host"), format!("{}\n", host.name))
             .with_context(|| format!("host {}: writing run/testkit-host", host.name))?;
+        // The host's Nix: no build users (none exist), no sandbox (builders
+        // are /bin/sh), and only the substituters its spec names: it builds
+        // (buildOnTarget) and substitutes as a NixOS host with a cache would.
+        let nix_conf = format!(
+            "substituters = {}\nbuild-users-group =\nsandbox = false\n",
+            self.specs[i].substituters.as_deref().unwrap_or("")
+        );
+        write_atomic(&dir.join("nix.conf"), &nix_conf)
+            .with_context(|| format!("host {}: writing nix.conf", host.name))?;
         let config = format!(
             "ListenAddress {addr}\n\
              Port {SSH_PORT}\n\
@@ -174,7 +183,7 @@ impl Fleet {
              MaxSessions 100\n\
              VersionAddendum {token}\n\
              SetEnv PATH=/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin \
-             \"NIX_CONFIG=substituters =\"\n",
+             NIX_USER_CONF_FILES={dir}/nix.conf\n",
             addr = host.addr,
             dir = dir.display(),
         );
@@ -405,7 +414,8 @@ fn prepare_user(fleet_dir: &Path, dir: &Path, user: &str) -> Result<String> {
     )?;
     Ok(format!(
         "for f in passwd group shadow sudoers; do mount --bind \"$1/etc/$f\" /etc/$f || exit 1; done && \
-         {{ NIX_CONFIG=\"$(printf 'trusted-users = root {user}\\nbuild-users-group =\\nsubstituters =')\" \
+         {{ NIX_CONFIG=\"$(printf 'trusted-users = root {user}\\nbuild-users-group =\\nsandbox = false')\" \
+         NIX_USER_CONF_FILES=\"$1/nix.conf\" \
          setsid nix-daemon </dev/null >>\"$1/nix-daemon.log\" 2>&1 & }} && "
     ))
 }

@@ -46,16 +46,15 @@ impl Engine {
             Purpose::BUILD,
         )
         .await?;
+        // The fleet's remote builders (colmena's `meta.machinesFile`) unless
+        // `--builders` chose others.
+        let nix = self.config.nix.for_fleet(&prepared.index.meta);
         let limit = Arc::new(Semaphore::new(request.parallel_limit.max(1)));
         let state_dir = self.store.state_dir().to_path_buf();
         let mut builds = JoinSet::new();
         for host in prepared.hosts {
-            let (nix, limit, state_dir, done) = (
-                self.config.nix.clone(),
-                limit.clone(),
-                state_dir.clone(),
-                done.clone(),
-            );
+            let (nix, limit, state_dir, done) =
+                (nix.clone(), limit.clone(), state_dir.clone(), done.clone());
             let keep = request.keep_result;
             builds.spawn(async move {
                 let _permit = limit.acquire_owned().await;
@@ -81,20 +80,21 @@ impl Engine {
     }
 }
 
-/// Build one host's system; it must be the path the flake evaluated to.
+/// Build one host's system; it must be the path the flake evaluated to
+/// (deploy-rs: the wrapper holding it).
 async fn build_host(nix: &Nix, host: &Host, keep_in: Option<&std::path::PathBuf>) -> HostBuild {
     let started = Instant::now();
     let mut result = HostBuild {
         name: host.name.clone(),
-        toplevel: host.toplevel.clone(),
-        drv_path: host.drv_path.clone(),
+        toplevel: host.toplevel().to_string(),
+        drv_path: host.system.drv_path.clone(),
         ..HostBuild::default()
     };
-    match nix.build(&host.drv_path, |_, _| {}).await {
-        Ok(built) if built != host.toplevel => {
+    match nix.build(&host.system.drv_path, |_, _| {}).await {
+        Ok(built) if built != host.system.build_output() => {
             result.error = Some(format!(
                 "built {built}, but the flake evaluated to {}",
-                host.toplevel
+                host.system.build_output()
             ));
         }
         Ok(built) => {

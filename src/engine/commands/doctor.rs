@@ -47,9 +47,21 @@ impl Engine {
                 return Ok(vec![doctor::flake(&flake, Err(&e.to_string()), false)]);
             }
         };
-        let mut findings = vec![doctor::flake(&flake, Ok(prepared.evaluation.hosts), false)];
+        let source = prepared.index.source;
+        let mut findings = vec![doctor::flake(
+            &flake,
+            Ok((prepared.evaluation.hosts, source)),
+            false,
+        )];
         for failure in &prepared.evaluation.failed {
-            findings.push(doctor::evaluation(&failure.host, &failure.error));
+            findings.push(doctor::evaluation(&failure.host, &failure.error, source));
+        }
+        for name in &prepared.local_only {
+            findings.push(doctor::skipped(
+                name,
+                "reachable",
+                "deployment.targetHost is null: it is not reached over SSH (`apply-local` on it deploys it)",
+            ));
         }
         if prepared.hosts.is_empty() {
             return Ok(findings);
@@ -100,7 +112,9 @@ async fn check_host(
 ) -> Vec<Finding> {
     let name = host.name.as_str();
     let target = &host.target;
-    let user = target.user.as_str();
+    // `targetUser = null`: whoever the ssh configuration says.
+    let user = target.user.as_deref().unwrap_or("(the ssh config's user)");
+    let destination = target.describe();
     let cause = |e: &dyn std::fmt::Display| {
         let text = e.to_string();
         text.strip_prefix(&format!("{name}: "))
@@ -112,7 +126,7 @@ async fn check_host(
         Ok(connection) => connection,
         Err(e) => {
             return vec![
-                doctor::reachable(name, user, &target.destination, Err(&cause(&e))),
+                doctor::reachable(name, user, destination, Err(&cause(&e))),
                 doctor::skipped(name, "privileges", "the host is not reachable"),
                 doctor::skipped(name, "copy", "the host is not reachable"),
             ];
@@ -127,7 +141,7 @@ async fn check_host(
     findings.push(doctor::reachable(
         name,
         user,
-        &target.destination,
+        destination,
         borrowed(&logged_in),
     ));
     if logged_in.is_err() {
@@ -147,11 +161,14 @@ async fn check_host(
             &format!("the probe path could not be built on this machine: {e}"),
         )),
         Ok(path) => {
-            let copied = match ssh::nix_ssh_opts(target, options, Some(connection.control_socket()))
-            {
-                Err(e) => Err(e.to_string()),
-                Ok(opts) => nix
-                    .copy(&target.store_uri(), path, &opts, false, |_, _| {})
+            let copied = match (
+                ssh::nix_ssh_opts(target, options, connection.control_socket()),
+                target.store_uri(),
+            ) {
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(_), None) => Err("deployment.targetHost is null".to_string()),
+                (Ok(opts), Some(uri)) => nix
+                    .copy(&uri, path, &opts, false, |_, _| {})
                     .await
                     .map_err(|e| e.to_string()),
             };

@@ -56,7 +56,7 @@ impl Engine {
         cancel: CancellationToken,
     ) -> Result<Deployment, EngineError> {
         self.preamble().await?;
-        let hosts = evaluate::selected_hosts(self.fleet(), &job.selection).await?;
+        let (hosts, _) = evaluate::selected_hosts(self.fleet(), &job.selection).await?;
         let spec = job.spec.clone();
         // A command still running when the run is cancelled (or the daemon
         // stops) is stopped on its host.
@@ -93,11 +93,15 @@ impl Engine {
         cancel: CancellationToken,
     ) -> Result<Deployment, EngineError> {
         self.preamble().await?;
-        let hosts = evaluate::selected_hosts(self.fleet(), &request.selection).await?;
+        let (hosts, source) = evaluate::selected_hosts(self.fleet(), &request.selection).await?;
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
         let leases = Leases::acquire(&self.store, &names, false, &cancel, None).await?;
-        let texts =
-            std::sync::Arc::new(KeyTexts::new(&self.config.flake, &self.config.nix, &hosts));
+        let texts = std::sync::Arc::new(KeyTexts::new(
+            &self.config.flake,
+            source,
+            &self.config.nix,
+            &hosts.iter().collect::<Vec<_>>(),
+        ));
         let work: HostWork = std::sync::Arc::new(move |host, connection, mut slot| {
             let texts = texts.clone();
             Box::pin(async move {

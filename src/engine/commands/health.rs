@@ -21,7 +21,7 @@ impl Engine {
         let (assessment, connection) = probe_host(host.clone(), &self.config.ssh, Settle::No).await;
         let Some(connection) = connection else {
             return Ok(HostHealth {
-                host: host.name,
+                host: host.name.clone(),
                 reachable: false,
                 current: assessment.current,
                 state: assessment.state,
@@ -37,7 +37,7 @@ impl Engine {
             Err((message, results)) => (false, results, Some(message)),
         };
         Ok(HostHealth {
-            host: host.name,
+            host: host.name.clone(),
             reachable: true,
             current: assessment.current,
             state: assessment.state,

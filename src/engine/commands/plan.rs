@@ -29,6 +29,9 @@ impl Engine {
         self.check_ssh_config()?;
         let mut prepared =
             prepare::prepare(self.fleet(), selection, options, Purpose::PLAN).await?;
+        // The fleet's remote builders (colmena's `meta.machinesFile`) unless
+        // `--builders` chose others.
+        let nix = self.config.nix.for_fleet(&prepared.index.meta);
         let early = prepared.early.take();
         let probed = probe::probe_all(
             self.fleet(),
@@ -50,11 +53,17 @@ impl Engine {
             {
                 pending_reboot.push(name.clone());
             }
-            let summary = match (&connection, summaries, assessment.state) {
+            // A host that builds its own system (`buildOnTarget`) may need
+            // what only it has: nothing is built for it here.
+            let build_here = summaries && !assessment.host.build_on_target;
+            let summary = match (&connection, build_here, assessment.state) {
                 (Some(connection), true, HostState::Changed) => {
-                    let nix = &self.config.nix;
-                    match nix.build(&assessment.host.drv_path, |_, _| {}).await {
-                        Ok(built) => {
+                    let system = &assessment.host.system;
+                    match nix.build(&system.drv_path, |_, _| {}).await {
+                        // deploy-rs builds a wrapper holding the toplevel:
+                        // the toplevel is what boots and what changes.
+                        Ok(_) => {
+                            let built = system.toplevel.clone();
                             let booted = assessment
                                 .probe
                                 .as_ref()
@@ -64,7 +73,7 @@ impl Engine {
                             {
                                 reboot_required.push(name.clone());
                             }
-                            change_summary(nix, connection, &built).await.ok()
+                            change_summary(&nix, connection, &built).await.ok()
                         }
                         Err(_) => None,
                     }

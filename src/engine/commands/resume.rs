@@ -237,10 +237,12 @@ fn check_planned(
                 .and_then(|r| r.to.path.clone())
         });
         match planned {
-            Some(planned) if planned != host.toplevel => {
+            Some(planned) if planned != host.toplevel() => {
                 return Err(EngineError::BadOption(format!(
                     "deployment #{} planned {planned} for {}, but its flake now evaluates to {}: resume deploys exactly what was planned; start a new deployment for the new system",
-                    deployment.id, host.name, host.toplevel
+                    deployment.id,
+                    host.name,
+                    host.toplevel()
                 )));
             }
             _ => {}

@@ -106,7 +106,7 @@ async fn commit(
     assessment: &Assessment,
     connection: &mut Connection,
 ) -> Result<HostRun, StoreError> {
-    let path = assessment.host.toplevel.clone();
+    let path = assessment.host.toplevel().to_string();
     let ssh = &context.ssh;
     let timeout = context.options.activation_timeout;
     let work = async {

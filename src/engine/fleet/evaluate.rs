@@ -6,57 +6,78 @@
 //!    identity, and a reference pinned to exactly that content
 //!    ([`FlakeIdentity`]). Every later `nix eval` reads that reference, so
 //!    what it computes is what the cache key names.
-//! 2. The host names (from the cache, or one cheap `nix eval`).
-//! 3. Every host whose key is in the cache is ready at once.
-//! 4. The rest are split into shards ([`eval::hosts_per_shard`]) evaluated by
+//! 2. The fleet's index (from the cache, or one cheap `nix eval`): its
+//!    source (`nixosConfigurations`, a colmena hive, deploy-rs nodes;
+//!    `--source` or detected), the host names, colmena's `meta`.
+//! 3. Which hosts' systems are wanted: those the selection picks. Every
+//!    host's metadata is read (it is cheap, and the selection's tags and the
+//!    dependency graph need it), but only the wanted hosts' toplevels are
+//!    evaluated: deploying k hosts evaluates k systems. A selection by
+//!    names is resolved from the names alone (one round); one by tags needs
+//!    the metadata first (a round for the metadata, then one for the
+//!    systems of the hosts it picks).
+//! 4. Every host whose key is in the cache is ready at once.
+//! 5. The rest are split into shards ([`eval::hosts_per_shard`]) evaluated by
 //!    up to `workers` processes at once (and no more than that across the
 //!    evaluations running at the same time in this process: the daemon's); each shard's hosts are sent on as
 //!    soon as it ends and cached. A host that throws comes back as `null` and
 //!    is evaluated again alone for Nix's error; a shard that fails otherwise
 //!    is split in halves and tried again, so one host's error never hides
 //!    another host's result. A shard that times out fails its hosts.
-//! 5. The peak memory of regular shards, per host, sizes the next run's
+//! 6. The peak memory of regular shards, per host, sizes the next run's
 //!    shards (`eval_memory`), and their initial heap
 //!    ([`eval::gc_initial_heap_bytes`]): a shard starts with the heap it was
 //!    measured to need instead of collecting again and again on the way.
 //!
-//! Nothing here touches a host: the consumer of the updates decides what to
-//! do with a host as it arrives (`prepare` starts probing it, read-only).
+//! Nothing here touches a host, nor judges a host's metadata: the consumer
+//! of the updates parses each host as it arrives (a host whose metadata is
+//! wrong is that host's failure alone) and decides what to do with it
+//! (`prepare` starts probing it, read-only).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
 
 use nix_deploy_core::eval::{self, EvalFailure, EvaluationReport, FlakeIdentity};
-use nix_deploy_core::fleet::{Host, Inventory, InventoryError, Selection};
+use nix_deploy_core::fleet::{self, Host, HostMeta, Inventory, InventoryError, Selection};
 use nix_deploy_core::select;
 use nix_deploy_core::shell;
+use nix_deploy_core::source::{FleetIndex, FleetSource, parse_fleet};
 
 use super::FleetContext;
+use super::shards::{self, Progress, Round, available_memory_mib, has_system};
 use crate::engine::EngineError;
-use crate::nix::Nix;
-use crate::process::{ExecError, Output};
+use crate::nix::{Nix, NixError};
 use crate::store::CachedEvaluation;
 
 /// One host's result as it arrives.
 pub(crate) struct EvaluatedHost {
     pub name: String,
-    /// Its entry of the evaluation (toplevel, drvPath, deployment).
+    /// Its entry of the evaluation (`deployment`, and `toplevel`, `drvPath`
+    /// when its system was read).
     pub value: serde_json::Value,
     pub cached: bool,
 }
 
-/// What the evaluation tells its consumer, in this order: the names, then
-/// hosts as they come. (Hosts that could not be evaluated are in the
-/// report at the end.)
+/// What the evaluation tells its consumer, in this order: the index, then
+/// hosts as they come (a host may come twice: its metadata, then its
+/// system). Hosts that could not be evaluated are in the report at the end.
 pub(crate) enum EvalUpdate {
-    /// Every host of the flake, before any is evaluated.
-    Names(Vec<String>),
+    /// The fleet's source and every host's name, before any is evaluated.
+    Index(FleetIndex),
     /// Hosts done: the cached ones, or one shard's.
     Hosts(Vec<EvaluatedHost>),
+}
+
+/// Which hosts' systems an evaluation reads (every host's metadata is read).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Systems<'a> {
+    /// None: runs that need only how to reach hosts (`exec`, `upload-keys`).
+    None,
+    /// The hosts this selection picks.
+    Of(&'a Selection),
 }
 
 /// What the evaluation found out besides the hosts.
@@ -67,91 +88,117 @@ pub(crate) struct EvalOutcome {
     /// A reference to exactly the content that was evaluated (see
     /// `FlakeIdentity::pinned_ref`), when the flake's identity is known.
     pub pinned: Option<String>,
+    pub index: FleetIndex,
 }
 
-/// A batch of hosts for one `nix eval`.
-struct Shard {
-    hosts: Vec<String>,
-    /// Catch each host's `throw` (only worth it with more than one host: a
-    /// single host's own error is the process's).
-    catch: bool,
-    /// Planned, not a retry: its memory is representative.
-    regular: bool,
+/// The hosts a selection by names (no tags) picks, from the names alone;
+/// none when it picks nothing (the consumer says why).
+fn chosen_by_names(selection: &Selection, names: &[String]) -> BTreeSet<String> {
+    let everyone: BTreeSet<String> = names.iter().cloned().collect();
+    select::resolve_partial(&Inventory::default(), &everyone, selection)
+        .map(|(_, chosen)| chosen.into_iter().collect())
+        .unwrap_or_default()
 }
 
-impl Shard {
-    fn new(hosts: Vec<String>, regular: bool) -> Self {
-        Shard {
-            catch: hosts.len() > 1,
-            hosts,
-            regular,
+/// The hosts a selection picks, from the metadata read so far (hosts that
+/// failed are not picked: their tags are unknown, and the consumer refuses
+/// or reports them).
+fn chosen_by_metadata(
+    source: FleetSource,
+    selection: &Selection,
+    metadata: &BTreeMap<String, serde_json::Value>,
+    names: &[String],
+) -> BTreeSet<String> {
+    let metas: Vec<HostMeta> = metadata
+        .iter()
+        .filter_map(|(name, value)| fleet::parse_host(source, name, value.clone()).ok())
+        .map(|evaluated| evaluated.meta)
+        .collect();
+    let inventory = Inventory::from_hosts(metas);
+    let unknown: BTreeSet<String> = names
+        .iter()
+        .filter(|n| inventory.get(n).is_none())
+        .cloned()
+        .collect();
+    select::resolve_partial(&inventory, &unknown, selection)
+        .map(|(chosen, _)| chosen.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// Hosts as they arrive, parsed: each host's metadata error is its own
+/// failure, never the others'.
+#[derive(Default)]
+pub(crate) struct Collected {
+    pub hosts: BTreeMap<String, HostMeta>,
+    pub systems: BTreeMap<String, fleet::System>,
+    /// Hosts whose entry came from the cache.
+    pub cached: BTreeSet<String>,
+    /// Hosts whose metadata is wrong, with what is wrong (never a value).
+    pub failed: Vec<EvalFailure>,
+}
+
+impl Collected {
+    /// Take in one host; returns it as a [`Host`] when this entry brought
+    /// its system (the first time).
+    pub fn add(&mut self, source: FleetSource, evaluated: EvaluatedHost) -> Option<Host> {
+        if evaluated.cached {
+            self.cached.insert(evaluated.name.clone());
+        }
+        if self.failed.iter().any(|f| f.host == evaluated.name) {
+            return None;
+        }
+        match fleet::parse_host(source, &evaluated.name, evaluated.value) {
+            Ok(parsed) => {
+                let meta = parsed.meta;
+                self.hosts.insert(meta.name.clone(), meta.clone());
+                let system = parsed.system?;
+                if self.systems.contains_key(&meta.name) {
+                    return None;
+                }
+                self.systems.insert(meta.name.clone(), system.clone());
+                Some(Host { meta, system })
+            }
+            Err(error) => {
+                let message = match error {
+                    InventoryError::BadHost { message, .. } => message,
+                    other => other.to_string(),
+                };
+                self.failed.push(EvalFailure {
+                    host: evaluated.name,
+                    error: message,
+                });
+                None
+            }
         }
     }
-}
 
-/// Re-cut the planned shards that have not started into shards of the size
-/// `budget` (MiB a host) allows, never smaller than `size` they had. Returns
-/// the new size when it changed.
-fn reshard(
-    queue: &mut VecDeque<Shard>,
-    size: usize,
-    workers: usize,
-    available_mib: u64,
-    budget: u64,
-) -> Option<usize> {
-    let waiting: Vec<String> = queue
-        .iter()
-        .filter(|s| s.regular)
-        .flat_map(|s| s.hosts.iter().cloned())
-        .collect();
-    let bigger = eval::hosts_per_shard(waiting.len(), workers, available_mib, budget);
-    if waiting.is_empty() || bigger <= size {
-        return None;
-    }
-    queue.retain(|s| !s.regular);
-    queue.extend(
-        eval::split_into_shards(&waiting, bigger)
-            .into_iter()
-            .map(|hosts| Shard::new(hosts, true)),
-    );
-    Some(bigger)
-}
-
-/// Memory the kernel says can be had without swapping, in MiB.
-fn available_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map(|kib| kib / 1024)
-        // Unknown: assume a small machine.
-        .unwrap_or(4096)
-}
-
-/// Nix's own words from a failed `nix eval`: the tail of its stderr without
-/// the `--show-trace` hint (the command line is ours and says nothing new).
-fn nix_error(error: &ExecError) -> String {
-    let tail = error.stderr_tail();
-    let text: Vec<&str> = tail
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("(use '--show-trace'"))
-        .collect();
-    let text = text.join("\n").trim().to_string();
-    if text.is_empty() {
-        error.to_string()
-    } else {
-        text
+    /// Metadata errors join Nix's failures in the report (sorted, one per host).
+    pub fn add_failures_to(&mut self, report: &mut EvaluationReport) {
+        for failure in self.failed.drain(..) {
+            if !report.failed.iter().any(|f| f.host == failure.host) {
+                report.failed.push(failure);
+            }
+        }
+        report.failed.sort_by(|a, b| a.host.cmp(&b.host));
     }
 }
 
-/// Evaluate every host of the flake, sending [`EvalUpdate`]s as they
-/// come. Stops early, without error, when `updates` is closed.
+/// A fleet evaluated without streaming ([`evaluate_fleet`]).
+pub(crate) struct Evaluation {
+    pub inventory: Inventory,
+    pub systems: BTreeMap<String, fleet::System>,
+    /// With every host that failed: Nix's failures and metadata errors.
+    pub report: EvaluationReport,
+    pub index: FleetIndex,
+}
+
+/// Evaluate the flake's fleet: every host's metadata, and the systems of
+/// the hosts `systems` wants, sending [`EvalUpdate`]s as they come.
+/// Stops early, without error, when `updates` is closed.
 pub(crate) async fn evaluate(
     cx: FleetContext<'_>,
     updates: mpsc::UnboundedSender<EvalUpdate>,
+    systems: Systems<'_>,
 ) -> Result<EvalOutcome, EngineError> {
     let started = Instant::now();
     let flake = &cx.config.flake;
@@ -165,18 +212,7 @@ pub(crate) async fn evaluate(
         .as_ref()
         .ok()
         .and_then(|m| eval::metadata_revision(m));
-    let identity = match &metadata {
-        Ok(json) => {
-            let lock_file =
-                eval::lock_file_path(json).and_then(|path| std::fs::read_to_string(path).ok());
-            FlakeIdentity::from_metadata(json, lock_file.as_deref())
-        }
-        Err(e) => Err(format!("{e}")
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string()),
-    };
+    let identity = Nix::identity(&metadata);
     let read_cache = cx.config.eval_cache && identity.is_ok();
     let cache_note = match (&identity, cx.config.eval_cache) {
         (Err(why), _) => format!("unavailable: {why}"),
@@ -188,88 +224,26 @@ pub(crate) async fn evaluate(
         .as_ref()
         .map_or_else(|| flake.clone(), |i| i.pinned_ref.clone());
 
-    // The names.
-    let names_key = identity.as_ref().map(|i| eval::names_key(i, &version));
-    let mut names = None;
-    if let (true, Some(key)) = (read_cache, &names_key) {
-        let found = cx
-            .store
-            .cached_evaluations(std::slice::from_ref(key))
-            .await?;
-        names = found.get(key).and_then(|v| eval::parse_names(v).ok());
-    }
-    let names = match names {
-        Some(names) => names,
-        None => {
-            let names = nix.host_names(&eval_ref).await.map_err(EngineError::Eval)?;
-            if let Some(key) = &names_key {
-                cx.store
-                    .cache_evaluations(
-                        flake,
-                        &[CachedEvaluation {
-                            key: key.clone(),
-                            host: None,
-                            value: serde_json::to_string(&names).unwrap_or_default(),
-                        }],
-                    )
-                    .await?;
-            }
-            names
-        }
-    };
-    if names.is_empty() {
+    let index = fleet_index(cx, identity.as_ref(), &version, &eval_ref, read_cache).await?;
+    if index.names.is_empty() {
         return Err(InventoryError::Empty.into());
     }
-    if let Some(bad) = names.iter().find(|n| !shell::is_valid_host_name(n)) {
+    if let Some(bad) = index.names.iter().find(|n| !shell::is_valid_host_name(n)) {
         return Err(InventoryError::BadHost {
             host: bad.clone(),
             message: "not a valid host name (letters, digits, `-`, `_`, `.`)".into(),
         }
         .into());
     }
-    if updates.send(EvalUpdate::Names(names.clone())).is_err() {
+    if updates.send(EvalUpdate::Index(index.clone())).is_err() {
         return Ok(EvalOutcome {
             report: EvaluationReport::default(),
             revision,
             pinned: None,
+            index,
         });
     }
 
-    // What the cache knows.
-    let keys: Vec<String> = match &identity {
-        Some(identity) => names
-            .iter()
-            .map(|n| eval::host_key(identity, &version, n))
-            .collect(),
-        None => Vec::new(),
-    };
-    let mut misses = names.clone();
-    let mut cached = 0;
-    if read_cache {
-        let found = cx.store.cached_evaluations(&keys).await?;
-        let mut hits = Vec::new();
-        misses.clear();
-        for (name, key) in names.iter().zip(&keys) {
-            match found.get(key).and_then(|v| serde_json::from_str(v).ok()) {
-                Some(value) => hits.push(EvaluatedHost {
-                    name: name.clone(),
-                    value,
-                    cached: true,
-                }),
-                None => misses.push(name.clone()),
-            }
-        }
-        cached = hits.len();
-        if !hits.is_empty() && updates.send(EvalUpdate::Hosts(hits)).is_err() {
-            return Ok(EvalOutcome {
-                report: EvaluationReport::default(),
-                revision,
-                pinned: None,
-            });
-        }
-    }
-
-    // The rest, in shards.
     let measured = cx.store.eval_host_memory(flake).await?;
     let (host_budget_mib, budget_source) = match measured {
         Some(kib) => (eval::host_budget_from_peak(kib, 1), "measured"),
@@ -282,219 +256,173 @@ pub(crate) async fn evaluate(
         .eval_workers
         .unwrap_or_else(|| eval::default_workers(cores, available, host_budget_mib))
         .max(1);
-    let per_shard = eval::hosts_per_shard(misses.len(), workers, available, host_budget_mib);
-    let worker_share = eval::worker_share_mib(available, workers);
-    let gate = cx
-        .config
-        .eval_gate
-        .get_or_init(|| Arc::new(Semaphore::new(workers)))
-        .clone();
-    let mut queue: VecDeque<Shard> = eval::split_into_shards(&misses, per_shard)
-        .into_iter()
-        .map(|hosts| Shard::new(hosts, true))
-        .collect();
-    let key_of = |name: &str| {
-        identity
-            .as_ref()
-            .map(|identity| eval::host_key(identity, &version, name))
-    };
-
-    let mut report = EvaluationReport {
-        hosts: names.len(),
-        cached,
-        evaluated: misses.len(),
+    let pinned = identity.as_ref().map(|i| i.pinned_ref.clone());
+    let round = Round {
+        flake: flake.clone(),
+        eval_ref,
+        source: index.source,
+        identity,
+        version,
+        read_cache,
+        measured,
+        available,
         workers,
-        hosts_per_shard: if misses.is_empty() { 0 } else { per_shard },
-        host_budget_mib,
-        host_budget_source: budget_source.to_string(),
-        cache: cache_note,
-        ..EvaluationReport::default()
+        worker_share: eval::worker_share_mib(available, workers),
+        gate: cx
+            .config
+            .eval_gate
+            .get_or_init(|| Arc::new(Semaphore::new(workers)))
+            .clone(),
     };
-    let mut running: JoinSet<(Shard, Result<Output, ExecError>)> = JoinSet::new();
-    let mut regular_host_kib: Option<u64> = None;
-    loop {
-        while running.len() < workers
-            && let Some(shard) = queue.pop_front()
-        {
-            report.shards += 1;
-            let heap = eval::gc_initial_heap_bytes(shard.hosts.len(), measured, worker_share);
-            if let Some(bytes) = heap {
-                let mib = bytes / 1024 / 1024;
-                report.gc_initial_heap_mib = Some(report.gc_initial_heap_mib.unwrap_or(0).max(mib));
-            }
-            let nix = nix.clone();
-            let eval_ref = eval_ref.clone();
-            let gate = gate.clone();
-            running.spawn(async move {
-                // Closed never: the gate lives as long as the config.
-                let _slot = gate.acquire_owned().await;
-                let result = nix
-                    .eval_hosts(&eval_ref, &shard.hosts, shard.catch, heap)
-                    .await;
-                (shard, result)
-            });
+    let mut progress = Progress {
+        report: EvaluationReport {
+            hosts: index.names.len(),
+            workers,
+            host_budget_mib,
+            host_budget_source: budget_source.to_string(),
+            cache: cache_note,
+            ..EvaluationReport::default()
+        },
+        ..Progress::default()
+    };
+    let names = &index.names;
+    match systems {
+        Systems::Of(selection) if select::uses_tags(selection) => {
+            let metadata = shards::round(
+                cx,
+                &round,
+                names.iter().map(|n| (n.clone(), false)).collect(),
+                &mut progress,
+                &updates,
+            )
+            .await?;
+            let wanted: Vec<(String, bool)> =
+                chosen_by_metadata(index.source, selection, &metadata, names)
+                    .into_iter()
+                    .filter(|n| !metadata.get(n).is_some_and(has_system))
+                    .map(|n| (n, true))
+                    .collect();
+            shards::round(cx, &round, wanted, &mut progress, &updates).await?;
         }
-        let Some(joined) = running.join_next().await else {
-            break;
-        };
-        let (shard, result) =
-            joined.map_err(|e| EngineError::Internal(format!("evaluation task failed: {e}")))?;
-        let mut failed = Vec::new();
-        match result {
-            Ok(output) => {
-                if let Some(kib) = output.peak_rss_kib {
-                    let mib = kib as f64 / 1024.0;
-                    report.peak_shard_mib = Some(report.peak_shard_mib.map_or(mib, |p| p.max(mib)));
-                    if shard.regular {
-                        let per_host = kib / shard.hosts.len() as u64;
-                        let first = regular_host_kib.is_none();
-                        regular_host_kib = Some(regular_host_kib.unwrap_or(0).max(per_host));
-                        // Nothing was known when the shards were cut (the
-                        // cautious default budget makes them small): cut
-                        // what has not started by what this one needed.
-                        if first && measured.is_none() {
-                            let budget = eval::host_budget_from_peak(per_host, 1);
-                            if let Some(size) =
-                                reshard(&mut queue, per_shard, workers, available, budget)
-                            {
-                                report.hosts_per_shard = size;
-                                report.host_budget_mib = budget;
-                                report.host_budget_source = "measured by the first shard".into();
-                            }
-                        }
-                    }
-                }
-                match eval::parse_shard_output(&output.stdout, &shard.hosts) {
-                    Ok(parsed) => {
-                        // Their own errors come back sooner from the front.
-                        for host in parsed.caught.into_iter().rev() {
-                            queue.push_front(Shard::new(vec![host], false));
-                        }
-                        for host in parsed.missing {
-                            failed.push(EvalFailure {
-                                error: format!(
-                                    "`{host}` was not in the output of `nix eval` (did the flake change?)"
-                                ),
-                                host,
-                            });
-                        }
-                        let entries: Vec<CachedEvaluation> = parsed
-                            .hosts
-                            .iter()
-                            .filter_map(|(name, value)| {
-                                Some(CachedEvaluation {
-                                    key: key_of(name)?,
-                                    host: Some(name.clone()),
-                                    value: value.to_string(),
-                                })
-                            })
-                            .collect();
-                        cx.store.cache_evaluations(flake, &entries).await?;
-                        let hosts: Vec<EvaluatedHost> = parsed
-                            .hosts
-                            .into_iter()
-                            .map(|(name, value)| EvaluatedHost {
-                                name,
-                                value,
-                                cached: false,
-                            })
-                            .collect();
-                        if !hosts.is_empty() && updates.send(EvalUpdate::Hosts(hosts)).is_err() {
-                            break;
-                        }
-                    }
-                    Err(reason) => {
-                        for host in &shard.hosts {
-                            failed.push(EvalFailure {
-                                host: host.clone(),
-                                error: format!("unexpected output of `nix eval`: {reason}"),
-                            });
-                        }
-                    }
-                }
-            }
-            Err(error @ ExecError::Timeout { .. }) => {
-                let together = shard.hosts.join(", ");
-                for host in &shard.hosts {
-                    failed.push(EvalFailure {
-                        host: host.clone(),
-                        error: format!(
-                            "evaluating {together} timed out after {}s",
-                            cx.config.nix.eval_timeout.as_secs()
-                        ),
-                    });
-                }
-                tracing::warn!(cause = %error, "evaluation shard timed out");
-            }
-            Err(error) if shard.hosts.len() > 1 => {
-                // An error tryEval cannot catch (or the process died):
-                // find whose, without losing the others' results.
-                tracing::debug!(hosts = ?shard.hosts, cause = %error, "shard failed; splitting it");
-                let mut first = shard.hosts;
-                let second = first.split_off(first.len() / 2);
-                queue.push_front(Shard::new(second, false));
-                queue.push_front(Shard::new(first, false));
-            }
-            Err(error) => failed.push(EvalFailure {
-                host: shard.hosts[0].clone(),
-                error: nix_error(&error),
-            }),
+        systems => {
+            let wanted = match systems {
+                Systems::Of(selection) => chosen_by_names(selection, names),
+                Systems::None => BTreeSet::new(),
+            };
+            let hosts = names
+                .iter()
+                .map(|n| (n.clone(), wanted.contains(n)))
+                .collect();
+            shards::round(cx, &round, hosts, &mut progress, &updates).await?;
         }
-        report.failed.extend(failed);
     }
-    drop(running);
-    if let Some(kib) = regular_host_kib {
+    if let Some(kib) = progress.regular_host_kib {
         cx.store.record_eval_host_memory(flake, kib).await?;
     }
+    let mut report = progress.report;
+    report.cached = progress.cached.len();
+    report.evaluated = progress.evaluated.len();
+    report.systems = progress.systems.len();
+    report.systems_evaluated = progress.systems_evaluated.len();
+    report.source = Some(index.source);
     report.failed.sort_by(|a, b| a.host.cmp(&b.host));
     report.seconds = started.elapsed().as_secs_f64();
     Ok(EvalOutcome {
         report,
         revision,
-        pinned: identity.map(|i| i.pinned_ref),
+        pinned,
+        index,
     })
 }
 
-/// Evaluate the whole fleet without streaming: the hosts that evaluated,
-/// and the report (with the ones that did not).
+/// The fleet's index: from the cache, or one `nix eval` of the flake's outputs.
+async fn fleet_index(
+    cx: FleetContext<'_>,
+    identity: Option<&FlakeIdentity>,
+    version: &str,
+    eval_ref: &str,
+    read_cache: bool,
+) -> Result<FleetIndex, EngineError> {
+    let forced = cx.config.source;
+    let parse =
+        |text: &str| parse_fleet(text, forced).map_err(|e| EngineError::Eval(NixError::Fleet(e)));
+    let key = identity.map(|i| eval::fleet_key(i, version));
+    if let (true, Some(key)) = (read_cache, &key) {
+        let found = cx
+            .store
+            .cached_evaluations(std::slice::from_ref(key))
+            .await?;
+        if let Some(text) = found.get(key) {
+            return parse(text);
+        }
+    }
+    let text = cx
+        .config
+        .nix
+        .fleet(eval_ref, identity.is_some())
+        .await
+        .map_err(EngineError::Eval)?;
+    if let Some(key) = key {
+        cx.store
+            .cache_evaluations(
+                &cx.config.flake,
+                &[CachedEvaluation {
+                    key,
+                    host: None,
+                    value: text.clone(),
+                }],
+            )
+            .await?;
+    }
+    parse(&text)
+}
+
+/// Evaluate without streaming: every host's metadata, the systems
+/// `systems` wants, and the report (with every host that failed, Nix's
+/// failures and metadata errors alike).
 pub(crate) async fn evaluate_fleet(
     cx: FleetContext<'_>,
-) -> Result<(Inventory, EvaluationReport), EngineError> {
+    systems: Systems<'_>,
+) -> Result<Evaluation, EngineError> {
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let collect = async {
-        let mut hosts: Vec<Host> = Vec::new();
-        let mut error = None;
+        let mut collected = Collected::default();
+        let mut source = FleetSource::default();
         while let Some(update) = receiver.recv().await {
-            if let EvalUpdate::Hosts(batch) = update {
-                for evaluated in batch {
-                    match Inventory::parse_host(&evaluated.name, evaluated.value) {
-                        Ok(host) => hosts.push(host),
-                        Err(e) => {
-                            error.get_or_insert(e);
-                        }
+            match update {
+                EvalUpdate::Index(index) => source = index.source,
+                EvalUpdate::Hosts(batch) => {
+                    for evaluated in batch {
+                        collected.add(source, evaluated);
                     }
                 }
             }
         }
-        (hosts, error)
+        collected
     };
-    let (outcome, (hosts, error)) = tokio::join!(evaluate(cx, sender), collect);
+    let (outcome, mut collected) = tokio::join!(evaluate(cx, sender, systems), collect);
     let outcome = outcome?;
-    if let Some(error) = error {
-        return Err(error.into());
-    }
-    Ok((Inventory::from_hosts(hosts), outcome.report))
+    let mut report = outcome.report;
+    collected.add_failures_to(&mut report);
+    Ok(Evaluation {
+        inventory: Inventory::from_hosts(collected.hosts.into_values()),
+        systems: collected.systems,
+        report,
+        index: outcome.index,
+    })
 }
 
-/// The hosts a selection picks, evaluated, for runs that act on each of
-/// them (`exec`, `upload-keys`). A picked host that could not be
-/// evaluated is an error naming it, and so is any failure when the
+/// The hosts a selection picks, with how to reach them (their systems
+/// are not evaluated), for runs that act on each of them (`exec`,
+/// `upload-keys`), and the fleet's source. A picked host that could not
+/// be evaluated is an error naming it, and so is any failure when the
 /// selection uses tags (that host might carry one).
 pub(crate) async fn selected_hosts(
     cx: FleetContext<'_>,
     selection: &Selection,
-) -> Result<Vec<Host>, EngineError> {
-    let (inventory, report) = evaluate_fleet(cx).await?;
+) -> Result<(Vec<HostMeta>, FleetSource), EngineError> {
+    let evaluation = evaluate_fleet(cx, Systems::None).await?;
+    let report = &evaluation.report;
     let failed = report.failed_hosts();
     let refuse = |hosts: &[String]| {
         EngineError::EvalFailed(
@@ -509,62 +437,41 @@ pub(crate) async fn selected_hosts(
     if !failed.is_empty() && select::uses_tags(selection) {
         return Err(refuse(&[]));
     }
-    let (names, unevaluated) = select::resolve_partial(&inventory, &failed, selection)?;
+    let (names, unevaluated) = select::resolve_partial(&evaluation.inventory, &failed, selection)?;
     if !unevaluated.is_empty() {
         return Err(refuse(&unevaluated));
     }
-    let hosts: Vec<Host> = names
+    let hosts: Vec<HostMeta> = names
         .iter()
-        .filter_map(|n| inventory.get(n).cloned())
+        .filter_map(|n| evaluation.inventory.get(n).cloned())
         .collect();
     cx.config.check_limit(&hosts)?;
-    Ok(hosts)
+    Ok((hosts, evaluation.index.source))
 }
 
-/// One host of the fleet, evaluated (the rest of the fleet may fail).
+/// One host of the fleet with its system (only its own is evaluated;
+/// the rest of the fleet may fail).
 pub(crate) async fn evaluated_host(cx: FleetContext<'_>, name: &str) -> Result<Host, EngineError> {
-    let (inventory, report) = evaluate_fleet(cx).await?;
-    if let Some(failure) = report.failed.iter().find(|f| f.host == name) {
+    let selection = Selection {
+        names: vec![name.to_string()],
+        ..Selection::default()
+    };
+    let evaluation = evaluate_fleet(cx, Systems::Of(&selection)).await?;
+    if let Some(failure) = evaluation.report.failed.iter().find(|f| f.host == name) {
         return Err(EngineError::EvalFailed(vec![failure.clone()]));
     }
-    let host = find_host(&inventory, name)?;
-    cx.config.check_limit([&host])?;
-    Ok(host)
+    let meta = find_host(&evaluation.inventory, name)?;
+    cx.config.check_limit([&meta])?;
+    let system = evaluation.systems.get(name).cloned().ok_or_else(|| {
+        EngineError::Internal(format!("the system of `{name}` was not evaluated"))
+    })?;
+    Ok(Host { meta, system })
 }
 
 /// One host of the fleet by name, or an error listing the fleet.
-pub(crate) fn find_host(inventory: &Inventory, name: &str) -> Result<Host, EngineError> {
+pub(crate) fn find_host(inventory: &Inventory, name: &str) -> Result<HostMeta, EngineError> {
     inventory
         .get(name)
         .cloned()
         .ok_or_else(|| select::unknown_host(inventory, name).into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_not_started_are_recut_by_the_measured_budget_never_smaller() {
-        let hosts: Vec<String> = (0..40).map(|i| format!("h{i}")).collect();
-        let mut queue: VecDeque<Shard> = eval::split_into_shards(&hosts, 8)
-            .into_iter()
-            .map(|h| Shard::new(h, true))
-            .collect();
-        queue.push_front(Shard::new(vec!["retried".into()], false));
-        // 2 workers, 2 shards each: 10 hosts a shard, memory allowing.
-        assert_eq!(reshard(&mut queue, 8, 2, 20_000, 20), Some(10));
-        assert!(!queue[0].regular, "retries still go first");
-        let regular: Vec<usize> = queue
-            .iter()
-            .filter(|s| s.regular)
-            .map(|s| s.hosts.len())
-            .collect();
-        assert_eq!(regular, [10, 10, 10, 10]);
-        // Already as big as the budget allows: left alone.
-        assert_eq!(reshard(&mut queue, 10, 2, 20_000, 20), None);
-        // A budget that allows fewer hosts never makes shards smaller.
-        assert_eq!(reshard(&mut queue, 10, 2, 20_000, 4_000), None);
-        assert_eq!(queue.iter().filter(|s| s.regular).count(), 4);
-    }
 }

@@ -93,7 +93,7 @@ impl<'a> Execution<'a> {
             let mut run = HostRun::new(self.recorder.deployment_id(), &name);
             run.changed = Some(assessment.state == HostState::Changed);
             run.from = assessment.current.clone();
-            run.to.path = Some(assessment.host.toplevel.clone());
+            run.to.path = Some(assessment.host.toplevel().to_string());
             run.reason = planned.reason.clone();
             self.recorder
                 .emit(
@@ -156,7 +156,7 @@ impl<'a> Execution<'a> {
                     let Some(job) = jobs.remove(&planned.name) else {
                         continue;
                     };
-                    let context = self.context.clone();
+                    let context = self.context.for_host(&job.assessment.host);
                     let soak = soak.filter(|_| planned.canary);
                     running.spawn(async move {
                         host_pipeline::run(context, job, activation, soak).await
@@ -279,7 +279,7 @@ impl<'a> Execution<'a> {
             let note =
                 format!("deployed, then rolled back because the deployment aborted: {reason}");
             let run = way_back::take_back(
-                &self.context,
+                &self.context.for_host(&assessment.host),
                 run,
                 assessment,
                 connection,
@@ -319,12 +319,16 @@ pub(crate) async fn execute(
     let id = recorder.deployment_id();
     let keys = Arc::new(KeyTexts::new(
         &cx.config.flake,
+        prepared.index.source,
         &cx.config.nix,
-        &prepared.hosts,
+        &prepared.hosts.iter().map(|h| &h.meta).collect::<Vec<_>>(),
     ));
     // Every host this run touches records its epoch first (see
     // `engine::host::fence`).
     let fence = HostFence::of(cx.store, id).await?;
+    // The fleet's remote builders (colmena's `meta.machinesFile`) unless
+    // `--builders` chose others.
+    let nix = cx.config.nix.for_fleet(&prepared.index.meta);
     let settle = Settle::Yes {
         activation_timeout: options.activation_timeout,
         fence: Some(fence.clone()),
@@ -401,7 +405,7 @@ pub(crate) async fn execute(
     }
 
     let context = Arc::new(HostContext {
-        nix: cx.config.nix.clone(),
+        nix,
         ssh: cx.config.ssh.clone(),
         options: options.clone(),
         recorder: recorder.clone(),

@@ -1,8 +1,9 @@
 //! Many hosts at once: everything between a validated request and each
 //! host's own pipeline.
 //!
-//! - [`evaluate`]: the fleet's evaluation, in bounded shards, from the cache
-//!   when it can, streamed host by host;
+//! - [`evaluate`]: the fleet's evaluation (every host's metadata, the
+//!   selected hosts' systems), from the cache when it can, streamed host by
+//!   host; [`shards`]: its rounds of bounded `nix eval` shards;
 //! - [`prepare`]: a request validated against the evaluation (selection,
 //!   dependency graph, options) before anything is recorded or touched;
 //! - [`leases`]: one run per host, all or none, renewed by one heartbeat;
@@ -28,6 +29,7 @@ pub(super) mod prepare;
 pub(super) mod probe;
 pub(super) mod runner;
 pub(super) mod schedule;
+pub(super) mod shards;
 
 use super::EngineConfig;
 use crate::store::Store;

@@ -23,9 +23,10 @@ use nix_deploy_core::plan::{DependencyGraph, GraphHost, PlanError};
 use nix_deploy_core::remote::Before;
 use nix_deploy_core::run::Pinned;
 use nix_deploy_core::select;
+use nix_deploy_core::source::{FleetIndex, FleetSource};
 
 use super::FleetContext;
-use super::evaluate::{self, EvalOutcome, EvalUpdate};
+use super::evaluate::{self, Collected, EvalOutcome, EvalUpdate, Systems};
 use super::probe::EarlyProbes;
 use crate::engine::EngineError;
 use crate::engine::host::recorder::Recorder;
@@ -39,6 +40,25 @@ pub(crate) struct Purpose {
     /// Go on without the hosts Nix could not evaluate (they are reported),
     /// instead of refusing the request.
     pub tolerate_eval_failures: bool,
+    /// It changes hosts: colmena's `meta.allowApplyAll = false` wants their
+    /// names.
+    pub changes_hosts: bool,
+    /// What becomes of selected hosts not reached over SSH
+    /// (`deployment.targetHost = null`).
+    pub local_only: LocalOnly,
+}
+
+/// What a run does with selected hosts whose `targetHost` is null (only
+/// `apply-local` on themselves deploys them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LocalOnly {
+    /// Kept: the run reaches no host (`build`).
+    Kept,
+    /// Left out, said in the run's events; a selection of nothing else is
+    /// refused.
+    LeftOut,
+    /// Left out, for the caller to report (`doctor`).
+    Reported,
 }
 
 impl Purpose {
@@ -47,12 +67,16 @@ impl Purpose {
     pub const PLAN: Purpose = Purpose {
         probe_early: true,
         tolerate_eval_failures: true,
+        changes_hosts: false,
+        local_only: LocalOnly::LeftOut,
     };
     /// `deploy`: refuses when a host it would deploy, or one they depend on
     /// (or any, when selecting by tag or everything), could not be evaluated.
     pub const DEPLOY: Purpose = Purpose {
         probe_early: true,
         tolerate_eval_failures: false,
+        changes_hosts: true,
+        local_only: LocalOnly::LeftOut,
     };
     /// `build`: no host is probed; as for `deploy`, a host to build (or any,
     /// when selecting by tag or everything) that cannot be evaluated refuses
@@ -60,17 +84,24 @@ impl Purpose {
     pub const BUILD: Purpose = Purpose {
         probe_early: false,
         tolerate_eval_failures: false,
+        changes_hosts: false,
+        local_only: LocalOnly::Kept,
     };
     /// `doctor`: reports the hosts that cannot be evaluated and checks the
     /// rest itself.
     pub const DOCTOR: Purpose = Purpose {
         probe_early: false,
         tolerate_eval_failures: true,
+        changes_hosts: false,
+        local_only: LocalOnly::Reported,
     };
-    /// `resume`: the hosts are probed only after their watchdogs settled.
+    /// `resume`: the hosts are probed only after their watchdogs settled
+    /// (the deployment it resumes was allowed when it started).
     pub const RESUME: Purpose = Purpose {
         probe_early: false,
         tolerate_eval_failures: false,
+        changes_hosts: false,
+        local_only: LocalOnly::LeftOut,
     };
 }
 
@@ -93,6 +124,11 @@ pub(crate) struct Prepared {
     /// Hosts whose way back is not what they run now (a resumed deployment
     /// had touched them): what they ran and booted before.
     pub before: BTreeMap<String, Before>,
+    /// Where the fleet came from, and colmena's `meta`.
+    pub index: FleetIndex,
+    /// Selected hosts with `deployment.targetHost = null`: not deployed over
+    /// SSH (only `apply-local` on themselves deploys them), left out.
+    pub local_only: Vec<String>,
 }
 
 impl Prepared {
@@ -109,7 +145,7 @@ impl Prepared {
             hosts: self
                 .hosts
                 .iter()
-                .map(|h| (h.name.clone(), h.toplevel.clone()))
+                .map(|h| (h.name.clone(), h.toplevel().to_string()))
                 .collect(),
         }
     }
@@ -121,11 +157,34 @@ impl Prepared {
         }
     }
 
-    /// Say in the deployment's events how the fleet was evaluated.
+    /// Say in the deployment's events how the fleet was evaluated, and what
+    /// an operator should know about the selected hosts' metadata.
     pub async fn log_evaluation(&self, recorder: &Recorder) -> Result<(), EngineError> {
         recorder
-            .log(None, format!("evaluated {}", self.evaluation.describe()))
+            .log(
+                None,
+                format!(
+                    "evaluated {} (source: {})",
+                    self.evaluation.describe(),
+                    self.index.source
+                ),
+            )
             .await?;
+        for name in &self.local_only {
+            recorder
+                .log(
+                    Some(name),
+                    "skipped: deployment.targetHost is null, so it is not deployed over SSH (only `apply-local` on that machine deploys it)".to_string(),
+                )
+                .await?;
+        }
+        for host in &self.hosts {
+            for warning in &host.warnings {
+                recorder
+                    .log(Some(&host.name), format!("warning: {warning}"))
+                    .await?;
+            }
+        }
         for failure in &self.evaluation.failed {
             recorder
                 .log(
@@ -156,47 +215,48 @@ pub(crate) async fn prepare(
         .probe_early
         .then(|| EarlyProbes::new(cx.config.probe_limit, cx.config.ssh.clone()));
     let consume = async {
-        let mut hosts = BTreeMap::new();
-        let mut cached = BTreeSet::new();
+        let mut collected = Collected::default();
+        let mut source = FleetSource::default();
         while let Some(update) = receiver.recv().await {
             match update {
-                EvalUpdate::Names(names) => {
+                EvalUpdate::Index(index) => {
                     // A misspelt host is known before anything is evaluated.
-                    select::check_names(selection, &names)?;
+                    select::check_names(selection, &index.names)?;
+                    source = index.source;
                 }
                 EvalUpdate::Hosts(batch) => {
                     for evaluated in batch {
-                        let host = Inventory::parse_host(&evaluated.name, evaluated.value)?;
-                        if evaluated.cached {
-                            cached.insert(host.name.clone());
-                        }
+                        // A host whose metadata is wrong is its own failure.
+                        let Some(host) = collected.add(source, evaluated) else {
+                            continue;
+                        };
                         if let Some(early) = early.as_mut()
+                            && host.target.destination.is_some()
                             && select::may_select(selection, &host)
                         {
-                            early.spawn(host.clone());
+                            early.spawn(host);
                         }
-                        hosts.insert(host.name.clone(), host);
                     }
                 }
             }
         }
-        Ok((hosts, cached))
+        Ok::<_, EngineError>(collected)
     };
-    let (outcome, consumed) = tokio::join!(evaluate::evaluate(cx, sender), consume);
+    let (outcome, consumed) = tokio::join!(
+        evaluate::evaluate(cx, sender, Systems::Of(selection)),
+        consume
+    );
+    let here = cx.config.ssh.local.as_deref();
     let validated = match (consumed, outcome) {
         (Err(e), _) | (_, Err(e)) => Err(e),
-        (Ok((hosts, cached)), Ok(outcome)) => validate(
-            selection,
-            options,
-            purpose,
-            hosts.into_values().collect(),
-            cached,
-            outcome,
-        ),
+        (Ok(collected), Ok(outcome)) => {
+            validate(selection, options, purpose, here, collected, outcome)
+        }
     };
     // A caller limited to some hosts (a token's reach) is refused others.
     let validated = validated.and_then(|prepared| {
-        cx.config.check_limit(&prepared.hosts)?;
+        cx.config
+            .check_limit(prepared.hosts.iter().map(|h| &h.meta))?;
         Ok(prepared)
     });
     match validated {
@@ -213,19 +273,29 @@ pub(crate) async fn prepare(
     }
 }
 
-/// The evaluated fleet against the request.
+/// The evaluated fleet against the request. `here`: the host that is this
+/// machine (`apply-local`).
 fn validate(
     selection: &Selection,
     options: &DeployOptions,
     purpose: Purpose,
-    hosts: Vec<Host>,
-    eval_cached: BTreeSet<String>,
+    here: Option<&str>,
+    mut collected: Collected,
     outcome: EvalOutcome,
 ) -> Result<Prepared, EngineError> {
-    let evaluation = outcome.report;
+    let mut evaluation = outcome.report;
+    collected.add_failures_to(&mut evaluation);
     let failed = evaluation.failed_hosts();
     let refuse = || EngineError::EvalFailed(evaluation.failed.clone());
-    let inventory = Inventory::from_hosts(hosts);
+    if purpose.changes_hosts && !outcome.index.meta.allow_apply_all && !selection.names_hosts() {
+        return Err(InventoryError::ApplyAllRefused.into());
+    }
+    let inventory = Inventory::from_hosts(
+        collected
+            .hosts
+            .into_values()
+            .filter(|h| !failed.contains(&h.name)),
+    );
     // Hosts that failed are in the graph (others may name them), without
     // edges of their own: nobody knows them.
     let mut graph_hosts: Vec<GraphHost> = inventory
@@ -267,6 +337,7 @@ fn validate(
             return Err(refuse());
         }
     }
+    let (local_only, names) = leave_out_local_only(&inventory, names, here, purpose.local_only)?;
     for canary in &options.canaries {
         if !names.contains(canary) {
             return Err(EngineError::BadOption(format!(
@@ -277,19 +348,65 @@ fn validate(
     }
     let hosts = names
         .iter()
-        .filter_map(|n| inventory.get(n).cloned())
-        .collect();
+        .map(|n| {
+            let meta = inventory.get(n).cloned().ok_or_else(|| {
+                EngineError::Internal(format!("`{n}` was selected without its metadata"))
+            })?;
+            let system = collected.systems.get(n).cloned().ok_or_else(|| {
+                EngineError::Internal(format!("the system of `{n}` was not evaluated"))
+            })?;
+            Ok(Host { meta, system })
+        })
+        .collect::<Result<Vec<Host>, EngineError>>()?;
     Ok(Prepared {
         inventory,
         graph,
         hosts,
         evaluation,
-        eval_cached,
+        eval_cached: collected.cached,
         revision: outcome.revision,
         pinned_flake: outcome.pinned,
         early: None,
         before: BTreeMap::new(),
+        index: outcome.index,
+        local_only,
     })
+}
+
+/// Split the selected `names` into the hosts not reached over SSH
+/// (`deployment.targetHost = null`: left out of remote runs, as colmena
+/// leaves them out of `apply`) and the rest. With `apply-local` (`here`:
+/// the host that is this machine), that host must allow it.
+fn leave_out_local_only(
+    inventory: &Inventory,
+    names: Vec<String>,
+    here: Option<&str>,
+    treatment: LocalOnly,
+) -> Result<(Vec<String>, Vec<String>), EngineError> {
+    if let Some(here) = here
+        && let Some(host) = inventory.get(here)
+        && !host.allow_local_deployment
+    {
+        return Err(EngineError::BadOption(format!(
+            "{here}: deployment.allowLocalDeployment is not set, so apply-local does not deploy it"
+        )));
+    }
+    if treatment == LocalOnly::Kept {
+        return Ok((Vec::new(), names));
+    }
+    let (local_only, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
+        Some(n.as_str()) != here
+            && inventory
+                .get(n)
+                .is_some_and(|h| h.target.destination.is_none())
+    });
+    if treatment == LocalOnly::LeftOut && names.is_empty() && !local_only.is_empty() {
+        return Err(EngineError::BadOption(format!(
+            "{} cannot be deployed over SSH: deployment.targetHost is null (only `apply-local` on that machine deploys it)",
+            local_only.join(", ")
+        )));
+    }
+    Ok((local_only, names))
 }
 
 /// `hosts` and everything they depend on, transitively.
@@ -309,6 +426,41 @@ fn dependency_closure(graph: &DependencyGraph, hosts: &[String]) -> BTreeSet<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_not_reached_over_ssh_are_left_out_of_remote_runs_only() {
+        let inventory = Inventory::from_eval_json(
+            FleetSource::Nixos,
+            r#"{ "a": { "deployment": {} },
+                 "b": { "deployment": { "targetHost": null, "allowLocalDeployment": true } } }"#,
+        )
+        .unwrap();
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let split = |selected: &[&str], here, treatment| {
+            leave_out_local_only(&inventory, names(selected), here, treatment)
+        };
+        assert_eq!(
+            split(&["a", "b"], None, LocalOnly::LeftOut).unwrap(),
+            (names(&["b"]), names(&["a"]))
+        );
+        let e = split(&["b"], None, LocalOnly::LeftOut).unwrap_err();
+        assert!(e.to_string().contains("targetHost is null"), "{e}");
+        assert_eq!(
+            split(&["b"], None, LocalOnly::Reported).unwrap(),
+            (names(&["b"]), names(&[]))
+        );
+        assert_eq!(
+            split(&["a", "b"], None, LocalOnly::Kept).unwrap(),
+            (names(&[]), names(&["a", "b"]))
+        );
+        // `apply-local` on b deploys it; on a, which does not allow it, nothing.
+        assert_eq!(
+            split(&["b"], Some("b"), LocalOnly::LeftOut).unwrap(),
+            (names(&[]), names(&["b"]))
+        );
+        let e = split(&["a"], Some("a"), LocalOnly::LeftOut).unwrap_err();
+        assert!(e.to_string().contains("allowLocalDeployment"), "{e}");
+    }
 
     #[test]
     fn the_dependency_closure_follows_edges() {

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{EventKind, HostStatus};
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::{Host, HostMeta};
 use nix_deploy_core::plan::{self, HostFacts, HostHistory};
 use nix_deploy_core::summary::ChangeSummary;
 
@@ -225,7 +225,7 @@ pub(crate) async fn probe_all(
 /// holds the deployment (refused with `StoreError::Superseded`).
 pub(crate) async fn fence_hosts(
     cx: FleetContext<'_>,
-    hosts: Vec<Host>,
+    hosts: Vec<HostMeta>,
     fence: &HostFence,
     recorder: &Recorder,
 ) -> Result<(), EngineError> {
@@ -273,7 +273,7 @@ pub(crate) async fn facts(
         role: assessment.host.role.clone(),
         state: assessment.state,
         current: assessment.current.clone(),
-        target_path: assessment.host.toplevel.clone(),
+        target_path: assessment.host.toplevel().to_string(),
         probe_error: assessment.error.clone(),
         summary,
         history: history(cx, &assessment.host.name).await?,

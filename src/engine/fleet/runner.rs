@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{Event, EventKind, HostStatus, Step};
 use nix_deploy_core::exec::ExecSpec;
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::HostMeta;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::run::{HostRun, RunKind};
 
@@ -50,7 +50,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// What a run does on one reachable host. It gets the host's connection and
 /// gives it back, with the host's run as it ended.
 pub(crate) type HostWork = Arc<
-    dyn Fn(Host, Connection, HostSlot) -> BoxFuture<Result<(HostSlot, Connection), StoreError>>
+    dyn Fn(HostMeta, Connection, HostSlot) -> BoxFuture<Result<(HostSlot, Connection), StoreError>>
         + Send
         + Sync,
 >;
@@ -63,7 +63,7 @@ pub(crate) async fn run_on_hosts(
     cx: FleetContext<'_>,
     kind: RunKind,
     exec: Option<&ExecSpec>,
-    hosts: Vec<Host>,
+    hosts: Vec<HostMeta>,
     parallel_limit: usize,
     trigger: &str,
     requested_by: &str,

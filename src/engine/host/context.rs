@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use nix_deploy_core::events::HostStatus;
-use nix_deploy_core::fleet::{HealthCheck, Host};
+use nix_deploy_core::fleet::{HealthCheck, Host, HostMeta};
 use nix_deploy_core::goal::Goal;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::Activation;
@@ -18,7 +18,9 @@ use super::recorder::Recorder;
 use crate::nix::Nix;
 use crate::transport::ssh::{Connection, SshOptions};
 
-/// What every host task of a run shares.
+/// What every host task of a run shares ([`HostContext::for_host`] makes
+/// one host's own, with the options its metadata sets).
+#[derive(Clone)]
 pub(crate) struct HostContext {
     pub nix: Nix,
     pub ssh: SshOptions,
@@ -32,6 +34,30 @@ pub(crate) struct HostContext {
 }
 
 impl HostContext {
+    /// The context of `host`'s own task: its metadata's options over the
+    /// deployment's (its confirm and activation timeouts; building on
+    /// itself; substituting, unless `--no-substitute` turned it off).
+    pub fn for_host(self: &Arc<Self>, host: &HostMeta) -> Arc<Self> {
+        let mut options = self.options.clone();
+        if let Some(timeout) = host.confirm_timeout {
+            options.confirm_timeout = timeout;
+        }
+        if let Some(timeout) = host.activation_timeout {
+            options.activation_timeout = timeout;
+        }
+        options.build_on_target |= host.build_on_target;
+        if let Some(substitute) = host.substitute_on_destination {
+            options.substitute_on_destination &= substitute;
+        }
+        if options == self.options {
+            return self.clone();
+        }
+        Arc::new(HostContext {
+            options,
+            ..HostContext::clone(self)
+        })
+    }
+
     /// The goal of a host run: the deployment's, except while blue-green
     /// stages hosts (`test`; it commits them itself).
     pub fn goal(&self, activation: Activation) -> Goal {

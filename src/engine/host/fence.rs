@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::HostMeta;
 use nix_deploy_core::remote::{self, Fence};
 
 use crate::store::{Store, StoreError};
@@ -86,7 +86,11 @@ impl std::fmt::Debug for HostFence {
 /// what a successor does on the hosts an earlier holder finished, which it
 /// does not probe, so that holder, paused and woken, cannot switch them back.
 /// A refusal marks the deployment lost here (see [`HostFence::refused`]).
-pub(crate) async fn raise(host: &Host, ssh: &SshOptions, fence: &HostFence) -> Result<(), String> {
+pub(crate) async fn raise(
+    host: &HostMeta,
+    ssh: &SshOptions,
+    fence: &HostFence,
+) -> Result<(), String> {
     let connection = Connection::connect(&host.name, &host.target, ssh)
         .await
         .map_err(|e| e.to_string())?;

@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::HostMeta;
 use nix_deploy_core::keys::{self, Key, KeySource, Secret};
+use nix_deploy_core::source::FleetSource;
 
 use crate::nix::Nix;
 use crate::process::Cmd;
@@ -40,6 +41,7 @@ type Texts = BTreeMap<String, BTreeMap<String, Secret>>;
 /// evaluates them).
 pub(crate) struct KeyTexts {
     flake: String,
+    source: FleetSource,
     nix: Nix,
     /// The hosts of this run with a `text` key.
     hosts: Vec<String>,
@@ -47,9 +49,10 @@ pub(crate) struct KeyTexts {
 }
 
 impl KeyTexts {
-    pub fn new(flake: &str, nix: &Nix, hosts: &[Host]) -> Self {
+    pub fn new(flake: &str, source: FleetSource, nix: &Nix, hosts: &[&HostMeta]) -> Self {
         KeyTexts {
             flake: flake.to_string(),
+            source,
             nix: nix.clone(),
             hosts: hosts
                 .iter()
@@ -62,7 +65,7 @@ impl KeyTexts {
 
     /// For runs that upload no keys.
     pub fn none() -> Self {
-        KeyTexts::new("", &Nix::default(), &[])
+        KeyTexts::new("", FleetSource::default(), &Nix::default(), &[])
     }
 
     async fn text(&self, host: &str, key: &Key) -> Result<Secret, String> {
@@ -70,7 +73,7 @@ impl KeyTexts {
             .texts
             .get_or_init(|| async {
                 self.nix
-                    .key_texts(&self.flake, &self.hosts)
+                    .key_texts(&self.flake, self.source, &self.hosts)
                     .await
                     .map_err(|e| e.to_string())
             })
@@ -182,7 +185,7 @@ async fn read_key_file(path: &str, limit: usize) -> Result<Secret, String> {
 pub(crate) async fn upload(
     connection: &Connection,
     texts: &KeyTexts,
-    host: &Host,
+    host: &HostMeta,
     keys: &[&Key],
     require_ownership: bool,
 ) -> Result<Vec<String>, String> {

@@ -13,6 +13,7 @@
 //!   and what a host refusing it means;
 //! - [`health`]: health checks; [`keys`]: `deployment.keys`; [`summary`]:
 //!   change summaries; [`gcroots`]: the coordinator's GC roots;
+//!   [`on_target`]: a system built on its host (`buildOnTarget`);
 //! - [`recorder`]: how every layer reports, stored before anyone is told;
 //! - [`context`]: what a host's steps work with.
 //!
@@ -26,6 +27,7 @@ pub(crate) mod gcroots;
 pub(crate) mod health;
 pub(crate) mod keys;
 pub(crate) mod observe;
+pub(crate) mod on_target;
 pub(crate) mod pipeline;
 pub(crate) mod prove;
 pub(crate) mod reboot;

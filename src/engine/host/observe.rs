@@ -164,7 +164,7 @@ async fn probe_once(
             let state = plan::classify(
                 probe.current_system.as_deref(),
                 probe.profile_system.as_deref(),
-                &host.toplevel,
+                host.toplevel(),
             );
             let current = SystemRef {
                 path: probe.current_system.clone(),

@@ -3,6 +3,9 @@
 //! pre-flight → build, copy and summarise → keys → set-profile → activate →
 //! keys → validate (while a new connection opens) → confirm → reboot → soak
 //!
+//! A host without magic rollback (deploy-rs's `magicRollback = false`) has
+//! no watchdog: nothing waits for a confirmation, so none is sent.
+//!
 //! Each step is a function of [`super::steps`], [`super::prove`] or
 //! [`super::reboot`] and fails with the step it is ([`super::failure::At`]);
 //! what a failure means for the host is decided once
@@ -93,6 +96,7 @@ async fn pipeline(
     if activation == Activation::Switch {
         job.run.goal = Some(goal);
     }
+    steps::refuse_unknown_profile(context, job).await?;
     steps::preflight(context, job).await?;
     reboot::refuse_self(context, job)?;
     let path = steps::build_copy_and_summarize(context, job).await?;
@@ -110,7 +114,9 @@ async fn pipeline(
     steps::activate(context, job, &path, goal.activation().unwrap_or(activation)).await?;
     steps::keys(context, job, UploadAt::PostActivation, goal).await?;
     let fresh = prove::validate_while_connecting(context, job, &path, goal).await?;
-    prove::confirm(context, job, fresh).await?;
+    if let Some(fresh) = fresh {
+        prove::confirm(context, job, fresh).await?;
+    }
     if reboot::wanted(context, job, &path).await? {
         reboot::reboot_into(context, job, &path).await?;
     }

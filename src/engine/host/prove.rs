@@ -16,27 +16,33 @@ use crate::transport::ssh::{self, Connection};
 /// Validate as the goal wants it while the confirmation's new connection
 /// opens: the activation has ended, so that connection proves the new
 /// system lets us in, and its handshake costs no time on the critical path.
+/// A host without magic rollback has no watchdog waiting for a
+/// confirmation: no connection (`None`).
 pub(crate) async fn validate_while_connecting(
     context: &HostContext,
     job: &mut HostJob,
     path: &str,
     goal: Goal,
-) -> Result<Result<Connection, ssh::SshError>, Stop> {
-    let (name, target) = (
-        job.assessment.host.name.clone(),
-        job.assessment.host.target.clone(),
-    );
+) -> Result<Option<Result<Connection, ssh::SshError>>, Stop> {
+    let host = &job.assessment.host;
+    let (name, target, magic) = (host.name.clone(), host.target.clone(), host.magic_rollback);
     let (validated, fresh) = tokio::join!(
         async {
             match goal.validation() {
                 Validation::BootsNewSystem => validate_boot_default(context, job, path).await,
-                _ => validate(context, job, path, "validate", true).await,
+                _ => validate(context, job, path, "validate", magic).await,
             }
         },
-        Connection::connect_new(&name, &target, &context.ssh),
+        async {
+            if magic {
+                Some(Connection::connect_new(&name, &target, &context.ssh).await)
+            } else {
+                None
+            }
+        },
     );
     if let Err(failure) = validated {
-        if let Ok(fresh) = fresh {
+        if let Some(Ok(fresh)) = fresh {
             fresh.close().await;
         }
         return Err(failure);
@@ -219,7 +225,7 @@ pub(crate) async fn soak(
             let (_, verdict) = health::validate_host(
                 connection,
                 host,
-                &host.toplevel,
+                host.toplevel(),
                 &checks,
                 health_timeout.min(soak.max(Duration::from_secs(5))),
                 context.ssh.command_timeout,

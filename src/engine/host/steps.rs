@@ -1,6 +1,8 @@
-//! The pipeline's steps that change a host, up to its activation: pre-flight,
-//! build, copy (with the change summary and the coordinator's GC roots
-//! beside it), keys, set-profile, activate, and `dry-activate`. Each is
+//! The pipeline's steps that change a host, up to its activation: pre-flight
+//! (and colmena's `replaceUnknownProfiles`), build (here, or on the host:
+//! [`super::on_target`]), copy (with the change summary and the
+//! coordinator's GC roots beside it; nothing to copy to the host that is
+//! this machine), keys, set-profile, activate, and `dry-activate`. Each is
 //! recorded as a step of the host's run and fails as that step
 //! ([`super::failure::At`]).
 
@@ -17,10 +19,37 @@ use nix_deploy_core::run::HostRun;
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Stop};
 use super::observe::Assessment;
-use super::summary::{current_closure, new_closure_summary};
-use super::{activator, gcroots, health, keys};
+use super::summary::{current_closure, host_closure_summary, new_closure_summary};
+use super::{activator, gcroots, health, keys, on_target};
 use crate::store::StoreError;
 use crate::transport::ssh::{self, Connection, SshError};
+
+/// colmena's `deployment.replaceUnknownProfiles = false`: a host that runs a
+/// system nix-deploy never deployed to it (someone else did) is not
+/// replaced. Checked even with `--skip-validation`: it is the host's own
+/// setting, not a health check.
+pub(crate) async fn refuse_unknown_profile(
+    context: &HostContext,
+    job: &HostJob,
+) -> Result<(), Stop> {
+    let host = &job.assessment.host;
+    let Some(current) = job.assessment.current.path.as_deref() else {
+        return Ok(());
+    };
+    if host.replace_unknown_profiles
+        || context
+            .recorder
+            .store()
+            .deployed_before(&host.name, current)
+            .await?
+    {
+        return Ok(());
+    }
+    Err(Stop::at(At::Preflight)(format!(
+        "{}: pre-flight: it runs {current}, which nix-deploy never deployed to it, and deployment.replaceUnknownProfiles is false: not replaced",
+        host.name
+    )))
+}
 
 /// Reachable (we have a connection), enough free space, and healthy before
 /// we touch it. Skipped with `--skip-validation`.
@@ -85,7 +114,7 @@ pub(crate) async fn build_copy_and_summarize(
     let (path, old_closure) = {
         let (assessment, connection, run) = job.parts();
         let has_system = assessment.current.path.is_some();
-        tokio::join!(build(context, &assessment.host, run), async {
+        tokio::join!(build(context, &assessment.host, connection, run), async {
             if has_system {
                 current_closure(connection).await
             } else {
@@ -98,24 +127,46 @@ pub(crate) async fn build_copy_and_summarize(
     Ok(path)
 }
 
-/// Build the toplevel locally; it must be the path the flake evaluated to.
-async fn build(context: &HostContext, host: &Host, run: &mut HostRun) -> Result<String, Stop> {
+/// Whether the host builds its own system: asked for, and the host is not
+/// this machine (where building here is building on it).
+fn builds_on_target(context: &HostContext, connection: &Connection) -> bool {
+    context.options.build_on_target && !connection.is_local()
+}
+
+/// Build the toplevel, here or on the host itself ([`on_target`]); it must
+/// be the path the flake evaluated to (deploy-rs: the wrapper holding it).
+/// Returns the toplevel.
+async fn build(
+    context: &HostContext,
+    host: &Host,
+    connection: &Connection,
+    run: &mut HostRun,
+) -> Result<String, Stop> {
+    if builds_on_target(context, connection) {
+        let work = on_target::build(&context.nix, &context.ssh, connection, host);
+        return context
+            .recorder
+            .step(run, Step::Build, work)
+            .await?
+            .map_err(Stop::at(At::Build));
+    }
     let built = context
         .recorder
         .step(
             run,
             Step::Build,
-            context.nix.build(&host.drv_path, |_, _| {}),
+            context.nix.build(&host.system.drv_path, |_, _| {}),
         )
         .await?
         .map_err(Stop::at(At::Build))?;
-    if built != host.toplevel {
+    if built != host.system.build_output() {
         return Err(Stop::at(At::Build)(format!(
             "{}: build: produced {built}, but the flake evaluated to {}",
-            host.name, host.toplevel
+            host.name,
+            host.system.build_output()
         )));
     }
-    Ok(built)
+    Ok(host.toplevel().to_string())
 }
 
 /// Copy the closure over our master connection and, meanwhile, root it on
@@ -130,6 +181,22 @@ async fn copy_and_summarize(
 ) -> Result<(), Stop> {
     let (assessment, connection, run) = job.parts();
     let host = &assessment.host;
+    if builds_on_target(context, connection) {
+        // The host built it: nothing to copy, nothing to root here.
+        if context.options.keep_result {
+            context
+                .recorder
+                .log(
+                    Some(&host.name),
+                    "--keep-result: the host built its own system; this machine's store does not hold it, so nothing is kept here".to_string(),
+                )
+                .await?;
+        }
+        let summary = host_closure_summary(connection, old, path).await;
+        return log_summary(context, run, &host.name, summary)
+            .await
+            .map_err(Stop::from);
+    }
     // The coordinator's GC roots for what was built and what the host ran
     // are made meanwhile too (local, informational).
     let (summary, copied, rooted) = tokio::join!(
@@ -138,25 +205,38 @@ async fn copy_and_summarize(
         protect_roots(context, assessment, path),
     );
     rooted?;
+    log_summary(context, run, &host.name, summary).await?;
+    copied
+}
+
+/// Say what changes (informational: a summary that cannot be made is
+/// logged, never a failure).
+async fn log_summary(
+    context: &HostContext,
+    run: &mut HostRun,
+    host: &str,
+    summary: Result<nix_deploy_core::summary::ChangeSummary, String>,
+) -> Result<(), StoreError> {
     match summary {
         Ok(summary) => {
             context
                 .recorder
-                .log(Some(&host.name), format!("changes: {}", summary.one_line()))
+                .log(Some(host), format!("changes: {}", summary.one_line()))
                 .await?;
             run.summary = Some(summary);
         }
         Err(e) => {
             context
                 .recorder
-                .log(Some(&host.name), format!("no change summary: {e}"))
+                .log(Some(host), format!("no change summary: {e}"))
                 .await?
         }
     }
-    copied
+    Ok(())
 }
 
-/// Copy the closure over our master connection.
+/// Copy the closure over our master connection (to the host that is this
+/// machine, nothing: its store is ours).
 async fn copy(
     context: &HostContext,
     host: &Host,
@@ -164,17 +244,20 @@ async fn copy(
     run: &mut HostRun,
     path: &str,
 ) -> Result<(), Stop> {
+    if connection.is_local() {
+        return Ok(());
+    }
     let copy = async {
-        let opts = ssh::nix_ssh_opts(
-            &host.target,
-            &context.ssh,
-            Some(connection.control_socket()),
-        )
-        .map_err(|e| e.to_string())?;
+        let opts = ssh::nix_ssh_opts(&host.target, &context.ssh, connection.control_socket())
+            .map_err(|e| e.to_string())?;
+        let uri = host
+            .target
+            .store_uri()
+            .ok_or_else(|| format!("{}: copy: the host has no targetHost", host.name))?;
         context
             .nix
             .copy(
-                &host.target.store_uri(),
+                &uri,
                 path,
                 &opts,
                 context.options.substitute_on_destination,
@@ -317,8 +400,9 @@ pub(crate) async fn set_profile(
     Ok(())
 }
 
-/// Start the activator on the host (detached, with the watchdog armed)
-/// and wait for `switch-to-configuration` to end.
+/// Start the activator on the host (detached, with the watchdog armed
+/// unless the host turned magic rollback off: deploy-rs's
+/// `magicRollback = false`) and wait for `switch-to-configuration` to end.
 pub(crate) async fn activate(
     context: &HostContext,
     job: &mut HostJob,
@@ -334,7 +418,10 @@ pub(crate) async fn activate(
         what: activator::What::Activate {
             system: path,
             action: activation,
-            watchdog: Some((&assessment.before, context.options.confirm_timeout)),
+            watchdog: assessment
+                .host
+                .magic_rollback
+                .then_some((&assessment.before, context.options.confirm_timeout)),
         },
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),

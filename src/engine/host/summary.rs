@@ -1,6 +1,7 @@
 //! Change summaries: what changes on a host, from the closure it runs (read
-//! on the host) to the closure of its new system (read on the coordinator).
-//! Informational: a summary that cannot be made is never a failure.
+//! on the host) to the closure of its new system (read on the coordinator,
+//! or on the host when the host built it). Informational: a summary that
+//! cannot be made is never a failure.
 
 use std::time::Duration;
 
@@ -27,23 +28,34 @@ pub(crate) async fn change_summary(
 /// The closure of the system the host runs: empty when it has none yet (or
 /// it cannot be read; the summary is informational).
 pub(crate) async fn current_closure(connection: &Connection) -> Vec<String> {
-    match connection
+    closure_on_host(connection, "/run/current-system")
+        .await
+        .unwrap_or_default()
+}
+
+/// The closure of `path`, read on the host.
+async fn closure_on_host(connection: &Connection, path: &str) -> Result<Vec<String>, String> {
+    let out = connection
         .run(
             "summary",
-            &remote::closure_argv("/run/current-system"),
+            &remote::closure_argv(path),
             CLOSURE_QUERY_TIMEOUT,
         )
         .await
-    {
-        Ok(out) => out
-            .stdout
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+        .map_err(|e| e.to_string())?;
+    Ok(summary::closure_paths(&out.stdout))
+}
+
+/// What changes from the closure `old` to `path`'s, which the host built
+/// itself (`buildOnTarget`): both read on the host, whose store alone holds
+/// it.
+pub(crate) async fn host_closure_summary(
+    connection: &Connection,
+    old: &[String],
+    path: &str,
+) -> Result<ChangeSummary, String> {
+    let new = closure_on_host(connection, path).await?;
+    Ok(summary::summarize(old, &new))
 }
 
 /// What changes from the closure `old` to `built`'s.

@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use nix_deploy_core::fleet::Target;
 
-use super::{SshError, SshOptions};
+use super::{Connection, SshError, SshOptions};
 use crate::process::Cmd;
+use crate::transport::host_config::host_config;
 
 /// How long `ssh -G` may take: it reads the configuration and resolves
 /// nothing over the network.
@@ -47,10 +48,17 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// What `ssh -G` makes of `target` with our options.
+    /// What `ssh -G` makes of `target` with our options and the host's own
+    /// (`deployment.sshOptions`, through its [`host_config`]). The host's
+    /// options are part of the result even where `ssh -G` shows none of
+    /// them: a master opened with other options is never this host's.
     pub async fn resolve(target: &Target, options: &SshOptions) -> Result<Self, String> {
+        let Some(destination) = target.destination.as_deref() else {
+            return Err("deployment.targetHost is null: the host has no ssh destination".into());
+        };
+        let config = host_config(target, options).map_err(|e| e.to_string())?;
         let mut cmd = Cmd::new("ssh").arg("-G");
-        if let Some(config) = &options.config_file {
+        if let Some(config) = &config {
             cmd = cmd.arg("-F").arg(config.to_string_lossy().into_owned());
         }
         if let Some(identity) = &options.identity_file {
@@ -59,15 +67,21 @@ impl Destination {
         if let Some(port) = target.port {
             cmd = cmd.arg("-p").arg(port.to_string());
         }
-        cmd = cmd
-            .arg("-l")
-            .arg(target.user.clone())
-            .arg("--")
-            .arg(target.destination.clone());
+        if let Some(user) = &target.user {
+            cmd = cmd.arg("-l").arg(user.clone());
+        }
+        cmd = cmd.arg("--").arg(destination.to_string());
         let out = crate::process::run(&cmd, RESOLVE_TIMEOUT, |_, _| {})
             .await
-            .map_err(|e| format!("resolving {} with `ssh -G`: {e}", target.destination))?;
-        Ok(Self::from_ssh_g(&out.stdout))
+            .map_err(|e| format!("resolving {destination} with `ssh -G`: {e}"))?;
+        let mut resolved = Self::from_ssh_g(&out.stdout);
+        if !target.ssh_options.is_empty() {
+            resolved.settings.push_str("\nsshoptions ");
+            resolved
+                .settings
+                .push_str(&nix_deploy_core::shell::join(&target.ssh_options));
+        }
+        Ok(resolved)
     }
 
     /// The decisive settings of `ssh -G`'s output.
@@ -88,6 +102,71 @@ impl Destination {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(self.settings.as_bytes());
         digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl Connection {
+    /// The identity of the machine behind this connection, when it has one
+    /// (`None` when identities are not checked).
+    pub(super) async fn identity(&self, options: &SshOptions) -> Option<String> {
+        options.identities.as_ref()?;
+        match self
+            .run("identity", &identity_argv(), options.command_timeout)
+            .await
+        {
+            Ok(out) => parse_identity(&out.stdout),
+            Err(e) => {
+                tracing::warn!(host = %self.host, cause = %e, "cannot read the machine's identity");
+                None
+            }
+        }
+    }
+
+    /// This connection reaches the machine first seen as its host (learned
+    /// now at first contact). A machine without an identity cannot be told
+    /// from another: said, not checked.
+    pub(super) async fn check_identity(
+        &self,
+        options: &SshOptions,
+        identity: Option<&str>,
+    ) -> Result<(), SshError> {
+        let Some(identities) = &options.identities else {
+            return Ok(());
+        };
+        let Some(found) = identity else {
+            tracing::warn!(
+                host = %self.host,
+                "the machine has no /etc/machine-id: it cannot be told from another machine"
+            );
+            return Ok(());
+        };
+        let named = self.target.describe();
+        match identities.check(&self.host, named, found) {
+            Err(SshError::Identity {
+                host,
+                expected,
+                found,
+                ..
+            }) => {
+                // Say where the ssh config really sent it.
+                let destination = match Destination::resolve(&self.target, options).await {
+                    Ok(resolved) => resolved
+                        .settings
+                        .lines()
+                        .find_map(|l| l.strip_prefix("hostname "))
+                        .map(|address| format!("{named} ({address})"))
+                        .unwrap_or_else(|| named.to_string()),
+                    Err(_) => named.to_string(),
+                };
+                Err(SshError::Identity {
+                    host,
+                    destination,
+                    expected,
+                    found,
+                })
+            }
+            other => other,
+        }
     }
 }
 
@@ -205,6 +284,34 @@ mod tests {
         );
         assert_ne!(a.key(), moved.key());
         assert_eq!(a.key().len(), 24);
+    }
+
+    #[tokio::test]
+    async fn a_hosts_own_ssh_options_are_part_of_where_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ssh_config");
+        std::fs::write(&config, "Host web1\n  HostName 127.0.0.9\n").unwrap();
+        let options = SshOptions::new(Some(config), dir.path().join("control"));
+        let mut target = Target {
+            destination: Some("web1".into()),
+            user: Some("root".into()),
+            port: None,
+            ssh_options: Vec::new(),
+            escalation: nix_deploy_core::fleet::default_escalation(),
+        };
+        let plain = Destination::resolve(&target, &options).await.unwrap();
+        assert!(plain.settings.contains("hostname 127.0.0.9"), "{plain:?}");
+        // Options ssh -G shows nothing decisive of still make another master.
+        target.ssh_options = ["-o", "ServerAliveInterval=7"].map(String::from).to_vec();
+        let other = Destination::resolve(&target, &options).await.unwrap();
+        assert_ne!(plain.key(), other.key());
+        // Options that send the host elsewhere are resolved by ssh itself.
+        target.ssh_options = ["-o", "HostName=127.0.0.10"].map(String::from).to_vec();
+        let moved = Destination::resolve(&target, &options).await.unwrap();
+        assert!(moved.settings.contains("hostname 127.0.0.10"), "{moved:?}");
+        // No destination, nothing to resolve.
+        target.destination = None;
+        assert!(Destination::resolve(&target, &options).await.is_err());
     }
 
     #[test]

@@ -12,59 +12,38 @@
 //! Remote commands are argument vectors; each argument is quoted by the crate
 //! before the remote shell sees it. Every command has a timeout, and every error
 //! names the host and the step and carries the remote stderr.
+//!
+//! - `options`: [`SshOptions`], and the same settings for `nix copy`
+//!   ([`nix_ssh_opts`]), a host's own ssh options included;
+//! - `identity`: which machine a host is ([`Identities`]) and where its
+//!   connections really go ([`Destination`]);
+//! - `keep`: masters kept between runs; `streaming`: `exec`'s bounded,
+//!   stoppable commands; `local`: the host that is this machine
+//!   (`apply-local`), whose commands run here.
 
 mod identity;
 mod keep;
+mod local;
+mod options;
+mod streaming;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{Session, Stdio};
 
 pub use identity::{Destination, Identities};
 pub use keep::KeepAlive;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use options::builder;
+pub use options::{SshOptions, nix_ssh_opts};
+pub use streaming::Streamed;
+use tokio::io::AsyncWriteExt;
 
+use super::host_config::host_config;
 use crate::process::format_tail;
-use nix_deploy_core::exec::Tail;
 use nix_deploy_core::fleet::Target;
 use nix_deploy_core::shell::{NulByte, quote};
-
-/// Options shared by every connection of a run.
-#[derive(Clone, Debug)]
-pub struct SshOptions {
-    /// `--ssh-config`: replaces the user's ssh config for our sessions and `nix copy`.
-    pub config_file: Option<PathBuf>,
-    /// `--ssh-identity` (the daemon's `ssh-identity-file`): a private key
-    /// offered by our sessions and `nix copy` (ssh's `-i`).
-    pub identity_file: Option<PathBuf>,
-    pub connect_timeout: Duration,
-    /// Default timeout of a remote command when the step sets none.
-    pub command_timeout: Duration,
-    /// Where master sockets live; short, because socket paths are limited to ~100 bytes.
-    pub control_dir: PathBuf,
-    /// Keep masters alive between runs; `None`: every run connects anew.
-    pub keep: Option<KeepAlive>,
-    /// Each host's identity as first seen, checked on every new connection;
-    /// `None`: not checked (only tests of this module).
-    pub identities: Option<Identities>,
-}
-
-impl SshOptions {
-    pub fn new(config_file: Option<PathBuf>, control_dir: PathBuf) -> Self {
-        SshOptions {
-            config_file,
-            identity_file: None,
-            connect_timeout: Duration::from_secs(10),
-            command_timeout: Duration::from_secs(60),
-            control_dir,
-            keep: None,
-            identities: None,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
@@ -107,6 +86,9 @@ pub enum SshError {
     },
     #[error("invalid --ssh-config or --ssh-identity path {0}: NIX_SSHOPTS cannot carry whitespace")]
     ConfigPath(PathBuf),
+    /// A host's own ssh options cannot be used (`deployment.sshOptions`).
+    #[error("{host}: {message}")]
+    Options { host: String, message: String },
 }
 
 impl SshError {
@@ -123,58 +105,24 @@ pub struct RemoteOutput {
     pub stderr: String,
 }
 
-/// How a streamed command ended ([`Connection::run_streaming`]): a
-/// non-zero exit is a result here, not an error.
-#[derive(Clone, Debug, Default)]
-pub struct Streamed {
-    /// `None` when it was killed by a signal or timed out.
-    pub exit_code: Option<i32>,
-    /// It ran past its timeout and was stopped.
-    pub timed_out: bool,
-    /// It was stopped because the run was cancelled.
-    pub cancelled: bool,
-    pub stdout: Tail,
-    pub stderr: Tail,
-}
-
-/// A remote command's stdout and stderr while we read them.
-struct Streams {
-    out: Option<openssh::ChildStdout>,
-    err: Option<openssh::ChildStderr>,
-}
-
-impl Streams {
-    /// Read both streams into `result`'s tails until both end. Chunks, not
-    /// lines (a line may be endless); `read` loses nothing when the other
-    /// branch wins the select, so this may be cancelled and called again.
-    async fn drain(&mut self, result: &mut Streamed) {
-        let (mut out_buf, mut err_buf) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
-        while self.out.is_some() || self.err.is_some() {
-            tokio::select! {
-                read = async { self.out.as_mut().expect("guarded").read(&mut out_buf).await }, if self.out.is_some() => {
-                    match read {
-                        Ok(0) | Err(_) => self.out = None,
-                        Ok(n) => result.stdout.feed(&out_buf[..n]),
-                    }
-                }
-                read = async { self.err.as_mut().expect("guarded").read(&mut err_buf).await }, if self.err.is_some() => {
-                    match read {
-                        Ok(0) | Err(_) => self.err = None,
-                        Ok(n) => result.stderr.feed(&err_buf[..n]),
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A live master connection to one host.
+/// A live master connection to one host, or to the host that is this
+/// machine (`apply-local`): the same commands, run as local processes
+/// ([`local`]).
 pub struct Connection {
     host: String,
     target: Target,
-    session: Session,
+    /// `None`: the host is this machine.
+    session: Option<Session>,
     /// The master is kept between runs: closing leaves it running.
     kept: bool,
+}
+
+/// How a command ended, over SSH or here.
+enum Ran {
+    Output(std::process::Output),
+    Ssh(openssh::Error),
+    Local(crate::process::ExecError),
+    TimedOut,
 }
 
 impl std::fmt::Debug for Connection {
@@ -185,102 +133,21 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-fn builder(target: &Target, options: &SshOptions, keep: Option<&KeepAlive>) -> SessionBuilder {
-    let mut b = SessionBuilder::default();
-    // accept-new: first contact records the key, a changed key is refused.
-    b.known_hosts_check(KnownHosts::Add)
-        .connect_timeout(options.connect_timeout)
-        .server_alive_interval(Duration::from_secs(5))
-        .user(target.user.clone());
-    match keep {
-        Some(keep) => {
-            let idle = std::num::NonZeroUsize::new(keep.idle.as_secs().max(1) as usize)
-                .expect("at least one second");
-            b.control_directory(&keep.dir)
-                .control_persist(ControlPersist::IdleFor(idle));
-        }
-        None => {
-            b.control_directory(&options.control_dir);
-        }
-    }
-    if let Some(port) = target.port {
-        b.port(port);
-    }
-    if let Some(config) = &options.config_file {
-        b.config_file(config);
-    }
-    if let Some(identity) = &options.identity_file {
-        b.keyfile(identity);
-    }
-    b
-}
-
-/// `NIX_SSHOPTS` for `nix copy`: the same ssh settings as our own sessions.
-///
-/// Nix 2.8 splits `NIX_SSHOPTS` on whitespace, so a config path containing
-/// whitespace is refused rather than silently broken.
-///
-/// With `control_socket`, `nix copy` reuses our master connection to the host
-/// (no second SSH handshake); if that master is gone, ssh connects normally.
-pub fn nix_ssh_opts(
-    target: &Target,
-    options: &SshOptions,
-    control_socket: Option<&Path>,
-) -> Result<String, SshError> {
-    let mut opts = vec![
-        "-o".to_string(),
-        "BatchMode=yes".to_string(),
-        "-o".to_string(),
-        format!(
-            "ConnectTimeout={}",
-            options.connect_timeout.as_secs().max(1)
-        ),
-        "-o".to_string(),
-        "StrictHostKeyChecking=accept-new".to_string(),
-    ];
-    if let Some(config) = &options.config_file {
-        let text = config.to_string_lossy();
-        if text.chars().any(char::is_whitespace) {
-            return Err(SshError::ConfigPath(config.clone()));
-        }
-        opts.insert(0, text.into_owned());
-        opts.insert(0, "-F".to_string());
-    }
-    if let Some(port) = target.port {
-        opts.push("-p".to_string());
-        opts.push(port.to_string());
-    }
-    if let Some(identity) = &options.identity_file {
-        let text = identity.to_string_lossy();
-        if text.chars().any(char::is_whitespace) {
-            return Err(SshError::ConfigPath(identity.clone()));
-        }
-        opts.extend(["-i".to_string(), text.into_owned()]);
-    }
-    if let Some(socket) = control_socket {
-        let text = socket.to_string_lossy();
-        if !text.chars().any(char::is_whitespace) {
-            opts.extend([
-                "-o".to_string(),
-                format!("ControlPath={text}"),
-                "-o".to_string(),
-                "ControlMaster=no".to_string(),
-            ]);
-        }
-    }
-    Ok(opts.join(" "))
-}
-
 impl Connection {
     /// A master connection to `host`: the one kept from an earlier run when
     /// it is still alive, else a new one (kept for later runs with
     /// [`SshOptions::keep`]).
-    #[tracing::instrument(skip(target, options), fields(destination = %target.destination))]
+    #[tracing::instrument(skip(target, options), fields(destination = %target.describe()))]
     pub async fn connect(
         host: &str,
         target: &Target,
         options: &SshOptions,
     ) -> Result<Self, SshError> {
+        // The host that is this machine: no ssh connection, so no ssh
+        // identity to check (nothing could lead it to another machine).
+        if options.local.as_deref() == Some(host) {
+            return Ok(Self::here(host, target));
+        }
         let Some(keep) = &options.keep else {
             return Ok(Self::open(host, target, options, None).await?.0);
         };
@@ -299,7 +166,7 @@ impl Connection {
             let connection = Connection {
                 host: host.to_string(),
                 target: target.clone(),
-                session: kept.session,
+                session: Some(kept.session),
                 kept: true,
             };
             let identity = match kept.identity {
@@ -313,11 +180,11 @@ impl Connection {
                 connection.close().await;
                 return Err(e);
             }
-            keep.remember(&record, &connection.session, identity.as_deref());
+            connection.remember(keep, &record, identity.as_deref());
             return Ok(connection);
         }
         let (connection, identity) = Self::open(host, target, options, Some(keep)).await?;
-        keep.remember(&record, &connection.session, identity.as_deref());
+        connection.remember(keep, &record, identity.as_deref());
         Ok(connection)
     }
 
@@ -328,7 +195,17 @@ impl Connection {
         target: &Target,
         options: &SshOptions,
     ) -> Result<Self, SshError> {
+        if options.local.as_deref() == Some(host) {
+            return Ok(Self::here(host, target));
+        }
         Ok(Self::open(host, target, options, None).await?.0)
+    }
+
+    /// Record this connection's master for the next run.
+    fn remember(&self, keep: &KeepAlive, record: &Path, identity: Option<&str>) {
+        if let Some(session) = &self.session {
+            keep.remember(record, session, identity);
+        }
     }
 
     /// A new master, checked to reach the machine first seen as `host`;
@@ -341,9 +218,15 @@ impl Connection {
     ) -> Result<(Self, Option<String>), SshError> {
         let connect_error = |message: String| SshError::Connect {
             host: host.to_string(),
-            destination: target.destination.clone(),
+            destination: target.describe().to_string(),
             message,
         };
+        let Some(destination) = target.destination.as_deref() else {
+            return Err(connect_error(
+                "deployment.targetHost is null: this host is not reached over SSH (only `nix-deploy apply-local` on it deploys it)".into(),
+            ));
+        };
+        let config = host_config(target, options)?;
         std::fs::create_dir_all(&options.control_dir).map_err(|e| {
             connect_error(format!(
                 "control directory {}: {e}",
@@ -355,7 +238,7 @@ impl Connection {
         let deadline = options.connect_timeout + Duration::from_secs(5);
         let session = match tokio::time::timeout(
             deadline,
-            builder(target, options, keep).connect_mux(&target.destination),
+            builder(target, options, keep, config.as_deref()).connect_mux(destination),
         )
         .await
         {
@@ -371,7 +254,7 @@ impl Connection {
         let connection = Connection {
             host: host.to_string(),
             target: target.clone(),
-            session,
+            session: Some(session),
             kept: keep.is_some(),
         };
         let identity = connection.identity(options).await;
@@ -380,76 +263,12 @@ impl Connection {
             .await
         {
             // A master to a machine that is not this host is no use to it.
-            let _ = tokio::time::timeout(Duration::from_secs(5), connection.session.close()).await;
+            if let Some(session) = connection.session {
+                let _ = tokio::time::timeout(Duration::from_secs(5), session.close()).await;
+            }
             return Err(e);
         }
         Ok((connection, identity))
-    }
-
-    /// The identity of the machine behind this connection, when it has one
-    /// (`None` when identities are not checked).
-    async fn identity(&self, options: &SshOptions) -> Option<String> {
-        options.identities.as_ref()?;
-        match self
-            .run(
-                "identity",
-                &identity::identity_argv(),
-                options.command_timeout,
-            )
-            .await
-        {
-            Ok(out) => identity::parse_identity(&out.stdout),
-            Err(e) => {
-                tracing::warn!(host = %self.host, cause = %e, "cannot read the machine's identity");
-                None
-            }
-        }
-    }
-
-    /// This connection reaches the machine first seen as its host (learned
-    /// now at first contact). A machine without an identity cannot be told
-    /// from another: said, not checked.
-    async fn check_identity(
-        &self,
-        options: &SshOptions,
-        identity: Option<&str>,
-    ) -> Result<(), SshError> {
-        let Some(identities) = &options.identities else {
-            return Ok(());
-        };
-        let Some(found) = identity else {
-            tracing::warn!(
-                host = %self.host,
-                "the machine has no /etc/machine-id: it cannot be told from another machine"
-            );
-            return Ok(());
-        };
-        match identities.check(&self.host, &self.target.destination, found) {
-            Err(SshError::Identity {
-                host,
-                expected,
-                found,
-                ..
-            }) => {
-                // Say where the ssh config really sent it.
-                let destination = match Destination::resolve(&self.target, options).await {
-                    Ok(resolved) => resolved
-                        .settings
-                        .lines()
-                        .find_map(|l| l.strip_prefix("hostname "))
-                        .map(|address| format!("{} ({address})", self.target.destination))
-                        .unwrap_or_else(|| self.target.destination.clone()),
-                    Err(_) => self.target.destination.clone(),
-                };
-                Err(SshError::Identity {
-                    host,
-                    destination,
-                    expected,
-                    found,
-                })
-            }
-            other => other,
-        }
     }
 
     pub fn host(&self) -> &str {
@@ -460,8 +279,17 @@ impl Connection {
         &self.target
     }
 
-    pub fn control_socket(&self) -> &Path {
-        self.session.control_socket()
+    /// The master's socket, for `nix copy` to reuse (none for this machine).
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.session.as_ref().map(|s| s.control_socket())
+    }
+
+    /// Whether the master still answers (this machine always does).
+    async fn alive(&self) -> bool {
+        match &self.session {
+            Some(session) => session.check().await.is_ok(),
+            None => true,
+        }
     }
 
     /// Run `argv` on the host, unprivileged.
@@ -474,18 +302,18 @@ impl Connection {
         self.run_inner(step, argv, timeout, false).await
     }
 
-    /// Run `argv` as root: directly when we log in as root, else through `sudo -n`.
+    /// Run `argv` as root: directly when we log in as root, else through the
+    /// host's privilege escalation command (`sudo -n --` by default).
     pub async fn run_privileged(
         &self,
         step: &str,
         argv: &[String],
         timeout: Duration,
     ) -> Result<RemoteOutput, SshError> {
-        self.run_inner(step, argv, timeout, self.target.needs_sudo())
-            .await
+        self.run_inner(step, argv, timeout, self.escalates()).await
     }
 
-    /// Run `argv` as root (through `sudo -n` when we are not root) with
+    /// Run `argv` as root (through the escalation command when we are not root) with
     /// `input` on its stdin: the way secrets reach a host, never on a
     /// command line.
     pub async fn run_with_stdin(
@@ -495,9 +323,13 @@ impl Connection {
         input: &[u8],
         timeout: Duration,
     ) -> Result<RemoteOutput, SshError> {
-        let full = self.full_argv(argv, self.target.needs_sudo());
+        let full = self.full_argv(argv, self.escalates());
         let command_text = nix_deploy_core::shell::join(&full);
-        let mut command = self.remote_command(step, &full)?;
+        let Some(session) = &self.session else {
+            let ran = self.run_here(&full, input, timeout).await;
+            return self.conclude(step, command_text, timeout, ran).await;
+        };
+        let mut command = self.remote_command(session, step, &full)?;
         let work = async {
             command
                 .stdin(Stdio::piped())
@@ -512,121 +344,18 @@ impl Connection {
             }
             child.wait_with_output().await
         };
-        let output = tokio::time::timeout(timeout, work).await;
-        self.conclude(step, command_text, timeout, output).await
-    }
-
-    /// Run `argv` (unprivileged), keeping the last lines of each stream
-    /// ([`Tail`]: bounded however much the command prints, with or without
-    /// newlines). The command's exit code is the result; only the
-    /// connection failing is an error.
-    ///
-    /// The command runs under the core's stoppable wrapper
-    /// ([`nix_deploy_core::exec::stoppable_argv`]): we hold its stdin open
-    /// while it runs, and on `timeout` or `cancel` we close it, which stops
-    /// the command's whole process group on the host (`TERM`, then `KILL`);
-    /// what it printed until then is kept.
-    pub async fn run_streaming(
-        &self,
-        step: &str,
-        argv: &[String],
-        timeout: Duration,
-        cancel: &CancellationToken,
-    ) -> Result<Streamed, SshError> {
-        let full = nix_deploy_core::exec::stoppable_argv(argv);
-        let command_text = nix_deploy_core::shell::join(argv);
-        let spawn_error = |e: openssh::Error| SshError::Spawn {
-            host: self.host.clone(),
-            step: step.to_string(),
-            command: command_text.clone(),
-            message: describe_openssh_error(&e),
+        let ran = match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(output)) => Ran::Output(output),
+            Ok(Err(e)) => Ran::Ssh(e),
+            Err(_) => Ran::TimedOut,
         };
-        let mut command = self.remote_command(step, &full)?;
-        command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = match tokio::time::timeout(timeout, command.spawn()).await {
-            Ok(Ok(child)) => child,
-            Ok(Err(e)) => {
-                if self.session.check().await.is_err() {
-                    return Err(self.lost(step, &describe_openssh_error(&e)));
-                }
-                return Err(spawn_error(e));
-            }
-            Err(_) => {
-                return Err(SshError::Timeout {
-                    host: self.host.clone(),
-                    step: step.to_string(),
-                    command: command_text,
-                    timeout,
-                });
-            }
-        };
-        let mut result = Streamed::default();
-        // Held open while the command may run: closing it stops the command.
-        let stdin = child.stdin().take();
-        let mut streams = Streams {
-            out: child.stdout().take(),
-            err: child.stderr().take(),
-        };
-        let stop = tokio::select! {
-            () = streams.drain(&mut result) => false,
-            () = tokio::time::sleep(timeout) => {
-                result.timed_out = true;
-                true
-            }
-            () = cancel.cancelled() => {
-                result.cancelled = true;
-                true
-            }
-        };
-        drop(stdin);
-        if stop {
-            // The wrapper stops the command within its grace; what it prints
-            // meanwhile is kept. Past that, we let the session go.
-            let grace = Duration::from_secs(nix_deploy_core::exec::STOP_GRACE_SECS + 5);
-            if tokio::time::timeout(grace, streams.drain(&mut result))
-                .await
-                .is_err()
-            {
-                let _ = child.disconnect().await;
-                return Ok(result);
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-            Ok(Ok(status)) => {
-                result.exit_code = status.code();
-                if result.exit_code == Some(255) && self.session.check().await.is_err() {
-                    return Err(self.lost(step, "ssh exited 255"));
-                }
-                Ok(result)
-            }
-            Ok(Err(e)) => {
-                if stop {
-                    // Stopped by a signal: openssh reports it as an error.
-                    return Ok(result);
-                }
-                if matches!(
-                    e,
-                    openssh::Error::Disconnected | openssh::Error::RemoteProcessTerminated
-                ) || self.session.check().await.is_err()
-                {
-                    return Err(self.lost(step, &describe_openssh_error(&e)));
-                }
-                Err(spawn_error(e))
-            }
-            Err(_) => {
-                result.timed_out |= !result.cancelled;
-                Ok(result)
-            }
-        }
+        self.conclude(step, command_text, timeout, ran).await
     }
 
     fn lost(&self, step: &str, message: &str) -> SshError {
         SshError::Connect {
             host: self.host.clone(),
-            destination: self.target.destination.clone(),
+            destination: self.target.describe().to_string(),
             message: format!("connection lost during {step}: {message}"),
         }
     }
@@ -634,7 +363,8 @@ impl Connection {
     fn full_argv(&self, argv: &[String], sudo: bool) -> Vec<String> {
         let mut full: Vec<String> = Vec::with_capacity(argv.len() + 3);
         if sudo {
-            full.extend(["sudo", "-n", "--"].map(String::from));
+            // `deployment.privilegeEscalationCommand` (default `sudo -n --`).
+            full.extend(self.target.escalation.iter().cloned());
         }
         full.extend(argv.iter().cloned());
         full
@@ -644,11 +374,12 @@ impl Connection {
     /// quoting helper, so the remote shell sees exactly `full` as argv. A
     /// word no command line can carry (a NUL byte) is an error naming the
     /// host and the step.
-    fn remote_command(
+    fn remote_command<'a>(
         &self,
+        session: &'a Session,
         step: &str,
         full: &[String],
-    ) -> Result<openssh::OwningCommand<&Session>, SshError> {
+    ) -> Result<openssh::OwningCommand<&'a Session>, SshError> {
         let quoted: Vec<String> = full
             .iter()
             .map(|word| quote(word).map(Cow::into_owned))
@@ -659,7 +390,7 @@ impl Connection {
                 command: nix_deploy_core::shell::join(full),
                 message: e.to_string(),
             })?;
-        let mut command = self.session.raw_command(&quoted[0]);
+        let mut command = session.raw_command(&quoted[0]);
         command.raw_args(&quoted[1..]);
         Ok(command)
     }
@@ -673,9 +404,18 @@ impl Connection {
     ) -> Result<RemoteOutput, SshError> {
         let full = self.full_argv(argv, sudo);
         let command_text = nix_deploy_core::shell::join(&full);
-        let mut command = self.remote_command(step, &full)?;
-        let output = tokio::time::timeout(timeout, command.output()).await;
-        self.conclude(step, command_text, timeout, output).await
+        let ran = match &self.session {
+            Some(session) => {
+                let mut command = self.remote_command(session, step, &full)?;
+                match tokio::time::timeout(timeout, command.output()).await {
+                    Ok(Ok(output)) => Ran::Output(output),
+                    Ok(Err(e)) => Ran::Ssh(e),
+                    Err(_) => Ran::TimedOut,
+                }
+            }
+            None => self.run_here(&full, &[], timeout).await,
+        };
+        self.conclude(step, command_text, timeout, ran).await
     }
 
     /// A finished (or timed out) command as our result: its output, or an
@@ -685,23 +425,19 @@ impl Connection {
         step: &str,
         command_text: String,
         timeout: Duration,
-        output: Result<Result<std::process::Output, openssh::Error>, tokio::time::error::Elapsed>,
+        ran: Ran,
     ) -> Result<RemoteOutput, SshError> {
-        let output = match output {
-            Ok(Ok(output)) => output,
-            Ok(Err(e)) => {
+        let output = match ran {
+            Ran::Output(output) => output,
+            Ran::Ssh(e) => {
                 let message = describe_openssh_error(&e);
                 // A dead master means the host went away, not that the command failed.
                 if matches!(
                     e,
                     openssh::Error::Disconnected | openssh::Error::RemoteProcessTerminated
-                ) || self.session.check().await.is_err()
+                ) || !self.alive().await
                 {
-                    return Err(SshError::Connect {
-                        host: self.host.clone(),
-                        destination: self.target.destination.clone(),
-                        message: format!("connection lost during {step}: {message}"),
-                    });
+                    return Err(self.lost(step, &message));
                 }
                 return Err(SshError::Spawn {
                     host: self.host.clone(),
@@ -710,7 +446,15 @@ impl Connection {
                     message,
                 });
             }
-            Err(_) => {
+            Ran::Local(e) => {
+                return Err(SshError::Spawn {
+                    host: self.host.clone(),
+                    step: step.to_string(),
+                    command: command_text,
+                    message: e.to_string(),
+                });
+            }
+            Ran::TimedOut => {
                 return Err(SshError::Timeout {
                     host: self.host.clone(),
                     step: step.to_string(),
@@ -728,12 +472,8 @@ impl Connection {
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "killed".to_string());
             // ssh exits 255 when the connection itself failed.
-            if code == "255" && self.session.check().await.is_err() {
-                return Err(SshError::Connect {
-                    host: self.host.clone(),
-                    destination: self.target.destination.clone(),
-                    message: format!("connection lost during {step}: {}", stderr.trim()),
-                });
+            if code == "255" && self.session.is_some() && !self.alive().await {
+                return Err(self.lost(step, stderr.trim()));
             }
             return Err(SshError::Exit {
                 host: self.host.clone(),
@@ -749,11 +489,14 @@ impl Connection {
     /// Close the master connection; a kept master is left running for the
     /// next run (it exits by itself when idle).
     pub async fn close(self) {
+        let Some(session) = self.session else {
+            return;
+        };
         if self.kept {
-            let _ = self.session.detach();
+            let _ = session.detach();
             return;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.session.close()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), session.close()).await;
     }
 }
 
@@ -782,32 +525,6 @@ fn describe_openssh_error(e: &openssh::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn target(port: Option<u16>) -> Target {
-        Target {
-            destination: "web1".into(),
-            user: "root".into(),
-            port,
-        }
-    }
-
-    #[test]
-    fn nix_ssh_opts_carry_config_and_port() {
-        let options = SshOptions::new(Some("/etc/fleet/ssh_config".into()), "/tmp/c".into());
-        assert_eq!(
-            nix_ssh_opts(&target(Some(2222)), &options, None).unwrap(),
-            "-F /etc/fleet/ssh_config -o BatchMode=yes -o ConnectTimeout=10 \
-             -o StrictHostKeyChecking=accept-new -p 2222"
-        );
-        let options = SshOptions::new(None, "/tmp/c".into());
-        assert!(
-            !nix_ssh_opts(&target(None), &options, None)
-                .unwrap()
-                .contains("-F")
-        );
-        let options = SshOptions::new(Some("/my configs/ssh".into()), "/tmp/c".into());
-        assert!(nix_ssh_opts(&target(None), &options, None).is_err());
-    }
 
     #[test]
     fn tail_keeps_last_lines() {

@@ -366,6 +366,10 @@ pub fn extend_argv(token: &str, secs: u64, fence: &Fence) -> Vec<String> {
 /// The exit code of [`decide_argv`] when the watchdog had decided first.
 pub const DECIDED_BY_WATCHDOG: &str = "3";
 
+/// The result of an activation run without a watchdog (magic rollback off):
+/// decided as it ended; only the coordinator switches it back.
+pub const NO_WATCHDOG: &str = "no watchdog";
+
 /// What the watchdog did: `confirmed`, `taken-back`, `reverting`, `reverted 0`.
 pub fn watchdog_result_argv(token: &str) -> Vec<String> {
     vec!["cat".into(), format!("{STATE_DIR}/{token}.result")]

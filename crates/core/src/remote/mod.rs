@@ -65,6 +65,12 @@ pub fn closure_argv(path: &str) -> Vec<String> {
     ]
 }
 
+/// Build derivation `drv` on the host (`buildOnTarget`), with the host's own
+/// substituters and builders; prints the output paths.
+pub fn realise_argv(drv: &str) -> Vec<String> {
+    vec!["nix-store".into(), "--realise".into(), drv.into()]
+}
+
 /// Make `path` the new generation of the system profile and print the
 /// profile's new link (`system-N-link`, see [`parse_generation_link`]): one
 /// round trip.

@@ -18,14 +18,20 @@
 //!
 //! A host that did not confirm over a new connection is not switched by us:
 //! its watchdog reverts it by itself, and we wait for that and verify
-//! ([`await_watchdog`]).
+//! ([`await_watchdog`]). A host without magic rollback (deploy-rs's
+//! `magicRollback = false`) has no watchdog: its activation is decided
+//! ("no watchdog") as soon as it ends, and the way back is ours alone.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix_deploy_core::events::{HostStatus, Step};
 use nix_deploy_core::remote::{self, Activation, Before, Decision, HostSystems};
 use nix_deploy_core::render;
 use nix_deploy_core::run::{HostRun, RebootRecord};
+
+mod watchdog;
+
+use watchdog::{Decided, await_watchdog, decide};
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Recovery};
@@ -33,7 +39,7 @@ use super::fence::HostFence;
 use super::observe::{self, Assessment};
 use super::{activator, health, keys, reboot};
 use crate::store::StoreError;
-use crate::transport::ssh::{Connection, SshError, SshOptions};
+use crate::transport::ssh::{Connection, SshOptions};
 
 /// Whether a host had anything to go back to: a generation of the system
 /// profile (a host deployed for the first time has none).
@@ -259,83 +265,6 @@ async fn roll_back_failed(
     Ok(())
 }
 
-/// The host's watchdog switches it back by itself (the new system did not
-/// let us in, or the watchdog decided first): wait for its result and
-/// report what the host runs afterwards.
-async fn await_watchdog(
-    context: &HostContext,
-    job: &mut HostJob,
-    error: String,
-) -> Result<(), StoreError> {
-    let (assessment, connection, run) = job.parts();
-    let host = &assessment.host.name;
-    let before = assessment.before.clone();
-    let Some(token) = run.token.clone() else {
-        run.status = HostStatus::Failed;
-        run.error = Some(error);
-        return Ok(());
-    };
-    // It decides one confirm window after the last extension, then runs
-    // the old system's activation.
-    let patience = context.options.confirm_timeout
-        + context.options.activation_timeout
-        + Duration::from_secs(60);
-    let ssh = &context.ssh;
-    let work = async {
-        let deadline = Instant::now() + patience;
-        loop {
-            let result = connection
-                .run(
-                    "watchdog",
-                    &remote::watchdog_result_argv(&token),
-                    ssh.command_timeout,
-                )
-                .await;
-            match result {
-                Ok(out) if out.stdout.trim().starts_with("reverted") => break,
-                Ok(out) if out.stdout.trim().starts_with("unconfirmed") => {
-                    return Err(format!(
-                        "{host}: watchdog: {} (nothing to switch back to)",
-                        out.stdout.trim()
-                    ));
-                }
-                Ok(out) if matches!(out.stdout.trim(), "confirmed" | "taken-back") => {
-                    return Err(format!(
-                        "{host}: watchdog: the activation was decided `{}` elsewhere",
-                        out.stdout.trim()
-                    ));
-                }
-                Err(e) if e.is_connection() => {
-                    return Err(format!(
-                        "{host}: watchdog: cannot reach the host to verify ({e}); its watchdog restores {} by itself",
-                        describe(&before)
-                    ));
-                }
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{host}: watchdog: did not revert in time"));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        verify_restored(connection, ssh, &before).await
-    };
-    let result = context.recorder.step(run, Step::Rollback, work).await?;
-    record_after(context, connection, run).await;
-    let note = format!(
-        "{error}\nthe host's watchdog reverted it to {} by itself",
-        describe(&before)
-    );
-    conclude(
-        run,
-        result,
-        HostStatus::RolledBack,
-        Some(note),
-        Some(&error),
-    );
-    Ok(())
-}
-
 /// After a failed reboot or validation after it: the old generation
 /// becomes the boot default again and the host reboots into it; it must
 /// then run the old system (`test`-activated again when it was not the boot
@@ -549,51 +478,6 @@ pub(crate) async fn generation_target(
 /// Whether `systems` is exactly `target` already.
 pub(crate) fn already_there(systems: &HostSystems, target: &Before) -> bool {
     target.restored_in(systems) && systems.boot == target.running
-}
-
-/// Who decided an activation.
-enum Decided {
-    /// We did: its watchdog will not switch the host.
-    Ours,
-    /// Its watchdog did first, or the host could not be reached to decide
-    /// (then the watchdog will): why.
-    Elsewhere(String),
-}
-
-/// Decide the run's activation atomically against its watchdog. A run
-/// without an activation has nothing to decide. A host refusing our epoch
-/// leaves it to the deployment's new holder: then the deployment is lost
-/// here, and the caller's next write (before it touches the host again) is
-/// refused.
-async fn decide(
-    connection: &Connection,
-    context: &HostContext,
-    run: &HostRun,
-    decision: Decision,
-) -> Decided {
-    let Some(token) = &run.token else {
-        return Decided::Ours;
-    };
-    match connection
-        .run_privileged(
-            "rollback",
-            &remote::decide_argv(token, decision, context.fence.fence()),
-            context.ssh.command_timeout,
-        )
-        .await
-    {
-        Ok(_) => Decided::Ours,
-        Err(e) if context.fence.refused(connection.host(), &e) => {
-            Decided::Elsewhere(format!("another coordinator holds the deployment: {e}"))
-        }
-        Err(SshError::Exit { code, stderr, .. }) if code == remote::DECIDED_BY_WATCHDOG => {
-            Decided::Elsewhere(format!(
-                "its watchdog had already decided to switch back ({})",
-                stderr.trim()
-            ))
-        }
-        Err(e) => Decided::Elsewhere(format!("cannot decide the activation: {e}")),
-    }
 }
 
 #[cfg(test)]

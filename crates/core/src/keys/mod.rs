@@ -17,16 +17,17 @@
 //! ([`upload_argv`]); the contents only ever travel on its stdin.
 //!
 //! Contents are never part of a [`Key`]: the fleet's evaluation drops `text`
-//! (see [`crate::nix::FLEET_APPLY_EXPR`]) and the engine reads it, or runs the
+//! (see [`crate::source::host_expr`]) and the engine reads it, or runs the
 //! key's command, or reads its file, only when it uploads the key, into a
 //! [`Secret`], which prints and serialises as `<redacted>`.
 
-use std::collections::BTreeSet;
+mod parse;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::shell;
+pub(crate) use parse::{check_unique_paths, parse_key};
 
 /// The contents of a key. Never printed, never serialised, never stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -117,29 +118,13 @@ impl Key {
     pub fn path(&self) -> String {
         format!("{}/{}", self.dest_dir, self.name)
     }
-}
 
-/// `config.deployment.keys.<attr>` as evaluated. The module (ours or
-/// colmena's) gives every option, unset ones as `null`; the evaluation
-/// replaces `text` by `hasText`.
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct RawKey {
-    name: Option<String>,
-    /// Only a flake evaluated without [`crate::nix::FLEET_APPLY_EXPR`] has
-    /// it; refused, so that contents never get this far.
-    text: Option<serde_json::Value>,
-    #[serde(default)]
-    has_text: bool,
-    key_file: Option<String>,
-    key_command: Option<Vec<String>>,
-    dest_dir: Option<String>,
-    /// Read-only in the modules: `destDir + "/" + name`.
-    path: Option<String>,
-    user: Option<String>,
-    group: Option<String>,
-    permissions: Option<serde_json::Value>,
-    upload_at: Option<String>,
+    /// A `keyFile` in the Nix store: a Nix path (`keyFile = ./secret`, as
+    /// colmena accepts it) is the store copy of the flake's source, readable
+    /// by every local user. Accepted, and warned about.
+    pub fn in_store(&self) -> bool {
+        matches!(&self.source, KeySource::File(path) if path.starts_with("/nix/store/"))
+    }
 }
 
 /// A key's file name: letters, digits, `.`, `_`, `-`, `+`, `@`; not `.`,
@@ -163,25 +148,24 @@ pub fn check_dest_dir(dir: &str) -> Result<String, String> {
         dir
     };
     if !trimmed.starts_with('/') {
-        return Err(format!("destDir `{dir}` must be an absolute path"));
+        return Err("must be an absolute path".into());
     }
     if trimmed == "/" {
-        return Err("destDir must not be `/`".into());
+        return Err("must not be `/`".into());
     }
     if trimmed.len() > 1024 {
-        return Err("destDir is longer than 1024 characters".into());
+        return Err("is longer than 1024 characters".into());
     }
     for part in trimmed[1..].split('/') {
         if !is_valid_key_name(part) {
-            return Err(format!(
-                "destDir `{dir}`: `{part}` is not a valid directory name (letters, digits, `.`, `_`, `-`, `+`, `@`; no `.` or `..`)"
-            ));
+            return Err(
+                "has a part that is not a valid directory name (letters, digits, `.`, `_`, `-`, `+`, `@`; no `.` or `..`)"
+                    .into(),
+            );
         }
     }
     if trimmed == "/nix" || trimmed.starts_with("/nix/") {
-        return Err(format!(
-            "destDir `{dir}` is under /nix: keys must never be in the Nix store"
-        ));
+        return Err("is under /nix: keys must never be in the Nix store".into());
     }
     Ok(trimmed.to_string())
 }
@@ -190,128 +174,13 @@ pub fn check_dest_dir(dir: &str) -> Result<String, String> {
 pub fn check_permissions(mode: &str) -> Result<String, String> {
     let ok = (3..=4).contains(&mode.len()) && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
     if !ok {
-        return Err(format!(
-            "permissions `{mode}` is not an octal mode like \"0600\" or \"0640\""
-        ));
+        return Err("is not an octal mode like \"0600\" or \"0640\"".into());
     }
     Ok(if mode.len() == 3 {
         format!("0{mode}")
     } else {
         mode.to_string()
     })
-}
-
-pub(crate) fn parse_key(attr: &str, raw: RawKey) -> Result<Key, String> {
-    let name = raw.name.unwrap_or_else(|| attr.to_string());
-    if !is_valid_key_name(&name) {
-        return Err(format!(
-            "name `{name}` is not a valid file name (letters, digits, `.`, `_`, `-`, `+`, `@`)"
-        ));
-    }
-    if raw.text.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(
-            "`text` reached nix-deploy in the fleet's evaluation; it must be read only when the key is uploaded"
-                .into(),
-        );
-    }
-    let source = match (raw.has_text, raw.key_file, raw.key_command) {
-        (true, None, None) => KeySource::Text,
-        (false, Some(file), None) => {
-            if file.starts_with("/nix/store/") {
-                return Err(format!(
-                    "keyFile `{file}` is in the Nix store, readable by everyone: write the path as a string (\"/path/to/secret\"), not as a Nix path (./secret), which copies the file into the store"
-                ));
-            }
-            if !file.starts_with('/') {
-                return Err(format!("keyFile `{file}` must be an absolute path"));
-            }
-            if file.chars().any(char::is_control) {
-                return Err("keyFile contains control characters".into());
-            }
-            KeySource::File(file)
-        }
-        (false, None, Some(command)) => {
-            match command.first() {
-                None => return Err("keyCommand is an empty list".into()),
-                Some(program) if program.is_empty() => {
-                    return Err("keyCommand's program is an empty string".into());
-                }
-                Some(_) => {}
-            }
-            KeySource::Command(command)
-        }
-        (false, None, None) => {
-            return Err("needs one of `text`, `keyFile` or `keyCommand`".into());
-        }
-        _ => {
-            return Err("give only one of `text`, `keyFile` and `keyCommand`".into());
-        }
-    };
-    let dest_dir = check_dest_dir(raw.dest_dir.as_deref().unwrap_or("/run/keys"))?;
-    let user = raw.user.unwrap_or_else(|| "root".into());
-    let group = raw.group.unwrap_or_else(|| "root".into());
-    for (what, value) in [("user", &user), ("group", &group)] {
-        if !shell::is_valid_user(value) {
-            return Err(format!("{what} `{value}` is not a valid {what} name"));
-        }
-    }
-    let permissions = match raw.permissions {
-        None | Some(serde_json::Value::Null) => "0600".to_string(),
-        Some(serde_json::Value::String(mode)) => check_permissions(&mode)?,
-        Some(other) => {
-            return Err(format!(
-                "permissions must be a string like \"0600\", not {other} (a Nix number is decimal)"
-            ));
-        }
-    };
-    let upload_at = match raw.upload_at.as_deref() {
-        None | Some("pre-activation") => UploadAt::PreActivation,
-        Some("post-activation") => UploadAt::PostActivation,
-        Some(other) => {
-            return Err(format!(
-                "uploadAt `{other}` is neither \"pre-activation\" nor \"post-activation\""
-            ));
-        }
-    };
-    let key = Key {
-        attr: attr.to_string(),
-        name,
-        source,
-        dest_dir,
-        user,
-        group,
-        permissions,
-        upload_at,
-    };
-    if let Some(path) = raw.path
-        && normalize(&path) != key.path()
-    {
-        return Err(format!(
-            "path `{path}` is not destDir/name (`{}`); set destDir and name instead",
-            key.path()
-        ));
-    }
-    Ok(key)
-}
-
-/// `/a//b/` → `/a/b`, as the modules compute `path` from `destDir`.
-fn normalize(path: &str) -> String {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    format!("/{}", parts.join("/"))
-}
-
-/// Two keys of one host must not land on the same file.
-pub(crate) fn check_unique_paths(keys: &[Key]) -> Result<(), String> {
-    let mut seen = BTreeSet::new();
-    for key in keys {
-        if !seen.insert(key.path()) {
-            return Err(format!(
-                "deployment.keys: two keys are written to {}",
-                key.path()
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Writes a key to `DIR/NAME` on a host, all or nothing.
@@ -462,8 +331,7 @@ mod tests {
     use super::*;
 
     fn parse(json: serde_json::Value) -> Result<Key, String> {
-        let raw: RawKey = serde_json::from_value(json).map_err(|e| e.to_string())?;
-        parse_key("db-password", raw)
+        parse_key("deployment.keys.db-password", "db-password", json)
     }
 
     #[test]
@@ -495,18 +363,37 @@ mod tests {
     }
 
     #[test]
-    fn malformed_keys_are_refused_naming_what_is_wrong() {
-        let bad = |json: serde_json::Value| parse(json).unwrap_err();
+    fn malformed_keys_are_refused_naming_the_attribute_never_the_value() {
+        let bad = |json: serde_json::Value| {
+            let e = parse(json.clone()).unwrap_err();
+            // No error repeats what was written.
+            for value in json.as_object().unwrap().values() {
+                if let Some(text) = value.as_str().filter(|t| t.len() > 2) {
+                    let said = e.replace("deployment.keys.db-password", "");
+                    assert!(!said.contains(text), "{e} repeats {text}");
+                }
+            }
+            e
+        };
+        let at = |attr: &str| format!("deployment.keys.db-password.{attr}");
         assert!(bad(serde_json::json!({})).contains("needs one of"));
         assert!(
             bad(serde_json::json!({ "hasText": true, "keyFile": "/etc/x" })).contains("only one")
         );
-        assert!(
-            bad(serde_json::json!({ "keyFile": "/nix/store/abc-secret" })).contains("Nix store")
-        );
+        // A Nix path: the store copy of the flake's source, accepted.
+        let key = parse(serde_json::json!({ "keyFile": "/nix/store/abc-source/secret" })).unwrap();
+        assert!(key.in_store());
         assert!(bad(serde_json::json!({ "keyFile": "secret" })).contains("absolute"));
         assert!(bad(serde_json::json!({ "keyCommand": [] })).contains("empty list"));
-        assert!(bad(serde_json::json!({ "keyCommand": "pass show x" })).contains("invalid type"));
+        assert!(
+            bad(serde_json::json!({ "keyCommand": "pass show x" })).contains(&format!(
+                "{} must be a list of strings, not a string",
+                at("keyCommand")
+            ))
+        );
+        let e = bad(serde_json::json!({ "hasText": true, "user": 73194821 }));
+        assert_eq!(e, format!("{} must be a string, not a number", at("user")));
+        assert!(!e.contains("73194821"));
         assert!(
             bad(serde_json::json!({ "hasText": true, "permissions": "0800" }))
                 .contains("octal mode")
@@ -517,7 +404,7 @@ mod tests {
         assert!(bad(serde_json::json!({ "hasText": true, "permissions": "rw" })).contains("octal"));
         assert!(
             bad(serde_json::json!({ "hasText": true, "user": "root;reboot" }))
-                .contains("user `root;reboot`")
+                .contains(&format!("{} is not a valid user name", at("user")))
         );
         assert!(bad(serde_json::json!({ "hasText": true, "group": "-g" })).contains("group"));
         assert!(
@@ -531,7 +418,8 @@ mod tests {
                 .contains("Nix store")
         );
         assert!(
-            bad(serde_json::json!({ "hasText": true, "destDir": "/run/a b" })).contains("`a b`")
+            bad(serde_json::json!({ "hasText": true, "destDir": "/run/a b" }))
+                .contains(&at("destDir"))
         );
         assert!(bad(serde_json::json!({ "hasText": true, "name": "../x" })).contains("file name"));
         assert!(bad(serde_json::json!({ "hasText": true, "name": "-rf" })).contains("file name"));
@@ -548,10 +436,7 @@ mod tests {
         );
         // Contents in the evaluation are a mistake, said without repeating them.
         let e = bad(serde_json::json!({ "text": "hunter2" }));
-        assert!(
-            e.contains("`text` reached nix-deploy") && !e.contains("hunter2"),
-            "{e}"
-        );
+        assert!(e.contains("`text` reached nix-deploy"), "{e}");
     }
 
     #[test]
