@@ -84,6 +84,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     };
 
     let store = Store::connect(&store_options(cli, &config, &state_dir)?).await?;
+    let history = store.clone();
     let takeover = config.cluster.takeover && store.backend() == Backend::Postgres;
     let heartbeat = store.start_heartbeat(Role::Daemon { takeover }).await?;
     super::say_tightened(&store);
@@ -137,7 +138,10 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let served = daemon::run(listener, state, shutdown_signal()).await;
+    // Resign and leave the coordinators while the history is open: another
+    // daemon leads at once, and the cluster shows this one gone.
     heartbeat.stop().await;
+    history.close().await;
     served?;
     Ok(super::EXIT_OK)
 }

@@ -343,6 +343,16 @@ pub struct ClusterConfig {
     /// Resume deployments whose holder's lease expired (PostgreSQL only).
     #[serde(default = "default_true")]
     pub takeover: bool,
+    /// When this daemon stops while another takes deployments over: how
+    /// long its hosts in the middle of their pipeline may take to finish
+    /// before it hands its deployments over. Past it, they are cancelled as
+    /// without such a daemon (hosts finish or roll back). Keep it below the
+    /// service manager's stop timeout.
+    #[serde(
+        default = "default_stop_timeout",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub stop_timeout: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -351,9 +361,19 @@ impl Default for ClusterConfig {
             heartbeat: default_heartbeat(),
             lease_ttl: default_lease_ttl(),
             takeover: true,
+            stop_timeout: default_stop_timeout(),
         }
     }
 }
+
+/// Long enough for a host's build, copy and activation, well below the
+/// NixOS module's `TimeoutStopSec` (15 minutes).
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// The longest `[cluster] stop-timeout`.
+const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 fn default_heartbeat() -> Duration {
     LeaseTiming::default().heartbeat
@@ -475,6 +495,14 @@ impl Config {
         self.lease_timing()
             .check()
             .map_err(|e| ConfigError::Invalid(format!("cluster: {e}")))?;
+        let stop = self.cluster.stop_timeout;
+        if stop < Duration::from_secs(1) || stop > MAX_STOP_TIMEOUT {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.stop-timeout must be between 1s and {}s, not {}s",
+                MAX_STOP_TIMEOUT.as_secs(),
+                stop.as_secs_f64()
+            )));
+        }
         for (key, value) in [
             ("health-check-timeout", self.health_check_timeout),
             ("confirm-timeout", self.confirm_timeout),
@@ -618,6 +646,7 @@ mod tests {
         assert!(c.migrate);
         assert_eq!(c.lease_timing(), LeaseTiming::default());
         assert!(c.cluster.takeover);
+        assert_eq!(c.cluster.stop_timeout, Duration::from_secs(300));
     }
 
     #[test]
@@ -631,6 +660,7 @@ mod tests {
             heartbeat = "2s"
             lease-ttl = "10s"
             takeover = false
+            stop-timeout = "2min"
         "#,
             Path::new("t.toml"),
         )
@@ -641,6 +671,7 @@ mod tests {
         );
         assert!(!c.migrate);
         assert_eq!(c.lease_timing().ttl, Duration::from_secs(10));
+        assert_eq!(c.cluster.stop_timeout, Duration::from_secs(120));
         let bad = |t: &str| {
             Config::parse(t, Path::new("t.toml"))
                 .unwrap_err()
@@ -652,6 +683,10 @@ mod tests {
             "{e}"
         );
         assert!(bad(r#"database = "mysql://db/fleet""#).contains("mysql"));
+        for stop in ["0s", "2h"] {
+            let e = bad(&format!("[cluster]\nstop-timeout = \"{stop}\""));
+            assert!(e.contains("cluster.stop-timeout"), "{e}");
+        }
         assert!(bad(r#"database-password-file = "/x""#).contains("database is not"));
         let e = bad("[cluster]\nheartbeat = \"5s\"\nlease-ttl = \"6s\"");
         assert!(e.contains("three heartbeats"), "{e}");

@@ -123,8 +123,15 @@ async fn register_cluster(
     takeovers.inc_by(node.takeovers);
     registry.register(
         "cluster_takeovers",
-        "Deployments this daemon took over from a coordinator whose lease expired",
+        "Deployments this daemon took over from a coordinator whose lease expired or that handed them over",
         takeovers,
+    );
+    let received = Counter::<u64>::default();
+    received.inc_by(node.handoffs_received);
+    registry.register(
+        "cluster_handoffs_received",
+        "Deployments this daemon took over because their holder handed them over as it stopped",
+        received,
     );
     let cluster = store.cluster().await?;
     let lag = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -147,6 +154,21 @@ async fn register_cluster(
         "cluster_coordinators_alive",
         "Coordinators whose last heartbeat is younger than the lease TTL",
         alive,
+    );
+    let stopping = Gauge::<i64>::default();
+    stopping.set(cluster.coordinators.iter().filter(|c| c.stopping).count() as i64);
+    registry.register(
+        "cluster_coordinators_stopping",
+        "Daemons stopping, handing their deployments over to the others",
+        stopping,
+    );
+    // A gauge: a stopped daemon leaves the coordinators, and its count with it.
+    let handed = Gauge::<i64>::default();
+    handed.set(cluster.coordinators.iter().map(|c| c.handed_over).sum());
+    registry.register(
+        "cluster_handed_over",
+        "Deployments handed over so far by the daemons still registered (stopping ones), as they stop",
+        handed,
     );
     let ttl = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     ttl.set(cluster.lease_ttl_ms as f64 / 1000.0);
@@ -186,6 +208,8 @@ pub struct Node {
     pub leader: bool,
     /// Deployments this daemon took over since it started.
     pub takeovers: u64,
+    /// Of those, the ones their holder handed over as it stopped.
+    pub handoffs_received: u64,
 }
 
 /// A gauge family keyed by host (and more labels).
@@ -517,6 +541,7 @@ mod tests {
         let node = Node {
             leader: true,
             takeovers: 2,
+            handoffs_received: 1,
         };
         let text = render(&store, node, Some(&fleet)).await.unwrap();
         assert!(text.contains("nix_deploy_build_info{version=\""), "{text}");
@@ -554,6 +579,14 @@ mod tests {
         assert!(text.contains("nix_deploy_cluster_leader 1"), "{text}");
         assert!(
             text.contains("nix_deploy_cluster_takeovers_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nix_deploy_cluster_handoffs_received_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nix_deploy_cluster_coordinators_stopping 0"),
             "{text}"
         );
         assert!(

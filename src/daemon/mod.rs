@@ -10,7 +10,8 @@
 //! - `routes/`: one file per group of endpoints (cluster, deployments, fleet, hooks);
 //! - [`feed`]: event streams fed from the history (every daemon streams
 //!   every deployment); `takeover`: failover of deployments whose holder's
-//!   lease expired;
+//!   lease expired; `handoff`: a stopping daemon's deployments handed over
+//!   to the others;
 //! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
 //! - [`config`]: the TOML file; [`notify`]: outgoing notifications (and
 //!   [`mail`]: e-mail); `scheduler`: the loop that starts `[[schedule]]`
@@ -26,6 +27,7 @@ pub mod config;
 mod error;
 pub mod feed;
 pub mod github;
+mod handoff;
 pub mod mail;
 pub mod metrics;
 pub mod notify;
@@ -96,6 +98,8 @@ pub struct Inner {
     leader: Leader,
     /// Deployments this daemon took over since it started.
     takeovers: AtomicU64,
+    /// Of those, the ones their holder handed over as it stopped.
+    handoffs_received: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -170,6 +174,7 @@ impl AppState {
             feed,
             leader,
             takeovers: AtomicU64::new(0),
+            handoffs_received: AtomicU64::new(0),
         }))
     }
 
@@ -188,6 +193,7 @@ impl AppState {
         metrics::Node {
             leader: self.is_leader(),
             takeovers: self.takeovers.load(Ordering::SeqCst),
+            handoffs_received: self.handoffs_received.load(Ordering::SeqCst),
         }
     }
 
@@ -452,8 +458,10 @@ impl AppState {
                     )))
                 }
             };
-            if let Err(e) = &result {
-                tracing::warn!(cause = %e, "deployment job ended with an error");
+            match &result {
+                Err(EngineError::HandedOver(message)) => tracing::info!("{message}"),
+                Err(e) => tracing::warn!(cause = %e, "deployment job ended with an error"),
+                Ok(_) => {}
             }
             // Failed before it had an id: tell the request.
             if known.is_none()
@@ -596,8 +604,10 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve until `shutdown` resolves; then cancel running deployments (no new
-/// hosts start, running ones finish or roll back) and wait for them.
+/// Serve until `shutdown` resolves; then hand running deployments over to
+/// another daemon that takes deployments over, or, without one, cancel them
+/// (no new hosts start, running ones finish or roll back), and wait for
+/// them. The caller closes the history.
 ///
 /// Connections are HTTP/1 with a deadline for every request's headers (an
 /// idle or slow client is dropped, not held), and at most
@@ -615,9 +625,14 @@ pub async fn run(
     let stop = state.shutdown.clone();
     let trigger = {
         let stop = stop.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             shutdown.await;
-            tracing::info!("shutting down: cancelling running deployments");
+            // Asked before they are cancelled: their cancellation is then a
+            // safe point to hand them over at.
+            if handoff::begin(&state).await == 0 {
+                tracing::info!("shutting down: cancelling running deployments");
+            }
             stop.cancel();
         })
     };
@@ -679,12 +694,13 @@ pub async fn run(
     if let Some(takeover) = takeover {
         takeover.abort();
     }
-    // Deployments are cancelled; wait for them, then for open responses
-    // (event streams end with their deployments).
+    // Deployments are cancelled or handed over; wait for them, then for
+    // open responses (event streams end with their deployments).
     state.tasks.close();
-    state.tasks.wait().await;
+    handoff::wait(&state).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     state.notifier.flush(Duration::from_secs(30)).await;
-    state.store.close().await;
+    // The history stays open: the caller leaves the coordinators with it
+    // (`Heartbeat::stop`), then closes it.
     Ok(())
 }

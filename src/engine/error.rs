@@ -45,6 +45,10 @@ pub enum EngineError {
     /// source came first.
     #[error("{0}")]
     Superseded(String),
+    /// This coordinator is stopping and handed the deployment over at a
+    /// safe point: another coordinator takes it over and resumes it.
+    #[error("{0}")]
+    HandedOver(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

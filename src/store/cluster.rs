@@ -33,6 +33,15 @@ use super::{IN_LIST, Lost, Store, StoreError, parameters, query_error};
 /// The election's one row.
 const ELECTION: &str = "fleet";
 
+/// How a deployment's previous holder let it go before it was taken over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Its lease expired: it died, froze or lost the database.
+    Expired,
+    /// It handed the deployment over as it stopped (`Store::hand_over`).
+    HandedOver,
+}
+
 /// What a coordinator process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -383,11 +392,37 @@ impl Store {
     /// host runs left unfinished are interrupted too). False when it was
     /// renewed or taken by someone else meanwhile.
     pub async fn take_over(&self, id: i64, epoch: i64) -> Result<bool, StoreError> {
+        Ok(self.take_over_from(id, epoch).await?.is_some())
+    }
+
+    /// [`Store::take_over`], saying how the previous holder let it go.
+    pub async fn take_over_from(
+        &self,
+        id: i64,
+        epoch: i64,
+    ) -> Result<Option<Released>, StoreError> {
+        // A holder that hands a deployment over leaves it held by nobody
+        // (`Store::hand_over`); read for the record only: the taking below
+        // is what decides.
+        let holder: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT holder FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(query_error("taking over a deployment"))?;
+        let released = match holder {
+            Some((None,)) => Released::HandedOver,
+            _ => Released::Expired,
+        };
         let message = format!(
-            "taken over by coordinator {} on {} (pid {}): the previous holder's lease expired",
+            "taken over by coordinator {} on {} (pid {}): {}",
             self.holder(),
             hostname(),
-            std::process::id()
+            std::process::id(),
+            match released {
+                Released::HandedOver => "the previous holder handed it over as it stopped",
+                Released::Expired => "the previous holder's lease expired",
+            }
         );
         let taken: Option<(i64,)> = sqlx::query_as(
             "UPDATE deployments SET status = 'interrupted', error = $1, holder = $2, pid = $3,
@@ -406,7 +441,7 @@ impl Store {
         .await
         .map_err(query_error("taking over a deployment"))?;
         let Some((epoch,)) = taken else {
-            return Ok(false);
+            return Ok(None);
         };
         self.ownership.took(id, epoch);
         let context = "recording a takeover";
@@ -415,7 +450,7 @@ impl Store {
         let event = super::runs::new_event(id, None, EventKind::Log { message });
         super::runs::insert_event(&mut tx, &event).await?;
         tx.commit().await.map_err(query_error(context))?;
-        Ok(true)
+        Ok(Some(released))
     }
 
     /// Give up a deployment taken over that cannot be resumed (not a
@@ -462,6 +497,8 @@ impl Store {
                     pid: row.get("pid"),
                     version: row.get("version"),
                     takeover: row.get::<i64, _>("takeover") != 0,
+                    stopping: row.get::<i64, _>("stopping") != 0,
+                    handed_over: row.get("handed_over"),
                     started_at: row.get("started_at"),
                     heartbeat_at,
                     alive: heartbeat_at + ttl >= now,

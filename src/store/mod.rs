@@ -26,6 +26,7 @@ mod deployments;
 mod eval_cache;
 mod fence;
 mod gates;
+mod handoff;
 mod hooks;
 mod leases;
 mod listen;
@@ -40,7 +41,7 @@ mod tests;
 mod watch;
 
 pub use chat_requests::{ChatDecision, ChatRequest, NewChatRequest};
-pub use cluster::{Heartbeat, Leader, Role};
+pub use cluster::{Heartbeat, Leader, Released, Role};
 pub use database::{
     Backend, DB_FILE, Database, DatabaseUrl, LeaseTiming, StoreOptions, schema_version,
 };

@@ -9,6 +9,8 @@
 mod builds;
 mod cli;
 mod cluster;
+mod cluster_fencing;
+mod cluster_handoff;
 mod commands;
 mod connections;
 mod daemon;

@@ -156,6 +156,10 @@ impl Engine {
     /// `failed` with why, its `deployment-finished` event sent, and the
     /// error handed back.
     async fn fail(&self, recorder: &Recorder, how: &str, error: EngineError) -> EngineError {
+        // Handed over: it goes on elsewhere, and is not ours to end.
+        if let EngineError::HandedOver(_) = error {
+            return error;
+        }
         let id = recorder.deployment_id();
         let _ = recorder.log(None, format!("{how}: {error}")).await;
         let message = error.to_string();

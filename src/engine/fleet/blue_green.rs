@@ -132,6 +132,7 @@ async fn commit(
             token: &token,
             systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
             timeout,
+            fence: &context.fence,
         };
         activator::run(connection, ssh, &switch).await?;
         Ok::<_, String>(remote::parse_generation_link(&link.stdout))

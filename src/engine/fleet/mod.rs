@@ -16,6 +16,8 @@
 //! - [`promotion`]: promotion between environments: the fleet's metadata
 //!   without its systems, source hosts vouched for, targets prepared to
 //!   receive what their sources run;
+//! - [`handoff`]: a deployment stopped at a safe point and let go for
+//!   another coordinator to resume (this one is stopping);
 //! - [`runner`]: `exec`-like runs, one command on every selected host.
 //!
 //! Nothing here switches a host itself: that is [`super::host`]'s.
@@ -24,6 +26,7 @@ pub(super) mod blue_green;
 pub(super) mod evaluate;
 pub(super) mod execution;
 pub(super) mod gates;
+pub(super) mod handoff;
 pub(super) mod leases;
 pub(super) mod prepare;
 pub(super) mod probe;

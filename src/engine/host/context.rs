@@ -12,6 +12,7 @@ use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::Activation;
 use nix_deploy_core::run::HostRun;
 
+use super::fence::HostFence;
 use super::keys::KeyTexts;
 use super::observe::Assessment;
 use super::recorder::Recorder;
@@ -31,6 +32,9 @@ pub(crate) struct HostContext {
     /// A promotion: each target host's source host, whose system is
     /// fetched from it instead of built (empty for other runs).
     pub fetch_from: BTreeMap<String, Target>,
+    /// The deployment's epoch as hosts check it: carried by every script
+    /// that changes or settles a host.
+    pub fence: HostFence,
 }
 
 impl HostContext {

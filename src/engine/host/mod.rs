@@ -9,6 +9,8 @@
 //!   waited for (activations and every switch back);
 //! - [`observe`]: what a host runs (the probe), and settling what a dead
 //!   coordinator left;
+//! - [`fence`]: the deployment's epoch every host-changing script carries,
+//!   and what a host refusing it means;
 //! - [`health`]: health checks; [`keys`]: `deployment.keys`, and
 //!   [`keys_back`]: keys follow the system on every way back; [`summary`]:
 //!   change summaries; [`gcroots`]: the coordinator's GC roots;
@@ -21,6 +23,7 @@
 pub(crate) mod activator;
 pub(crate) mod context;
 pub(crate) mod failure;
+pub(crate) mod fence;
 pub(crate) mod gcroots;
 pub(crate) mod health;
 pub(crate) mod keys;

@@ -16,6 +16,7 @@ use nix_deploy_core::remote::{self, Before, HostSystems, ProbeResult};
 use nix_deploy_core::render;
 use nix_deploy_core::watch::Observation;
 
+use super::fence::HostFence;
 use super::health;
 use crate::now_ms;
 use crate::transport::ssh::{Connection, SshOptions};
@@ -38,20 +39,26 @@ pub struct Assessment {
 }
 
 /// Whether probing may change a host to settle what a dead coordinator left.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) enum Settle {
     /// Commands that touch hosts settle undecided activations first, so no
     /// old watchdog can switch a host back after them.
     Yes {
         /// How long an abandoned activation may still take to end.
         activation_timeout: Duration,
+        /// The deployment probing, when it is one: the probe records its
+        /// epoch on the host first (as root), so an earlier holder of the
+        /// deployment is fenced out before anything is settled.
+        fence: Option<HostFence>,
     },
     /// Read-only commands report them.
     No,
 }
 
-/// Connect and probe one host. Never fails: an unreachable host is a result.
-/// With [`Settle::Yes`], activations a dead coordinator left undecided are
+/// Connect and probe one host. Never fails: an unreachable host is a result
+/// (and a host refusing the deployment's epoch one that cannot be reached:
+/// the deployment is lost here, see `HostFence::refused`). With
+/// [`Settle::Yes`], activations a dead coordinator left undecided are
 /// settled first (switched back, as their watchdogs would), then the host
 /// is probed again and the keys kept for what it runs go back
 /// ([`super::keys_back::return_to`]).
@@ -60,8 +67,15 @@ pub(crate) async fn probe_host(
     options: &SshOptions,
     settle: Settle,
 ) -> (Assessment, Option<Connection>) {
-    let (assessment, connection) = probe_once(host, options).await;
-    let Settle::Yes { activation_timeout } = settle else {
+    let fence = match &settle {
+        Settle::Yes { fence, .. } => fence.as_ref(),
+        Settle::No => None,
+    };
+    let (assessment, connection) = probe_once(host, options, fence).await;
+    let Settle::Yes {
+        activation_timeout, ..
+    } = settle
+    else {
         return (assessment, connection);
     };
     let Some(connection) = connection else {
@@ -77,17 +91,27 @@ pub(crate) async fn probe_host(
     let settled = connection
         .run_privileged(
             "settle",
-            &remote::settle_argv(activation_timeout.as_secs().max(1)),
+            &remote::settle_argv(
+                activation_timeout.as_secs().max(1),
+                fence.map(HostFence::fence),
+            ),
             activation_timeout + Duration::from_secs(120),
         )
         .await;
     let mut lines: Vec<String> = match settled {
         Ok(out) => out.stdout.lines().map(str::to_string).collect(),
-        Err(e) => vec![format!("could not settle: {e}")],
+        Err(e) => {
+            if fence.is_some_and(|f| f.refused(&assessment.host.name, &e)) {
+                connection.close().await;
+                let error = e.to_string();
+                return (unreachable(assessment.host, error), None);
+            }
+            vec![format!("could not settle: {e}")]
+        }
     };
     connection.close().await;
     // Probe again: what the host runs now is what counts.
-    let (mut again, connection) = probe_once(assessment.host, options).await;
+    let (mut again, connection) = probe_once(assessment.host, options, fence).await;
     // Keys follow the system: those kept for what it runs again go back.
     if let Some(connection) = &connection {
         let running = again.current.path.as_deref();
@@ -102,8 +126,9 @@ pub(crate) async fn probe_host(
     (again, connection)
 }
 
-async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Connection>) {
-    let unreachable = |host: Host, error: String| Assessment {
+/// A host that could not be probed, and why.
+fn unreachable(host: Host, error: String) -> Assessment {
+    Assessment {
         host,
         state: HostState::Unreachable,
         current: SystemRef::default(),
@@ -111,17 +136,41 @@ async fn probe_once(host: Host, options: &SshOptions) -> (Assessment, Option<Con
         probe: None,
         error: Some(error),
         settled: Vec::new(),
-    };
+    }
+}
+
+/// One probe; behind the deployment's fence (as root) when there is one.
+async fn probe_once(
+    host: Host,
+    options: &SshOptions,
+    fence: Option<&HostFence>,
+) -> (Assessment, Option<Connection>) {
     let connection = match Connection::connect(&host.name, &host.target, options).await {
         Ok(c) => c,
         Err(e) => return (unreachable(host, e.to_string()), None),
     };
-    let output = match connection
-        .run("probe", &remote::probe_argv(), options.command_timeout)
-        .await
-    {
+    let probed = match fence {
+        Some(fence) => {
+            connection
+                .run_privileged(
+                    "probe",
+                    &remote::fenced_probe_argv(fence.fence()),
+                    options.command_timeout,
+                )
+                .await
+        }
+        None => {
+            connection
+                .run("probe", &remote::probe_argv(), options.command_timeout)
+                .await
+        }
+    };
+    let output = match probed {
         Ok(o) => o,
         Err(e) => {
+            if let Some(fence) = fence {
+                fence.refused(&host.name, &e);
+            }
             connection.close().await;
             return (unreachable(host, e.to_string()), None);
         }

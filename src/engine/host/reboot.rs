@@ -109,12 +109,21 @@ pub(crate) async fn reboot_and_wait(
     }
     record.boot_id_before = Some(before.clone());
     match connection
-        .run_privileged("reboot", &remote::reboot_argv(), REBOOT_COMMAND_TIMEOUT)
+        .run_privileged(
+            "reboot",
+            &remote::reboot_argv(context.fence.fence()),
+            REBOOT_COMMAND_TIMEOUT,
+        )
         .await
     {
         // Going down may well take our connection with it.
         Ok(_) | Err(SshError::Connect { .. }) | Err(SshError::Timeout { .. }) => {}
-        Err(e) => return Err(e.to_string()),
+        // Refused by the host's fence: lost to another coordinator (see
+        // `HostFence::refused`).
+        Err(e) => {
+            context.fence.refused(name, &e);
+            return Err(e.to_string());
+        }
     }
     let reboot_timeout = context.options.reboot_timeout;
     let deadline = Instant::now() + reboot_timeout;

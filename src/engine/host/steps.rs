@@ -472,6 +472,7 @@ pub(crate) async fn activate(
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
         timeout: context.options.activation_timeout,
+        fence: &context.fence,
     };
     let work = activator::run(connection, &context.ssh, &switch);
     context

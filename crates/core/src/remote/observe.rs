@@ -1,11 +1,13 @@
 //! What a host runs, as it says it: [`HostSystems`] (the one reading of
 //! what runs and what boots, [`systems_argv`]) and the probe, which reads
-//! that and more in the same round trip ([`probe_argv`]). Fixed text:
-//! nothing from the flake or the user is pasted into these scripts.
+//! that and more in the same round trip ([`probe_argv`]; for a deployment,
+//! behind its fence: [`fenced_probe_argv`]). Fixed text: nothing from the
+//! flake or the user is pasted into these scripts.
 
 use serde::{Deserialize, Serialize};
 
 use super::activator::is_valid_token;
+use super::fence::{FENCE_FN, Fence};
 use super::parse_generation_link;
 use crate::goal::BootFiles;
 
@@ -155,6 +157,20 @@ pub fn probe_argv() -> Vec<String> {
     ]
 }
 
+/// [`probe_argv`] for a deployment: the host first records `fence`'s epoch
+/// (refusing an older one, see [`super::fence`]), so a successor's probe
+/// alone fences out an earlier holder. Run as root (it writes the fence).
+pub fn fenced_probe_argv(fence: &Fence) -> Vec<String> {
+    let mut argv = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("{FENCE_FN}fence \"$1\" \"$2\" \"$3\"; exec 9>&-\n{SYSTEMS_SCRIPT}{PROBE_REST}"),
+        "nix-deploy-probe".into(),
+    ];
+    argv.extend(fence.args());
+    argv
+}
+
 pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
     if stdout.is_empty() {
         return Err("empty probe output".into());
@@ -265,6 +281,11 @@ mod tests {
         assert_eq!(probe.pending, ["abc123"]);
         assert!(!probe.systems().pending_reboot());
         assert!(probe_argv()[2].starts_with(SYSTEMS_SCRIPT));
+        // A deployment's probe records its epoch first, then reads the same.
+        let fenced = fenced_probe_argv(&Fence::new(3, 1_700_000_000_000, 4).unwrap());
+        assert!(fenced[2].starts_with(FENCE_FN));
+        assert!(fenced[2].ends_with(&format!("{SYSTEMS_SCRIPT}{PROBE_REST}")));
+        assert_eq!(fenced[3..], ["nix-deploy-probe", "3", "1700000000000", "4"]);
     }
 
     #[test]

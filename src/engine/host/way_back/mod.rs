@@ -41,6 +41,7 @@ use watchdog::{Decided, await_watchdog, decide};
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Recovery};
+use super::fence::HostFence;
 use super::observe::{self, Assessment};
 use super::{activator, health, keys_back, reboot};
 use crate::store::StoreError;
@@ -67,10 +68,12 @@ fn describe(before: &Before) -> String {
 
 /// Restore what the host ran and booted before an activation of kind
 /// `undone`, detached on the host (a dropped connection or a killed
-/// coordinator cannot cut it short), then check it runs and boots that.
+/// coordinator cannot cut it short), then check it runs and boots that. A
+/// host that has seen a newer holder of the deployment refuses (`fence`).
 async fn switch_back(
     connection: &mut Connection,
     ssh: &SshOptions,
+    fence: &HostFence,
     assessment: &Assessment,
     before: &Before,
     undone: Activation,
@@ -84,6 +87,7 @@ async fn switch_back(
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
         timeout,
+        fence,
     };
     activator::run(connection, ssh, &switch).await?;
     verify_restored(connection, ssh, before).await
@@ -168,6 +172,7 @@ pub(crate) async fn roll_back(
         switch_back(
             connection,
             &context.ssh,
+            &context.fence,
             assessment,
             before,
             undone,
@@ -245,7 +250,7 @@ async fn roll_back_failed(
         ),
         (true, true) => (Decision::TakenBack, ""),
     };
-    match decide(connection, &context.ssh, run, decision).await {
+    match decide(connection, context, run, decision).await {
         Decided::Ours => {}
         Decided::Elsewhere(how) => {
             let error = format!("{error}\n{how}");
@@ -347,6 +352,7 @@ async fn roll_back_through_boot(
             token: &token,
             systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
             timeout,
+            fence: &context.fence,
         };
         activator::run(connection, ssh, &switch).await?;
         let now = observe::systems(connection, "rollback", ssh.command_timeout).await?;
@@ -367,6 +373,7 @@ async fn roll_back_through_boot(
         switch_back(
             connection,
             ssh,
+            &context.fence,
             assessment,
             &before,
             Activation::Test,
@@ -465,7 +472,7 @@ pub(crate) async fn undo_unrecorded(context: &HostContext, job: &mut HostJob) {
     if !has_way_back(&before) {
         return;
     }
-    if let Decided::Ours = decide(connection, &context.ssh, run, Decision::TakenBack).await {
+    if let Decided::Ours = decide(connection, context, run, Decision::TakenBack).await {
         if touched {
             keys_back::put_back(context, connection, host, false).await;
         }
@@ -479,6 +486,7 @@ pub(crate) async fn undo_unrecorded(context: &HostContext, job: &mut HostJob) {
         let _ = switch_back(
             connection,
             &context.ssh,
+            &context.fence,
             assessment,
             &before,
             undone,
