@@ -7,9 +7,9 @@
 //! Dependencies form a DAG (a cycle is an error naming it); phases
 //! are the levels of the final ordering graph; execution is eager.
 //!
-//! [`plan`] reads as its steps, one module each: [`actions`] (deploy, skip
-//! or unreachable), [`order`] (who waits for whom, the strategy's canaries
-//! and batches, the phases), [`estimate`] (durations and the ETA), [`risk`]
+//! [`plan`] reads as its steps, one module each: `actions` (deploy, skip
+//! or unreachable), `order` (who waits for whom, the strategy's canaries
+//! and batches, the phases), `estimate` (durations and the ETA), `risk`
 //! (per host and overall, and the hosts as reported); [`graph`] resolves the
 //! dependencies.
 
