@@ -10,7 +10,7 @@
 //! [`plan`] reads as its steps, one module each: `actions` (deploy, skip
 //! or unreachable), `order` (who waits for whom, the strategy's canaries
 //! and batches, the phases), `estimate` (durations and the ETA), `risk`
-//! (per host and overall, and the hosts as reported); [`graph`] resolves the
+//! (per host and overall, and the hosts as reported); `graph` resolves the
 //! dependencies.
 
 use std::collections::BTreeMap;
