@@ -15,8 +15,8 @@
 use clap::Args;
 use clap::builder::PossibleValuesParser;
 
+use nix_deploy_core::exec::KeysRequest;
 use nix_deploy_core::goal::APPLY_GOALS;
-use nix_deploy_core::keys::KeysRequest;
 use nix_deploy_core::options::{MAX_PARALLEL, OptionsError, Request};
 use nix_deploy_core::reports::BuildReport;
 

@@ -39,7 +39,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{DeploymentStatus, Event};
-use nix_deploy_core::keys::KeysRequest;
+use nix_deploy_core::exec::KeysRequest;
 use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
 use nix_deploy_core::reports::{CancelAnswer, DeploymentList, PlanReport, StatusReport};
 use nix_deploy_core::run::Deployment;

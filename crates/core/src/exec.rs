@@ -1,4 +1,5 @@
-//! `nix-deploy exec`: one command on many hosts, one summary. The request
+//! `nix-deploy exec`: one command on many hosts, one summary, and
+//! `upload-keys`'s request ([`KeysRequest`]): the two runs on many hosts. The request
 //! (CLI, `POST /api/v1/exec`), what is stored with the run, and what each
 //! host's run keeps of the command's output (its exit code and the tails of
 //! stdout and stderr).
@@ -311,6 +312,48 @@ impl Tail {
             lines.push(self.partial.render());
         }
         lines.join("\n")
+    }
+}
+
+/// `upload-keys` as callers spell it (`POST /api/v1/upload-keys`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysRequest {
+    /// Selectors, as for deployments ([`crate::select`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel_limit: Option<usize>,
+}
+
+impl KeysRequest {
+    pub fn selection(&self) -> Selection {
+        Selection {
+            names: self.hosts.clone(),
+            tags: self.on.clone(),
+            all: self.all,
+            exclude: self.exclude.clone(),
+        }
+    }
+
+    /// The parallel limit, checked, and the selectors' syntax.
+    pub fn resolve(&self) -> Result<usize, OptionsError> {
+        let limit = self.parallel_limit.unwrap_or(DEFAULT_PARALLEL);
+        if !(1..=MAX_PARALLEL).contains(&limit) {
+            return Err(OptionsError(format!(
+                "parallel-limit must be from 1 to {}, not {limit}",
+                MAX_PARALLEL
+            )));
+        }
+        crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
+            .map_err(|e| OptionsError(e.to_string()))?;
+        Ok(limit)
     }
 }
 

@@ -19,7 +19,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::options::OptionsError;
+use crate::options::error::OptionsError;
 use crate::remote::Activation;
 
 /// What a deployment does to each host.

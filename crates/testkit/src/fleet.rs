@@ -522,3 +522,35 @@ impl Drop for Fleet {
         self.stop();
     }
 }
+
+impl Fleet {
+    /// From now on the fleet's flake is NixOS-shaped (see [`crate::nixos`]):
+    /// the same hosts, specs and activation scripts, evaluated by nixpkgs'
+    /// module system. Rewrites and locks the flake.
+    pub fn use_nixos(&mut self, shape: crate::nixos::NixosShape) -> Result<()> {
+        self.nixos = Some(shape);
+        self.write_flake()
+    }
+
+    /// Edits the NixOS shape (shared module, host modules, ...) and rewrites
+    /// the flake. Panics if the fleet is not NixOS-shaped.
+    pub fn update_nixos(&mut self, f: impl FnOnce(&mut crate::nixos::NixosShape)) -> Result<()> {
+        f(self
+            .nixos
+            .as_mut()
+            .expect("the fleet uses a NixOS-shaped flake"));
+        self.write_flake()
+    }
+
+    /// Changes nixpkgs' lib with `change` (given its directory) and locks the
+    /// flake again, as `nix flake update` after an upstream change would.
+    pub fn relock_nixos(&mut self, change: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        crate::nixos::relock(&self.dir, change)
+    }
+
+    /// The NixOS-shaped flake's files, if this fleet uses one.
+    pub(crate) fn write_nixos_flake(&self) -> Option<Result<()>> {
+        let shape = self.nixos.as_ref()?;
+        Some(crate::nixos::write(&self.dir, shape, &self.specs))
+    }
+}

@@ -31,7 +31,7 @@
 //! - `R/flake/builder.sh`, `systemctl.sh`, `hosts/NAME/switch-to-configuration.sh`:
 //!   as in the plain test flake.
 //!
-//! A [`Fleet`] uses this flake after [`Fleet::use_nixos`]; [`NixosFlake`]
+//! A [`crate::Fleet`] uses this flake after [`crate::Fleet::use_nixos`]; [`NixosFlake`]
 //! writes one without hosts running (for benchmarks of evaluation alone).
 
 mod modules;
@@ -45,7 +45,6 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::flake::{BUILDER, nix_list, nix_string, switch_script, systemctl_script};
-use crate::fleet::Fleet;
 use crate::sources::{self, Layout};
 use crate::spec::HostSpec;
 use crate::sys::{checked_stdout, run_with_timeout, write_atomic};
@@ -446,38 +445,6 @@ impl NixosFlake {
     pub fn update_shape(&mut self, f: impl FnOnce(&mut NixosShape)) -> Result<()> {
         f(&mut self.shape);
         write(self.dir.path(), &self.shape, &self.specs)
-    }
-}
-
-impl Fleet {
-    /// From now on the fleet's flake is NixOS-shaped (see [`crate::nixos`]):
-    /// the same hosts, specs and activation scripts, evaluated by nixpkgs'
-    /// module system. Rewrites and locks the flake.
-    pub fn use_nixos(&mut self, shape: NixosShape) -> Result<()> {
-        self.nixos = Some(shape);
-        self.write_flake()
-    }
-
-    /// Edits the NixOS shape (shared module, host modules, ...) and rewrites
-    /// the flake. Panics if the fleet is not NixOS-shaped.
-    pub fn update_nixos(&mut self, f: impl FnOnce(&mut NixosShape)) -> Result<()> {
-        f(self
-            .nixos
-            .as_mut()
-            .expect("the fleet uses a NixOS-shaped flake"));
-        self.write_flake()
-    }
-
-    /// Changes nixpkgs' lib with `change` (given its directory) and locks the
-    /// flake again, as `nix flake update` after an upstream change would.
-    pub fn relock_nixos(&mut self, change: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-        relock(&self.dir, change)
-    }
-
-    /// The NixOS-shaped flake's files, if this fleet uses one.
-    pub(crate) fn write_nixos_flake(&self) -> Option<Result<()>> {
-        let shape = self.nixos.as_ref()?;
-        Some(write(&self.dir, shape, &self.specs))
     }
 }
 

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 
 use nix_deploy_core::exec::ExecRequest;
-use nix_deploy_core::keys::KeysRequest;
+use nix_deploy_core::exec::KeysRequest;
 
 use super::parse_body;
 use crate::daemon::config::Scope;

@@ -26,6 +26,7 @@
 mod parse;
 pub mod undo;
 pub mod upload;
+mod walk;
 
 use std::fmt;
 
@@ -193,48 +194,6 @@ pub fn check_permissions(mode: &str) -> Result<String, String> {
     } else {
         mode.to_string()
     })
-}
-
-/// `upload-keys` as callers spell it (`POST /api/v1/upload-keys`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KeysRequest {
-    /// Selectors, as for deployments ([`crate::select`]).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub hosts: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub on: Vec<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub all: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub exclude: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parallel_limit: Option<usize>,
-}
-
-impl KeysRequest {
-    pub fn selection(&self) -> crate::fleet::Selection {
-        crate::fleet::Selection {
-            names: self.hosts.clone(),
-            tags: self.on.clone(),
-            all: self.all,
-            exclude: self.exclude.clone(),
-        }
-    }
-
-    /// The parallel limit, checked, and the selectors' syntax.
-    pub fn resolve(&self) -> Result<usize, crate::options::OptionsError> {
-        let limit = self.parallel_limit.unwrap_or(crate::exec::DEFAULT_PARALLEL);
-        if !(1..=crate::options::MAX_PARALLEL).contains(&limit) {
-            return Err(crate::options::OptionsError(format!(
-                "parallel-limit must be from 1 to {}, not {limit}",
-                crate::options::MAX_PARALLEL
-            )));
-        }
-        crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
-            .map_err(|e| crate::options::OptionsError(e.to_string()))?;
-        Ok(limit)
-    }
 }
 
 /// The keys uploaded at `when`.

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::Key;
-use super::upload::WALK_FN;
+use super::walk::WALK_FN;
 
 /// The directory, in each key directory, that holds the undo sets.
 pub const UNDO_DIR: &str = ".nix-deploy-undo";
