@@ -2,8 +2,6 @@
 //! run in the history; a host that fails, one that does not answer, argv
 //! that never meets a shell, and bad input.
 
-use std::time::{Duration, Instant};
-
 use nix_deploy_testkit::{HostSpec, wait_with_peak_rss};
 use serde_json::Value;
 
@@ -23,9 +21,7 @@ fn exec_on_six_hosts_reports_each_one_while_a_frozen_host_times_out() {
     let h = Harness::start(six());
     // e6 hangs like a dead machine: it accepts TCP, nothing answers.
     h.fleet.freeze_host("e6").unwrap();
-    let started = Instant::now();
     let (code, report, stderr) = h.json(&["exec", "--all", "--", "sh", "-c", SCRIPT]);
-    let took = started.elapsed();
     assert_eq!(code, 1, "{report:#}\n{stderr}");
     assert_eq!(report["kind"], "exec");
     assert_eq!(report["status"], "failed");
@@ -41,8 +37,12 @@ fn exec_on_six_hosts_reports_each_one_while_a_frozen_host_times_out() {
             run["output"]["stdout"],
             format!("booting {name}\nhello from {name}")
         );
-        // The others finished long before the frozen host gave up.
-        assert!(run["duration_ms"].as_i64().unwrap() < 5_000, "{run:#}");
+        // The others finished before the frozen host gave up.
+        assert!(
+            run["duration_ms"].as_i64().unwrap()
+                < host(&report, "e6")["duration_ms"].as_i64().unwrap(),
+            "{report:#}"
+        );
     }
     let e3 = host(&report, "e3");
     assert_eq!(status(&report, "e3"), "failed");
@@ -56,7 +56,6 @@ fn exec_on_six_hosts_reports_each_one_while_a_frozen_host_times_out() {
     assert_eq!(status(&report, "e6"), "unreachable", "{e6:#}");
     assert!(e6["output"].is_null());
     assert!(e6["error"].as_str().unwrap().contains("e6"), "{e6:#}");
-    assert!(took < Duration::from_secs(40), "took {took:?}");
     // Live progress went to stderr, host by host.
     assert!(stderr.contains("e3:"), "{stderr}");
     h.fleet.thaw_host("e6").unwrap();
