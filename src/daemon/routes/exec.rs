@@ -11,6 +11,7 @@ use nix_deploy_core::exec::ExecRequest;
 use nix_deploy_core::exec::KeysRequest;
 
 use super::parse_body;
+use crate::daemon::auth::Caller;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::{ExecJob, UploadKeysRequest};
@@ -32,17 +33,7 @@ pub async fn exec(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
-    state
-        .audit(
-            &caller.identity,
-            "api",
-            "exec",
-            "hosts",
-            serde_json::to_value(&request).unwrap_or_default(),
-        )
-        .await?;
-    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
-    Ok(super::deployments::accepted(id, "running"))
+    audited_launch(&state, &caller, "exec", &request, job).await
 }
 
 pub async fn upload_keys(
@@ -61,15 +52,27 @@ pub async fn upload_keys(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
+    audited_launch(&state, &caller, "upload-keys", &request, job).await
+}
+
+/// Audit `action` with its `request`, then run `job` within the caller's
+/// reach: `202` with the run's id.
+async fn audited_launch(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    request: &impl serde::Serialize,
+    job: Job,
+) -> Result<Response, ApiError> {
     state
         .audit(
             &caller.identity,
             "api",
-            "upload-keys",
+            action,
             "hosts",
-            serde_json::to_value(&request).unwrap_or_default(),
+            serde_json::to_value(request).unwrap_or_default(),
         )
         .await?;
-    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
+    let id = state.launch(state.engine_for(caller), job, |_| {}).await?;
     Ok(super::deployments::accepted(id, "running"))
 }
