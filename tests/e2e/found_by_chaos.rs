@@ -303,3 +303,52 @@ fn a_swapped_ssh_config_never_puts_a_hosts_system_or_secret_on_another_machine()
         assert_eq!(h.fleet.current_system("x1"), Some(new), "{report:#}");
     }
 }
+
+/// Campaign seed 1796442902195704774, step 31 (I1): a deployment of g3
+/// failed on a host (its switch fails; the host went back to g2) and can be
+/// resumed; the host is then rolled back on request to g1. `resume` fails
+/// the switch again and "rolls back to generation 2", what the host ran
+/// before the deployment's first attempt, not what it ran and booted when
+/// the resume touched it: it must end running and booting g1, and say so.
+#[test]
+fn resume_goes_back_to_what_the_host_ran_when_it_resumed_not_at_the_first_attempt() {
+    let mut h = Harness::start(vec![HostSpec::new("rs")]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    h.fleet.update("rs", |s| s.bump()).unwrap();
+    assert_eq!(h.deploy(&[]).0, 0);
+    h.fleet
+        .update("rs", |s| {
+            s.bump();
+            s.fail_switch = true;
+        })
+        .unwrap();
+    let (code, report, stderr) = h.deploy(&["--confirm-timeout", "3"]);
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    assert_eq!(status(&report, "rs"), "rolled-back", "{report:#}");
+    let id = report["id"].as_i64().unwrap().to_string();
+    watchdogs_decided(&h, "rs");
+    let (code, rollback, stderr) = h.json(&["rollback", "rs"]);
+    assert_eq!(code, 0, "{rollback:#}\n{stderr}");
+    let g1 = generation(&h, "rs", 1);
+    assert_eq!(h.fleet.current_system("rs"), g1);
+    assert_eq!(h.fleet.generation("rs"), Some(1));
+
+    let (code, report, stderr) = h.json(&["resume", &id]);
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    watchdogs_decided(&h, "rs");
+    assert_eq!(
+        h.fleet.current_system("rs"),
+        g1,
+        "runs what it ran when the resume started: {report:#}"
+    );
+    assert_eq!(boot_default(&h, "rs"), g1, "{report:#}");
+    let run = host(&report, "rs");
+    assert_eq!(run["status"], "rolled-back", "{report:#}");
+    assert_eq!(run["after"]["running"].as_str(), g1.as_deref(), "{run:#}");
+    assert_eq!(run["after"]["boot"].as_str(), g1.as_deref(), "{run:#}");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(error.contains("rolled back to generation 1 "), "{error}");
+    let record = status_record(&h, "rs");
+    assert_eq!(record["current_path"].as_str(), g1.as_deref(), "{record:#}");
+    assert_eq!(record["boot_path"].as_str(), g1.as_deref(), "{record:#}");
+}

@@ -25,6 +25,7 @@ use crate::engine::fleet::probe;
 use crate::engine::fleet::promotion;
 use crate::engine::host::fence::HostFence;
 use crate::engine::host::recorder::Recorder;
+use crate::engine::host::way_back::Touched;
 use crate::engine::{EngineConfig, EngineError};
 
 impl Engine {
@@ -81,7 +82,7 @@ impl Engine {
             // never the flake's.
             let mut prepared =
                 promotion::prepare_resume(fleet, &pinned, &remaining_names, &options).await?;
-            prepared.before = touched_before(&deployment, &remaining_names);
+            prepared.touched = touched(&deployment, &remaining_names);
             Some(prepared)
         } else {
             let mut prepared = prepare::prepare(fleet, &selection, &options, Purpose::RESUME)
@@ -94,7 +95,7 @@ impl Engine {
                     None => e,
                 })?;
             check_planned(&deployment, &pinned, &prepared)?;
-            prepared.before = touched_before(&deployment, &remaining_names);
+            prepared.touched = touched(&deployment, &remaining_names);
             Some(prepared)
         };
         let leases = Leases::acquire(&self.store, &remaining_names, wait, &cancel, None).await?;
@@ -259,10 +260,12 @@ fn check_planned(
     Ok(())
 }
 
-/// What hosts an earlier attempt already touched (set their profile or
-/// activated them) ran and booted before it did: where their way back
-/// leads, rather than the half-way state a kill left them in.
-fn touched_before(deployment: &Deployment, remaining: &[String]) -> BTreeMap<String, Before> {
+/// Hosts an earlier attempt already touched (set their profile or
+/// activated them): what they ran and booted before it did, and its last
+/// activation. Where their way back leads is decided once they are probed
+/// again ([`crate::engine::host::way_back::before_resumed`]): what they have then, unless they
+/// still carry that attempt's work.
+fn touched(deployment: &Deployment, remaining: &[String]) -> BTreeMap<String, Touched> {
     deployment
         .hosts
         .iter()
@@ -276,9 +279,12 @@ fn touched_before(deployment: &Deployment, remaining: &[String]) -> BTreeMap<Str
         .map(|r| {
             (
                 r.host.clone(),
-                Before {
-                    running: r.from.path.clone(),
-                    boot_generation: r.from.generation,
+                Touched {
+                    before: Before {
+                        running: r.from.path.clone(),
+                        boot_generation: r.from.generation,
+                    },
+                    token: r.token.clone(),
                 },
             )
         })

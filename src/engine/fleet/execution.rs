@@ -368,11 +368,12 @@ pub(crate) async fn execute(
     }
     let mut probed =
         probe::probe_all(cx, prepared.hosts, Some(recorder), settle, prepared.early).await?;
-    // Hosts a resumed deployment had touched go back to what they had
-    // before it did.
+    // Hosts a resumed deployment had touched: their way back leads to what
+    // they have now, or, where they still carry its earlier attempt's work,
+    // to what they had before it.
     for (assessment, _) in &mut probed {
-        if let Some(before) = prepared.before.get(&assessment.host.name) {
-            assessment.before = before.clone();
+        if let Some(touched) = prepared.touched.get(&assessment.host.name) {
+            assessment.before = way_back::before_resumed(touched, assessment);
         }
     }
     let mut facts = Vec::new();

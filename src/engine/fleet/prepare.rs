@@ -20,7 +20,6 @@ use nix_deploy_core::eval::EvaluationReport;
 use nix_deploy_core::fleet::{Host, Inventory, InventoryError, Selection};
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::plan::{DependencyGraph, GraphHost, PlanError};
-use nix_deploy_core::remote::Before;
 use nix_deploy_core::run::Pinned;
 use nix_deploy_core::select;
 use nix_deploy_core::source::{FleetIndex, FleetSource};
@@ -30,6 +29,7 @@ use super::evaluate::{self, Collected, EvalOutcome, EvalUpdate, Systems};
 use super::probe::EarlyProbes;
 use crate::engine::EngineError;
 use crate::engine::host::recorder::Recorder;
+use crate::engine::host::way_back::Touched;
 
 /// What a caller of [`prepare`] needs.
 #[derive(Clone, Copy, Debug)]
@@ -121,9 +121,11 @@ pub(crate) struct Prepared {
     pub pinned_flake: Option<String>,
     /// Probes started during the evaluation.
     pub early: Option<EarlyProbes>,
-    /// Hosts whose way back is not what they run now (a resumed deployment
-    /// had touched them): what they ran and booted before.
-    pub before: BTreeMap<String, Before>,
+    /// Hosts an earlier attempt of a resumed deployment had touched: what
+    /// they ran and booted before it did, and its activation (where their
+    /// way back leads is decided once they are probed:
+    /// [`crate::engine::host::way_back::before_resumed`]).
+    pub touched: BTreeMap<String, Touched>,
     /// A promotion: where each host's system comes from (it is fetched
     /// from there, never built).
     pub promotion: Option<super::promotion::Sources>,
@@ -406,7 +408,7 @@ fn validate(
         revision: outcome.revision,
         pinned_flake: outcome.pinned,
         early: None,
-        before: BTreeMap::new(),
+        touched: BTreeMap::new(),
         promotion: None,
         index: outcome.index,
         local_only,

@@ -226,7 +226,7 @@ fn prepared(
         revision: metadata.revision,
         pinned_flake: metadata.pinned,
         early: None,
-        before: BTreeMap::new(),
+        touched: BTreeMap::new(),
         promotion: Some(sources),
         index: metadata.index,
         local_only: Vec::new(),

@@ -2,7 +2,8 @@
 //! failed step ([`recover`]), after an abort or a blue-green revert
 //! ([`take_back`]), a rollback on request ([`roll_back`]), through the boot
 //! generation after a failed reboot ([`roll_back_through_boot`]), and when
-//! the history cannot be written ([`undo_unrecorded`]).
+//! the history cannot be written ([`undo_unrecorded`]). Where it leads for a
+//! host a resumed deployment had touched: [`before_resumed`].
 //!
 //! Going back restores both things a host had before an activation
 //! ([`Before`]): the system it ran and the boot default it had. Those two
@@ -35,8 +36,10 @@ use nix_deploy_core::remote::{self, Activation, Before, Decision, HostSystems};
 use nix_deploy_core::render;
 use nix_deploy_core::run::{HostRun, RebootRecord};
 
+mod resumed;
 mod watchdog;
 
+pub(crate) use resumed::{Touched, before_resumed};
 use watchdog::{Decided, await_watchdog, decide};
 
 use super::context::{HostContext, HostJob};
