@@ -29,10 +29,23 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
     let request: Request = parse_body(&super::bytes(body)?)?;
+    let (id, status) = start(&state, &request, "api", caller.requested_by()).await?;
+    Ok(accepted(id, status))
+}
+
+/// Start (or, with `wait`, queue) the deployment a request asks for: its id
+/// and `running` or `queued`. The API and the web dashboard both start
+/// deployments here.
+pub(crate) async fn start(
+    state: &AppState,
+    request: &Request,
+    trigger: &str,
+    requested_by: String,
+) -> Result<(i64, &'static str), ApiError> {
     request
         .check_for_deploy()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let options = state.resolve(&request)?;
+    let options = state.resolve(request)?;
     let engine = match &request.revision {
         Some(rev) => {
             let pinned = crate::daemon::github::flake_at_revision(&state.config.flake, rev)
@@ -45,17 +58,17 @@ pub async fn create(
         selection: request.selection(),
         wait: request.wait,
         options,
-        trigger: "api".into(),
-        requested_by: caller.requested_by(),
+        trigger: trigger.into(),
+        requested_by,
     };
     // Waiting for busy hosts: recorded now and answered at once (`queued`);
     // otherwise validated first, so bad input and busy hosts answer 400/409.
     if request.wait {
         let id = state.launch_queued(engine, deploy, |_| {}).await?;
-        return Ok(accepted(id, "queued"));
+        return Ok((id, "queued"));
     }
     let id = state.launch(engine, Job::Deploy(deploy), |_| {}).await?;
-    Ok(accepted(id, "running"))
+    Ok((id, "running"))
 }
 
 /// `202 Accepted` with where to find the deployment and its events.
@@ -105,21 +118,33 @@ pub async fn cancel(
 ) -> Result<Json<CancelAnswer>, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
     let id = super::parse_id(&id)?;
+    Ok(Json(
+        cancel_deployment(&state, id, &caller.requested_by()).await?,
+    ))
+}
+
+/// Ask a running or queued deployment to stop starting hosts (409 when it
+/// is neither). The API and the web dashboard both cancel here.
+pub(crate) async fn cancel_deployment(
+    state: &AppState,
+    id: i64,
+    by: &str,
+) -> Result<CancelAnswer, ApiError> {
     let deployment = state.deployment(id).await?;
     let cancellable = matches!(
         deployment.status,
         DeploymentStatus::Running | DeploymentStatus::Queued
     );
-    if !cancellable || !state.cancel(id, &caller.requested_by()).await? {
+    if !cancellable || !state.cancel(id, by).await? {
         return Err(ApiError::Conflict(format!(
             "deployment #{id} is {}, not running",
             deployment.status
         )));
     }
-    Ok(Json(CancelAnswer {
+    Ok(CancelAnswer {
         id,
         cancel_requested: true,
-    }))
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,12 +214,27 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     authorize(&headers, &state.tokens, Scope::Read)?;
     let id = super::parse_id(&id)?;
-    let deployment = state.deployment(id).await?;
-    let after: i64 = headers
+    event_stream(&state, id, last_event_id(&headers).unwrap_or(0), sse_event).await
+}
+
+/// The `Last-Event-ID` a reconnecting client sends.
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<i64> {
+    headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+}
+
+/// A deployment's events after `after` as Server-Sent Events, each written
+/// by `encode`: what the store has, then live until the deployment ends. The
+/// API's stream and the web dashboard's both come from here.
+pub(crate) async fn event_stream(
+    state: &AppState,
+    id: i64,
+    after: i64,
+    encode: fn(&Event) -> SseEvent,
+) -> Result<Response, ApiError> {
+    let deployment = state.deployment(id).await?;
     // Subscribe before replaying, so nothing falls between the two.
     let mut live = state.subscribe(id);
     let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -206,7 +246,7 @@ pub async fn events(
     tokio::spawn(async move {
         let mut last = after;
         let mut finished = false;
-        let send = |event: &Event| tx.send(Ok(sse_event(event)));
+        let send = |event: &Event| tx.send(Ok(encode(event)));
         match store.events(id, last).await {
             Ok(replay) => {
                 for event in &replay {

@@ -67,10 +67,19 @@ pub async fn plan(
     // A plan evaluates, builds and probes: not for read-only tokens.
     authorize(&headers, &state.tokens, Scope::Deploy)?;
     let request: Request = parse_body(&super::bytes(body)?)?;
+    Ok(Json(plan_report(&state, &request).await?))
+}
+
+/// The plan for a request, with the daemon's defaults for what it leaves
+/// out. The API and the web dashboard both plan here.
+pub(crate) async fn plan_report(
+    state: &AppState,
+    request: &Request,
+) -> Result<PlanReport, ApiError> {
     request
         .check_for_plan()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let options = state.resolve(&request)?;
+    let options = state.resolve(request)?;
     let report = state
         .engine()
         .plan(
@@ -79,7 +88,7 @@ pub async fn plan(
             request.summaries.unwrap_or(true),
         )
         .await?;
-    Ok(Json(report))
+    Ok(report)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,21 +104,40 @@ pub async fn rollback(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let body: RollbackBody = parse_body(&super::bytes(body)?)?;
+    let id = start_rollback(
+        &state,
+        host,
+        body.to_generation,
+        "api",
+        caller.requested_by(),
+    )
+    .await?;
+    Ok(super::deployments::accepted(id, "running"))
+}
+
+/// Roll a host back (to its previous generation, or `to_generation`) in the
+/// background: the run's id. The API and the web dashboard both roll back here.
+pub(crate) async fn start_rollback(
+    state: &AppState,
+    host: String,
+    to_generation: Option<u32>,
+    trigger: &str,
+    requested_by: String,
+) -> Result<i64, ApiError> {
     if !shell::is_valid_host_name(&host) {
         return Err(ApiError::BadRequest(format!(
             "`{host}` is not a valid host name"
         )));
     }
-    let body: RollbackBody = parse_body(&super::bytes(body)?)?;
     let job = Job::Rollback(RollbackRequest {
         host,
-        to_generation: body.to_generation,
+        to_generation,
         options: state.default_options(),
-        trigger: "api".into(),
-        requested_by: caller.requested_by(),
+        trigger: trigger.into(),
+        requested_by,
     });
-    let id = state.launch(state.engine(), job, |_| {}).await?;
-    Ok(super::deployments::accepted(id, "running"))
+    state.launch(state.engine(), job, |_| {}).await
 }
 
 pub async fn health(
