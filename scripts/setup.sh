@@ -5,7 +5,9 @@
 #
 # - Debian packages: nix-bin (the coordinator's own Nix), openssh-client and
 #   openssh-server (our SSH, and the local test hosts' sshd), sudo (test hosts
-#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture).
+#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture),
+#   chromium and chromium-driver (the web dashboard's browser tests and
+#   benchmark drive headless Chromium through WebDriver).
 # - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
 #   their own store over it, so it must exist before the first host starts.
 #
@@ -37,6 +39,8 @@ command -v sudo >/dev/null 2>&1 || missing="$missing sudo"
 command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 { command -v unshare >/dev/null 2>&1 && command -v setsid >/dev/null 2>&1; } || missing="$missing util-linux"
 command -v mount >/dev/null 2>&1 || missing="$missing mount"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+[ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
 if [ -n "$missing" ]; then
     note "installing Debian packages:$missing"
     apt-get update -qq
@@ -68,4 +72,4 @@ case "$(stat -c %A /)" in
         ;;
 esac
 
-[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo and /nix are in place)" >&2
+[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo, Chromium and /nix are in place)" >&2

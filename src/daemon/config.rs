@@ -13,6 +13,7 @@ use serde::Deserialize;
 use nix_deploy_core::options::{Amount, DeployOptions, OptionsError, Request};
 
 use super::notify::NotifyConfig;
+use super::web::WebConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -177,6 +178,9 @@ pub struct Config {
     pub github: Option<GithubConfig>,
     #[serde(default)]
     pub notifications: NotifyConfig,
+    /// The web dashboard (`[web]`).
+    #[serde(default)]
+    pub web: WebConfig,
 }
 
 fn default_listen() -> String {
@@ -290,6 +294,7 @@ impl Config {
         }
         self.default_options()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.web.validate().map_err(ConfigError::Invalid)?;
         let mut names = std::collections::BTreeSet::new();
         for token in &self.tokens {
             if !names.insert(&token.name) {

@@ -11,7 +11,8 @@
 //! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
 //! - [`config`]: the TOML file; [`notify`]: outgoing notifications;
 //!   [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks' signatures and
-//!   parsing; `report`: the Markdown report.
+//!   parsing; `report`: the Markdown report;
+//! - [`web`]: the dashboard for people at `/` (sessions, pages, assets).
 
 mod auth;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod notify;
 mod report;
 mod routes;
 pub mod slack;
+pub mod web;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -70,6 +72,8 @@ pub struct Inner {
     /// Cancelled on shutdown; every deployment's token is a child of it.
     shutdown: CancellationToken,
     http: reqwest::Client,
+    /// The dashboard's sessions and login limit.
+    web: web::WebState,
 }
 
 #[derive(Clone)]
@@ -109,6 +113,7 @@ impl AppState {
         github_secret: Option<Secret>,
     ) -> Self {
         let notifier = Notifier::new(config.notifications.clone());
+        let web = web::WebState::new(&config.web);
         AppState(Arc::new(Inner {
             config,
             engine,
@@ -124,6 +129,7 @@ impl AppState {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap_or_default(),
+            web,
         }))
     }
 
@@ -363,7 +369,13 @@ pub fn app(state: AppState) -> Router {
         "/api/v1/deployments/{id}/events",
         get(routes::deployments::events),
     );
-    api.merge(streams)
+    let routes = api.merge(streams);
+    let routes = if state.config.web.enable {
+        routes.merge(web::router(timeout))
+    } else {
+        routes
+    };
+    routes
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not take that method".into())
@@ -419,9 +431,9 @@ pub async fn run(
             slot = slots.clone().acquire_owned() => slot?,
             _ = stop.cancelled() => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors or a reset before accept: keep serving.
                     tracing::warn!(cause = %e, "accepting a connection");
@@ -434,10 +446,10 @@ pub async fn run(
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(state.config.header_timeout);
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
-        );
+        // Each request knows its client's address (the login rate limit).
+        let service = tower::Layer::layer(&axum::Extension(web::Peer(peer)), router.clone());
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+mod dashboard;
 mod deployments;
 mod eval_cache;
 mod hooks;
@@ -23,6 +24,7 @@ mod stats;
 
 use std::sync::Arc;
 
+pub use dashboard::{HostHistoryEntry, LatestEvaluation};
 pub use deployments::NewDeployment;
 pub use eval_cache::{CachedEvaluation, EVAL_CACHE_ENTRIES};
 pub use hooks::BranchHead;

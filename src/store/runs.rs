@@ -96,7 +96,9 @@ impl Store {
             .collect())
     }
 
-    fn host_runs_from_rows(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<HostRun>, StoreError> {
+    pub(super) fn host_runs_from_rows(
+        rows: &[sqlx::sqlite::SqliteRow],
+    ) -> Result<Vec<HostRun>, StoreError> {
         rows.iter()
             .map(|row| {
                 let status: String = row.get("status");

@@ -20,3 +20,4 @@ mod recovery;
 mod safety;
 mod selection;
 mod strategies;
+mod web;

@@ -129,6 +129,7 @@
 
 use std::time::Duration;
 
+pub mod browser;
 mod flake;
 mod fleet;
 pub mod nixos;
@@ -137,6 +138,7 @@ mod spec;
 mod sshd;
 mod sys;
 
+pub use browser::Chromedriver;
 pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};

@@ -1,0 +1,213 @@
+//! The fleet: every host with what it should run (its latest evaluation),
+//! what it runs and what it boots, its last deployment and when it was last
+//! seen; filtered by tag and searched by name in the page. One query per
+//! source for the whole fleet, whatever its size.
+//!
+//! Drift and health come from the daemon's watch of the fleet when it runs:
+//! [`FleetRow::drift`] and [`FleetRow::health`] are filled from it, and the
+//! table shows those columns only when some host has them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use askama::Template;
+use axum::extract::State;
+use axum::response::Response;
+
+use nix_deploy_core::fleet::Inventory;
+use nix_deploy_core::render::{first_line, generation, short_path};
+use nix_deploy_core::run::HostRecord;
+
+use super::{Page, render, result_class, when};
+use crate::daemon::AppState;
+use crate::daemon::config::Scope;
+use crate::daemon::web::{Viewer, WebError};
+use crate::store::LatestEvaluation;
+
+/// One host, as the fleet table shows it.
+pub struct FleetRow {
+    pub name: String,
+    pub tags: Vec<String>,
+    pub role: String,
+    /// The system its latest evaluation wants (short), and in full.
+    pub desired: String,
+    pub desired_full: String,
+    pub running: String,
+    pub running_full: String,
+    pub booted: String,
+    pub generation: String,
+    /// `in sync`, `out of date` or `unknown`, and its class.
+    pub sync: (&'static str, &'static str),
+    pub pending_reboot: bool,
+    /// Drift as the watch of the fleet reports it (none without it).
+    pub drift: Option<(String, &'static str)>,
+    /// Health as the watch of the fleet reports it (none without it).
+    pub health: Option<(String, &'static str)>,
+    pub last_seen: String,
+    /// The last deployment that touched it: id, result and its class.
+    pub last: Option<(i64, String, &'static str)>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "fleet.html")]
+struct FleetPage {
+    page: Page,
+    rows: Vec<FleetRow>,
+    tags: Vec<String>,
+    show_drift: bool,
+    show_health: bool,
+    running: Vec<i64>,
+}
+
+pub async fn page(State(state): State<AppState>, viewer: Viewer) -> Result<Response, WebError> {
+    viewer.permit(&state, Scope::Read)?;
+    let store = state.store();
+    let rows = fleet_rows(
+        store.host_states().await?,
+        store.latest_evaluations().await?,
+    );
+    let tags: BTreeSet<String> = rows.iter().flat_map(|r| r.tags.clone()).collect();
+    Ok(render(&FleetPage {
+        page: Page::new("Fleet", "/", Some(&viewer)),
+        show_drift: rows.iter().any(|r| r.drift.is_some()),
+        show_health: rows.iter().any(|r| r.health.is_some()),
+        tags: tags.into_iter().collect(),
+        running: store.running_deployments().await?,
+        rows,
+    }))
+}
+
+/// Every host either source knows, by name: the history's last known state
+/// and the latest evaluation (tags, role, desired system).
+pub fn fleet_rows(records: Vec<HostRecord>, evaluations: Vec<LatestEvaluation>) -> Vec<FleetRow> {
+    let mut known: BTreeMap<String, (Option<HostRecord>, Option<LatestEvaluation>)> =
+        BTreeMap::new();
+    for record in records {
+        let name = record.name.clone();
+        known.entry(name).or_default().0 = Some(record);
+    }
+    for evaluation in evaluations {
+        let name = evaluation.host.clone();
+        known.entry(name).or_default().1 = Some(evaluation);
+    }
+    known
+        .into_iter()
+        .map(|(name, (record, evaluation))| row(name, record, evaluation))
+        .collect()
+}
+
+fn row(name: String, record: Option<HostRecord>, evaluation: Option<LatestEvaluation>) -> FleetRow {
+    let host = evaluation.and_then(|e| {
+        let value = serde_json::from_str(&e.value).ok()?;
+        Inventory::parse_host(&name, value).ok()
+    });
+    let record = record.unwrap_or_else(|| HostRecord {
+        name: name.clone(),
+        current_path: None,
+        generation: None,
+        probed_at: None,
+        probe_error: None,
+        last_deployment_id: None,
+        last_status: None,
+        last_error: None,
+        last_finished_at: None,
+        boot_path: None,
+        pending_reboot: false,
+    });
+    let desired = host.as_ref().map(|h| h.toplevel.clone());
+    let sync = match (&desired, &record.current_path) {
+        (Some(d), Some(c)) if d == c => ("in sync", "ok"),
+        (Some(_), Some(_)) => ("out of date", "warn"),
+        _ => ("unknown", "muted"),
+    };
+    let last_seen = record.probed_at.max(record.last_finished_at);
+    FleetRow {
+        tags: host.as_ref().map(|h| h.tags.clone()).unwrap_or_default(),
+        role: host.as_ref().map(|h| h.role.clone()).unwrap_or_default(),
+        desired: short_path(desired.as_deref()),
+        desired_full: desired.unwrap_or_default(),
+        running: short_path(record.current_path.as_deref()),
+        running_full: record.current_path.clone().unwrap_or_default(),
+        booted: if record.pending_reboot {
+            short_path(record.boot_path.as_deref())
+        } else {
+            "= running".into()
+        },
+        generation: generation(record.generation),
+        sync,
+        pending_reboot: record.pending_reboot,
+        drift: None,
+        health: None,
+        last_seen: when(last_seen),
+        last: record.last_deployment_id.map(|id| {
+            let status = record.last_status.clone().unwrap_or_else(|| "-".into());
+            (id, status, result_class(record.last_status.as_deref()))
+        }),
+        last_error: record
+            .last_error
+            .as_deref()
+            .or(record.probe_error.as_deref())
+            .map(|e| first_line(e).to_string()),
+        name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P1: &str = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-a";
+    const P2: &str = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nixos-system-a";
+
+    fn record(name: &str, current: Option<&str>) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            current_path: current.map(str::to_string),
+            generation: Some(3),
+            probed_at: Some(1_000),
+            probe_error: None,
+            last_deployment_id: Some(7),
+            last_status: Some("rolled-back".into()),
+            last_error: Some("health check failed\nmore".into()),
+            last_finished_at: Some(2_000),
+            boot_path: None,
+            pending_reboot: false,
+        }
+    }
+
+    fn evaluation(name: &str, toplevel: &str, tags: &[&str]) -> LatestEvaluation {
+        LatestEvaluation {
+            host: name.into(),
+            value: serde_json::json!({
+                "toplevel": toplevel,
+                "drvPath": "/nix/store/cccccccccccccccccccccccccccccccc-x.drv",
+                "deployment": { "tags": tags, "role": "web" },
+            })
+            .to_string(),
+            evaluated_at: 500,
+        }
+    }
+
+    #[test]
+    fn rows_join_the_history_and_the_latest_evaluation() {
+        let rows = fleet_rows(
+            vec![record("a", Some(P1)), record("b", Some(P1))],
+            vec![
+                evaluation("a", P1, &["edge"]),
+                evaluation("b", P2, &[]),
+                evaluation("c", P2, &["new"]),
+            ],
+        );
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(rows[0].sync.0, "in sync");
+        assert_eq!(rows[0].tags, ["edge"]);
+        assert_eq!(rows[0].role, "web");
+        assert_eq!(rows[1].sync.0, "out of date");
+        assert_eq!(rows[2].sync.0, "unknown");
+        assert_eq!(rows[0].last, Some((7, "rolled-back".into(), "warn")));
+        assert_eq!(rows[0].last_error.as_deref(), Some("health check failed"));
+        assert!(rows[2].last.is_none());
+        assert!(rows.iter().all(|r| r.drift.is_none() && r.health.is_none()));
+    }
+}

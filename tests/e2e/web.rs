@@ -1,0 +1,698 @@
+//! The web dashboard in a real browser: Debian's headless Chromium, driven
+//! through chromedriver (WebDriver) by fantoccini, against `nix-deploy
+//! serve` on loopback with real test hosts. One browser session walks the
+//! main flow: log in, see every host, filter them, plan and deploy from the
+//! Plan page, watch the timeline advance without a reload, read a failing
+//! host's error (with `<script>` in it, shown as text), roll a host back,
+//! read its history, be refused without the CSRF token and with a read-only
+//! session, log out. Screenshots of every view go to the directory printed
+//! at the start. The same daemon's `/metrics` then serves the check of the
+//! Grafana dashboard's queries.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use nix_deploy_testkit::{Chromedriver, HostSpec};
+use serde_json::Value;
+
+use crate::helpers::{Harness, binary};
+
+const DEPLOY_TOKEN: &str = "web-deploy-token-0123456789";
+const READ_TOKEN: &str = "web-read-token-0123456789";
+
+/// What the failing host's health check prints: markup that would run if
+/// the page put it in as HTML.
+const XSS: &str = "<script>window.__xss=1</script><img src=x onerror=window.__xss=2>";
+
+struct Daemon {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon(h: &Harness) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let deploy = write("deploy.token", DEPLOY_TOKEN);
+    let read = write("read.token", READ_TOKEN);
+    let config = write(
+        "config.toml",
+        &format!(
+            r#"
+listen = "127.0.0.1:0"
+confirm-timeout = 5
+health-check-timeout = 3
+
+[[tokens]]
+name = "ci"
+file = "{}"
+scope = "deploy"
+
+[[tokens]]
+name = "viewer"
+file = "{}"
+scope = "read"
+"#,
+            deploy.display(),
+            read.display()
+        ),
+    );
+    let mut cmd = Command::new(binary());
+    cmd.arg("--flake")
+        .arg(h.fleet.flake_ref())
+        .arg("--ssh-config")
+        .arg(h.fleet.ssh_config())
+        .arg("--state-dir")
+        .arg(h.state_dir())
+        .args(["--connect-timeout", "5", "serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap());
+    for (k, v) in h.fleet.env() {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("nix-deploy: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    Daemon {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+/// Where the screenshots go (printed, so a person can look).
+fn artifacts() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.expect("taking a screenshot");
+    std::fs::write(artifacts().join(format!("{name}.png")), png).unwrap();
+}
+
+/// Evaluate `js` (a function body returning a value) until it returns
+/// something truthy; that value. Panics after `secs` with the page's text.
+async fn until(c: &Client, secs: u64, what: &str, js: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let value = c.execute(js, vec![]).await.unwrap_or(Value::Null);
+        let truthy = match &value {
+            Value::Null => false,
+            Value::Bool(b) => *b,
+            Value::Number(n) => n.as_f64() != Some(0.0),
+            Value::String(s) => !s.is_empty(),
+            _ => true,
+        };
+        if truthy {
+            return value;
+        }
+        if Instant::now() > deadline {
+            let text = c
+                .find(Locator::Css("body"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            panic!("timed out waiting for {what}; the page says:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn path(c: &Client) -> String {
+    c.current_url().await.unwrap().path().to_string()
+}
+
+/// POST a form from the page (with its cookies), as a forged request
+/// would; the response's status.
+async fn post_from_page(c: &Client, path: &str, body: &str) -> u16 {
+    let js = format!(
+        "return fetch({}, {{method: 'POST', credentials: 'same-origin', \
+         headers: {{'Content-Type': 'application/x-www-form-urlencoded'}}, body: {}}}) \
+         .then(r => r.status)",
+        serde_json::to_string(path).unwrap(),
+        serde_json::to_string(body).unwrap()
+    );
+    c.execute(&js, vec![]).await.unwrap().as_u64().unwrap() as u16
+}
+
+async fn deployment_count(d: &Daemon) -> usize {
+    let list: Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/deployments?limit=1000", d.url))
+        .bearer_auth(DEPLOY_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["deployments"].as_array().unwrap().len()
+}
+
+async fn log_in(c: &Client, d: &Daemon, token: &str) {
+    c.goto(&format!("{}/", d.url)).await.unwrap();
+    assert_eq!(path(c).await, "/login");
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        c,
+        10,
+        "the fleet after logging in",
+        "return document.getElementById('fleet') !== null",
+    )
+    .await;
+}
+
+async fn log_out(c: &Client, d: &Daemon) {
+    c.find(Locator::Css("#logout"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        c,
+        10,
+        "the login page",
+        "return document.getElementById('token') !== null",
+    )
+    .await;
+    // The session is gone: pages ask to log in again.
+    c.goto(&format!("{}/deployments", d.url)).await.unwrap();
+    assert_eq!(path(c).await, "/login");
+}
+
+/// The deployment page's status once it is final (refreshed by the page's
+/// own script, not reloaded).
+async fn final_status(c: &Client) -> String {
+    until(
+        c,
+        120,
+        "the deployment to finish",
+        "const s = document.getElementById('deployment-status'); \
+         return s && !['running', 'queued'].includes(s.textContent.trim()) && s.textContent.trim()",
+    )
+    .await
+    .as_str()
+    .unwrap()
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_requests() {
+    let mut h = Harness::start(vec![
+        HostSpec::new("web-1").tags(&["web"]),
+        HostSpec::new("web-2").tags(&["web", "edge"]),
+        HostSpec::new("flaky").tags(&["web"]),
+    ]);
+    let (code, _, stderr) = h.deploy(&["--all"]);
+    assert_eq!(code, 0, "{stderr}");
+    let web1_before = h.fleet.current_system("web-1").unwrap();
+    let web2_generation = h.fleet.generation("web-2");
+    // web-1 changes and activates slowly (the page must see it in flight);
+    // flaky changes into a system whose health check fails and prints markup
+    // (it passes on the old one: the host is healthy before it is touched).
+    h.fleet
+        .update("web-1", |s| {
+            s.bump();
+            s.activation_delay_ms = 1500;
+        })
+        .unwrap();
+    let check = format!(
+        "{{ command = {}; timeout = 2; period = 0.5; }}",
+        nix_deploy_testkit::nix_string(&format!(
+            "case \"$(readlink /run/current-system)\" in *-25.05.2) echo '{XSS}'; exit 1;; esac"
+        ))
+    );
+    h.fleet
+        .update("flaky", |s| {
+            s.bump();
+            s.health_checks.push(check);
+        })
+        .unwrap();
+
+    let d = start_daemon(&h);
+    let driver = Chromedriver::start().expect("starting chromedriver");
+    let mut capabilities = driver.capabilities();
+    capabilities.insert("pageLoadStrategy".into(), "normal".into());
+    let c = ClientBuilder::rustls()
+        .unwrap()
+        .capabilities(capabilities)
+        .connect(&driver.url())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "connecting to chromedriver: {e}\n{}",
+                std::fs::read_to_string(driver.log()).unwrap_or_default()
+            )
+        });
+    eprintln!("screenshots: {}", artifacts().display());
+
+    // Logging in: a wrong token is refused on the form, the right one works.
+    c.goto(&format!("{}/", d.url)).await.unwrap();
+    assert_eq!(path(&c).await, "/login");
+    screenshot(&c, "login").await;
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys("wrong")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(text(&c, "#login-error").await.contains("not valid"));
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(DEPLOY_TOKEN)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        &c,
+        10,
+        "the fleet",
+        "return document.getElementById('fleet') !== null",
+    )
+    .await;
+    assert_eq!(text(&c, "#user").await, "ci");
+
+    // The fleet: every host, filtered by tag and by name in the page.
+    let visible = "return [...document.querySelectorAll('#fleet tbody tr')]\
+                   .filter(r => !r.hidden).map(r => r.dataset.name).join(' ')";
+    assert_eq!(
+        c.execute(visible, vec![]).await.unwrap(),
+        "flaky web-1 web-2"
+    );
+    screenshot(&c, "fleet").await;
+    c.find(Locator::Css("#fleet-tag"))
+        .await
+        .unwrap()
+        .select_by_value("edge")
+        .await
+        .unwrap();
+    assert_eq!(c.execute(visible, vec![]).await.unwrap(), "web-2");
+    c.find(Locator::Css("#fleet-tag"))
+        .await
+        .unwrap()
+        .select_by_value("")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#fleet-search"))
+        .await
+        .unwrap()
+        .send_keys("fla")
+        .await
+        .unwrap();
+    assert_eq!(c.execute(visible, vec![]).await.unwrap(), "flaky");
+
+    // Plan first, then deploy.
+    c.goto(&format!("{}/plan", d.url)).await.unwrap();
+    c.find(Locator::Css("#selector"))
+        .await
+        .unwrap()
+        .send_keys("web-1 flaky")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#max-failures"))
+        .await
+        .unwrap()
+        .send_keys("1")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#plan"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        &c,
+        60,
+        "the plan",
+        "return document.getElementById('plan-result') !== null",
+    )
+    .await;
+    let headline = text(&c, "#plan-headline").await;
+    assert!(
+        headline.starts_with("2 of 3 host(s) to deploy"),
+        "{headline}"
+    );
+    assert_eq!(
+        text(&c, "#plan-hosts tr[data-host=web-1] .badge").await,
+        "DEPLOY"
+    );
+    screenshot(&c, "plan").await;
+    let before = deployment_count(&d).await;
+    c.find(Locator::Css("#deploy"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        &c,
+        60,
+        "the deployment page",
+        "return location.pathname.startsWith('/deployments/')",
+    )
+    .await;
+    let deployment_url = c.current_url().await.unwrap();
+    assert_eq!(deployment_count(&d).await, before + 1);
+
+    // The timeline advances while we look, without a reload.
+    c.execute("window.__sameDocument = 42", vec![])
+        .await
+        .unwrap();
+    let chips_at_load = c
+        .execute(
+            "return document.querySelectorAll('#hosts .chip').length",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    until(
+        &c,
+        60,
+        "a step to appear live",
+        &format!(
+            "return window.nixDeployLive && window.nixDeployLive.applied > 0 && \
+             document.querySelectorAll('#hosts .chip').length > {chips_at_load}"
+        ),
+    )
+    .await;
+    screenshot(&c, "deployment-live").await;
+    let status = final_status(&c).await;
+    assert_eq!(status, "failed", "flaky failed and was rolled back");
+    assert_eq!(
+        c.execute("return window.__sameDocument", vec![])
+            .await
+            .unwrap(),
+        42
+    );
+    until(
+        &c,
+        20,
+        "the refreshed page",
+        "return document.body.dataset.refreshed === 'true'",
+    )
+    .await;
+    assert_eq!(
+        text(&c, "tr.host-row[data-host=web-1] .status").await,
+        "deployed"
+    );
+    assert_eq!(
+        text(&c, "tr.host-row[data-host=flaky] .status").await,
+        "rolled-back"
+    );
+
+    // The failing host's error in full, its markup shown as text and never
+    // run: live (script) and as rendered by the server.
+    for pass in ["live", "reloaded"] {
+        let error = text(&c, "tr.host-detail[data-host=flaky] pre.host-error").await;
+        assert!(
+            error.contains(XSS),
+            "{pass}: the error shows the markup as text: {error}"
+        );
+        assert_eq!(
+            c.execute(
+                "return [typeof window.__xss, document.querySelectorAll('img[src=x]').length]",
+                vec![]
+            )
+            .await
+            .unwrap(),
+            serde_json::json!(["undefined", 0]),
+            "{pass}: no injected script ran and no element was made"
+        );
+        screenshot(&c, &format!("deployment-{pass}")).await;
+        c.goto(deployment_url.as_str()).await.unwrap();
+    }
+
+    // Rollback of the host that was deployed.
+    c.find(Locator::Css("button.rollback[data-host=web-1]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        &c,
+        60,
+        "the rollback's page",
+        &format!(
+            "return location.pathname.startsWith('/deployments/') && location.href !== {}",
+            serde_json::to_string(deployment_url.as_str()).unwrap()
+        ),
+    )
+    .await;
+    if text(&c, "#deployment-status").await.trim() == "running" {
+        assert_eq!(final_status(&c).await, "succeeded");
+    }
+    assert_eq!(text(&c, "#deployment-status").await, "succeeded");
+    assert_eq!(h.fleet.current_system("web-1").unwrap(), web1_before);
+    screenshot(&c, "rollback").await;
+
+    // The host's history: the first deployment, this one and the rollback,
+    // who asked and how.
+    c.goto(&format!("{}/hosts/web-1", d.url)).await.unwrap();
+    let history = text(&c, "#history").await;
+    assert_eq!(
+        c.execute(
+            "return document.querySelectorAll('#history tbody tr').length",
+            vec![]
+        )
+        .await
+        .unwrap(),
+        3,
+        "{history}"
+    );
+    assert!(
+        history.contains("token:ci") && history.contains("rollback"),
+        "{history}"
+    );
+    screenshot(&c, "host-history").await;
+    c.goto(&format!("{}/deployments", d.url)).await.unwrap();
+    assert!(text(&c, "#deployments").await.contains("web"));
+    screenshot(&c, "deployments").await;
+
+    // Forged requests: no CSRF token, or a wrong one, are refused and change
+    // nothing.
+    let count = deployment_count(&d).await;
+    assert_eq!(post_from_page(&c, "/deploy", "selector=web-2").await, 403);
+    assert_eq!(
+        post_from_page(&c, "/deploy", "csrf=0123abcd&selector=web-2").await,
+        403
+    );
+    assert_eq!(post_from_page(&c, "/hosts/web-1/rollback", "").await, 403);
+    assert_eq!(post_from_page(&c, "/plan", "selector=web-2").await, 403);
+    assert_eq!(deployment_count(&d).await, count);
+    log_out(&c, &d).await;
+
+    // A read-only session sees everything and changes nothing, even with
+    // its own CSRF token.
+    log_in(&c, &d, READ_TOKEN).await;
+    assert_eq!(text(&c, "#scope").await, "read");
+    c.goto(&format!("{}/plan", d.url)).await.unwrap();
+    assert_eq!(
+        c.execute("return document.getElementById('plan').disabled", vec![])
+            .await
+            .unwrap(),
+        true
+    );
+    let csrf = c
+        .execute(
+            "return document.querySelector('input[name=csrf]').value",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let csrf = csrf.as_str().unwrap();
+    for (path, body) in [
+        ("/deploy", format!("csrf={csrf}&selector=web-2")),
+        ("/plan", format!("csrf={csrf}&selector=web-2")),
+        ("/hosts/web-1/rollback", format!("csrf={csrf}")),
+    ] {
+        assert_eq!(post_from_page(&c, path, &body).await, 403, "{path}");
+    }
+    c.goto(deployment_url.as_str()).await.unwrap();
+    assert_eq!(
+        c.execute(
+            "return document.querySelectorAll('button.rollback').length",
+            vec![]
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    assert_eq!(deployment_count(&d).await, count);
+    assert_eq!(h.fleet.generation("web-2"), web2_generation);
+    log_out(&c, &d).await;
+    c.close().await.unwrap();
+    drop(driver);
+
+    // flaky is fixed and deployed: a recovery, so every metric the Grafana
+    // dashboard reads (MTTR included) is exported.
+    h.fleet
+        .update("flaky", |s| {
+            s.bump();
+            s.health_checks.clear();
+        })
+        .unwrap();
+    let (code, _, stderr) = h.deploy(&["flaky"]);
+    assert_eq!(code, 0, "{stderr}");
+    grafana_dashboard_reads_only_exported_metrics(&d).await;
+}
+
+/// Every metric the Grafana dashboard's queries use is one `/metrics`
+/// exports (for a histogram: its `_bucket`, `_sum` or `_count` series).
+async fn grafana_dashboard_reads_only_exported_metrics(d: &Daemon) {
+    let text = reqwest::get(format!("{}/metrics", d.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nix/grafana/nix-deploy.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut used = BTreeSet::new();
+    let mut queries = 0;
+    for expr in expressions(&dashboard) {
+        // Grafana's own variables, as Grafana would fill them in.
+        let promql = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$__range", "1h")
+            .replace("$__interval", "1m");
+        let parsed = promql_parser::parser::parse(&promql)
+            .unwrap_or_else(|e| panic!("the dashboard's query `{expr}` is not PromQL: {e}"));
+        metric_names(&parsed, &mut used);
+        queries += 1;
+    }
+    assert!(queries >= 6, "the dashboard has its panels' queries");
+    for name in &used {
+        assert!(
+            exported.contains(name),
+            "the dashboard reads `{name}`, which /metrics does not export:\n{text}"
+        );
+    }
+    for wanted in [
+        "nix_deploy_deployments_total",
+        "nix_deploy_mttr_seconds",
+        "nix_deploy_hosts",
+        "nix_deploy_deployment_duration_seconds_bucket",
+    ] {
+        assert!(used.contains(wanted), "the dashboard shows {wanted}");
+    }
+}
+
+/// Every `expr` of every panel's targets (rows' panels included).
+fn expressions(dashboard: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dashboard];
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(expr)) = map.get("expr") {
+                    found.push(expr.clone());
+                }
+                stack.extend(map.values());
+            }
+            Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    found
+}
+
+fn metric_names(expr: &promql_parser::parser::Expr, names: &mut BTreeSet<String>) {
+    use promql_parser::parser::Expr;
+    match expr {
+        Expr::VectorSelector(vs) => names.extend(vs.name.clone()),
+        Expr::MatrixSelector(ms) => names.extend(ms.vs.name.clone()),
+        Expr::Aggregate(a) => {
+            metric_names(&a.expr, names);
+            if let Some(p) = &a.param {
+                metric_names(p, names);
+            }
+        }
+        Expr::Unary(u) => metric_names(&u.expr, names),
+        Expr::Binary(b) => {
+            metric_names(&b.lhs, names);
+            metric_names(&b.rhs, names);
+        }
+        Expr::Paren(p) => metric_names(&p.expr, names),
+        Expr::Subquery(s) => metric_names(&s.expr, names),
+        Expr::Call(call) => {
+            for arg in &call.args.args {
+                metric_names(arg, names);
+            }
+        }
+        Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+    }
+}
