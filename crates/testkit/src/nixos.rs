@@ -112,8 +112,7 @@ impl NixosShape {
 pub fn nixpkgs_lib_tarball() -> PathBuf {
     match std::env::var_os("NIX_DEPLOY_NIXPKGS_LIB") {
         Some(path) => PathBuf::from(path),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures/nixpkgs-lib.tar.xz"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nixpkgs-lib.tar.xz"),
     }
 }
 
@@ -271,6 +270,7 @@ in {{
     users.groups = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
     nix.package = mkOption {{ type = types.package; default = pkgs.nix; }};
     nix.settings = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
+    services.grafana.provision = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
     system.build = mkOption {{ type = types.attrsOf types.unspecified; default = {{ }}; }};
     testkit.version = mkOption {{ type = types.str; description = "Bumping it makes a new toplevel."; }};
     testkit.switchScript = mkOption {{ type = types.lines; }};
