@@ -193,8 +193,7 @@ fn show_page(page: Page, d: &Deployment, events: &[Event], can_roll_back: bool) 
         error: d.error.clone(),
         plan: plan.map(|p| {
             format!(
-                "{} ({}); ETA {}; risk {}",
-                p.strategy.as_str(),
+                "{}; ETA {}; risk {}",
                 p.strategy_reason,
                 nix_deploy_core::render::seconds(p.eta_seconds),
                 p.risk.as_str()

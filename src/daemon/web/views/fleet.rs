@@ -28,7 +28,8 @@ pub struct FleetRow {
     pub name: String,
     pub tags: Vec<String>,
     pub role: String,
-    /// The system its latest evaluation wants (short), and in full.
+    /// The system its latest evaluation wants (short), and in full with
+    /// when it was evaluated.
     pub desired: String,
     pub desired_full: String,
     pub running: String,
@@ -97,6 +98,7 @@ pub fn fleet_rows(records: Vec<HostRecord>, evaluations: Vec<LatestEvaluation>) 
 }
 
 fn row(name: String, record: Option<HostRecord>, evaluation: Option<LatestEvaluation>) -> FleetRow {
+    let evaluated_at = evaluation.as_ref().map(|e| e.evaluated_at);
     let host = evaluation.and_then(|e| {
         let value = serde_json::from_str(&e.value).ok()?;
         Inventory::parse_host(&name, value).ok()
@@ -125,7 +127,10 @@ fn row(name: String, record: Option<HostRecord>, evaluation: Option<LatestEvalua
         tags: host.as_ref().map(|h| h.tags.clone()).unwrap_or_default(),
         role: host.as_ref().map(|h| h.role.clone()).unwrap_or_default(),
         desired: short_path(desired.as_deref()),
-        desired_full: desired.unwrap_or_default(),
+        desired_full: match desired {
+            Some(d) => format!("{d} (evaluated {})", when(evaluated_at)),
+            None => String::new(),
+        },
         running: short_path(record.current_path.as_deref()),
         running_full: record.current_path.clone().unwrap_or_default(),
         booted: if record.pending_reboot {

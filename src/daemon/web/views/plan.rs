@@ -108,10 +108,9 @@ fn plan_view(report: &PlanReport) -> PlanView {
     let plan = &report.plan;
     PlanView {
         headline: format!(
-            "{} of {} host(s) to deploy; strategy {} ({}); ETA {}; risk {}",
+            "{} of {} host(s) to deploy; {}; ETA {}; risk {}",
             report.to_deploy.len(),
             report.fleet_size,
-            plan.strategy.as_str(),
             plan.strategy_reason,
             seconds(plan.eta_seconds),
             plan.risk.as_str()
