@@ -22,6 +22,10 @@ use anyhow::{Context, bail};
 use nix_deploy_testkit::{Fleet, HostSpec, NixosFlake, NixosShape};
 use serde_json::{Value, json};
 
+// The dashboard in a browser (a file of its own; not a bench target).
+#[path = "fleet/web.rs"]
+mod web;
+
 struct Bench {
     binary: PathBuf,
     repeats: usize,
@@ -1404,7 +1408,7 @@ fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
     };
     type Scenario = fn(&mut Bench) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("nixos_evaluation", nixos_evaluation),
         ("evaluation", evaluation),
         ("eight_hosts", eight_hosts),
@@ -1412,6 +1416,8 @@ fn main() -> anyhow::Result<()> {
         ("change_detection", change_detection_and_noop),
         ("makespan", makespan),
         ("hundred_hosts", hundred_hosts),
+        ("web_fleet_page", web::fleet_page),
+        ("web_live_timeline", web::live_timeline),
     ];
     for (name, run) in scenarios {
         if only.as_deref().is_some_and(|o| o != name) {

@@ -165,6 +165,24 @@ async fn text(c: &Client, css: &str) -> String {
         .unwrap()
 }
 
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn type_into(c: &Client, css: &str, text: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .send_keys(text)
+        .await
+        .unwrap();
+}
+
 async fn path(c: &Client) -> String {
     c.current_url().await.unwrap().path().to_string()
 }
@@ -198,18 +216,8 @@ async fn deployment_count(d: &Daemon) -> usize {
 async fn log_in(c: &Client, d: &Daemon, token: &str) {
     c.goto(&format!("{}/", d.url)).await.unwrap();
     assert_eq!(path(c).await, "/login");
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(token)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(c, "#token", token).await;
+    click(c, "#login").await;
     until(
         c,
         10,
@@ -220,12 +228,7 @@ async fn log_in(c: &Client, d: &Daemon, token: &str) {
 }
 
 async fn log_out(c: &Client, d: &Daemon) {
-    c.find(Locator::Css("#logout"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#logout").await;
     until(
         c,
         10,
@@ -308,31 +311,11 @@ async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_request
     c.goto(&format!("{}/", d.url)).await.unwrap();
     assert_eq!(path(&c).await, "/login");
     screenshot(&c, "login").await;
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys("wrong")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "#token", "wrong").await;
+    click(&c, "#login").await;
     assert!(text(&c, "#login-error").await.contains("not valid"));
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(DEPLOY_TOKEN)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "#token", DEPLOY_TOKEN).await;
+    click(&c, "#login").await;
     until(
         &c,
         10,
@@ -363,34 +346,14 @@ async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_request
         .select_by_value("")
         .await
         .unwrap();
-    c.find(Locator::Css("#fleet-search"))
-        .await
-        .unwrap()
-        .send_keys("fla")
-        .await
-        .unwrap();
+    type_into(&c, "#fleet-search", "fla").await;
     assert_eq!(c.execute(visible, vec![]).await.unwrap(), "flaky");
 
     // Plan first, then deploy.
     c.goto(&format!("{}/plan", d.url)).await.unwrap();
-    c.find(Locator::Css("#selector"))
-        .await
-        .unwrap()
-        .send_keys("web-1 flaky")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#max-failures"))
-        .await
-        .unwrap()
-        .send_keys("1")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#plan"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "#selector", "web-1 flaky").await;
+    type_into(&c, "#max-failures", "1").await;
+    click(&c, "#plan").await;
     until(
         &c,
         60,
@@ -409,12 +372,7 @@ async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_request
     );
     screenshot(&c, "plan").await;
     let before = deployment_count(&d).await;
-    c.find(Locator::Css("#deploy"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#deploy").await;
     until(
         &c,
         60,
@@ -496,12 +454,7 @@ async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_request
     }
 
     // Rollback of the host that was deployed.
-    c.find(Locator::Css("button.rollback[data-host=web-1]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "button.rollback[data-host=web-1]").await;
     until(
         &c,
         60,

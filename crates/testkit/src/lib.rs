@@ -122,6 +122,12 @@
 //!
 //! Requires root, `nix`, `/usr/sbin/sshd`, `ssh`, `ssh-keygen`, `setsid`,
 //! `unshare` and `mount`.
+//!
+//! # A browser
+//!
+//! [`Chromedriver`] runs Debian's `chromedriver` on a free loopback port with
+//! a fresh profile, for the web dashboard's tests and benchmark; it is
+//! stopped, with the headless Chromium it started, by its process group.
 
 // The test fleet and the programs that drive the real binary spawn processes
 // themselves; the product does it only in `nix_deploy::process`.

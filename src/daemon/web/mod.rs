@@ -378,6 +378,14 @@ impl IntoResponse for WebError {
     }
 }
 
+/// A form's fields, or a 400 page saying what is wrong with them.
+pub(crate) fn form_body<T>(
+    form: Result<axum::Form<T>, axum::extract::rejection::FormRejection>,
+) -> Result<T, WebError> {
+    form.map(|axum::Form(fields)| fields)
+        .map_err(|e| WebError::BadRequest(e.body_text()))
+}
+
 /// A rendered page, or a 500 if a template failed (logged once, here).
 pub(crate) fn html(rendered: askama::Result<String>) -> Response {
     match rendered {

@@ -25,7 +25,7 @@ use crate::daemon::AppState;
 use crate::daemon::config::Scope;
 use crate::daemon::routes::deployments::{cancel_deployment, event_stream, last_event_id};
 use crate::daemon::routes::parse_id;
-use crate::daemon::web::{Viewer, WebError};
+use crate::daemon::web::{Viewer, WebError, form_body};
 
 /// Lines of each host's log tail.
 const LOG_TAIL: usize = 30;
@@ -344,9 +344,71 @@ pub async fn cancel(
     Path(id): Path<String>,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Result<Response, WebError> {
-    let Form(form) = form.map_err(|e| WebError::BadRequest(e.body_text()))?;
+    let form = form_body(form)?;
     let caller = viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
     let id = parse_id(&id)?;
     cancel_deployment(&state, id, &caller.requested_by()).await?;
     Ok(Redirect::to(&format!("/deployments/{id}")).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix_deploy_core::events::EventKind;
+    use nix_deploy_core::options::DeployOptions;
+    use nix_deploy_core::run::{RunKind, Span};
+
+    #[test]
+    fn markup_from_callers_and_hosts_is_escaped() {
+        let mut run = HostRun::new(1, "web-1");
+        run.status = HostStatus::RolledBack;
+        run.error = Some("check said <img src=x onerror=alert(2)>".into());
+        let deployment = Deployment {
+            id: 1,
+            kind: RunKind::Deploy,
+            created_at: 0,
+            time: Span::default(),
+            status: DeploymentStatus::Failed,
+            trigger: "slack".into(),
+            requested_by: "slack:<script>alert(1)</script>".into(),
+            flake: "github:me/<b>fleet</b>".into(),
+            flake_rev: None,
+            strategy: "smart".into(),
+            options: DeployOptions::default(),
+            selected: vec!["web-1".into()],
+            plan: None,
+            error: None,
+            pid: None,
+            exec: None,
+            hosts: vec![run],
+            events: None,
+        };
+        let events = vec![Event {
+            id: 1,
+            deployment_id: 1,
+            at: 0,
+            host: Some("web-1".into()),
+            kind: EventKind::Log {
+                message: "<script>alert(3)</script>".into(),
+            },
+        }];
+        let page = show_page(
+            Page::new("#1", "/deployments", None),
+            &deployment,
+            &events,
+            true,
+        );
+        let html = page.render().unwrap();
+        for raw in [
+            "<script>alert(1)",
+            "<img src=x",
+            "<script>alert(3)",
+            "<b>fleet",
+        ] {
+            assert!(!html.contains(raw), "`{raw}` is escaped:\n{html}");
+        }
+        for text in ["alert(1)", "onerror=alert(2)", "alert(3)", "fleet"] {
+            assert!(html.contains(text), "`{text}` is shown");
+        }
+    }
 }

@@ -18,7 +18,7 @@ use super::{Page, host_class, render, took, when};
 use crate::daemon::AppState;
 use crate::daemon::config::Scope;
 use crate::daemon::routes::fleet::start_rollback;
-use crate::daemon::web::{Viewer, WebError};
+use crate::daemon::web::{Viewer, WebError, form_body};
 
 /// Runs shown.
 const HISTORY: i64 = 100;
@@ -133,7 +133,7 @@ pub async fn rollback(
     Path(host): Path<String>,
     form: Result<Form<RollbackForm>, FormRejection>,
 ) -> Result<Response, WebError> {
-    let Form(form) = form.map_err(|e| WebError::BadRequest(e.body_text()))?;
+    let form = form_body(form)?;
     let caller = viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
     valid_host(&host)?;
     let to = form.to_generation.trim();

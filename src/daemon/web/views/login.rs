@@ -14,7 +14,7 @@ use super::{Page, render};
 use crate::daemon::AppState;
 use crate::daemon::auth::find_token;
 use crate::daemon::web::session::SESSION_COOKIE;
-use crate::daemon::web::{Peer, Viewer, WebError, cookie, csrf, set_cookie};
+use crate::daemon::web::{Peer, Viewer, WebError, cookie, csrf, form_body, set_cookie};
 
 #[derive(Template)]
 #[template(path = "login.html")]
@@ -88,7 +88,7 @@ pub async fn submit(
     peer: Option<axum::Extension<Peer>>,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, WebError> {
-    let Form(form) = form.map_err(|e| WebError::BadRequest(e.body_text()))?;
+    let form = form_body(form)?;
     let expected = cookie(&headers, csrf::LOGIN_COOKIE).unwrap_or_default();
     if !csrf::matches(&expected, &form.csrf) {
         return Err(WebError::Forbidden(
@@ -136,7 +136,7 @@ pub async fn logout(
     viewer: Viewer,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Result<Response, WebError> {
-    let Form(form) = form.map_err(|e| WebError::BadRequest(e.body_text()))?;
+    let form = form_body(form)?;
     viewer.check_csrf(&form.csrf)?;
     state.web.sessions.remove(viewer.session_id());
     let mut response = Redirect::to("/login").into_response();

@@ -20,7 +20,7 @@ use crate::daemon::AppState;
 use crate::daemon::config::Scope;
 use crate::daemon::routes::deployments::start;
 use crate::daemon::routes::fleet::plan_report;
-use crate::daemon::web::{Viewer, WebError};
+use crate::daemon::web::{Viewer, WebError, form_body};
 
 /// The plan form's fields, as sent (everything a string; checked by
 /// [`PlanForm::request`] and then by the same validation as the API's).
@@ -142,7 +142,7 @@ fn plan_view(report: &PlanReport) -> PlanView {
         phases: plan
             .phases
             .iter()
-            .map(|p| format!("{}. {} — {}", p.index + 1, p.hosts.join(", "), p.note))
+            .map(|p| format!("{} — {}", p.hosts.join(", "), p.note))
             .collect(),
         warnings: plan.warnings.clone(),
         eval_failures: report
@@ -176,7 +176,7 @@ pub async fn plan(
     viewer: Viewer,
     form: Result<Form<PlanForm>, FormRejection>,
 ) -> Result<Response, WebError> {
-    let Form(form) = form.map_err(|e| WebError::BadRequest(e.body_text()))?;
+    let form = form_body(form)?;
     viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
     let mut page = plan_page(&viewer, form.clone());
     let planned = match form.request() {
@@ -204,7 +204,7 @@ pub async fn deploy(
     viewer: Viewer,
     form: Result<Form<PlanForm>, FormRejection>,
 ) -> Result<Response, WebError> {
-    let Form(form) = form.map_err(|e| WebError::BadRequest(e.body_text()))?;
+    let form = form_body(form)?;
     let caller = viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
     let request = form.request().map_err(WebError::BadRequest)?;
     let (id, _) = start(&state, &request, "web", caller.requested_by()).await?;
