@@ -7,9 +7,9 @@
 //! read its history, be refused without the CSRF token and with a read-only
 //! session, log out. Screenshots of every view go to the directory printed
 //! at the start. The same daemon's `/metrics` then serves the check of the
-//! Grafana dashboard's queries.
+//! Grafana dashboard's queries (`grafana.rs`); cookies and the login limit
+//! are checked over plain HTTP in `web_login.rs`.
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,16 +21,16 @@ use serde_json::Value;
 
 use crate::helpers::{Harness, binary};
 
-const DEPLOY_TOKEN: &str = "web-deploy-token-0123456789";
-const READ_TOKEN: &str = "web-read-token-0123456789";
+pub(crate) const DEPLOY_TOKEN: &str = "web-deploy-token-0123456789";
+pub(crate) const READ_TOKEN: &str = "web-read-token-0123456789";
 
 /// What the failing host's health check prints: markup that would run if
 /// the page put it in as HTML.
 const XSS: &str = "<script>window.__xss=1</script><img src=x onerror=window.__xss=2>";
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -43,7 +43,7 @@ impl Drop for Daemon {
 
 /// The daemon on a loopback port, for the fleet `h` (or none: pages and
 /// logins only), with `extra` appended to its config.
-fn start_daemon(h: Option<&Harness>, extra: &str) -> Daemon {
+pub(crate) fn start_daemon(h: Option<&Harness>, extra: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -313,7 +313,14 @@ async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_request
     screenshot(&c, "login").await;
     type_into(&c, "#token", "wrong").await;
     click(&c, "#login").await;
-    assert!(text(&c, "#login-error").await.contains("not valid"));
+    let error = until(
+        &c,
+        10,
+        "the login form's error",
+        "const e = document.getElementById('login-error'); return e && e.textContent",
+    )
+    .await;
+    assert!(error.as_str().unwrap().contains("not valid"), "{error}");
     type_into(&c, "#token", DEPLOY_TOKEN).await;
     click(&c, "#login").await;
     until(
@@ -560,254 +567,5 @@ async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_request
         .unwrap();
     let (code, _, stderr) = h.deploy(&["flaky"]);
     assert_eq!(code, 0, "{stderr}");
-    grafana_dashboard_reads_only_exported_metrics(&d).await;
-}
-
-/// Every metric the Grafana dashboard's queries use is one `/metrics`
-/// exports (for a histogram: its `_bucket`, `_sum` or `_count` series).
-async fn grafana_dashboard_reads_only_exported_metrics(d: &Daemon) {
-    let text = reqwest::get(format!("{}/metrics", d.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let exported: BTreeSet<String> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
-        .collect();
-    let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nix/grafana/nix-deploy.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let mut used = BTreeSet::new();
-    let mut queries = 0;
-    for expr in expressions(&dashboard) {
-        // Grafana's own variables, as Grafana would fill them in.
-        let promql = expr
-            .replace("$__rate_interval", "5m")
-            .replace("$__range", "1h")
-            .replace("$__interval", "1m");
-        let parsed = promql_parser::parser::parse(&promql)
-            .unwrap_or_else(|e| panic!("the dashboard's query `{expr}` is not PromQL: {e}"));
-        metric_names(&parsed, &mut used);
-        queries += 1;
-    }
-    assert!(queries >= 6, "the dashboard has its panels' queries");
-    for name in &used {
-        assert!(
-            exported.contains(name),
-            "the dashboard reads `{name}`, which /metrics does not export:\n{text}"
-        );
-    }
-    for wanted in [
-        "nix_deploy_deployments_total",
-        "nix_deploy_mttr_seconds",
-        "nix_deploy_hosts",
-        "nix_deploy_deployment_duration_seconds_bucket",
-    ] {
-        assert!(used.contains(wanted), "the dashboard shows {wanted}");
-    }
-}
-
-/// Every `expr` of every panel's targets (rows' panels included).
-fn expressions(dashboard: &Value) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dashboard];
-    while let Some(value) = stack.pop() {
-        match value {
-            Value::Object(map) => {
-                if let Some(Value::String(expr)) = map.get("expr") {
-                    found.push(expr.clone());
-                }
-                stack.extend(map.values());
-            }
-            Value::Array(items) => stack.extend(items),
-            _ => {}
-        }
-    }
-    found
-}
-
-fn metric_names(expr: &promql_parser::parser::Expr, names: &mut BTreeSet<String>) {
-    use promql_parser::parser::Expr;
-    match expr {
-        Expr::VectorSelector(vs) => names.extend(vs.name.clone()),
-        Expr::MatrixSelector(ms) => names.extend(ms.vs.name.clone()),
-        Expr::Aggregate(a) => {
-            metric_names(&a.expr, names);
-            if let Some(p) = &a.param {
-                metric_names(p, names);
-            }
-        }
-        Expr::Unary(u) => metric_names(&u.expr, names),
-        Expr::Binary(b) => {
-            metric_names(&b.lhs, names);
-            metric_names(&b.rhs, names);
-        }
-        Expr::Paren(p) => metric_names(&p.expr, names),
-        Expr::Subquery(s) => metric_names(&s.expr, names),
-        Expr::Call(call) => {
-            for arg in &call.args.args {
-                metric_names(arg, names);
-            }
-        }
-        Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
-    }
-}
-
-const FORM: &str = "application/x-www-form-urlencoded";
-
-fn form(fields: &[(&str, &str)]) -> String {
-    form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(fields)
-        .finish()
-}
-
-/// The `Set-Cookie` header for `name`.
-fn set_cookie(response: &reqwest::Response, name: &str) -> String {
-    response
-        .headers()
-        .get_all(reqwest::header::SET_COOKIE)
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .find(|c| c.starts_with(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("no {name} cookie in {:?}", response.headers()))
-}
-
-/// The login form's CSRF token and cookie.
-async fn login_form(http: &reqwest::Client, d: &Daemon) -> (String, String) {
-    let response = http.get(format!("{}/login", d.url)).send().await.unwrap();
-    let cookie = set_cookie(&response, "nix_deploy_login");
-    let page = response.text().await.unwrap();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_string();
-    (csrf, cookie.split(';').next().unwrap().to_string())
-}
-
-async fn log_in_with(
-    http: &reqwest::Client,
-    d: &Daemon,
-    token: &str,
-    csrf: &str,
-    cookie: &str,
-) -> reqwest::Response {
-    http.post(format!("{}/login", d.url))
-        .header(reqwest::header::COOKIE, cookie)
-        .header(reqwest::header::CONTENT_TYPE, FORM)
-        .body(form(&[
-            ("token", token),
-            ("csrf", csrf),
-            ("next", "/deployments"),
-        ]))
-        .send()
-        .await
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn logins_set_strict_http_only_cookies_and_are_rate_limited() {
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-
-    // Plain HTTP: HttpOnly and SameSite=Strict, not Secure; the session
-    // works for pages, never for the API, whose bearer tokens are unchanged.
-    let d = start_daemon(None, "");
-    let (csrf, login_cookie) = login_form(&http, &d).await;
-    let cookie = set_cookie(
-        &http.get(format!("{}/login", d.url)).send().await.unwrap(),
-        "nix_deploy_login",
-    );
-    assert!(
-        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
-        "{cookie}"
-    );
-    assert!(!cookie.contains("Secure"), "{cookie}");
-    // Without the login form's cookie, or with another token, refused.
-    let forged = http
-        .post(format!("{}/login", d.url))
-        .header(reqwest::header::CONTENT_TYPE, FORM)
-        .body(form(&[("token", DEPLOY_TOKEN), ("csrf", csrf.as_str())]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(forged.status(), 403);
-    let response = log_in_with(&http, &d, DEPLOY_TOKEN, &csrf, &login_cookie).await;
-    assert_eq!(response.status(), 303);
-    assert_eq!(response.headers()["location"], "/deployments");
-    let session = set_cookie(&response, "nix_deploy_session");
-    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
-        assert!(session.contains(attribute), "{attribute} in {session}");
-    }
-    assert!(!session.contains("Secure"), "{session}");
-    let session = session.split(';').next().unwrap().to_string();
-    let page = http
-        .get(format!("{}/deployments", d.url))
-        .header(reqwest::header::COOKIE, &session)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), 200);
-    let api = |auth: Option<&str>| {
-        let mut request = http.get(format!("{}/api/v1/deployments", d.url));
-        request = request.header(reqwest::header::COOKIE, &session);
-        if let Some(token) = auth {
-            request = request.bearer_auth(token);
-        }
-        request.send()
-    };
-    assert_eq!(api(None).await.unwrap().status(), 401);
-    assert_eq!(api(Some(READ_TOKEN)).await.unwrap().status(), 200);
-    // Without a session, a page asks to log in and comes back after.
-    let anonymous = http
-        .get(format!("{}/hosts/web-1", d.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(anonymous.status(), 303);
-    assert_eq!(
-        anonymous.headers()["location"],
-        "/login?next=%2Fhosts%2Fweb-1"
-    );
-    drop(d);
-
-    // Behind TLS (public-url https://…): Secure too; and at most three
-    // attempts a minute from one address, the right token included.
-    let d = start_daemon(
-        None,
-        "[web]\npublic-url = \"https://deploy.example.org\"\nlogin-attempts-per-minute = 3",
-    );
-    let (csrf, login_cookie) = login_form(&http, &d).await;
-    let cookie = set_cookie(
-        &http.get(format!("{}/login", d.url)).send().await.unwrap(),
-        "nix_deploy_login",
-    );
-    assert!(
-        cookie.contains("Secure") && cookie.contains("HttpOnly"),
-        "{cookie}"
-    );
-    for _ in 0..3 {
-        let response = log_in_with(&http, &d, "wrong-token", &csrf, &login_cookie).await;
-        assert_eq!(response.status(), 401);
-    }
-    let limited = log_in_with(&http, &d, DEPLOY_TOKEN, &csrf, &login_cookie).await;
-    assert_eq!(limited.status(), 429);
-    assert!(
-        limited
-            .headers()
-            .get_all(reqwest::header::SET_COOKIE)
-            .iter()
-            .count()
-            == 0
-    );
+    crate::grafana::dashboard_reads_only_exported_metrics(&d.url).await;
 }
