@@ -1318,6 +1318,34 @@ const FIGURES: &[(&str, &str, &str, Unit, Target)] = &[
         Unit::Ratio(1),
         None,
     ),
+    (
+        "web: fleet page, 500 hosts, to load (median)",
+        "web_fleet_page",
+        "load_event_median_s",
+        Unit::Seconds(2),
+        Some(("< 1 s", |v| v < 1.0)),
+    ),
+    (
+        "web: fleet page, 500 hosts, to load (max)",
+        "web_fleet_page",
+        "load_event_max_s",
+        Unit::Seconds(2),
+        Some(("< 1 s", |v| v < 1.0)),
+    ),
+    (
+        "web: 100-host timeline, events not applied",
+        "web_live_timeline",
+        "events_missed",
+        Unit::Plain(0),
+        Some(("0", |v| v == 0.0)),
+    ),
+    (
+        "web: 100-host timeline, event lag p99",
+        "web_live_timeline",
+        "lag_p99_ms",
+        Unit::Millis,
+        Some(("< 1000 ms", |v| v < 1000.0)),
+    ),
 ];
 
 /// The summary: one line per figure, with its target when it has one.

@@ -140,6 +140,7 @@ pub fn fleet_page(bench: &mut Bench) -> anyhow::Result<()> {
     let result = runtime.block_on(async {
         let client = browser(&driver, &url).await?;
         let (mut loads, mut gotos, mut searches) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut responses, mut bytes) = (Vec::new(), 0.0);
         for _ in 0..bench.repeats.max(3) + 2 {
             let started = Instant::now();
             client.goto(&format!("{url}/")).await?;
@@ -153,11 +154,13 @@ pub fn fleet_page(bench: &mut Bench) -> anyhow::Result<()> {
             let timing = client
                 .execute(
                     "const t = performance.getEntriesByType('navigation')[0]; \
-                     return [t.responseEnd, t.domContentLoadedEventEnd, t.loadEventEnd];",
+                     return [t.responseEnd, t.domContentLoadedEventEnd, t.loadEventEnd, t.transferSize];",
                     vec![],
                 )
                 .await?;
+            responses.push(timing[0].as_f64().unwrap_or(f64::NAN) / 1000.0);
             loads.push(timing[2].as_f64().unwrap_or(f64::NAN) / 1000.0);
+            bytes = timing[3].as_f64().unwrap_or(f64::NAN);
             let search = client
                 .execute(
                     "const s = document.getElementById('fleet-search'); const t0 = performance.now(); \
@@ -170,15 +173,17 @@ pub fn fleet_page(bench: &mut Bench) -> anyhow::Result<()> {
             searches.push(search[0].as_f64().unwrap_or(f64::NAN) / 1000.0);
         }
         client.close().await?;
-        anyhow::Ok((loads, gotos, searches))
+        anyhow::Ok((loads, gotos, searches, responses, bytes))
     });
     stop(child);
     drop(driver);
-    let (loads, gotos, searches) = result?;
+    let (loads, gotos, searches, responses, bytes) = result?;
     bench.record(
         "web_fleet_page",
         json!({
             "hosts": hosts,
+            "response_end_median_s": median(responses),
+            "page_bytes": bytes,
             "load_event_median_s": median(loads.clone()),
             "load_event_max_s": loads.iter().copied().fold(0.0, f64::max),
             "goto_median_s": median(gotos),
@@ -273,6 +278,7 @@ pub fn live_timeline(bench: &mut Bench) -> anyhow::Result<()> {
             "wall_s": wall,
             "events_expected": expected,
             "events_applied": live["applied"],
+            "events_missed": expected as i64 - live["applied"].as_i64().unwrap_or(0),
             "lag_p50_ms": percentile(lags.clone(), 0.5),
             "lag_p99_ms": percentile(lags.clone(), 0.99),
             "lag_max_ms": lags.iter().copied().fold(0.0, f64::max),
