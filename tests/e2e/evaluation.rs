@@ -15,7 +15,7 @@ use crate::helpers::{Harness, binary, host};
 
 /// `nix eval --json FLAKE#nixosConfigurations --apply EXPR`, as a plain Nix
 /// user would run it.
-fn nix_eval(flake: &str, apply: &str) -> Value {
+pub(crate) fn nix_eval(flake: &str, apply: &str) -> Value {
     let out = Command::new("nix")
         .env("NIX_CONFIG", nix_config())
         .args(["eval", "--json"])

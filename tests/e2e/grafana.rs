@@ -1,12 +1,48 @@
 //! The Grafana dashboard (`nix/grafana/nix-deploy.json`) reads only metrics
 //! the daemon exports: every query is parsed as PromQL and each metric name
 //! it selects must be in a real scrape of `/metrics` (called by the web
-//! test, whose daemon has deployed, failed, rolled back and recovered).
+//! test, whose daemon has deployed, failed, rolled back and recovered). The
+//! NixOS module provisions it into Grafana when asked, and only then.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use nix_deploy_testkit::{HostSpec, NixosFlake, NixosShape};
 use serde_json::Value;
+
+use crate::evaluation::nix_eval;
+
+#[test]
+fn the_module_provisions_the_dashboard_only_when_asked() {
+    let flake = NixosFlake::create(
+        NixosShape::small().host_module(
+            "grafana",
+            r#"{ services.nix-deploy.grafanaDashboard = { enable = true; folder = "Fleet"; }; }"#,
+        ),
+        vec![HostSpec::new("grafana"), HostSpec::new("other")],
+    )
+    .expect("writing the NixOS-shaped flake");
+    let evaluated = nix_eval(
+        &flake.flake_ref(),
+        r#"configurations: builtins.mapAttrs (name: c:
+          let provision = c.config.services.grafana.provision; in
+          if provision == { } then null else {
+            inherit (provision) enable;
+            providers = map (p: {
+              inherit (p) name folder;
+              files = builtins.attrNames (builtins.readDir p.options.path);
+            }) provision.dashboards.settings.providers;
+          }) configurations"#,
+    );
+    assert_eq!(evaluated["other"], Value::Null, "not asked: {evaluated}");
+    assert_eq!(
+        evaluated["grafana"],
+        serde_json::json!({
+            "enable": true,
+            "providers": [{ "name": "nix-deploy", "folder": "Fleet", "files": ["nix-deploy.json"] }],
+        })
+    );
+}
 
 /// Every metric the Grafana dashboard's queries use is one `/metrics`
 /// exports (for a histogram: its `_bucket`, `_sum` or `_count` series).

@@ -50,6 +50,7 @@ use crate::{NIX_TIMEOUT, nix_config, nix_system};
 
 /// The project's NixOS module, evaluated for real by every host.
 const NIX_DEPLOY_MODULE: &str = include_str!("../../../nix/module.nix");
+const GRAFANA_DASHBOARD: &str = include_str!("../../../nix/grafana/nix-deploy.json");
 
 /// What each host of a NixOS-shaped flake costs to evaluate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -417,6 +418,11 @@ fn flake_files(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Vec<(Stri
         (
             "nixos/nix-deploy.nix".to_string(),
             NIX_DEPLOY_MODULE.to_string(),
+        ),
+        // What the module provisions into Grafana, beside it as in `nix/`.
+        (
+            "nixos/grafana/nix-deploy.json".to_string(),
+            GRAFANA_DASHBOARD.to_string(),
         ),
     ];
     let mut list = String::from("[\n  ../core.nix\n  ../nix-deploy.nix\n");
