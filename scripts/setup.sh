@@ -6,8 +6,9 @@
 # - Debian packages: nix-bin (the coordinator's own Nix), openssh-client and
 #   openssh-server (our SSH, and the local test hosts' sshd), sudo (test hosts
 #   with a non-root deploy user), xz-utils (the nixpkgs lib fixture),
-#   chromium and chromium-driver (the web dashboard's browser tests and
-#   benchmark drive headless Chromium through WebDriver).
+#   chromium, chromium-driver and fonts-liberation (the web dashboard's
+#   browser tests and benchmark drive headless Chromium through WebDriver
+#   and take screenshots).
 # - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
 #   their own store over it, so it must exist before the first host starts.
 #
@@ -41,6 +42,8 @@ command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 command -v mount >/dev/null 2>&1 || missing="$missing mount"
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 [ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
+# Chromium only recommends a font; without one, screenshots show boxes.
+[ -d /usr/share/fonts/truetype/liberation ] || missing="$missing fonts-liberation"
 if [ -n "$missing" ]; then
     note "installing Debian packages:$missing"
     apt-get update -qq
