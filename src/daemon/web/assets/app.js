@@ -122,6 +122,17 @@
       pre.textContent = lines.slice(-LOG_TAIL).join("\n") + "\n";
     }
 
+    // The plan's phases, when the plan is made while the page is open.
+    function planned(ev) {
+      var section = document.getElementById("phases");
+      if (!section || !section.hidden) return;
+      var list = section.querySelector("ol");
+      ev.phases.forEach(function (hosts) {
+        list.appendChild(el("li", "", hosts.join(", ")));
+      });
+      section.hidden = false;
+    }
+
     function apply(ev) {
       stats.applied++;
       stats.lastId = ev.id;
@@ -130,6 +141,7 @@
         finished(ev);
         return;
       }
+      if (ev.kind === "planned") planned(ev);
       if (!ev.host) return;
       var r = hostRows(ev.host);
       var timeline = r.main.querySelector(".timeline");
