@@ -23,6 +23,8 @@ use nix_deploy_testkit::{Fleet, HostSpec, NixosFlake, NixosShape};
 use serde_json::{Value, json};
 
 // The dashboard in a browser (a file of its own; not a bench target).
+#[path = "fleet/cluster.rs"]
+mod cluster;
 #[path = "fleet/web.rs"]
 mod web;
 
@@ -624,44 +626,10 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
     let n = if bench.quick { 30 } else { 100 };
     let (mut fleet, state) = provisioned(bench, n)?;
     bump_all(&mut fleet)?;
-    let dir = tempfile::tempdir()?;
-    let token = "bench-token-0123456789";
-    std::fs::write(dir.path().join("token"), token)?;
-    std::fs::write(
-        dir.path().join("config.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\nparallel-limit = 16\n[[tokens]]\nname = \"bench\"\nfile = \"{}\"\nscope = \"deploy\"\n",
-            dir.path().join("token").display()
-        ),
-    )?;
-    let mut daemon = Command::new(&bench.binary)
-        .arg("--flake")
-        .arg(fleet.flake_ref())
-        .arg("--ssh-config")
-        .arg(fleet.ssh_config())
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["serve", "--config"])
-        .arg(dir.path().join("config.toml"))
-        .envs(fleet.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut first = String::new();
-    {
-        let stdout = daemon.stdout.as_mut().expect("piped");
-        let mut byte = [0u8; 1];
-        while stdout.read(&mut byte)? == 1 && byte[0] != b'\n' {
-            first.push(byte[0] as char);
-        }
-    }
-    let address = first
-        .trim()
-        .strip_prefix("nix-deploy: listening on http://")
-        .context("daemon address")?
-        .to_string();
-    let pid = daemon.id();
+    let mut daemon = cluster::Daemon::start(bench, &fleet, state.path(), "")?;
+    let address = daemon.address.clone();
+    let token = cluster::TOKEN;
+    let pid = daemon.child.id();
     // Baseline in the same run: the same request while nothing deploys.
     let mut idle = Vec::new();
     for _ in 0..200 {
@@ -671,23 +639,7 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
     }
     let (_, cpu_before) = proc_stat(pid).unwrap_or((0, 0.0));
     let started = Instant::now();
-    let mut stream = std::net::TcpStream::connect(&address)?;
-    let body = "{}";
-    write!(
-        stream,
-        "POST /api/v1/deployments HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let id: i64 = response
-        .rsplit_once("\"id\":")
-        .and_then(|(_, rest)| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|d| d.parse().ok())
-        })
-        .context("deployment id")?;
+    let id = daemon.deploy("{}")?;
     let mut latencies = Vec::new();
     let mut peak = 0;
     let mut cpu = cpu_before;
@@ -724,7 +676,7 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
-    let _ = daemon.wait();
+    let _ = daemon.child.wait();
     let db = state.path().join(nix_deploy::store::DB_FILE);
     let size: u64 = ["", "-wal"]
         .iter()
@@ -1436,7 +1388,7 @@ fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
     };
     type Scenario = fn(&mut Bench) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 11] = [
         ("nixos_evaluation", nixos_evaluation),
         ("evaluation", evaluation),
         ("eight_hosts", eight_hosts),
@@ -1446,6 +1398,8 @@ fn main() -> anyhow::Result<()> {
         ("hundred_hosts", hundred_hosts),
         ("web_fleet_page", web::fleet_page),
         ("web_live_timeline", web::live_timeline),
+        ("failover", cluster::failover),
+        ("backends", cluster::backends),
     ];
     for (name, run) in scenarios {
         if only.as_deref().is_some_and(|o| o != name) {

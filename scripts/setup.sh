@@ -5,10 +5,13 @@
 #
 # - Debian packages: nix-bin (the coordinator's own Nix), openssh-client and
 #   openssh-server (our SSH, and the local test hosts' sshd), sudo (test hosts
-#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture),
-#   chromium, chromium-driver and fonts-liberation (the web dashboard's
-#   browser tests and benchmark drive headless Chromium through WebDriver
-#   and take screenshots).
+#   with a non-root deploy user), xz-utils (the nixpkgs lib fixture), git
+#   (tests of flakes pinned to a commit), postgresql (the tests' throwaway
+#   PostgreSQL servers: each test process runs its own `initdb` and
+#   `postgres` in a temporary directory, on a unix socket only; installing it
+#   starts no server and creates no cluster), chromium, chromium-driver and
+#   fonts-liberation (the web dashboard's browser tests and benchmark drive
+#   headless Chromium through WebDriver and take screenshots).
 # - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
 #   their own store over it, so it must exist before the first host starts.
 #
@@ -40,6 +43,9 @@ command -v sudo >/dev/null 2>&1 || missing="$missing sudo"
 command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 { command -v unshare >/dev/null 2>&1 && command -v setsid >/dev/null 2>&1; } || missing="$missing util-linux"
 command -v mount >/dev/null 2>&1 || missing="$missing mount"
+command -v git >/dev/null 2>&1 || missing="$missing git"
+command -v setpriv >/dev/null 2>&1 || missing="$missing util-linux"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 [ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
 # Chromium only recommends a font; without one, screenshots show boxes.
@@ -47,14 +53,23 @@ command -v mount >/dev/null 2>&1 || missing="$missing mount"
 if [ -n "$missing" ]; then
     note "installing Debian packages:$missing"
     apt-get update -qq
-    # Installing openssh-server must not start a system sshd on port 22: the
-    # test hosts run their own, and a fresh machine may not want one.
+    # Installing openssh-server or postgresql must not start a system sshd
+    # on port 22 or a PostgreSQL server on 5432: the tests run their own, and
+    # a fresh machine may not want them.
     policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
         chmod 755 /usr/sbin/policy-rc.d
         policy=yes
     fi
+    # Nor a `main` cluster in /var/lib/postgresql that nothing uses.
+    case "$missing" in
+        *postgresql*)
+            mkdir -p /etc/postgresql-common/createcluster.d
+            [ -e /etc/postgresql-common/createcluster.d/nix-deploy.conf ] ||
+                echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/nix-deploy.conf
+            ;;
+    esac
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
     [ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
@@ -75,4 +90,4 @@ case "$(stat -c %A /)" in
         ;;
 esac
 
-[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo, Chromium and /nix are in place)" >&2
+[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo, PostgreSQL, Chromium and /nix are in place)" >&2

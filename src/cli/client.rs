@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
-use nix_deploy_core::events::{DeploymentStatus, Event, EventKind};
+use nix_deploy_core::events::{Event, EventKind};
 use nix_deploy_core::run::Deployment;
 
 use crate::daemon::config::Secret;
@@ -184,7 +184,7 @@ impl Client {
                 false => {
                     let deployment: Deployment =
                         self.get(&format!("/api/v1/deployments/{id}")).await?;
-                    if deployment.status != DeploymentStatus::Running {
+                    if !deployment.status.is_active() {
                         Ok(())
                     } else {
                         Err(ClientError::Protocol(

@@ -4,19 +4,30 @@
 //! prints.
 //!
 //! - `args`: what clap parses, and its translation into a `Request`;
+//! - `apply`: colmena's `apply [GOAL]` and `build`; `eval`: an expression
+//!   against the fleet; `doctor`: checks with their fixes; `completions`;
+//! - `errors`: an error's causes said once, and hints (`--flake`, a goal or
+//!   a number where a host was expected);
 //! - `output`: tables and JSON documents; `progress`: live progress;
 //! - `client`, `remote`: the daemon's HTTP client and the commands through it;
-//! - `serve`: `nix-deploy serve`.
+//! - `serve`: `nix-deploy serve`; `who`: who runs a command, for the
+//!   history.
 //!
 //! Exit codes: 0 all done, 1 a host failed, was rolled back or unreachable,
 //! 2 bad input (nothing touched), 3 cancelled.
 
+mod apply;
 mod args;
 pub mod client;
+mod doctor;
+mod errors;
+mod eval;
+mod ops;
 mod output;
 mod progress;
 mod remote;
 mod serve;
+mod who;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -36,9 +47,11 @@ pub use args::{Cli, Command};
 use crate::engine::{
     DeployRequest, Engine, EngineConfig, EngineError, ExecJob, RollbackRequest, UploadKeysRequest,
 };
+use crate::nix::Nix;
 use crate::paths;
-use crate::store::Store;
-use crate::transport::ssh::{KeepAlive, SshOptions};
+use crate::store::{Backend, Database, Heartbeat, Role, Store, StoreOptions};
+use crate::transport::ssh::{Identities, KeepAlive, SshOptions};
+use who::who;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -58,6 +71,10 @@ pub fn main() -> ExitCode {
             });
         }
     };
+    if let Command::Completions { shell } = cli.command {
+        completions(shell, &mut std::io::stdout());
+        return ExitCode::from(EXIT_OK);
+    }
     init_tracing(cli.verbose);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -72,8 +89,11 @@ pub fn main() -> ExitCode {
             let bad_input = e
                 .downcast_ref::<EngineError>()
                 .is_some_and(EngineError::is_bad_input)
-                || e.downcast_ref::<OptionsError>().is_some();
-            eprintln!("error: {e:#}");
+                || e.downcast_ref::<OptionsError>().is_some()
+                || e.downcast_ref::<crate::daemon::config::ConfigError>()
+                    .is_some()
+                || e.downcast_ref::<errors::BadInput>().is_some();
+            eprintln!("error: {}", output::escape(&errors::render(&e)));
             ExitCode::from(if bad_input {
                 EXIT_BAD_INPUT
             } else {
@@ -94,14 +114,41 @@ fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colours())
         .try_init();
 }
 
+/// ANSI colours only for a person at a terminal: never into the journal, a
+/// pipe or a file, and never when `NO_COLOR` is set (to anything but "").
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `nix-deploy completions SHELL`: the script.
+fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    clap_complete::generate(shell, &mut command, "nix-deploy", out);
+}
+
 /// Open the history; deployments whose coordinator died are marked
-/// `interrupted` on the way (crash recovery).
+/// `interrupted` on the way (crash recovery). On PostgreSQL this process
+/// keeps its leases alive with a heartbeat while the command runs.
 async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     let dir = state_dir(cli);
-    let store = Store::open(&dir).await?;
+    let mut options = StoreOptions::sqlite(&dir);
+    if let Some(url) = &cli.database {
+        options.database = Database::Postgres(url.clone());
+    }
+    let store = Store::connect(&options).await?;
+    if store.backend() == Backend::Postgres {
+        let heartbeat = store.start_heartbeat(Role::Cli).await?;
+        let mut slot = HEARTBEAT.lock().await;
+        if let Some(old) = slot.replace(heartbeat) {
+            old.stop().await;
+        }
+    }
+    say_tightened(&store);
     paths::clean_control_dirs(store.dead_holders()).await;
     for id in store.mark_interrupted().await? {
         eprintln!(
@@ -111,12 +158,59 @@ async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-fn engine_config(cli: &Cli, control_dir: &std::path::Path) -> EngineConfig {
+/// This command's heartbeat (PostgreSQL), stopped when the command ends:
+/// the one process-wide value of the CLI, so that `run` can end it whatever
+/// command opened the history.
+static HEARTBEAT: tokio::sync::Mutex<Option<Heartbeat>> = tokio::sync::Mutex::const_new(None);
+
+/// Say what opening the history had to make owner-only.
+pub(crate) fn say_tightened(store: &Store) {
+    for line in store.tightened() {
+        eprintln!(
+            "note: {} (the state directory is for its owner only)",
+            output::escape(line)
+        );
+    }
+}
+
+fn engine_config(
+    cli: &Cli,
+    nix: Nix,
+    control_dir: &std::path::Path,
+) -> anyhow::Result<EngineConfig> {
     let ssh = ssh_options(cli, &state_dir(cli), control_dir);
     let mut config = EngineConfig::new(cli.flake(), ssh);
+    config.nix = nix;
+    config.policy = std::sync::Arc::new(ops::policy()?);
     config.eval_workers = cli.eval_workers.map(usize::from);
-    config.eval_cache = !cli.no_eval_cache;
-    config
+    config.source = cli.source;
+    // An impure evaluation may read anything: its results are never cached.
+    config.eval_cache = !cli.no_eval_cache && !cli.impure;
+    Ok(config)
+}
+
+/// How this command line calls Nix (`--show-trace`, `--impure`,
+/// `--nix-option`, checked against this Nix), for a flake that exists: the
+/// default `--flake .` needs a flake.nix here or above.
+async fn nix(cli: &Cli) -> anyhow::Result<Nix> {
+    if cli.flake.is_none() {
+        let here = std::env::current_dir().unwrap_or_default();
+        if !errors::flake_above(&here) {
+            return Err(errors::BadInput(errors::no_flake_here(&here)).into());
+        }
+    }
+    nix_calls(cli).await
+}
+
+/// The Nix flags of this command line, checked against this Nix.
+pub(crate) async fn nix_calls(cli: &Cli) -> anyhow::Result<Nix> {
+    let nix = Nix {
+        flags: cli.nix_flags(),
+        builders: cli.builders.clone(),
+        ..Nix::default()
+    };
+    nix.check_options().await.map_err(EngineError::Eval)?;
+    Ok(nix)
 }
 
 fn state_dir(cli: &Cli) -> std::path::PathBuf {
@@ -134,11 +228,19 @@ pub(crate) fn ssh_options(
     let mut ssh = SshOptions::new(cli.ssh_config.clone(), control_dir.to_path_buf());
     ssh.connect_timeout = cli.connect_timeout;
     ssh.command_timeout = cli.command_timeout;
+    ssh.identity_file = cli.ssh_identity.clone();
     ssh.keep = match KeepAlive::new(state_dir.join("ssh"), cli.ssh_keep_alive) {
         Ok(keep) => keep,
         Err(e) => {
             // Slower, not wrong: every run connects anew.
             tracing::warn!("not keeping SSH connections between runs: {e}");
+            None
+        }
+    };
+    ssh.identities = match Identities::new(state_dir.join("identities")) {
+        Ok(identities) => Some(identities),
+        Err(e) => {
+            tracing::warn!("cannot check which machine each host is: {e}");
             None
         }
     };
@@ -148,12 +250,18 @@ pub(crate) fn ssh_options(
 /// The engine for this command line, and the directory of its ssh control
 /// sockets (removed when dropped).
 async fn engine(cli: &Cli) -> anyhow::Result<(Engine, tempfile::TempDir)> {
+    engine_here(cli, None).await
+}
+
+/// [`engine`], where `here` is the host that is this machine
+/// (`apply-local`): its commands run here, not over SSH.
+async fn engine_here(cli: &Cli, here: Option<&str>) -> anyhow::Result<(Engine, tempfile::TempDir)> {
+    let nix = nix(cli).await?;
     let store = open_store(cli).await?;
     let control = paths::control_dir(store.holder())?;
-    Ok((
-        Engine::new(engine_config(cli, control.path()), store),
-        control,
-    ))
+    let mut config = engine_config(cli, nix, control.path())?;
+    config.ssh.local = here.map(str::to_string);
+    Ok((Engine::new(config, store), control))
 }
 
 /// A request's options over the built-in defaults.
@@ -161,46 +269,20 @@ fn resolve(request: &Request) -> Result<DeployOptions, OptionsError> {
     request.resolve(&DeployOptions::default())
 }
 
-/// Who runs this command, for the history: the user behind `sudo`, else the
-/// login user, else the name of our uid, else the uid; `@` the machine.
-fn who() -> String {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let user = var("SUDO_USER")
-        .or_else(|| var("USER"))
-        .or_else(|| var("LOGNAME"))
-        .unwrap_or_else(|| {
-            let uid = paths::current_uid();
-            std::fs::read_to_string("/etc/passwd")
-                .ok()
-                .and_then(|passwd| user_of_uid(&passwd, uid))
-                .unwrap_or_else(|| format!("uid {uid}"))
-        });
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    if host.is_empty() {
-        user
-    } else {
-        format!("{user}@{host}")
-    }
-}
-
-/// The name of `uid` in an `/etc/passwd` text.
-fn user_of_uid(passwd: &str, uid: u32) -> Option<String> {
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let id: u32 = fields.nth(1)?.parse().ok()?;
-        (id == uid && !name.is_empty()).then(|| name.to_string())
-    })
-}
-
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let result = run_command(cli).await;
+    if let Some(heartbeat) = HEARTBEAT.lock().await.take() {
+        heartbeat.stop().await;
+    }
+    result
+}
+
+async fn run_command(cli: Cli) -> anyhow::Result<u8> {
     if let Some(server) = cli.server.clone() {
         return match remote::run(&cli, &server).await {
             Ok(code) => Ok(code),
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", output::escape(&e.to_string()));
                 Ok(remote::exit_code(&e))
             }
         };
@@ -211,17 +293,45 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             select,
             strategy,
             no_build,
+            revision,
         } => {
-            let request = args::plan_request(select, strategy, *no_build);
+            let request = args::plan_request(select, strategy, *no_build, revision.as_deref());
+            request.check_for_plan()?;
             let options = resolve(&request)?;
-            let (engine, _control) = engine(&cli).await?;
+            let (mut engine, _control) = engine(&cli).await?;
+            if let Some(revision) = &request.revision {
+                engine = engine.with_flake(pin(&cli.flake(), revision)?);
+            }
             let report = engine
                 .plan(&request.selection(), &options, !*no_build)
                 .await?;
             output::show(&cli, &report, output::print_plan)?;
             Ok(plan_exit_code(&report))
         }
-        Command::Deploy(args) => deploy(&cli, args).await,
+        Command::Deploy(args) => {
+            deploy(&cli, args::deploy_request(args)?).await.map_err(
+                |e| match errors::misplaced_word(&e, args.strategy.parallel) {
+                    Some(hint) => errors::BadInput(hint).into(),
+                    None => e,
+                },
+            )
+        }
+        Command::Approve(args) => ops::approve(&cli, args).await,
+        Command::Reject(args) => ops::reject(&cli, args).await,
+        Command::Audit(args) => ops::audit(&cli, args).await,
+        Command::Apply(args) => match args.applied()? {
+            apply::Applied::Deploy(request) => deploy(&cli, *request).await,
+            apply::Applied::Build(request) => apply::build(&cli, request).await,
+            apply::Applied::Keys(body) => upload_keys(&cli, body).await,
+        },
+        Command::ApplyLocal(args) => {
+            let here = args.node()?;
+            deploy_here(&cli, args.request(&here), Some(&here)).await
+        }
+        Command::Build(args) => apply::build(&cli, args.request()?).await,
+        Command::Eval(args) => eval::run(&cli, args).await,
+        Command::Doctor(args) => doctor::run(&cli, args).await,
+        Command::Completions { .. } => Ok(EXIT_OK),
         Command::Exec(args) => {
             let request = args.request();
             let spec = request.resolve()?;
@@ -237,19 +347,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::UploadKeys {
             select,
             parallel_limit,
-        } => {
-            let body = keys_request(select, *parallel_limit);
-            let request = UploadKeysRequest {
-                parallel_limit: body.resolve()?,
-                selection: body.selection(),
-                trigger: "cli".into(),
-                requested_by: who(),
-            };
-            let (engine, _control) = engine(&cli).await?;
-            watch(&cli, |sink, cancel| {
-                engine.upload_keys(request, Some(sink), cancel)
-            })
-            .await
+        } => upload_keys(&cli, keys_request(select, *parallel_limit)).await,
+        Command::ForgetIdentity { host } => {
+            if !nix_deploy_core::shell::is_valid_host_name(host) {
+                return Err(EngineError::BadOption(format!("`{host}` is not a host name")).into());
+            }
+            let identities = Identities::new(state_dir(&cli).join("identities"))?;
+            if identities.forget(host)? {
+                println!("{host}: identity forgotten; the next connection learns it again");
+            } else {
+                println!("{host}: no identity was known");
+            }
+            Ok(EXIT_OK)
         }
         Command::Health { host, within } => {
             let (engine, _control) = engine(&cli).await?;
@@ -356,23 +465,61 @@ fn keys_request(select: &args::SelectArgs, parallel_limit: Option<usize>) -> Key
     }
 }
 
-async fn deploy(cli: &Cli, args: &args::DeployArgs) -> anyhow::Result<u8> {
-    let request = args.request()?;
+/// `upload-keys` (and `apply keys`).
+async fn upload_keys(cli: &Cli, body: KeysRequest) -> anyhow::Result<u8> {
+    let request = UploadKeysRequest {
+        parallel_limit: body.resolve()?,
+        selection: body.selection(),
+        trigger: "cli".into(),
+        requested_by: who(),
+    };
+    let (engine, _control) = engine(cli).await?;
+    watch(cli, |sink, cancel| {
+        engine.upload_keys(request, Some(sink), cancel)
+    })
+    .await
+}
+
+/// The flake pinned to `revision` (`--revision`).
+fn pin(flake: &str, revision: &str) -> Result<String, EngineError> {
+    crate::daemon::github::flake_at_revision(flake, revision)
+        .map_err(|e| EngineError::BadOption(format!("--revision: {e}")))
+}
+
+/// `deploy` (and `apply` with a deployment goal).
+async fn deploy(cli: &Cli, request: Request) -> anyhow::Result<u8> {
+    deploy_here(cli, request, None).await
+}
+
+/// [`deploy`]; `here`: the host that is this machine (`apply-local`).
+async fn deploy_here(cli: &Cli, request: Request, here: Option<&str>) -> anyhow::Result<u8> {
+    request.check_for_deploy()?;
     let options = resolve(&request)?;
-    let store = open_store(cli).await?;
-    let control = paths::control_dir(store.holder())?;
-    let mut config = engine_config(cli, control.path());
+    let (mut engine, _control) = engine_here(cli, here).await?;
     if let Some(revision) = &request.revision {
-        config.flake = crate::daemon::github::flake_at_revision(&config.flake, revision)
-            .map_err(|e| EngineError::BadOption(e.to_string()))?;
+        engine = engine.with_flake(pin(&cli.flake(), revision)?);
     }
-    let engine = Engine::new(config, store);
+    engine
+        .store()
+        .audit(&nix_deploy_core::audit::AuditRecord {
+            actor: nix_deploy_core::approval::requester_identity(&who()),
+            origin: "cli".into(),
+            action: if request.override_window.is_some() {
+                "deploy-override-window".into()
+            } else {
+                "deploy".into()
+            },
+            target: "hosts".into(),
+            detail: serde_json::json!({ "request": &request }),
+        })
+        .await?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,
         options,
-        trigger: "cli".into(),
+        trigger: if here.is_some() { "apply-local" } else { "cli" }.into(),
         requested_by: who(),
+        source: None,
     };
     watch(cli, |sink, cancel| {
         engine.deploy(deploy, Some(sink), cancel)
@@ -418,6 +565,8 @@ fn exit_code(deployment: &Deployment) -> u8 {
     match deployment.status {
         DeploymentStatus::Succeeded => EXIT_OK,
         DeploymentStatus::Cancelled if !deployment.any_failure() => EXIT_CANCELLED,
+        // Never started: a newer push of its branch came first.
+        DeploymentStatus::Superseded => EXIT_CANCELLED,
         _ => EXIT_FAILED,
     }
 }
@@ -458,10 +607,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_a_user_by_uid() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n";
-        assert_eq!(user_of_uid(passwd, 1000).as_deref(), Some("alice"));
-        assert_eq!(user_of_uid(passwd, 0).as_deref(), Some("root"));
-        assert_eq!(user_of_uid(passwd, 7), None);
+    fn completions_know_every_command_and_flag() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            completions(shell, &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for word in [
+                "apply",
+                "doctor",
+                "eval",
+                "nix-option",
+                "keep-result",
+                "dry-activate",
+                "apply-local",
+                "build-on-target",
+                "no-substitute",
+                "deploy-rs",
+            ] {
+                assert!(script.contains(word), "{shell}: {word}");
+            }
+        }
     }
 }

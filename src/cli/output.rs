@@ -3,6 +3,8 @@
 //! the seed's. Texts come from the core's `render`; nothing here decides
 //! anything.
 
+use std::borrow::Cow;
+
 use comfy_table::{Table, presets};
 use serde::Serialize;
 
@@ -14,16 +16,52 @@ use nix_deploy_core::render::{
     short_path, timestamp,
 };
 use nix_deploy_core::reports::{
-    CancelAnswer, DeploymentList, HostHealth, PlanReport, StatusReport,
+    BuildReport, CancelAnswer, DeploymentList, HostBuild, HostHealth, PlanReport, StatusReport,
 };
 use nix_deploy_core::run::{Deployment, HostRun, RunKind};
 use nix_deploy_core::summary::ChangeSummary;
 
 use super::Cli;
 
+/// Text as it may reach a terminal: control characters (other than newline
+/// and tab) and bidirectional overrides are shown escaped (`\u{1b}`,
+/// `\r`), never interpreted, so a host's output cannot move the cursor,
+/// retitle the window, rewrite earlier lines or reorder what it shows. The
+/// one escaping of the CLI's tables, reports, progress and errors; `--json`
+/// keeps everything verbatim.
+pub(crate) fn escape(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `println!` for people: the line goes through [`escape`].
+macro_rules! say {
+    () => {
+        println!()
+    };
+    ($($arg:tt)*) => {
+        println!("{}", $crate::cli::output::escape(&format!($($arg)*)))
+    };
+}
+
 /// The document as JSON with `--json`, else as `print` shows it.
 pub fn show<T: Serialize>(cli: &Cli, value: &T, print: fn(&T)) -> anyhow::Result<()> {
     if cli.json {
+        // Verbatim: JSON escapes control characters itself.
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
         print(value);
@@ -32,19 +70,19 @@ pub fn show<T: Serialize>(cli: &Cli, value: &T, print: fn(&T)) -> anyhow::Result
 }
 
 /// Rows as left-aligned columns, two spaces apart, no borders.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut table = Table::new();
     table
         .load_style(presets::NOTHING)
         .set_header(header.to_vec());
     for row in rows {
-        table.add_row(row);
+        table.add_row(row.iter().map(|cell| escape(cell).into_owned()));
     }
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
     }
     for line in table.lines() {
-        println!("{}", line.trim_end());
+        say!("{}", line.trim_end());
     }
 }
 
@@ -57,7 +95,7 @@ fn summary_text(summary: Option<&ChangeSummary>) -> String {
 /// The plan, shaped like the seed's: phases, states, summaries, ETA, risk.
 pub fn print_plan(report: &PlanReport) {
     let plan = &report.plan;
-    println!(
+    say!(
         "Deployment Plan: {} host(s) selected of {} ({} to deploy, {} skipped, {} unreachable)",
         plan.hosts.len(),
         report.fleet_size,
@@ -65,12 +103,12 @@ pub fn print_plan(report: &PlanReport) {
         report.skipped.len(),
         report.unreachable.len()
     );
-    println!("Flake: {}", report.flake);
-    println!("Evaluation: {}", report.evaluation.describe());
-    println!("Strategy: {}", plan.strategy_reason);
-    println!();
+    say!("Flake: {}", report.flake);
+    say!("Evaluation: {}", report.evaluation.describe());
+    say!("Strategy: {}", plan.strategy_reason);
+    say!();
     for phase in &plan.phases {
-        println!("Phase {} ({}):", phase.index + 1, phase.note);
+        say!("Phase {} ({}):", phase.index + 1, phase.note);
         for name in &phase.hosts {
             let Some(h) = plan.get(name) else { continue };
             let mut line = format!(
@@ -110,7 +148,7 @@ pub fn print_plan(report: &PlanReport) {
             if !h.depends_on.is_empty() {
                 line.push_str(&format!(" | depends on {}", h.depends_on.join(", ")));
             }
-            println!("{line}");
+            say!("{line}");
         }
     }
     let skipped: Vec<_> = plan
@@ -119,9 +157,9 @@ pub fn print_plan(report: &PlanReport) {
         .filter(|h| h.action == Action::Skip)
         .collect();
     if !skipped.is_empty() {
-        println!("Skipped:");
+        say!("Skipped:");
         for h in skipped {
-            println!(
+            say!(
                 "  - {} ({}) - {} ({}) | generation {}{}",
                 h.name,
                 h.role,
@@ -142,46 +180,50 @@ pub fn print_plan(report: &PlanReport) {
         .filter(|h| h.action == Action::Unreachable)
         .collect();
     if !unreachable.is_empty() {
-        println!("Unreachable:");
+        say!("Unreachable:");
         for h in unreachable {
-            println!(
+            say!(
                 "  - {}: {}",
                 h.name,
-                h.error.as_deref().unwrap_or("unreachable")
+                render::after_prefix(
+                    h.error.as_deref().unwrap_or("unreachable"),
+                    Some(&h.name),
+                    Some("probe")
+                )
             );
         }
     }
     if !report.evaluation.failed.is_empty() {
-        println!("Could not be evaluated (not planned):");
+        say!("Could not be evaluated (not planned):");
         for failure in &report.evaluation.failed {
             let mut lines = failure.error.lines();
-            println!("  - {}: {}", failure.host, lines.next().unwrap_or_default());
+            say!("  - {}: {}", failure.host, lines.next().unwrap_or_default());
             for line in lines {
-                println!("      {line}");
+                say!("      {line}");
             }
         }
     }
     if !report.pending_reboot.is_empty() {
-        println!(
+        say!(
             "Pending reboot (boot into another system than they run): {}",
             report.pending_reboot.join(", ")
         );
     }
     if !report.reboot_required.is_empty() {
-        println!(
+        say!(
             "Reboot required (kernel or initrd changed; `deploy --reboot=auto` reboots these): {}",
             report.reboot_required.join(", ")
         );
     }
     for warning in &plan.warnings {
-        println!("Warning: {warning}");
+        say!("Warning: {warning}");
     }
-    println!();
+    say!();
     if report.to_deploy.is_empty() {
         if report.unreachable.is_empty() {
-            println!("Nothing to deploy: every host runs its evaluated system.");
+            say!("Nothing to deploy: every host runs its evaluated system.");
         } else {
-            println!(
+            say!(
                 "Nothing to deploy among the hosts that answered; {} could not be reached: {}.",
                 report.unreachable.len(),
                 report.unreachable.join(", ")
@@ -189,17 +231,17 @@ pub fn print_plan(report: &PlanReport) {
         }
         return;
     }
-    println!("Recommendation: deploy {}", report.to_deploy.join(", "));
-    println!(
+    say!("Recommendation: deploy {}", report.to_deploy.join(", "));
+    say!(
         "Estimated time: {} (parallel limit {})",
         seconds(plan.eta_seconds),
         plan.parallel_limit
     );
-    println!("Risk level: {}", plan.risk.as_str());
+    say!("Risk level: {}", plan.risk.as_str());
     for reason in &plan.risk_reasons {
-        println!("  - {reason}");
+        say!("  - {reason}");
     }
-    println!("Rollback strategy: {}", plan.rollback_strategy);
+    say!("Rollback strategy: {}", plan.rollback_strategy);
 }
 
 /// How a run ended: a deployment's report, or an exec's summary.
@@ -210,19 +252,23 @@ pub fn print_report(deployment: &Deployment) {
     }
 }
 
+/// Why a run's output is not shown (the daemon left it out).
+const WITHHELD: &str =
+    "what commands print is shown only to tokens that may run them (scope admin)";
+
 /// One command on many hosts: one row per host (result, exit code,
 /// duration, last line of output), then each failure's output tails.
 fn print_exec_report(run: &Deployment) {
-    println!();
+    say!();
     match (&run.kind, &run.exec) {
-        (RunKind::Exec, Some(spec)) => println!(
+        (RunKind::Exec, Some(spec)) => say!(
             "exec #{} {}: `{}` on {} host(s)",
             run.id,
             run.status,
             spec.display(),
             run.hosts.len()
         ),
-        _ => println!(
+        _ => say!(
             "{} #{} {} on {} host(s)",
             run.kind.as_str(),
             run.id,
@@ -236,6 +282,7 @@ fn print_exec_report(run: &Deployment) {
         .map(|h| {
             let output = h.output.as_ref();
             let note = match h.status {
+                _ if output.is_some_and(|o| o.withheld) => "(output withheld)".to_string(),
                 HostStatus::Succeeded => output.map(|o| o.last_line()).unwrap_or("").to_string(),
                 HostStatus::Skipped | HostStatus::Cancelled => h.reason.clone().unwrap_or_default(),
                 // A failure's last word is usually on stderr.
@@ -261,25 +308,32 @@ fn print_exec_report(run: &Deployment) {
         })
         .collect();
     table(&["HOST", "RESULT", "EXIT", "DURATION", "OUTPUT"], rows);
+    if run
+        .hosts
+        .iter()
+        .any(|h| h.output.as_ref().is_some_and(|o| o.withheld))
+    {
+        say!("Output withheld: {WITHHELD}.");
+    }
     for h in run.hosts.iter().filter(|h| h.status.is_failure()) {
-        println!();
-        println!("── {} ({}) ──", h.host, h.status);
+        say!();
+        say!("── {} ({}) ──", h.host, h.status);
         if let Some(error) = &h.error {
-            println!("{error}");
+            say!("{error}");
         }
-        if let Some(output) = &h.output {
+        if let Some(output) = h.output.as_ref().filter(|o| !o.withheld) {
             for (name, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
                 if !text.trim().is_empty() {
-                    println!("{name}:");
+                    say!("{name}:");
                     for line in text.lines() {
-                        println!("  {line}");
+                        say!("  {line}");
                     }
                 }
             }
         }
     }
-    println!();
-    println!(
+    say!();
+    say!(
         "Total time: {} | {}",
         run.duration_ms()
             .map(duration_ms)
@@ -290,8 +344,8 @@ fn print_exec_report(run: &Deployment) {
 
 /// How a deployment ended: one row per host, then each failure in full.
 fn print_deployment_report(deployment: &Deployment) {
-    println!();
-    println!(
+    say!();
+    say!(
         "Deployment #{} {} (strategy {}{})",
         deployment.id,
         deployment.status,
@@ -303,7 +357,7 @@ fn print_deployment_report(deployment: &Deployment) {
         }
     );
     if let Some(error) = &deployment.error {
-        println!("Stopped: {error}");
+        say!("Stopped: {error}");
     }
     let rows = deployment
         .hosts
@@ -317,7 +371,7 @@ fn print_deployment_report(deployment: &Deployment) {
                 _ => run
                     .error
                     .as_deref()
-                    .map(first_line)
+                    .map(|e| first_line(render::after_prefix(e, Some(&run.host), None)))
                     .unwrap_or_default()
                     .to_string(),
             };
@@ -343,22 +397,19 @@ fn print_deployment_report(deployment: &Deployment) {
         .filter(|h| h.status.is_failure())
         .collect();
     for run in &failed {
-        println!();
-        println!("── {} ({}) ──", run.host, run.status);
-        println!("{}", run.error.as_deref().unwrap_or("no error recorded"));
+        say!();
+        say!("── {} ({}) ──", run.host, run.status);
+        say!("{}", run.error.as_deref().unwrap_or("no error recorded"));
     }
-    println!();
-    println!(
-        "Total time: {} | deployed {}/{} | skipped {} | rolled back {} | failed {}",
+    say!();
+    say!(
+        "Total time: {} | {} of {} host(s)",
         deployment
             .duration_ms()
             .map(duration_ms)
             .unwrap_or_else(|| "-".into()),
-        deployment.count(HostStatus::Deployed),
+        nix_deploy_core::render::hosts_summary(&deployment.hosts),
         deployment.hosts.len(),
-        deployment.count(HostStatus::Skipped),
-        deployment.count(HostStatus::RolledBack),
-        failed.len() - deployment.count(HostStatus::RolledBack),
     );
 }
 
@@ -373,6 +424,7 @@ fn goal_note(run: &HostRun) -> String {
     match run.goal {
         Some(Goal::Boot) if run.reboot.is_none() => "boot default set: pending reboot".into(),
         Some(Goal::Test) => "test: until the next reboot".into(),
+        Some(Goal::Push) => "pushed: the closure is on the host, not activated".into(),
         Some(Goal::DryActivate) => {
             let would = run.output.as_ref().map(|o| {
                 let text = format!("{}\n{}", o.stdout, o.stderr);
@@ -391,7 +443,7 @@ fn goal_note(run: &HostRun) -> String {
 
 pub fn print_status(status: &StatusReport) {
     if status.hosts.is_empty() {
-        println!("No hosts known yet: run `nix-deploy plan` or `nix-deploy deploy` first.");
+        say!("No hosts known yet: run `nix-deploy plan` or `nix-deploy deploy` first.");
         return;
     }
     let rows = status
@@ -439,7 +491,7 @@ pub fn print_status(status: &StatusReport) {
 
 pub fn print_history(list: &DeploymentList) {
     if list.deployments.is_empty() {
-        println!("No deployments recorded yet.");
+        say!("No deployments recorded yet.");
         return;
     }
     let rows = list
@@ -478,7 +530,7 @@ pub fn print_deployment(d: &Deployment) {
         ),
         RunKind::UploadKeys => "upload-keys".to_string(),
     };
-    println!(
+    say!(
         "{what} #{} {} ({} by {}, {})",
         d.id,
         d.status,
@@ -486,7 +538,7 @@ pub fn print_deployment(d: &Deployment) {
         d.requested_by,
         timestamp(d.created_at)
     );
-    println!(
+    say!(
         "Flake: {}{}",
         d.flake,
         d.flake_rev
@@ -495,13 +547,22 @@ pub fn print_deployment(d: &Deployment) {
             .unwrap_or_default()
     );
     if let Some(error) = &d.error {
-        println!("Error: {error}");
+        say!("Error: {error}");
     }
-    println!();
+    for gate in &d.gates {
+        super::ops::print_gate(gate);
+        for approval in &gate.approvals {
+            say!("  {} saw:", approval.by);
+            for line in approval.seen.lines() {
+                say!("    {line}");
+            }
+        }
+    }
+    say!();
     for event in d.events.iter().flatten() {
         let offset = duration_ms(event.at - d.created_at);
         let host = event.host.as_deref().unwrap_or("-");
-        println!(
+        say!(
             "[{offset:>7}] {host:<12} {}",
             first_line(&event_text(event))
         );
@@ -511,7 +572,7 @@ pub fn print_deployment(d: &Deployment) {
 
 /// A host's health now.
 pub fn print_health(health: &HostHealth) {
-    println!(
+    say!(
         "{}: {} ({}), generation {}",
         health.host,
         if !health.reachable {
@@ -525,7 +586,7 @@ pub fn print_health(health: &HostHealth) {
         generation(health.current.generation)
     );
     for r in &health.results {
-        println!(
+        say!(
             "  {} {}: {}",
             if r.ok { "✅" } else { "❌" },
             r.check,
@@ -533,13 +594,77 @@ pub fn print_health(health: &HostHealth) {
         );
     }
     if let Some(error) = &health.error {
-        println!("  {error}");
+        say!("  {error}");
     }
 }
 
 pub fn print_cancel(answer: &CancelAnswer) {
-    println!(
+    say!(
         "Cancel requested for deployment #{}: no new hosts will start; running hosts finish or roll back.",
         answer.id
     );
+}
+
+/// One host's build as it ends (stderr: progress, not the report).
+pub fn print_host_build(host: &HostBuild) {
+    match &host.error {
+        None => eprintln!("built {} in {}", host.name, duration_ms(host.duration_ms)),
+        Some(error) => eprintln!("{}: build: {}", host.name, first_line(error)),
+    }
+}
+
+/// `build`: each host's system, built or why not; no host was touched.
+pub fn print_build(report: &BuildReport) {
+    let rows = report
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                if h.error.is_none() { "built" } else { "FAILED" }.to_string(),
+                duration_ms(h.duration_ms),
+                h.result.clone().unwrap_or_else(|| h.toplevel.clone()),
+            ]
+        })
+        .collect();
+    table(&["HOST", "RESULT", "DURATION", "SYSTEM"], rows);
+    for h in report.hosts.iter().filter(|h| h.error.is_some()) {
+        println!();
+        println!("── {} (build failed) ──", h.name);
+        println!("{}", h.error.as_deref().unwrap_or_default());
+    }
+    let built = report.hosts.iter().filter(|h| h.error.is_none()).count();
+    println!();
+    println!(
+        "built {built}/{} | evaluated {} | no host was touched",
+        report.hosts.len(),
+        report.evaluation.describe()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_a_terminal_would_obey_and_nothing_else() {
+        // Plain text, tabs, newlines and any script stay as they are.
+        assert!(matches!(
+            escape("ok\tdone\nnext ✅ héllo 日本"),
+            Cow::Borrowed(_)
+        ));
+        // Escape sequences, bells, carriage returns, backspaces, DEL, C1
+        // controls (0x9b is a one-byte CSI) and bidirectional overrides.
+        assert_eq!(
+            escape("\u{1b}]0;pwned\u{7}\u{1b}[2Jtitle\rover\u{8}\u{7f}\u{9b}31m"),
+            r"\u{1b}]0;pwned\u{7}\u{1b}[2Jtitle\rover\u{8}\u{7f}\u{9b}31m"
+        );
+        assert_eq!(
+            escape("abc\u{202e}fed\u{2066}x"),
+            r"abc\u{202e}fed\u{2066}x"
+        );
+        // Escaping twice changes nothing more.
+        let once = escape("\u{1b}[31m").into_owned();
+        assert_eq!(escape(&once), once);
+    }
 }

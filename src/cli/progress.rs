@@ -12,6 +12,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use nix_deploy_core::events::{Event, EventKind, HostStatus};
 use nix_deploy_core::render::{duration_ms, event_text, generation, host_outcome, seconds};
 
+use super::output::escape;
+
 pub async fn render(mut events: UnboundedReceiver<Event>, fancy: bool) {
     if fancy {
         render_bars(&mut events).await
@@ -32,7 +34,11 @@ async fn render_lines(events: &mut UnboundedReceiver<Event>) {
             None if matches!(event.kind, EventKind::Log { .. }) => format!("deployment: {text}"),
             None => text,
         };
-        eprintln!("[{:>7.1}s] {line}", start.elapsed().as_secs_f64());
+        eprintln!(
+            "[{:>7.1}s] {}",
+            start.elapsed().as_secs_f64(),
+            escape(&line)
+        );
     }
 }
 
@@ -127,7 +133,7 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                             .set_message(if run { "waiting" } else { "probing" });
                     }
                 }
-                EventKind::Log { message } => multi.suspend(|| eprintln!("{message}")),
+                EventKind::Log { message } => multi.suspend(|| eprintln!("{}", escape(message))),
                 _ => {}
             }
             continue;
@@ -151,7 +157,7 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                 } else {
                     host.bar.set_message(format!(
                         "{action}: {}",
-                        reason.as_deref().unwrap_or_default()
+                        escape(reason.as_deref().unwrap_or_default())
                     ));
                 }
             }
@@ -171,6 +177,7 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                 from,
                 to,
                 duration_ms: ms,
+                after,
                 ..
             } => {
                 finished += 1;
@@ -182,11 +189,14 @@ async fn render_bars(events: &mut UnboundedReceiver<Event>) {
                     *status,
                     from.generation,
                     to.generation,
+                    after
+                        .as_ref()
+                        .map_or(from.generation, |a| a.boot_generation),
                     *ms,
                 ));
             }
             EventKind::Log { message } => {
-                let message = format!("{name}: {message}");
+                let message = format!("{name}: {}", escape(message));
                 multi.suspend(|| eprintln!("{message}"));
             }
             _ => {}

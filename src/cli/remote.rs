@@ -8,28 +8,63 @@ use nix_deploy_core::reports::{
 };
 use nix_deploy_core::run::Deployment;
 
+use super::apply::Applied;
 use super::client::{Client, ClientError};
 use super::{Cli, Command, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, args, output, progress};
 
 pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
     let client = Client::new(server, cli.token_file.as_deref())?;
+    // The daemon reads its fleet and builds with its own settings: these
+    // flags would do nothing.
+    for (given, flag) in [
+        (cli.source.is_some(), "--source"),
+        (cli.builders.is_some(), "--builders"),
+    ] {
+        if given {
+            return Err(ClientError::Api {
+                status: 400,
+                code: "bad_request".into(),
+                message: format!(
+                    "{flag} is the daemon's setting (`nix-deploy serve {flag} ...`); drop it with --server"
+                ),
+            });
+        }
+    }
     let print_error = |e: anyhow::Error| ClientError::Protocol(e.to_string());
     match &cli.command {
         Command::Plan {
             select,
             strategy,
             no_build,
+            revision,
         } => {
-            let request = args::plan_request(select, strategy, *no_build);
+            let request = args::plan_request(select, strategy, *no_build, revision.as_deref());
             let plan: PlanReport = client.post("/api/v1/plan", &request).await?;
             output::show(cli, &plan, output::print_plan).map_err(print_error)?;
             Ok(super::plan_exit_code(&plan))
         }
         Command::Deploy(args) => {
-            let request = args.request().map_err(bad_request)?;
+            let request = args::deploy_request(args).map_err(bad_request)?;
             let created: Accepted = client.post("/api/v1/deployments", &request).await?;
             follow(cli, &client, created.id).await
         }
+        Command::Apply(args) => match args.applied().map_err(bad_request)? {
+            Applied::Deploy(request) => {
+                let created: Accepted = client.post("/api/v1/deployments", &*request).await?;
+                follow(cli, &client, created.id).await
+            }
+            Applied::Keys(body) => {
+                body.resolve().map_err(bad_request)?;
+                let created: Accepted = client.post("/api/v1/upload-keys", &body).await?;
+                follow(cli, &client, created.id).await
+            }
+            Applied::Build(_) => Err(local_only("apply build")),
+        },
+        Command::Build(_) => Err(local_only("build")),
+        Command::Eval(_) => Err(local_only("eval")),
+        Command::Doctor(_) => Err(local_only("doctor")),
+        Command::ApplyLocal(_) => Err(local_only("apply-local")),
+        Command::Completions { .. } => Ok(EXIT_OK),
         Command::Exec(args) => {
             let request = args.request();
             request.resolve().map_err(bad_request)?;
@@ -67,19 +102,17 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                     client.get(&format!("/api/v1/deployments/{id}")).await?;
                 output::show(cli, &deployment, output::print_deployment).map_err(print_error)?;
             } else {
-                println!(
-                    "{}",
-                    client
-                        .get_text(&format!("/api/v1/deployments/{id}/report"))
-                        .await?
-                );
+                let report = client
+                    .get_text(&format!("/api/v1/deployments/{id}/report"))
+                    .await?;
+                println!("{}", output::escape(&report));
             }
             Ok(EXIT_OK)
         }
         Command::Cancel { id } => {
             let id = match id {
                 Some(id) => *id,
-                None => latest(&client, |d| d.status.as_str() == "running").await?,
+                None => latest(&client, |d| d.status.is_active()).await?,
             };
             let answer: CancelAnswer = client
                 .post(
@@ -96,7 +129,8 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 None => {
                     latest(&client, |d| {
                         d.kind == nix_deploy_core::run::RunKind::Deploy
-                            && !matches!(d.status.as_str(), "succeeded" | "running")
+                            && d.status.as_str() != "succeeded"
+                            && !d.status.is_active()
                     })
                     .await?
                 }
@@ -136,11 +170,48 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
                 EXIT_FAILED
             })
         }
+        Command::ForgetIdentity { .. } => Err(ClientError::Api {
+            status: 400,
+            code: "bad_request".into(),
+            message: "`forget-identity` changes this machine's state directory (the daemon's is the daemon host's own); run it there without --server".into(),
+        }),
+        Command::Approve(args) => {
+            let gate: nix_deploy_core::approval::Gate = client
+                .post(
+                    &format!("/api/v1/deployments/{}/approve", args.id),
+                    &serde_json::json!({ "comment": args.comment }),
+                )
+                .await?;
+            output::show(cli, &gate, super::ops::print_gate).map_err(print_error)?;
+            Ok(EXIT_OK)
+        }
+        Command::Reject(args) => {
+            let gate: nix_deploy_core::approval::Gate = client
+                .post(
+                    &format!("/api/v1/deployments/{}/reject", args.id),
+                    &serde_json::json!({ "reason": args.reason }),
+                )
+                .await?;
+            output::show(cli, &gate, super::ops::print_gate).map_err(print_error)?;
+            Ok(EXIT_OK)
+        }
+        Command::Audit(args) => super::ops::audit_remote(cli, &client, args).await,
         Command::Serve { .. } => Err(ClientError::Api {
             status: 400,
             code: "bad_request".into(),
             message: "`serve` runs the daemon; do not combine it with --server".into(),
         }),
+    }
+}
+
+/// A command that works on this machine only (exit code 2).
+fn local_only(command: &str) -> ClientError {
+    ClientError::Api {
+        status: 400,
+        code: "bad_request".into(),
+        message: format!(
+            "`{command}` runs on this machine, not through the daemon: drop --server (and NIX_DEPLOY_SERVER)"
+        ),
     }
 }
 

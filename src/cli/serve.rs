@@ -9,11 +9,11 @@ use anyhow::Context;
 use nix_deploy_core::fleet::Selection;
 
 use super::Cli;
-use crate::daemon::config::{Config, Secret};
+use crate::daemon::config::{Config, Secret, secret_path_here};
 use crate::daemon::{self, AppState, Token};
 use crate::engine::{Engine, EngineConfig};
 use crate::paths;
-use crate::store::Store;
+use crate::store::{Backend, Database, Role, Store, StoreOptions};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -43,13 +43,20 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         .unwrap_or_else(paths::default_state_dir);
     let ssh_config = cli.ssh_config.clone().or_else(|| config.ssh_config.clone());
 
+    // Secret files: absolute, or systemd credentials (relative paths).
+    let read = |key: &str, path: &std::path::Path| -> anyhow::Result<Secret> {
+        Secret::from_file(&secret_path_here(key, path)?).with_context(|| key.to_string())
+    };
+    config.notifications.read_url_files(|key, path| {
+        read(key, path).map(|url| String::from_utf8_lossy(url.expose()).into_owned())
+    })?;
     let mut tokens = Vec::new();
     for token in &config.tokens {
         tokens.push(Token {
             name: token.name.clone(),
-            secret: Secret::from_file(&token.file)
-                .with_context(|| format!("token `{}`", token.name))?,
+            secret: read(&format!("token `{}`", token.name), &token.file)?,
             scope: token.scope,
+            hosts: crate::daemon::config::hosts("tokens.hosts", &token.hosts)?,
         });
     }
     if tokens.is_empty() {
@@ -57,19 +64,26 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         eprintln!("warning: no [[tokens]] in the config; every API request will be refused");
     }
     let slack_secret = match &config.slack {
-        Some(slack) => {
-            Some(Secret::from_file(&slack.signing_secret_file).context("Slack signing secret")?)
-        }
+        Some(slack) => Some(read(
+            "slack.signing-secret-file",
+            &slack.signing_secret_file,
+        )?),
         None => None,
     };
     let github_secret = match &config.github {
-        Some(github) => {
-            Some(Secret::from_file(&github.secret_file).context("GitHub webhook secret")?)
-        }
+        Some(github) => Some(read("github.secret-file", &github.secret_file)?),
         None => None,
     };
+    let ssh_identity = match (&cli.ssh_identity, &config.ssh_identity_file) {
+        (Some(flag), _) => Some(flag.clone()),
+        (None, Some(file)) => Some(secret_path_here("ssh-identity-file", file)?),
+        (None, None) => None,
+    };
 
-    let store = Store::open(&state_dir).await?;
+    let store = Store::connect(&store_options(cli, &config, &state_dir)?).await?;
+    let takeover = config.cluster.takeover && store.backend() == Backend::Postgres;
+    let heartbeat = store.start_heartbeat(Role::Daemon { takeover }).await?;
+    super::say_tightened(&store);
     paths::clean_control_dirs(store.dead_holders()).await;
     let interrupted = store.mark_interrupted().await?;
     // ssh control sockets live for the daemon's lifetime.
@@ -78,10 +92,14 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     // status probe resumes the host's master instead of connecting anew.
     let mut ssh = super::ssh_options(cli, &state_dir, control.path());
     ssh.config_file = ssh_config;
+    ssh.identity_file = ssh_identity;
     let mut engine = EngineConfig::new(config.flake.clone(), ssh);
+    engine.policy = std::sync::Arc::new(config.policy()?);
+    engine.nix = super::nix_calls(cli).await?;
     // The command line's evaluation flags win over the file's.
     engine.eval_workers = cli.eval_workers.map(usize::from).or(config.eval_workers);
-    engine.eval_cache = config.eval_cache && !cli.no_eval_cache;
+    engine.eval_cache = config.eval_cache && !cli.no_eval_cache && !cli.impure;
+    engine.source = cli.source;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -93,6 +111,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         tokens,
         slack_secret,
         github_secret,
+        heartbeat.leader(),
     );
     // Reconcile: what do the hosts actually run after a crash? (Probing records it.)
     if !interrupted.is_empty() {
@@ -111,8 +130,39 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     println!("nix-deploy: listening on http://{address}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    daemon::run(listener, state, shutdown_signal()).await?;
+    let served = daemon::run(listener, state, shutdown_signal()).await;
+    heartbeat.stop().await;
+    served?;
     Ok(super::EXIT_OK)
+}
+
+/// Where the daemon's history is: `--database` (or `NIX_DEPLOY_DATABASE`)
+/// over the config's `database`, with the password from
+/// `database-password-file`; else SQLite in the state directory.
+fn store_options(
+    cli: &Cli,
+    config: &Config,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<StoreOptions> {
+    let mut options = StoreOptions::sqlite(state_dir);
+    options.migrate = config.migrate;
+    options.leases = config.lease_timing();
+    let url = match (&cli.database, config.database_url()?) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(url)) => Some(match &config.database_password_file {
+            Some(file) => {
+                let secret = Secret::from_file(&secret_path_here("database-password-file", file)?)
+                    .context("the database password")?;
+                url.with_password(&String::from_utf8_lossy(secret.expose()))
+            }
+            None => url,
+        }),
+        (None, None) => None,
+    };
+    if let Some(url) = url {
+        options.database = Database::Postgres(url);
+    }
+    Ok(options)
 }
 
 async fn shutdown_signal() {

@@ -4,25 +4,57 @@
 use axum::http::HeaderMap;
 use subtle::ConstantTimeEq;
 
+use nix_deploy_core::run::{Deployment, RunKind};
+use nix_deploy_core::select::HostFilter;
+
 use super::config::{Scope, Secret};
 use super::error::ApiError;
+use crate::engine::Limit;
 
 #[derive(Clone, Debug)]
 pub struct Token {
     pub name: String,
     pub secret: Secret,
     pub scope: Scope,
+    /// The hosts it may touch.
+    pub hosts: HostFilter,
 }
 
-/// Who made a request, as recorded in history.
+/// Who made a request, as recorded in history, and what they may touch.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    pub name: String,
+    /// An identity (`token:ci`, `slack:U1`).
+    pub identity: String,
+    pub scope: Scope,
+    /// Where they may reach, when not everywhere.
+    pub limit: Option<Limit>,
 }
 
 impl Caller {
     pub fn requested_by(&self) -> String {
-        format!("token:{}", self.name)
+        self.identity.clone()
+    }
+
+    /// Whether they may touch the host `name` with `tags`.
+    pub fn reaches(&self, name: &str, tags: &[String]) -> bool {
+        self.limit.as_ref().is_none_or(|l| l.allows(name, tags))
+    }
+
+    /// `deployment` as this caller may see it: what `exec` commands
+    /// printed only for callers who may run them (scope `admin`), since a
+    /// command prints whatever it can read on a host. Everyone else gets
+    /// each host's exit code with its output marked withheld.
+    pub fn visible(&self, mut deployment: Deployment) -> Deployment {
+        if deployment.kind == RunKind::Exec && !self.scope.allows(Scope::Admin) {
+            for output in deployment
+                .hosts
+                .iter_mut()
+                .filter_map(|h| h.output.as_mut())
+            {
+                output.withhold();
+            }
+        }
+        deployment
     }
 }
 
@@ -77,7 +109,12 @@ pub fn permit(token: &Token, needed: Scope) -> Result<Caller, ApiError> {
         )));
     }
     Ok(Caller {
-        name: token.name.clone(),
+        identity: format!("token:{}", token.name),
+        scope: token.scope,
+        limit: (!token.hosts.is_everything()).then(|| Limit {
+            who: format!("token `{}`", token.name),
+            hosts: vec![token.hosts.clone()],
+        }),
     })
 }
 
@@ -91,11 +128,13 @@ mod tests {
                 name: "viewer".into(),
                 secret: Secret::new("r3ad"),
                 scope: Scope::Read,
+                hosts: HostFilter::everything(),
             },
             Token {
                 name: "ci".into(),
                 secret: Secret::new("d3pl0y"),
                 scope: Scope::Deploy,
+                hosts: HostFilter::everything(),
             },
         ]
     }
@@ -112,14 +151,14 @@ mod tests {
         assert_eq!(
             authorize(&headers("Bearer d3pl0y"), &t, Scope::Deploy)
                 .unwrap()
-                .name,
-            "ci"
+                .identity,
+            "token:ci"
         );
         assert_eq!(
             authorize(&headers("Bearer d3pl0y"), &t, Scope::Read)
                 .unwrap()
-                .name,
-            "ci"
+                .identity,
+            "token:ci"
         );
         assert!(matches!(
             authorize(&headers("Bearer r3ad"), &t, Scope::Deploy),

@@ -3,17 +3,25 @@
 //! notifications; plus where to listen, tokens and hook secrets.
 //!
 //! Secrets are never in this file: it names files that hold them. A secret
-//! is kept in [`Secret`], which never prints its value.
+//! is kept in [`Secret`], which never prints its value. A relative secret
+//! path names a systemd credential (`LoadCredential=NAME:...`): it is read
+//! from `$CREDENTIALS_DIRECTORY` ([`secret_path`]), as the NixOS module
+//! configures it, so no secret ever needs to be in the Nix store.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use nix_deploy_core::approval::{ApprovalRule, ApprovalSpec, Groups, check_groups};
 use nix_deploy_core::options::{Amount, DeployOptions, OptionsError, Request};
+use nix_deploy_core::select::HostFilter;
+use nix_deploy_core::window::{self, Schedule, WindowSpec, Windows};
 
 use super::notify::NotifyConfig;
 use super::web::WebConfig;
+use crate::engine::Policy;
+use crate::store::{DatabaseUrl, LeaseTiming};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,6 +70,39 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Where the secret file `path` of the config is: itself when absolute; a
+/// relative path names a systemd credential, in `credentials` (the
+/// service's `$CREDENTIALS_DIRECTORY`). `key` names the config key for the
+/// error.
+pub fn secret_path(
+    key: &str,
+    path: &Path,
+    credentials: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    let bad = |why: &str| ConfigError::Invalid(format!("{key} `{}`: {why}", path.display()));
+    if path
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(bad("a credential is a plain name (no `..`)"));
+    }
+    match credentials {
+        Some(dir) => Ok(dir.join(path)),
+        None => Err(bad(
+            "a relative path names a systemd credential, but $CREDENTIALS_DIRECTORY is not set (give an absolute path, or LoadCredential= it)",
+        )),
+    }
+}
+
+/// [`secret_path`] with this process's `$CREDENTIALS_DIRECTORY`.
+pub fn secret_path_here(key: &str, path: &Path) -> Result<PathBuf, ConfigError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    secret_path(key, path, credentials.as_deref())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
@@ -84,6 +125,72 @@ pub struct TokenConfig {
     pub name: String,
     pub file: PathBuf,
     pub scope: Scope,
+    /// The hosts it may touch (selectors: names, globs, `@tags`); none:
+    /// every host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// `[chat]`: who may do what from Slack.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChatConfig {
+    /// A chat deployment touching more hosts than this posts its plan
+    /// with Confirm and Cancel buttons first.
+    #[serde(default = "default_confirm_above")]
+    pub confirm_above: usize,
+    /// Slack users allowed to use the command (by user id); nobody else may
+    /// do anything but ask for help.
+    #[serde(default)]
+    pub users: Vec<ChatGrant>,
+    /// Channels it may be used in (by channel id); none listed: any.
+    #[serde(default)]
+    pub channels: Vec<ChatGrant>,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            confirm_above: default_confirm_above(),
+            users: Vec::new(),
+            channels: Vec::new(),
+        }
+    }
+}
+
+fn default_confirm_above() -> usize {
+    1
+}
+
+/// A Slack user or channel, with what it allows.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChatGrant {
+    /// Slack's id (`U024BE7LH`, `C024BE91L`), never a display name.
+    pub id: String,
+    pub scope: Scope,
+    /// Selectors of the hosts it may touch; none: every host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// `[[schedule]]`: a deployment started by the clock.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ScheduleConfig {
+    pub name: String,
+    /// A cron pattern, as windows take it.
+    pub cron: String,
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// The request, as the API takes it (`hosts`, `on`, `strategy`,
+    /// `batch_size`, …).
+    #[serde(default)]
+    pub request: Request,
+}
+
+fn utc() -> String {
+    "UTC".into()
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -123,7 +230,22 @@ pub struct Config {
     #[serde(default = "default_flake")]
     pub flake: String,
     pub state_dir: Option<PathBuf>,
+    /// The history: `postgresql://USER@HOST/DB` (or `postgresql:///DB?host=/run/postgresql`
+    /// over a local socket) to share it with other coordinators; unset:
+    /// SQLite in the state directory. Never with a password: see
+    /// `database-password-file`.
+    pub database: Option<String>,
+    /// A file holding the database's password (e.g. a systemd credential).
+    pub database_password_file: Option<PathBuf>,
+    /// Apply the history's pending migrations at start (false: a database
+    /// at an older schema version is refused).
+    #[serde(default = "default_true")]
+    pub migrate: bool,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     pub ssh_config: Option<PathBuf>,
+    /// A private key for SSH (ssh's `-i`); relative: a systemd credential.
+    pub ssh_identity_file: Option<PathBuf>,
     #[serde(default = "default_strategy")]
     pub strategy: String,
     #[serde(default = "default_parallel_limit")]
@@ -181,6 +303,60 @@ pub struct Config {
     /// The web dashboard (`[web]`).
     #[serde(default)]
     pub web: WebConfig,
+    /// Maintenance windows (`[[window]]`).
+    #[serde(default, rename = "window")]
+    pub windows: Vec<WindowSpec>,
+    /// Approval rules (`[[approval]]`).
+    #[serde(default, rename = "approval")]
+    pub approvals: Vec<ApprovalSpec>,
+    /// Named sets of identities for approvers (`[groups]`).
+    #[serde(default)]
+    pub groups: Groups,
+    /// Scheduled deployments (`[[schedule]]`).
+    #[serde(default, rename = "schedule")]
+    pub schedules: Vec<ScheduleConfig>,
+    #[serde(default)]
+    pub chat: ChatConfig,
+}
+
+/// Several coordinators on one PostgreSQL history.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterConfig {
+    /// How often this daemon renews its leases and its heartbeat.
+    #[serde(
+        default = "default_heartbeat",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub heartbeat: Duration,
+    /// How long a lease (or the leadership) lasts unrenewed, by the
+    /// database's clock: a dead coordinator's deployments are taken over
+    /// after this.
+    #[serde(
+        default = "default_lease_ttl",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub lease_ttl: Duration,
+    /// Resume deployments whose holder's lease expired (PostgreSQL only).
+    #[serde(default = "default_true")]
+    pub takeover: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat: default_heartbeat(),
+            lease_ttl: default_lease_ttl(),
+            takeover: true,
+        }
+    }
+}
+
+fn default_heartbeat() -> Duration {
+    LeaseTiming::default().heartbeat
+}
+fn default_lease_ttl() -> Duration {
+    LeaseTiming::default().ttl
 }
 
 fn default_listen() -> String {
@@ -262,7 +438,40 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// The history's PostgreSQL URL, if one is configured (without its
+    /// password, which comes from `database-password-file`).
+    pub fn database_url(&self) -> Result<Option<DatabaseUrl>, ConfigError> {
+        let Some(text) = &self.database else {
+            if self.database_password_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "database-password-file is set but database is not".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let url =
+            DatabaseUrl::parse(text).map_err(|e| ConfigError::Invalid(format!("database: {e}")))?;
+        if url.has_password() {
+            return Err(ConfigError::Invalid(format!(
+                "database: {url} holds a password; put it in a file named by database-password-file instead (this file may be world-readable)"
+            )));
+        }
+        Ok(Some(url))
+    }
+
+    /// How this daemon holds its leases.
+    pub fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            heartbeat: self.cluster.heartbeat,
+            ttl: self.cluster.lease_ttl,
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        self.database_url()?;
+        self.lease_timing()
+            .check()
+            .map_err(|e| ConfigError::Invalid(format!("cluster: {e}")))?;
         for (key, value) in [
             ("health-check-timeout", self.health_check_timeout),
             ("confirm-timeout", self.confirm_timeout),
@@ -296,16 +505,81 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.web.validate().map_err(ConfigError::Invalid)?;
         let mut names = std::collections::BTreeSet::new();
-        for token in &self.tokens {
+        for (index, token) in self.tokens.iter().enumerate() {
             if !names.insert(&token.name) {
                 return Err(ConfigError::Invalid(format!(
                     "token name `{}` is used twice",
                     token.name
                 )));
             }
+            hosts(&format!("tokens[{index}].hosts"), &token.hosts)?;
+        }
+        self.policy()?;
+        for (list, grants) in [
+            ("users", &self.chat.users),
+            ("channels", &self.chat.channels),
+        ] {
+            for (index, grant) in grants.iter().enumerate() {
+                if grant.id.is_empty()
+                    || grant.id.len() > 32
+                    || !grant.id.chars().all(|c| c.is_ascii_alphanumeric())
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "chat.{list}[{index}].id = `{}`: a Slack id (letters and digits, e.g. U024BE7LH)",
+                        grant.id
+                    )));
+                }
+                hosts(&format!("chat.{list}[{index}].hosts"), &grant.hosts)?;
+            }
+        }
+        let defaults = self.default_options().unwrap_or_default();
+        let mut schedules = std::collections::BTreeSet::new();
+        for (index, schedule) in self.schedules.iter().enumerate() {
+            let key = format!("schedule[{index}]");
+            if !schedules.insert(&schedule.name)
+                || !nix_deploy_core::shell::is_valid_host_name(&schedule.name)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}.name = `{}`: a unique name of letters, digits, `-` and `_`",
+                    schedule.name
+                )));
+            }
+            Schedule::parse(&schedule.cron)
+                .map_err(|e| invalid(&format!("{key}.cron"), &schedule.cron, &e))?;
+            window::parse_zone(&schedule.timezone)
+                .map_err(|e| invalid(&format!("{key}.timezone"), &schedule.timezone, &e))?;
+            schedule
+                .request
+                .check_for_deploy()
+                .and_then(|()| schedule.request.resolve(&defaults))
+                .map_err(|e| ConfigError::Invalid(format!("{key}.request: {}", e.0)))?;
         }
         Ok(())
     }
+
+    /// The windows and approval rules every deployment obeys, checked.
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        check_groups(&self.groups).map_err(ConfigError::Invalid)?;
+        let windows =
+            Windows::new(&self.windows).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let approvals = self
+            .approvals
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| ApprovalRule::new(spec, index, &self.groups))
+            .collect::<Result<_, _>>()
+            .map_err(ConfigError::Invalid)?;
+        Ok(Policy { windows, approvals })
+    }
+}
+
+fn invalid(key: &str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid(format!("{key} = `{value}`: {reason}"))
+}
+
+/// A list of host selectors under `key`, checked.
+pub fn hosts(key: &str, selectors: &[String]) -> Result<HostFilter, ConfigError> {
+    HostFilter::parse(selectors).map_err(|e| invalid(key, &selectors.join(", "), &e.to_string()))
 }
 
 #[cfg(test)]
@@ -323,6 +597,47 @@ mod tests {
         assert!(c.tokens.is_empty());
         assert_eq!(c.eval_workers, None);
         assert!(c.eval_cache);
+        assert_eq!(c.database, None);
+        assert!(c.migrate);
+        assert_eq!(c.lease_timing(), LeaseTiming::default());
+        assert!(c.cluster.takeover);
+    }
+
+    #[test]
+    fn the_database_is_a_postgresql_url_without_a_password() {
+        let c = Config::parse(
+            r#"
+            database = "postgresql://deploy@db.internal/fleet"
+            database-password-file = "/run/credentials/nix-deploy.service/db"
+            migrate = false
+            [cluster]
+            heartbeat = "2s"
+            lease-ttl = "10s"
+            takeover = false
+        "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url().unwrap().unwrap().to_string(),
+            "postgresql://deploy@db.internal/fleet"
+        );
+        assert!(!c.migrate);
+        assert_eq!(c.lease_timing().ttl, Duration::from_secs(10));
+        let bad = |t: &str| {
+            Config::parse(t, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad(r#"database = "postgresql://deploy:hunter2@db/fleet""#);
+        assert!(
+            e.contains("database-password-file") && !e.contains("hunter2"),
+            "{e}"
+        );
+        assert!(bad(r#"database = "mysql://db/fleet""#).contains("mysql"));
+        assert!(bad(r#"database-password-file = "/x""#).contains("database is not"));
+        let e = bad("[cluster]\nheartbeat = \"5s\"\nlease-ttl = \"6s\"");
+        assert!(e.contains("three heartbeats"), "{e}");
     }
 
     #[test]
@@ -371,6 +686,33 @@ mod tests {
     }
 
     #[test]
+    fn relative_secret_paths_are_systemd_credentials() {
+        let creds = Path::new("/run/credentials/nix-deploy.service");
+        assert_eq!(
+            secret_path("tokens.file", Path::new("token-ci"), Some(creds)).unwrap(),
+            creds.join("token-ci")
+        );
+        assert_eq!(
+            secret_path("x", Path::new("/etc/secret"), None).unwrap(),
+            Path::new("/etc/secret")
+        );
+        let e = secret_path("ssh-identity-file", Path::new("ssh-key"), None).unwrap_err();
+        assert!(e.to_string().contains("CREDENTIALS_DIRECTORY"), "{e}");
+        assert!(
+            e.to_string().starts_with("ssh-identity-file `ssh-key`"),
+            "{e}"
+        );
+        assert!(secret_path("x", Path::new("../etc/shadow"), Some(creds)).is_err());
+        let c = Config::parse(
+            "ssh-identity-file = \"ssh-key\"\n[notifications]\nslack-webhook-files = [\"slack-0\"]",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ssh_identity_file.as_deref(), Some(Path::new("ssh-key")));
+        assert_eq!(c.notifications.slack_webhook_files, [Path::new("slack-0")]);
+    }
+
+    #[test]
     fn rejects_bad_configs() {
         let bad = |t: &str| {
             Config::parse(t, Path::new("t.toml"))
@@ -387,5 +729,84 @@ mod tests {
         assert!(bad("health-check-timeout = 0").contains("at least 1s"));
         assert!(bad("request-timeout = \"9d\"").contains("too long"));
         assert!(format!("{:?}", Secret::new("hunter2")) == "Secret(***)");
+    }
+
+    #[test]
+    fn windows_approvals_schedules_chat_and_token_reach_are_checked_at_load() {
+        let good = r#"
+            [[tokens]]
+            name = "staging"
+            file = "/run/secrets/s"
+            scope = "deploy"
+            hosts = ["@staging"]
+
+            [[window]]
+            kind = "deny"
+            schedule = "0 17 * * 5"
+            duration = "64h"
+            timezone = "Europe/Berlin"
+            hosts = ["@prod"]
+
+            [groups]
+            sre = ["token:alice", "slack:U2"]
+
+            [[approval]]
+            hosts = ["@prod"]
+            approvers = ["group:sre"]
+            timeout = "30m"
+
+            [[schedule]]
+            name = "nightly"
+            cron = "0 3 * * *"
+            request = { on = ["@staging"], strategy = "rolling", batch_size = "25%" }
+
+            [chat]
+            confirm-above = 2
+            users = [{ id = "U1", scope = "deploy", hosts = ["@staging"] }]
+        "#;
+        let c = Config::parse(good, Path::new("t.toml")).unwrap();
+        let policy = c.policy().unwrap();
+        assert_eq!(policy.windows.windows.len(), 1);
+        assert_eq!(policy.approvals[0].approvers, ["slack:U2", "token:alice"]);
+        assert_eq!(c.chat.confirm_above, 2);
+        assert_eq!(c.tokens[0].hosts, ["@staging"]);
+        let bad = |t: &str| {
+            Config::parse(t, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let window = |field: &str| {
+            format!(
+                "[[window]]\nkind = \"allow\"\nschedule = \"0 1 * * *\"\nduration = \"1h\"\n{field}\n"
+            )
+        };
+        assert!(
+            bad(&window("timezone = \"Mars/Base\"")).contains("window[0].timezone = `Mars/Base`")
+        );
+        assert!(
+            bad("[[window]]\nkind = \"allow\"\nschedule = \"99 1 * * *\"\nduration = \"1h\"")
+                .contains("window[0].schedule = `99 1 * * *`")
+        );
+        assert!(bad(&window("hosts = [\"a;b\"]")).contains("window[0].hosts = `a;b`"));
+        assert!(
+            bad("[[approval]]\nhosts = [\"@prod\"]\napprovers = [\"token:a\"]\ntimeout = \"soon\"")
+                .contains("approval[0].timeout = `soon`")
+        );
+        assert!(
+            bad("[[schedule]]\nname = \"n\"\ncron = \"every day\"")
+                .contains("schedule[0].cron = `every day`")
+        );
+        assert!(
+            bad("[[schedule]]\nname = \"n\"\ncron = \"@daily\"\nrequest = { on = [\"a,,b\"] }")
+                .contains("schedule[0].request")
+        );
+        assert!(
+            bad("[[tokens]]\nname = \"t\"\nfile = \"/x\"\nscope = \"read\"\nhosts = [\"[\"]")
+                .contains("tokens[0].hosts = `[`")
+        );
+        assert!(
+            bad("[chat]\nusers = [{ id = \"U 1\", scope = \"read\" }]")
+                .contains("chat.users[0].id")
+        );
     }
 }

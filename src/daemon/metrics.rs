@@ -1,9 +1,10 @@
 //! `GET /metrics`: the history as Prometheus/OpenMetrics text (encoded by
 //! `prometheus-client`): deployments and host runs by result, rollbacks,
 //! deployment and step durations (histograms), hosts by last result, running
-//! deployments, and the mean time to recovery. Computed from SQLite on each
-//! scrape, so it is always what the history says, whichever process
-//! (daemon or CLI) deployed.
+//! deployments, and the mean time to recovery; and the cluster: this daemon's
+//! leadership and takeovers, each coordinator's heartbeat lag. Computed from
+//! the history on each scrape, so it is always what the history says,
+//! whichever process (daemon or CLI) deployed.
 
 use std::collections::BTreeMap;
 
@@ -97,6 +98,59 @@ fn by_label<M: Default + Clone + prometheus_client::metrics::TypedMetric>(
     family
 }
 
+/// Leadership, takeovers, and how long ago each coordinator's heartbeat was
+/// (by the database's clock).
+async fn register_cluster(
+    registry: &mut Registry,
+    store: &Store,
+    node: Node,
+) -> Result<(), StoreError> {
+    let leader = Gauge::<i64>::default();
+    leader.set(i64::from(node.leader));
+    registry.register(
+        "cluster_leader",
+        "Whether this daemon is the elected leader (1) or not (0)",
+        leader,
+    );
+    let takeovers = Counter::<u64>::default();
+    takeovers.inc_by(node.takeovers);
+    registry.register(
+        "cluster_takeovers",
+        "Deployments this daemon took over from a coordinator whose lease expired",
+        takeovers,
+    );
+    let cluster = store.cluster().await?;
+    let lag = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for c in &cluster.coordinators {
+        lag.get_or_create(&vec![
+            ("coordinator".to_string(), c.id.clone()),
+            ("kind".to_string(), c.kind.clone()),
+            ("hostname".to_string(), c.hostname.clone()),
+        ])
+        .set((cluster.now - c.heartbeat_at).max(0) as f64 / 1000.0);
+    }
+    registry.register(
+        "cluster_heartbeat_lag_seconds",
+        "Time since each coordinator's last heartbeat (the lease TTL is nix_deploy_cluster_lease_ttl_seconds)",
+        lag,
+    );
+    let alive = Gauge::<i64>::default();
+    alive.set(cluster.coordinators.iter().filter(|c| c.alive).count() as i64);
+    registry.register(
+        "cluster_coordinators_alive",
+        "Coordinators whose last heartbeat is younger than the lease TTL",
+        alive,
+    );
+    let ttl = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    ttl.set(cluster.lease_ttl_ms as f64 / 1000.0);
+    registry.register(
+        "cluster_lease_ttl_seconds",
+        "How long a lease lasts unrenewed",
+        ttl,
+    );
+    Ok(())
+}
+
 /// Mean time from a host's failure to its next successful deployment, over
 /// every such recovery in the history; `None` without any.
 pub fn mean_time_to_recovery(runs: &[(String, String, i64)]) -> Option<f64> {
@@ -119,8 +173,17 @@ pub fn mean_time_to_recovery(runs: &[(String, String, i64)]) -> Option<f64> {
     (!recoveries.is_empty()).then(|| recoveries.iter().sum::<f64>() / recoveries.len() as f64)
 }
 
-pub async fn render(store: &Store) -> Result<String, StoreError> {
+/// What only this daemon knows about itself in the cluster.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Node {
+    pub leader: bool,
+    /// Deployments this daemon took over since it started.
+    pub takeovers: u64,
+}
+
+pub async fn render(store: &Store, node: Node) -> Result<String, StoreError> {
     let mut registry = Registry::with_prefix("nix_deploy");
+    register_cluster(&mut registry, store, node).await?;
     let count = |c: &Counter, n: i64| {
         c.inc_by(n.max(0) as u64);
     };
@@ -276,6 +339,7 @@ mod tests {
             options: DeployOptions::default(),
             hosts: vec!["a".into()],
             queued: false,
+            source: None,
         };
         for (status, host_status) in [
             (DeploymentStatus::Failed, HostStatus::RolledBack),
@@ -298,7 +362,15 @@ mod tests {
             store.record_step_duration("build", 0.4).await.unwrap();
             store.finish_deployment(id, status, None).await.unwrap();
         }
-        let text = render(&store).await.unwrap();
+        let _beat = store
+            .start_heartbeat(crate::store::Role::Daemon { takeover: false })
+            .await
+            .unwrap();
+        let node = Node {
+            leader: true,
+            takeovers: 2,
+        };
+        let text = render(&store, node).await.unwrap();
         assert!(
             text.contains("nix_deploy_deployments_total{status=\"failed\"} 1"),
             "{text}"
@@ -319,5 +391,21 @@ mod tests {
         // Both runs finished at the same instant: recovery took 0 s.
         assert!(text.contains("nix_deploy_mttr_seconds 0.0"), "{text}");
         assert!(text.contains("# TYPE nix_deploy_step_duration_seconds histogram"));
+        assert!(text.contains("nix_deploy_cluster_leader 1"), "{text}");
+        assert!(
+            text.contains("nix_deploy_cluster_takeovers_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nix_deploy_cluster_coordinators_alive 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "nix_deploy_cluster_heartbeat_lag_seconds{{coordinator=\"{}\"",
+                store.holder()
+            )),
+            "{text}"
+        );
     }
 }

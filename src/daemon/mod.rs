@@ -7,7 +7,10 @@
 //! can drive it; [`run`] serves it on a listener until the shutdown future
 //! resolves, then cancels running deployments safely and waits for them.
 //!
-//! - `routes/`: one file per group of endpoints (deployments, fleet, hooks);
+//! - `routes/`: one file per group of endpoints (cluster, deployments, fleet, hooks);
+//! - [`feed`]: event streams fed from the history (every daemon streams
+//!   every deployment); `takeover`: failover of deployments whose holder's
+//!   lease expired;
 //! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
 //! - [`config`]: the TOML file; [`notify`]: outgoing notifications;
 //!   [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks' signatures and
@@ -17,16 +20,19 @@
 mod auth;
 pub mod config;
 mod error;
+pub mod feed;
 pub mod github;
 pub mod metrics;
 pub mod notify;
 mod report;
 mod routes;
 pub mod slack;
+mod takeover;
 pub mod web;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +43,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use auth::Token;
+pub use auth::{Caller, Token};
 pub use error::ApiError;
 
 use nix_deploy_core::events::{Event, EventKind};
@@ -47,8 +53,9 @@ use nix_deploy_core::run::Deployment;
 use crate::engine::{
     DeployRequest, Engine, EngineConfig, EngineError, ExecJob, RollbackRequest, UploadKeysRequest,
 };
-use crate::store::Store;
+use crate::store::{Backend, Leader, Store};
 use config::{Config, Secret};
+use feed::EventFeed;
 use notify::Notifier;
 
 /// A deployment this daemon is running.
@@ -74,6 +81,12 @@ pub struct Inner {
     http: reqwest::Client,
     /// The dashboard's sessions and login limit.
     web: web::WebState,
+    /// Wake-ups for event streams.
+    feed: EventFeed,
+    /// Whether this daemon leads the coordinators sharing the history.
+    leader: Leader,
+    /// Deployments this daemon took over since it started.
+    takeovers: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -111,9 +124,11 @@ impl AppState {
         tokens: Vec<Token>,
         slack_secret: Option<Secret>,
         github_secret: Option<Secret>,
+        leader: Leader,
     ) -> Self {
         let notifier = Notifier::new(config.notifications.clone());
         let web = web::WebState::new(&config.web);
+        let feed = EventFeed::start(&store);
         AppState(Arc::new(Inner {
             config,
             engine,
@@ -130,16 +145,119 @@ impl AppState {
                 .build()
                 .unwrap_or_default(),
             web,
+            feed,
+            leader,
+            takeovers: AtomicU64::new(0),
         }))
+    }
+
+    pub(crate) fn feed(&self) -> &EventFeed {
+        &self.feed
+    }
+
+    /// Whether this daemon is the elected leader: what runs once per fleet
+    /// (the watch loop, schedules) runs where this is true.
+    pub fn is_leader(&self) -> bool {
+        self.leader.is_leader()
+    }
+
+    /// What the metrics say about this daemon in the cluster.
+    pub(crate) fn node(&self) -> metrics::Node {
+        metrics::Node {
+            leader: self.is_leader(),
+            takeovers: self.takeovers.load(Ordering::SeqCst),
+        }
     }
 
     pub(crate) fn engine(&self) -> Engine {
         Engine::new(self.engine.clone(), self.store.clone())
     }
 
+    /// The engine for `caller`: it touches only the hosts they may reach.
+    pub(crate) fn engine_for(&self, caller: &Caller) -> Engine {
+        let mut config = self.engine.clone();
+        config.limit = caller.limit.clone();
+        Engine::new(config, self.store.clone())
+    }
+
+    /// Check a request's token; a failure is recorded in the audit trail.
+    pub(crate) async fn authorize(
+        &self,
+        headers: &axum::http::HeaderMap,
+        needed: config::Scope,
+    ) -> Result<Caller, ApiError> {
+        match auth::authorize(headers, &self.tokens, needed) {
+            Ok(caller) => Ok(caller),
+            Err(e) => {
+                self.audit(
+                    "unknown",
+                    "api",
+                    "auth-failed",
+                    "api",
+                    serde_json::json!({ "error": e.to_string() }),
+                )
+                .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Append to the audit trail (who, from where, what, about what).
+    pub(crate) async fn audit(
+        &self,
+        actor: &str,
+        origin: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        self.store
+            .audit(&nix_deploy_core::audit::AuditRecord {
+                actor: actor.to_string(),
+                origin: origin.to_string(),
+                action: action.to_string(),
+                target: target.to_string(),
+                detail,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The windows and approval rules in force.
+    pub(crate) fn policy(&self) -> &crate::engine::Policy {
+        &self.engine.policy
+    }
+
     pub(crate) fn engine_with_flake(&self, flake: &str) -> Engine {
         let mut config = self.engine.clone();
         config.flake = flake.to_string();
+        Engine::new(config, self.store.clone())
+    }
+
+    /// The engine for `caller`'s request: the configured flake, or pinned
+    /// to the request's `revision` (deployments and plans); it touches only
+    /// the hosts they may reach.
+    pub(crate) fn engine_at(
+        &self,
+        revision: Option<&str>,
+        caller: &Caller,
+    ) -> Result<Engine, ApiError> {
+        match revision {
+            Some(rev) => {
+                let pinned = github::flake_at_revision(&self.config.flake, rev)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                Ok(self.engine_with_flake_for(&pinned, caller))
+            }
+            None => Ok(self.engine_for(caller)),
+        }
+    }
+
+    /// [`AppState::engine_for`], on another flake (a pinned revision, a
+    /// deployment's own).
+    pub(crate) fn engine_with_flake_for(&self, flake: &str, caller: &Caller) -> Engine {
+        let mut config = self.engine.clone();
+        config.flake = flake.to_string();
+        config.limit = caller.limit.clone();
         Engine::new(config, self.store.clone())
     }
 
@@ -220,6 +338,9 @@ impl AppState {
         };
         let (first_tx, first_rx) = oneshot::channel::<Result<i64, ApiError>>();
         let first = Arc::new(Mutex::new(Some(first_tx)));
+        // The deployment's id, once known: the job stops at once if this
+        // daemon loses it (another coordinator took it over).
+        let (id_tx, mut id_rx) = tokio::sync::watch::channel(known);
 
         // The forwarder: registers the deployment on its first event (unless
         // queued), then fans events out to streams and notifications.
@@ -229,8 +350,10 @@ impl AppState {
         self.tasks.spawn(async move {
             let mut id = known;
             while let Some(event) = events.recv().await {
+                state.feed.announce(event.deployment_id);
                 if id.is_none() {
                     id = Some(event.deployment_id);
+                    let _ = id_tx.send(id);
                     state.register(event.deployment_id, &forward_cancel, &live);
                     if let Some(tx) = forward_first
                         .lock()
@@ -261,16 +384,47 @@ impl AppState {
         });
 
         let job_first = first;
+        let store = self.store.clone();
         self.tasks.spawn(async move {
-            let result = match job {
-                Job::Deploy(request) => engine.deploy(request, Some(sink), cancel).await,
-                Job::Queued { id, request } => {
-                    engine.deploy_queued(id, request, Some(sink), cancel).await
+            let run = async {
+                match job {
+                    Job::Deploy(request) => engine.deploy(request, Some(sink), cancel).await,
+                    Job::Queued { id, request } => {
+                        engine.deploy_queued(id, request, Some(sink), cancel).await
+                    }
+                    Job::Resume { id, wait } => engine.resume(id, wait, Some(sink), cancel).await,
+                    Job::Rollback(request) => engine.rollback(request, Some(sink)).await,
+                    Job::Exec(job) => engine.exec(job, Some(sink), cancel).await,
+                    Job::UploadKeys(request) => {
+                        engine.upload_keys(request, Some(sink), cancel).await
+                    }
                 }
-                Job::Resume { id, wait } => engine.resume(id, wait, Some(sink), cancel).await,
-                Job::Rollback(request) => engine.rollback(request, Some(sink)).await,
-                Job::Exec(job) => engine.exec(job, Some(sink), cancel).await,
-                Job::UploadKeys(request) => engine.upload_keys(request, Some(sink), cancel).await,
+            };
+            // Lost (superseded, or not renewed in time): dropped where it
+            // stands, touching no host again; its successor settles them.
+            let lost = async {
+                let id = loop {
+                    if let Some(id) = *id_rx.borrow_and_update() {
+                        break id;
+                    }
+                    if id_rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                match store.lost_signal(id) {
+                    Some(signal) => signal.cancelled().await,
+                    None => std::future::pending::<()>().await,
+                }
+                id
+            };
+            let result = tokio::select! {
+                result = run => result,
+                id = lost => {
+                    tracing::error!(deployment = id, "this daemon lost the deployment: stopped working on it");
+                    Err(EngineError::Store(store.epoch(id).err().unwrap_or(
+                        crate::store::StoreError::NotHeld { deployment_id: id },
+                    )))
+                }
             };
             if let Err(e) = &result {
                 tracing::warn!(cause = %e, "deployment job ended with an error");
@@ -332,6 +486,7 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     let api = Router::new()
         .route("/api/v1/status", get(routes::fleet::status))
+        .route("/api/v1/cluster", get(routes::cluster::cluster))
         .route("/api/v1/plan", post(routes::fleet::plan))
         .route(
             "/api/v1/deployments",
@@ -355,6 +510,16 @@ pub fn app(state: AppState) -> Router {
             post(routes::fleet::rollback),
         )
         .route("/api/v1/hosts/{host}/health", post(routes::fleet::health))
+        .route(
+            "/api/v1/deployments/{id}/approve",
+            post(routes::approvals::approve),
+        )
+        .route(
+            "/api/v1/deployments/{id}/reject",
+            post(routes::approvals::reject),
+        )
+        .route("/api/v1/windows", get(routes::approvals::windows))
+        .route("/api/v1/audit", get(routes::approvals::audit))
         .route("/api/v1/exec", post(routes::exec::exec))
         .route("/api/v1/upload-keys", post(routes::exec::upload_keys))
         .route("/hooks/slack", post(routes::hooks::slack))
@@ -423,6 +588,8 @@ pub async fn run(
             }
         })
     };
+    let takeover = (state.config.cluster.takeover && state.store.backend() == Backend::Postgres)
+        .then(|| takeover::spawn(state.clone()));
     let router = app(state.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     let graceful = GracefulShutdown::new();
@@ -458,6 +625,9 @@ pub async fn run(
     }
     trigger.abort();
     reconciler.abort();
+    if let Some(takeover) = takeover {
+        takeover.abort();
+    }
     // Deployments are cancelled; wait for them, then for open responses
     // (event streams end with their deployments).
     state.tasks.close();

@@ -17,6 +17,14 @@ pub struct NotifyConfig {
     pub slack_webhooks: Vec<String>,
     #[serde(default)]
     pub json_webhooks: Vec<String>,
+    /// Files each holding a Slack webhook URL (a webhook URL is a secret:
+    /// whoever has it may post); relative: systemd credentials. Read at
+    /// start into `slack_webhooks`.
+    #[serde(default)]
+    pub slack_webhook_files: Vec<std::path::PathBuf>,
+    /// The same for JSON webhooks.
+    #[serde(default)]
+    pub json_webhook_files: Vec<std::path::PathBuf>,
     /// Attempts after the first.
     #[serde(default = "default_retries")]
     pub retries: u32,
@@ -42,9 +50,43 @@ impl Default for NotifyConfig {
         NotifyConfig {
             slack_webhooks: Vec::new(),
             json_webhooks: Vec::new(),
+            slack_webhook_files: Vec::new(),
+            json_webhook_files: Vec::new(),
             retries: default_retries(),
             timeout: default_timeout(),
         }
+    }
+}
+
+impl NotifyConfig {
+    /// Read the URL files (`*-webhook-files`) into the URL lists; `read`
+    /// reads one secret file, given its config key.
+    pub fn read_url_files<E>(
+        &mut self,
+        read: impl Fn(&str, &std::path::Path) -> Result<String, E>,
+    ) -> Result<(), E> {
+        for file in &self.slack_webhook_files {
+            self.slack_webhooks
+                .push(read("notifications.slack-webhook-files", file)?);
+        }
+        for file in &self.json_webhook_files {
+            self.json_webhooks
+                .push(read("notifications.json-webhook-files", file)?);
+        }
+        Ok(())
+    }
+}
+
+/// A webhook URL as logs may show it: scheme and host only (the path of a
+/// Slack webhook is its secret).
+pub fn redacted(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            let host = host.rsplit('@').next().unwrap_or(host);
+            format!("{scheme}://{host}/…")
+        }
+        None => "(a webhook URL)".to_string(),
     }
 }
 
@@ -192,7 +234,7 @@ impl Notice {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    #[error("{url}: {message} (after {attempts} attempt(s))")]
+    #[error("{}: {message} (after {attempts} attempt(s))", redacted(url))]
     Failed {
         url: String,
         message: String,
@@ -271,7 +313,8 @@ impl Notifier {
             match self.client.post(&url).json(&body).send().await {
                 Ok(r) if r.status().is_success() => Ok(()),
                 Ok(r) => Err(format!("HTTP {}", r.status())),
-                Err(e) => Err(e.to_string()),
+                // reqwest's message names the URL: a secret.
+                Err(e) => Err(e.without_url().to_string()),
             }
         };
         attempt
@@ -293,6 +336,25 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhook_urls_never_reach_a_message() {
+        assert_eq!(
+            redacted("https://hooks.slack.com/services/T000/B000/XXXX"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(
+            redacted("http://user:pw@example.org:8080/x?t=1"),
+            "http://example.org:8080/…"
+        );
+        assert_eq!(redacted("nonsense"), "(a webhook URL)");
+        let e = NotifyError::Failed {
+            url: "https://hooks.slack.com/services/T000/B000/XXXX".into(),
+            message: "HTTP 500".into(),
+            attempts: 2,
+        };
+        assert!(!e.to_string().contains("XXXX"), "{e}");
+    }
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -444,6 +506,7 @@ mod tests {
                 to: Default::default(),
                 duration_ms: 1,
                 error: Some("activate failed\nmore".into()),
+                after: None,
             })),
             Some(Notice::HostRolledBack {
                 id: 3,
@@ -458,6 +521,7 @@ mod tests {
                 to: Default::default(),
                 duration_ms: 1,
                 error: None,
+                after: None,
             })),
             None
         );

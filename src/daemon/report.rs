@@ -103,6 +103,29 @@ pub fn markdown(d: &Deployment) -> String {
     if let Some(e) = &d.error {
         let _ = writeln!(out, "- Stopped: {e}");
     }
+    for gate in &d.gates {
+        let _ = writeln!(
+            out,
+            "- Gate {} ({}): {} for {}",
+            gate.number,
+            gate.title,
+            gate.state.as_str(),
+            gate.hosts.join(", ")
+        );
+        for approval in &gate.approvals {
+            let _ = writeln!(
+                out,
+                "  - approved by {} at {} via {}; they saw: {}",
+                approval.by,
+                timestamp(approval.at),
+                approval.via,
+                approval.seen.replace('\n', "; ")
+            );
+        }
+        if let (Some(by), Some(reason)) = (&gate.decided_by, &gate.reason) {
+            let _ = writeln!(out, "  - {} by {by}: {reason}", gate.state.as_str());
+        }
+    }
     let count = |s: HostStatus| runs.iter().filter(|r| r.status == s).count();
     let attempted = runs
         .iter()

@@ -1,17 +1,16 @@
 //! The `/nix-deploy` Slack slash command: signature verification (v0,
 //! HMAC-SHA256 with the signing secret, 5-minute replay window), the form
-//! Slack posts, the command's arguments (the same as the CLI's), and the
-//! messages we answer and post back.
+//! Slack posts, and the messages we answer and post back. The command's
+//! words are parsed by the CLI's own grammar (`nix_deploy_core::grammar`).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use nix_deploy_core::events::{DeploymentStatus, HostStatus};
-use nix_deploy_core::options::{Amount, Request, STRATEGY_NAMES};
 use nix_deploy_core::plan::Action;
 use nix_deploy_core::reports::PlanReport;
 use nix_deploy_core::run::Deployment;
-use nix_deploy_core::{duration, render, shell};
+use nix_deploy_core::{render, shell};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SlackError {
@@ -100,145 +99,6 @@ pub fn parse_form(body: &[u8]) -> Result<SlashCommand, SlackError> {
         };
     }
     Ok(command)
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum ChatRequest {
-    /// `/nix-deploy [HOST|@TAG ...] [--flag[=value] ...]`: the CLI's flags.
-    Deploy(Box<Request>),
-    Status,
-    Cancel {
-        id: Option<i64>,
-    },
-    Help,
-}
-
-/// A host name or glob, a `@tag` or tag glob, or a comma list of them
-/// ([`nix_deploy_core::select`]), as on the command line.
-fn check_selector(word: &str) -> Result<(), SlackError> {
-    nix_deploy_core::select::check(&[word.to_string()])
-        .map_err(|e| SlackError::BadArgument(e.to_string()))
-}
-
-/// Parse the text after `/nix-deploy`, with the CLI's flags (`--flag=value`
-/// or `--flag value`).
-pub fn parse_text(text: &str) -> Result<ChatRequest, SlackError> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    match words.first().copied() {
-        Some("help") => return Ok(ChatRequest::Help),
-        Some("status") if words.len() == 1 => return Ok(ChatRequest::Status),
-        Some("cancel") => {
-            return match words.get(1) {
-                None => Ok(ChatRequest::Cancel { id: None }),
-                Some(id) if words.len() == 2 => id
-                    .trim_start_matches('#')
-                    .parse()
-                    .map(|id| ChatRequest::Cancel { id: Some(id) })
-                    .map_err(|_| SlackError::BadArgument(format!("`{id}` is not a deployment id"))),
-                Some(_) => Err(SlackError::BadArgument("usage: cancel [ID]".into())),
-            };
-        }
-        _ => {}
-    }
-    let mut request = Request::default();
-    let mut i = 0;
-    while i < words.len() {
-        let word = words[i];
-        i += 1;
-        let Some(flag) = word.strip_prefix("--") else {
-            check_selector(word)?;
-            request.hosts.push(word.to_string());
-            continue;
-        };
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (flag, None),
-        };
-        let mut value = |what: &str| -> Result<String, SlackError> {
-            let v = match inline.clone() {
-                Some(v) => v,
-                None => {
-                    let v = words
-                        .get(i)
-                        .copied()
-                        .ok_or_else(|| SlackError::BadArgument(format!("--{name} needs {what}")))?;
-                    i += 1;
-                    v.to_string()
-                }
-            };
-            if v.is_empty() || v.len() > 64 {
-                return Err(SlackError::BadArgument(format!("--{name} needs {what}")));
-            }
-            Ok(v)
-        };
-        let bad = |e: String| SlackError::BadArgument(format!("--{name}: {e}"));
-        let duration = |v: String| duration::parse_timeout(&v).map_err(bad);
-        match name {
-            "strategy" => {
-                let v = value("a strategy")?;
-                if !STRATEGY_NAMES.contains(&v.as_str()) {
-                    return Err(SlackError::BadArgument(format!(
-                        "unknown strategy `{v}` ({})",
-                        STRATEGY_NAMES.join(", ")
-                    )));
-                }
-                request.strategy = Some(v);
-            }
-            "on" => {
-                let v = value("a selector (web-*, @tag)")?;
-                check_selector(&v)?;
-                request.on.push(v);
-            }
-            "exclude" => {
-                let v = value("a selector (web-*, @tag)")?;
-                check_selector(&v)?;
-                request.exclude.push(v);
-            }
-            "goal" => {
-                let v = value("a goal")?;
-                nix_deploy_core::goal::Goal::parse(&v).map_err(|e| bad(e.0))?;
-                request.goal = Some(v);
-            }
-            "parallel" if inline.is_none() => request.parallel = true,
-            "sequential" if inline.is_none() => request.sequential = true,
-            "force" if inline.is_none() => request.force = true,
-            "canary" => {
-                let v = value("a host")?;
-                if !shell::is_valid_host_name(&v) {
-                    return Err(SlackError::BadArgument(format!("`{v}` is not a host name")));
-                }
-                request.canary.push(v);
-            }
-            "canary-soak" => {
-                let v = value("a duration")?;
-                request.canary_soak = Some(duration::parse(&v).map_err(bad)?);
-            }
-            "health-timeout" => request.health_timeout = Some(duration(value("a duration")?)?),
-            "confirm-timeout" => request.confirm_timeout = Some(duration(value("a duration")?)?),
-            "activation-timeout" => {
-                request.activation_timeout = Some(duration(value("a duration")?)?)
-            }
-            "batch-size" => {
-                let v = value("N or N%")?;
-                request.batch_size = Some(Amount::parse(&v).map_err(|e| bad(e.0))?);
-            }
-            "max-failures" => {
-                let v = value("N or N%")?;
-                request.max_failures = Some(Amount::parse(&v).map_err(|e| bad(e.0))?);
-            }
-            other => {
-                return Err(SlackError::BadArgument(format!(
-                    "unknown option `--{other}`"
-                )));
-            }
-        }
-    }
-    if request.parallel && request.sequential {
-        return Err(SlackError::BadArgument(
-            "--parallel and --sequential exclude each other".into(),
-        ));
-    }
-    Ok(ChatRequest::Deploy(Box::new(request)))
 }
 
 /// Only post to `response_url`s under the configured prefixes.
@@ -404,89 +264,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_commands_like_the_cli() {
-        assert_eq!(parse_text("").unwrap(), ChatRequest::Deploy(Box::default()));
-        assert_eq!(
-            parse_text("p620 razer --strategy=canary").unwrap(),
-            ChatRequest::Deploy(Box::new(Request {
-                hosts: vec!["p620".into(), "razer".into()],
-                strategy: Some("canary".into()),
-                ..Request::default()
-            }))
-        );
-        assert_eq!(
-            parse_text("@laptop --strategy rolling --batch-size=2 --force").unwrap(),
-            ChatRequest::Deploy(Box::new(Request {
-                hosts: vec!["@laptop".into()],
-                strategy: Some("rolling".into()),
-                batch_size: Some(Amount::Count(2)),
-                force: true,
-                ..Request::default()
-            }))
-        );
-        assert!(matches!(parse_text("--parallel").unwrap(), ChatRequest::Deploy(d) if d.parallel));
-        for (text, secs) in [
-            ("--canary-soak=90", 90),
-            ("--canary-soak 30s", 30),
-            ("--canary-soak=1h30m", 5400),
-        ] {
-            assert!(
-                matches!(parse_text(text).unwrap(), ChatRequest::Deploy(d)
-                    if d.canary_soak == Some(std::time::Duration::from_secs(secs))),
-                "{text}"
-            );
-        }
-        let e = parse_text("--canary-soak=10x").unwrap_err().to_string();
-        assert!(e.contains("--canary-soak") && e.contains("30s"), "{e}");
-        assert!(
-            matches!(parse_text("--health-timeout 2m --confirm-timeout=45").unwrap(),
-            ChatRequest::Deploy(d) if d.health_timeout == Some(std::time::Duration::from_secs(120))
-                && d.confirm_timeout == Some(std::time::Duration::from_secs(45)))
-        );
-        let e = parse_text("--confirm-timeout=0").unwrap_err().to_string();
-        assert!(e.contains("at least 1s"), "{e}");
-        assert!(parse_text("--batch-size=0%x").is_err());
-        assert!(
-            matches!(parse_text("--sequential").unwrap(), ChatRequest::Deploy(d) if d.sequential)
-        );
-        assert_eq!(parse_text("status").unwrap(), ChatRequest::Status);
-        assert_eq!(
-            parse_text("cancel").unwrap(),
-            ChatRequest::Cancel { id: None }
-        );
-        assert_eq!(
-            parse_text("cancel #12").unwrap(),
-            ChatRequest::Cancel { id: Some(12) }
-        );
-        assert_eq!(parse_text("help").unwrap(), ChatRequest::Help);
-        assert_eq!(
-            parse_text("web-* --on @edge-* --exclude=web-3 --goal boot").unwrap(),
-            ChatRequest::Deploy(Box::new(Request {
-                hosts: vec!["web-*".into()],
-                on: vec!["@edge-*".into()],
-                exclude: vec!["web-3".into()],
-                goal: Some("boot".into()),
-                ..Request::default()
-            }))
-        );
-        for bad in [
-            "--strategy=yolo",
-            "--goal=reboot",
-            "--on=a;b",
-            "--exclude",
-            "web-[",
-            "--nope",
-            "p620;reboot",
-            "--strategy",
-            "--parallel --sequential",
-            "cancel x",
-            "--canary=-oProxy",
-        ] {
-            assert!(parse_text(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn response_urls_must_match_a_prefix() {
         let prefixes = vec!["https://hooks.slack.com/".to_string()];
         assert!(is_allowed_response_url(
@@ -534,8 +311,10 @@ mod tests {
             plan: None,
             error: None,
             pid: None,
+            pinned: None,
             hosts: vec![p620, p510],
             events: None,
+            gates: Vec::new(),
         };
         let text = summary_message(&deployment)["text"]
             .as_str()

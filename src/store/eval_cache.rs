@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use sqlx::Row;
 
-use super::{Store, StoreError, query_error};
+use sqlx::AssertSqlSafe;
+
+use super::{IN_LIST, Store, StoreError, parameters, query_error};
 use crate::now_ms;
 
 /// Entries kept; the least recently used beyond this are dropped (a host's
@@ -28,27 +30,43 @@ impl Store {
         &self,
         keys: &[String],
     ) -> Result<BTreeMap<String, String>, StoreError> {
-        // One parameter whatever the number of keys: a JSON array.
-        let keys_json = serde_json::to_string(keys).unwrap_or_else(|_| "[]".into());
-        let rows = sqlx::query(
-            "SELECT key, value FROM eval_cache WHERE key IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&keys_json)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_error("reading the evaluation cache"))?;
-        let found: BTreeMap<String, String> = rows
-            .into_iter()
-            .map(|row| (row.get::<String, _>("key"), row.get::<String, _>("value")))
-            .collect();
-        sqlx::query(
-            "UPDATE eval_cache SET used_at = ? WHERE key IN (SELECT value FROM json_each(?))",
-        )
-        .bind(now_ms())
-        .bind(&keys_json)
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("marking evaluation cache entries used"))?;
+        let mut found = BTreeMap::new();
+        let now = now_ms();
+        // A bounded list of parameters per query (both backends limit them).
+        for chunk in keys.chunks(IN_LIST) {
+            let select = format!(
+                "SELECT key, value FROM eval_cache WHERE key IN ({})",
+                parameters(1, chunk.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(select));
+            for key in chunk {
+                query = query.bind(key.clone());
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("reading the evaluation cache"))?;
+            let hits: Vec<String> = rows.iter().map(|r| r.get::<String, _>("key")).collect();
+            found.extend(
+                rows.into_iter()
+                    .map(|row| (row.get::<String, _>("key"), row.get::<String, _>("value"))),
+            );
+            if hits.is_empty() {
+                continue;
+            }
+            let touch = format!(
+                "UPDATE eval_cache SET used_at = $1 WHERE key IN ({})",
+                parameters(2, hits.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(touch)).bind(now);
+            for key in hits {
+                query = query.bind(key);
+            }
+            query
+                .execute(&self.pool)
+                .await
+                .map_err(query_error("marking evaluation cache entries used"))?;
+        }
         Ok(found)
     }
 
@@ -71,7 +89,7 @@ impl Store {
         for entry in entries {
             sqlx::query(
                 "INSERT INTO eval_cache (key, flake, host, value, created_at, used_at)
-                 VALUES (?, ?, ?, ?, ?, ?)
+                 VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (key) DO UPDATE SET used_at = excluded.used_at",
             )
             .bind(&entry.key)
@@ -86,8 +104,9 @@ impl Store {
         }
         sqlx::query(
             "DELETE FROM eval_cache WHERE key IN
-                 (SELECT key FROM eval_cache ORDER BY used_at DESC LIMIT -1 OFFSET ?)",
+                 (SELECT key FROM eval_cache ORDER BY used_at DESC LIMIT $1 OFFSET $2)",
         )
+        .bind(i64::MAX)
         .bind(EVAL_CACHE_ENTRIES)
         .execute(&mut *tx)
         .await
@@ -100,7 +119,7 @@ impl Store {
 
     /// The measured memory of evaluating one host of `flake`, in KiB.
     pub async fn eval_host_memory(&self, flake: &str) -> Result<Option<u64>, StoreError> {
-        let row = sqlx::query("SELECT host_kib FROM eval_memory WHERE flake = ?")
+        let row = sqlx::query("SELECT host_kib FROM eval_memory WHERE flake = $1")
             .bind(flake)
             .fetch_optional(&self.pool)
             .await
@@ -111,7 +130,7 @@ impl Store {
     /// Remember what evaluating one host of `flake` cost (the latest measurement wins).
     pub async fn record_eval_host_memory(&self, flake: &str, kib: u64) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO eval_memory (flake, host_kib, measured_at) VALUES (?, ?, ?)
+            "INSERT INTO eval_memory (flake, host_kib, measured_at) VALUES ($1, $2, $3)
              ON CONFLICT (flake) DO UPDATE SET host_kib = excluded.host_kib,
                  measured_at = excluded.measured_at",
         )
@@ -122,48 +141,5 @@ impl Store {
         .await
         .map_err(query_error("recording the evaluation memory"))?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn results_are_found_by_key_only_and_pruned_by_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        let entry = |key: &str, value: &str| CachedEvaluation {
-            key: key.into(),
-            host: Some("web1".into()),
-            value: value.into(),
-        };
-        store
-            .cache_evaluations(".", &[entry("k1", "{\"a\":1}"), entry("k2", "2")])
-            .await
-            .unwrap();
-        let keys = ["k1".to_string(), "k3".to_string()];
-        let found = store.cached_evaluations(&keys).await.unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found["k1"], "{\"a\":1}");
-        // Writing a key again keeps its value: a key has one value.
-        store
-            .cache_evaluations(".", &[entry("k1", "other")])
-            .await
-            .unwrap();
-        assert_eq!(
-            store.cached_evaluations(&keys).await.unwrap()["k1"],
-            "{\"a\":1}"
-        );
-        // More keys than a query could bind one by one.
-        let many: Vec<String> = (0..1200).map(|i| format!("m{i}")).collect();
-        let entries: Vec<_> = many.iter().map(|k| entry(k, "1")).collect();
-        store.cache_evaluations(".", &entries).await.unwrap();
-        assert_eq!(store.cached_evaluations(&many).await.unwrap().len(), 1200);
-
-        assert_eq!(store.eval_host_memory("f").await.unwrap(), None);
-        store.record_eval_host_memory("f", 40_000).await.unwrap();
-        store.record_eval_host_memory("f", 50_000).await.unwrap();
-        assert_eq!(store.eval_host_memory("f").await.unwrap(), Some(50_000));
     }
 }

@@ -25,14 +25,14 @@ impl Store {
         keep_ms: i64,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
-        sqlx::query("DELETE FROM hook_deliveries WHERE source = ? AND received_at < ?")
+        sqlx::query("DELETE FROM hook_deliveries WHERE source = $1 AND received_at < $2")
             .bind(source)
             .bind(now - keep_ms)
             .execute(&self.pool)
             .await
             .map_err(query_error("forgetting old deliveries"))?;
         let inserted = sqlx::query(
-            "INSERT INTO hook_deliveries (source, delivery, received_at) VALUES (?, ?, ?)
+            "INSERT INTO hook_deliveries (source, delivery, received_at) VALUES ($1, $2, $3)
              ON CONFLICT (source, delivery) DO NOTHING",
         )
         .bind(source)
@@ -46,7 +46,7 @@ impl Store {
     }
 
     pub async fn branch_head(&self, branch: &str) -> Result<Option<BranchHead>, StoreError> {
-        let row = sqlx::query("SELECT commit_id, committed_at FROM branch_heads WHERE branch = ?")
+        let row = sqlx::query("SELECT commit_id, committed_at FROM branch_heads WHERE branch = $1")
             .bind(branch)
             .fetch_optional(&self.pool)
             .await
@@ -65,7 +65,7 @@ impl Store {
         head: &BranchHead,
     ) -> Result<bool, StoreError> {
         let changed = sqlx::query(
-            "INSERT INTO branch_heads (branch, commit_id, committed_at) VALUES (?, ?, ?)
+            "INSERT INTO branch_heads (branch, commit_id, committed_at) VALUES ($1, $2, $3)
              ON CONFLICT (branch) DO UPDATE SET commit_id = excluded.commit_id,
                  committed_at = excluded.committed_at
              WHERE excluded.committed_at > branch_heads.committed_at",

@@ -35,14 +35,25 @@ impl ProcessLock {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(create)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(create)?;
+        }
         let holder = uuid::Uuid::new_v4().simple().to_string();
         let path = lock_path(state_dir, &holder);
-        let file = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
-            .map_err(create)?;
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(create)?
+        };
         file.lock().map_err(create)?;
         Ok(ProcessLock {
             holder,

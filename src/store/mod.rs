@@ -1,34 +1,52 @@
 //! The history: deployments, host runs, events and the last known state of each
-//! host, and the evaluation cache, in one SQLite file (WAL) in the state
-//! directory.
+//! host, leases, the coordinators, and the evaluation cache, in SQLite (one
+//! file, WAL, in the state directory: the default) or PostgreSQL (shared by
+//! several coordinators), through the same queries ([`database`]).
 //!
 //! Invariant: whatever the engine reports (to a terminal, a stream or an API
-//! client) has been written here first. Queries are checked at runtime and
-//! covered by tests against a migrated database.
+//! client) has been written here first. Every write of a deployment's state
+//! is fenced by the epoch its holder took it at ([`fence`]). Queries are
+//! checked at runtime and covered by tests against both backends, migrated.
+//!
+//! Portable SQL only: `$N` placeholders, `BIGINT` integers (times are Unix
+//! milliseconds), `RETURNING id`, `ON CONFLICT`, `COALESCE`; the database's
+//! clock is `(SELECT now_ms FROM db_clock)`, a view each backend defines.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
-
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-
-mod dashboard;
-mod deployments;
-mod eval_cache;
-mod hooks;
-mod leases;
-mod liveness;
-mod runs;
-mod stats;
-
 use std::sync::Arc;
 
+use sqlx::AnyPool;
+
+mod audit;
+mod cluster;
+mod dashboard;
+mod database;
+mod deployments;
+mod eval_cache;
+mod fence;
+mod gates;
+mod hooks;
+mod leases;
+mod listen;
+mod liveness;
+mod profiles;
+mod runs;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+pub use cluster::{Heartbeat, Leader, Role};
 pub use dashboard::{HostHistoryEntry, LatestEvaluation};
+pub use database::{
+    Backend, DB_FILE, Database, DatabaseUrl, LeaseTiming, StoreOptions, schema_version,
+};
 pub use deployments::NewDeployment;
 pub use eval_cache::{CachedEvaluation, EVAL_CACHE_ENTRIES};
+pub use fence::Lost;
+pub use gates::Decision;
 pub use hooks::BranchHead;
 pub use leases::Lease;
+pub use listen::{EventListener, Notice};
 pub use stats::{STEP_BUCKETS, StepHistogram};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,18 +57,42 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open the database {path}: {source}")]
+    #[error("cannot open the database {location}: {source}")]
     Open {
-        path: PathBuf,
+        location: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("cannot migrate the database {path}: {source}")]
+    #[error("cannot migrate the database {location}: {source}")]
     Migrate {
-        path: PathBuf,
+        location: String,
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error(
+        "the database {location} is at schema version {database}, newer than this nix-deploy knows (up to {known}): upgrade nix-deploy"
+    )]
+    SchemaTooNew {
+        location: String,
+        database: i64,
+        known: i64,
+    },
+    #[error(
+        "the database {location} is at schema version {database}, older than this nix-deploy's {known}, and migrating is turned off (`migrate = false`)"
+    )]
+    SchemaTooOld {
+        location: String,
+        database: i64,
+        known: i64,
+    },
+    #[error("{}", superseded_message(*deployment_id, *epoch, *lost))]
+    Superseded {
+        deployment_id: i64,
+        epoch: i64,
+        lost: Lost,
+    },
+    #[error("deployment #{deployment_id} is not held by this coordinator")]
+    NotHeld { deployment_id: i64 },
     #[error("database error while {context}: {source}")]
     Query {
         context: &'static str,
@@ -65,24 +107,53 @@ pub enum StoreError {
     },
 }
 
+fn superseded_message(id: i64, epoch: i64, lost: Lost) -> String {
+    match lost {
+        Lost::Superseded => format!(
+            "deployment #{id} was taken over by another coordinator (this one held epoch {epoch}): this coordinator no longer acts on it"
+        ),
+        Lost::Expired => format!(
+            "deployment #{id}'s lease (epoch {epoch}) could not be renewed in time (the database was unreachable): this coordinator stopped acting on it"
+        ),
+    }
+}
+
 impl StoreError {
     /// Whether the database may well work again soon: locked by another
-    /// writer, the disk full, an I/O error, no free connection. (A corrupt
-    /// row or a failed migration will not get better by waiting.)
+    /// writer, the disk full, an I/O error, no free connection, a server
+    /// restarting. (A corrupt row, a failed migration or a lost lease will
+    /// not get better by waiting.)
     pub fn is_transient(&self) -> bool {
         let StoreError::Query { source, .. } = self else {
             return false;
         };
         match source {
             sqlx::Error::Database(e) => {
-                // SQLite's primary result codes: BUSY 5, LOCKED 6, IOERR 10,
-                // FULL 13, CANTOPEN 14, PROTOCOL 15.
-                let code = e.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0) & 0xff;
-                matches!(code, 5 | 6 | 10 | 13 | 14 | 15)
+                let code = e.code().unwrap_or_default();
+                match code.parse::<i32>() {
+                    // SQLite's primary result codes: BUSY 5, LOCKED 6, IOERR
+                    // 10, FULL 13, CANTOPEN 14, PROTOCOL 15.
+                    Ok(n) if code.len() < 5 => matches!(n & 0xff, 5 | 6 | 10 | 13 | 14 | 15),
+                    // PostgreSQL's SQLSTATE classes: connection exceptions (08),
+                    // serialization failures and deadlocks (40), insufficient
+                    // resources (53), the server shutting down or starting (57P).
+                    _ => {
+                        code.starts_with("08")
+                            || code.starts_with("40")
+                            || code.starts_with("53")
+                            || code.starts_with("57P")
+                    }
+                }
             }
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
             _ => false,
         }
+    }
+
+    /// Whether this coordinator lost the deployment it wrote to: it must
+    /// stop working on it at once and touch no host again.
+    pub fn is_superseded(&self) -> bool {
+        matches!(self, StoreError::Superseded { .. })
     }
 }
 
@@ -93,60 +164,70 @@ fn query_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError 
 /// Handle to the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
-    path: PathBuf,
+    pool: AnyPool,
+    database: Database,
+    /// How errors name the database: a path, or the URL without password.
+    location: String,
     state_dir: PathBuf,
-    /// This process's liveness lock: held while any handle is open.
+    /// This process's liveness lock: held while any handle is open. Its id
+    /// is this coordinator's, in deployments, leases and `coordinators`.
     lock: Arc<liveness::ProcessLock>,
     /// Processes found dead when this one opened the history.
     dead_holders: Arc<Vec<String>>,
+    /// What opening had to make owner-only (see [`Store::tightened`]).
+    tightened: Arc<Vec<String>>,
+    /// The deployments this process holds, at their epochs.
+    ownership: Arc<fence::Ownership>,
+    leases: LeaseTiming,
 }
 
-pub const DB_FILE: &str = "nix-deploy.db";
-
 impl Store {
-    /// Open (creating if needed) the database in `state_dir` and apply migrations.
+    /// Open (creating if needed) the SQLite history in `state_dir` and apply
+    /// migrations.
     pub async fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::CreateDir {
+        Self::connect(&StoreOptions::sqlite(state_dir)).await
+    }
+
+    /// Open the history `options` names, check its schema version and
+    /// migrate it as allowed.
+    pub async fn connect(options: &StoreOptions) -> Result<Self, StoreError> {
+        let state_dir = &options.state_dir;
+        // The state directory is made owner-only first, and everything in it
+        // tightened ([`crate::paths::secure_state_dir`]; see
+        // [`Store::tightened`]); a SQLite database is created 0600, so its
+        // WAL and shared memory, which SQLite creates with the database's
+        // mode, are too.
+        let create_error = |source| StoreError::CreateDir {
             path: state_dir.to_path_buf(),
             source,
-        })?;
-        let path = state_dir.join(DB_FILE);
-        let open_error = |source| StoreError::Open {
-            path: path.clone(),
-            source,
         };
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(open_error)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: what was reported survives a power loss too (NORMAL
-            // only survives a killed process).
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        // Readers (API, CLI) never wait behind the engine's writes in WAL mode,
-        // as long as they have a connection of their own.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .map_err(open_error)?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate {
-                path: path.clone(),
-                source,
-            })?;
+        let tightened = crate::paths::secure_state_dir(state_dir).map_err(create_error)?;
+        if matches!(options.database, Database::Sqlite) {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(state_dir.join(DB_FILE))
+                .map_err(create_error)?;
+        }
+        let location = match &options.database {
+            Database::Sqlite => state_dir.join(DB_FILE).display().to_string(),
+            Database::Postgres(url) => url.to_string(),
+        };
+        let pool = database::open_pool(options, &location).await?;
         let lock = liveness::ProcessLock::acquire(state_dir)?;
         let dead = liveness::remove_dead(state_dir);
         Ok(Store {
             pool,
-            path,
+            database: options.database.clone(),
+            location,
             state_dir: state_dir.to_path_buf(),
             lock: Arc::new(lock),
             dead_holders: Arc::new(dead),
+            tightened: Arc::new(tightened),
+            ownership: Arc::default(),
+            leases: options.leases,
         })
     }
 
@@ -156,13 +237,42 @@ impl Store {
         &self.dead_holders
     }
 
-    /// This process, as deployments and leases name it.
+    /// Paths in the state directory that were readable by others when this
+    /// history was opened and are owner-only now, one line each, for the
+    /// caller to say.
+    pub fn tightened(&self) -> &[String] {
+        &self.tightened
+    }
+
+    /// This process, as deployments, leases and the coordinators table name it.
     pub fn holder(&self) -> &str {
         self.lock.holder()
     }
 
-    /// Whether the process behind `holder` still runs. Rows written before
-    /// holders existed (none) fall back to "is there such a pid at all".
+    pub fn backend(&self) -> Backend {
+        self.database.backend()
+    }
+
+    /// The database, as errors and the API name it (never with a password).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// How this process holds its leases.
+    pub fn lease_timing(&self) -> LeaseTiming {
+        self.leases
+    }
+
+    /// Whether a holder's liveness is its lease's expiry (PostgreSQL: the
+    /// coordinators may be on different machines) rather than its flock in
+    /// the state directory (SQLite: one machine).
+    fn liveness_by_lease(&self) -> bool {
+        self.backend() == Backend::Postgres
+    }
+
+    /// Whether the process behind `holder` still runs, for SQLite, where
+    /// every coordinator is on this machine. Rows written before holders
+    /// existed (none) fall back to "is there such a pid at all".
     pub fn holder_alive(&self, holder: Option<&str>, pid: Option<i64>) -> bool {
         match holder {
             Some(holder) => liveness::alive(&self.state_dir, holder),
@@ -172,19 +282,53 @@ impl Store {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The state directory the database lives in (also home of the
-    /// coordinator's GC roots and liveness locks).
+    /// The state directory (home of the SQLite file, the coordinator's GC
+    /// roots and liveness locks).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
 
     /// For read-only reporting queries (metrics) that live next to their users.
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The epoch this process holds deployment `id` at (what an activation
+    /// token carries), or why it holds none.
+    pub fn epoch(&self, id: i64) -> Result<i64, StoreError> {
+        self.ownership.epoch(id)
+    }
+
+    /// Cancelled when this process loses deployment `id` (superseded, or its
+    /// lease not renewed in time): stop working on it at once. `None` when
+    /// this process does not hold it.
+    pub fn lost_signal(&self, id: i64) -> Option<tokio_util::sync::CancellationToken> {
+        self.ownership.signal(id)
+    }
+
+    /// A transaction that may write deployment `id`'s state: its row locked
+    /// at the epoch this process holds it at. Refused (and the deployment
+    /// marked lost here) when another coordinator took it.
+    async fn fenced(
+        &self,
+        id: i64,
+        context: &'static str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let epoch = self.ownership.epoch(id)?;
+        let mut tx = self.pool.begin().await.map_err(query_error(context))?;
+        if !fence::guard(&mut tx, id, epoch)
+            .await
+            .map_err(query_error(context))?
+        {
+            drop(tx);
+            self.ownership.lose(id, epoch, Lost::Superseded);
+            return Err(StoreError::Superseded {
+                deployment_id: id,
+                epoch,
+                lost: Lost::Superseded,
+            });
+        }
+        Ok(tx)
     }
 
     pub async fn close(&self) {
@@ -197,294 +341,15 @@ fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use nix_deploy_core::events::{DeploymentStatus, EventKind, HostStatus, Step, SystemRef};
-    use nix_deploy_core::options::DeployOptions;
-    use nix_deploy_core::run::{HostRun, StepTiming};
-
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        (dir, store)
-    }
-
-    fn new_deployment() -> NewDeployment {
-        NewDeployment {
-            trigger: "cli".into(),
-            requested_by: "tester".into(),
-            flake: "path:/fleet".into(),
-            flake_rev: None,
-            strategy: "smart".into(),
-            options: DeployOptions::default(),
-            hosts: vec!["web1".into(), "web2".into()],
-            queued: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn deployments_runs_and_events_round_trip() {
-        let (dir, store) = store().await;
-        let id = store.create_deployment(&new_deployment()).await.unwrap();
-        let mut run = HostRun::new(id, "web1");
-        run.status = HostStatus::Deployed;
-        run.from = SystemRef {
-            path: Some("/nix/store/a".into()),
-            generation: Some(1),
-        };
-        run.to = SystemRef {
-            path: Some("/nix/store/b".into()),
-            generation: Some(2),
-        };
-        run.steps.push(StepTiming {
-            step: Step::Build,
-            started_at: 1,
-            finished_at: Some(2),
-            ok: Some(true),
-        });
-        store.save_host_run(&run).await.unwrap();
-        run.error = Some("none".into());
-        store.save_host_run(&run).await.unwrap();
-        store.record_host_result(&run).await.unwrap();
-        let first = store
-            .append_event(
-                id,
-                None,
-                EventKind::Log {
-                    message: "a".into(),
-                },
-            )
-            .await
-            .unwrap();
-        let second = store
-            .append_event(
-                id,
-                Some("web1"),
-                EventKind::StepStarted { step: Step::Copy },
-            )
-            .await
-            .unwrap();
-        assert!(second.id > first.id);
-        store
-            .finish_deployment(id, DeploymentStatus::Succeeded, None)
-            .await
-            .unwrap();
-        store.close().await;
-
-        // Everything is still there after reopening.
-        let store = Store::open(dir.path()).await.unwrap();
-        let deployment = store.deployment(id).await.unwrap().unwrap();
-        assert_eq!(deployment.status, DeploymentStatus::Succeeded);
-        assert_eq!(deployment.selected, ["web1", "web2"]);
-        assert_eq!(deployment.hosts, vec![run.clone()]);
-        assert!(deployment.time.finished_at.is_some());
-        assert_eq!(store.host_runs(id).await.unwrap(), vec![run]);
-        let events = store.events(id, 0).await.unwrap();
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[1].kind, EventKind::StepStarted { step: Step::Copy });
-        assert_eq!(store.events(id, first.id).await.unwrap().len(), 1);
-        let hosts = store.host_states().await.unwrap();
-        assert_eq!(hosts[0].generation, Some(2));
-        assert_eq!(hosts[0].last_status.as_deref(), Some("deployed"));
-        assert_eq!(store.deployments(10).await.unwrap().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn leases_refuse_a_live_holder_and_take_over_a_dead_ones() {
-        let (dir, store) = store().await;
-        let ttl = Duration::from_secs(60);
-        assert_eq!(
-            store.try_lease("h", "one", Some(1), ttl).await.unwrap(),
-            Ok(())
-        );
-        // Same owner: renewal.
-        assert_eq!(
-            store.try_lease("h", "one", Some(1), ttl).await.unwrap(),
-            Ok(())
-        );
-        // Another owner while this (live) process holds it: refused, naming the holder.
-        let held = store
-            .try_lease("h", "two", Some(2), ttl)
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(held.deployment_id, Some(1));
-        assert!(held.to_string().contains("deployment #1"));
-        // Expired, but its holder lives: still refused.
-        store
-            .renew_leases("one", None, Duration::ZERO)
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(
-            store
-                .try_lease("h", "two", Some(2), ttl)
-                .await
-                .unwrap()
-                .is_err()
-        );
-        // Another process (another store handle, its own lock) sees the same.
-        let other = Store::open(dir.path()).await.unwrap();
-        assert!(
-            other
-                .try_lease("h", "three", None, ttl)
-                .await
-                .unwrap()
-                .is_err()
-        );
-        // The holder is gone (its lock released): taken over.
-        sqlx::query("UPDATE leases SET holder = 'deadbeef'")
-            .execute(&store.pool)
-            .await
-            .unwrap();
-        assert_eq!(
-            store.try_lease("h", "two", Some(2), ttl).await.unwrap(),
-            Ok(())
-        );
-        assert_eq!(store.lease("h").await.unwrap().unwrap().owner, "two");
-        store.release_leases("two").await.unwrap();
-        assert_eq!(store.lease("h").await.unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn a_dead_coordinators_deployment_becomes_interrupted() {
-        let (_dir, store) = store().await;
-        let id = store.create_deployment(&new_deployment()).await.unwrap();
-        let mut run = HostRun::new(id, "web1");
-        run.status = HostStatus::Running;
-        store.save_host_run(&run).await.unwrap();
-        // Our own process is alive: nothing happens.
-        assert!(store.mark_interrupted().await.unwrap().is_empty());
-        sqlx::query("UPDATE deployments SET pid = 999999999, holder = 'deadbeef' WHERE id = ?")
-            .bind(id)
-            .execute(&store.pool)
-            .await
-            .unwrap();
-        assert_eq!(store.mark_interrupted().await.unwrap(), vec![id]);
-        let d = store.deployment(id).await.unwrap().unwrap();
-        assert_eq!(d.status, DeploymentStatus::Interrupted);
-        assert_eq!(
-            store.host_runs(id).await.unwrap()[0].status,
-            HostStatus::Interrupted
-        );
-        assert!(
-            !store.request_cancel(id, "tester").await.unwrap(),
-            "not running any more"
-        );
-    }
-
-    #[tokio::test]
-    async fn exec_runs_goals_outputs_and_reboots_round_trip() {
-        use nix_deploy_core::exec::{CommandOutput, ExecSpec};
-        use nix_deploy_core::goal::Goal;
-        use nix_deploy_core::run::{RebootRecord, RunKind};
-        let (_dir, store) = store().await;
-        let spec = ExecSpec {
-            command: vec!["uptime".into()],
-            parallel_limit: 3,
-            timeout: Duration::from_secs(30),
-        };
-        let id = store
-            .create_run(&new_deployment(), RunKind::Exec, Some(&spec))
-            .await
-            .unwrap();
-        let mut run = HostRun::new(id, "web1");
-        run.status = HostStatus::Succeeded;
-        run.output = Some(CommandOutput {
-            exit_code: Some(0),
-            stdout: "up 3 days".into(),
-            stderr: String::new(),
-        });
-        store.save_host_run(&run).await.unwrap();
-        let exec = store.deployment(id).await.unwrap().unwrap();
-        assert_eq!(exec.kind, RunKind::Exec);
-        assert_eq!(exec.exec, Some(spec));
-        assert_eq!(exec.hosts, vec![run]);
-        // Plain deployments are still deployments, and an exec is no one's
-        // history for estimates.
-        let deploy = store.create_deployment(&new_deployment()).await.unwrap();
-        assert_eq!(
-            store.deployment(deploy).await.unwrap().unwrap().kind,
-            RunKind::Deploy
-        );
-        let mut failed = HostRun::new(id, "web2");
-        failed.status = HostStatus::Failed;
-        failed.time.finished_at = Some(1);
-        store.save_host_run(&failed).await.unwrap();
-        assert!(store.recent_host_runs("web2", 10).await.unwrap().is_empty());
-
-        // A boot deployment: the host keeps running the old system and
-        // boots the new one next: pending a reboot.
-        let mut boot = HostRun::new(deploy, "db1");
-        boot.status = HostStatus::Deployed;
-        boot.goal = Some(Goal::Boot);
-        boot.from = SystemRef {
-            path: Some("/nix/store/old".into()),
-            generation: Some(1),
-        };
-        boot.to = SystemRef {
-            path: Some("/nix/store/new".into()),
-            generation: Some(2),
-        };
-        store.save_host_run(&boot).await.unwrap();
-        store.record_host_result(&boot).await.unwrap();
-        let state = &store.host_states().await.unwrap()[0];
-        assert_eq!(state.current_path.as_deref(), Some("/nix/store/old"));
-        assert_eq!(state.generation, Some(2));
-        assert_eq!(state.boot_path.as_deref(), Some("/nix/store/new"));
-        assert!(state.pending_reboot);
-        // Rebooted into it: nothing pending.
-        boot.reboot = Some(RebootRecord {
-            boot_id_before: Some("a".into()),
-            boot_id_after: Some("b".into()),
-            system: Some("/nix/store/new".into()),
-        });
-        store.save_host_run(&boot).await.unwrap();
-        store.record_host_result(&boot).await.unwrap();
-        let state = &store.host_states().await.unwrap()[0];
-        assert_eq!(state.current_path.as_deref(), Some("/nix/store/new"));
-        assert!(!state.pending_reboot);
-        let back = store.host_runs(deploy).await.unwrap();
-        assert_eq!(back, vec![boot]);
-    }
-
-    #[tokio::test]
-    async fn unreachable_probe_keeps_last_known_system() {
-        let (_dir, store) = store().await;
-        let sys = SystemRef {
-            path: Some("/nix/store/a".into()),
-            generation: Some(3),
-        };
-        store.record_probe("h", &sys, None).await.unwrap();
-        store
-            .record_probe("h", &SystemRef::default(), Some("connection refused"))
-            .await
-            .unwrap();
-        let state = &store.host_states().await.unwrap()[0];
-        assert_eq!(state.generation, Some(3));
-        assert_eq!(state.probe_error.as_deref(), Some("connection refused"));
-    }
-
-    #[tokio::test]
-    async fn hosts_touched_since_a_moment_are_the_ones_with_runs_after_it() {
-        let (_dir, store) = store().await;
-        let id = store.create_deployment(&new_deployment()).await.unwrap();
-        let mut old = HostRun::new(id, "web1");
-        old.time.started_at = Some(100);
-        old.time.finished_at = Some(200);
-        store.save_host_run(&old).await.unwrap();
-        let mut unfinished = HostRun::new(id, "web2");
-        unfinished.time.started_at = Some(100);
-        store.save_host_run(&unfinished).await.unwrap();
-        let hosts = ["web1".to_string(), "web2".to_string(), "web3".to_string()];
-        assert_eq!(
-            store.hosts_touched_since(&hosts, 300).await.unwrap(),
-            ["web2"]
-        );
-        assert_eq!(
-            store.hosts_touched_since(&hosts, 150).await.unwrap(),
-            ["web1", "web2"]
-        );
-    }
+/// `$first, $first+1, …` for `n` values: a parameter list for `IN (…)`,
+/// the same text for both backends (callers keep `n` bounded: both limit
+/// the parameters of a query).
+fn parameters(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
+
+/// How many values one `IN (…)` list holds at most.
+const IN_LIST: usize = 500;

@@ -1,22 +1,27 @@
 //! Host runs, events and the last known state of each host.
 
 use sqlx::Row;
+use sqlx::any::AnyRow;
 
 use nix_deploy_core::events::{Event, EventKind, HostStatus, SystemRef};
 use nix_deploy_core::goal::{self, Goal};
 use nix_deploy_core::run::{HostRecord, HostRun, Span};
 
-use super::{Store, StoreError, query_error, to_json};
+use sqlx::AssertSqlSafe;
+
+use super::{IN_LIST, Store, StoreError, parameters, query_error, to_json};
 use crate::now_ms;
 
 impl Store {
     /// Insert or replace a host run as a whole.
     pub async fn save_host_run(&self, run: &HostRun) -> Result<(), StoreError> {
+        let context = "saving a host run";
+        let mut tx = self.fenced(run.deployment_id, context).await?;
         upsert_host_run(run)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(query_error("saving a host run"))?;
-        Ok(())
+            .map_err(query_error(context))?;
+        tx.commit().await.map_err(query_error(context))
     }
 
     /// Save a host run, record an event about it and, when a step ended,
@@ -30,17 +35,13 @@ impl Store {
         finished_step: Option<(&str, f64)>,
     ) -> Result<Event, StoreError> {
         let context = "saving a host run and its event";
-        let mut tx = self.pool.begin().await.map_err(query_error(context))?;
+        let mut tx = self.fenced(run.deployment_id, context).await?;
         upsert_host_run(run)
             .execute(&mut *tx)
             .await
             .map_err(query_error(context))?;
         let mut event = new_event(run.deployment_id, Some(&run.host), kind);
-        event.id = insert_event(&event)?
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error(context))?
-            .last_insert_rowid();
+        event.id = insert_event(&mut tx, &event).await?;
         if let Some((step, seconds)) = finished_step {
             super::stats::count_step(&mut tx, step, seconds).await?;
         }
@@ -50,7 +51,7 @@ impl Store {
 
     /// Every host run of a deployment, by host name.
     pub async fn host_runs(&self, deployment_id: i64) -> Result<Vec<HostRun>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM host_runs WHERE deployment_id = ? ORDER BY host")
+        let rows = sqlx::query("SELECT * FROM host_runs WHERE deployment_id = $1 ORDER BY host")
             .bind(deployment_id)
             .fetch_all(&self.pool)
             .await
@@ -66,10 +67,10 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<HostRun>, StoreError> {
         let rows = sqlx::query(
-            "SELECT * FROM host_runs WHERE host = ? AND finished_at IS NOT NULL
+            "SELECT * FROM host_runs WHERE host = $1 AND finished_at IS NOT NULL
                AND status NOT IN ('skipped', 'pending', 'running', 'cancelled')
                AND deployment_id IN (SELECT id FROM deployments WHERE kind = 'deploy')
-             ORDER BY finished_at DESC LIMIT ?",
+             ORDER BY finished_at DESC LIMIT $2",
         )
         .bind(host)
         .bind(limit)
@@ -84,7 +85,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT finished_at - started_at FROM host_runs
              WHERE status = 'deployed' AND finished_at IS NOT NULL AND started_at IS NOT NULL
-             ORDER BY finished_at DESC LIMIT ?",
+             ORDER BY finished_at DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -96,9 +97,7 @@ impl Store {
             .collect())
     }
 
-    pub(super) fn host_runs_from_rows(
-        rows: &[sqlx::sqlite::SqliteRow],
-    ) -> Result<Vec<HostRun>, StoreError> {
+    pub(super) fn host_runs_from_rows(rows: &[AnyRow]) -> Result<Vec<HostRun>, StoreError> {
         rows.iter()
             .map(|row| {
                 let status: String = row.get("status");
@@ -107,6 +106,7 @@ impl Store {
                 let goal: Option<String> = row.get("goal");
                 let output: Option<String> = row.get("output");
                 let reboot: Option<String> = row.get("reboot");
+                let after: Option<String> = row.get("after");
                 let generation = |col: &str| row.get::<Option<i64>, _>(col).map(|g| g as u32);
                 fn json<T: serde::de::DeserializeOwned>(
                     text: Option<String>,
@@ -121,7 +121,7 @@ impl Store {
                     host: row.get("host"),
                     status: HostStatus::parse(&status).unwrap_or(HostStatus::Failed),
                     step: row.get("step"),
-                    changed: row.get("changed"),
+                    changed: row.get::<Option<i64>, _>("changed").map(|c| c != 0),
                     from: SystemRef {
                         path: row.get("old_path"),
                         generation: generation("old_generation"),
@@ -151,6 +151,7 @@ impl Store {
                     goal: goal.and_then(|g| Goal::parse(&g).ok()),
                     output: json(output, "host_runs.output")?,
                     reboot: json(reboot, "host_runs.reboot")?,
+                    after: json(after, "host_runs.after")?,
                 })
             })
             .collect()
@@ -163,12 +164,11 @@ impl Store {
         host: Option<&str>,
         kind: EventKind,
     ) -> Result<Event, StoreError> {
+        let context = "recording an event";
+        let mut tx = self.fenced(deployment_id, context).await?;
         let mut event = new_event(deployment_id, host, kind);
-        event.id = insert_event(&event)?
-            .execute(&self.pool)
-            .await
-            .map_err(query_error("recording an event"))?
-            .last_insert_rowid();
+        event.id = insert_event(&mut tx, &event).await?;
+        tx.commit().await.map_err(query_error(context))?;
         Ok(event)
     }
 
@@ -180,7 +180,7 @@ impl Store {
     ) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, deployment_id, at, host, data FROM events
-             WHERE deployment_id = ? AND id > ? ORDER BY id",
+             WHERE deployment_id = $1 AND id > $2 ORDER BY id",
         )
         .bind(deployment_id)
         .bind(after_id)
@@ -214,7 +214,7 @@ impl Store {
         // An unreachable host keeps its last known system.
         sqlx::query(
             "INSERT INTO hosts (name, current_path, generation, probed_at, probe_error)
-             VALUES (?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (name) DO UPDATE SET
                  current_path = CASE WHEN excluded.probe_error IS NULL THEN excluded.current_path ELSE hosts.current_path END,
                  generation = CASE WHEN excluded.probe_error IS NULL THEN excluded.generation ELSE hosts.generation END,
@@ -241,7 +241,7 @@ impl Store {
         if boot_path.is_none() {
             return Ok(());
         }
-        sqlx::query("UPDATE hosts SET boot_path = ? WHERE name = ?")
+        sqlx::query("UPDATE hosts SET boot_path = $1 WHERE name = $2")
             .bind(boot_path)
             .bind(host)
             .execute(&self.pool)
@@ -251,16 +251,24 @@ impl Store {
     }
 
     /// Remember how a host's last deployment ended, and what it runs and
-    /// boots now, as far as its goal and result tell.
+    /// boots now: as read from the host when its part ended, else as far as
+    /// its goal and result tell. A host the deployment never started
+    /// (nothing to do, blocked, cancelled) keeps its last result: what it
+    /// runs was recorded by its probe.
     pub async fn record_host_result(&self, run: &HostRun) -> Result<(), StoreError> {
+        if matches!(run.status, HostStatus::Skipped | HostStatus::Cancelled) {
+            return Ok(());
+        }
         let (running, generation, boot) = after_run(run);
+        let context = "recording a host result";
+        let mut tx = self.fenced(run.deployment_id, context).await?;
         sqlx::query(
             "INSERT INTO hosts (name, current_path, generation, last_deployment_id, last_status, last_error, last_finished_at, boot_path)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (name) DO UPDATE SET
-                 current_path = COALESCE(?, hosts.current_path),
-                 generation = COALESCE(?, hosts.generation),
-                 boot_path = COALESCE(?, hosts.boot_path),
+                 current_path = COALESCE($2, hosts.current_path),
+                 generation = COALESCE($3, hosts.generation),
+                 boot_path = COALESCE($8, hosts.boot_path),
                  last_deployment_id = excluded.last_deployment_id,
                  last_status = excluded.last_status,
                  last_error = excluded.last_error,
@@ -274,13 +282,10 @@ impl Store {
         .bind(&run.error)
         .bind(run.time.finished_at.unwrap_or_else(now_ms))
         .bind(boot)
-        .bind(running)
-        .bind(generation.map(i64::from))
-        .bind(boot)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
-        .map_err(query_error("recording a host result"))?;
-        Ok(())
+        .map_err(query_error(context))?;
+        tx.commit().await.map_err(query_error(context))
     }
 
     pub async fn host_states(&self) -> Result<Vec<HostRecord>, StoreError> {
@@ -317,19 +322,27 @@ impl Store {
         hosts: &[String],
         since_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT DISTINCT host FROM host_runs
-             WHERE host IN (SELECT value FROM json_each(?))
-               AND (started_at >= ? OR finished_at IS NULL OR finished_at >= ?)
-             ORDER BY host",
-        )
-        .bind(serde_json::to_string(hosts).unwrap_or_else(|_| "[]".into()))
-        .bind(since_ms)
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_error("reading recent host runs"))?;
-        let touched = rows.iter().map(|r| r.get::<String, _>("host")).collect();
+        let mut touched = Vec::new();
+        // A bounded list of parameters per query (both backends limit them).
+        for chunk in hosts.chunks(IN_LIST) {
+            let sql = format!(
+                "SELECT DISTINCT host FROM host_runs
+                 WHERE (started_at >= $1 OR finished_at IS NULL OR finished_at >= $1)
+                   AND host IN ({})",
+                parameters(2, chunk.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(since_ms);
+            for host in chunk {
+                query = query.bind(host.clone());
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("reading recent host runs"))?;
+            touched.extend(rows.iter().map(|r| r.get::<String, _>("host")));
+        }
+        touched.sort();
+        touched.dedup();
         Ok(touched)
     }
 }
@@ -337,6 +350,14 @@ impl Store {
 /// What a host runs, which generation its profile is on, and what it boots,
 /// after a host run (`None`: unchanged, as far as this run knows).
 fn after_run(run: &HostRun) -> (Option<&str>, Option<u32>, Option<&str>) {
+    // Read from the host when its part ended: that is what it runs.
+    if let Some(after) = &run.after {
+        return (
+            after.running.as_deref(),
+            after.boot_generation,
+            after.boot.as_deref(),
+        );
+    }
     let goal = run.goal.unwrap_or_default();
     let to = run.to.path.as_deref();
     match run.status {
@@ -347,7 +368,7 @@ fn after_run(run: &HostRun) -> (Option<&str>, Option<u32>, Option<&str>) {
             Goal::Boot => (run.from.path.as_deref(), run.to.generation, to),
             // The profile (and so the boot default) never changed.
             Goal::Test => (to, None, None),
-            Goal::DryActivate => (None, None, None),
+            Goal::DryActivate | Goal::Push => (None, None, None),
         },
         HostStatus::RolledBack | HostStatus::Failed => {
             (run.from.path.as_deref(), run.from.generation, None)
@@ -356,15 +377,15 @@ fn after_run(run: &HostRun) -> (Option<&str>, Option<u32>, Option<&str>) {
     }
 }
 
-type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
 /// The statement that inserts or replaces `run`.
 fn upsert_host_run(run: &HostRun) -> Query<'_> {
     sqlx::query(
         "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
              new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token,
-             goal, output, reboot)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             goal, output, reboot, after)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
          ON CONFLICT (deployment_id, host) DO UPDATE SET
              status = excluded.status, step = excluded.step, changed = excluded.changed,
              old_path = excluded.old_path, old_generation = excluded.old_generation,
@@ -372,13 +393,14 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
              started_at = excluded.started_at, finished_at = excluded.finished_at,
              steps = excluded.steps, reason = excluded.reason, error = excluded.error,
              summary = excluded.summary, token = excluded.token,
-             goal = excluded.goal, output = excluded.output, reboot = excluded.reboot",
+             goal = excluded.goal, output = excluded.output, reboot = excluded.reboot,
+             after = excluded.after",
     )
     .bind(run.deployment_id)
     .bind(&run.host)
     .bind(run.status.as_str())
     .bind(&run.step)
-    .bind(run.changed)
+    .bind(run.changed.map(i64::from))
     .bind(&run.from.path)
     .bind(run.from.generation.map(i64::from))
     .bind(&run.to.path)
@@ -393,10 +415,11 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
     .bind(run.goal.map(|g| g.as_str()))
     .bind(run.output.as_ref().map(to_json))
     .bind(run.reboot.as_ref().map(to_json))
+    .bind(run.after.as_ref().map(to_json))
 }
 
 /// An event to record now.
-fn new_event(deployment_id: i64, host: Option<&str>, kind: EventKind) -> Event {
+pub(super) fn new_event(deployment_id: i64, host: Option<&str>, kind: EventKind) -> Event {
     Event {
         id: 0,
         deployment_id,
@@ -406,18 +429,27 @@ fn new_event(deployment_id: i64, host: Option<&str>, kind: EventKind) -> Event {
     }
 }
 
-/// The statement that inserts `event` (its id comes from the insert).
-fn insert_event(event: &Event) -> Result<Query<'_>, StoreError> {
+/// Insert `event` in the caller's transaction, which holds its
+/// deployment's row (see `fence`); returns its id.
+pub(super) async fn insert_event(
+    conn: &mut sqlx::AnyConnection,
+    event: &Event,
+) -> Result<i64, StoreError> {
     let data = serde_json::to_string(&event.kind).map_err(|source| StoreError::Json {
         context: "events",
         source,
     })?;
-    Ok(sqlx::query(
-        "INSERT INTO events (deployment_id, at, host, kind, data) VALUES (?, ?, ?, ?, ?)",
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO events (deployment_id, at, host, kind, data) VALUES ($1, $2, $3, $4, $5)
+         RETURNING id",
     )
     .bind(event.deployment_id)
     .bind(event.at)
     .bind(event.host.clone())
     .bind(event.kind.name())
-    .bind(data))
+    .bind(data)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(query_error("recording an event"))?;
+    Ok(id)
 }

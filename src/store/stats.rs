@@ -74,13 +74,13 @@ impl Store {
 
 /// Count one finished step, inside the caller's transaction.
 pub(super) async fn count_step(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
     step: &str,
     seconds: f64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO step_stats (step, bucket, count) VALUES (?, ?, 1)
-         ON CONFLICT (step, bucket) DO UPDATE SET count = count + 1",
+        "INSERT INTO step_stats (step, bucket, count) VALUES ($1, $2, 1)
+         ON CONFLICT (step, bucket) DO UPDATE SET count = step_stats.count + 1",
     )
     .bind(step)
     .bind(bucket_of(seconds) as i64)
@@ -88,8 +88,9 @@ pub(super) async fn count_step(
     .await
     .map_err(query_error("counting a step"))?;
     sqlx::query(
-        "INSERT INTO step_totals (step, count, sum) VALUES (?, 1, ?)
-         ON CONFLICT (step) DO UPDATE SET count = count + 1, sum = sum + excluded.sum",
+        "INSERT INTO step_totals (step, count, sum) VALUES ($1, 1, $2)
+         ON CONFLICT (step) DO UPDATE SET count = step_totals.count + 1,
+             sum = step_totals.sum + excluded.sum",
     )
     .bind(step)
     .bind(seconds)

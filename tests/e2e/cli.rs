@@ -205,7 +205,7 @@ fn history_tells_who_deployed_and_what_was_rolled_back() {
     assert!(!text.contains("unknown@"), "{text}");
     assert!(text.contains(&format!("@{} (cli)", host.trim())), "{text}");
     assert!(
-        text.contains("0 deployed, 1 skipped, 1 rolled back, 0 failed"),
+        text.contains("0 deployed, 1 skipped, 1 failed (1 of them rolled back)"),
         "{text}"
     );
 

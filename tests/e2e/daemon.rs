@@ -15,11 +15,11 @@ use nix_deploy_testkit::HostSpec;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::{Harness, binary};
+use crate::helpers::{Harness, binary, git};
 
-const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
-const READ_TOKEN: &str = "read-token-0123456789";
-const SLACK_SECRET: &str = "slack-signing-secret";
+pub(crate) const DEPLOY_TOKEN: &str = "deploy-token-0123456789";
+pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
+pub(crate) const SLACK_SECRET: &str = "slack-signing-secret";
 const GITHUB_SECRET: &str = "github-webhook-secret";
 
 /// A tiny HTTP receiver on loopback that records request bodies.
@@ -63,10 +63,10 @@ fn receiver() -> Receiver {
     Receiver { url, bodies }
 }
 
-struct Daemon {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
+pub(crate) struct Daemon {
+    pub child: Child,
+    pub url: String,
+    pub dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -77,8 +77,25 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    fn token_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn token_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// SIGTERM, as systemd stops the service.
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// What the daemon logged so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 }
 
@@ -88,7 +105,12 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 
 /// A daemon with `top` keys before the config's tables and `extra_config`
 /// after them (in the `[github]` table unless it opens another).
-fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
+pub(crate) fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
+    start_daemon_in(h, h.state_dir(), top, extra_config)
+}
+
+/// [`start_daemon_with`] on another state directory (another machine's).
+pub(crate) fn start_daemon_in(h: &Harness, state: &Path, top: &str, extra_config: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -121,6 +143,10 @@ scope = "read"
 signing-secret-file = "{}"
 response-url-prefixes = ["http://127.0.0.1:"]
 
+[[chat.users]]
+id = "U1"
+scope = "deploy"
+
 [github]
 secret-file = "{}"
 branch = "main"
@@ -138,7 +164,7 @@ branch = "main"
         .arg("--ssh-config")
         .arg(h.fleet.ssh_config())
         .arg("--state-dir")
-        .arg(h.state_dir())
+        .arg(state)
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -163,14 +189,14 @@ branch = "main"
     Daemon { child, url, dir }
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
 }
 
-async fn call(
+pub(crate) async fn call(
     method: reqwest::Method,
     url: &str,
     token: Option<&str>,
@@ -194,22 +220,33 @@ async fn call(
 
 /// Follow a deployment's event stream to the end; returns the event kinds.
 async fn follow(d: &Daemon, id: i64) -> Vec<String> {
+    follow_events(d, id)
+        .await
+        .iter()
+        .map(|e| e.kind.name().to_string())
+        .collect()
+}
+
+/// Follow a deployment's event stream to the end; returns the events.
+pub(crate) async fn follow_events(d: &Daemon, id: i64) -> Vec<nix_deploy_core::events::Event> {
     let client =
         nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::time::timeout(Duration::from_secs(120), client.follow(id, tx))
+    tokio::time::timeout(Duration::from_secs(180), client.follow(id, tx))
         .await
         .expect("the stream ends when the deployment does")
         .unwrap();
-    let mut kinds = Vec::new();
+    let mut events = Vec::new();
     while let Ok(event) = rx.try_recv() {
-        kinds.push(event.kind.name().to_string());
+        events.push(event);
     }
-    kinds
+    events
 }
 
-async fn wait_finished(d: &Daemon, id: i64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
+/// Wait until deployment `id` ended for good (not only `interrupted` on
+/// its way to another daemon's takeover); returns it as `d` reports it.
+pub(crate) async fn wait_finished(d: &Daemon, id: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (_, deployment) = call(
             reqwest::Method::GET,
@@ -218,10 +255,13 @@ async fn wait_finished(d: &Daemon, id: i64) -> Value {
             None,
         )
         .await;
-        if deployment["status"] != "running" && deployment["status"] != "queued" {
+        if !deployment["finished_at"].is_null() {
             return deployment;
         }
-        assert!(Instant::now() < deadline, "deployment #{id} did not finish");
+        assert!(
+            Instant::now() < deadline,
+            "deployment #{id} did not finish: {deployment:#}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -602,7 +642,7 @@ async fn the_cli_works_through_the_daemon() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-fn slack_signature(timestamp: i64, body: &str) -> String {
+pub(crate) fn slack_signature(timestamp: i64, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(SLACK_SECRET.as_bytes()).unwrap();
     mac.update(format!("v0:{timestamp}:{body}").as_bytes());
     format!("v0={}", hex::encode(mac.finalize().into_bytes()))
@@ -614,7 +654,7 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     let h = Harness::start(vec![HostSpec::new("p620"), HostSpec::new("razer")]);
     let d = start_daemon(&h, "");
     let body = format!(
-        "command=%2Fnix-deploy&text=p620+razer+--strategy%3Dcanary+--canary-soak%3D1s&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
+        "command=%2Fnix-deploy&text=deploy+p620+razer+--strategy%3Dcanary+--canary-soak%3D1s&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
         form_urlencoded::byte_serialize(responses.url.as_bytes()).collect::<String>()
     );
     let post = |timestamp: i64, signature: String, body: String| {
@@ -653,7 +693,7 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
     let deployment = wait_finished(&d, id).await;
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
     assert_eq!(deployment["strategy"], "canary");
-    assert_eq!(deployment["requested_by"], "slack:alice");
+    assert_eq!(deployment["requested_by"], "slack:U1");
     // Progress and the summary were posted to the response_url.
     let deadline = Instant::now() + Duration::from_secs(10);
     while responses.bodies.lock().unwrap().len() < 3 && Instant::now() < deadline {
@@ -686,21 +726,6 @@ async fn the_slack_command_verifies_signatures_and_deploys() {
         .await
         .unwrap();
     assert_eq!(answer["response_type"], "ephemeral");
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -830,15 +855,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     h.until(30, "the first activation", || {
         h.fleet.activations("t1").len() >= 2
     });
-    // SIGTERM, as systemd stops the service.
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    d.terminate();
     let status = d.child.wait().unwrap();
     assert!(status.success(), "the daemon exits cleanly: {status:?}");
     let (_, shown, _) = h.json(&["show", &id.to_string()]);
@@ -953,7 +970,7 @@ async fn the_slack_command_answers_within_its_deadline_whatever_the_hosts_do() {
     let d = start_daemon(&h, "");
     h.fleet.freeze_host("f1").unwrap();
     let body = format!(
-        "command=%2Fnix-deploy&text=f1+f2&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
+        "command=%2Fnix-deploy&text=deploy+f1+f2&user_id=U1&user_name=alice&channel_id=C1&response_url={}",
         form_urlencoded::byte_serialize(responses.url.as_bytes()).collect::<String>()
     );
     let now = std::time::SystemTime::now()
@@ -1079,17 +1096,19 @@ async fn a_killed_cli_coordinator_ends_its_stream_and_leaves_nothing_running() {
 }
 
 async fn client_metrics(d: &Daemon) -> String {
-    client()
-        .get(format!("{}/metrics", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    get_text(&format!("{}/metrics", d.url), None).await
 }
 
-const ADMIN_TOKEN: &str = "admin-token-0123456789";
+/// The body of `GET url`, with `token` if given.
+async fn get_text(url: &str, token: Option<&str>) -> String {
+    let mut request = client().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+pub(crate) const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
@@ -1155,23 +1174,74 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     assert_eq!(hosts.len(), 2);
     assert_eq!(hosts[0]["name"], "x1");
     assert_eq!(hosts[0]["status"], "succeeded");
-    assert_eq!(hosts[0]["output"]["stdout"], "hi from x1");
     assert_eq!(hosts[1]["status"], "unreachable");
-    let report = client()
-        .get(format!("{}/api/v1/deployments/{id}/report", d.url))
-        .bearer_auth(READ_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // What a command printed is for those who may run commands: a read or
+    // deploy token sees each host's result and exit code, never the output,
+    // in no document and no stream.
+    let get = |path: String, token: &'static str| {
+        let url = format!("{}{path}", d.url);
+        async move { get_text(&url, Some(token)).await }
+    };
+    for token in [READ_TOKEN, DEPLOY_TOKEN] {
+        let shown: Value =
+            serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), token).await).unwrap();
+        assert_eq!(shown["hosts"][0]["output"]["exit_code"], 0, "{shown:#}");
+        assert_eq!(shown["hosts"][0]["output"]["withheld"], true, "{shown:#}");
+        for path in [
+            format!("/api/v1/deployments/{id}"),
+            "/api/v1/deployments".to_string(),
+            format!("/api/v1/deployments/{id}/report"),
+            format!("/api/v1/deployments/{id}/events"),
+        ] {
+            let text = get(path.clone(), token).await;
+            assert!(!text.is_empty(), "{path}");
+            assert!(
+                !text.contains("hi from x1"),
+                "{path} shows exec output: {text}"
+            );
+        }
+    }
+    let report = get(format!("/api/v1/deployments/{id}/report"), READ_TOKEN).await;
     assert!(
         report.contains(&format!("# exec #{id}: failed")),
         "{report}"
     );
     assert!(report.contains("| x1 | succeeded | 0 |"), "{report}");
+    // The admin who may run it sees it all.
+    let shown: Value =
+        serde_json::from_str(&get(format!("/api/v1/deployments/{id}"), ADMIN_TOKEN).await).unwrap();
+    assert_eq!(
+        shown["hosts"][0]["output"]["stdout"], "hi from x1",
+        "{shown:#}"
+    );
+    assert!(shown["hosts"][0]["output"].get("withheld").is_none());
+    let report = get(format!("/api/v1/deployments/{id}/report"), ADMIN_TOKEN).await;
     assert!(report.contains("hi from x1"), "{report}");
+
+    // An oversized body is nobody's business without a token (401), and
+    // with one it is refused in the API's JSON shape (413), like every
+    // other endpoint's.
+    let huge = format!("{{\"command\": [\"{}\"]}}", "a".repeat(2 * 1024 * 1024));
+    for endpoint in ["/api/v1/exec", "/api/v1/upload-keys"] {
+        for (token, status, code) in [
+            (None, 401, "unauthorized"),
+            (Some(ADMIN_TOKEN), 413, "too_large"),
+        ] {
+            let mut request = client()
+                .post(format!("{}{endpoint}", d.url))
+                .header("content-type", "application/json")
+                .body(huge.clone());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{endpoint}");
+            let text = response.text().await.unwrap();
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{endpoint}: not a JSON error: {text}"));
+            assert_eq!(body["error"]["code"], code, "{endpoint}: {body}");
+        }
+    }
 
     // The CLI's exec goes through the same endpoint.
     let out = tokio::task::block_in_place(|| {
@@ -1190,4 +1260,131 @@ async fn exec_through_the_api_needs_admin_and_is_followed_like_a_deployment() {
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["hosts"][0]["output"]["stdout"], "$HOME");
+}
+
+/// Issue 18's fault 3: pushes queued behind a running deployment start in
+/// the order they came, and a newer push of the branch supersedes the older
+/// ones still queued: the fleet ends on the newest commit, and no older one
+/// is ever deployed after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_pushes_deploy_the_newest_and_never_an_older_one_after_it() {
+    let mut h = Harness::start(vec![HostSpec::new("q1")]);
+    let flake_dir = h.fleet.dir().join("flake");
+    git(&flake_dir, &["init", "-q", "-b", "main"]);
+    // Commits 1 to 4, each a new system for q1 that takes a while to activate.
+    let mut commits = Vec::new();
+    for n in 0..4 {
+        h.fleet
+            .update("q1", |s| {
+                s.bump();
+                s.activation_delay_ms = 1500;
+            })
+            .unwrap();
+        git(&flake_dir, &["add", "-A"]);
+        git(&flake_dir, &["commit", "-q", "-m", &format!("commit {n}")]);
+        commits.push((
+            git(&flake_dir, &["rev-parse", "HEAD"]),
+            h.fleet.toplevel("q1").unwrap(),
+        ));
+    }
+    let flake = format!("git+file://{}", flake_dir.display());
+    let d = start_daemon(&h, &format!("flake = \"{flake}\""));
+    let sign = |body: &str| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let push = async |n: usize| -> i64 {
+        let body = json!({
+            "ref": "refs/heads/main", "before": "0".repeat(40), "after": commits[n].0,
+            "deleted": false, "repository": { "full_name": "me/fleet" },
+            "pusher": { "name": "bob" },
+            "head_commit": { "message": "change", "timestamp": format!("2026-01-02T10:0{n}:00+01:00") }
+        })
+        .to_string();
+        let answer = client()
+            .post(format!("{}/hooks/github", d.url))
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("delivery-{n}"))
+            .header("x-hub-signature-256", sign(&body))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 202);
+        let answer: Value = answer.json().await.unwrap();
+        answer["id"].as_i64().unwrap()
+    };
+    let first = push(0).await;
+    // The first push's deployment holds the host while the others arrive.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h.fleet.activations("q1").is_empty() {
+        assert!(Instant::now() < deadline, "the first push never activated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut later = Vec::new();
+    for n in 1..4 {
+        later.push(push(n).await);
+    }
+    let first = wait_finished(&d, first).await;
+    assert_eq!(first["status"], "succeeded", "{first:#}");
+    let mut finished = Vec::new();
+    for id in &later {
+        finished.push(wait_finished(&d, *id).await);
+    }
+    // The two in between never start; the newest deploys.
+    assert_eq!(finished[0]["status"], "superseded", "{:#}", finished[0]);
+    assert_eq!(finished[1]["status"], "superseded", "{:#}", finished[1]);
+    assert_eq!(finished[2]["status"], "succeeded", "{:#}", finished[2]);
+    assert_eq!(h.fleet.current_system("q1"), Some(commits[3].1.clone()));
+    let activated: Vec<String> = h
+        .fleet
+        .activations("q1")
+        .into_iter()
+        .map(|a| a.path)
+        .collect();
+    assert!(
+        !activated.contains(&commits[1].1) && !activated.contains(&commits[2].1),
+        "an older push was deployed: {activated:?}"
+    );
+}
+
+#[test]
+fn sigterm_stops_a_running_exec_on_its_hosts_and_records_it() {
+    let h = Harness::start(vec![HostSpec::new("s1")]);
+    let admin = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(admin.path(), ADMIN_TOKEN).unwrap();
+    let mut d = start_daemon(
+        &h,
+        &format!(
+            "\n[[tokens]]\nname = \"ops\"\nfile = \"{}\"\nscope = \"admin\"\n",
+            admin.path().display()
+        ),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, accepted) = runtime.block_on(call(
+        reqwest::Method::POST,
+        &format!("{}/api/v1/exec", d.url),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "hosts": ["s1"], "command": ["sleep", "27182"] })),
+    ));
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_i64().unwrap();
+    let sleep = ["sleep", "27182"];
+    h.until(30, "the command running on s1", || {
+        h.running("s1", &sleep) == 1
+    });
+    // The daemon stops the command on its host, records it, and exits.
+    d.terminate();
+    h.until(60, "the daemon to exit", || {
+        d.child.try_wait().unwrap().is_some()
+    });
+    assert!(d.child.wait().unwrap().success());
+    h.until(30, "the command to be gone from s1", || {
+        h.running("s1", &sleep) == 0
+    });
+    let (_, shown, _) = h.json(&["show", &id.to_string()]);
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    assert_eq!(shown["hosts"][0]["status"], "cancelled", "{shown:#}");
 }

@@ -214,8 +214,10 @@ fn selection_by_tag_deploys_only_tagged_hosts() {
 
 #[test]
 fn parallel_limit_bounds_concurrent_activations() {
+    // Activations long enough that two hosts started together overlap
+    // even when the machine is busy (the second check below).
     let specs = (1..=4)
-        .map(|i| HostSpec::new(&format!("n{i}")).activation_delay_ms(700))
+        .map(|i| HostSpec::new(&format!("n{i}")).activation_delay_ms(2500))
         .collect();
     let h = Harness::start(specs);
     let (code, report, stderr) = h.deploy(&["--parallel-limit", "2"]);

@@ -8,34 +8,23 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use nix_deploy_core::fleet::{CheckKind, Inventory};
-use nix_deploy_testkit::{HostSpec, NixosFlake, NixosShape, nix_config};
+use nix_deploy_core::source::FleetSource;
+use nix_deploy_testkit::{HostSpec, NixosFlake, NixosShape};
 use serde_json::Value;
 
 use crate::helpers::{Harness, binary, host};
 
 /// `nix eval --json FLAKE#nixosConfigurations --apply EXPR`, as a plain Nix
 /// user would run it.
-pub(crate) fn nix_eval(flake: &str, apply: &str) -> Value {
-    let out = Command::new("nix")
-        .env("NIX_CONFIG", nix_config())
-        .args(["eval", "--json"])
-        .arg(format!("{flake}#nixosConfigurations"))
-        .args(["--apply", apply])
-        .output()
-        .expect("running nix eval");
-    assert!(
-        out.status.success(),
-        "nix eval: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("nix eval printed JSON")
+fn nix_eval(flake: &str, apply: &str) -> Value {
+    crate::helpers::nix_eval(flake, "nixosConfigurations", apply)
 }
 
 /// The attributes the inventory accepts in `value`'s place, as its parser
 /// lists them when it meets one it does not know.
 fn accepted_attributes(make: impl Fn(Value) -> Value) -> Vec<String> {
     let json = serde_json::json!({ "h": make(serde_json::json!({ "zzUnknown": 1 })) });
-    let error = Inventory::from_eval_json(&json.to_string())
+    let error = Inventory::from_eval_json(FleetSource::Nixos, &json.to_string())
         .unwrap_err()
         .to_string();
     let list = error
@@ -68,8 +57,14 @@ fn the_module_and_the_inventory_agree_on_every_option_and_default() {
                 .health_check(r#"{ command = "test -e /run/ok"; }"#)
                 .rollback_on_failure(false)
                 .deployment_extra(
-                    r#"targetHost = "full.example.org"; targetUser = "deploy"; targetPort = 2222;"#,
+                    r#"targetHost = "full.example.org"; targetUser = "deploy"; targetPort = 2222;
+                       allowLocalDeployment = true; buildOnTarget = true; substituteOnDestination = false;
+                       replaceUnknownProfiles = false; privilegeEscalationCommand = [ "doas" "--" ];
+                       sshOptions = [ "-o" "ProxyJump=bastion" ];
+                       keys.db = { keyFile = ./secret; user = "postgres"; };"#,
                 ),
+            // colmena's nullable options, null.
+            HostSpec::new("local").deployment_extra("targetHost = null; targetUser = null;"),
         ],
     )
     .expect("writing the NixOS-shaped flake");
@@ -80,6 +75,8 @@ fn the_module_and_the_inventory_agree_on_every_option_and_default() {
           options = builtins.attrNames c.options.deployment;
           checkOptions = builtins.filter (n: builtins.substring 0 1 n != "_")
             (builtins.attrNames (c.options.deployment.healthChecks.type.getSubOptions [ ]));
+          keyOptions = builtins.filter (n: builtins.substring 0 1 n != "_")
+            (builtins.attrNames (c.options.deployment.keys.type.getSubOptions [ ]));
         }) configurations"#,
     );
 
@@ -104,9 +101,17 @@ fn the_module_and_the_inventory_agree_on_every_option_and_default() {
             .filter(|n| n != "bodyContains" && n != "contains")
             .collect::<Vec<_>>()
     );
+    assert_eq!(
+        names(&evaluated["plain"]["keyOptions"]),
+        accepted_attributes(|k| serde_json::json!({ "toplevel": TOPLEVEL, "drvPath": DRV, "deployment": { "keys": { "k": k } } }))
+            .into_iter()
+            // What the fleet's evaluation puts in `text`'s place.
+            .filter(|n| n != "hasText")
+            .collect::<Vec<_>>()
+    );
 
     // The module's `config.deployment`, through the inventory.
-    let fleet: BTreeMap<&str, Value> = ["plain", "full"]
+    let fleet: BTreeMap<&str, Value> = ["plain", "full", "local"]
         .into_iter()
         .map(|name| {
             (
@@ -116,11 +121,13 @@ fn the_module_and_the_inventory_agree_on_every_option_and_default() {
             )
         })
         .collect();
-    let inventory = Inventory::from_eval_json(&serde_json::to_string(&fleet).unwrap())
-        .unwrap_or_else(|e| panic!("the inventory refuses the module's output: {e}"));
+    let inventory =
+        Inventory::from_eval_json(FleetSource::Nixos, &serde_json::to_string(&fleet).unwrap())
+            .unwrap_or_else(|e| panic!("the inventory refuses the module's output: {e}"));
 
     // Defaults: the module's are the inventory's own (an empty `deployment`).
     let bare = Inventory::from_eval_json(
+        FleetSource::Nixos,
         &serde_json::json!({ "plain": { "toplevel": TOPLEVEL, "drvPath": DRV, "deployment": {} } })
             .to_string(),
     )
@@ -129,9 +136,26 @@ fn the_module_and_the_inventory_agree_on_every_option_and_default() {
 
     // Every option set: each one arrives as written.
     let full = inventory.get("full").unwrap();
-    assert_eq!(full.target.destination, "full.example.org");
-    assert_eq!(full.target.user, "deploy");
+    assert_eq!(full.target.destination.as_deref(), Some("full.example.org"));
+    assert_eq!(full.target.user.as_deref(), Some("deploy"));
     assert_eq!(full.target.port, Some(2222));
+    assert!(full.allow_local_deployment && full.build_on_target);
+    assert_eq!(full.substitute_on_destination, Some(false));
+    assert!(!full.replace_unknown_profiles);
+    assert_eq!(full.target.escalation, ["doas", "--"]);
+    assert_eq!(full.target.ssh_options, ["-o", "ProxyJump=bastion"]);
+    // A path-typed keyFile, as colmena takes it: the store copy of the
+    // flake's source, read from there, with a warning.
+    let key = &full.keys[0];
+    assert!(key.in_store(), "{key:?}");
+    assert!(
+        matches!(&key.source, nix_deploy_core::keys::KeySource::File(p) if p.ends_with("/machines/secret")),
+        "{key:?}"
+    );
+    assert!(full.warnings[0].contains("deployment.keys.db.keyFile"));
+    let local = inventory.get("local").unwrap();
+    assert_eq!(local.target.destination, None);
+    assert_eq!(local.target.user, None);
     assert_eq!(full.role, "infrastructure");
     assert_eq!(full.tags, ["monitoring", "eu"]);
     assert_eq!(full.dependencies, ["plain"]);
@@ -406,15 +430,24 @@ fn one_hosts_evaluation_error_names_it_while_the_others_are_planned() {
     assert_eq!(plan["evaluation"]["evaluated"], 2);
 
     // Deploying everything, or a host that depends on a broken one, is
-    // refused before anything is touched, naming every broken host.
-    for args in [&[][..], &["c"][..], &["--on", "@web"][..]] {
+    // refused before anything is touched, naming the broken hosts it needs:
+    // every one for the whole fleet; for `c`, `bad1` (its metadata, which `c`
+    // depends on, throws) but not `bad2`, whose system `c` does not need
+    // (and which is therefore not evaluated); for a tag, every host whose
+    // metadata (and so whose tags) is unknown.
+    for (args, bad2_needed) in [
+        (&[][..], true),
+        (&["c"][..], false),
+        (&["--on", "@web"][..], false),
+    ] {
         let out = h.run(&[&["deploy"][..], args].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains("bad1 is broken on purpose")
-                && stderr.contains("bad2 aborts on purpose"),
-            "{stderr}"
+        assert!(stderr.contains("bad1 is broken on purpose"), "{stderr}");
+        assert_eq!(
+            stderr.contains("bad2 aborts on purpose"),
+            bad2_needed,
+            "{args:?}: {stderr}"
         );
     }
     for name in ["a", "c", "d"] {
@@ -423,10 +456,17 @@ fn one_hosts_evaluation_error_names_it_while_the_others_are_planned() {
     let (_, history, _) = h.json(&["history"]);
     assert!(history["deployments"].as_array().unwrap().is_empty());
 
-    // A host that needs none of them is deployed.
-    let (code, report, stderr) = h.deploy(&["a"]);
+    // A host that needs none of them is deployed: bad2's toplevel, which
+    // fails, is not even evaluated (nor any but a's: 1 system).
+    let (code, report, stderr) = h.deploy(&["a", "--no-eval-cache"]);
     assert_eq!(code, 0, "{report:#}\n{stderr}");
     assert_eq!(h.fleet.generation("a"), Some(1));
+    let (_, shown, _) = h.json(&["show"]);
+    let events = shown["events"].to_string();
+    assert!(
+        events.contains("5 host(s), 5 evaluated (1 with their system)"),
+        "{events}"
+    );
 }
 
 #[test]

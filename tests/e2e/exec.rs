@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix_deploy_testkit::HostSpec;
+use nix_deploy_testkit::{HostSpec, wait_with_peak_rss};
 use serde_json::Value;
 
 use crate::helpers::{Harness, host, status};
@@ -168,6 +168,31 @@ fn exec_passes_argv_without_a_shell_and_bounds_each_command() {
     assert!(!h.fleet.host_dir("x1").join("run/pwned").exists());
     assert!(!h.fleet.host_dir("x1").join("run/pwned2").exists());
 
+    // `FOO=bar` is a program name like any other, never a shell assignment:
+    // there is no such command.
+    let (code, report, stderr) = h.json(&["exec", "x1", "--", "FOO=bar", "true"]);
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    let x1 = host(&report, "x1");
+    assert_eq!(status(&report, "x1"), "failed");
+    let error = x1["error"].as_str().unwrap();
+    assert!(
+        error.contains("not found") && error.contains("FOO=bar"),
+        "{x1:#}"
+    );
+    // Braces, commas, `%`, `~`, `#` and non-ASCII arrive as written.
+    let words = [
+        "FOO=bar", "{a,b}", "%1", "~root", "#x", "héllo", "a\u{a0}b", "*",
+    ];
+    let mut args = vec!["exec", "x1", "--", "printf", "%s|"];
+    args.extend(words);
+    let (code, report, stderr) = h.json(&args);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(
+        host(&report, "x1")["output"]["stdout"],
+        format!("{}|", words.join("|")),
+        "{report:#}"
+    );
+
     // A command that runs past its timeout fails, with what it printed.
     let (code, report, _) = h.json(&[
         "exec",
@@ -191,6 +216,10 @@ fn exec_passes_argv_without_a_shell_and_bounds_each_command() {
     );
     assert_eq!(x1["output"]["stdout"], "started");
     assert!(x1["output"]["exit_code"].is_null());
+    // Stopped on the host, not let go.
+    h.until(30, "the timed-out command to be gone", || {
+        h.running("x1", &["sleep", "30"]) == 0
+    });
 }
 
 #[test]
@@ -228,4 +257,185 @@ fn exec_refuses_bad_input_and_records_nothing() {
     }
     let (_, history, _) = h.json(&["history"]);
     assert_eq!(history["deployments"], Value::Array(Vec::new()));
+}
+
+#[test]
+fn exec_output_without_newlines_keeps_the_coordinators_memory_bounded() {
+    let h = Harness::start(vec![HostSpec::new("m1")]);
+    // 256 MiB without a single newline, then the end of the line.
+    let script = "head -c 268435456 /dev/zero | tr '\\0' a; printf END";
+    let child = h.spawn("big", &["exec", "m1", "--", "sh", "-c", script]);
+    let (code, peak_kib) = wait_with_peak_rss(child).unwrap();
+    eprintln!("peak RSS of the coordinator: {peak_kib} KiB");
+    // The coordinator held a few KiB of it, never the line: its peak is
+    // what any exec costs, far below the output's size.
+    assert!(peak_kib < 128 * 1024, "peak RSS {peak_kib} KiB");
+    let (report, _) = h.outputs("big");
+    assert_eq!(code, Some(0), "{report:#}");
+    let stdout = host(&report, "m1")["output"]["stdout"].as_str().unwrap();
+    // The line's beginning and its end are reported, and how long it was.
+    assert!(stdout.starts_with("aaaa"), "{stdout}");
+    assert!(stdout.ends_with("aaaaEND"), "{stdout}");
+    assert!(
+        stdout.contains("a line of 268435459 bytes, cut"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn cancel_stops_a_running_exec_on_its_hosts_and_records_them_cancelled() {
+    let h = Harness::start(vec![HostSpec::new("c1"), HostSpec::new("c2")]);
+    let sleep = ["sleep", "31415"];
+    let child = h.spawn(
+        "long",
+        &[
+            "exec",
+            "c1",
+            "c2",
+            "--",
+            "sh",
+            "-c",
+            "sleep 31415; echo never",
+        ],
+    );
+    h.until(30, "the command running on both hosts", || {
+        h.running("c1", &sleep) == 1 && h.running("c2", &sleep) == 1
+    });
+    let out = h.run(&["cancel"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = child;
+    h.until(60, "the exec to end after cancel", || {
+        child.try_wait().unwrap().is_some()
+    });
+    let (code, report, stderr) = h.wait("long", child);
+    assert_eq!(code, 3, "{report:#}\n{stderr}");
+    assert_eq!(report["status"], "cancelled", "{report:#}");
+    for name in ["c1", "c2"] {
+        let run = host(&report, name);
+        assert_eq!(status(&report, name), "cancelled", "{run:#}");
+        assert!(
+            run["reason"]
+                .as_str()
+                .unwrap()
+                .contains("stopped on the host"),
+            "{run:#}"
+        );
+        // Gone from the host: the command and everything it started.
+        h.until(30, "the command to be gone", || {
+            h.running(name, &sleep) == 0
+        });
+        assert_eq!(h.running(name, &["sh", "-c", "sleep 31415; echo never"]), 0);
+    }
+    let (_, shown, _) = h.json(&["show", &report["id"].to_string()]);
+    assert_eq!(shown["hosts"], report["hosts"]);
+}
+
+#[test]
+fn the_history_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::start(vec![HostSpec::new("p1")]);
+    // A state directory nix-deploy creates itself.
+    let state = h.state_dir().join("fresh");
+    let out = h.run_in(
+        &state,
+        &["exec", "p1", "--", "echo", "exec-output-marker"],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |path: &std::path::Path| {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    // Every directory and file below it (the database, its WAL and shared
+    // memory, locks, kept masters), not the GC roots' links.
+    let loose = |dir: &std::path::Path| {
+        let mut loose = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(path) = stack.pop() {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            }
+            if !meta.file_type().is_symlink() && mode(&path) & 0o077 != 0 {
+                loose.push(format!("{} {:04o}", path.display(), mode(&path)));
+            }
+        }
+        loose
+    };
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(loose(&state), Vec::<String>::new());
+    assert_eq!(mode(&state.join("nix-deploy.db")), 0o600);
+
+    // A state directory an older version left open to everyone is
+    // tightened when it is opened, and the command says so.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        state.join("nix-deploy.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = h.run_in(&state, &["history"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nix-deploy.db was readable by others (0644); it is now 0600"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fresh was readable by others (0755); it is now 0700"),
+        "{stderr}"
+    );
+    assert_eq!(loose(&state), Vec::<String>::new());
+}
+
+#[test]
+fn a_hosts_escape_sequences_are_shown_not_obeyed_except_in_json() {
+    let h = Harness::start(vec![HostSpec::new("t1")]);
+    // Retitle the terminal, clear it, overwrite a line, colour stderr; and
+    // an argument that is itself an escape sequence.
+    let script =
+        r"printf '\033]0;pwned\007\033[2Jtitle\rover\n'; printf '\033[31merr\033[0m\n' >&2; exit 1";
+    let args = ["exec", "t1", "--", "sh", "-c", script, "\u{1b}[5mblink"];
+    let out = h.run(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        for byte in ['\u{1b}', '\u{7}', '\r'] {
+            assert!(!text.contains(byte), "{name} carries {byte:?}:\n{text}");
+        }
+    }
+    // The table, the failure's output and the command are shown escaped.
+    assert!(
+        stdout.contains(r"\u{1b}]0;pwned\u{7}\u{1b}[2Jtitle\rover"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r"\u{1b}[31merr\u{1b}[0m"), "{stdout}");
+    assert!(stdout.contains(r"\u{1b}[5mblink"), "{stdout}");
+    assert!(stderr.contains(r"\u{1b}[5mblink"), "{stderr}");
+    // `--json` keeps every byte as the host printed it.
+    let (code, report, _) = h.json(&args);
+    assert_eq!(code, 1);
+    let t1 = host(&report, "t1");
+    assert_eq!(
+        t1["output"]["stdout"],
+        "\u{1b}]0;pwned\u{7}\u{1b}[2Jtitle\rover"
+    );
+    assert_eq!(t1["output"]["stderr"], "\u{1b}[31merr\u{1b}[0m");
+    assert_eq!(report["exec"]["command"][3], "\u{1b}[5mblink");
 }

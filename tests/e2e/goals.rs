@@ -362,3 +362,75 @@ fn deployed_toplevels_are_gc_roots_on_the_coordinator_pruned_per_host() {
     }
     assert!(!roots(&deployed[0]).contains(&dir.to_string_lossy().into_owned()));
 }
+
+/// Issue 18's fault 9: `--reboot` of a host that is the coordinator's own
+/// machine (its boot id is ours) is refused before anything on it is
+/// touched, never after its activation.
+#[test]
+fn a_reboot_of_the_coordinators_own_machine_is_refused_before_touching_it() {
+    let mut h = Harness::start(vec![HostSpec::new("self1"), HostSpec::new("other1")]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    let ours = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    std::fs::write(h.fleet.host_dir("self1").join("boot_id"), &ours).unwrap();
+    for name in ["self1", "other1"] {
+        h.fleet.update(name, |s| s.bump()).unwrap();
+    }
+    let before = h.fleet.current_system("self1");
+    let activations = h.fleet.activations("self1").len();
+    let (code, report, stderr) = h.json_serving_reboots(
+        "self-reboot",
+        &["deploy", "--reboot", "--max-failures", "1"],
+    );
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    assert_eq!(status(&report, "self1"), "failed", "{report:#}");
+    let error = host(&report, "self1")["error"].as_str().unwrap_or_default();
+    assert!(error.contains("coordinator's own boot id"), "{error}");
+    assert_eq!(
+        h.fleet.current_system("self1"),
+        before,
+        "nothing was activated"
+    );
+    assert_eq!(
+        h.fleet.generation("self1"),
+        Some(1),
+        "the profile was not set"
+    );
+    assert_eq!(h.fleet.activations("self1").len(), activations);
+    assert_eq!(status(&report, "other1"), "deployed", "{report:#}");
+    assert_eq!(h.fleet.generation("other1"), Some(2));
+}
+
+/// Issue 18's fault 17: the system a host boots stays a GC root on the
+/// coordinator, however many `--goal test` deployments come after it.
+#[test]
+fn the_boot_default_stays_a_gc_root_after_test_deployments() {
+    let mut h = Harness::start(vec![HostSpec::new("gct")]);
+    assert_eq!(h.deploy(&[]).0, 0);
+    let booted = h.fleet.current_system("gct").unwrap();
+    for _ in 0..4 {
+        h.fleet.update("gct", |s| s.bump()).unwrap();
+        let (code, report, stderr) = h.deploy(&["--goal", "test"]);
+        assert_eq!(code, 0, "{report:#}\n{stderr}");
+    }
+    assert_eq!(
+        h.fleet.generation("gct"),
+        Some(1),
+        "test never sets the profile"
+    );
+    let dir = h.state_dir().join("gcroots/gct");
+    let links: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            std::fs::read_link(e.unwrap().path())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert!(
+        links.contains(&booted),
+        "the boot default was pruned: {links:?}"
+    );
+    let running = h.fleet.current_system("gct").unwrap();
+    assert!(links.contains(&running), "{links:?}");
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use nix_deploy_testkit::{HostSpec, NixosFlake, NixosShape};
 use serde_json::Value;
 
-use crate::evaluation::nix_eval;
+use crate::helpers::nix_eval;
 
 #[test]
 fn the_module_provisions_the_dashboard_only_when_asked() {
@@ -24,6 +24,7 @@ fn the_module_provisions_the_dashboard_only_when_asked() {
     .expect("writing the NixOS-shaped flake");
     let evaluated = nix_eval(
         &flake.flake_ref(),
+        "nixosConfigurations",
         r#"configurations: builtins.mapAttrs (name: c:
           let provision = c.config.services.grafana.provision; in
           if provision == { } then null else {

@@ -6,20 +6,33 @@
 // themselves; the product does it only in `nix_deploy::process`.
 #![allow(clippy::disallowed_methods)]
 
+mod builds;
 mod cli;
+mod cluster;
+mod commands;
 mod connections;
 mod daemon;
 mod deploy;
 mod evaluation;
 mod exec;
 mod faults;
+mod found_by_chaos;
 mod goals;
 mod grafana;
 mod helpers;
+mod hosts;
+mod identity;
 mod keys;
+mod local;
+mod metadata;
+mod module;
+mod ops;
+mod recipes;
 mod recovery;
+mod reporting;
 mod safety;
 mod selection;
+mod sources;
 mod strategies;
 mod web;
 mod web_login;

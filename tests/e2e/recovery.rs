@@ -5,7 +5,9 @@ use nix_deploy_testkit::HostSpec;
 
 use crate::helpers::{Harness, status};
 
-fn slow_fleet(names: &[&str], delay_ms: u64) -> Harness {
+/// A fleet at generation 1 whose hosts then change, each activation of the
+/// change taking `delay_ms`.
+pub(crate) fn slow_fleet(names: &[&str], delay_ms: u64) -> Harness {
     let mut h = Harness::start(names.iter().map(|n| HostSpec::new(n)).collect());
     assert_eq!(h.deploy(&["--parallel-limit", "8"]).0, 0);
     for name in names {
@@ -156,7 +158,8 @@ fn rollback_on_request_switches_to_the_previous_generation_and_is_recorded() {
 
     let (code, report, stderr) = h.json(&["rollback", "r1"]);
     assert_eq!(code, 0, "{report:#}\n{stderr}");
-    assert_eq!(status(&report, "r1"), "deployed");
+    assert_eq!(status(&report, "r1"), "rolled-back");
+    assert_eq!(report["status"], "succeeded");
     assert_eq!(h.fleet.current_system("r1"), Some(first));
     assert_eq!(h.fleet.generation("r1"), Some(1));
     let (_, history, _) = h.json(&["history"]);
@@ -197,4 +200,79 @@ fn a_live_coordinator_run_through_a_symlink_is_never_declared_dead() {
     // One activation of the new system only: the two never overlapped.
     assert_eq!(h.fleet.activations("slow").len(), 2);
     assert!(h.consistent("slow"));
+}
+
+/// Issue 18's fault 2: `resume` deploys what the deployment planned, never
+/// the flake as it is by then. A rolling deployment of generation 2 is
+/// killed after its first host; the flake moves on to generation 3; resume
+/// puts generation 2 on the others, and what the deployment recorded it
+/// would deploy is never overwritten.
+#[test]
+fn resume_deploys_what_was_planned_not_the_flake_as_it_is_now() {
+    let names = ["p1", "p2", "p3"];
+    let mut h = slow_fleet(&names, 1500);
+    assert_eq!(h.deploy(&[]).0, 0);
+    for name in names {
+        h.fleet.update(name, |s| s.bump()).unwrap();
+    }
+    let planned: Vec<String> = names.iter().map(|n| h.fleet.toplevel(n).unwrap()).collect();
+    let mut child = h.spawn(
+        "deploy",
+        &[
+            "deploy",
+            "--strategy",
+            "rolling",
+            "--batch-size",
+            "1",
+            "--confirm-timeout",
+            "2",
+        ],
+    );
+    h.until(60, "the first host on generation 2", || {
+        h.fleet.current_system("p1").as_deref() == Some(planned[0].as_str())
+            && h.fleet.activations("p2").len() >= 2
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for name in names {
+        h.fleet.update(name, |s| s.bump()).unwrap();
+    }
+    let now: Vec<String> = names.iter().map(|n| h.fleet.toplevel(n).unwrap()).collect();
+    assert_ne!(planned, now);
+
+    let (_, history, _) = h.json(&["history"]);
+    let id = history["deployments"][0]["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let (code, report, stderr) = h.json(&["resume", &id]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    for (name, planned) in names.iter().zip(&planned) {
+        assert_eq!(
+            h.fleet.current_system(name).as_deref(),
+            Some(planned.as_str()),
+            "{name} runs what the deployment planned"
+        );
+        assert!(h.consistent(name), "{name} is between generations");
+    }
+    for (name, newer) in names.iter().zip(&now) {
+        assert!(
+            h.fleet.activations(name).iter().all(|a| &a.path != newer),
+            "{name} never ran the flake's later system"
+        );
+    }
+    let (_, shown, _) = h.json(&["show", &id]);
+    for (name, planned) in names.iter().zip(&planned) {
+        let run = shown["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == *name)
+            .unwrap();
+        assert_eq!(
+            run["to"]["path"].as_str(),
+            Some(planned.as_str()),
+            "{shown:#}"
+        );
+    }
 }

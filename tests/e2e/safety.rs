@@ -25,7 +25,6 @@ fn a_generation_that_cuts_off_ssh_is_reverted_by_the_hosts_watchdog() {
             s.kill_sshd = true;
         })
         .unwrap();
-    let started = Instant::now();
     let (code, report, stderr) = h.deploy(&["edge", "--confirm-timeout", "3"]);
     assert_eq!(code, 1, "{report:#}\n{stderr}");
     assert_eq!(status(&report, "edge"), "rolled-back", "{report:#}");
@@ -35,7 +34,6 @@ fn a_generation_that_cuts_off_ssh_is_reverted_by_the_hosts_watchdog() {
     // Back on the old system and generation, by itself.
     assert_eq!(h.fleet.current_system("edge"), Some(old));
     assert_eq!(h.fleet.generation("edge"), Some(1));
-    assert!(started.elapsed() < Duration::from_secs(60));
     // The watchdog really ran the old generation's activation on the host.
     let activations = h.fleet.activations("edge");
     assert_eq!(activations.len(), 3, "first, new, revert: {activations:?}");
@@ -49,12 +47,12 @@ fn a_confirmed_deployment_disarms_the_watchdog() {
     let new = h.fleet.toplevel("calm").unwrap();
     let (code, _, stderr) = h.deploy(&["--confirm-timeout", "2"]);
     assert_eq!(code, 0, "{stderr}");
-    // Past the confirm timeout the host still runs the new system.
-    std::thread::sleep(Duration::from_secs(4));
+    // Every watchdog decided (each writes its result as it ends), and
+    // decided to keep the new system: none is left to revert it.
+    let results = wait_for_results(&h, "calm");
+    assert!(results.lines().all(|l| l == "confirmed"), "{results}");
     assert_eq!(h.fleet.current_system("calm"), Some(new));
     assert_eq!(h.fleet.generation("calm"), Some(2));
-    let results = h.fleet.ssh("calm", "cat /run/nix-deploy/*.result").unwrap();
-    assert!(results.lines().all(|l| l == "confirmed"), "{results}");
 }
 
 #[test]
@@ -65,7 +63,6 @@ fn a_frozen_host_fails_within_the_timeouts_and_the_others_deploy() {
         HostSpec::new("ok2"),
     ]);
     h.fleet.freeze_host("ice").unwrap();
-    let started = Instant::now();
     let (code, report, stderr) = h.deploy(&["--continue-on-failure"]);
     h.fleet.thaw_host("ice").unwrap();
     assert_eq!(code, 1, "{stderr}");
@@ -78,10 +75,14 @@ fn a_frozen_host_fails_within_the_timeouts_and_the_others_deploy() {
     );
     assert_eq!(status(&report, "ok1"), "deployed");
     assert_eq!(status(&report, "ok2"), "deployed");
+    // It failed because it did not answer in time (not, say, refused).
+    let error = host(&report, "ice")["error"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
     assert!(
-        started.elapsed() < Duration::from_secs(40),
-        "{:?}",
-        started.elapsed()
+        error.contains("timed out") || error.contains("timeout"),
+        "{error}"
     );
     assert_eq!(h.fleet.generation("ice"), None);
 }
@@ -97,7 +98,6 @@ fn a_host_frozen_during_activation_fails_within_the_timeouts() {
         })
         .unwrap();
     h.fleet.update("fine", |s| s.bump()).unwrap();
-    let started = Instant::now();
     let out = std::thread::scope(|scope| {
         let deploy = scope.spawn(|| {
             h.deploy(&[
@@ -109,7 +109,6 @@ fn a_host_frozen_during_activation_fails_within_the_timeouts() {
             ])
         });
         // Freeze the host while its activation sleeps.
-        std::thread::sleep(Duration::from_millis(900));
         let deadline = Instant::now() + Duration::from_secs(10);
         while h.fleet.activations("slow").len() < 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
@@ -129,11 +128,39 @@ fn a_host_frozen_during_activation_fails_within_the_timeouts() {
             .contains("slow")
     );
     assert_eq!(status(&report, "fine"), "deployed");
+    // Stopped by a timeout, not by the host coming back.
+    let error = host(&report, "slow")["error"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
     assert!(
-        started.elapsed() < Duration::from_secs(90),
-        "{:?}",
-        started.elapsed()
+        error.contains("timed out") || error.contains("timeout"),
+        "{error}"
     );
+}
+
+/// The results of `host`'s watchdogs, once every one of them wrote its own.
+fn wait_for_results(h: &Harness, host: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let armed = h
+            .fleet
+            .ssh(host, "ls /run/nix-deploy/ | grep -c '\\.pid$' || true")
+            .unwrap();
+        let results = h
+            .fleet
+            .ssh(host, "cat /run/nix-deploy/*.result 2>/dev/null || true")
+            .unwrap();
+        let armed: usize = armed.trim().parse().unwrap_or(0);
+        if armed > 0 && results.lines().count() >= armed {
+            return results;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "watchdogs of {host} never decided: {results}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A tiny real HTTP server on loopback whose status code the test controls.

@@ -63,11 +63,14 @@ impl Cmd {
 
     /// The command as a human would type it, for messages only (never executed).
     pub fn display(&self) -> String {
-        let mut out = self.program.clone();
-        for arg in &self.args {
-            out.push(' ');
-            out.push_str(&crate::shell::quote(&arg.to_string_lossy()));
+        let mut words = vec![self.program.clone()];
+        words.extend(self.args.iter().map(|a| a.to_string_lossy().into_owned()));
+        // The program as given (a path people recognise), the arguments quoted.
+        let args = crate::shell::join(&words[1..]);
+        if args.is_empty() {
+            words.swap_remove(0)
+        } else {
+            format!("{} {args}", words[0])
         }
-        out
     }
 }

@@ -37,6 +37,23 @@ fn too_long(text: &str) -> String {
     format!("`{text}` is too long: at most {}", format(MAX))
 }
 
+/// A span of the past (`audit --since 30d`): like [`parse`], up to ten
+/// years rather than a week.
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    const TEN_YEARS: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+    let text = text.trim();
+    let span = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<u64>().map(Duration::from_secs).ok()
+    } else {
+        humantime::parse_duration(text).ok()
+    }
+    .ok_or_else(|| format!("`{text}` is not a duration (e.g. 7d, 12h, 30d)"))?;
+    if span > TEN_YEARS {
+        return Err(format!("`{text}` is more than ten years"));
+    }
+    Ok(span)
+}
+
 /// A timeout: like [`parse`], and at least one second (a zero timeout would
 /// fail every step at once).
 pub fn parse_timeout(text: &str) -> Result<Duration, String> {

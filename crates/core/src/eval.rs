@@ -7,13 +7,17 @@
 //!
 //! 1. `nix flake metadata --json FLAKE` and `nix --version`: the flake's
 //!    locked identity ([`FlakeIdentity`]) and the Nix that evaluates it.
-//! 2. [`names_command`]: `builtins.attrNames` of `nixosConfigurations`, which
-//!    forces no configuration.
-//! 3. [`shard_command`] per shard: [`HOST_EXPR`] for the shard's hosts only.
-//!    Each host is wrapped in `builtins.tryEval`, so a host that `throw`s
-//!    comes back as `null` instead of failing its shard; a shard that fails
-//!    anyway (an error `tryEval` cannot catch) is split in halves and tried
-//!    again, down to single hosts, whose own error is then Nix's message.
+//! 2. [`fleet_command`]: which fleet sources the flake has, their host
+//!    names and colmena's `meta` ([`crate::source::FLEET_EXPR`]), which
+//!    forces no host.
+//! 3. [`shard_command`] per shard: each of the shard's hosts read by its
+//!    source's [`crate::source::host_expr`]: its metadata, and its system
+//!    only if it is wanted (selected), so deploying k hosts evaluates k
+//!    systems. Each host is wrapped in `builtins.tryEval`, so a host that
+//!    `throw`s comes back as `null` instead of failing its shard; a shard
+//!    that fails anyway (an error `tryEval` cannot catch) is split in halves
+//!    and tried again, down to single hosts, whose own error is then Nix's
+//!    message.
 //!
 //! # The cache key
 //!
@@ -22,7 +26,8 @@
 //! key ([`host_key`]) is the SHA-256 of exactly these: `locked` and `locks`
 //! from `nix flake metadata` (the content hash — `narHash` — or the revision,
 //! which covers every file of the flake including `flake.lock`; and the whole
-//! input graph), [`HOST_EXPR`], `nix --version` and the host. Evaluation
+//! input graph), the source and its host expression, whether the system
+//! was read, `nix --version` and the host. Evaluation
 //! then reads the flake through [`FlakeIdentity::pinned_ref`], a reference
 //! Nix only resolves to that very content (or refuses), so a result stored
 //! under a key was computed from what the key names.
@@ -34,39 +39,14 @@ use sha2::{Digest, Sha256};
 
 use crate::command::Cmd;
 
+use crate::source::{self, FleetSource, nix_string};
+
 /// Flags every `nix` invocation gets: flakes without touching the user's config.
 const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
 
-/// What is read of one host: its toplevel's out and drv paths and
-/// `config.deployment`. The same function as in
-/// [`crate::nix::FLEET_APPLY_EXPR`] (a test keeps them equal).
-///
-/// The result must not contain an attribute named `outPath`: Nix would turn such
-/// an attribute set into a plain string when printing JSON.
-///
-/// The contents of `deployment.keys.*.text` never leave this evaluation
-/// (nor reach the evaluation cache): each key's `text` is replaced by
-/// `hasText`, and the engine reads the texts of the keys it uploads when it
-/// uploads them ([`crate::nix::key_texts_command`]).
-pub const HOST_EXPR: &str = r#"name: configuration:
-  let toplevel = configuration.config.system.build.toplevel; in {
-    toplevel = toplevel.outPath;
-    drvPath = toplevel.drvPath;
-    deployment = let d = configuration.config.deployment or { }; in
-      if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
-      then d // { keys = builtins.mapAttrs (_: key:
-        if builtins.isAttrs key
-        then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
-        else key) d.keys; }
-      else d;
-  }"#;
-
-/// The host names of the fleet; forces no configuration.
-pub const NAMES_EXPR: &str = "builtins.attrNames";
-
 /// Changes whenever what the cache stores or how shards compute it changes,
 /// so results of an older nix-deploy are never read.
-pub const CACHE_FORMAT: u32 = 2;
+pub const CACHE_FORMAT: u32 = 3;
 
 /// At most this many hosts in one `nix eval`, whatever the memory allows:
 /// keeps the expression (it names every host) far below the kernel's limit
@@ -91,32 +71,20 @@ pub const MEMORY_MARGIN_PERCENT: u64 = 25;
 /// Share of the available memory evaluation may plan to use.
 pub const MEMORY_SHARE_PERCENT: u64 = 80;
 
-/// A Nix string literal for `s` (escapes `"`, `\`, `$` and control characters).
-pub fn nix_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '$' => out.push_str("\\$"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
+/// `nix eval --json --expr '<fleet expression> (builtins.getFlake REF).outputs'`:
+/// which sources the flake has, their host names and colmena's meta
+/// ([`source::FLEET_EXPR`]). `pinned` says `REF` is locked (its content
+/// identified): otherwise Nix reads it only with `--impure`.
+pub fn fleet_command(flake: &str, pinned: bool) -> Cmd {
+    let mut cmd = Cmd::new("nix").args(FEATURE_FLAGS).args(["eval", "--json"]);
+    if !pinned {
+        cmd = cmd.arg("--impure");
     }
-    out.push('"');
-    out
-}
-
-/// `nix eval --json FLAKE#nixosConfigurations --apply builtins.attrNames`.
-pub fn names_command(flake: &str) -> Cmd {
-    Cmd::new("nix")
-        .args(FEATURE_FLAGS)
-        .args(["eval", "--json"])
-        .arg(format!("{flake}#nixosConfigurations"))
-        .args(["--apply", NAMES_EXPR])
+    cmd.arg("--expr").arg(format!(
+        "({}) (builtins.getFlake {}).outputs",
+        source::FLEET_EXPR,
+        nix_string(flake)
+    ))
 }
 
 /// `nix --version`, part of every cache key.
@@ -124,45 +92,19 @@ pub fn version_command() -> Cmd {
     Cmd::new("nix").arg("--version")
 }
 
-/// The `--apply` expression of one shard: [`HOST_EXPR`] for `hosts` only.
-/// With `catch`, a host whose evaluation throws is `null` in the output
-/// instead of failing the whole process.
-pub fn shard_expr(hosts: &[String], catch: bool) -> String {
-    let wanted: String = hosts
-        .iter()
-        .map(|h| format!(" {} = null;", nix_string(h)))
-        .collect();
-    let apply = if catch { "attempt" } else { "host" };
-    format!(
-        r#"configurations:
-let
-  host = {HOST_EXPR};
-  attempt = name: configuration:
-    let
-      value = host name configuration;
-      result = builtins.tryEval (builtins.deepSeq value value);
-    in if result.success then result.value else null;
-  wanted = {{{wanted} }};
-in builtins.mapAttrs {apply} (builtins.intersectAttrs wanted configurations)"#
-    )
-}
-
-/// `nix eval --json FLAKE#nixosConfigurations --apply <shard_expr>`.
-pub fn shard_command(flake: &str, hosts: &[String], catch: bool) -> Cmd {
+/// `nix eval --json FLAKE#<output> --apply <shard expression>`: the hosts'
+/// metadata, and the systems of those wanted ([`source::shard_expr`]).
+pub fn shard_command(
+    flake: &str,
+    source: FleetSource,
+    hosts: &[(String, bool)],
+    catch: bool,
+) -> Cmd {
     Cmd::new("nix")
         .args(FEATURE_FLAGS)
         .args(["eval", "--json"])
-        .arg(format!("{flake}#nixosConfigurations"))
-        .args(["--apply", &shard_expr(hosts, catch)])
-}
-
-/// The host names from [`names_command`]'s output.
-pub fn parse_names(json: &str) -> Result<Vec<String>, String> {
-    let mut names: Vec<String> =
-        serde_json::from_str(json).map_err(|e| format!("not a JSON list of host names: {e}"))?;
-    names.sort();
-    names.dedup();
-    Ok(names)
+        .arg(format!("{flake}#{}", source.output()))
+        .args(["--apply", &crate::source::shard_expr(source, hosts, catch)])
 }
 
 /// What one shard's `nix eval` printed.
@@ -357,17 +299,32 @@ fn locks_are_pinned(locks: &serde_json::Value, lock_file: Option<&str>) -> Resul
     }
 }
 
-/// The cache key of one host's result.
-pub fn host_key(identity: &FlakeIdentity, nix_version: &str, host: &str) -> String {
+/// The cache key of one host's result: its metadata alone, or its
+/// metadata and its system (`system`).
+pub fn host_key(
+    identity: &FlakeIdentity,
+    nix_version: &str,
+    source: FleetSource,
+    host: &str,
+    system: bool,
+) -> String {
     identity.key(
         nix_version,
-        serde_json::json!({ "expression": HOST_EXPR, "host": host }),
+        serde_json::json!({
+            "expression": crate::source::host_expr(source),
+            "source": source,
+            "system": system,
+            "host": host,
+        }),
     )
 }
 
-/// The cache key of the fleet's host names.
-pub fn names_key(identity: &FlakeIdentity, nix_version: &str) -> String {
-    identity.key(nix_version, serde_json::json!({ "expression": NAMES_EXPR }))
+/// The cache key of the fleet's index (sources, host names, meta).
+pub fn fleet_key(identity: &FlakeIdentity, nix_version: &str) -> String {
+    identity.key(
+        nix_version,
+        serde_json::json!({ "expression": source::FLEET_EXPR }),
+    )
 }
 
 /// How many `nix eval` processes run at once by default: one per core, as
@@ -459,8 +416,18 @@ pub struct EvaluationReport {
     pub hosts: usize,
     /// Hosts whose result came from the evaluation cache.
     pub cached: usize,
-    /// Hosts evaluated by this run (successfully or not).
+    /// Hosts evaluated by this run (successfully or not), for their
+    /// metadata or with their system.
     pub evaluated: usize,
+    /// Hosts whose system (toplevel) was wanted: the selected ones.
+    #[serde(default)]
+    pub systems: usize,
+    /// Of those, the ones this run evaluated (the others came from the cache).
+    #[serde(default)]
+    pub systems_evaluated: usize,
+    /// Where the fleet was read from.
+    #[serde(default)]
+    pub source: Option<crate::source::FleetSource>,
     /// `nix eval` processes run for hosts (retries of failed shards included).
     pub shards: usize,
     /// `nix eval` processes at most at once.
@@ -493,8 +460,8 @@ impl EvaluationReport {
         }
         if self.evaluated > 0 {
             text.push_str(&format!(
-                ", {} evaluated in {} shard(s) by up to {} worker(s)",
-                self.evaluated, self.shards, self.workers
+                ", {} evaluated ({} with their system) in {} shard(s) by up to {} worker(s)",
+                self.evaluated, self.systems_evaluated, self.shards, self.workers
             ));
         }
         text.push_str(&format!(" in {:.1}s", self.seconds));
@@ -527,16 +494,11 @@ mod tests {
     }
 
     #[test]
-    fn the_host_expression_is_the_single_evaluations() {
-        assert!(crate::nix::FLEET_APPLY_EXPR.contains(HOST_EXPR));
-        assert!(!HOST_EXPR.contains("outPath ="));
-    }
-
-    #[test]
     fn shard_commands_name_their_hosts_quoted_and_need_nothing_newer_than_2_8() {
         let cmd = shard_command(
             "path:/srv/f?narHash=x",
-            &names(&["web1", "we\"b${x}"]),
+            FleetSource::Nixos,
+            &[("web1".into(), true), ("we\"b${x}".into(), false)],
             true,
         );
         let args = argv(&cmd);
@@ -554,18 +516,26 @@ mod tests {
         assert_eq!(args[6], "--apply");
         let expr = &args[7];
         assert!(
-            expr.contains(r#"wanted = { "web1" = null; "we\"b\${x}" = null; };"#),
+            expr.contains(r#"wanted = { "web1" = true; "we\"b\${x}" = false; };"#),
             "{expr}"
         );
-        assert!(expr.contains("builtins.mapAttrs attempt"), "{expr}");
-        assert!(expr.contains(HOST_EXPR));
-        let plain = shard_expr(&names(&["a"]), false);
-        assert!(plain.contains("builtins.mapAttrs host"), "{plain}");
         assert!(!args.iter().any(|a| a == "--print-out-paths"));
+        let colmena = shard_command(".", FleetSource::Colmena, &[], false);
+        assert_eq!(argv(&colmena)[5], ".#colmenaHive");
         assert_eq!(
-            argv(&names_command("."))[5..],
-            [".#nixosConfigurations", "--apply", "builtins.attrNames"]
+            argv(&shard_command(".", FleetSource::DeployRs, &[], false))[5],
+            ".#deploy"
         );
+        // The fleet's index reads the flake pinned, or impurely when it cannot be.
+        let pinned = argv(&fleet_command("path:/nix/store/x-source?narHash=y", true));
+        assert_eq!(pinned[3..6], ["eval", "--json", "--expr"]);
+        assert!(
+            pinned[6]
+                .ends_with(r#"(builtins.getFlake "path:/nix/store/x-source?narHash=y").outputs"#),
+            "{}",
+            pinned[6]
+        );
+        assert!(argv(&fleet_command(".", false)).contains(&"--impure".to_string()));
     }
 
     #[test]
@@ -577,8 +547,6 @@ mod tests {
         assert_eq!(out.caught, ["b"]);
         assert_eq!(out.missing, ["c"]);
         assert!(parse_shard_output("[]", &[]).is_err());
-        assert_eq!(parse_names(r#"["b","a","a"]"#).unwrap(), ["a", "b"]);
-        assert!(parse_names("{}").is_err());
         assert_eq!(
             parse_version("nix (Nix) 2.8.0\n").unwrap(),
             "nix (Nix) 2.8.0"
@@ -673,21 +641,41 @@ mod tests {
             FlakeIdentity::from_metadata(&path_metadata(hash, locks), lock_file).unwrap()
         };
         let base = id("sha256-A", NO_INPUTS);
-        let key = host_key(&base, "nix (Nix) 2.8.0", "web1");
+        let key = host_key(&base, "nix (Nix) 2.8.0", FleetSource::Nixos, "web1", true);
         assert_eq!(key.len(), 64);
         // Deterministic.
         assert_eq!(
             key,
-            host_key(&id("sha256-A", NO_INPUTS), "nix (Nix) 2.8.0", "web1")
+            host_key(
+                &id("sha256-A", NO_INPUTS),
+                "nix (Nix) 2.8.0",
+                FleetSource::Nixos,
+                "web1",
+                true
+            )
         );
         // The flake's content, another host, another Nix, the lock graph.
         let locks = r#"{"nodes":{"i":{"locked":{"narHash":"sha256-I","type":"path","path":"/i"}},"root":{"inputs":{"i":"i"}}},"root":"root","version":7}"#;
         let others = [
-            host_key(&id("sha256-B", NO_INPUTS), "nix (Nix) 2.8.0", "web1"),
-            host_key(&base, "nix (Nix) 2.8.0", "web2"),
-            host_key(&base, "nix (Nix) 2.18.1", "web1"),
-            host_key(&id("sha256-A", locks), "nix (Nix) 2.8.0", "web1"),
-            names_key(&base, "nix (Nix) 2.8.0"),
+            host_key(
+                &id("sha256-B", NO_INPUTS),
+                "nix (Nix) 2.8.0",
+                FleetSource::Nixos,
+                "web1",
+                true,
+            ),
+            host_key(&base, "nix (Nix) 2.8.0", FleetSource::Nixos, "web2", true),
+            host_key(&base, "nix (Nix) 2.18.1", FleetSource::Nixos, "web1", true),
+            host_key(
+                &id("sha256-A", locks),
+                "nix (Nix) 2.8.0",
+                FleetSource::Nixos,
+                "web1",
+                true,
+            ),
+            host_key(&base, "nix (Nix) 2.8.0", FleetSource::Nixos, "web1", false),
+            host_key(&base, "nix (Nix) 2.8.0", FleetSource::Colmena, "web1", true),
+            fleet_key(&base, "nix (Nix) 2.8.0"),
         ];
         let distinct: BTreeSet<&String> = others.iter().chain([&key]).collect();
         assert_eq!(distinct.len(), others.len() + 1);
@@ -751,11 +739,6 @@ mod tests {
     }
 
     #[test]
-    fn nix_strings_escape_what_nix_interprets() {
-        assert_eq!(nix_string("a\"b\\c${d}\n"), r#""a\"b\\c\${d}\n""#);
-    }
-
-    #[test]
     fn the_report_describes_itself() {
         let report = EvaluationReport {
             hosts: 48,
@@ -769,7 +752,7 @@ mod tests {
         };
         assert_eq!(
             report.describe(),
-            "48 host(s), 40 from the cache, 8 evaluated in 2 shard(s) by up to 2 worker(s) in 1.2s"
+            "48 host(s), 40 from the cache, 8 evaluated (0 with their system) in 2 shard(s) by up to 2 worker(s) in 1.2s"
         );
     }
 }

@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::remote::ProbeResult;
+use crate::approval::{GateKind, GateState};
+use crate::remote::{HostSystems, ProbeResult};
 
 /// One step of a host's pipeline (see ARCHITECTURE.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -172,21 +173,46 @@ pub enum DeploymentStatus {
     /// Recorded, waiting to start (busy hosts, or not yet validated).
     Queued,
     Running,
+    /// Started, and waiting for a maintenance window to open.
+    WaitingForWindow,
+    /// Started, stopped before hosts that wait for approval (or a pause
+    /// that waits for a promotion).
+    AwaitingApproval,
     Succeeded,
     Failed,
     Cancelled,
     Interrupted,
+    /// Never started: a newer push of the same branch came first.
+    Superseded,
 }
 
+/// The statuses of a deployment that has not ended, as SQL (`status IN …`).
+pub const ACTIVE_STATUSES_SQL: &str =
+    "('queued', 'running', 'waiting-for-window', 'awaiting-approval')";
+
 impl DeploymentStatus {
+    /// Whether it has not ended yet (queued, running, or waiting).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            DeploymentStatus::Queued
+                | DeploymentStatus::Running
+                | DeploymentStatus::WaitingForWindow
+                | DeploymentStatus::AwaitingApproval
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeploymentStatus::Queued => "queued",
             DeploymentStatus::Running => "running",
+            DeploymentStatus::WaitingForWindow => "waiting-for-window",
+            DeploymentStatus::AwaitingApproval => "awaiting-approval",
             DeploymentStatus::Succeeded => "succeeded",
             DeploymentStatus::Failed => "failed",
             DeploymentStatus::Cancelled => "cancelled",
             DeploymentStatus::Interrupted => "interrupted",
+            DeploymentStatus::Superseded => "superseded",
         }
     }
 
@@ -247,6 +273,9 @@ pub enum EventKind {
         to: SystemRef,
         duration_ms: u64,
         error: Option<String>,
+        /// What the host ran and booted when its part ended, as it said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<HostSystems>,
     },
     DeploymentFinished {
         status: DeploymentStatus,
@@ -257,6 +286,30 @@ pub enum EventKind {
     },
     Log {
         message: String,
+    },
+    /// Hosts wait for their maintenance window (or are refused).
+    WaitingForWindow {
+        hosts: Vec<String>,
+        reason: String,
+        /// When the first of them may start (Unix ms).
+        until: Option<i64>,
+    },
+    /// The deployment stopped at a gate (approval rules, a pause).
+    GateOpened {
+        gate: u32,
+        gate_kind: GateKind,
+        title: String,
+        hosts: Vec<String>,
+        /// Who still has to say yes.
+        missing: String,
+        deadline: Option<i64>,
+    },
+    /// A gate was approved, rejected, timed out or closed.
+    GateDecided {
+        gate: u32,
+        state: GateState,
+        by: Option<String>,
+        reason: Option<String>,
     },
 }
 
@@ -273,6 +326,9 @@ impl EventKind {
             EventKind::DeploymentFinished { .. } => "deployment-finished",
             EventKind::HealthChecked { .. } => "health-checked",
             EventKind::Log { .. } => "log",
+            EventKind::WaitingForWindow { .. } => "waiting-for-window",
+            EventKind::GateOpened { .. } => "gate-opened",
+            EventKind::GateDecided { .. } => "gate-decided",
         }
     }
 }
@@ -331,6 +387,17 @@ mod tests {
             DeploymentStatus::parse("interrupted"),
             Some(DeploymentStatus::Interrupted)
         );
+        for status in [
+            DeploymentStatus::Queued,
+            DeploymentStatus::Running,
+            DeploymentStatus::WaitingForWindow,
+            DeploymentStatus::AwaitingApproval,
+        ] {
+            assert!(status.is_active());
+            assert!(ACTIVE_STATUSES_SQL.contains(&format!("'{}'", status.as_str())));
+            assert_eq!(DeploymentStatus::parse(status.as_str()), Some(status));
+        }
+        assert!(!DeploymentStatus::Cancelled.is_active());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | `boot` | new generation (boot default) | unchanged | the boot default is the new system, the running one is unchanged | profile to the old generation, `boot` it |
 //! | `test` | unchanged | new (until the next boot) | as `switch` | `test`-activate the old system |
 //! | `dry-activate` | unchanged | unchanged | nothing to validate; the output is kept | nothing to undo |
+//! | `push` | unchanged | unchanged | nothing to validate: the closure is on the host | nothing to undo |
 //!
 //! With a reboot (`switch` and `boot` only), the host must come back with a
 //! new boot id running the new system and pass its health checks; if not, it
@@ -34,9 +35,24 @@ pub enum Goal {
     Test,
     /// What would be started, stopped, restarted; nothing changes.
     DryActivate,
+    /// colmena's `push`: build and copy the closure to the host, nothing
+    /// else (no keys, no profile, no activation).
+    Push,
 }
 
-pub const GOAL_NAMES: [&str; 4] = ["switch", "boot", "test", "dry-activate"];
+pub const GOAL_NAMES: [&str; 5] = ["switch", "boot", "test", "dry-activate", "push"];
+
+/// The goals of colmena's `apply [GOAL]`: the deployment goals, `build`
+/// (build, touch no host) and `keys` (upload `deployment.keys` only).
+pub const APPLY_GOALS: [&str; 7] = [
+    "switch",
+    "boot",
+    "test",
+    "dry-activate",
+    "build",
+    "push",
+    "keys",
+];
 
 impl Goal {
     pub fn as_str(self) -> &'static str {
@@ -45,6 +61,7 @@ impl Goal {
             Goal::Boot => "boot",
             Goal::Test => "test",
             Goal::DryActivate => "dry-activate",
+            Goal::Push => "push",
         }
     }
 
@@ -54,6 +71,7 @@ impl Goal {
             "boot" => Ok(Goal::Boot),
             "test" => Ok(Goal::Test),
             "dry-activate" | "dry" => Ok(Goal::DryActivate),
+            "push" => Ok(Goal::Push),
             other => Err(OptionsError(format!(
                 "unknown goal `{other}` ({})",
                 GOAL_NAMES.join(", ")
@@ -74,7 +92,12 @@ impl Goal {
     /// Whether the host changes at all (keys are uploaded, things can fail
     /// half-way and need undoing).
     pub fn changes_host(self) -> bool {
-        self != Goal::DryActivate
+        !matches!(self, Goal::DryActivate | Goal::Push)
+    }
+
+    /// Whether the host run ends once the closure is on the host.
+    pub fn stops_after_copy(self) -> bool {
+        self == Goal::Push
     }
 
     /// How the activator runs `switch-to-configuration` (dry-activate runs
@@ -84,7 +107,7 @@ impl Goal {
             Goal::Switch => Some(Activation::Switch),
             Goal::Boot => Some(Activation::Boot),
             Goal::Test => Some(Activation::Test),
-            Goal::DryActivate => None,
+            Goal::DryActivate | Goal::Push => None,
         }
     }
 
@@ -99,7 +122,7 @@ impl Goal {
         match self {
             Goal::Switch | Goal::Test => Validation::RunsNewSystem,
             Goal::Boot => Validation::BootsNewSystem,
-            Goal::DryActivate => Validation::Unchanged,
+            Goal::DryActivate | Goal::Push => Validation::Unchanged,
         }
     }
 
@@ -109,7 +132,7 @@ impl Goal {
             Goal::Switch => WayBack::Switch,
             Goal::Boot => WayBack::Boot,
             Goal::Test => WayBack::Test,
-            Goal::DryActivate => WayBack::Nothing,
+            Goal::DryActivate | Goal::Push => WayBack::Nothing,
         }
     }
 }

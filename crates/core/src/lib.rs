@@ -17,7 +17,9 @@
 //! - [`summary`]: change summaries from two closures.
 //! - [`remote`]: what runs on hosts, as argument vectors and parsers.
 //! - [`nix`], [`command`]: local Nix command lines as data.
+//! - [`doctor`]: `nix-deploy doctor`'s verdicts and fixes.
 //! - [`eval`]: evaluation at fleet scale: shards, workers, the cache key.
+//! - [`introspect`]: `nix-deploy eval`, an expression against the fleet.
 //! - [`shell`]: the one quoting helper and name validation.
 //! - [`duration`]: durations as people write them.
 //! - [`render`]: plain-text rendering shared by the CLI, reports and chat.
@@ -26,14 +28,28 @@
 //!   reboots: what each does, how it is validated and undone.
 //! - [`keys`]: secrets uploaded outside the store (`deployment.keys`).
 //! - [`exec`]: commands run on many hosts (`nix-deploy exec`).
+//! - [`window`]: maintenance windows (cron, time zones, allow and deny).
+//! - [`approval`]: approval rules, gates and pauses: who may say yes.
+//! - [`audit`]: the audit trail's entries and its hash chain.
+//! - [`grammar`]: the deploy flags (one clap parser for the CLI and chat)
+//!   and the chat command's verbs.
+//! - [`suggest`]: "did you mean" for mistyped names.
+//! - [`cluster`]: the coordinators sharing one history, their leases and leader.
 
+pub mod approval;
+pub mod attrs;
+pub mod audit;
+pub mod cluster;
 pub mod command;
+pub mod doctor;
 pub mod duration;
 pub mod eval;
 pub mod events;
 pub mod exec;
 pub mod fleet;
 pub mod goal;
+pub mod grammar;
+pub mod introspect;
 pub mod keys;
 pub mod nix;
 pub mod options;
@@ -44,4 +60,8 @@ pub mod reports;
 pub mod run;
 pub mod select;
 pub mod shell;
+pub mod source;
+pub mod sshopts;
+pub mod suggest;
 pub mod summary;
+pub mod window;

@@ -1,37 +1,134 @@
 //! The local Nix commands, as pure builders and parsers: one evaluation of the
-//! whole fleet, builds, closures, copies. Nix 2.8 (Debian's `nix-bin`) must
+//! whole fleet (for comparison; the engine evaluates in shards, [`crate::eval`]), builds, closures, copies. Nix 2.8 (Debian's `nix-bin`) must
 //! work, so the experimental features are passed here and no flag newer than
 //! 2.8 is used (`--json` instead of `--print-out-paths`).
 
 use serde::Deserialize;
 
 use crate::command::Cmd;
+use crate::source::FleetSource;
 
 /// Flags every `nix` invocation gets: flakes without touching the user's config.
-const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
+pub const FEATURE_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
 
-/// Reads, for every `nixosConfigurations.<name>`, the toplevel's out and drv paths
-/// and `config.deployment`, in one evaluation.
-///
-/// The result must not contain an attribute named `outPath`: Nix would turn such
-/// an attribute set into a plain string when printing JSON.
-///
-/// The contents of `deployment.keys.*.text` never leave this evaluation: each
-/// key's `text` is replaced by `hasText` (the engine reads the texts of the
-/// keys it uploads, when it uploads them, with [`key_texts_command`]). So the
-/// fleet's JSON, wherever it goes, holds no secret.
-pub const FLEET_APPLY_EXPR: &str = r#"configurations: builtins.mapAttrs (name: configuration:
-  let toplevel = configuration.config.system.build.toplevel; in {
-    toplevel = toplevel.outPath;
-    drvPath = toplevel.drvPath;
-    deployment = let d = configuration.config.deployment or { }; in
-      if builtins.isAttrs d && d ? keys && builtins.isAttrs d.keys
-      then d // { keys = builtins.mapAttrs (_: key:
-        if builtins.isAttrs key
-        then builtins.removeAttrs key [ "text" ] // { hasText = (key.text or null) != null; }
-        else key) d.keys; }
-      else d;
-  }) configurations"#;
+/// What the user adds to every local Nix invocation: `--show-trace`,
+/// `--impure` (evaluations and builds only) and `--option NAME VALUE`
+/// (`--nix-option` on our command line).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NixFlags {
+    pub show_trace: bool,
+    pub impure: bool,
+    /// Settings, in the order given.
+    pub options: Vec<(String, String)>,
+}
+
+/// Settings nix-deploy decides itself: set through `--nix-option`, they
+/// would silently change what nix-deploy relies on.
+const RESERVED_SETTINGS: [&str; 2] = ["experimental-features", "extra-experimental-features"];
+
+impl NixFlags {
+    /// Names and values as Nix settings are written: a name of letters,
+    /// digits and `-` (as `nix show-config` lists them), a value of one line.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, value) in &self.options {
+            let well_formed = !name.is_empty()
+                && name.len() <= 100
+                && !name.starts_with('-')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            if !well_formed {
+                return Err(format!(
+                    "--nix-option `{name}`: not a Nix setting name (letters, digits and `-`, e.g. `eval-cache`)"
+                ));
+            }
+            if RESERVED_SETTINGS.contains(&name.as_str()) {
+                return Err(format!(
+                    "--nix-option {name}: nix-deploy enables the features it needs itself; set it in nix.conf instead"
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(format!(
+                    "--nix-option {name}: the value must be one line without control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse a setting this Nix does not know (it would only warn, and the
+    /// option would do nothing), given `nix show-config --json`.
+    pub fn check_known(&self, show_config_json: &str) -> Result<(), String> {
+        if self.options.is_empty() {
+            return Ok(());
+        }
+        let settings: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(show_config_json)
+                .map_err(|e| format!("unexpected `nix show-config --json` output: {e}"))?;
+        let mut known: Vec<String> = Vec::new();
+        for (name, setting) in &settings {
+            known.push(name.clone());
+            known.push(format!("extra-{name}"));
+            if let Some(aliases) = setting.get("aliases").and_then(|a| a.as_array()) {
+                known.extend(
+                    aliases
+                        .iter()
+                        .filter_map(|a| a.as_str())
+                        .map(str::to_string),
+                );
+            }
+        }
+        for (name, _) in &self.options {
+            if !known.contains(name) {
+                return Err(format!(
+                    "--nix-option {name}: this Nix has no such setting{} (`nix show-config` lists them)",
+                    crate::suggest::did_you_mean(name, &known, "")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// For commands that only read or copy store paths (`nix-store`, `nix copy`,
+    /// `nix flake metadata`).
+    pub fn store_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.show_trace {
+            args.push("--show-trace".to_string());
+        }
+        for (name, value) in &self.options {
+            args.extend(["--option".to_string(), name.clone(), value.clone()]);
+        }
+        args
+    }
+
+    /// For evaluations and builds: [`NixFlags::store_args`] and `--impure`.
+    pub fn eval_args(&self) -> Vec<String> {
+        let mut args = self.store_args();
+        if self.impure {
+            args.push("--impure".to_string());
+        }
+        args
+    }
+
+    /// What of these flags can change an evaluation's result (everything but
+    /// `--show-trace`), for cache keys: empty without such flags.
+    pub fn evaluation_tag(&self) -> String {
+        let flags = NixFlags {
+            show_trace: false,
+            ..self.clone()
+        };
+        crate::shell::join(&flags.eval_args())
+    }
+}
+
+/// `nix show-config --json`: every setting this Nix knows (Nix 2.8 has no
+/// `nix config show`).
+pub fn show_config_command() -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["show-config", "--json"])
+}
 
 /// Reject flake references we cannot append `#nixosConfigurations` to.
 pub fn check_flake_ref(flake: &str) -> Result<(), &'static str> {
@@ -53,12 +150,19 @@ pub fn check_flake_ref(flake: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The whole fleet of `nixosConfigurations` in one evaluation, every host
+/// with its system (as [`crate::source::host_expr`] reads one): the
+/// baseline the benchmarks compare sharded evaluation with.
 pub fn eval_command(flake: &str) -> Cmd {
+    let apply = format!(
+        "output: let host = {}; in builtins.mapAttrs (name: configuration: host name configuration true) output",
+        crate::source::host_expr(FleetSource::Nixos)
+    );
     Cmd::new("nix")
         .args(FEATURE_FLAGS)
         .args(["eval", "--json"])
         .arg(format!("{flake}#nixosConfigurations"))
-        .args(["--apply", FLEET_APPLY_EXPR])
+        .args(["--apply", &apply])
 }
 
 pub fn metadata_command(flake: &str) -> Cmd {
@@ -68,11 +172,26 @@ pub fn metadata_command(flake: &str) -> Cmd {
         .arg(flake)
 }
 
-pub fn build_command(drv: &str) -> Cmd {
+/// `nix build --no-link --json DRV`, with `--builders SPEC` (remote
+/// builders: a machines specification or `@FILE`) when given.
+pub fn build_command(drv: &str, builders: Option<&str>) -> Cmd {
+    let mut cmd = Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["build", "--no-link", "--json"]);
+    if let Some(builders) = builders {
+        cmd = cmd.args(["--builders", builders]);
+    }
+    cmd.arg(drv)
+}
+
+/// `nix copy --derivation --to ssh://[user@]dest DRV`: the derivation and
+/// the derivations and sources it needs, for the host to build.
+pub fn copy_derivation_command(destination_uri: &str, drv: &str, ssh_opts: &str) -> Cmd {
     Cmd::new("nix")
         .args(FEATURE_FLAGS)
-        .args(["build", "--no-link", "--json"])
+        .args(["copy", "--derivation", "--to", destination_uri])
         .arg(drv)
+        .env("NIX_SSHOPTS", ssh_opts)
 }
 
 /// `nix-store --query --requisites PATH`: the closure of a built path.
@@ -94,34 +213,46 @@ pub fn copy_command(destination_uri: &str, path: &str, ssh_opts: &str, substitut
 }
 
 /// The `text` of every key that has one, for the named hosts only, in one
-/// evaluation: `{ HOST = { KEY = TEXT; ... }; ... }`. Its output is a
-/// secret: the caller turns it into [`crate::keys::Secret`]s at once.
+/// evaluation: `{ HOST = { KEY = TEXT; ... }; ... }`
+/// ([`crate::source::key_texts_expr`]). Its output is a secret: the caller
+/// turns it into [`crate::keys::Secret`]s at once.
 ///
 /// Host names are validated ([`crate::shell::is_valid_host_name`]: no quote,
 /// backslash or `$`), so they can be Nix string literals.
-pub fn key_texts_command(flake: &str, hosts: &[String]) -> Result<Cmd, String> {
+pub fn key_texts_command(
+    flake: &str,
+    source: FleetSource,
+    hosts: &[String],
+) -> Result<Cmd, String> {
     if let Some(bad) = hosts.iter().find(|h| !crate::shell::is_valid_host_name(h)) {
         return Err(format!("`{bad}` is not a host name"));
     }
-    let names: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
-    let apply = format!(
-        r#"configurations: let
-  texts = keys: builtins.listToAttrs (builtins.concatMap (attr:
-    let key = keys.${{attr}}; in
-    if builtins.isAttrs key && (key.text or null) != null
-    then [ {{ name = attr; value = key.text; }} ] else [ ]) (builtins.attrNames keys));
-in builtins.listToAttrs (map (name: {{
-  inherit name;
-  value = texts (configurations.${{name}}.config.deployment.keys or {{ }});
-}}) [ {} ])"#,
-        names.join(" ")
-    );
     Ok(Cmd::new("nix")
         .args(FEATURE_FLAGS)
         .args(["eval", "--json"])
-        .arg(format!("{flake}#nixosConfigurations"))
+        .arg(format!("{flake}#{}", source.output()))
         .arg("--apply")
-        .arg(apply))
+        .arg(crate::source::key_texts_expr(source, hosts)))
+}
+
+/// `doctor`'s copy check: build a tiny input-addressed path (a copy of one
+/// needs the destination's trust, as a system's closure does; a
+/// content-addressed path would not), unique per `nonce` so that copying it
+/// is never a no-op. `--impure` for `builtins.currentSystem`.
+pub fn probe_path_command(nonce: u64) -> Cmd {
+    let expr = format!(
+        r#"derivation {{ name = "nix-deploy-doctor"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ok > $out" ]; nonce = "{nonce}"; }}"#
+    );
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["build", "--no-link", "--json", "--impure", "--expr"])
+        .arg(expr)
+}
+
+/// `nix eval --expr 'builtins ? getFlake'` *without* our feature flags:
+/// whether the user's own Nix has `nix-command` and flakes on.
+pub fn flakes_probe_command() -> Cmd {
+    Cmd::new("nix").args(["eval", "--expr", "builtins ? getFlake"])
 }
 
 /// `nix-store --realise PATH --add-root LINK`: make `LINK` (a symlink to an
@@ -174,14 +305,39 @@ mod tests {
         );
         assert_eq!(args[6], "--apply");
         assert!(!args.iter().any(|a| a == "--print-out-paths"));
-        assert!(!FLEET_APPLY_EXPR.contains("outPath ="));
+        assert!(args[7].contains(crate::source::host_expr(FleetSource::Nixos)));
     }
 
     #[test]
     fn build_and_copy_commands() {
         assert_eq!(
-            argv(&build_command("/nix/store/abc-x.drv"))[3..],
+            argv(&build_command("/nix/store/abc-x.drv", None))[3..],
             ["build", "--no-link", "--json", "/nix/store/abc-x.drv"]
+        );
+        assert_eq!(
+            argv(&build_command(
+                "/nix/store/abc-x.drv",
+                Some("@/etc/nix/machines")
+            ))[3..],
+            [
+                "build",
+                "--no-link",
+                "--json",
+                "--builders",
+                "@/etc/nix/machines",
+                "/nix/store/abc-x.drv"
+            ]
+        );
+        let drv = copy_derivation_command("ssh://web1", "/nix/store/abc-x.drv", "-p 22");
+        assert_eq!(
+            argv(&drv)[3..],
+            [
+                "copy",
+                "--derivation",
+                "--to",
+                "ssh://web1",
+                "/nix/store/abc-x.drv"
+            ]
         );
         let copy = copy_command(
             "ssh://root@web1",
@@ -204,16 +360,19 @@ mod tests {
 
     #[test]
     fn key_texts_are_read_for_the_named_hosts_only() {
-        let cmd = key_texts_command("path:/srv/fleet", &["web1".into(), "db-2".into()]).unwrap();
+        let cmd = key_texts_command(
+            "path:/srv/fleet",
+            FleetSource::Nixos,
+            &["web1".into(), "db-2".into()],
+        )
+        .unwrap();
         let args = argv(&cmd);
         assert_eq!(
             args[3..6],
             ["eval", "--json", "path:/srv/fleet#nixosConfigurations"]
         );
         assert!(args[7].ends_with(r#"[ "web1" "db-2" ])"#), "{}", args[7]);
-        assert!(key_texts_command(".", &["a\"b".into()]).is_err());
-        // The fleet's own evaluation drops the texts.
-        assert!(FLEET_APPLY_EXPR.contains(r#"removeAttrs key [ "text" ]"#));
+        assert!(key_texts_command(".", FleetSource::Nixos, &["a\"b".into()]).is_err());
         assert_eq!(
             argv(&add_root_command(
                 "/nix/store/abc-x",
@@ -235,6 +394,56 @@ mod tests {
         assert_eq!(parse_build_output(json).unwrap(), "/nix/store/q4-h1");
         assert!(parse_build_output("[]").is_err());
         assert!(parse_build_output("nope").is_err());
+    }
+
+    #[test]
+    fn nix_flags_are_checked_and_placed() {
+        let flags = NixFlags {
+            show_trace: true,
+            impure: true,
+            options: vec![("eval-cache".into(), "false".into())],
+        };
+        assert!(flags.check().is_ok());
+        assert_eq!(
+            flags.store_args(),
+            ["--show-trace", "--option", "eval-cache", "false"]
+        );
+        assert_eq!(flags.eval_args().last().unwrap(), "--impure");
+        assert_eq!(flags.evaluation_tag(), "--option eval-cache false --impure");
+        assert_eq!(NixFlags::default().evaluation_tag(), "");
+        let traced = NixFlags {
+            show_trace: true,
+            ..NixFlags::default()
+        };
+        assert_eq!(traced.evaluation_tag(), "", "a trace changes no result");
+
+        let bad = |name: &str, value: &str| {
+            NixFlags {
+                options: vec![(name.into(), value.into())],
+                ..NixFlags::default()
+            }
+            .check()
+            .unwrap_err()
+        };
+        assert!(bad("--impure", "x").contains("not a Nix setting name"));
+        assert!(bad("a b", "x").contains("not a Nix setting name"));
+        assert!(bad("cores", "1\n2").contains("one line"));
+        assert!(bad("experimental-features", "flakes").contains("nix.conf"));
+
+        let config =
+            r#"{"eval-cache": {"aliases": []}, "substituters": {"aliases": ["binary-caches"]}}"#;
+        let known = |name: &str| {
+            NixFlags {
+                options: vec![(name.into(), "x".into())],
+                ..NixFlags::default()
+            }
+            .check_known(config)
+        };
+        assert!(known("eval-cache").is_ok());
+        assert!(known("binary-caches").is_ok());
+        assert!(known("extra-substituters").is_ok());
+        let e = known("eval-cahce").unwrap_err();
+        assert!(e.contains("did you mean `eval-cache`"), "{e}");
     }
 
     #[test]

@@ -218,8 +218,13 @@ pub struct DeployOptions {
     pub skip_validation: bool,
     /// Pre-flight: free space `/nix/store` must have, in MiB.
     pub min_free_space_mib: u64,
-    /// Let hosts fetch from their own substituters.
+    /// Let hosts fetch from their own substituters what they can; the
+    /// coordinator sends the rest (on by default; `--no-substitute`; a host's
+    /// `deployment.substituteOnDestination = false` turns it off for it).
     pub substitute_on_destination: bool,
+    /// Every host builds its own system (`--build-on-target`; else per host,
+    /// `deployment.buildOnTarget`).
+    pub build_on_target: bool,
     /// What the deployment does to each host ([`Goal`]).
     pub goal: Goal,
     /// Which hosts reboot after their activation.
@@ -227,6 +232,20 @@ pub struct DeployOptions {
     /// How long a rebooting host may take to come back.
     #[serde(with = "crate::duration::human")]
     pub reboot_timeout: Duration,
+    /// Stop after the canaries until someone promotes the deployment.
+    pub pause_after_canary: bool,
+    /// Stop after each rolling batch until someone promotes the deployment.
+    pub pause_after_batch: bool,
+    /// Outside a maintenance window: refuse instead of waiting.
+    pub no_wait: bool,
+    /// Deploy outside the maintenance windows, and why (recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_window: Option<String>,
+    /// `--no-keys`: leave `deployment.keys` alone (colmena's `--no-keys`).
+    pub no_keys: bool,
+    /// `--keep-result`: each built system also stays a GC root under
+    /// `STATE/results/HOST` until the next kept result of that host.
+    pub keep_result: bool,
 }
 
 impl Default for DeployOptions {
@@ -246,10 +265,17 @@ impl Default for DeployOptions {
             activation_timeout: Duration::from_secs(600),
             skip_validation: false,
             min_free_space_mib: 1024,
-            substitute_on_destination: false,
+            substitute_on_destination: true,
+            build_on_target: false,
             goal: Goal::Switch,
             reboot: RebootPolicy::Never,
             reboot_timeout: Duration::from_secs(600),
+            pause_after_canary: false,
+            pause_after_batch: false,
+            no_wait: false,
+            override_window: None,
+            no_keys: false,
+            keep_result: false,
         }
     }
 }
@@ -315,6 +341,24 @@ impl DeployOptions {
                 }
             )));
         }
+        if self.pause_after_batch && self.strategy != Strategy::Rolling {
+            return Err(bad(format!(
+                "--pause-after-batch goes with rolling deployments, not {}",
+                self.strategy.as_str()
+            )));
+        }
+        if self.pause_after_canary && self.strategy == Strategy::BlueGreen {
+            return Err(bad(
+                "--pause-after-canary goes with canary, smart, rolling or parallel deployments, not blue-green",
+            ));
+        }
+        if let Some(reason) = &self.override_window
+            && (reason.trim().is_empty() || reason.len() > 1000)
+        {
+            return Err(bad(
+                "--override-window needs --reason \"why\" (1 to 1000 characters)",
+            ));
+        }
         if self.strategy == Strategy::BlueGreen
             && (self.goal != Goal::Switch || self.reboot != RebootPolicy::Never)
         {
@@ -346,7 +390,7 @@ pub struct Request {
     /// Deployments: queue behind busy hosts instead of refusing them.
     #[serde(skip_serializing_if = "is_false")]
     pub wait: bool,
-    /// Deployments: the daemon's flake pinned to this commit.
+    /// Deployments and plans: the flake pinned to this commit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Plans: build changed toplevels to compare closures (default true).
@@ -399,8 +443,12 @@ pub struct Request {
     pub skip_validation: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_free_space_mib: Option<u64>,
+    /// Hosts substitute what they can (default: true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substitute_on_destination: Option<bool>,
+    /// Every host builds its own system.
     #[serde(skip_serializing_if = "is_false")]
-    pub substitute_on_destination: bool,
+    pub build_on_target: bool,
     /// `switch` (default), `boot`, `test` or `dry-activate`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub goal: Option<String>,
@@ -412,6 +460,25 @@ pub struct Request {
         skip_serializing_if = "Option::is_none"
     )]
     pub reboot_timeout: Option<Duration>,
+    /// Stop after the canaries until someone promotes the deployment.
+    #[serde(skip_serializing_if = "is_false")]
+    pub pause_after_canary: bool,
+    /// Rolling: stop after each batch until someone promotes it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub pause_after_batch: bool,
+    /// Outside a maintenance window: refuse instead of waiting.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_wait: bool,
+    /// Deploy outside the maintenance windows; the value is the reason
+    /// (admin only, recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_window: Option<String>,
+    /// Do not upload `deployment.keys`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_keys: bool,
+    /// Keep each built system as a GC root under `STATE/results/HOST`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub keep_result: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -469,14 +536,22 @@ impl Request {
             min_free_space_mib: self
                 .min_free_space_mib
                 .unwrap_or(defaults.min_free_space_mib),
-            substitute_on_destination: self.substitute_on_destination
-                || defaults.substitute_on_destination,
+            substitute_on_destination: self
+                .substitute_on_destination
+                .unwrap_or(defaults.substitute_on_destination),
+            build_on_target: self.build_on_target || defaults.build_on_target,
             goal: match &self.goal {
                 Some(goal) => Goal::parse(goal)?,
                 None => defaults.goal,
             },
             reboot: self.reboot.unwrap_or(defaults.reboot),
             reboot_timeout: self.reboot_timeout.unwrap_or(defaults.reboot_timeout),
+            pause_after_canary: self.pause_after_canary,
+            pause_after_batch: self.pause_after_batch,
+            no_wait: self.no_wait,
+            override_window: self.override_window.clone(),
+            no_keys: self.no_keys || defaults.no_keys,
+            keep_result: self.keep_result || defaults.keep_result,
         };
         crate::select::check(&[self.hosts.clone(), self.on.clone(), self.exclude.clone()].concat())
             .map_err(|e| bad(e.to_string()))?;

@@ -17,6 +17,31 @@ pub fn short_path(path: Option<&str>) -> String {
     }
 }
 
+/// `HOST: STEP: CAUSE`, said once: a cause that already starts with the
+/// host (and the step) is not prefixed again, so errors that pass through
+/// several layers read `web1: probe: cannot connect …`, never
+/// `web1: probe: web1: cannot connect …`.
+pub fn host_error(host: &str, step: &str, cause: &str) -> String {
+    format!(
+        "{host}: {step}: {}",
+        after_prefix(cause, Some(host), Some(step))
+    )
+}
+
+/// `text` without a leading `HOST: ` and then `STEP: `: what is left to say
+/// where the host (and the step) are named already (a table's row, a
+/// progress line, a report's section).
+pub fn after_prefix<'a>(text: &'a str, host: Option<&str>, step: Option<&str>) -> &'a str {
+    let strip = |text: &'a str, prefix: Option<&str>| match prefix {
+        Some(prefix) => text
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix(": "))
+            .unwrap_or(text),
+        None => text,
+    };
+    strip(strip(text, host), step)
+}
+
 /// A generation number, or `-`.
 pub fn generation(g: Option<u32>) -> String {
     g.map(|g| g.to_string()).unwrap_or_else(|| "-".into())
@@ -72,26 +97,42 @@ pub fn result_word(status: HostStatus) -> String {
     format!("{} {}", icon(status), status.as_str().replace('-', " "))
 }
 
-/// `1 → 2`, `1 → 2 → 1` (rolled back), or the generation it stayed on.
+/// `1 → 2`, `1 → 2 → 1` (rolled back), `2 → 1` (rolled back on request),
+/// or the generation it stayed on. Where it ended is what the host said
+/// when its part ended, when it was read.
 pub fn generations(run: &HostRun) -> String {
+    let back = run
+        .after
+        .as_ref()
+        .map_or(run.from.generation, |a| a.boot_generation);
     match run.status {
         HostStatus::Deployed => format!(
             "{} → {}",
             generation(run.from.generation),
             generation(run.to.generation)
         ),
+        HostStatus::RolledBack if run.to.generation.is_none() || run.to.generation == back => {
+            format!("{} → {}", generation(run.from.generation), generation(back))
+        }
         HostStatus::RolledBack => format!(
             "{} → {} → {}",
             generation(run.from.generation),
             generation(run.to.generation),
-            generation(run.from.generation)
+            generation(back)
         ),
-        _ => generation(run.from.generation),
+        _ => generation(back),
     }
 }
 
-/// How a host ended, as the live display says it.
-pub fn host_outcome(status: HostStatus, from: Option<u32>, to: Option<u32>, ms: u64) -> String {
+/// How a host ended, as the live display says it. `back`: the generation
+/// it boots when its part ended (what a rollback went back to).
+pub fn host_outcome(
+    status: HostStatus,
+    from: Option<u32>,
+    to: Option<u32>,
+    back: Option<u32>,
+    ms: u64,
+) -> String {
     let took = duration_ms(ms as i64);
     let icon = icon(status);
     match status {
@@ -103,7 +144,7 @@ pub fn host_outcome(status: HostStatus, from: Option<u32>, to: Option<u32>, ms: 
         HostStatus::Skipped => format!("{icon} SKIPPED (no changes)"),
         HostStatus::RolledBack => format!(
             "{icon} ROLLED BACK ({took}) to generation {}",
-            generation(from)
+            generation(back)
         ),
         HostStatus::RollbackFailed => format!("{icon} ROLLBACK FAILED ({took})"),
         HostStatus::Failed => format!("{icon} FAILED ({took})"),
@@ -112,23 +153,33 @@ pub fn host_outcome(status: HostStatus, from: Option<u32>, to: Option<u32>, ms: 
     }
 }
 
-/// `2 deployed, 1 skipped, 1 rolled back, 1 failed`: what happened to the
-/// hosts of one deployment (a rolled-back host is not counted as failed).
+/// `2 deployed, 1 skipped, 1 failed (1 of them rolled back), 1 rolled back`:
+/// what happened to the hosts of one deployment. A host that failed is
+/// counted as failed whether or not it was rolled back; a host that was
+/// deployed fine and rolled back because others failed is only rolled back.
 pub fn hosts_summary(runs: &[HostRun]) -> String {
     let count = |s: HostStatus| runs.iter().filter(|h| h.status == s).count();
-    let rolled_back = count(HostStatus::RolledBack);
+    let failed_back = runs
+        .iter()
+        .filter(|h| h.status == HostStatus::RolledBack && h.failed_itself())
+        .count();
     let failed = runs
         .iter()
         .filter(|h| h.status.is_failure() && h.status != HostStatus::RolledBack)
-        .count();
+        .count()
+        + failed_back;
+    let rolled_back = count(HostStatus::RolledBack) - failed_back;
     let mut parts = vec![
         format!("{} deployed", count(HostStatus::Deployed)),
         format!("{} skipped", count(HostStatus::Skipped)),
     ];
+    parts.push(match failed_back {
+        0 => format!("{failed} failed"),
+        n => format!("{failed} failed ({n} of them rolled back)"),
+    });
     if rolled_back > 0 {
         parts.push(format!("{rolled_back} rolled back"));
     }
-    parts.push(format!("{failed} failed"));
     parts.join(", ")
 }
 
@@ -217,7 +268,11 @@ pub fn event_text(event: &Event) -> String {
             probe,
             error,
         } => match error {
-            Some(e) => format!("{} — {e}", state.as_str()),
+            Some(e) => format!(
+                "{} — {}",
+                state.as_str(),
+                after_prefix(e, event.host.as_deref(), Some("probe"))
+            ),
             None => format!(
                 "{} (generation {})",
                 state.as_str(),
@@ -252,7 +307,11 @@ pub fn event_text(event: &Event) -> String {
                 format!(
                     "{step} FAILED ({}): {}",
                     duration_ms(*ms as i64),
-                    message.as_deref().unwrap_or_default()
+                    after_prefix(
+                        message.as_deref().unwrap_or_default(),
+                        event.host.as_deref(),
+                        Some(step.as_str())
+                    )
                 )
             }
         }
@@ -261,8 +320,17 @@ pub fn event_text(event: &Event) -> String {
             from,
             to,
             duration_ms: ms,
+            after,
             ..
-        } => host_outcome(*status, from.generation, to.generation, *ms),
+        } => host_outcome(
+            *status,
+            from.generation,
+            to.generation,
+            after
+                .as_ref()
+                .map_or(from.generation, |a| a.boot_generation),
+            *ms,
+        ),
         EventKind::DeploymentFinished { status } => {
             format!("deployment #{} {status}", event.deployment_id)
         }
@@ -280,12 +348,95 @@ pub fn event_text(event: &Event) -> String {
                 .join("; ")
         ),
         EventKind::Log { message } => message.clone(),
+        EventKind::WaitingForWindow {
+            hosts,
+            reason,
+            until,
+        } => format!(
+            "waiting for a maintenance window: {} ({reason}); {}",
+            hosts.join(", "),
+            match until {
+                Some(t) => format!("may start at {}", timestamp(*t)),
+                None => "no window opens within 400 days".into(),
+            }
+        ),
+        EventKind::GateOpened {
+            gate,
+            gate_kind,
+            title,
+            hosts,
+            missing,
+            deadline,
+        } => format!(
+            "{} (gate {gate}, {title}): {} wait{}; needs {missing}; `nix-deploy approve {}`{}",
+            match gate_kind {
+                crate::approval::GateKind::Approval => "awaiting approval",
+                crate::approval::GateKind::Pause => "paused",
+            },
+            hosts.join(", "),
+            if hosts.len() == 1 { "s" } else { "" },
+            event.deployment_id,
+            deadline
+                .map(|d| format!(" before {}", timestamp(d)))
+                .unwrap_or_default()
+        ),
+        EventKind::GateDecided {
+            gate,
+            state,
+            by,
+            reason,
+        } => format!(
+            "gate {gate} {}{}{}",
+            state.as_str(),
+            by.as_deref()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default(),
+            reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_step_are_said_once() {
+        assert_eq!(
+            host_error(
+                "web1",
+                "probe",
+                "web1: cannot connect over SSH to 10.0.0.1: refused"
+            ),
+            "web1: probe: cannot connect over SSH to 10.0.0.1: refused"
+        );
+        assert_eq!(
+            host_error("web1", "probe", "web1: probe: `sh` timed out after 5s"),
+            "web1: probe: `sh` timed out after 5s"
+        );
+        assert_eq!(
+            host_error("web1", "rollback", "connection refused"),
+            "web1: rollback: connection refused"
+        );
+        // Another host's name in the cause is kept.
+        assert_eq!(
+            host_error("web1", "probe", "web10: refused"),
+            "web1: probe: web10: refused"
+        );
+        assert_eq!(
+            after_prefix("web1: activate: exit 4", Some("web1"), Some("activate")),
+            "exit 4"
+        );
+        assert_eq!(
+            after_prefix("web1: exit 4", Some("web1"), Some("activate")),
+            "exit 4"
+        );
+        assert_eq!(after_prefix("exit 4", Some("web1"), None), "exit 4");
+        assert_eq!(after_prefix("web10: x", Some("web1"), None), "web10: x");
+    }
     use crate::events::{Step, SystemRef};
 
     #[test]
@@ -332,10 +483,50 @@ mod tests {
                     generation: Some(2)
                 },
                 duration_ms: 1500,
-                error: None
+                error: None,
+                after: None,
             })),
             "✅ DEPLOYED (1.5s) generation 1 → 2"
         );
         assert_eq!(result_word(HostStatus::RolledBack), "⏪ rolled back");
+    }
+
+    #[test]
+    fn a_failed_host_is_counted_failed_whether_or_not_it_went_back() {
+        use crate::run::StepTiming;
+        let run = |status, failed_step: Option<Step>| {
+            let mut run = HostRun::new(1, "h");
+            run.status = status;
+            run.steps = [Step::Activate, Step::Validate, Step::Rollback]
+                .into_iter()
+                .map(|step| StepTiming {
+                    step,
+                    started_at: 0,
+                    finished_at: Some(1),
+                    ok: Some(Some(step) != failed_step),
+                })
+                .collect();
+            run
+        };
+        let runs = [
+            run(HostStatus::Deployed, None),
+            run(HostStatus::RolledBack, Some(Step::Validate)),
+            run(HostStatus::RolledBack, None),
+            run(HostStatus::Failed, Some(Step::Activate)),
+        ];
+        assert_eq!(
+            hosts_summary(&runs),
+            "1 deployed, 0 skipped, 2 failed (1 of them rolled back), 1 rolled back"
+        );
+        let mut back = HostRun::new(1, "h");
+        back.status = HostStatus::RolledBack;
+        back.from.generation = Some(2);
+        back.to.generation = Some(1);
+        back.after = Some(crate::remote::HostSystems {
+            running: None,
+            boot_generation: Some(1),
+            boot: None,
+        });
+        assert_eq!(generations(&back), "2 → 1");
     }
 }

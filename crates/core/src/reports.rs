@@ -113,3 +113,37 @@ pub struct CancelAnswer {
 pub struct DeploymentList {
     pub deployments: Vec<Deployment>,
 }
+
+/// What `build` (and `apply build`) did: each selected host's system built
+/// on the coordinator; no host was touched.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BuildReport {
+    pub flake: String,
+    /// How the fleet was evaluated.
+    #[serde(default)]
+    pub evaluation: EvaluationReport,
+    pub hosts: Vec<HostBuild>,
+}
+
+impl BuildReport {
+    /// Whether every selected host's system was built.
+    pub fn all_built(&self) -> bool {
+        self.hosts.iter().all(|h| h.error.is_none())
+    }
+}
+
+/// One host's build.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostBuild {
+    pub name: String,
+    /// The system the flake evaluates to (and, when built, the built path).
+    pub toplevel: String,
+    pub drv_path: String,
+    /// Why it was not built.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `--keep-result`: the GC root kept for it (`STATE/results/HOST`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    pub duration_ms: i64,
+}

@@ -4,11 +4,13 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::approval::Gate;
 use crate::events::{DeploymentStatus, Event, HostStatus, Step, SystemRef};
 use crate::exec::{CommandOutput, ExecSpec};
 use crate::goal::Goal;
 use crate::options::DeployOptions;
 use crate::plan::Plan;
+use crate::remote::HostSystems;
 use crate::summary::ChangeSummary;
 
 /// When something started and ended (Unix milliseconds). Documents carry the
@@ -98,6 +100,11 @@ pub struct HostRun {
     /// The host's reboot, when it rebooted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot: Option<RebootRecord>,
+    /// What the host ran and booted when its part ended, read from the
+    /// host itself (absent when the run never touched it, or the host could
+    /// not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<HostSystems>,
 }
 
 /// A reboot as it happened: the boot ids before and after, and what the
@@ -129,11 +136,20 @@ impl HostRun {
             goal: None,
             output: None,
             reboot: None,
+            after: None,
         }
     }
 
     pub fn duration_ms(&self) -> Option<i64> {
         self.time.duration_ms()
+    }
+
+    /// Whether one of this host's own steps failed (a rolled-back host that
+    /// failed, as against one rolled back because others did).
+    pub fn failed_itself(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| s.ok == Some(false) && s.step != Step::Rollback)
     }
 }
 
@@ -168,6 +184,21 @@ impl RunKind {
     }
 }
 
+/// What a deployment deploys, fixed when it starts: the flake's content
+/// (a reference Nix resolves only to what was evaluated) and each host's
+/// planned toplevel. `resume`, and every takeover, deploy exactly these
+/// closures or refuse.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pinned {
+    /// The pinned flake reference (absent when the flake's identity could
+    /// not be read: then the toplevels alone are checked).
+    pub flake: Option<String>,
+    /// The flake's locked revision, when it had one.
+    pub revision: Option<String>,
+    /// Host → planned toplevel.
+    pub hosts: std::collections::BTreeMap<String, String>,
+}
+
 /// One deployment: the request, how it went, and its hosts' runs.
 ///
 /// `created_at` is when it was requested; `started_at` when it began (later,
@@ -197,6 +228,10 @@ pub struct Deployment {
     pub error: Option<String>,
     /// The coordinator process that ran it.
     pub pid: Option<i64>,
+    /// What it deploys, fixed when it started (absent: queued, or recorded
+    /// before pins existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<Pinned>,
     /// `exec`: the command, its timeout and parallel limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecSpec>,
@@ -206,6 +241,9 @@ pub struct Deployment {
     /// With `show`: everything that happened, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<Event>>,
+    /// Approval gates and pauses it met: who approved, when, what they saw.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<Gate>,
 }
 
 impl Deployment {

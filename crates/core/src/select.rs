@@ -17,7 +17,11 @@
 
 use std::collections::BTreeSet;
 
-use crate::fleet::{Host, Inventory, InventoryError, Selection};
+use crate::fleet::{HostMeta, Inventory, InventoryError, Selection};
+
+mod unknown;
+use unknown::{TagsKnown, unknown_host_among};
+pub use unknown::{unknown_host, unknown_tag};
 
 /// One part of a glob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,10 +227,15 @@ impl Selector {
 
     /// Whether this selector picks `host`, as far as the host's own
     /// metadata tells.
-    pub fn matches(&self, host: &Host) -> bool {
+    pub fn matches(&self, host: &HostMeta) -> bool {
+        self.matches_name_and_tags(&host.name, &host.tags)
+    }
+
+    /// [`Selector::matches`] on a host's name and tags.
+    pub fn matches_name_and_tags(&self, name: &str, tags: &[String]) -> bool {
         match self {
-            Selector::Name(glob) => glob.matches(&host.name),
-            Selector::Tag(glob) => host.tags.iter().any(|tag| glob.matches(tag)),
+            Selector::Name(glob) => glob.matches(name),
+            Selector::Tag(glob) => tags.iter().any(|tag| glob.matches(tag)),
         }
     }
 
@@ -234,27 +243,60 @@ impl Selector {
     fn no_match(&self, inventory: &Inventory, known: &[String]) -> InventoryError {
         match self {
             Selector::Name(glob) if glob.is_literal() => {
-                let tag_hint = inventory.hosts().any(|h| h.has_tag(glob.as_str()));
-                InventoryError::UnknownHost {
-                    name: glob.as_str().to_string(),
-                    known: if tag_hint {
-                        format!(
-                            "{}; `@{}` selects the hosts with that tag",
-                            known.join(", "),
-                            glob.as_str()
-                        )
-                    } else {
-                        known.join(", ")
-                    },
-                }
+                let tags = inventory.tags();
+                unknown_host_among(glob.as_str(), known, &tags, TagsKnown::Yes)
             }
-            Selector::Tag(glob) if glob.is_literal() => InventoryError::UnknownTag {
-                tag: glob.as_str().to_string(),
-            },
+            Selector::Tag(glob) if glob.is_literal() => unknown_tag(inventory, glob.as_str()),
             _ => InventoryError::NoMatch {
                 selector: self.text(),
             },
         }
+    }
+}
+
+/// Hosts a policy is about (a window, an approval rule, a token's or a chat
+/// user's reach): the union of selectors, none meaning every host. Unlike a
+/// selection, a filter need not match anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFilter {
+    selectors: Vec<Selector>,
+}
+
+impl HostFilter {
+    /// Every host.
+    pub fn everything() -> Self {
+        HostFilter::default()
+    }
+
+    /// The selectors as written (comma lists allowed); an error names the bad one.
+    pub fn parse(words: &[String]) -> Result<HostFilter, InventoryError> {
+        Ok(HostFilter {
+            selectors: Selector::parse_all(words)?,
+        })
+    }
+
+    pub fn is_everything(&self) -> bool {
+        self.selectors.is_empty()
+    }
+
+    pub fn matches(&self, name: &str, tags: &[String]) -> bool {
+        self.is_everything()
+            || self
+                .selectors
+                .iter()
+                .any(|s| s.matches_name_and_tags(name, tags))
+    }
+
+    /// The selectors as written, for messages.
+    pub fn describe(&self) -> String {
+        if self.is_everything() {
+            return "every host".into();
+        }
+        self.selectors
+            .iter()
+            .map(Selector::text)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -331,7 +373,7 @@ pub fn resolve_partial(
 /// Whether `host` is selected, as far as its own metadata tells: exact for
 /// every host that exists (selectors that match nothing are found later,
 /// and a selection that does not parse selects nothing here).
-pub fn may_select(selection: &Selection, host: &Host) -> bool {
+pub fn may_select(selection: &Selection, host: &HostMeta) -> bool {
     let Ok((include, exclude)) = parse(selection) else {
         return false;
     };
@@ -349,14 +391,12 @@ pub fn check_names(selection: &Selection, names: &[String]) -> Result<(), Invent
         {
             // The hosts' tags are not known before evaluation: a word that
             // is no host's name may be meant as a tag.
-            return Err(match selector.no_match(&Inventory::default(), names) {
-                InventoryError::UnknownHost { name, known } => InventoryError::UnknownHost {
-                    known: format!(
-                        "{known}; `@{name}` selects the hosts with that tag, if it is one"
-                    ),
-                    name,
-                },
-                other => other,
+            return Err(if glob.is_literal() {
+                unknown_host_among(glob.as_str(), names, &BTreeSet::new(), TagsKnown::No)
+            } else {
+                InventoryError::NoMatch {
+                    selector: selector.text(),
+                }
             });
         }
     }
@@ -441,7 +481,7 @@ mod tests {
             "db-1": host(&["db"]),
             "mon": host(&["monitoring"]),
         });
-        Inventory::from_eval_json(&json.to_string()).unwrap()
+        Inventory::from_eval_json(crate::source::FleetSource::Nixos, &json.to_string()).unwrap()
     }
 
     fn select(
@@ -509,6 +549,22 @@ mod tests {
         // Excluding everything selected leaves nothing to do.
         let e = select(&[], &["@db"], &["db-*"], false).unwrap_err();
         assert!(e.contains("no host is left"), "{e}");
+        // A goal where a host was expected.
+        let e = select(&["boot"], &[], &[], false).unwrap_err();
+        assert!(
+            e.contains(
+                "`boot` is a goal, not a host: use `--goal boot` (or `nix-deploy apply boot`)"
+            ),
+            "{e}"
+        );
+        // Did you mean: close host names and tags.
+        let e = select(&["wbe-2"], &[], &[], false).unwrap_err();
+        assert!(e.contains("did you mean `web-2`"), "{e}");
+        let e = select(&[], &["@monitorng"], &[], false).unwrap_err();
+        assert_eq!(
+            e,
+            "no host has tag `monitorng`; did you mean `@monitoring`?"
+        );
         let e = select(&["a b"], &[], &[], false).unwrap_err();
         assert!(e.contains("`a b`"), "{e}");
     }
@@ -567,14 +623,23 @@ mod tests {
     }
 
     #[test]
+    fn a_large_fleet_is_counted_not_listed() {
+        let names: Vec<String> = (0..500).map(|i| format!("node-{i:03}")).collect();
+        let e = check_names(&selection(&["node-5000"], &[], &[]), &names).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("the fleet has 500 hosts"), "{text}");
+        assert!(text.len() < 300, "{text}");
+    }
+
+    #[test]
     fn names_are_checked_before_anything_is_evaluated() {
         let names: Vec<String> = ["web-1".into(), "db-1".into()].into();
         assert!(check_names(&selection(&["web-*", "@anything"], &[], &[]), &names).is_ok());
         let e = check_names(&selection(&["wbe-1"], &[], &[]), &names).unwrap_err();
-        assert!(e.to_string().contains("unknown host `wbe-1`"), "{e}");
-        assert!(
-            e.to_string()
-                .contains("`@wbe-1` selects the hosts with that tag, if it is one")
+        assert_eq!(
+            e.to_string(),
+            "unknown host `wbe-1`; did you mean `web-1`?; `@wbe-1` selects the hosts with that \
+             tag, if it is one (the fleet has: web-1, db-1)"
         );
         let e = check_names(&selection(&[], &[], &["api-*"]), &names).unwrap_err();
         assert!(e.to_string().contains("`api-*` matches no host"), "{e}");

@@ -4,34 +4,44 @@
 //! Remote commands are argument vectors; the SSH layer quotes each argument with
 //! [`quote`] before the remote shell sees it. Nothing else in the crate pastes
 //! text into a shell string.
+//!
+//! The quoting itself is the `shlex` crate's (maintained, fuzzed against real
+//! shells): it quotes every character that any POSIX shell, bash, zsh or fish
+//! may treat specially in some position, including `=` (`FOO=bar` as the
+//! first word would be an assignment), `{`/`}` and `,` (brace expansion), `%`
+//! (job specifications), `~`, `#`, and every non-ASCII byte (a legacy locale
+//! may count some as blanks).
 
-/// Quote `s` for a POSIX shell: safe words stay as they are, everything else is
-/// wrapped in single quotes with embedded single quotes escaped.
-pub fn quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+%".contains(&b))
-    {
-        return s.to_string();
-    }
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for ch in s.chars() {
-        if ch == '\'' {
-            out.push_str("'\\''");
-        } else {
-            out.push(ch);
-        }
-    }
-    out.push('\'');
-    out
+use std::borrow::Cow;
+
+/// A word that no shell argument can carry: it holds a NUL byte (the kernel
+/// ends every argument at the first one).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("an argument contains a NUL byte, which no command line can carry")]
+pub struct NulByte;
+
+/// Quote `word` for the remote shell (POSIX `sh`, bash, zsh, fish): the
+/// program receives exactly `word` as one argument. Words made only of
+/// letters, digits and `+-./:@]_` stay as they are.
+pub fn quote(word: &str) -> Result<Cow<'_, str>, NulByte> {
+    shlex::try_quote(word).map_err(|_| NulByte)
 }
 
-/// Quote every word and join them with spaces.
+/// Quote every word and join them with spaces, for people to read (messages,
+/// tables; never executed). A NUL byte, which [`quote`] refuses, shows as
+/// `\0`.
 pub fn join<S: AsRef<str>>(words: &[S]) -> String {
     words
         .iter()
-        .map(|w| quote(w.as_ref()))
+        .map(|w| {
+            let word = w.as_ref();
+            match quote(word) {
+                Ok(quoted) => quoted.into_owned(),
+                Err(NulByte) => quote(&word.replace('\0', "\\0"))
+                    .map(Cow::into_owned)
+                    .unwrap_or_default(),
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -100,17 +110,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quotes_only_when_needed() {
-        assert_eq!(quote("readlink"), "readlink");
+    fn quotes_exactly_what_a_shell_could_misread() {
+        let q = |word: &str| quote(word).unwrap().into_owned();
+        // Plain words stay as they are.
+        assert_eq!(q("readlink"), "readlink");
         assert_eq!(
-            quote("/nix/var/nix/profiles/system"),
+            q("/nix/var/nix/profiles/system"),
             "/nix/var/nix/profiles/system"
         );
-        assert_eq!(quote(""), "''");
-        assert_eq!(quote("a b"), "'a b'");
-        assert_eq!(quote("it's"), "'it'\\''s'");
-        assert_eq!(quote("$(reboot)"), "'$(reboot)'");
-        assert_eq!(join(&["echo", "a;b"]), "echo 'a;b'");
+        assert_eq!(q("root@host:22"), "root@host:22");
+        assert_eq!(q("-p+x.y_z"), "-p+x.y_z");
+        // Everything else is quoted.
+        assert_eq!(q(""), "''");
+        assert_eq!(q("a b"), "'a b'");
+        assert_eq!(q("$(reboot)"), "'$(reboot)'");
+        assert_eq!(q("it's"), r#""it's""#);
+        assert_eq!(q(r#"$x`y`"z\"#), r#"'$x`y`"z'"\\""#);
+        // An assignment as the first word would set a variable, not run it.
+        assert_eq!(q("FOO=bar"), "'FOO=bar'");
+        assert_eq!(q("--opt=value"), "'--opt=value'");
+        // Brace expansion, job specifications, home directories, comments.
+        assert_eq!(q("{a,b}"), "'{a,b}'");
+        assert_eq!(q("{"), "'{'");
+        assert_eq!(q("a,b"), "'a,b'");
+        assert_eq!(q("%1"), "'%1'");
+        assert_eq!(q("~root"), "'~root'");
+        assert_eq!(q("#x"), "'#x'");
+        assert_eq!(q("*.nix"), "'*.nix'");
+        // Non-ASCII is quoted, byte for byte.
+        assert_eq!(q("héllo"), "'héllo'");
+        assert_eq!(q("a\u{a0}b"), "'a\u{a0}b'");
+        // Control characters travel inside quotes.
+        assert_eq!(q("a\nb"), "'a\nb'");
+        assert_eq!(quote("a\0b"), Err(NulByte));
+        assert_eq!(join(&["echo", "a;b", "FOO=bar"]), "echo 'a;b' 'FOO=bar'");
+        assert_eq!(join(&["printf", "a\0b"]), r#"printf "a\\0b""#);
     }
 
     #[test]

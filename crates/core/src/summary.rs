@@ -78,6 +78,17 @@ impl ChangeSummary {
     }
 }
 
+/// The store paths of a closure as `nix-store --query --requisites` prints
+/// them, one a line.
+pub fn closure_paths(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// `/nix/store/<hash>-<name>` → `<name>`.
 pub fn store_name(path: &str) -> Option<&str> {
     let base = path.trim().rsplit('/').next()?;

@@ -100,6 +100,10 @@ esac"#
     )
 }
 
+/// Where a host keeps its activation history: on its own disk (its `/nix`),
+/// so that a reboot, which empties `/run`, keeps it.
+pub(crate) const HISTORY_DIR: &str = "/nix/var/log/testkit";
+
 /// The body of a host's `switch-to-configuration` (after `OUT=<store path>`).
 pub(crate) fn switch_script(spec: &HostSpec) -> String {
     let mut units = String::new();
@@ -146,6 +150,13 @@ case "$ACTION" in
   *) echo "Usage: $0 [switch|boot|test|dry-activate]" >&2; exit 1 ;;
 esac
 log() {{ echo "$(/bin/date +%s.%N) $*" >> /run/activations.log; }}
+# The host's whole activation history, on its disk (it survives a reboot):
+# `TIME start ACTION PATH PID BY` and `TIME end ACTION PATH CODE PID BY`.
+history() {{
+  /bin/mkdir -p {HISTORY_DIR} &&
+    echo "$(/bin/date +%s.%N) $1 $ACTION $OUT $2$$ ${{TESTKIT_ACTIVATED_BY:-deployer}}" >> {HISTORY_DIR}/activations.log
+}}
+history start ""
 log start "$ACTION" "$OUT"
 [ "$ACTION" = dry-activate ] || echo "activating the configuration..." >&2
 code=0
@@ -166,6 +177,7 @@ case "$ACTION" in
     echo "would activate $OUT" >&2 ;;
 esac
 log end "$ACTION" "$OUT" "$code"
+history end "$code "
 exit $code"#,
         fail = flag(spec.fail_switch),
         kill = flag(spec.kill_sshd),

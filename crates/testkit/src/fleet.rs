@@ -377,6 +377,18 @@ impl Fleet {
         parse_activations(&log)
     }
 
+    /// Every activation the host ever ran, oldest first, from its history on
+    /// its own disk: unlike [`Fleet::activations`], it survives reboots and
+    /// holds the activations of the host's boots too (`by` = `boot`).
+    pub fn activation_history(&self, name: &str) -> Vec<HistoryEntry> {
+        let path = self
+            .host(name)
+            .dir
+            .join(HISTORY_DIR.trim_start_matches('/'))
+            .join("activations.log");
+        parse_history(&fs::read_to_string(path).unwrap_or_default())
+    }
+
     /// Systems `switch-to-configuration boot` was run with, oldest first.
     pub fn boots(&self, name: &str) -> Vec<String> {
         let log = fs::read_to_string(self.host(name).dir.join("run/boot.log")).unwrap_or_default();

@@ -35,9 +35,11 @@
 //! the build machine's `/root/.bashrc` from slowing down or changing commands
 //! run over ssh. Sessions get `PATH=/run/current-system/sw/bin:...:/usr/bin:/bin`,
 //! so the activated system's `systemctl` comes first and `nix-store` / `nix-env`
-//! are the machine's, and `NIX_CONFIG="substituters ="`, so that nothing on a
-//! host waits for a binary cache it cannot reach (the experimental `nix`
-//! command is off there, as on a default NixOS). The coordinator itself keeps the machine's real `/nix`,
+//! are the machine's, and `NIX_USER_CONF_FILES=H/nix.conf`: no substituters
+//! (so that nothing on a host waits for a binary cache it cannot reach)
+//! unless [`HostSpec::substituters`] names some, no build users and no
+//! sandbox, so a host can build its own system (`buildOnTarget`) (the
+//! experimental `nix` command is off there, as on a default NixOS). The coordinator itself keeps the machine's real `/nix`,
 //! with [`nix_config`] (flakes on, no sandbox, no substituters: no network;
 //! and no build users, which Debian's single-user `nix-bin` does not have).
 //! `unshare` and `sh` exec, so the spawned pid *is* the listening sshd, and
@@ -84,6 +86,11 @@
 //! - `units/UNIT`: `active` or `failed` per [`HostSpec::units`] (switch, test);
 //! - `boot.log`: `boot PATH` lines (boot).
 //!
+//! and appends to the host's activation history on its disk,
+//! `/nix/var/log/testkit/activations.log` (kept across reboots, with the
+//! activation's pid and who ran it: `deployer`, or `boot` for the
+//! activation of a reboot), see [`Fleet::activation_history`].
+//!
 //! The toplevel also has `kernel` and `initrd` links into its `linux-<kernel>`
 //! package, as a NixOS toplevel does (a new [`HostSpec::kernel`] changes
 //! them: a reboot is required), and its `systemctl reboot` asks the fleet to
@@ -96,7 +103,8 @@
 //!
 //! # Reboots
 //!
-//! Each host has its own boot id (`H/boot_id`, bind-mounted over
+//! Each host has its own machine id (`H/machine-id`, bind-mounted over
+//! `/etc/machine-id`) and boot id (`H/boot_id`, bind-mounted over
 //! `/proc/sys/kernel/random/boot_id`). [`Fleet::reboot_host`] reboots a host
 //! for real: all its processes stopped, its `/run` emptied (but for the
 //! testkit's logs), a new boot id, its boot generation activated
@@ -139,7 +147,9 @@ pub mod browser;
 mod flake;
 mod fleet;
 pub mod nixos;
+pub mod postgres;
 mod reboot;
+mod sources;
 mod spec;
 mod sshd;
 mod sys;
@@ -148,7 +158,10 @@ pub use browser::Chromedriver;
 pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};
-pub use spec::{Activation, HostSpec, UnitState};
+pub use postgres::{PgDatabase, Postgres};
+pub use sources::Layout;
+pub use spec::{Activation, HistoryEntry, HostSpec, UnitState};
+pub use sys::wait_with_peak_rss;
 use sys::*;
 
 /// The sshd binary every host runs.
@@ -204,6 +217,19 @@ mod tests {
         assert_eq!(acts[0].exit_code, Some(0));
         assert_eq!(acts[1].action, "test");
         assert_eq!(acts[1].end, None);
+    }
+
+    #[test]
+    fn history_parses_by_pid() {
+        let log = "1 start switch /nix/store/a 10 deployer\n\
+                   2 start test /nix/store/a 11 boot\n\
+                   3 end switch /nix/store/a 0 10 deployer\n";
+        let entries = crate::spec::parse_history(log);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].activation.end, Some(3.0));
+        assert_eq!(entries[0].activation.exit_code, Some(0));
+        assert_eq!(entries[1].activation.end, None);
+        assert_eq!((entries[1].pid, entries[1].by.as_str()), (11, "boot"));
     }
 
     #[test]

@@ -34,6 +34,8 @@
 //! A [`Fleet`] uses this flake after [`Fleet::use_nixos`]; [`NixosFlake`]
 //! writes one without hosts running (for benchmarks of evaluation alone).
 
+mod modules;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -44,9 +46,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::flake::{BUILDER, nix_list, nix_string, switch_script, systemctl_script};
 use crate::fleet::Fleet;
+use crate::sources::{self, Layout};
 use crate::spec::HostSpec;
 use crate::sys::{checked_stdout, run_with_timeout, write_atomic};
-use crate::{NIX_TIMEOUT, nix_config, nix_system};
+use crate::{NIX_TIMEOUT, nix_config};
+use modules::{EVAL_CONFIG, core_nix, pkgs_nix, service_module};
 
 /// The project's NixOS module, evaluated for real by every host.
 const NIX_DEPLOY_MODULE: &str = include_str!("../../../nix/module.nix");
@@ -66,6 +70,12 @@ pub struct NixosShape {
     /// Extra module expressions by host name, imported by that host only
     /// (e.g. to make its evaluation fail, or slow).
     pub host_modules: BTreeMap<String, String>,
+    /// How the fleet is written: `nixosConfigurations`, a colmena hive or
+    /// deploy-rs nodes ([`crate::sources`]).
+    pub layout: Layout,
+    /// The fleet-wide settings of a colmena hive (`meta`) or of deploy-rs
+    /// (the top level of `deploy`): a Nix attribute set.
+    pub fleet_settings: String,
 }
 
 impl Default for NixosShape {
@@ -78,6 +88,8 @@ impl Default for NixosShape {
             services_per_host: 60,
             shared_module: DEFAULT_SHARED_MODULE.to_string(),
             host_modules: BTreeMap::new(),
+            layout: Layout::Nixos,
+            fleet_settings: "{ }".to_string(),
         }
     }
 }
@@ -97,6 +109,24 @@ impl NixosShape {
             services_per_host: 4,
             ..NixosShape::default()
         }
+    }
+
+    /// Written as a colmena hive ([`crate::sources`]).
+    pub fn colmena(mut self) -> Self {
+        self.layout = Layout::Colmena;
+        self
+    }
+
+    /// Written as deploy-rs nodes ([`crate::sources`]).
+    pub fn deploy_rs(mut self) -> Self {
+        self.layout = Layout::DeployRs;
+        self
+    }
+
+    /// Sets [`NixosShape::fleet_settings`].
+    pub fn fleet_settings(mut self, nix_attrs: &str) -> Self {
+        self.fleet_settings = nix_attrs.to_string();
+        self
     }
 
     /// Sets an extra module for one host.
@@ -150,195 +180,6 @@ fn flake_nix(lib_dir: &Path, specs: &[HostSpec]) -> String {
     )
 }
 
-const EVAL_CONFIG: &str = r#"# Like nixpkgs' nixos/lib/eval-config.nix: the module list, and a package
-# set instantiated for this host.
-{ lib }:
-{ modules }:
-lib.evalModules {
-  specialArgs = { modulesPath = ./modules; };
-  modules = import ./modules/module-list.nix ++ modules ++ [
-    ({ config, ... }: {
-      _module.args.pkgs = import ./pkgs.nix {
-        inherit lib;
-        inherit (config.nixpkgs) system config;
-      };
-    })
-  ];
-}
-"#;
-
-fn pkgs_nix(packages: usize) -> String {
-    format!(
-        r#"# A package set instantiated per host, as nixpkgs is by nixosSystem: a
-# fixed point of {packages} derivations over a bootstrap chain, with an overlay.
-{{ lib, system, config }}:
-let
-  mkDerivation = {{ pname, version, deps ? [ ], stdenv }}:
-    builtins.derivation {{
-      name = "${{pname}}-${{version}}";
-      inherit system pname version stdenv;
-      builder = "/bin/sh";
-      args = [ "-c" "/bin/mkdir -p $out/bin && echo $pname > $out/name" ];
-      buildInputs = deps;
-    }};
-  bootstrap = builtins.foldl'
-    (previous: stage: mkDerivation {{
-      pname = "stdenv-stage${{toString stage}}";
-      version = "1";
-      stdenv = if previous == null then "" else previous;
-      deps = lib.optional (previous != null) previous;
-    }})
-    null
-    (lib.range 0 5);
-  base = self: lib.listToAttrs (builtins.genList (i: lib.nameValuePair "p${{toString i}}" (mkDerivation {{
-    pname = "p${{toString i}}";
-    version = "1.${{toString (lib.mod i 7)}}";
-    stdenv = bootstrap;
-    deps = lib.optional (i >= 10) self."p${{toString (i / 10)}}"
-      ++ lib.optional (i >= 100) self."p${{toString (i / 100)}}";
-  }})) {packages});
-  overlay = final: previous: {{
-    inherit config lib;
-    nix = previous.p0;
-  }};
-in lib.fix (lib.extends overlay base)
-"#
-    )
-}
-
-/// The NixOS options the service modules and `nix-deploy.nix` touch, and the
-/// toplevel.
-fn core_nix() -> String {
-    format!(
-        r#"{{ config, lib, pkgs, ... }}:
-let
-  inherit (lib) mkOption types;
-  read = path: builtins.unsafeDiscardStringContext (builtins.readFile path);
-  unit = name: service: builtins.derivation {{
-    name = "unit-${{name}}.service";
-    system = config.nixpkgs.system;
-    builder = "/bin/sh";
-    args = [ "-c" "echo \"$text\" > $out" ];
-    text = service.unitText;
-    path = service.path;
-  }};
-in {{
-  options = {{
-    networking.hostName = mkOption {{ type = types.str; }};
-    networking.firewall.allowedTCPPorts = mkOption {{ type = types.listOf types.port; default = [ ]; }};
-    time.timeZone = mkOption {{ type = types.str; default = "UTC"; }};
-    nixpkgs.system = mkOption {{ type = types.str; default = {system}; }};
-    nixpkgs.config = mkOption {{ type = types.attrs; default = {{ }}; }};
-    environment.systemPackages = mkOption {{ type = types.listOf types.package; default = [ ]; }};
-    environment.etc = mkOption {{
-      type = types.attrsOf (types.submodule ({{ name, ... }}: {{
-        options = {{
-          text = mkOption {{ type = types.lines; }};
-          target = mkOption {{ type = types.str; default = name; }};
-          mode = mkOption {{ type = types.str; default = "0444"; }};
-        }};
-      }}));
-      default = {{ }};
-    }};
-    systemd.services = mkOption {{
-      type = types.attrsOf (types.submodule ({{ name, config, ... }}: {{
-        options = {{
-          description = mkOption {{ type = types.str; default = ""; }};
-          wantedBy = mkOption {{ type = types.listOf types.str; default = [ ]; }};
-          after = mkOption {{ type = types.listOf types.str; default = [ ]; }};
-          wants = mkOption {{ type = types.listOf types.str; default = [ ]; }};
-          path = mkOption {{ type = types.listOf types.package; default = [ ]; }};
-          environment = mkOption {{ type = types.attrsOf types.str; default = {{ }}; }};
-          serviceConfig = mkOption {{
-            type = types.attrsOf (types.oneOf [ types.str types.int types.bool (types.listOf types.str) ]);
-            default = {{ }};
-          }};
-          script = mkOption {{ type = types.lines; default = ""; }};
-          unitText = mkOption {{ type = types.str; internal = true; }};
-        }};
-        config.unitText = ''
-          [Unit]
-          Description=${{config.description}}
-          After=${{lib.concatStringsSep " " config.after}}
-          [Service]
-          ${{lib.concatStrings (lib.mapAttrsToList (k: v: "${{k}}=${{toString v}}\n") config.serviceConfig)}}
-          ${{lib.concatStrings (lib.mapAttrsToList (k: v: "Environment=${{k}}=${{v}}\n") config.environment)}}
-        '';
-      }}));
-      default = {{ }};
-    }};
-    users.users = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
-    users.groups = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
-    nix.package = mkOption {{ type = types.package; default = pkgs.nix; }};
-    nix.settings = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
-    services.grafana.provision = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
-    system.build = mkOption {{ type = types.attrsOf types.unspecified; default = {{ }}; }};
-    testkit.version = mkOption {{ type = types.str; description = "Bumping it makes a new toplevel."; }};
-    testkit.switchScript = mkOption {{ type = types.lines; }};
-  }};
-  config = {{
-    environment.etc.timezone.text = config.time.timeZone;
-    system.build.toplevel = builtins.derivation {{
-      name = "nixos-system-${{config.networking.hostName}}-${{config.testkit.version}}";
-      system = config.nixpkgs.system;
-      builder = "/bin/sh";
-      args = [ "-c" (read ../builder.sh) ];
-      systemctlScript = read ../systemctl.sh;
-      switchScript = config.testkit.switchScript;
-      # nixpkgs' release comes from the locked input: a new lock, a new system.
-      nixosVersion = "${{lib.trivial.release}}-${{config.testkit.version}}";
-      packages = config.environment.systemPackages;
-      units = lib.mapAttrsToList unit config.systemd.services;
-      etc = builtins.toJSON (lib.mapAttrs (name: file: file.text) config.environment.etc);
-      ports = map toString config.networking.firewall.allowedTCPPorts;
-    }};
-  }};
-}}
-"#,
-        system = nix_string(&nix_system()),
-    )
-}
-
-fn service_module(i: usize, packages: usize) -> String {
-    format!(
-        r#"{{ config, lib, pkgs, ... }}:
-let
-  inherit (lib) mkOption mkEnableOption mkIf types;
-  cfg = config.services.s{i};
-in {{
-  options.services.s{i} = {{
-    enable = mkEnableOption "service s{i}";
-    package = mkOption {{ type = types.package; default = pkgs.p{package}; }};
-    port = mkOption {{ type = types.port; default = {port}; }};
-    openFirewall = mkOption {{ type = types.bool; default = false; }};
-    settings = mkOption {{ type = types.attrsOf (types.oneOf [ types.str types.int types.bool ]); default = {{ }}; }};
-    extraConfig = mkOption {{ type = types.lines; default = ""; }};
-  }};
-  config = mkIf cfg.enable {{
-    systemd.services.s{i} = {{
-      description = "service s{i}";
-      wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ];
-      environment.PORT = toString cfg.port;
-      serviceConfig = {{
-        ExecStart = "${{cfg.package}}/bin/s{i} --port ${{toString cfg.port}}";
-        Restart = "always";
-        DynamicUser = true;
-      }} // lib.mapAttrs (name: value: toString value) cfg.settings;
-    }};
-    environment.etc."s{i}.conf".text =
-      lib.concatStrings (lib.mapAttrsToList (k: v: "${{k}} = ${{toString v}}\n") cfg.settings)
-      + cfg.extraConfig;
-    environment.systemPackages = [ cfg.package ];
-    networking.firewall.allowedTCPPorts = lib.optional cfg.openFirewall cfg.port;
-  }};
-}}
-"#,
-        package = (i * 7) % packages.max(1),
-        port = 1024 + i,
-    )
-}
-
 fn machine_nix(shape: &NixosShape, spec: &HostSpec) -> String {
     let mut services = String::new();
     let modules = shape.option_modules.max(1);
@@ -379,9 +220,21 @@ fn machine_nix(shape: &NixosShape, spec: &HostSpec) -> String {
     if !spec.rollback_on_failure {
         deployment.push_str("    rollbackOnFailure = false;\n");
     }
+    if let Some(user) = &spec.user {
+        let _ = writeln!(deployment, "    targetUser = {};", nix_string(user));
+    }
     if let Some(extra) = &spec.deployment_extra {
         let _ = writeln!(deployment, "    {extra}");
     }
+    let deployment = match shape.layout {
+        Layout::Nixos => format!("  deployment = {{\n{deployment}  }};\n"),
+        Layout::Colmena => format!(
+            "  deployment = {{\n{}  }};\n",
+            sources::colmena_deployment(spec)
+        ),
+        // deploy-rs reads its own `deploy.nodes`.
+        Layout::DeployRs => String::new(),
+    };
     let imports = shape
         .host_modules
         .get(&spec.name)
@@ -396,9 +249,7 @@ fn machine_nix(shape: &NixosShape, spec: &HostSpec) -> String {
   testkit.switchScript = builtins.unsafeDiscardStringContext
     (builtins.readFile ../hosts/{name}/switch-to-configuration.sh);
   environment.systemPackages = [ pkgs.p{package} ];
-{services}  deployment = {{
-{deployment}  }};
-}}
+{services}{deployment}}}
 "#,
         name = spec.name,
         quoted = nix_string(&spec.name),
@@ -425,7 +276,22 @@ fn flake_files(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Vec<(Stri
             GRAFANA_DASHBOARD.to_string(),
         ),
     ];
-    let mut list = String::from("[\n  ../core.nix\n  ../nix-deploy.nix\n");
+    files.extend(sources::files(shape.layout));
+    match shape.layout {
+        Layout::Colmena => files.push(("colmena/meta.nix".into(), shape.fleet_settings.clone())),
+        Layout::DeployRs => files.push((
+            "deploy-rs/settings.nix".into(),
+            shape.fleet_settings.clone(),
+        )),
+        Layout::Nixos => {}
+    }
+    // colmena's and deploy-rs's users do not import nix-deploy's module.
+    let ours = if shape.layout == Layout::Nixos {
+        "  ../nix-deploy.nix\n"
+    } else {
+        ""
+    };
+    let mut list = format!("[\n  ../core.nix\n{ours}");
     for i in 0..shape.option_modules {
         let _ = writeln!(list, "  ./m{i:04}.nix");
         files.push((
@@ -446,10 +312,11 @@ fn flake_files(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Vec<(Stri
             machine_nix(shape, spec),
         ));
     }
-    files.push((
-        "flake.nix".to_string(),
-        flake_nix(&root.join("nixpkgs-lib"), specs),
-    ));
+    let flake = match shape.layout {
+        Layout::Nixos => flake_nix(&root.join("nixpkgs-lib"), specs),
+        layout => sources::flake_nix(layout, &root.join("nixpkgs-lib"), specs),
+    };
+    files.push(("flake.nix".to_string(), flake));
     files
 }
 
@@ -464,10 +331,7 @@ pub(crate) fn write(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Resu
             shape.option_modules
         );
     }
-    let lib_dir = root.join("nixpkgs-lib");
-    if !lib_dir.join("lib/default.nix").is_file() {
-        unpack_nixpkgs_lib(root)?;
-    }
+    nixpkgs_lib(root)?;
     let flake = root.join("flake");
     for (file, contents) in flake_files(root, shape, specs) {
         let path = flake.join(&file);
@@ -484,6 +348,16 @@ pub(crate) fn write(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Resu
         lock(root, &[])?;
     }
     Ok(())
+}
+
+/// nixpkgs' lib unpacked below `root` (`root/nixpkgs-lib`, whose `lib` is
+/// `import`able), for tests that evaluate modules with the real `lib`.
+pub fn nixpkgs_lib(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("nixpkgs-lib");
+    if !dir.join("lib/default.nix").is_file() {
+        unpack_nixpkgs_lib(root)?;
+    }
+    Ok(dir)
 }
 
 fn unpack_nixpkgs_lib(root: &Path) -> Result<()> {

@@ -48,6 +48,19 @@ fn new_boot_id() -> String {
     )
 }
 
+/// Gives a host directory its machine id (`H/machine-id`, bind-mounted over
+/// `/etc/machine-id`: 32 hex digits, kept for the host's life), if it has
+/// none yet.
+pub(crate) fn ensure_machine_id(dir: &Path) -> Result<()> {
+    let path = dir.join("machine-id");
+    if !path.exists() {
+        let id = format!("{:016x}{:016x}", random_u64(), random_u64());
+        write_atomic(&path, &format!("{id}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Gives a host directory its boot id file, if it has none yet.
 pub(crate) fn ensure_boot_id(dir: &Path) -> Result<()> {
     let path = dir.join("boot_id");
@@ -59,6 +72,13 @@ pub(crate) fn ensure_boot_id(dir: &Path) -> Result<()> {
 }
 
 impl Fleet {
+    /// The host's machine id (what its `/etc/machine-id` says).
+    pub fn machine_id(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.host_dir(name).join("machine-id"))
+            .ok()
+            .map(|id| id.trim().to_string())
+    }
+
     /// The host's current boot id (what its `/proc/sys/kernel/random/boot_id` says).
     pub fn boot_id(&self, name: &str) -> Option<String> {
         fs::read_to_string(self.host_dir(name).join("boot_id"))
@@ -170,13 +190,14 @@ fn empty_run(run: &Path) -> Result<()> {
 /// Activates `system` at boot, inside the host's own mounts (never the
 /// machine's `/run`): `/run/booted-system`, then its units and
 /// `/run/current-system` through its `switch-to-configuration test`, whose
-/// entries in `activations.log` are dropped again (no deployer ran it).
+/// entries in `activations.log` are dropped again (no deployer ran it); the
+/// host's activation history keeps it, marked `boot`.
 fn boot_into(dir: &Path, system: &str) -> Result<()> {
     const SCRIPT: &str = r#"mount --bind "$1/nix" /nix && mount --bind "$1/run" /run || exit 1
 log=/run/activations.log
 if [ -e "$log" ]; then cp "$log" /run/.activations.boot; else : > /run/.activations.boot; fi
 ln -sfn "$2" /run/booted-system
-"$2/bin/switch-to-configuration" test >/dev/null 2>&1
+TESTKIT_ACTIVATED_BY=boot "$2/bin/switch-to-configuration" test >/dev/null 2>&1
 mv /run/.activations.boot "$log"
 exit 0"#;
     let mut cmd = Command::new("unshare");

@@ -47,6 +47,9 @@ pub struct HostSpec {
     pub user: Option<String>,
     /// Extra packages (`name-version`) in the closure, each a derivation of its own.
     pub extra_packages: Vec<String>,
+    /// The host's Nix `substituters` (e.g. a binary cache on loopback,
+    /// `http://127.0.0.1:PORT?trusted=1`); none by default.
+    pub substituters: Option<String>,
 }
 
 impl HostSpec {
@@ -69,7 +72,14 @@ impl HostSpec {
             kernel: "6.6.1".to_string(),
             extra_packages: Vec::new(),
             user: None,
+            substituters: None,
         }
+    }
+
+    /// Sets [`HostSpec::substituters`] (read when the host starts).
+    pub fn substituters(mut self, substituters: &str) -> Self {
+        self.substituters = Some(substituters.to_string());
+        self
     }
 
     /// Deploy as the non-root `user` (see [`HostSpec::user`]).
@@ -292,4 +302,56 @@ pub(crate) fn parse_activations(log: &str) -> Vec<Activation> {
         }
     }
     acts
+}
+
+/// One run of `switch-to-configuration` from the host's activation history
+/// (on its disk: it survives reboots), see [`Fleet::activation_history`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEntry {
+    /// When it started and what it was, as in `activations.log`.
+    pub activation: Activation,
+    /// The pid of the `switch-to-configuration` process (the host shares
+    /// this machine's pid namespace).
+    pub pid: u32,
+    /// `deployer` (anyone over ssh) or `boot` (the host's boot activating
+    /// its boot generation, [`Fleet::reboot_host`]).
+    pub by: String,
+}
+
+/// Parses the history lines `T start ACTION PATH PID BY` and
+/// `T end ACTION PATH CODE PID BY`.
+pub(crate) fn parse_history(log: &str) -> Vec<HistoryEntry> {
+    let mut entries: Vec<HistoryEntry> = Vec::new();
+    for line in log.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(time) = f.first().and_then(|t| t.parse::<f64>().ok()) else {
+            continue;
+        };
+        match f.as_slice() {
+            [_, "start", action, path, pid, by] => entries.push(HistoryEntry {
+                activation: Activation {
+                    start: time,
+                    end: None,
+                    action: action.to_string(),
+                    path: path.to_string(),
+                    exit_code: None,
+                },
+                pid: pid.parse().unwrap_or(0),
+                by: by.to_string(),
+            }),
+            [_, "end", _, _, code, pid, _] => {
+                let pid: u32 = pid.parse().unwrap_or(0);
+                if let Some(entry) = entries
+                    .iter_mut()
+                    .rev()
+                    .find(|e| e.activation.end.is_none() && e.pid == pid)
+                {
+                    entry.activation.end = Some(time);
+                    entry.activation.exit_code = code.parse().ok();
+                }
+            }
+            _ => {}
+        }
+    }
+    entries
 }

@@ -152,11 +152,22 @@ impl Fleet {
         let dir = host.dir.clone();
         fs::write(dir.join("authorized_keys"), authorized)
             .with_context(|| format!("host {}: writing authorized_keys", host.name))?;
-        // The host's own boot id, new with each reboot (crate::reboot).
+        // The host's own boot id, new with each reboot (crate::reboot), and
+        // its own machine id, as every machine has.
         crate::reboot::ensure_boot_id(&dir)?;
+        crate::reboot::ensure_machine_id(&dir)?;
         // Lets tests check over ssh which host they reached.
         fs::write(dir.join("run/testkit-host"), format!("{}\n", host.name))
             .with_context(|| format!("host {}: writing run/testkit-host", host.name))?;
+        // The host's Nix: no build users (none exist), no sandbox (builders
+        // are /bin/sh), and only the substituters its spec names: it builds
+        // (buildOnTarget) and substitutes as a NixOS host with a cache would.
+        let nix_conf = format!(
+            "substituters = {}\nbuild-users-group =\nsandbox = false\n",
+            self.specs[i].substituters.as_deref().unwrap_or("")
+        );
+        write_atomic(&dir.join("nix.conf"), &nix_conf)
+            .with_context(|| format!("host {}: writing nix.conf", host.name))?;
         let config = format!(
             "ListenAddress {addr}\n\
              Port {SSH_PORT}\n\
@@ -172,7 +183,7 @@ impl Fleet {
              MaxSessions 100\n\
              VersionAddendum {token}\n\
              SetEnv PATH=/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin \
-             \"NIX_CONFIG=substituters =\"\n",
+             NIX_USER_CONF_FILES={dir}/nix.conf\n",
             addr = host.addr,
             dir = dir.display(),
         );
@@ -192,7 +203,8 @@ impl Fleet {
         let script = format!(
             "mount --bind \"$1/nix\" /nix && mount --bind \"$1/run\" /run && \
              mount --bind \"$1/root\" /root && \
-             mount --bind \"$1/boot_id\" /proc/sys/kernel/random/boot_id && {user_setup}\
+             mount --bind \"$1/boot_id\" /proc/sys/kernel/random/boot_id && \
+             mount --bind \"$1/machine-id\" /etc/machine-id && {user_setup}\
              mkdir -p /run/sshd && echo $$ > /run/testkit-sshd.pid && \
              exec {SSHD} -D -e -f \"$1/sshd_config\""
         );
@@ -286,9 +298,33 @@ done
 
     /// Writes `FLEET/ssh_config` and `FLEET/known_hosts` for the current hosts.
     pub(crate) fn write_ssh_config(&self) -> Result<()> {
+        self.write_ssh_config_swapping(None)
+    }
+
+    /// An operator's mistake in the ssh config: `a`'s entry names `b`'s
+    /// address and `b`'s names `a`'s (`known_hosts` stays right: each
+    /// address keeps its own host key, so ssh notices nothing).
+    /// [`Fleet::correct_ssh_config`] undoes it.
+    pub fn swap_ssh_addresses(&self, a: &str, b: &str) -> Result<()> {
+        let (a, b) = (self.index(a), self.index(b));
+        self.write_ssh_config_swapping(Some((a, b)))
+    }
+
+    /// Writes `FLEET/ssh_config` as it should be again (after
+    /// [`Fleet::swap_ssh_addresses`]).
+    pub fn correct_ssh_config(&self) -> Result<()> {
+        self.write_ssh_config()
+    }
+
+    fn write_ssh_config_swapping(&self, swap: Option<(usize, usize)>) -> Result<()> {
         let mut config = String::new();
         let mut known = String::new();
-        for host in &self.hosts {
+        for (i, host) in self.hosts.iter().enumerate() {
+            let addr = match swap {
+                Some((a, b)) if i == a => self.hosts[b].addr,
+                Some((a, b)) if i == b => self.hosts[a].addr,
+                _ => host.addr,
+            };
             let _ = write!(
                 config,
                 "Host {name}\n  HostName {addr}\n  User root\n  Port {SSH_PORT}\n  \
@@ -296,7 +332,6 @@ done
                  StrictHostKeyChecking accept-new\n  BatchMode yes\n  ConnectTimeout 5\n  \
                  LogLevel ERROR\n\n",
                 name = host.name,
-                addr = host.addr,
                 id = self.identity().display(),
                 known = self.dir.join("known_hosts").display(),
             );
@@ -379,7 +414,8 @@ fn prepare_user(fleet_dir: &Path, dir: &Path, user: &str) -> Result<String> {
     )?;
     Ok(format!(
         "for f in passwd group shadow sudoers; do mount --bind \"$1/etc/$f\" /etc/$f || exit 1; done && \
-         {{ NIX_CONFIG=\"$(printf 'trusted-users = root {user}\\nbuild-users-group =\\nsubstituters =')\" \
+         {{ NIX_CONFIG=\"$(printf 'trusted-users = root {user}\\nbuild-users-group =\\nsandbox = false')\" \
+         NIX_USER_CONF_FILES=\"$1/nix.conf\" \
          setsid nix-daemon </dev/null >>\"$1/nix-daemon.log\" 2>&1 & }} && "
     ))
 }

@@ -35,6 +35,62 @@ pub(crate) fn send_signal(pid: i32, signal: i32) -> bool {
     unsafe { libc::kill(pid, signal) == 0 }
 }
 
+/// Waits for `child` and returns its exit code (`None`: killed by a
+/// signal) and its own peak resident memory, in KiB: the kernel's high-water
+/// mark (`VmHWM`, which only grows), read until the process ends. Its
+/// children (`nix eval`, `ssh`) are not counted, as `wait4`'s `ru_maxrss`
+/// would: their size says nothing about the coordinator's.
+pub fn wait_with_peak_rss(child: std::process::Child) -> std::io::Result<(Option<i32>, u64)> {
+    let status = format!("/proc/{}/status", child.id());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let hwm = std::fs::read_to_string(&status).ok().and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                });
+                peak = peak.max(hwm.unwrap_or(0));
+                // A sampling period, not a synchronisation: the mark only
+                // grows, so each read sees every peak before it.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let (code, _) = wait_reaped(child)?;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok((code, watcher.join().expect("the sampling thread")))
+}
+
+/// Waits for `child`: its exit code and `wait4`'s `ru_maxrss`.
+#[allow(unsafe_code)]
+fn wait_reaped(child: std::process::Child) -> std::io::Result<(Option<i32>, u64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 writes only into `status` and `usage`, which live
+        // for the call; `pid` is our own unwaited child.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // `Child` was reaped here: dropping it neither waits nor kills.
+    drop(child);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Ok((code, usage.ru_maxrss as u64))
+}
+
 pub(crate) fn validate_name(name: &str) -> Result<()> {
     let ok = name.len() <= 32
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())

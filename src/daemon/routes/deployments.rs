@@ -11,13 +11,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;
 
-use nix_deploy_core::events::{DeploymentStatus, Event, EventKind};
+use nix_deploy_core::events::{Event, EventKind};
 use nix_deploy_core::options::Request;
 use nix_deploy_core::reports::{Accepted, CancelAnswer, DeploymentList};
 use nix_deploy_core::run::Deployment;
 
 use super::parse_body;
-use crate::daemon::auth::authorize;
+use crate::daemon::auth::Caller;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::DeployRequest;
@@ -27,48 +27,80 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: Request = parse_body(&super::bytes(body)?)?;
-    let (id, status) = start(&state, &request, "api", caller.requested_by()).await?;
+    let (id, status) = start(&state, &request, "api", &caller).await?;
     Ok(accepted(id, status))
 }
 
-/// Start (or, with `wait`, queue) the deployment a request asks for: its id
-/// and `running` or `queued`. The API and the web dashboard both start
-/// deployments here.
+/// Start (or, with `wait`, queue) the deployment a request asks for, as
+/// `caller` through `via` (`api`, `web`), audited: its id and `running` or
+/// `queued`. The API and the web dashboard both start deployments here.
 pub(crate) async fn start(
     state: &AppState,
     request: &Request,
-    trigger: &str,
-    requested_by: String,
+    via: &str,
+    caller: &Caller,
 ) -> Result<(i64, &'static str), ApiError> {
     request
         .check_for_deploy()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let options = state.resolve(request)?;
-    let engine = match &request.revision {
-        Some(rev) => {
-            let pinned = crate::daemon::github::flake_at_revision(&state.config.flake, rev)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            state.engine_with_flake(&pinned)
+    if let Some(reason) = &request.override_window {
+        if !caller.scope.allows(Scope::Admin) {
+            return Err(ApiError::Forbidden(format!(
+                "{} may not override maintenance windows: that needs the admin scope",
+                caller.identity
+            )));
         }
-        None => state.engine(),
-    };
+        state
+            .audit(
+                &caller.identity,
+                via,
+                "override-window",
+                "deployment request",
+                serde_json::json!({ "reason": reason, "request": request }),
+            )
+            .await?;
+    }
+    let engine = state.engine_at(request.revision.as_deref(), caller)?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,
         options,
-        trigger: trigger.into(),
-        requested_by,
+        trigger: via.into(),
+        requested_by: caller.requested_by(),
+        source: None,
     };
     // Waiting for busy hosts: recorded now and answered at once (`queued`);
     // otherwise validated first, so bad input and busy hosts answer 400/409.
-    if request.wait {
-        let id = state.launch_queued(engine, deploy, |_| {}).await?;
-        return Ok((id, "queued"));
-    }
-    let id = state.launch(engine, Job::Deploy(deploy), |_| {}).await?;
-    Ok((id, "running"))
+    let (id, status) = if request.wait {
+        (state.launch_queued(engine, deploy, |_| {}).await?, "queued")
+    } else {
+        let launched = state.launch(engine, Job::Deploy(deploy), |_| {}).await;
+        if let Err(e) = &launched {
+            state
+                .audit(
+                    &caller.identity,
+                    via,
+                    "deploy-refused",
+                    "deployment request",
+                    serde_json::json!({ "request": request, "error": e.to_string() }),
+                )
+                .await?;
+        }
+        (launched?, "running")
+    };
+    state
+        .audit(
+            &caller.identity,
+            via,
+            "deploy",
+            &format!("deployment #{id}"),
+            serde_json::json!({ "request": request }),
+        )
+        .await?;
+    Ok((id, status))
 }
 
 /// `202 Accepted` with where to find the deployment and its events.
@@ -94,10 +126,11 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<DeploymentList>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let deployments = state.store().deployments(limit).await?;
     Ok(Json(DeploymentList {
-        deployments: state.store().deployments(limit).await?,
+        deployments: deployments.into_iter().map(|d| caller.visible(d)).collect(),
     }))
 }
 
@@ -106,9 +139,9 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Deployment>, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    Ok(Json(state.deployment(id).await?))
+    Ok(Json(caller.visible(state.deployment(id).await?)))
 }
 
 pub async fn cancel(
@@ -116,11 +149,9 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<CancelAnswer>, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
-    Ok(Json(
-        cancel_deployment(&state, id, &caller.requested_by()).await?,
-    ))
+    Ok(Json(cancel_deployment(&state, id, "api", &caller).await?))
 }
 
 /// Ask a running or queued deployment to stop starting hosts (409 when it
@@ -128,14 +159,21 @@ pub async fn cancel(
 pub(crate) async fn cancel_deployment(
     state: &AppState,
     id: i64,
-    by: &str,
+    via: &str,
+    caller: &Caller,
 ) -> Result<CancelAnswer, ApiError> {
     let deployment = state.deployment(id).await?;
-    let cancellable = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
-    if !cancellable || !state.cancel(id, by).await? {
+    let cancellable = deployment.status.is_active();
+    state
+        .audit(
+            &caller.identity,
+            via,
+            "cancel",
+            &format!("deployment #{id}"),
+            serde_json::Value::Null,
+        )
+        .await?;
+    if !cancellable || !state.cancel(id, &caller.requested_by()).await? {
         return Err(ApiError::Conflict(format!(
             "deployment #{id} is {}, not running",
             deployment.status
@@ -160,11 +198,20 @@ pub async fn resume(
     Path(id): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
     let body: ResumeBody = parse_body(&super::bytes(body)?)?;
     let deployment = state.deployment(id).await?;
-    let engine = state.engine_with_flake(&deployment.flake);
+    let engine = state.engine_with_flake_for(&deployment.flake, &caller);
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "resume",
+            &format!("deployment #{id}"),
+            serde_json::Value::Null,
+        )
+        .await?;
     let id = state
         .launch(
             engine,
@@ -183,9 +230,9 @@ pub async fn report(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    let caller = state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    let mut deployment = state.deployment(id).await?;
+    let mut deployment = caller.visible(state.deployment(id).await?);
     deployment.events = Some(state.store().events(id, 0).await?);
     let markdown = crate::daemon::report::markdown(&deployment);
     Ok((
@@ -206,13 +253,15 @@ fn sse_event(event: &Event) -> SseEvent {
 }
 
 /// Replays what happened so far (after `Last-Event-ID`, if given), then
-/// streams live events until the deployment finishes.
+/// streams new events until the deployment finishes, from the history:
+/// every daemon streams every deployment, whichever coordinator runs it
+/// (see `daemon::feed`).
 pub async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&headers, &state.tokens, Scope::Read)?;
+    state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
     event_stream(&state, id, last_event_id(&headers).unwrap_or(0), sse_event).await
 }
@@ -226,103 +275,56 @@ pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<i64> {
 }
 
 /// A deployment's events after `after` as Server-Sent Events, each written
-/// by `encode`: what the store has, then live until the deployment ends. The
-/// API's stream and the web dashboard's both come from here.
+/// by `encode`: what the history has, then live until the deployment ends,
+/// whichever coordinator runs it. The API's stream and the web dashboard's
+/// both come from here.
 pub(crate) async fn event_stream(
     state: &AppState,
     id: i64,
     after: i64,
     encode: fn(&Event) -> SseEvent,
 ) -> Result<Response, ApiError> {
-    let deployment = state.deployment(id).await?;
-    // Subscribe before replaying, so nothing falls between the two.
-    let mut live = state.subscribe(id);
+    state.deployment(id).await?;
+    // Subscribe before the first read, so nothing falls between the two.
+    let mut wakes = state.feed().subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let store = state.store().clone();
-    let running = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
     tokio::spawn(async move {
         let mut last = after;
-        let mut finished = false;
-        let send = |event: &Event| tx.send(Ok(encode(event)));
-        match store.events(id, last).await {
-            Ok(replay) => {
-                for event in &replay {
-                    last = event.id;
-                    finished |= matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() {
-                        return;
-                    }
+        loop {
+            let new = match store.events(id, last).await {
+                Ok(new) => new,
+                // The database is away for a moment (a restart): the stream
+                // waits for it, and loses nothing.
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(cause = %e, "reading events; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
                 }
-            }
-            Err(e) => {
-                tracing::error!(cause = %e, "replaying events");
-                return;
-            }
-        }
-        if finished && live.is_none() {
-            return;
-        }
-        if let Some(live) = live.as_mut() {
-            loop {
-                match live.recv().await {
-                    Ok(event) => {
-                        if event.id <= last {
-                            continue;
-                        }
-                        last = event.id;
-                        let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                        if send(&event).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    // Fell behind: catch up from the store, which has everything.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(missed) = store.events(id, last).await {
-                            for event in &missed {
-                                last = event.id;
-                                if send(event).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        } else if running {
-            // Run by another process (a CLI): follow the store until it ends
-            // (a coordinator that died is marked interrupted by the daemon's
-            // reconciler, which ends its stream too).
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let Ok(new) = store.events(id, last).await else {
+                Err(e) => {
+                    tracing::error!(cause = %e, "reading events");
                     return;
-                };
-                for event in &new {
-                    last = event.id;
-                    let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                    if send(event).await.is_err() || done {
-                        return;
-                    }
                 }
-                if new.is_empty()
-                    && let Ok(Some(now)) = store.deployment(id).await
-                    && !matches!(
-                        now.status,
-                        DeploymentStatus::Running | DeploymentStatus::Queued
-                    )
-                {
-                    break;
+            };
+            for event in &new {
+                last = event.id;
+                let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
+                if tx.send(Ok(encode(event))).await.is_err() || done {
+                    return;
                 }
             }
-        }
-        // The broadcast closed: send whatever the store has beyond `last`.
-        if let Ok(rest) = store.events(id, last).await {
-            for event in &rest {
-                let _ = send(event).await;
+            if !wakes.wait(id).await && new.is_empty() {
+                // Quiet: ended without its final event (an error path)?
+                if let Ok(Some(status)) = store.deployment_status(id).await
+                    && !status.is_active()
+                {
+                    if let Ok(rest) = store.events(id, last).await {
+                        for event in &rest {
+                            let _ = tx.send(Ok(encode(event))).await;
+                        }
+                    }
+                    return;
+                }
             }
         }
     });

@@ -11,7 +11,6 @@ use nix_deploy_core::exec::ExecRequest;
 use nix_deploy_core::keys::KeysRequest;
 
 use super::parse_body;
-use crate::daemon::auth::authorize;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::{ExecJob, UploadKeysRequest};
@@ -19,10 +18,11 @@ use crate::engine::{ExecJob, UploadKeysRequest};
 pub async fn exec(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Admin)?;
-    let request: ExecRequest = parse_body(&body)?;
+    // Who asks comes first: a body too large is the caller's business only.
+    let caller = state.authorize(&headers, Scope::Admin).await?;
+    let request: ExecRequest = parse_body(&super::bytes(body)?)?;
     let spec = request
         .resolve()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -32,17 +32,26 @@ pub async fn exec(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
-    let id = state.launch(state.engine(), job, |_| {}).await?;
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "exec",
+            "hosts",
+            serde_json::to_value(&request).unwrap_or_default(),
+        )
+        .await?;
+    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
     Ok(super::deployments::accepted(id, "running"))
 }
 
 pub async fn upload_keys(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
-    let request: KeysRequest = parse_body(&body)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
+    let request: KeysRequest = parse_body(&super::bytes(body)?)?;
     let parallel_limit = request
         .resolve()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -52,6 +61,15 @@ pub async fn upload_keys(
         trigger: "api".into(),
         requested_by: caller.requested_by(),
     });
-    let id = state.launch(state.engine(), job, |_| {}).await?;
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "upload-keys",
+            "hosts",
+            serde_json::to_value(&request).unwrap_or_default(),
+        )
+        .await?;
+    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
     Ok(super::deployments::accepted(id, "running"))
 }

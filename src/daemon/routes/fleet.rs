@@ -15,7 +15,7 @@ use nix_deploy_core::reports::{HostHealth, PlanReport, StatusReport};
 use nix_deploy_core::shell;
 
 use super::parse_body;
-use crate::daemon::auth::authorize;
+use crate::daemon::auth::Caller;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::RollbackRequest;
@@ -40,7 +40,7 @@ pub async fn status(
     } else {
         Scope::Read
     };
-    authorize(&headers, &state.tokens, scope)?;
+    state.authorize(&headers, scope).await?;
     let live = if query.live {
         Some(
             state
@@ -65,9 +65,9 @@ pub async fn plan(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<PlanReport>, ApiError> {
     // A plan evaluates, builds and probes: not for read-only tokens.
-    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: Request = parse_body(&super::bytes(body)?)?;
-    Ok(Json(plan_report(&state, &request).await?))
+    Ok(Json(plan_report(&state, &request, &caller).await?))
 }
 
 /// The plan for a request, with the daemon's defaults for what it leaves
@@ -75,13 +75,16 @@ pub async fn plan(
 pub(crate) async fn plan_report(
     state: &AppState,
     request: &Request,
+    caller: &Caller,
 ) -> Result<PlanReport, ApiError> {
     request
         .check_for_plan()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let options = state.resolve(request)?;
-    let report = state
-        .engine()
+    // `revision`: the flake pinned to that commit (a plan with it shows what
+    // a deployment with it deploys).
+    let engine = state.engine_at(request.revision.as_deref(), caller)?;
+    let report = engine
         .plan(
             &request.selection(),
             &options,
@@ -103,41 +106,45 @@ pub async fn rollback(
     Path(host): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     let body: RollbackBody = parse_body(&super::bytes(body)?)?;
-    let id = start_rollback(
-        &state,
-        host,
-        body.to_generation,
-        "api",
-        caller.requested_by(),
-    )
-    .await?;
+    let id = start_rollback(&state, host, body.to_generation, "api", &caller).await?;
     Ok(super::deployments::accepted(id, "running"))
 }
 
 /// Roll a host back (to its previous generation, or `to_generation`) in the
-/// background: the run's id. The API and the web dashboard both roll back here.
+/// background, as `caller` through `via`, audited: the run's id. The API and
+/// the web dashboard both roll back here.
 pub(crate) async fn start_rollback(
     state: &AppState,
     host: String,
     to_generation: Option<u32>,
-    trigger: &str,
-    requested_by: String,
+    via: &str,
+    caller: &Caller,
 ) -> Result<i64, ApiError> {
     if !shell::is_valid_host_name(&host) {
         return Err(ApiError::BadRequest(format!(
             "`{host}` is not a valid host name"
         )));
     }
+    let host_name = host.clone();
     let job = Job::Rollback(RollbackRequest {
         host,
         to_generation,
         options: state.default_options(),
-        trigger: trigger.into(),
-        requested_by,
+        trigger: via.into(),
+        requested_by: caller.requested_by(),
     });
-    state.launch(state.engine(), job, |_| {}).await
+    state
+        .audit(
+            &caller.identity,
+            via,
+            "rollback",
+            &host_name,
+            serde_json::json!({ "to_generation": to_generation }),
+        )
+        .await?;
+    state.launch(state.engine_for(caller), job, |_| {}).await
 }
 
 pub async fn health(
@@ -146,21 +153,21 @@ pub async fn health(
     Path(host): Path<String>,
 ) -> Result<Json<HostHealth>, ApiError> {
     // Health checks run commands on the host.
-    authorize(&headers, &state.tokens, Scope::Deploy)?;
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
     if !shell::is_valid_host_name(&host) {
         return Err(ApiError::BadRequest(format!(
             "`{host}` is not a valid host name"
         )));
     }
     let health = state
-        .engine()
+        .engine_for(&caller)
         .check_health(&host, Duration::from_secs(10))
         .await?;
     Ok(Json(health))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = crate::daemon::metrics::render(state.store()).await?;
+    let text = crate::daemon::metrics::render(state.store(), state.node()).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -7,14 +7,18 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use nix_deploy_core::events::{DeploymentStatus, EventKind};
+use nix_deploy_core::events::EventKind;
 use nix_deploy_core::fleet::Selection;
 use nix_deploy_core::options::Request;
 use nix_deploy_core::reports::PlanReport;
 
-use crate::daemon::slack::{self, ChatRequest, SlashCommand};
-use crate::daemon::{ApiError, AppState, github};
-use crate::engine::DeployRequest;
+use nix_deploy_core::grammar::{self, ChatVerb};
+
+use super::approvals;
+use crate::daemon::config::{self, Scope};
+use crate::daemon::slack::{self, SlashCommand};
+use crate::daemon::{ApiError, AppState, Caller, github};
+use crate::engine::{DeployRequest, PushSource};
 use crate::store::BranchHead;
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -57,27 +61,84 @@ pub async fn slack(
     }
     let command = slack::parse_form(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed slash command: {e}")))?;
-    let request = match slack::parse_text(&command.text) {
-        Ok(r) => r,
+    let verb = match grammar::parse_chat(&command.text) {
+        Ok(verb) => verb,
         Err(e) => return Ok(ephemeral(format!("{e}\n{}", usage()))),
     };
-    let who = format!("slack:{}", command.user_name);
-    match request {
-        ChatRequest::Help => Ok(ephemeral(usage())),
-        ChatRequest::Status => {
-            let hosts = state.store().host_states().await?;
-            let mut text = String::from("*Fleet status*\n");
-            for h in hosts {
-                text.push_str(&format!(
-                    "• {} — generation {} — last: {}\n",
-                    h.name,
-                    h.generation.map(|g| g.to_string()).unwrap_or("-".into()),
-                    h.last_status.as_deref().unwrap_or("-")
-                ));
-            }
-            Ok(ephemeral(text))
+    if let ChatVerb::Help = verb {
+        return Ok(ephemeral(usage()));
+    }
+    // Who may do what: the [chat] allowlists (nobody unlisted).
+    let Some(caller) = chat_caller(&state, &command) else {
+        state
+            .audit(
+                &format!("slack:{}", command.user_id),
+                &format!("slack channel {}", command.channel_id),
+                "auth-failed",
+                "chat command",
+                serde_json::json!({ "text": command.text }),
+            )
+            .await?;
+        return Ok(ephemeral(format!(
+            "<@{}> may not use /nix-deploy here (not in the [chat] allowlists)",
+            command.user_id
+        )));
+    };
+    let origin = format!("slack channel {}", command.channel_id);
+    // The answer when the caller's scope is too small.
+    let needs = |scope: Scope| -> Option<Response> {
+        if caller.scope.allows(scope) {
+            None
+        } else {
+            Some(ephemeral(format!(
+                "this needs the {scope:?} scope; you have {:?}",
+                caller.scope
+            )))
         }
-        ChatRequest::Cancel { id } => {
+    };
+    match verb {
+        ChatVerb::Help => Ok(ephemeral(usage())),
+        ChatVerb::Status | ChatVerb::History { .. } | ChatVerb::Show { .. } => {
+            if let Some(r) = needs(Scope::Read) {
+                return Ok(r);
+            }
+            chat_read(&state, verb).await
+        }
+        ChatVerb::Approve { id, comment } => {
+            if let Some(r) = needs(Scope::Deploy) {
+                return Ok(r);
+            }
+            Ok(
+                match approvals::approve_as(&state, &caller, "slack", id, comment.as_deref()).await
+                {
+                    Ok(gate) => in_channel(format!(
+                        "<@{}> approved deployment #{id} (gate {}: {})",
+                        command.user_id,
+                        gate.number,
+                        gate.state.as_str()
+                    )),
+                    Err(e) => ephemeral(e.to_string()),
+                },
+            )
+        }
+        ChatVerb::Reject { id, reason } => {
+            if let Some(r) = needs(Scope::Deploy) {
+                return Ok(r);
+            }
+            Ok(
+                match approvals::reject_as(&state, &caller, "slack", id, &reason).await {
+                    Ok(_) => in_channel(format!(
+                        "<@{}> rejected deployment #{id}: {reason}",
+                        command.user_id
+                    )),
+                    Err(e) => ephemeral(e.to_string()),
+                },
+            )
+        }
+        ChatVerb::Cancel { id } => {
+            if let Some(r) = needs(Scope::Deploy) {
+                return Ok(r);
+            }
             let id = match id {
                 Some(id) => Some(id),
                 None => state
@@ -85,41 +146,128 @@ pub async fn slack(
                     .deployments(20)
                     .await?
                     .into_iter()
-                    .find(|d| {
-                        matches!(
-                            d.status,
-                            DeploymentStatus::Running | DeploymentStatus::Queued
-                        )
-                    })
+                    .find(|d| d.status.is_active())
                     .map(|d| d.id),
             };
             let Some(id) = id else {
                 return Ok(ephemeral("No deployment is running.".into()));
             };
-            if !state.cancel(id, &who).await? {
+            state
+                .audit(
+                    &caller.identity,
+                    &origin,
+                    "cancel",
+                    &format!("deployment #{id}"),
+                    serde_json::Value::Null,
+                )
+                .await?;
+            if !state.cancel(id, &caller.identity).await? {
                 return Ok(ephemeral(format!("Deployment #{id} is not running.")));
             }
-            Ok(Json(serde_json::json!({
-                "response_type": "in_channel",
-                "text": format!("Cancelling deployment #{id}: no new hosts will start; running hosts finish or roll back."),
-            }))
-            .into_response())
+            Ok(in_channel(format!(
+                "Cancelling deployment #{id}: no new hosts will start; running hosts finish or roll back."
+            )))
         }
-        ChatRequest::Deploy(chat) => {
+        ChatVerb::Plan { .. } | ChatVerb::Rollback { .. } => Ok(ephemeral(
+            "`plan` and `rollback` are not offered in chat yet: use the CLI or the API".into(),
+        )),
+        ChatVerb::Deploy(args) => {
+            if let Some(r) = needs(Scope::Deploy) {
+                return Ok(r);
+            }
+            let chat = match args.request() {
+                Ok(r) => r,
+                Err(e) => return Ok(ephemeral(e.to_string())),
+            };
+            if chat.override_window.is_some() && !caller.scope.allows(Scope::Admin) {
+                return Ok(ephemeral(
+                    "overriding maintenance windows needs the admin scope".into(),
+                ));
+            }
+            state
+                .audit(
+                    &caller.identity,
+                    &origin,
+                    "deploy",
+                    "chat request",
+                    serde_json::json!({ "request": &chat }),
+                )
+                .await?;
             slack_deploy(
                 state.clone(),
                 config.response_url_prefixes.clone(),
                 command,
-                *chat,
-                who,
+                chat,
+                caller,
             )
             .await
         }
     }
 }
 
+fn in_channel(text: String) -> Response {
+    Json(serde_json::json!({ "response_type": "in_channel", "text": text })).into_response()
+}
+
+/// The chat user's grant (and the channel's, when channels are listed):
+/// the lower scope, and both reaches.
+fn chat_caller(state: &AppState, command: &SlashCommand) -> Option<Caller> {
+    let chat = &state.config.chat;
+    let user = chat.users.iter().find(|g| g.id == command.user_id)?;
+    let mut scope = user.scope;
+    let mut filters = vec![config::hosts("chat.users.hosts", &user.hosts).ok()?];
+    if !chat.channels.is_empty() {
+        let channel = chat.channels.iter().find(|g| g.id == command.channel_id)?;
+        scope = scope.min(channel.scope);
+        filters.push(config::hosts("chat.channels.hosts", &channel.hosts).ok()?);
+    }
+    filters.retain(|f| !f.is_everything());
+    Some(Caller {
+        identity: format!("slack:{}", command.user_id),
+        scope,
+        limit: (!filters.is_empty()).then(|| crate::engine::Limit {
+            who: format!("Slack user {}", command.user_id),
+            hosts: filters,
+        }),
+    })
+}
+
+/// `status`, `history`, `show`: answered at once.
+async fn chat_read(state: &AppState, verb: ChatVerb) -> Result<Response, ApiError> {
+    let text = match verb {
+        ChatVerb::History { limit } => {
+            let mut text = String::from("*Recent deployments*\n");
+            for d in state.store().deployments(limit).await? {
+                text.push_str(&format!(
+                    "• #{} {} — {} by {}\n",
+                    d.id, d.status, d.strategy, d.requested_by
+                ));
+            }
+            text
+        }
+        ChatVerb::Show { id } => {
+            let mut deployment = state.deployment(id).await?;
+            deployment.events = Some(state.store().events(id, 0).await?);
+            crate::daemon::report::markdown(&deployment)
+        }
+        _ => {
+            let mut text = String::from("*Fleet status*\n");
+            for h in state.store().host_states().await? {
+                text.push_str(&format!(
+                    "• {} — generation {} — last: {}\n",
+                    h.name,
+                    h.generation.map(|g| g.to_string()).unwrap_or("-".into()),
+                    h.last_status.as_deref().unwrap_or("-")
+                ));
+            }
+            text
+        }
+    };
+    Ok(ephemeral(text))
+}
+
 fn usage() -> String {
-    "Usage: `/nix-deploy [HOST|GLOB|@TAG|@TAG-GLOB ...] [--on=SEL] [--exclude=SEL] [--goal=switch|boot|test|dry-activate] [--strategy=smart|parallel|rolling|sequential|canary|blue-green] [--parallel] [--sequential] [--canary=HOST] [--canary-soak=5m] [--batch-size=N|N%] [--max-failures=N|N%] [--health-timeout=2m] [--confirm-timeout=30s] [--activation-timeout=10m] [--force]`, `/nix-deploy status`, `/nix-deploy cancel [ID]`".into()
+    format!("```{}```", grammar::chat_help())
 }
 
 /// How many messages one command may post to its `response_url` (Slack
@@ -134,7 +282,7 @@ async fn slack_deploy(
     prefixes: Vec<String>,
     command: SlashCommand,
     chat: Request,
-    who: String,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
     let options = match state.resolve(&chat) {
         Ok(o) => o,
@@ -149,12 +297,13 @@ async fn slack_deploy(
         wait: true,
         options,
         trigger: "slack".into(),
-        requested_by: who,
+        requested_by: caller.identity.clone(),
+        source: None,
     };
     let http = state.http.clone();
     let done_url = response_url.clone();
     let id = state
-        .launch_queued(state.engine(), request, move |result| {
+        .launch_queued(state.engine_for(&caller), request, move |result| {
             let Some(url) = done_url else { return };
             let body = match result {
                 Ok(deployment) => slack::summary_message(&deployment),
@@ -333,6 +482,11 @@ pub async fn github(
         options: state.default_options(),
         trigger: "github".into(),
         requested_by: format!("github:{}", push.pusher),
+        source: Some(PushSource {
+            kind: "github".into(),
+            branch: config.branch.clone(),
+            commit: push.after.clone(),
+        }),
     };
     // Answered within GitHub's ten seconds, whatever the hosts do.
     let id = state

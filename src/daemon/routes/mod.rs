@@ -1,7 +1,9 @@
-//! The endpoints, one file per group: deployments (and their event streams),
+//! The endpoints, one file per group: the cluster, deployments (and their event streams),
 //! the fleet (status, plan, a host's rollback and health, metrics), commands
 //! and keys on many hosts (exec, upload-keys), and the chat and push hooks.
 
+pub mod approvals;
+pub mod cluster;
 pub mod deployments;
 pub mod exec;
 pub mod fleet;

@@ -39,9 +39,14 @@ impl DependencyGraph {
                         .filter(|h| h.tags.iter().any(|t| t == tag))
                         .collect();
                     if tagged.is_empty() {
+                        let tags: BTreeSet<&str> = hosts
+                            .iter()
+                            .flat_map(|h| h.tags.iter().map(String::as_str))
+                            .collect();
                         return Err(PlanError::UnknownTag {
                             host: host.name.clone(),
                             dependency: dep.clone(),
+                            hint: crate::suggest::did_you_mean(tag, &tags, "@"),
                         });
                     }
                     // A host in its own tag group does not wait for itself.
@@ -57,6 +62,7 @@ impl DependencyGraph {
                     return Err(PlanError::UnknownDependency {
                         host: host.name.clone(),
                         dependency: dep.clone(),
+                        hint: crate::suggest::did_you_mean(dep, &names, ""),
                     });
                 }
             }

@@ -27,10 +27,20 @@ pub const DEFAULT_ESTIMATE: Duration = Duration::from_secs(60);
 pub enum PlanError {
     #[error("dependency cycle: {}", .hosts.join(" → "))]
     Cycle { hosts: Vec<String> },
-    #[error("host `{host}` depends on `{dependency}`, which is not a host of the fleet")]
-    UnknownDependency { host: String, dependency: String },
-    #[error("host `{host}` depends on `{dependency}`, but no host has that tag")]
-    UnknownTag { host: String, dependency: String },
+    #[error(
+        "host `{host}`: deployment.dependencies: `{dependency}` is not a host of the fleet{hint}"
+    )]
+    UnknownDependency {
+        host: String,
+        dependency: String,
+        hint: String,
+    },
+    #[error("host `{host}`: deployment.dependencies: no host has the tag of `{dependency}`{hint}")]
+    UnknownTag {
+        host: String,
+        dependency: String,
+        hint: String,
+    },
     #[error("invalid option: {0}")]
     BadOption(String),
 }

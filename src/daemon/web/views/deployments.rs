@@ -347,7 +347,7 @@ pub async fn cancel(
     let form = form_body(form)?;
     let caller = viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
     let id = parse_id(&id)?;
-    cancel_deployment(&state, id, &caller.requested_by()).await?;
+    cancel_deployment(&state, id, "web", &caller).await?;
     Ok(Redirect::to(&format!("/deployments/{id}")).into_response())
 }
 
@@ -377,6 +377,8 @@ mod tests {
             options: DeployOptions::default(),
             selected: vec!["web-1".into()],
             plan: None,
+            pinned: None,
+            gates: Vec::new(),
             error: None,
             pid: None,
             exec: None,

@@ -13,9 +13,10 @@ use askama::Template;
 use axum::extract::State;
 use axum::response::Response;
 
-use nix_deploy_core::fleet::Inventory;
+use nix_deploy_core::fleet::{self, Evaluated};
 use nix_deploy_core::render::{first_line, generation, short_path};
 use nix_deploy_core::run::HostRecord;
+use nix_deploy_core::source::FleetSource;
 
 use super::{Page, render, result_class, when};
 use crate::daemon::AppState;
@@ -97,12 +98,23 @@ pub fn fleet_rows(records: Vec<HostRecord>, evaluations: Vec<LatestEvaluation>) 
         .collect()
 }
 
+/// A host as its newest cached evaluation says. The cache does not record
+/// which source the fleet was read from, so each is tried in turn: for what
+/// the page shows (tags, role, the desired system) they mean the same.
+fn newest(name: &str, value: &str) -> Option<Evaluated> {
+    let value: serde_json::Value = serde_json::from_str(value).ok()?;
+    [
+        FleetSource::Nixos,
+        FleetSource::Colmena,
+        FleetSource::DeployRs,
+    ]
+    .into_iter()
+    .find_map(|source| fleet::parse_host(source, name, value.clone()).ok())
+}
+
 fn row(name: String, record: Option<HostRecord>, evaluation: Option<LatestEvaluation>) -> FleetRow {
     let evaluated_at = evaluation.as_ref().map(|e| e.evaluated_at);
-    let host = evaluation.and_then(|e| {
-        let value = serde_json::from_str(&e.value).ok()?;
-        Inventory::parse_host(&name, value).ok()
-    });
+    let host = evaluation.and_then(|e| newest(&name, &e.value));
     let record = record.unwrap_or_else(|| HostRecord {
         name: name.clone(),
         current_path: None,
@@ -116,7 +128,10 @@ fn row(name: String, record: Option<HostRecord>, evaluation: Option<LatestEvalua
         boot_path: None,
         pending_reboot: false,
     });
-    let desired = host.as_ref().map(|h| h.toplevel.clone());
+    let desired = host
+        .as_ref()
+        .and_then(|h| h.system.as_ref())
+        .map(|s| s.toplevel.clone());
     let sync = match (&desired, &record.current_path) {
         (Some(d), Some(c)) if d == c => ("in sync", "ok"),
         (Some(_), Some(_)) => ("out of date", "warn"),
@@ -124,8 +139,14 @@ fn row(name: String, record: Option<HostRecord>, evaluation: Option<LatestEvalua
     };
     let last_seen = record.probed_at.max(record.last_finished_at);
     FleetRow {
-        tags: host.as_ref().map(|h| h.tags.clone()).unwrap_or_default(),
-        role: host.as_ref().map(|h| h.role.clone()).unwrap_or_default(),
+        tags: host
+            .as_ref()
+            .map(|h| h.meta.tags.clone())
+            .unwrap_or_default(),
+        role: host
+            .as_ref()
+            .map(|h| h.meta.role.clone())
+            .unwrap_or_default(),
         desired: short_path(desired.as_deref()),
         desired_full: match desired {
             Some(d) => format!("{d} (evaluated {})", when(evaluated_at)),

@@ -145,6 +145,6 @@ pub async fn rollback(
                 .map_err(|_| WebError::BadRequest(format!("`{to}` is not a generation number")))?,
         )
     };
-    let id = start_rollback(&state, host, to_generation, "web", caller.requested_by()).await?;
+    let id = start_rollback(&state, host, to_generation, "web", &caller).await?;
     Ok(Redirect::to(&format!("/deployments/{id}")).into_response())
 }

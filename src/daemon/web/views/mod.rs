@@ -85,7 +85,8 @@ pub fn deployment_class(status: DeploymentStatus) -> &'static str {
     match status {
         DeploymentStatus::Succeeded => "ok",
         DeploymentStatus::Running | DeploymentStatus::Queued => "running",
-        DeploymentStatus::Cancelled => "muted",
+        DeploymentStatus::WaitingForWindow | DeploymentStatus::AwaitingApproval => "warn",
+        DeploymentStatus::Cancelled | DeploymentStatus::Superseded => "muted",
         DeploymentStatus::Failed | DeploymentStatus::Interrupted => "bad",
     }
 }

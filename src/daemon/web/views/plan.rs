@@ -177,10 +177,12 @@ pub async fn plan(
     form: Result<Form<PlanForm>, FormRejection>,
 ) -> Result<Response, WebError> {
     let form = form_body(form)?;
-    viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
+    let caller = viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
     let mut page = plan_page(&viewer, form.clone());
     let planned = match form.request() {
-        Ok(request) => plan_report(&state, &request).await.map_err(WebError::from),
+        Ok(request) => plan_report(&state, &request, &caller)
+            .await
+            .map_err(WebError::from),
         Err(e) => Err(WebError::BadRequest(e)),
     };
     match planned {
@@ -207,7 +209,7 @@ pub async fn deploy(
     let form = form_body(form)?;
     let caller = viewer.authorize_action(&state, &form.csrf, Scope::Deploy)?;
     let request = form.request().map_err(WebError::BadRequest)?;
-    let (id, _) = start(&state, &request, "web", caller.requested_by()).await?;
+    let (id, _) = start(&state, &request, "web", &caller).await?;
     Ok(Redirect::to(&format!("/deployments/{id}")).into_response())
 }
 

@@ -1,0 +1,267 @@
+//! Approvals and the rules around them: `POST /api/v1/deployments/{id}/approve`
+//! and `/reject` (a deployment waiting at a gate: approval rules, or a pause
+//! to promote), `GET /api/v1/windows` (every maintenance window, open or
+//! not, and its next opening), `GET /api/v1/audit` (the audit trail, and
+//! its verification).
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+
+use nix_deploy_core::approval::{Gate, GateState, Refusal, requester_identity};
+use nix_deploy_core::audit::{AuditEntry, Verification};
+use nix_deploy_core::window::WindowsReport;
+
+use super::parse_body;
+use crate::daemon::config::Scope;
+use crate::daemon::{ApiError, AppState, Caller};
+use crate::store::Decision;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// A refusal as the API says it: 403 for the caller's rights, 409 for the
+/// deployment's state.
+pub(crate) fn refusal(refusal: Refusal) -> ApiError {
+    if refusal.is_forbidden() {
+        ApiError::Forbidden(refusal.to_string())
+    } else {
+        ApiError::Conflict(refusal.to_string())
+    }
+}
+
+/// The open gate of deployment `id`, if `caller` may reach every host it
+/// holds.
+pub(crate) async fn reachable_gate(
+    state: &AppState,
+    caller: &Caller,
+    id: i64,
+) -> Result<Option<Gate>, ApiError> {
+    let Some(gate) = state.store().open_gate_of(id).await? else {
+        return Ok(None);
+    };
+    let outside: Vec<&str> = gate
+        .hosts
+        .iter()
+        .filter(|h| {
+            let tags = gate.host_tags.get(*h).map(Vec::as_slice).unwrap_or(&[]);
+            !caller.reaches(h, tags)
+        })
+        .map(String::as_str)
+        .collect();
+    if !outside.is_empty() {
+        return Err(ApiError::Forbidden(format!(
+            "{} may not decide for {}",
+            caller.identity,
+            outside.join(", ")
+        )));
+    }
+    Ok(Some(gate))
+}
+
+/// Approve (or promote) deployment `id` as `caller`, through `via`;
+/// recorded in the audit trail either way.
+pub(crate) async fn approve_as(
+    state: &AppState,
+    caller: &Caller,
+    via: &str,
+    id: i64,
+    comment: Option<&str>,
+) -> Result<Gate, ApiError> {
+    let deployment = state.deployment(id).await?;
+    let target = format!("deployment #{id}");
+    if reachable_gate(state, caller, id).await?.is_none() {
+        let refused = Refusal::NotAwaiting {
+            id,
+            detail: format!(" (it is {})", deployment.status),
+        };
+        state
+            .audit(
+                &caller.identity,
+                via,
+                "approve-refused",
+                &target,
+                serde_json::json!({ "error": refused.to_string() }),
+            )
+            .await?;
+        return Err(refusal(refused));
+    }
+    let requester = requester_identity(&deployment.requested_by);
+    match state
+        .store()
+        .approve(id, &caller.identity, &requester, via, comment)
+        .await?
+    {
+        Decision::Done(gate) => {
+            state
+                .audit(
+                    &caller.identity,
+                    via,
+                    "approve",
+                    &target,
+                    serde_json::json!({ "gate": gate.number, "state": gate.state, "seen": gate.summary, "comment": comment }),
+                )
+                .await?;
+            Ok(*gate)
+        }
+        Decision::Refused(refused) => {
+            state
+                .audit(
+                    &caller.identity,
+                    via,
+                    "approve-refused",
+                    &target,
+                    serde_json::json!({ "error": refused.to_string() }),
+                )
+                .await?;
+            Err(refusal(refused))
+        }
+    }
+}
+
+/// Reject deployment `id`'s open gate as `caller`, with `reason`.
+pub(crate) async fn reject_as(
+    state: &AppState,
+    caller: &Caller,
+    via: &str,
+    id: i64,
+    reason: &str,
+) -> Result<Gate, ApiError> {
+    let deployment = state.deployment(id).await?;
+    let target = format!("deployment #{id}");
+    let decision = match reachable_gate(state, caller, id).await? {
+        None => Decision::Refused(Refusal::NotAwaiting {
+            id,
+            detail: format!(" (it is {})", deployment.status),
+        }),
+        Some(_) => {
+            state
+                .store()
+                .decide_gate(id, GateState::Rejected, &caller.identity, reason)
+                .await?
+        }
+    };
+    match decision {
+        Decision::Done(gate) => {
+            state
+                .audit(
+                    &caller.identity,
+                    via,
+                    "reject",
+                    &target,
+                    serde_json::json!({ "gate": gate.number, "reason": reason }),
+                )
+                .await?;
+            Ok(*gate)
+        }
+        Decision::Refused(refused) => {
+            state
+                .audit(
+                    &caller.identity,
+                    via,
+                    "reject-refused",
+                    &target,
+                    serde_json::json!({ "error": refused.to_string() }),
+                )
+                .await?;
+            Err(refusal(refused))
+        }
+    }
+}
+
+pub async fn approve(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Gate>, ApiError> {
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
+    let id = super::parse_id(&id)?;
+    let body: ApproveBody = parse_body(&super::bytes(body)?)?;
+    let gate = approve_as(&state, &caller, "api", id, body.comment.as_deref()).await?;
+    Ok(Json(gate))
+}
+
+pub async fn reject(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Gate>, ApiError> {
+    let caller = state.authorize(&headers, Scope::Deploy).await?;
+    let id = super::parse_id(&id)?;
+    let body: RejectBody = parse_body(&super::bytes(body)?)?;
+    let reason = body
+        .reason
+        .filter(|r| !r.trim().is_empty() && r.len() <= 1000)
+        .ok_or_else(|| {
+            ApiError::BadRequest("a rejection needs a `reason` (1 to 1000 characters)".into())
+        })?;
+    let gate = reject_as(&state, &caller, "api", id, &reason).await?;
+    Ok(Json(gate))
+}
+
+pub async fn windows(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<WindowsReport>, ApiError> {
+    state.authorize(&headers, Scope::Read).await?;
+    Ok(Json(state.policy().windows.states(crate::now_ms())))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    /// Unix ms.
+    since: Option<i64>,
+    #[serde(default)]
+    verify: bool,
+}
+
+/// The audit trail (entries since a time), or its verification.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum AuditAnswer {
+    Verification(Verification),
+    Entries { entries: Vec<AuditEntry> },
+}
+
+pub async fn audit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<AuditAnswer>, ApiError> {
+    // Who did what, everywhere: for admins.
+    let caller = state.authorize(&headers, Scope::Admin).await?;
+    state
+        .audit(
+            &caller.identity,
+            "api",
+            "audit-read",
+            "audit trail",
+            serde_json::json!({ "verify": query.verify }),
+        )
+        .await?;
+    if query.verify {
+        return Ok(Json(AuditAnswer::Verification(
+            state.store().verify_audit().await?,
+        )));
+    }
+    Ok(Json(AuditAnswer::Entries {
+        entries: state
+            .store()
+            .audit_entries(query.since.unwrap_or(0))
+            .await?,
+    }))
+}

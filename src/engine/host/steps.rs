@@ -1,0 +1,497 @@
+//! The pipeline's steps that change a host, up to its activation: pre-flight
+//! (and colmena's `replaceUnknownProfiles`), build (here, or on the host:
+//! [`super::on_target`]), copy (with the change summary and the
+//! coordinator's GC roots beside it; nothing to copy to the host that is
+//! this machine), keys, set-profile, activate, and `dry-activate`. Each is
+//! recorded as a step of the host's run and fails as that step
+//! ([`super::failure::At`]).
+
+use std::time::Duration;
+
+use nix_deploy_core::events::Step;
+use nix_deploy_core::exec::{CommandOutput, Tail};
+use nix_deploy_core::fleet::Host;
+use nix_deploy_core::goal::Goal;
+use nix_deploy_core::keys::{Key, UploadAt, uploaded_at};
+use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::run::HostRun;
+
+use super::context::{HostContext, HostJob};
+use super::failure::{At, Stop};
+use super::observe::Assessment;
+use super::summary::{current_closure, host_closure_summary, new_closure_summary};
+use super::{activator, gcroots, health, keys, on_target};
+use crate::store::StoreError;
+use crate::transport::ssh::{self, Connection, SshError};
+
+/// colmena's `deployment.replaceUnknownProfiles = false`: a host that runs a
+/// system nix-deploy never deployed to it (someone else did) is not
+/// replaced. Checked even with `--skip-validation`: it is the host's own
+/// setting, not a health check.
+pub(crate) async fn refuse_unknown_profile(
+    context: &HostContext,
+    job: &HostJob,
+) -> Result<(), Stop> {
+    let host = &job.assessment.host;
+    let Some(current) = job.assessment.current.path.as_deref() else {
+        return Ok(());
+    };
+    if host.replace_unknown_profiles
+        || context
+            .recorder
+            .store()
+            .deployed_before(&host.name, current)
+            .await?
+    {
+        return Ok(());
+    }
+    Err(Stop::at(At::Preflight)(format!(
+        "{}: pre-flight: it runs {current}, which nix-deploy never deployed to it, and deployment.replaceUnknownProfiles is false: not replaced",
+        host.name
+    )))
+}
+
+/// Reachable (we have a connection), enough free space, and healthy before
+/// we touch it. Skipped with `--skip-validation`.
+pub(crate) async fn preflight(context: &HostContext, job: &mut HostJob) -> Result<(), Stop> {
+    if context.options.skip_validation {
+        return Ok(());
+    }
+    let options = &context.options;
+    let (assessment, connection, run) = job.parts();
+    let host = &assessment.host;
+    let mut unhealthy = false;
+    let work = async {
+        let min_free_kib = options.min_free_space_mib.saturating_mul(1024);
+        if let Some(free) = assessment.probe.as_ref().and_then(|p| p.free_kib)
+            && free < min_free_kib
+        {
+            return Err(format!(
+                "only {} MiB free in /nix/store, --min-free-space asks for {} MiB",
+                free / 1024,
+                options.min_free_space_mib
+            ));
+        }
+        // A host with no system yet has nothing to be healthy; --force deploys anyway.
+        if assessment.current.path.is_none() || options.force || host.health_checks.is_empty() {
+            return Ok(());
+        }
+        // One round: is it healthy right now?
+        let Err((message, results)) =
+            health::validate(connection, &host.health_checks, Duration::ZERO).await
+        else {
+            return Ok(());
+        };
+        unhealthy = true;
+        context
+            .recorder
+            .health_checked(&host.name, "pre-flight", results)
+            .await
+            .map_err(|e| e.to_string())?;
+        Err(format!(
+            "unhealthy before deployment, not caused by nix-deploy ({message}); not deployed, use --force to deploy anyway"
+        ))
+    };
+    let verdict = context.recorder.step(run, Step::Preflight, work).await?;
+    verdict.map_err(|message| {
+        Stop::at(if unhealthy {
+            At::Unhealthy
+        } else {
+            At::Preflight
+        })(message)
+    })
+}
+
+/// Build the toplevel (meanwhile the host's current closure is read for
+/// the change summary), then copy it. Returns the built system.
+pub(crate) async fn build_copy_and_summarize(
+    context: &HostContext,
+    job: &mut HostJob,
+) -> Result<String, Stop> {
+    // The host's side of the change summary is read while we build (not
+    // while the closure copies: a host without nix-daemon may refuse a
+    // second writer of its store database at that moment).
+    let (path, old_closure) = {
+        let (assessment, connection, run) = job.parts();
+        let has_system = assessment.current.path.is_some();
+        tokio::join!(build(context, &assessment.host, connection, run), async {
+            if has_system {
+                current_closure(connection).await
+            } else {
+                Vec::new()
+            }
+        })
+    };
+    let path = path?;
+    copy_and_summarize(context, job, &path, &old_closure).await?;
+    Ok(path)
+}
+
+/// Whether the host builds its own system: asked for, and the host is not
+/// this machine (where building here is building on it).
+fn builds_on_target(context: &HostContext, connection: &Connection) -> bool {
+    context.options.build_on_target && !connection.is_local()
+}
+
+/// Build the toplevel, here or on the host itself ([`on_target`]); it must
+/// be the path the flake evaluated to (deploy-rs: the wrapper holding it).
+/// Returns the toplevel.
+async fn build(
+    context: &HostContext,
+    host: &Host,
+    connection: &Connection,
+    run: &mut HostRun,
+) -> Result<String, Stop> {
+    if builds_on_target(context, connection) {
+        let work = on_target::build(&context.nix, &context.ssh, connection, host);
+        return context
+            .recorder
+            .step(run, Step::Build, work)
+            .await?
+            .map_err(Stop::at(At::Build));
+    }
+    let built = context
+        .recorder
+        .step(
+            run,
+            Step::Build,
+            context.nix.build(&host.system.drv_path, |_, _| {}),
+        )
+        .await?
+        .map_err(Stop::at(At::Build))?;
+    if built != host.system.build_output() {
+        return Err(Stop::at(At::Build)(format!(
+            "{}: build: produced {built}, but the flake evaluated to {}",
+            host.name,
+            host.system.build_output()
+        )));
+    }
+    Ok(host.toplevel().to_string())
+}
+
+/// Copy the closure over our master connection and, meanwhile, root it on
+/// the coordinator and say what changes on the host, from its current
+/// closure (`old`) and the new one. The summary is informational: one that
+/// cannot be made is logged, never a failure.
+async fn copy_and_summarize(
+    context: &HostContext,
+    job: &mut HostJob,
+    path: &str,
+    old: &[String],
+) -> Result<(), Stop> {
+    let (assessment, connection, run) = job.parts();
+    let host = &assessment.host;
+    if builds_on_target(context, connection) {
+        // The host built it: nothing to copy, nothing to root here.
+        if context.options.keep_result {
+            context
+                .recorder
+                .log(
+                    Some(&host.name),
+                    "--keep-result: the host built its own system; this machine's store does not hold it, so nothing is kept here".to_string(),
+                )
+                .await?;
+        }
+        let summary = host_closure_summary(connection, old, path).await;
+        return log_summary(context, run, &host.name, summary)
+            .await
+            .map_err(Stop::from);
+    }
+    // The coordinator's GC roots for what was built and what the host ran
+    // are made meanwhile too (local, informational).
+    let (summary, copied, rooted) = tokio::join!(
+        new_closure_summary(&context.nix, old, path),
+        copy(context, host, connection, run, path),
+        protect_roots(context, assessment, path),
+    );
+    rooted?;
+    log_summary(context, run, &host.name, summary).await?;
+    copied
+}
+
+/// Say what changes (informational: a summary that cannot be made is
+/// logged, never a failure).
+async fn log_summary(
+    context: &HostContext,
+    run: &mut HostRun,
+    host: &str,
+    summary: Result<nix_deploy_core::summary::ChangeSummary, String>,
+) -> Result<(), StoreError> {
+    match summary {
+        Ok(summary) => {
+            context
+                .recorder
+                .log(Some(host), format!("changes: {}", summary.one_line()))
+                .await?;
+            run.summary = Some(summary);
+        }
+        Err(e) => {
+            context
+                .recorder
+                .log(Some(host), format!("no change summary: {e}"))
+                .await?
+        }
+    }
+    Ok(())
+}
+
+/// Copy the closure over our master connection (to the host that is this
+/// machine, nothing: its store is ours).
+async fn copy(
+    context: &HostContext,
+    host: &Host,
+    connection: &Connection,
+    run: &mut HostRun,
+    path: &str,
+) -> Result<(), Stop> {
+    if connection.is_local() {
+        return Ok(());
+    }
+    let copy = async {
+        let opts = ssh::nix_ssh_opts(&host.target, &context.ssh, connection.control_socket())
+            .map_err(|e| e.to_string())?;
+        let uri = host
+            .target
+            .store_uri()
+            .ok_or_else(|| format!("{}: copy: the host has no targetHost", host.name))?;
+        context
+            .nix
+            .copy(
+                &uri,
+                path,
+                &opts,
+                context.options.substitute_on_destination,
+                |_, _| {},
+            )
+            .await
+            .map_err(|e| e.to_string())
+    };
+    context
+        .recorder
+        .step(run, Step::Copy, copy)
+        .await?
+        .map_err(Stop::at(At::Copy))
+}
+
+/// Make what was built (and what the host ran before) GC roots on the
+/// coordinator. Informational: a root that cannot be made is logged.
+async fn protect_roots(
+    context: &HostContext,
+    assessment: &Assessment,
+    path: &str,
+) -> Result<(), StoreError> {
+    let host = &assessment.host.name;
+    let state_dir = context.recorder.store().state_dir().to_path_buf();
+    if context.options.keep_result
+        && let Err(e) = gcroots::keep_result(&context.nix, &state_dir, host, path).await
+    {
+        context
+            .recorder
+            .log(Some(host), format!("--keep-result: {e}"))
+            .await?;
+    }
+    // What it runs and what it boots: a `--goal test` deployment leaves the
+    // two apart, and both stay wanted.
+    let probe = assessment.probe.as_ref();
+    let kept: Vec<&str> = [
+        assessment.current.path.as_deref(),
+        probe.and_then(|p| p.profile_system.as_deref()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match gcroots::protect(&context.nix, &state_dir, host, path, &kept).await {
+        Ok(done) if !done.pruned.is_empty() => {
+            context
+                .recorder
+                .log(
+                    Some(host),
+                    format!("gc roots: pruned {}", done.pruned.join(", ")),
+                )
+                .await
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            context
+                .recorder
+                .log(Some(host), format!("no gc root on the coordinator: {e}"))
+                .await
+        }
+    }
+}
+
+/// The host's keys uploaded `when` (a step of its own, when it has any).
+/// Before the activation their users may not exist yet; after it the new
+/// system made them, unless it only becomes the boot default.
+pub(crate) async fn keys(
+    context: &HostContext,
+    job: &mut HostJob,
+    when: UploadAt,
+    goal: Goal,
+) -> Result<(), Stop> {
+    let (require_ownership, at) = match when {
+        UploadAt::PreActivation => (false, At::Keys),
+        UploadAt::PostActivation => (goal.runs_new_system(), At::KeysAfterActivation),
+    };
+    upload_keys(context, job, Some(when), require_ownership)
+        .await?
+        .map_err(Stop::at(at))
+}
+
+/// Upload the host's keys of `when` (all of them with `None`), if it has
+/// any (a step of its own).
+pub(crate) async fn upload_keys(
+    context: &HostContext,
+    job: &mut HostJob,
+    when: Option<UploadAt>,
+    require_ownership: bool,
+) -> Result<Result<(), String>, StoreError> {
+    if context.options.no_keys {
+        return Ok(Ok(()));
+    }
+    let (assessment, connection, run) = job.parts();
+    let host = &assessment.host;
+    let selected: Vec<&Key> = match when {
+        Some(when) => uploaded_at(&host.keys, when),
+        None => host.keys.iter().collect(),
+    };
+    if selected.is_empty() {
+        return Ok(Ok(()));
+    }
+    let work = keys::upload(
+        connection,
+        &context.keys,
+        host,
+        &selected,
+        require_ownership,
+    );
+    match context.recorder.step(run, Step::Keys, work).await? {
+        Ok(lines) => {
+            context
+                .recorder
+                .log(Some(&host.name), format!("keys: {}", lines.join("; ")))
+                .await?;
+            Ok(Ok(()))
+        }
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// Make the new system the profile's next generation (the boot default).
+pub(crate) async fn set_profile(
+    context: &HostContext,
+    job: &mut HostJob,
+    path: &str,
+) -> Result<(), Stop> {
+    let (_, connection, run) = job.parts();
+    let timeout = context.ssh.command_timeout;
+    let work = async {
+        let link = connection
+            .run_privileged("set-profile", &remote::set_profile_argv(path), timeout)
+            .await?;
+        Ok::<_, SshError>(remote::parse_generation_link(&link.stdout))
+    };
+    let generation = context
+        .recorder
+        .step(run, Step::SetProfile, work)
+        .await?
+        .map_err(Stop::at(At::SetProfile))?;
+    run.to.generation = generation;
+    Ok(())
+}
+
+/// Start the activator on the host (detached, with the watchdog armed
+/// unless the host turned magic rollback off: deploy-rs's
+/// `magicRollback = false`) and wait for `switch-to-configuration` to end.
+pub(crate) async fn activate(
+    context: &HostContext,
+    job: &mut HostJob,
+    path: &str,
+    activation: Activation,
+) -> Result<(), Stop> {
+    let token = activator::token();
+    job.run.token = Some(token.clone());
+    let (assessment, connection, run) = job.parts();
+    let switch = activator::Switch {
+        host: &assessment.host,
+        step: "activate",
+        what: activator::What::Activate {
+            system: path,
+            action: activation,
+            watchdog: assessment
+                .host
+                .magic_rollback
+                .then_some((&assessment.before, context.options.confirm_timeout)),
+        },
+        token: &token,
+        systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
+        timeout: context.options.activation_timeout,
+    };
+    let work = activator::run(connection, &context.ssh, &switch);
+    context
+        .recorder
+        .step(run, Step::Activate, work)
+        .await?
+        .map_err(Stop::at(At::Activate))
+}
+
+/// `dry-activate`: what the new system would start, stop and restart.
+/// Nothing changes on the host; the output is kept with the host run.
+pub(crate) async fn dry_activate(
+    context: &HostContext,
+    job: &mut HostJob,
+    path: &str,
+) -> Result<(), Stop> {
+    let (assessment, connection, run) = job.parts();
+    let host = &assessment.host.name;
+    let mut output: Option<CommandOutput> = None;
+    let timeout = context.options.activation_timeout;
+    let work = async {
+        let tails = |stdout: &str, stderr: &str, code| {
+            let (mut out, mut err) = (Tail::default(), Tail::default());
+            stdout.lines().for_each(|l| out.push(l));
+            stderr.lines().for_each(|l| err.push(l));
+            CommandOutput {
+                exit_code: code,
+                stdout: out.text(),
+                stderr: err.text(),
+                withheld: false,
+            }
+        };
+        match connection
+            .run_privileged("dry-activate", &remote::dry_activate_argv(path), timeout)
+            .await
+        {
+            Ok(out) => {
+                output = Some(tails(&out.stdout, &out.stderr, Some(0)));
+                Ok(())
+            }
+            Err(SshError::Exit { code, stderr, .. }) => {
+                output = Some(tails("", &stderr, code.parse().ok()));
+                Err(format!(
+                    "{host}: dry-activate: `{path}/bin/switch-to-configuration dry-activate` failed (exit code {code}){}",
+                    crate::process::format_tail(&stderr)
+                ))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let result = context.recorder.step(run, Step::Activate, work).await?;
+    if let Some(output) = &output {
+        let text = [output.stdout.as_str(), output.stderr.as_str()]
+            .iter()
+            .filter(|t| !t.trim().is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        context
+            .recorder
+            .log(
+                Some(host),
+                format!("dry-activate output:\n{}", text.trim_end()),
+            )
+            .await?;
+    }
+    run.output = output;
+    result.map_err(Stop::at(At::DryActivate))
+}
