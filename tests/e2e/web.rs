@@ -157,12 +157,26 @@ async fn until(c: &Client, secs: u64, what: &str, js: &str) -> Value {
 }
 
 async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("no {css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+    // A live page replaces elements as events arrive: one found may be gone
+    // by the time its text is read, so read a fresh one again.
+    let mut attempts = 0;
+    loop {
+        let found = c
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"));
+        match found.text().await {
+            Ok(text) => return text,
+            Err(e) if is_stale(&e) && attempts < 50 => attempts += 1,
+            Err(e) => panic!("reading {css}: {e}"),
+        }
+    }
+}
+
+/// The element was replaced while we held it.
+fn is_stale(e: &fantoccini::error::CmdError) -> bool {
+    matches!(e, fantoccini::error::CmdError::Standard(w)
+        if w.error == fantoccini::error::ErrorStatus::StaleElementReference)
 }
 
 async fn click(c: &Client, css: &str) {
