@@ -25,6 +25,9 @@ use serde_json::{Value, json};
 // The dashboard in a browser (a file of its own; not a bench target).
 #[path = "fleet/cluster.rs"]
 mod cluster;
+/// The watch scenario (beside this file: a bench is one crate root).
+#[path = "fleet/watch.rs"]
+mod watch;
 #[path = "fleet/web.rs"]
 mod web;
 
@@ -626,7 +629,9 @@ fn hundred_hosts(bench: &mut Bench) -> anyhow::Result<()> {
     let n = if bench.quick { 30 } else { 100 };
     let (mut fleet, state) = provisioned(bench, n)?;
     bump_all(&mut fleet)?;
-    let mut daemon = cluster::Daemon::start(bench, &fleet, state.path(), "")?;
+    // The deployment alone: no watch probing alongside.
+    let mut daemon =
+        cluster::Daemon::start(bench, &fleet, state.path(), "[watch]\nenabled = false")?;
     let address = daemon.address.clone();
     let token = cluster::TOKEN;
     let pid = daemon.child.id();
@@ -1271,6 +1276,25 @@ const FIGURES: &[(&str, &str, &str, Unit, Target)] = &[
         None,
     ),
     (
+        "watch: CPU per probe",
+        "watch",
+        "cpu_per_probe_ms",
+        Unit::Millis,
+        None,
+    ),
+    (
+        "watch: 500 hosts at 1 min, % of a core",
+        "watch",
+        "extrapolated_500_hosts_1m_core_percent",
+        Unit::Plain(2),
+        Some(("< 5", |v| v < 5.0)),
+    ),
+    (
+        "watch: 500 hosts at 1 min, memory",
+        "watch",
+        "extrapolated_500_hosts_1m_rss_mib",
+        Unit::Mib,
+        Some(("< 100 MB", |v| v < 95.0)),
         "web: fleet page, 500 hosts, to load (median)",
         "web_fleet_page",
         "load_event_median_s",
@@ -1388,7 +1412,7 @@ fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
     };
     type Scenario = fn(&mut Bench) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 11] = [
+    let scenarios: [(&str, Scenario); 12] = [
         ("nixos_evaluation", nixos_evaluation),
         ("evaluation", evaluation),
         ("eight_hosts", eight_hosts),
@@ -1400,6 +1424,7 @@ fn main() -> anyhow::Result<()> {
         ("web_live_timeline", web::live_timeline),
         ("failover", cluster::failover),
         ("backends", cluster::backends),
+        ("watch", watch::watch),
     ];
     for (name, run) in scenarios {
         if only.as_deref().is_some_and(|o| o != name) {

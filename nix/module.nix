@@ -158,7 +158,9 @@ let
     ++ lib.optional (cfg.github.secretFile != null) { name = "github-secret"; file = cfg.github.secretFile; }
     ++ lib.optional (cfg.database.passwordFile != null) { name = "db-password"; file = cfg.database.passwordFile; }
     ++ lib.imap0 (i: file: { name = "slack-webhook-${toString i}"; inherit file; }) cfg.notifications.slackWebhookFiles
-    ++ lib.imap0 (i: file: { name = "json-webhook-${toString i}"; inherit file; }) cfg.notifications.jsonWebhookFiles;
+    ++ lib.imap0 (i: file: { name = "json-webhook-${toString i}"; inherit file; }) cfg.notifications.jsonWebhookFiles
+    ++ lib.optional (cfg.notifications.webhookSecretFile != null) { name = "webhook-secret"; file = cfg.notifications.webhookSecretFile; }
+    ++ lib.optional (cfg.smtp.passwordFile != null) { name = "smtp-password"; file = cfg.smtp.passwordFile; };
   credentialNames = prefix: map (c: c.name) (lib.filter (c: lib.hasPrefix prefix c.name) credentials);
 
   # The port of `settings.listen` (`ADDRESS:PORT`, `[V6]:PORT`).
@@ -279,6 +281,19 @@ in
       default = true;
       description = "Switch back to the previous generation when activation or validation fails.";
     };
+    promotionKey = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "web";
+      description = ''
+        Pairs this host with its counterparts in other environments for
+        `nix-deploy promote --from @staging --to @prod`: each target host
+        gets exactly the system that the one source host with the same key
+        runs (read from that host, never evaluated). A target without a key,
+        or a key two source hosts share, refuses the promotion. null: the
+        host takes no part in promotions.
+      '';
+    };
     keys = mkOption {
       type = types.attrsOf key;
       default = { };
@@ -309,7 +324,8 @@ in
         The daemon's config file (TOML), as `nix-deploy serve --config` reads
         it: every key of the README's daemon section (`confirm-timeout`,
         `max-failures`, `notifications.retries`, `slack.response-url-prefixes`,
-        `github.flake`, ...). An unknown key stops the daemon at start with
+        `github.flake`, the fleet watch's `watch.*`, `smtp.*`,
+        `notifications.email-to`, ...). An unknown key stops the daemon at start with
         its name. Secrets do not go here: use the `*File` options, which pass
         them as systemd credentials.
       '';
@@ -321,6 +337,9 @@ in
           strategy = "canary";
           confirm-timeout = "1m";
           max-failures = "10%";
+          watch = { interval = "1m"; on-drift = "report"; rules = [ { on = "@web"; on-drift = "redeploy"; } ]; };
+          smtp = { server = "smtp.example.org"; username = "nix-deploy"; from = "nix-deploy <nix-deploy@example.org>"; };
+          notifications.email-to = [ "ops@example.org" ];
         }
       '';
       type = types.submodule {
@@ -410,13 +429,18 @@ in
       type = types.listOf types.attrs;
       default = [ ];
       example = [{ name = "nightly"; cron = "0 3 * * *"; request = { on = [ "@staging" ]; strategy = "rolling"; }; }];
-      description = "Scheduled deployments (`[[schedule]]`).";
+      description = ''
+        Scheduled deployments (`[[schedule]]`): name, cron (seconds first,
+        optionally), timezone, and the request as the API takes it. They obey
+        windows and approvals; occurrences missed while the daemon was down
+        run once when it starts again, not in a burst.
+      '';
     };
     chat = {
       confirmAbove = mkOption {
         type = types.ints.unsigned;
         default = 1;
-        description = "A chat deployment touching more hosts than this asks for confirmation first.";
+        description = "A chat deployment touching more hosts than this is planned first and posted with Confirm and Cancel buttons (point the Slack app's Interactivity URL at /hooks/slack/interactive).";
       };
       users = mkOption {
         type = types.listOf types.attrs;
@@ -433,7 +457,7 @@ in
     slack.signingSecretFile = mkOption {
       type = types.nullOr secretFile;
       default = null;
-      description = "File with the Slack signing secret (a systemd credential); enables `/hooks/slack`.";
+      description = "File with the Slack signing secret (a systemd credential); enables `/hooks/slack` (the command) and `/hooks/slack/interactive` (its buttons).";
     };
     github.secretFile = mkOption {
       type = types.nullOr secretFile;
@@ -472,13 +496,30 @@ in
     notifications.slackWebhookFiles = mkOption {
       type = types.listOf secretFile;
       default = [ ];
-      description = "Files each holding a Slack incoming webhook URL (a secret: whoever has it may post), for start/finish/failure/rollback notices.";
+      description = "Files each holding a Slack incoming webhook URL (a secret: whoever has it may post), for start/finish/failure/rollback notices, and for deployments that wait (a gate with Approve and Reject buttons, or a window).";
     };
     notifications.jsonWebhookFiles = mkOption {
       type = types.listOf secretFile;
       default = [ ];
       description = "Files each holding a generic JSON webhook URL, for the same notices.";
     };
+    notifications.webhookSecretFile = mkOption {
+      type = types.nullOr secretFile;
+      default = null;
+      description = ''
+        File with the secret JSON webhooks are signed with
+        (`X-Nix-Deploy-Signature-256: sha256=<HMAC-SHA256 of the body>`),
+        passed as a systemd credential.
+      '';
+    };
+    smtp.passwordFile = mkOption {
+      type = types.nullOr secretFile;
+      default = null;
+      description = ''
+        File holding the SMTP password (a systemd credential) for the server
+        in `settings.smtp` (`server`, `port`, `security`, `username`, `from`);
+        e-mail goes to `settings.notifications.email-to`.
+      '';
     grafanaDashboard = {
       enable = mkEnableOption ''
         provisioning nix-deploy's Grafana dashboard (deployments by status,
@@ -504,6 +545,10 @@ in
       {
         assertion = !(cfg.database.createLocally && cfg.database.url != null);
         message = "services.nix-deploy.database: set either createLocally or url, not both";
+      }
+      {
+        assertion = cfg.smtp.passwordFile == null || (cfg.settings.smtp.server or null) != null;
+        message = "services.nix-deploy.smtp.passwordFile needs settings.smtp (server, from) to send e-mail through";
       }
       {
         assertion = cfg.database.passwordFile == null || cfg.database.url != null;
@@ -534,7 +579,9 @@ in
       notifications = {
         slack-webhook-files = credentialNames "slack-webhook-";
         json-webhook-files = credentialNames "json-webhook-";
+        webhook-secret-file = mkIf (cfg.notifications.webhookSecretFile != null) "webhook-secret";
       };
+      smtp = mkIf (cfg.smtp.passwordFile != null) { password-file = "smtp-password"; };
     };
 
     networking.firewall.allowedTCPPorts = lib.optional cfg.openFirewall listenPort;
@@ -551,7 +598,7 @@ in
       requires = lib.optional cfg.database.createLocally "postgresql.service";
       wants = [ "network-online.target" ];
       # Nix evaluates, builds and copies; ssh reaches the hosts; git fetches
-      # git+ flakes.
+      # git+ flakes and asks a remote where a branch points (pull mode).
       path = [ config.nix.package pkgs.openssh pkgs.git ];
       environment = {
         NIX_DEPLOY_LOG = "info";

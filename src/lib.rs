@@ -10,6 +10,7 @@
 //!
 //! - [`process`]: the one place that spawns local processes.
 //! - [`nix`]: the local Nix (the one evaluation, builds, copies), through `process`.
+//! - [`git`]: where a branch of a git remote points (pull mode), through `process`.
 //! - [`transport`]: SSH master connections to hosts; HTTP for health checks.
 //! - [`store`]: the SQLite history (deployments, host runs, events, leases).
 //! - [`engine`]: probing, planning and deploying; one host's pipeline;
@@ -21,6 +22,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod engine;
+pub mod git;
 pub mod nix;
 pub mod paths;
 pub mod process;

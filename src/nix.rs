@@ -16,8 +16,8 @@ use nix_deploy_core::eval::{
 use nix_deploy_core::keys::Secret;
 use nix_deploy_core::nix::{
     NixFlags, add_root_command, build_command, check_flake_ref, closure_command, copy_command,
-    copy_derivation_command, flakes_probe_command, key_texts_command, metadata_command,
-    parse_build_output, probe_path_command, show_config_command,
+    copy_derivation_command, copy_from_command, flakes_probe_command, key_texts_command,
+    metadata_command, parse_build_output, probe_path_command, show_config_command,
 };
 use nix_deploy_core::source::FleetSource;
 
@@ -59,6 +59,13 @@ pub enum NixError {
     Copy {
         path: String,
         destination: String,
+        #[source]
+        source: ExecError,
+    },
+    /// `what`: the path and where it was fetched from.
+    #[error("fetching {what} failed: {source}")]
+    Fetch {
+        what: String,
         #[source]
         source: ExecError,
     },
@@ -275,6 +282,24 @@ impl Nix {
             cmd = cmd.env("GC_INITIAL_HEAP_SIZE", bytes.to_string());
         }
         process::run_measured(&cmd, self.eval_timeout, |_, _| {}).await
+    }
+
+    /// Copy `path` and its closure from the host behind `source_uri` into
+    /// the local store.
+    pub async fn copy_from(
+        &self,
+        source_uri: &str,
+        path: &str,
+        ssh_opts: &str,
+    ) -> Result<(), NixError> {
+        let cmd = self.prepare(copy_from_command(source_uri, path, ssh_opts), Kind::Store);
+        process::run(&cmd, self.copy_timeout, |_, _| {})
+            .await
+            .map_err(|source| NixError::Fetch {
+                what: format!("{path} from {source_uri}"),
+                source,
+            })?;
+        Ok(())
     }
 
     /// `nix-deploy eval`: the user's expression against the fleet of

@@ -118,11 +118,12 @@ impl Daemon {
     }
 }
 
-/// A database URL on `server`, in the daemon's config.
+/// A database URL on `server`, in the daemon's config (the watch off:
+/// the deployments are measured alone).
 fn on(server: &Postgres, ttl: &str) -> anyhow::Result<String> {
     let name = server.create_database()?;
     Ok(format!(
-        "database = \"{}\"\n[cluster]\nheartbeat = \"1s\"\nlease-ttl = \"{ttl}\"\n",
+        "database = \"{}\"\n[cluster]\nheartbeat = \"1s\"\nlease-ttl = \"{ttl}\"\n[watch]\nenabled = false\n",
         server.url(&name)
     ))
 }
@@ -163,7 +164,7 @@ pub fn backends(bench: &mut Bench) -> anyhow::Result<()> {
     let (mut fleet, state) = provisioned(bench, n)?;
     let body = "{}";
     bump_all(&mut fleet)?;
-    let sqlite = Daemon::start(bench, &fleet, state.path(), "")?;
+    let sqlite = Daemon::start(bench, &fleet, state.path(), "[watch]\nenabled = false")?;
     let (sqlite_wall, sqlite_latencies) = deploy_sampling(&sqlite, &sqlite, body)?;
     drop(sqlite);
     bump_all(&mut fleet)?;

@@ -9,14 +9,15 @@ use clap::{Args, Parser, Subcommand};
 
 use nix_deploy_core::duration;
 pub use nix_deploy_core::grammar::{
-    ClosureArgs, DeployArgs, ResultArgs, RuntimeArgs, SelectArgs, StrategyArgs, runtime_request,
+    ClosureArgs, DeployArgs, PromoteArgs, ResultArgs, RuntimeArgs, SelectArgs, StrategyArgs,
+    runtime_request,
 };
 use nix_deploy_core::nix::NixFlags;
 use nix_deploy_core::options::{OptionsError, Request};
 
 /// The strategy from `NIX_DEPLOY_STRATEGY` when the command line names
 /// none (the shared grammar reads no environment: the chat must not).
-fn strategy_from_env(mut request: Request) -> Request {
+pub(crate) fn strategy_from_env(mut request: Request) -> Request {
     if request.strategy.is_none() && !request.parallel && !request.sequential {
         request.strategy = std::env::var("NIX_DEPLOY_STRATEGY")
             .ok()
@@ -206,8 +207,15 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         parallel_limit: Option<usize>,
     },
-    /// Per host: the last known system, generation and last result (from history).
-    Status,
+    /// Per host: drift (in sync, behind, manually switched, ...), health,
+    /// what it runs and when it was last seen, as the daemon's watch saw it
+    /// (or last stored it); and the last result of each host's deployments.
+    Status {
+        /// Probe and check every host now (in process; through the daemon,
+        /// also compare each with the flake as `plan` does).
+        #[arg(long)]
+        live: bool,
+    },
     /// Past deployments, newest first.
     History {
         #[arg(long, default_value_t = 20)]
@@ -258,6 +266,13 @@ pub enum Command {
     Serve(super::serve::ServeArgs),
     /// Approve a deployment waiting for approval, or promote a paused one.
     Approve(super::ops::ApproveArgs),
+    /// Deploy to the target hosts exactly the systems their source hosts run
+    /// (`--from @staging --to @prod`), paired by `deployment.promotionKey`:
+    /// read from the source hosts and copied from them, never evaluated or
+    /// built. Refused (exit 2, nothing changed) when the pairing is
+    /// incomplete or ambiguous, or a source host is unreachable, unhealthy
+    /// or not in sync with its last successful deployment.
+    Promote(PromoteArgs),
     /// Reject a deployment waiting for approval: it is cancelled, saying why.
     Reject(super::ops::RejectArgs),
     /// The audit trail: who did what, when, from where (`--json`: JSON

@@ -8,7 +8,8 @@
 //!   against the fleet; `doctor`: checks with their fixes; `completions`;
 //! - `errors`: an error's causes said once, and hints (`--flake`, a goal or
 //!   a number where a host was expected);
-//! - `output`: tables and JSON documents; `progress`: live progress;
+//! - `output`: tables and JSON documents (`fleet`: the watched fleet's);
+//!   `progress`: live progress;
 //! - `client`, `remote`: the daemon's HTTP client and the commands through it;
 //! - `serve`: `nix-deploy serve`; `who`: who runs a command, for the
 //!   history.
@@ -22,6 +23,7 @@ pub mod client;
 mod doctor;
 mod errors;
 mod eval;
+mod fleet;
 mod ops;
 mod output;
 mod progress;
@@ -317,6 +319,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
             )
         }
         Command::Approve(args) => ops::approve(&cli, args).await,
+        Command::Promote(args) => ops::promote(&cli, args).await,
         Command::Reject(args) => ops::reject(&cli, args).await,
         Command::Audit(args) => ops::audit(&cli, args).await,
         Command::Apply(args) => match args.applied()? {
@@ -336,6 +339,13 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
             let request = args.request();
             let spec = request.resolve()?;
             let (engine, _control) = engine(&cli).await?;
+            ops::record(
+                engine.store(),
+                "exec",
+                "hosts",
+                serde_json::json!({ "request": &request }),
+            )
+            .await?;
             let job = ExecJob {
                 selection: request.selection(),
                 spec,
@@ -382,6 +392,13 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
                     }
                 },
             };
+            ops::record(
+                &store,
+                "cancel",
+                &format!("deployment #{id}"),
+                serde_json::Value::Null,
+            )
+            .await?;
             if !store.request_cancel(id, &who()).await? {
                 eprintln!("error: deployment #{id} is not running");
                 return Ok(EXIT_BAD_INPUT);
@@ -395,6 +412,16 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Resume { id, wait } => {
             let (engine, _control) = engine(&cli).await?;
+            ops::record(
+                engine.store(),
+                "resume",
+                &id.map_or_else(
+                    || "the latest unfinished deployment".to_string(),
+                    |id| format!("deployment #{id}"),
+                ),
+                serde_json::json!({ "wait": wait }),
+            )
+            .await?;
             watch(&cli, |sink, cancel| {
                 engine.resume(*id, *wait, Some(sink), cancel)
             })
@@ -407,6 +434,13 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let options = resolve(&args::runtime_request(runtime))?;
             let (engine, _control) = engine(&cli).await?;
+            ops::record(
+                engine.store(),
+                "rollback",
+                &format!("host {host}"),
+                serde_json::json!({ "to_generation": to_generation }),
+            )
+            .await?;
             let request = RollbackRequest {
                 host: host.clone(),
                 to_generation: *to_generation,
@@ -416,12 +450,23 @@ async fn run_command(cli: Cli) -> anyhow::Result<u8> {
             };
             watch(&cli, |sink, _cancel| engine.rollback(request, Some(sink))).await
         }
-        Command::Status => {
-            let store = open_store(&cli).await?;
+        Command::Status { live } => {
+            let (engine, _control) = engine(&cli).await?;
+            let store = engine.store();
+            let stored = store.stored_fleet().await?;
+            let fleet = if *live {
+                Some(engine.observe_fleet(&stored.hosts).await?)
+            } else if stored.hosts.is_empty() {
+                None
+            } else {
+                // What a daemon's watch last stored, said to be that.
+                Some(stored)
+            };
             let status = StatusReport {
                 hosts: store.host_states().await?,
                 running_deployments: store.running_deployments().await?,
                 live: None,
+                fleet,
             };
             output::show(&cli, &status, output::print_status)?;
             Ok(EXIT_OK)
@@ -474,6 +519,13 @@ async fn upload_keys(cli: &Cli, body: KeysRequest) -> anyhow::Result<u8> {
         requested_by: who(),
     };
     let (engine, _control) = engine(cli).await?;
+    ops::record(
+        engine.store(),
+        "upload-keys",
+        "hosts",
+        serde_json::json!({ "request": &body }),
+    )
+    .await?;
     watch(cli, |sink, cancel| {
         engine.upload_keys(request, Some(sink), cancel)
     })
@@ -499,20 +551,17 @@ async fn deploy_here(cli: &Cli, request: Request, here: Option<&str>) -> anyhow:
     if let Some(revision) = &request.revision {
         engine = engine.with_flake(pin(&cli.flake(), revision)?);
     }
-    engine
-        .store()
-        .audit(&nix_deploy_core::audit::AuditRecord {
-            actor: nix_deploy_core::approval::requester_identity(&who()),
-            origin: "cli".into(),
-            action: if request.override_window.is_some() {
-                "deploy-override-window".into()
-            } else {
-                "deploy".into()
-            },
-            target: "hosts".into(),
-            detail: serde_json::json!({ "request": &request }),
-        })
-        .await?;
+    ops::record(
+        engine.store(),
+        if request.override_window.is_some() {
+            "deploy-override-window"
+        } else {
+            "deploy"
+        },
+        "hosts",
+        serde_json::json!({ "request": &request }),
+    )
+    .await?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,

@@ -1,7 +1,8 @@
 //! Operating with other people from the command line: `approve`, `reject`
-//! (deployments waiting at a gate), `audit` (the trail, a JSON-lines
-//! export, its verification), and the policy (windows, approval rules) the
-//! in-process CLI reads from the daemon's configuration file.
+//! (deployments waiting at a gate), `promote` (between environments),
+//! `audit` (the trail, a JSON-lines export, its verification, and what the
+//! in-process CLI records in it), and the policy (windows, approval rules)
+//! the in-process CLI reads from the daemon's configuration file.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,10 +13,13 @@ use nix_deploy_core::approval::{Gate, GateState, Refusal, requester_identity};
 use nix_deploy_core::audit::{AuditEntry, AuditRecord, Verification};
 use nix_deploy_core::{duration, render};
 
+use nix_deploy_core::grammar::PromoteArgs;
+use nix_deploy_core::options::DeployOptions;
+
 use super::client::Client;
 use super::{Cli, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, open_store, who};
 use crate::daemon::config::{Config, ConfigError};
-use crate::engine::Policy;
+use crate::engine::{EngineError, Policy, PromoteJob};
 use crate::store::{Decision, Store};
 
 /// Where the CLI finds the windows and approval rules when
@@ -70,6 +74,67 @@ pub struct AuditArgs {
 /// The CLI user, as approvals and the audit trail name them.
 fn identity() -> String {
     requester_identity(&who())
+}
+
+/// Append what the CLI user does in process to the audit trail, as the
+/// daemon does for its callers.
+pub async fn record(
+    store: &Store,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) -> anyhow::Result<()> {
+    store
+        .audit(&AuditRecord {
+            actor: identity(),
+            origin: "cli".into(),
+            action: action.to_string(),
+            target: target.to_string(),
+            detail,
+        })
+        .await?;
+    Ok(())
+}
+
+/// `promote`, in process: recorded in the audit trail (and its refusal).
+pub async fn promote(cli: &Cli, args: &PromoteArgs) -> anyhow::Result<u8> {
+    let mut request = args.request()?;
+    request.options = super::args::strategy_from_env(request.options);
+    let options = request.options.resolve(&DeployOptions::default())?;
+    let (engine, _control) = super::engine(cli).await?;
+    let action = if request.options.override_window.is_some() {
+        "promote-override-window"
+    } else {
+        "promote"
+    };
+    record(
+        engine.store(),
+        action,
+        "hosts",
+        serde_json::json!({ "request": &request }),
+    )
+    .await?;
+    let job = PromoteJob {
+        request: request.clone(),
+        options,
+        trigger: "cli".into(),
+        requested_by: who(),
+    };
+    let store = engine.store().clone();
+    let result = super::watch(cli, |sink, cancel| engine.promote(job, Some(sink), cancel)).await;
+    if let Err(e) = &result
+        && e.downcast_ref::<EngineError>()
+            .is_some_and(EngineError::is_bad_input)
+    {
+        record(
+            &store,
+            "promote-refused",
+            "hosts",
+            serde_json::json!({ "request": &request, "error": format!("{e:#}") }),
+        )
+        .await?;
+    }
+    result
 }
 
 pub async fn approve(cli: &Cli, args: &ApproveArgs) -> anyhow::Result<u8> {

@@ -442,6 +442,12 @@ fn goal_note(run: &HostRun) -> String {
 }
 
 pub fn print_status(status: &StatusReport) {
+    if let Some(fleet) = &status.fleet
+        && !fleet.hosts.is_empty()
+    {
+        super::fleet::print_fleet(status, fleet);
+        return;
+    }
     if status.hosts.is_empty() {
         say!("No hosts known yet: run `nix-deploy plan` or `nix-deploy deploy` first.");
         return;
@@ -548,6 +554,17 @@ pub fn print_deployment(d: &Deployment) {
     );
     if let Some(error) = &d.error {
         say!("Error: {error}");
+    }
+    if let Some(promotion) = d.pinned.as_ref().and_then(|p| p.promotion.as_ref()) {
+        println!(
+            "Promoted from {} to {}: {}",
+            promotion.from.join(", "),
+            promotion.to.join(", "),
+            promotion.describe()
+        );
+    }
+    if let Some(waiting) = &d.waiting {
+        println!("Now {}", nix_deploy_core::render::window_wait(waiting));
     }
     for gate in &d.gates {
         super::ops::print_gate(gate);

@@ -80,8 +80,13 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             let created: Accepted = client.post("/api/v1/upload-keys", &body).await?;
             follow(cli, &client, created.id).await
         }
-        Command::Status => {
-            let status: StatusReport = client.get("/api/v1/status").await?;
+        Command::Status { live } => {
+            let path = if *live {
+                "/api/v1/status?live=true"
+            } else {
+                "/api/v1/status"
+            };
+            let status: StatusReport = client.get(path).await?;
             output::show(cli, &status, output::print_status).map_err(print_error)?;
             Ok(EXIT_OK)
         }
@@ -196,6 +201,12 @@ pub async fn run(cli: &Cli, server: &str) -> Result<u8, ClientError> {
             Ok(EXIT_OK)
         }
         Command::Audit(args) => super::ops::audit_remote(cli, &client, args).await,
+        Command::Promote(args) => {
+            let mut request = args.request().map_err(bad_request)?;
+            request.options = args::strategy_from_env(request.options);
+            let created: Accepted = client.post("/api/v1/promote", &request).await?;
+            follow(cli, &client, created.id).await
+        }
         Command::Serve { .. } => Err(ClientError::Api {
             status: 400,
             code: "bad_request".into(),

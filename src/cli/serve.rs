@@ -10,7 +10,9 @@ use nix_deploy_core::fleet::Selection;
 
 use super::Cli;
 use crate::daemon::config::{Config, Secret, secret_path_here};
-use crate::daemon::{self, AppState, Token};
+use crate::daemon::mail::Mailer;
+use crate::daemon::notify::Notifier;
+use crate::daemon::{self, AppState, Credentials, Token};
 use crate::engine::{Engine, EngineConfig};
 use crate::paths;
 use crate::store::{Backend, Database, Role, Store, StoreOptions};
@@ -74,6 +76,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         Some(github) => Some(read("github.secret-file", &github.secret_file)?),
         None => None,
     };
+    let notifier = notifier(&config, read)?;
     let ssh_identity = match (&cli.ssh_identity, &config.ssh_identity_file) {
         (Some(flag), _) => Some(flag.clone()),
         (None, Some(file)) => Some(secret_path_here("ssh-identity-file", file)?),
@@ -81,6 +84,7 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     };
 
     let store = Store::connect(&store_options(cli, &config, &state_dir)?).await?;
+    let history = store.clone();
     let takeover = config.cluster.takeover && store.backend() == Backend::Postgres;
     let heartbeat = store.start_heartbeat(Role::Daemon { takeover }).await?;
     super::say_tightened(&store);
@@ -108,9 +112,12 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         config,
         engine.clone(),
         store.clone(),
-        tokens,
-        slack_secret,
-        github_secret,
+        Credentials {
+            tokens,
+            slack_secret,
+            github_secret,
+        },
+        notifier,
         heartbeat.leader(),
     );
     // Reconcile: what do the hosts actually run after a crash? (Probing records it.)
@@ -131,9 +138,44 @@ pub async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let served = daemon::run(listener, state, shutdown_signal()).await;
+    // Resign and leave the coordinators while the history is open: another
+    // daemon leads at once, and the cluster shows this one gone.
     heartbeat.stop().await;
+    history.close().await;
     served?;
     Ok(super::EXIT_OK)
+}
+
+/// Notifications as configured: JSON webhooks signed with the secret from
+/// its file, e-mail through `[smtp]` (its password from its file); `read`
+/// reads a secret file (absolute, or a systemd credential).
+fn notifier(
+    config: &Config,
+    read: impl Fn(&str, &std::path::Path) -> anyhow::Result<Secret>,
+) -> anyhow::Result<Notifier> {
+    let notifications = &config.notifications;
+    let secret = match &notifications.webhook_secret_file {
+        Some(file) => Some(read("notifications.webhook-secret-file", file)?),
+        None => {
+            if !notifications.json_webhooks.is_empty() {
+                eprintln!(
+                    "warning: notifications.json-webhooks are sent unsigned (set notifications.webhook-secret-file)"
+                );
+            }
+            None
+        }
+    };
+    let mailer = match &config.smtp {
+        Some(smtp) => {
+            let password = match &smtp.password_file {
+                Some(file) => Some(read("smtp.password-file", file)?),
+                None => None,
+            };
+            Some(Mailer::new(smtp, password, &notifications.email_to)?)
+        }
+        None => None,
+    };
+    Ok(Notifier::new(notifications.clone(), secret, mailer))
 }
 
 /// Where the daemon's history is: `--database` (or `NIX_DEPLOY_DATABASE`)

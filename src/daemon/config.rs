@@ -18,7 +18,9 @@ use nix_deploy_core::options::{Amount, DeployOptions, OptionsError, Request};
 use nix_deploy_core::select::HostFilter;
 use nix_deploy_core::window::{self, Schedule, WindowSpec, Windows};
 
+use super::mail::SmtpConfig;
 use super::notify::NotifyConfig;
+use super::watch::WatchConfig;
 use super::web::WebConfig;
 use crate::engine::Policy;
 use crate::store::{DatabaseUrl, LeaseTiming};
@@ -303,6 +305,11 @@ pub struct Config {
     /// The web dashboard (`[web]`).
     #[serde(default)]
     pub web: WebConfig,
+    /// The watch loop (on by default).
+    #[serde(default)]
+    pub watch: WatchConfig,
+    /// E-mail (to `notifications.email-to`).
+    pub smtp: Option<SmtpConfig>,
     /// Maintenance windows (`[[window]]`).
     #[serde(default, rename = "window")]
     pub windows: Vec<WindowSpec>,
@@ -340,6 +347,16 @@ pub struct ClusterConfig {
     /// Resume deployments whose holder's lease expired (PostgreSQL only).
     #[serde(default = "default_true")]
     pub takeover: bool,
+    /// When this daemon stops while another takes deployments over: how
+    /// long its hosts in the middle of their pipeline may take to finish
+    /// before it hands its deployments over. Past it, they are cancelled as
+    /// without such a daemon (hosts finish or roll back). Keep it below the
+    /// service manager's stop timeout.
+    #[serde(
+        default = "default_stop_timeout",
+        with = "nix_deploy_core::duration::human"
+    )]
+    pub stop_timeout: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -348,9 +365,19 @@ impl Default for ClusterConfig {
             heartbeat: default_heartbeat(),
             lease_ttl: default_lease_ttl(),
             takeover: true,
+            stop_timeout: default_stop_timeout(),
         }
     }
 }
+
+/// Long enough for a host's build, copy and activation, well below the
+/// NixOS module's `TimeoutStopSec` (15 minutes).
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// The longest `[cluster] stop-timeout`.
+const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 fn default_heartbeat() -> Duration {
     LeaseTiming::default().heartbeat
@@ -472,6 +499,14 @@ impl Config {
         self.lease_timing()
             .check()
             .map_err(|e| ConfigError::Invalid(format!("cluster: {e}")))?;
+        let stop = self.cluster.stop_timeout;
+        if stop < Duration::from_secs(1) || stop > MAX_STOP_TIMEOUT {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.stop-timeout must be between 1s and {}s, not {}s",
+                MAX_STOP_TIMEOUT.as_secs(),
+                stop.as_secs_f64()
+            )));
+        }
         for (key, value) in [
             ("health-check-timeout", self.health_check_timeout),
             ("confirm-timeout", self.confirm_timeout),
@@ -504,6 +539,21 @@ impl Config {
         self.default_options()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.web.validate().map_err(ConfigError::Invalid)?;
+        self.watch.validate(&self.flake)?;
+        match &self.smtp {
+            Some(smtp) => smtp.validate(&self.notifications.email_to)?,
+            None if !self.notifications.email_to.is_empty() => {
+                return Err(ConfigError::Invalid(
+                    "notifications.email-to needs an [smtp] server".into(),
+                ));
+            }
+            None => {}
+        }
+        if self.notifications.retries > 10 {
+            return Err(ConfigError::Invalid(
+                "notifications.retries must be from 0 to 10".into(),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (index, token) in self.tokens.iter().enumerate() {
             if !names.insert(&token.name) {
@@ -601,6 +651,7 @@ mod tests {
         assert!(c.migrate);
         assert_eq!(c.lease_timing(), LeaseTiming::default());
         assert!(c.cluster.takeover);
+        assert_eq!(c.cluster.stop_timeout, Duration::from_secs(300));
     }
 
     #[test]
@@ -614,6 +665,7 @@ mod tests {
             heartbeat = "2s"
             lease-ttl = "10s"
             takeover = false
+            stop-timeout = "2min"
         "#,
             Path::new("t.toml"),
         )
@@ -624,6 +676,7 @@ mod tests {
         );
         assert!(!c.migrate);
         assert_eq!(c.lease_timing().ttl, Duration::from_secs(10));
+        assert_eq!(c.cluster.stop_timeout, Duration::from_secs(120));
         let bad = |t: &str| {
             Config::parse(t, Path::new("t.toml"))
                 .unwrap_err()
@@ -635,6 +688,10 @@ mod tests {
             "{e}"
         );
         assert!(bad(r#"database = "mysql://db/fleet""#).contains("mysql"));
+        for stop in ["0s", "2h"] {
+            let e = bad(&format!("[cluster]\nstop-timeout = \"{stop}\""));
+            assert!(e.contains("cluster.stop-timeout"), "{e}");
+        }
         assert!(bad(r#"database-password-file = "/x""#).contains("database is not"));
         let e = bad("[cluster]\nheartbeat = \"5s\"\nlease-ttl = \"6s\"");
         assert!(e.contains("three heartbeats"), "{e}");
@@ -729,6 +786,9 @@ mod tests {
         assert!(bad("health-check-timeout = 0").contains("at least 1s"));
         assert!(bad("request-timeout = \"9d\"").contains("too long"));
         assert!(format!("{:?}", Secret::new("hunter2")) == "Secret(***)");
+        assert!(bad("[watch]\ninterval = 0").contains("watch.interval"));
+        assert!(bad("[notifications]\nemail-to = [\"a@b.c\"]").contains("[smtp]"));
+        assert!(bad("[notifications]\nretries = 99").contains("notifications.retries"));
     }
 
     #[test]

@@ -62,9 +62,9 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Busy { .. } | EngineError::OutsideWindow(_) => {
-                ApiError::Conflict(e.to_string())
-            }
+            EngineError::Busy { .. }
+            | EngineError::OutsideWindow(_)
+            | EngineError::PromotionRefused(_) => ApiError::Conflict(e.to_string()),
             EngineError::Forbidden(_) => ApiError::Forbidden(e.to_string()),
             e if e.is_bad_input() => ApiError::BadRequest(e.to_string()),
             EngineError::Unreachable(message) => ApiError::Unavailable(message),

@@ -5,6 +5,10 @@
 //! leadership and takeovers, each coordinator's heartbeat lag. Computed from
 //! the history on each scrape, so it is always what the history says,
 //! whichever process (daemon or CLI) deployed.
+//!
+//! Per host, from the watch: up, in sync, each drift kind (0 or 1), healthy,
+//! running generation, last sight and last successful deployment; whether
+//! the tracked flake evaluates; and `nix_deploy_build_info`.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +22,9 @@ use sqlx::Row;
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
+
+use nix_deploy_core::drift::DriftKind;
+use nix_deploy_core::watch::FleetReport;
 
 use crate::store::{STEP_BUCKETS, StepHistogram, Store, StoreError};
 
@@ -116,8 +123,15 @@ async fn register_cluster(
     takeovers.inc_by(node.takeovers);
     registry.register(
         "cluster_takeovers",
-        "Deployments this daemon took over from a coordinator whose lease expired",
+        "Deployments this daemon took over from a coordinator whose lease expired or that handed them over",
         takeovers,
+    );
+    let received = Counter::<u64>::default();
+    received.inc_by(node.handoffs_received);
+    registry.register(
+        "cluster_handoffs_received",
+        "Deployments this daemon took over because their holder handed them over as it stopped",
+        received,
     );
     let cluster = store.cluster().await?;
     let lag = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -140,6 +154,21 @@ async fn register_cluster(
         "cluster_coordinators_alive",
         "Coordinators whose last heartbeat is younger than the lease TTL",
         alive,
+    );
+    let stopping = Gauge::<i64>::default();
+    stopping.set(cluster.coordinators.iter().filter(|c| c.stopping).count() as i64);
+    registry.register(
+        "cluster_coordinators_stopping",
+        "Daemons stopping, handing their deployments over to the others",
+        stopping,
+    );
+    // A gauge: a stopped daemon leaves the coordinators, and its count with it.
+    let handed = Gauge::<i64>::default();
+    handed.set(cluster.coordinators.iter().map(|c| c.handed_over).sum());
+    registry.register(
+        "cluster_handed_over",
+        "Deployments handed over so far by the daemons still registered (stopping ones), as they stop",
+        handed,
     );
     let ttl = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     ttl.set(cluster.lease_ttl_ms as f64 / 1000.0);
@@ -179,11 +208,138 @@ pub struct Node {
     pub leader: bool,
     /// Deployments this daemon took over since it started.
     pub takeovers: u64,
+    /// Of those, the ones their holder handed over as it stopped.
+    pub handoffs_received: u64,
 }
 
-pub async fn render(store: &Store, node: Node) -> Result<String, StoreError> {
+/// A gauge family keyed by host (and more labels).
+type Gauges<N> = Family<Labels, Gauge<N, <N as GaugeNumber>::Atomic>>;
+
+/// The numbers our gauges hold, with their atomics.
+trait GaugeNumber {
+    type Atomic: Default + std::fmt::Debug;
+}
+impl GaugeNumber for i64 {
+    type Atomic = std::sync::atomic::AtomicI64;
+}
+impl GaugeNumber for f64 {
+    type Atomic = std::sync::atomic::AtomicU64;
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The watch's per-host gauges and the last successful deployment per host.
+async fn register_hosts(
+    registry: &mut Registry,
+    store: &Store,
+    fleet: &FleetReport,
+) -> Result<(), StoreError> {
+    let up = Gauges::<i64>::default();
+    let in_sync = Gauges::<i64>::default();
+    let drift = Gauges::<i64>::default();
+    let healthy = Gauges::<i64>::default();
+    let generation = Gauges::<i64>::default();
+    let last_seen = Gauges::<f64>::default();
+    for host in &fleet.hosts {
+        let name = host.name.as_str();
+        let one = labels(&[("host", name)]);
+        if let Some(reachable) = host.reachable {
+            up.get_or_create(&one).set(i64::from(reachable));
+        }
+        in_sync
+            .get_or_create(&one)
+            .set(i64::from(host.has(DriftKind::InSync)));
+        for kind in DriftKind::ALL {
+            drift
+                .get_or_create(&labels(&[("host", name), ("kind", kind.as_str())]))
+                .set(i64::from(host.has(kind)));
+        }
+        if let Some(ok) = host.healthy {
+            healthy.get_or_create(&one).set(i64::from(ok));
+        }
+        if let Some(g) = host.generation {
+            generation.get_or_create(&one).set(i64::from(g));
+        }
+        if let Some(seen) = host.last_seen {
+            last_seen.get_or_create(&one).set(seen as f64 / 1000.0);
+        }
+    }
+    registry.register("host_up", "Whether the host's last probe reached it", up);
+    registry.register(
+        "host_in_sync",
+        "Whether the host runs what the flake evaluates to, healthy, with nothing else to say",
+        in_sync,
+    );
+    registry.register(
+        "host_drift",
+        "Whether the host is in each drift kind (in-sync, behind, pending-reboot, boot-mismatch, manual-switch, manual-rollback, unhealthy, unreachable, desired-unknown)",
+        drift,
+    );
+    registry.register(
+        "host_healthy",
+        "Whether the host's last health checks passed",
+        healthy,
+    );
+    registry.register(
+        "host_generation",
+        "The generation of the host's system profile",
+        generation,
+    );
+    registry.register(
+        "host_last_seen_timestamp_seconds",
+        "When a probe last reached the host",
+        last_seen,
+    );
+    let deployed = Gauges::<f64>::default();
+    for (host, at) in store.last_deployed().await? {
+        deployed
+            .get_or_create(&labels(&[("host", &host)]))
+            .set(at as f64 / 1000.0);
+    }
+    registry.register(
+        "host_last_successful_deployment_timestamp_seconds",
+        "When the host's last successful deployment ended",
+        deployed,
+    );
+    if fleet.watching {
+        let evaluates = Gauge::<i64>::default();
+        evaluates.set(i64::from(fleet.evaluation_error.is_none()));
+        registry.register(
+            "fleet_evaluates",
+            "Whether the tracked flake evaluates (1) or every host's desired system is unknown (0)",
+            evaluates,
+        );
+    }
+    Ok(())
+}
+
+/// The history as metrics; with `fleet` (the daemon's watch, when it
+/// watches), per host too.
+pub async fn render(
+    store: &Store,
+    node: Node,
+    fleet: Option<&FleetReport>,
+) -> Result<String, StoreError> {
     let mut registry = Registry::with_prefix("nix_deploy");
     register_cluster(&mut registry, store, node).await?;
+    registry.register(
+        "build",
+        "The nix-deploy build",
+        prometheus_client::metrics::info::Info::new(vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )]),
+    );
+    // A daemon not watching exports no per-host state: stored states are
+    // not what the hosts do now.
+    if let Some(fleet) = fleet.filter(|f| f.watching) {
+        register_hosts(&mut registry, store, fleet).await?;
+    }
     let count = |c: &Counter, n: i64| {
         c.inc_by(n.max(0) as u64);
     };
@@ -362,6 +518,22 @@ mod tests {
             store.record_step_duration("build", 0.4).await.unwrap();
             store.finish_deployment(id, status, None).await.unwrap();
         }
+        let fleet = FleetReport {
+            watching: true,
+            hosts: vec![nix_deploy_core::watch::HostWatch {
+                name: "a".into(),
+                reachable: Some(true),
+                healthy: Some(false),
+                generation: Some(4),
+                last_seen: Some(1_500),
+                drift: vec![nix_deploy_core::drift::Drift {
+                    kind: DriftKind::Unhealthy,
+                    since: 1,
+                }],
+                ..Default::default()
+            }],
+            ..FleetReport::default()
+        };
         let _beat = store
             .start_heartbeat(crate::store::Role::Daemon { takeover: false })
             .await
@@ -369,8 +541,21 @@ mod tests {
         let node = Node {
             leader: true,
             takeovers: 2,
+            handoffs_received: 1,
         };
-        let text = render(&store, node).await.unwrap();
+        let text = render(&store, node, Some(&fleet)).await.unwrap();
+        assert!(text.contains("nix_deploy_build_info{version=\""), "{text}");
+        assert!(text.contains("nix_deploy_host_up{host=\"a\"} 1"), "{text}");
+        assert!(text.contains("nix_deploy_host_in_sync{host=\"a\"} 0"));
+        assert!(text.contains("nix_deploy_host_drift{host=\"a\",kind=\"unhealthy\"} 1"));
+        assert!(text.contains("nix_deploy_host_drift{host=\"a\",kind=\"manual-switch\"} 0"));
+        assert!(text.contains("nix_deploy_host_healthy{host=\"a\"} 0"));
+        assert!(text.contains("nix_deploy_host_generation{host=\"a\"} 4"));
+        assert!(text.contains("nix_deploy_host_last_seen_timestamp_seconds{host=\"a\"} 1.5"));
+        assert!(text.contains(
+            "nix_deploy_host_last_successful_deployment_timestamp_seconds{host=\"a\"} 3.5"
+        ));
+        assert!(text.contains("nix_deploy_fleet_evaluates 1"));
         assert!(
             text.contains("nix_deploy_deployments_total{status=\"failed\"} 1"),
             "{text}"
@@ -394,6 +579,14 @@ mod tests {
         assert!(text.contains("nix_deploy_cluster_leader 1"), "{text}");
         assert!(
             text.contains("nix_deploy_cluster_takeovers_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nix_deploy_cluster_handoffs_received_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nix_deploy_cluster_coordinators_stopping 0"),
             "{text}"
         );
         assert!(

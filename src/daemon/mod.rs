@@ -10,24 +10,34 @@
 //! - `routes/`: one file per group of endpoints (cluster, deployments, fleet, hooks);
 //! - [`feed`]: event streams fed from the history (every daemon streams
 //!   every deployment); `takeover`: failover of deployments whose holder's
-//!   lease expired;
+//!   lease expired; `handoff`: a stopping daemon's deployments handed over
+//!   to the others;
 //! - [`auth`]: bearer tokens with scopes; [`error`]: one JSON error shape;
-//! - [`config`]: the TOML file; [`notify`]: outgoing notifications;
-//!   [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks' signatures and
-//!   parsing; `report`: the Markdown report;
+//! - [`config`]: the TOML file; [`notify`]: outgoing notifications (and
+//!   [`mail`]: e-mail); `scheduler`: the loop that starts `[[schedule]]`
+//!   deployments; [`metrics`]: Prometheus; [`slack`], [`github`]: the hooks'
+//!   signatures and parsing; `buttons`: Slack's interactive messages;
+//!   `report`: the Markdown report;
+//! - [`watch`]: the watch loop (drift, health on a schedule, alerts,
+//!   reconciliation, pull mode) and the fleet it keeps.
 //! - [`web`]: the dashboard for people at `/` (sessions, pages, assets).
 
 mod auth;
+mod buttons;
 pub mod config;
 mod error;
 pub mod feed;
 pub mod github;
+mod handoff;
+pub mod mail;
 pub mod metrics;
 pub mod notify;
 mod report;
 mod routes;
+mod scheduler;
 pub mod slack;
 mod takeover;
+pub mod watch;
 pub mod web;
 
 use std::collections::HashMap;
@@ -39,7 +49,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,7 +61,8 @@ use nix_deploy_core::options::{DeployOptions, OptionsError, Request};
 use nix_deploy_core::run::Deployment;
 
 use crate::engine::{
-    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, RollbackRequest, UploadKeysRequest,
+    DeployRequest, Engine, EngineConfig, EngineError, ExecJob, PromoteJob, RollbackRequest,
+    UploadKeysRequest,
 };
 use crate::store::{Backend, Leader, Store};
 use config::{Config, Secret};
@@ -79,6 +90,10 @@ pub struct Inner {
     /// Cancelled on shutdown; every deployment's token is a child of it.
     shutdown: CancellationToken,
     http: reqwest::Client,
+    /// The fleet as the watch last observed it.
+    pub fleet: watch::Fleet,
+    /// Woken when alerts were stored, for the task that sends them.
+    alerts_ready: Notify,
     /// The dashboard's sessions and login limit.
     web: web::WebState,
     /// Wake-ups for event streams.
@@ -87,6 +102,8 @@ pub struct Inner {
     leader: Leader,
     /// Deployments this daemon took over since it started.
     takeovers: AtomicU64,
+    /// Of those, the ones their holder handed over as it stopped.
+    handoffs_received: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -114,6 +131,15 @@ pub(crate) enum Job {
     Rollback(RollbackRequest),
     Exec(ExecJob),
     UploadKeys(UploadKeysRequest),
+    Promote(Box<PromoteJob>),
+}
+
+/// What the daemon was given to authenticate requests and hooks, read from
+/// their files at start.
+pub struct Credentials {
+    pub tokens: Vec<Token>,
+    pub slack_secret: Option<Secret>,
+    pub github_secret: Option<Secret>,
 }
 
 impl AppState {
@@ -121,12 +147,16 @@ impl AppState {
         config: Config,
         engine: EngineConfig,
         store: Store,
-        tokens: Vec<Token>,
-        slack_secret: Option<Secret>,
-        github_secret: Option<Secret>,
+        credentials: Credentials,
+        notifier: Notifier,
         leader: Leader,
     ) -> Self {
-        let notifier = Notifier::new(config.notifications.clone());
+        let Credentials {
+            tokens,
+            slack_secret,
+            github_secret,
+        } = credentials;
+        let fleet = watch::Fleet::new(&config.watch, &config.flake);
         let web = web::WebState::new(&config.web);
         let feed = EventFeed::start(&store);
         AppState(Arc::new(Inner {
@@ -144,10 +174,13 @@ impl AppState {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap_or_default(),
+            fleet,
+            alerts_ready: Notify::new(),
             web,
             feed,
             leader,
             takeovers: AtomicU64::new(0),
+            handoffs_received: AtomicU64::new(0),
         }))
     }
 
@@ -166,6 +199,7 @@ impl AppState {
         metrics::Node {
             leader: self.is_leader(),
             takeovers: self.takeovers.load(Ordering::SeqCst),
+            handoffs_received: self.handoffs_received.load(Ordering::SeqCst),
         }
     }
 
@@ -349,6 +383,7 @@ impl AppState {
         let forward_cancel = cancel.clone();
         self.tasks.spawn(async move {
             let mut id = known;
+            let mut waits = notify::Waits::default();
             while let Some(event) = events.recv().await {
                 state.feed.announce(event.deployment_id);
                 if id.is_none() {
@@ -363,8 +398,10 @@ impl AppState {
                         let _ = tx.send(Ok(event.deployment_id));
                     }
                 }
-                if let Some(notice) = notify::notice_from_event(&event) {
-                    state.notifier.send(notice);
+                if let Some(notice) = notify::notice_from_event(&event)
+                    && waits.is_news(&notice)
+                {
+                    state.notifier.send(state.with_gate_summary(notice).await);
                 }
                 let finished = matches!(event.kind, EventKind::DeploymentFinished { .. });
                 let _ = live.send(event);
@@ -398,6 +435,7 @@ impl AppState {
                     Job::UploadKeys(request) => {
                         engine.upload_keys(request, Some(sink), cancel).await
                     }
+                    Job::Promote(job) => engine.promote(*job, Some(sink), cancel).await,
                 }
             };
             // Lost (superseded, or not renewed in time): dropped where it
@@ -426,8 +464,10 @@ impl AppState {
                     )))
                 }
             };
-            if let Err(e) = &result {
-                tracing::warn!(cause = %e, "deployment job ended with an error");
+            match &result {
+                Err(EngineError::HandedOver(message)) => tracing::info!("{message}"),
+                Err(e) => tracing::warn!(cause = %e, "deployment job ended with an error"),
+                Ok(_) => {}
             }
             // Failed before it had an id: tell the request.
             if known.is_none()
@@ -465,6 +505,23 @@ impl AppState {
             .await
     }
 
+    /// A gate's notice with what an approver is shown (the held hosts and
+    /// what each would run), read from the store; other notices as they are.
+    pub(crate) async fn with_gate_summary(&self, notice: notify::Notice) -> notify::Notice {
+        let notify::Notice::AwaitingApproval(mut gate) = notice else {
+            return notice;
+        };
+        match self.store.gates(gate.id).await {
+            Ok(gates) => {
+                if let Some(stored) = gates.into_iter().find(|g| g.number == gate.gate) {
+                    gate.summary = stored.summary;
+                }
+            }
+            Err(e) => tracing::warn!(cause = %e, "reading a gate for its notice"),
+        }
+        notify::Notice::AwaitingApproval(gate)
+    }
+
     /// Deployment `id` runs here: its cancel token and live events.
     fn register(&self, id: i64, cancel: &CancellationToken, live: &broadcast::Sender<Event>) {
         self.running
@@ -486,6 +543,7 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     let api = Router::new()
         .route("/api/v1/status", get(routes::fleet::status))
+        .route("/api/v1/fleet", get(routes::watch::fleet))
         .route("/api/v1/cluster", get(routes::cluster::cluster))
         .route("/api/v1/plan", post(routes::fleet::plan))
         .route(
@@ -519,10 +577,16 @@ pub fn app(state: AppState) -> Router {
             post(routes::approvals::reject),
         )
         .route("/api/v1/windows", get(routes::approvals::windows))
+        .route("/api/v1/schedules", get(routes::approvals::schedules))
         .route("/api/v1/audit", get(routes::approvals::audit))
+        .route("/api/v1/promote", post(routes::promote::promote))
         .route("/api/v1/exec", post(routes::exec::exec))
         .route("/api/v1/upload-keys", post(routes::exec::upload_keys))
         .route("/hooks/slack", post(routes::hooks::slack))
+        .route(
+            "/hooks/slack/interactive",
+            post(routes::interactive::interactive),
+        )
         .route("/hooks/github", post(routes::hooks::github))
         .route("/metrics", get(routes::fleet::metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -530,10 +594,12 @@ pub fn app(state: AppState) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             timeout,
         ));
-    let streams = Router::new().route(
-        "/api/v1/deployments/{id}/events",
-        get(routes::deployments::events),
-    );
+    let streams = Router::new()
+        .route(
+            "/api/v1/deployments/{id}/events",
+            get(routes::deployments::events),
+        )
+        .route("/api/v1/fleet/events", get(routes::watch::events));
     let routes = api.merge(streams);
     let routes = if state.config.web.enable {
         routes.merge(web::router(timeout))
@@ -550,8 +616,10 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve until `shutdown` resolves; then cancel running deployments (no new
-/// hosts start, running ones finish or roll back) and wait for them.
+/// Serve until `shutdown` resolves; then hand running deployments over to
+/// another daemon that takes deployments over, or, without one, cancel them
+/// (no new hosts start, running ones finish or roll back), and wait for
+/// them. The caller closes the history.
 ///
 /// Connections are HTTP/1 with a deadline for every request's headers (an
 /// idle or slow client is dropped, not held), and at most
@@ -569,12 +637,19 @@ pub async fn run(
     let stop = state.shutdown.clone();
     let trigger = {
         let stop = stop.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             shutdown.await;
-            tracing::info!("shutting down: cancelling running deployments");
+            // Asked before they are cancelled: their cancellation is then a
+            // safe point to hand them over at.
+            if handoff::begin(&state).await == 0 {
+                tracing::info!("shutting down: cancelling running deployments");
+            }
             stop.cancel();
         })
     };
+    // `[[schedule]]` deployments, until shutdown.
+    scheduler::spawn(&state);
     // Deployments whose coordinator died (a CLI killed with -9) become
     // interrupted within seconds: status, metrics and their streams end.
     let reconciler = {
@@ -588,6 +663,9 @@ pub async fn run(
             }
         })
     };
+    // The watch (on the leader, with the sender of its alerts) is owned
+    // like a deployment: shutdown stops it and waits for it.
+    state.tasks.spawn(watch::run(state.clone(), stop.clone()));
     let takeover = (state.config.cluster.takeover && state.store.backend() == Backend::Postgres)
         .then(|| takeover::spawn(state.clone()));
     let router = app(state.clone());
@@ -628,12 +706,13 @@ pub async fn run(
     if let Some(takeover) = takeover {
         takeover.abort();
     }
-    // Deployments are cancelled; wait for them, then for open responses
-    // (event streams end with their deployments).
+    // Deployments are cancelled or handed over; wait for them, then for
+    // open responses (event streams end with their deployments).
     state.tasks.close();
-    state.tasks.wait().await;
+    handoff::wait(&state).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     state.notifier.flush(Duration::from_secs(30)).await;
-    state.store.close().await;
+    // The history stays open: the caller leaves the coordinators with it
+    // (`Heartbeat::stop`), then closes it.
     Ok(())
 }

@@ -1,14 +1,44 @@
-//! Outgoing notifications on deployment start, finish, failure and rollback:
-//! Slack-compatible incoming webhooks (`{"text": …}`) and generic JSON
-//! webhooks. Sending never blocks a deployment: each notice goes out on its
-//! own task, retried with exponential backoff, with a timeout per request.
+//! Outgoing notifications on deployment start, finish, failure and
+//! rollback, when a deployment waits (for approval, with Approve and Reject
+//! buttons in Slack; for a maintenance window, with its next opening), and
+//! the watch's alerts: Slack-compatible incoming webhooks (`{"text": …}`),
+//! generic JSON webhooks (signed, as GitHub signs its own:
+//! `X-Nix-Deploy-Signature-256: sha256=<HMAC-SHA256 of the body>`, with the
+//! event's name and a stable delivery id in headers) and e-mail. Sending
+//! never blocks a deployment: each notice goes out on its own task, retried
+//! with exponential backoff, with a timeout per request.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
+use sha2::Sha256;
 
+use nix_deploy_core::approval::GateKind;
 use nix_deploy_core::events::{Event, EventKind, HostStatus};
+use nix_deploy_core::render;
+use nix_deploy_core::watch::Alert;
+
+use super::config::Secret;
+use super::mail::{MailError, Mailer};
+
+/// The header carrying a JSON webhook's signature.
+pub const SIGNATURE_HEADER: &str = "X-Nix-Deploy-Signature-256";
+/// The header naming the notice (`host.unhealthy`, `deployment.finished`, …).
+pub const EVENT_HEADER: &str = "X-Nix-Deploy-Event";
+/// The header with the notice's stable id: the same notice sent again (after
+/// a restart) has the same one, for receivers to deduplicate.
+pub const DELIVERY_HEADER: &str = "X-Nix-Deploy-Delivery";
+
+/// `sha256=<hex>` of HMAC-SHA256(`secret`, `body`).
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    // HMAC takes keys of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -17,6 +47,11 @@ pub struct NotifyConfig {
     pub slack_webhooks: Vec<String>,
     #[serde(default)]
     pub json_webhooks: Vec<String>,
+    /// File with the secret JSON webhooks are signed with (HMAC-SHA256).
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Who gets e-mail (through `[smtp]`).
+    #[serde(default)]
+    pub email_to: Vec<String>,
     /// Files each holding a Slack webhook URL (a webhook URL is a secret:
     /// whoever has it may post); relative: systemd credentials. Read at
     /// start into `slack_webhooks`.
@@ -50,6 +85,8 @@ impl Default for NotifyConfig {
         NotifyConfig {
             slack_webhooks: Vec::new(),
             json_webhooks: Vec::new(),
+            webhook_secret_file: None,
+            email_to: Vec::new(),
             slack_webhook_files: Vec::new(),
             json_webhook_files: Vec::new(),
             retries: default_retries(),
@@ -112,6 +149,32 @@ pub enum Notice {
         status: String,
         error: Option<String>,
     },
+    /// The watch saw a host (or the fleet) change.
+    Alert(Alert),
+    /// Stopped at a gate: approvers (or a promotion) are needed.
+    AwaitingApproval(Box<GateNotice>),
+    /// Waits for a maintenance window to open.
+    WaitingForWindow {
+        id: i64,
+        hosts: Vec<String>,
+        reason: String,
+        opens_at: Option<i64>,
+    },
+}
+
+/// A gate a deployment stopped at, as people are told about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GateNotice {
+    pub id: i64,
+    pub gate: u32,
+    pub kind: GateKind,
+    pub title: String,
+    pub hosts: Vec<String>,
+    /// Who still has to say yes.
+    pub missing: String,
+    pub deadline: Option<i64>,
+    /// What each held host would run (what an approver sees).
+    pub summary: String,
 }
 
 /// The events worth telling people about.
@@ -126,6 +189,33 @@ pub fn notice_from_event(event: &Event) -> Option<Notice> {
         EventKind::DeploymentFinished { status } => Some(Notice::Finished {
             id,
             status: status.to_string(),
+        }),
+        EventKind::GateOpened {
+            gate,
+            gate_kind,
+            title,
+            hosts,
+            missing,
+            deadline,
+        } => Some(Notice::AwaitingApproval(Box::new(GateNotice {
+            id,
+            gate: *gate,
+            kind: *gate_kind,
+            title: title.clone(),
+            hosts: hosts.clone(),
+            missing: missing.clone(),
+            deadline: *deadline,
+            summary: String::new(),
+        }))),
+        EventKind::WaitingForWindow {
+            hosts,
+            reason,
+            until,
+        } => Some(Notice::WaitingForWindow {
+            id,
+            hosts: hosts.clone(),
+            reason: reason.clone(),
+            opens_at: *until,
         }),
         EventKind::HostFinished { status, error, .. } => {
             let host = event.host.clone().unwrap_or_default();
@@ -164,7 +254,65 @@ impl Notice {
             Notice::Finished { .. } => "deployment.finished",
             Notice::HostRolledBack { .. } => "host.rolled_back",
             Notice::HostFailed { .. } => "host.failed",
+            Notice::Alert(alert) => alert.kind.event_name(),
+            Notice::AwaitingApproval(_) => "deployment.awaiting_approval",
+            Notice::WaitingForWindow { .. } => "deployment.waiting_for_window",
         }
+    }
+
+    /// The same for every attempt and every restart: receivers deduplicate
+    /// by it.
+    pub fn delivery_id(&self) -> String {
+        match self {
+            Notice::Started { id, .. } | Notice::Finished { id, .. } => {
+                format!("deployment-{id}-{}", self.event_name())
+            }
+            Notice::HostRolledBack { id, host, .. } | Notice::HostFailed { id, host, .. } => {
+                format!("deployment-{id}-{}-{host}", self.event_name())
+            }
+            Notice::Alert(alert) => alert.delivery_id(),
+            Notice::AwaitingApproval(gate) => {
+                format!(
+                    "deployment-{}-{}-gate-{}",
+                    gate.id,
+                    self.event_name(),
+                    gate.gate
+                )
+            }
+            Notice::WaitingForWindow { id, .. } => {
+                format!("deployment-{id}-{}", self.event_name())
+            }
+        }
+    }
+
+    /// Whether it goes out by e-mail too (a deployment's start does not).
+    fn mailed(&self) -> bool {
+        !matches!(self, Notice::Started { .. })
+    }
+
+    /// The e-mail's subject: the text without its icon.
+    fn subject(&self) -> String {
+        match self {
+            Notice::Alert(alert) => alert.summary(),
+            _ => self
+                .text()
+                .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string(),
+        }
+    }
+
+    /// The e-mail's body: the subject, then what people need to act.
+    fn mail_body(&self) -> String {
+        let mut body = self.subject();
+        body.push('\n');
+        if let Notice::Alert(alert) = self
+            && let Some(detail) = &alert.detail
+        {
+            body.push('\n');
+            body.push_str(detail);
+            body.push('\n');
+        }
+        body
     }
 
     pub fn text(&self) -> String {
@@ -199,11 +347,46 @@ impl Notice {
                     first_line(error)
                 )
             }
+            Notice::Alert(alert) => match &alert.detail {
+                Some(detail) => format!("{}: {}", alert.text(), first_line(&Some(detail.clone()))),
+                None => alert.text(),
+            },
+            Notice::AwaitingApproval(gate) => match gate.kind {
+                GateKind::Pause => format!(
+                    "⏸️ Deployment #{} is paused ({}): {} wait for a promotion (approve it to go on)",
+                    gate.id,
+                    gate.title,
+                    gate.hosts.join(", ")
+                ),
+                GateKind::Approval => format!(
+                    "✋ Deployment #{} awaits approval ({}): {}; still needed: {}{}",
+                    gate.id,
+                    gate.title,
+                    gate.hosts.join(", "),
+                    gate.missing,
+                    gate.deadline
+                        .map(|d| format!("; cancelled if not approved by {}", render::timestamp(d)))
+                        .unwrap_or_default()
+                ),
+            },
+            Notice::WaitingForWindow {
+                id,
+                hosts,
+                reason,
+                opens_at,
+            } => format!(
+                "⏳ Deployment #{id} waits for a maintenance window: {} ({reason}); next opening {}",
+                hosts.join(", "),
+                opens_at.map_or("none within 400 days".into(), render::timestamp)
+            ),
         }
     }
 
     pub fn slack_payload(&self) -> serde_json::Value {
-        serde_json::json!({ "text": self.text() })
+        match self {
+            Notice::AwaitingApproval(gate) => super::buttons::gate_message(gate, &self.text()),
+            _ => serde_json::json!({ "text": self.text() }),
+        }
     }
 
     pub fn json_payload(&self) -> serde_json::Value {
@@ -225,10 +408,50 @@ impl Notice {
                 error,
             } => serde_json::json!({
                 "deployment_id": id, "host": host, "status": status, "error": error }),
+            Notice::Alert(alert) => serde_json::json!({ "alert": alert, "host": alert.host }),
+            Notice::AwaitingApproval(gate) => serde_json::json!({
+                "deployment_id": gate.id, "gate": gate.gate, "gate_kind": gate.kind,
+                "title": gate.title, "hosts": gate.hosts, "missing": gate.missing,
+                "deadline": gate.deadline, "summary": gate.summary }),
+            Notice::WaitingForWindow {
+                id,
+                hosts,
+                reason,
+                opens_at,
+            } => serde_json::json!({
+                "deployment_id": id, "hosts": hosts, "reason": reason, "opens_at": opens_at }),
         };
         body["event"] = serde_json::json!(self.event_name());
+        body["delivery"] = serde_json::json!(self.delivery_id());
         body["text"] = serde_json::json!(self.text());
         body
+    }
+}
+
+/// What one deployment's watchers were told while it waited: each wait is
+/// notified once (a window wait again only when it waits for something
+/// else: other hosts, another opening).
+#[derive(Debug, Default)]
+pub struct Waits {
+    window: Option<(Vec<String>, Option<i64>)>,
+}
+
+impl Waits {
+    /// Whether `notice` is news.
+    pub fn is_news(&mut self, notice: &Notice) -> bool {
+        match notice {
+            Notice::WaitingForWindow {
+                hosts, opens_at, ..
+            } => {
+                let wait = Some((hosts.clone(), *opens_at));
+                if self.window == wait {
+                    return false;
+                }
+                self.window = wait;
+                true
+            }
+            _ => true,
+        }
     }
 }
 
@@ -240,31 +463,40 @@ pub enum NotifyError {
         message: String,
         attempts: u32,
     },
+    #[error("{0}")]
+    Mail(#[from] MailError),
 }
 
 #[derive(Clone)]
 pub struct Notifier {
     config: NotifyConfig,
+    /// Signs JSON webhooks.
+    secret: Option<Secret>,
+    mailer: Option<Mailer>,
     client: reqwest::Client,
     /// Every notice on its way: shutdown waits for them.
     sending: tokio_util::task::TaskTracker,
 }
 
 impl Notifier {
-    pub fn new(config: NotifyConfig) -> Self {
+    pub fn new(config: NotifyConfig, secret: Option<Secret>, mailer: Option<Mailer>) -> Self {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .build()
             .unwrap_or_default();
         Notifier {
             config,
+            secret,
+            mailer,
             client,
             sending: tokio_util::task::TaskTracker::new(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.config.slack_webhooks.is_empty() && self.config.json_webhooks.is_empty()
+        self.config.slack_webhooks.is_empty()
+            && self.config.json_webhooks.is_empty()
+            && self.mailer.is_none()
     }
 
     /// Send in the background; returns at once.
@@ -294,23 +526,62 @@ impl Notifier {
         }
     }
 
-    /// Send to every target and wait for the outcome (tests, shutdown).
+    /// Send to every target and wait for the outcome (the watch's alerts,
+    /// tests, shutdown).
     pub async fn send_and_wait(&self, notice: Notice) -> Vec<Result<(), NotifyError>> {
         let mut sends = Vec::new();
         for url in &self.config.slack_webhooks {
-            sends.push(self.post(url.clone(), notice.slack_payload()));
+            sends.push(futures::future::Either::Left(self.post(
+                url.clone(),
+                &notice,
+                notice.slack_payload(),
+                false,
+            )));
         }
         for url in &self.config.json_webhooks {
-            sends.push(self.post(url.clone(), notice.json_payload()));
+            sends.push(futures::future::Either::Left(self.post(
+                url.clone(),
+                &notice,
+                notice.json_payload(),
+                true,
+            )));
+        }
+        if let Some(mailer) = self.mailer.as_ref().filter(|_| notice.mailed()) {
+            sends.push(futures::future::Either::Right(self.mail(mailer, &notice)));
         }
         futures::future::join_all(sends).await
     }
 
-    /// POST one notice, retried with exponential backoff (`backon`).
-    async fn post(&self, url: String, body: serde_json::Value) -> Result<(), NotifyError> {
+    fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(30))
+            .with_max_times(self.config.retries as usize)
+    }
+
+    /// POST one notice, retried with exponential backoff (`backon`); `signed`
+    /// with the webhook secret when there is one.
+    async fn post(
+        &self,
+        url: String,
+        notice: &Notice,
+        body: serde_json::Value,
+        signed: bool,
+    ) -> Result<(), NotifyError> {
         let attempts = self.config.retries + 1;
+        // The exact bytes that are signed are the ones sent.
+        let body = body.to_string().into_bytes();
         let attempt = || async {
-            match self.client.post(&url).json(&body).send().await {
+            let mut request = self
+                .client
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(EVENT_HEADER, notice.event_name())
+                .header(DELIVERY_HEADER, notice.delivery_id());
+            if let (true, Some(secret)) = (signed, &self.secret) {
+                request = request.header(SIGNATURE_HEADER, signature(secret.expose(), &body));
+            }
+            match request.body(body.clone()).send().await {
                 Ok(r) if r.status().is_success() => Ok(()),
                 Ok(r) => Err(format!("HTTP {}", r.status())),
                 // reqwest's message names the URL: a secret.
@@ -318,18 +589,22 @@ impl Notifier {
             }
         };
         attempt
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(250))
-                    .with_max_delay(Duration::from_secs(30))
-                    .with_max_times(self.config.retries as usize),
-            )
+            .retry(self.backoff())
             .await
             .map_err(|message| NotifyError::Failed {
                 url: url.clone(),
                 message,
                 attempts,
             })
+    }
+
+    /// E-mail one notice, retried like a webhook.
+    async fn mail(&self, mailer: &Mailer, notice: &Notice) -> Result<(), NotifyError> {
+        let subject = format!("[nix-deploy] {}", notice.subject());
+        let body = notice.mail_body();
+        let id = notice.delivery_id();
+        let attempt = || mailer.send(&subject, &body, &id);
+        Ok(attempt.retry(self.backoff()).await?)
     }
 }
 
@@ -358,9 +633,12 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// What a receiver got: the request's head and body.
+    type Received = Arc<Mutex<Vec<(String, String)>>>;
+
     /// A real HTTP receiver on loopback that fails the first `fail_first`
-    /// requests with 500, and records every body.
-    async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+    /// requests with 500, and records every request.
+    async fn receiver(fail_first: usize) -> (String, Received) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let bodies = Arc::new(Mutex::new(Vec::new()));
@@ -391,7 +669,9 @@ mod tests {
                             })
                             .unwrap_or(0);
                         if body.len() >= length {
-                            seen.lock().unwrap().push(body.to_string());
+                            seen.lock()
+                                .unwrap()
+                                .push((head.to_string(), body.to_string()));
                             break;
                         }
                     }
@@ -426,30 +706,88 @@ mod tests {
     async fn delivers_to_slack_and_json_webhooks() {
         let (slack, slack_bodies) = receiver(0).await;
         let (json, json_bodies) = receiver(0).await;
-        let notifier = Notifier::new(NotifyConfig {
-            slack_webhooks: vec![slack],
-            json_webhooks: vec![json],
-            ..NotifyConfig::default()
-        });
+        let notifier = Notifier::new(
+            NotifyConfig {
+                slack_webhooks: vec![slack],
+                json_webhooks: vec![json],
+                ..NotifyConfig::default()
+            },
+            None,
+            None,
+        );
         let results = notifier.send_and_wait(notice()).await;
         assert!(results.iter().all(Result::is_ok));
         let slack: serde_json::Value =
-            serde_json::from_str(&slack_bodies.lock().unwrap()[0]).unwrap();
+            serde_json::from_str(&slack_bodies.lock().unwrap()[0].1).unwrap();
         assert_eq!(slack["text"], "✅ Deployment #7 succeeded");
         let json: serde_json::Value =
-            serde_json::from_str(&json_bodies.lock().unwrap()[0]).unwrap();
+            serde_json::from_str(&json_bodies.lock().unwrap()[0].1).unwrap();
         assert_eq!(json["event"], "deployment.finished");
         assert_eq!(json["deployment_id"], 7);
     }
 
     #[tokio::test]
+    async fn json_webhooks_are_signed_as_github_signs_its_own() {
+        let (url, requests) = receiver(0).await;
+        let notifier = Notifier::new(
+            NotifyConfig {
+                json_webhooks: vec![url],
+                ..NotifyConfig::default()
+            },
+            Some(Secret::new("hook-secret")),
+            None,
+        );
+        let alert = Alert {
+            id: 3,
+            created_at: 1_000,
+            kind: nix_deploy_core::drift::AlertKind::Unhealthy,
+            host: Some("web1".into()),
+            drift: Vec::new(),
+            detail: Some("service nginx (failed)".into()),
+        };
+        let results = notifier.send_and_wait(Notice::Alert(alert)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let (head, body) = requests.lock().unwrap()[0].clone();
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                })
+                .unwrap_or_else(|| panic!("no {name} in {head}"))
+        };
+        assert_eq!(
+            header(SIGNATURE_HEADER),
+            signature(b"hook-secret", body.as_bytes())
+        );
+        // The receiver's check, as for GitHub's hook: the same code verifies.
+        crate::daemon::github::verify_signature(
+            b"hook-secret",
+            body.as_bytes(),
+            &header(SIGNATURE_HEADER),
+        )
+        .unwrap();
+        assert_eq!(header(EVENT_HEADER), "host.unhealthy");
+        assert_eq!(header(DELIVERY_HEADER), "alert-1000-3");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["event"], "host.unhealthy");
+        assert_eq!(json["host"], "web1");
+        assert_eq!(json["alert"]["detail"], "service nginx (failed)");
+        assert_eq!(json["text"], "🩺 web1 is unhealthy: service nginx (failed)");
+    }
+
+    #[tokio::test]
     async fn retries_with_backoff_until_delivered() {
         let (url, bodies) = receiver(2).await;
-        let notifier = Notifier::new(NotifyConfig {
-            json_webhooks: vec![url],
-            retries: 3,
-            ..NotifyConfig::default()
-        });
+        let notifier = Notifier::new(
+            NotifyConfig {
+                json_webhooks: vec![url],
+                retries: 3,
+                ..NotifyConfig::default()
+            },
+            None,
+            None,
+        );
         let results = notifier.send_and_wait(notice()).await;
         assert!(results[0].is_ok(), "{results:?}");
         assert_eq!(
@@ -459,11 +797,15 @@ mod tests {
         );
 
         let (url, _) = receiver(usize::MAX).await;
-        let notifier = Notifier::new(NotifyConfig {
-            json_webhooks: vec![url],
-            retries: 1,
-            ..NotifyConfig::default()
-        });
+        let notifier = Notifier::new(
+            NotifyConfig {
+                json_webhooks: vec![url],
+                retries: 1,
+                ..NotifyConfig::default()
+            },
+            None,
+            None,
+        );
         let results = notifier.send_and_wait(notice()).await;
         assert!(
             results[0]
@@ -479,15 +821,52 @@ mod tests {
         // A receiver that accepts and never answers.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
-        let notifier = Notifier::new(NotifyConfig {
-            slack_webhooks: vec![url],
-            timeout: Duration::from_secs(30),
-            ..NotifyConfig::default()
-        });
+        let notifier = Notifier::new(
+            NotifyConfig {
+                slack_webhooks: vec![url],
+                timeout: Duration::from_secs(30),
+                ..NotifyConfig::default()
+            },
+            None,
+            None,
+        );
         let started = std::time::Instant::now();
         notifier.send(notice());
         assert!(started.elapsed() < std::time::Duration::from_millis(50));
         drop(listener);
+    }
+
+    #[test]
+    fn a_wait_is_told_once_with_what_it_waits_for() {
+        let window = |opens_at| Notice::WaitingForWindow {
+            id: 4,
+            hosts: vec!["p1".into()],
+            reason: "deny window `freeze` is open".into(),
+            opens_at,
+        };
+        let mut waits = Waits::default();
+        assert!(waits.is_news(&window(Some(1_000))));
+        assert!(!waits.is_news(&window(Some(1_000))), "the same wait again");
+        assert!(
+            waits.is_news(&window(Some(9_000))),
+            "a later opening is news"
+        );
+        let json = window(Some(1_000)).json_payload();
+        assert_eq!(json["event"], "deployment.waiting_for_window");
+        assert_eq!(json["opens_at"], 1_000);
+        let gate = Notice::AwaitingApproval(Box::new(GateNotice {
+            id: 4,
+            gate: 1,
+            kind: GateKind::Approval,
+            title: "approval rule production".into(),
+            hosts: vec!["p1".into()],
+            missing: "1 more from slack:U2 (production)".into(),
+            deadline: None,
+            summary: "p1: a → b".into(),
+        }));
+        let slack = gate.slack_payload();
+        assert_eq!(slack["blocks"][1]["elements"][0]["value"], "4:1");
+        assert!(slack["text"].as_str().unwrap().contains("awaits approval"));
     }
 
     #[test]

@@ -100,6 +100,12 @@ pub fn markdown(d: &Deployment) -> String {
             .unwrap_or_default()
     );
     let _ = writeln!(out, "- Strategy: {}", d.strategy);
+    if let Some(promotion) = d.pinned.as_ref().and_then(|p| p.promotion.as_ref()) {
+        let _ = writeln!(out, "- Promoted: {}", promotion.describe());
+    }
+    if let Some(waiting) = &d.waiting {
+        let _ = writeln!(out, "- Now {}", render::window_wait(waiting));
+    }
     if let Some(e) = &d.error {
         let _ = writeln!(out, "- Stopped: {e}");
     }

@@ -315,6 +315,7 @@ mod tests {
             hosts: vec![p620, p510],
             events: None,
             gates: Vec::new(),
+            waiting: None,
         };
         let text = summary_message(&deployment)["text"]
             .as_str()

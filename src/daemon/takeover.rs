@@ -1,6 +1,7 @@
 //! Failover: deployments whose holder's lease expired (it died, froze, or
-//! lost the database for longer than its lease) are taken over by a daemon
-//! that takes over (`[cluster] takeover`, PostgreSQL only) and resumed.
+//! lost the database for longer than its lease) or that their holder handed
+//! over as it stopped (`handoff`) are taken over by a daemon that takes
+//! over (`[cluster] takeover`, PostgreSQL only) and resumed.
 //!
 //! Every heartbeat this daemon looks for running deployments whose lease
 //! expired by the database's clock; for each it takes the lease (epoch + 1,
@@ -18,6 +19,7 @@ use nix_deploy_core::run::RunKind;
 
 use super::{AppState, Job};
 use crate::engine::EngineError;
+use crate::store::Released;
 
 /// Look for expired deployments every heartbeat until the daemon stops.
 pub(crate) fn spawn(state: AppState) -> tokio::task::JoinHandle<()> {
@@ -36,18 +38,26 @@ pub(crate) fn spawn(state: AppState) -> tokio::task::JoinHandle<()> {
                 }
             };
             for (id, epoch) in expired {
-                match state.store().take_over(id, epoch).await {
-                    Ok(true) => {
+                match state.store().take_over_from(id, epoch).await {
+                    Ok(Some(released)) => {
                         state.takeovers.fetch_add(1, Ordering::SeqCst);
-                        tracing::warn!(
-                            deployment = id,
-                            "took over a deployment whose holder's lease expired"
-                        );
+                        if released == Released::HandedOver {
+                            state.handoffs_received.fetch_add(1, Ordering::SeqCst);
+                            tracing::info!(
+                                deployment = id,
+                                "took over a deployment its holder handed over as it stopped"
+                            );
+                        } else {
+                            tracing::warn!(
+                                deployment = id,
+                                "took over a deployment whose holder's lease expired"
+                            );
+                        }
                         // Resumed beside this loop: an evaluation may take a while.
                         let state = state.clone();
                         tokio::spawn(async move { resume(&state, id).await });
                     }
-                    Ok(false) => {}
+                    Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(cause = %e, deployment = id, "taking over a deployment")
                     }

@@ -37,10 +37,18 @@ pub enum EngineError {
     /// `--no-wait` outside a maintenance window; nothing was recorded.
     #[error("outside the maintenance window (--no-wait): {0}")]
     OutsideWindow(String),
+    /// A promotion that cannot be made as asked (mapping, source hosts
+    /// unhealthy, unreachable or not in sync); nothing was recorded.
+    #[error("promotion refused: {0}")]
+    PromotionRefused(String),
     /// A queued deployment that will never start: a newer one of the same
     /// source came first.
     #[error("{0}")]
     Superseded(String),
+    /// This coordinator is stopping and handed the deployment over at a
+    /// safe point: another coordinator takes it over and resumes it.
+    #[error("{0}")]
+    HandedOver(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -59,6 +67,7 @@ impl EngineError {
                 | EngineError::Busy { .. }
                 | EngineError::Forbidden(_)
                 | EngineError::OutsideWindow(_)
+                | EngineError::PromotionRefused(_)
         )
     }
 }

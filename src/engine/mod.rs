@@ -4,7 +4,8 @@
 //! `layering::the_engine_layers_import_downwards`):
 //!
 //! - [`commands`]: what a caller asks for (`deploy`, `plan`, `build`, `doctor`, `resume`,
-//!   `rollback`, `exec`, `upload-keys`, `health`). The only `impl Engine`
+//!   `rollback`, `exec`, `upload-keys`, `health`, `promote`, and the watch's
+//!   reads: the fleet the flake wants and what each host runs). The only `impl Engine`
 //!   blocks; every command that records a run starts with the same preamble
 //!   and ends in the same finish.
 //! - [`fleet`]: many hosts at once: the evaluation, validation of a request,
@@ -23,7 +24,8 @@ mod fleet;
 mod host;
 
 pub use commands::{
-    BuildRequest, DeployRequest, Engine, ExecJob, PushSource, RollbackRequest, UploadKeysRequest,
+    BuildRequest, DeployRequest, DesiredFleet, Engine, ExecJob, PROMOTE, PromoteJob, PushSource,
+    RollbackRequest, UploadKeysRequest,
 };
 pub use config::{EngineConfig, Limit, Policy};
 pub use error::EngineError;

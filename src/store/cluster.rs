@@ -5,7 +5,9 @@
 //!
 //! The election is River's: one table (`leader`), one query per transition
 //! (elect, reelect, resign), the database's clock, a fixed TTL (the lease
-//! TTL); nothing else writes that table.
+//! TTL); nothing else writes that table. A fourth query, `lead`, fences the
+//! leader's own writes (the watch's): it locks our unexpired term for the
+//! length of a transaction.
 //!
 //! A holder that cannot renew (the database is unreachable) stops acting on
 //! its deployments one heartbeat before their leases can expire, by its own
@@ -30,6 +32,15 @@ use super::{IN_LIST, Lost, Store, StoreError, parameters, query_error};
 
 /// The election's one row.
 const ELECTION: &str = "fleet";
+
+/// How a deployment's previous holder let it go before it was taken over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Its lease expired: it died, froze or lost the database.
+    Expired,
+    /// It handed the deployment over as it stopped (`Store::hand_over`).
+    HandedOver,
+}
 
 /// What a coordinator process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,6 +346,23 @@ impl Store {
         Ok(kept == 1)
     }
 
+    /// Lead: within `tx`, lock our own unexpired term (a write that changes
+    /// nothing), so that work only the leader may do (the watch's writes)
+    /// commits only while we lead, and no other coordinator is elected
+    /// before it does. False when the term is not ours (or expired).
+    pub(super) async fn lead(&self, tx: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+        let held = sqlx::query(
+            "UPDATE leader SET expires_at = expires_at
+             WHERE name = $1 AND leader_id = $2 AND expires_at >= (SELECT now_ms FROM db_clock)",
+        )
+        .bind(ELECTION)
+        .bind(self.holder())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        Ok(held == 1)
+    }
+
     /// Resign: give the leadership up at once (on shutdown).
     async fn resign(&self) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM leader WHERE name = $1 AND leader_id = $2")
@@ -364,11 +392,37 @@ impl Store {
     /// host runs left unfinished are interrupted too). False when it was
     /// renewed or taken by someone else meanwhile.
     pub async fn take_over(&self, id: i64, epoch: i64) -> Result<bool, StoreError> {
+        Ok(self.take_over_from(id, epoch).await?.is_some())
+    }
+
+    /// [`Store::take_over`], saying how the previous holder let it go.
+    pub async fn take_over_from(
+        &self,
+        id: i64,
+        epoch: i64,
+    ) -> Result<Option<Released>, StoreError> {
+        // A holder that hands a deployment over leaves it held by nobody
+        // (`Store::hand_over`); read for the record only: the taking below
+        // is what decides.
+        let holder: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT holder FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(query_error("taking over a deployment"))?;
+        let released = match holder {
+            Some((None,)) => Released::HandedOver,
+            _ => Released::Expired,
+        };
         let message = format!(
-            "taken over by coordinator {} on {} (pid {}): the previous holder's lease expired",
+            "taken over by coordinator {} on {} (pid {}): {}",
             self.holder(),
             hostname(),
-            std::process::id()
+            std::process::id(),
+            match released {
+                Released::HandedOver => "the previous holder handed it over as it stopped",
+                Released::Expired => "the previous holder's lease expired",
+            }
         );
         let taken: Option<(i64,)> = sqlx::query_as(
             "UPDATE deployments SET status = 'interrupted', error = $1, holder = $2, pid = $3,
@@ -387,7 +441,7 @@ impl Store {
         .await
         .map_err(query_error("taking over a deployment"))?;
         let Some((epoch,)) = taken else {
-            return Ok(false);
+            return Ok(None);
         };
         self.ownership.took(id, epoch);
         let context = "recording a takeover";
@@ -396,7 +450,7 @@ impl Store {
         let event = super::runs::new_event(id, None, EventKind::Log { message });
         super::runs::insert_event(&mut tx, &event).await?;
         tx.commit().await.map_err(query_error(context))?;
-        Ok(true)
+        Ok(Some(released))
     }
 
     /// Give up a deployment taken over that cannot be resumed (not a
@@ -443,6 +497,8 @@ impl Store {
                     pid: row.get("pid"),
                     version: row.get("version"),
                     takeover: row.get::<i64, _>("takeover") != 0,
+                    stopping: row.get::<i64, _>("stopping") != 0,
+                    handed_over: row.get("handed_over"),
                     started_at: row.get("started_at"),
                     heartbeat_at,
                     alive: heartbeat_at + ttl >= now,

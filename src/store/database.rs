@@ -272,6 +272,14 @@ pub(super) async fn open_pool(
             .await
             .map_err(open_error)?;
     }
+    // sqlx's migration lock is PostgreSQL's advisory lock and nothing on
+    // SQLite: two processes opening a new history at once would both apply
+    // a migration (and one fail). On SQLite one checks and migrates while
+    // the others wait on an flock beside the database.
+    let migrating = match options.database.backend() {
+        Backend::Sqlite => Some(migration_lock(&options.state_dir, location).await?),
+        Backend::Postgres => None,
+    };
     check_schema(&pool, options, location).await?;
     migrator(options.database.backend())
         .run(&pool)
@@ -280,7 +288,32 @@ pub(super) async fn open_pool(
             location: location.to_string(),
             source,
         })?;
+    drop(migrating);
     Ok(pool)
+}
+
+/// An exclusive `flock` on `STATE/migrate.lock`, held while this process
+/// checks and migrates a SQLite history (waited for on a blocking thread).
+async fn migration_lock(state_dir: &Path, location: &str) -> Result<std::fs::File, StoreError> {
+    let path = state_dir.join("migrate.lock");
+    let error = |source| StoreError::Open {
+        location: location.to_string(),
+        source: sqlx::Error::Io(source),
+    };
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(error)?
+    };
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| error(std::io::Error::other(e)))?
+        .map_err(error)
 }
 
 /// Refuse a database whose schema is newer than ours (a newer nix-deploy

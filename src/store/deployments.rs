@@ -264,6 +264,7 @@ impl Store {
             hosts: Vec::new(),
             events: None,
             gates: Vec::new(),
+            waiting: None,
         })
     }
 
@@ -277,8 +278,7 @@ impl Store {
         let Some(mut deployment) = row.as_ref().map(Self::deployment_from_row).transpose()? else {
             return Ok(None);
         };
-        deployment.hosts = self.host_runs(id).await?;
-        deployment.gates = self.gates(id).await?;
+        self.complete(&mut deployment).await?;
         Ok(Some(deployment))
     }
 
@@ -302,11 +302,21 @@ impl Store {
         let mut list = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut deployment = Self::deployment_from_row(row)?;
-            deployment.hosts = self.host_runs(deployment.id).await?;
-            deployment.gates = self.gates(deployment.id).await?;
+            self.complete(&mut deployment).await?;
             list.push(deployment);
         }
         Ok(list)
+    }
+
+    /// A deployment's host runs, gates and, while it waits for a window,
+    /// what for and until when.
+    async fn complete(&self, deployment: &mut Deployment) -> Result<(), StoreError> {
+        deployment.hosts = self.host_runs(deployment.id).await?;
+        deployment.gates = self.gates(deployment.id).await?;
+        if deployment.status == DeploymentStatus::WaitingForWindow {
+            deployment.waiting = self.window_wait(deployment.id).await?;
+        }
+        Ok(())
     }
 
     /// Ids of deployments marked running (cheap: no JSON decoding).

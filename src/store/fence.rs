@@ -37,6 +37,9 @@ struct Held {
     /// When the last taking or renewal that succeeded began (this process's
     /// monotonic clock): the lease lasts at least a TTL from then.
     renewed: Instant,
+    /// Asked to be handed over to another coordinator at its next safe
+    /// point (this daemon is stopping).
+    hand_over: bool,
 }
 
 /// Why a deployment is no longer ours.
@@ -77,8 +80,40 @@ impl Ownership {
                 lost: None,
                 signal: CancellationToken::new(),
                 renewed,
+                hand_over: false,
             },
         );
+    }
+
+    /// Ask that `id` be handed over at its next safe point (`wanted`), or
+    /// no longer; false when we do not hold it (or lost it).
+    pub fn set_hand_over(&self, id: i64, wanted: bool) -> bool {
+        match self.map().get_mut(&id) {
+            Some(held) if held.lost.is_none() => {
+                held.hand_over = wanted;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `id` is to be handed over (held, not lost, asked).
+    pub fn hand_over_wanted(&self, id: i64) -> bool {
+        self.map()
+            .get(&id)
+            .is_some_and(|h| h.lost.is_none() && h.hand_over)
+    }
+
+    /// The deployments asked to be handed over, by id.
+    pub fn handing_over(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .map()
+            .iter()
+            .filter(|(_, h)| h.lost.is_none() && h.hand_over)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// We let deployment `id` go (finished, or handed back).
@@ -164,6 +199,34 @@ impl Ownership {
     }
 }
 
+impl super::Store {
+    /// The fence hosts check for deployment `id` (see
+    /// `nix_deploy_core::remote::fence`): its id, its creation time and the
+    /// epoch this process holds it at. Refused when this process does not
+    /// hold it (any more).
+    pub async fn host_fence(&self, id: i64) -> Result<nix_deploy_core::remote::Fence, StoreError> {
+        let epoch = self.ownership.epoch(id)?;
+        let (created_at,): (i64,) =
+            sqlx::query_as("SELECT created_at FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(super::query_error("reading a deployment's fence"))?;
+        // Rows always have a positive id and creation time; epochs are
+        // never negative.
+        nix_deploy_core::remote::Fence::new(id, created_at, epoch)
+            .map_err(|_| StoreError::NotHeld { deployment_id: id })
+    }
+
+    /// A host refused deployment `id` at `epoch`: it has seen a newer one,
+    /// so another coordinator took the deployment over. Lost here for good,
+    /// as when the database refuses a write: later writes are refused and
+    /// its workers are told ([`super::Store::lost_signal`]).
+    pub fn fenced_out(&self, id: i64, epoch: i64) {
+        self.ownership.lose(id, epoch, Lost::Superseded);
+    }
+}
+
 /// The first statement of a fenced write: locks deployment `id`'s row and
 /// checks it is still at `epoch`; `false` when it is not.
 pub(super) async fn guard(
@@ -221,6 +284,14 @@ mod tests {
         ownership.took(7, 5);
         assert_eq!(ownership.epoch(7).unwrap(), 5);
         assert_eq!(ownership.current(), [(7, 5)]);
+        // Asked to be handed over, and no longer; never one we lost.
+        assert!(ownership.set_hand_over(7, true));
+        assert!(ownership.hand_over_wanted(7));
+        assert_eq!(ownership.handing_over(), [7]);
+        assert!(ownership.set_hand_over(7, false));
+        assert!(!ownership.hand_over_wanted(7) && ownership.handing_over().is_empty());
+        assert!(!ownership.set_hand_over(8, true), "lost");
+        assert!(!ownership.set_hand_over(9, true), "never held");
         ownership.released(7);
         assert!(ownership.signal(7).is_none());
     }

@@ -1,7 +1,8 @@
 //! The history: deployments, host runs, events and the last known state of each
-//! host, leases, the coordinators, and the evaluation cache, in SQLite (one
-//! file, WAL, in the state directory: the default) or PostgreSQL (shared by
-//! several coordinators), through the same queries ([`database`]).
+//! host, leases, the coordinators, the evaluation cache, and the watch's
+//! state (each host's drift, the fleet's events, alerts to send), in SQLite
+//! (one file, WAL, in the state directory: the default) or PostgreSQL
+//! (shared by several coordinators), through the same queries ([`database`]).
 //!
 //! Invariant: whatever the engine reports (to a terminal, a stream or an API
 //! client) has been written here first. Every write of a deployment's state
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use sqlx::AnyPool;
 
 mod audit;
+mod chat_requests;
 mod cluster;
 mod dashboard;
 mod database;
@@ -25,17 +27,22 @@ mod deployments;
 mod eval_cache;
 mod fence;
 mod gates;
+mod handoff;
 mod hooks;
 mod leases;
 mod listen;
 mod liveness;
 mod profiles;
+mod provenance;
 mod runs;
+mod schedules;
 mod stats;
 #[cfg(test)]
 mod tests;
+mod watch;
 
-pub use cluster::{Heartbeat, Leader, Role};
+pub use chat_requests::{ChatDecision, ChatRequest, NewChatRequest};
+pub use cluster::{Heartbeat, Leader, Released, Role};
 pub use dashboard::{HostHistoryEntry, LatestEvaluation};
 pub use database::{
     Backend, DB_FILE, Database, DatabaseUrl, LeaseTiming, StoreOptions, schema_version,
@@ -47,7 +54,9 @@ pub use gates::Decision;
 pub use hooks::BranchHead;
 pub use leases::Lease;
 pub use listen::{EventListener, Notice};
+pub use schedules::ScheduleRun;
 pub use stats::{STEP_BUCKETS, StepHistogram};
+pub use watch::{NewAlert, WatchChange, WatchRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,6 +102,10 @@ pub enum StoreError {
     },
     #[error("deployment #{deployment_id} is not held by this coordinator")]
     NotHeld { deployment_id: i64 },
+    #[error(
+        "this coordinator is not the elected leader (any more): it does not write the fleet watch's state"
+    )]
+    NotLeader,
     #[error("database error while {context}: {source}")]
     Query {
         context: &'static str,

@@ -107,6 +107,7 @@ impl Store {
                 let output: Option<String> = row.get("output");
                 let reboot: Option<String> = row.get("reboot");
                 let after: Option<String> = row.get("after");
+                let keys: Option<String> = row.get("key_changes");
                 let generation = |col: &str| row.get::<Option<i64>, _>(col).map(|g| g as u32);
                 fn json<T: serde::de::DeserializeOwned>(
                     text: Option<String>,
@@ -152,6 +153,7 @@ impl Store {
                     output: json(output, "host_runs.output")?,
                     reboot: json(reboot, "host_runs.reboot")?,
                     after: json(after, "host_runs.after")?,
+                    keys: json(keys, "host_runs.key_changes")?,
                 })
             })
             .collect()
@@ -384,8 +386,9 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
     sqlx::query(
         "INSERT INTO host_runs (deployment_id, host, status, step, changed, old_path, old_generation,
              new_path, new_generation, started_at, finished_at, steps, reason, error, summary, token,
-             goal, output, reboot, after)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+             goal, output, reboot, after, key_changes)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+             $21)
          ON CONFLICT (deployment_id, host) DO UPDATE SET
              status = excluded.status, step = excluded.step, changed = excluded.changed,
              old_path = excluded.old_path, old_generation = excluded.old_generation,
@@ -394,7 +397,7 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
              steps = excluded.steps, reason = excluded.reason, error = excluded.error,
              summary = excluded.summary, token = excluded.token,
              goal = excluded.goal, output = excluded.output, reboot = excluded.reboot,
-             after = excluded.after",
+             after = excluded.after, key_changes = excluded.key_changes",
     )
     .bind(run.deployment_id)
     .bind(&run.host)
@@ -416,6 +419,7 @@ fn upsert_host_run(run: &HostRun) -> Query<'_> {
     .bind(run.output.as_ref().map(to_json))
     .bind(run.reboot.as_ref().map(to_json))
     .bind(run.after.as_ref().map(to_json))
+    .bind(run.keys.as_ref().map(to_json))
 }
 
 /// An event to record now.

@@ -201,7 +201,10 @@ fn owner_ids(user: &str, group: &str) -> (Option<u32>, Option<u32>) {
 /// I4: every key is only on its own host, whole, with its configured owner
 /// and mode. A key that is absent (never uploaded, or gone with a reboot's
 /// `/run`) breaks nothing; one that a run reported uploaded must be there.
+/// The keys kept for the way back (`.nix-deploy-undo`) are keys too: only
+/// the host's own, whole, in root-only directories.
 pub fn i4(tally: &mut Tally, world: &World, uploaded: &BTreeSet<String>) {
+    i4_kept(tally, world);
     let texts: BTreeMap<String, BTreeSet<String>> = world.key_texts.clone();
     for (i, host) in HOSTS.iter().enumerate() {
         let dir = world.fleet.host_dir(host).join("run/keys");
@@ -271,6 +274,62 @@ pub fn i4(tally: &mut Tally, world: &World, uploaded: &BTreeSet<String>) {
                     });
                 }
                 Err(e) => tally.fail("I4", host, format!("{host}: /run/keys/{name}: {e}")),
+            }
+        }
+    }
+}
+
+/// I4 for the keys kept beside `/run/keys` for the way back: every
+/// directory root's and `0700`, no other host's secret in any file, and
+/// every kept key (in a set's `old/`) whole and the host's own.
+fn i4_kept(tally: &mut Tally, world: &World) {
+    let texts = &world.key_texts;
+    for host in HOSTS {
+        let root = world.fleet.host_dir(host).join("run/keys/.nix-deploy-undo");
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+                continue;
+            };
+            let mode = meta.permissions().mode() & 0o7777;
+            tally.check(
+                "I4",
+                host,
+                meta.is_dir() && mode == 0o700 && meta.uid() == 0,
+                || {
+                    format!(
+                        "{host}: {} is not a root-only directory ({:o}, uid {})",
+                        dir.display(),
+                        mode,
+                        meta.uid()
+                    )
+                },
+            );
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let contents = std::fs::read_to_string(&path).unwrap_or_default();
+                for (other, other_texts) in texts {
+                    if other != host && other_texts.contains(&contents) {
+                        tally.fail(
+                            "I4",
+                            host,
+                            format!("{host}: {} holds {other}'s secret", path.display()),
+                        );
+                    }
+                }
+                if dir.file_name().is_some_and(|d| d == "old") {
+                    let whole = texts.get(host).is_some_and(|t| t.contains(&contents));
+                    tally.check("I4", host, whole, || {
+                        format!("{host}: {} is not a whole key of its own", path.display())
+                    });
+                }
             }
         }
     }

@@ -10,27 +10,27 @@ use nix_deploy_testkit::{PgDatabase, Postgres};
 use serde_json::{Value, json};
 
 use crate::daemon::{
-    DEPLOY_TOKEN, Daemon, READ_TOKEN, call, follow_events, start_daemon_in, wait_finished,
+    DEPLOY_TOKEN, Daemon, call, follow_events, read, start_daemon_in, wait_finished,
 };
 use crate::helpers::{Harness, binary};
 use crate::recovery::slow_fleet;
 
 /// A daemon of its own machine (its own state directory) on `url`,
 /// renewing every second, its leases lasting `ttl` seconds.
-fn daemon(h: &Harness, state: &Path, url: &str, ttl: u64) -> Daemon {
+pub(crate) fn daemon(h: &Harness, state: &Path, url: &str, ttl: u64) -> Daemon {
     let top = format!("database = \"{url}\"");
     let cluster = format!("[cluster]\nheartbeat = \"1s\"\nlease-ttl = \"{ttl}s\"\n");
     start_daemon_in(h, state, &top, &cluster)
 }
 
 /// Two daemons, each of its own machine (state directory), on `url`.
-struct Pair {
-    a: Daemon,
-    b: Daemon,
+pub(crate) struct Pair {
+    pub a: Daemon,
+    pub b: Daemon,
     _states: [tempfile::TempDir; 2],
 }
 
-fn pair(h: &Harness, url: &str, ttl: u64) -> Pair {
+pub(crate) fn pair(h: &Harness, url: &str, ttl: u64) -> Pair {
     let states = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     Pair {
         a: daemon(h, states[0].path(), url, ttl),
@@ -39,7 +39,7 @@ fn pair(h: &Harness, url: &str, ttl: u64) -> Pair {
     }
 }
 
-async fn start_deployment(d: &Daemon, body: Value) -> i64 {
+pub(crate) async fn start_deployment(d: &Daemon, body: Value) -> i64 {
     let (status, created) = call(
         reqwest::Method::POST,
         &format!("{}/api/v1/deployments", d.url),
@@ -51,16 +51,8 @@ async fn start_deployment(d: &Daemon, body: Value) -> i64 {
     created["id"].as_i64().unwrap()
 }
 
-async fn cluster(d: &Daemon) -> Value {
-    let (status, cluster) = call(
-        reqwest::Method::GET,
-        &format!("{}/api/v1/cluster", d.url),
-        Some(READ_TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{cluster}");
-    cluster
+pub(crate) async fn cluster(d: &Daemon) -> Value {
+    read(d, "/api/v1/cluster").await
 }
 
 /// Follow deployment `id` on `d` to its end; the events' ids and kinds.
@@ -73,7 +65,7 @@ async fn follow(d: &Daemon, id: i64) -> Vec<(i64, String)> {
 }
 
 /// Every stored event of deployment `id`, as `GET /api/v1/deployments/ID/report` would read them.
-async fn stored_events(db: &PgDatabase, id: i64) -> Vec<nix_deploy_core::events::Event> {
+pub(crate) async fn stored_events(db: &PgDatabase, id: i64) -> Vec<nix_deploy_core::events::Event> {
     let dir = tempfile::tempdir().unwrap();
     let mut options = nix_deploy::store::StoreOptions::sqlite(dir.path());
     options.database = nix_deploy::store::Database::Postgres(
@@ -86,7 +78,7 @@ async fn stored_events(db: &PgDatabase, id: i64) -> Vec<nix_deploy_core::events:
 }
 
 /// Every host deployed, on generation 2, running what the report says.
-fn report_is_what_the_hosts_run(h: &Harness, deployment: &Value, names: &[&str]) {
+pub(crate) fn report_is_what_the_hosts_run(h: &Harness, deployment: &Value, names: &[&str]) {
     assert_eq!(deployment["status"], "succeeded", "{deployment:#}");
     for name in names {
         let run = deployment["hosts"]
@@ -108,7 +100,11 @@ fn report_is_what_the_hosts_run(h: &Harness, deployment: &Value, names: &[&str])
 
 /// The first of `names` that is activating another system than `before`
 /// (what each ran at generation 1), waiting for one.
-fn until_activating<'a>(h: &Harness, names: &[&'a str], before: &[Option<String>]) -> &'a str {
+pub(crate) fn until_activating<'a>(
+    h: &Harness,
+    names: &[&'a str],
+    before: &[Option<String>],
+) -> &'a str {
     let activating = || {
         names.iter().zip(before).find_map(|(name, old)| {
             h.fleet
@@ -125,12 +121,73 @@ fn until_activating<'a>(h: &Harness, names: &[&'a str], before: &[Option<String>
 }
 
 /// What each host runs now.
-fn systems(h: &Harness, names: &[&str]) -> Vec<Option<String>> {
+pub(crate) fn systems(h: &Harness, names: &[&str]) -> Vec<Option<String>> {
     names.iter().map(|n| h.fleet.current_system(n)).collect()
 }
 
+/// Two daemons on a fresh PostgreSQL (leases of `ttl` seconds) and a fleet
+/// `names` whose new systems take 3 s to activate, deployed one host at a
+/// time by the first daemon.
+pub(crate) struct Scene {
+    /// First: the daemons stop before the fleet does.
+    pub p: Pair,
+    pub h: Harness,
+    /// What each host ran before.
+    pub before: Vec<Option<String>>,
+    pub db: PgDatabase,
+    pub id: i64,
+}
+
+pub(crate) async fn scene(names: &[&str], ttl: u64) -> Scene {
+    let h = slow_fleet(names, 3000);
+    let before = systems(&h, names);
+    let db = Postgres::database().unwrap();
+    let p = pair(&h, &db.url, ttl);
+    let id = start_deployment(&p.a, json!({ "parallel_limit": 1 })).await;
+    Scene {
+        p,
+        h,
+        before,
+        db,
+        id,
+    }
+}
+
+/// A client following a deployment's events on a daemon, from its start,
+/// in the background.
+pub(crate) struct Follower {
+    task: tokio::task::JoinHandle<Result<(), nix_deploy::cli::client::ClientError>>,
+    events: tokio::sync::mpsc::UnboundedReceiver<nix_deploy_core::events::Event>,
+}
+
+pub(crate) fn follower(d: &Daemon, id: i64) -> Follower {
+    let client =
+        nix_deploy::cli::client::Client::new(&d.url, Some(&d.token_file("read.token"))).unwrap();
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    Follower {
+        task: tokio::spawn(async move { client.follow(id, tx).await }),
+        events,
+    }
+}
+
+impl Follower {
+    /// Every event it received, once its stream ended with the deployment.
+    pub(crate) async fn events(mut self) -> Vec<nix_deploy_core::events::Event> {
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the follower's stream ends")
+            .unwrap()
+            .unwrap();
+        let mut streamed = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            streamed.push(event);
+        }
+        streamed
+    }
+}
+
 /// `kill -SIGNAL` the daemon.
-fn signal(d: &Daemon, signal: &str) {
+pub(crate) fn signal(d: &Daemon, signal: &str) {
     let status = std::process::Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(d.child.id().to_string())
@@ -187,11 +244,13 @@ async fn a_follower_streams_every_event_of_a_deployment_another_daemon_runs_in_o
 #[tokio::test(flavor = "multi_thread")]
 async fn the_owner_killed_while_a_host_activates_is_taken_over_and_every_host_ends_deployed() {
     let names = ["k1", "k2"];
-    let h = slow_fleet(&names, 3000);
-    let before = systems(&h, &names);
-    let db = Postgres::database().unwrap();
-    let mut p = pair(&h, &db.url, 4);
-    let id = start_deployment(&p.a, json!({ "parallel_limit": 1 })).await;
+    let Scene {
+        mut p,
+        h,
+        before,
+        db,
+        id,
+    } = scene(&names, 4).await;
     let first = until_activating(&h, &names, &before);
     p.a.child.kill().unwrap(); // SIGKILL
     p.a.child.wait().unwrap();
@@ -229,12 +288,14 @@ async fn the_owner_killed_while_a_host_activates_is_taken_over_and_every_host_en
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_owner_that_wakes_after_a_takeover_is_refused_and_touches_no_host() {
     let names = ["s1", "s2"];
-    let h = slow_fleet(&names, 3000);
-    let before = systems(&h, &names);
-    let db = Postgres::database().unwrap();
-    let p = pair(&h, &db.url, 4);
+    let Scene {
+        p,
+        h,
+        before,
+        db,
+        id,
+    } = scene(&names, 4).await;
     let (a, b) = (&p.a, &p.b);
-    let id = start_deployment(a, json!({ "parallel_limit": 1 })).await;
     until_activating(&h, &names, &before);
     signal(a, "STOP");
     let deployment = wait_finished(b, id).await;
@@ -277,13 +338,7 @@ async fn postgresql_restarting_mid_deployment_loses_no_event_and_activates_no_ho
     let p = pair(&h, &url, 15);
     let (a, b) = (&p.a, &p.b);
     let id = start_deployment(a, json!({ "parallel_limit": 1 })).await;
-    let follower = {
-        let client =
-            nix_deploy::cli::client::Client::new(&b.url, Some(&b.token_file("read.token")))
-                .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        (tokio::spawn(async move { client.follow(id, tx).await }), rx)
-    };
+    let follower = follower(b, id);
     until_activating(&h, &names, &before);
     server.restart().unwrap();
     let deployment = wait_finished(a, id).await;
@@ -297,16 +352,7 @@ async fn postgresql_restarting_mid_deployment_loses_no_event_and_activates_no_ho
             .count();
         assert_eq!(count, 1, "{name} was activated {count} times");
     }
-    let (task, mut rx) = follower;
-    tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("the follower's stream ends")
-        .unwrap()
-        .unwrap();
-    let mut streamed = Vec::new();
-    while let Ok(event) = rx.try_recv() {
-        streamed.push(event);
-    }
+    let streamed = follower.events().await;
     let db = PgDatabase {
         url,
         name,

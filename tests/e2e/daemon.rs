@@ -22,22 +22,30 @@ pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
 pub(crate) const SLACK_SECRET: &str = "slack-signing-secret";
 const GITHUB_SECRET: &str = "github-webhook-secret";
 
-/// A tiny HTTP receiver on loopback that records request bodies.
-struct Receiver {
-    url: String,
-    bodies: Arc<Mutex<Vec<String>>>,
+/// A request's headers: lower-cased names, values.
+pub(crate) type Head = Vec<(String, String)>;
+
+/// A tiny HTTP receiver on loopback that records request bodies (and their
+/// headers in `heads`, in the same order).
+pub(crate) struct Receiver {
+    pub url: String,
+    pub bodies: Arc<Mutex<Vec<String>>>,
+    pub heads: Arc<Mutex<Vec<Head>>>,
 }
 
-fn receiver() -> Receiver {
+pub(crate) fn receiver() -> Receiver {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let heads = Arc::new(Mutex::new(Vec::new()));
     let seen = bodies.clone();
+    let seen_heads = heads.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut length = 0usize;
+            let mut head = Vec::new();
             loop {
                 let mut line = String::new();
                 if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -47,12 +55,16 @@ fn receiver() -> Receiver {
                 if let Some(v) = lower.strip_prefix("content-length:") {
                     length = v.trim().parse().unwrap_or(0);
                 }
+                if let Some((name, value)) = line.split_once(':') {
+                    head.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+                }
                 if line == "\r\n" {
                     break;
                 }
             }
             let mut body = vec![0u8; length];
             let _ = reader.read_exact(&mut body);
+            seen_heads.lock().unwrap().push(head);
             seen.lock()
                 .unwrap()
                 .push(String::from_utf8_lossy(&body).into_owned());
@@ -60,7 +72,7 @@ fn receiver() -> Receiver {
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
     });
-    Receiver { url, bodies }
+    Receiver { url, bodies, heads }
 }
 
 pub(crate) struct Daemon {
@@ -82,7 +94,7 @@ impl Daemon {
     }
 
     /// SIGTERM, as systemd stops the service.
-    fn terminate(&self) {
+    pub(crate) fn terminate(&self) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -104,13 +116,52 @@ fn start_daemon(h: &Harness, extra_config: &str) -> Daemon {
 }
 
 /// A daemon with `top` keys before the config's tables and `extra_config`
-/// after them (in the `[github]` table unless it opens another).
+/// after them (in the `[github]` table unless it opens another). Chat
+/// deployments of up to 10 hosts need no confirmation (see
+/// [`start_daemon_confirming`]).
 pub(crate) fn start_daemon_with(h: &Harness, top: &str, extra_config: &str) -> Daemon {
     start_daemon_in(h, h.state_dir(), top, extra_config)
 }
 
 /// [`start_daemon_with`] on another state directory (another machine's).
 pub(crate) fn start_daemon_in(h: &Harness, state: &Path, top: &str, extra_config: &str) -> Daemon {
+    spawn_daemon(h, state, top, extra_config, &[], 10)
+}
+
+/// [`start_daemon_with`], with more arguments for `nix-deploy` (before
+/// `serve`).
+pub(crate) fn start_daemon_args(
+    h: &Harness,
+    top: &str,
+    extra_config: &str,
+    args: &[&str],
+) -> Daemon {
+    spawn_daemon(h, h.state_dir(), top, extra_config, args, 10)
+}
+
+/// [`start_daemon_in`], where a chat deployment touching more than
+/// `confirm_above` hosts is confirmed first.
+pub(crate) fn start_daemon_confirming(
+    h: &Harness,
+    state: &Path,
+    top: &str,
+    extra_config: &str,
+    confirm_above: usize,
+) -> Daemon {
+    spawn_daemon(h, state, top, extra_config, &[], confirm_above)
+}
+
+/// A daemon on state directory `state`, with `args` before `serve`, where a
+/// chat deployment touching more than `confirm_above` hosts is confirmed
+/// first.
+pub(crate) fn spawn_daemon(
+    h: &Harness,
+    state: &Path,
+    top: &str,
+    extra_config: &str,
+    args: &[&str],
+    confirm_above: usize,
+) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -143,6 +194,9 @@ scope = "read"
 signing-secret-file = "{}"
 response-url-prefixes = ["http://127.0.0.1:"]
 
+[chat]
+confirm-above = {confirm_above}
+
 [[chat.users]]
 id = "U1"
 scope = "deploy"
@@ -165,6 +219,7 @@ branch = "main"
         .arg(h.fleet.ssh_config())
         .arg("--state-dir")
         .arg(state)
+        .args(args)
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -187,6 +242,13 @@ branch = "main"
         })
         .to_string();
     Daemon { child, url, dir }
+}
+
+/// Stop a daemon as systemd does (SIGTERM); it must exit cleanly.
+pub(crate) fn stop_daemon(mut d: Daemon) {
+    d.terminate();
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "the daemon exits cleanly: {status:?}");
 }
 
 pub(crate) fn client() -> reqwest::Client {
@@ -216,6 +278,20 @@ pub(crate) async fn call(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// `GET` an API path of `d` with the read token; the document (the answer
+/// must be 200).
+pub(crate) async fn read(d: &Daemon, path: &str) -> Value {
+    let (status, document) = call(
+        reqwest::Method::GET,
+        &format!("{}{path}", d.url),
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "GET {path}: {document}");
+    document
 }
 
 /// Follow a deployment's event stream to the end; returns the event kinds.
@@ -842,7 +918,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
             })
             .unwrap();
     }
-    let mut d = start_daemon(&h, "");
+    let d = start_daemon(&h, "");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (status, created) = runtime.block_on(call(
         reqwest::Method::POST,
@@ -855,9 +931,7 @@ fn sigterm_during_a_deployment_cancels_it_safely_and_records_it() {
     h.until(30, "the first activation", || {
         h.fleet.activations("t1").len() >= 2
     });
-    d.terminate();
-    let status = d.child.wait().unwrap();
-    assert!(status.success(), "the daemon exits cleanly: {status:?}");
+    stop_daemon(d);
     let (_, shown, _) = h.json(&["show", &id.to_string()]);
     assert_eq!(shown["status"], "cancelled", "{shown:#}");
     for name in ["t1", "t2", "t3"] {
@@ -1095,7 +1169,7 @@ async fn a_killed_cli_coordinator_ends_its_stream_and_leaves_nothing_running() {
     assert_eq!(shown["status"], "interrupted", "{shown:#}");
 }
 
-async fn client_metrics(d: &Daemon) -> String {
+pub(crate) async fn client_metrics(d: &Daemon) -> String {
     get_text(&format!("{}/metrics", d.url), None).await
 }
 

@@ -116,7 +116,8 @@ fn a_decision_for_an_activation_the_host_never_had_fails() {
         nix_deploy_core::remote::Decision::Confirmed,
         nix_deploy_core::remote::Decision::TakenBack,
     ] {
-        let argv = nix_deploy_core::remote::decide_argv("f00dcafe0123", decision);
+        let fence = nix_deploy_core::remote::Fence::new(1, 1, 1).unwrap();
+        let argv = nix_deploy_core::remote::decide_argv("f00dcafe0123", decision, &fence);
         let script = nix_deploy_core::shell::join(&argv);
         let result = h.fleet.ssh("d1", &script);
         assert!(

@@ -106,12 +106,18 @@ fn keys_from_each_source_land_with_their_owner_and_mode_and_nowhere_else() {
         mode_and_owner(&on_host("/run/app/tls/cert.pem")),
         (0o400, 65534, 0)
     );
-    // Written atomically: no temporary file is left behind.
+    // Written atomically: no temporary file is left behind. What the
+    // deployment replaced is kept beside them, root-only (see keys_undo).
     let left: Vec<_> = std::fs::read_dir(on_host("/run/keys"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != ".nix-deploy-undo")
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(
+        mode_and_owner(&on_host("/run/keys/.nix-deploy-undo")),
+        (0o700, 0, 0)
+    );
 
     // Pre-activation keys before the activation, post-activation ones after.
     let k1 = host(&report, "k1");

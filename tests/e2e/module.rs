@@ -325,6 +325,92 @@ fn the_module_refuses_secrets_it_would_put_in_the_store() {
     assert!(warnings.contains("loopback"), "{warnings}");
 }
 
+#[test]
+fn the_modules_watch_and_mail_settings_reach_the_daemon_with_their_secrets_as_credentials() {
+    let module = Module::new();
+    let secrets = tempfile::tempdir().unwrap();
+    let (hook, hook_text) = secret_file(secrets.path(), "webhook-secret");
+    let (smtp, smtp_text) = secret_file(secrets.path(), "smtp-password");
+    let config = format!(
+        r#"{{
+  services.nix-deploy = {{
+    enable = true;
+    package = {{ type = "derivation"; name = "nix-deploy"; outPath = "/nix/store/11111111111111111111111111111111-nix-deploy"; }};
+    settings = {{
+      flake = "github:me/fleet";
+      notifications.email-to = [ "ops@example.org" ];
+      smtp = {{ server = "smtp.example.org"; username = "nd"; from = "nix-deploy <nd@example.org>"; }};
+      watch = {{ interval = "30s"; branch = "main"; on-drift = "report";
+                rules = [ {{ on = "@web"; on-drift = "redeploy"; }} ]; }};
+    }};
+    notifications.webhookSecretFile = {hook};
+    smtp.passwordFile = {smtp};
+  }};
+}}"#,
+        hook = nix_string(&hook),
+        smtp = nix_string(&smtp),
+    );
+    let result = module.eval(&config).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(result["failedAssertions"], serde_json::json!([]));
+    // The signing secret and the SMTP password are credentials, named in
+    // the config by their credential names, never in the store.
+    let mut credentials: Vec<&str> = result["unit"]["serviceConfig"]["LoadCredential"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    credentials.sort_unstable();
+    assert_eq!(
+        credentials,
+        [
+            format!("smtp-password:{smtp}"),
+            format!("webhook-secret:{hook}")
+        ]
+    );
+    let settings = &result["settings"];
+    assert_eq!(
+        settings["notifications"]["webhook-secret-file"],
+        "webhook-secret"
+    );
+    assert_eq!(settings["smtp"]["password-file"], "smtp-password");
+    let stored = std::fs::read_to_string(result["configFile"].as_str().unwrap()).unwrap();
+    for text in [&hook_text, &smtp_text] {
+        assert!(!result.to_string().contains(text.as_str()), "{text}");
+        assert!(!stored.contains(text.as_str()), "{text}");
+    }
+    // The daemon takes what the module writes, every watch key included.
+    let toml = toml::to_string(settings).unwrap();
+    let parsed = nix_deploy::daemon::config::Config::parse(&toml, Path::new("module.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert_eq!(parsed.watch.interval, std::time::Duration::from_secs(30));
+    assert_eq!(parsed.watch.branch.as_deref(), Some("main"));
+    assert_eq!(parsed.watch.rules[0].on, "@web");
+    assert_eq!(parsed.notifications.email_to, ["ops@example.org"]);
+    let smtp_config = parsed.smtp.unwrap();
+    assert_eq!(smtp_config.server, "smtp.example.org");
+    assert_eq!(
+        smtp_config.password_file.as_deref(),
+        Some(Path::new("smtp-password"))
+    );
+    // A password file without a server to use it for is refused.
+    let result = module
+        .eval(&format!(
+            r#"{{
+  services.nix-deploy = {{
+    enable = true;
+    package = {{ type = "derivation"; name = "nix-deploy"; outPath = "/nix/store/11111111111111111111111111111111-nix-deploy"; }};
+    settings.flake = "github:me/fleet";
+    smtp.passwordFile = {smtp};
+  }};
+}}"#,
+            smtp = nix_string(&smtp)
+        ))
+        .unwrap();
+    let failed = result["failedAssertions"].to_string();
+    assert!(failed.contains("smtp.passwordFile"), "{failed}");
+}
+
 /// The fleet's ssh config without its `IdentityFile`s: ssh then has no key
 /// unless one is given (`IdentitiesOnly yes` keeps the agent out).
 fn config_without_keys(h: &crate::helpers::Harness, dir: &Path) -> std::path::PathBuf {

@@ -17,7 +17,8 @@ pub struct ClusterReport {
     /// The elected leader's coordinator id, while its term lasts.
     pub leader: Option<String>,
     pub coordinators: Vec<Coordinator>,
-    /// Deployments running (or being taken over), with their holders.
+    /// Deployments running (or being taken over), with their holders (none
+    /// for one handed over and not yet taken).
     pub deployments: Vec<DeploymentLease>,
 }
 
@@ -30,8 +31,16 @@ pub struct Coordinator {
     pub hostname: String,
     pub pid: i64,
     pub version: String,
-    /// Whether it takes over deployments whose holder's lease expired.
+    /// Whether it takes over deployments whose holder's lease expired (a
+    /// stopping daemon takes nothing over any more).
     pub takeover: bool,
+    /// A daemon stopping: it hands its deployments over to the daemons
+    /// that take deployments over (or, without any, cancels them).
+    #[serde(default)]
+    pub stopping: bool,
+    /// Deployments it handed over to another coordinator as it stopped.
+    #[serde(default)]
+    pub handed_over: i64,
     pub started_at: i64,
     pub heartbeat_at: i64,
     /// Its last heartbeat is younger than the lease TTL.

@@ -17,6 +17,8 @@ pub enum Step {
     #[serde(rename = "pre-flight")]
     Preflight,
     Build,
+    /// A promotion: the closure fetched from the source host instead of built.
+    Fetch,
     Copy,
     SetProfile,
     Activate,
@@ -39,6 +41,7 @@ impl Step {
             Step::Probe => "probe",
             Step::Preflight => "pre-flight",
             Step::Build => "build",
+            Step::Fetch => "fetch",
             Step::Copy => "copy",
             Step::SetProfile => "set-profile",
             Step::Activate => "activate",
@@ -59,6 +62,7 @@ impl Step {
             Step::Probe => "probing",
             Step::Preflight => "pre-flight checks",
             Step::Build => "building",
+            Step::Fetch => "fetching from the source host",
             Step::Copy => "copying",
             Step::SetProfile => "setting profile",
             Step::Activate => "activating",
@@ -244,7 +248,8 @@ pub enum EventKind {
     },
     HostProbed {
         state: HostState,
-        probe: Option<ProbeResult>,
+        /// Boxed: a probe is much larger than the other events.
+        probe: Option<Box<ProbeResult>>,
         error: Option<String>,
     },
     Planned {

@@ -187,6 +187,16 @@ pub struct DeployArgs {
     /// How long a rebooting host may take to come back [default: 10m].
     #[arg(long, value_name = "DURATION", value_parser = duration::parse_timeout)]
     pub reboot_timeout: Option<Duration>,
+    #[command(flatten)]
+    pub gates: GateArgs,
+    #[command(flatten)]
+    pub results: ResultArgs,
+}
+
+/// Pauses and maintenance windows: what may hold a deployment, and the way
+/// past a window (deployments and promotions take them alike).
+#[derive(Args, Debug, Clone, Default)]
+pub struct GateArgs {
     /// Stop after the canaries' soak until someone promotes the deployment
     /// (`nix-deploy approve ID`).
     #[arg(long)]
@@ -203,8 +213,6 @@ pub struct DeployArgs {
     /// Why the windows are overridden (recorded in the audit trail).
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
-    #[command(flatten)]
-    pub results: ResultArgs,
 }
 
 /// How a host gets its system's closure: built where, and whether it
@@ -254,14 +262,66 @@ impl ResultArgs {
     }
 }
 
-impl DeployArgs {
-    /// The request this command line makes.
-    pub fn request(&self) -> Result<Request, crate::options::OptionsError> {
+impl GateArgs {
+    pub fn apply(&self, request: &mut Request) -> Result<(), crate::options::OptionsError> {
         if self.reason.is_some() && !self.override_window {
             return Err(crate::options::OptionsError(
                 "--reason goes with --override-window".into(),
             ));
         }
+        request.pause_after_canary = self.pause_after_canary;
+        request.pause_after_batch = self.pause_after_batch;
+        request.no_wait = self.no_wait;
+        request.override_window = self
+            .override_window
+            .then(|| self.reason.clone().unwrap_or_default());
+        Ok(())
+    }
+}
+
+/// `promote`: the systems the source hosts run, deployed to the hosts
+/// paired with them by `deployment.promotionKey`.
+#[derive(Args, Debug, Clone)]
+pub struct PromoteArgs {
+    /// The source hosts (selectors, e.g. `@staging`; repeatable, or comma
+    /// lists).
+    #[arg(long, value_name = "SEL", required = true)]
+    pub from: Vec<String>,
+    /// The target hosts (selectors, e.g. `@prod`; repeatable, or comma lists).
+    #[arg(long, value_name = "SEL", required = true)]
+    pub to: Vec<String>,
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub gates: GateArgs,
+    /// Wait for target hosts another deployment holds instead of refusing.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+impl PromoteArgs {
+    /// The request this command line makes.
+    pub fn request(&self) -> Result<crate::promote::PromoteRequest, crate::options::OptionsError> {
+        let mut options = Request::default();
+        self.strategy.apply(&mut options);
+        self.runtime.apply(&mut options);
+        self.gates.apply(&mut options)?;
+        let request = crate::promote::PromoteRequest {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            wait: self.wait,
+            options,
+        };
+        request.check()?;
+        Ok(request)
+    }
+}
+
+impl DeployArgs {
+    /// The request this command line makes.
+    pub fn request(&self) -> Result<Request, crate::options::OptionsError> {
         let mut request = Request {
             wait: self.wait,
             revision: self.revision.clone(),
@@ -272,14 +332,9 @@ impl DeployArgs {
                 .map(crate::goal::RebootPolicy::parse)
                 .transpose()?,
             reboot_timeout: self.reboot_timeout,
-            pause_after_canary: self.pause_after_canary,
-            pause_after_batch: self.pause_after_batch,
-            no_wait: self.no_wait,
-            override_window: self
-                .override_window
-                .then(|| self.reason.clone().unwrap_or_default()),
             ..Request::default()
         };
+        self.gates.apply(&mut request)?;
         self.select.apply(&mut request);
         self.strategy.apply(&mut request);
         self.runtime.apply(&mut request);
@@ -487,5 +542,34 @@ mod tests {
             ChatVerb::Cancel { id: None }
         ));
         assert!(chat_help().contains("approve"));
+    }
+
+    #[derive(Parser, Debug)]
+    struct PromoteLine {
+        #[command(flatten)]
+        args: PromoteArgs,
+    }
+
+    #[test]
+    fn promote_takes_both_sides_and_the_deployment_flags() {
+        let parse = |line: &str| PromoteLine::try_parse_from(line.split_whitespace());
+        let args = parse("x --from @staging --to @prod,p9 --strategy rolling --pause-after-batch")
+            .unwrap()
+            .args;
+        let request = args.request().unwrap();
+        assert_eq!(request.from, ["@staging"]);
+        assert_eq!(request.to, ["@prod,p9"]);
+        assert_eq!(request.options.strategy.as_deref(), Some("rolling"));
+        assert!(request.options.pause_after_batch);
+        assert!(parse("x --from @staging").is_err(), "--to is needed");
+        assert!(parse("x --from @s --to @p --override-window").is_err());
+        assert!(
+            parse("x --from @s --to @p --reason why")
+                .unwrap()
+                .args
+                .request()
+                .is_err(),
+            "--reason without --override-window"
+        );
     }
 }

@@ -28,11 +28,19 @@
 //!   reboots: what each does, how it is validated and undone.
 //! - [`keys`]: secrets uploaded outside the store (`deployment.keys`).
 //! - [`exec`]: commands run on many hosts (`nix-deploy exec`).
+//! - [`drift`]: how a host stands against the flake and our history
+//!   (in sync, behind, manually switched, unhealthy, ...), and which
+//!   changes are alerted.
+//! - [`watch`]: the fleet as the daemon's watch sees it, its events and
+//!   alerts; [`pull`]: following a branch of the flake's git remote.
 //! - [`window`]: maintenance windows (cron, time zones, allow and deny).
 //! - [`approval`]: approval rules, gates and pauses: who may say yes.
 //! - [`audit`]: the audit trail's entries and its hash chain.
 //! - [`grammar`]: the deploy flags (one clap parser for the CLI and chat)
 //!   and the chat command's verbs.
+//! - [`scheduled`]: scheduled deployments: when each `[[schedule]]` is due.
+//! - [`promote`]: promotion between environments: pairing by key, the
+//!   verdict on a source host, what is recorded.
 //! - [`suggest`]: "did you mean" for mistyped names.
 //! - [`cluster`]: the coordinators sharing one history, their leases and leader.
 
@@ -42,6 +50,7 @@ pub mod audit;
 pub mod cluster;
 pub mod command;
 pub mod doctor;
+pub mod drift;
 pub mod duration;
 pub mod eval;
 pub mod events;
@@ -54,14 +63,18 @@ pub mod keys;
 pub mod nix;
 pub mod options;
 pub mod plan;
+pub mod promote;
+pub mod pull;
 pub mod remote;
 pub mod render;
 pub mod reports;
 pub mod run;
+pub mod scheduled;
 pub mod select;
 pub mod shell;
 pub mod source;
 pub mod sshopts;
 pub mod suggest;
 pub mod summary;
+pub mod watch;
 pub mod window;

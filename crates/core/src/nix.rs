@@ -130,6 +130,18 @@ pub fn show_config_command() -> Cmd {
         .args(["show-config", "--json"])
 }
 
+/// `nix copy --from ssh://[user@]source --no-check-sigs PATH`: a closure
+/// from a host's store into the coordinator's (a promotion's source host:
+/// trusted as the coordinator trusts the hosts it deploys, whose stores it
+/// writes unsigned paths into).
+pub fn copy_from_command(source_uri: &str, path: &str, ssh_opts: &str) -> Cmd {
+    Cmd::new("nix")
+        .args(FEATURE_FLAGS)
+        .args(["copy", "--from", source_uri, "--no-check-sigs"])
+        .arg(path)
+        .env("NIX_SSHOPTS", ssh_opts)
+}
+
 /// Reject flake references we cannot append `#nixosConfigurations` to.
 pub fn check_flake_ref(flake: &str) -> Result<(), &'static str> {
     let bad = Err;
@@ -356,6 +368,21 @@ mod tests {
         );
         let copy = copy_command("ssh://web1", "/nix/store/abc-x", "", true);
         assert!(argv(&copy).contains(&"--substitute-on-destination".to_string()));
+        let fetch = copy_from_command(
+            "ssh://root@staging1",
+            "/nix/store/abc-x",
+            "-o BatchMode=yes",
+        );
+        assert_eq!(
+            argv(&fetch)[3..],
+            [
+                "copy",
+                "--from",
+                "ssh://root@staging1",
+                "--no-check-sigs",
+                "/nix/store/abc-x"
+            ]
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use crate::events::{Event, EventKind, HostStatus};
 use crate::goal::{Goal, RebootPolicy};
+use crate::keys::KeyChanges;
 use crate::run::{Deployment, HostRun, RunKind};
 
 /// `/nix/store/<hash>-name` → `<hash:7>…-name`, for tables.
@@ -62,6 +63,30 @@ pub fn seconds(secs: f64) -> String {
     duration_ms((secs * 1000.0) as i64)
 }
 
+/// How long ago, roughly: `12s`, `5m`, `3h`, `2d` (never negative).
+pub fn age(ms: i64) -> String {
+    let secs = ms.max(0) / 1000;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+/// A host's drift kinds, each with how long it has lasted at `now`:
+/// `manual-switch 3m, unhealthy 40s`.
+pub fn drift(drift: &[crate::drift::Drift], now: i64) -> String {
+    if drift.is_empty() {
+        return "-".into();
+    }
+    drift
+        .iter()
+        .map(|d| format!("{} {}", d.kind, age(now - d.since)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Unix milliseconds as `2024-05-01 12:00:00Z`.
 pub fn timestamp(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -73,6 +98,17 @@ pub fn timestamp(ms: i64) -> String {
             .ok()
         })
         .unwrap_or_else(|| ms.to_string())
+}
+
+/// What a waiting deployment waits for, in one line.
+pub fn window_wait(wait: &crate::run::WindowWait) -> String {
+    format!(
+        "waiting for a maintenance window: {} ({}); next opening {}",
+        wait.hosts.join(", "),
+        wait.reason,
+        wait.opens_at
+            .map_or("none within 400 days".into(), timestamp)
+    )
 }
 
 /// The icon of an outcome: each is two columns wide on a terminal and in
@@ -122,6 +158,40 @@ pub fn generations(run: &HostRun) -> String {
         ),
         _ => generation(back),
     }
+}
+
+/// What a way back did to a host's keys, in one line:
+/// `keys: restored 2 (/run/keys/a, /run/keys/b); removed 1 created by this deployment (/run/keys/c)`;
+/// `None` when it did nothing to them and said nothing.
+pub fn key_changes(changes: &KeyChanges) -> Option<String> {
+    let list = |paths: &[String]| format!("{} ({})", paths.len(), paths.join(", "));
+    let mut parts = Vec::new();
+    if !changes.restored.is_empty() {
+        parts.push(format!("restored {}", list(&changes.restored)));
+    }
+    if !changes.removed.is_empty() {
+        parts.push(format!(
+            "removed {} created by this deployment ({})",
+            changes.removed.len(),
+            changes.removed.join(", ")
+        ));
+    }
+    if !changes.uploaded_again.is_empty() {
+        parts.push(format!(
+            "uploaded again after the reboot with this deployment's contents {} (what they held before was lost with /run)",
+            list(&changes.uploaded_again)
+        ));
+    }
+    if !changes.failed.is_empty() {
+        parts.push(format!(
+            "NOT known to be as before the deployment: {}",
+            changes.failed.join("; ")
+        ));
+    }
+    if let Some(left) = &changes.left {
+        parts.push(left.clone());
+    }
+    (!parts.is_empty()).then(|| format!("keys: {}", parts.join("; ")))
 }
 
 /// How a host ended, as the live display says it. `back`: the generation
@@ -404,6 +474,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn what_happened_to_the_keys_is_said_in_one_line() {
+        assert_eq!(key_changes(&KeyChanges::default()), None);
+        let changes = KeyChanges {
+            restored: vec!["/run/keys/a".into(), "/run/keys/b".into()],
+            removed: vec!["/run/keys/c".into()],
+            failed: vec!["/srv/d: mv: denied".into()],
+            ..KeyChanges::default()
+        };
+        assert_eq!(
+            key_changes(&changes).unwrap(),
+            "keys: restored 2 (/run/keys/a, /run/keys/b); removed 1 created by this deployment (/run/keys/c); NOT known to be as before the deployment: /srv/d: mv: denied"
+        );
+        let left = KeyChanges {
+            left: Some("left as they are".into()),
+            ..KeyChanges::default()
+        };
+        assert_eq!(key_changes(&left).unwrap(), "keys: left as they are");
+    }
+
+    #[test]
     fn host_and_step_are_said_once() {
         assert_eq!(
             host_error(
@@ -489,6 +579,27 @@ mod tests {
             "✅ DEPLOYED (1.5s) generation 1 → 2"
         );
         assert_eq!(result_word(HostStatus::RolledBack), "⏪ rolled back");
+    }
+
+    #[test]
+    fn ages_and_drift() {
+        use crate::drift::{Drift, DriftKind};
+        assert_eq!(age(-5), "0s");
+        assert_eq!(age(59_999), "59s");
+        assert_eq!(age(3_600_000 * 5), "5h");
+        assert_eq!(age(86_400_000 * 3), "3d");
+        let kinds = [
+            Drift {
+                kind: DriftKind::ManualSwitch,
+                since: 0,
+            },
+            Drift {
+                kind: DriftKind::Unhealthy,
+                since: 140_000,
+            },
+        ];
+        assert_eq!(drift(&kinds, 180_000), "manual-switch 3m, unhealthy 40s");
+        assert_eq!(drift(&[], 0), "-");
     }
 
     #[test]

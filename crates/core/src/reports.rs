@@ -8,6 +8,7 @@ use crate::eval::EvaluationReport;
 use crate::events::{CheckResult, HostState, SystemRef};
 use crate::plan::Plan;
 use crate::run::{Deployment, HostRecord};
+use crate::watch::FleetReport;
 
 /// What `plan` shows.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,8 +57,9 @@ impl PlanReport {
     }
 }
 
-/// Every host as the history knows it; `live` (with `?live=true`) compares
-/// them with the flake right now.
+/// Every host as the history knows it; `fleet`, as the watch observed it
+/// (drift, health, last sight); `live` (with `?live=true`) compares them
+/// with the flake right now.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub hosts: Vec<HostRecord>,
@@ -66,6 +68,10 @@ pub struct StatusReport {
     pub running_deployments: Vec<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<PlanReport>,
+    /// The daemon's live view, the last one a daemon stored, or (with
+    /// `status --live`) one observation made now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetReport>,
 }
 
 /// A host's health right now (`health HOST`, `POST /hosts/{host}/health`).

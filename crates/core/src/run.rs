@@ -8,8 +8,10 @@ use crate::approval::Gate;
 use crate::events::{DeploymentStatus, Event, HostStatus, Step, SystemRef};
 use crate::exec::{CommandOutput, ExecSpec};
 use crate::goal::Goal;
+use crate::keys::KeyChanges;
 use crate::options::DeployOptions;
 use crate::plan::Plan;
+use crate::promote::Promotion;
 use crate::remote::HostSystems;
 use crate::summary::ChangeSummary;
 
@@ -105,6 +107,10 @@ pub struct HostRun {
     /// not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<HostSystems>,
+    /// What the way back did to the host's keys (put back, removed, not
+    /// put back), or why it left them: keys follow the system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<KeyChanges>,
 }
 
 /// A reboot as it happened: the boot ids before and after, and what the
@@ -137,6 +143,7 @@ impl HostRun {
             output: None,
             reboot: None,
             after: None,
+            keys: None,
         }
     }
 
@@ -197,6 +204,25 @@ pub struct Pinned {
     pub revision: Option<String>,
     /// Host → planned toplevel.
     pub hosts: std::collections::BTreeMap<String, String>,
+    /// Host → its tags when the deployment started: a caller limited to
+    /// some hosts may cancel or resume it only if every host is within
+    /// reach.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, Vec<String>>,
+    /// A promotion: where each host's system came from (`resume` fetches
+    /// it from there again, never from the flake).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+}
+
+/// What a deployment waits for while it is `waiting-for-window`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowWait {
+    /// The hosts outside their window.
+    pub hosts: Vec<String>,
+    pub reason: String,
+    /// When the first of them may start (Unix ms; none within 400 days).
+    pub opens_at: Option<i64>,
 }
 
 /// One deployment: the request, how it went, and its hosts' runs.
@@ -244,6 +270,10 @@ pub struct Deployment {
     /// Approval gates and pauses it met: who approved, when, what they saw.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gates: Vec<Gate>,
+    /// While it is `waiting-for-window`: for which hosts, why, and the next
+    /// opening.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<WindowWait>,
 }
 
 impl Deployment {

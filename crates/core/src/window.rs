@@ -153,13 +153,15 @@ pub struct Window {
     pub spec: WindowSpec,
 }
 
-fn at(ms: i64) -> DateTime<Utc> {
+/// Unix milliseconds as a UTC time (the earliest time for one out of range).
+pub(crate) fn at(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
-fn ms(t: DateTime<Utc>) -> i64 {
+/// A UTC time as Unix milliseconds.
+pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 

@@ -411,6 +411,18 @@ impl Fleet {
             .unwrap_or_else(|_| "inactive".to_string())
     }
 
+    /// Sets a unit's state (`active`, `failed`, ...), as if the service had
+    /// stopped or started on its own: the host's `systemctl is-active` (and
+    /// so a `service` health check) says so until the next activation.
+    pub fn set_unit_state(&self, name: &str, unit: &str, state: &str) -> Result<()> {
+        let dir = self.host(name).dir.join("run/units");
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("host {name}: creating {}", dir.display()))?;
+        let path = dir.join(unit_file_name(unit));
+        fs::write(&path, format!("{state}\n"))
+            .with_context(|| format!("host {name}: writing {}", path.display()))
+    }
+
     /// The host's toplevel store path as the flake evaluates it now.
     pub fn toplevel(&self, name: &str) -> Result<String> {
         self.assert_host(name);

@@ -1,8 +1,11 @@
 //! Approvals and the rules around them: `POST /api/v1/deployments/{id}/approve`
 //! and `/reject` (a deployment waiting at a gate: approval rules, or a pause
 //! to promote), `GET /api/v1/windows` (every maintenance window, open or
-//! not, and its next opening), `GET /api/v1/audit` (the audit trail, and
-//! its verification).
+//! not, and its next opening), `GET /api/v1/schedules` (each scheduled
+//! deployment's last and next run), `GET /api/v1/audit` (the audit trail,
+//! and its verification).
+
+use std::collections::BTreeSet;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -11,6 +14,8 @@ use serde::Deserialize;
 
 use nix_deploy_core::approval::{Gate, GateState, Refusal, requester_identity};
 use nix_deploy_core::audit::{AuditEntry, Verification};
+use nix_deploy_core::run::Deployment;
+use nix_deploy_core::scheduled::SchedulesReport;
 use nix_deploy_core::window::WindowsReport;
 
 use super::parse_body;
@@ -69,6 +74,54 @@ pub(crate) async fn reachable_gate(
         )));
     }
     Ok(Some(gate))
+}
+
+/// Whether `caller` may act on `deployment` (cancel it, resume it): a
+/// caller limited to some hosts may only when every host it touches is
+/// within reach (by the tags pinned when it started), or when they asked
+/// for it themselves (their request was limited when it was made).
+pub(crate) fn check_reach(caller: &Caller, deployment: &Deployment) -> Result<(), ApiError> {
+    let Some(limit) = &caller.limit else {
+        return Ok(());
+    };
+    if deployment.requested_by == caller.identity {
+        return Ok(());
+    }
+    let tags = deployment.pinned.as_ref().map(|p| &p.tags);
+    let hosts: BTreeSet<&str> = deployment
+        .selected
+        .iter()
+        .map(String::as_str)
+        .chain(deployment.hosts.iter().map(|h| h.host.as_str()))
+        .collect();
+    let mut outside = Vec::new();
+    let mut unknown = Vec::new();
+    for host in hosts {
+        match tags.and_then(|t| t.get(host)) {
+            Some(tags) if limit.allows(host, tags) => {}
+            Some(_) => outside.push(host),
+            None => unknown.push(host),
+        }
+    }
+    if !outside.is_empty() {
+        return Err(ApiError::Forbidden(format!(
+            "{} may only touch {}; deployment #{} touches {}",
+            limit.who,
+            limit.describe(),
+            deployment.id,
+            outside.join(", ")
+        )));
+    }
+    if !unknown.is_empty() {
+        return Err(ApiError::Forbidden(format!(
+            "{} may only touch {}, and what {} of deployment #{} are is not known (not started yet, or older): only its requester or an unlimited caller may act on it",
+            limit.who,
+            limit.describe(),
+            unknown.join(", "),
+            deployment.id
+        )));
+    }
+    Ok(())
 }
 
 /// Approve (or promote) deployment `id` as `caller`, through `via`;
@@ -221,6 +274,14 @@ pub async fn windows(
     Ok(Json(state.policy().windows.states(crate::now_ms())))
 }
 
+pub async fn schedules(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<SchedulesReport>, ApiError> {
+    state.authorize(&headers, Scope::Read).await?;
+    Ok(Json(crate::daemon::scheduler::report(&state).await?))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct AuditQuery {
     /// Unix ms.
@@ -264,4 +325,55 @@ pub async fn audit(
             .audit_entries(query.since.unwrap_or(0))
             .await?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::config::Scope;
+    use crate::engine::Limit;
+    use nix_deploy_core::select::HostFilter;
+
+    fn deployment(requested_by: &str, tags: serde_json::Value) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "id": 7, "created_at": 0, "status": "running", "trigger": "api",
+            "requested_by": requested_by, "flake": ".", "flake_rev": null,
+            "strategy": "smart", "options": {}, "selected": ["s1", "p1"],
+            "plan": null, "error": null, "pid": null,
+            "pinned": { "flake": null, "revision": null, "hosts": {}, "tags": tags },
+        }))
+        .unwrap()
+    }
+
+    fn staging_token() -> Caller {
+        Caller {
+            identity: "token:staging".into(),
+            scope: Scope::Deploy,
+            limit: Some(Limit {
+                who: "token `staging`".into(),
+                hosts: vec![HostFilter::parse(&["@staging".to_string()]).unwrap()],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_limited_caller_acts_only_on_deployments_within_reach_or_its_own() {
+        let tags = serde_json::json!({ "s1": ["staging"], "p1": ["prod"] });
+        let staging_only = serde_json::json!({ "s1": ["staging"], "p1": ["staging"] });
+        let caller = staging_token();
+        let e = check_reach(&caller, &deployment("token:ci", tags.clone())).unwrap_err();
+        assert!(e.to_string().contains("touches p1"), "{e}");
+        assert!(check_reach(&caller, &deployment("token:ci", staging_only)).is_ok());
+        assert!(check_reach(&caller, &deployment("token:staging", tags.clone())).is_ok());
+        // Hosts whose tags were not recorded (queued, or older): refused.
+        let e = check_reach(&caller, &deployment("token:ci", serde_json::json!({}))).unwrap_err();
+        assert!(e.to_string().contains("not known"), "{e}");
+        // Unlimited callers act on anything.
+        let admin = Caller {
+            identity: "token:ops".into(),
+            scope: Scope::Admin,
+            limit: None,
+        };
+        assert!(check_reach(&admin, &deployment("token:ci", tags)).is_ok());
+    }
 }

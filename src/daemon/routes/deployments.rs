@@ -164,15 +164,21 @@ pub(crate) async fn cancel_deployment(
 ) -> Result<CancelAnswer, ApiError> {
     let deployment = state.deployment(id).await?;
     let cancellable = deployment.status.is_active();
+    let reach = super::approvals::check_reach(&caller, &deployment);
     state
         .audit(
             &caller.identity,
             via,
-            "cancel",
+            if reach.is_ok() {
+                "cancel"
+            } else {
+                "cancel-refused"
+            },
             &format!("deployment #{id}"),
             serde_json::Value::Null,
         )
         .await?;
+    reach?;
     if !cancellable || !state.cancel(id, &caller.requested_by()).await? {
         return Err(ApiError::Conflict(format!(
             "deployment #{id} is {}, not running",
@@ -203,15 +209,21 @@ pub async fn resume(
     let body: ResumeBody = parse_body(&super::bytes(body)?)?;
     let deployment = state.deployment(id).await?;
     let engine = state.engine_with_flake_for(&deployment.flake, &caller);
+    let reach = super::approvals::check_reach(&caller, &deployment);
     state
         .audit(
             &caller.identity,
             "api",
-            "resume",
+            if reach.is_ok() {
+                "resume"
+            } else {
+                "resume-refused"
+            },
             &format!("deployment #{id}"),
             serde_json::Value::Null,
         )
         .await?;
+    reach?;
     let id = state
         .launch(
             engine,

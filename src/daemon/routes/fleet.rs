@@ -55,6 +55,7 @@ pub async fn status(
         hosts: state.store().host_states().await?,
         running_deployments: state.store().running_deployments().await?,
         live,
+        fleet: Some(state.fleet_view().await?),
     }))
 }
 
@@ -167,7 +168,8 @@ pub async fn health(
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = crate::daemon::metrics::render(state.store(), state.node()).await?;
+    let fleet = state.fleet_view().await?;
+    let text = crate::daemon::metrics::render(state.store(), state.node(), Some(&fleet)).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

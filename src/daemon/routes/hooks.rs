@@ -7,17 +7,15 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use nix_deploy_core::events::EventKind;
 use nix_deploy_core::fleet::Selection;
-use nix_deploy_core::options::Request;
-use nix_deploy_core::reports::PlanReport;
 
 use nix_deploy_core::grammar::{self, ChatVerb};
 
 use super::approvals;
+use super::chat::{self, chat_caller, ephemeral, in_channel};
 use crate::daemon::config::{self, Scope};
-use crate::daemon::slack::{self, SlashCommand};
-use crate::daemon::{ApiError, AppState, Caller, github};
+use crate::daemon::slack;
+use crate::daemon::{ApiError, AppState, github};
 use crate::engine::{DeployRequest, PushSource};
 use crate::store::BranchHead;
 
@@ -29,8 +27,49 @@ fn now_unix() -> i64 {
     crate::now_ms() / 1000
 }
 
-fn ephemeral(text: String) -> Response {
-    Json(serde_json::json!({ "response_type": "ephemeral", "text": text })).into_response()
+/// Check a request from Slack (the slash command, or a click on one of our
+/// buttons): its v0 signature, its timestamp within five minutes, and that
+/// it was not received before (a replay is refused, 409). A forged or stale
+/// one is recorded as a failed authentication (401). Returns the `[slack]`
+/// configuration.
+pub(crate) async fn verify_slack<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+    source: &str,
+) -> Result<&'a config::SlackConfig, ApiError> {
+    let (Some(config), Some(secret)) = (&state.config.slack, &state.slack_secret) else {
+        return Err(ApiError::NotFound(
+            "the Slack command is not configured".into(),
+        ));
+    };
+    let timestamp = header(headers, "x-slack-request-timestamp").unwrap_or("");
+    let signature = header(headers, "x-slack-signature").unwrap_or("");
+    if let Err(e) = slack::verify_signature(secret.expose(), timestamp, body, signature, now_unix())
+    {
+        state
+            .audit(
+                "unknown",
+                source,
+                "auth-failed",
+                "Slack request",
+                serde_json::json!({ "error": e.to_string() }),
+            )
+            .await?;
+        return Err(ApiError::Unauthorized(format!("Slack signature: {e}")));
+    }
+    // A signed request is good for the replay window; within it, only once.
+    let window_ms = 2 * slack::REPLAY_WINDOW_SECS * 1000;
+    if !state
+        .store()
+        .remember_delivery(source, &format!("{timestamp}:{signature}"), window_ms)
+        .await?
+    {
+        return Err(ApiError::Conflict(
+            "this signed Slack request was already received (replay refused)".into(),
+        ));
+    }
+    Ok(config)
 }
 
 pub async fn slack(
@@ -39,26 +78,7 @@ pub async fn slack(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = super::bytes(body)?;
-    let (Some(config), Some(secret)) = (&state.config.slack, &state.slack_secret) else {
-        return Err(ApiError::NotFound(
-            "the Slack command is not configured".into(),
-        ));
-    };
-    let timestamp = header(&headers, "x-slack-request-timestamp").unwrap_or("");
-    let signature = header(&headers, "x-slack-signature").unwrap_or("");
-    slack::verify_signature(secret.expose(), timestamp, &body, signature, now_unix())
-        .map_err(|e| ApiError::Unauthorized(format!("Slack signature: {e}")))?;
-    // A signed request is good for the replay window; within it, only once.
-    let window_ms = 2 * slack::REPLAY_WINDOW_SECS * 1000;
-    if !state
-        .store()
-        .remember_delivery("slack", &format!("{timestamp}:{signature}"), window_ms)
-        .await?
-    {
-        return Err(ApiError::Conflict(
-            "this signed Slack request was already received (replay refused)".into(),
-        ));
-    }
+    let config = verify_slack(&state, &headers, &body, "slack").await?;
     let command = slack::parse_form(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed slash command: {e}")))?;
     let verb = match grammar::parse_chat(&command.text) {
@@ -69,7 +89,7 @@ pub async fn slack(
         return Ok(ephemeral(usage()));
     }
     // Who may do what: the [chat] allowlists (nobody unlisted).
-    let Some(caller) = chat_caller(&state, &command) else {
+    let Some(caller) = chat_caller(&state, &command.user_id, &command.channel_id) else {
         state
             .audit(
                 &format!("slack:{}", command.user_id),
@@ -86,16 +106,7 @@ pub async fn slack(
     };
     let origin = format!("slack channel {}", command.channel_id);
     // The answer when the caller's scope is too small.
-    let needs = |scope: Scope| -> Option<Response> {
-        if caller.scope.allows(scope) {
-            None
-        } else {
-            Some(ephemeral(format!(
-                "this needs the {scope:?} scope; you have {:?}",
-                caller.scope
-            )))
-        }
-    };
+    let needs = |scope: Scope| chat::needs(&caller, scope).map(ephemeral);
     match verb {
         ChatVerb::Help => Ok(ephemeral(usage())),
         ChatVerb::Status | ChatVerb::History { .. } | ChatVerb::Show { .. } => {
@@ -152,6 +163,9 @@ pub async fn slack(
             let Some(id) = id else {
                 return Ok(ephemeral("No deployment is running.".into()));
             };
+            if let Err(e) = approvals::check_reach(&caller, &state.deployment(id).await?) {
+                return Ok(ephemeral(e.to_string()));
+            }
             state
                 .audit(
                     &caller.identity,
@@ -193,9 +207,9 @@ pub async fn slack(
                     serde_json::json!({ "request": &chat }),
                 )
                 .await?;
-            slack_deploy(
+            chat::deploy(
                 state.clone(),
-                config.response_url_prefixes.clone(),
+                &config.response_url_prefixes,
                 command,
                 chat,
                 caller,
@@ -203,33 +217,6 @@ pub async fn slack(
             .await
         }
     }
-}
-
-fn in_channel(text: String) -> Response {
-    Json(serde_json::json!({ "response_type": "in_channel", "text": text })).into_response()
-}
-
-/// The chat user's grant (and the channel's, when channels are listed):
-/// the lower scope, and both reaches.
-fn chat_caller(state: &AppState, command: &SlashCommand) -> Option<Caller> {
-    let chat = &state.config.chat;
-    let user = chat.users.iter().find(|g| g.id == command.user_id)?;
-    let mut scope = user.scope;
-    let mut filters = vec![config::hosts("chat.users.hosts", &user.hosts).ok()?];
-    if !chat.channels.is_empty() {
-        let channel = chat.channels.iter().find(|g| g.id == command.channel_id)?;
-        scope = scope.min(channel.scope);
-        filters.push(config::hosts("chat.channels.hosts", &channel.hosts).ok()?);
-    }
-    filters.retain(|f| !f.is_everything());
-    Some(Caller {
-        identity: format!("slack:{}", command.user_id),
-        scope,
-        limit: (!filters.is_empty()).then(|| crate::engine::Limit {
-            who: format!("Slack user {}", command.user_id),
-            hosts: filters,
-        }),
-    })
 }
 
 /// `status`, `history`, `show`: answered at once.
@@ -268,131 +255,6 @@ async fn chat_read(state: &AppState, verb: ChatVerb) -> Result<Response, ApiErro
 
 fn usage() -> String {
     format!("```{}```", grammar::chat_help())
-}
-
-/// How many messages one command may post to its `response_url` (Slack
-/// allows five): the plan, progress, and the summary.
-const SLACK_POSTS: usize = 5;
-
-/// The deployment is recorded at once and answered within Slack's three
-/// seconds, whatever the hosts do; the plan, progress and the summary follow
-/// on `response_url`.
-async fn slack_deploy(
-    state: AppState,
-    prefixes: Vec<String>,
-    command: SlashCommand,
-    chat: Request,
-    caller: Caller,
-) -> Result<Response, ApiError> {
-    let options = match state.resolve(&chat) {
-        Ok(o) => o,
-        Err(e) => return Ok(ephemeral(e.to_string())),
-    };
-    let response_url = command
-        .response_url
-        .clone()
-        .filter(|u| slack::is_allowed_response_url(u, &prefixes));
-    let request = DeployRequest {
-        selection: chat.selection(),
-        wait: true,
-        options,
-        trigger: "slack".into(),
-        requested_by: caller.identity.clone(),
-        source: None,
-    };
-    let http = state.http.clone();
-    let done_url = response_url.clone();
-    let id = state
-        .launch_queued(state.engine_for(&caller), request, move |result| {
-            let Some(url) = done_url else { return };
-            let body = match result {
-                Ok(deployment) => slack::summary_message(&deployment),
-                Err(e) => serde_json::json!({
-                    "response_type": "in_channel",
-                    "text": format!("Deployment failed to run: {e}"),
-                }),
-            };
-            tokio::spawn(async move {
-                if let Err(e) = http.post(&url).json(&body).send().await {
-                    tracing::warn!(cause = %e, "posting the deployment summary to Slack");
-                }
-            });
-        })
-        .await?;
-    if let (Some(url), Some(live)) = (response_url, state.subscribe(id)) {
-        tokio::spawn(slack_progress(state.clone(), url, id, live));
-    }
-    Ok(Json(serde_json::json!({
-        "response_type": "in_channel",
-        "text": format!(
-            "Deployment #{id} requested by {}: planning; the plan and progress follow here.",
-            command.user_name
-        ),
-        "deployment_id": id,
-    }))
-    .into_response())
-}
-
-/// The plan once it is made, then a line as each phase completes, within
-/// [`SLACK_POSTS`] (the summary, posted when the deployment ends, is the last).
-async fn slack_progress(
-    state: AppState,
-    url: String,
-    id: i64,
-    mut live: tokio::sync::broadcast::Receiver<nix_deploy_core::events::Event>,
-) {
-    let post = |text: serde_json::Value| {
-        let http = state.http.clone();
-        let url = url.clone();
-        async move {
-            let _ = http.post(&url).json(&text).send().await;
-        }
-    };
-    let mut posts = 0;
-    let mut phases: Vec<Vec<String>> = Vec::new();
-    let mut finished: Vec<String> = Vec::new();
-    while let Ok(event) = live.recv().await {
-        match &event.kind {
-            EventKind::Planned {
-                phases: planned, ..
-            } => {
-                phases = planned.clone();
-                if let Ok(Some(deployment)) = state.store().deployment(id).await
-                    && let Some(plan) = deployment.plan
-                {
-                    let report = PlanReport::new(&deployment.flake, plan.hosts.len(), plan);
-                    let mut message = slack::plan_message(&report);
-                    message["text"] = serde_json::Value::String(format!(
-                        "Deployment #{id}: {}",
-                        message["text"].as_str().unwrap_or_default()
-                    ));
-                    post(message).await;
-                    posts += 1;
-                }
-            }
-            EventKind::HostFinished { .. } => {
-                finished.extend(event.host.clone());
-                // Keep one post for the summary.
-                if posts + 1 >= SLACK_POSTS {
-                    continue;
-                }
-                if let Some(index) = phases
-                    .iter()
-                    .position(|p| !p.is_empty() && p.iter().all(|h| finished.contains(h)))
-                {
-                    let done = phases.remove(index);
-                    post(serde_json::json!({
-                        "response_type": "in_channel",
-                        "text": format!("#{id}: {} finished", done.join(", ")),
-                    }))
-                    .await;
-                    posts += 1;
-                }
-            }
-            EventKind::DeploymentFinished { .. } => break,
-            _ => {}
-        }
-    }
 }
 
 pub async fn github(

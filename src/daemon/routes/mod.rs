@@ -1,13 +1,19 @@
 //! The endpoints, one file per group: the cluster, deployments (and their event streams),
 //! the fleet (status, plan, a host's rollback and health, metrics), commands
-//! and keys on many hosts (exec, upload-keys), and the chat and push hooks.
+//! and keys on many hosts (exec, upload-keys), promotion between
+//! environments, the chat and push hooks, and the watched fleet (its
+//! document and event stream).
 
 pub mod approvals;
+pub mod chat;
 pub mod cluster;
 pub mod deployments;
 pub mod exec;
 pub mod fleet;
 pub mod hooks;
+pub mod interactive;
+pub mod promote;
+pub mod watch;
 
 use super::ApiError;
 

@@ -13,7 +13,7 @@ use nix_deploy_core::run::Deployment;
 use super::Engine;
 use crate::engine::EngineError;
 use crate::engine::fleet::leases::Leases;
-use crate::engine::fleet::prepare::{self, Purpose};
+use crate::engine::fleet::prepare::{self, Prepared, Purpose};
 use crate::engine::fleet::{execution, gates};
 use crate::engine::host::recorder::{self, Recorder};
 use crate::store::NewDeployment;
@@ -119,9 +119,32 @@ impl Engine {
         cancel: CancellationToken,
     ) -> Result<Deployment, EngineError> {
         let queue_recorder = queued.map(|id| Recorder::new(self.store.clone(), id, sink.clone()));
-        // A queued request is recorded already: refused, it ends `failed`
-        // with the reason (or `superseded`, when a newer push came first).
-        let refused = async |e: EngineError| match (&queue_recorder, &e) {
+        let prepared = async {
+            self.preamble().await?;
+            prepare::prepare(
+                self.fleet(),
+                &request.selection,
+                &request.options,
+                Purpose::DEPLOY,
+            )
+            .await
+        }
+        .await;
+        match prepared {
+            Ok(prepared) => {
+                let strategy = request.options.strategy.as_str().to_string();
+                self.run_prepared(queue_recorder, &request, prepared, strategy, sink, cancel)
+                    .await
+            }
+            Err(e) => Err(self.refuse(queue_recorder.as_ref(), e).await),
+        }
+    }
+
+    /// A request refused before it ran. A queued one is recorded already:
+    /// it ends `failed` with the reason (or `superseded`, when a newer push
+    /// came first).
+    async fn refuse(&self, queue_recorder: Option<&Recorder>, e: EngineError) -> EngineError {
+        match (queue_recorder, &e) {
             (Some(recorder), EngineError::Superseded(why)) => {
                 let _ = recorder.log(None, why.clone()).await;
                 let _ = self
@@ -131,23 +154,24 @@ impl Engine {
             }
             (Some(recorder), _) => self.fail(recorder, "refused", e).await,
             (None, _) => e,
-        };
-        if let Err(e) = self.preamble().await {
-            return Err(refused(e).await);
         }
+    }
+
+    /// A validated request (`prepared`), recorded as `strategy` (queued
+    /// already when `queue_recorder` is given): its windows, leases, record,
+    /// then its execution.
+    pub(super) async fn run_prepared(
+        &self,
+        queue_recorder: Option<Recorder>,
+        request: &DeployRequest,
+        prepared: Prepared,
+        strategy: String,
+        sink: Option<mpsc::UnboundedSender<Event>>,
+        cancel: CancellationToken,
+    ) -> Result<Deployment, EngineError> {
+        let queued = queue_recorder.as_ref().map(Recorder::deployment_id);
+        let refused = async |e: EngineError| self.refuse(queue_recorder.as_ref(), e).await;
         let options = &request.options;
-        let strategy = options.strategy.as_str().to_string();
-        let prepared = match prepare::prepare(
-            self.fleet(),
-            &request.selection,
-            options,
-            Purpose::DEPLOY,
-        )
-        .await
-        {
-            Ok(prepared) => prepared,
-            Err(e) => return Err(refused(e).await),
-        };
         if let Err(e) = gates::refuse_outside_windows(&self.config.policy, &prepared.hosts, options)
         {
             prepared.discard().await;

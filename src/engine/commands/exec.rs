@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use nix_deploy_core::events::{Event, HostStatus, Step};
 use nix_deploy_core::exec::{CommandOutput, ExecSpec};
 use nix_deploy_core::fleet::Selection;
-use nix_deploy_core::keys::Key;
+use nix_deploy_core::keys::{Keep, Key};
 use nix_deploy_core::run::{Deployment, RunKind};
 
 use super::Engine;
@@ -111,22 +111,27 @@ impl Engine {
                     return Ok((slot, connection));
                 }
                 let all: Vec<&Key> = host.keys.iter().collect();
-                let result = slot
-                    .record_step(
-                        Step::Keys,
-                        keys::upload(&connection, &texts, &host, &all, true),
-                    )
-                    .await?;
+                // It changes no system: nothing is kept to undo.
+                let mut done = Vec::new();
+                let work = keys::upload(
+                    &connection,
+                    &texts,
+                    &host,
+                    &all,
+                    true,
+                    Keep::Nothing,
+                    &mut done,
+                );
+                let result = slot.record_step(Step::Keys, work).await?;
+                // What was uploaded, also before a key that failed.
+                slot.run.output = Some(CommandOutput {
+                    exit_code: result.is_ok().then_some(0),
+                    stdout: done.join("\n"),
+                    stderr: String::new(),
+                    withheld: false,
+                });
                 match result {
-                    Ok(lines) => {
-                        slot.run.status = HostStatus::Succeeded;
-                        slot.run.output = Some(CommandOutput {
-                            exit_code: Some(0),
-                            stdout: lines.join("\n"),
-                            stderr: String::new(),
-                            withheld: false,
-                        });
-                    }
+                    Ok(()) => slot.run.status = HostStatus::Succeeded,
                     Err(e) => {
                         slot.run.status = HostStatus::Failed;
                         slot.run.error = Some(e);

@@ -10,8 +10,10 @@ mod doctor;
 mod exec;
 mod health;
 mod plan;
+mod promote;
 mod resume;
 mod rollback;
+mod watch;
 
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +23,9 @@ use nix_deploy_core::run::{Deployment, HostRun};
 pub use build::BuildRequest;
 pub use deploy::{DeployRequest, PushSource};
 pub use exec::{ExecJob, UploadKeysRequest};
+pub use promote::{PROMOTE, PromoteJob};
 pub use rollback::RollbackRequest;
+pub use watch::DesiredFleet;
 
 use super::fleet::FleetContext;
 use super::fleet::execution::Executed;
@@ -152,6 +156,10 @@ impl Engine {
     /// `failed` with why, its `deployment-finished` event sent, and the
     /// error handed back.
     async fn fail(&self, recorder: &Recorder, how: &str, error: EngineError) -> EngineError {
+        // Handed over: it goes on elsewhere, and is not ours to end.
+        if let EngineError::HandedOver(_) = error {
+            return error;
+        }
         let id = recorder.deployment_id();
         let _ = recorder.log(None, format!("{how}: {error}")).await;
         let message = error.to_string();

@@ -21,6 +21,9 @@ use crate::engine::fleet::execution;
 use crate::engine::fleet::leases::Leases;
 use crate::engine::fleet::prepare::Prepared;
 use crate::engine::fleet::prepare::{self, Purpose};
+use crate::engine::fleet::probe;
+use crate::engine::fleet::promotion;
+use crate::engine::host::fence::HostFence;
 use crate::engine::host::recorder::Recorder;
 use crate::engine::{EngineConfig, EngineError};
 
@@ -73,6 +76,13 @@ impl Engine {
         };
         let prepared = if remaining_names.is_empty() || rollback {
             None
+        } else if pinned.promotion.is_some() {
+            // A promotion: the same systems from the same source hosts,
+            // never the flake's.
+            let mut prepared =
+                promotion::prepare_resume(fleet, &pinned, &remaining_names, &options).await?;
+            prepared.before = touched_before(&deployment, &remaining_names);
+            Some(prepared)
         } else {
             let mut prepared = prepare::prepare(fleet, &selection, &options, Purpose::RESUME)
                 .await
@@ -112,6 +122,10 @@ impl Engine {
                     ),
                 )
                 .await?;
+            if let Some(prepared) = &prepared {
+                self.fence_finished(&deployment, &done, prepared, &recorder)
+                    .await?;
+            }
             match prepared {
                 _ if rollback && !remaining_names.is_empty() => {
                     self.resume_rollback(&deployment, &recorder).await
@@ -134,6 +148,43 @@ impl Engine {
         .await;
         leases.release().await;
         result
+    }
+
+    /// The hosts an earlier attempt deployed are not probed again: record
+    /// this attempt's epoch on them (see `engine::host::fence`), so that an
+    /// earlier holder still running cannot switch them back. Hosts the flake
+    /// no longer evaluates are said in the events.
+    async fn fence_finished(
+        &self,
+        deployment: &Deployment,
+        done: &[HostRun],
+        prepared: &Prepared,
+        recorder: &Recorder,
+    ) -> Result<(), EngineError> {
+        let deployed = done.iter().filter(|r| r.status == HostStatus::Deployed);
+        let (hosts, missing): (Vec<_>, Vec<_>) =
+            deployed.partition(|r| prepared.inventory.get(&r.host).is_some());
+        for run in missing {
+            recorder
+                .log(
+                    Some(&run.host),
+                    "warning: not evaluated, so this deployment's new epoch could not be recorded on the host: an earlier holder of the deployment that still runs could switch it back".into(),
+                )
+                .await?;
+        }
+        if hosts.is_empty() {
+            return Ok(());
+        }
+        let hosts = hosts
+            .iter()
+            .filter_map(|r| prepared.inventory.get(&r.host).cloned())
+            .collect();
+        let fence = HostFence::of(&self.store, deployment.id).await?;
+        let fleet = FleetContext {
+            config: &self.config,
+            store: &self.store,
+        };
+        probe::fence_hosts(fleet, hosts, &fence, recorder).await
     }
 
     /// The deployment to resume: `id`, or the latest that did not succeed.

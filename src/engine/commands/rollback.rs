@@ -1,7 +1,9 @@
 //! `rollback HOST [--to-generation N]`: switch a host back to an earlier
 //! generation on request, verified, health-checked and recorded like a
 //! deployment (strategy `rollback`). An interrupted one is resumed as the
-//! same rollback, to the same generation.
+//! same rollback, to the same generation. Its keys go back to those the
+//! last deployment replaced when that deployment came from generation N's
+//! system; else they are left, and the result says so.
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +18,9 @@ use super::Engine;
 use crate::engine::EngineError;
 use crate::engine::fleet::evaluate;
 use crate::engine::fleet::leases::Leases;
+use crate::engine::host::fence::HostFence;
 use crate::engine::host::keys::KeyTexts;
+use crate::engine::host::keys_back;
 use crate::engine::host::observe::{self, Assessment, Settle, probe_host};
 use crate::engine::host::pipeline::HostContext;
 use crate::engine::host::recorder::Recorder;
@@ -58,7 +62,8 @@ impl Engine {
         )
         .await?;
         let result = async {
-            let (assessment, connection) = self.reach(&host, &request.options).await?;
+            // Not a deployment yet: nothing to fence while it is probed.
+            let (assessment, connection) = self.reach(&host, &request.options, None).await?;
             let target = match rollback_target(
                 &self.config.ssh,
                 &connection,
@@ -120,7 +125,8 @@ impl Engine {
             EngineError::Internal("a rollback without its target generation".into())
         })?;
         let host = evaluate::evaluated_host(self.fleet(), &run.host).await?;
-        let (assessment, connection) = self.reach(&host, &deployment.options).await?;
+        let fence = HostFence::of(&self.store, deployment.id).await?;
+        let (assessment, connection) = self.reach(&host, &deployment.options, Some(fence)).await?;
         let target =
             match rollback_target(&self.config.ssh, &connection, &assessment, Some(generation))
                 .await
@@ -141,16 +147,28 @@ impl Engine {
         .await
     }
 
-    /// Probe the host (settling what a dead coordinator left), or say why not.
+    /// Probe the host (settling what a dead coordinator left, behind the
+    /// rollback's `fence` once it is a deployment), or say why not.
     async fn reach(
         &self,
         host: &Host,
         options: &DeployOptions,
+        fence: Option<HostFence>,
     ) -> Result<(Assessment, Connection), EngineError> {
+        let held = fence.clone();
         let settle = Settle::Yes {
             activation_timeout: options.activation_timeout,
+            fence,
         };
         let (assessment, connection) = probe_host(host.clone(), &self.config.ssh, settle).await;
+        if let Some(fence) = held
+            && let Err(e) = fence.held()
+        {
+            if let Some(connection) = connection {
+                connection.close().await;
+            }
+            return Err(e.into());
+        }
         match connection {
             Some(connection) => Ok((assessment, connection)),
             None => Err(EngineError::Unreachable(
@@ -177,6 +195,8 @@ impl Engine {
             options: options.clone(),
             recorder: recorder.clone(),
             keys: std::sync::Arc::new(KeyTexts::none()),
+            fetch_from: Default::default(),
+            fence: HostFence::of(&self.store, recorder.deployment_id()).await?,
         };
         let mut run = HostRun::new(recorder.deployment_id(), &host.name);
         run.status = HostStatus::Running;
@@ -204,6 +224,16 @@ impl Engine {
                 .ok();
             Ok(())
         } else {
+            // Keys follow the system: those kept for generation N's system
+            // (by the deployment that left it) go back first.
+            let keys = keys_back::return_to(
+                &connection,
+                host,
+                target.running.as_deref(),
+                self.config.ssh.command_timeout,
+            )
+            .await;
+            keys_back::record(&context, &mut run, keys).await?;
             // Switched to as a `switch` would: it runs and boots generation N.
             way_back::roll_back(
                 &context,

@@ -1,7 +1,8 @@
 //! Blue-green: every host was staged with `switch-to-configuration test` (the
 //! old generation stays the boot default). When all are healthy, each is
 //! committed (new profile generation, `switch-to-configuration boot`); if any
-//! failed, every staged host goes back to its old system. All or nothing.
+//! failed, every staged host goes back to its old system, and its keys with
+//! it. All or nothing.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +11,7 @@ use nix_deploy_core::remote::{self, Activation};
 use nix_deploy_core::run::HostRun;
 
 use crate::engine::host::activator;
+use crate::engine::host::keys_back;
 use crate::engine::host::observe::Assessment;
 use crate::engine::host::pipeline::HostContext;
 use crate::engine::host::way_back;
@@ -130,6 +132,7 @@ async fn commit(
             token: &token,
             systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
             timeout,
+            fence: &context.fence,
         };
         activator::run(connection, ssh, &switch).await?;
         Ok::<_, String>(remote::parse_generation_link(&link.stdout))
@@ -139,6 +142,8 @@ async fn commit(
         Ok(generation) => {
             run.to.generation = generation;
             run.status = HostStatus::Deployed;
+            // What its keys replaced is kept for `rollback`.
+            keys_back::commit(context, connection, &assessment.host, &run).await?;
         }
         Err(e) => {
             run.status = HostStatus::Failed;

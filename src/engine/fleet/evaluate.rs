@@ -190,6 +190,11 @@ pub(crate) struct Evaluation {
     /// With every host that failed: Nix's failures and metadata errors.
     pub report: EvaluationReport,
     pub index: FleetIndex,
+    /// The flake's locked revision, when it has one (the watch reports
+    /// what it compared the hosts with).
+    pub revision: Option<String>,
+    /// A reference to exactly the content that was evaluated, when known.
+    pub pinned: Option<String>,
 }
 
 /// Evaluate the flake's fleet: every host's metadata, and the systems of
@@ -409,19 +414,31 @@ pub(crate) async fn evaluate_fleet(
         systems: collected.systems,
         report,
         index: outcome.index,
+        revision: outcome.revision,
+        pinned: outcome.pinned,
     })
 }
 
 /// The hosts a selection picks, with how to reach them (their systems
 /// are not evaluated), for runs that act on each of them (`exec`,
-/// `upload-keys`), and the fleet's source. A picked host that could not
-/// be evaluated is an error naming it, and so is any failure when the
-/// selection uses tags (that host might carry one).
+/// `upload-keys`), and the fleet's source.
 pub(crate) async fn selected_hosts(
     cx: FleetContext<'_>,
     selection: &Selection,
 ) -> Result<(Vec<HostMeta>, FleetSource), EngineError> {
     let evaluation = evaluate_fleet(cx, Systems::None).await?;
+    let hosts = pick_hosts(&evaluation, selection)?;
+    cx.config.check_limit(&hosts)?;
+    Ok((hosts, evaluation.index.source))
+}
+
+/// The hosts `selection` picks from `evaluation`. A picked host that could
+/// not be evaluated is an error naming it, and so is any failure when the
+/// selection uses tags (that host might carry one).
+pub(crate) fn pick_hosts(
+    evaluation: &Evaluation,
+    selection: &Selection,
+) -> Result<Vec<HostMeta>, EngineError> {
     let report = &evaluation.report;
     let failed = report.failed_hosts();
     let refuse = |hosts: &[String]| {
@@ -441,12 +458,10 @@ pub(crate) async fn selected_hosts(
     if !unevaluated.is_empty() {
         return Err(refuse(&unevaluated));
     }
-    let hosts: Vec<HostMeta> = names
+    Ok(names
         .iter()
         .filter_map(|n| evaluation.inventory.get(n).cloned())
-        .collect();
-    cx.config.check_limit(&hosts)?;
-    Ok((hosts, evaluation.index.source))
+        .collect())
 }
 
 /// One host of the fleet with its system (only its own is evaluated;

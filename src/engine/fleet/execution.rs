@@ -21,8 +21,9 @@ use super::gates::Gates;
 use super::leases::Leases;
 use super::prepare::Prepared;
 use super::schedule::Schedule;
-use super::{FleetContext, blue_green, probe};
+use super::{FleetContext, blue_green, handoff, probe};
 use crate::engine::EngineError;
+use crate::engine::host::fence::HostFence;
 use crate::engine::host::keys::KeyTexts;
 use crate::engine::host::observe::{Assessment, Settle};
 use crate::engine::host::pipeline::{self as host_pipeline, HostContext, HostJob, Outcome};
@@ -34,6 +35,7 @@ use crate::transport::ssh::Connection;
 
 /// One deployment's execution of its plan, with real hosts.
 pub(crate) struct Execution<'a> {
+    pub fleet: FleetContext<'a>,
     pub context: Arc<HostContext>,
     pub plan: &'a Plan,
     pub options: &'a DeployOptions,
@@ -168,6 +170,11 @@ impl<'a> Execution<'a> {
                 let held = self.schedule.held(|h| gates.admit(h));
                 if !held.is_empty() {
                     if let Some(reason) = self.gates.wait(&held, cancel).await? {
+                        // Held hosts stay for whoever resumes a deployment
+                        // handed over.
+                        if handoff::wanted(self.fleet, self.recorder, cancel) {
+                            continue;
+                        }
                         let names: Vec<String> = held.iter().map(|h| h.name.clone()).collect();
                         for planned in self.schedule.take_named(&names) {
                             if let Some(job) = jobs.remove(&planned.name) {
@@ -209,6 +216,14 @@ impl<'a> Execution<'a> {
             }
         }
 
+        // Stopped at a safe point to be handed over: what did not start is
+        // left for the coordinator that resumes it.
+        if self.schedule.aborted().is_none() && handoff::wanted(self.fleet, self.recorder, cancel) {
+            for (_, job) in std::mem::take(&mut jobs) {
+                job.connection.close().await;
+            }
+            return Err(handoff::hand_over(self.fleet, self.recorder).await);
+        }
         for (planned, status, reason) in self.schedule.take_rest(cancel.is_cancelled()) {
             if let Some(job) = jobs.remove(&planned.name) {
                 job.connection.close().await;
@@ -302,17 +317,26 @@ pub(crate) async fn execute(
 ) -> Result<Executed, EngineError> {
     let _cancel_watch = leases.watch_cancel(recorder.deployment_id(), cancel).await;
     let id = recorder.deployment_id();
+    let fetch_from = prepared
+        .promotion
+        .as_ref()
+        .map(|p| p.fetch_from())
+        .unwrap_or_default();
     let keys = Arc::new(KeyTexts::new(
         &cx.config.flake,
         prepared.index.source,
         &cx.config.nix,
         &prepared.hosts.iter().map(|h| &h.meta).collect::<Vec<_>>(),
     ));
+    // Every host this run touches records its epoch first (see
+    // `engine::host::fence`).
+    let fence = HostFence::of(cx.store, id).await?;
     // The fleet's remote builders (colmena's `meta.machinesFile`) unless
     // `--builders` chose others.
     let nix = cx.config.nix.for_fleet(&prepared.index.meta);
     let settle = Settle::Yes {
         activation_timeout: options.activation_timeout,
+        fence: Some(fence.clone()),
     };
     let mut gates = Gates::new(
         cx.config.policy.clone(),
@@ -333,6 +357,9 @@ pub(crate) async fn execute(
         .await?
     {
         prepared.discard().await;
+        if handoff::wanted(cx, recorder, cancel) {
+            return Err(handoff::hand_over(cx, recorder).await);
+        }
         return Ok(Executed {
             runs: Vec::new(),
             aborted: None,
@@ -388,8 +415,11 @@ pub(crate) async fn execute(
         options: options.clone(),
         recorder: recorder.clone(),
         keys,
+        fetch_from,
+        fence,
     });
     let mut execution = Execution {
+        fleet: cx,
         context,
         plan: &plan,
         options,

@@ -13,6 +13,11 @@
 //!   with real hosts, asking [`gates`] (maintenance windows, approval gates,
 //!   pauses) before each start, and [`blue_green`] commits or reverts staged
 //!   hosts together;
+//! - [`promotion`]: promotion between environments: the fleet's metadata
+//!   without its systems, source hosts vouched for, targets prepared to
+//!   receive what their sources run;
+//! - [`handoff`]: a deployment stopped at a safe point and let go for
+//!   another coordinator to resume (this one is stopping);
 //! - [`runner`]: `exec`-like runs, one command on every selected host.
 //!
 //! Nothing here switches a host itself: that is [`super::host`]'s.
@@ -21,9 +26,11 @@ pub(super) mod blue_green;
 pub(super) mod evaluate;
 pub(super) mod execution;
 pub(super) mod gates;
+pub(super) mod handoff;
 pub(super) mod leases;
 pub(super) mod prepare;
 pub(super) mod probe;
+pub(super) mod promotion;
 pub(super) mod runner;
 pub(super) mod schedule;
 pub(super) mod shards;

@@ -124,6 +124,9 @@ pub(crate) struct Prepared {
     /// Hosts whose way back is not what they run now (a resumed deployment
     /// had touched them): what they ran and booted before.
     pub before: BTreeMap<String, Before>,
+    /// A promotion: where each host's system comes from (it is fetched
+    /// from there, never built).
+    pub promotion: Option<super::promotion::Sources>,
     /// Where the fleet came from, and colmena's `meta`.
     pub index: FleetIndex,
     /// Selected hosts with `deployment.targetHost = null`: not deployed over
@@ -147,6 +150,12 @@ impl Prepared {
                 .iter()
                 .map(|h| (h.name.clone(), h.toplevel().to_string()))
                 .collect(),
+            tags: self
+                .hosts
+                .iter()
+                .map(|h| (h.name.clone(), h.tags.clone()))
+                .collect(),
+            promotion: self.promotion.as_ref().map(|p| p.record.clone()),
         }
     }
 
@@ -160,6 +169,36 @@ impl Prepared {
     /// Say in the deployment's events how the fleet was evaluated, and what
     /// an operator should know about the selected hosts' metadata.
     pub async fn log_evaluation(&self, recorder: &Recorder) -> Result<(), EngineError> {
+        if let Some(promotion) = &self.promotion {
+            let record = &promotion.record;
+            recorder
+                .log(
+                    None,
+                    format!(
+                        "promoting what {} runs to {}: {} (no system evaluated or built; each is fetched from its source host)",
+                        record.from.join(", "),
+                        record.to.join(", "),
+                        record.describe()
+                    ),
+                )
+                .await?;
+            for pair in &record.pairs {
+                recorder
+                    .log(
+                        Some(&pair.target),
+                        format!(
+                            "gets {} from {} (promotionKey `{}`; put there by deployment #{})",
+                            pair.system,
+                            pair.source,
+                            pair.key,
+                            pair.source_deployment
+                                .map_or_else(|| "?".to_string(), |d| d.to_string())
+                        ),
+                    )
+                    .await?;
+            }
+            return Ok(());
+        }
         recorder
             .log(
                 None,
@@ -368,6 +407,7 @@ fn validate(
         pinned_flake: outcome.pinned,
         early: None,
         before: BTreeMap::new(),
+        promotion: None,
         index: outcome.index,
         local_only,
     })

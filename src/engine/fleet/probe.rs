@@ -16,12 +16,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use nix_deploy_core::events::{EventKind, HostStatus};
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::{Host, HostMeta};
 use nix_deploy_core::plan::{self, HostFacts, HostHistory};
 use nix_deploy_core::summary::ChangeSummary;
 
 use super::FleetContext;
 use crate::engine::EngineError;
+use crate::engine::host::fence::HostFence;
 use crate::engine::host::observe::{Assessment, Settle, probe_host};
 use crate::engine::host::recorder::Recorder;
 use crate::now_ms;
@@ -120,7 +121,7 @@ pub(crate) async fn probe_all(
             // An early probe only looks: a host with undecided
             // activations is probed again, settling them, now that it
             // is leased.
-            if settle != Settle::No {
+            if matches!(settle, Settle::Yes { .. }) {
                 stale.extend(
                     ready
                         .iter()
@@ -149,6 +150,7 @@ pub(crate) async fn probe_all(
         }
         let semaphore = semaphore.clone();
         let options = cx.config.ssh.clone();
+        let settle = settle.clone();
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await;
             (index, probe_host(host, &options, settle).await)
@@ -158,6 +160,20 @@ pub(crate) async fn probe_all(
         results.push(joined.map_err(|e| EngineError::Internal(format!("probe task failed: {e}")))?);
     }
     results.sort_by_key(|(index, _)| *index);
+    // A host that refused our epoch: another coordinator holds the
+    // deployment now, and nothing of this probe is ours to record.
+    if let Settle::Yes {
+        fence: Some(fence), ..
+    } = &settle
+        && let Err(e) = fence.held()
+    {
+        for (_, (_, connection)) in results {
+            if let Some(connection) = connection {
+                connection.close().await;
+            }
+        }
+        return Err(e.into());
+    }
     let mut probed = Vec::with_capacity(results.len());
     for (_, (assessment, connection)) in results {
         cx.store
@@ -190,7 +206,7 @@ pub(crate) async fn probe_all(
                     Some(&assessment.host.name),
                     EventKind::HostProbed {
                         state: assessment.state,
-                        probe: assessment.probe.clone(),
+                        probe: assessment.probe.clone().map(Box::new),
                         error: assessment.error.clone(),
                     },
                 )
@@ -199,6 +215,51 @@ pub(crate) async fn probe_all(
         probed.push((assessment, connection));
     }
     Ok(probed)
+}
+
+/// Raise the deployment's fence (see `engine::host::fence`) on `hosts`:
+/// hosts an earlier holder of the deployment finished, which this run does
+/// not probe, so that holder, paused and woken, cannot switch them back. In
+/// parallel, bounded like probes. A host that cannot be reached is said in
+/// the deployment's events; one that refuses means another coordinator
+/// holds the deployment (refused with `StoreError::Superseded`).
+pub(crate) async fn fence_hosts(
+    cx: FleetContext<'_>,
+    hosts: Vec<HostMeta>,
+    fence: &HostFence,
+    recorder: &Recorder,
+) -> Result<(), EngineError> {
+    let semaphore = Arc::new(Semaphore::new(cx.config.probe_limit.max(1)));
+    let mut tasks = JoinSet::new();
+    for host in hosts {
+        let semaphore = semaphore.clone();
+        let ssh = cx.config.ssh.clone();
+        let fence = fence.clone();
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await;
+            let raised = crate::engine::host::fence::raise(&host, &ssh, &fence).await;
+            (host.name, raised)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(e))) => failed.push((name, e)),
+            Err(e) => return Err(EngineError::Internal(format!("fence task failed: {e}"))),
+        }
+    }
+    fence.held()?;
+    failed.sort();
+    for (name, error) in failed {
+        recorder
+            .log(
+                Some(&name),
+                format!("warning: could not record this deployment's new epoch on the host ({error}): an earlier holder of the deployment that still runs could switch it back"),
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// What the planner knows about a probed host.

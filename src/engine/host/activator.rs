@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use nix_deploy_core::fleet::Host;
 use nix_deploy_core::remote::{self, Activation, Before};
 
+use super::fence::HostFence;
 use crate::transport::ssh::{self, Connection, SshOptions};
 
 /// One switch to run.
@@ -20,6 +21,9 @@ pub(crate) struct Switch<'a> {
     pub systemd: bool,
     /// How long the switch may take.
     pub timeout: Duration,
+    /// The deployment's fence: a host that has seen a newer holder refuses
+    /// to start it.
+    pub fence: &'a HostFence,
 }
 
 /// What a switch does.
@@ -102,7 +106,8 @@ pub(crate) async fn run(
     // Start it and wait for it in one round trip; most activations end
     // within that first wait.
     let secs = chunk(Instant::now());
-    let argv = remote::activator_start_and_wait_argv(launch, switch.token, secs);
+    let argv =
+        remote::activator_start_and_wait_argv(launch, switch.token, secs, switch.fence.fence());
     let started = connection
         .run_privileged(switch.step, &argv, wait_timeout(secs))
         .await;
@@ -112,7 +117,12 @@ pub(crate) async fn run(
         // Whether it started is unknown when the connection dropped or the
         // host stopped answering: the waits below find out.
         Err(e) if e.is_connection() || matches!(e, ssh::SshError::Timeout { .. }) => None,
-        Err(e) => return Err(e.to_string()),
+        Err(e) => {
+            // Refused by the host's fence: lost to another coordinator, no
+            // wait, no retry (see `HostFence::refused`).
+            switch.fence.refused(&switch.host.name, &e);
+            return Err(e.to_string());
+        }
     };
     let code = loop {
         if let Some(code) = status {

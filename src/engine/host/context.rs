@@ -2,15 +2,17 @@
 //! task of a run, and [`HostJob`], one host's part as the scheduler hands it
 //! over and gets it back.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use nix_deploy_core::events::HostStatus;
-use nix_deploy_core::fleet::{HealthCheck, Host, HostMeta};
+use nix_deploy_core::fleet::{HealthCheck, Host, HostMeta, Target};
 use nix_deploy_core::goal::Goal;
 use nix_deploy_core::options::DeployOptions;
 use nix_deploy_core::remote::Activation;
 use nix_deploy_core::run::HostRun;
 
+use super::fence::HostFence;
 use super::keys::KeyTexts;
 use super::observe::Assessment;
 use super::recorder::Recorder;
@@ -27,6 +29,12 @@ pub(crate) struct HostContext {
     pub recorder: Recorder,
     /// The contents of the run's `text` keys, read when first needed.
     pub keys: Arc<KeyTexts>,
+    /// A promotion: each target host's source host, whose system is
+    /// fetched from it instead of built (empty for other runs).
+    pub fetch_from: BTreeMap<String, Target>,
+    /// The deployment's epoch as hosts check it: carried by every script
+    /// that changes or settles a host.
+    pub fence: HostFence,
 }
 
 impl HostContext {

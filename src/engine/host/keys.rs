@@ -11,7 +11,10 @@
 //!
 //! When: pre-activation keys before the activation, post-activation keys
 //! after it, every key again after a reboot (`/run/keys` is a tmpfs), and
-//! every key of the selected hosts with `nix-deploy upload-keys`.
+//! every key of the selected hosts with `nix-deploy upload-keys`. A
+//! deployment's uploads keep what they replace for the way back
+//! ([`super::keys_back`]); `upload-keys`, which changes no system, keeps
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use nix_deploy_core::fleet::HostMeta;
-use nix_deploy_core::keys::{self, Key, KeySource, Secret};
+use nix_deploy_core::keys::{self, Keep, Key, KeySource, Secret};
 use nix_deploy_core::source::FleetSource;
 
 use crate::nix::Nix;
@@ -177,8 +180,9 @@ async fn read_key_file(path: &str, limit: usize) -> Result<Secret, String> {
     }
 }
 
-/// Upload `keys` to `host` over `connection`; returns one line per key
-/// (where it went, owner and mode, warnings): never its contents.
+/// Upload `keys` to `host` over `connection`, keeping what they replace as
+/// `keep` says; `done` gets one line per key uploaded (where it went, owner
+/// and mode, warnings; never its contents), also when a later key fails.
 ///
 /// `require_ownership`: fail when the key's user or group does not exist
 /// (false only before the first activation of a system that may create them).
@@ -188,8 +192,9 @@ pub(crate) async fn upload(
     host: &HostMeta,
     keys: &[&Key],
     require_ownership: bool,
-) -> Result<Vec<String>, String> {
-    let mut lines = Vec::new();
+    keep: Keep<'_>,
+    done: &mut Vec<String>,
+) -> Result<(), String> {
     for key in keys {
         let secret = read(texts, &host.name, key)
             .await
@@ -201,7 +206,7 @@ pub(crate) async fn upload(
         let output = connection
             .run_with_stdin(
                 "keys",
-                &keys::upload_argv(key, require_ownership),
+                &keys::upload_argv(key, require_ownership, &keep),
                 input.expose(),
                 UPLOAD_TIMEOUT,
             )
@@ -219,9 +224,9 @@ pub(crate) async fn upload(
         if !warning.is_empty() {
             line.push_str(&format!(": {}", warning.lines().last().unwrap_or_default()));
         }
-        lines.push(line);
+        done.push(line);
     }
-    Ok(lines)
+    Ok(())
 }
 
 /// Why writing `key` on `host` failed, naming both (the upload script's

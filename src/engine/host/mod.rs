@@ -9,7 +9,10 @@
 //!   waited for (activations and every switch back);
 //! - [`observe`]: what a host runs (the probe), and settling what a dead
 //!   coordinator left;
-//! - [`health`]: health checks; [`keys`]: `deployment.keys`; [`summary`]:
+//! - [`fence`]: the deployment's epoch every host-changing script carries,
+//!   and what a host refusing it means;
+//! - [`health`]: health checks; [`keys`]: `deployment.keys`, and
+//!   [`keys_back`]: keys follow the system on every way back; [`summary`]:
 //!   change summaries; [`gcroots`]: the coordinator's GC roots;
 //!   [`on_target`]: a system built on its host (`buildOnTarget`);
 //! - [`recorder`]: how every layer reports, stored before anyone is told;
@@ -20,9 +23,11 @@
 pub(crate) mod activator;
 pub(crate) mod context;
 pub(crate) mod failure;
+pub(crate) mod fence;
 pub(crate) mod gcroots;
 pub(crate) mod health;
 pub(crate) mod keys;
+pub(crate) mod keys_back;
 pub(crate) mod observe;
 pub(crate) mod on_target;
 pub(crate) mod pipeline;

@@ -23,7 +23,7 @@ use nix_deploy_core::remote::Activation;
 
 pub(crate) use super::context::{HostContext, HostJob};
 use super::failure::Stop;
-use super::{prove, reboot, steps, way_back};
+use super::{keys_back, prove, reboot, steps, way_back};
 use crate::now_ms;
 use crate::store::StoreError;
 
@@ -54,9 +54,12 @@ pub(crate) async fn run(
         Ok(()) => {
             if let Some(status) = context.success_status(activation) {
                 job.run.status = status;
-                // What it runs and boots now, as the host says.
+                // What it runs and boots now, as the host says; what its
+                // keys replaced is kept for `rollback`.
                 if context.goal(activation).changes_host() {
                     way_back::record_after(&context, &job.connection, &mut job.run).await;
+                    let (assessment, connection, run) = job.parts();
+                    keys_back::commit(&context, connection, &assessment.host, run).await?;
                 }
             }
             Outcome::Healthy

@@ -111,13 +111,20 @@ async fn keep_watchdog_waiting(
     loop {
         // Best effort: a host we cannot reach cannot run its watchdog
         // either, and validation reports the host itself.
-        let _ = connection
+        let extended = connection
             .run_privileged(
                 "validate",
-                &remote::extend_argv(token, window.as_secs().max(1)),
+                &remote::extend_argv(token, window.as_secs().max(1), context.fence.fence()),
                 context.ssh.command_timeout,
             )
             .await;
+        if let Err(e) = &extended
+            && context.fence.refused(connection.host(), e)
+        {
+            // Another coordinator holds the deployment: the host is its to
+            // settle, and this run's next write is refused.
+            return std::future::pending().await;
+        }
         tokio::time::sleep(period).await;
     }
 }
@@ -171,12 +178,15 @@ pub(crate) async fn confirm(
         let result = fresh
             .run_privileged(
                 "confirm",
-                &remote::decide_argv(&token, Decision::Confirmed),
+                &remote::decide_argv(&token, Decision::Confirmed, context.fence.fence()),
                 context.ssh.command_timeout,
             )
             .await;
         fresh.close().await;
         match result {
+            // Another coordinator holds the deployment: this run's next
+            // write (the step's end) is refused, and nothing else happens.
+            Err(e) if context.fence.refused(&host.name, &e) => Err(e.to_string()),
             Ok(_) => Ok(()),
             Err(ssh::SshError::Exit { code, stderr, .. })
                 if code == remote::DECIDED_BY_WATCHDOG =>

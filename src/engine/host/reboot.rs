@@ -109,12 +109,21 @@ pub(crate) async fn reboot_and_wait(
     }
     record.boot_id_before = Some(before.clone());
     match connection
-        .run_privileged("reboot", &remote::reboot_argv(), REBOOT_COMMAND_TIMEOUT)
+        .run_privileged(
+            "reboot",
+            &remote::reboot_argv(context.fence.fence()),
+            REBOOT_COMMAND_TIMEOUT,
+        )
         .await
     {
         // Going down may well take our connection with it.
         Ok(_) | Err(SshError::Connect { .. }) | Err(SshError::Timeout { .. }) => {}
-        Err(e) => return Err(e.to_string()),
+        // Refused by the host's fence: lost to another coordinator (see
+        // `HostFence::refused`).
+        Err(e) => {
+            context.fence.refused(name, &e);
+            return Err(e.to_string());
+        }
     }
     let reboot_timeout = context.options.reboot_timeout;
     let deadline = Instant::now() + reboot_timeout;
@@ -218,8 +227,9 @@ pub(crate) async fn reboot_into(
     run.reboot = Some(record);
     context.recorder.save(run).await?;
     result.map_err(Stop::at(At::Reboot))?;
-    // `/run` (and so `/run/keys`) is empty after a boot.
-    steps::upload_keys(context, job, None, true)
+    // `/run` (and so `/run/keys`) is empty after a boot; what was kept of
+    // it for the way back is gone too, and is not replaced by the emptiness.
+    steps::upload_keys(context, job, None, true, false)
         .await?
         .map_err(Stop::at(At::AfterReboot))?;
     prove::validate(context, job, path, "after reboot", false)

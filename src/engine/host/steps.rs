@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use nix_deploy_core::events::Step;
 use nix_deploy_core::exec::{CommandOutput, Tail};
-use nix_deploy_core::fleet::Host;
+use nix_deploy_core::fleet::{Host, Target};
 use nix_deploy_core::goal::Goal;
-use nix_deploy_core::keys::{Key, UploadAt, uploaded_at};
+use nix_deploy_core::keys::{Keep, Key, UploadAt, uploaded_at};
 use nix_deploy_core::remote::{self, Activation};
 use nix_deploy_core::run::HostRun;
 
@@ -20,7 +20,7 @@ use super::context::{HostContext, HostJob};
 use super::failure::{At, Stop};
 use super::observe::Assessment;
 use super::summary::{current_closure, host_closure_summary, new_closure_summary};
-use super::{activator, gcroots, health, keys, on_target};
+use super::{activator, gcroots, health, keys, keys_back, on_target};
 use crate::store::StoreError;
 use crate::transport::ssh::{self, Connection, SshError};
 
@@ -127,22 +127,29 @@ pub(crate) async fn build_copy_and_summarize(
     Ok(path)
 }
 
-/// Whether the host builds its own system: asked for, and the host is not
-/// this machine (where building here is building on it).
-fn builds_on_target(context: &HostContext, connection: &Connection) -> bool {
-    context.options.build_on_target && !connection.is_local()
+/// Whether the host builds its own system: asked for, the host is not
+/// this machine (where building here is building on it), and it is not a
+/// promotion's target (which gets its source's system, never a build).
+fn builds_on_target(context: &HostContext, host: &Host, connection: &Connection) -> bool {
+    context.options.build_on_target
+        && !connection.is_local()
+        && !context.fetch_from.contains_key(&host.name)
 }
 
 /// Build the toplevel, here or on the host itself ([`on_target`]); it must
 /// be the path the flake evaluated to (deploy-rs: the wrapper holding it).
-/// Returns the toplevel.
+/// Returns the toplevel. A promotion's target fetches its source host's
+/// system instead.
 async fn build(
     context: &HostContext,
     host: &Host,
     connection: &Connection,
     run: &mut HostRun,
 ) -> Result<String, Stop> {
-    if builds_on_target(context, connection) {
+    if let Some(source) = context.fetch_from.get(&host.name) {
+        return fetch(context, host, source, run).await;
+    }
+    if builds_on_target(context, host, connection) {
         let work = on_target::build(&context.nix, &context.ssh, connection, host);
         return context
             .recorder
@@ -169,6 +176,34 @@ async fn build(
     Ok(host.toplevel().to_string())
 }
 
+/// A promotion: the system the source host runs, copied from it into the
+/// coordinator's store (the coordinator may never have had it), from where
+/// the copy step takes it to the target. Nothing is evaluated or built.
+async fn fetch(
+    context: &HostContext,
+    host: &Host,
+    source: &Target,
+    run: &mut HostRun,
+) -> Result<String, Stop> {
+    let fetch = async {
+        let uri = source
+            .store_uri()
+            .ok_or_else(|| format!("{}: the source host has no SSH destination", host.name))?;
+        let opts = ssh::nix_ssh_opts(source, &context.ssh, None).map_err(|e| e.to_string())?;
+        context
+            .nix
+            .copy_from(&uri, host.toplevel(), &opts)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    context
+        .recorder
+        .step(run, Step::Fetch, fetch)
+        .await?
+        .map_err(Stop::at(At::Build))?;
+    Ok(host.toplevel().to_string())
+}
+
 /// Copy the closure over our master connection and, meanwhile, root it on
 /// the coordinator and say what changes on the host, from its current
 /// closure (`old`) and the new one. The summary is informational: one that
@@ -181,7 +216,7 @@ async fn copy_and_summarize(
 ) -> Result<(), Stop> {
     let (assessment, connection, run) = job.parts();
     let host = &assessment.host;
-    if builds_on_target(context, connection) {
+    if builds_on_target(context, host, connection) {
         // The host built it: nothing to copy, nothing to root here.
         if context.options.keep_result {
             context
@@ -322,7 +357,8 @@ async fn protect_roots(
 
 /// The host's keys uploaded `when` (a step of its own, when it has any).
 /// Before the activation their users may not exist yet; after it the new
-/// system made them, unless it only becomes the boot default.
+/// system made them, unless it only becomes the boot default. What they
+/// replace is kept for the way back.
 pub(crate) async fn keys(
     context: &HostContext,
     job: &mut HostJob,
@@ -333,18 +369,22 @@ pub(crate) async fn keys(
         UploadAt::PreActivation => (false, At::Keys),
         UploadAt::PostActivation => (goal.runs_new_system(), At::KeysAfterActivation),
     };
-    upload_keys(context, job, Some(when), require_ownership)
+    upload_keys(context, job, Some(when), require_ownership, true)
         .await?
         .map_err(Stop::at(at))
 }
 
 /// Upload the host's keys of `when` (all of them with `None`), if it has
-/// any (a step of its own).
+/// any (a step of its own). With `keep_old`, what they replace is kept in
+/// the deployment's undo set; not after a reboot, which emptied `/run`: what
+/// is missing then was there before the reboot, not before the deployment.
+/// What was uploaded is logged, also when a later key fails.
 pub(crate) async fn upload_keys(
     context: &HostContext,
     job: &mut HostJob,
     when: Option<UploadAt>,
     require_ownership: bool,
+    keep_old: bool,
 ) -> Result<Result<(), String>, StoreError> {
     if context.options.no_keys {
         return Ok(Ok(()));
@@ -358,23 +398,29 @@ pub(crate) async fn upload_keys(
     if selected.is_empty() {
         return Ok(Ok(()));
     }
+    let keep = if keep_old {
+        keys_back::keep(context, &assessment.before)
+    } else {
+        Keep::Nothing
+    };
+    let mut done = Vec::new();
     let work = keys::upload(
         connection,
         &context.keys,
         host,
         &selected,
         require_ownership,
+        keep,
+        &mut done,
     );
-    match context.recorder.step(run, Step::Keys, work).await? {
-        Ok(lines) => {
-            context
-                .recorder
-                .log(Some(&host.name), format!("keys: {}", lines.join("; ")))
-                .await?;
-            Ok(Ok(()))
-        }
-        Err(e) => Ok(Err(e)),
+    let result = context.recorder.step(run, Step::Keys, work).await?;
+    if !done.is_empty() {
+        context
+            .recorder
+            .log(Some(&host.name), format!("keys: {}", done.join("; ")))
+            .await?;
     }
+    Ok(result)
 }
 
 /// Make the new system the profile's next generation (the boot default).
@@ -426,6 +472,7 @@ pub(crate) async fn activate(
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
         timeout: context.options.activation_timeout,
+        fence: &context.fence,
     };
     let work = activator::run(connection, &context.ssh, &switch);
     context

@@ -7,6 +7,20 @@ use super::*;
 use nix_deploy_core::events::{DeploymentStatus, EventKind, HostStatus};
 use nix_deploy_core::run::HostRun;
 
+/// The log lines of deployment `id`, as `store` reads them.
+async fn log_messages(store: &Store, id: i64) -> Vec<String> {
+    store
+        .events(id, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Log { message } => Some(message),
+            _ => None,
+        })
+        .collect()
+}
+
 fn log(message: &str) -> EventKind {
     EventKind::Log {
         message: message.into(),
@@ -111,16 +125,7 @@ on_both_backends! {
         b.finish_deployment(id, DeploymentStatus::Succeeded, None).await.unwrap();
         let d = b.deployment(id).await.unwrap().unwrap();
         assert_eq!(d.status, DeploymentStatus::Succeeded);
-        let messages: Vec<String> = b
-            .events(id, 0)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter_map(|e| match e.kind {
-                EventKind::Log { message } => Some(message),
-                _ => None,
-            })
-            .collect();
+        let messages = log_messages(&b, id).await;
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(messages[1].contains("taken over"), "{messages:?}");
         // A resume elsewhere meanwhile is refused: one holder at a time.
@@ -246,6 +251,47 @@ on_both_backends! {
             }
             assert_eq!(heard, read.iter().map(|e| e.id).collect::<Vec<_>>());
         }
+    }
+
+    async fn a_stopping_daemon_hands_its_deployment_over_and_another_takes_it_at_once(db) {
+        let a = db.open().await;
+        let b = db.open().await;
+        let _beat_a = a.start_heartbeat(Role::Daemon { takeover: true }).await.unwrap();
+        let id = a.create_deployment(&new_deployment()).await.unwrap();
+        let fence = a.host_fence(id).await.unwrap();
+        assert_eq!((fence.deployment(), fence.epoch()), (id, 1));
+        assert!(matches!(b.host_fence(id).await, Err(StoreError::NotHeld { .. })));
+        // Nobody else takes deployments over yet; then B does.
+        assert!(a.stop_taking_over().await.unwrap().is_empty());
+        let _beat_b = b.start_heartbeat(Role::Daemon { takeover: true }).await.unwrap();
+        assert_eq!(a.stop_taking_over().await.unwrap(), [b.holder().to_string()]);
+        // Asked; only its holder may be.
+        assert!(a.ask_hand_over(id) && a.hand_over_wanted(id));
+        assert_eq!(a.handing_over(), [id]);
+        assert!(!b.ask_hand_over(id));
+        assert!(b.expired_deployments().await.unwrap().is_empty(), "its lease runs");
+        a.hand_over(id).await.unwrap();
+        assert!(matches!(a.epoch(id), Err(StoreError::NotHeld { .. })));
+        assert!(a.handing_over().is_empty());
+        // Let go by the database's clock at once: taken over, and said so.
+        assert_eq!(b.expired_deployments().await.unwrap(), [(id, 1)]);
+        assert_eq!(b.take_over_from(id, 1).await.unwrap(), Some(Released::HandedOver));
+        assert_eq!(b.host_fence(id).await.unwrap().epoch(), 2);
+        let report = b.cluster().await.unwrap();
+        let stopping = report.coordinators.iter().find(|c| c.id == a.holder()).unwrap();
+        assert!(stopping.stopping && !stopping.takeover, "{stopping:?}");
+        assert_eq!(stopping.handed_over, 1);
+        let taking = report.coordinators.iter().find(|c| c.id == b.holder()).unwrap();
+        assert!(!taking.stopping && taking.takeover && taking.handed_over == 0);
+        let lease = report.deployments.iter().find(|d| d.deployment_id == id).unwrap();
+        assert_eq!((lease.holder.as_deref(), lease.epoch), (Some(b.holder()), 2));
+        let messages = log_messages(&b, id).await;
+        assert!(messages.iter().any(|m| m.contains("handed it over as it stopped")), "{messages:?}");
+        // A host that saw a newer epoch: B has lost it too, for good.
+        let lost = b.lost_signal(id).unwrap();
+        b.fenced_out(id, 2);
+        assert!(lost.is_cancelled());
+        assert!(b.epoch(id).unwrap_err().is_superseded());
     }
 }
 

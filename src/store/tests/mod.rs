@@ -12,6 +12,8 @@ use super::*;
 mod cluster;
 mod dashboard;
 mod history;
+mod ops;
+mod watch;
 
 /// One history for a test, on one backend.
 pub(super) struct Db {

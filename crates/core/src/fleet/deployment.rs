@@ -15,6 +15,7 @@
 //! | `replaceUnknownProfiles` | deploy over a system nix-deploy never deployed there |
 //! | `tags`, `keys` | selection; secrets ([`crate::keys`]) |
 //! | `role`, `dependencies`, `healthChecks`, `rollbackOnFailure` | ours |
+//! | `promotionKey` | ours: pairs hosts across environments (`nix-deploy promote`) |
 //!
 //! An attribute neither knows is an error naming it.
 
@@ -140,6 +141,7 @@ pub(super) fn parse(name: &str, value: serde_json::Value) -> Result<HostMeta, St
     host.build_on_target = d.bool("buildOnTarget")?.unwrap_or(false);
     host.substitute_on_destination = d.bool("substituteOnDestination")?;
     host.replace_unknown_profiles = d.bool("replaceUnknownProfiles")?.unwrap_or(true);
+    host.promotion_key = d.string("promotionKey")?;
     for (attr, value) in d.attrs_by_name("keys")? {
         let key = crate::keys::parse_key(&format!("deployment.keys.{attr}"), &attr, value)?;
         if key.in_store() {

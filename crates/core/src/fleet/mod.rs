@@ -175,6 +175,10 @@ pub struct HostMeta {
     /// value): logged with the plan and the deployment.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// `deployment.promotionKey`: pairs this host with its counterpart in
+    /// another environment (`nix-deploy promote`, see [`crate::promote`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promotion_key: Option<String>,
 }
 
 impl HostMeta {
@@ -207,6 +211,7 @@ impl HostMeta {
             confirm_timeout: None,
             activation_timeout: None,
             warnings: Vec::new(),
+            promotion_key: None,
         }
     }
 
@@ -256,6 +261,13 @@ impl HostMeta {
                     "deployment.tags: tag `{tag}` is not valid (letters, digits, `-`, `_`, `.`)"
                 ));
             }
+        }
+        if let Some(key) = &self.promotion_key
+            && !shell::is_valid_host_name(key)
+        {
+            return Err(format!(
+                "deployment.promotionKey `{key}` is not valid (letters, digits, `-`, `_`, `.`)"
+            ));
         }
         crate::keys::check_unique_paths(&self.keys)
     }

@@ -14,7 +14,9 @@
 //! Everything about a key except its contents is validated here, before
 //! anything reaches a host: file name, directory, owner, group and mode end
 //! up as positional arguments of a fixed upload script
-//! ([`upload_argv`]); the contents only ever travel on its stdin.
+//! ([`upload_argv`], in [`upload`]); the contents only ever travel on its
+//! stdin. What an upload replaces is kept beside it for the way back, and
+//! put back or kept for `rollback` by the scripts of [`undo`].
 //!
 //! Contents are never part of a [`Key`]: the fleet's evaluation drops `text`
 //! (see [`crate::source::host_expr`]) and the engine reads it, or runs the
@@ -22,12 +24,16 @@
 //! [`Secret`], which prints and serialises as `<redacted>`.
 
 mod parse;
+pub mod undo;
+pub mod upload;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
 
 pub(crate) use parse::{check_unique_paths, parse_key};
+pub use undo::{Keep, KeyChanges, UndoAction, UndoReport, parse_undo, undo_argv};
+pub use upload::{upload_argv, upload_input};
 
 /// The contents of a key. Never printed, never serialised, never stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -163,6 +169,12 @@ pub fn check_dest_dir(dir: &str) -> Result<String, String> {
                     .into(),
             );
         }
+        if part == undo::UNDO_DIR {
+            return Err(format!(
+                "is inside `{}`, where nix-deploy keeps replaced keys",
+                undo::UNDO_DIR
+            ));
+        }
     }
     if trimmed == "/nix" || trimmed.starts_with("/nix/") {
         return Err("is under /nix: keys must never be in the Nix store".into());
@@ -181,102 +193,6 @@ pub fn check_permissions(mode: &str) -> Result<String, String> {
     } else {
         mode.to_string()
     })
-}
-
-/// Writes a key to `DIR/NAME` on a host, all or nothing.
-///
-/// Its stdin is [`upload_input`]: a header line with the key's length and
-/// SHA-256, then the key. The key is written into a fresh root-only
-/// directory (`mktemp -d`, umask 077) next to its destination and checked
-/// there: an upload cut off mid-transfer (the connection dropped, the
-/// coordinator killed) ends the input early, and a short or different key is
-/// refused, leaving the old key as it was. Only a whole key gets its owner
-/// and mode and is renamed over the old one (`mv -T`: a directory at the
-/// key's path is an error, never a place to drop the key into).
-///
-/// The destination is reached one directory at a time from `/`, refusing
-/// symlinks (a `destDir` owned by a service user must not lead root into
-/// another directory) and creating what is missing (mode 0755); each step is
-/// checked against the physical working directory, so a directory swapped
-/// for a link meanwhile is caught, and everything after works relative to
-/// it. When the owner does not exist yet (a pre-activation key whose user
-/// the new system creates), the key stays root's with a warning, unless the
-/// ownership is required (post-activation, re-uploads), which fails.
-///
-/// Fixed text: directory, name, owner, group, mode and the flag arrive as
-/// positional arguments, validated in this module; the length and hash on
-/// stdin, never on a command line (a hash of a short password is as good as
-/// the password to whoever can read `ps` or sudo's log).
-const UPLOAD_SCRIPT: &str = r#"set -eu
-dir=$1; name=$2; user=$3; group=$4; mode=$5; require=$6
-fail() { echo "$dir/$name: $*" >&2; exit 1; }
-# A closed stderr must not kill us before the cleanup below.
-trap '' PIPE
-trap 'exit 1' HUP INT TERM
-IFS=' ' read -r magic size sha || fail "the upload ended before its header"
-[ "$magic" = nix-deploy-key ] || fail "the upload's header is malformed"
-case $size in '' | *[!0-9]*) fail "the upload's header is malformed" ;; esac
-case $sha in *[!0-9a-f]*) fail "the upload's header is malformed" ;; esac
-[ "${#sha}" -eq 64 ] || fail "the upload's header is malformed"
-cd /
-at=
-rest=${dir#/}
-while [ -n "$rest" ]; do
-  part=${rest%%/*}
-  case $rest in */*) rest=${rest#*/} ;; *) rest= ;; esac
-  at=$at/$part
-  [ -L "$part" ] && fail "$at is a symlink: keys are written only into real directories, never through a link"
-  [ -e "$part" ] || mkdir -m 0755 -- "$part"
-  [ -d "$part" ] || fail "$at is not a directory"
-  cd -P -- "$part"
-  [ "$(pwd -P)" = "$at" ] || fail "$at was replaced while the key was written"
-done
-[ -d "$name" ] && [ ! -L "$name" ] && fail "is a directory: the key was not written"
-umask 077
-staging=$(mktemp -d ".$name.XXXXXXXX")
-cd -P -- "$staging"
-trap 'rm -f key; cd .. && rmdir -- "$staging"' EXIT
-cat > key
-got=$(wc -c < key)
-got=$((got + 0))
-[ "$got" = "$size" ] || fail "received $got of $size bytes (the upload was cut short): the key on the host is left as it was"
-sum=$(sha256sum < key)
-[ "${sum%% *}" = "$sha" ] || fail "the received bytes do not match their SHA-256: the key on the host is left as it was"
-if ! chown -- "$user:$group" key 2>/dev/null; then
-  if [ "$require" = 1 ]; then
-    fail "cannot make it owned by $user:$group (does the user or group exist?)"
-  fi
-  echo "warning: $user:$group does not exist yet; $dir/$name stays owned by root" >&2
-fi
-chmod -- "$mode" key
-mv -T -f -- key "../$name""#;
-
-/// The argv that uploads `key` (its contents go on stdin, as
-/// [`upload_input`]).
-pub fn upload_argv(key: &Key, require_ownership: bool) -> Vec<String> {
-    vec![
-        "sh".into(),
-        "-c".into(),
-        UPLOAD_SCRIPT.into(),
-        "nix-deploy-key".into(),
-        key.dest_dir.clone(),
-        key.name.clone(),
-        key.user.clone(),
-        key.group.clone(),
-        key.permissions.clone(),
-        if require_ownership { "1" } else { "0" }.into(),
-    ]
-}
-
-/// What the upload script reads: `nix-deploy-key LENGTH SHA256\n`, then
-/// the key's bytes.
-pub fn upload_input(secret: &Secret) -> Secret {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(secret.expose());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    let mut input = format!("nix-deploy-key {} {hex}\n", secret.len()).into_bytes();
-    input.extend_from_slice(secret.expose());
-    Secret::new(input)
 }
 
 /// `upload-keys` as callers spell it (`POST /api/v1/upload-keys`).
@@ -330,7 +246,7 @@ pub fn uploaded_at(keys: &[Key], when: UploadAt) -> Vec<&Key> {
 mod tests {
     use super::*;
 
-    fn parse(json: serde_json::Value) -> Result<Key, String> {
+    pub(super) fn parse(json: serde_json::Value) -> Result<Key, String> {
         parse_key("deployment.keys.db-password", "db-password", json)
     }
 
@@ -424,6 +340,14 @@ mod tests {
         assert!(bad(serde_json::json!({ "hasText": true, "name": "../x" })).contains("file name"));
         assert!(bad(serde_json::json!({ "hasText": true, "name": "-rf" })).contains("file name"));
         assert!(
+            bad(serde_json::json!({ "hasText": true, "name": ".nix-deploy-undo" }))
+                .contains("replaced keys")
+        );
+        assert!(
+            bad(serde_json::json!({ "hasText": true, "destDir": "/run/keys/.nix-deploy-undo/d1" }))
+                .contains("replaced keys")
+        );
+        assert!(
             bad(serde_json::json!({ "hasText": true, "uploadAt": "later" })).contains("uploadAt")
         );
         assert!(
@@ -450,41 +374,6 @@ mod tests {
                 .unwrap_err()
                 .contains("/run/keys/db-password")
         );
-    }
-
-    #[test]
-    fn the_upload_takes_everything_as_arguments_and_the_contents_on_stdin() {
-        let key = parse(
-            serde_json::json!({ "keyFile": "/etc/secret", "user": "nobody",
-            "group": "nogroup", "permissions": "0640" }),
-        )
-        .unwrap();
-        let argv = upload_argv(&key, true);
-        assert_eq!(argv[..2], ["sh", "-c"]);
-        assert_eq!(
-            argv[3..],
-            [
-                "nix-deploy-key",
-                "/run/keys",
-                "db-password",
-                "nobody",
-                "nogroup",
-                "0640",
-                "1"
-            ]
-        );
-        assert!(!UPLOAD_SCRIPT.contains("/etc/secret"));
-        assert_eq!(upload_argv(&key, false)[9], "0");
-        // Length and hash travel with the contents, on stdin.
-        let input = upload_input(&Secret::new(b"hunter2".to_vec()));
-        assert_eq!(
-            input.expose(),
-            b"nix-deploy-key 7 f52fbd32b2b3b86ff88ef6c490628285f482af15ddcb29541f94bcf526a3f6c7\nhunter2"
-        );
-        assert_eq!(format!("{input:?}"), "Secret(<redacted>)");
-        // The rename never drops a key into a directory; links are refused.
-        assert!(UPLOAD_SCRIPT.contains(r#"mv -T -f -- key "../$name""#));
-        assert!(UPLOAD_SCRIPT.contains(r#"[ -L "$part" ] && fail"#));
     }
 
     #[test]

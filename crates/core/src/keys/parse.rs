@@ -38,6 +38,12 @@ pub(crate) fn parse_key(path: &str, attr: &str, value: serde_json::Value) -> Res
             at("name")
         ));
     }
+    if name == super::undo::UNDO_DIR {
+        return Err(format!(
+            "{} is where nix-deploy keeps replaced keys for the way back; choose another name",
+            at("name")
+        ));
+    }
     // Only a flake evaluated without the fleet's expression has it: refused,
     // so that contents never get this far (and never repeated).
     if text.is_some() {

@@ -2,8 +2,11 @@
 //! arguments: `switch-to-configuration` run detached from our SSH session
 //! with a magic-rollback watchdog ([`activator_argv`]), the coordinator's
 //! own way back ([`restorer_argv`]), waits, decisions, deadlines and the
-//! settling of what a dead coordinator left. State in [`STATE_DIR`].
+//! settling of what a dead coordinator left. State in [`STATE_DIR`]. What
+//! starts, decides, extends or settles an activation carries the
+//! deployment's fence ([`super::fence`]); the watchdog does not.
 
+use super::fence::{FENCE_FN, Fence};
 use super::{Activation, HostSystems};
 
 /// Where the activator keeps its state on a host (a tmpfs on NixOS).
@@ -242,18 +245,38 @@ pub fn activation_wait_argv(token: &str, secs: u64) -> Vec<String> {
     ]
 }
 
-/// Start the activator (`launch`, from [`activator_argv`]) and wait for it
-/// as [`activation_wait_argv`] does, in one round trip. A failed start
-/// exits with the starter's code.
-pub fn activator_start_and_wait_argv(launch: Vec<String>, token: &str, secs: u64) -> Vec<String> {
+/// Start the activator or the way back (`launch`, from [`activator_argv`]
+/// or [`restorer_argv`]) behind the deployment's fence (see
+/// [`super::fence`]), then wait for it as [`activation_wait_argv`] does, in
+/// one round trip. The fence's lock is held until the detached script has
+/// written its `.pid` (at most ten seconds): whoever raises the epoch after
+/// that sees it running. The launch does not inherit the lock. A refused
+/// epoch exits [`super::FENCED_OUT`]; a failed start exits with the
+/// starter's code.
+pub fn activator_start_and_wait_argv(
+    launch: Vec<String>,
+    token: &str,
+    secs: u64,
+    fence: &Fence,
+) -> Vec<String> {
     let mut argv = vec![
         "sh".into(),
         "-c".into(),
-        format!(r#"t=$1; w=$2; shift 2; "$@" || exit $?; set -- "$t" "$w"; {WAIT_SCRIPT}"#),
+        format!(
+            r#"{FENCE_FN}t=$1; w=$2; fence "$3" "$4" "$5"; shift 5
+"$@" 9>&- || exit $?
+i=0
+while [ ! -e "/run/nix-deploy/$t.pid" ] && [ ! -e "/run/nix-deploy/$t.activated" ] && [ "$i" -lt 100 ]; do
+  sleep 0.1 2>/dev/null || sleep 1; i=$((i+1))
+done
+exec 9>&-
+set -- "$t" "$w"; {WAIT_SCRIPT}"#
+        ),
         "nix-deploy-start".into(),
         token.into(),
         secs.to_string(),
     ];
+    argv.extend(fence.args());
     argv.extend(launch);
     argv
 }
@@ -276,11 +299,14 @@ pub fn activation_log_argv(token: &str) -> Vec<String> {
 }
 
 /// Take the decision for activation `$1` as `$2` (`confirmed`, or
-/// `taken-back` when the coordinator switches the host back itself). Exit 0:
+/// `taken-back` when the coordinator switches the host back itself), behind
+/// the deployment's fence (`$3`–`$5`, its lock held throughout). Exit 0:
 /// ours. Exit 3: the watchdog decided first; its result is printed. Exit 4:
 /// this host never had that activation (a connection that reached another
-/// machine), so nothing is decided.
-const DECIDE_SCRIPT: &str = r#"base=/run/nix-deploy/$1
+/// machine), so nothing is decided. Exit [`super::FENCED_OUT`]: a newer
+/// holder of the deployment has been here.
+const DECIDE_SCRIPT: &str = r#"fence "$3" "$4" "$5"
+base=/run/nix-deploy/$1
 if [ ! -e "$base.pid" ]; then echo "this host has no activation $1" >&2; exit 4; fi
 if mkdir "$base.decision" 2>/dev/null; then echo "$2" > "$base.result"; exit 0; fi
 cat "$base.result" >&2 2>/dev/null
@@ -295,12 +321,13 @@ pub enum Decision {
     TakenBack,
 }
 
-/// Decide activation `token` atomically (see [`DECIDE_SCRIPT`]).
-pub fn decide_argv(token: &str, decision: Decision) -> Vec<String> {
-    vec![
+/// Decide activation `token` atomically (see [`DECIDE_SCRIPT`]), as the
+/// holder of `fence`.
+pub fn decide_argv(token: &str, decision: Decision, fence: &Fence) -> Vec<String> {
+    let mut argv = vec![
         "sh".into(),
         "-c".into(),
-        DECIDE_SCRIPT.into(),
+        format!("{FENCE_FN}{DECIDE_SCRIPT}"),
         "nix-deploy-decide".into(),
         token.into(),
         match decision {
@@ -308,25 +335,32 @@ pub fn decide_argv(token: &str, decision: Decision) -> Vec<String> {
             Decision::TakenBack => "taken-back",
         }
         .into(),
-    ]
+    ];
+    argv.extend(fence.args());
+    argv
 }
 
 /// Push activation `$1`'s deadline to `$2` seconds from now (the host's
-/// clock). Exit 3 when it is already decided.
-const EXTEND_SCRIPT: &str = r#"base=/run/nix-deploy/$1
+/// clock), behind the deployment's fence (`$3`–`$5`). Exit 3 when it is
+/// already decided.
+const EXTEND_SCRIPT: &str = r#"fence "$3" "$4" "$5"
+base=/run/nix-deploy/$1
 [ -e "$base.decision" ] && exit 3
 echo $(( $(date +%s) + $2 )) > "$base.deadline.tmp" && mv "$base.deadline.tmp" "$base.deadline""#;
 
-/// Keep activation `token`'s watchdog waiting `secs` more seconds.
-pub fn extend_argv(token: &str, secs: u64) -> Vec<String> {
-    vec![
+/// Keep activation `token`'s watchdog waiting `secs` more seconds, as the
+/// holder of `fence`.
+pub fn extend_argv(token: &str, secs: u64, fence: &Fence) -> Vec<String> {
+    let mut argv = vec![
         "sh".into(),
         "-c".into(),
-        EXTEND_SCRIPT.into(),
+        format!("{FENCE_FN}{EXTEND_SCRIPT}"),
         "nix-deploy-extend".into(),
         token.into(),
         secs.to_string(),
-    ]
+    ];
+    argv.extend(fence.args());
+    argv
 }
 
 /// The exit code of [`decide_argv`] when the watchdog had decided first.
@@ -346,8 +380,11 @@ pub fn watchdog_result_argv(token: &str) -> Vec<String> {
 /// ourselves and restore what the host ran and booted before — what its
 /// watchdog would do, now — or, when the watchdog decided first, wait for
 /// its result. A switch back a dead coordinator left running is waited for.
-/// Prints one line per activation settled.
-const SETTLE_BODY: &str = r#"limit=$1; dir=/run/nix-deploy
+/// Prints one line per activation settled. Behind the deployment's fence
+/// (`$2`–`$4`, none for a command that is no deployment), whose lock is
+/// let go before the waits.
+const SETTLE_BODY: &str = r#"fence "$2" "$3" "$4"; exec 9>&-
+limit=$1; dir=/run/nix-deploy
 for f in "$dir"/*.pid; do
   [ -e "$f" ] || continue
   t=${f##*/}; t=${t%.pid}; base="$dir/$t"
@@ -372,15 +409,18 @@ for f in "$dir"/*.pid; do
   fi
 done"#;
 
-/// Settle the host's undecided activations (see [`SETTLE_BODY`]).
-pub fn settle_argv(limit_secs: u64) -> Vec<String> {
-    vec![
+/// Settle the host's undecided activations (see [`SETTLE_BODY`]), as the
+/// holder of `fence` when it is a deployment's.
+pub fn settle_argv(limit_secs: u64, fence: Option<&Fence>) -> Vec<String> {
+    let mut argv = vec![
         "sh".into(),
         "-c".into(),
-        format!("{REVERT_FN}{SETTLE_BODY}"),
+        format!("{FENCE_FN}{REVERT_FN}{SETTLE_BODY}"),
         "nix-deploy-settle".into(),
         limit_secs.to_string(),
-    ]
+    ];
+    argv.extend(Fence::args_of(fence));
+    argv
 }
 
 /// A token naming one activation: letters and digits only.
@@ -402,15 +442,32 @@ mod tests {
         }
     }
 
+    fn fence() -> Fence {
+        Fence::new(7, 1_700_000_000_123, 2).unwrap()
+    }
+
     #[test]
     fn starting_and_waiting_is_one_call_whose_words_are_arguments() {
         let launch = activator_argv(P, Activation::Switch, &before(Some(4)), 30, "abc123", true);
-        let argv = activator_start_and_wait_argv(launch.clone(), "abc123", 25);
+        let argv = activator_start_and_wait_argv(launch.clone(), "abc123", 25, &fence());
         assert_eq!(argv[..2], ["sh", "-c"]);
-        assert!(argv[2].ends_with(WAIT_SCRIPT));
-        assert_eq!(argv[3..6], ["nix-deploy-start", "abc123", "25"]);
+        assert!(argv[2].starts_with(FENCE_FN) && argv[2].ends_with(WAIT_SCRIPT));
+        // The fence is checked before the launch, which runs without its lock.
+        let script = &argv[2][FENCE_FN.len()..];
+        assert!(script.find(r#"fence "$3" "$4" "$5""#) < script.find(r#""$@" 9>&-"#));
         assert_eq!(
-            argv[6..],
+            argv[3..9],
+            [
+                "nix-deploy-start",
+                "abc123",
+                "25",
+                "7",
+                "1700000000123",
+                "2"
+            ]
+        );
+        assert_eq!(
+            argv[9..],
             launch[..],
             "the launch is passed on word for word"
         );
@@ -436,9 +493,41 @@ mod tests {
         assert_eq!(argv[4..], [P, "switch", "4", "30", "abc123", R]);
         // The scripts carry no per-deployment text.
         assert!(!argv[3].contains(P) && !argv[3].contains(R));
-        let decide = decide_argv("abc123", Decision::Confirmed);
-        assert_eq!(decide[3..], ["nix-deploy-decide", "abc123", "confirmed"]);
-        assert_eq!(settle_argv(60)[3..], ["nix-deploy-settle", "60"]);
+        let decide = decide_argv("abc123", Decision::Confirmed, &fence());
+        assert!(decide[2].starts_with(FENCE_FN) && decide[2].contains(DECIDE_SCRIPT));
+        assert_eq!(
+            decide[3..],
+            [
+                "nix-deploy-decide",
+                "abc123",
+                "confirmed",
+                "7",
+                "1700000000123",
+                "2"
+            ]
+        );
+        let extend = extend_argv("abc123", 30, &fence());
+        assert!(extend[2].starts_with(FENCE_FN) && extend[2].ends_with(EXTEND_SCRIPT));
+        assert_eq!(
+            extend[3..],
+            [
+                "nix-deploy-extend",
+                "abc123",
+                "30",
+                "7",
+                "1700000000123",
+                "2"
+            ]
+        );
+        assert_eq!(
+            settle_argv(60, Some(&fence()))[3..],
+            ["nix-deploy-settle", "60", "7", "1700000000123", "2"]
+        );
+        // A command that is no deployment settles unfenced: three empty words.
+        assert_eq!(
+            settle_argv(60, None)[3..],
+            ["nix-deploy-settle", "60", "", "", ""]
+        );
         let argv = activator_argv(P, Activation::Test, &Before::default(), 5, "t", true);
         assert_eq!(argv[0], "systemd-run");
         assert_eq!(argv[1], "--unit=nix-deploy-t");

@@ -5,12 +5,16 @@
 //! - [`observe`]: what a host runs and boots, and the probe;
 //! - [`activator`]: activations detached with their watchdog, the way back,
 //!   decisions and settling;
+//! - [`fence`]: what every one of those carries for a deployment (its epoch),
+//!   so a host refuses a coordinator that was superseded;
 //! - here: the profile, generations, `switch-to-configuration`, closures.
 
 mod activator;
+mod fence;
 mod observe;
 
 pub use activator::*;
+pub use fence::*;
 pub use observe::*;
 
 /// The system profile whose generations NixOS boots from.
@@ -25,13 +29,22 @@ pub fn parse_generation_link(link: &str) -> Option<u32> {
         .ok()
 }
 
-/// Reboot the host. The running system's own `systemctl`, by absolute path
-/// (every NixOS system has it there), never whatever `PATH` finds.
-pub fn reboot_argv() -> Vec<String> {
-    vec![
-        "/run/current-system/sw/bin/systemctl".into(),
-        "reboot".into(),
-    ]
+/// Reboot the host, behind the deployment's fence (see [`fence`]): a host
+/// that has seen a newer holder of the deployment refuses. The running
+/// system's own `systemctl`, by absolute path (every NixOS system has it
+/// there), never whatever `PATH` finds.
+pub fn reboot_argv(fence: &Fence) -> Vec<String> {
+    let mut argv = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            r#"{}fence "$1" "$2" "$3"; exec 9>&-; exec /run/current-system/sw/bin/systemctl reboot"#,
+            fence::FENCE_FN
+        ),
+        "nix-deploy-reboot".into(),
+    ];
+    argv.extend(fence.args());
+    argv
 }
 
 /// `<path>/bin/switch-to-configuration dry-activate`: what would change.
@@ -171,5 +184,12 @@ mod tests {
             [format!("{P}/bin/switch-to-configuration"), "switch".into()]
         );
         assert_eq!(switch_argv(P, Activation::Test)[1], "test");
+        let reboot = reboot_argv(&Fence::new(4, 1_700_000_000_000, 2).unwrap());
+        assert!(reboot[2].starts_with(fence::FENCE_FN));
+        assert!(reboot[2].ends_with("exec /run/current-system/sw/bin/systemctl reboot"));
+        assert_eq!(
+            reboot[3..],
+            ["nix-deploy-reboot", "4", "1700000000000", "2"]
+        );
     }
 }

@@ -1,11 +1,13 @@
 //! What a host runs, as it says it: [`HostSystems`] (the one reading of
 //! what runs and what boots, [`systems_argv`]) and the probe, which reads
-//! that and more in the same round trip ([`probe_argv`]). Fixed text:
-//! nothing from the flake or the user is pasted into these scripts.
+//! that and more in the same round trip ([`probe_argv`]; for a deployment,
+//! behind its fence: [`fenced_probe_argv`]). Fixed text: nothing from the
+//! flake or the user is pasted into these scripts.
 
 use serde::{Deserialize, Serialize};
 
 use super::activator::is_valid_token;
+use super::fence::{FENCE_FN, Fence};
 use super::parse_generation_link;
 use crate::goal::BootFiles;
 
@@ -17,8 +19,9 @@ if [ -e /nix/var/nix/profiles/system ]; then readlink -f /nix/var/nix/profiles/s
 "#;
 
 /// What the probe reads besides [`SYSTEMS_SCRIPT`]: free space, whether
-/// systemd runs the host, the boot id, the booted kernel and initrd, and the
-/// activations whose watchdog has not decided yet.
+/// systemd runs the host, the boot id, the booted kernel and initrd, the
+/// activations whose watchdog has not decided yet, and (for the watch's
+/// drift) the booted system and the running system's boot files.
 const PROBE_REST: &str = r#"{ df -Pk /nix/store 2>/dev/null || df -Pk /nix 2>/dev/null || df -Pk /; } | tail -n 1
 if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd; else echo nosystemd; fi
 cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo
@@ -32,7 +35,9 @@ for f in /run/nix-deploy/*.pid; do
   [ -d "/proc/$(cat "$f" 2>/dev/null)" ] || continue
   pending="$pending $t"
 done
-echo "pending$pending""#;
+echo "pending$pending"
+if [ -e /run/booted-system ]; then readlink -f /run/booted-system; else echo; fi
+for f in kernel initrd kernel-modules; do readlink "/run/current-system/$f" 2>/dev/null || echo; done"#;
 
 /// What a host runs and boots, as read from the host itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +124,14 @@ pub struct ProbeResult {
     /// coordinator died before confirming them).
     #[serde(default)]
     pub pending: Vec<String>,
+    /// `readlink -f /run/booted-system`: the system the host booted.
+    #[serde(default)]
+    pub booted_system: Option<String>,
+    /// Kernel, initrd and modules of the running system: when they differ
+    /// from [`ProbeResult::booted`], the host runs a kernel it has not
+    /// booted (pending a reboot).
+    #[serde(default)]
+    pub running_boot: BootFiles,
 }
 
 impl ProbeResult {
@@ -142,6 +155,20 @@ pub fn probe_argv() -> Vec<String> {
         "-c".into(),
         format!("{SYSTEMS_SCRIPT}{PROBE_REST}"),
     ]
+}
+
+/// [`probe_argv`] for a deployment: the host first records `fence`'s epoch
+/// (refusing an older one, see [`super::fence`]), so a successor's probe
+/// alone fences out an earlier holder. Run as root (it writes the fence).
+pub fn fenced_probe_argv(fence: &Fence) -> Vec<String> {
+    let mut argv = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("{FENCE_FN}fence \"$1\" \"$2\" \"$3\"; exec 9>&-\n{SYSTEMS_SCRIPT}{PROBE_REST}"),
+        "nix-deploy-probe".into(),
+    ];
+    argv.extend(fence.args());
+    argv
 }
 
 pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
@@ -171,6 +198,21 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
         .filter(|t| is_valid_token(t))
         .map(str::to_string)
         .collect();
+    let booted_line = next().unwrap_or_default();
+    let running_boot = BootFiles {
+        kernel: next(),
+        initrd: next(),
+        kernel_modules: next(),
+    };
+    let booted_system = if booted_line.is_empty() {
+        None
+    } else if crate::shell::is_valid_store_path(&booted_line) {
+        Some(booted_line)
+    } else {
+        return Err(format!(
+            "/run/booted-system points at `{booted_line}`, which is not a store path"
+        ));
+    };
     // POSIX df: Filesystem 1024-blocks Used Available Capacity Mounted-on
     let free_kib = df_line
         .split_whitespace()
@@ -185,6 +227,8 @@ pub fn parse_probe(stdout: &str) -> Result<ProbeResult, String> {
         boot_id,
         booted,
         pending,
+        booted_system,
+        running_boot,
     })
 }
 
@@ -237,6 +281,11 @@ mod tests {
         assert_eq!(probe.pending, ["abc123"]);
         assert!(!probe.systems().pending_reboot());
         assert!(probe_argv()[2].starts_with(SYSTEMS_SCRIPT));
+        // A deployment's probe records its epoch first, then reads the same.
+        let fenced = fenced_probe_argv(&Fence::new(3, 1_700_000_000_000, 4).unwrap());
+        assert!(fenced[2].starts_with(FENCE_FN));
+        assert!(fenced[2].ends_with(&format!("{SYSTEMS_SCRIPT}{PROBE_REST}")));
+        assert_eq!(fenced[3..], ["nix-deploy-probe", "3", "1700000000000", "4"]);
     }
 
     #[test]
@@ -277,6 +326,31 @@ mod tests {
             (boot.to_string(), Some(P.to_string()))
         );
         assert!(parse_boot_state("cat: no such file\n").is_err());
+    }
+
+    #[test]
+    fn parses_the_booted_system_and_the_running_boot_files() {
+        let boot = "6cf3d0d6-27f9-4991-bd81-372f1da13493";
+        let out = format!(
+            "{P}\nsystem-7-link\n{P}\n/dev/vda 1 2 3 5% /\nsystemd\n{boot}\n/nix/store/k1-linux/bzImage\n/nix/store/i1-initrd/initrd\n\npending\n{P}-old\n/nix/store/k2-linux/bzImage\n/nix/store/i1-initrd/initrd\n\n"
+        );
+        let probe = parse_probe(&out).unwrap();
+        assert_eq!(probe.booted_system, Some(format!("{P}-old")));
+        assert_eq!(
+            probe.running_boot.kernel.as_deref(),
+            Some("/nix/store/k2-linux/bzImage")
+        );
+        assert_eq!(
+            crate::goal::boot_changed(&probe.booted, &probe.running_boot),
+            Some(true)
+        );
+        // A booted system that is not a store path is garbage, not a system.
+        let bad = out.replace(&format!("{P}-old"), "/tmp/evil");
+        assert!(
+            parse_probe(&bad)
+                .unwrap_err()
+                .contains("/run/booted-system")
+        );
     }
 
     #[test]

@@ -379,6 +379,7 @@ mod tests {
             plan: None,
             pinned: None,
             gates: Vec::new(),
+            waiting: None,
             error: None,
             pid: None,
             exec: None,

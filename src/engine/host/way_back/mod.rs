@@ -21,6 +21,12 @@
 //! ([`await_watchdog`]). A host without magic rollback (deploy-rs's
 //! `magicRollback = false`) has no watchdog: its activation is decided
 //! ("no watchdog") as soon as it ends, and the way back is ours alone.
+//!
+//! Keys follow the system ([`super::keys_back`]): whenever the host goes
+//! back (or its system was never changed), the keys this deployment
+//! replaced go back too, before the old system is activated again; when it
+//! stays on the new system, they stay too. What happened to them is part of
+//! the conclusion.
 
 use std::time::Duration;
 
@@ -35,8 +41,9 @@ use watchdog::{Decided, await_watchdog, decide};
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Recovery};
+use super::fence::HostFence;
 use super::observe::{self, Assessment};
-use super::{activator, health, keys, reboot};
+use super::{activator, health, keys_back, reboot};
 use crate::store::StoreError;
 use crate::transport::ssh::{Connection, SshOptions};
 
@@ -61,10 +68,12 @@ fn describe(before: &Before) -> String {
 
 /// Restore what the host ran and booted before an activation of kind
 /// `undone`, detached on the host (a dropped connection or a killed
-/// coordinator cannot cut it short), then check it runs and boots that.
+/// coordinator cannot cut it short), then check it runs and boots that. A
+/// host that has seen a newer holder of the deployment refuses (`fence`).
 async fn switch_back(
     connection: &mut Connection,
     ssh: &SshOptions,
+    fence: &HostFence,
     assessment: &Assessment,
     before: &Before,
     undone: Activation,
@@ -78,6 +87,7 @@ async fn switch_back(
         token: &token,
         systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
         timeout,
+        fence,
     };
     activator::run(connection, ssh, &switch).await?;
     verify_restored(connection, ssh, before).await
@@ -127,6 +137,7 @@ pub(crate) fn conclude(
             });
         }
     }
+    keys_back::conclude(run);
 }
 
 /// Read what the host runs and boots now into the run, whatever happened
@@ -161,6 +172,7 @@ pub(crate) async fn roll_back(
         switch_back(
             connection,
             &context.ssh,
+            &context.fence,
             assessment,
             before,
             undone,
@@ -195,6 +207,11 @@ pub(crate) async fn recover(
         Recovery::Untouched => {
             job.run.status = HostStatus::Failed;
             job.run.error = Some(error);
+            // Its system never changed: keys this deployment replaced
+            // before it failed go back.
+            let (assessment, connection, run) = job.parts();
+            keys_back::go_back(context, connection, &assessment.host, run, false).await?;
+            keys_back::conclude(run);
             Ok(())
         }
         Recovery::Unhealthy => {
@@ -233,7 +250,7 @@ async fn roll_back_failed(
         ),
         (true, true) => (Decision::TakenBack, ""),
     };
-    match decide(connection, &context.ssh, run, decision).await {
+    match decide(connection, context, run, decision).await {
         Decided::Ours => {}
         Decided::Elsewhere(how) => {
             let error = format!("{error}\n{how}");
@@ -244,8 +261,13 @@ async fn roll_back_failed(
         run.status = HostStatus::Failed;
         run.error = Some(format!("{error}\n{keep_note}"));
         record_after(context, connection, run).await;
+        // The new system stays, and its keys with it.
+        keys_back::commit(context, connection, host, run).await?;
+        keys_back::left(context, run, "the host keeps the new system").await?;
+        keys_back::conclude(run);
         return Ok(());
     }
+    keys_back::go_back(context, connection, host, run, false).await?;
     // The goal's activation is what is undone.
     let undone = context.goal(activation).activation().unwrap_or(activation);
     let result = roll_back(context, run, connection, assessment, &before, undone).await?;
@@ -283,6 +305,9 @@ async fn roll_back_through_boot(
             }
         ));
         record_after(context, connection, run).await;
+        keys_back::commit(context, connection, &host, run).await?;
+        keys_back::left(context, run, "the host keeps the new system").await?;
+        keys_back::conclude(run);
         return Ok(());
     }
     let checks = context.checks(&host);
@@ -291,6 +316,14 @@ async fn roll_back_through_boot(
     let timeout = context.options.activation_timeout;
     let mut record = RebootRecord::default();
     let mut rebooted = false;
+    // The keys go back once the old generation is booted (if it must be),
+    // before the old system is activated again.
+    let touched = keys_back::touched(run);
+    let rebooted_forward = run
+        .reboot
+        .as_ref()
+        .is_some_and(|r| r.boot_id_after.is_some());
+    let mut changes = None;
     let work = async {
         // The connection we had may be to a host that has rebooted since.
         if observe::systems(connection, "rollback", ssh.command_timeout)
@@ -319,6 +352,7 @@ async fn roll_back_through_boot(
             token: &token,
             systemd: assessment.probe.as_ref().is_some_and(|p| p.systemd),
             timeout,
+            fence: &context.fence,
         };
         activator::run(connection, ssh, &switch).await?;
         let now = observe::systems(connection, "rollback", ssh.command_timeout).await?;
@@ -326,16 +360,20 @@ async fn roll_back_through_boot(
             rebooted = true;
             let boot = now.boot.clone().unwrap_or_default();
             reboot::reboot_and_wait(context, connection, &host, &boot, &mut record).await?;
-            // Best effort: the old system's services find their keys (as
-            // the flake describes them now) in the emptied /run.
-            let all: Vec<_> = host.keys.iter().collect();
-            let _ = keys::upload(connection, &context.keys, &host, &all, false).await;
+        }
+        // After a reboot, keys /run lost are uploaded again (this
+        // deployment's: the old ones are gone), so that the old system's
+        // services find them.
+        if touched {
+            let after_reboot = rebooted || rebooted_forward;
+            changes = Some(keys_back::put_back(context, connection, &host, after_reboot).await);
         }
         // What ran before, when it was not the boot default (a host staged
         // to boot another generation).
         switch_back(
             connection,
             ssh,
+            &context.fence,
             assessment,
             &before,
             Activation::Test,
@@ -356,6 +394,17 @@ async fn roll_back_through_boot(
     record_after(context, connection, run).await;
     if rebooted {
         run.reboot = Some(record);
+    }
+    match changes {
+        Some(changes) => keys_back::record(context, run, changes).await?,
+        None => {
+            keys_back::left(
+                context,
+                run,
+                "the way back stopped before they could be put back (what they replaced stays kept on the host)",
+            )
+            .await?
+        }
     }
     let note = format!(
         "{error}\nrolled back through the boot generation to {}{}",
@@ -387,9 +436,11 @@ pub(crate) async fn take_back(
     let host = &assessment.host.name;
     let before = assessment.before.clone();
     let result = if has_way_back(&before) {
+        keys_back::go_back(context, connection, &assessment.host, &mut run, false).await?;
         roll_back(context, &mut run, connection, assessment, &before, undone).await?
     } else {
         record_after(context, connection, &mut run).await;
+        keys_back::left(context, &mut run, "the host keeps the new system").await?;
         Err(format!("{host}: rollback: {missing}"))
     };
     conclude(&mut run, result, HostStatus::RolledBack, Some(note), None);
@@ -405,17 +456,26 @@ pub(crate) async fn take_back(
 pub(crate) async fn undo_unrecorded(context: &HostContext, job: &mut HostJob) {
     let (assessment, connection, run) = job.parts();
     let before = assessment.before.clone();
-    if !has_way_back(&before) {
-        return;
-    }
+    let host = &assessment.host;
     let profile_set = run
         .steps
         .iter()
         .any(|s| s.step == Step::SetProfile && s.ok == Some(true));
+    let touched = keys_back::touched(run);
     if run.token.is_none() && !profile_set {
+        // Its system never changed: its keys go back.
+        if touched {
+            keys_back::put_back(context, connection, host, false).await;
+        }
         return;
     }
-    if let Decided::Ours = decide(connection, &context.ssh, run, Decision::TakenBack).await {
+    if !has_way_back(&before) {
+        return;
+    }
+    if let Decided::Ours = decide(connection, context, run, Decision::TakenBack).await {
+        if touched {
+            keys_back::put_back(context, connection, host, false).await;
+        }
         // Staged with `test` (blue-green) when the profile was never set.
         let undone = if profile_set {
             Activation::Switch
@@ -426,6 +486,7 @@ pub(crate) async fn undo_unrecorded(context: &HostContext, job: &mut HostJob) {
         let _ = switch_back(
             connection,
             &context.ssh,
+            &context.fence,
             assessment,
             &before,
             undone,

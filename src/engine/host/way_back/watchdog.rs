@@ -10,8 +10,9 @@ use nix_deploy_core::run::HostRun;
 
 use super::{conclude, describe, record_after, verify_restored};
 use crate::engine::host::context::{HostContext, HostJob};
+use crate::engine::host::keys_back;
 use crate::store::StoreError;
-use crate::transport::ssh::{Connection, SshError, SshOptions};
+use crate::transport::ssh::{Connection, SshError};
 
 /// The host's watchdog switches it back by itself (the new system did not
 /// let us in, or the watchdog decided first): wait for its result and
@@ -81,6 +82,16 @@ pub(super) async fn await_watchdog(
     };
     let result = context.recorder.step(run, Step::Rollback, work).await?;
     record_after(context, connection, run).await;
+    if result.is_ok() {
+        keys_back::go_back(context, connection, &assessment.host, run, false).await?;
+    } else {
+        keys_back::left(
+            context,
+            run,
+            "the host was not seen back on its old system (what they replaced stays kept on the host)",
+        )
+        .await?;
+    }
     let note = format!(
         "{error}\nthe host's watchdog reverted it to {} by itself",
         describe(&before)
@@ -105,10 +116,13 @@ pub(super) enum Decided {
 }
 
 /// Decide the run's activation atomically against its watchdog. A run
-/// without an activation has nothing to decide.
+/// without an activation has nothing to decide. A host refusing our epoch
+/// leaves it to the deployment's new holder: then the deployment is lost
+/// here, and the caller's next write (before it touches the host again) is
+/// refused.
 pub(super) async fn decide(
     connection: &Connection,
-    ssh: &SshOptions,
+    context: &HostContext,
     run: &HostRun,
     decision: Decision,
 ) -> Decided {
@@ -118,12 +132,15 @@ pub(super) async fn decide(
     match connection
         .run_privileged(
             "rollback",
-            &remote::decide_argv(token, decision),
-            ssh.command_timeout,
+            &remote::decide_argv(token, decision, context.fence.fence()),
+            context.ssh.command_timeout,
         )
         .await
     {
         Ok(_) => Decided::Ours,
+        Err(e) if context.fence.refused(connection.host(), &e) => {
+            Decided::Elsewhere(format!("another coordinator holds the deployment: {e}"))
+        }
         // Activated without a watchdog (magic rollback off): decided when
         // it ended, and nobody switches it back but us.
         Err(SshError::Exit { code, stderr, .. })
