@@ -164,7 +164,7 @@ pub(crate) async fn cancel_deployment(
 ) -> Result<CancelAnswer, ApiError> {
     let deployment = state.deployment(id).await?;
     let cancellable = deployment.status.is_active();
-    let reach = super::approvals::check_reach(&caller, &deployment);
+    let reach = super::approvals::check_reach(caller, &deployment);
     state
         .audit(
             &caller.identity,
