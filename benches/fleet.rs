@@ -1295,6 +1295,8 @@ const FIGURES: &[(&str, &str, &str, Unit, Target)] = &[
         "extrapolated_500_hosts_1m_rss_mib",
         Unit::Mib,
         Some(("< 100 MB", |v| v < 95.0)),
+    ),
+    (
         "web: fleet page, 500 hosts, to load (median)",
         "web_fleet_page",
         "load_event_median_s",
