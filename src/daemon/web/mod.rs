@@ -8,12 +8,13 @@
 //! the token's scope, checked on every request by the API's own check
 //! ([`crate::daemon::auth::permit`]), and every POST carries the session's
 //! CSRF token ([`csrf`]). Views call the same functions as the API's
-//! handlers (plan, start, cancel, roll back, the event stream), never the
-//! API over HTTP.
+//! handlers (plan, start, cancel, roll back, approve, reject, the event
+//! stream, the watched fleet), never the API over HTTP.
 //!
 //! - [`session`]: sessions and the login rate limit; [`csrf`]: tokens;
 //! - `views/`: one file per page group (login, fleet, deployments, plan and
-//!   deploy, a host's history); `templates/` and `assets/`.
+//!   deploy, approvals and windows, a host's history); `templates/` and
+//!   `assets/`.
 
 pub mod csrf;
 pub mod session;
@@ -144,6 +145,9 @@ pub fn router(timeout: Duration) -> Router<AppState> {
         .route("/deployments", get(views::deployments::list))
         .route("/deployments/{id}", get(views::deployments::show))
         .route("/deployments/{id}/cancel", post(views::deployments::cancel))
+        .route("/approvals", get(views::approvals::page))
+        .route("/deployments/{id}/approve", post(views::approvals::approve))
+        .route("/deployments/{id}/reject", post(views::approvals::reject))
         .route("/plan", get(views::plan::form).post(views::plan::plan))
         .route("/deploy", post(views::plan::deploy))
         .route("/hosts/{host}", get(views::hosts::history))

@@ -4,7 +4,8 @@
 (function () {
   "use strict";
 
-  // ---- Fleet: search by name, filter by tag, in the page (no requests).
+  // ---- Fleet: search by name, filter by tag and drift kind, in the page
+  // (no requests).
   function fleetFilters() {
     var search = document.getElementById("fleet-search");
     var tag = document.getElementById("fleet-tag");
@@ -13,13 +14,17 @@
     var rows = Array.prototype.slice.call(table.tBodies[0].rows);
     var tags = rows.map(function (r) { return (r.dataset.tags || "").split(" "); });
     var names = rows.map(function (r) { return (r.dataset.name || "").toLowerCase(); });
+    var drift = document.getElementById("fleet-drift");
+    var kinds = rows.map(function (r) { return (r.dataset.drift || "").split(" "); });
     var count = document.getElementById("fleet-count");
     function apply() {
       var q = search.value.trim().toLowerCase();
       var t = tag.value;
+      var k = drift ? drift.value : "";
       var shown = 0;
       for (var i = 0; i < rows.length; i++) {
-        var ok = (!q || names[i].indexOf(q) !== -1) && (!t || tags[i].indexOf(t) !== -1);
+        var ok = (!q || names[i].indexOf(q) !== -1) && (!t || tags[i].indexOf(t) !== -1) &&
+          (!k || kinds[i].indexOf(k) !== -1);
         if (rows[i].hidden === ok) rows[i].hidden = !ok;
         if (ok) shown++;
       }
@@ -27,7 +32,8 @@
     }
     search.addEventListener("input", apply);
     tag.addEventListener("change", apply);
-    if (search.value || tag.value) apply();
+    if (drift) drift.addEventListener("change", apply);
+    if (search.value || tag.value || (drift && drift.value)) apply();
   }
 
   // ---- A deployment: apply each event to its host's row as it comes.

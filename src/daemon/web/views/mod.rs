@@ -2,10 +2,9 @@
 //! template filled with plain strings (formatting happens here, in Rust,
 //! with the core's wording; templates only place and escape).
 //!
-//! The navigation is [`NAV`]: a page that needs data another part of the
-//! daemon provides (approvals and windows from the operations work) adds its
-//! module here and its entry there when that data exists.
+//! The navigation is [`NAV`].
 
+pub mod approvals;
 pub mod deployments;
 pub mod fleet;
 pub mod hosts;
@@ -25,6 +24,7 @@ pub const NAV: &[(&str, &str)] = &[
     ("/", "Fleet"),
     ("/deployments", "Deployments"),
     ("/plan", "Plan & deploy"),
+    ("/approvals", "Approvals & windows"),
 ];
 
 /// What every page's frame needs.
