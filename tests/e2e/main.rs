@@ -45,3 +45,4 @@ mod watch_cluster;
 mod watch_edges;
 mod web;
 mod web_login;
+mod web_ops;

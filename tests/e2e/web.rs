@@ -114,21 +114,42 @@ scope = "read"
     }
 }
 
+/// Headless Chromium through chromedriver (stopped when the first is
+/// dropped).
+pub(crate) async fn browser() -> (Chromedriver, Client) {
+    let driver = Chromedriver::start().expect("starting chromedriver");
+    let mut capabilities = driver.capabilities();
+    capabilities.insert("pageLoadStrategy".into(), "normal".into());
+    let c = ClientBuilder::rustls()
+        .unwrap()
+        .capabilities(capabilities)
+        .connect(&driver.url())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "connecting to chromedriver: {e}\n{}",
+                std::fs::read_to_string(driver.log()).unwrap_or_default()
+            )
+        });
+    eprintln!("screenshots: {}", artifacts().display());
+    (driver, c)
+}
+
 /// Where the screenshots go (printed, so a person can look).
-fn artifacts() -> PathBuf {
+pub(crate) fn artifacts() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-async fn screenshot(c: &Client, name: &str) {
+pub(crate) async fn screenshot(c: &Client, name: &str) {
     let png = c.screenshot().await.expect("taking a screenshot");
     std::fs::write(artifacts().join(format!("{name}.png")), png).unwrap();
 }
 
 /// Evaluate `js` (a function body returning a value) until it returns
 /// something truthy; that value. Panics after `secs` with the page's text.
-async fn until(c: &Client, secs: u64, what: &str, js: &str) -> Value {
+pub(crate) async fn until(c: &Client, secs: u64, what: &str, js: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let value = c.execute(js, vec![]).await.unwrap_or(Value::Null);
@@ -156,7 +177,7 @@ async fn until(c: &Client, secs: u64, what: &str, js: &str) -> Value {
     }
 }
 
-async fn text(c: &Client, css: &str) -> String {
+pub(crate) async fn text(c: &Client, css: &str) -> String {
     // A live page replaces elements as events arrive: one found may be gone
     // by the time its text is read, so read a fresh one again.
     let mut attempts = 0;
@@ -179,7 +200,7 @@ fn is_stale(e: &fantoccini::error::CmdError) -> bool {
         if w.error == fantoccini::error::ErrorStatus::StaleElementReference)
 }
 
-async fn click(c: &Client, css: &str) {
+pub(crate) async fn click(c: &Client, css: &str) {
     c.find(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("no {css}: {e}"))
@@ -188,7 +209,7 @@ async fn click(c: &Client, css: &str) {
         .unwrap();
 }
 
-async fn type_into(c: &Client, css: &str, text: &str) {
+pub(crate) async fn type_into(c: &Client, css: &str, text: &str) {
     c.find(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("no {css}: {e}"))
@@ -197,13 +218,13 @@ async fn type_into(c: &Client, css: &str, text: &str) {
         .unwrap();
 }
 
-async fn path(c: &Client) -> String {
+pub(crate) async fn path(c: &Client) -> String {
     c.current_url().await.unwrap().path().to_string()
 }
 
 /// POST a form from the page (with its cookies), as a forged request
 /// would; the response's status.
-async fn post_from_page(c: &Client, path: &str, body: &str) -> u16 {
+pub(crate) async fn post_from_page(c: &Client, path: &str, body: &str) -> u16 {
     let js = format!(
         "return fetch({}, {{method: 'POST', credentials: 'same-origin', \
          headers: {{'Content-Type': 'application/x-www-form-urlencoded'}}, body: {}}}) \
@@ -227,7 +248,7 @@ async fn deployment_count(d: &Daemon) -> usize {
     list["deployments"].as_array().unwrap().len()
 }
 
-async fn log_in(c: &Client, d: &Daemon, token: &str) {
+pub(crate) async fn log_in(c: &Client, d: &Daemon, token: &str) {
     c.goto(&format!("{}/", d.url)).await.unwrap();
     assert_eq!(path(c).await, "/login");
     type_into(c, "#token", token).await;
@@ -241,7 +262,7 @@ async fn log_in(c: &Client, d: &Daemon, token: &str) {
     .await;
 }
 
-async fn log_out(c: &Client, d: &Daemon) {
+pub(crate) async fn log_out(c: &Client, d: &Daemon) {
     click(c, "#logout").await;
     until(
         c,
@@ -257,13 +278,14 @@ async fn log_out(c: &Client, d: &Daemon) {
 
 /// The deployment page's status once it is final (refreshed by the page's
 /// own script, not reloaded).
-async fn final_status(c: &Client) -> String {
+pub(crate) async fn final_status(c: &Client) -> String {
     until(
         c,
         120,
         "the deployment to finish",
         "const s = document.getElementById('deployment-status'); \
-         return s && !['running', 'queued'].includes(s.textContent.trim()) && s.textContent.trim()",
+         return s && !['running', 'queued', 'awaiting-approval', 'waiting-for-window']\
+         .includes(s.textContent.trim()) && s.textContent.trim()",
     )
     .await
     .as_str()
@@ -305,21 +327,7 @@ async fn the_dashboard_deploys_shows_failures_as_text_and_refuses_forged_request
         .unwrap();
 
     let d = start_daemon(Some(&h), "");
-    let driver = Chromedriver::start().expect("starting chromedriver");
-    let mut capabilities = driver.capabilities();
-    capabilities.insert("pageLoadStrategy".into(), "normal".into());
-    let c = ClientBuilder::rustls()
-        .unwrap()
-        .capabilities(capabilities)
-        .connect(&driver.url())
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "connecting to chromedriver: {e}\n{}",
-                std::fs::read_to_string(driver.log()).unwrap_or_default()
-            )
-        });
-    eprintln!("screenshots: {}", artifacts().display());
+    let (driver, c) = browser().await;
 
     // Logging in: a wrong token is refused on the form, the right one works.
     c.goto(&format!("{}/", d.url)).await.unwrap();

@@ -149,10 +149,9 @@ pub async fn show(
     let id = parse_id(&id)?;
     let deployment = state.deployment(id).await?;
     let events = state.store().events(id, 0).await?;
-    let live = matches!(
-        deployment.status,
-        DeploymentStatus::Running | DeploymentStatus::Queued
-    );
+    // Held at a gate or waiting for a window: still live (it goes on when
+    // someone approves or the window opens).
+    let live = deployment.status.is_active();
     let mut page = Page::new(format!("#{id}"), "/deployments", Some(&viewer));
     if live {
         let after = events.last().map(|e| e.id).unwrap_or(0);

@@ -220,9 +220,9 @@ fn watched(row: &mut FleetRow, host: &HostWatch) {
             title: host.failing_checks.join("\n"),
         },
         None => Badge {
-            text: "not checked".into(),
+            text: "unchecked".into(),
             class: "muted",
-            title: String::new(),
+            title: "no health check has run: none configured, or not yet".into(),
         },
     });
     if host.last_seen.is_some() {
@@ -438,6 +438,6 @@ mod tests {
         assert_eq!(health.title, "nginx: <down>");
         assert_eq!(a.last_seen, when(Some(9_000)));
         assert_eq!(rows[1].name, "only-watched");
-        assert_eq!(rows[1].health.as_ref().unwrap().text, "not checked");
+        assert_eq!(rows[1].health.as_ref().unwrap().text, "unchecked");
     }
 }
