@@ -14,7 +14,7 @@ use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use nix_deploy_core::events::{DeploymentStatus, Event, HostStatus};
+use nix_deploy_core::events::{Event, HostStatus};
 use nix_deploy_core::render::{event_text, generation, run_label, short_path};
 use nix_deploy_core::run::{Deployment, HostRun, StepTiming};
 use nix_deploy_core::summary::ChangeSummary;
@@ -367,7 +367,7 @@ mod tests {
             kind: RunKind::Deploy,
             created_at: 0,
             time: Span::default(),
-            status: DeploymentStatus::Failed,
+            status: nix_deploy_core::events::DeploymentStatus::Failed,
             trigger: "slack".into(),
             requested_by: "slack:<script>alert(1)</script>".into(),
             flake: "github:me/<b>fleet</b>".into(),
