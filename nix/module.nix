@@ -520,6 +520,7 @@ in
         in `settings.smtp` (`server`, `port`, `security`, `username`, `from`);
         e-mail goes to `settings.notifications.email-to`.
       '';
+    };
     grafanaDashboard = {
       enable = mkEnableOption ''
         provisioning nix-deploy's Grafana dashboard (deployments by status,
