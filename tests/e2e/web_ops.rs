@@ -93,6 +93,20 @@ async fn count(c: &Client, css: &str) -> u64 {
     .unwrap()
 }
 
+/// Click the gate's `button` (approve, reject); the deployment's final
+/// status, on its page (where the button leads).
+async fn decide(c: &Client, gate: &str, button: &str, id: i64) -> String {
+    click(c, &format!("{gate} button.{button}")).await;
+    until(
+        c,
+        10,
+        "the deployment's page",
+        &format!("return location.pathname === '/deployments/{id}'"),
+    )
+    .await;
+    final_status(c).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn approvals_are_decided_in_the_browser_and_the_fleet_shows_drift() {
     let mut h = Harness::start(vec![
@@ -207,15 +221,7 @@ hosts = ["@frozen"]
         "looks <i>fine</i>",
     )
     .await;
-    click(&c, &format!("{gate} button.approve")).await;
-    until(
-        &c,
-        10,
-        "the deployment's page",
-        &format!("return location.pathname === '/deployments/{id}'"),
-    )
-    .await;
-    assert_eq!(final_status(&c).await, "succeeded");
+    assert_eq!(decide(&c, &gate, "approve", id).await, "succeeded");
     let done = deployment(&d, id).await;
     let approval = &done["gates"][0]["approvals"][0];
     assert_eq!(approval["by"], "token:ops");
@@ -231,15 +237,7 @@ hosts = ["@frozen"]
     c.goto(&format!("{}/approvals", d.url)).await.unwrap();
     let gate = format!("section.gate[data-id='{id}']");
     type_into(&c, &format!("{gate} input[name=reason]"), "not today").await;
-    click(&c, &format!("{gate} button.reject")).await;
-    until(
-        &c,
-        10,
-        "the deployment's page",
-        &format!("return location.pathname === '/deployments/{id}'"),
-    )
-    .await;
-    let ended = final_status(&c).await;
+    let ended = decide(&c, &gate, "reject", id).await;
     let rejected = deployment(&d, id).await;
     assert_ne!(ended, "succeeded", "{rejected:#}");
     assert_eq!(rejected["gates"][0]["state"], "rejected");
