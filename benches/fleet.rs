@@ -22,11 +22,14 @@ use anyhow::{Context, bail};
 use nix_deploy_testkit::{Fleet, HostSpec, NixosFlake, NixosShape};
 use serde_json::{Value, json};
 
+// The dashboard in a browser (a file of its own; not a bench target).
 #[path = "fleet/cluster.rs"]
 mod cluster;
 /// The watch scenario (beside this file: a bench is one crate root).
 #[path = "fleet/watch.rs"]
 mod watch;
+#[path = "fleet/web.rs"]
+mod web;
 
 struct Bench {
     binary: PathBuf,
@@ -1293,6 +1296,34 @@ const FIGURES: &[(&str, &str, &str, Unit, Target)] = &[
         Unit::Mib,
         Some(("< 100 MB", |v| v < 95.0)),
     ),
+    (
+        "web: fleet page, 500 hosts, to load (median)",
+        "web_fleet_page",
+        "load_event_median_s",
+        Unit::Seconds(2),
+        Some(("< 1 s", |v| v < 1.0)),
+    ),
+    (
+        "web: fleet page, 500 hosts, to load (max)",
+        "web_fleet_page",
+        "load_event_max_s",
+        Unit::Seconds(2),
+        Some(("< 1 s", |v| v < 1.0)),
+    ),
+    (
+        "web: 100-host timeline, events not applied",
+        "web_live_timeline",
+        "events_missed",
+        Unit::Plain(0),
+        Some(("0", |v| v == 0.0)),
+    ),
+    (
+        "web: 100-host timeline, event lag p99",
+        "web_live_timeline",
+        "lag_p99_ms",
+        Unit::Millis,
+        Some(("< 1000 ms", |v| v < 1000.0)),
+    ),
 ];
 
 /// The summary: one line per figure, with its target when it has one.
@@ -1383,7 +1414,7 @@ fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
     };
     type Scenario = fn(&mut Bench) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 10] = [
+    let scenarios: [(&str, Scenario); 12] = [
         ("nixos_evaluation", nixos_evaluation),
         ("evaluation", evaluation),
         ("eight_hosts", eight_hosts),
@@ -1391,6 +1422,8 @@ fn main() -> anyhow::Result<()> {
         ("change_detection", change_detection_and_noop),
         ("makespan", makespan),
         ("hundred_hosts", hundred_hosts),
+        ("web_fleet_page", web::fleet_page),
+        ("web_live_timeline", web::live_timeline),
         ("failover", cluster::failover),
         ("backends", cluster::backends),
         ("watch", watch::watch),

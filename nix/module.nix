@@ -521,9 +521,23 @@ in
         e-mail goes to `settings.notifications.email-to`.
       '';
     };
+    grafanaDashboard = {
+      enable = mkEnableOption ''
+        provisioning nix-deploy's Grafana dashboard (deployments by status,
+        success ratio, durations, MTTR, hosts by last result) into this
+        machine's Grafana (`services.grafana`). It reads any Prometheus data
+        source that scrapes the daemon's `/metrics`; it does not need the
+        daemon on this machine
+      '';
+      folder = mkOption {
+        type = types.str;
+        default = "nix-deploy";
+        description = "The Grafana folder the dashboard is provisioned into.";
+      };
+    };
   };
 
-  config = mkIf cfg.enable {
+  config = lib.mkMerge [ (mkIf cfg.enable {
     assertions = [
       {
         assertion = (cfg.settings.notifications.slack-webhooks or [ ]) == [ ] && (cfg.settings.notifications.json-webhooks or [ ]) == [ ];
@@ -642,5 +656,15 @@ in
     users.groups.nix-deploy = { };
     # The daemon copies closures through the local Nix daemon.
     nix.settings.trusted-users = [ "nix-deploy" ];
-  };
+  })
+  (mkIf cfg.grafanaDashboard.enable {
+    services.grafana.provision = {
+      enable = true;
+      dashboards.settings.providers = [{
+        name = "nix-deploy";
+        folder = cfg.grafanaDashboard.folder;
+        options.path = ./grafana;
+      }];
+    };
+  }) ];
 }

@@ -11,8 +11,11 @@
 #   `initdb` and `postgres` in a temporary directory, on a unix socket only;
 #   installing it starts no server and creates no cluster), prometheus (only
 #   for its `promtool`: the tests check the example alerting rules with it;
-#   its service is not started) and python3-aiosmtpd (the tests' SMTP server
-#   for alert e-mails, started on loopback by each test).
+#   its service is not started), python3-aiosmtpd (the tests' SMTP server
+#   for alert e-mails, started on loopback by each test), chromium,
+#   chromium-driver and fonts-liberation (the web dashboard's browser tests
+#   and benchmark drive headless Chromium through WebDriver and take
+#   screenshots).
 # - /nix: Debian's nix-bin does not create it, and the test hosts bind-mount
 #   their own store over it, so it must exist before the first host starts.
 # - /etc/machine-id: each test host bind-mounts its own machine id over it;
@@ -51,6 +54,10 @@ command -v setpriv >/dev/null 2>&1 || missing="$missing util-linux"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing="$missing python3-aiosmtpd"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+[ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
+# Chromium only recommends a font; without one, screenshots show boxes.
+[ -d /usr/share/fonts/truetype/liberation ] || missing="$missing fonts-liberation"
 if [ -n "$missing" ]; then
     note "installing Debian packages:$missing"
     apt-get update -qq
@@ -99,4 +106,4 @@ case "$(stat -c %A /)" in
         ;;
 esac
 
-[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo, git, PostgreSQL, promtool, aiosmtpd and /nix are in place)" >&2
+[ -n "$changed" ] || echo "setup: nothing to do (Nix, OpenSSH, sudo, git, PostgreSQL, promtool, aiosmtpd, Chromium and /nix are in place)" >&2

@@ -75,14 +75,33 @@ pub fn authorize(headers: &HeaderMap, tokens: &[Token], needed: Scope) -> Result
         .ok_or_else(|| {
             ApiError::Unauthorized("malformed Authorization header; expected `Bearer TOKEN`".into())
         })?;
+    let token = find_token(tokens, presented.as_bytes())
+        .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+    permit(token, needed)
+}
+
+/// The token whose secret is `presented`, compared with every token (all of
+/// them, so timing does not tell which one nearly matched). The API's bearer
+/// header and the web login both find tokens here.
+pub fn find_token<'a>(tokens: &'a [Token], presented: &[u8]) -> Option<&'a Token> {
     let mut found: Option<&Token> = None;
     for token in tokens {
-        let equal: bool = token.secret.expose().ct_eq(presented.as_bytes()).into();
+        let equal: bool = token.secret.expose().ct_eq(presented).into();
         if equal {
             found = Some(token);
         }
     }
-    let token = found.ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+    found
+}
+
+/// The token named `name` (a web session holds its token's name, not its secret).
+pub fn token_named<'a>(tokens: &'a [Token], name: &str) -> Option<&'a Token> {
+    tokens.iter().find(|t| t.name == name)
+}
+
+/// Whether `token` may do what needs `needed`: the one scope check of every
+/// request, whether it came with a bearer token or a web session.
+pub fn permit(token: &Token, needed: Scope) -> Result<Caller, ApiError> {
     if !token.scope.allows(needed) {
         return Err(ApiError::Forbidden(format!(
             "token `{}` has scope {:?}; this needs {:?}",

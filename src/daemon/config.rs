@@ -21,6 +21,7 @@ use nix_deploy_core::window::{self, Schedule, WindowSpec, Windows};
 use super::mail::SmtpConfig;
 use super::notify::NotifyConfig;
 use super::watch::WatchConfig;
+use super::web::WebConfig;
 use crate::engine::Policy;
 use crate::store::{DatabaseUrl, LeaseTiming};
 
@@ -301,6 +302,9 @@ pub struct Config {
     pub github: Option<GithubConfig>,
     #[serde(default)]
     pub notifications: NotifyConfig,
+    /// The web dashboard (`[web]`).
+    #[serde(default)]
+    pub web: WebConfig,
     /// The watch loop (on by default).
     #[serde(default)]
     pub watch: WatchConfig,
@@ -534,6 +538,7 @@ impl Config {
         }
         self.default_options()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.web.validate().map_err(ConfigError::Invalid)?;
         self.watch.validate(&self.flake)?;
         match &self.smtp {
             Some(smtp) => smtp.validate(&self.notifications.email_to)?,

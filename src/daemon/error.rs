@@ -32,7 +32,19 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// What the client is told: the message, or for an internal error a
+    /// generic one (the cause is logged here, once).
+    pub(crate) fn public_message(&self) -> String {
+        match self {
+            ApiError::Internal(e) => {
+                tracing::error!(cause = %format!("{e:#}"), "internal error");
+                "internal error; see the daemon's log".to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    pub(crate) fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -70,13 +82,7 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let message = match &self {
-            ApiError::Internal(e) => {
-                tracing::error!(cause = %format!("{e:#}"), "internal error");
-                "internal error; see the daemon's log".to_string()
-            }
-            other => other.to_string(),
-        };
+        let message = self.public_message();
         (
             status,
             Json(serde_json::json!({ "error": { "code": code, "message": message } })),

@@ -20,6 +20,7 @@
 //!   `report`: the Markdown report;
 //! - [`watch`]: the watch loop (drift, health on a schedule, alerts,
 //!   reconciliation, pull mode) and the fleet it keeps.
+//! - [`web`]: the dashboard for people at `/` (sessions, pages, assets).
 
 mod auth;
 mod buttons;
@@ -37,6 +38,7 @@ mod scheduler;
 pub mod slack;
 mod takeover;
 pub mod watch;
+pub mod web;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -92,6 +94,8 @@ pub struct Inner {
     pub fleet: watch::Fleet,
     /// Woken when alerts were stored, for the task that sends them.
     alerts_ready: Notify,
+    /// The dashboard's sessions and login limit.
+    web: web::WebState,
     /// Wake-ups for event streams.
     feed: EventFeed,
     /// Whether this daemon leads the coordinators sharing the history.
@@ -153,6 +157,7 @@ impl AppState {
             github_secret,
         } = credentials;
         let fleet = watch::Fleet::new(&config.watch, &config.flake);
+        let web = web::WebState::new(&config.web);
         let feed = EventFeed::start(&store);
         AppState(Arc::new(Inner {
             config,
@@ -171,6 +176,7 @@ impl AppState {
                 .unwrap_or_default(),
             fleet,
             alerts_ready: Notify::new(),
+            web,
             feed,
             leader,
             takeovers: AtomicU64::new(0),
@@ -594,7 +600,13 @@ pub fn app(state: AppState) -> Router {
             get(routes::deployments::events),
         )
         .route("/api/v1/fleet/events", get(routes::watch::events));
-    api.merge(streams)
+    let routes = api.merge(streams);
+    let routes = if state.config.web.enable {
+        routes.merge(web::router(timeout))
+    } else {
+        routes
+    };
+    routes
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not take that method".into())
@@ -664,9 +676,9 @@ pub async fn run(
             slot = slots.clone().acquire_owned() => slot?,
             _ = stop.cancelled() => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors or a reset before accept: keep serving.
                     tracing::warn!(cause = %e, "accepting a connection");
@@ -679,10 +691,10 @@ pub async fn run(
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(state.config.header_timeout);
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
-        );
+        // Each request knows its client's address (the login rate limit).
+        let service = tower::Layer::layer(&axum::Extension(web::Peer(peer)), router.clone());
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;

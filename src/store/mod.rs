@@ -21,6 +21,7 @@ use sqlx::AnyPool;
 mod audit;
 mod chat_requests;
 mod cluster;
+mod dashboard;
 mod database;
 mod deployments;
 mod eval_cache;
@@ -42,6 +43,7 @@ mod watch;
 
 pub use chat_requests::{ChatDecision, ChatRequest, NewChatRequest};
 pub use cluster::{Heartbeat, Leader, Released, Role};
+pub use dashboard::{HostHistoryEntry, LatestEvaluation};
 pub use database::{
     Backend, DB_FILE, Database, DatabaseUrl, LeaseTiming, StoreOptions, schema_version,
 };

@@ -97,7 +97,7 @@ impl Store {
             .collect())
     }
 
-    fn host_runs_from_rows(rows: &[AnyRow]) -> Result<Vec<HostRun>, StoreError> {
+    pub(super) fn host_runs_from_rows(rows: &[AnyRow]) -> Result<Vec<HostRun>, StoreError> {
         rows.iter()
             .map(|row| {
                 let status: String = row.get("status");

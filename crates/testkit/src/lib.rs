@@ -130,6 +130,12 @@
 //!
 //! Requires root, `nix`, `/usr/sbin/sshd`, `ssh`, `ssh-keygen`, `setsid`,
 //! `unshare` and `mount`.
+//!
+//! # A browser
+//!
+//! [`Chromedriver`] runs Debian's `chromedriver` on a free loopback port with
+//! a fresh profile, for the web dashboard's tests and benchmark; it is
+//! stopped, with the headless Chromium it started, by its process group.
 
 // The test fleet and the programs that drive the real binary spawn processes
 // themselves; the product does it only in `nix_deploy::process`.
@@ -137,6 +143,7 @@
 
 use std::time::Duration;
 
+pub mod browser;
 mod flake;
 mod fleet;
 pub mod nixos;
@@ -147,6 +154,7 @@ mod spec;
 mod sshd;
 mod sys;
 
+pub use browser::Chromedriver;
 pub use flake::nix_string;
 pub use fleet::Fleet;
 pub use nixos::{NixosFlake, NixosShape};

@@ -53,6 +53,7 @@ use modules::{EVAL_CONFIG, core_nix, pkgs_nix, service_module};
 
 /// The project's NixOS module, evaluated for real by every host.
 const NIX_DEPLOY_MODULE: &str = include_str!("../../../nix/module.nix");
+const GRAFANA_DASHBOARD: &str = include_str!("../../../nix/grafana/nix-deploy.json");
 
 /// What each host of a NixOS-shaped flake costs to evaluate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,6 +268,11 @@ fn flake_files(root: &Path, shape: &NixosShape, specs: &[HostSpec]) -> Vec<(Stri
         (
             "nixos/nix-deploy.nix".to_string(),
             NIX_DEPLOY_MODULE.to_string(),
+        ),
+        // What the module provisions into Grafana, beside it as in `nix/`.
+        (
+            "nixos/grafana/nix-deploy.json".to_string(),
+            GRAFANA_DASHBOARD.to_string(),
         ),
     ];
     files.extend(sources::files(shape.layout));

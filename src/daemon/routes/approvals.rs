@@ -234,6 +234,15 @@ pub(crate) async fn reject_as(
     }
 }
 
+/// A rejection's reason, checked (the API and the dashboard both ask it).
+pub(crate) fn rejection_reason(reason: Option<String>) -> Result<String, ApiError> {
+    reason
+        .filter(|r| !r.trim().is_empty() && r.len() <= 1000)
+        .ok_or_else(|| {
+            ApiError::BadRequest("a rejection needs a `reason` (1 to 1000 characters)".into())
+        })
+}
+
 pub async fn approve(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -256,12 +265,7 @@ pub async fn reject(
     let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
     let body: RejectBody = parse_body(&super::bytes(body)?)?;
-    let reason = body
-        .reason
-        .filter(|r| !r.trim().is_empty() && r.len() <= 1000)
-        .ok_or_else(|| {
-            ApiError::BadRequest("a rejection needs a `reason` (1 to 1000 characters)".into())
-        })?;
+    let reason = rejection_reason(body.reason)?;
     let gate = reject_as(&state, &caller, "api", id, &reason).await?;
     Ok(Json(gate))
 }

@@ -17,6 +17,7 @@ use nix_deploy_core::reports::{Accepted, CancelAnswer, DeploymentList};
 use nix_deploy_core::run::Deployment;
 
 use super::parse_body;
+use crate::daemon::auth::Caller;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::DeployRequest;
@@ -28,10 +29,23 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: Request = parse_body(&super::bytes(body)?)?;
+    let (id, status) = start(&state, &request, "api", &caller).await?;
+    Ok(accepted(id, status))
+}
+
+/// Start (or, with `wait`, queue) the deployment a request asks for, as
+/// `caller` through `via` (`api`, `web`), audited: its id and `running` or
+/// `queued`. The API and the web dashboard both start deployments here.
+pub(crate) async fn start(
+    state: &AppState,
+    request: &Request,
+    via: &str,
+    caller: &Caller,
+) -> Result<(i64, &'static str), ApiError> {
     request
         .check_for_deploy()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let options = state.resolve(&request)?;
+    let options = state.resolve(request)?;
     if let Some(reason) = &request.override_window {
         if !caller.scope.allows(Scope::Admin) {
             return Err(ApiError::Forbidden(format!(
@@ -42,19 +56,19 @@ pub async fn create(
         state
             .audit(
                 &caller.identity,
-                "api",
+                via,
                 "override-window",
                 "deployment request",
-                serde_json::json!({ "reason": reason, "request": &request }),
+                serde_json::json!({ "reason": reason, "request": request }),
             )
             .await?;
     }
-    let engine = state.engine_at(request.revision.as_deref(), &caller)?;
+    let engine = state.engine_at(request.revision.as_deref(), caller)?;
     let deploy = DeployRequest {
         selection: request.selection(),
         wait: request.wait,
         options,
-        trigger: "api".into(),
+        trigger: via.into(),
         requested_by: caller.requested_by(),
         source: None,
     };
@@ -68,10 +82,10 @@ pub async fn create(
             state
                 .audit(
                     &caller.identity,
-                    "api",
+                    via,
                     "deploy-refused",
                     "deployment request",
-                    serde_json::json!({ "request": &request, "error": e.to_string() }),
+                    serde_json::json!({ "request": request, "error": e.to_string() }),
                 )
                 .await?;
         }
@@ -80,13 +94,13 @@ pub async fn create(
     state
         .audit(
             &caller.identity,
-            "api",
+            via,
             "deploy",
             &format!("deployment #{id}"),
-            serde_json::json!({ "request": &request }),
+            serde_json::json!({ "request": request }),
         )
         .await?;
-    Ok(accepted(id, status))
+    Ok((id, status))
 }
 
 /// `202 Accepted` with where to find the deployment and its events.
@@ -137,13 +151,24 @@ pub async fn cancel(
 ) -> Result<Json<CancelAnswer>, ApiError> {
     let caller = state.authorize(&headers, Scope::Deploy).await?;
     let id = super::parse_id(&id)?;
+    Ok(Json(cancel_deployment(&state, id, "api", &caller).await?))
+}
+
+/// Ask a running or queued deployment to stop starting hosts (409 when it
+/// is neither). The API and the web dashboard both cancel here.
+pub(crate) async fn cancel_deployment(
+    state: &AppState,
+    id: i64,
+    via: &str,
+    caller: &Caller,
+) -> Result<CancelAnswer, ApiError> {
     let deployment = state.deployment(id).await?;
     let cancellable = deployment.status.is_active();
-    let reach = super::approvals::check_reach(&caller, &deployment);
+    let reach = super::approvals::check_reach(caller, &deployment);
     state
         .audit(
             &caller.identity,
-            "api",
+            via,
             if reach.is_ok() {
                 "cancel"
             } else {
@@ -160,10 +185,10 @@ pub async fn cancel(
             deployment.status
         )));
     }
-    Ok(Json(CancelAnswer {
+    Ok(CancelAnswer {
         id,
         cancel_requested: true,
-    }))
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,12 +275,28 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, Scope::Read).await?;
     let id = super::parse_id(&id)?;
-    state.deployment(id).await?;
-    let after: i64 = headers
+    event_stream(&state, id, last_event_id(&headers).unwrap_or(0), sse_event).await
+}
+
+/// The `Last-Event-ID` a reconnecting client sends.
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<i64> {
+    headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+}
+
+/// A deployment's events after `after` as Server-Sent Events, each written
+/// by `encode`: what the history has, then live until the deployment ends,
+/// whichever coordinator runs it. The API's stream and the web dashboard's
+/// both come from here.
+pub(crate) async fn event_stream(
+    state: &AppState,
+    id: i64,
+    after: i64,
+    encode: fn(&Event) -> SseEvent,
+) -> Result<Response, ApiError> {
+    state.deployment(id).await?;
     // Subscribe before the first read, so nothing falls between the two.
     let mut wakes = state.feed().subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -280,7 +321,7 @@ pub async fn events(
             for event in &new {
                 last = event.id;
                 let done = matches!(event.kind, EventKind::DeploymentFinished { .. });
-                if tx.send(Ok(sse_event(event))).await.is_err() || done {
+                if tx.send(Ok(encode(event))).await.is_err() || done {
                     return;
                 }
             }
@@ -291,7 +332,7 @@ pub async fn events(
                 {
                     if let Ok(rest) = store.events(id, last).await {
                         for event in &rest {
-                            let _ = tx.send(Ok(sse_event(event))).await;
+                            let _ = tx.send(Ok(encode(event))).await;
                         }
                     }
                     return;

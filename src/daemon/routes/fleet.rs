@@ -15,6 +15,7 @@ use nix_deploy_core::reports::{HostHealth, PlanReport, StatusReport};
 use nix_deploy_core::shell;
 
 use super::parse_body;
+use crate::daemon::auth::Caller;
 use crate::daemon::config::Scope;
 use crate::daemon::{ApiError, AppState, Job};
 use crate::engine::RollbackRequest;
@@ -67,13 +68,23 @@ pub async fn plan(
     // A plan evaluates, builds and probes: not for read-only tokens.
     let caller = state.authorize(&headers, Scope::Deploy).await?;
     let request: Request = parse_body(&super::bytes(body)?)?;
+    Ok(Json(plan_report(&state, &request, &caller).await?))
+}
+
+/// The plan for a request, with the daemon's defaults for what it leaves
+/// out. The API and the web dashboard both plan here.
+pub(crate) async fn plan_report(
+    state: &AppState,
+    request: &Request,
+    caller: &Caller,
+) -> Result<PlanReport, ApiError> {
     request
         .check_for_plan()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let options = state.resolve(&request)?;
+    let options = state.resolve(request)?;
     // `revision`: the flake pinned to that commit (a plan with it shows what
     // a deployment with it deploys).
-    let engine = state.engine_at(request.revision.as_deref(), &caller)?;
+    let engine = state.engine_at(request.revision.as_deref(), caller)?;
     let report = engine
         .plan(
             &request.selection(),
@@ -81,7 +92,7 @@ pub async fn plan(
             request.summaries.unwrap_or(true),
         )
         .await?;
-    Ok(Json(report))
+    Ok(report)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,32 +108,44 @@ pub async fn rollback(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caller = state.authorize(&headers, Scope::Deploy).await?;
+    let body: RollbackBody = parse_body(&super::bytes(body)?)?;
+    let id = start_rollback(&state, host, body.to_generation, "api", &caller).await?;
+    Ok(super::deployments::accepted(id, "running"))
+}
+
+/// Roll a host back (to its previous generation, or `to_generation`) in the
+/// background, as `caller` through `via`, audited: the run's id. The API and
+/// the web dashboard both roll back here.
+pub(crate) async fn start_rollback(
+    state: &AppState,
+    host: String,
+    to_generation: Option<u32>,
+    via: &str,
+    caller: &Caller,
+) -> Result<i64, ApiError> {
     if !shell::is_valid_host_name(&host) {
         return Err(ApiError::BadRequest(format!(
             "`{host}` is not a valid host name"
         )));
     }
-    let body: RollbackBody = parse_body(&super::bytes(body)?)?;
     let host_name = host.clone();
-    let body_generation = body.to_generation;
     let job = Job::Rollback(RollbackRequest {
         host,
-        to_generation: body.to_generation,
+        to_generation,
         options: state.default_options(),
-        trigger: "api".into(),
+        trigger: via.into(),
         requested_by: caller.requested_by(),
     });
     state
         .audit(
             &caller.identity,
-            "api",
+            via,
             "rollback",
             &host_name,
-            serde_json::json!({ "to_generation": body_generation }),
+            serde_json::json!({ "to_generation": to_generation }),
         )
         .await?;
-    let id = state.launch(state.engine_for(&caller), job, |_| {}).await?;
-    Ok(super::deployments::accepted(id, "running"))
+    state.launch(state.engine_for(caller), job, |_| {}).await
 }
 
 pub async fn health(

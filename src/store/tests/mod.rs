@@ -10,6 +10,7 @@ use nix_deploy_testkit::{PgDatabase, Postgres};
 use super::*;
 
 mod cluster;
+mod dashboard;
 mod history;
 mod ops;
 mod watch;

@@ -127,6 +127,7 @@ in {{
     users.groups = mkOption {{ type = types.attrsOf (types.attrsOf types.anything); default = {{ }}; }};
     nix.package = mkOption {{ type = types.package; default = pkgs.nix; }};
     nix.settings = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
+    services.grafana.provision = mkOption {{ type = types.attrsOf types.anything; default = {{ }}; }};
     system.build = mkOption {{ type = types.attrsOf types.unspecified; default = {{ }}; }};
     # Declared by NixOS; the project's module defines them (renamed and
     # removed options, its own checks).
