@@ -29,6 +29,7 @@ let
       users.groups = loose;
       nix.settings = loose;
       services.postgresql = loose;
+      services.grafana = loose;
       nix.package = mkOption { type = types.package; default = fakePackage "nix"; };
       assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
       warnings = mkOption { type = types.listOf types.str; default = [ ]; };
