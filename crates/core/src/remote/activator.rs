@@ -211,7 +211,7 @@ fn detached<const N: usize>(
 /// activation should not cost the host a core); every second where `sleep`
 /// takes only whole seconds. We learn the result one round trip after it
 /// exists instead of polling over SSH.
-const WAIT_SCRIPT: &str = r#"f=/run/nix-deploy/$1.activated
+pub(super) const WAIT_SCRIPT: &str = r#"f=/run/nix-deploy/$1.activated
 if sleep 0.01 2>/dev/null; then fine=1; else fine=0; fi
 t=0; n=$(( $2 * 10 ))
 while [ ! -e "$f" ] && [ "$t" -lt "$n" ]; do
@@ -280,7 +280,7 @@ pub fn activation_log_argv(token: &str) -> Vec<String> {
 /// ours. Exit 3: the watchdog decided first; its result is printed. Exit 4:
 /// this host never had that activation (a connection that reached another
 /// machine), so nothing is decided.
-const DECIDE_SCRIPT: &str = r#"base=/run/nix-deploy/$1
+pub(super) const DECIDE_SCRIPT: &str = r#"base=/run/nix-deploy/$1
 if [ ! -e "$base.pid" ]; then echo "this host has no activation $1" >&2; exit 4; fi
 if mkdir "$base.decision" 2>/dev/null; then echo "$2" > "$base.result"; exit 0; fi
 cat "$base.result" >&2 2>/dev/null

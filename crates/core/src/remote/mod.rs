@@ -5,13 +5,18 @@
 //! - [`observe`]: what a host runs and boots, and the probe;
 //! - [`activator`]: activations detached with their watchdog, the way back,
 //!   decisions and settling;
+//! - [`round_trips`]: several steps' remote work in one call (the profile,
+//!   the activation and what runs after it; the confirmation and what runs
+//!   after it);
 //! - here: the profile, generations, `switch-to-configuration`, closures.
 
 mod activator;
 mod observe;
+mod round_trips;
 
 pub use activator::*;
 pub use observe::*;
+pub use round_trips::*;
 
 /// The system profile whose generations NixOS boots from.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
