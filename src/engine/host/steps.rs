@@ -20,7 +20,7 @@ use super::context::{HostContext, HostJob};
 use super::failure::{At, Stop};
 use super::observe::Assessment;
 use super::summary::{current_closure, host_closure_summary, new_closure_summary};
-use super::{activator, gcroots, health, keys, on_target};
+use super::{activator, gcroots, health, keys, observe, on_target};
 use crate::now_ms;
 use crate::store::StoreError;
 use crate::transport::ssh::{self, Connection, SshError};
@@ -465,7 +465,21 @@ pub(crate) async fn activate(
         .end(run, result, None)
         .await?
         .map_err(Stop::at(At::Activate))?;
-    Ok(answer.systems.take())
+    let mut systems = answer.systems.take();
+    if profile && run.to.generation.is_none() {
+        // The call's answer was lost (a host that stopped answering for a
+        // while): the activator ran, so the profile was set; read which
+        // generation it made.
+        if systems.is_none() {
+            systems = observe::systems(connection, "activate", context.ssh.command_timeout)
+                .await
+                .ok();
+        }
+        if let Some(now) = systems.as_ref().filter(|s| s.boot.as_deref() == Some(path)) {
+            run.to.generation = now.boot_generation;
+        }
+    }
+    Ok(systems)
 }
 
 /// `dry-activate`: what the new system would start, stop and restart.
