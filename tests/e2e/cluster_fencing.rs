@@ -146,7 +146,7 @@ async fn a_host_refuses_what_a_superseded_owner_would_still_do_after_a_takeover(
     let restore = remote::restorer_argv(Activation::Switch, &old(done), "stale1", false);
     refused(
         done,
-        remote::activator_start_and_wait_argv(restore, "stale1", 30, &stale),
+        remote::activate_argv(None, restore, "stale1", 30, &stale),
         "a switch back",
     );
     // The host it was activating (which the successor settled and
@@ -160,14 +160,10 @@ async fn a_host_refuses_what_a_superseded_owner_would_still_do_after_a_takeover(
         remote::activator_argv(&path, Activation::Switch, &old(busy), 30, "stale2", false);
     refused(
         busy,
-        remote::activator_start_and_wait_argv(activate, "stale2", 30, &stale),
-        "an activation",
+        remote::activate_argv(Some(&path), activate, "stale2", 30, &stale),
+        "an activation (the profile first)",
     );
-    refused(
-        busy,
-        remote::decide_argv(&token, Decision::Confirmed, &stale),
-        "a confirmation",
-    );
+    refused(busy, remote::confirm_argv(&token, &stale), "a confirmation");
     refused(
         busy,
         remote::decide_argv(&token, Decision::TakenBack, &stale),

@@ -69,6 +69,48 @@ pub(crate) async fn run(
     ssh: &SshOptions,
     switch: &Switch<'_>,
 ) -> Result<(), String> {
+    let deadline = Instant::now() + switch.timeout;
+    let first = start(connection, ssh, switch, None, deadline)
+        .await
+        .map_err(|e| match e {
+            StartError::ProfileNotSet(message) | StartError::Failed(message) => message,
+        })?;
+    finish(connection, ssh, switch, deadline, first.status).await
+}
+
+/// Why the first call of an activation failed.
+pub(crate) enum StartError {
+    /// The system profile could not be set: nothing started, nothing
+    /// changed (the call failed before our script ran, or `nix-env` did).
+    ProfileNotSet(String),
+    /// The profile (when asked) was set, but the activator did not start.
+    Failed(String),
+}
+
+/// How long one remote call may wait on the host: well inside the command
+/// timeout, so a wait that ends on time is never taken for a host that
+/// stopped answering.
+fn chunk(ssh: &SshOptions, deadline: Instant) -> u64 {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs()
+        .max(1);
+    left.min((ssh.command_timeout.as_secs() / 2).max(1))
+}
+
+/// The first call of `switch`: set the system profile to `profile` (when
+/// given), start the activator and wait for it, in one round trip; most
+/// activations end within that first wait, and the answer then says what
+/// the host runs and boots. A dropped connection or a host that stopped
+/// answering leaves it unknown whether anything started (no status): the
+/// waits of [`finish`] find out.
+pub(crate) async fn start(
+    connection: &Connection,
+    ssh: &SshOptions,
+    switch: &Switch<'_>,
+    profile: Option<&str>,
+    deadline: Instant,
+) -> Result<remote::ActivationAnswer, StartError> {
     let launch = match &switch.what {
         What::Activate {
             system,
@@ -93,37 +135,46 @@ pub(crate) async fn run(
             remote::restorer_argv(*undone, before, switch.token, switch.systemd)
         }
     };
-    let host = switch.host;
-    let deadline = Instant::now() + switch.timeout;
-    // How long one remote call may wait on the host: well inside the
-    // command timeout, so a wait that ends on time is never taken for a
-    // host that stopped answering.
-    let chunk = |now: Instant| {
-        let left = deadline.saturating_duration_since(now).as_secs().max(1);
-        left.min((ssh.command_timeout.as_secs() / 2).max(1))
-    };
-    let wait_timeout = |secs: u64| ssh.command_timeout + Duration::from_secs(secs);
-    // Start it and wait for it in one round trip; most activations end
-    // within that first wait.
-    let secs = chunk(Instant::now());
-    let argv =
-        remote::activator_start_and_wait_argv(launch, switch.token, secs, switch.fence.fence());
-    let started = connection
-        .run_privileged(switch.step, &argv, wait_timeout(secs))
-        .await;
-    let mut status = match started {
-        Ok(out) => remote::parse_activation_status(&out.stdout)
-            .map_err(|e| format!("{}: {}: {e}", host.name, switch.step))?,
-        // Whether it started is unknown when the connection dropped or the
-        // host stopped answering: the waits below find out.
-        Err(e) if e.is_connection() || matches!(e, ssh::SshError::Timeout { .. }) => None,
-        Err(e) => {
-            // Refused by the host's fence: lost to another coordinator, no
-            // wait, no retry (see `HostFence::refused`).
-            switch.fence.refused(&switch.host.name, &e);
-            return Err(e.to_string());
+    let host = &switch.host.name;
+    let secs = chunk(ssh, deadline);
+    let argv = remote::activate_argv(profile, launch, switch.token, secs, switch.fence.fence());
+    let timeout = ssh.command_timeout + Duration::from_secs(secs);
+    match connection.run_privileged(switch.step, &argv, timeout).await {
+        Ok(out) => remote::parse_activation_answer(&out.stdout)
+            .map_err(|e| StartError::Failed(format!("{host}: {}: {e}", switch.step))),
+        // Refused by the host's fence: lost to another coordinator, no
+        // wait, no retry (see `HostFence::refused`); nothing was changed.
+        Err(e) if switch.fence.refused(host, &e) => Err(StartError::ProfileNotSet(e.to_string())),
+        Err(e) if e.is_connection() || matches!(e, ssh::SshError::Timeout { .. }) => {
+            Ok(remote::ActivationAnswer {
+                // Unknown: may have been set.
+                profile: profile.map(|_| (None, 0)),
+                ..Default::default()
+            })
         }
-    };
+        // Our script says the activator did not start (after the profile
+        // was set, when asked).
+        Err(e @ ssh::SshError::Exit { .. }) if matches!(&e, ssh::SshError::Exit { code, .. } if code == remote::STARTER_FAILED) => {
+            Err(StartError::Failed(e.to_string()))
+        }
+        // `nix-env` failed, or the call failed before our script ran
+        // (sudo): nothing changed.
+        Err(e) if profile.is_some() => Err(StartError::ProfileNotSet(e.to_string())),
+        Err(e) => Err(StartError::Failed(e.to_string())),
+    }
+}
+
+/// Wait until `switch` (started by [`start`], which answered `status`)
+/// ends, reconnecting when the host stops answering for a while.
+pub(crate) async fn finish(
+    connection: &mut Connection,
+    ssh: &SshOptions,
+    switch: &Switch<'_>,
+    deadline: Instant,
+    mut status: Option<i32>,
+) -> Result<(), String> {
+    let host = switch.host;
+    let wait_timeout = |secs: u64| ssh.command_timeout + Duration::from_secs(secs);
     let code = loop {
         if let Some(code) = status {
             break code;
@@ -137,7 +188,7 @@ pub(crate) async fn run(
                 switch.timeout.as_secs()
             ));
         }
-        let secs = chunk(Instant::now());
+        let secs = chunk(ssh, deadline);
         match connection
             .run(
                 switch.step,

@@ -1,7 +1,8 @@
 //! One changed host's pipeline, top to bottom ([`pipeline`]):
 //!
-//! pre-flight → build, copy and summarise → keys → set-profile → activate →
-//! keys → validate (while a new connection opens) → confirm → reboot → soak
+//! pre-flight → build, copy and summarise → keys → set-profile + activate
+//! (one remote call) → keys → validate (while a new connection opens) →
+//! confirm (which reads what the host runs after) → reboot → soak
 //!
 //! A host without magic rollback (deploy-rs's `magicRollback = false`) has
 //! no watchdog: nothing waits for a confirmation, so none is sent.
@@ -19,7 +20,7 @@ use std::time::Duration;
 use nix_deploy_core::events::HostStatus;
 use nix_deploy_core::goal::Goal;
 use nix_deploy_core::keys::UploadAt;
-use nix_deploy_core::remote::Activation;
+use nix_deploy_core::remote::{Activation, HostSystems};
 
 pub(crate) use super::context::{HostContext, HostJob};
 use super::failure::Stop;
@@ -51,13 +52,18 @@ pub(crate) async fn run(
     let result = pipeline(&context, &mut job, activation, soak).await;
     job.run.time.finished_at = Some(now_ms());
     let outcome = match result {
-        Ok(()) => {
+        Ok(known) => {
             if let Some(status) = context.success_status(activation) {
                 job.run.status = status;
                 // What it runs and boots now, as the host says; what its
                 // keys replaced is kept for `rollback`.
                 if context.goal(activation).changes_host() {
-                    way_back::record_after(&context, &job.connection, &mut job.run).await;
+                    match known {
+                        Some(systems) => job.run.after = Some(systems),
+                        None => {
+                            way_back::record_after(&context, &job.connection, &mut job.run).await
+                        }
+                    }
                     let (assessment, connection, run) = job.parts();
                     keys_back::commit(&context, connection, &assessment.host, run).await?;
                 }
@@ -88,13 +94,15 @@ pub(crate) async fn run(
 }
 
 /// The pipeline for one changed host, as its goal wants it. `Test`
-/// activation (blue-green staging) leaves the profile alone.
+/// activation (blue-green staging) leaves the profile alone. Returns what
+/// the host runs and boots at the end when its last call said so (the
+/// confirmation), sparing a round trip to read it again.
 async fn pipeline(
     context: &HostContext,
     job: &mut HostJob,
     activation: Activation,
     soak: Option<Duration>,
-) -> Result<(), Stop> {
+) -> Result<Option<HostSystems>, Stop> {
     let goal = context.goal(activation);
     if activation == Activation::Switch {
         job.run.goal = Some(goal);
@@ -104,27 +112,29 @@ async fn pipeline(
     reboot::refuse_self(context, job)?;
     let path = steps::build_copy_and_summarize(context, job).await?;
     if goal.stops_after_copy() {
-        return Ok(());
+        return Ok(None);
     }
     if goal == Goal::DryActivate {
-        return steps::dry_activate(context, job, &path).await;
+        return steps::dry_activate(context, job, &path).await.map(|_| None);
     }
     steps::keys(context, job, UploadAt::PreActivation, goal).await?;
-    if goal.sets_profile() {
-        steps::set_profile(context, job, &path).await?;
-    }
-    // From here on the host runs (or may run, or boots) the new system.
-    steps::activate(context, job, &path, goal.activation().unwrap_or(activation)).await?;
+    // From here on the host boots (and runs, or may run) the new system.
+    let profile = goal.sets_profile();
+    let action = goal.activation().unwrap_or(activation);
+    let runs = steps::activate(context, job, &path, action, profile).await?;
     steps::keys(context, job, UploadAt::PostActivation, goal).await?;
-    let fresh = prove::validate_while_connecting(context, job, &path, goal).await?;
+    let fresh = prove::validate_while_connecting(context, job, &path, goal, runs).await?;
+    let mut after = None;
     if let Some(fresh) = fresh {
-        prove::confirm(context, job, fresh).await?;
+        after = prove::confirm(context, job, fresh).await?;
     }
     if reboot::wanted(context, job, &path).await? {
         reboot::reboot_into(context, job, &path).await?;
+        after = None;
     }
     if let Some(soak) = soak {
         prove::soak(context, job, soak).await?;
+        after = None;
     }
-    Ok(())
+    Ok(after)
 }

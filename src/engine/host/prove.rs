@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix_deploy_core::events::Step;
 use nix_deploy_core::goal::{Goal, Validation};
-use nix_deploy_core::remote::{self, Decision};
+use nix_deploy_core::remote::{self, HostSystems};
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Stop};
@@ -17,20 +17,27 @@ use crate::transport::ssh::{self, Connection};
 /// opens: the activation has ended, so that connection proves the new
 /// system lets us in, and its handshake costs no time on the critical path.
 /// A host without magic rollback has no watchdog waiting for a
-/// confirmation: no connection (`None`).
+/// confirmation: no connection (`None`). `runs` is what the host ran and
+/// booted as its activation ended, when the activation's answer said so.
 pub(crate) async fn validate_while_connecting(
     context: &HostContext,
     job: &mut HostJob,
     path: &str,
     goal: Goal,
+    runs: Option<HostSystems>,
 ) -> Result<Option<Result<Connection, ssh::SshError>>, Stop> {
     let host = &job.assessment.host;
     let (name, target, magic) = (host.name.clone(), host.target.clone(), host.magic_rollback);
     let (validated, fresh) = tokio::join!(
         async {
             match goal.validation() {
-                Validation::BootsNewSystem => validate_boot_default(context, job, path).await,
-                _ => validate(context, job, path, "validate", magic).await,
+                Validation::BootsNewSystem => validate_boot_default(context, job, path, runs).await,
+                _ => match runs {
+                    Some(runs) if context.checks(&job.assessment.host).is_empty() => {
+                        validate_known(context, job, path, runs).await
+                    }
+                    _ => validate(context, job, path, "validate", magic).await,
+                },
             }
         },
         async {
@@ -135,19 +142,62 @@ async fn validate_boot_default(
     context: &HostContext,
     job: &mut HostJob,
     path: &str,
+    runs: Option<HostSystems>,
 ) -> Result<(), Stop> {
-    let (assessment, connection, run) = job.parts();
-    let host = &assessment.host.name;
-    let timeout = context.ssh.command_timeout;
-    let work = async {
-        let now = observe::systems(connection, "validate", timeout).await?;
-        match now.boot.as_deref() {
-            Some(boot) if boot == path => Ok(format!("{host} boots {path} next (pending reboot)")),
-            boot => Err(format!(
-                "{host}: validate: the system profile (the boot default) is {}, expected {path}",
-                boot.unwrap_or("nothing")
+    let host = job.assessment.host.name.clone();
+    validate_systems(context, job, runs, |now| match now.boot.as_deref() {
+        Some(boot) if boot == path => Ok(format!("{host} boots {path} next (pending reboot)")),
+        boot => Err(format!(
+            "{host}: validate: the system profile (the boot default) is {}, expected {path}",
+            boot.unwrap_or("nothing")
+        )),
+    })
+    .await
+}
+
+/// Without health checks, validation is that the host runs `path`: what
+/// the activation's own answer said it ran as the switch ended (read on the
+/// host after it ended, in the same call), so no other round trip. The
+/// watchdog needs no push: nothing here takes long.
+async fn validate_known(
+    context: &HostContext,
+    job: &mut HostJob,
+    path: &str,
+    runs: HostSystems,
+) -> Result<(), Stop> {
+    let host = job.assessment.host.name.clone();
+    context
+        .recorder
+        .health_checked(&host, "validate", Vec::new())
+        .await?;
+    validate_systems(context, job, Some(runs), |now| {
+        match now.running.as_deref() {
+            Some(running) if running == path => Ok(String::new()),
+            running => Err(format!(
+                "{host}: validate: /run/current-system is {} after activation, expected {path}",
+                running.unwrap_or("nothing")
             )),
         }
+    })
+    .await
+}
+
+/// Validation as `judge` says of what the host runs and boots: `runs`
+/// when the activation's answer said it, else read now.
+async fn validate_systems(
+    context: &HostContext,
+    job: &mut HostJob,
+    runs: Option<HostSystems>,
+    judge: impl FnOnce(&HostSystems) -> Result<String, String>,
+) -> Result<(), Stop> {
+    let (_, connection, run) = job.parts();
+    let timeout = context.ssh.command_timeout;
+    let work = async {
+        let now = match runs {
+            Some(runs) => runs,
+            None => observe::systems(connection, "validate", timeout).await?,
+        };
+        judge(&now)
     };
     context
         .recorder
@@ -159,12 +209,13 @@ async fn validate_boot_default(
 
 /// Only a new connection proves the new system still lets us in; over it
 /// we decide the activation, atomically against the watchdog: if the
-/// watchdog decided first, the host went back and this fails.
+/// watchdog decided first, the host went back and this fails. The same call
+/// then reads what the host runs and boots (returned, for the record).
 pub(crate) async fn confirm(
     context: &HostContext,
     job: &mut HostJob,
     fresh: Result<Connection, ssh::SshError>,
-) -> Result<(), Stop> {
+) -> Result<Option<HostSystems>, Stop> {
     let (assessment, _, run) = job.parts();
     let host = &assessment.host;
     let token = run.token.clone().unwrap_or_default();
@@ -178,7 +229,7 @@ pub(crate) async fn confirm(
         let result = fresh
             .run_privileged(
                 "confirm",
-                &remote::decide_argv(&token, Decision::Confirmed, context.fence.fence()),
+                &remote::confirm_argv(&token, context.fence.fence()),
                 context.ssh.command_timeout,
             )
             .await;
@@ -187,7 +238,8 @@ pub(crate) async fn confirm(
             // Another coordinator holds the deployment: this run's next
             // write (the step's end) is refused, and nothing else happens.
             Err(e) if context.fence.refused(&host.name, &e) => Err(e.to_string()),
-            Ok(_) => Ok(()),
+            // Decided; what it runs after is a reading we can do without.
+            Ok(out) => Ok(remote::parse_systems(&out.stdout).ok()),
             Err(ssh::SshError::Exit { code, stderr, .. })
                 if code == remote::DECIDED_BY_WATCHDOG =>
             {

@@ -5,7 +5,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{Mutex, mpsc};
@@ -123,17 +123,48 @@ impl Recorder {
         step: Step,
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<Result<T, String>, StoreError> {
-        let started = Instant::now();
+        self.begin(run, step, None).await?;
+        let result = work.await;
+        self.end(run, result, None).await
+    }
+
+    /// Record that `step` of a host started, at `at` (Unix milliseconds)
+    /// when it is known better than now: work done inside one remote call
+    /// with the step before it ([`super::steps::activate`]).
+    pub async fn begin(
+        &self,
+        run: &mut HostRun,
+        step: Step,
+        at: Option<i64>,
+    ) -> Result<(), StoreError> {
         run.step = Some(step.as_str().into());
         run.steps.push(StepTiming {
             step,
-            started_at: now_ms(),
+            started_at: at.unwrap_or_else(now_ms),
             finished_at: None,
             ok: None,
         });
         self.save_with_event(run, EventKind::StepStarted { step }, None)
-            .await?;
-        let result = work.await;
+            .await
+    }
+
+    /// Record how the step begun last ([`Self::begin`]) ended, at `at` when
+    /// it is known better than now. The error comes back phrased for the
+    /// operator, naming host and step.
+    pub async fn end<T, E: Display>(
+        &self,
+        run: &mut HostRun,
+        result: Result<T, E>,
+        at: Option<i64>,
+    ) -> Result<Result<T, String>, StoreError> {
+        let Some(timing) = run.steps.last_mut() else {
+            return Ok(result.map_err(|e| e.to_string()));
+        };
+        let step = timing.step;
+        let finished = at.unwrap_or_else(now_ms).max(timing.started_at);
+        timing.finished_at = Some(finished);
+        timing.ok = Some(result.is_ok());
+        let elapsed = Duration::from_millis((finished - timing.started_at) as u64);
         let message = result.as_ref().err().map(|e| {
             let text = e.to_string();
             // Errors from ssh already name host and step; others get them here.
@@ -143,11 +174,6 @@ impl Recorder {
                 format!("{}: {step}: {text}", run.host)
             }
         });
-        if let Some(timing) = run.steps.last_mut() {
-            timing.finished_at = Some(now_ms());
-            timing.ok = Some(result.is_ok());
-        }
-        let elapsed = started.elapsed();
         self.save_with_event(
             run,
             EventKind::StepFinished {

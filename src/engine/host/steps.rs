@@ -13,14 +13,15 @@ use nix_deploy_core::exec::{CommandOutput, Tail};
 use nix_deploy_core::fleet::{Host, Target};
 use nix_deploy_core::goal::Goal;
 use nix_deploy_core::keys::{Keep, Key, UploadAt, uploaded_at};
-use nix_deploy_core::remote::{self, Activation};
+use nix_deploy_core::remote::{self, Activation, HostSystems};
 use nix_deploy_core::run::HostRun;
 
 use super::context::{HostContext, HostJob};
 use super::failure::{At, Stop};
 use super::observe::Assessment;
 use super::summary::{current_closure, host_closure_summary, new_closure_summary};
-use super::{activator, gcroots, health, keys, keys_back, on_target};
+use super::{activator, gcroots, health, keys, keys_back, observe, on_target};
+use crate::now_ms;
 use crate::store::StoreError;
 use crate::transport::ssh::{self, Connection, SshError};
 
@@ -423,38 +424,24 @@ pub(crate) async fn upload_keys(
     Ok(result)
 }
 
-/// Make the new system the profile's next generation (the boot default).
-pub(crate) async fn set_profile(
-    context: &HostContext,
-    job: &mut HostJob,
-    path: &str,
-) -> Result<(), Stop> {
-    let (_, connection, run) = job.parts();
-    let timeout = context.ssh.command_timeout;
-    let work = async {
-        let link = connection
-            .run_privileged("set-profile", &remote::set_profile_argv(path), timeout)
-            .await?;
-        Ok::<_, SshError>(remote::parse_generation_link(&link.stdout))
-    };
-    let generation = context
-        .recorder
-        .step(run, Step::SetProfile, work)
-        .await?
-        .map_err(Stop::at(At::SetProfile))?;
-    run.to.generation = generation;
-    Ok(())
-}
-
-/// Start the activator on the host (detached, with the watchdog armed
-/// unless the host turned magic rollback off: deploy-rs's
-/// `magicRollback = false`) and wait for `switch-to-configuration` to end.
+/// Set the system profile to `path` (when `profile`), start the activator
+/// on the host (detached, with the watchdog armed unless the host turned
+/// magic rollback off: deploy-rs's `magicRollback = false`) and wait for
+/// `switch-to-configuration` to end. The profile, the start and the first
+/// wait are one remote call ([`activator::start`]); the steps are still
+/// recorded apart, and told apart when they fail: a profile that could not
+/// be set changed nothing (`set-profile`), a failed start or switch is
+/// `activate` (the way back restores the boot default too). `set-profile`
+/// ends as long after the call started as `nix-env` took on the host.
+/// Returns what the host runs and boots right after the activation, when
+/// the call that saw it end said so.
 pub(crate) async fn activate(
     context: &HostContext,
     job: &mut HostJob,
     path: &str,
     activation: Activation,
-) -> Result<(), Stop> {
+    profile: bool,
+) -> Result<Option<HostSystems>, Stop> {
     let token = activator::token();
     job.run.token = Some(token.clone());
     let (assessment, connection, run) = job.parts();
@@ -474,12 +461,72 @@ pub(crate) async fn activate(
         timeout: context.options.activation_timeout,
         fence: &context.fence,
     };
-    let work = activator::run(connection, &context.ssh, &switch);
-    context
-        .recorder
-        .step(run, Step::Activate, work)
+    let recorder = &context.recorder;
+    let deadline = std::time::Instant::now() + switch.timeout;
+    // Recorded before the call: a coordinator killed during it leaves a
+    // host run that says the host may be touched (its token, this step).
+    let first_step = if profile {
+        Step::SetProfile
+    } else {
+        Step::Activate
+    };
+    recorder.begin(run, first_step, None).await?;
+    let called = now_ms();
+    let first = activator::start(
+        connection,
+        &context.ssh,
+        &switch,
+        profile.then_some(path),
+        deadline,
+    )
+    .await;
+    let mut answer = match first {
+        Ok(answer) => answer,
+        Err(activator::StartError::ProfileNotSet(message)) if profile => {
+            let failed = recorder.end(run, Err::<(), _>(message), None).await?;
+            return failed.map(|_| None).map_err(Stop::at(At::SetProfile));
+        }
+        Err(
+            activator::StartError::ProfileNotSet(message) | activator::StartError::Failed(message),
+        ) => {
+            if profile {
+                // The profile was set; the activator did not start.
+                let _ = recorder.end(run, Ok::<(), String>(()), None).await?;
+                recorder.begin(run, Step::Activate, None).await?;
+            }
+            let failed = recorder.end(run, Err::<(), _>(message), None).await?;
+            return failed.map(|_| None).map_err(Stop::at(At::Activate));
+        }
+    };
+    if let Some((generation, ms)) = answer.profile {
+        run.to.generation = generation;
+        let set_at = called + ms as i64;
+        let _ = recorder
+            .end(run, Ok::<(), String>(()), Some(set_at))
+            .await?;
+        recorder.begin(run, Step::Activate, Some(set_at)).await?;
+    }
+    let result =
+        activator::finish(connection, &context.ssh, &switch, deadline, answer.status).await;
+    recorder
+        .end(run, result, None)
         .await?
-        .map_err(Stop::at(At::Activate))
+        .map_err(Stop::at(At::Activate))?;
+    let mut systems = answer.systems.take();
+    if profile && run.to.generation.is_none() {
+        // The call's answer was lost (a host that stopped answering for a
+        // while): the activator ran, so the profile was set; read which
+        // generation it made.
+        if systems.is_none() {
+            systems = observe::systems(connection, "activate", context.ssh.command_timeout)
+                .await
+                .ok();
+        }
+        if let Some(now) = systems.as_ref().filter(|s| s.boot.as_deref() == Some(path)) {
+            run.to.generation = now.boot_generation;
+        }
+    }
+    Ok(systems)
 }
 
 /// `dry-activate`: what the new system would start, stop and restart.

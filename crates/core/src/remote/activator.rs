@@ -154,7 +154,7 @@ impl Before {
 
 /// Start the coordinator's way back for an activation of kind `undone`
 /// (see [`RESTORER_BODY`]), detached like an activation; waited for like
-/// one ([`activator_start_and_wait_argv`]).
+/// one ([`super::activate_argv`]).
 pub fn restorer_argv(
     undone: Activation,
     before: &Before,
@@ -214,7 +214,7 @@ fn detached<const N: usize>(
 /// activation should not cost the host a core); every second where `sleep`
 /// takes only whole seconds. We learn the result one round trip after it
 /// exists instead of polling over SSH.
-const WAIT_SCRIPT: &str = r#"f=/run/nix-deploy/$1.activated
+pub(super) const WAIT_SCRIPT: &str = r#"f=/run/nix-deploy/$1.activated
 if sleep 0.01 2>/dev/null; then fine=1; else fine=0; fi
 t=0; n=$(( $2 * 10 ))
 while [ ! -e "$f" ] && [ "$t" -lt "$n" ]; do
@@ -245,42 +245,6 @@ pub fn activation_wait_argv(token: &str, secs: u64) -> Vec<String> {
     ]
 }
 
-/// Start the activator or the way back (`launch`, from [`activator_argv`]
-/// or [`restorer_argv`]) behind the deployment's fence (see
-/// [`super::fence`]), then wait for it as [`activation_wait_argv`] does, in
-/// one round trip. The fence's lock is held until the detached script has
-/// written its `.pid` (at most ten seconds): whoever raises the epoch after
-/// that sees it running. The launch does not inherit the lock. A refused
-/// epoch exits [`super::FENCED_OUT`]; a failed start exits with the
-/// starter's code.
-pub fn activator_start_and_wait_argv(
-    launch: Vec<String>,
-    token: &str,
-    secs: u64,
-    fence: &Fence,
-) -> Vec<String> {
-    let mut argv = vec![
-        "sh".into(),
-        "-c".into(),
-        format!(
-            r#"{FENCE_FN}t=$1; w=$2; fence "$3" "$4" "$5"; shift 5
-"$@" 9>&- || exit $?
-i=0
-while [ ! -e "/run/nix-deploy/$t.pid" ] && [ ! -e "/run/nix-deploy/$t.activated" ] && [ "$i" -lt 100 ]; do
-  sleep 0.1 2>/dev/null || sleep 1; i=$((i+1))
-done
-exec 9>&-
-set -- "$t" "$w"; {WAIT_SCRIPT}"#
-        ),
-        "nix-deploy-start".into(),
-        token.into(),
-        secs.to_string(),
-    ];
-    argv.extend(fence.args());
-    argv.extend(launch);
-    argv
-}
-
 /// What a wait printed: `Some(exit code)` once the activation ended,
 /// `None` while it runs.
 pub fn parse_activation_status(stdout: &str) -> Result<Option<i32>, String> {
@@ -305,7 +269,7 @@ pub fn activation_log_argv(token: &str) -> Vec<String> {
 /// this host never had that activation (a connection that reached another
 /// machine), so nothing is decided. Exit [`super::FENCED_OUT`]: a newer
 /// holder of the deployment has been here.
-const DECIDE_SCRIPT: &str = r#"fence "$3" "$4" "$5"
+pub(super) const DECIDE_SCRIPT: &str = r#"fence "$3" "$4" "$5"
 base=/run/nix-deploy/$1
 if [ ! -e "$base.pid" ]; then echo "this host has no activation $1" >&2; exit 4; fi
 if mkdir "$base.decision" 2>/dev/null; then echo "$2" > "$base.result"; exit 0; fi
@@ -444,37 +408,6 @@ mod tests {
 
     fn fence() -> Fence {
         Fence::new(7, 1_700_000_000_123, 2).unwrap()
-    }
-
-    #[test]
-    fn starting_and_waiting_is_one_call_whose_words_are_arguments() {
-        let launch = activator_argv(P, Activation::Switch, &before(Some(4)), 30, "abc123", true);
-        let argv = activator_start_and_wait_argv(launch.clone(), "abc123", 25, &fence());
-        assert_eq!(argv[..2], ["sh", "-c"]);
-        assert!(argv[2].starts_with(FENCE_FN) && argv[2].ends_with(WAIT_SCRIPT));
-        // The fence is checked before the launch, which runs without its lock.
-        let script = &argv[2][FENCE_FN.len()..];
-        assert!(script.find(r#"fence "$3" "$4" "$5""#) < script.find(r#""$@" 9>&-"#));
-        assert_eq!(
-            argv[3..9],
-            [
-                "nix-deploy-start",
-                "abc123",
-                "25",
-                "7",
-                "1700000000123",
-                "2"
-            ]
-        );
-        assert_eq!(
-            argv[9..],
-            launch[..],
-            "the launch is passed on word for word"
-        );
-        assert!(!argv[2].contains(P));
-        let wait = activation_wait_argv("abc123", 10);
-        assert_eq!(wait[3..], ["nix-deploy-wait", "abc123", "10"]);
-        assert!(wait[2].contains(ACTIVATION_ABSENT));
     }
 
     #[test]

@@ -7,15 +7,20 @@
 //!   decisions and settling;
 //! - [`fence`]: what every one of those carries for a deployment (its epoch),
 //!   so a host refuses a coordinator that was superseded;
+//! - [`round_trips`]: several steps' remote work in one call (the profile,
+//!   the activation and what runs after it; the confirmation and what runs
+//!   after it);
 //! - here: the profile, generations, `switch-to-configuration`, closures.
 
 mod activator;
 mod fence;
 mod observe;
+mod round_trips;
 
 pub use activator::*;
 pub use fence::*;
 pub use observe::*;
+pub use round_trips::*;
 
 /// The system profile whose generations NixOS boots from.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";

@@ -13,7 +13,7 @@ use crate::goal::BootFiles;
 
 /// What runs and what boots: `/run/current-system`, the system profile's
 /// link (its generation) and the system that generation is. Three lines.
-const SYSTEMS_SCRIPT: &str = r#"if [ -e /run/current-system ]; then readlink -f /run/current-system; else echo; fi
+pub(super) const SYSTEMS_SCRIPT: &str = r#"if [ -e /run/current-system ]; then readlink -f /run/current-system; else echo; fi
 readlink /nix/var/nix/profiles/system 2>/dev/null || echo
 if [ -e /nix/var/nix/profiles/system ]; then readlink -f /nix/var/nix/profiles/system; else echo; fi
 "#;
