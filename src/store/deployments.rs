@@ -402,7 +402,8 @@ impl Store {
     /// Gone: on SQLite, its process's flock is free; on PostgreSQL, its
     /// lease expired (by the database's clock) and no live coordinator takes
     /// deployments over (one that does resumes it instead, see
-    /// [`Store::take_over`]); a queued deployment is never taken over.
+    /// [`Store::take_over`]; the caller counts as one when it does, however
+    /// late its heartbeat); a queued deployment is never taken over.
     /// Each is taken (a new epoch) before it is written.
     pub async fn mark_interrupted(&self) -> Result<Vec<i64>, StoreError> {
         let rows = sqlx::query(
@@ -411,10 +412,14 @@ impl Store {
                AND ($1 = 0 OR (COALESCE(lease_expires_at, 0) < (SELECT now_ms FROM db_clock)
                    AND (status = 'queued' OR NOT EXISTS (
                        SELECT 1 FROM coordinators WHERE takeover = 1
-                         AND heartbeat_at > (SELECT now_ms FROM db_clock) - $2))))",
+                         AND (heartbeat_at > (SELECT now_ms FROM db_clock) - $2 OR id = $3)))))",
         )
         .bind(i64::from(self.liveness_by_lease()))
         .bind(self.ttl_ms())
+        // This process, when it takes deployments over, is one that does,
+        // even while its own heartbeat is late (the database was away): it
+        // resumes the deployment rather than ending it.
+        .bind(self.holder())
         .fetch_all(&self.pool)
         .await
         .map_err(query_error("finding running deployments"))?;
