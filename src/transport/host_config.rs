@@ -42,20 +42,71 @@ pub fn host_config(target: &Target, options: &SshOptions) -> Result<Option<PathB
     if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
         return Ok(Some(path));
     }
+    // Hosts sharing the same options connect at once and write the same
+    // file: each through a temporary file of its own (owner-only), renamed
+    // into place, so no writer ever sees another's half-written file or
+    // loses its own to another's rename.
     let write = || -> std::io::Result<()> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(&options.control_dir)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut file = tempfile::Builder::new()
+            .prefix(&format!("{name}."))
+            .suffix(".tmp")
+            .tempfile_in(&options.control_dir)?;
         file.write_all(text.as_bytes())?;
-        std::fs::rename(&tmp, &path)
+        file.persist(&path).map(|_| ()).map_err(|e| e.error)
     };
     write().map_err(|e| refused(format!("writing {}: {e}", path.display())))?;
     Ok(Some(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Eight hosts with the same `sshOptions` connect at once: every one
+    /// gets the file (one writer renaming its temporary file over another's
+    /// made the others fail, and their masters were not kept).
+    #[test]
+    fn hosts_with_the_same_options_write_their_file_at_once() {
+        for _ in 0..20 {
+            at_once();
+        }
+    }
+
+    fn at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SshOptions::new(None, dir.path().join("control"));
+        let target = Target {
+            destination: Some("h".into()),
+            user: None,
+            port: None,
+            ssh_options: vec!["-o".into(), "Compression=no".into()],
+            escalation: nix_deploy_core::fleet::default_escalation(),
+        };
+        let start = std::sync::Barrier::new(16);
+        let written: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        host_config(&target, &options)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let paths: Vec<PathBuf> = written.into_iter().map(|w| w.unwrap().unwrap()).collect();
+        assert!(paths.windows(2).all(|p| p[0] == p[1]));
+        let text = std::fs::read_to_string(&paths[0]).unwrap();
+        assert!(text.contains("Compression no"), "{text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&paths[0]).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Nothing temporary left behind.
+        let left = std::fs::read_dir(dir.path().join("control"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 1);
+    }
 }
