@@ -51,9 +51,7 @@ pub(crate) async fn protect(
     kept: &[&str],
 ) -> Result<Rooted, String> {
     let dir = host_dir(state_dir, host);
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    owner_only_dir(&dir).await?;
     let mut done = Rooted::default();
     let mut keep = Vec::new();
     // What the host has first, so the new one is the newest link.
@@ -99,9 +97,7 @@ pub(crate) async fn keep_result(
     built: &str,
 ) -> Result<PathBuf, String> {
     let dir = state_dir.join("results");
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    owner_only_dir(&dir).await?;
     let link = dir.join(host);
     let _ = tokio::fs::remove_file(&link).await;
     nix.add_root(built, &link.to_string_lossy())
@@ -139,6 +135,17 @@ async fn prune(dir: &Path, keep: &[String]) -> Vec<String> {
         }
     }
     pruned
+}
+
+/// Create `dir` (and what is missing above it) for its owner only, like the
+/// rest of the state directory: never one the next start must tighten.
+async fn owner_only_dir(dir: &Path) -> Result<(), String> {
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .await
+        .map_err(|e| format!("creating {}: {e}", dir.display()))
 }
 
 #[cfg(test)]
