@@ -22,6 +22,9 @@ use anyhow::{Context, bail};
 use nix_deploy_testkit::{Fleet, HostSpec, NixosFlake, NixosShape};
 use serde_json::{Value, json};
 
+/// A realistic closure pushed, substituted and built on target.
+#[path = "fleet/closure.rs"]
+mod closure;
 // The dashboard in a browser (a file of its own; not a bench target).
 #[path = "fleet/cluster.rs"]
 mod cluster;
@@ -1162,6 +1165,76 @@ const FIGURES: &[(&str, &str, &str, Unit, Target)] = &[
         Unit::Millis,
         Some(("< 1000 ms", |v| v < 1000.0)),
     ),
+    (
+        "closure: NAR bytes x 8 hosts (MB)",
+        "closure",
+        "closure_mb_times_hosts",
+        Unit::Plain(0),
+        None,
+    ),
+    (
+        "closure: pushed, coordinator sent (MB)",
+        "closure",
+        "push_sent_mb",
+        Unit::Plain(1),
+        None,
+    ),
+    (
+        "closure: substituted, coordinator sent (MB)",
+        "closure",
+        "substitute_sent_mb",
+        Unit::Plain(1),
+        None,
+    ),
+    (
+        "closure: built on target, sent (MB)",
+        "closure",
+        "build_on_target_sent_mb",
+        Unit::Plain(1),
+        None,
+    ),
+    (
+        "closure: link, 8 SSH streams (MB/s)",
+        "closure",
+        "link_eight_streams_mb_s",
+        Unit::Plain(0),
+        None,
+    ),
+    (
+        "closure: pushed, 8 hosts",
+        "closure",
+        "push_wall_s",
+        Unit::Seconds(1),
+        None,
+    ),
+    (
+        "closure: pushed / link",
+        "closure",
+        "push_vs_link",
+        Unit::Ratio(2),
+        None,
+    ),
+    (
+        "closure: substituted, 8 hosts",
+        "closure",
+        "substitute_wall_s",
+        Unit::Seconds(1),
+        None,
+    ),
+    (
+        "closure: substituted / link",
+        "closure",
+        "substitute_vs_link",
+        Unit::Ratio(2),
+        None,
+    ),
+    (
+        "closure: built on target, 8 hosts",
+        "closure",
+        "build_on_target_wall_s",
+        Unit::Seconds(1),
+        None,
+    ),
 ];
 
 /// The summary: one line per figure, with its target when it has one.
@@ -1252,7 +1325,7 @@ fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
     };
     type Scenario = fn(&mut Bench) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 12] = [
+    let scenarios: [(&str, Scenario); 13] = [
         ("nixos_evaluation", nixos_evaluation),
         ("evaluation", evaluation),
         ("eight_hosts", eight::eight_hosts),
@@ -1265,6 +1338,7 @@ fn main() -> anyhow::Result<()> {
         ("failover", cluster::failover),
         ("backends", cluster::backends),
         ("watch", watch::watch),
+        ("closure", closure::closure),
     ];
     for (name, run) in scenarios {
         if only.as_deref().is_some_and(|o| o != name) {
