@@ -457,15 +457,21 @@ impl AppState {
             };
             let result = tokio::select! {
                 result = run => result,
-                id = lost => {
-                    tracing::error!(deployment = id, "this daemon lost the deployment: stopped working on it");
-                    Err(EngineError::Store(store.epoch(id).err().unwrap_or(
-                        crate::store::StoreError::NotHeld { deployment_id: id },
-                    )))
-                }
+                id = lost => Err(EngineError::Store(store.epoch(id).err().unwrap_or(
+                    crate::store::StoreError::NotHeld { deployment_id: id },
+                ))),
             };
             match &result {
                 Err(EngineError::HandedOver(message)) => tracing::info!("{message}"),
+                // Lost, whether the heartbeat found out first or a refused
+                // write (or a host's fence) did: one message either way.
+                Err(EngineError::Store(
+                    e @ (crate::store::StoreError::Superseded { .. }
+                    | crate::store::StoreError::NotHeld { .. }),
+                )) => tracing::error!(
+                    cause = %e,
+                    "this daemon lost the deployment: stopped working on it"
+                ),
                 Err(e) => tracing::warn!(cause = %e, "deployment job ended with an error"),
                 Ok(_) => {}
             }

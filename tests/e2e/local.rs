@@ -12,9 +12,16 @@ use serde_json::Value;
 use crate::helpers::{Harness, binary, status, unique_version};
 
 /// Run `nix-deploy --json ARGS` on host `on`, as root, in its namespace.
+/// The host has its own `/root`, which hides a checkout under it: the
+/// binary runs from a copy in the state directory (in `/tmp`, which the
+/// host shares).
 fn on_host(h: &Harness, on: &str, state: &std::path::Path, args: &[&str]) -> (i32, Value, String) {
+    let copy = state.join("nix-deploy-under-test");
+    if !copy.exists() {
+        std::fs::copy(binary(), &copy).expect("copying nix-deploy where the host sees it");
+    }
     let mut command = vec![
-        binary().display().to_string(),
+        copy.display().to_string(),
         "--json".into(),
         "--flake".into(),
         h.fleet.flake_ref(),
